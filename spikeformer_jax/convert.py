@@ -1,0 +1,140 @@
+"""Official PyTorch state_dicts <-> our NNX parameters and BatchNorm statistics.
+
+The mapping is derived from module paths, not written per model: our module
+attributes carry the official names (`block.0.attn.q_bn`), so a PyTorch key is
+our path joined by dots plus a leaf name. Kernel-1 convolutions of the
+official code (`q_conv`, Conv1d/Conv2d with a 1x1 kernel) are our token-wise
+Linear layers (`q_linear`); the two suffixes are interchangeable. Works for
+any size, depth or class count.
+
+    model = build_model(cfg)
+    load_state_dict(model, torch_state_dict)        # dict of numpy arrays
+    load_state_dict(model, load_torch_file('x.pth'))  # needs torch installed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from flax import nnx
+
+# Our leaf name -> PyTorch leaf name, per variable type.
+_LEAF_NAMES = {
+    'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+    'mean': 'running_mean', 'var': 'running_var', 'count': 'num_batches_tracked',
+}
+_ALIASES = (('_linear', '_conv'), ('_conv', '_linear'))
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  path: tuple        # our state path
+  torch_key: str
+  our_shape: tuple
+  torch_shape: tuple
+
+  def to_ours(self, w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if len(self.our_shape) == 2 and w.ndim in (2, 3, 4):  # Linear / kernel-1 conv
+      w = w.reshape(w.shape[0], w.shape[1]).T
+    elif len(self.our_shape) == 4 and w.ndim == 4:         # Conv2d OIHW -> HWIO
+      w = w.transpose(2, 3, 1, 0)
+    return w.reshape(self.our_shape)
+
+  def to_torch(self, w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    if len(self.our_shape) == 2 and len(self.torch_shape) in (2, 3, 4):
+      w = w.T
+    elif len(self.our_shape) == 4 and len(self.torch_shape) == 4:
+      w = w.transpose(3, 2, 0, 1)
+    return w.reshape(self.torch_shape)
+
+
+def _candidates(path: tuple) -> list[str]:
+  *mods, leaf = [str(p) for p in path]
+  if not mods:  # a bare parameter such as pos_embed
+    return [leaf]
+  tleaf = _LEAF_NAMES.get(leaf, leaf)
+  names = ['.'.join(mods)]
+  for a, b in _ALIASES:
+    if mods[-1].endswith(a):
+      names.append('.'.join(mods[:-1] + [mods[-1][:-len(a)] + b]))
+  return [f'{n}.{tleaf}' for n in names]
+
+
+def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
+  """Pairs each of our parameters / BN statistics with a PyTorch key.
+
+  Raises ValueError naming every key that is missing, unexpected or of an
+  incompatible shape, so a wrong architecture fails with one clear message.
+  """
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+  entries, missing, bad_shape = [], [], []
+  used = set()
+  for path, var in flat:
+    shape = tuple(var.get_value().shape)
+    key = next((k for k in _candidates(path) if k in torch_shapes), None)
+    if key is None:
+      missing.append('.'.join(map(str, path)) + f' (tried {_candidates(path)})')
+      continue
+    tshape = tuple(torch_shapes[key])
+    if int(np.prod(tshape, dtype=np.int64)) != int(np.prod(shape, dtype=np.int64)):
+      bad_shape.append(f'{key}: official {tshape} vs ours {shape}')
+    used.add(key)
+    entries.append(Entry(path, key, shape, tshape))
+  unexpected = sorted(set(torch_shapes) - used)
+  problems = []
+  if missing:
+    problems.append('not in the state_dict: ' + '; '.join(missing))
+  if unexpected:
+    problems.append('state_dict keys the model does not have: ' + ', '.join(unexpected))
+  if bad_shape:
+    problems.append('shape mismatch: ' + '; '.join(bad_shape))
+  if problems:
+    raise ValueError(
+        'The PyTorch state_dict does not fit this model configuration (check '
+        'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):\n  '
+        + '\n  '.join(problems))
+  return entries
+
+
+def load_state_dict(model: nnx.Module, state_dict: dict) -> list[Entry]:
+  """Copies an official state_dict (name -> array) into `model`, in place."""
+  state_dict = {k.removeprefix('module.'): np.asarray(v) for k, v in state_dict.items()}
+  entries = mapping(model, {k: v.shape for k, v in state_dict.items()})
+  state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+  flat = dict(nnx.to_flat_state(state))
+  for e in entries:
+    var = flat[e.path]
+    var.set_value(np.asarray(e.to_ours(state_dict[e.torch_key]), dtype=var.get_value().dtype))
+  nnx.update(model, state)
+  return entries
+
+
+def to_torch_layout(entries: list[Entry], flat_arrays: dict) -> dict[str, np.ndarray]:
+  """Our arrays (path -> array, e.g. gradients) -> PyTorch names and layouts."""
+  return {e.torch_key: e.to_torch(np.asarray(flat_arrays[e.path]))
+          for e in entries if e.path in flat_arrays}
+
+
+def load_torch_file(path: str) -> dict[str, np.ndarray]:
+  """Reads a `.pth` / `.pth.tar` checkpoint into a dict of numpy arrays.
+
+  Accepts a bare state_dict or a training checkpoint holding one under
+  'state_dict', 'model' or 'state_dict_ema'. Needs PyTorch (`pip install torch`).
+  """
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(
+        f'Reading {path} needs PyTorch, an optional dependency: pip install torch. '
+        'Alternatively pass a dict of numpy arrays to load_state_dict.') from e
+  obj = torch.load(path, map_location='cpu', weights_only=False)
+  if isinstance(obj, dict):
+    for key in ('state_dict', 'model', 'state_dict_ema'):
+      if key in obj and isinstance(obj[key], dict):
+        obj = obj[key]
+        break
+  return {k: v.detach().cpu().numpy() if hasattr(v, 'detach') else np.asarray(v)
+          for k, v in obj.items()}

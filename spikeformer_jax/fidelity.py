@@ -1,0 +1,232 @@
+r"""Checks our models against recordings of the official PyTorch code.
+
+    python -m spikeformer_jax.fidelity FILE.npz [FILE.npz ...] [--json OUT.json]
+
+Each FILE is a fixture in the format of shared/fixtures/README.md: an official
+state_dict, an input batch and the official logits (eval and train mode), loss,
+gradients, BatchNorm statistics after the step and spike counts. The model is
+built from the file's own `config` (any size, depth, T or class count), run in
+float64, and compared at the README's tolerances. Prints the largest relative
+errors and whether every layer's spike count matches; exits 1 on any mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault('JAX_ENABLE_X64', '1')
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from spikeformer_jax import convert
+from spikeformer_jax import models
+from spikeformer_jax.models import spikformer
+
+# Pass criteria of the fixtures' README, section 5 (float64 port).
+TOL_OUTPUT = 1e-9       # logits and loss, relative to max|ref|
+TOL_GRAD = 1e-9         # per-parameter gradient, relative to max|ref_p|
+TOL_ZERO_GRAD = 1e-12   # zero-gradient parameters, relative to the global max
+TOL_BN = 1e-12          # running statistics, relative to max|ref|
+TOL_RATE = 1e-12        # spike rates (identical spike counts)
+
+_SPIKFORMER_FILES = {'cifar10/model.py': 'cifar', 'imagenet/model.py': 'imagenet',
+                     'cifar10dvs/model.py': 'dvs'}
+
+
+def model_config_from_fixture(cfg: dict):
+  """Our `config.model` for the architecture a fixture was recorded from."""
+  family = cfg.get('family')
+  if family != 'spikformer':
+    raise NotImplementedError(
+        f"fixture family {family!r} is not implemented in this version; "
+        "supported: 'spikformer'.")
+  flavour = _SPIKFORMER_FILES.get(cfg['file'])
+  if flavour is None:
+    raise ValueError(f"unknown Spikformer source file {cfg['file']!r}; "
+                     f'expected one of {sorted(_SPIKFORMER_FILES)}.')
+  kw = cfg['constructor_args_full']
+  mc = spikformer.model_config(
+      flavour, embed_dim=kw['embed_dims'], depth=kw['depths'],
+      num_heads=kw['num_heads'], T=cfg['T'], num_classes=kw['num_classes'],
+      img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+  mc.in_channels = kw['in_channels']
+  mc.dead_modules = True
+  mc.dtype = 'float64'
+  return mc
+
+
+def _to_nhwc(x: np.ndarray) -> np.ndarray:
+  if x.ndim == 4:   # [B, C, H, W]
+    return x.transpose(0, 2, 3, 1)
+  if x.ndim == 5:   # [B, T, C, H, W]
+    return x.transpose(0, 1, 3, 4, 2)
+  raise ValueError(f'fixture input of rank {x.ndim}; expected 4 or 5.')
+
+
+def _spike_counts(inter: nnx.State) -> dict[str, tuple[int, int]]:
+  """Intermediates -> {'block.0.attn.q_lif': (nonzero, numel)}, over all calls and T."""
+  totals = {'spike_count': {}, 'numel': {}}
+  for path, var in nnx.to_flat_state(inter):
+    name = '.'.join(map(str, path[:-1]))
+    acc = totals[path[-1]]
+    acc[name] = acc.get(name, 0) + sum(int(np.asarray(v).sum()) for v in var.get_value())
+  return {n: (c, totals['numel'][n]) for n, c in totals['spike_count'].items()}
+
+
+def _rel(a, b, scale) -> float:
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
+               / scale) if np.size(b) else 0.0
+
+
+def check_file(path: str) -> dict:
+  """Runs one fixture; returns a report dict with 'ok' and the worst errors."""
+  d = np.load(path, allow_pickle=False)
+  cfg = json.loads(str(d['config']))
+  mc = model_config_from_fixture(cfg)
+  model = models.build_model(mc)
+  state = {k[len('state/'):]: d[k] for k in d.files if k.startswith('state/')}
+  entries = convert.load_state_dict(model, state)
+  x = jnp.asarray(_to_nhwc(d['input']))
+  labels = jnp.asarray(d['labels'])
+  model.set_attributes(record_spikes=True)
+
+  model.eval()
+  g_eval, params, rest = nnx.split(model, nnx.Param, ...)
+  model.train()
+  g_train = nnx.graphdef(model)
+
+  @jax.jit
+  def eval_fwd(params, rest):
+    m = nnx.merge(g_eval, params, rest, copy=True)
+    logits = m(x)
+    return logits, nnx.pop(m, nnx.Intermediate)
+
+  @jax.jit
+  def train_fwd_bwd(params, rest):
+    def loss_fn(p):
+      m = nnx.merge(g_train, p, rest, copy=True)
+      logits = m(x)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      inter = nnx.pop(m, nnx.Intermediate)
+      return loss, (logits, inter, nnx.state(m, nnx.BatchStat))
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  logits_eval, inter_eval = eval_fwd(params, rest)
+  (loss, (logits_train, inter_train, bn_after)), grads = train_fwd_bwd(params, rest)
+
+  report = {'file': os.path.basename(path), 'family': cfg['family'], 'checks': {}}
+  checks = report['checks']
+
+  def add(name, err, tol):
+    checks[name] = {'error': err, 'tol': tol, 'ok': bool(err <= tol)}
+
+  for name, ours in (('logits_eval', logits_eval), ('logits_train', logits_train),
+                     ('loss', loss)):
+    ref = d[name]
+    add(name, _rel(ours, ref, max(np.max(np.abs(ref)), 1e-300)), TOL_OUTPUT)
+
+  # Gradients, compared in PyTorch layout.
+  flat_grads = {p: v.get_value() for p, v in nnx.to_flat_state(grads)}
+  torch_grads = convert.to_torch_layout(entries, flat_grads)
+  zero_grad = set(cfg.get('params_without_grad', [])) | set(
+      cfg.get('params_with_numerically_zero_grad', []))
+  gmax = cfg['grad_global_max_abs']
+  worst, worst_zero = (0.0, ''), (0.0, '')
+  for key in (k[len('grad/'):] for k in d.files if k.startswith('grad/')):
+    ref = d['grad/' + key]
+    if key not in torch_grads:
+      add(f'grad/{key} (missing)', float('inf'), 0.0)
+      continue
+    if key in zero_grad:
+      err = _rel(torch_grads[key], ref, gmax)
+      worst_zero = max(worst_zero, (err, key))
+    else:
+      err = _rel(torch_grads[key], ref, max(np.max(np.abs(ref)), 1e-300))
+      worst = max(worst, (err, key))
+  add(f'grad (worst: {worst[1]})', worst[0], TOL_GRAD)
+  add(f'grad, zero-gradient params (worst: {worst_zero[1]})', worst_zero[0], TOL_ZERO_GRAD)
+
+  # BatchNorm statistics after the train-mode forward.
+  flat_bn = {p: v.get_value() for p, v in nnx.to_flat_state(bn_after)}
+  torch_bn = convert.to_torch_layout(entries, flat_bn)
+  worst_bn, count_ok = (0.0, ''), True
+  for key in (k[len('state_after/'):] for k in d.files if k.startswith('state_after/')):
+    ref = d['state_after/' + key]
+    if key.endswith('num_batches_tracked'):
+      count_ok &= int(torch_bn[key]) == int(ref)
+      continue
+    worst_bn = max(worst_bn, (_rel(torch_bn[key], ref, max(np.max(np.abs(ref)), 1e-300)), key))
+  add(f'bn running stats (worst: {worst_bn[1]})', worst_bn[0], TOL_BN)
+  add('bn num_batches_tracked', 0.0 if count_ok else 1.0, 0.0)
+
+  # Spikes: exact counts per layer (train), rates (eval).
+  counts = _spike_counts(inter_train)
+  ref_counts = cfg['spike_counts_train']
+  mismatched = []
+  for name, ref in ref_counts.items():
+    ours = counts.get(name)
+    if ours is None or ours != (int(ref['nonzero']), int(ref['numel'])):
+      mismatched.append(f'{name}: ours {ours} vs official ({ref["nonzero"]}, {ref["numel"]})')
+  extra = sorted(set(counts) - set(ref_counts))
+  mismatched += [f'{n}: fires here but not in the official forward' for n in extra]
+  checks['spike counts (train)'] = {'error': len(mismatched), 'tol': 0,
+                                    'ok': not mismatched, 'layers': len(ref_counts),
+                                    'mismatched': mismatched}
+  counts_eval = _spike_counts(inter_eval)
+  worst_rate = 0.0
+  for key in (k for k in d.files if k.startswith('spike_rate_eval/')):
+    name = key[len('spike_rate_eval/'):]
+    nz, numel = counts_eval.get(name, (0, 1))
+    worst_rate = max(worst_rate, abs(nz / numel - float(d[key])))
+  add('spike rates (eval)', worst_rate, TOL_RATE)
+  report['ok'] = all(c['ok'] for c in checks.values())
+  return report
+
+
+def format_report(r: dict) -> str:
+  lines = [f"{r['file']} ({r['family']}): {'MATCH' if r['ok'] else 'MISMATCH'}"]
+  for name, c in r['checks'].items():
+    status = 'ok ' if c['ok'] else 'BAD'
+    if name.startswith('spike counts'):
+      lines.append(f"  {status} {name}: {c['layers'] - len(c['mismatched'])}/"
+                   f"{c['layers']} layers identical")
+      lines += [f'        {m}' for m in c['mismatched'][:10]]
+    else:
+      lines.append(f"  {status} {name}: max rel. error {c['error']:.2e} (tol {c['tol']:.0e})")
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('files', nargs='+', help='fixture .npz files')
+  parser.add_argument('--json', help='also write the reports to this JSON file')
+  args = parser.parse_args(argv)
+  if not jax.config.jax_enable_x64:
+    jax.config.update('jax_enable_x64', True)
+  reports, ok = [], True
+  for f in args.files:
+    try:
+      r = check_file(f)
+    except (OSError, KeyError, ValueError, NotImplementedError) as e:
+      r = {'file': os.path.basename(f), 'ok': False, 'error': f'{type(e).__name__}: {e}'}
+      print(f"{r['file']}: ERROR {r['error']}")
+    else:
+      print(format_report(r))
+    reports.append(r)
+    ok &= r['ok']
+  if args.json:
+    with open(args.json, 'w') as fh:
+      json.dump(reports, fh, indent=1, default=str)
+  print(f"{sum(r['ok'] for r in reports)}/{len(reports)} fixture files match.")
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

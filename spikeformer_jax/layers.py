@@ -1,0 +1,345 @@
+"""Flax NNX building blocks shared by the model families.
+
+Layout convention: stateless layers (Linear, Conv, BatchNorm, pooling) see
+time folded into the batch, `[B*T, ...]` with the batch first (so a batch
+sharded over devices needs no communication); only `SpikingNeuron` unfolds to
+`[B, T, ...]` and runs the pure neuron of `neurons.py` over time.
+
+Module attribute names follow the official PyTorch code (`q_bn`, `attn_lif`,
+`fc1_linear`, ...) so that weight conversion and per-layer firing rates map
+one to one onto the official state dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spikeformer_jax import neurons
+
+Dtype = Any
+
+# --------------------------------------------------------------------------
+# Initialisers matching PyTorch / timm.
+# --------------------------------------------------------------------------
+
+#: PyTorch's default Conv/Linear weight init, kaiming_uniform(a=sqrt(5)):
+#: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_kernel_init = nnx.initializers.variance_scaling(
+    1.0 / 3.0, 'fan_in', 'uniform')
+#: timm's trunc_normal_(std=.02) truncates at +-2 (absolute), i.e. never.
+trunc_normal_init = nnx.initializers.normal(0.02)
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+# --------------------------------------------------------------------------
+# Pure ops.
+# --------------------------------------------------------------------------
+
+
+def _window_slices(x, window, stride, out_hw):
+  """Yields (k, di, dj, strided view of the padded x) in row-major window order."""
+  ho, wo = out_hw
+  k = 0
+  for di in range(window):
+    for dj in range(window):
+      yield k, di, dj, x[:, di:di + stride * (ho - 1) + 1:stride,
+                         dj:dj + stride * (wo - 1) + 1:stride, :]
+      k += 1
+
+
+def _pool_geometry(shape, window, stride, padding):
+  _, h, w, _ = shape
+  return ((h + 2 * padding - window) // stride + 1,
+          (w + 2 * padding - window) // stride + 1)
+
+
+def _pad_neg_inf(x, padding):
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  return jnp.pad(x, pad, constant_values=-jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1):
+  """2-D max pooling of x[N, H, W, C] with PyTorch's gradient routing.
+
+  Padding acts as -inf. The gradient of each output goes entirely to the
+  *first* maximal element of its window in row-major order, as in PyTorch.
+  Spike maps are full of ties (an all-zero window), so the routing decides
+  which weights get gradient; XLA's own max-pool gradient does not promise it.
+  """
+  return jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def _max_pool_fwd(x, window, stride, padding):
+  return max_pool(x, window, stride, padding), x
+
+
+def _max_pool_bwd(window, stride, padding, x, g):
+  out_hw = _pool_geometry(x.shape, window, stride, padding)
+  xp = _pad_neg_inf(x, padding)
+  best = idx = None
+  for k, _, _, view in _window_slices(xp, window, stride, out_hw):
+    if best is None:
+      best, idx = view, jnp.zeros(view.shape, jnp.int32)
+    else:
+      better = view > best  # strict: ties keep the earlier element
+      best = jnp.where(better, view, best)
+      idx = jnp.where(better, k, idx)
+  hp, wp = xp.shape[1:3]
+  gx = jnp.zeros(xp.shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  k = 0
+  for di in range(window):
+    for dj in range(window):
+      routed = jnp.where(idx == k, g, zero)
+      cfg = ((0, 0, 0),
+             (di, hp - di - stride * (out_hw[0] - 1) - 1, stride - 1),
+             (dj, wp - dj - stride * (out_hw[1] - 1) - 1, stride - 1),
+             (0, 0, 0))
+      gx = gx + jax.lax.pad(routed, zero, cfg)
+      k += 1
+  h, w = x.shape[1:3]
+  return (gx[:, padding:padding + h, padding:padding + w, :],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def spiking_self_attention(q, k, v, *, scale: float, order: str):
+  """Spikformer's Spiking Self-Attention: SSA(Q, K, V) = Q K^T V * scale.
+
+  q, k, v: [..., heads, N, d] spike tensors; no softmax. `order` picks the
+  association, 'qk_first' ((Q K^T) V, an N x N map: Spikformer CIFAR and
+  CIFAR10-DVS) or 'kv_first' (Q (K^T V), a d x d map: Spikformer ImageNet).
+  Both are exact for binary spikes (integer sums), so they differ in cost
+  only; 'auto' picks the cheaper one. Products run in at least float32 so
+  integer counts stay exact under bfloat16 compute.
+  """
+  dt = neurons.membrane_dtype(q.dtype)
+  q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+  n, d = q.shape[-2], q.shape[-1]
+  if order == 'auto':
+    order = 'kv_first' if n > d else 'qk_first'
+  kt = jnp.swapaxes(k, -1, -2)
+  if order == 'qk_first':
+    x = (q @ kt) @ v
+  elif order == 'kv_first':
+    x = q @ (kt @ v)
+  else:
+    raise ValueError(f"attention order {order!r}: use 'qk_first', 'kv_first' or 'auto'.")
+  return x * scale
+
+
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+  """[BT, N, C] -> [BT, heads, N, C // heads] (channel c = head * d + j)."""
+  bt, n, c = x.shape
+  return x.reshape(bt, n, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  bt, h, n, d = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(bt, n, h * d)
+
+
+# --------------------------------------------------------------------------
+# Modules.
+# --------------------------------------------------------------------------
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm over every axis but the last, with PyTorch's exact semantics.
+
+  * train mode normalises with the batch mean and the biased (two-pass)
+    variance; the running variance is updated with the unbiased estimate
+    n/(n-1), as `torch.nn.BatchNorm*d` does (flax's BatchNorm does not);
+  * `momentum` follows the flax convention (0.9 == PyTorch's 0.1);
+  * `groups > 1` computes statistics separately for `groups` contiguous
+    slices of the leading (batch) axis: with the batch sharded over devices and
+    groups == number of data shards this is per-device BN, as under PyTorch
+    DDP without SyncBN ("ghost batch"). The running statistics then take the
+    mean of the groups' statistics. With groups == 1 (default) statistics are
+    global over the whole sharded batch (XLA inserts the all-reduce).
+  * statistics and normalisation run in at least float32; the output takes
+    `dtype` (the compute dtype) or the input's dtype.
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.9,
+               epsilon: float = 1e-5, groups: int = 1, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32):
+    stat_dtype = neurons.membrane_dtype(param_dtype)
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), stat_dtype))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), stat_dtype))
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))  # num_batches_tracked
+    self.num_features = num_features
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.groups = groups
+    self.dtype = dtype
+    self.use_running_average = False
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_dtype = self.dtype or x.dtype
+    stat_dtype = self.mean[...].dtype
+    xs = x.astype(jnp.promote_types(x.dtype, stat_dtype))
+    scale, bias = self.scale[...].astype(xs.dtype), self.bias[...].astype(xs.dtype)
+    if self.use_running_average:
+      mean, var = self.mean[...].astype(xs.dtype), self.var[...].astype(xs.dtype)
+      return ((xs - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(out_dtype)
+
+    g = self.groups
+    if x.shape[0] % g:
+      raise ValueError(
+          f'BatchNorm with {g} groups (per-device statistics) needs a batch*time '
+          f'axis divisible by {g}, got {x.shape[0]}; make the batch size a '
+          'multiple of the number of data-parallel devices.')
+    xg = xs.reshape((g, x.shape[0] // g) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = xg.mean(axes, keepdims=True)
+    var = jnp.square(xg - mean).mean(axes, keepdims=True)  # two-pass, biased
+    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+    n = math.prod(xg.shape[1:-1])
+    unbiased = var * (n / max(n - 1, 1))
+    m = self.momentum
+    c = self.num_features
+    self.mean[...] = (m * self.mean[...] +
+                       (1 - m) * mean.reshape(g, c).mean(0).astype(stat_dtype))
+    self.var[...] = (m * self.var[...] +
+                      (1 - m) * unbiased.reshape(g, c).mean(0).astype(stat_dtype))
+    self.count[...] = self.count[...] + 1
+    return y.reshape(x.shape).astype(out_dtype)
+
+
+class SpikingNeuron(nnx.Module):
+  """A multi-step neuron on a time-folded tensor [B*T, ...].
+
+  With `record_spikes` set (e.g. `model.set_attributes(record_spikes=True)`)
+  it sows, per call, the number of non-zero spikes per timestep (`spike_count`,
+  shape [T]) and the number of spike values over all timesteps (`numel`) as
+  `nnx.Intermediate`s: firing rates without touching model code.
+  """
+
+  def __init__(self, neuron: neurons.Neuron, T: int):
+    self.neuron = neuron
+    self.T = T
+    self.record_spikes = False
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    T = self.T
+    if x.shape[0] % T:
+      raise ValueError(f'leading axis {x.shape[0]} is not batch*T with T={T}.')
+    xb = x.reshape((x.shape[0] // T, T) + x.shape[1:])
+    s = neurons.multistep(self.neuron, xb)
+    if self.record_spikes:
+      per_t = s.reshape(s.shape[0], T, -1)
+      self.sow(nnx.Intermediate, 'spike_count',
+               jnp.count_nonzero(per_t, axis=(0, 2)).astype(jnp.int32))
+      self.sow(nnx.Intermediate, 'numel', jnp.asarray(s.size, jnp.int32))
+    return s.reshape(x.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What every layer of one network shares: T, neuron, dtypes, BN scope."""
+  T: int
+  neuron: neurons.Neuron = neurons.Neuron()
+  dtype: Dtype = jnp.float32         # compute dtype of conv / linear
+  param_dtype: Dtype = jnp.float32
+  bn_groups: int = 1
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+
+  def lif(self, **overrides) -> SpikingNeuron:
+    return SpikingNeuron(dataclasses.replace(self.neuron, **overrides), self.T)
+
+  def bn(self, c: int) -> BatchNorm:
+    return BatchNorm(c, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                     groups=self.bn_groups, dtype=self.dtype,
+                     param_dtype=self.param_dtype)
+
+  def linear(self, din: int, dout: int, *, bias: bool, init: str,
+             rngs: nnx.Rngs) -> nnx.Linear:
+    """A token-wise linear map. init: 'trunc_normal' (timm, nn.Linear) or
+    'torch_default' (a kernel-1 Conv1d/Conv2d of the official code)."""
+    if init == 'trunc_normal':
+      kinit, binit = trunc_normal_init, nnx.initializers.zeros_init()
+    elif init == 'torch_default':
+      kinit, binit = torch_default_kernel_init, torch_default_bias_init(din)
+    else:
+      raise ValueError(f"init {init!r}: use 'trunc_normal' or 'torch_default'.")
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=kinit, bias_init=binit,
+                      dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+  def conv(self, cin: int, cout: int, *, kernel: int = 3, stride: int = 1,
+           bias: bool = False, rngs: nnx.Rngs) -> nnx.Conv:
+    """A 2-D convolution with PyTorch's default init and symmetric padding."""
+    pad = kernel // 2
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
+                    padding=((pad, pad), (pad, pad)), use_bias=bias,
+                    kernel_init=torch_default_kernel_init,
+                    bias_init=torch_default_bias_init(cin * kernel * kernel),
+                    dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+
+class SSA(nnx.Module):
+  """Spikformer's Spiking Self-Attention block on tokens [B*T, N, C].
+
+  q, k, v = LIF(BN(Linear(x))); y = attn_lif(SSA(q, k, v));
+  out = proj_lif(proj_bn(proj_linear(y))).
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, s: Settings, scale: float,
+               order: str, qkv_bias: bool, attn_v_threshold: float,
+               init: str, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f'embed dim {dim} is not divisible by num_heads {num_heads}.')
+    lin = functools.partial(s.linear, dim, dim, init=init, rngs=rngs)
+    self.q_linear, self.q_bn, self.q_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
+    self.k_linear, self.k_bn, self.k_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
+    self.v_linear, self.v_bn, self.v_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
+    self.attn_lif = s.lif(v_threshold=attn_v_threshold)
+    self.proj_linear, self.proj_bn, self.proj_lif = lin(bias=True), s.bn(dim), s.lif()
+    self.num_heads = num_heads
+    self.scale = scale
+    self.order = order
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.num_heads
+    q = split_heads(self.q_lif(self.q_bn(self.q_linear(x))), h)
+    k = split_heads(self.k_lif(self.k_bn(self.k_linear(x))), h)
+    v = split_heads(self.v_lif(self.v_bn(self.v_linear(x))), h)
+    y = spiking_self_attention(q, k, v, scale=self.scale, order=self.order)
+    y = self.attn_lif(merge_heads(y)).astype(x.dtype)
+    return self.proj_lif(self.proj_bn(self.proj_linear(y)))
+
+
+class SpikingMLP(nnx.Module):
+  """fc1_lif(fc1_bn(fc1_linear(x))) -> fc2_lif(fc2_bn(fc2_linear(.))), tokens [B*T, N, C]."""
+
+  def __init__(self, dim: int, hidden: int, *, s: Settings, init: str, rngs: nnx.Rngs):
+    self.fc1_linear = s.linear(dim, hidden, bias=True, init=init, rngs=rngs)
+    self.fc1_bn, self.fc1_lif = s.bn(hidden), s.lif()
+    self.fc2_linear = s.linear(hidden, dim, bias=True, init=init, rngs=rngs)
+    self.fc2_bn, self.fc2_lif = s.bn(dim), s.lif()
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.fc1_lif(self.fc1_bn(self.fc1_linear(x)))
+    return self.fc2_lif(self.fc2_bn(self.fc2_linear(x)))

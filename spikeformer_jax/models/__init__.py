@@ -1,0 +1,59 @@
+"""Model families, built by name from `config.model`."""
+
+from __future__ import annotations
+
+import ml_collections
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spikeformer_jax import layers, neurons
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
+
+
+def neuron_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.model.neuron`: the fields of `neurons.Neuron` (SpikingJelly defaults)."""
+  cfg = ml_collections.ConfigDict(dict(
+      tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
+      detach_reset=True, surrogate='sigmoid', alpha=4.0, loop='scan', unroll=1))
+  cfg.update(overrides)
+  return cfg
+
+
+def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
+  return neurons.Neuron(
+      kind='lif', tau=cfg.tau, decay_input=cfg.decay_input,
+      v_threshold=cfg.v_threshold, v_reset=None if cfg.soft_reset else cfg.v_reset,
+      detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha,
+      loop=cfg.loop, unroll=cfg.unroll)
+
+
+def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Settings:
+  """Layer settings from `config.model`: T, neuron, dtypes and BN groups."""
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={cfg.dtype!r}; valid: {sorted(DTYPES)}.')
+  dtype = DTYPES[cfg.dtype]
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("model.dtype='float64' needs 64-bit JAX: set "
+                     "JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True).")
+  # Parameters stay float32 under bfloat16 compute; float64 runs all in float64.
+  param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  return layers.Settings(T=cfg.T, neuron=make_neuron(cfg.neuron), dtype=dtype,
+                         param_dtype=param_dtype, bn_groups=bn_groups)
+
+
+def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
+                bn_groups: int = 1) -> nnx.Module:
+  """Builds the model named by `cfg.name` (`config.model`)."""
+  from spikeformer_jax.models import spikformer  # pylint: disable=import-outside-toplevel
+  registry = {'spikformer': spikformer.Spikformer}
+  if cfg.name not in registry:
+    raise ValueError(f'model.name={cfg.name!r}; valid: {sorted(registry)}.')
+  return registry[cfg.name](cfg, s=settings(cfg, bn_groups=bn_groups),
+                            rngs=nnx.Rngs(seed))
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters (like PyTorch's `parameters()`)."""
+  return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))

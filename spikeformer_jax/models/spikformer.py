@@ -1,0 +1,158 @@
+"""Spikformer (Zhou et al., ICLR 2023), faithful to ZK-Zhou/spikformer.
+
+Three official flavours differ only in data, listed in `FLAVOURS`:
+  * cifar    (cifar10/model.py):   Linear q/k/v with bias, (Q K^T) V order,
+                                   max-pool after SPS stages 3 and 4;
+  * imagenet (imagenet/model.py):  kernel-1 convs, Q (K^T V) order, a max-pool
+                                   after each of the four SPS stages;
+  * dvs      (cifar10dvs/model.py): 2 input channels, scale 0.25, four pools,
+                                   plus an unused pos_embed and final LayerNorm.
+Everything else (SPS, SSA, MLP, the spike-add residual stream, the head) is
+shared. Dead modules of the official code (LayerNorms never called, the DVS
+pos_embed) are built only with `dead_modules=True`, so both of the official
+parameter totals can be reproduced.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spikeformer_jax import layers
+from spikeformer_jax.layers import Settings, max_pool
+
+FLAVOURS = {
+    'cifar': dict(pooling='0011', qkv_bias=True, dense_init='trunc_normal',
+                  attn_order='qk_first', attn_scale=0.125, in_channels=3),
+    'imagenet': dict(pooling='1111', qkv_bias=False, dense_init='torch_default',
+                     attn_order='kv_first', attn_scale=0.125, in_channels=3),
+    'dvs': dict(pooling='1111', qkv_bias=False, dense_init='torch_default',
+                attn_order='qk_first', attn_scale=0.25, in_channels=2),
+}
+
+
+class SPS(nnx.Module):
+  """Spiking Patch Splitting: four conv-BN-LIF stages (widths D/8, D/4, D/2, D),
+  each optionally followed by MaxPool(3, 2, 1) on its spikes (`pooling`, one
+  '0'/'1' per stage), then a relative position embedding conv-BN-LIF whose
+  spikes are added to the feature spikes (values in {0, 1, 2})."""
+
+  def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
+               rngs: nnx.Rngs):
+    if len(pooling) != 4 or set(pooling) - {'0', '1'}:
+      raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
+    if dim % 8:
+      raise ValueError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
+    widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
+    for i, sfx in enumerate(('', '1', '2', '3')):
+      setattr(self, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], rngs=rngs))
+      setattr(self, f'proj_bn{sfx}', s.bn(widths[i + 1]))
+      setattr(self, f'proj_lif{sfx}', s.lif())
+    self.rpe_conv, self.rpe_bn, self.rpe_lif = s.conv(dim, dim, rngs=rngs), s.bn(dim), s.lif()
+    self.pooling = pooling
+
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B*T, H, W, C_in] -> [B*T, N, D]
+    for i, sfx in enumerate(('', '1', '2', '3')):
+      conv, bn, lif = (getattr(self, f'{n}{sfx}') for n in ('proj_conv', 'proj_bn', 'proj_lif'))
+      x = lif(bn(conv(x)))
+      if self.pooling[i] == '1':
+        x = max_pool(x)
+    x = x + self.rpe_lif(self.rpe_bn(self.rpe_conv(x)))
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class Block(nnx.Module):
+  """x = x + SSA(x); x = x + MLP(x): a spike-add (integer-valued) residual."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, s: Settings,
+               flavour: dict, attn_v_threshold: float, dead_modules: bool,
+               rngs: nnx.Rngs):
+    if dead_modules:  # built, never called (official Block.norm1 / norm2)
+      self.norm1 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
+      self.norm2 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
+    self.attn = layers.SSA(
+        dim, num_heads, s=s, scale=flavour['attn_scale'], order=flavour['attn_order'],
+        qkv_bias=flavour['qkv_bias'], attn_v_threshold=attn_v_threshold,
+        init=flavour['dense_init'], rngs=rngs)
+    self.mlp = layers.SpikingMLP(dim, int(dim * mlp_ratio), s=s,
+                                 init=flavour['dense_init'], rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(x)
+    return x + self.mlp(x)
+
+
+class Spikformer(nnx.Module):
+  """Spikformer. Input: images [B, H, W, C] (repeated over T, direct encoding)
+  or event frames [B, T, H, W, C]. Output: logits [B, num_classes]."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
+    if cfg.flavour not in FLAVOURS:
+      raise ValueError(f'model.flavour={cfg.flavour!r}; valid: {sorted(FLAVOURS)}.')
+    flavour = dict(FLAVOURS[cfg.flavour])
+    for key in ('pooling', 'attn_order', 'attn_scale'):  # '' / 0: the flavour's value
+      if cfg.get(key):
+        flavour[key] = cfg[key]
+    dim = cfg.embed_dim
+    self.patch_embed = SPS(cfg.in_channels, dim, flavour['pooling'], s=s, rngs=rngs)
+    self.block = nnx.List([
+        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, flavour=flavour,
+              attn_v_threshold=cfg.attn_v_threshold, dead_modules=cfg.dead_modules,
+              rngs=rngs)
+        for _ in range(cfg.depth)])
+    if cfg.dead_modules and cfg.flavour == 'dvs':  # official, never used
+      n_tokens = (cfg.img_size // 16) ** 2
+      self.pos_embed = nnx.Param(
+          layers.trunc_normal_init(rngs.params(), (1, n_tokens, dim), s.param_dtype))
+      self.norm = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
+    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=layers.trunc_normal_init,
+                           dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
+    self.T = s.T
+    self.dtype = s.dtype
+    self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    T = self.T
+    if x.ndim == 4:  # static image: the same frame at every timestep
+      x = jnp.broadcast_to(x[:, None], (x.shape[0], T) + x.shape[1:])
+    elif x.ndim != 5 or x.shape[1] != T:
+      raise ValueError(f'input of shape {x.shape}: expected [B, H, W, C] or '
+                       f'[B, T={T}, H, W, C].')
+    b = x.shape[0]
+    x = x.reshape((b * T,) + x.shape[2:]).astype(self.dtype)
+    x = self.patch_embed(x)
+    for blk in self.block:
+      x = blk(x)
+    x = x.mean(axis=1).reshape(b, T, -1).mean(axis=1)  # tokens, then time
+    return self.head(x).astype(self.logits_dtype)
+
+
+def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4,
+                 num_heads: int = 12, T: int = 4, num_classes: int = 10,
+                 img_size: int = 32, mlp_ratio: float = 4.0) -> ml_collections.ConfigDict:
+  """The `config.model` of a Spikformer, with the official flavour's defaults."""
+  if flavour not in FLAVOURS:
+    raise ValueError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
+  from spikeformer_jax.models import neuron_config  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict(dict(
+      name='spikformer',
+      flavour=flavour,
+      embed_dim=embed_dim,
+      depth=depth,
+      num_heads=num_heads,
+      mlp_ratio=float(mlp_ratio),
+      T=T,
+      in_channels=FLAVOURS[flavour]['in_channels'],
+      num_classes=num_classes,
+      img_size=img_size,
+      # '' / 0.0 keep the flavour's official value; set to override.
+      pooling='',
+      attn_order='',
+      attn_scale=0.0,
+      attn_v_threshold=0.5,
+      dead_modules=False,  # True: also build the official code's unused modules
+      dtype='float32',
+      neuron=neuron_config(),
+  ))
