@@ -1,0 +1,188 @@
+r"""Spikformer (Zhou et al., ICLR 2023): every row of the paper, one argument away.
+
+  python train.py --config=configs/spikformer.py:VARIANT --workdir=/tmp/run
+
+| VARIANT              | model (flavour)            | T  | params (no dead / official) | paper top-1 |
+|----------------------|----------------------------|----|-----------------------------|-------------|
+| digits (default)     | 1-64 cifar flavour, 8x8    | 4  | 0.14M                       | (ours: >=97%, about 2 min on 2 CPU cores) |
+| cifar10-4-256        | 4-256, heads 8 (cifar)     | 4  | 4,155,178 / 4,159,274       | 93.94       |
+| cifar10-2-384        | 2-384, heads 12 (cifar)    | 4  | 5,765,050 / 5,768,122       | 94.80       |
+| cifar10-4-384        | 4-384, heads 12 (cifar)    | 4  | 9,324,730 / 9,330,874       | 95.19       |
+| cifar10-4-384-400e   | as above, 400 epochs       | 4  | 9,324,730 / 9,330,874       | 95.51       |
+| cifar100-4-256 / -2-384 / -4-384 / -4-384-400e | as CIFAR-10, 100 classes | 4 | +23,130 (4-256) / +34,650 (384) | 75.96 / 76.95 / 77.86 / 78.21 |
+| imagenet-8-384       | 8-384, heads 6 (imagenet)  | 4  | 16,816,024 / 16,828,312     | 70.24       |
+| imagenet-6-512       | 6-512, heads 8             | 4  | 23,373,352 / 23,385,640     | 72.46       |
+| imagenet-8-512       | 8-512, heads 8             | 4  | 29,689,384 / 29,705,768     | 73.38       |
+| imagenet-10-512      | 10-512, heads 8            | 4  | 36,005,416 / 36,025,896     | 73.68       |
+| imagenet-8-768       | 8-768, heads 12            | 4  | 66,338,632 / 66,363,208     | 74.81       |
+| cifar10dvs-2-256     | 2-256, heads 16 (dvs)      | 16 | 2,566,666 / 2,585,610       | 80.9        |
+| dvs128gesture-2-256  | 2-256, heads 16 (dvs), 11 classes | 16 | 2,566,923 / 2,585,867 | 98.3 (see below) |
+
+"official" counts include the official code's unused modules (LayerNorms, the
+DVS pos_embed); build them with `--config.model.dead_modules=True`.
+
+Recipes are the official ones (spec section 1.5): AdamW without weight decay on
+1-D parameters, timm cosine schedule stepped per epoch with a non-prefixed
+warmup and 10 cooldown epochs, label smoothing 0.1, batch 128 (CIFAR), 192
+(ImageNet: 24 per GPU x 8), 16 (DVS). The papers' augmentation (RandAugment,
+mixup/cutmix, random erasing) and the tfds / event-camera readers are not part of
+this release: the CIFAR / ImageNet / DVS variants need
+`--config.data.name=npz --config.data.path=...` (arrays you provide) or
+`--config.data.name=synthetic`, and without augmentation expect accuracy below
+the paper's.
+
+DVS128 Gesture: the official repository never released a Gesture model
+(spikformer issue #7); this one follows its CIFAR10-DVS flavour with 11
+classes. The paper's 98.3% also used a 1-D max-pool after Q and K that the
+released code does not contain.
+
+Suffix ',runlocal' shrinks any variant (depth 1, width 32, T 2, a few steps on
+synthetic data) for smoke tests: `--config=configs/spikformer.py:cifar10-4-384,runlocal`.
+"""
+
+import ml_collections
+
+from spikeformer_jax.models import spikformer
+
+# name -> (dataset, flavour, depth, dim, heads, T, classes, image size, paper top-1)
+_ROWS = {
+    'cifar10-4-256': ('cifar10', 'cifar', 4, 256, 8, 4, 10, 32, 93.94),
+    'cifar10-2-384': ('cifar10', 'cifar', 2, 384, 12, 4, 10, 32, 94.80),
+    'cifar10-4-384': ('cifar10', 'cifar', 4, 384, 12, 4, 10, 32, 95.19),
+    'cifar10-4-384-400e': ('cifar10', 'cifar', 4, 384, 12, 4, 10, 32, 95.51),
+    'cifar100-4-256': ('cifar100', 'cifar', 4, 256, 8, 4, 100, 32, 75.96),
+    'cifar100-2-384': ('cifar100', 'cifar', 2, 384, 12, 4, 100, 32, 76.95),
+    'cifar100-4-384': ('cifar100', 'cifar', 4, 384, 12, 4, 100, 32, 77.86),
+    'cifar100-4-384-400e': ('cifar100', 'cifar', 4, 384, 12, 4, 100, 32, 78.21),
+    'imagenet-8-384': ('imagenet2012', 'imagenet', 8, 384, 6, 4, 1000, 224, 70.24),
+    'imagenet-6-512': ('imagenet2012', 'imagenet', 6, 512, 8, 4, 1000, 224, 72.46),
+    'imagenet-8-512': ('imagenet2012', 'imagenet', 8, 512, 8, 4, 1000, 224, 73.38),
+    'imagenet-10-512': ('imagenet2012', 'imagenet', 10, 512, 8, 4, 1000, 224, 73.68),
+    'imagenet-8-768': ('imagenet2012', 'imagenet', 8, 768, 12, 4, 1000, 224, 74.81),
+    'cifar10dvs-2-256': ('cifar10_dvs', 'dvs', 2, 256, 16, 16, 10, 128, 80.9),
+    'dvs128gesture-2-256': ('dvs128_gesture', 'dvs', 2, 256, 16, 16, 11, 128, 98.3),
+}
+# Dataset -> (normalisation mean, std) of the official code.
+_NORM = {
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def _data(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
+  return ml_collections.ConfigDict(dict(
+      name=name,              # digits | synthetic | npz (| the papers' datasets)
+      num_classes=num_classes,
+      image_size=shape[-2],   # digits: 8 or a multiple (upsampled)
+      shape=tuple(shape),     # synthetic: example shape, [T,] H, W, C
+      num_train=512, num_test=128, seed=0,  # synthetic sizes
+      path='',                # npz: file with x_train, y_train, x_test, y_test
+      mean=tuple(mean), std=tuple(std),     # npz: normalisation
+  ))
+
+
+def _base(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, eps=1e-8):
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.model = model
+  c.data = data
+  c.batch_size = batch
+  c.eval_batch_size = max(batch, 64)
+  c.epochs = epochs
+  c.cooldown_epochs = 10
+  c.total_steps = 0            # > 0 overrides epochs + cooldown
+  c.label_smoothing = 0.1
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='adamw', lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=eps,
+      warmup_epochs=warmup, warmup_lr=warmup_lr, min_lr=1e-5,
+      schedule_per_epoch=True,  # timm steps the schedule once per epoch
+      grad_clip_norm=0.0))
+  c.bn_scope = 'global'        # 'global' (one GPU / SyncBN) or 'device' (DDP)
+  c.num_devices = -1           # all visible devices
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.ckpt_every_steps = 0       # 0: every epoch
+  c.ckpt_keep = 3
+  c.paper_top1 = 0.0
+  c.target_top1 = 0.0          # if set, the last line says whether it was reached
+  return c
+
+
+def _paper_row(name):
+  dataset, flavour, depth, dim, heads, T, classes, img, paper = _ROWS[name]
+  model = spikformer.model_config(flavour, embed_dim=dim, depth=depth, num_heads=heads,
+                                  T=T, num_classes=classes, img_size=img)
+  if flavour == 'dvs':
+    data = _data(dataset, classes, (T, img, img, 2))
+    c = _base(model, data, batch=16, epochs=96, lr=1e-3, wd=0.06, warmup=10,
+              warmup_lr=1e-5)
+  elif flavour == 'imagenet':
+    mean, std = _NORM[dataset]
+    data = _data(dataset, classes, (img, img, 3), mean, std)
+    c = _base(model, data, batch=192, epochs=300, lr=5e-4, wd=0.05, warmup=20,
+              warmup_lr=1e-6)
+  else:
+    mean, std = _NORM[dataset]
+    data = _data(dataset, classes, (img, img, 3), mean, std)
+    c = _base(model, data, batch=128, epochs=400 if name.endswith('400e') else 300,
+              lr=5e-4, wd=0.06, warmup=20, warmup_lr=1e-5)
+  c.paper_top1 = paper
+  return c
+
+
+def _digits():
+  """A small Spikformer on scikit-learn's handwritten digits: real data, no download."""
+  model = spikformer.model_config('cifar', embed_dim=64, depth=1, num_heads=4, T=4,
+                                  num_classes=10, img_size=8)
+  model.pooling = '0001'  # 8x8 -> 4x4 = 16 tokens
+  c = _base(model, _data('digits', 10, (8, 8, 1)), batch=64, epochs=20, lr=2e-3,
+            wd=0.01, warmup=2, warmup_lr=1e-4)
+  c.model.in_channels = 1
+  c.cooldown_epochs = 0
+  c.label_smoothing = 0.0
+  c.optimizer.schedule_per_epoch = False
+  c.eval_batch_size = 128
+  c.log_every_steps = 22
+  c.eval_every_epochs = 5
+  c.ckpt_every_steps = 110
+  c.target_top1 = 0.97
+  return c
+
+
+def _runlocal(c):
+  """Shrinks any variant to seconds on CPU, on synthetic data of its shape."""
+  m = c.model
+  m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
+  m.img_size = min(m.img_size, 32)
+  d = c.data
+  if d.name != 'digits':
+    d.name = 'synthetic'
+    size = m.img_size if m.flavour != 'dvs' else 32
+    d.shape = ((m.T,) if m.flavour == 'dvs' else ()) + (size, size, m.in_channels)
+    d.num_classes = m.num_classes
+    d.num_train, d.num_test = 64, 32
+    d.mean, d.std = (0.5,) * m.in_channels, (0.25,) * m.in_channels
+  c.batch_size, c.eval_batch_size = 16, 16
+  c.epochs, c.cooldown_epochs, c.total_steps = 1, 0, 4
+  c.log_every_steps, c.ckpt_every_steps = 2, 2
+  return c
+
+
+def get_config(arg: str = 'digits') -> ml_collections.ConfigDict:
+  """`arg` = VARIANT[,runlocal]; see the module docstring for the variants."""
+  name, *flags = (arg or 'digits').split(',')
+  unknown = set(flags) - {'runlocal'}
+  if unknown:
+    raise ValueError(f'unknown config flags {sorted(unknown)}; valid: runlocal.')
+  if name == 'digits':
+    c = _digits()
+  elif name in _ROWS:
+    c = _paper_row(name)
+  else:
+    raise ValueError(f'unknown Spikformer variant {name!r}; valid: digits, '
+                     + ', '.join(_ROWS))
+  if 'runlocal' in flags:
+    c = _runlocal(c)
+  c.name = f'spikformer:{arg}'
+  return c

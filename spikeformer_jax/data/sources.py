@@ -1,0 +1,107 @@
+"""Random-access dataset sources: `len(src)` and `src[indices] -> dict of arrays`.
+
+Every source here has the interface of `tfds.data_source` (random access by
+index), so the tfds ArrayRecord datasets plug into the same loader. Images are
+returned as stored (uint8 HWC for real images); normalisation happens in the
+loader with the source's `mean` / `std`.
+
+  * digits:    scikit-learn's bundled handwritten digits (1797 real 8x8
+               images, 10 classes; no download), a fixed stratified split.
+  * synthetic: seeded random images with class-dependent structure, at any
+               shape (CIFAR 32x32x3, ImageNet 224x224x3, DVS [T,128,128,2]).
+  * npz:       any .npz with x_train / y_train / x_test / y_test arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+
+SPLITS = ('train', 'test')
+
+
+@dataclasses.dataclass
+class ArraySource:
+  """An in-memory split: images [N, ...] and integer labels [N]."""
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  mean: tuple
+  std: tuple
+  name: str = ''
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, idx) -> dict:
+    return {'image': self.images[idx], 'label': self.labels[idx]}
+
+  @property
+  def image_shape(self) -> tuple:
+    return tuple(self.images.shape[1:])
+
+
+def _check_split(split):
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r}; valid: {SPLITS}.')
+
+
+def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0,
+           size: int = 8) -> ArraySource:
+  """scikit-learn's handwritten digits (UCI), 8x8 grey levels 0..16.
+
+  The held-out split is fixed: a stratified 20% (359 test, 1438 train images) chosen with
+  `seed`, the same on every machine. `size` > 8 upsamples by pixel repetition.
+  """
+  _check_split(split)
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  d = load_digits()
+  images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]
+  labels = d.target.astype(np.int32)
+  rng = np.random.default_rng(seed)
+  test = np.zeros(len(labels), bool)
+  for c in range(10):  # stratified: the same fraction of every class
+    idx = np.flatnonzero(labels == c)
+    test[rng.choice(idx, int(round(test_fraction * len(idx))), replace=False)] = True
+  keep = test if split == 'test' else ~test
+  images = images[keep]
+  if size != 8:
+    if size % 8:
+      raise ValueError(f'data.image_size={size} for digits must be a multiple of 8.')
+    images = images.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
+  # Mean and std of the training images, on the 0..1 scale.
+  return ArraySource(images, labels[keep], 10, mean=(0.3051,), std=(0.3757,),
+                     name='digits')
+
+
+def synthetic(split: str, *, shape: tuple, num_classes: int, num_examples: int,
+              seed: int = 0) -> ArraySource:
+  """Seeded random uint8 images whose class shifts the mean of a random
+  per-class pattern: learnable, deterministic, any shape (incl. [T,H,W,C])."""
+  _check_split(split)
+  rng = np.random.default_rng([seed, SPLITS.index(split)])
+  patterns = np.random.default_rng(seed).integers(0, 256, (num_classes,) + tuple(shape),
+                                                   dtype=np.uint8)
+  labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
+  noise = rng.integers(0, 256, (num_examples,) + tuple(shape), dtype=np.uint8)
+  images = ((noise.astype(np.uint16) + patterns[labels]) // 2).astype(np.uint8)
+  c = shape[-1]
+  return ArraySource(images, labels, num_classes, mean=(0.5,) * c, std=(0.25,) * c,
+                     name='synthetic')
+
+
+def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> ArraySource:
+  """Arrays from an .npz file with x_<split> ([N, H, W, C] uint8) and y_<split>."""
+  _check_split(split)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'data.path={path!r} does not exist; point --config.data.path at an .npz '
+        'with x_train, y_train, x_test, y_test arrays.')
+  with np.load(path) as f:
+    missing = {f'x_{split}', f'y_{split}'} - set(f.files)
+    if missing:
+      raise KeyError(f'{path} lacks {sorted(missing)}; it holds {f.files}.')
+    return ArraySource(f[f'x_{split}'], f[f'y_{split}'].astype(np.int32), num_classes,
+                       mean=tuple(mean), std=tuple(std), name=os.path.basename(path))

@@ -1,0 +1,51 @@
+"""Metrics as JSON lines (process 0 only) plus readable progress lines."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+class MetricWriter:
+  """Appends {'step': s, **metrics} lines to `workdir/metrics.jsonl`."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._f = open(self.path, 'a', encoding='utf-8') if is_main() else None
+
+  def write(self, step: int, **metrics):
+    if self._f is None:
+      return
+    row = {'step': int(step), 'time': round(time.time(), 3)}
+    row.update({k: _py(v) for k, v in metrics.items()})
+    self._f.write(json.dumps(row) + '\n')
+    self._f.flush()
+
+  def close(self):
+    if self._f is not None:
+      self._f.close()
+
+
+def _py(v):
+  try:
+    return float(v) if not isinstance(v, (str, int)) else v
+  except (TypeError, ValueError):
+    return str(v)
+
+
+def log(msg: str):
+  if is_main():
+    print(msg, flush=True, file=sys.stdout)
+
+
+def fmt_duration(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=int(max(seconds, 0))))

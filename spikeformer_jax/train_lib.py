@@ -1,0 +1,327 @@
+"""Train state, train / eval steps and the training loop (importable, testable).
+
+The model is a Flax NNX module; training is functional: `nnx.split` gives a
+static graph definition and the state {params, batch_stats}, and a plain
+`jax.jit` step merges, computes and returns the new state, with explicit
+shardings (batch on the mesh axis 'data', state replicated) and the old state
+donated. The train state is a plain pytree for optax and orbax:
+
+    {'params': nnx.State, 'batch_stats': nnx.State, 'opt_state': ..., 'step': int32}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from spikeformer_jax import checkpointing
+from spikeformer_jax import data as data_lib
+from spikeformer_jax import metrics as metrics_lib
+from spikeformer_jax import models
+from spikeformer_jax import optim
+from spikeformer_jax import sharding
+
+BN_SCOPES = ('global', 'device')
+
+
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+  """Softmax cross-entropy with label smoothing as timm's (1-s)*y + s/K."""
+  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+  if smoothing:
+    onehot = optax.smooth_labels(onehot, smoothing)
+  return optax.softmax_cross_entropy(logits, onehot)
+
+
+def bn_groups_for(config, mesh) -> int:
+  if config.bn_scope not in BN_SCOPES:
+    raise ValueError(f'bn_scope={config.bn_scope!r}; valid: {BN_SCOPES} (global: '
+                     'statistics over the whole sharded batch, like SyncBN / one GPU; '
+                     'device: per data-parallel device, like PyTorch DDP).')
+  return sharding.data_size(mesh) if config.bn_scope == 'device' else 1
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything the loop, eval.py and the benchmarks need, built once."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  graphdef_train: Any
+  graphdef_eval: Any
+  tx: Any
+  schedule: Callable
+  state_sharding: Any
+  abstract_state: Any
+  init_fn: Callable
+  num_params: int
+  bn_groups: int
+
+  def init_state(self):
+    return jax.jit(self.init_fn, out_shardings=self.state_sharding)()
+
+
+def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Experiment:
+  """Model graph definitions, optimizer, and the (abstract) train state."""
+  bn_groups = bn_groups_for(config, mesh)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+
+  def init_fn():
+    model = models.build_model(config.model, seed=config.seed, bn_groups=bn_groups)
+    _, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    if jax.tree.leaves(rest):
+      raise ValueError(f'model holds state beyond params and batch stats: {rest}')
+    return {'params': params, 'batch_stats': batch_stats,
+            'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+
+  model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
+  model.train()
+  graphdef_train = nnx.graphdef(model)
+  model.eval()
+  graphdef_eval = nnx.graphdef(model)
+  abstract = jax.eval_shape(init_fn)
+  repl = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  return Experiment(
+      config=config, mesh=mesh, graphdef_train=graphdef_train, graphdef_eval=graphdef_eval,
+      tx=tx, schedule=schedule, state_sharding=state_sharding,
+      abstract_state=checkpointing.abstract_like(abstract, state_sharding),
+      init_fn=init_fn, num_params=models.count_params(model), bn_groups=bn_groups)
+
+
+def make_train_step(exp: Experiment):
+  """jit(state, batch) -> (new state, metrics); the state is donated."""
+  smoothing = exp.config.label_smoothing
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)
+      logits = model(batch['image'])
+      loss = cross_entropy(logits, batch['label'], smoothing).mean()
+      return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'])
+    updates, opt_state = exp.tx.update(grads, state['opt_state'], state['params'])
+    new_state = {'params': optax.apply_updates(state['params'], updates),
+                 'batch_stats': batch_stats, 'opt_state': opt_state,
+                 'step': state['step'] + 1}
+    metrics = {'loss': loss,
+               'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               'lr': exp.schedule(state['step']),
+               'grad_norm': optax.global_norm(grads)}
+    return new_state, metrics
+
+  batch_sh = sharding.batch_sharding(exp.mesh)
+  return jax.jit(train_step, in_shardings=(exp.state_sharding, batch_sh),
+                 out_shardings=(exp.state_sharding, sharding.replicated(exp.mesh)),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(exp: Experiment):
+  """jit(state, batch with 'mask') -> sums of correct top-1/5, loss and count."""
+
+  def eval_step(state, batch):
+    model = nnx.merge(exp.graphdef_eval, state['params'], state['batch_stats'], copy=True)
+    logits = model(batch['image'])
+    mask = batch['mask'].astype(jnp.float32)
+    label = batch['label']
+    k = min(5, logits.shape[-1])
+    top5 = jnp.any(jax.lax.top_k(logits, k)[1] == label[:, None], axis=-1)
+    return {'correct1': jnp.sum((jnp.argmax(logits, -1) == label) * mask),
+            'correct5': jnp.sum(top5 * mask),
+            'loss': jnp.sum(cross_entropy(logits, label) * mask),
+            'count': jnp.sum(mask)}
+
+  batch_sh = sharding.batch_sharding(exp.mesh)
+  return jax.jit(eval_step, in_shardings=(exp.state_sharding, batch_sh),
+                 out_shardings=sharding.replicated(exp.mesh))
+
+
+def evaluate(eval_step, state, source, mesh, batch_size: int) -> dict:
+  """top1, top5 and mean loss over every example of `source`."""
+  totals = None
+  for b in data_lib.eval_batches(source, global_batch=batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count()):
+    out = eval_step(state, sharding.global_batch(b, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  t = jax.device_get(totals)
+  n = max(float(t['count']), 1.0)
+  return {'top1': float(t['correct1']) / n, 'top5': float(t['correct5']) / n,
+          'loss': float(t['loss']) / n, 'count': int(t['count'])}
+
+
+def validate(config, source):
+  """Config errors that would otherwise surface deep inside a trace."""
+  m = config.model
+  img = source.image_shape
+  if img[-1] != m.in_channels:
+    raise ValueError(f'data {config.data.name!r} has {img[-1]} channels but '
+                     f'model.in_channels={m.in_channels}.')
+  if len(img) == 4 and img[0] != m.T:
+    raise ValueError(f'event data has T={img[0]} frames but model.T={m.T}.')
+  if source.num_classes != m.num_classes:
+    raise ValueError(f'data {config.data.name!r} has {source.num_classes} classes but '
+                     f'model.num_classes={m.num_classes}.')
+  if config.epochs < 1 and config.total_steps <= 0:
+    raise ValueError('set epochs >= 1 or total_steps > 0.')
+
+
+def _write_json(path, obj):
+  if metrics_lib.is_main():
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates each epoch, checkpoints, and returns the final metrics.
+
+  Rerunning with the same workdir resumes from the latest checkpoint.
+  """
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  log = metrics_lib.log
+  mesh = sharding.make_mesh(config.num_devices)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+
+  train_src = data_lib.get_source(config.data, 'train')
+  test_src = data_lib.get_source(config.data, 'test')
+  validate(config, train_src)
+  loader = data_lib.Loader(train_src, global_batch=config.batch_size, seed=config.seed,
+                           process_index=jax.process_index(),
+                           process_count=jax.process_count())
+  spe = loader.steps_per_epoch
+  total_steps = (config.total_steps if config.total_steps > 0
+                 else (config.epochs + config.cooldown_epochs) * spe)
+  exp = build(config, mesh, spe)
+  train_step, eval_step = make_train_step(exp), make_eval_step(exp)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    keep=config.ckpt_keep)
+  run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
+              'devices': jax.device_count(), 'processes': jax.process_count(),
+              'global_batch': config.batch_size,
+              'per_device_batch': config.batch_size // sharding.data_size(mesh),
+              'num_params': exp.num_params, 'steps_per_epoch': spe,
+              'total_steps': total_steps}
+  _write_json(os.path.join(workdir, 'config.json'),
+              {'config': config.to_dict(), 'run': run_info})
+
+  if ckpt.latest_step() is not None:
+    state, _ = ckpt.restore(exp.abstract_state)
+    log(f'Resuming from {ckpt.directory}/{ckpt.latest_step()}.')
+  else:
+    state = exp.init_state()
+  start = int(jax.device_get(state['step']))
+
+  log(f'{config.model.name} {config.model.get("flavour", "")} '
+      f'{config.model.depth}-{config.model.embed_dim}, T={config.model.T}, '
+      f'{exp.num_params:,} params, {config.model.dtype}; data {config.data.name} '
+      f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
+      f'{jax.device_count()} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
+      f'{total_steps} steps ({spe}/epoch).')
+  writer = metrics_lib.MetricWriter(workdir)
+  pending, t_log, step_log = [], time.time(), start
+  eval_every = config.eval_every_epochs * spe if config.eval_every_epochs > 0 else 0
+  ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else spe
+  step = start
+  try:
+    for step in range(start + 1, total_steps + 1):
+      batch = sharding.global_batch(loader.batch(step - 1), mesh)
+      state, m = train_step(state, batch)
+      pending.append(m)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        ms = jax.device_get(pending)  # the only host round-trip of the loop
+        avg = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
+        if not np.isfinite(avg['loss']):
+          ckpt.wait()
+          raise FloatingPointError(
+              f'non-finite training loss at step {step}; stopping. The last good '
+              f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
+        now = time.time()
+        ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
+        eta = (total_steps - step) * config.batch_size / max(ips, 1e-9)
+        log(f'step {step}/{total_steps} | epoch {step / spe:.2f} | loss {avg["loss"]:.4f} | '
+            f'top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | {ips:.1f} img/s | '
+            f'ETA {metrics_lib.fmt_duration(eta)}')
+        writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
+        pending, t_log, step_log = [], now, step
+      if eval_every and step % eval_every == 0 and step != total_steps:
+        ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
+        log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
+            f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}')
+        writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
+      if step % ckpt_every == 0 and step != total_steps:
+        ckpt.save(step, state, {'step': step})
+  finally:
+    ckpt.wait()  # a crash never loses a checkpoint already being written
+
+  ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
+  ckpt.save(total_steps, state, {'step': total_steps}, force=True)
+  ckpt.close()
+  final = {'test_top1': ev['top1'], 'test_top5': ev['top5'], 'test_loss': ev['loss'],
+           'test_examples': ev['count'], 'steps': total_steps,
+           'steps_this_run': total_steps - start,
+           'wall_time_s': round(time.time() - t_start, 2),
+           'paper_top1': config.get('paper_top1', 0.0), **run_info}
+  writer.write(total_steps, **{f'test_{k}': v for k, v in ev.items()})
+  writer.close()
+  _write_json(os.path.join(workdir, 'final_metrics.json'), final)
+  target = config.get('target_top1', 0.0)
+  verdict = ''
+  if target:
+    verdict = (f' | target {target:.0%} ' +
+               ('reached' if ev['top1'] >= target else 'NOT reached'))
+  log(f'final: test_top1 {ev["top1"]:.2%} | test_top5 {ev["top5"]:.2%} | '
+      f'test_loss {ev["loss"]:.4f} | steps {total_steps} | '
+      f'wall_time_s {final["wall_time_s"]:.1f}{verdict}')
+  return final
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of a '
+                            'training run? Or pass --config explicitly.')
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)['config']
+
+  def tuples(x):  # JSON turned tuples into lists; configs use tuples.
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+  return ml_collections.ConfigDict(tuples(saved))
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        split: str = 'test', step: int | None = None,
+                        num_devices: int | None = None) -> dict:
+  """top-1, top-5 and loss of a checkpoint of `workdir` on `split`, on any mesh."""
+  mesh = sharding.make_mesh(num_devices if num_devices else config.num_devices)
+  source = data_lib.get_source(config.data, split)
+  validate(config, source)
+  batch = config.eval_batch_size
+  n = sharding.data_size(mesh)
+  batch = -(-batch // n) * n
+  # Per-device BN statistics only matter in training; evaluation uses running stats.
+  eval_config = ml_collections.ConfigDict(config.to_dict())
+  eval_config.bn_scope = 'global'
+  exp = build(eval_config, mesh, steps_per_epoch=1)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  state, _ = ckpt.restore(exp.abstract_state, step)
+  ckpt.close()
+  res = evaluate(make_eval_step(exp), state, source, mesh, batch)
+  return {'split': split, 'step': int(jax.device_get(state['step'])), **res}

@@ -1,0 +1,22 @@
+"""Test setup: 8 simulated CPU devices, set before JAX starts."""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / 'shared'
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope='session')
+def shared_dir():
+  """../shared beside the project; tests that need it skip when it is absent."""
+  if not SHARED.is_dir():
+    pytest.skip(f'{SHARED} is absent (fixtures and data live beside the project)')
+  return SHARED
