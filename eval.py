@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Optional config override.',
@@ -26,6 +27,8 @@ _DEVICES = flags.DEFINE_integer('num_devices', None, 'Devices to use (default: a
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   try:
     config = _CONFIG.value or train_lib.load_run_config(_WORKDIR.value)

@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -27,6 +28,8 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False,
 
 def main(argv):
   del argv
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   if _MULTIHOST.value:
     jax.distributed.initialize()

@@ -162,13 +162,27 @@ def charge(n: Neuron, v: jax.Array, x: jax.Array) -> jax.Array:
   if n.kind == 'if' or n.charge_form == 'paper':
     return v + x
   # SpikingJelly's exact expressions: they decide bit-level ties at threshold.
+  tau = _divisor(n.tau, v)
   if n.v_reset is None or n.v_reset == 0.0:
     if n.decay_input:
-      return v + (x - v) / n.tau
-    return v - v / n.tau + x
+      return v + (x - v) / tau
+    return v - v / tau + x
   if n.decay_input:
-    return v + (x - (v - n.v_reset)) / n.tau
-  return v - (v - n.v_reset) / n.tau + x
+    return v + (x - (v - n.v_reset)) / tau
+  return v - (v - n.v_reset) / tau + x
+
+
+def _divisor(tau: float, like: jax.Array):
+  """tau as a divisor that XLA really divides by, as PyTorch does.
+
+  XLA rewrites division by a (broadcast) scalar into multiplication by its
+  reciprocal, which rounds differently unless tau is a power of two (2.0, the
+  default, is exact). For other tau, a full-shape divisor behind an
+  optimisation barrier keeps the IEEE division, at the cost of one operand.
+  """
+  if math.frexp(tau)[0] == 0.5:  # a power of two: the reciprocal is exact
+    return tau
+  return jax.lax.optimization_barrier(jnp.full(like.shape, tau, like.dtype))
 
 
 def fire(n: Neuron, h: jax.Array) -> jax.Array:
@@ -194,7 +208,8 @@ def reset(n: Neuron, h: jax.Array, s: jax.Array) -> jax.Array:
   keep = n.beta * h if (n.charge_form == 'paper' and n.kind != 'if') else h
   if n.v_reset is None:  # soft reset: subtract the threshold (signed if ternary)
     return keep - s * n.v_threshold
-  fired = jnp.abs(s) if n.kind == 'ternary' else s
+  # |S| for ternary spikes, with d|S|/dS = sign(S) (0 at 0, as PyTorch's abs).
+  fired = jax.lax.stop_gradient(jnp.sign(s)) * s if n.kind == 'ternary' else s
   return keep * (1.0 - fired) + n.v_reset * s
 
 
@@ -258,21 +273,18 @@ def _sequence_vjp_bwd(n, h, g_s):
     s_t = fire(n, h_t)
     return s_t, reset(n, h_t, s_t)
 
-  # Membrane entering each step: v[-1] = v_init, v[t-1] = reset(h[t-1]).
-  v0 = jnp.full(h.shape[1:], n.v_init, h.dtype)
-  v_prev = jnp.concatenate([v0[None], jax.vmap(lambda ht: fire_reset(ht)[1])(h[:-1])])
-
   def body(g_v, inp):
-    h_t, v_prev_t, g_s_t = inp
+    h_t, g_s_t = inp
     _, fr_vjp = jax.vjp(fire_reset, h_t)
     (g_h,) = fr_vjp((g_s_t, g_v))
-    # charge is affine, so its VJP does not depend on the (unsaved) input x.
-    _, ch_vjp = jax.vjp(functools.partial(charge, n), v_prev_t, jnp.zeros_like(h_t))
+    # charge is affine in (v, x): its VJP needs neither the unsaved input nor
+    # the previous membrane, so it is taken at zeros.
+    zeros = jnp.zeros_like(h_t)
+    _, ch_vjp = jax.vjp(functools.partial(charge, n), zeros, zeros)
     g_vprev, g_x = ch_vjp(g_h)
     return g_vprev, g_x
 
-  g_v_last = jnp.zeros_like(v0)
-  _, g_xs = jax.lax.scan(body, g_v_last, (h, v_prev, g_s), reverse=True,
+  _, g_xs = jax.lax.scan(body, jnp.zeros_like(h[0]), (h, g_s), reverse=True,
                          unroll=min(n.unroll, h.shape[0]))
   return (g_xs,)
 

@@ -269,7 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.wait()  # a crash never loses a checkpoint already being written
 
   ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
-  ckpt.save(total_steps, state, {'step': total_steps}, force=True)
+  if ckpt.latest_step() != total_steps:  # a rerun of a finished run only re-evaluates
+    ckpt.save(total_steps, state, {'step': total_steps}, force=True)
   ckpt.close()
   final = {'test_top1': ev['top1'], 'test_top5': ev['top5'], 'test_loss': ev['loss'],
            'test_examples': ev['count'], 'steps': total_steps,

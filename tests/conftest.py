@@ -3,9 +3,16 @@
 import os
 import pathlib
 import sys
+import tempfile
 
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests (and their train.py / eval.py subprocesses) compile the same
+# programs; JAX's persistent cache (keyed by program and JAX version) makes the
+# repeats near free. Environment variables, so subprocesses inherit them.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'spikeformer_jax_test_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pytest  # pylint: disable=g-import-not-at-top
 

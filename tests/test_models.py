@@ -1,0 +1,139 @@
+"""Parameter counts of every variant, shapes, dtypes, config handling."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT
+from spikeformer_jax import models
+from spikeformer_jax.models import spikformer
+
+
+def _load_configs():
+  spec = importlib.util.spec_from_file_location('spikformer_cfg', ROOT / 'configs' / 'spikformer.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+cfgs = _load_configs()
+
+# Spec section 1.4 (official code totals; without the unused modules).
+PARAMS = {
+    'cifar10-4-384': (9_330_874, 9_324_730),
+    'cifar10-4-384-400e': (9_330_874, 9_324_730),
+    'cifar100-4-384': (9_365_524, 9_359_380),
+    'cifar100-4-384-400e': (9_365_524, 9_359_380),
+    'cifar10-4-256': (4_159_274, 4_155_178),
+    'cifar10-2-384': (5_768_122, 5_765_050),
+    'cifar100-4-256': (4_182_404, 4_178_308),
+    'cifar100-2-384': (5_802_772, 5_799_700),
+    'imagenet-8-384': (16_828_312, 16_816_024),
+    'imagenet-6-512': (23_385_640, 23_373_352),
+    'imagenet-8-512': (29_705_768, 29_689_384),
+    'imagenet-10-512': (36_025_896, 36_005_416),
+    'imagenet-8-768': (66_363_208, 66_338_632),
+    'cifar10dvs-2-256': (2_585_610, 2_566_666),
+    'dvs128gesture-2-256': (2_585_867, 2_566_923),
+}
+
+
+def _count(model_cfg):
+  return models.count_params(nnx.eval_shape(lambda: models.build_model(model_cfg)))
+
+
+@pytest.mark.parametrize('variant', sorted(PARAMS))
+def test_parameter_counts(variant):
+  c = cfgs.get_config(variant)
+  official, without_dead = PARAMS[variant]
+  assert _count(c.model) == without_dead
+  c.model.dead_modules = True
+  assert _count(c.model) == official
+
+
+def test_every_variant_is_covered():
+  assert set(PARAMS) == set(cfgs._ROWS)
+
+
+def test_paper_rounding_matches_counts_without_dead_modules():
+  # The paper quotes the counts without the unused modules (spec 1.4).
+  paper_m = {'cifar10-4-256': 4.15, 'cifar10-2-384': 5.76, 'cifar10-4-384': 9.32,
+             'imagenet-8-384': 16.81, 'imagenet-6-512': 23.37, 'imagenet-8-512': 29.68,
+             'imagenet-10-512': 36.01, 'imagenet-8-768': 66.34, 'cifar10dvs-2-256': 2.57}
+  for v, m in paper_m.items():
+    assert abs(PARAMS[v][1] / 1e6 - m) <= 0.011, v
+
+
+@pytest.mark.parametrize('flavour,shape,tokens', [
+    ('cifar', (2, 16, 16, 3), 16), ('imagenet', (2, 32, 32, 3), 4),
+    ('dvs', (2, 2, 32, 32, 2), 4)])
+def test_forward_shapes_and_finite(flavour, shape, tokens):
+  mc = spikformer.model_config(flavour, embed_dim=32, depth=1, num_heads=2, T=2,
+                               num_classes=7, img_size=shape[-2])
+  model = models.build_model(mc)
+  x = jax.random.normal(jax.random.key(0), shape)
+  y = model(x)
+  assert y.shape == (2, 7) and y.dtype == jnp.float32
+  assert np.isfinite(np.asarray(y)).all()
+  feats = model.patch_embed(jnp.broadcast_to(x[:, None], (2, 2) + shape[1:]).reshape(
+      (4,) + shape[-3:]) if x.ndim == 4 else x.reshape((4,) + shape[2:]))
+  assert feats.shape == (4, tokens, 32)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_stats():
+  mc = spikformer.model_config('cifar', embed_dim=32, depth=1, num_heads=2, T=2,
+                               num_classes=10, img_size=16)
+  mc.dtype = 'bfloat16'
+  model = models.build_model(mc)
+  y = model(jnp.ones((2, 16, 16, 3)))
+  assert y.dtype == jnp.float32
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+  bs = nnx.state(model, nnx.BatchStat)
+  assert {l.dtype for l in jax.tree.leaves(bs)} == {jnp.dtype('float32'), jnp.dtype('int32')}
+  assert model.patch_embed.proj_conv(jnp.ones((1, 16, 16, 3))).dtype == jnp.bfloat16
+
+
+def test_attention_order_does_not_change_the_function():
+  base = spikformer.model_config('cifar', embed_dim=32, depth=1, num_heads=2, T=2,
+                                 num_classes=10, img_size=16)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  outs = []
+  for order in ('qk_first', 'kv_first'):
+    base.attn_order = order
+    outs.append(np.asarray(models.build_model(base)(x)))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+def test_config_errors_are_clear():
+  with pytest.raises(ValueError, match='unknown Spikformer variant'):
+    cfgs.get_config('cifar10-9-999')
+  with pytest.raises(ValueError, match='runlocal'):
+    cfgs.get_config('digits,fast')
+  c = cfgs.get_config('digits')
+  with pytest.raises(AttributeError, match='Did you mean'):
+    c.lock()
+    c.model.embed_dims = 3  # typo: locked configs reject it
+  mc = spikformer.model_config('cifar', embed_dim=36, depth=1, num_heads=5, T=2)
+  with pytest.raises(ValueError, match='divisible'):
+    models.build_model(mc)
+  mc = spikformer.model_config('cifar')
+  mc.neuron.surrogate = 'tanh'
+  with pytest.raises(ValueError, match='surrogate'):
+    models.build_model(mc)
+  mc = spikformer.model_config('cifar')
+  mc.dtype = 'float16'
+  with pytest.raises(ValueError, match='model.dtype'):
+    models.build_model(mc)
+
+
+def test_every_config_variant_builds_with_runlocal():
+  for v in ['digits'] + sorted(cfgs._ROWS):
+    c = cfgs.get_config(v + ',runlocal')
+    assert isinstance(c, ml_collections.ConfigDict)
+    assert _count(c.model) > 0

@@ -1,0 +1,200 @@
+"""Train step sharding, resume, CLI round trip, schedule, loader, learning."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from spikeformer_jax import data as data_lib
+from spikeformer_jax import optim, sharding, train_lib
+from test_models import cfgs
+
+
+def _tiny(variant='cifar10-4-384', **over):
+  c = cfgs.get_config(variant + ',runlocal')
+  for k, v in over.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _run_steps(config, mesh, n_steps=3):
+  src = data_lib.get_source(config.data, 'train')
+  loader = data_lib.Loader(src, global_batch=config.batch_size, seed=config.seed)
+  exp = train_lib.build(config, mesh, loader.steps_per_epoch)
+  step = train_lib.make_train_step(exp)
+  state = exp.init_state()
+  losses = []
+  for i in range(n_steps):
+    state, m = step(state, sharding.global_batch(loader.batch(i), mesh))
+    losses.append(float(m['loss']))
+  return losses, jax.device_get(state)
+
+
+def _bn_cancelled(path) -> bool:
+  """Biases of linear layers feeding a train-mode BatchNorm: their gradient is
+  mathematically zero, so what they get is float noise, which Adam normalises
+  into steps of size ~lr whatever the noise. Such a bias cannot be compared
+  across summation orders (in PyTorch neither); it is bounded by Adam's step."""
+  keys = jax.tree_util.keystr(path)
+  return "['block']" in keys and "_linear']['bias']" in keys
+
+
+def test_eight_devices_equal_one_device():
+  assert jax.device_count() == 8
+  config = _tiny()
+  l1, s1 = _run_steps(config, sharding.make_mesh(1))
+  l8, s8 = _run_steps(config, sharding.make_mesh(8))
+  np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
+  max_adam_move = 2 * 3 * config.optimizer.warmup_lr  # 3 steps at the warmup lr
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(s8['params'])[0],
+                          jax.tree.leaves(s1['params'])):
+    if _bn_cancelled(path):
+      assert np.abs(a - b).max() <= max_adam_move
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  for a, b in zip(jax.tree.leaves(s8['batch_stats']), jax.tree.leaves(s1['batch_stats'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_per_device_batchnorm_does_not_depend_on_device_count():
+  """bn_scope='device' on 8 devices == 8 BN groups computed on one device."""
+  config = _tiny(bn_scope='device')
+  l8, _ = _run_steps(config, sharding.make_mesh(8), n_steps=2)
+  mesh1 = sharding.make_mesh(1)
+  orig = train_lib.bn_groups_for
+  try:
+    train_lib.bn_groups_for = lambda c, m: 8
+    l1, _ = _run_steps(config, mesh1, n_steps=2)
+  finally:
+    train_lib.bn_groups_for = orig
+  np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
+  lg, _ = _run_steps(_tiny(), mesh1, n_steps=2)
+  assert abs(lg[0] - l8[0]) > 1e-6  # and it is a different model from global BN
+
+
+def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
+  config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 1})
+  ref = train_lib.train_and_evaluate(config, str(tmp_path / 'ref'))
+
+  real = train_lib.make_train_step
+  def crashing(exp):
+    fn, calls = real(exp), []
+    def step(state, batch):
+      calls.append(1)
+      if len(calls) == 5:
+        raise KeyboardInterrupt('simulated crash at step 5')
+      return fn(state, batch)
+    return step
+  monkeypatch.setattr(train_lib, 'make_train_step', crashing)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  monkeypatch.setattr(train_lib, 'make_train_step', real)
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert resumed['steps_this_run'] == 2  # resumed from the step-4 checkpoint
+  assert resumed['test_loss'] == ref['test_loss']
+
+  from spikeformer_jax import checkpointing
+  mesh = sharding.make_mesh(8)
+  exp = train_lib.build(config, mesh, 4)
+  a, _ = checkpointing.Checkpointer(str(tmp_path / 'ref' / 'checkpoints')).restore(exp.abstract_state)
+  b, _ = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints')).restore(exp.abstract_state)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_and_eval_cli_round_trip(tmp_path):
+  wd = tmp_path / 'wd'
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2')
+  cmd = [sys.executable, 'train.py', '--config=configs/spikformer.py:cifar10dvs-2-256,runlocal',
+         f'--workdir={wd}', '--config.total_steps=2']
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.strip().splitlines()[-1].startswith('final: test_top1')
+  final = json.loads((wd / 'final_metrics.json').read_text())
+  assert {'test_top1', 'test_loss', 'wall_time_s', 'steps'} <= set(final)
+  assert final['steps'] == 2
+  lines = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  assert lines and all('step' in l for l in lines)
+
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0 and 'Resuming' in p.stdout
+  assert json.loads((wd / 'final_metrics.json').read_text())['steps_this_run'] == 0
+
+  p = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--num_devices=1'],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  res = json.loads((wd / 'eval_test_2.json').read_text())
+  assert res['top1'] == pytest.approx(final['test_top1'])
+  assert res['count'] == 32
+
+  bad = subprocess.run(cmd[:2] + [f'--workdir={tmp_path / "x"}', '--config.model.T=3'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 1 and 'frames but model.T=3' in bad.stderr
+
+
+def test_timm_schedule_values():
+  kw = dict(base_lr=5e-4, steps_per_epoch=10, epochs=300, warmup_epochs=20,
+            warmup_lr=1e-5, min_lr=1e-5)
+  lr = lambda step, **k: float(optim.timm_cosine_lr(step, **kw, **k))
+  assert lr(0) == pytest.approx(1e-5)
+  assert lr(9) == pytest.approx(1e-5)           # constant within an epoch
+  assert lr(10) == pytest.approx(1e-5 + (5e-4 - 1e-5) / 20)
+  t = 150
+  assert lr(t * 10) == pytest.approx(1e-5 + 0.5 * (5e-4 - 1e-5) * (1 + np.cos(np.pi * t / 300)))
+  assert lr(305 * 10) == pytest.approx(1e-5)    # cooldown
+  assert lr(15, per_epoch=False) == pytest.approx(1e-5 + 1.5 * (5e-4 - 1e-5) / 20)
+
+
+def test_weight_decay_mask_skips_1d_params():
+  config = _tiny()
+  exp = train_lib.build(config, sharding.make_mesh(1), 4)
+  mask = optim.decay_mask(exp.abstract_state['params'])
+  flat = {'/'.join(map(str, k)): v for k, v in
+          jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert any(v for k, v in flat.items() if 'kernel' in k)
+  assert not any(v for k, v in flat.items() if 'bias' in k or 'scale' in k)
+
+
+def test_loader_is_deterministic_and_splits_over_processes():
+  src = data_lib.get_source(_tiny().data, 'train')
+  a = data_lib.Loader(src, global_batch=8, seed=3)
+  assert np.array_equal(a.batch(5)['image'], data_lib.Loader(src, global_batch=8, seed=3).batch(5)['image'])
+  assert not np.array_equal(a.indices(0), a.indices(a.steps_per_epoch))  # reshuffled per epoch
+  epoch = np.concatenate([a.indices(i) for i in range(a.steps_per_epoch)])
+  assert len(set(epoch)) == len(epoch)  # no repeats within an epoch
+  parts = [data_lib.Loader(src, global_batch=8, seed=3, process_index=p, process_count=2).batch(5)
+           for p in range(2)]
+  whole = np.sort(a.indices(5))
+  assert np.array_equal(np.concatenate([p['label'] for p in parts]), src.labels[whole])
+  seen = []
+  for b in data_lib.eval_batches(data_lib.get_source(_tiny().data, 'test'), global_batch=24):
+    seen.append(b['mask'].sum())
+  assert sum(seen) == 32 and len(seen) == 2
+
+
+def test_missing_dataset_gives_one_clear_message():
+  c = cfgs.get_config('cifar10-4-384')
+  with pytest.raises(ValueError, match="data.name='npz'"):
+    data_lib.get_source(c.data, 'train')
+  c.data.name, c.data.path = 'npz', '/nonexistent/cifar.npz'
+  with pytest.raises(FileNotFoundError, match='data.path'):
+    data_lib.get_source(c.data, 'train')
+
+
+@pytest.mark.slow
+def test_learns_handwritten_digits(tmp_path):
+  """Bounded learning check: a short digits run clearly learns (full run: >= 97%)."""
+  c = cfgs.get_config('digits')
+  c.epochs, c.eval_every_epochs, c.num_devices = 6, 0, 1
+  final = train_lib.train_and_evaluate(c, str(tmp_path))
+  assert final['test_top1'] >= 0.85, final
