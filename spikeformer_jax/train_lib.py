@@ -211,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.ckpt_keep)
   run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
-              'devices': jax.device_count(), 'processes': jax.process_count(),
+              'devices': mesh.size, 'processes': jax.process_count(),
               'global_batch': config.batch_size,
               'per_device_batch': config.batch_size // sharding.data_size(mesh),
               'num_params': exp.num_params, 'steps_per_epoch': spe,
@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f'{config.model.depth}-{config.model.embed_dim}, T={config.model.T}, '
       f'{exp.num_params:,} params, {config.model.dtype}; data {config.data.name} '
       f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
-      f'{jax.device_count()} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
+      f'{mesh.size} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
       f'{total_steps} steps ({spe}/epoch).')
   writer = metrics_lib.MetricWriter(workdir)
   pending, t_log, step_log = [], time.time(), start

@@ -137,7 +137,7 @@ def test_train_and_eval_cli_round_trip(tmp_path):
   assert res['top1'] == pytest.approx(final['test_top1'])
   assert res['count'] == 32
 
-  bad = subprocess.run(cmd[:2] + [f'--workdir={tmp_path / "x"}', '--config.model.T=3'],
+  bad = subprocess.run(cmd[:3] + [f'--workdir={tmp_path / "x"}', '--config.model.T=3'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and 'frames but model.T=3' in bad.stderr
 
@@ -174,8 +174,9 @@ def test_loader_is_deterministic_and_splits_over_processes():
   assert len(set(epoch)) == len(epoch)  # no repeats within an epoch
   parts = [data_lib.Loader(src, global_batch=8, seed=3, process_index=p, process_count=2).batch(5)
            for p in range(2)]
-  whole = np.sort(a.indices(5))
-  assert np.array_equal(np.concatenate([p['label'] for p in parts]), src.labels[whole])
+  # The processes' rows assemble into the 1-process batch, in the same order.
+  assert np.array_equal(np.concatenate([p['label'] for p in parts]), a.batch(5)['label'])
+  assert np.array_equal(a.batch(5)['label'], src.labels[a.indices(5)])
   seen = []
   for b in data_lib.eval_batches(data_lib.get_source(_tiny().data, 'test'), global_batch=24):
     seen.append(b['mask'].sum())
@@ -193,8 +194,9 @@ def test_missing_dataset_gives_one_clear_message():
 
 @pytest.mark.slow
 def test_learns_handwritten_digits(tmp_path):
-  """Bounded learning check: a short digits run clearly learns (full run: >= 97%)."""
+  """Bounded learning check: the default digits run, stopped at half of its
+  schedule (10 of 20 epochs), is already past 90% (the full run reaches >= 97%)."""
   c = cfgs.get_config('digits')
-  c.epochs, c.eval_every_epochs, c.num_devices = 6, 0, 1
+  c.total_steps, c.eval_every_epochs, c.num_devices = 10 * 22, 0, 1
   final = train_lib.train_and_evaluate(c, str(tmp_path))
-  assert final['test_top1'] >= 0.85, final
+  assert final['test_top1'] >= 0.90, final

@@ -80,7 +80,7 @@ class Loader:
   def batch(self, step: int) -> dict:
     idx = self.indices(step)
     lo = self.process_index * self.local_batch
-    ex = self.source[np.sort(idx[lo:lo + self.local_batch])]
+    ex = self.source[idx[lo:lo + self.local_batch]]
     return {'image': normalize(ex['image'], self.source.mean, self.source.std),
             'label': ex['label'].astype(np.int32)}
 
