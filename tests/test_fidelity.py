@@ -32,9 +32,6 @@ def reports(shared_dir, tmp_path_factory):
   return {r['file']: r for r in json.loads(out.read_text())}, proc
 
 
-def _fixture_names(shared_dir_path):
-  return sorted(p.name for p in (shared_dir_path / 'fixtures').glob('*.npz'))
-
 
 @pytest.mark.parametrize('name', ['spikformer_cifar.npz', 'spikformer_imagenet.npz',
                                   'spikformer_dvs.npz'])

@@ -137,3 +137,7 @@ def test_every_config_variant_builds_with_runlocal():
     c = cfgs.get_config(v + ',runlocal')
     assert isinstance(c, ml_collections.ConfigDict)
     assert _count(c.model) > 0
+
+
+def test_digits_default_size():
+  assert _count(cfgs.get_config('digits').model) == 113_026  # as the config docstring says

@@ -41,7 +41,13 @@ def get_source(cfg: ml_collections.ConfigDict, split: str):
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-  """uint8 [..., C] -> float32 ((x / 255) - mean) / std per channel."""
+  """uint8 [..., C] -> float32 ((x / 255) - mean) / std per channel.
+
+  A source with mean None (event counts, which the official DVS models take
+  raw) is passed through as float32.
+  """
+  if mean is None:
+    return images.astype(np.float32)
   x = images.astype(np.float32) * (1.0 / 255.0)
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 

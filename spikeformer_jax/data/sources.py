@@ -24,12 +24,15 @@ SPLITS = ('train', 'test')
 
 @dataclasses.dataclass
 class ArraySource:
-  """An in-memory split: images [N, ...] and integer labels [N]."""
+  """An in-memory split: images [N, ...] and integer labels [N].
+
+  `mean` / `std` normalise uint8 images; None passes values through raw.
+  """
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
-  mean: tuple
-  std: tuple
+  mean: tuple | None
+  std: tuple | None
   name: str = ''
 
   def __len__(self) -> int:

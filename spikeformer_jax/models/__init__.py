@@ -13,10 +13,13 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float
 
 
 def neuron_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.model.neuron`: the fields of `neurons.Neuron` (SpikingJelly defaults)."""
+  """`config.model.neuron`: the fields of `neurons.Neuron` (SpikingJelly defaults).
+
+  alpha 0 takes the surrogate's own default (sigmoid 4, atan 2, triangle 1).
+  """
   cfg = ml_collections.ConfigDict(dict(
       tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
-      detach_reset=True, surrogate='sigmoid', alpha=4.0, loop='scan', unroll=1))
+      detach_reset=True, surrogate='sigmoid', alpha=0.0, loop='scan', unroll=1))
   cfg.update(overrides)
   return cfg
 
@@ -25,7 +28,7 @@ def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
   return neurons.Neuron(
       kind='lif', tau=cfg.tau, decay_input=cfg.decay_input,
       v_threshold=cfg.v_threshold, v_reset=None if cfg.soft_reset else cfg.v_reset,
-      detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha,
+      detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha or None,
       loop=cfg.loop, unroll=cfg.unroll)
 
 
