@@ -24,7 +24,9 @@ DVS pos_embed); build them with `--config.model.dead_modules=True`.
 Recipes are the official ones (spec section 1.5): AdamW without weight decay on
 1-D parameters, timm cosine schedule stepped per epoch with a non-prefixed
 warmup and 10 cooldown epochs, label smoothing 0.1, batch 128 (CIFAR), 192
-(ImageNet: 24 per GPU x 8), 16 (DVS). The papers' augmentation (RandAugment,
+(ImageNet: 24 per GPU x 8), 16 (DVS). BatchNorm statistics are global over the
+batch by default; the official ImageNet runs had per-GPU statistics (8 x 24):
+add `--config.bn_scope=device` on 8 devices for that. The papers' augmentation (RandAugment,
 mixup/cutmix, random erasing) and the tfds / event-camera readers are not part of
 this release: the CIFAR / ImageNet / DVS variants need
 `--config.data.name=npz --config.data.path=...` (arrays you provide) or
@@ -78,7 +80,7 @@ def _data(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
       shape=tuple(shape),     # synthetic: example shape, [T,] H, W, C
       num_train=512, num_test=128, seed=0,  # synthetic sizes
       path='',                # npz: file with x_train, y_train, x_test, y_test
-      mean=tuple(mean), std=tuple(std),     # npz: normalisation
+      mean=tuple(mean), std=tuple(std),     # npz: normalisation; () = raw values
   ))
 
 
@@ -91,7 +93,7 @@ def _base(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, eps=1e-8):
   c.eval_batch_size = max(batch, 64)
   c.epochs = epochs
   c.cooldown_epochs = 10
-  c.total_steps = 0            # > 0 overrides epochs + cooldown
+  c.total_steps = 0            # > 0: stop after this many steps (schedule still from epochs)
   c.label_smoothing = 0.1
   c.optimizer = ml_collections.ConfigDict(dict(
       name='adamw', lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=eps,
@@ -113,8 +115,8 @@ def _paper_row(name):
   dataset, flavour, depth, dim, heads, T, classes, img, paper = _ROWS[name]
   model = spikformer.model_config(flavour, embed_dim=dim, depth=depth, num_heads=heads,
                                   T=T, num_classes=classes, img_size=img)
-  if flavour == 'dvs':
-    data = _data(dataset, classes, (T, img, img, 2))
+  if flavour == 'dvs':  # raw event counts, as the official code feeds them
+    data = _data(dataset, classes, (T, img, img, 2), mean=(), std=())
     c = _base(model, data, batch=16, epochs=96, lr=1e-3, wd=0.06, warmup=10,
               warmup_lr=1e-5)
   elif flavour == 'imagenet':
@@ -144,7 +146,6 @@ def _digits():
   c.optimizer.schedule_per_epoch = False
   c.eval_batch_size = 128
   c.log_every_steps = 22
-  c.eval_every_epochs = 5
   c.ckpt_every_steps = 110
   c.target_top1 = 0.97
   return c
@@ -162,7 +163,6 @@ def _runlocal(c):
     d.shape = ((m.T,) if m.flavour == 'dvs' else ()) + (size, size, m.in_channels)
     d.num_classes = m.num_classes
     d.num_train, d.num_test = 64, 32
-    d.mean, d.std = (0.5,) * m.in_channels, (0.25,) * m.in_channels
   c.batch_size, c.eval_batch_size = 16, 16
   c.epochs, c.cooldown_epochs, c.total_steps = 1, 0, 4
   c.log_every_steps, c.ckpt_every_steps = 2, 2

@@ -93,27 +93,21 @@ def _max_pool_fwd(x, window, stride, padding):
 def _max_pool_bwd(window, stride, padding, x, g):
   out_hw = _pool_geometry(x.shape, window, stride, padding)
   xp = _pad_neg_inf(x, padding)
-  best = idx = None
-  for k, _, _, view in _window_slices(xp, window, stride, out_hw):
-    if best is None:
-      best, idx = view, jnp.zeros(view.shape, jnp.int32)
-    else:
-      better = view > best  # strict: ties keep the earlier element
-      best = jnp.where(better, view, best)
-      idx = jnp.where(better, k, idx)
+  views = list(_window_slices(xp, window, stride, out_hw))
+  best, idx = views[0][3], jnp.zeros(g.shape, jnp.int32)
+  for k, _, _, view in views[1:]:
+    better = view > best  # strict: ties keep the earlier element
+    best = jnp.where(better, view, best)
+    idx = jnp.where(better, k, idx)
   hp, wp = xp.shape[1:3]
-  gx = jnp.zeros(xp.shape, g.dtype)
   zero = jnp.zeros((), g.dtype)
-  k = 0
-  for di in range(window):
-    for dj in range(window):
-      routed = jnp.where(idx == k, g, zero)
-      cfg = ((0, 0, 0),
-             (di, hp - di - stride * (out_hw[0] - 1) - 1, stride - 1),
-             (dj, wp - dj - stride * (out_hw[1] - 1) - 1, stride - 1),
-             (0, 0, 0))
-      gx = gx + jax.lax.pad(routed, zero, cfg)
-      k += 1
+  gx = jnp.zeros(xp.shape, g.dtype)
+  for k, di, dj, _ in views:  # scatter each output's gradient to its argmax
+    cfg = ((0, 0, 0),
+           (di, hp - di - stride * (out_hw[0] - 1) - 1, stride - 1),
+           (dj, wp - dj - stride * (out_hw[1] - 1) - 1, stride - 1),
+           (0, 0, 0))
+    gx = gx + jax.lax.pad(jnp.where(idx == k, g, zero), zero, cfg)
   h, w = x.shape[1:3]
   return (gx[:, padding:padding + h, padding:padding + w, :],)
 
@@ -231,8 +225,8 @@ class BatchNorm(nnx.Module):
 class SpikingNeuron(nnx.Module):
   """A multi-step neuron on a time-folded tensor [B*T, ...].
 
-  With `record_spikes` set (e.g. `model.set_attributes(record_spikes=True)`)
-  it sows, per call, the number of non-zero spikes per timestep (`spike_count`,
+  With `record_spikes` set (e.g. `model.set_attributes(record_spikes=True)`,
+  then `logits, inter = nnx.capture(model, nnx.Intermediate)(x)`) it sows, per call, the number of non-zero spikes per timestep (`spike_count`,
   shape [T]) and the number of spike values over all timesteps (`numel`) as
   `nnx.Intermediate`s: firing rates without touching model code.
   """
@@ -249,10 +243,13 @@ class SpikingNeuron(nnx.Module):
     xb = x.reshape((x.shape[0] // T, T) + x.shape[1:])
     s = neurons.multistep(self.neuron, xb)
     if self.record_spikes:
+      # int64 under 64-bit JAX (exact, as the fidelity check needs); else
+      # float32, since int32 overflows at ImageNet scale (~1e9 units per step).
+      dt = jnp.int64 if jax.config.jax_enable_x64 else jnp.float32
       per_t = s.reshape(s.shape[0], T, -1)
       self.sow(nnx.Intermediate, 'spike_count',
-               jnp.count_nonzero(per_t, axis=(0, 2)).astype(jnp.int32))
-      self.sow(nnx.Intermediate, 'numel', jnp.asarray(s.size, jnp.int32))
+               jnp.count_nonzero(per_t, axis=(0, 2)).astype(dt))
+      self.sow(nnx.Intermediate, 'numel', jnp.asarray(s.size, dt))
     return s.reshape(x.shape)
 
 

@@ -16,11 +16,24 @@ def is_main() -> bool:
 
 
 class MetricWriter:
-  """Appends {'step': s, **metrics} lines to `workdir/metrics.jsonl`."""
+  """Appends {'step': s, **metrics} lines to `workdir/metrics.jsonl`.
 
-  def __init__(self, workdir: str):
+  A run resumed at `resume_step` first drops the lines of later steps (written
+  before the interruption, after the checkpoint), so every step appears once.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._f = open(self.path, 'a', encoding='utf-8') if is_main() else None
+    self._f = None
+    if not is_main():
+      return
+    if os.path.exists(self.path):
+      with open(self.path, encoding='utf-8') as f:
+        keep = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+      with open(self.path + '.tmp', 'w', encoding='utf-8') as f:
+        f.writelines(keep)
+      os.replace(self.path + '.tmp', self.path)
+    self._f = open(self.path, 'a', encoding='utf-8')
 
   def write(self, step: int, **metrics):
     if self._f is None:

@@ -161,12 +161,13 @@ def charge(n: Neuron, v: jax.Array, x: jax.Array) -> jax.Array:
   """
   if n.kind == 'if' or n.charge_form == 'paper':
     return v + x
-  # SpikingJelly's exact expressions: they decide bit-level ties at threshold.
+  # SpikingJelly's four charge functions, literally: the expressions decide
+  # bit-level ties at the threshold.
   tau = _divisor(n.tau, v)
   if n.v_reset is None or n.v_reset == 0.0:
     if n.decay_input:
       return v + (x - v) / tau
-    return v - v / tau + x
+    return v * (1.0 - 1.0 / n.tau) + x  # factor in double, as Python computes it
   if n.decay_input:
     return v + (x - (v - n.v_reset)) / tau
   return v - (v - n.v_reset) / tau + x
@@ -179,6 +180,9 @@ def _divisor(tau: float, like: jax.Array):
   reciprocal, which rounds differently unless tau is a power of two (2.0, the
   default, is exact). For other tau, a full-shape divisor behind an
   optimisation barrier keeps the IEEE division, at the cost of one operand.
+  This reproduces SpikingJelly's torch backend (and its documented
+  expressions); its CuPy kernel multiplies by 1/tau instead, so for tau not a
+  power of two the two SpikingJelly backends differ from each other at ties.
   """
   if math.frexp(tau)[0] == 0.5:  # a power of two: the reciprocal is exact
     return tau
@@ -228,15 +232,6 @@ def step(n: Neuron, v: jax.Array, x: jax.Array):
 def membrane_dtype(dtype) -> jnp.dtype:
   """Membranes are at least float32, also when the network computes in bf16."""
   return jnp.promote_types(dtype, jnp.float32)
-
-
-def _scan(n: Neuron, xs: jax.Array) -> jax.Array:
-  def body(v, x):
-    v, s, _ = step(n, v, x)
-    return v, s
-  v0 = jnp.full(xs.shape[1:], n.v_init, xs.dtype)
-  _, s = jax.lax.scan(body, v0, xs, unroll=min(n.unroll, xs.shape[0]))
-  return s
 
 
 def _python_loop(n: Neuron, xs: jax.Array) -> jax.Array:
@@ -300,7 +295,7 @@ def multistep(n: Neuron, x: jax.Array, time_axis: int = 1) -> jax.Array:
   """
   xs = jnp.moveaxis(x, time_axis, 0).astype(membrane_dtype(x.dtype))
   if n.loop == 'scan':
-    s = _scan(n, xs)
+    s = _forward_h(n, xs)[0]  # h is dead code here, removed by XLA
   elif n.loop == 'python':
     s = _python_loop(n, xs)
   else:

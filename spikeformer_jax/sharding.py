@@ -18,8 +18,9 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D mesh ('data',) over all (or the first `num_devices`) devices."""
   devices = jax.devices()
   n = len(devices) if num_devices in (None, 0, -1) else num_devices
-  if n > len(devices):
-    raise ValueError(f'num_devices={n} but only {len(devices)} devices are visible.')
+  if n < 1 or n > len(devices):
+    raise ValueError(f'num_devices={num_devices}: use -1 (all) or 1..{len(devices)}, '
+                     'the number of visible devices.')
   return Mesh(np.asarray(devices[:n]), ('data',), axis_types=(AxisType.Auto,))
 
 

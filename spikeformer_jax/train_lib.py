@@ -117,7 +117,7 @@ def make_train_step(exp: Experiment):
     metrics = {'loss': loss,
                'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
                'lr': exp.schedule(state['step']),
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': optax.tree.norm(grads)}
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(exp.mesh)
@@ -174,6 +174,12 @@ def validate(config, source):
                      f'model.num_classes={m.num_classes}.')
   if config.epochs < 1 and config.total_steps <= 0:
     raise ValueError('set epochs >= 1 or total_steps > 0.')
+  if config.log_every_steps < 1:
+    raise ValueError(f'log_every_steps={config.log_every_steps} must be >= 1.')
+  labels = getattr(source, 'labels', None)
+  if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= m.num_classes):
+    raise ValueError(f'data {config.data.name!r} has labels in [{labels.min()}, '
+                     f'{labels.max()}] but model.num_classes={m.num_classes}.')
 
 
 def _write_json(path, obj):
@@ -216,15 +222,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               'per_device_batch': config.batch_size // sharding.data_size(mesh),
               'num_params': exp.num_params, 'steps_per_epoch': spe,
               'total_steps': total_steps}
-  _write_json(os.path.join(workdir, 'config.json'),
-              {'config': config.to_dict(), 'run': run_info})
-
   if ckpt.latest_step() is not None:
     state, _ = ckpt.restore(exp.abstract_state)
     log(f'Resuming from {ckpt.directory}/{ckpt.latest_step()}.')
   else:
     state = exp.init_state()
   start = int(jax.device_get(state['step']))
+  if start > total_steps:
+    raise ValueError(f'the checkpoint in {ckpt.directory} is at step {start}, beyond '
+                     f'this run\'s total_steps={total_steps}; raise total_steps / epochs '
+                     'or use another --workdir.')
+  # Only a config that restored (or initialised) becomes the run's record.
+  _write_json(os.path.join(workdir, 'config.json'),
+              {'config': config.to_dict(), 'run': run_info})
 
   log(f'{config.model.name} {config.model.get("flavour", "")} '
       f'{config.model.depth}-{config.model.embed_dim}, T={config.model.T}, '
@@ -232,10 +242,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
       f'{mesh.size} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
       f'{total_steps} steps ({spe}/epoch).')
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   pending, t_log, step_log = [], time.time(), start
   eval_every = config.eval_every_epochs * spe if config.eval_every_epochs > 0 else 0
   ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else spe
+  fetched = []  # metrics fetched since the last log line
+
+  def fetch_and_check(step):
+    """Fetches pending metrics (a host round-trip) and stops on a bad loss."""
+    fetched.extend(jax.device_get(pending))
+    pending.clear()
+    if fetched and not np.all(np.isfinite([x['loss'] for x in fetched])):
+      ckpt.wait()
+      raise FloatingPointError(
+          f'non-finite training loss by step {step}; stopping. The last good '
+          f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
+
   step = start
   try:
     for step in range(start + 1, total_steps + 1):
@@ -243,13 +265,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, m = train_step(state, batch)
       pending.append(m)
       if step % config.log_every_steps == 0 or step == total_steps:
-        ms = jax.device_get(pending)  # the only host round-trip of the loop
-        avg = {k: float(np.mean([x[k] for x in ms])) for k in ms[0]}
-        if not np.isfinite(avg['loss']):
-          ckpt.wait()
-          raise FloatingPointError(
-              f'non-finite training loss at step {step}; stopping. The last good '
-              f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
+        fetch_and_check(step)
+        avg = {k: float(np.mean([x[k] for x in fetched])) for k in fetched[0]}
+        fetched.clear()
         now = time.time()
         ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
         eta = (total_steps - step) * config.batch_size / max(ips, 1e-9)
@@ -257,17 +275,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f'top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | {ips:.1f} img/s | '
             f'ETA {metrics_lib.fmt_duration(eta)}')
         writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
-        pending, t_log, step_log = [], now, step
+        t_log, step_log = now, step
       if eval_every and step % eval_every == 0 and step != total_steps:
         ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
         log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
             f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}')
         writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
       if step % ckpt_every == 0 and step != total_steps:
+        fetch_and_check(step)  # never save a state that went non-finite
         ckpt.save(step, state, {'step': step})
   finally:
     ckpt.wait()  # a crash never loses a checkpoint already being written
 
+  fetch_and_check(total_steps)
   ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
   if ckpt.latest_step() != total_steps:  # a rerun of a finished run only re-evaluates
     ckpt.save(total_steps, state, {'step': total_steps}, force=True)
@@ -321,7 +341,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   eval_config = ml_collections.ConfigDict(config.to_dict())
   eval_config.bn_scope = 'global'
   exp = build(eval_config, mesh, steps_per_epoch=1)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), create=False)
   state, _ = ckpt.restore(exp.abstract_state, step)
   ckpt.close()
   res = evaluate(make_eval_step(exp), state, source, mesh, batch)

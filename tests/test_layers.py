@@ -343,24 +343,24 @@ def test_spiking_neuron_folds_batch_first_and_records_spikes():
   rs = np.random.RandomState(5)
   x = (0.8 + 1.2 * rs.randn(B * T, 3, 5)).astype(np.float32)  # [B*T, N, C]
   sn = layers.SpikingNeuron(neurons.Neuron(), T=T)
-  y = sn(jnp.asarray(x))
+  y, state = nnx.capture(sn, nnx.Intermediate)(jnp.asarray(x))
   assert y.shape == x.shape and y.dtype == jnp.float32
   # Row b*T + t of the folded axis is batch b, timestep t.
   y_ref = _ref_lif(x.reshape(B, T, 3, 5)).reshape(x.shape)
   np.testing.assert_array_equal(np.asarray(y), y_ref)
-  assert len(nnx.pop(sn, nnx.Intermediate)) == 0  # nothing sown by default
+  assert len(state) == 0  # nothing sown by default
 
   sn.record_spikes = True
-  y = np.asarray(sn(jnp.asarray(x)))
-  state = nnx.pop(sn, nnx.Intermediate)
+  y, state = nnx.capture(sn, nnx.Intermediate)(jnp.asarray(x))
+  y = np.asarray(y)
   count, numel = _intermediate(state, 'spike_count'), _intermediate(state, 'numel')
   expected = (y.reshape(B, T, -1) != 0).sum(axis=(0, 2))
   assert count.shape == (T,)
   np.testing.assert_array_equal(count, expected)
   assert len(set(expected.tolist())) > 1  # per-timestep counts really differ
   assert int(numel) == y.size == B * T * 15
-  # pop removed them.
-  assert len(nnx.pop(sn, nnx.Intermediate)) == 0
+  # capture returns them; nothing stays behind in the module.
+  assert len(nnx.state(sn, nnx.Intermediate)) == 0
 
 
 def test_spiking_neuron_ternary_counts_negative_spikes():
@@ -369,9 +369,9 @@ def test_spiking_neuron_ternary_counts_negative_spikes():
   x = (2.0 * rs.randn(B * T, 6)).astype(np.float32)
   sn = layers.SpikingNeuron(neurons.Neuron(kind='ternary'), T=T)
   sn.record_spikes = True
-  y = np.asarray(sn(jnp.asarray(x)))
+  y, state = nnx.capture(sn, nnx.Intermediate)(jnp.asarray(x))
+  y = np.asarray(y)
   assert (y < 0).any() and (y > 0).any()
-  state = nnx.pop(sn, nnx.Intermediate)
   np.testing.assert_array_equal(_intermediate(state, 'spike_count'),
                                 (y.reshape(B, T, -1) != 0).sum(axis=(0, 2)))
   assert int(_intermediate(state, 'numel')) == y.size

@@ -37,11 +37,13 @@ def ref_forward(x, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
                 v_reset=0.0, charge_form='spikingjelly', beta=0.5):
   """numpy multistep neuron on x[B, T, ...]. Returns (spikes, h), both [B, T, ...].
 
-  SpikingJelly charge (LIF / ternary, charge_form='spikingjelly'):
-    decay_input:     H = V + (X - (V - v_reset)) / tau
-    not decay_input: H = V - (V - v_reset) / tau + X
-  (with v_reset = 0 or None these are bit-identical to SpikingJelly's
-  `V + (X - V)/tau` and `V - V/tau + X`). IF: H = V + X. Paper: U = V + X.
+  SpikingJelly charge (LIF / ternary, charge_form='spikingjelly'), its four
+  functions literally (neuronal_charge_{decay_input,no_decay_input}[_reset0]):
+    decay_input, v_reset 0 / None:     H = V + (X - V) / tau
+    not decay_input, v_reset 0 / None: H = V * (1 - 1/tau) + X   (1 - 1/tau in double)
+    decay_input:                       H = V + (X - (V - v_reset)) / tau
+    not decay_input:                   H = V - (V - v_reset) / tau + X
+  IF: H = V + X. Paper: U = V + X.
   Fire: S = (H - v_th >= 0), ternary S = sign(H) * (|H| - v_th >= 0).
   Hard reset: V = K*(1-|S|) + v_reset*S, soft: V = K - S*v_th, where K = H,
   or beta*H for the paper form.
@@ -52,8 +54,13 @@ def ref_forward(x, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
   ss, hs = [], []
   for t in range(x.shape[1]):
     xt = x[:, t]
+    reset0 = v_reset is None or v_reset == 0.0
     if kind == 'if' or charge_form == 'paper':
       h = v + xt
+    elif decay_input and reset0:
+      h = v + (xt - v) / tau
+    elif reset0:
+      h = v * (1. - 1. / tau) + xt
     elif decay_input:
       h = v + (xt - (v - vr)) / tau
     else:

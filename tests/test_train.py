@@ -192,7 +192,6 @@ def test_missing_dataset_gives_one_clear_message():
     data_lib.get_source(c.data, 'train')
 
 
-@pytest.mark.slow
 def test_learns_handwritten_digits(tmp_path):
   """Bounded learning check: the default digits run, stopped at half of its
   schedule (10 of 20 epochs), is already past 90% (the full run reaches >= 97%)."""
@@ -200,3 +199,74 @@ def test_learns_handwritten_digits(tmp_path):
   c.total_steps, c.eval_every_epochs, c.num_devices = 10 * 22, 0, 1
   final = train_lib.train_and_evaluate(c, str(tmp_path))
   assert final['test_top1'] >= 0.90, final
+
+
+def test_train_step_needs_no_all_gather_on_eight_devices():
+  """Batch-first folding of time keeps activations local: the compiled 8-device
+  step all-reduces (gradients, BatchNorm statistics) but never all-gathers."""
+  config = _tiny()
+  mesh = sharding.make_mesh(8)
+  exp = train_lib.build(config, mesh, 4)
+  state = exp.init_state()
+  src = data_lib.get_source(config.data, 'train')
+  batch = sharding.global_batch(data_lib.Loader(src, global_batch=16).batch(0), mesh)
+  hlo = train_lib.make_train_step(exp).lower(state, batch).compile().as_text()
+  assert 'all-reduce' in hlo
+  assert 'all-gather' not in hlo and 'all-to-all' not in hlo
+
+
+def test_bfloat16_train_steps():
+  config = _tiny(**{'model.dtype': 'bfloat16'})
+  losses, state = _run_steps(config, sharding.make_mesh(8), n_steps=2)
+  assert np.isfinite(losses).all()
+  assert {x.dtype for x in jax.tree.leaves(state['params'])} == {np.dtype('float32')}
+
+
+def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch):
+  config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
+  real = train_lib.make_train_step
+  def poisoned(exp):
+    fn, calls = real(exp), []
+    def step(state, batch):
+      calls.append(1)
+      state, m = fn(state, batch)
+      if len(calls) == 4:  # between the step-2 checkpoint and the step-4 one
+        m = dict(m, loss=m['loss'] * jnp.nan)
+      return state, m
+    return step
+  monkeypatch.setattr(train_lib, 'make_train_step', poisoned)
+  with pytest.raises(FloatingPointError, match='last good checkpoint is step 2'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+
+
+def test_failed_resume_keeps_the_runs_config(tmp_path):
+  config = _tiny(**{'total_steps': 2})
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  other = _tiny(**{'total_steps': 2, 'model.embed_dim': 64})
+  with pytest.raises(ValueError, match='does not fit'):
+    train_lib.train_and_evaluate(other, str(tmp_path))
+  assert train_lib.load_run_config(str(tmp_path)).model.embed_dim == 32
+  longer_ago = _tiny(**{'total_steps': 1})
+  with pytest.raises(ValueError, match='beyond'):
+    train_lib.train_and_evaluate(longer_ago, str(tmp_path))
+
+
+def test_npz_images_and_raw_event_frames(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'ev.npz'
+  np.savez(path, x_train=rng.poisson(1.0, (6, 2, 4, 4, 2)).astype(np.float32),
+           y_train=np.arange(6) % 3, x_test=np.zeros((2, 2, 4, 4, 2), np.float32),
+           y_test=np.array([0, 2]))
+  c = cfgs.get_config('cifar10dvs-2-256')
+  c.data.name, c.data.path, c.data.num_classes = 'npz', str(path), 3
+  src = data_lib.get_source(c.data, 'train')
+  b = data_lib.Loader(src, global_batch=2).batch(0)
+  assert b['image'].dtype == np.float32 and b['image'].shape == (2, 2, 4, 4, 2)
+  assert set(np.unique(b['image'])) <= set(range(20))  # raw counts, not normalised
+  c.data.mean, c.data.std = (0.5,), (0.25,)
+  with pytest.raises(ValueError, match='uint8'):
+    data_lib.get_source(c.data, 'train')
+  np.savez(path, x_train=np.zeros((2, 4, 4, 1), np.uint8), y_train=np.array([0, 1]))
+  with pytest.raises(ValueError, match='lacks'):
+    data_lib.get_source(c.data, 'test')

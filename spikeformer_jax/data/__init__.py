@@ -52,6 +52,11 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def _prepare(ex: dict, source) -> dict:
+  return {'image': normalize(ex['image'], source.mean, source.std),
+          'label': ex['label'].astype(np.int32)}
+
+
 class Loader:
   """Deterministic batches of a random-access source for one process.
 
@@ -86,9 +91,7 @@ class Loader:
   def batch(self, step: int) -> dict:
     idx = self.indices(step)
     lo = self.process_index * self.local_batch
-    ex = self.source[idx[lo:lo + self.local_batch]]
-    return {'image': normalize(ex['image'], self.source.mean, self.source.std),
-            'label': ex['label'].astype(np.int32)}
+    return _prepare(self.source[idx[lo:lo + self.local_batch]], self.source)
 
 
 def eval_batches(source, *, global_batch: int, process_index: int = 0,
@@ -103,6 +106,4 @@ def eval_batches(source, *, global_batch: int, process_index: int = 0,
     idx = np.arange(b * global_batch, (b + 1) * global_batch)
     idx = idx[process_index * local:(process_index + 1) * local]
     mask = idx < n
-    ex = source[np.where(mask, idx, 0)]
-    yield {'image': normalize(ex['image'], source.mean, source.std),
-           'label': ex['label'].astype(np.int32), 'mask': mask}
+    yield dict(_prepare(source[np.where(mask, idx, 0)], source), mask=mask)

@@ -1,14 +1,17 @@
 """Random-access dataset sources: `len(src)` and `src[indices] -> dict of arrays`.
 
-Every source here has the interface of `tfds.data_source` (random access by
-index), so the tfds ArrayRecord datasets plug into the same loader. Images are
-returned as stored (uint8 HWC for real images); normalisation happens in the
-loader with the source's `mean` / `std`.
+The loader needs random access by an index array (`src[idx]` -> dict of
+stacked arrays) plus `num_classes`, `mean`, `std` and `image_shape`; a
+`tfds.data_source` (ArrayRecord) fits behind a thin adapter that stacks its
+records. Images are returned as stored (uint8 HWC for real images);
+normalisation happens in the loader with the source's `mean` / `std`.
 
   * digits:    scikit-learn's bundled handwritten digits (1797 real 8x8
                images, 10 classes; no download), a fixed stratified split.
-  * synthetic: seeded random images with class-dependent structure, at any
-               shape (CIFAR 32x32x3, ImageNet 224x224x3, DVS [T,128,128,2]).
+  * synthetic: seeded random data with class-dependent structure, at any
+               shape: uint8 images (CIFAR 32x32x3, ImageNet 224x224x3) or,
+               for a 4-D shape [T, H, W, 2], Poisson event counts fed raw
+               (as the official DVS models take them).
   * npz:       any .npz with x_train / y_train / x_test / y_test arrays.
 """
 
@@ -33,7 +36,6 @@ class ArraySource:
   num_classes: int
   mean: tuple | None
   std: tuple | None
-  name: str = ''
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -75,28 +77,36 @@ def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0,
       raise ValueError(f'data.image_size={size} for digits must be a multiple of 8.')
     images = images.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
   # Mean and std of the training images, on the 0..1 scale.
-  return ArraySource(images, labels[keep], 10, mean=(0.3051,), std=(0.3757,),
-                     name='digits')
+  return ArraySource(images, labels[keep], 10, mean=(0.3051,), std=(0.3757,))
 
 
 def synthetic(split: str, *, shape: tuple, num_classes: int, num_examples: int,
               seed: int = 0) -> ArraySource:
-  """Seeded random uint8 images whose class shifts the mean of a random
-  per-class pattern: learnable, deterministic, any shape (incl. [T,H,W,C])."""
+  """Seeded random data around a random per-class pattern: learnable,
+  deterministic. Images: uint8, normalised. Event frames (4-D shape): Poisson
+  counts with a class-dependent rate, passed raw."""
   _check_split(split)
+  shape = tuple(shape)
   rng = np.random.default_rng([seed, SPLITS.index(split)])
-  patterns = np.random.default_rng(seed).integers(0, 256, (num_classes,) + tuple(shape),
-                                                   dtype=np.uint8)
+  pattern_rng = np.random.default_rng(seed)
   labels = rng.integers(0, num_classes, num_examples).astype(np.int32)
-  noise = rng.integers(0, 256, (num_examples,) + tuple(shape), dtype=np.uint8)
+  if len(shape) == 4:  # [T, H, W, polarity]: event counts
+    rates = pattern_rng.uniform(0.0, 1.0, (num_classes,) + shape).astype(np.float32)
+    frames = rng.poisson(rates[labels]).astype(np.float32)
+    return ArraySource(frames, labels, num_classes, mean=None, std=None)
+  patterns = pattern_rng.integers(0, 256, (num_classes,) + shape, dtype=np.uint8)
+  noise = rng.integers(0, 256, (num_examples,) + shape, dtype=np.uint8)
   images = ((noise.astype(np.uint16) + patterns[labels]) // 2).astype(np.uint8)
   c = shape[-1]
-  return ArraySource(images, labels, num_classes, mean=(0.5,) * c, std=(0.25,) * c,
-                     name='synthetic')
+  return ArraySource(images, labels, num_classes, mean=(0.5,) * c, std=(0.25,) * c)
 
 
 def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> ArraySource:
-  """Arrays from an .npz file with x_<split> ([N, H, W, C] uint8) and y_<split>."""
+  """Arrays from an .npz file with x_<split> and y_<split>.
+
+  x: uint8 images [N, H, W, C], normalised with mean / std; or, with empty
+  mean (), raw values such as event-count frames [N, T, H, W, 2].
+  """
   _check_split(split)
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -105,6 +115,10 @@ def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> 
   with np.load(path) as f:
     missing = {f'x_{split}', f'y_{split}'} - set(f.files)
     if missing:
-      raise KeyError(f'{path} lacks {sorted(missing)}; it holds {f.files}.')
-    return ArraySource(f[f'x_{split}'], f[f'y_{split}'].astype(np.int32), num_classes,
-                       mean=tuple(mean), std=tuple(std), name=os.path.basename(path))
+      raise ValueError(f'{path} lacks {sorted(missing)}; it holds {f.files}.')
+    x = f[f'x_{split}']
+    if mean and x.dtype != np.uint8:
+      raise ValueError(f'{path}: x_{split} is {x.dtype}; normalisation with data.mean '
+                       'expects uint8 images. Set --config.data.mean="()" for raw values.')
+    return ArraySource(x, f[f'y_{split}'].astype(np.int32), num_classes,
+                       mean=tuple(mean) or None, std=tuple(std) or None)
