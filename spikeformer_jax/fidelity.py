@@ -25,7 +25,7 @@ from flax import nnx
 
 from spikeformer_jax import convert
 from spikeformer_jax import models
-from spikeformer_jax.models import spikformer
+from spikeformer_jax.models import sdt, spikformer
 
 # Pass criteria of the fixtures' README, section 5 (float64 port).
 TOL_OUTPUT = 1e-9       # logits and loss, relative to max|ref|
@@ -41,10 +41,12 @@ _SPIKFORMER_FILES = {'cifar10/model.py': 'cifar', 'imagenet/model.py': 'imagenet
 def model_config_from_fixture(cfg: dict):
   """Our `config.model` for the architecture a fixture was recorded from."""
   family = cfg.get('family')
+  if family == 'sdt':
+    return _sdt_config(cfg)
   if family != 'spikformer':
     raise NotImplementedError(
         f"fixture family {family!r} is not implemented in this version; "
-        "supported: 'spikformer'.")
+        "supported: 'spikformer', 'sdt'.")
   flavour = _SPIKFORMER_FILES.get(cfg['file'])
   if flavour is None:
     raise ValueError(f"unknown Spikformer source file {cfg['file']!r}; "
@@ -55,6 +57,22 @@ def model_config_from_fixture(cfg: dict):
       num_heads=kw['num_heads'], T=cfg['T'], num_classes=kw['num_classes'],
       img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
   mc.in_channels = kw['in_channels']
+  mc.dead_modules = True
+  mc.dtype = 'float64'
+  return mc
+
+
+def _sdt_config(cfg: dict):
+  kw = cfg['constructor_args_full']
+  if kw.get('spike_mode', 'lif') != 'lif' or kw.get('TET'):
+    raise ValueError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
+                     f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is checked.")
+  mc = sdt.model_config('cifar', embed_dim=kw['embed_dims'], depth=kw['depths'],
+                        num_heads=kw['num_heads'], T=cfg['T'], num_classes=kw['num_classes'],
+                        img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+  mc.in_channels = kw['in_channels']
+  mc.pooling = kw['pooling_stat']
+  mc.dvs_mode = bool(kw['dvs_mode'])
   mc.dead_modules = True
   mc.dtype = 'float64'
   return mc

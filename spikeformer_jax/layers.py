@@ -286,46 +286,138 @@ class Settings:
                       dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
   def conv(self, cin: int, cout: int, *, kernel: int = 3, stride: int = 1,
-           bias: bool = False, rngs: nnx.Rngs) -> nnx.Conv:
-    """A 2-D convolution with PyTorch's default init and symmetric padding."""
+           bias: bool = False, init: str = 'torch_default', rngs: nnx.Rngs) -> nnx.Conv:
+    """A 2-D convolution with symmetric padding; init 'torch_default'
+    (PyTorch's) or 'trunc_normal' (std .02, bias 0: SDT's _init_weights)."""
     pad = kernel // 2
+    if init == 'trunc_normal':
+      kinit, binit = trunc_normal_init, nnx.initializers.zeros_init()
+    else:
+      kinit, binit = torch_default_kernel_init, torch_default_bias_init(cin * kernel * kernel)
     return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
                     padding=((pad, pad), (pad, pad)), use_bias=bias,
-                    kernel_init=torch_default_kernel_init,
-                    bias_init=torch_default_bias_init(cin * kernel * kernel),
+                    kernel_init=kinit, bias_init=binit,
                     dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
 
-class SSA(nnx.Module):
-  """Spikformer's Spiking Self-Attention block on tokens [B*T, N, C].
+def spike_driven_self_attention(q, k, v, kv_neuron, erode=None):
+  """SDT's SDSA: Q * SN(sum over tokens of K * V) (Hadamard, no matmul, no scale).
 
-  q, k, v = LIF(BN(Linear(x))); y = attn_lif(SSA(q, k, v));
-  out = proj_lif(proj_bn(proj_linear(y))).
+  q, k, v: [..., heads, N, d] spikes; kv_neuron maps the [..., heads, 1, d]
+  token sum to spikes (talking_heads_lif, threshold 0.5). `erode`, SDT's DVS
+  option, max-pools K * V before the sum and the output.
+  """
+  kv = k * v
+  if erode is not None:
+    kv = erode(kv)
+  y = q * kv_neuron(jnp.sum(kv, axis=-2, keepdims=True))
+  return y if erode is None else erode(y)
+
+
+def a2os2a_self_attention(q, k, v, *, order: str):
+  """A2OS2A (Guo et al., CVPR 2025, eq. 28 before its neuron): Q K^T V.
+
+  Q binary, K >= 0 (ReLU), V ternary: no softmax, no scale; both products are
+  additions (and subtractions for V = -1). Exact in either association.
+  """
+  return spiking_self_attention(q, k, v, scale=1.0, order=order)
+
+
+ATTENTION_KINDS = ('ssa', 'sdsa', 'a2os2a')
+ATTENTION_STYLES = ('spikformer', 'sdt')
+
+
+def _erode(x: jax.Array, spatial: tuple | None) -> jax.Array:
+  """SDT's DVS `Erode`: MaxPool3d((1,3,3), 1, (0,1,1)) on the last two axes of
+  the official 5-D tensor. spatial=(H, W): pool tokens [BT, N, C] over the
+  image grid; None: pool [BT, h, N, d] over (token index, head channel), as the
+  official code does for k*v and q*kv."""
+  if spatial is not None:
+    bt, n, c = x.shape
+    y = max_pool(x.reshape(bt, spatial[0], spatial[1], c), 3, 1, 1)
+    return y.reshape(bt, n, c)
+  return max_pool(x[..., None].reshape((-1,) + x.shape[-2:] + (1,)), 3, 1, 1).reshape(x.shape)
+
+
+class SpikingAttention(nnx.Module):
+  """Self-attention of a spiking transformer block on tokens [B*T, N, C].
+
+  `kind` picks how Q, K, V are made and combined:
+    * ssa:    Q, K, V = LIF(BN(W x)); attn_lif(Q K^T V * scale)   (Spikformer)
+    * sdsa:   Q, K, V = LIF(BN(W x)); Q * talking_heads_lif(sum_N K * V) (SDT)
+    * a2os2a: Q = LIF(BN(W x)), K = ReLU(BN(W x)), V = ternary(BN(W x));
+              attn_lif(Q K^T V)                                      (A2OS2A)
+  `style` is what the backbone wraps around it:
+    * spikformer: input spikes (or spike sums); output proj_lif(proj_bn(proj(y)));
+    * sdt:        input membrane u; y from shortcut_lif(u); output
+                  proj_bn(proj(y)) + u (the membrane shortcut).
+  Names follow the official code of each kind (`attn_lif`, `talking_heads_lif`).
   """
 
-  def __init__(self, dim: int, num_heads: int, *, s: Settings, scale: float,
-               order: str, qkv_bias: bool, attn_v_threshold: float,
-               init: str, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, *, s: Settings, kind: str = 'ssa',
+               style: str = 'spikformer', scale: float = 0.125, order: str = 'qk_first',
+               qkv_bias: bool = False, attn_v_threshold: float = 0.5, init: str,
+               ternary: neurons.Neuron | None = None, proj: bool = True,
+               erode_hw: tuple | None = None, dead_modules: bool = False,
+               rngs: nnx.Rngs):
+    if kind not in ATTENTION_KINDS:
+      raise ValueError(f'attention kind {kind!r}; valid: {ATTENTION_KINDS}.')
+    if style not in ATTENTION_STYLES:
+      raise ValueError(f'attention style {style!r}; valid: {ATTENTION_STYLES}.')
     if dim % num_heads:
       raise ValueError(f'embed dim {dim} is not divisible by num_heads {num_heads}.')
     lin = functools.partial(s.linear, dim, dim, init=init, rngs=rngs)
+    if style == 'sdt':
+      self.shortcut_lif = s.lif()
     self.q_linear, self.q_bn, self.q_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
-    self.k_linear, self.k_bn, self.k_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
-    self.v_linear, self.v_bn, self.v_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
-    self.attn_lif = s.lif(v_threshold=attn_v_threshold)
-    self.proj_linear, self.proj_bn, self.proj_lif = lin(bias=True), s.bn(dim), s.lif()
-    self.num_heads = num_heads
-    self.scale = scale
-    self.order = order
+    self.k_linear, self.k_bn = lin(bias=qkv_bias), s.bn(dim)
+    if kind != 'a2os2a':  # A2OS2A's K is ReLU(BN(.)), no neuron
+      self.k_lif = s.lif()
+    self.v_linear, self.v_bn = lin(bias=qkv_bias), s.bn(dim)
+    self.v_lif = (SpikingNeuron(ternary, s.T) if kind == 'a2os2a' else s.lif())
+    if kind == 'sdsa':
+      self.talking_heads_lif = s.lif(v_threshold=attn_v_threshold)
+      if dead_modules:  # official Conv1d(h, h, 1), built but never called
+        self.talking_heads = nnx.Linear(num_heads, num_heads, use_bias=False,
+                                        param_dtype=s.param_dtype, rngs=rngs)
+    else:
+      self.attn_lif = s.lif(v_threshold=attn_v_threshold)
+    if proj:
+      self.proj_linear, self.proj_bn = lin(bias=True), s.bn(dim)
+      if style == 'spikformer':
+        self.proj_lif = s.lif()
+    self.kind, self.style, self.proj = kind, style, proj
+    self.num_heads, self.scale, self.order = num_heads, scale, order
+    self.erode_hw = erode_hw
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.num_heads
-    q = split_heads(self.q_lif(self.q_bn(self.q_linear(x))), h)
-    k = split_heads(self.k_lif(self.k_bn(self.k_linear(x))), h)
-    v = split_heads(self.v_lif(self.v_bn(self.v_linear(x))), h)
-    y = spiking_self_attention(q, k, v, scale=self.scale, order=self.order)
-    y = self.attn_lif(merge_heads(y)).astype(x.dtype)
-    return self.proj_lif(self.proj_bn(self.proj_linear(y)))
+    identity = x
+    if self.style == 'sdt':
+      x = self.shortcut_lif(x)
+    h, erode = self.num_heads, self.erode_hw is not None
+    q = self.q_lif(self.q_bn(self.q_linear(x)))
+    k = self.k_bn(self.k_linear(x))
+    k = jax.nn.relu(k) if self.kind == 'a2os2a' else self.k_lif(k)
+    v = self.v_lif(self.v_bn(self.v_linear(x)))
+    if erode:
+      k, v = _erode(k, self.erode_hw), _erode(v, self.erode_hw)
+    q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
+    if self.kind == 'ssa':
+      y = self.attn_lif(merge_heads(
+          spiking_self_attention(q, k, v, scale=self.scale, order=self.order)))
+    elif self.kind == 'sdsa':
+      kv_neuron = lambda kv: self.talking_heads_lif(kv.reshape(kv.shape[0], -1)).reshape(kv.shape)
+      y = merge_heads(spike_driven_self_attention(
+          q, k, v, kv_neuron, erode=functools.partial(_erode, spatial=None) if erode else None))
+    else:
+      y = self.attn_lif(merge_heads(a2os2a_self_attention(q, k, v, order=self.order)))
+    y = y.astype(x.dtype)
+    if not self.proj:
+      return y + identity if self.style == 'sdt' else y
+    y = self.proj_bn(self.proj_linear(y))
+    if self.style == 'sdt':
+      return y + identity
+    return self.proj_lif(y)
 
 
 class SpikingMLP(nnx.Module):

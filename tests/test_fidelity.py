@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT
 
-IMPLEMENTED = ('spikformer',)
+IMPLEMENTED = ('spikformer', 'sdt')
 
 
 @pytest.fixture(scope='module')
@@ -34,8 +34,9 @@ def reports(shared_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize('name', ['spikformer_cifar.npz', 'spikformer_imagenet.npz',
-                                  'spikformer_dvs.npz'])
-def test_spikformer_fixture_matches(reports, name):
+                                  'spikformer_dvs.npz', 'sdt_cifar.npz', 'sdt_imagenet.npz',
+                                  'sdt_gesture.npz'])
+def test_fixture_matches(reports, name):
   by_file, _ = reports
   if name not in by_file:
     pytest.skip(f'{name} absent')

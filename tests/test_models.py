@@ -141,3 +141,25 @@ def test_every_config_variant_builds_with_runlocal():
 
 def test_digits_default_size():
   assert _count(cfgs.get_config('digits').model) == 113_026  # as the config docstring says
+
+
+# Spec section 2.4: SDT code totals (with the unused talking_heads Conv1d, h*h
+# per block) and without them.
+SDT_PARAMS = {
+    ('cifar', 512, 2, 10, 32): 10_233_546, ('cifar', 512, 2, 100, 32): 10_279_716,
+    ('cifar', 256, 2, 10, 32): 2_567_082, ('cifar10dvs', 256, 2, 10, 64): 2_566_794,
+    ('gesture', 256, 2, 11, 128): 2_567_051, ('imagenet', 384, 8, 1000, 224): 16_816_536,
+    ('imagenet', 512, 6, 1000, 224): 23_373_736, ('imagenet', 512, 8, 1000, 224): 29_689_896,
+    ('imagenet', 512, 10, 1000, 224): 36_006_056, ('imagenet', 768, 8, 1000, 224): 66_339_144,
+}
+
+
+@pytest.mark.parametrize('key', sorted(SDT_PARAMS))
+def test_sdt_parameter_counts(key):
+  from spikeformer_jax.models import sdt
+  ds, dim, depth, classes, img = key
+  mc = sdt.model_config(ds, embed_dim=dim, depth=depth, num_classes=classes, img_size=img)
+  mc.dead_modules = True
+  assert _count(mc) == SDT_PARAMS[key]
+  mc.dead_modules = False
+  assert _count(mc) == SDT_PARAMS[key] - depth * 8 * 8

@@ -24,6 +24,30 @@ def neuron_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def ternary_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.model.ternary`: A2OS2A's ternary V neuron (paper eqs. 25-27).
+
+  Defaults share the network's SpikingJelly LIF convention (tau and surrogate
+  from `model.neuron`, Vth 1, Vreset 0); charge_form='paper' is the paper's
+  literal U = H + X with leak `beta`; grad='clamp' is the straight-through
+  gradient of clamp(U / Vth, -1, 1).
+  """
+  cfg = ml_collections.ConfigDict(dict(
+      v_threshold=1.0, v_reset=0.0, charge_form='spikingjelly', beta=0.5,
+      grad='surrogate'))
+  cfg.update(overrides)
+  return cfg
+
+
+def make_ternary(model_cfg: ml_collections.ConfigDict) -> neurons.Neuron:
+  n, t = model_cfg.neuron, model_cfg.ternary
+  return neurons.Neuron(
+      kind='ternary', tau=n.tau, decay_input=n.decay_input, v_threshold=t.v_threshold,
+      v_reset=t.v_reset, detach_reset=n.detach_reset, surrogate=n.surrogate,
+      alpha=n.alpha or None, charge_form=t.charge_form, beta=t.beta,
+      ternary_grad=t.grad, loop=n.loop, unroll=n.unroll)
+
+
 def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
   return neurons.Neuron(
       kind='lif', tau=cfg.tau, decay_input=cfg.decay_input,
@@ -49,11 +73,12 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
 def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
                 bn_groups: int = 1) -> nnx.Module:
   """Builds the model named by `cfg.name` (`config.model`)."""
-  from spikeformer_jax.models import spikformer  # pylint: disable=import-outside-toplevel
-  registry = {'spikformer': spikformer.Spikformer}
+  from spikeformer_jax.models import sdt, spikformer  # pylint: disable=import-outside-toplevel
+  registry = {'spikformer': spikformer.Spikformer, 'sdt': sdt.SDT}
   if cfg.name not in registry:
     raise ValueError(f'model.name={cfg.name!r}; valid: {sorted(registry)}.')
-  return registry[cfg.name](cfg, s=settings(cfg, bn_groups=bn_groups),
+  ternary = make_ternary(cfg) if cfg.get('attention') == 'a2os2a' else None
+  return registry[cfg.name](cfg, s=settings(cfg, bn_groups=bn_groups), ternary=ternary,
                             rngs=nnx.Rngs(seed))
 
 

@@ -67,15 +67,16 @@ class Block(nnx.Module):
   """x = x + SSA(x); x = x + MLP(x): a spike-add (integer-valued) residual."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, s: Settings,
-               flavour: dict, attn_v_threshold: float, dead_modules: bool,
-               rngs: nnx.Rngs):
+               flavour: dict, attention: str, attn_v_threshold: float, ternary,
+               dead_modules: bool, rngs: nnx.Rngs):
     if dead_modules:  # built, never called (official Block.norm1 / norm2)
       self.norm1 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
       self.norm2 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
-    self.attn = layers.SSA(
-        dim, num_heads, s=s, scale=flavour['attn_scale'], order=flavour['attn_order'],
+    self.attn = layers.SpikingAttention(
+        dim, num_heads, s=s, kind=attention, style='spikformer',
+        scale=flavour['attn_scale'], order=flavour['attn_order'],
         qkv_bias=flavour['qkv_bias'], attn_v_threshold=attn_v_threshold,
-        init=flavour['dense_init'], rngs=rngs)
+        init=flavour['dense_init'], ternary=ternary, dead_modules=dead_modules, rngs=rngs)
     self.mlp = layers.SpikingMLP(dim, int(dim * mlp_ratio), s=s,
                                  init=flavour['dense_init'], rngs=rngs)
 
@@ -88,7 +89,8 @@ class Spikformer(nnx.Module):
   """Spikformer. Input: images [B, H, W, C] (repeated over T, direct encoding)
   or event frames [B, T, H, W, C]. Output: logits [B, num_classes]."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, ternary=None,
+               rngs: nnx.Rngs):
     if cfg.flavour not in FLAVOURS:
       raise ValueError(f'model.flavour={cfg.flavour!r}; valid: {sorted(FLAVOURS)}.')
     flavour = dict(FLAVOURS[cfg.flavour])
@@ -99,8 +101,8 @@ class Spikformer(nnx.Module):
     self.patch_embed = SPS(cfg.in_channels, dim, flavour['pooling'], s=s, rngs=rngs)
     self.block = nnx.List([
         Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, flavour=flavour,
-              attn_v_threshold=cfg.attn_v_threshold, dead_modules=cfg.dead_modules,
-              rngs=rngs)
+              attention=cfg.get('attention', 'ssa'), attn_v_threshold=cfg.attn_v_threshold,
+              ternary=ternary, dead_modules=cfg.dead_modules, rngs=rngs)
         for _ in range(cfg.depth)])
     if cfg.dead_modules and cfg.flavour == 'dvs':  # official, never used
       n_tokens = (cfg.img_size // 16) ** 2
@@ -112,6 +114,7 @@ class Spikformer(nnx.Module):
     self.T = s.T
     self.dtype = s.dtype
     self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
+    self.per_timestep_logits = False  # True for the TET loss
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T = self.T
@@ -125,8 +128,10 @@ class Spikformer(nnx.Module):
     x = self.patch_embed(x)
     for blk in self.block:
       x = blk(x)
-    x = x.mean(axis=1).reshape(b, T, -1).mean(axis=1)  # tokens, then time
-    return self.head(x).astype(self.logits_dtype)
+    x = x.mean(axis=1).reshape(b, T, -1)  # mean over tokens
+    if self.per_timestep_logits:  # the head is linear: mean_t head(x_t) == head(mean_t x_t)
+      return self.head(x).astype(self.logits_dtype)
+    return self.head(x.mean(axis=1)).astype(self.logits_dtype)
 
 
 def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4,
@@ -135,7 +140,7 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
   """The `config.model` of a Spikformer, with the official flavour's defaults."""
   if flavour not in FLAVOURS:
     raise ValueError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
-  from spikeformer_jax.models import neuron_config  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax.models import neuron_config, ternary_config  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict(dict(
       name='spikformer',
       flavour=flavour,
@@ -151,8 +156,10 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       pooling='',
       attn_order='',
       attn_scale=0.0,
+      attention='ssa',     # ssa (official) | sdsa | a2os2a: the attention on this backbone
       attn_v_threshold=0.5,
       dead_modules=False,  # True: also build the official code's unused modules
       dtype='float32',
       neuron=neuron_config(),
+      ternary=ternary_config(),  # A2OS2A's V neuron, used when attention='a2os2a'
   ))

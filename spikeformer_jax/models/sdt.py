@@ -1,0 +1,156 @@
+"""Spike-driven Transformer (SDT), faithful to BICLab/Spike-Driven-Transformer;
+with `attention='a2os2a'` the A2OS2A Spiking Transformer (Guo et al., CVPR 2025).
+
+Differences from Spikformer that decide the function:
+  * MS_SPS: stages 0-2 max-pool their spikes, stage 3 pools the BatchNorm
+    output; the SPS returns real values (membrane), x = rpe_bn(rpe_conv(
+    LIF(x_feat))) + x_feat, with no neuron after the RPE.
+  * membrane shortcuts: every block adds to a real-valued stream u; each
+    module starts with a LIF on u (`shortcut_lif`, `fc1_lif`, `fc2_lif`).
+  * SDSA: Q * talking_heads_lif(sum over tokens of K * V), no scale.
+  * head: mean over tokens of u, `head_lif` over T, Linear per timestep,
+    mean over T (kept per timestep for the TET loss).
+  * init: every Conv2d trunc_normal(.02) with zero bias; the head Linear keeps
+    PyTorch's default. The unused `talking_heads` Conv1d (h*h parameters per
+    block) is built with `dead_modules=True`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spikeformer_jax import layers
+from spikeformer_jax.layers import Settings, max_pool
+
+# Pooling per dataset in the official configs (spec 2.1).
+POOLING = {'cifar': '0011', 'imagenet': '1111', 'gesture': '0111', 'cifar10dvs': '0011'}
+
+
+class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
+  """SDT's spiking patch splitting; output: membrane tokens [B*T, N, D]."""
+
+  def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
+               rngs: nnx.Rngs):
+    if len(pooling) != 4 or set(pooling) - {'0', '1'}:
+      raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
+    if dim % 8:
+      raise ValueError(f'embed_dim={dim} must be divisible by 8.')
+    widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
+    for i, sfx in enumerate(('', '1', '2', '3')):
+      setattr(self, f'proj_conv{sfx}',
+              s.conv(widths[i], widths[i + 1], init='trunc_normal', rngs=rngs))
+      setattr(self, f'proj_bn{sfx}', s.bn(widths[i + 1]))
+      setattr(self, f'proj_lif{sfx}', s.lif())
+    self.rpe_conv = s.conv(dim, dim, init='trunc_normal', rngs=rngs)
+    self.rpe_bn = s.bn(dim)
+    self.pooling = pooling
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, sfx in enumerate(('', '1', '2')):
+      x = getattr(self, f'proj_lif{sfx}')(getattr(self, f'proj_bn{sfx}')(
+          getattr(self, f'proj_conv{sfx}')(x)))
+      if self.pooling[i] == '1':
+        x = max_pool(x)
+    x = self.proj_bn3(self.proj_conv3(x))
+    if self.pooling[3] == '1':
+      x = max_pool(x)  # on the BatchNorm output, before the neuron
+    x = self.rpe_bn(self.rpe_conv(self.proj_lif3(x))) + x
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class MS_MLP(nnx.Module):  # pylint: disable=invalid-name
+  """u -> fc2_bn(fc2(fc2_lif(fc1_bn(fc1(fc1_lif(u)))))) + u (membrane shortcut)."""
+
+  def __init__(self, dim: int, hidden: int, *, s: Settings, rngs: nnx.Rngs):
+    self.fc1_lif = s.lif()
+    self.fc1_linear = s.linear(dim, hidden, bias=True, init='trunc_normal', rngs=rngs)
+    self.fc1_bn = s.bn(hidden)
+    self.fc2_lif = s.lif()
+    self.fc2_linear = s.linear(hidden, dim, bias=True, init='trunc_normal', rngs=rngs)
+    self.fc2_bn = s.bn(dim)
+    self.res = dim == hidden  # the official inner shortcut (never with ratio 4)
+
+  def __call__(self, u: jax.Array) -> jax.Array:
+    identity = u
+    x = self.fc1_bn(self.fc1_linear(self.fc1_lif(u)))
+    if self.res:
+      x = identity = identity + x
+    return self.fc2_bn(self.fc2_linear(self.fc2_lif(x))) + identity
+
+
+class Block(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, s: Settings,
+               cfg: ml_collections.ConfigDict, ternary, erode_hw, rngs: nnx.Rngs):
+    self.attn = layers.SpikingAttention(
+        dim, num_heads, s=s, kind=cfg.attention, style='sdt', scale=0.125,
+        order=cfg.attn_order or 'auto', qkv_bias=False,
+        attn_v_threshold=cfg.attn_v_threshold, init='trunc_normal', ternary=ternary,
+        proj=cfg.attn_proj, erode_hw=erode_hw, dead_modules=cfg.dead_modules, rngs=rngs)
+    self.mlp = MS_MLP(dim, int(dim * mlp_ratio), s=s, rngs=rngs)
+
+  def __call__(self, u: jax.Array) -> jax.Array:
+    return self.mlp(self.attn(u))
+
+
+class SDT(nnx.Module):
+  """Input: images [B, H, W, C] (repeated over T) or frames [B, T, H, W, C].
+  Output: logits [B, classes], or [B, T, classes] with `per_timestep_logits`."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, ternary=None,
+               rngs: nnx.Rngs):
+    dim = cfg.embed_dim
+    self.patch_embed = MS_SPS(cfg.in_channels, dim, cfg.pooling, s=s, rngs=rngs)
+    grid = cfg.img_size // 2 ** cfg.pooling.count('1')
+    erode_hw = (grid, grid) if cfg.dvs_mode else None
+    self.block = nnx.List([
+        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, cfg=cfg, ternary=ternary,
+              erode_hw=erode_hw, rngs=rngs) for _ in range(cfg.depth)])
+    self.head_lif = s.lif()
+    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=layers.torch_default_kernel_init,
+                           bias_init=layers.torch_default_bias_init(dim), dtype=s.dtype,
+                           param_dtype=s.param_dtype, rngs=rngs)
+    self.T = s.T
+    self.dtype = s.dtype
+    self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
+    self.per_timestep_logits = False  # True for the TET loss
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    T = self.T
+    if x.ndim == 4:
+      x = jnp.broadcast_to(x[:, None], (x.shape[0], T) + x.shape[1:])
+    elif x.ndim != 5 or x.shape[1] != T:
+      raise ValueError(f'input of shape {x.shape}: expected [B, H, W, C] or '
+                       f'[B, T={T}, H, W, C].')
+    b = x.shape[0]
+    u = self.patch_embed(x.reshape((b * T,) + x.shape[2:]).astype(self.dtype))
+    for blk in self.block:
+      u = blk(u)
+    y = self.head(self.head_lif(u.mean(axis=1)))  # [B*T, classes]
+    y = y.reshape(b, T, -1).astype(self.logits_dtype)
+    return y if self.per_timestep_logits else y.mean(axis=1)
+
+
+def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2,
+                 num_heads: int = 8, T: int = 4, num_classes: int = 10,
+                 img_size: int = 32, mlp_ratio: float = 4.0,
+                 attention: str = 'sdsa') -> ml_collections.ConfigDict:
+  """`config.model` of an SDT (attention='sdsa') or A2OS2A (attention='a2os2a')."""
+  if dataset not in POOLING:
+    raise ValueError(f'dataset={dataset!r}; valid: {sorted(POOLING)}.')
+  from spikeformer_jax.models import neuron_config, ternary_config  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict(dict(
+      name='sdt', embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+      mlp_ratio=float(mlp_ratio), T=T,
+      in_channels=2 if dataset in ('gesture', 'cifar10dvs') else 3,
+      num_classes=num_classes, img_size=img_size, pooling=POOLING[dataset],
+      dvs_mode=dataset == 'cifar10dvs',  # SDT's Erode, official for CIFAR10-DVS only
+      attention=attention,
+      attn_order='',              # '' = auto (the cheaper association; exact either way)
+      attn_v_threshold=0.5,       # talking_heads_lif / A2OS2A's neuron after Q K^T V
+      attn_proj=True,             # projection conv + BN after the attention
+      dead_modules=False, dtype='float32',
+      neuron=neuron_config(), ternary=ternary_config()))
