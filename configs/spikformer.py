@@ -42,8 +42,7 @@ Suffix ',runlocal' shrinks any variant (depth 1, width 32, T 2, a few steps on
 synthetic data) for smoke tests: `--config=configs/spikformer.py:cifar10-4-384,runlocal`.
 """
 
-import ml_collections
-
+from spikeformer_jax import config_lib as cl
 from spikeformer_jax.models import spikformer
 
 # name -> (dataset, flavour, depth, dim, heads, T, classes, image size, paper top-1)
@@ -64,71 +63,21 @@ _ROWS = {
     'cifar10dvs-2-256': ('cifar10_dvs', 'dvs', 2, 256, 16, 16, 10, 128, 80.9),
     'dvs128gesture-2-256': ('dvs128_gesture', 'dvs', 2, 256, 16, 16, 11, 128, 98.3),
 }
-# Dataset -> (normalisation mean, std) of the official code.
-_NORM = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-def _data(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
-  return ml_collections.ConfigDict(dict(
-      name=name,              # digits | synthetic | npz (| the papers' datasets)
-      num_classes=num_classes,
-      image_size=shape[-2],   # digits: 8 or a multiple (upsampled)
-      shape=tuple(shape),     # synthetic: example shape, [T,] H, W, C
-      num_train=512, num_test=128, seed=0,  # synthetic sizes
-      path='',                # npz: file with x_train, y_train, x_test, y_test
-      mean=tuple(mean), std=tuple(std),     # npz: normalisation; () = raw values
-  ))
-
-
-def _base(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, eps=1e-8):
-  c = ml_collections.ConfigDict()
-  c.seed = 42
-  c.model = model
-  c.data = data
-  c.batch_size = batch
-  c.eval_batch_size = max(batch, 64)
-  c.epochs = epochs
-  c.cooldown_epochs = 10
-  c.total_steps = 0            # > 0: stop after this many steps (schedule still from epochs)
-  c.label_smoothing = 0.1
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name='adamw', lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=eps,
-      warmup_epochs=warmup, warmup_lr=warmup_lr, min_lr=1e-5,
-      schedule_per_epoch=True,  # timm steps the schedule once per epoch
-      grad_clip_norm=0.0))
-  c.bn_scope = 'global'        # 'global' (one GPU / SyncBN) or 'device' (DDP)
-  c.num_devices = -1           # all visible devices
-  c.log_every_steps = 50
-  c.eval_every_epochs = 1
-  c.ckpt_every_steps = 0       # 0: every epoch
-  c.ckpt_keep = 3
-  c.paper_top1 = 0.0
-  c.target_top1 = 0.0          # if set, the last line says whether it was reached
-  return c
-
-
 def _paper_row(name):
   dataset, flavour, depth, dim, heads, T, classes, img, paper = _ROWS[name]
   model = spikformer.model_config(flavour, embed_dim=dim, depth=depth, num_heads=heads,
                                   T=T, num_classes=classes, img_size=img)
   if flavour == 'dvs':  # raw event counts, as the official code feeds them
-    data = _data(dataset, classes, (T, img, img, 2), mean=(), std=())
-    c = _base(model, data, batch=16, epochs=96, lr=1e-3, wd=0.06, warmup=10,
-              warmup_lr=1e-5)
+    data = cl.data_config(dataset, classes, (T, img, img, 2), mean=(), std=())
+    c = cl.base_config(model, data, batch=16, epochs=96, lr=1e-3, wd=0.06, warmup=10,
+                       warmup_lr=1e-5)
   elif flavour == 'imagenet':
-    mean, std = _NORM[dataset]
-    data = _data(dataset, classes, (img, img, 3), mean, std)
-    c = _base(model, data, batch=192, epochs=300, lr=5e-4, wd=0.05, warmup=20,
-              warmup_lr=1e-6)
+    c = cl.base_config(model, cl.image_data(dataset, classes, img), batch=192, epochs=300,
+                       lr=5e-4, wd=0.05, warmup=20, warmup_lr=1e-6)
   else:
-    mean, std = _NORM[dataset]
-    data = _data(dataset, classes, (img, img, 3), mean, std)
-    c = _base(model, data, batch=128, epochs=400 if name.endswith('400e') else 300,
-              lr=5e-4, wd=0.06, warmup=20, warmup_lr=1e-5)
+    c = cl.base_config(model, cl.image_data(dataset, classes, img), batch=128,
+                       epochs=400 if name.endswith('400e') else 300, lr=5e-4, wd=0.06,
+                       warmup=20, warmup_lr=1e-5)
   c.paper_top1 = paper
   return c
 
@@ -138,8 +87,8 @@ def _digits():
   model = spikformer.model_config('cifar', embed_dim=64, depth=1, num_heads=4, T=4,
                                   num_classes=10, img_size=8)
   model.pooling = '0001'  # 8x8 -> 4x4 = 16 tokens
-  c = _base(model, _data('digits', 10, (8, 8, 1)), batch=64, epochs=20, lr=2e-3,
-            wd=0.01, warmup=2, warmup_lr=1e-4)
+  c = cl.base_config(model, cl.data_config('digits', 10, (8, 8, 1)), batch=64, epochs=20,
+                     lr=2e-3, wd=0.01, warmup=2, warmup_lr=1e-4)
   c.model.in_channels = 1
   c.cooldown_epochs = 0
   c.label_smoothing = 0.0
@@ -151,38 +100,11 @@ def _digits():
   return c
 
 
-def _runlocal(c):
-  """Shrinks any variant to seconds on CPU, on synthetic data of its shape."""
-  m = c.model
-  m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
-  m.img_size = min(m.img_size, 32)
-  d = c.data
-  if d.name != 'digits':
-    d.name = 'synthetic'
-    size = m.img_size if m.flavour != 'dvs' else 32
-    d.shape = ((m.T,) if m.flavour == 'dvs' else ()) + (size, size, m.in_channels)
-    d.num_classes = m.num_classes
-    d.num_train, d.num_test = 64, 32
-  c.batch_size, c.eval_batch_size = 16, 16
-  c.epochs, c.cooldown_epochs, c.total_steps = 1, 0, 4
-  c.log_every_steps, c.ckpt_every_steps = 2, 2
-  return c
-
-
-def get_config(arg: str = 'digits') -> ml_collections.ConfigDict:
+def get_config(arg: str = 'digits'):
   """`arg` = VARIANT[,runlocal]; see the module docstring for the variants."""
-  name, *flags = (arg or 'digits').split(',')
-  unknown = set(flags) - {'runlocal'}
-  if unknown:
-    raise ValueError(f'unknown config flags {sorted(unknown)}; valid: runlocal.')
-  if name == 'digits':
-    c = _digits()
-  elif name in _ROWS:
-    c = _paper_row(name)
-  else:
-    raise ValueError(f'unknown Spikformer variant {name!r}; valid: digits, '
-                     + ', '.join(_ROWS))
-  if 'runlocal' in flags:
-    c = _runlocal(c)
+  name, local = cl.parse_arg(arg, 'digits', ['digits', *_ROWS])
+  c = _digits() if name == 'digits' else _paper_row(name)
+  if local:
+    c = cl.runlocal(c)
   c.name = f'spikformer:{arg}'
   return c

@@ -323,7 +323,25 @@ def a2os2a_self_attention(q, k, v, *, order: str):
   return spiking_self_attention(q, k, v, scale=1.0, order=order)
 
 
-ATTENTION_KINDS = ('ssa', 'sdsa', 'a2os2a')
+def vanilla_self_attention(q, k, v):
+  """VSA (Spikformer eqs. 12-13): Softmax(Q K^T / sqrt(d)) V, float Q and K."""
+  d = q.shape[-1]
+  a = jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) / jnp.sqrt(jnp.asarray(d, q.dtype)), axis=-1)
+  return a @ v
+
+
+# Spikformer Table 1's non-spiking ablations: Q and K are float (the BN output
+# with this activation instead of a neuron); V stays spiking, except in
+# 'vsa_float_v'. The official code of the ablations was not released; spikformer
+# issue #9 confirms they drop the Q/K neurons and keep the rest of the block.
+FLOAT_QK = {
+    'a_i': lambda x: x,
+    'a_relu': jax.nn.relu,
+    'a_leakyrelu': jax.nn.leaky_relu,  # slope 0.01, PyTorch's default
+    'vsa': lambda x: x,
+    'vsa_float_v': lambda x: x,
+}
+ATTENTION_KINDS = ('ssa', 'sdsa', 'a2os2a') + tuple(FLOAT_QK)
 ATTENTION_STYLES = ('spikformer', 'sdt')
 
 
@@ -347,6 +365,10 @@ class SpikingAttention(nnx.Module):
     * sdsa:   Q, K, V = LIF(BN(W x)); Q * talking_heads_lif(sum_N K * V) (SDT)
     * a2os2a: Q = LIF(BN(W x)), K = ReLU(BN(W x)), V = ternary(BN(W x));
               attn_lif(Q K^T V)                                      (A2OS2A)
+    * a_i, a_relu, a_leakyrelu: float f(Q), f(K) (identity / ReLU / LeakyReLU
+              of BN(W x)), spike V; attn_lif(f(Q) f(K)^T V * scale)
+    * vsa, vsa_float_v: attn_lif(Softmax(Q K^T / sqrt(d)) V), float Q, K and
+              spike V (vsa) or float V (vsa_float_v)   (Spikformer Table 1)
   `style` is what the backbone wraps around it:
     * spikformer: input spikes (or spike sums); output proj_lif(proj_bn(proj(y)));
     * sdt:        input membrane u; y from shortcut_lif(u); output
@@ -369,17 +391,27 @@ class SpikingAttention(nnx.Module):
     lin = functools.partial(s.linear, dim, dim, init=init, rngs=rngs)
     if style == 'sdt':
       self.shortcut_lif = s.lif()
-    self.q_linear, self.q_bn, self.q_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
+    float_qk = kind in FLOAT_QK
+    self.q_linear, self.q_bn = lin(bias=qkv_bias), s.bn(dim)
+    if not float_qk:
+      self.q_lif = s.lif()
     self.k_linear, self.k_bn = lin(bias=qkv_bias), s.bn(dim)
-    if kind != 'a2os2a':  # A2OS2A's K is ReLU(BN(.)), no neuron
+    if kind in ('ssa', 'sdsa'):  # A2OS2A's K is ReLU(BN(.)); the ablations' are float
       self.k_lif = s.lif()
     self.v_linear, self.v_bn = lin(bias=qkv_bias), s.bn(dim)
-    self.v_lif = (SpikingNeuron(ternary, s.T) if kind == 'a2os2a' else s.lif())
+    if kind == 'a2os2a':
+      if ternary is None:
+        raise ValueError("attention 'a2os2a' needs its ternary neuron (model.ternary).")
+      self.v_lif = SpikingNeuron(ternary, s.T)
+    elif kind != 'vsa_float_v':
+      self.v_lif = s.lif()
+    if style == 'sdt' and dead_modules:
+      # SDT's Conv1d(h, h, 1), built but never called; part of the backbone's
+      # state dict whatever the attention, so SDT checkpoints load everywhere.
+      self.talking_heads = nnx.Linear(num_heads, num_heads, use_bias=False,
+                                      param_dtype=s.param_dtype, rngs=rngs)
     if kind == 'sdsa':
       self.talking_heads_lif = s.lif(v_threshold=attn_v_threshold)
-      if dead_modules:  # official Conv1d(h, h, 1), built but never called
-        self.talking_heads = nnx.Linear(num_heads, num_heads, use_bias=False,
-                                        param_dtype=s.param_dtype, rngs=rngs)
     else:
       self.attn_lif = s.lif(v_threshold=attn_v_threshold)
     if proj:
@@ -394,18 +426,25 @@ class SpikingAttention(nnx.Module):
     identity = x
     if self.style == 'sdt':
       x = self.shortcut_lif(x)
-    h, erode = self.num_heads, self.erode_hw is not None
-    q = self.q_lif(self.q_bn(self.q_linear(x)))
-    k = self.k_bn(self.k_linear(x))
-    k = jax.nn.relu(k) if self.kind == 'a2os2a' else self.k_lif(k)
-    v = self.v_lif(self.v_bn(self.v_linear(x)))
+    h, erode, kind = self.num_heads, self.erode_hw is not None, self.kind
+    q, k = self.q_bn(self.q_linear(x)), self.k_bn(self.k_linear(x))
+    v = self.v_bn(self.v_linear(x))
+    if kind in FLOAT_QK:
+      q, k = FLOAT_QK[kind](q), FLOAT_QK[kind](k)
+    else:
+      q = self.q_lif(q)
+      k = jax.nn.relu(k) if kind == 'a2os2a' else self.k_lif(k)
+    if kind != 'vsa_float_v':
+      v = self.v_lif(v)
     if erode:
       k, v = _erode(k, self.erode_hw), _erode(v, self.erode_hw)
     q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
-    if self.kind == 'ssa':
+    if kind in ('ssa', 'a_i', 'a_relu', 'a_leakyrelu'):
       y = self.attn_lif(merge_heads(
           spiking_self_attention(q, k, v, scale=self.scale, order=self.order)))
-    elif self.kind == 'sdsa':
+    elif kind in ('vsa', 'vsa_float_v'):
+      y = self.attn_lif(merge_heads(vanilla_self_attention(q, k, v)))
+    elif kind == 'sdsa':
       kv_neuron = lambda kv: self.talking_heads_lif(kv.reshape(kv.shape[0], -1)).reshape(kv.shape)
       y = merge_heads(spike_driven_self_attention(
           q, k, v, kv_neuron, erode=functools.partial(_erode, spatial=None) if erode else None))

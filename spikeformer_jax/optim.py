@@ -50,10 +50,14 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
   """Returns (optax transformation, schedule)."""
   o = cfg.optimizer
   schedule = make_schedule(cfg, steps_per_epoch)
-  if o.name != 'adamw':
-    raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw'.")
-  tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                   weight_decay=o.weight_decay, mask=decay_mask)
+  if o.name == 'adamw':
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                     weight_decay=o.weight_decay, mask=decay_mask)
+  elif o.name == 'lamb':  # SDT's ImageNet / Gesture recipes (timm Lamb)
+    tx = optax.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                    weight_decay=o.weight_decay, mask=decay_mask)
+  else:
+    raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
   return tx, schedule

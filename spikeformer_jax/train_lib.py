@@ -42,6 +42,15 @@ def cross_entropy(logits, labels, smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, onehot)
 
 
+def tet_loss(logits_t, labels, smoothing: float, means: float, lamb: float):
+  """TET (Deng et al., 2022) as SDT's criterion.py: the cross-entropy of every
+  timestep's logits, averaged, plus lamb * MSE of the logits to `means`.
+  logits_t: [B, T, classes]."""
+  ce = cross_entropy(logits_t, labels[:, None], smoothing).mean()
+  mse = jnp.mean(jnp.square(logits_t - means)) if lamb else 0.0
+  return (1.0 - lamb) * ce + lamb * mse
+
+
 def bn_groups_for(config, mesh) -> int:
   if config.bn_scope not in BN_SCOPES:
     raise ValueError(f'bn_scope={config.bn_scope!r}; valid: {BN_SCOPES} (global: '
@@ -84,8 +93,11 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
 
   model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
   model.train()
+  tet = config.get('tet') is not None and config.tet.enabled
+  model.per_timestep_logits = tet  # the TET loss needs each timestep's logits
   graphdef_train = nnx.graphdef(model)
   model.eval()
+  model.per_timestep_logits = False
   graphdef_eval = nnx.graphdef(model)
   abstract = jax.eval_shape(init_fn)
   repl = sharding.replicated(mesh)
@@ -100,12 +112,18 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
 def make_train_step(exp: Experiment):
   """jit(state, batch) -> (new state, metrics); the state is donated."""
   smoothing = exp.config.label_smoothing
+  tet = exp.config.get('tet')
+  use_tet = tet is not None and tet.enabled
 
   def train_step(state, batch):
     def loss_fn(params):
       model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)
       logits = model(batch['image'])
-      loss = cross_entropy(logits, batch['label'], smoothing).mean()
+      if use_tet:  # [B, T, classes]; predictions from the mean, as at evaluation
+        loss = tet_loss(logits, batch['label'], smoothing, tet.means, tet.lamb)
+        logits = logits.mean(axis=1)
+      else:
+        loss = cross_entropy(logits, batch['label'], smoothing).mean()
       return loss, (logits, nnx.state(model, nnx.BatchStat))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -111,7 +111,7 @@ def test_attention_order_does_not_change_the_function():
 
 
 def test_config_errors_are_clear():
-  with pytest.raises(ValueError, match='unknown Spikformer variant'):
+  with pytest.raises(ValueError, match='unknown variant'):
     cfgs.get_config('cifar10-9-999')
   with pytest.raises(ValueError, match='runlocal'):
     cfgs.get_config('digits,fast')

@@ -1,0 +1,91 @@
+"""Shared pieces of the ml_collections configs in configs/ (one place)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Dataset -> normalisation (mean, std) of the official code.
+NORM = {
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def data_config(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
+  """`config.data`; mean=() feeds raw values (event counts)."""
+  return ml_collections.ConfigDict(dict(
+      name=name,              # digits | synthetic | npz (| the papers' datasets)
+      num_classes=num_classes,
+      image_size=shape[-2],   # digits: 8 or a multiple (upsampled)
+      shape=tuple(shape),     # synthetic: example shape, [T,] H, W, C
+      num_train=512, num_test=128, seed=0,  # synthetic sizes
+      path='',                # npz: file with x_train, y_train, x_test, y_test
+      mean=tuple(mean), std=tuple(std),     # npz: normalisation; () = raw values
+  ))
+
+
+def image_data(dataset, num_classes, img):
+  mean, std = NORM[dataset]
+  return data_config(dataset, num_classes, (img, img, 3), mean, std)
+
+
+def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr=1e-5,
+                optimizer='adamw', eps=1e-8):
+  """Everything but the model and data, with the official recipes' shape."""
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  c.model = model
+  c.data = data
+  c.batch_size = batch
+  c.eval_batch_size = max(batch, 64)
+  c.epochs = epochs
+  c.cooldown_epochs = 10
+  c.total_steps = 0            # > 0: stop after this many steps (schedule still from epochs)
+  c.label_smoothing = 0.1
+  c.tet = ml_collections.ConfigDict(dict(  # Temporal Efficient Training loss (SDT's option)
+      enabled=False, means=1.0, lamb=0.001))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name=optimizer,          # adamw | lamb
+      lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=eps,
+      warmup_epochs=warmup, warmup_lr=warmup_lr, min_lr=min_lr,
+      schedule_per_epoch=True,  # timm steps the schedule once per epoch
+      grad_clip_norm=0.0))
+  c.bn_scope = 'global'        # 'global' (one GPU / SyncBN) or 'device' (DDP)
+  c.num_devices = -1           # all visible devices
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.ckpt_every_steps = 0       # 0: every epoch
+  c.ckpt_keep = 3
+  c.paper_top1 = 0.0
+  c.target_top1 = 0.0          # if set, the last line says whether it was reached
+  return c
+
+
+def runlocal(c):
+  """Shrinks any variant to seconds on CPU, on synthetic data of its kind."""
+  m = c.model
+  m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
+  m.img_size = min(m.img_size, 32)
+  d = c.data
+  if d.name != 'digits':
+    events = m.in_channels == 2
+    d.name = 'synthetic'
+    d.shape = ((m.T,) if events else ()) + (m.img_size, m.img_size, m.in_channels)
+    d.num_classes = m.num_classes
+    d.num_train, d.num_test = 64, 32
+  c.batch_size, c.eval_batch_size = 16, 16
+  c.epochs, c.cooldown_epochs, c.total_steps = 1, 0, 4
+  c.log_every_steps, c.ckpt_every_steps = 2, 2
+  return c
+
+
+def parse_arg(arg: str, default: str, variants) -> tuple[str, bool]:
+  """'VARIANT[,runlocal]' -> (variant, runlocal), with clear errors."""
+  name, *flags = (arg or default).split(',')
+  unknown = set(flags) - {'runlocal'}
+  if unknown:
+    raise ValueError(f'unknown config flags {sorted(unknown)}; valid: runlocal.')
+  if name not in variants:
+    raise ValueError(f'unknown variant {name!r}; valid: ' + ', '.join(variants))
+  return name, 'runlocal' in flags
