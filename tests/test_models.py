@@ -163,3 +163,18 @@ def test_sdt_parameter_counts(key):
   assert _count(mc) == SDT_PARAMS[key]
   mc.dead_modules = False
   assert _count(mc) == SDT_PARAMS[key] - depth * 8 * 8
+
+
+def test_every_sdt_config_matches_the_closed_form():
+  """Spec 2.4: SPS(c_in, D) + depth * (12 D^2 + 24 D + h^2) + D n + n (official)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('sdt_cfg', ROOT / 'configs' / 'sdt.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for v in mod.VARIANTS:
+    m = mod.get_config(v).model
+    m.dead_modules = True
+    D, c, h, n = m.embed_dim, m.in_channels, m.num_heads, m.num_classes
+    sps = (9 * c * D // 8 + 9 * (D * D // 32 + D * D // 8 + D * D // 2 + D * D)
+           + 2 * (D // 8 + D // 4 + D // 2 + 2 * D))
+    assert _count(m) == sps + m.depth * (12 * D * D + 24 * D + h * h) + D * n + n, v
