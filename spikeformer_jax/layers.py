@@ -459,6 +459,35 @@ class SpikingAttention(nnx.Module):
     return self.proj_lif(y)
 
 
+SPS_STAGES = ('', '1', '2', '3')  # official suffixes: proj_conv, proj_conv1, ...
+
+
+def add_sps_stages(module: nnx.Module, in_channels: int, dim: int, pooling: str, *,
+                   s: Settings, init: str, rngs: nnx.Rngs):
+  """The four conv-BN-LIF stages (widths D/8, D/4, D/2, D) that Spikformer's
+  SPS and SDT's MS_SPS share, under their official names; checks `pooling`."""
+  if len(pooling) != 4 or set(pooling) - {'0', '1'}:
+    raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
+  if dim % 8:
+    raise ValueError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
+  widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
+  for i, sfx in enumerate(SPS_STAGES):
+    setattr(module, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], init=init, rngs=rngs))
+    setattr(module, f'proj_bn{sfx}', s.bn(widths[i + 1]))
+    setattr(module, f'proj_lif{sfx}', s.lif())
+
+
+def fold_time(x: jax.Array, T: int, dtype) -> jax.Array:
+  """Model input -> [B*T, H, W, C]: a static image [B, H, W, C] is repeated
+  over T (direct encoding); event frames [B, T, H, W, C] are taken as they are."""
+  if x.ndim == 4:
+    x = jnp.broadcast_to(x[:, None], (x.shape[0], T) + x.shape[1:])
+  elif x.ndim != 5 or x.shape[1] != T:
+    raise ValueError(f'input of shape {x.shape}: expected [B, H, W, C] or '
+                     f'[B, T={T}, H, W, C].')
+  return x.reshape((x.shape[0] * T,) + x.shape[2:]).astype(dtype)
+
+
 class SpikingMLP(nnx.Module):
   """fc1_lif(fc1_bn(fc1_linear(x))) -> fc2_lif(fc2_bn(fc2_linear(.))), tokens [B*T, N, C]."""
 

@@ -34,16 +34,8 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
 
   def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
                rngs: nnx.Rngs):
-    if len(pooling) != 4 or set(pooling) - {'0', '1'}:
-      raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
-    if dim % 8:
-      raise ValueError(f'embed_dim={dim} must be divisible by 8.')
-    widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
-    for i, sfx in enumerate(('', '1', '2', '3')):
-      setattr(self, f'proj_conv{sfx}',
-              s.conv(widths[i], widths[i + 1], init='trunc_normal', rngs=rngs))
-      setattr(self, f'proj_bn{sfx}', s.bn(widths[i + 1]))
-      setattr(self, f'proj_lif{sfx}', s.lif())
+    layers.add_sps_stages(self, in_channels, dim, pooling, s=s, init='trunc_normal',
+                          rngs=rngs)
     self.rpe_conv = s.conv(dim, dim, init='trunc_normal', rngs=rngs)
     self.rpe_bn = s.bn(dim)
     self.pooling = pooling
@@ -119,14 +111,8 @@ class SDT(nnx.Module):
     self.per_timestep_logits = False  # True for the TET loss
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    T = self.T
-    if x.ndim == 4:
-      x = jnp.broadcast_to(x[:, None], (x.shape[0], T) + x.shape[1:])
-    elif x.ndim != 5 or x.shape[1] != T:
-      raise ValueError(f'input of shape {x.shape}: expected [B, H, W, C] or '
-                       f'[B, T={T}, H, W, C].')
-    b = x.shape[0]
-    u = self.patch_embed(x.reshape((b * T,) + x.shape[2:]).astype(self.dtype))
+    T, b = self.T, x.shape[0]
+    u = self.patch_embed(layers.fold_time(x, T, self.dtype))
     for blk in self.block:
       u = blk(u)
     y = self.head(self.head_lif(u.mean(axis=1)))  # [B*T, classes]

@@ -41,20 +41,13 @@ class SPS(nnx.Module):
 
   def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
                rngs: nnx.Rngs):
-    if len(pooling) != 4 or set(pooling) - {'0', '1'}:
-      raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
-    if dim % 8:
-      raise ValueError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
-    widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
-    for i, sfx in enumerate(('', '1', '2', '3')):
-      setattr(self, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], rngs=rngs))
-      setattr(self, f'proj_bn{sfx}', s.bn(widths[i + 1]))
-      setattr(self, f'proj_lif{sfx}', s.lif())
+    layers.add_sps_stages(self, in_channels, dim, pooling, s=s, init='torch_default',
+                          rngs=rngs)
     self.rpe_conv, self.rpe_bn, self.rpe_lif = s.conv(dim, dim, rngs=rngs), s.bn(dim), s.lif()
     self.pooling = pooling
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B*T, H, W, C_in] -> [B*T, N, D]
-    for i, sfx in enumerate(('', '1', '2', '3')):
+    for i, sfx in enumerate(layers.SPS_STAGES):
       conv, bn, lif = (getattr(self, f'{n}{sfx}') for n in ('proj_conv', 'proj_bn', 'proj_lif'))
       x = lif(bn(conv(x)))
       if self.pooling[i] == '1':
@@ -117,15 +110,8 @@ class Spikformer(nnx.Module):
     self.per_timestep_logits = False  # True for the TET loss
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    T = self.T
-    if x.ndim == 4:  # static image: the same frame at every timestep
-      x = jnp.broadcast_to(x[:, None], (x.shape[0], T) + x.shape[1:])
-    elif x.ndim != 5 or x.shape[1] != T:
-      raise ValueError(f'input of shape {x.shape}: expected [B, H, W, C] or '
-                       f'[B, T={T}, H, W, C].')
-    b = x.shape[0]
-    x = x.reshape((b * T,) + x.shape[2:]).astype(self.dtype)
-    x = self.patch_embed(x)
+    T, b = self.T, x.shape[0]
+    x = self.patch_embed(layers.fold_time(x, T, self.dtype))
     for blk in self.block:
       x = blk(x)
     x = x.mean(axis=1).reshape(b, T, -1)  # mean over tokens
