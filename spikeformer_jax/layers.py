@@ -45,6 +45,16 @@ def torch_default_bias_init(fan_in: int):
   return init
 
 
+def initializers(init: str, fan_in: int):
+  """(kernel_init, bias_init) by name: 'trunc_normal' (timm std .02, zero
+  bias: nn.Linear, SDT's convs) or 'torch_default' (PyTorch's conv / linear)."""
+  if init == 'trunc_normal':
+    return trunc_normal_init, nnx.initializers.zeros_init()
+  if init == 'torch_default':
+    return torch_default_kernel_init, torch_default_bias_init(fan_in)
+  raise ValueError(f"init {init!r}: use 'trunc_normal' or 'torch_default'.")
+
+
 # --------------------------------------------------------------------------
 # Pure ops.
 # --------------------------------------------------------------------------
@@ -225,10 +235,11 @@ class BatchNorm(nnx.Module):
 class SpikingNeuron(nnx.Module):
   """A multi-step neuron on a time-folded tensor [B*T, ...].
 
-  With `record_spikes` set (e.g. `model.set_attributes(record_spikes=True)`,
-  then `logits, inter = nnx.capture(model, nnx.Intermediate)(x)`) it sows, per call, the number of non-zero spikes per timestep (`spike_count`,
-  shape [T]) and the number of spike values over all timesteps (`numel`) as
-  `nnx.Intermediate`s: firing rates without touching model code.
+  With `record_spikes` set (`model.set_attributes(record_spikes=True)`, then
+  `logits, inter = nnx.capture(model, nnx.Intermediate)(x)`) it sows, per call,
+  the number of non-zero spikes per timestep (`spike_count`, shape [T]) and the
+  number of spike values over all timesteps (`numel`) as `nnx.Intermediate`s:
+  firing rates without touching model code.
   """
 
   def __init__(self, neuron: neurons.Neuron, T: int):
@@ -276,12 +287,7 @@ class Settings:
              rngs: nnx.Rngs) -> nnx.Linear:
     """A token-wise linear map. init: 'trunc_normal' (timm, nn.Linear) or
     'torch_default' (a kernel-1 Conv1d/Conv2d of the official code)."""
-    if init == 'trunc_normal':
-      kinit, binit = trunc_normal_init, nnx.initializers.zeros_init()
-    elif init == 'torch_default':
-      kinit, binit = torch_default_kernel_init, torch_default_bias_init(din)
-    else:
-      raise ValueError(f"init {init!r}: use 'trunc_normal' or 'torch_default'.")
+    kinit, binit = initializers(init, din)
     return nnx.Linear(din, dout, use_bias=bias, kernel_init=kinit, bias_init=binit,
                       dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
@@ -290,10 +296,7 @@ class Settings:
     """A 2-D convolution with symmetric padding; init 'torch_default'
     (PyTorch's) or 'trunc_normal' (std .02, bias 0: SDT's _init_weights)."""
     pad = kernel // 2
-    if init == 'trunc_normal':
-      kinit, binit = trunc_normal_init, nnx.initializers.zeros_init()
-    else:
-      kinit, binit = torch_default_kernel_init, torch_default_bias_init(cin * kernel * kernel)
+    kinit, binit = initializers(init, cin * kernel * kernel)
     return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
                     padding=((pad, pad), (pad, pad)), use_bias=bias,
                     kernel_init=kinit, bias_init=binit,
@@ -354,7 +357,7 @@ def _erode(x: jax.Array, spatial: tuple | None) -> jax.Array:
     bt, n, c = x.shape
     y = max_pool(x.reshape(bt, spatial[0], spatial[1], c), 3, 1, 1)
     return y.reshape(bt, n, c)
-  return max_pool(x[..., None].reshape((-1,) + x.shape[-2:] + (1,)), 3, 1, 1).reshape(x.shape)
+  return max_pool(x.reshape((-1,) + x.shape[-2:] + (1,)), 3, 1, 1).reshape(x.shape)
 
 
 class SpikingAttention(nnx.Module):

@@ -51,6 +51,12 @@ def tet_loss(logits_t, labels, smoothing: float, means: float, lamb: float):
   return (1.0 - lamb) * ce + lamb * mse
 
 
+def tet_config(config):
+  """`config.tet` when the TET loss is on, else None."""
+  tet = config.get('tet')
+  return tet if tet is not None and tet.enabled else None
+
+
 def bn_groups_for(config, mesh) -> int:
   if config.bn_scope not in BN_SCOPES:
     raise ValueError(f'bn_scope={config.bn_scope!r}; valid: {BN_SCOPES} (global: '
@@ -93,8 +99,7 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
 
   model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
   model.train()
-  tet = config.get('tet') is not None and config.tet.enabled
-  model.per_timestep_logits = tet  # the TET loss needs each timestep's logits
+  model.per_timestep_logits = tet_config(config) is not None  # TET: every timestep's logits
   graphdef_train = nnx.graphdef(model)
   model.eval()
   model.per_timestep_logits = False
@@ -112,14 +117,13 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
 def make_train_step(exp: Experiment):
   """jit(state, batch) -> (new state, metrics); the state is donated."""
   smoothing = exp.config.label_smoothing
-  tet = exp.config.get('tet')
-  use_tet = tet is not None and tet.enabled
+  tet = tet_config(exp.config)
 
   def train_step(state, batch):
     def loss_fn(params):
       model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)
       logits = model(batch['image'])
-      if use_tet:  # [B, T, classes]; predictions from the mean, as at evaluation
+      if tet is not None:  # [B, T, classes]; predictions from the mean, as at evaluation
         loss = tet_loss(logits, batch['label'], smoothing, tet.means, tet.lamb)
         logits = logits.mean(axis=1)
       else:

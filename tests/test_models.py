@@ -1,7 +1,5 @@
 """Parameter counts of every variant, shapes, dtypes, config handling."""
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,19 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT
+from configs import sdt as sdt_cfgs  # the repo root is on sys.path (conftest)
+from configs import spikformer as cfgs
 from spikeformer_jax import models
 from spikeformer_jax.models import spikformer
 
-
-def _load_configs():
-  spec = importlib.util.spec_from_file_location('spikformer_cfg', ROOT / 'configs' / 'spikformer.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-cfgs = _load_configs()
 
 # Spec section 1.4 (official code totals; without the unused modules).
 PARAMS = {
@@ -167,12 +157,8 @@ def test_sdt_parameter_counts(key):
 
 def test_every_sdt_config_matches_the_closed_form():
   """Spec 2.4: SPS(c_in, D) + depth * (12 D^2 + 24 D + h^2) + D n + n (official)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('sdt_cfg', ROOT / 'configs' / 'sdt.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  for v in mod.VARIANTS:
-    m = mod.get_config(v).model
+  for v in sdt_cfgs.VARIANTS:
+    m = sdt_cfgs.get_config(v).model
     m.dead_modules = True
     D, c, h, n = m.embed_dim, m.in_channels, m.num_heads, m.num_classes
     sps = (9 * c * D // 8 + 9 * (D * D // 32 + D * D // 8 + D * D // 2 + D * D)

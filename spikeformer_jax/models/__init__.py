@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 import jax
 import jax.numpy as jnp
@@ -40,12 +42,11 @@ def ternary_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def make_ternary(model_cfg: ml_collections.ConfigDict) -> neurons.Neuron:
-  n, t = model_cfg.neuron, model_cfg.ternary
-  return neurons.Neuron(
-      kind='ternary', tau=n.tau, decay_input=n.decay_input, v_threshold=t.v_threshold,
-      v_reset=t.v_reset, detach_reset=n.detach_reset, surrogate=n.surrogate,
-      alpha=n.alpha or None, charge_form=t.charge_form, beta=t.beta,
-      ternary_grad=t.grad, loop=n.loop, unroll=n.unroll)
+  """The network's LIF (`model.neuron`) turned ternary with `model.ternary`."""
+  t = model_cfg.ternary
+  return dataclasses.replace(
+      make_neuron(model_cfg.neuron), kind='ternary', v_threshold=t.v_threshold,
+      v_reset=t.v_reset, charge_form=t.charge_form, beta=t.beta, ternary_grad=t.grad)
 
 
 def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:

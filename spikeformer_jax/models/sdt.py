@@ -41,7 +41,7 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
     self.pooling = pooling
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i, sfx in enumerate(('', '1', '2')):
+    for i, sfx in enumerate(layers.SPS_STAGES[:3]):
       x = getattr(self, f'proj_lif{sfx}')(getattr(self, f'proj_bn{sfx}')(
           getattr(self, f'proj_conv{sfx}')(x)))
       if self.pooling[i] == '1':
