@@ -40,6 +40,8 @@ class Entry:
       w = w.reshape(w.shape[0], w.shape[1]).T
     elif len(self.our_shape) == 4 and w.ndim == 4:         # Conv2d OIHW -> HWIO
       w = w.transpose(2, 3, 1, 0)
+    elif len(self.our_shape) == 3 and w.ndim == 3:         # Conv1d OIK -> KIO
+      w = w.transpose(2, 1, 0)
     return w.reshape(self.our_shape)
 
   def to_torch(self, w: np.ndarray) -> np.ndarray:
@@ -48,6 +50,8 @@ class Entry:
       w = w.T
     elif len(self.our_shape) == 4 and len(self.torch_shape) == 4:
       w = w.transpose(3, 2, 0, 1)
+    elif len(self.our_shape) == 3 and len(self.torch_shape) == 3:
+      w = w.transpose(2, 1, 0)
     return w.reshape(self.torch_shape)
 
 

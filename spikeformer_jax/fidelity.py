@@ -25,7 +25,7 @@ from flax import nnx
 
 from spikeformer_jax import convert
 from spikeformer_jax import models
-from spikeformer_jax.models import sdt, spikformer
+from spikeformer_jax.models import msvit, sdt, spikformer
 
 # Pass criteria of the fixtures' README, section 5 (float64 port).
 TOL_OUTPUT = 1e-9       # logits and loss, relative to max|ref|
@@ -43,10 +43,12 @@ def model_config_from_fixture(cfg: dict):
   family = cfg.get('family')
   if family == 'sdt':
     return _sdt_config(cfg)
+  if family == 'msvit':
+    return _msvit_config(cfg)
   if family != 'spikformer':
     raise NotImplementedError(
         f"fixture family {family!r} is not implemented in this version; "
-        "supported: 'spikformer', 'sdt'.")
+        "supported: 'spikformer', 'sdt', 'msvit'.")
   flavour = _SPIKFORMER_FILES.get(cfg['file'])
   if flavour is None:
     raise ValueError(f"unknown Spikformer source file {cfg['file']!r}; "
@@ -58,6 +60,36 @@ def model_config_from_fixture(cfg: dict):
       img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
   mc.in_channels = kw['in_channels']
   mc.dead_modules = True
+  mc.dtype = 'float64'
+  return mc
+
+
+# MSViT source file -> (graph, extra model fields).
+_MSVIT_FILES = {
+    'imagenet/msformer.py': ('imagenet', {}),
+    'cifar10/model.py': ('cifar', {}),
+    'cifar100/model.py': ('cifar', dict(mssa_kernels=(1, 1), mssa_p_sum=False)),
+}
+
+
+def _msvit_config(cfg: dict):
+  if cfg['file'] not in _MSVIT_FILES:
+    raise ValueError(f"unknown MSViT source file {cfg['file']!r}; expected one of "
+                     f'{sorted(_MSVIT_FILES)}.')
+  graph, extra = _MSVIT_FILES[cfg['file']]
+  kw = cfg['constructor_args_full']
+  mc = msvit.model_config(
+      graph, embed_dim=kw['embed_dims'], depth=kw['depths'],
+      # the CIFAR constructor overrides num_heads with 8 in every stage
+      num_heads=8 if graph == 'cifar' else kw['num_heads'], T=cfg['T'],
+      num_classes=kw['num_classes'], img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+  mc.in_channels = kw['in_channels']
+  mc.update(extra)
+  # The attention threshold the recorded code actually used (1.0 in the
+  # released files, whose neuron factory ignores the requested 0.5).
+  vths = {v['v_threshold'] for n, v in cfg['lif_neurons'].items() if n.endswith('attn_lif')}
+  if len(vths) == 1:
+    mc.attn_v_threshold = vths.pop()
   mc.dtype = 'float64'
   return mc
 

@@ -232,6 +232,21 @@ class BatchNorm(nnx.Module):
     return y.reshape(x.shape).astype(out_dtype)
 
 
+def batch_as_time_multistep(neuron: neurons.Neuron, x: jax.Array, T: int,
+                            groups: int = 1) -> jax.Array:
+  """A quirk of MSViT's and QKFormer's released SSA: `proj_lif` is handed the
+  [T*B, C, N] tensor, so SpikingJelly runs its membrane over T*B "timesteps"
+  in time-major order (t0 b0, t0 b1, ..., t1 b0, ...), carrying it from one
+  sample to the next. x: our [B*T, ...] (batch-major). `groups` splits the
+  batch into independent sequences, as separate GPUs of a DDP run have."""
+  b = x.shape[0] // T
+  if b % groups:
+    raise ValueError(f'batch {b} is not divisible into {groups} neuron groups.')
+  xs = x.reshape(groups, b // groups, T, -1).transpose(0, 2, 1, 3)
+  s = neurons.multistep(neuron, xs.reshape(groups, T * (b // groups), -1))
+  return s.reshape(groups, T, b // groups, -1).transpose(0, 2, 1, 3).reshape(x.shape)
+
+
 class SpikingNeuron(nnx.Module):
   """A multi-step neuron on a time-folded tensor [B*T, ...].
 
@@ -242,17 +257,22 @@ class SpikingNeuron(nnx.Module):
   firing rates without touching model code.
   """
 
-  def __init__(self, neuron: neurons.Neuron, T: int):
+  def __init__(self, neuron: neurons.Neuron, T: int, *, batch_as_time: bool = False,
+               groups: int = 1):
     self.neuron = neuron
     self.T = T
+    self.batch_as_time, self.groups = batch_as_time, groups
     self.record_spikes = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T = self.T
     if x.shape[0] % T:
       raise ValueError(f'leading axis {x.shape[0]} is not batch*T with T={T}.')
-    xb = x.reshape((x.shape[0] // T, T) + x.shape[1:])
-    s = neurons.multistep(self.neuron, xb)
+    if self.batch_as_time:
+      s = batch_as_time_multistep(self.neuron, x, T, self.groups)
+    else:
+      xb = x.reshape((x.shape[0] // T, T) + x.shape[1:])
+      s = neurons.multistep(self.neuron, xb)
     if self.record_spikes:
       # int64 under 64-bit JAX (exact, as the fidelity check needs); else
       # float32, since int32 overflows at ImageNet scale (~1e9 units per step).
@@ -326,6 +346,28 @@ def a2os2a_self_attention(q, k, v, *, order: str):
   return spiking_self_attention(q, k, v, scale=1.0, order=order)
 
 
+def multi_scale_spiking_attention(q, p, k, attn_neuron, *, p_sum: bool = True):
+  """MSViT's Multi-Scale Spiking Attention (MSSA, Token_MS_Attention):
+  K * SN(sum_d Q + sum_d P), a token mask on K, no matmul and no scale.
+
+  q, p, k: [..., heads, N, d] spikes; q from a kernel-1 and p from a kernel-3
+  token conv (the "multi-scale" pair; either may be None: QKFormer's token
+  attention is q alone). Each head's channel sum is an integer in [0, d] and
+  q + p lands exactly on the neuron threshold often; it is computed in at
+  least float32 so that stays exact under bfloat16. p_sum=False is the
+  CIFAR-100 file's per-channel variant: attn = SN(sum_d Q + P) per channel.
+  """
+  dt = neurons.membrane_dtype(k.dtype)
+  terms = [jnp.sum(q.astype(dt), axis=-1, keepdims=True)] if q is not None else []
+  if p is not None:
+    p = p.astype(dt)
+    terms.append(jnp.sum(p, axis=-1, keepdims=True) if p_sum else p)
+  if not terms:
+    raise ValueError('MSSA needs at least one of the Q and P branches.')
+  attn = attn_neuron(functools.reduce(jnp.add, terms))
+  return attn.astype(k.dtype) * k
+
+
 def vanilla_self_attention(q, k, v):
   """VSA (Spikformer eqs. 12-13): Softmax(Q K^T / sqrt(d)) V, float Q and K."""
   d = q.shape[-1]
@@ -344,7 +386,7 @@ FLOAT_QK = {
     'vsa': lambda x: x,
     'vsa_float_v': lambda x: x,
 }
-ATTENTION_KINDS = ('ssa', 'sdsa', 'a2os2a') + tuple(FLOAT_QK)
+ATTENTION_KINDS = ('ssa', 'sdsa', 'a2os2a', 'mssa') + tuple(FLOAT_QK)
 ATTENTION_STYLES = ('spikformer', 'sdt')
 
 
@@ -372,6 +414,11 @@ class SpikingAttention(nnx.Module):
               of BN(W x)), spike V; attn_lif(f(Q) f(K)^T V * scale)
     * vsa, vsa_float_v: attn_lif(Softmax(Q K^T / sqrt(d)) V), float Q, K and
               spike V (vsa) or float V (vsa_float_v)   (Spikformer Table 1)
+    * mssa:   Q, P, K = LIF(BN(conv x)) with token-conv kernels mssa_kernels
+              (Q 1, P 3; 0 drops a branch); K * attn_lif(sum_d Q + sum_d P),
+              no V                                            (MSViT, QKFormer)
+  `proj_lif_batch_as_time` reproduces MSViT's / QKFormer's SSA, whose proj_lif
+  runs over batch and time as one sequence (see batch_as_time_multistep).
   `style` is what the backbone wraps around it:
     * spikformer: input spikes (or spike sums); output proj_lif(proj_bn(proj(y)));
     * sdt:        input membrane u; y from shortcut_lif(u); output
@@ -384,7 +431,8 @@ class SpikingAttention(nnx.Module):
                qkv_bias: bool = False, attn_v_threshold: float = 0.5, init: str,
                ternary: neurons.Neuron | None = None, proj: bool = True,
                erode_hw: tuple | None = None, dead_modules: bool = False,
-               rngs: nnx.Rngs):
+               mssa_kernels: tuple = (1, 3), mssa_p_sum: bool = True,
+               proj_lif_batch_as_time: bool = False, rngs: nnx.Rngs):
     if kind not in ATTENTION_KINDS:
       raise ValueError(f'attention kind {kind!r}; valid: {ATTENTION_KINDS}.')
     if style not in ATTENTION_STYLES:
@@ -395,19 +443,29 @@ class SpikingAttention(nnx.Module):
     if style == 'sdt':
       self.shortcut_lif = s.lif()
     float_qk = kind in FLOAT_QK
-    self.q_linear, self.q_bn = lin(bias=qkv_bias), s.bn(dim)
-    if not float_qk:
-      self.q_lif = s.lif()
-    self.k_linear, self.k_bn = lin(bias=qkv_bias), s.bn(dim)
-    if kind in ('ssa', 'sdsa'):  # A2OS2A's K is ReLU(BN(.)); the ablations' are float
-      self.k_lif = s.lif()
-    self.v_linear, self.v_bn = lin(bias=qkv_bias), s.bn(dim)
-    if kind == 'a2os2a':
-      if ternary is None:
-        raise ValueError("attention 'a2os2a' needs its ternary neuron (model.ternary).")
-      self.v_lif = SpikingNeuron(ternary, s.T)
-    elif kind != 'vsa_float_v':
-      self.v_lif = s.lif()
+    if kind == 'mssa':  # Q and P (token convs of two widths) and K; no V
+      if not any(mssa_kernels):
+        raise ValueError(f'mssa_kernels={mssa_kernels}: at least one of Q, P must be built.')
+      for name, kernel in zip('qp', mssa_kernels):
+        if kernel:
+          self._add_token_conv(name, kernel, dim, s=s, bias=qkv_bias, init=init, rngs=rngs)
+          setattr(self, f'{name}_bn', s.bn(dim))
+          setattr(self, f'{name}_lif', s.lif())
+      self.k_linear, self.k_bn, self.k_lif = lin(bias=qkv_bias), s.bn(dim), s.lif()
+    else:
+      self.q_linear, self.q_bn = lin(bias=qkv_bias), s.bn(dim)
+      if not float_qk:
+        self.q_lif = s.lif()
+      self.k_linear, self.k_bn = lin(bias=qkv_bias), s.bn(dim)
+      if kind in ('ssa', 'sdsa'):  # A2OS2A's K is ReLU(BN(.)); the ablations' are float
+        self.k_lif = s.lif()
+      self.v_linear, self.v_bn = lin(bias=qkv_bias), s.bn(dim)
+      if kind == 'a2os2a':
+        if ternary is None:
+          raise ValueError("attention 'a2os2a' needs its ternary neuron (model.ternary).")
+        self.v_lif = SpikingNeuron(ternary, s.T)
+      elif kind != 'vsa_float_v':
+        self.v_lif = s.lif()
     if style == 'sdt' and dead_modules:
       # SDT's Conv1d(h, h, 1), built but never called; part of the backbone's
       # state dict whatever the attention, so SDT checkpoints load everywhere.
@@ -420,16 +478,44 @@ class SpikingAttention(nnx.Module):
     if proj:
       self.proj_linear, self.proj_bn = lin(bias=True), s.bn(dim)
       if style == 'spikformer':
-        self.proj_lif = s.lif()
+        self.proj_lif = SpikingNeuron(s.neuron, s.T, batch_as_time=proj_lif_batch_as_time,
+                                      groups=s.bn_groups)
     self.kind, self.style, self.proj = kind, style, proj
     self.num_heads, self.scale, self.order = num_heads, scale, order
     self.erode_hw = erode_hw
+    self.mssa_kernels, self.mssa_p_sum = tuple(mssa_kernels), mssa_p_sum
+
+  def _add_token_conv(self, name, kernel, dim, *, s, bias, init, rngs):
+    """A Conv1d over the flattened token index: kernel 1 is a token-wise
+    Linear (`{name}_linear`), a wider kernel (MSViT's P, padding k // 2, rows
+    wrap into each other as in the official code) an nnx.Conv (`{name}_conv`)."""
+    if kernel == 1:
+      setattr(self, f'{name}_linear', s.linear(dim, dim, bias=bias, init=init, rngs=rngs))
+      return
+    kinit, binit = initializers('torch_default', dim * kernel)
+    setattr(self, f'{name}_conv', nnx.Conv(
+        dim, dim, (kernel,), padding=((kernel // 2, kernel // 2),), use_bias=bias,
+        kernel_init=kinit, bias_init=binit, dtype=s.dtype, param_dtype=s.param_dtype,
+        rngs=rngs))
+
+  def _branch(self, name, x):
+    """LIF(BN(token conv x)) of branch `name`, or None if it was not built."""
+    conv = getattr(self, f'{name}_linear', None) or getattr(self, f'{name}_conv', None)
+    if conv is None:
+      return None
+    return getattr(self, f'{name}_lif')(getattr(self, f'{name}_bn')(conv(x)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     identity = x
     if self.style == 'sdt':
       x = self.shortcut_lif(x)
     h, erode, kind = self.num_heads, self.erode_hw is not None, self.kind
+    if kind == 'mssa':
+      q, p, k = (self._branch(n, x) for n in 'qpk')
+      heads = lambda t: None if t is None else split_heads(t, h)
+      y = merge_heads(multi_scale_spiking_attention(
+          heads(q), heads(p), heads(k), self._attn_neuron, p_sum=self.mssa_p_sum))
+      return self._project(y.astype(x.dtype), identity)
     q, k = self.q_bn(self.q_linear(x)), self.k_bn(self.k_linear(x))
     v = self.v_bn(self.v_linear(x))
     if kind in FLOAT_QK:
@@ -453,7 +539,13 @@ class SpikingAttention(nnx.Module):
           q, k, v, kv_neuron, erode=functools.partial(_erode, spatial=None) if erode else None))
     else:
       y = self.attn_lif(merge_heads(a2os2a_self_attention(q, k, v, order=self.order)))
-    y = y.astype(x.dtype)
+    return self._project(y.astype(x.dtype), identity)
+
+  def _attn_neuron(self, a: jax.Array) -> jax.Array:
+    """attn_lif on [BT, heads, N, 1 or d] (the neuron is elementwise)."""
+    return self.attn_lif(a.reshape(a.shape[0], -1)).reshape(a.shape)
+
+  def _project(self, y: jax.Array, identity: jax.Array) -> jax.Array:
     if not self.proj:
       return y + identity if self.style == 'sdt' else y
     y = self.proj_bn(self.proj_linear(y))
@@ -491,15 +583,33 @@ def fold_time(x: jax.Array, T: int, dtype) -> jax.Array:
   return x.reshape((x.shape[0] * T,) + x.shape[2:]).astype(dtype)
 
 
-class SpikingMLP(nnx.Module):
-  """fc1_lif(fc1_bn(fc1_linear(x))) -> fc2_lif(fc2_bn(fc2_linear(.))), tokens [B*T, N, C]."""
+def mean_token_head(head, x: jax.Array, batch: int, T: int, per_timestep: bool,
+                    logits_dtype) -> jax.Array:
+  """Spikformer's and MSViT's head: tokens [B*T, N, C] -> mean over tokens,
+  then over T, then `head` (Linear). per_timestep (for the TET loss) returns
+  head of every timestep's features, [B, T, classes]; the head is linear, so
+  their mean over T equals the ordinary logits."""
+  x = x.mean(axis=1).reshape(batch, T, -1)
+  if per_timestep:
+    return head(x).astype(logits_dtype)
+  return head(x.mean(axis=1)).astype(logits_dtype)
 
-  def __init__(self, dim: int, hidden: int, *, s: Settings, init: str, rngs: nnx.Rngs):
-    self.fc1_linear = s.linear(dim, hidden, bias=True, init=init, rngs=rngs)
-    self.fc1_bn, self.fc1_lif = s.bn(hidden), s.lif()
-    self.fc2_linear = s.linear(hidden, dim, bias=True, init=init, rngs=rngs)
-    self.fc2_bn, self.fc2_lif = s.bn(dim), s.lif()
+
+class SpikingMLP(nnx.Module):
+  """fc1_lif(fc1_bn(fc1_linear(x))) -> fc2_lif(fc2_bn(fc2_linear(.))), tokens [B*T, N, C].
+
+  `names` are the official prefixes of the two layers (MSViT's CIFAR files
+  call them mlp1, mlp2)."""
+
+  def __init__(self, dim: int, hidden: int, *, s: Settings, init: str, rngs: nnx.Rngs,
+               names: tuple = ('fc1', 'fc2')):
+    for name, (din, dout) in zip(names, ((dim, hidden), (hidden, dim))):
+      setattr(self, f'{name}_linear', s.linear(din, dout, bias=True, init=init, rngs=rngs))
+      setattr(self, f'{name}_bn', s.bn(dout))
+      setattr(self, f'{name}_lif', s.lif())
+    self.names = tuple(names)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.fc1_lif(self.fc1_bn(self.fc1_linear(x)))
-    return self.fc2_lif(self.fc2_bn(self.fc2_linear(x)))
+    for name in self.names:
+      x = getattr(self, f'{name}_lif')(getattr(self, f'{name}_bn')(getattr(self, f'{name}_linear')(x)))
+    return x

@@ -74,11 +74,13 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
 def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
                 bn_groups: int = 1) -> nnx.Module:
   """Builds the model named by `cfg.name` (`config.model`)."""
-  from spikeformer_jax.models import sdt, spikformer  # pylint: disable=import-outside-toplevel
-  registry = {'spikformer': spikformer.Spikformer, 'sdt': sdt.SDT}
+  from spikeformer_jax.models import msvit, sdt, spikformer  # pylint: disable=import-outside-toplevel
+  registry = {'spikformer': spikformer.Spikformer, 'sdt': sdt.SDT, 'msvit': msvit.MSViT}
   if cfg.name not in registry:
     raise ValueError(f'model.name={cfg.name!r}; valid: {sorted(registry)}.')
-  ternary = make_ternary(cfg) if cfg.get('attention') == 'a2os2a' else None
+  kinds = cfg.get('attention')  # one kind, or one per stage (MSViT)
+  kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds or ())
+  ternary = make_ternary(cfg) if 'a2os2a' in kinds else None
   return registry[cfg.name](cfg, s=settings(cfg, bn_groups=bn_groups), ternary=ternary,
                             rngs=nnx.Rngs(seed))
 

@@ -114,10 +114,8 @@ class Spikformer(nnx.Module):
     x = self.patch_embed(layers.fold_time(x, T, self.dtype))
     for blk in self.block:
       x = blk(x)
-    x = x.mean(axis=1).reshape(b, T, -1)  # mean over tokens
-    if self.per_timestep_logits:  # the head is linear: mean_t head(x_t) == head(mean_t x_t)
-      return self.head(x).astype(self.logits_dtype)
-    return self.head(x.mean(axis=1)).astype(self.logits_dtype)
+    return layers.mean_token_head(self.head, x, b, T, self.per_timestep_logits,
+                                  self.logits_dtype)
 
 
 def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4,
