@@ -49,7 +49,10 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
       name=optimizer,          # adamw | lamb
       lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=eps,
       warmup_epochs=warmup, warmup_lr=warmup_lr, min_lr=min_lr,
+      schedule='timm_cosine',   # timm_cosine | mae_cosine (MSViT / QKFormer ImageNet)
       schedule_per_epoch=True,  # timm steps the schedule once per epoch
+      lr_scale_batch=False,     # True: lr is the base lr "blr", x global batch x accum / 256
+      accum_steps=1,            # gradient accumulation: steps per optimizer update
       grad_clip_norm=0.0))
   c.bn_scope = 'global'        # 'global' (one GPU / SyncBN) or 'device' (DDP)
   c.num_devices = -1           # all visible devices
@@ -65,7 +68,12 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
 def runlocal(c):
   """Shrinks any variant to seconds on CPU, on synthetic data of its kind."""
   m = c.model
-  m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
+  if m.name == 'msvit':  # widths scaled to a last stage of 32, one block per stage
+    m.dims = tuple(d * 32 // m.dims[-1] for d in m.dims)
+    m.depths = (1,) * len(m.dims)
+    m.num_heads, m.T = 2, 2
+  else:
+    m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
   m.img_size = min(m.img_size, 32)
   d = c.data
   if d.name != 'digits':
@@ -76,6 +84,7 @@ def runlocal(c):
     d.num_train, d.num_test = 64, 32
   c.batch_size, c.eval_batch_size = 16, 16
   c.epochs, c.cooldown_epochs, c.total_steps = 1, 0, 4
+  c.optimizer.accum_steps = min(c.optimizer.get('accum_steps', 1), 2)
   c.log_every_steps, c.ckpt_every_steps = 2, 2
   return c
 

@@ -68,7 +68,7 @@ def model_config_from_fixture(cfg: dict):
 _MSVIT_FILES = {
     'imagenet/msformer.py': ('imagenet', {}),
     'cifar10/model.py': ('cifar', {}),
-    'cifar100/model.py': ('cifar', dict(mssa_kernels=(1, 1), mssa_p_sum=False)),
+    'cifar100/model.py': ('cifar', dict(mssa_kernels=((1, 1),) * 3, mssa_p_sum=False)),
 }
 
 

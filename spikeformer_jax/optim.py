@@ -1,9 +1,13 @@
 """Optimizer and learning-rate schedule of the official recipes.
 
-The official repositories use timm's `create_optimizer_v2` (AdamW, no weight
-decay on 1-D parameters: biases and norm scales) and timm's
+Spikformer, SDT and the CIFAR recipes of MSViT use timm's `create_optimizer_v2`
+(AdamW, no weight decay on 1-D parameters: biases and norm scales) and timm's
 `CosineLRScheduler` stepped once per epoch with a non-prefixed warmup,
-followed by `cooldown_epochs` at `min_lr`.
+followed by `cooldown_epochs` at `min_lr` (`optimizer.schedule='timm_cosine'`).
+MSViT's and QKFormer's ImageNet trainer is MAE's fine-tuning loop
+(`schedule='mae_cosine'`): the lr is set every update, a linear warmup from 0
+and a half-cosine to min_lr, the base lr scaled by the effective batch / 256
+(`lr_scale_batch`), with gradient accumulation (`accum_steps`).
 """
 
 from __future__ import annotations
@@ -33,12 +37,46 @@ def timm_cosine_lr(step, *, base_lr: float, steps_per_epoch: int, epochs: int,
   return jnp.where(t < warmup_epochs, warm, jnp.where(t < epochs, cos, min_lr))
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
+def mae_cosine_lr(step, *, base_lr: float, steps_per_epoch: float, epochs: int,
+                  warmup_epochs: int, min_lr: float):
+  """MAE's util/lr_sched.adjust_learning_rate (MSViT / QKFormer ImageNet).
+
+  t = fractional epoch of this update; t < warmup: base_lr * t / warmup (from
+  0); then min_lr + (base - min) * (1 + cos(pi (t - warmup) / (epochs -
+  warmup))) / 2, held at min_lr past `epochs`.
+  """
+  t = jnp.minimum(step / steps_per_epoch, epochs)
+  warm = base_lr * t / max(warmup_epochs, 1e-12)
+  frac = (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+  cos = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+  return jnp.where(t < warmup_epochs, warm, cos)
+
+
+SCHEDULES = ('timm_cosine', 'mae_cosine')
+
+
+def base_lr(cfg: ml_collections.ConfigDict) -> float:
+  """optimizer.lr, times (global batch x accum_steps) / 256 if lr_scale_batch."""
   o = cfg.optimizer
-  return lambda step: timm_cosine_lr(
-      step, base_lr=o.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-      warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr,
-      per_epoch=o.schedule_per_epoch)
+  if o.get('lr_scale_batch', False):
+    return o.lr * cfg.batch_size * o.get('accum_steps', 1) / 256
+  return o.lr
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: float):
+  """lr as a function of the optimizer-update count."""
+  o = cfg.optimizer
+  name, lr = o.get('schedule', 'timm_cosine'), base_lr(cfg)
+  if name == 'timm_cosine':
+    return lambda step: timm_cosine_lr(
+        step, base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+        warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr,
+        per_epoch=o.schedule_per_epoch)
+  if name == 'mae_cosine':
+    return lambda step: mae_cosine_lr(
+        step, base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+        warmup_epochs=o.warmup_epochs, min_lr=o.min_lr)
+  raise ValueError(f'optimizer.schedule={name!r}; valid: {SCHEDULES}.')
 
 
 def decay_mask(params):
@@ -47,9 +85,17 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
-  """Returns (optax transformation, schedule)."""
+  """Returns (optax transformation, schedule of the train-step count).
+
+  With accum_steps = k > 1 the gradients of k consecutive steps are averaged
+  into one update (optax.MultiSteps; BatchNorm statistics still move every
+  step, as in PyTorch), and the schedule advances once per update.
+  """
   o = cfg.optimizer
-  schedule = make_schedule(cfg, steps_per_epoch)
+  k = o.get('accum_steps', 1)
+  if k < 1:
+    raise ValueError(f'optimizer.accum_steps={k} must be >= 1.')
+  schedule = make_schedule(cfg, steps_per_epoch / k)
   if o.name == 'adamw':
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                      weight_decay=o.weight_decay, mask=decay_mask)
@@ -60,4 +106,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
     raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  if k > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=k)
+    return tx, lambda step: schedule(step // k)
   return tx, schedule

@@ -258,8 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _write_json(os.path.join(workdir, 'config.json'),
               {'config': config.to_dict(), 'run': run_info})
 
-  log(f'{config.model.name} {config.model.get("flavour", "")} '
-      f'{config.model.depth}-{config.model.embed_dim}, T={config.model.T}, '
+  log(f'{models.describe(config.model)}, T={config.model.T}, '
       f'{exp.num_params:,} params, {config.model.dtype}; data {config.data.name} '
       f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
       f'{mesh.size} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '

@@ -147,7 +147,8 @@ def test_every_a2os2a_row_builds_with_sdt_parameters(variant):
 _NEURONS = {'ssa': (True, True, 'lif'), 'sdsa': (True, True, 'lif'),
             'a2os2a': (True, False, 'ternary'), 'a_i': (False, False, 'lif'),
             'a_relu': (False, False, 'lif'), 'a_leakyrelu': (False, False, 'lif'),
-            'vsa': (False, False, 'lif'), 'vsa_float_v': (False, False, None)}
+            'vsa': (False, False, 'lif'), 'vsa_float_v': (False, False, None),
+            'mssa': (True, True, None)}  # MSViT: Q, P and K neurons, no V
 
 
 @pytest.mark.parametrize('style', layers.ATTENTION_STYLES)

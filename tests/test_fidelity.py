@@ -2,7 +2,7 @@
 
 Runs `python -m spikeformer_jax.fidelity` (which needs 64-bit JAX, hence a
 subprocess) on every fixture file in ../shared/fixtures and checks each
-report. Families whose models land in later releases are skipped by name.
+report: every family (Spikformer, SDT, MSViT) must match.
 """
 
 import json
@@ -15,7 +15,6 @@ import pytest
 
 from conftest import ROOT
 
-IMPLEMENTED = ('spikformer', 'sdt')
 
 
 @pytest.fixture(scope='module')
@@ -35,7 +34,7 @@ def reports(shared_dir, tmp_path_factory):
 
 @pytest.mark.parametrize('name', ['spikformer_cifar.npz', 'spikformer_imagenet.npz',
                                   'spikformer_dvs.npz', 'sdt_cifar.npz', 'sdt_imagenet.npz',
-                                  'sdt_gesture.npz'])
+                                  'sdt_gesture.npz', 'msvit_cifar.npz', 'msvit_imagenet.npz'])
 def test_fixture_matches(reports, name):
   by_file, _ = reports
   if name not in by_file:
@@ -47,16 +46,19 @@ def test_fixture_matches(reports, name):
   assert checks['logits_train']['error'] <= 1e-9
 
 
-def test_other_families_are_reported_not_silently_passed(reports):
+def test_every_fixture_file_is_checked_and_passes(reports):
   by_file, proc = reports
-  for name, r in by_file.items():
-    family = name.split('_')[0]
-    if family in IMPLEMENTED:
-      continue
-    # Not implemented yet: must fail loudly, never pass.
-    assert not r['ok'] and 'not implemented' in r.get('error', ''), r
-  if any(n.split('_')[0] not in IMPLEMENTED for n in by_file):
-    assert proc.returncode == 1
+  assert by_file and all(r['ok'] for r in by_file.values()), sorted(
+      n for n, r in by_file.items() if not r['ok'])
+  assert proc.returncode == 0
+
+
+def test_unknown_family_fails_loudly():
+  from spikeformer_jax import fidelity  # pylint: disable=import-outside-toplevel
+  with pytest.raises(NotImplementedError, match="family 'vit'"):
+    fidelity.model_config_from_fixture({'family': 'vit'})
+  with pytest.raises(ValueError, match='unknown MSViT source file'):
+    fidelity.model_config_from_fixture({'family': 'msvit', 'file': 'x/model.py'})
 
 
 def test_fidelity_detects_a_wrong_model(shared_dir, tmp_path):

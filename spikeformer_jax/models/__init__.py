@@ -85,6 +85,13 @@ def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
                             rngs=nnx.Rngs(seed))
 
 
+def describe(cfg: ml_collections.ConfigDict) -> str:
+  """'spikformer cifar 4-384' style: family, flavour / graph / attention, depth-width."""
+  if cfg.name == 'msvit':
+    return f'msvit {cfg.graph} {sum(cfg.depths)}-{cfg.dims[-1]} (stages {tuple(cfg.dims)})'
+  return f'{cfg.name} {cfg.get("flavour") or cfg.get("attention", "")} {cfg.depth}-{cfg.embed_dim}'
+
+
 def count_params(model: nnx.Module) -> int:
   """Number of trainable parameters (like PyTorch's `parameters()`)."""
   return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))

@@ -20,8 +20,8 @@ then the Spikformer head (mean over tokens and T, Linear). Graphs:
 The released code's attention neurons fire at 1.0 (its neuron factory
 ignores the requested 0.5): `attn_v_threshold=1.0` reproduces it, 0.5 is the
 intent. QKFormer is the same graph with widths (D/4, D/2, D) and no P branch
-(`mssa_kernels=(1, 0)`, thresholds 0.5). The CIFAR-100 file's MSSA (kernel-1
-P, per-channel mask) is `mssa_kernels=(1, 1), mssa_p_sum=False`.
+(Q only: `mssa_kernels` pairs (1, 0); thresholds 0.5). The CIFAR-100 file's MSSA (kernel-1
+P, per-channel mask) is `mssa_kernels=((1, 1),) * 3, mssa_p_sum=False`.
 """
 
 from __future__ import annotations
@@ -116,13 +116,13 @@ class Block(nnx.Module):
   """x = x + attn(x); x = x + mlp(x) on tokens [BT, N, C]; the attention sits
   under its official name (`tssa` for MSSA, `attn` / `ssa` otherwise)."""
 
-  def __init__(self, dim: int, kind: str, *, cfg, graph: dict, s: Settings, ternary,
-               rngs: nnx.Rngs):
+  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: dict, s: Settings,
+               ternary, rngs: nnx.Rngs):
     self.attn_name = 'tssa' if kind == 'mssa' else graph['attn_name']
     setattr(self, self.attn_name, layers.SpikingAttention(
         dim, cfg.num_heads, s=s, kind=kind, style='spikformer', scale=cfg.attn_scale,
         order='kv_first', qkv_bias=False, attn_v_threshold=cfg.attn_v_threshold,
-        init='torch_default', ternary=ternary, mssa_kernels=tuple(cfg.mssa_kernels),
+        init='torch_default', ternary=ternary, mssa_kernels=tuple(kernels),
         mssa_p_sum=cfg.mssa_p_sum,
         proj_lif_batch_as_time=kind != 'mssa' and cfg.ssa_proj_lif_batch_as_time, rngs=rngs))
     self.mlp = layers.SpikingMLP(dim, int(dim * cfg.mlp_ratio), s=s, init='torch_default',
@@ -143,12 +143,13 @@ class MSViT(nnx.Module):
     graph = GRAPHS[cfg.graph]
     stem = STEMS[cfg.stem or graph['stem']]
     dims = tuple(cfg.dims)
-    for i, (dim, depth, kind) in enumerate(zip(dims, cfg.depths, cfg.attention)):
+    stages = zip(dims, cfg.depths, cfg.attention, cfg.mssa_kernels)
+    for i, (dim, depth, kind, kernels) in enumerate(stages):
       embed = (InitEmbed(cfg.in_channels, dim, stem, s=s, rngs=rngs) if i == 0 else
                StageEmbed(dims[i - 1], dim, graph['embed_pool'], s=s, rngs=rngs))
       setattr(self, f'patch_embed{i + 1}', embed)
       setattr(self, f'stage{i + 1}', nnx.List([
-          Block(dim, kind, cfg=cfg, graph=graph, s=s, ternary=ternary, rngs=rngs)
+          Block(dim, kind, kernels, cfg=cfg, graph=graph, s=s, ternary=ternary, rngs=rngs)
           for _ in range(depth)]))
     self.head = nnx.Linear(dims[-1], cfg.num_classes, kernel_init=layers.trunc_normal_init,
                            dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
@@ -179,9 +180,14 @@ def check_config(cfg: ml_collections.ConfigDict):
   if cfg.stem and cfg.stem not in STEMS:
     raise ValueError(f'model.stem={cfg.stem!r}; valid: {sorted(STEMS)} or "" (the graph\'s).')
   n = len(cfg.dims)
-  if n < 1 or len(cfg.depths) != n or len(cfg.attention) != n:
-    raise ValueError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)} and '
-                     f'attention={tuple(cfg.attention)} must have one entry per stage.')
+  if n < 1 or not len(cfg.depths) == len(cfg.attention) == len(cfg.mssa_kernels) == n:
+    raise ValueError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
+                     f'attention={tuple(cfg.attention)} and mssa_kernels='
+                     f'{tuple(cfg.mssa_kernels)} must have one entry per stage.')
+  for kind, kernels in zip(cfg.attention, cfg.mssa_kernels):
+    if kind == 'mssa' and (len(kernels) != 2 or not any(kernels)):
+      raise ValueError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
+                       'pair per stage, at least one of them non-zero (0 drops a branch).')
   for dim in cfg.dims:
     if dim % cfg.num_heads:
       raise ValueError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
@@ -237,7 +243,8 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       img_size=img_size,
       attn_v_threshold=vth,     # 1.0: the released code; 0.5: the paper's intent
       attn_scale=0.125,         # SSA (stage 3)
-      mssa_kernels=(1, 0) if variant == 'qkformer' else (1, 3),  # Q, P token-conv kernels (0: none)
+      # per stage, the (Q, P) token-conv kernels of an MSSA (0 drops the branch)
+      mssa_kernels=((1, 0) if variant == 'qkformer' else (1, 3),) * len(dims),
       mssa_p_sum=True,          # False: the CIFAR-100 file's per-channel P
       # The released SSA hands proj_lif a [T*B, ...] tensor, so its membrane
       # runs over batch and time as one sequence, coupling the samples of a
