@@ -9,7 +9,7 @@ from flax import nnx
 from conftest import ROOT  # noqa: F401  (puts the repo root on sys.path)
 from configs import a2os2a as a2os2a_configs
 from configs import sdt as sdt_configs
-from spikeformer_jax import convert, layers, models, neurons, sharding, train_lib
+from spikeformer_jax import convert, layers, models, neurons, train_lib
 from spikeformer_jax.models import sdt
 
 
@@ -115,15 +115,8 @@ def test_official_sdt_weights_load_into_a2os2a(shared_dir):
 
 
 def test_a2os2a_eight_devices_equal_one_device():
-  from test_train import _bn_cancelled, _run_steps
-  config = a2os2a_configs.get_config('cifar10-2-256,runlocal')
-  l1, s1 = _run_steps(config, sharding.make_mesh(1))
-  l8, s8 = _run_steps(config, sharding.make_mesh(8))
-  np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(s8['params'])[0],
-                          jax.tree.leaves(s1['params'])):
-    if not _bn_cancelled(path):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  from test_train import assert_eight_devices_equal_one
+  assert_eight_devices_equal_one(a2os2a_configs.get_config('cifar10-2-256,runlocal'))
 
 
 def test_tet_loss_formula():
