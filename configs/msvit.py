@@ -63,9 +63,14 @@ are not part of this release: use `--config.data.name=npz` or `synthetic`.
 
 Suffix ',runlocal' shrinks any variant (last stage 32 wide, one block per
 stage, T 2, synthetic data) for smoke tests.
+
+Sweep `table3` (`python sweep.py run --config=configs/msvit.py --sweep=table3
+--workdir=DIR`): the 8 rows of Table 3 as overrides of cifar100-4-384, each
+with the paper's number.
 """
 
 from spikeformer_jax import config_lib as cl
+from spikeformer_jax import sweeps
 from spikeformer_jax.models import msvit
 
 # name -> (variant, depth, D, heads, paper top-1)
@@ -150,3 +155,19 @@ def get_config(arg: str = 'cifar10-4-384'):
     c = cl.runlocal(c)
   c.name = f'msvit:{arg}'
   return c
+
+
+SWEEPS = ('table3',)
+
+
+def get_sweep(name: str):
+  """Table 3 as overrides of the MSViT CIFAR-100 row (attention and the (Q, P)
+  kernels per stage), named as the paper's rows."""
+  if name == 'table3':
+    rows = {'msvit': ((1, 3), ('ssa', (1, 3)), _CIFAR['cifar100-4-384'][2]),
+            **{k.removeprefix('cifar100-ablation-'): v for k, v in _ABLATION.items()}}
+    return [{'name': row, 'config': 'cifar100-4-384',
+             'model.attention': ('mssa', 'mssa', kind3),
+             'model.mssa_kernels': (early, early, kernels3), 'paper_top1': acc}
+            for row, (early, (kind3, kernels3), acc) in rows.items()]
+  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

@@ -38,11 +38,21 @@ DVS128 Gesture: the official repository never released a Gesture model
 classes. The paper's 98.3% also used a 1-D max-pool after Q and K that the
 released code does not contain.
 
+Sweeps (`python sweep.py run --config=configs/spikformer.py --sweep=NAME
+--workdir=DIR`, see sweep.py), each point carrying the paper's number:
+`timesteps` (Table 5: T in {1, 2, 4, 6} on CIFAR-10/100 4-384 and ImageNet
+8-512, 12 points), `attention` (Table 1: A_I, A_LeakyReLU, A_ReLU, A_softmax
+and SSA on CIFAR10-DVS 2-256 and CIFAR-10/100 4-384, 15 points),
+`attention-imagenet` (Table 5's ImageNet 8-512 rows: I, ReLU, LeakyReLU, VSA,
+VSA with float V, 5 points), `digits-small` (T x surrogate on the embedded
+digits, minutes on a CPU; table in the README).
+
 Suffix ',runlocal' shrinks any variant (depth 1, width 32, T 2, a few steps on
 synthetic data) for smoke tests: `--config=configs/spikformer.py:cifar10-4-384,runlocal`.
 """
 
 from spikeformer_jax import config_lib as cl
+from spikeformer_jax import sweeps
 from spikeformer_jax.models import spikformer
 
 # name -> (dataset, flavour, depth, dim, heads, T, classes, image size, paper top-1)
@@ -108,3 +118,44 @@ def get_config(arg: str = 'digits'):
     c = cl.runlocal(c)
   c.name = f'spikformer:{arg}'
   return c
+
+
+SWEEPS = ('timesteps', 'attention', 'attention-imagenet', 'digits-small')
+
+# Table 5, time steps: (variant, T) -> top-1.
+_TABLE5_T = {
+    ('cifar10-4-384', 1): 93.51, ('cifar10-4-384', 2): 93.59,
+    ('cifar10-4-384', 4): 95.19, ('cifar10-4-384', 6): 95.34,
+    ('cifar100-4-384', 1): 74.36, ('cifar100-4-384', 2): 76.28,
+    ('cifar100-4-384', 4): 77.86, ('cifar100-4-384', 6): 78.61,
+    ('imagenet-8-512', 1): 70.14, ('imagenet-8-512', 2): 71.09,
+    ('imagenet-8-512', 4): 73.38, ('imagenet-8-512', 6): 73.70,
+}
+# Table 1, attention kinds: (variant, kind) -> top-1 (A_softmax is `vsa`).
+_TABLE1 = {
+    (v, k): acc
+    for v, accs in (('cifar10dvs-2-256', (79.40, 79.80, 79.40, 80.00, 80.90)),
+                    ('cifar10-4-384', (93.96, 93.85, 94.34, 94.97, 95.19)),
+                    ('cifar100-4-384', (76.94, 76.73, 77.00, 77.92, 77.86)))
+    for k, acc in zip(('a_i', 'a_leakyrelu', 'a_relu', 'vsa', 'ssa'), accs)
+}
+# Table 5, ImageNet 8-512 attention kinds (I, ReLU, LeakyReLU: "did not converge").
+_TABLE5_ATTN = {'a_i': 0.0, 'a_relu': 0.0, 'a_leakyrelu': 0.0, 'vsa': 72.70,
+                'vsa_float_v': 73.96}
+
+
+def get_sweep(name: str):
+  """The points of sweep `name` (see the module docstring)."""
+  if name == 'timesteps':
+    return [{'config': v, 'model.T': t, 'paper_top1': acc} for (v, t), acc in _TABLE5_T.items()]
+  if name == 'attention':  # the official code of the variants was not released
+    return [{'config': v, 'model.attention': k, 'paper_top1': acc}
+            for (v, k), acc in _TABLE1.items()]
+  if name == 'attention-imagenet':
+    return [{'config': 'imagenet-8-512', 'model.attention': k, 'paper_top1': acc}
+            for k, acc in _TABLE5_ATTN.items()]
+  if name == 'digits-small':  # 6 points of 8 epochs on the embedded digits
+    return sweeps.product(
+        sweeps.grid(**{'model.T': [1, 2, 4], 'model.neuron.surrogate': ['sigmoid', 'atan']}),
+        [{'epochs': 8, 'ckpt_every_steps': 0}])
+  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

@@ -1,0 +1,542 @@
+"""Config sweeps: declare next to the configs, run, resume, tabulate.
+
+A sweep is a list of points; a point is a dict of overrides, dotted keys into
+the config (`'model.T': 4`), plus optionally `'config'` (the config file's
+argument, e.g. a paper row 'cifar10-2-256') and `'name'`. A config module
+declares its sweeps with `get_sweep(name)`, returning the points, built with:
+
+    grid(**{'model.T': [1, 2, 4, 6]})                  # cartesian product
+    zipped(**{'config': [...], 'model.depth': [...]})   # element-wise
+    random_search(8, seed=0, **{'optimizer.lr': loguniform(1e-4, 1e-2)})
+    product(a, b), chain(a, b)                          # combine sweeps
+
+`expand` turns them into complete configs and rejects invalid ones (unknown
+fields, values of the wrong type, models that cannot be built) before anything
+runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
+a rerun skip finished points and continue interrupted ones); a failing point
+is recorded in WORKDIR/status.json and the sweep goes on. `collect` reads every
+point's config and final metrics into a table (CSV, markdown) and a plot.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import ml_collections
+import numpy as np
+
+RESERVED = ('config', 'name')
+# Keys that annotate a point without being swept: not in its name, not a column.
+ANNOTATIONS = ('name', 'paper_top1')
+
+
+# --------------------------------------------------------------------------
+# Declaring.
+# --------------------------------------------------------------------------
+
+
+def grid(**axes) -> list[dict]:
+  """Every combination of the axes' values (the last axis varies fastest)."""
+  keys = list(axes)
+  return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def zipped(**axes) -> list[dict]:
+  """The i-th values of all axes together; the axes must have equal lengths."""
+  lengths = {k: len(v) for k, v in axes.items()}
+  if len(set(lengths.values())) > 1:
+    raise ValueError(f'zipped axes of different lengths: {lengths}.')
+  keys = list(axes)
+  return [dict(zip(keys, values)) for values in zip(*(axes[k] for k in keys))]
+
+
+def product(*sweeps: list[dict]) -> list[dict]:
+  """Every combination of one point from each sweep, merged."""
+  out = []
+  for parts in itertools.product(*sweeps):
+    merged = {}
+    for p in parts:
+      merged.update(p)
+    out.append(merged)
+  return out
+
+
+def chain(*sweeps: list[dict]) -> list[dict]:
+  """The points of each sweep, one after another."""
+  return [dict(p) for s in sweeps for p in s]
+
+
+@dataclasses.dataclass(frozen=True)
+class uniform:  # pylint: disable=invalid-name
+  lo: float
+  hi: float
+
+  def sample(self, rng):
+    return float(rng.uniform(self.lo, self.hi))
+
+
+@dataclasses.dataclass(frozen=True)
+class loguniform:  # pylint: disable=invalid-name
+  lo: float
+  hi: float
+
+  def sample(self, rng):
+    return float(math.exp(rng.uniform(math.log(self.lo), math.log(self.hi))))
+
+
+def random_search(n: int, seed: int = 0, **space) -> list[dict]:
+  """n points drawn with a fixed seed: a list is a uniform choice, uniform /
+  loguniform a continuous range, anything else a constant."""
+  rng = np.random.default_rng(seed)
+  def draw(v):
+    if isinstance(v, (uniform, loguniform)):
+      return v.sample(rng)
+    if isinstance(v, (list, tuple)):
+      return v[int(rng.integers(len(v)))]
+    return v
+  return [{k: draw(v) for k, v in space.items()} for _ in range(n)]
+
+
+# --------------------------------------------------------------------------
+# Expanding into complete, validated configs.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Point:
+  name: str
+  overrides: dict          # dotted key -> value (without 'config' / 'name')
+  config_arg: str          # the config file's argument ('' = its default)
+  config: ml_collections.ConfigDict
+
+
+def load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location(
+      'sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f'config file {path!r} not found.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def declared_sweeps(module) -> list[str]:
+  return list(getattr(module, 'SWEEPS', ()))
+
+
+def _as_config_value(v):
+  if isinstance(v, list):
+    return tuple(_as_config_value(x) for x in v)
+  return v
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict, where: str = ''):
+  """Sets dotted keys on a locked config: unknown fields and values of the
+  wrong type raise one ValueError naming the point, field and value."""
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    try:
+      for p in path:
+        node = node[p]
+      if leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = _as_config_value(value)
+    except (KeyError, AttributeError) as e:
+      raise ValueError(f'{where}unknown config field {key!r} (set to {value!r}).') from e
+    except TypeError as e:
+      raise ValueError(f'{where}{key}={value!r}: {e}') from e
+  return config
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f'{v:.3g}'
+  if isinstance(v, (tuple, list)):
+    return '-'.join(_fmt(x) for x in v)
+  return str(v)
+
+
+def point_name(overrides: dict, keys=None) -> str:
+  """'T=4,surrogate=atan' from the overrides (last key component = value),
+  over `keys` (default: all); an explicit 'name' wins."""
+  if 'name' in overrides:
+    return str(overrides['name'])
+  keys = [k for k in overrides if k not in ANNOTATIONS] if keys is None else keys
+  parts = [_fmt(overrides[k]) if k == 'config' else f'{k.split(".")[-1]}={_fmt(overrides[k])}'
+           for k in keys if k in overrides]
+  name = ','.join(parts) or 'base'
+  return re.sub(r'[^A-Za-z0-9._=,+-]', '_', name)
+
+
+def varying_keys(points: list[dict]) -> list[str]:
+  """Keys whose value differs between points (the swept fields), in order."""
+  keys = list(dict.fromkeys(k for p in points for k in p if k not in ANNOTATIONS))
+  return [k for k in keys if len({repr(p.get(k)) for p in points}) > 1]
+
+
+def check_buildable(config: ml_collections.ConfigDict):
+  """Builds the model abstractly (no arrays): catches sizes that do not fit."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import models, optim  # pylint: disable=import-outside-toplevel
+  nnx.eval_shape(lambda: models.build_model(config.model))
+  if config.optimizer.get('schedule', 'timm_cosine') not in optim.SCHEDULES:
+    raise ValueError(f'optimizer.schedule={config.optimizer.schedule!r}; valid: '
+                     f'{optim.SCHEDULES}.')
+  if config.batch_size < 1 or config.model.T < 1:
+    raise ValueError(f'batch_size={config.batch_size} and model.T={config.model.T} '
+                     'must be >= 1.')
+
+
+def expand(config_path: str, points: list[dict], common: dict | None = None,
+           validate: bool = True, runlocal: bool = False) -> list[Point]:
+  """Complete configs of every point (common overrides applied to all;
+  `runlocal` adds the configs' ',runlocal' flag: a seconds-long smoke run of
+  each point); raises ValueError listing every invalid point before anything
+  runs."""
+  module = load_config_module(config_path)
+  out, errors, seen = [], [], {}
+  swept = varying_keys(points)
+  for i, raw in enumerate(points):
+    raw = dict(raw)
+    name = point_name(raw, swept)
+    arg = ','.join(filter(None, [str(raw.pop('config', '')), 'runlocal' if runlocal else '']))
+    raw.pop('name', None)
+    if name in seen:
+      name = f'{name}#{i}'
+    seen[name] = True
+    where = f'sweep point {name!r}: '
+    try:
+      config = module.get_config(arg) if arg else module.get_config()
+      apply_overrides(config, {**(common or {}), **raw}, where)
+      if validate:
+        check_buildable(config)
+    except (ValueError, TypeError, KeyError) as e:
+      msg = str(e)
+      errors.append(msg if msg.startswith('sweep point') else where + msg)
+      continue
+    out.append(Point(name, raw, arg, config))
+  if errors:
+    raise ValueError(f'{len(errors)} of {len(points)} sweep points are invalid '
+                     '(nothing was run):\n  ' + '\n  '.join(errors))
+  return out
+
+
+def get_points(config_path: str, sweep: str, common: dict | None = None,
+               validate: bool = True, runlocal: bool = False) -> list[Point]:
+  """The expanded points of sweep `sweep` declared in `config_path`."""
+  module = load_config_module(config_path)
+  names = declared_sweeps(module)
+  if sweep not in names:
+    raise ValueError(f'{config_path} declares no sweep {sweep!r}; declared: '
+                     f'{", ".join(names) or "none"}.')
+  return expand(config_path, module.get_sweep(sweep), common, validate, runlocal)
+
+
+# --------------------------------------------------------------------------
+# Running.
+# --------------------------------------------------------------------------
+
+
+def point_status(point_dir: str) -> str:
+  """finished | interrupted (started, not finished) | new."""
+  final = os.path.join(point_dir, 'final_metrics.json')
+  if os.path.exists(final):
+    with open(final, encoding='utf-8') as f:
+      m = json.load(f)
+    if m.get('steps') == m.get('total_steps'):
+      return 'finished'
+  if os.path.exists(os.path.join(point_dir, 'config.json')):
+    return 'interrupted'
+  return 'new'
+
+
+def point_command(config_path: str, sweep: str, point: str, workdir: str,
+                  common: dict | None = None, runlocal: bool = False) -> list[str]:
+  """The command that trains one point (also what `commands` prints)."""
+  cmd = [sys.executable, os.path.join(_ROOT, 'sweep.py'), 'point', f'--config={config_path}',
+         f'--sweep={sweep}', f'--point={point}', f'--workdir={workdir}']
+  for k, v in (common or {}).items():
+    cmd.append(f'--set={k}={json.dumps(v)}')
+  return cmd + (['--runlocal'] if runlocal else [])
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Status:
+  """WORKDIR/status.json: each point's state, rewritten atomically."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'status.json')
+    self.lock = threading.Lock()
+    self.data = {}
+    if os.path.exists(self.path):
+      with open(self.path, encoding='utf-8') as f:
+        self.data = json.load(f)
+
+  def set(self, name: str, **fields):
+    with self.lock:
+      self.data[name] = {**self.data.get(name, {}), **fields}
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(self.data, f, indent=1, sort_keys=True)
+      os.replace(tmp, self.path)
+
+
+def _diff(saved, want, prefix: str = '') -> list[str]:
+  """Dotted keys whose values differ between two JSON-like config dicts."""
+  if isinstance(saved, dict) and isinstance(want, dict):
+    return [d for k in sorted(set(saved) | set(want))
+            for d in _diff(saved.get(k), want.get(k), f'{prefix}{k}.')]
+  return [] if saved == want else [prefix.rstrip('.')]
+
+
+def config_changes(point_dir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Fields where the config a point's run was started with (its config.json)
+  differs from `config`: resuming or skipping it would mix two experiments."""
+  path = os.path.join(point_dir, 'config.json')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)['config']
+  return _diff(saved, json.loads(json.dumps(config.to_dict())))
+
+
+def _conflict_message(point_dir: str, changes: list[str]) -> str:
+  shown = ', '.join(changes[:6]) + (f' (+{len(changes) - 6} more)' if len(changes) > 6 else '')
+  return (f'{point_dir} was trained with other values of {shown}; delete that directory '
+          'to retrain the point, or use another --workdir.')
+
+
+def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Point],
+                   common: dict | None = None, runlocal: bool = False):
+  """WORKDIR/sweep.json: what `collect` reads. Refuses a workdir that holds
+  another sweep (mixing two sweeps' points would corrupt both tables)."""
+  path = os.path.join(workdir, 'sweep.json')
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      old = json.load(f)
+    if (os.path.abspath(old['config']), old['sweep']) != (os.path.abspath(config_path), sweep):
+      raise ValueError(f'{workdir} holds sweep {old["sweep"]!r} of {old["config"]}, not '
+                       f'{sweep!r} of {config_path}: use another --workdir.')
+  os.makedirs(workdir, exist_ok=True)
+  swept = varying_keys([{'config': p.config_arg, **p.overrides} for p in points])
+  manifest = {'config': config_path, 'sweep': sweep, 'common': common or {},
+              'runlocal': runlocal, 'swept': swept,
+              'points': [{'name': p.name, 'config': p.config_arg, 'overrides': p.overrides,
+                          'paper_top1': p.config.get('paper_top1', 0.0)} for p in points]}
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(manifest, f, indent=1, default=str)
+  os.replace(tmp, path)
+
+
+def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
+        common: dict | None = None, runlocal: bool = False, env: dict | None = None,
+        log=print) -> dict:
+  """Runs every point not finished yet, `parallel` at a time, each in its own
+  process and workdir. Returns {point: finished | failed | conflict}."""
+  points = get_points(config_path, sweep, common, runlocal=runlocal)
+  write_manifest(config_path, sweep, workdir, points, common, runlocal)
+  status = _Status(workdir)
+  todo = []
+  for p in points:
+    pdir = os.path.join(workdir, p.name)
+    changes = config_changes(pdir, p.config)
+    if changes:
+      msg = _conflict_message(pdir, changes)
+      log(f'[CONFLICT] {p.name}: {msg}')
+      status.set(p.name, status='conflict', error=msg)
+      continue
+    st = point_status(pdir)
+    if st == 'finished':
+      log(f'[skip] {p.name}: finished')
+      status.set(p.name, status='finished')
+    else:
+      todo.append((p, st))
+
+  def one(item):
+    p, st = item
+    pdir = os.path.join(workdir, p.name)
+    os.makedirs(pdir, exist_ok=True)
+    log(f'[{"resume" if st == "interrupted" else "start"}] {p.name}')
+    status.set(p.name, status='running', started=time.time())
+    t0 = time.time()
+    with open(os.path.join(pdir, 'sweep.log'), 'a', encoding='utf-8') as out:
+      proc = subprocess.run(point_command(config_path, sweep, p.name, pdir, common, runlocal),
+                            stdout=out, stderr=subprocess.STDOUT, cwd=_ROOT,
+                            env={**os.environ, **(env or {})}, check=False)
+    secs = round(time.time() - t0, 1)
+    if proc.returncode == 0 and point_status(pdir) == 'finished':
+      status.set(p.name, status='finished', seconds=secs, error='')
+      log(f'[done] {p.name} ({secs} s)')
+    else:
+      tail = _tail(os.path.join(pdir, 'sweep.log'))
+      status.set(p.name, status='failed', seconds=secs, returncode=proc.returncode,
+                 error=tail)
+      log(f'[FAILED] {p.name} (exit {proc.returncode}): {tail.splitlines()[-1] if tail else ""}')
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+    list(pool.map(one, todo))
+  return {name: s['status'] for name, s in status.data.items()
+          if name in {p.name for p in points}}
+
+
+def _tail(path: str, lines: int = 15) -> str:
+  try:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      return ''.join(f.readlines()[-lines:]).strip()
+  except OSError:
+    return ''
+
+
+def run_point(config_path: str, sweep: str, point: str, workdir: str,
+              common: dict | None = None, runlocal: bool = False) -> dict:
+  """Trains one point in this process (what each sweep process runs)."""
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  points = {p.name: p for p in get_points(config_path, sweep, common, validate=False,
+                                          runlocal=runlocal)}
+  if point not in points:
+    raise ValueError(f'sweep {sweep!r} has no point {point!r}; points: {", ".join(points)}.')
+  changes = config_changes(workdir, points[point].config)
+  if changes:
+    raise ValueError(_conflict_message(workdir, changes))
+  return train_lib.train_and_evaluate(points[point].config, workdir)
+
+
+# --------------------------------------------------------------------------
+# Collecting.
+# --------------------------------------------------------------------------
+
+# Columns from each point's final_metrics.json; paper_top1 (the paper's number
+# for the point, as a fraction like test_top1) comes from the declaration.
+METRICS = ('test_top1', 'paper_top1', 'test_top5', 'test_loss', 'steps', 'wall_time_s',
+           'num_params')
+
+
+def _lookup(cfg: dict, key: str):
+  node = cfg
+  for p in key.split('.'):
+    if not isinstance(node, dict) or p not in node:
+      return None
+    node = node[p]
+  return node
+
+
+def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
+            descending: bool | None = None) -> list[dict]:
+  """Reads every point of the sweep in `workdir` into rows; writes
+  results.csv, results.md (sorted by `metric`) and results.png (`metric`
+  against swept field `x`, one line per combination of the other fields)."""
+  path = os.path.join(workdir, 'sweep.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of a sweep?')
+  with open(path, encoding='utf-8') as f:
+    sweep = json.load(f)
+  status = _Status(workdir).data
+  swept = [k for k in sweep['swept']]
+  rows = []
+  for p in sweep['points']:
+    pdir = os.path.join(workdir, p['name'])
+    row = {'point': p['name'], 'status': point_status(pdir)}
+    recorded = status.get(p['name'], {}).get('status')
+    if recorded == 'conflict' or (recorded == 'failed' and row['status'] != 'finished'):
+      row['status'] = recorded
+    cfg = {}
+    if os.path.exists(os.path.join(pdir, 'config.json')):
+      with open(os.path.join(pdir, 'config.json'), encoding='utf-8') as f:
+        cfg = json.load(f)['config']
+    for k in swept:  # the value the run actually used, else the declared one
+      used = p['config'] if k == 'config' else _lookup(cfg, k)
+      row[k] = used if used is not None else p['overrides'].get(k)
+    final = {}
+    if os.path.exists(os.path.join(pdir, 'final_metrics.json')):
+      with open(os.path.join(pdir, 'final_metrics.json'), encoding='utf-8') as f:
+        final = json.load(f)
+    for m in METRICS:
+      row[m] = final.get(m)
+    row['paper_top1'] = (p.get('paper_top1') or 0.0) / 100 or None
+    rows.append(row)
+  if descending is None:
+    descending = 'loss' not in metric
+  rows.sort(key=lambda r: (r.get(metric) is None,
+                           -(r.get(metric) or 0) if descending else (r.get(metric) or 0)))
+  metrics = [m for m in METRICS if m != 'paper_top1' or any(r[m] for r in rows)]
+  columns = ['point', 'status', *swept, *metrics]
+  with open(os.path.join(workdir, 'results.csv'), 'w', newline='', encoding='utf-8') as f:
+    w = csv.DictWriter(f, columns)
+    w.writeheader()
+    for r in rows:
+      w.writerow({c: _cell(r.get(c), c) for c in columns})
+  with open(os.path.join(workdir, 'results.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown_table(rows, columns))
+  _plot(rows, swept, metric, x or (swept[0] if swept else ''),
+        os.path.join(workdir, 'results.png'))
+  return rows
+
+
+def _cell(v, column: str = ''):
+  if isinstance(v, float):
+    return f'{v:.1f}' if column == 'wall_time_s' or abs(v) >= 1000 else f'{v:.4f}'
+  if isinstance(v, (list, tuple)):
+    return str(tuple(v))
+  return '' if v is None else str(v)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  for r in rows:
+    lines.append('| ' + ' | '.join(_cell(r.get(c), c) for c in columns) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def _plot(rows, swept, metric, x, path):
+  """`metric` against `x`, a line per combination of the other swept fields;
+  the paper's numbers (where declared) as hollow markers of the same colour."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  done = [r for r in rows if r.get(metric) is not None]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if x and done:
+    others = [k for k in swept if k != x]
+    groups = {}
+    for r in done:
+      groups.setdefault(tuple(_cell(r[k]) for k in others), []).append(r)
+    numeric = all(isinstance(r[x], (int, float)) and not isinstance(r[x], bool) for r in done)
+    cats = sorted({_cell(r[x]) for r in done})
+    pos = (lambda r: r[x]) if numeric else (lambda r: cats.index(_cell(r[x])))
+    for key, rs in sorted(groups.items()):
+      label = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in zip(others, key)) or metric
+      rs = sorted(rs, key=pos)
+      line, = ax.plot([pos(r) for r in rs], [r[metric] for r in rs],
+                      'o-' if numeric else 'o', label=label)
+      paper = [r for r in rs if metric == 'test_top1' and r.get('paper_top1')]
+      if paper:
+        ax.plot([pos(r) for r in paper], [r['paper_top1'] for r in paper], 'o--',
+                mfc='none', color=line.get_color(), label=f'{label} (paper)')
+    if not numeric:
+      ax.set_xticks(range(len(cats)), cats, rotation=30, ha='right')
+    elif all(isinstance(r[x], int) for r in done):
+      ax.set_xticks(sorted({r[x] for r in done}))
+    ax.set_xlabel(x)
+    if len(ax.get_lines()) > 1:
+      ax.legend(fontsize=7)
+  ax.set_ylabel(metric)
+  ax.set_title(f'{metric} ({len(done)} of {len(rows)} points finished)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,107 @@
+r"""Declared config sweeps: list, run (resumable), print launch commands, collect.
+
+  python sweep.py list     --config=configs/spikformer.py
+  python sweep.py run      --config=configs/spikformer.py --sweep=digits-small --workdir=DIR [--parallel=2]
+  python sweep.py commands --config=configs/spikformer.py --sweep=timesteps --workdir=DIR   # one per point, for a scheduler
+  python sweep.py collect  --workdir=DIR [--metric=test_top1] [--x=model.T]
+  python sweep.py run      --config=configs/a2os2a.py --sweep=table1 --workdir=DIR --runlocal  # smoke run
+
+`--set KEY=VALUE` (repeatable; VALUE parsed as JSON, else a string) overrides
+a field in every point, e.g. `--set data.name=npz --set data.path=/data/c10.npz`.
+Every point is expanded and validated before anything runs. Each point trains
+in DIR/<point>; rerunning `run` skips finished points and resumes interrupted
+ones; a point whose directory was trained with another config is refused, not
+mixed; failures are recorded in DIR/status.json and do not stop the sweep.
+`commands` writes DIR/sweep.json too, so `collect` works on scheduler-launched
+points. `collect` writes DIR/results.{csv,md,png}.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+def _common(pairs):
+  out = {}
+  for pair in pairs or []:
+    key, sep, value = pair.partition('=')
+    if not sep:
+      raise SystemExit(f'error: --set {pair!r}: expected KEY=VALUE.')
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('command', choices=('list', 'run', 'commands', 'point', 'collect'))
+  parser.add_argument('--config', help='config file declaring the sweep (configs/x.py)')
+  parser.add_argument('--sweep', help='sweep name (see `list`)')
+  parser.add_argument('--workdir', help='sweep directory (one subdirectory per point)')
+  parser.add_argument('--parallel', type=int, default=1, help='points trained at once')
+  parser.add_argument('--point', help='(point) the point to train')
+  parser.add_argument('--set', action='append', dest='common', metavar='KEY=VALUE')
+  parser.add_argument('--runlocal', action='store_true',
+                      help="add ',runlocal' to every point's config: a smoke run of the sweep")
+  parser.add_argument('--metric', default='test_top1', help='(collect) sort / plot metric')
+  parser.add_argument('--x', default='', help='(collect) swept field on the plot x axis')
+  args = parser.parse_args(argv)
+
+  from spikeformer_jax import sweeps  # pylint: disable=import-outside-toplevel
+  need = {'list': ('config',), 'run': ('config', 'sweep', 'workdir'),
+          'commands': ('config', 'sweep', 'workdir'),
+          'point': ('config', 'sweep', 'point', 'workdir'), 'collect': ('workdir',)}
+  missing = [f'--{n}' for n in need[args.command] if not getattr(args, n)]
+  if missing:
+    parser.error(f'{args.command} needs {" ".join(missing)}')
+  common = _common(args.common)
+  try:
+    if args.command == 'list':
+      module = sweeps.load_config_module(args.config)
+      for name in sweeps.declared_sweeps(module):
+        points = sweeps.get_points(args.config, name, common, validate=False,
+                                   runlocal=args.runlocal)
+        print(f'{name}: {len(points)} points')
+        for p in points:
+          print(f'  {p.name}')
+    elif args.command == 'commands':
+      points = sweeps.get_points(args.config, args.sweep, common, runlocal=args.runlocal)
+      sweeps.write_manifest(args.config, args.sweep, args.workdir, points, common, args.runlocal)
+      for p in points:
+        cmd = sweeps.point_command(args.config, args.sweep, p.name,
+                                   os.path.join(args.workdir, p.name), common, args.runlocal)
+        print(' '.join(_quote(c) for c in cmd))
+    elif args.command == 'run':
+      result = sweeps.run(args.config, args.sweep, args.workdir, parallel=args.parallel,
+                          common=common, runlocal=args.runlocal)
+      failed = sorted(n for n, s in result.items() if s != 'finished')
+      print(f'{len(result) - len(failed)}/{len(result)} points finished'
+            + (f'; not finished: {", ".join(failed)}' if failed else '') + '.')
+      sweeps.collect(args.workdir)
+      return 1 if failed else 0
+    elif args.command == 'point':
+      from absl import logging  # pylint: disable=import-outside-toplevel
+      logging.set_verbosity(logging.WARNING)
+      sweeps.run_point(args.config, args.sweep, args.point, args.workdir, common, args.runlocal)
+    else:
+      rows = sweeps.collect(args.workdir, metric=args.metric, x=args.x)
+      with open(os.path.join(args.workdir, 'results.md'), encoding='utf-8') as f:
+        print(f.read(), end='')
+      print(f'{len(rows)} points; wrote {args.workdir}/results.csv, results.md, results.png')
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+def _quote(s: str) -> str:
+  return s if all(c.isalnum() or c in '-_=./:,' for c in s) else "'" + s.replace("'", "'\\''") + "'"
+
+
+if __name__ == '__main__':
+  sys.exit(main())
