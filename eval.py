@@ -1,6 +1,13 @@
-r"""Evaluates a checkpoint: top-1, top-5 and loss on a split.
+r"""Evaluates a checkpoint: top-1, top-5 and loss on a split; or analyses it.
 
   python eval.py --workdir=DIR [--split=test] [--step=N] [--output=FILE.json]
+  python eval.py --workdir=DIR --analyze [--analyze_examples=256] [--integer_inputs=mac]
+
+--analyze writes firing rates (per layer and timestep), operations, SOPs and
+energy estimates per layer (analysis.json, layers.csv, neurons.csv,
+analysis.md) and pictures (firing_rates.png, attention.png,
+learning_curves.png) to DIR/analysis_SPLIT_STEP (see spikeformer_jax/analysis.py
+for the counting conventions).
 
 Uses the config saved in DIR/config.json unless --config is given. Restores
 onto the devices visible now (a run trained on 8 devices evaluates on 1).
@@ -21,8 +28,30 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Optional config overr
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.')
 _SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'test'], 'Split to evaluate.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-_OUTPUT = flags.DEFINE_string('output', None, 'JSON output path.')
+_OUTPUT = flags.DEFINE_string('output', None, 'JSON output path (--analyze: directory).')
 _DEVICES = flags.DEFINE_integer('num_devices', None, 'Devices to use (default: all).')
+_ANALYZE = flags.DEFINE_bool('analyze', False, 'Firing rates, SOPs, energy and pictures.')
+_EXAMPLES = flags.DEFINE_integer('analyze_examples', 256, 'Examples analysed.')
+_INTEGER = flags.DEFINE_enum('integer_inputs', 'mac', ['mac', 'ac'],
+                             'Non-binary integer inputs (spike sums, event counts): MAC '
+                             'layers, or one AC per unit.')
+_ATTN_BLOCK = flags.DEFINE_integer('attention_block', 0, 'Attention module to draw.')
+_ATTN_HEADS = flags.DEFINE_list('attention_heads', ['0'], 'Heads to draw.')
+
+
+def analyze(config) -> int:
+  from spikeformer_jax import analysis  # pylint: disable=import-outside-toplevel
+  report, paths = analysis.analyze_checkpoint(
+      config, _WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
+      examples=_EXAMPLES.value, out_dir=_OUTPUT.value,
+      conventions=analysis.Conventions(integer_inputs=_INTEGER.value),
+      attention_block=_ATTN_BLOCK.value, attention_heads=tuple(map(int, _ATTN_HEADS.value)))
+  t = report['totals']
+  print(f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
+        f'{t["macs"] / 1e9:.4f} GMAC dense, {t["sops"] / 1e9:.4f} G SOPs, '
+        f'{t["energy_mj"]:.4f} mJ (non-spiking: {t["ann_energy_mj"]:.4f} mJ), mean '
+        f'firing rate {t["mean_firing_rate"]:.4f} -> {os.path.dirname(paths["json"])}')
+  return 0
 
 
 def main(argv):
@@ -32,6 +61,8 @@ def main(argv):
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   try:
     config = _CONFIG.value or train_lib.load_run_config(_WORKDIR.value)
+    if _ANALYZE.value:
+      return analyze(config)
     res = train_lib.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
                                         step=_STEP.value, num_devices=_DEVICES.value)
   except (ValueError, FileNotFoundError) as e:

@@ -368,11 +368,16 @@ def multi_scale_spiking_attention(q, p, k, attn_neuron, *, p_sum: bool = True):
   return attn.astype(k.dtype) * k
 
 
+def vanilla_attention_map(q, k):
+  """VSA's N x N map Softmax(Q K^T / sqrt(d)), q, k: [..., heads, N, d]."""
+  d = q.shape[-1]
+  return jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) / jnp.sqrt(jnp.asarray(d, q.dtype)),
+                        axis=-1)
+
+
 def vanilla_self_attention(q, k, v):
   """VSA (Spikformer eqs. 12-13): Softmax(Q K^T / sqrt(d)) V, float Q and K."""
-  d = q.shape[-1]
-  a = jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) / jnp.sqrt(jnp.asarray(d, q.dtype)), axis=-1)
-  return a @ v
+  return vanilla_attention_map(q, k) @ v
 
 
 # Spikformer Table 1's non-spiking ablations: Q and K are float (the BN output
@@ -424,6 +429,19 @@ class SpikingAttention(nnx.Module):
     * sdt:        input membrane u; y from shortcut_lif(u); output
                   proj_bn(proj(y)) + u (the membrane shortcut).
   Names follow the official code of each kind (`attn_lif`, `talking_heads_lif`).
+
+  With `record_attention` set (`model.set_attributes(record_attention=True)`,
+  then `nnx.capture(model, nnx.Intermediate)`) each call sows `attention_map`,
+  per head, from the Q and K that enter the attention (after neurons, float
+  activations and erosion), [B*T, heads, ...]:
+    * ssa, a_i, a_relu, a_leakyrelu: Q K^T * scale, [.., N, N] (also when
+      `order` never forms it);
+    * a2os2a: Q K^T, [.., N, N];  vsa, vsa_float_v: the softmax, [.., N, N];
+    * sdsa:   the talking_heads_lif spikes, the channel mask that every
+              token's Q is multiplied by, [.., 1, d];
+    * mssa:   the attn_lif spikes, the token mask on K, [.., N, 1] (or
+              [.., N, d] with mssa_p_sum=False).
+  Recording adds outputs only; the computation and its result are unchanged.
   """
 
   def __init__(self, dim: int, num_heads: int, *, s: Settings, kind: str = 'ssa',
@@ -484,6 +502,7 @@ class SpikingAttention(nnx.Module):
     self.num_heads, self.scale, self.order = num_heads, scale, order
     self.erode_hw = erode_hw
     self.mssa_kernels, self.mssa_p_sum = tuple(mssa_kernels), mssa_p_sum
+    self.record_attention = False
 
   def _add_token_conv(self, name, kernel, dim, *, s, bias, init, rngs):
     """A Conv1d over the flattened token index: kernel 1 is a token-wise
@@ -514,7 +533,8 @@ class SpikingAttention(nnx.Module):
       q, p, k = (self._branch(n, x) for n in 'qpk')
       heads = lambda t: None if t is None else split_heads(t, h)
       y = merge_heads(multi_scale_spiking_attention(
-          heads(q), heads(p), heads(k), self._attn_neuron, p_sum=self.mssa_p_sum))
+          heads(q), heads(p), heads(k), functools.partial(self._gate, self.attn_lif),
+          p_sum=self.mssa_p_sum))
       return self._project(y.astype(x.dtype), identity)
     q, k = self.q_bn(self.q_linear(x)), self.k_bn(self.k_linear(x))
     v = self.v_bn(self.v_linear(x))
@@ -528,22 +548,36 @@ class SpikingAttention(nnx.Module):
     if erode:
       k, v = _erode(k, self.erode_hw), _erode(v, self.erode_hw)
     q, k, v = split_heads(q, h), split_heads(k, h), split_heads(v, h)
+    if self.record_attention and kind != 'sdsa':  # sdsa records in _gate
+      self.sow(nnx.Intermediate, 'attention_map', self._attention_map(q, k))
     if kind in ('ssa', 'a_i', 'a_relu', 'a_leakyrelu'):
       y = self.attn_lif(merge_heads(
           spiking_self_attention(q, k, v, scale=self.scale, order=self.order)))
     elif kind in ('vsa', 'vsa_float_v'):
       y = self.attn_lif(merge_heads(vanilla_self_attention(q, k, v)))
     elif kind == 'sdsa':
-      kv_neuron = lambda kv: self.talking_heads_lif(kv.reshape(kv.shape[0], -1)).reshape(kv.shape)
       y = merge_heads(spike_driven_self_attention(
-          q, k, v, kv_neuron, erode=functools.partial(_erode, spatial=None) if erode else None))
+          q, k, v, functools.partial(self._gate, self.talking_heads_lif),
+          erode=functools.partial(_erode, spatial=None) if erode else None))
     else:
       y = self.attn_lif(merge_heads(a2os2a_self_attention(q, k, v, order=self.order)))
     return self._project(y.astype(x.dtype), identity)
 
-  def _attn_neuron(self, a: jax.Array) -> jax.Array:
-    """attn_lif on [BT, heads, N, 1 or d] (the neuron is elementwise)."""
-    return self.attn_lif(a.reshape(a.shape[0], -1)).reshape(a.shape)
+  def _gate(self, neuron: SpikingNeuron, a: jax.Array) -> jax.Array:
+    """`neuron` on a gate [BT, heads, n, m] (it is elementwise): sdsa's
+    talking_heads_lif, mssa's attn_lif; sows its spikes when recording."""
+    s = neuron(a.reshape(a.shape[0], -1)).reshape(a.shape)
+    if self.record_attention:
+      self.sow(nnx.Intermediate, 'attention_map', s)
+    return s
+
+  def _attention_map(self, q: jax.Array, k: jax.Array) -> jax.Array:
+    """The N x N map of `kind` from per-head q, k (recording only)."""
+    if self.kind in ('vsa', 'vsa_float_v'):
+      return vanilla_attention_map(q, k)
+    dt = neurons.membrane_dtype(q.dtype)  # as spiking_self_attention: exact counts
+    qk = q.astype(dt) @ jnp.swapaxes(k.astype(dt), -1, -2)
+    return qk if self.kind == 'a2os2a' else qk * self.scale
 
   def _project(self, y: jax.Array, identity: jax.Array) -> jax.Array:
     if not self.proj:

@@ -348,6 +348,18 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tuples(saved))
 
 
+def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | None):
+  """The eval experiment and the restored state of a checkpoint of `workdir`."""
+  # Per-device BN statistics only matter in training; evaluation uses running stats.
+  eval_config = ml_collections.ConfigDict(config.to_dict())
+  eval_config.bn_scope = 'global'
+  exp = build(eval_config, mesh, steps_per_epoch=1)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), create=False)
+  state, _ = ckpt.restore(exp.abstract_state, step)
+  ckpt.close()
+  return exp, state
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         split: str = 'test', step: int | None = None,
                         num_devices: int | None = None) -> dict:
@@ -358,12 +370,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   batch = config.eval_batch_size
   n = sharding.data_size(mesh)
   batch = -(-batch // n) * n
-  # Per-device BN statistics only matter in training; evaluation uses running stats.
-  eval_config = ml_collections.ConfigDict(config.to_dict())
-  eval_config.bn_scope = 'global'
-  exp = build(eval_config, mesh, steps_per_epoch=1)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), create=False)
-  state, _ = ckpt.restore(exp.abstract_state, step)
-  ckpt.close()
+  exp, state = _restore(config, workdir, mesh, step)
   res = evaluate(make_eval_step(exp), state, source, mesh, batch)
   return {'split': split, 'step': int(jax.device_get(state['step'])), **res}
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str,
+                  step: int | None = None) -> tuple[nnx.Module, int]:
+  """The model of a checkpoint of `workdir` (eval mode, on one device) and its step."""
+  mesh = sharding.make_mesh(1)
+  exp, state = _restore(config, workdir, mesh, step)
+  model = nnx.merge(exp.graphdef_eval, state['params'], state['batch_stats'])
+  return model, int(jax.device_get(state['step']))

@@ -1,0 +1,445 @@
+r"""See inside a spiking transformer: firing rates, operations, SOPs, energy.
+
+`analyze(model, batches)` runs eval-mode forwards over the batches and counts,
+per example:
+  * every spiking neuron's firing rate, overall and per timestep (the
+    `spike_count` that `SpikingNeuron` records);
+  * every synaptic layer (each Linear and Conv call): its MACs (from shapes;
+    time is folded into the batch, so the count covers all T), its input's
+    firing rate (non-zero fraction) and value kind (binary, ternary, integer,
+    real), whether it is a MAC or an AC layer, its SOPs and energy;
+  * the attention products of every SpikingAttention (Q K^T, (Q K^T) V or
+    K^T V, Q (K^T V), SDSA's masked token sums, MSSA's channel sums), counted
+    analytically in the association the model computes, from its shapes and
+    the recorded Q/K/V rates (below).
+No model code changes: the analysis temporarily swaps the classes of the
+model's Linear, Conv, neuron and attention modules for subclasses that also
+sow what they saw, and records the order in which they are called.
+
+Conventions (`Conventions`, each a field):
+  * An input in {0, 1} (spikes) or {-1, 0, 1} (ternary spikes) makes an AC
+    layer: SOPs = firing rate (non-zero fraction) x MACs, each SOP an
+    accumulate (E_AC). A real-valued input (the first, image layer) makes a
+    MAC layer: every MAC counts (E_MAC).
+  * `integer_inputs`: non-negative integer inputs that are not binary (the
+    Spikformer / MSViT residual stream, a sum of spike maps; DVS event
+    counts) count as 'mac' (default: Spikingformer's energy tool, Nspks_max=1)
+    or 'ac' (each unit of the integer is one accumulate: SOPs = mean|x| x MACs,
+    Spikingformer's appendix G "calculation 1").
+  * A product of two activations: both binary/ternary -> min of their rates x
+    MACs ACs (an AND, then accumulate: Spikingformer's
+    T heads N d^2 (fr_q + min(fr_k, fr_v)) for SSA); one spiking operand -> its
+    rate x MACs ACs (it selects what the other accumulates: A2OS2A's real K
+    with binary Q or ternary V); none -> MACs as MAC. SDSA's K*V token sum
+    counts min(fr_k, fr_v) N C ACs and its Q mask none; MSSA's channel sums
+    count fr_q N C + fr_p N C ACs and its K mask none.
+  * E_MAC = 4.6 pJ and E_AC = 0.9 pJ (45 nm, Horowitz 2014), as the papers.
+  * The non-spiking comparison (the papers' ANN of equal size): the same
+    network with one pass instead of T, every operation a MAC:
+    E = E_MAC x (MACs / T).
+  * Memory (beyond the papers, whose operation counts leave it out): bytes
+    moved per inference, weights read once from DRAM at their stored width,
+    every synaptic layer's input read and output written once on chip, spikes
+    at 1 bit (ternary 2), other values at the compute width;
+    `dram_pj_per_byte` 160 (1.3 nJ per 64-bit DRAM access) and
+    `sram_pj_per_byte` 12.5 (100 pJ per 64-bit read of a 1 MB SRAM), Horowitz
+    2014, 45 nm. Order-of-magnitude costs, stated so they can be changed.
+Softmax, BatchNorm, pooling and the neurons' own updates are not counted
+(elementwise, as in the papers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spikeformer_jax import layers
+
+E_MAC_PJ = 4.6
+E_AC_PJ = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+  integer_inputs: str = 'mac'      # 'mac' or 'ac' (see the module docstring)
+  e_mac_pj: float = E_MAC_PJ
+  e_ac_pj: float = E_AC_PJ
+  dram_pj_per_byte: float = 160.0
+  sram_pj_per_byte: float = 12.5
+
+  def __post_init__(self):
+    if self.integer_inputs not in ('mac', 'ac'):
+      raise ValueError(f"integer_inputs={self.integer_inputs!r}; valid: 'mac', 'ac'.")
+
+
+# --------------------------------------------------------------------------
+# Recording: subclasses that sow what a layer saw, swapped in temporarily.
+# --------------------------------------------------------------------------
+
+_CALL_ORDER: list[str] = []   # names of recorded modules, in trace (= network) order
+_TRACE_BATCH = [0]            # the batch size being traced (time-folded inputs have B*T rows)
+
+
+def _count_dtype():
+  # int64 under 64-bit JAX (exact); float32 otherwise (int32 overflows at ImageNet scale).
+  return jnp.int64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def _sow_input_stats(module, x, T: int):
+  """Non-zero count per timestep, sum |x|, numel and the value kind of x."""
+  dt = _count_dtype()
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  folded = xf.shape[0] == _TRACE_BATCH[0] * T  # else no time axis (a head after the mean)
+  per_t = xf.reshape(xf.shape[0] // T, T, -1) if folded else xf.reshape(xf.shape[0], 1, -1)
+  module.sow(nnx.Intermediate, 'in_nonzero', jnp.count_nonzero(per_t, axis=(0, 2)).astype(dt))
+  module.sow(nnx.Intermediate, 'in_abs_sum', jnp.sum(jnp.abs(xf)))
+  module.sow(nnx.Intermediate, 'in_numel', jnp.asarray(x.size, dt))
+  integer = jnp.all(xf == jnp.round(xf))
+  module.sow(nnx.Intermediate, 'in_binary', jnp.all((xf == 0) | (xf == 1)))
+  module.sow(nnx.Intermediate, 'in_ternary', jnp.all((xf == 0) | (jnp.abs(xf) == 1)))
+  module.sow(nnx.Intermediate, 'in_integer', integer & jnp.all(xf >= 0))
+
+
+def _synapse_call(self, x):
+  y = super(type(self), self).__call__(x)
+  _CALL_ORDER.append(self.analysis_name)
+  macs = y.size * math.prod(self.kernel.shape[:-1])
+  self.sow(nnx.Intermediate, 'macs', jnp.asarray(macs, _count_dtype()))
+  self.sow(nnx.Intermediate, 'in_shape', jnp.asarray(x.shape[1:]))
+  self.sow(nnx.Intermediate, 'in_itemsize', jnp.asarray(x.dtype.itemsize))
+  self.sow(nnx.Intermediate, 'out_numel', jnp.asarray(y.size, _count_dtype()))
+  _sow_input_stats(self, x, self.analysis_T)
+  return y
+
+
+def _ordered_call(self, x):
+  _CALL_ORDER.append(self.analysis_name)
+  if isinstance(self, layers.SpikingAttention):
+    self.sow(nnx.Intermediate, 'tokens', jnp.asarray(x.shape[1:]))
+  return super(type(self), self).__call__(x)
+
+
+_RECORDING: dict[type, type] = {}
+
+
+def _recording_class(cls: type) -> type:
+  """A subclass of cls whose __call__ also records (cached per class)."""
+  if cls not in _RECORDING:
+    synapse = issubclass(cls, (nnx.Linear, nnx.Conv))
+    _RECORDING[cls] = type(f'Recording{cls.__name__}', (cls,),
+                           {'__call__': _synapse_call if synapse else _ordered_call,
+                            '__module__': __name__})
+  return _RECORDING[cls]
+
+
+RECORDED = (nnx.Linear, nnx.Conv, layers.SpikingNeuron, layers.SpikingAttention)
+
+
+@contextlib.contextmanager
+def recording(model: nnx.Module, T: int):
+  """Within: the model's synaptic layers, neurons and attention modules record."""
+  swapped = []
+  for path, m in nnx.iter_modules(model):
+    if isinstance(m, RECORDED) and type(m) not in _RECORDING.values():
+      swapped.append((m, type(m)))
+      object.__setattr__(m, '__class__', _recording_class(type(m)))
+      m.analysis_name, m.analysis_T = _name(path), T
+  model.set_attributes(record_spikes=True, raise_if_not_found=False)
+  try:
+    yield
+  finally:
+    model.set_attributes(record_spikes=False, raise_if_not_found=False)
+    for m, cls in swapped:
+      object.__setattr__(m, '__class__', cls)
+      del m.analysis_name, m.analysis_T
+
+
+# --------------------------------------------------------------------------
+# Running and summing.
+# --------------------------------------------------------------------------
+
+
+def _name(path) -> str:
+  return '.'.join(map(str, path))
+
+
+def collect(model: nnx.Module, batches: Iterable, T: int) -> dict:
+  """Sums of every recorded quantity over the batches (numpy float64), the
+  modules' call order and the number of examples."""
+  model.eval()
+  with recording(model, T):
+    graphdef, state = nnx.split(model)
+    _CALL_ORDER.clear()
+
+    @jax.jit
+    def forward(state, x):
+      _TRACE_BATCH[0] = x.shape[0]
+      m = nnx.merge(graphdef, state, copy=True)
+      return nnx.capture(m, nnx.Intermediate)(x)[1]
+
+    sums, flags, examples, order = {}, {}, 0, None
+    for x in batches:
+      inter = jax.device_get(forward(state, jnp.asarray(x)))
+      if order is None:  # the trace of the first call
+        order = list(dict.fromkeys(_CALL_ORDER))
+      examples += x.shape[0]
+      for path, var in nnx.to_flat_state(inter):
+        key = (_name(path[:-1]), path[-1])
+        values = [np.asarray(v) for v in var.get_value()]
+        if key[1] in ('in_binary', 'in_ternary', 'in_integer'):
+          flags[key] = flags.get(key, True) and all(bool(v) for v in values)
+        elif key[1] in ('in_shape', 'tokens', 'in_itemsize'):
+          sums[key] = values[0]
+        else:
+          total = sum(v.astype(np.float64) for v in values)
+          sums[key] = sums.get(key, 0.0) + total
+  return {'sums': sums, 'flags': flags, 'examples': examples, 'order': order or []}
+
+
+def _attention_products(attn: layers.SpikingAttention, name: str, T: int, tokens, rate):
+  """Rows for the activation products of one attention module, per example.
+
+  `rate(neuron)` is the firing rate of that neuron under `name` (None if absent).
+  """
+  n, c = (int(v) for v in tokens)
+  h = attn.num_heads
+  d = c // h
+  kind = attn.kind
+  rows = []
+
+  def product(label, macs, *operands):
+    spiking = [r for r in operands if r is not None]
+    if len(spiking) == len(operands):
+      rows.append((label, macs, 'AC', min(spiking) * macs))
+    elif spiking:
+      rows.append((label, macs, 'AC', spiking[0] * macs))
+    else:
+      rows.append((label, macs, 'MAC', float(macs)))
+
+  fq, fk, fv = rate('q_lif'), rate('k_lif'), rate('v_lif')
+  if kind == 'sdsa':
+    product('k*v token sum', T * n * c, fk, fv)
+  elif kind == 'mssa':
+    for branch in ('q', 'p'):
+      fr = rate(f'{branch}_lif')
+      if fr is not None:
+        rows.append((f'sum_d {branch.upper()}', T * n * c, 'AC', fr * T * n * c))
+  else:
+    order = attn.order
+    if order == 'auto':
+      order = 'kv_first' if n > d else 'qk_first'
+    map_is_spiking = None  # an N x N (or d x d) map of counts or reals: not spikes
+    if order == 'qk_first':
+      product('Q K^T', T * h * n * n * d, fq, fk)
+      product('(Q K^T) V', T * h * n * n * d, map_is_spiking, fv)
+    else:
+      product('K^T V', T * h * n * d * d, fk, fv)
+      product('Q (K^T V)', T * h * n * d * d, fq, map_is_spiking)
+  return [(f'{name}.{label}', macs, op, sops) for label, macs, op, sops in rows]
+
+
+def analyze(model: nnx.Module, batches: Iterable, *, T: int,
+            conventions: Conventions = Conventions()) -> dict:
+  """The report (a JSON-able dict) for `model` on `batches` of inputs."""
+  cv = conventions
+  rec = collect(model, batches, T)
+  sums, flags, n_ex = rec['sums'], rec['flags'], max(rec['examples'], 1)
+  modules = {_name(p): m for p, m in nnx.iter_modules(model)}
+
+  neurons = {}
+  for name in rec['order']:
+    if (name, 'spike_count') in sums:
+      counts = sums[(name, 'spike_count')]
+      per_t_numel = sums[(name, 'numel')] / T
+      neurons[name] = {'rate': float(counts.sum() / sums[(name, 'numel')]),
+                       'rate_per_t': [float(c / per_t_numel) for c in counts],
+                       'units_per_example': int(round(per_t_numel / n_ex))}
+
+  def rate(prefix):
+    return lambda neuron: neurons.get(f'{prefix}.{neuron}', {}).get('rate')
+
+  rows, first, pending = [], True, None  # pending: (attention name, its product rows)
+  for name in rec['order'] + ['']:
+    if pending and not (name.startswith(pending[0] + '.') and
+                        not name.endswith('.proj_linear')):
+      rows += pending[1]  # the products go after Q/K/V, before the projection
+      pending = None
+    m = modules.get(name)
+    if isinstance(m, layers.SpikingAttention):
+      pending = (name, [
+          {'layer': lname, 'type': 'attention', 'input': 'activations', 'macs': macs,
+           'op': op, 'sops': sops if op == 'AC' else 0.0, 'input_rate': None}
+          for lname, macs, op, sops in _attention_products(
+              m, name, T, sums[(name, 'tokens')], rate(name))])
+      continue
+    if (name, 'macs') not in sums:
+      continue
+    macs = sums[(name, 'macs')] / n_ex
+    numel = sums[(name, 'in_numel')]
+    fr = float(sums[(name, 'in_nonzero')].sum() / numel)
+    if flags[(name, 'in_binary')]:
+      kind = 'binary'
+    elif flags[(name, 'in_ternary')]:
+      kind = 'ternary'
+    elif flags[(name, 'in_integer')]:
+      kind = 'integer'
+    else:
+      kind = 'real'
+    if kind in ('binary', 'ternary'):
+      op, sops = 'AC', fr * macs
+    elif kind == 'integer' and cv.integer_inputs == 'ac':
+      op, sops = 'AC', float(sums[(name, 'in_abs_sum')] / numel) * macs
+    else:
+      op, sops = 'MAC', 0.0
+    rows.append({'layer': name, 'type': type(m).__mro__[1].__name__, 'input': kind,
+                 'first': first, 'macs': macs, 'op': op, 'sops': sops, 'input_rate': fr,
+                 'in_shape': [int(v) for v in sums[(name, 'in_shape')]],
+                 'in_numel': numel / n_ex, 'out_numel': sums[(name, 'out_numel')] / n_ex,
+                 'in_itemsize': int(sums[(name, 'in_itemsize')]),
+                 'params': int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(m, nnx.Param))))})
+    first = False
+
+  for r in rows:
+    r['energy_mj'] = (r['macs'] * cv.e_mac_pj if r['op'] == 'MAC'
+                      else r['sops'] * cv.e_ac_pj) * 1e-9
+  total_macs = sum(r['macs'] for r in rows)
+  mac_ops = sum(r['macs'] for r in rows if r['op'] == 'MAC')
+  sops = sum(r['sops'] for r in rows)
+  energy = sum(r['energy_mj'] for r in rows)
+  totals = {
+      'macs': total_macs, 'mac_ops': mac_ops, 'sops': sops, 'energy_mj': energy,
+      'ann_macs': total_macs / T, 'ann_energy_mj': total_macs / T * cv.e_mac_pj * 1e-9,
+      'mean_firing_rate': (sum(v['rate'] * v['units_per_example'] for v in neurons.values())
+                           / max(sum(v['units_per_example'] for v in neurons.values()), 1)),
+  }
+  totals['memory'] = _memory(rows, model, cv)
+  totals['energy_with_memory_mj'] = energy + totals['memory']['energy_mj']
+  return {'T': T, 'examples': rec['examples'], 'conventions': dataclasses.asdict(cv),
+          'neurons': neurons, 'layers': rows, 'totals': totals}
+
+
+def _memory(rows, model, cv) -> dict:
+  """Bytes moved per inference and their energy (see the module docstring)."""
+  params = nnx.state(model, nnx.Param)
+  weight_bytes = sum(np.size(v) * np.dtype(v.dtype).itemsize for v in jax.tree.leaves(params))
+  act_bytes = 0.0
+  for r in rows:
+    if r['type'] == 'attention':
+      continue
+    bits = {'binary': 1, 'ternary': 2}.get(r['input'], 8 * r['in_itemsize'])
+    # Outputs are real-valued (they go to a BatchNorm) at the compute width.
+    act_bytes += r['in_numel'] * bits / 8 + r['out_numel'] * r['in_itemsize']
+  energy = (weight_bytes * cv.dram_pj_per_byte + act_bytes * cv.sram_pj_per_byte) * 1e-9
+  return {'weight_bytes': int(weight_bytes), 'activation_bytes': act_bytes,
+          'energy_mj': energy}
+
+
+# --------------------------------------------------------------------------
+# Output.
+# --------------------------------------------------------------------------
+
+
+def _g(x: float) -> str:
+  return f'{x / 1e9:.4f}G' if x >= 1e7 else f'{x / 1e6:.4f}M'
+
+
+def format_table(report: dict) -> str:
+  """A readable per-layer table and the totals (markdown)."""
+  lines = ['| layer | input | rate | op | MACs | SOPs | energy (mJ) |',
+           '|---|---|---|---|---|---|---|']
+  for r in report['layers']:
+    rate = '' if r['input_rate'] is None else f'{r["input_rate"]:.4f}'
+    lines.append(f'| {r["layer"]} | {r["input"]} | {rate} | {r["op"]} | {_g(r["macs"])} | '
+                 f'{_g(r["sops"])} | {r["energy_mj"]:.5f} |')
+  t = report['totals']
+  lines += ['', f'T={report["T"]}, {report["examples"]} examples, per example: '
+            f'{_g(t["macs"])} MACs (dense), {_g(t["mac_ops"])} of them in MAC layers, '
+            f'{_g(t["sops"])} SOPs; energy {t["energy_mj"]:.4f} mJ '
+            f'(E_MAC {report["conventions"]["e_mac_pj"]} pJ, E_AC '
+            f'{report["conventions"]["e_ac_pj"]} pJ); the same network without spikes '
+            f'(one pass, all MAC): {_g(t["ann_macs"])} MACs, {t["ann_energy_mj"]:.4f} mJ; '
+            f'with memory traffic ({t["memory"]["weight_bytes"] / 2**20:.1f} MiB weights, '
+            f'{t["memory"]["activation_bytes"] / 2**20:.2f} MiB activations): '
+            f'{t["energy_with_memory_mj"]:.4f} mJ; mean firing rate '
+            f'{t["mean_firing_rate"]:.4f}.']
+  lines += ['', '| neuron | rate | ' + ' | '.join(f't{i}' for i in range(report['T'])) + ' |',
+            '|---|---|' + '---|' * report['T']]
+  for name, v in report['neurons'].items():
+    lines.append(f'| {name} | {v["rate"]:.4f} | ' +
+                 ' | '.join(f'{r:.4f}' for r in v['rate_per_t']) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write(report: dict, directory: str) -> dict:
+  """analysis.json, layers.csv, neurons.csv and analysis.md in `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  paths = {k: os.path.join(directory, f) for k, f in (
+      ('json', 'analysis.json'), ('layers', 'layers.csv'), ('neurons', 'neurons.csv'),
+      ('table', 'analysis.md'))}
+  with open(paths['json'], 'w', encoding='utf-8') as f:
+    json.dump(report, f, indent=1)
+  cols = ['layer', 'type', 'input', 'input_rate', 'op', 'macs', 'sops', 'energy_mj']
+  with open(paths['layers'], 'w', newline='', encoding='utf-8') as f:
+    w = csv.writer(f)
+    w.writerow(cols)
+    for r in report['layers']:
+      w.writerow([r.get(c) for c in cols])
+  with open(paths['neurons'], 'w', newline='', encoding='utf-8') as f:
+    w = csv.writer(f)
+    w.writerow(['neuron', 'rate'] + [f't{i}' for i in range(report['T'])])
+    for name, v in report['neurons'].items():
+      w.writerow([name, v['rate'], *v['rate_per_t']])
+  with open(paths['table'], 'w', encoding='utf-8') as f:
+    f.write(format_table(report))
+  return paths
+
+
+# --------------------------------------------------------------------------
+# A trained checkpoint, end to end (eval.py --analyze).
+# --------------------------------------------------------------------------
+
+
+def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int | None = None,
+                       examples: int = 256, conventions: Conventions = Conventions(),
+                       out_dir: str | None = None, attention_block: int = 0,
+                       attention_heads: tuple = (0,)) -> tuple[dict, dict]:
+  """Analyses `examples` examples of `split` with a checkpoint of `workdir` and
+  writes the tables and pictures to `out_dir` (default
+  WORKDIR/analysis_SPLIT_STEP). Returns (report, {output: path})."""
+  from spikeformer_jax import data as data_lib, plots, train_lib  # pylint: disable=import-outside-toplevel
+  if examples < 1:
+    raise ValueError(f'examples={examples} must be >= 1.')
+  source = data_lib.get_source(config.data, split)
+  train_lib.validate(config, source)
+  model, step = train_lib.restore_model(config, workdir, step)
+  n = min(examples, len(source))
+  batch = min(config.eval_batch_size, n)
+  n -= n % batch
+  batches = [b['image'] for b, _ in zip(data_lib.eval_batches(source, global_batch=batch),
+                                         range(n // batch))]  # full batches: no padding
+  report = analyze(model, batches, T=config.model.T, conventions=conventions)
+  report.update(workdir=workdir, split=split, step=step, model=config.get('name', ''))
+  out_dir = out_dir or os.path.join(workdir, f'analysis_{split}_{step}')
+  paths = write(report, out_dir)
+  title = f'{config.get("name", "")} step {step}, {split} ({report["examples"]} examples)'
+  paths['firing_rates'] = plots.firing_rate_figure(
+      {k: v['rate_per_t'] for k, v in report['neurons'].items()},
+      os.path.join(out_dir, 'firing_rates.png'), title=title)
+  paths['attention'] = plots.attention_maps(
+      model, batches[0][:1], os.path.join(out_dir, 'attention.png'), block=attention_block,
+      heads=tuple(attention_heads))
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics):
+    paths['learning_curves'] = plots.learning_curves(
+        metrics, os.path.join(out_dir, 'learning_curves.png'))
+  return report, paths
