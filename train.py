@@ -5,7 +5,9 @@ r"""Trains a spiking transformer. Intentionally thin: the logic is in train_lib.
       --config.data.name=npz --config.data.path=cifar10.npz --config.model.T=6
 
 Rerunning the same command with the same --workdir resumes from the latest
-checkpoint. Final metrics go to DIR/final_metrics.json and the last line.
+checkpoint. SIGTERM (a preemption) saves a checkpoint at the current step and
+exits with status 143. Final metrics go to DIR/final_metrics.json and the last
+line.
 """
 
 import os
@@ -36,6 +38,9 @@ def main(argv):
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   try:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train_lib.Preempted as e:
+    print(str(e), file=sys.stderr)
+    return 143  # 128 + SIGTERM: what schedulers expect of a job stopped by it
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

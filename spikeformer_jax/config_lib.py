@@ -62,6 +62,7 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.ckpt_keep = 3
   c.paper_top1 = 0.0
   c.target_top1 = 0.0          # if set, the last line says whether it was reached
+  c.allow_config_change = False  # resume even if model-defining fields changed
   return c
 
 
@@ -98,3 +99,21 @@ def parse_arg(arg: str, default: str, variants) -> tuple[str, bool]:
   if name not in variants:
     raise ValueError(f'unknown variant {name!r}; valid: ' + ', '.join(variants))
   return name, 'runlocal' in flags
+
+
+# Fields whose change makes a checkpoint another experiment: a run refuses to
+# resume across them unless `allow_config_change` is set.
+MODEL_DEFINING = ('model', 'data.name', 'data.num_classes', 'data.image_size', 'data.shape',
+                  'data.mean', 'data.std')
+
+
+def config_diff(saved, want, prefix: str = '') -> list[str]:
+  """Dotted keys whose values differ between two JSON-like config dicts."""
+  if isinstance(saved, dict) and isinstance(want, dict):
+    return [d for k in sorted(set(saved) | set(want))
+            for d in config_diff(saved.get(k), want.get(k), f'{prefix}{k}.')]
+  return [] if saved == want else [prefix.rstrip('.')]
+
+
+def model_defining(keys: list[str]) -> list[str]:
+  return [k for k in keys if any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING)]

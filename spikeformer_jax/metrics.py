@@ -15,6 +15,15 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
+def _step(line: str) -> float:
+  """The step of a metrics line; inf (dropped on resume) for a blank line or
+  one that a killed process left half-written."""
+  try:
+    return json.loads(line)['step']
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return float('inf')
+
+
 class MetricWriter:
   """Appends {'step': s, **metrics} lines to `workdir/metrics.jsonl`.
 
@@ -29,7 +38,7 @@ class MetricWriter:
       return
     if os.path.exists(self.path):
       with open(self.path, encoding='utf-8') as f:
-        keep = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
+        keep = [l for l in f if _step(l) <= resume_step]
       with open(self.path + '.tmp', 'w', encoding='utf-8') as f:
         f.writelines(keep)
       os.replace(self.path + '.tmp', self.path)

@@ -37,6 +37,8 @@ import time
 import ml_collections
 import numpy as np
 
+from spikeformer_jax import config_lib
+
 RESERVED = ('config', 'name')
 # Keys that annotate a point without being swept: not in its name, not a column.
 ANNOTATIONS = ('name', 'paper_top1')
@@ -296,14 +298,6 @@ class _Status:
       os.replace(tmp, self.path)
 
 
-def _diff(saved, want, prefix: str = '') -> list[str]:
-  """Dotted keys whose values differ between two JSON-like config dicts."""
-  if isinstance(saved, dict) and isinstance(want, dict):
-    return [d for k in sorted(set(saved) | set(want))
-            for d in _diff(saved.get(k), want.get(k), f'{prefix}{k}.')]
-  return [] if saved == want else [prefix.rstrip('.')]
-
-
 def config_changes(point_dir: str, config: ml_collections.ConfigDict) -> list[str]:
   """Fields where the config a point's run was started with (its config.json)
   differs from `config`: resuming or skipping it would mix two experiments."""
@@ -312,7 +306,7 @@ def config_changes(point_dir: str, config: ml_collections.ConfigDict) -> list[st
     return []
   with open(path, encoding='utf-8') as f:
     saved = json.load(f)['config']
-  return _diff(saved, json.loads(json.dumps(config.to_dict())))
+  return config_lib.config_diff(saved, json.loads(json.dumps(config.to_dict())))
 
 
 def _conflict_message(point_dir: str, changes: list[str]) -> str:

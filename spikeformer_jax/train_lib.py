@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -23,9 +25,12 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from spikeformer_jax import checkpointing
+from spikeformer_jax import config_lib
 from spikeformer_jax import data as data_lib
+from spikeformer_jax import layers
 from spikeformer_jax import metrics as metrics_lib
 from spikeformer_jax import models
 from spikeformer_jax import optim
@@ -186,6 +191,27 @@ def validate(config, source):
   """Config errors that would otherwise surface deep inside a trace."""
   m = config.model
   img = source.image_shape
+  if m.name not in models.FAMILIES:
+    raise ValueError(f'model.name={m.name!r}; valid: {", ".join(models.FAMILIES)}.')
+  attention = m.get('attention', 'ssa')
+  for kind in (attention,) if isinstance(attention, str) else tuple(attention):
+    if kind not in layers.ATTENTION_KINDS:
+      raise ValueError(f'model.attention={attention!r}; valid kinds: '
+                       f'{", ".join(layers.ATTENTION_KINDS)}.')
+  if m.name != 'msvit' and m.embed_dim % m.num_heads:  # MSViT checks each stage itself
+    raise ValueError(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads='
+                     f'{m.num_heads}; valid heads: '
+                     f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
+  if m.T < 1:
+    raise ValueError(f'model.T={m.T}: the number of timesteps must be >= 1.')
+  if img[-2] != m.img_size:
+    raise ValueError(f'data {config.data.name!r} has {img[-3]}x{img[-2]} images but '
+                     f'model.img_size={m.img_size}; set both to the same size.')
+  factor = models.downsampling(m)
+  if m.img_size % factor:
+    raise ValueError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
+                     f'factor by which the patch stem of {models.describe(m)} downsamples; '
+                     f'use e.g. {max(factor, m.img_size // factor * factor)}.')
   if img[-1] != m.in_channels:
     raise ValueError(f'data {config.data.name!r} has {img[-1]} channels but '
                      f'model.in_channels={m.in_channels}.')
@@ -202,6 +228,69 @@ def validate(config, source):
   if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= m.num_classes):
     raise ValueError(f'data {config.data.name!r} has labels in [{labels.min()}, '
                      f'{labels.max()}] but model.num_classes={m.num_classes}.')
+
+
+class Preempted(Exception):
+  """SIGTERM stopped the run after saving a checkpoint; rerun to resume."""
+
+
+class PreemptionWatch:
+  """Notices SIGTERM (a preemption notice) so the loop can checkpoint and stop.
+
+  One process: a SIGTERM handler sets a flag, checked after every step.
+  Several processes: `reached_preemption_sync_point`, JAX's distributed
+  preemption service, so that all processes stop at the same step (a
+  checkpoint is a collective).
+  """
+
+  def __init__(self):
+    self.signalled = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signalled
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_resume_config(config, workdir: str):
+  """Refuses to resume a run whose saved config differs in model-defining
+  fields (config_lib.MODEL_DEFINING) unless `allow_config_change`; logs the
+  other changed fields (a new lr or total_steps is a legitimate resume)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)['config']
+  changed = [k for k in config_lib.config_diff(saved, json.loads(json.dumps(config.to_dict())))
+             if k != 'allow_config_change']
+  defining = config_lib.model_defining(changed)
+  if defining and not config.get('allow_config_change', False):
+    shown = ', '.join(f'{k} ({_lookup(saved, k)!r} -> {_lookup(config.to_dict(), k)!r})'
+                      for k in defining[:4]) + (' ...' if len(defining) > 4 else '')
+    raise ValueError(f'{workdir} holds a run of another model: {shown}. Use another '
+                     '--workdir, or --config.allow_config_change=True to resume anyway.')
+  if changed:
+    metrics_lib.log(f'Resuming with changed fields: {", ".join(changed)}.')
+
+
+def _lookup(d, key):
+  for k in key.split('.'):
+    d = d.get(k) if isinstance(d, dict) else None
+  return d
 
 
 def _write_json(path, obj):
@@ -245,6 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               'num_params': exp.num_params, 'steps_per_epoch': spe,
               'total_steps': total_steps}
   if ckpt.latest_step() is not None:
+    check_resume_config(config, workdir)
     state, _ = ckpt.restore(exp.abstract_state)
     log(f'Resuming from {ckpt.directory}/{ckpt.latest_step()}.')
   else:
@@ -280,31 +370,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
 
   step = start
+  watch = PreemptionWatch()
   try:
-    for step in range(start + 1, total_steps + 1):
-      batch = sharding.global_batch(loader.batch(step - 1), mesh)
-      state, m = train_step(state, batch)
-      pending.append(m)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        fetch_and_check(step)
-        avg = {k: float(np.mean([x[k] for x in fetched])) for k in fetched[0]}
-        fetched.clear()
-        now = time.time()
-        ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
-        eta = (total_steps - step) * config.batch_size / max(ips, 1e-9)
-        log(f'step {step}/{total_steps} | epoch {step / spe:.2f} | loss {avg["loss"]:.4f} | '
-            f'top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | {ips:.1f} img/s | '
-            f'ETA {metrics_lib.fmt_duration(eta)}')
-        writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
-        t_log, step_log = now, step
-      if eval_every and step % eval_every == 0 and step != total_steps:
-        ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
-        log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
-            f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}')
-        writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
-      if step % ckpt_every == 0 and step != total_steps:
-        fetch_and_check(step)  # never save a state that went non-finite
-        ckpt.save(step, state, {'step': step})
+    with watch:
+      for step in range(start + 1, total_steps + 1):
+        batch = sharding.global_batch(loader.batch(step - 1), mesh)
+        state, m = train_step(state, batch)
+        pending.append(m)
+        if step % config.log_every_steps == 0 or step == total_steps:
+          fetch_and_check(step)
+          avg = {k: float(np.mean([x[k] for x in fetched])) for k in fetched[0]}
+          fetched.clear()
+          now = time.time()
+          ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
+          eta = (total_steps - step) * config.batch_size / max(ips, 1e-9)
+          log(f'step {step}/{total_steps} | epoch {step / spe:.2f} | loss {avg["loss"]:.4f} | '
+              f'top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | {ips:.1f} img/s | '
+              f'ETA {metrics_lib.fmt_duration(eta)}')
+          writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
+          t_log, step_log = now, step
+        if eval_every and step % eval_every == 0 and step != total_steps:
+          ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
+          log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
+              f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}')
+          writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
+        if step % ckpt_every == 0 and step != total_steps:
+          fetch_and_check(step)  # never save a state that went non-finite
+          ckpt.save(step, state, {'step': step})
+        if watch.reached(step) and step != total_steps:
+          fetch_and_check(step)
+          if ckpt.latest_step() != step:
+            ckpt.save(step, state, {'step': step}, force=True)
+          ckpt.wait()
+          writer.close()
+          raise Preempted(f'preempted (SIGTERM) at step {step}/{total_steps}: checkpoint '
+                          f'{step} saved in {ckpt.directory}; rerun the same command '
+                          'to resume.')
   finally:
     ckpt.wait()  # a crash never loses a checkpoint already being written
 

@@ -248,8 +248,18 @@ def test_failed_resume_keeps_the_runs_config(tmp_path):
   config = _tiny(**{'total_steps': 2})
   train_lib.train_and_evaluate(config, str(tmp_path))
   other = _tiny(**{'total_steps': 2, 'model.embed_dim': 64})
-  with pytest.raises(ValueError, match='does not fit'):
+  with pytest.raises(ValueError, match=r'holds a run of another model: model.embed_dim '
+                                       r'\(32 -> 64\)\. Use another --workdir, or '
+                                       r'--config.allow_config_change=True'):
     train_lib.train_and_evaluate(other, str(tmp_path))
+  # Told to resume anyway, the checkpoint's own shape check still refuses.
+  forced = _tiny(**{'total_steps': 2, 'model.embed_dim': 64, 'allow_config_change': True})
+  with pytest.raises(ValueError, match='does not fit'):
+    train_lib.train_and_evaluate(forced, str(tmp_path))
+  # Same shapes, other dynamics: refused too (a silent mix of two experiments).
+  with pytest.raises(ValueError, match=r"model.neuron.tau \(2.0 -> 3.0\)"):
+    train_lib.train_and_evaluate(_tiny(**{'total_steps': 2, 'model.neuron.tau': 3.0}),
+                                 str(tmp_path))
   assert train_lib.load_run_config(str(tmp_path)).model.embed_dim == 32
   longer_ago = _tiny(**{'total_steps': 1})
   with pytest.raises(ValueError, match='beyond'):

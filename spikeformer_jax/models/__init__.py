@@ -85,6 +85,20 @@ def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
                             rngs=nnx.Rngs(seed))
 
 
+FAMILIES = ('msvit', 'sdt', 'spikformer')
+
+
+def downsampling(cfg: ml_collections.ConfigDict) -> int:
+  """The factor by which the patch stem (and MSViT's stage embeddings) shrink
+  the image: every pooling halves it, so the image size must be a multiple."""
+  from spikeformer_jax.models import msvit, spikformer  # pylint: disable=import-outside-toplevel
+  if cfg.name == 'msvit':
+    stem = msvit.STEMS[cfg.stem or msvit.GRAPHS[cfg.graph]['stem']]
+    return 2 ** (sum(stem['pools']) + len(cfg.dims) - 1)
+  pooling = cfg.get('pooling') or spikformer.FLAVOURS[cfg.flavour]['pooling']
+  return 2 ** pooling.count('1')
+
+
 def describe(cfg: ml_collections.ConfigDict) -> str:
   """'spikformer cifar 4-384' style: family, flavour / graph / attention, depth-width."""
   if cfg.name == 'msvit':

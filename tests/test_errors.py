@@ -1,0 +1,81 @@
+"""Bad input gives one clear line naming the field, the value and what is
+valid, raised before anything is compiled (train.py and train_lib)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from configs import msvit as msvit_configs
+from configs import sdt as sdt_configs
+from configs import spikformer as spikformer_configs
+from spikeformer_jax import train_lib
+
+
+def _config(module, variant, **over):
+  c = module.get_config(variant + ',runlocal')
+  for k, v in over.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+S, D, M = spikformer_configs, sdt_configs, msvit_configs
+CASES = {
+    'model name': (S, 'cifar10-4-384', {'model.name': 'vit'},
+                   "model.name='vit'; valid: msvit, sdt, spikformer."),
+    'attention': (S, 'cifar10-4-384', {'model.attention': 'softmax'},
+                  "model.attention='softmax'; valid kinds: ssa, sdsa, a2os2a, mssa"),
+    'msvit attention': (M, 'cifar10-4-384', {'model.attention': ('mssa', 'mssa', 'x')},
+                        "model.attention=('mssa', 'mssa', 'x'); valid kinds: ssa"),
+    'dataset': (S, 'cifar10-4-384', {'data.name': 'cifar11'},
+                "data.name='cifar11'; valid: 'digits', 'synthetic', 'npz'."),
+    'heads': (S, 'cifar10-4-384', {'model.num_heads': 3},
+              'model.embed_dim=32 is not divisible by model.num_heads=3; valid heads: '
+              '1, 2, 4, 8, 16, 32.'),
+    'msvit heads': (M, 'cifar10-4-384', {'model.num_heads': 3},
+                    'is not divisible by model.num_heads=3'),
+    'stem pooling': (D, 'cifar10-2-256', {'model.img_size': 30, 'data.shape': (30, 30, 3)},
+                     'model.img_size=30 is not a multiple of 4, the factor by which the '
+                     'patch stem of sdt sdsa 1-32 downsamples; use e.g. 28.'),
+    'msvit stem': (M, 'imagenet-10-384', {'model.img_size': 40, 'data.shape': (40, 40, 3)},
+                   'model.img_size=40 is not a multiple of 16'),
+    'image size': (S, 'cifar10-4-384', {'data.shape': (24, 24, 3)},
+                   "data 'synthetic' has 24x24 images but model.img_size=32; set both"),
+    'timesteps': (S, 'cifar10-4-384', {'model.T': 0},
+                  'model.T=0: the number of timesteps must be >= 1.'),
+    'event frames': (S, 'cifar10dvs-2-256', {'model.T': 3},
+                     'event data has T=2 frames but model.T=3.'),
+    'batch': (S, 'cifar10-4-384', {'batch_size': 12},
+              'batch_size=12 must be divisible by the 8 data-parallel devices; use a '
+              'multiple of 8.'),
+    'missing data': (S, 'cifar10-4-384', {'data.name': 'npz', 'data.path': '/nowhere/c10.npz'},
+                     "data.path='/nowhere/c10.npz' does not exist; point --config.data.path"),
+    'not yet readable': (S, 'cifar10-4-384', {'data.name': 'cifar10'},
+                         "data.name='cifar10': reading the tfds"),
+}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_one_clear_error_before_compiling(case, tmp_path, monkeypatch):
+  module, variant, over, message = CASES[case]
+  # Nothing may be traced: the errors come from the config alone.
+  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  with pytest.raises((ValueError, FileNotFoundError)) as e:
+    train_lib.train_and_evaluate(_config(module, variant, **over), str(tmp_path))
+  assert message in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_train_py_prints_one_line(tmp_path):
+  p = subprocess.run([sys.executable, 'train.py', '--config=configs/spikformer.py:digits',
+                      f'--workdir={tmp_path}', '--config.model.T=0'], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines()[-1] == \
+      'error: model.T=0: the number of timesteps must be >= 1.'
+  assert 'Traceback' not in p.stderr
