@@ -25,7 +25,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False,
-                               'Call jax.distributed.initialize() (multi-host runs).')
+                               'Call jax.distributed.initialize() (multi-host runs). On TPU '
+                               'pods and SLURM / Open MPI clusters it finds its peers itself.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   '--multihost elsewhere: host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, '--multihost elsewhere.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, '--multihost elsewhere: 0..n-1.')
 
 
 def main(argv):
@@ -34,7 +39,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   try:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -56,6 +56,9 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
       grad_clip_norm=0.0))
   c.bn_scope = 'global'        # 'global' (one GPU / SyncBN) or 'device' (DDP)
   c.num_devices = -1           # all visible devices
+  # Mesh axes (their product = num_devices; -1 = the rest): the batch is split
+  # over both, the params and optimizer state sharded over fsdp.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
   c.log_every_steps = 50
   c.eval_every_epochs = 1
   c.ckpt_every_steps = 0       # 0: every epoch

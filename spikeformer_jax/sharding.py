@@ -1,39 +1,92 @@
 """Device mesh and shardings, derived in one place.
 
-Data parallelism is `jax.jit` with `NamedSharding`s (what `pjit` became): the
-batch axis is sharded over the mesh axis 'data', the train state is
-replicated. Batch-first layout `[B, T, ...]` keeps time folding local to a
-device (no collectives), and BatchNorm statistics are global over the sharded
-batch unless `bn_scope='device'`.
+Training is `jax.jit` with `NamedSharding`s (what `pjit` became) over a 2-D
+mesh ('data', 'fsdp'). The batch axis is sharded over both axes (every
+device sees its own examples); the parameters and optimizer state are
+replicated over 'data' and, with fsdp > 1, sharded over 'fsdp' (each large
+array split along its largest divisible dimension; XLA gathers them for the
+forward pass and reduce-scatters the gradients), so the ImageNet models'
+state need not fit on one device. Batch-first layout `[B, T, ...]` keeps time
+folding local to a device (no collectives), and BatchNorm statistics are
+global over the sharded batch unless `bn_scope='device'`.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+AXES = ('data', 'fsdp')
+BATCH = P(AXES)          # the batch axis over every device
+FSDP_MIN_SIZE = 2 ** 14  # default: smaller arrays (biases, norms) stay replicated
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh ('data',) over all (or the first `num_devices`) devices."""
+
+def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1) -> Mesh:
+  """A ('data', 'fsdp') mesh over all (or the first `num_devices`) devices;
+  one of `data`, `fsdp` may be -1: the rest."""
   devices = jax.devices()
   n = len(devices) if num_devices in (None, 0, -1) else num_devices
   if n < 1 or n > len(devices):
     raise ValueError(f'num_devices={num_devices}: use -1 (all) or 1..{len(devices)}, '
                      'the number of visible devices.')
-  return Mesh(np.asarray(devices[:n]), ('data',), axis_types=(AxisType.Auto,))
+  if data == -1 and fsdp == -1:
+    raise ValueError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
+  if data == -1 or fsdp == -1:
+    known = fsdp if data == -1 else data
+    if known < 1 or n % known:
+      raise ValueError(f'mesh.{"fsdp" if data == -1 else "data"}={known} does not divide '
+                       f'the {n} devices.')
+    data, fsdp = (n // known, known) if data == -1 else (known, n // known)
+  if data < 1 or fsdp < 1 or data * fsdp != n:
+    raise ValueError(f'mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices '
+                     '(num_devices); -1 takes the rest.')
+  return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), AXES,
+              axis_types=(AxisType.Auto,) * 2)
+
+
+def mesh_from_config(config) -> Mesh:
+  m = config.get('mesh', None)
+  return make_mesh(config.num_devices, data=m.data if m else -1, fsdp=m.fsdp if m else 1)
 
 
 def data_size(mesh: Mesh) -> int:
-  return mesh.shape['data']
+  """Devices the batch is split over (all of them: data x fsdp)."""
+  return math.prod(mesh.shape[a] for a in AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
+  return NamedSharding(mesh, BATCH)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple, fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """'fsdp' on the largest dimension it divides, for arrays of min_size or more."""
+  if fsdp == 1 or math.prod(shape) < min_size:
+    return P()
+  dims = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if shape[i] % fsdp == 0]
+  if not dims:
+    return P()
+  spec = [None] * len(shape)
+  spec[dims[0]] = 'fsdp'
+  return P(*spec)
+
+
+def state_shardings(abstract_state: dict, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> dict:
+  """Shardings of the train state: params and optimizer state per fsdp_spec,
+  BatchNorm statistics and the step replicated."""
+  fsdp = mesh.shape['fsdp']
+
+  def shard(x):
+    return NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp, min_size))
+  repl = replicated(mesh)
+  return {k: jax.tree.map(shard if k in ('params', 'opt_state') else (lambda _: repl), v)
+          for k, v in abstract_state.items()}
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

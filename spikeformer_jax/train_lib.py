@@ -110,8 +110,10 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
   model.per_timestep_logits = False
   graphdef_eval = nnx.graphdef(model)
   abstract = jax.eval_shape(init_fn)
-  repl = sharding.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: repl, abstract)
+  mesh_cfg = config.get('mesh', None)
+  state_sharding = sharding.state_shardings(
+      abstract, mesh, mesh_cfg.get('fsdp_min_size', sharding.FSDP_MIN_SIZE) if mesh_cfg
+      else sharding.FSDP_MIN_SIZE)
   return Experiment(
       config=config, mesh=mesh, graphdef_train=graphdef_train, graphdef_eval=graphdef_eval,
       tx=tx, schedule=schedule, state_sharding=state_sharding,
@@ -309,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   log = metrics_lib.log
-  mesh = sharding.make_mesh(config.num_devices)
+  mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
 
@@ -328,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.ckpt_keep)
   run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
-              'devices': mesh.size, 'processes': jax.process_count(),
+              'devices': mesh.size, 'mesh': dict(mesh.shape), 'processes': jax.process_count(),
               'global_batch': config.batch_size,
               'per_device_batch': config.batch_size // sharding.data_size(mesh),
               'num_params': exp.num_params, 'steps_per_epoch': spe,
@@ -363,11 +365,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fetches pending metrics (a host round-trip) and stops on a bad loss."""
     fetched.extend(jax.device_get(pending))
     pending.clear()
-    if fetched and not np.all(np.isfinite([x['loss'] for x in fetched])):
-      ckpt.wait()
-      raise FloatingPointError(
-          f'non-finite training loss by step {step}; stopping. The last good '
-          f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
+    for key, what in (('loss', 'training loss'), ('grad_norm', 'gradient')):
+      if fetched and not np.all(np.isfinite([x[key] for x in fetched])):
+        ckpt.wait()
+        raise FloatingPointError(
+            f'non-finite {what} by step {step}; stopping. The last good '
+            f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
 
   step = start
   watch = PreemptionWatch()

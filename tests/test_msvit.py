@@ -240,10 +240,12 @@ def test_batch_as_time_order_is_time_major():
   np.testing.assert_array_equal(layers.batch_as_time_multistep(n, x, T, 2)[:, 0], per_sample)
 
 
-def test_eight_devices_equal_one_device():
+@pytest.mark.parametrize('axes', [{}, {'data': 2, 'fsdp': 4}], ids=['data', 'fsdp'])
+def test_eight_devices_equal_one_device(axes):
   c = msvit_cfgs.get_config('cifar10-4-384,runlocal')
   assert c.model.ssa_proj_lif_batch_as_time  # the batch-coupled neuron, sharded
-  assert_eight_devices_equal_one(c)
+  c.mesh.fsdp_min_size = 512  # runlocal arrays are small: shard them anyway
+  assert_eight_devices_equal_one(c, **axes)
 
 
 def test_bad_msvit_configs_fail_clearly():

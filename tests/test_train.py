@@ -48,11 +48,12 @@ def _bn_cancelled(path) -> bool:
   return "_linear']['bias']" in jax.tree_util.keystr(path)
 
 
-def assert_eight_devices_equal_one(config, n_steps=3):
+def assert_eight_devices_equal_one(config, n_steps=3, **mesh_axes):
   """Losses, parameters and BatchNorm statistics of n_steps train steps on 8
-  devices equal those on 1 (float32, 1e-5), but for BN-cancelled biases."""
+  devices (a mesh of `mesh_axes`: data / fsdp sizes) equal those on 1
+  (float32, 1e-5), but for BN-cancelled biases."""
   l1, s1 = _run_steps(config, sharding.make_mesh(1), n_steps)
-  l8, s8 = _run_steps(config, sharding.make_mesh(8), n_steps)
+  l8, s8 = _run_steps(config, sharding.make_mesh(8, **mesh_axes), n_steps)
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
   max_adam_move = 2 * n_steps * config.optimizer.warmup_lr  # steps at the warmup lr
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(s8['params'])[0],
@@ -68,6 +69,31 @@ def assert_eight_devices_equal_one(config, n_steps=3):
 def test_eight_devices_equal_one_device():
   assert jax.device_count() == 8
   assert_eight_devices_equal_one(_tiny())
+
+
+def test_fsdp_mesh_shards_state_and_equals_one_device():
+  config = _tiny(**{'mesh.fsdp_min_size': 512})  # runlocal arrays are small
+  mesh = sharding.make_mesh(8, data=2, fsdp=-1)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  exp = train_lib.build(config, mesh, 4)
+  specs = [s.spec for s in jax.tree.leaves(exp.state_sharding['params'])]
+  assert sum('fsdp' in tuple(sp) for sp in specs) >= 8   # the kernels are sharded
+  opt_specs = [s.spec for s in jax.tree.leaves(exp.state_sharding['opt_state'])]
+  assert sum('fsdp' in tuple(sp) for sp in opt_specs) >= 16  # Adam's two moments too
+  state = exp.init_state()
+  kernel = state['params']['block'][0]['mlp']['fc1_linear']['kernel']
+  assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape
+  assert_eight_devices_equal_one(config, data=2, fsdp=4)
+
+
+@pytest.mark.parametrize('axes,message', [
+    ({'fsdp': 3}, 'mesh.fsdp=3 does not divide the 8 devices'),
+    ({'data': 3}, 'mesh.data=3 x mesh.fsdp=1 must equal the 8 devices'),
+    ({'data': 2, 'fsdp': 2}, 'mesh.data=2 x mesh.fsdp=2 must equal the 8 devices'),
+    ({'data': -1, 'fsdp': -1}, 'at most one axis can take the rest')])
+def test_bad_mesh_is_one_clear_error(axes, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(8, **axes)
 
 
 def test_per_device_batchnorm_does_not_depend_on_device_count():
@@ -226,7 +252,8 @@ def test_bfloat16_train_steps():
   assert {x.dtype for x in jax.tree.leaves(state['params'])} == {np.dtype('float32')}
 
 
-def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('key,what', [('loss', 'training loss'), ('grad_norm', 'gradient')])
+def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, key, what):
   config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
   real = train_lib.make_train_step
   def poisoned(exp):
@@ -235,11 +262,12 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch):
       calls.append(1)
       state, m = fn(state, batch)
       if len(calls) == 4:  # between the step-2 checkpoint and the step-4 one
-        m = dict(m, loss=m['loss'] * jnp.nan)
+        m = dict(m, **{key: m[key] * jnp.nan})
       return state, m
     return step
   monkeypatch.setattr(train_lib, 'make_train_step', poisoned)
-  with pytest.raises(FloatingPointError, match='last good checkpoint is step 2'):
+  with pytest.raises(FloatingPointError,
+                     match=f'non-finite {what} by step 4; .* last good checkpoint is step 2'):
     train_lib.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
 

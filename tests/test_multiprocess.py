@@ -1,0 +1,61 @@
+"""Two real processes (jax.distributed over CPU collectives, 4 devices each)
+train exactly like one process with 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT
+
+ARGS = ['--config=configs/spikformer.py:cifar10-4-384,runlocal', '--config.total_steps=6',
+        '--config.log_every_steps=1', '--config.ckpt_every_steps=3']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _losses(wd):
+  rows = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  return [r['train_loss'] for r in rows if 'train_loss' in r]
+
+
+def test_two_processes_equal_one(tmp_path):
+  one = tmp_path / 'one'
+  p = subprocess.run([sys.executable, 'train.py', f'--workdir={one}', *ARGS], cwd=ROOT,
+                     env=dict(os.environ, JAX_NUM_CPU_DEVICES='8'), capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+
+  two = tmp_path / 'two'
+  port = _free_port()
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='4')
+  procs = [subprocess.Popen(
+      [sys.executable, 'train.py', f'--workdir={two}', *ARGS, '--multihost',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [pr.communicate(timeout=600) for pr in procs]
+  for pr, (out, err) in zip(procs, outs):
+    assert pr.returncode == 0, err[-3000:]
+  run = json.loads((two / 'config.json').read_text())['run']
+  assert run['processes'] == 2 and run['devices'] == 8
+  assert len(_losses(two)) == 6
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-6, atol=1e-6)
+  a = json.loads((one / 'final_metrics.json').read_text())
+  b = json.loads((two / 'final_metrics.json').read_text())
+  assert b['test_examples'] == a['test_examples']
+  np.testing.assert_allclose(b['test_loss'], a['test_loss'], rtol=1e-5)
+  # The 2-process checkpoint restores onto one device of one process.
+  e = subprocess.run([sys.executable, 'eval.py', f'--workdir={two}', '--num_devices=1'],
+                     cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
+                     capture_output=True, text=True, timeout=600)
+  assert e.returncode == 0, e.stderr[-3000:]
+  res = json.loads((two / 'eval_test_6.json').read_text())
+  np.testing.assert_allclose(res['loss'], b['test_loss'], rtol=1e-5)
