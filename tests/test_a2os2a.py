@@ -114,10 +114,12 @@ def test_official_sdt_weights_load_into_a2os2a(shared_dir):
   assert np.isfinite(np.asarray(model(x))).all()
 
 
+@pytest.mark.parametrize('attention', ['a2os2a', 'sdsa'])  # A2OS2A and the SDT baseline
 @pytest.mark.parametrize('axes', [{}, {'data': 2, 'fsdp': 4}], ids=['data', 'fsdp'])
-def test_a2os2a_eight_devices_equal_one_device(axes):
+def test_a2os2a_eight_devices_equal_one_device(axes, attention):
   from test_train import assert_eight_devices_equal_one
   c = a2os2a_configs.get_config('cifar10-2-256,runlocal')
+  c.model.attention = attention
   c.mesh.fsdp_min_size = 512  # runlocal arrays are small: shard them anyway
   assert_eight_devices_equal_one(c, **axes)
 
