@@ -39,7 +39,6 @@ import numpy as np
 
 from spikeformer_jax import config_lib
 
-RESERVED = ('config', 'name')
 # Keys that annotate a point without being swept: not in its name, not a column.
 ANNOTATIONS = ('name', 'paper_top1')
 

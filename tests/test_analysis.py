@@ -5,16 +5,14 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import ROOT
 from configs import a2os2a as a2os2a_configs
 from configs import spikformer as spikformer_configs
-from flax import nnx
-
 from spikeformer_jax import analysis, flops, models
 
 
