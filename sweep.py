@@ -6,8 +6,9 @@ r"""Declared config sweeps: list, run (resumable), print launch commands, collec
   python sweep.py collect  --workdir=DIR [--metric=test_top1] [--x=model.T]
   python sweep.py run      --config=configs/a2os2a.py --sweep=table1 --workdir=DIR --runlocal  # smoke run
 
-`--set KEY=VALUE` (repeatable; VALUE parsed as JSON, else a string) overrides
-a field in every point, e.g. `--set data.name=npz --set data.path=/data/c10.npz`.
+`--set KEY=VALUE` (repeatable; VALUE parsed as JSON, else a string) sets a
+field in every point (a field the point sets itself keeps the point's value),
+e.g. `--set data.name=npz --set data.path=/data/c10.npz`.
 Every point is expanded and validated before anything runs. Each point trains
 in DIR/<point>; rerunning `run` skips finished points and resumes interrupted
 ones; a point whose directory was trained with another config is refused, not

@@ -177,3 +177,10 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   # A workdir holds one sweep.
   with pytest.raises(ValueError, match="holds sweep 'tiny'.*use another --workdir"):
     sweeps.write_manifest(cfg, 'other', str(wd), [])
+
+
+def test_common_overrides_fill_in_but_points_keep_their_own(tmp_path):
+  cfg = _write_config(tmp_path, "sweeps.grid(**{'model.T': [1, 2]})")
+  points = sweeps.get_points(cfg, 'tiny', {'model.T': 5, 'epochs': 3})
+  assert [(p.name, p.config.model.T, p.config.epochs) for p in points] == \
+      [('T=1', 1, 3), ('T=2', 2, 3)]
