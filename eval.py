@@ -65,7 +65,7 @@ def main(argv):
       return analyze(config)
     res = train_lib.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
                                         step=_STEP.value, num_devices=_DEVICES.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, IndexError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   out = _OUTPUT.value or os.path.join(_WORKDIR.value, f'eval_{res["split"]}_{res["step"]}.json')

@@ -87,8 +87,14 @@ def main(argv=None) -> int:
       return 1 if failed else 0
     elif args.command == 'point':
       from absl import logging  # pylint: disable=import-outside-toplevel
+      from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
       logging.set_verbosity(logging.WARNING)
-      sweeps.run_point(args.config, args.sweep, args.point, args.workdir, common, args.runlocal)
+      try:
+        sweeps.run_point(args.config, args.sweep, args.point, args.workdir, common,
+                         args.runlocal)
+      except train_lib.Preempted as e:  # checkpoint saved: as train.py, for schedulers
+        print(str(e), file=sys.stderr)
+        return 143
     else:
       rows = sweeps.collect(args.workdir, metric=args.metric, x=args.x)
       with open(os.path.join(args.workdir, 'results.md'), encoding='utf-8') as f:

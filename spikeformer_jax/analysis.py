@@ -36,7 +36,8 @@ Conventions (`Conventions`, each a field):
   * E_MAC = 4.6 pJ and E_AC = 0.9 pJ (45 nm, Horowitz 2014), as the papers.
   * The non-spiking comparison (the papers' ANN of equal size): the same
     network with one pass instead of T, every operation a MAC:
-    E = E_MAC x (MACs / T).
+    E = E_MAC x (MACs / T) (a head that runs after the mean over time counts
+    once).
   * Memory (beyond the papers, whose operation counts leave it out): bytes
     moved per inference, weights read once from DRAM at their stored width,
     every synaptic layer's input read and output written once on chip, spikes
@@ -101,7 +102,7 @@ def _sow_input_stats(module, x, T: int):
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   folded = xf.shape[0] == _TRACE_BATCH[0] * T  # else no time axis (a head after the mean)
   per_t = xf.reshape(xf.shape[0] // T, T, -1) if folded else xf.reshape(xf.shape[0], 1, -1)
-  module.sow(nnx.Intermediate, 'in_nonzero', jnp.count_nonzero(per_t, axis=(0, 2)).astype(dt))
+  module.sow(nnx.Intermediate, 'in_nonzero', jnp.sum(per_t != 0, axis=(0, 2), dtype=dt))
   module.sow(nnx.Intermediate, 'in_abs_sum', jnp.sum(jnp.abs(xf)))
   module.sow(nnx.Intermediate, 'in_numel', jnp.asarray(x.size, dt))
   integer = jnp.all(xf == jnp.round(xf))
@@ -235,7 +236,8 @@ def _attention_products(attn: layers.SpikingAttention, name: str, T: int, tokens
       if fr is not None:
         rows.append((f'sum_d {branch.upper()}', T * n * c, 'AC', fr * T * n * c))
   else:
-    order = attn.order
+    # VSA forms its softmax map whatever the order (vanilla_self_attention).
+    order = 'qk_first' if kind in ('vsa', 'vsa_float_v') else attn.order
     if order == 'auto':
       order = 'kv_first' if n > d else 'qk_first'
     map_is_spiking = None  # an N x N (or d x d) map of counts or reals: not spikes
@@ -303,6 +305,7 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
       op, sops = 'MAC', 0.0
     rows.append({'layer': name, 'type': type(m).__mro__[1].__name__, 'input': kind,
                  'first': first, 'macs': macs, 'op': op, 'sops': sops, 'input_rate': fr,
+                 'time_folded': len(sums[(name, 'in_nonzero')]) == T,
                  'in_shape': [int(v) for v in sums[(name, 'in_shape')]],
                  'in_numel': numel / n_ex, 'out_numel': sums[(name, 'out_numel')] / n_ex,
                  'in_itemsize': int(sums[(name, 'in_itemsize')]),
@@ -313,12 +316,15 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
     r['energy_mj'] = (r['macs'] * cv.e_mac_pj if r['op'] == 'MAC'
                       else r['sops'] * cv.e_ac_pj) * 1e-9
   total_macs = sum(r['macs'] for r in rows)
+  # Without spikes the network runs once instead of T times (a head applied
+  # after the mean over time already runs once).
+  ann_macs = sum(r['macs'] / T if r.get('time_folded', True) else r['macs'] for r in rows)
   mac_ops = sum(r['macs'] for r in rows if r['op'] == 'MAC')
   sops = sum(r['sops'] for r in rows)
   energy = sum(r['energy_mj'] for r in rows)
   totals = {
       'macs': total_macs, 'mac_ops': mac_ops, 'sops': sops, 'energy_mj': energy,
-      'ann_macs': total_macs / T, 'ann_energy_mj': total_macs / T * cv.e_mac_pj * 1e-9,
+      'ann_macs': ann_macs, 'ann_energy_mj': ann_macs * cv.e_mac_pj * 1e-9,
       'mean_firing_rate': (sum(v['rate'] * v['units_per_example'] for v in neurons.values())
                            / max(sum(v['units_per_example'] for v in neurons.values()), 1)),
   }
@@ -424,9 +430,11 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   model, step = train_lib.restore_model(config, workdir, step)
   n = min(examples, len(source))
   batch = min(config.eval_batch_size, n)
-  n -= n % batch
-  batches = [b['image'] for b, _ in zip(data_lib.eval_batches(source, global_batch=batch),
-                                         range(n // batch))]  # full batches: no padding
+  batches = []  # the first n examples (the last batch smaller: no padding)
+  for b in data_lib.eval_batches(source, global_batch=batch):
+    batches.append(b['image'][b['mask']][:n - batch * len(batches)])
+    if batch * len(batches) >= n:
+      break
   report = analyze(model, batches, T=config.model.T, conventions=conventions)
   report.update(workdir=workdir, split=split, step=step, model=config.get('name', ''))
   out_dir = out_dir or os.path.join(workdir, f'analysis_{split}_{step}')

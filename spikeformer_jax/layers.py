@@ -277,9 +277,8 @@ class SpikingNeuron(nnx.Module):
       # int64 under 64-bit JAX (exact, as the fidelity check needs); else
       # float32, since int32 overflows at ImageNet scale (~1e9 units per step).
       dt = jnp.int64 if jax.config.jax_enable_x64 else jnp.float32
-      per_t = s.reshape(s.shape[0], T, -1)
-      self.sow(nnx.Intermediate, 'spike_count',
-               jnp.count_nonzero(per_t, axis=(0, 2)).astype(dt))
+      per_t = s.reshape(x.shape[0] // T, T, -1)  # [B, T, units] in either layout
+      self.sow(nnx.Intermediate, 'spike_count', jnp.sum(per_t != 0, axis=(0, 2), dtype=dt))
       self.sow(nnx.Intermediate, 'numel', jnp.asarray(s.size, dt))
     return s.reshape(x.shape)
 

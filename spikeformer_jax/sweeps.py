@@ -267,8 +267,10 @@ def point_status(point_dir: str) -> str:
 def point_command(config_path: str, sweep: str, point: str, workdir: str,
                   common: dict | None = None, runlocal: bool = False) -> list[str]:
   """The command that trains one point (also what `commands` prints)."""
-  cmd = [sys.executable, os.path.join(_ROOT, 'sweep.py'), 'point', f'--config={config_path}',
-         f'--sweep={sweep}', f'--point={point}', f'--workdir={workdir}']
+  # Absolute paths: the process runs in the repository root, not the caller's cwd.
+  cmd = [sys.executable, os.path.join(_ROOT, 'sweep.py'), 'point',
+         f'--config={os.path.abspath(config_path)}', f'--sweep={sweep}', f'--point={point}',
+         f'--workdir={os.path.abspath(workdir)}']
   for k, v in (common or {}).items():
     cmd.append(f'--set={k}={json.dumps(v)}')
   return cmd + (['--runlocal'] if runlocal else [])
@@ -327,10 +329,11 @@ def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Poin
                        f'{sweep!r} of {config_path}: use another --workdir.')
   os.makedirs(workdir, exist_ok=True)
   swept = varying_keys([{'config': p.config_arg, **p.overrides} for p in points])
-  manifest = {'config': config_path, 'sweep': sweep, 'common': common or {},
+  manifest = {'config': os.path.abspath(config_path), 'sweep': sweep, 'common': common or {},
               'runlocal': runlocal, 'swept': swept,
               'points': [{'name': p.name, 'config': p.config_arg, 'overrides': p.overrides,
-                          'paper_top1': p.config.get('paper_top1', 0.0)} for p in points]}
+                          # only a number the point declares (not its base variant's)
+                          'paper_top1': p.overrides.get('paper_top1', 0.0)} for p in points]}
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(manifest, f, indent=1, default=str)
@@ -342,6 +345,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
         log=print) -> dict:
   """Runs every point not finished yet, `parallel` at a time, each in its own
   process and workdir. Returns {point: finished | failed | conflict}."""
+  config_path, workdir = os.path.abspath(config_path), os.path.abspath(workdir)
   points = get_points(config_path, sweep, common, runlocal=runlocal)
   write_manifest(config_path, sweep, workdir, points, common, runlocal)
   status = _Status(workdir)
@@ -459,8 +463,8 @@ def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
     if os.path.exists(os.path.join(pdir, 'final_metrics.json')):
       with open(os.path.join(pdir, 'final_metrics.json'), encoding='utf-8') as f:
         final = json.load(f)
-    for m in METRICS:
-      row[m] = final.get(m)
+    for m in METRICS:  # a conflicting directory holds another experiment's numbers
+      row[m] = None if row['status'] == 'conflict' else final.get(m)
     row['paper_top1'] = (p.get('paper_top1') or 0.0) / 100 or None
     rows.append(row)
   if descending is None:

@@ -402,6 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           ckpt.save(step, state, {'step': step})
         if watch.reached(step) and step != total_steps:
           fetch_and_check(step)
+          if fetched:  # the steps since the last log line, so none goes unlogged
+            writer.write(step, **{f'train_{k}': float(np.mean([x[k] for x in fetched]))
+                                  for k in fetched[0]})
           if ckpt.latest_step() != step:
             ckpt.save(step, state, {'step': step}, force=True)
           ckpt.wait()

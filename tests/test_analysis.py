@@ -103,7 +103,11 @@ def test_sops_energy_and_totals_are_consistent():
   t = rep['totals']
   assert t['sops'] == pytest.approx(sum(r['sops'] for r in rows))
   assert t['energy_mj'] == pytest.approx(sum(r['energy_mj'] for r in rows))
-  assert t['ann_energy_mj'] == pytest.approx(t['macs'] / T * 4.6e-9)
+  # Without spikes: one pass instead of T; the head (after the mean over T) runs once.
+  head = rows[-1]
+  assert head['layer'] == 'head' and not head['time_folded'] and rows[1]['time_folded']
+  assert t['ann_macs'] == pytest.approx((t['macs'] - head['macs']) / T + head['macs'])
+  assert t['ann_energy_mj'] == pytest.approx(t['ann_macs'] * 4.6e-9)
   assert 0 < t['energy_mj'] < t['ann_energy_mj']
   assert t['energy_with_memory_mj'] > t['energy_mj']
   # Per-timestep rates average to the overall rate; every neuron is reported.
@@ -200,3 +204,28 @@ def test_eval_analyze_cli(tmp_path):
                         '--analyze_examples=0'], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
   assert bad.returncode == 1 and 'examples=0 must be >= 1' in bad.stderr
+
+
+def test_vsa_is_counted_as_computed_on_kv_first_backbones():
+  c = spikformer_configs.get_config('imagenet-8-512,runlocal')  # attn_order kv_first
+  c.model.attention = 'vsa'
+  model = _loud(models.build_model(c.model))
+  x = np.random.default_rng(0).normal(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  rep = analysis.analyze(model, [x], T=c.model.T)
+  names = {r['layer'].rsplit('.', 1)[-1] for r in rep['layers'] if r['type'] == 'attention'}
+  assert names == {'Q K^T', '(Q K^T) V'}  # the softmax map exists whatever the order
+  model.eval()
+  assert rep['totals']['macs'] == flops.forward_flops(lambda x: model(x), jnp.asarray(x[:1])) // 2
+
+
+@pytest.mark.parametrize('batch_as_time', [False, True])
+def test_rates_per_timestep_split_time_not_units(batch_as_time):
+  from spikeformer_jax import layers, neurons  # pylint: disable=import-outside-toplevel
+  B, T, U = 3, 4, 10
+  x = np.zeros((B * T, U), np.float32)
+  x[::T] = 5.0  # a strong input at t = 0 only: one spike per unit, then silence
+  neuron = layers.SpikingNeuron(neurons.Neuron(), T, batch_as_time=batch_as_time)
+  neuron.record_spikes = True
+  _, inter = nnx.capture(neuron, nnx.Intermediate)(jnp.asarray(x))
+  counts = np.asarray(inter['spike_count'].get_value()[0])
+  np.testing.assert_array_equal(counts, [B * U, 0, 0, 0])

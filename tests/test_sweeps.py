@@ -173,7 +173,8 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   assert result == {'T=1': 'conflict', 'T=2': 'conflict', 'broken': 'failed'}
   assert any(l.startswith('[CONFLICT] T=2:') and 'total_steps' in l for l in log)
   assert (wd / 'T=2' / 'final_metrics.json').stat().st_mtime_ns == before
-  assert {r['point']: r['status'] for r in sweeps.collect(str(wd))}['T=1'] == 'conflict'
+  conflicted = {r['point']: r for r in sweeps.collect(str(wd))}['T=1']
+  assert conflicted['status'] == 'conflict' and conflicted['test_top1'] is None  # not mixed in
   # A workdir holds one sweep.
   with pytest.raises(ValueError, match="holds sweep 'tiny'.*use another --workdir"):
     sweeps.write_manifest(cfg, 'other', str(wd), [])
@@ -184,3 +185,17 @@ def test_common_overrides_fill_in_but_points_keep_their_own(tmp_path):
   points = sweeps.get_points(cfg, 'tiny', {'model.T': 5, 'epochs': 3})
   assert [(p.name, p.config.model.T, p.config.epochs) for p in points] == \
       [('T=1', 1, 3), ('T=2', 2, 3)]
+
+
+def test_commands_use_absolute_paths_and_declared_paper_numbers(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  cmd = sweeps.point_command('cfg.py', 'tiny', 'T=1', 'sw/T=1')
+  assert f'--config={tmp_path}/cfg.py' in cmd and f'--workdir={tmp_path}/sw/T=1' in cmd
+  # A point inherits no paper number from its base variant (that is another row).
+  cfg = _write_config(tmp_path, "sweeps.grid(config=['cifar10-4-384'], **{'model.T': [1, 2]})")
+  points = sweeps.get_points(cfg, 'tiny', validate=False)
+  assert points[0].config.paper_top1 == 95.19
+  sweeps.write_manifest(cfg, 'tiny', str(tmp_path / 'sw'), points)
+  manifest = json.loads((tmp_path / 'sw' / 'sweep.json').read_text())
+  assert [p['paper_top1'] for p in manifest['points']] == [0.0, 0.0]
+  assert manifest['config'] == cfg
