@@ -91,14 +91,9 @@ _CALL_ORDER: list[str] = []   # names of recorded modules, in trace (= network) 
 _TRACE_BATCH = [0]            # the batch size being traced (time-folded inputs have B*T rows)
 
 
-def _count_dtype():
-  # int64 under 64-bit JAX (exact); float32 otherwise (int32 overflows at ImageNet scale).
-  return jnp.int64 if jax.config.jax_enable_x64 else jnp.float32
-
-
 def _sow_input_stats(module, x, T: int):
   """Non-zero count per timestep, sum |x|, numel and the value kind of x."""
-  dt = _count_dtype()
+  dt = layers.count_dtype()
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   folded = xf.shape[0] == _TRACE_BATCH[0] * T  # else no time axis (a head after the mean)
   per_t = xf.reshape(xf.shape[0] // T, T, -1) if folded else xf.reshape(xf.shape[0], 1, -1)
@@ -115,10 +110,10 @@ def _synapse_call(self, x):
   y = super(type(self), self).__call__(x)
   _CALL_ORDER.append(self.analysis_name)
   macs = y.size * math.prod(self.kernel.shape[:-1])
-  self.sow(nnx.Intermediate, 'macs', jnp.asarray(macs, _count_dtype()))
+  self.sow(nnx.Intermediate, 'macs', jnp.asarray(macs, layers.count_dtype()))
   self.sow(nnx.Intermediate, 'in_shape', jnp.asarray(x.shape[1:]))
   self.sow(nnx.Intermediate, 'in_itemsize', jnp.asarray(x.dtype.itemsize))
-  self.sow(nnx.Intermediate, 'out_numel', jnp.asarray(y.size, _count_dtype()))
+  self.sow(nnx.Intermediate, 'out_numel', jnp.asarray(y.size, layers.count_dtype()))
   _sow_input_stats(self, x, self.analysis_T)
   return y
 

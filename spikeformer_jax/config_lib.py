@@ -120,3 +120,38 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
 
 def model_defining(keys: list[str]) -> list[str]:
   return [k for k in keys if any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING)]
+
+
+def _as_config_value(v):
+  if isinstance(v, list):
+    return tuple(_as_config_value(x) for x in v)
+  return v
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict, where: str = ''):
+  """Sets dotted keys (`'model.T': 4`) on a locked config: unknown fields and
+  values of the wrong type raise one ValueError naming `where`, the field and
+  the value. Lists become tuples, as the configs use."""
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    try:
+      for p in path:
+        node = node[p]
+      if leaf not in node:
+        raise KeyError(leaf)
+      node[leaf] = _as_config_value(value)
+    except (KeyError, AttributeError) as e:
+      raise ValueError(f'{where}unknown config field {key!r} (set to {value!r}).') from e
+    except TypeError as e:
+      raise ValueError(f'{where}{key}={value!r}: {e}') from e
+  return config
+
+
+def lookup(d: dict, key: str):
+  """The value at dotted `key` of a nested dict (a saved config.json), or None."""
+  for p in key.split('.'):
+    if not isinstance(d, dict) or p not in d:
+      return None
+    d = d[p]
+  return d

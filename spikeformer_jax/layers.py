@@ -247,6 +247,13 @@ def batch_as_time_multistep(neuron: neurons.Neuron, x: jax.Array, T: int,
   return s.reshape(groups, T, b // groups, -1).transpose(0, 2, 1, 3).reshape(x.shape)
 
 
+def count_dtype():
+  """dtype of recorded counts: int64 under 64-bit JAX (exact, as the fidelity
+  check needs); else float32, since int32 overflows at ImageNet scale (~1e9
+  units per step)."""
+  return jnp.int64 if jax.config.jax_enable_x64 else jnp.float32
+
+
 class SpikingNeuron(nnx.Module):
   """A multi-step neuron on a time-folded tensor [B*T, ...].
 
@@ -274,9 +281,7 @@ class SpikingNeuron(nnx.Module):
       xb = x.reshape((x.shape[0] // T, T) + x.shape[1:])
       s = neurons.multistep(self.neuron, xb)
     if self.record_spikes:
-      # int64 under 64-bit JAX (exact, as the fidelity check needs); else
-      # float32, since int32 overflows at ImageNet scale (~1e9 units per step).
-      dt = jnp.int64 if jax.config.jax_enable_x64 else jnp.float32
+      dt = count_dtype()
       per_t = s.reshape(x.shape[0] // T, T, -1)  # [B, T, units] in either layout
       self.sow(nnx.Intermediate, 'spike_count', jnp.sum(per_t != 0, axis=(0, 2), dtype=dt))
       self.sow(nnx.Intermediate, 'numel', jnp.asarray(s.size, dt))

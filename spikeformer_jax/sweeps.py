@@ -137,31 +137,6 @@ def declared_sweeps(module) -> list[str]:
   return list(getattr(module, 'SWEEPS', ()))
 
 
-def _as_config_value(v):
-  if isinstance(v, list):
-    return tuple(_as_config_value(x) for x in v)
-  return v
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict, where: str = ''):
-  """Sets dotted keys on a locked config: unknown fields and values of the
-  wrong type raise one ValueError naming the point, field and value."""
-  for key, value in overrides.items():
-    node = config
-    *path, leaf = key.split('.')
-    try:
-      for p in path:
-        node = node[p]
-      if leaf not in node:
-        raise KeyError(leaf)
-      node[leaf] = _as_config_value(value)
-    except (KeyError, AttributeError) as e:
-      raise ValueError(f'{where}unknown config field {key!r} (set to {value!r}).') from e
-    except TypeError as e:
-      raise ValueError(f'{where}{key}={value!r}: {e}') from e
-  return config
-
-
 def _fmt(v) -> str:
   if isinstance(v, float):
     return f'{v:.3g}'
@@ -221,7 +196,7 @@ def expand(config_path: str, points: list[dict], common: dict | None = None,
     where = f'sweep point {name!r}: '
     try:
       config = module.get_config(arg) if arg else module.get_config()
-      apply_overrides(config, {**(common or {}), **raw}, where)
+      config_lib.apply_overrides(config, {**(common or {}), **raw}, where)
       if validate:
         check_buildable(config)
     except (ValueError, TypeError, KeyError) as e:
@@ -424,15 +399,6 @@ METRICS = ('test_top1', 'paper_top1', 'test_top5', 'test_loss', 'steps', 'wall_t
            'num_params')
 
 
-def _lookup(cfg: dict, key: str):
-  node = cfg
-  for p in key.split('.'):
-    if not isinstance(node, dict) or p not in node:
-      return None
-    node = node[p]
-  return node
-
-
 def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
             descending: bool | None = None) -> list[dict]:
   """Reads every point of the sweep in `workdir` into rows; writes
@@ -457,7 +423,7 @@ def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
       with open(os.path.join(pdir, 'config.json'), encoding='utf-8') as f:
         cfg = json.load(f)['config']
     for k in swept:  # the value the run actually used, else the declared one
-      used = p['config'] if k == 'config' else _lookup(cfg, k)
+      used = p['config'] if k == 'config' else config_lib.lookup(cfg, k)
       row[k] = used if used is not None else p['overrides'].get(k)
     final = {}
     if os.path.exists(os.path.join(pdir, 'final_metrics.json')):

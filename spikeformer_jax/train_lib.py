@@ -110,10 +110,8 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
   model.per_timestep_logits = False
   graphdef_eval = nnx.graphdef(model)
   abstract = jax.eval_shape(init_fn)
-  mesh_cfg = config.get('mesh', None)
-  state_sharding = sharding.state_shardings(
-      abstract, mesh, mesh_cfg.get('fsdp_min_size', sharding.FSDP_MIN_SIZE) if mesh_cfg
-      else sharding.FSDP_MIN_SIZE)
+  state_sharding = sharding.state_shardings(  # config.json of older runs has no mesh
+      abstract, mesh, config.get('mesh', {}).get('fsdp_min_size', sharding.FSDP_MIN_SIZE))
   return Experiment(
       config=config, mesh=mesh, graphdef_train=graphdef_train, graphdef_eval=graphdef_eval,
       tx=tx, schedule=schedule, state_sharding=state_sharding,
@@ -281,7 +279,8 @@ def check_resume_config(config, workdir: str):
              if k != 'allow_config_change']
   defining = config_lib.model_defining(changed)
   if defining and not config.get('allow_config_change', False):
-    shown = ', '.join(f'{k} ({_lookup(saved, k)!r} -> {_lookup(config.to_dict(), k)!r})'
+    shown = ', '.join(f'{k} ({config_lib.lookup(saved, k)!r} -> '
+                      f'{config_lib.lookup(config.to_dict(), k)!r})'
                       for k in defining[:4]) + (' ...' if len(defining) > 4 else '')
     raise ValueError(f'{workdir} holds a run of another model: {shown}. Use another '
                      '--workdir, or --config.allow_config_change=True to resume anyway.')
@@ -289,10 +288,8 @@ def check_resume_config(config, workdir: str):
     metrics_lib.log(f'Resuming with changed fields: {", ".join(changed)}.')
 
 
-def _lookup(d, key):
-  for k in key.split('.'):
-    d = d.get(k) if isinstance(d, dict) else None
-  return d
+def _mean_metrics(fetched: list[dict]) -> dict:
+  return {k: float(np.mean([x[k] for x in fetched])) for k in fetched[0]}
 
 
 def _write_json(path, obj):
@@ -382,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending.append(m)
         if step % config.log_every_steps == 0 or step == total_steps:
           fetch_and_check(step)
-          avg = {k: float(np.mean([x[k] for x in fetched])) for k in fetched[0]}
+          avg = _mean_metrics(fetched)
           fetched.clear()
           now = time.time()
           ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
@@ -403,8 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if watch.reached(step) and step != total_steps:
           fetch_and_check(step)
           if fetched:  # the steps since the last log line, so none goes unlogged
-            writer.write(step, **{f'train_{k}': float(np.mean([x[k] for x in fetched]))
-                                  for k in fetched[0]})
+            writer.write(step, **{f'train_{k}': v for k, v in _mean_metrics(fetched).items()})
           if ckpt.latest_step() != step:
             ckpt.save(step, state, {'step': step}, force=True)
           ckpt.wait()

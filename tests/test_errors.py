@@ -10,18 +10,11 @@ from conftest import ROOT
 from configs import msvit as msvit_configs
 from configs import sdt as sdt_configs
 from configs import spikformer as spikformer_configs
-from spikeformer_jax import train_lib
+from spikeformer_jax import config_lib, train_lib
 
 
 def _config(module, variant, **over):
-  c = module.get_config(variant + ',runlocal')
-  for k, v in over.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.apply_overrides(module.get_config(variant + ',runlocal'), over)
 
 
 S, D, M = spikformer_configs, sdt_configs, msvit_configs

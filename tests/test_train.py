@@ -12,19 +12,12 @@ import pytest
 
 from conftest import ROOT
 from spikeformer_jax import data as data_lib
-from spikeformer_jax import optim, sharding, train_lib
+from spikeformer_jax import config_lib, optim, sharding, train_lib
 from test_models import cfgs
 
 
 def _tiny(variant='cifar10-4-384', **over):
-  c = cfgs.get_config(variant + ',runlocal')
-  for k, v in over.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return config_lib.apply_overrides(cfgs.get_config(variant + ',runlocal'), over)
 
 
 def _run_steps(config, mesh, n_steps=3):
