@@ -1,6 +1,6 @@
 r"""Evaluates a checkpoint: top-1, top-5 and loss on a split; or analyses it.
 
-  python eval.py --workdir=DIR [--split=test] [--step=N] [--output=FILE.json]
+  python eval.py --workdir=DIR [--split=test] [--step=N] [--ema] [--output=FILE.json]
   python eval.py --workdir=DIR --analyze [--analyze_examples=256] [--integer_inputs=mac]
 
 --analyze writes firing rates (per layer and timestep), operations, SOPs and
@@ -30,6 +30,7 @@ _SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'test'], 'Split to evaluat
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON output path (--analyze: directory).')
 _DEVICES = flags.DEFINE_integer('num_devices', None, 'Devices to use (default: all).')
+_EMA = flags.DEFINE_bool('ema', False, 'Evaluate the EMA of the weights (runs with ema_decay).')
 _ANALYZE = flags.DEFINE_bool('analyze', False, 'Firing rates, SOPs, energy and pictures.')
 _EXAMPLES = flags.DEFINE_integer('analyze_examples', 256, 'Examples analysed.')
 _INTEGER = flags.DEFINE_enum('integer_inputs', 'mac', ['mac', 'ac'],
@@ -64,14 +65,15 @@ def main(argv):
     if _ANALYZE.value:
       return analyze(config)
     res = train_lib.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
-                                        step=_STEP.value, num_devices=_DEVICES.value)
+                                        step=_STEP.value, num_devices=_DEVICES.value,
+                                        ema=_EMA.value)
   except (ValueError, FileNotFoundError, IndexError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   out = _OUTPUT.value or os.path.join(_WORKDIR.value, f'eval_{res["split"]}_{res["step"]}.json')
   with open(out, 'w', encoding='utf-8') as f:
     json.dump(res, f, indent=2)
-  print(f'eval {res["split"]} step {res["step"]}: top1 {res["top1"]:.2%} | '
+  print(f'eval {res["split"]}{" (EMA)" if _EMA.value else ""} step {res["step"]}: top1 {res["top1"]:.2%} | '
         f'top5 {res["top5"]:.2%} | loss {res["loss"]:.4f} | {res["count"]} examples '
         f'-> {out}')
   return 0

@@ -18,24 +18,10 @@ points. `collect` writes DIR/results.{csv,md,png}.
 """
 
 import argparse
-import json
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-
-
-def _common(pairs):
-  out = {}
-  for pair in pairs or []:
-    key, sep, value = pair.partition('=')
-    if not sep:
-      raise SystemExit(f'error: --set {pair!r}: expected KEY=VALUE.')
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
 
 
 def main(argv=None) -> int:
@@ -53,14 +39,14 @@ def main(argv=None) -> int:
   parser.add_argument('--x', default='', help='(collect) swept field on the plot x axis')
   args = parser.parse_args(argv)
 
-  from spikeformer_jax import sweeps  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import config_lib, sweeps  # pylint: disable=import-outside-toplevel
   need = {'list': ('config',), 'run': ('config', 'sweep', 'workdir'),
           'commands': ('config', 'sweep', 'workdir'),
           'point': ('config', 'sweep', 'point', 'workdir'), 'collect': ('workdir',)}
   missing = [f'--{n}' for n in need[args.command] if not getattr(args, n)]
   if missing:
     parser.error(f'{args.command} needs {" ".join(missing)}')
-  common = _common(args.common)
+  common = config_lib.parse_set(args.common)
   try:
     if args.command == 'list':
       module = sweeps.load_config_module(args.config)

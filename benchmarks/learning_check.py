@@ -2,7 +2,7 @@ r"""Learning check: several configs, one small recipe, one seed, one CPU budget.
 
   python benchmarks/learning_check.py --data=../shared/data/cifar10_subset.npz \
       --configs=configs/sdt.py:cifar10-2-256,configs/a2os2a.py:cifar10-2-256 \
-      --budget_s=600 --T=2 [--json]
+      --budget_s=600 --T=2 [--augment] [--set model.depth=2 ...] [--json]
 
 Each model trains on the .npz (x_train, y_train, x_test, y_test; uint8 CIFAR
 images) for the same wall-clock budget, compilation included: after compiling
@@ -30,7 +30,10 @@ from benchmarks.train_step import load_config  # pylint: disable=g-import-not-at
 from spikeformer_jax import config_lib, data as data_lib, sharding, train_lib  # pylint: disable=g-import-not-at-top
 
 
-def small_recipe(config, *, data_path: str, T: int, batch: int, lr: float):
+def small_recipe(config, *, data_path: str, T: int, batch: int, lr: float,
+                 augment: bool = False, overrides: dict | None = None):
+  """The shared small recipe; augment keeps the config's augmentation and
+  mixup (the official recipe's), else both are off."""
   config.data.name, config.data.path = 'npz', data_path
   config.data.mean, config.data.std = config_lib.NORM['cifar10']
   config.model.T = T
@@ -40,7 +43,10 @@ def small_recipe(config, *, data_path: str, T: int, batch: int, lr: float):
   o.warmup_lr, o.schedule_per_epoch = lr / 100, False
   config.label_smoothing = 0.1
   config.seed = 0
-  return config
+  if not augment:
+    config.data.augment = data_lib.augment_config()
+    config.mixup.mixup_alpha = config.mixup.cutmix_alpha = 0.0
+  return config_lib.apply_overrides(config, overrides or {}, '--set: ')
 
 
 def run(config, budget_s: float, probe_steps: int = 3) -> dict:
@@ -48,7 +54,8 @@ def run(config, budget_s: float, probe_steps: int = 3) -> dict:
   mesh = sharding.make_mesh(config.num_devices)
   train_src = data_lib.get_source(config.data, 'train')
   test_src = data_lib.get_source(config.data, 'test')
-  loader = data_lib.Loader(train_src, global_batch=config.batch_size, seed=config.seed)
+  loader = data_lib.Loader(train_src, global_batch=config.batch_size, seed=config.seed,
+                           transform=data_lib.make_transform(config.data, train_src, train=True))
   # The schedule sees 20 "virtual epochs" (1 of warmup) of steps/20 steps each,
   # so warmup + cosine spans exactly the steps that fit; the loader keeps the
   # real epochs.
@@ -80,6 +87,7 @@ def run(config, budget_s: float, probe_steps: int = 3) -> dict:
   ev = train_lib.evaluate(train_lib.make_eval_step(exp), state, test_src, mesh,
                           config.eval_batch_size)
   return {'config': config.get('name', ''), 'attention': config.model.attention,
+          'augment': bool(config.data.augment.rand_augment or config.mixup.mixup_alpha),
           'T': config.model.T, 'batch': config.batch_size, 'steps': steps,
           'epochs_seen': round(steps / loader.steps_per_epoch, 2), 'step_s': round(step_s, 3),
           'wall_s': round(time.time() - t0, 1), 'train_loss_last': float(m['loss']),
@@ -95,13 +103,19 @@ def main(argv=None):
   p.add_argument('--T', type=int, default=2)
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--lr', type=float, default=1e-3)
+  p.add_argument('--augment', action='store_true',
+                 help="keep the configs' augmentation and mixup (default: none)")
+  p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                 help='config overrides for every config, e.g. model.depth=2')
   p.add_argument('--json', action='store_true')
   a = p.parse_args(argv)
+  overrides = config_lib.parse_set(a.set)
   if not os.path.exists(a.data):
     sys.exit(f'--data={a.data} not found (the CIFAR-10 subset lives in ../shared/data).')
   results = []
   for spec in a.configs.split(','):
-    config = small_recipe(load_config(spec), data_path=a.data, T=a.T, batch=a.batch, lr=a.lr)
+    config = small_recipe(load_config(spec), data_path=a.data, T=a.T, batch=a.batch, lr=a.lr,
+                          augment=a.augment, overrides=overrides)
     r = run(config, a.budget_s)
     results.append(r)
     print(json.dumps(r) if a.json else

@@ -47,8 +47,8 @@ Code vs intent (spec 4.1, 4.4), each one field:
     cifar100/model.py (kernel-1 P, per-channel mask), which its own train.py
     cannot build; these rows use the cifar10/model.py graph, whose 100-class
     count is the paper's 7.59M.
-  * data.mean / std of the CIFAR-100 rows: CIFAR-10's, as cifar100.yml uses
-    (set cl.NORM['cifar100'] for the correct statistics).
+  * data.norm_from of the CIFAR-100 rows: 'cifar10', the statistics
+    cifar100.yml uses; --config.data.norm_from=cifar100 for the correct ones.
 
 Recipes (spec 4.6): CIFAR: AdamW lr 1e-3, wd 0.06, batch 64 (the paper says
 128), 400 + 10 epochs, warmup 20 from 1e-5, timm cosine per epoch. ImageNet:
@@ -58,6 +58,11 @@ half-cosine to 1e-7 (schedule mae_cosine); the paper's batch 512 as 256 x 2
 accumulation steps (the official values were not published; QKFormer's logs
 show 8 GPUs x 32 x 2). DVS (deleted trainers): batch 16, AdamW wd 0.06, warmup
 10, lr 5e-3 / 96 + 10 epochs (CIFAR10-DVS), 1e-3 / 192 + 10 (Gesture).
+Augmentation: CIFAR: flip, timm's standard RandAugment rand-m9-n1-mstd0.4-inc1,
+random erasing 0.25, mixup 0.5 until epoch 200. ImageNet: RandomResizedCrop
+(0.08, 1), flip, rand-m9-mstd0.5-inc1, random erasing 0.25 ('pixel'), no
+mixup, eval resize 256 / crop 224. DVS: mixup 0.5 with probability 0.5 until
+epoch 75.
 Augmentation (RandAugment, random erasing, mixup) and the datasets' readers
 are not part of this release: use `--config.data.name=npz` or `synthetic`.
 
@@ -112,10 +117,16 @@ VARIANTS = [*_IMAGENET, *_CIFAR, *_ABLATION, *_DVS]
 def _cifar(variant: str, classes: int):
   model = msvit.model_config('cifar', embed_dim=384, depth=4, num_heads=8, T=4,
                              num_classes=classes, img_size=32, variant=variant)
-  data = cl.image_data('cifar10', classes, 32)  # MSViT's cifar100.yml keeps CIFAR-10's stats
-  data.name = f'cifar{classes}'
-  return cl.base_config(model, data, batch=64, epochs=400, lr=1e-3, wd=0.06, warmup=20,
-                        warmup_lr=1e-5, min_lr=1e-5)
+  data = cl.image_data(f'cifar{classes}', classes, 32)
+  # MSViT's cifar100.yml keeps CIFAR-10's statistics: the default follows the
+  # code; --config.data.norm_from=cifar100 uses CIFAR-100's own.
+  data.norm_from = 'cifar10'
+  c = cl.base_config(model, data, batch=64, epochs=400, lr=1e-3, wd=0.06, warmup=20,
+                     warmup_lr=1e-5, min_lr=1e-5)
+  # timm create_loader: the standard RandAugment set, not Spikformer's.
+  c.data.augment.update(hflip=0.5, rand_augment='rand-m9-n1-mstd0.4-inc1', reprob=0.25)
+  c.mixup.update(mixup_alpha=0.5, off_epoch=200)
+  return c
 
 
 def paper_row(name: str):
@@ -128,6 +139,10 @@ def paper_row(name: str):
                        epochs=200, lr=6e-4, wd=0.05, warmup=5, warmup_lr=0.0, min_lr=1e-7)
     c.cooldown_epochs = 0
     c.optimizer.update(schedule='mae_cosine', lr_scale_batch=True, accum_steps=2)
+    # MAE's timm create_transform: no mixup; eval resizes to 256, crops 224.
+    c.data.augment.update(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
+                          rand_augment='rand-m9-mstd0.5-inc1', reprob=0.25, remode='pixel',
+                          eval_crop_pct=224 / 256)
   elif name in _CIFAR:
     variant, classes, paper = _CIFAR[name]
     c = _cifar(variant, classes)
@@ -143,6 +158,7 @@ def paper_row(name: str):
     data = cl.data_config(dataset, classes, (T, 128, 128, 2), mean=(), std=())
     c = cl.base_config(model, data, batch=16, epochs=epochs, lr=lr, wd=0.06, warmup=10,
                        warmup_lr=1e-5)
+    c.mixup.update(mixup_alpha=0.5, prob=0.5, off_epoch=75)  # the deleted trainers' defaults
   c.paper_top1 = paper
   return c
 

@@ -4,7 +4,7 @@ r"""Spikformer (Zhou et al., ICLR 2023): every row of the paper, one argument aw
 
 | VARIANT              | model (flavour)            | T  | params (no dead / official) | paper top-1 |
 |----------------------|----------------------------|----|-----------------------------|-------------|
-| digits (default)     | 1-64 cifar flavour, 8x8    | 4  | 113,026                     | (ours: 99.44%, 103 s on 2 CPU cores; target >= 97%) |
+| digits (default)     | 1-64 cifar flavour, 8x8    | 4  | 113,026                     | (ours: 97.77%, on 2 CPU cores; target >= 97%) |
 | cifar10-4-256        | 4-256, heads 8 (cifar)     | 4  | 4,155,178 / 4,159,274       | 93.94       |
 | cifar10-2-384        | 2-384, heads 12 (cifar)    | 4  | 5,765,050 / 5,768,122       | 94.80       |
 | cifar10-4-384        | 4-384, heads 12 (cifar)    | 4  | 9,324,730 / 9,330,874       | 95.19       |
@@ -17,6 +17,7 @@ r"""Spikformer (Zhou et al., ICLR 2023): every row of the paper, one argument aw
 | imagenet-8-768       | 8-768, heads 12            | 4  | 66,338,632 / 66,363,208     | 74.81       |
 | cifar10dvs-2-256     | 2-256, heads 16 (dvs)      | 16 | 2,566,666 / 2,585,610       | 80.9        |
 | dvs128gesture-2-256  | 2-256, heads 16 (dvs), 11 classes | 16 | 2,566,923 / 2,585,867 | 98.3 (see below) |
+| nmnist-1-128         | 1-128, heads 8 (dvs), 32x32, 64 tokens | 8 | (not a paper row: the N-MNIST check) | |
 
 "official" counts include the official code's unused modules (LayerNorms, the
 DVS pos_embed); build them with `--config.model.dead_modules=True`.
@@ -26,12 +27,19 @@ Recipes are the official ones (spec section 1.5): AdamW without weight decay on
 warmup and 10 cooldown epochs, label smoothing 0.1, batch 128 (CIFAR), 192
 (ImageNet: 24 per GPU x 8), 16 (DVS). BatchNorm statistics are global over the
 batch by default; the official ImageNet runs had per-GPU statistics (8 x 24):
-add `--config.bn_scope=device` on 8 devices for that. The papers' augmentation (RandAugment,
-mixup/cutmix, random erasing) and the tfds / event-camera readers are not part of
-this release: the CIFAR / ImageNet / DVS variants need
-`--config.data.name=npz --config.data.path=...` (arrays you provide) or
-`--config.data.name=synthetic`, and without augmentation expect accuracy below
-the paper's.
+add `--config.bn_scope=device` on 8 devices for that.
+
+Augmentation (config.data.augment, config.mixup), as the official code:
+  CIFAR:    flip, RandAugment rand-m9-n1-mstd0.4-inc1 over Spikformer's
+            restricted op set (cifar10/aa_snn.py), random erasing 0.25 (const),
+            mixup 0.5 until epoch 200; no crop.
+  ImageNet: RandomResizedCrop scale (1, 1) with the default ratio, flip,
+            rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / CutMix 1.0.
+  CIFAR10-DVS: flip, SNNAugmentWide, mixup 0.5 with probability 0.5 until
+            epoch 75. Gesture: none.
+Data: `python prepare.py --dataset=cifar10` (see the README) once, then
+`--config.data.data_dir=DIR`; the DVS rows read frames integrated by
+`prepare.py --dataset=cifar10_dvs --frames=16`.
 
 DVS128 Gesture: the official repository never released a Gesture model
 (spikformer issue #7); this one follows its CIFAR10-DVS flavour with 11
@@ -81,13 +89,22 @@ def _paper_row(name):
     data = cl.data_config(dataset, classes, (T, img, img, 2), mean=(), std=())
     c = cl.base_config(model, data, batch=16, epochs=96, lr=1e-3, wd=0.06, warmup=10,
                        warmup_lr=1e-5)
+    if dataset == 'cifar10_dvs':  # cifar10dvs/train.py; Gesture: none (a flip changes its class)
+      c.data.augment.update(hflip=0.5, dvs_policy='snn_augment_wide')
+      c.mixup.update(mixup_alpha=0.5, prob=0.5, off_epoch=75)
   elif flavour == 'imagenet':
     c = cl.base_config(model, cl.image_data(dataset, classes, img), batch=192, epochs=300,
                        lr=5e-4, wd=0.05, warmup=20, warmup_lr=1e-6)
+    c.data.augment.update(crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
+                          rand_augment='rand-m9-mstd0.5-inc1', reprob=0.25)
+    c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0)
   else:
     c = cl.base_config(model, cl.image_data(dataset, classes, img), batch=128,
                        epochs=400 if name.endswith('400e') else 300, lr=5e-4, wd=0.06,
                        warmup=20, warmup_lr=1e-5)
+    c.data.augment.update(hflip=0.5, rand_augment='rand-m9-n1-mstd0.4-inc1',
+                          rand_augment_ops='spikformer_cifar', reprob=0.25)
+    c.mixup.update(mixup_alpha=0.5, off_epoch=200)
   c.paper_top1 = paper
   return c
 
@@ -110,10 +127,27 @@ def _digits():
   return c
 
 
+def _nmnist():
+  """A small DVS-flavour Spikformer on N-MNIST (not a paper row: the DVS check
+  a CPU affords). 34x34 events resized to 32, T=8 frames by event count,
+  two pooling stages (8x8 = 64 tokens), the CIFAR10-DVS recipe's flip-free
+  settings."""
+  model = spikformer.model_config('dvs', embed_dim=128, depth=1, num_heads=8, T=8,
+                                  num_classes=10, img_size=32)
+  model.pooling = '0011'
+  data = cl.data_config('nmnist', 10, (8, 32, 32, 2), mean=(), std=())
+  c = cl.base_config(model, data, batch=32, epochs=8, lr=2e-3, wd=0.01, warmup=1,
+                     warmup_lr=1e-4)
+  c.cooldown_epochs = 0
+  c.optimizer.schedule_per_epoch = False
+  c.log_every_steps = 10
+  return c
+
+
 def get_config(arg: str = 'digits'):
   """`arg` = VARIANT[,runlocal]; see the module docstring for the variants."""
-  name, local = cl.parse_arg(arg, 'digits', ['digits', *_ROWS])
-  c = _digits() if name == 'digits' else _paper_row(name)
+  name, local = cl.parse_arg(arg, 'digits', ['digits', 'nmnist-1-128', *_ROWS])
+  c = {'digits': _digits, 'nmnist-1-128': _nmnist}.get(name, lambda: _paper_row(name))()
   if local:
     c = cl.runlocal(c)
   c.name = f'spikformer:{arg}'

@@ -426,7 +426,8 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   n = min(examples, len(source))
   batch = min(config.eval_batch_size, n)
   batches = []  # the first n examples (the last batch smaller: no padding)
-  for b in data_lib.eval_batches(source, global_batch=batch):
+  transform = data_lib.make_transform(config.data, source, train=False)
+  for b in data_lib.eval_batches(source, global_batch=batch, transform=transform):
     batches.append(b['image'][b['mask']][:n - batch * len(batches)])
     if batch * len(batches) >= n:
       break

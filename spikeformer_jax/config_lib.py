@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
-# Dataset -> normalisation (mean, std) of the official code.
-NORM = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
+from spikeformer_jax import data as data_lib
+from spikeformer_jax.data import mixup
+
+NORM = data_lib.NORM
 
 
 def data_config(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
   """`config.data`; mean=() feeds raw values (event counts)."""
   return ml_collections.ConfigDict(dict(
-      name=name,              # digits | synthetic | npz (| the papers' datasets)
+      name=name,              # see spikeformer_jax.data.NAMES
       num_classes=num_classes,
-      image_size=shape[-2],   # digits: 8 or a multiple (upsampled)
-      shape=tuple(shape),     # synthetic: example shape, [T,] H, W, C
+      image_size=shape[-2],   # the model's input size (tfds / event sources resize to it)
+      shape=tuple(shape),     # example shape, [T,] H, W, C (events: T = frames)
       num_train=512, num_test=128, seed=0,  # synthetic sizes
+      synthetic_kind='gesture',  # synthetic_events: 'gesture' or 'image' (CIFAR10-DVS-like)
       path='',                # npz: file with x_train, y_train, x_test, y_test
-      mean=tuple(mean), std=tuple(std),     # npz: normalisation; () = raw values
+      data_dir='',            # tfds: prepared datasets ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+      split_by='number',      # event datasets: frame integration, 'number' or 'time'
+      mean=tuple(mean), std=tuple(std),     # normalisation; () = raw values (event counts)
+      norm_from='',           # a dataset of data.NORM whose statistics replace mean / std
+      workers=0,              # > 0: grain worker processes prepare the batches
+      augment=data_lib.augment_config(),
   ))
 
 
@@ -43,6 +49,8 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.cooldown_epochs = 10
   c.total_steps = 0            # > 0: stop after this many steps (schedule still from epochs)
   c.label_smoothing = 0.1
+  c.mixup = mixup.mixup_config()  # mixup / CutMix on device (timm's Mixup, 'batch' mode)
+  c.ema_decay = 0.0            # > 0: keep timm ModelEmaV2 of the weights, evaluated beside them
   c.tet = ml_collections.ConfigDict(dict(  # Temporal Efficient Training loss (SDT's option)
       enabled=False, means=1.0, lamb=0.001))
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -82,7 +90,9 @@ def runlocal(c):
   d = c.data
   if d.name != 'digits':
     events = m.in_channels == 2
-    d.name = 'synthetic'
+    # Event rows: recordings of the synthetic event generator, integrated as the real ones.
+    d.synthetic_kind = 'gesture' if d.name == 'dvs128_gesture' else 'image'
+    d.name = 'synthetic_events' if events else 'synthetic'
     d.shape = ((m.T,) if events else ()) + (m.img_size, m.img_size, m.in_channels)
     d.num_classes = m.num_classes
     d.num_train, d.num_test = 64, 32
@@ -107,7 +117,8 @@ def parse_arg(arg: str, default: str, variants) -> tuple[str, bool]:
 # Fields whose change makes a checkpoint another experiment: a run refuses to
 # resume across them unless `allow_config_change` is set.
 MODEL_DEFINING = ('model', 'data.name', 'data.num_classes', 'data.image_size', 'data.shape',
-                  'data.mean', 'data.std')
+                  'data.mean', 'data.std', 'data.norm_from',
+                  'ema_decay')  # EMA on / off changes the checkpoint's structure
 
 
 def config_diff(saved, want, prefix: str = '') -> list[str]:
@@ -146,6 +157,20 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict, where: s
     except TypeError as e:
       raise ValueError(f'{where}{key}={value!r}: {e}') from e
   return config
+
+
+def parse_set(pairs) -> dict:
+  """['model.T=4', 'data.name=npz'] -> overrides; VALUE is JSON, else a string."""
+  out = {}
+  for pair in pairs or []:
+    key, sep, value = pair.partition('=')
+    if not sep:
+      raise SystemExit(f'error: --set {pair!r}: expected KEY=VALUE.')
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
 
 
 def lookup(d: dict, key: str):

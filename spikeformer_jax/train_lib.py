@@ -35,25 +35,36 @@ from spikeformer_jax import metrics as metrics_lib
 from spikeformer_jax import models
 from spikeformer_jax import optim
 from spikeformer_jax import sharding
+from spikeformer_jax.data import mixup
 
 BN_SCOPES = ('global', 'device')
 
 
 def cross_entropy(logits, labels, smoothing: float = 0.0):
   """Softmax cross-entropy with label smoothing as timm's (1-s)*y + s/K."""
-  onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  if smoothing:
-    onehot = optax.smooth_labels(onehot, smoothing)
-  return optax.softmax_cross_entropy(logits, onehot)
+  targets = mixup.smooth_one_hot(labels, logits.shape[-1], smoothing, logits.dtype)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
-def tet_loss(logits_t, labels, smoothing: float, means: float, lamb: float):
+def tet_loss(logits_t, targets, means: float, lamb: float):
   """TET (Deng et al., 2022) as SDT's criterion.py: the cross-entropy of every
   timestep's logits, averaged, plus lamb * MSE of the logits to `means`.
-  logits_t: [B, T, classes]."""
-  ce = cross_entropy(logits_t, labels[:, None], smoothing).mean()
+  logits_t: [B, T, classes]; targets: soft targets [B, classes] (timm's
+  SoftTargetCrossEntropy, so mixup and smoothing apply)."""
+  ce = optax.softmax_cross_entropy(logits_t, targets[:, None]).mean()
   mse = jnp.mean(jnp.square(logits_t - means)) if lamb else 0.0
   return (1.0 - lamb) * ce + lamb * mse
+
+
+def ema_decay(config) -> float:
+  """`config.ema_decay` (0: no EMA of the weights)."""
+  return float(config.get('ema_decay', 0.0))
+
+
+def ema_update(ema, new, decay: float):
+  """timm ModelEmaV2: ema = decay * ema + (1 - decay) * new, for params and
+  BatchNorm statistics alike."""
+  return jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)
 
 
 def tet_config(config):
@@ -84,6 +95,7 @@ class Experiment:
   init_fn: Callable
   num_params: int
   bn_groups: int
+  steps_per_epoch: int
 
   def init_state(self):
     return jax.jit(self.init_fn, out_shardings=self.state_sharding)()
@@ -99,8 +111,11 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
     _, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
       raise ValueError(f'model holds state beyond params and batch stats: {rest}')
-    return {'params': params, 'batch_stats': batch_stats,
-            'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    state = {'params': params, 'batch_stats': batch_stats,
+             'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+    if ema_decay(config):  # evaluated beside the trained weights
+      state['ema'] = {'params': params, 'batch_stats': batch_stats}
+    return state
 
   model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
   model.train()
@@ -116,23 +131,43 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
       config=config, mesh=mesh, graphdef_train=graphdef_train, graphdef_eval=graphdef_eval,
       tx=tx, schedule=schedule, state_sharding=state_sharding,
       abstract_state=checkpointing.abstract_like(abstract, state_sharding),
-      init_fn=init_fn, num_params=models.count_params(model), bn_groups=bn_groups)
+      init_fn=init_fn, num_params=models.count_params(model), bn_groups=bn_groups,
+      steps_per_epoch=steps_per_epoch)
 
 
 def make_train_step(exp: Experiment):
-  """jit(state, batch) -> (new state, metrics); the state is donated."""
-  smoothing = exp.config.label_smoothing
-  tet = tet_config(exp.config)
+  """jit(state, batch) -> (new state, metrics); the state is donated.
+
+  Mixup / CutMix (config.mixup) run inside the step on the sharded batch,
+  keyed by the step; the loss is the cross-entropy against soft targets
+  (timm's SoftTargetCrossEntropy), which with neither is label smoothing.
+  """
+  config = exp.config
+  smoothing = config.label_smoothing
+  num_classes = config.model.num_classes
+  tet = tet_config(config)
+  mix = config.get('mixup')
+  decay = ema_decay(config)
 
   def train_step(state, batch):
+    images, labels = batch['image'], batch['label']
+    if mixup.active(mix):
+      key = jax.random.fold_in(jax.random.key(config.seed), state['step'])
+      enabled = (state['step'] // exp.steps_per_epoch < mix.off_epoch
+                 if mix.off_epoch > 0 else True)
+      images, targets, _ = mixup.mix_batch(key, images, labels, mix, num_classes=num_classes,
+                                           smoothing=smoothing, enabled=enabled)
+    else:
+      targets = mixup.smooth_one_hot(labels, num_classes, smoothing)
+
     def loss_fn(params):
       model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)
-      logits = model(batch['image'])
+      logits = model(images)
       if tet is not None:  # [B, T, classes]; predictions from the mean, as at evaluation
-        loss = tet_loss(logits, batch['label'], smoothing, tet.means, tet.lamb)
+        loss = tet_loss(logits, targets, tet.means, tet.lamb)
         logits = logits.mean(axis=1)
       else:
-        loss = cross_entropy(logits, batch['label'], smoothing).mean()
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
       return loss, (logits, nnx.state(model, nnx.BatchStat))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -141,8 +176,11 @@ def make_train_step(exp: Experiment):
     new_state = {'params': optax.apply_updates(state['params'], updates),
                  'batch_stats': batch_stats, 'opt_state': opt_state,
                  'step': state['step'] + 1}
+    if decay:
+      new_state['ema'] = ema_update(
+          state['ema'], {'params': new_state['params'], 'batch_stats': batch_stats}, decay)
     metrics = {'loss': loss,
-               'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
                'lr': exp.schedule(state['step']),
                'grad_norm': optax.tree.norm(grads)}
     return new_state, metrics
@@ -153,11 +191,15 @@ def make_train_step(exp: Experiment):
                  donate_argnums=(0,))
 
 
-def make_eval_step(exp: Experiment):
-  """jit(state, batch with 'mask') -> sums of correct top-1/5, loss and count."""
+def make_eval_step(exp: Experiment, ema: bool = False):
+  """jit(state, batch with 'mask') -> sums of correct top-1/5, loss and count,
+  of the trained weights or (ema) of their moving average."""
+  if ema and not ema_decay(exp.config):
+    raise ValueError('this run kept no EMA of its weights (ema_decay is 0).')
 
   def eval_step(state, batch):
-    model = nnx.merge(exp.graphdef_eval, state['params'], state['batch_stats'], copy=True)
+    weights = state['ema'] if ema else state
+    model = nnx.merge(exp.graphdef_eval, weights['params'], weights['batch_stats'], copy=True)
     logits = model(batch['image'])
     mask = batch['mask'].astype(jnp.float32)
     label = batch['label']
@@ -173,12 +215,13 @@ def make_eval_step(exp: Experiment):
                  out_shardings=sharding.replicated(exp.mesh))
 
 
-def evaluate(eval_step, state, source, mesh, batch_size: int) -> dict:
-  """top1, top5 and mean loss over every example of `source`."""
+def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None) -> dict:
+  """top1, top5 and mean loss over every example of `source` (through the eval
+  `transform`: resize, centre crop, normalisation)."""
   totals = None
   for b in data_lib.eval_batches(source, global_batch=batch_size,
                                  process_index=jax.process_index(),
-                                 process_count=jax.process_count()):
+                                 process_count=jax.process_count(), transform=transform):
     out = eval_step(state, sharding.global_batch(b, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   t = jax.device_get(totals)
@@ -315,14 +358,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_src = data_lib.get_source(config.data, 'train')
   test_src = data_lib.get_source(config.data, 'test')
   validate(config, train_src)
+  test_tf = data_lib.make_transform(config.data, test_src, train=False)
   loader = data_lib.Loader(train_src, global_batch=config.batch_size, seed=config.seed,
                            process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           process_count=jax.process_count(),
+                           transform=data_lib.make_transform(config.data, train_src, train=True),
+                           workers=config.data.get('workers', 0))
   spe = loader.steps_per_epoch
   total_steps = (config.total_steps if config.total_steps > 0
                  else (config.epochs + config.cooldown_epochs) * spe)
   exp = build(config, mesh, spe)
   train_step, eval_step = make_train_step(exp), make_eval_step(exp)
+  ema_eval_step = make_eval_step(exp, ema=True) if ema_decay(config) else None
+
+  def evaluate_all(state):
+    """Test metrics of the weights and, with ema_decay, 'ema_'-prefixed of their EMA."""
+    ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size, test_tf)
+    if ema_eval_step is not None:
+      ema = evaluate(ema_eval_step, state, test_src, mesh, config.eval_batch_size, test_tf)
+      ev.update({f'ema_{k}': v for k, v in ema.items() if k != 'count'})
+    return ev
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.ckpt_keep)
@@ -371,11 +426,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   step = start
   watch = PreemptionWatch()
+  batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
   try:
     with watch:
-      for step in range(start + 1, total_steps + 1):
-        batch = sharding.global_batch(loader.batch(step - 1), mesh)
-        state, m = train_step(state, batch)
+      for step, local in zip(range(start + 1, total_steps + 1), batches):
+        state, m = train_step(state, sharding.global_batch(local, mesh))
         pending.append(m)
         if step % config.log_every_steps == 0 or step == total_steps:
           fetch_and_check(step)
@@ -390,9 +445,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
           t_log, step_log = now, step
         if eval_every and step % eval_every == 0 and step != total_steps:
-          ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
+          ev = evaluate_all(state)
           log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
-              f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}')
+              f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}' +
+              (f' | ema test_top1 {ev["ema_top1"]:.4f}' if 'ema_top1' in ev else ''))
           writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
         if step % ckpt_every == 0 and step != total_steps:
           fetch_and_check(step)  # never save a state that went non-finite
@@ -409,15 +465,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           f'{step} saved in {ckpt.directory}; rerun the same command '
                           'to resume.')
   finally:
+    batches.close()
     ckpt.wait()  # a crash never loses a checkpoint already being written
 
   fetch_and_check(total_steps)
-  ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size)
+  ev = evaluate_all(state)
   if ckpt.latest_step() != total_steps:  # a rerun of a finished run only re-evaluates
     ckpt.save(total_steps, state, {'step': total_steps}, force=True)
   ckpt.close()
   final = {'test_top1': ev['top1'], 'test_top5': ev['top5'], 'test_loss': ev['loss'],
            'test_examples': ev['count'], 'steps': total_steps,
+           **{f'test_{k}': v for k, v in ev.items() if k.startswith('ema_')},
            'steps_this_run': total_steps - start,
            'wall_time_s': round(time.time() - t_start, 2),
            'paper_top1': config.get('paper_top1', 0.0), **run_info}
@@ -465,8 +523,9 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         split: str = 'test', step: int | None = None,
-                        num_devices: int | None = None) -> dict:
-  """top-1, top-5 and loss of a checkpoint of `workdir` on `split`, on any mesh."""
+                        num_devices: int | None = None, ema: bool = False) -> dict:
+  """top-1, top-5 and loss of a checkpoint of `workdir` on `split`, on any mesh
+  (ema: of the weights' moving average)."""
   mesh = sharding.make_mesh(num_devices if num_devices else config.num_devices)
   source = data_lib.get_source(config.data, split)
   validate(config, source)
@@ -474,7 +533,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   n = sharding.data_size(mesh)
   batch = -(-batch // n) * n
   exp, state = _restore(config, workdir, mesh, step)
-  res = evaluate(make_eval_step(exp), state, source, mesh, batch)
+  res = evaluate(make_eval_step(exp, ema=ema), state, source, mesh, batch,
+                 data_lib.make_transform(config.data, source, train=False))
   return {'split': split, 'step': int(jax.device_get(state['step'])), **res}
 
 

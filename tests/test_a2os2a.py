@@ -11,6 +11,7 @@ from configs import a2os2a as a2os2a_configs
 from configs import sdt as sdt_configs
 from spikeformer_jax import convert, layers, models, neurons, train_lib
 from spikeformer_jax.models import sdt
+from spikeformer_jax.data import mixup
 
 
 def test_ternary_neuron_hand_computed():
@@ -129,7 +130,8 @@ def test_tet_loss_formula():
   labels = jnp.asarray([0, 3, 1])
   ref = np.mean([train_lib.cross_entropy(logits[:, t], labels, 0.1).mean() for t in range(4)])
   ref = 0.999 * ref + 0.001 * np.mean((np.asarray(logits) - 1.0) ** 2)
-  np.testing.assert_allclose(train_lib.tet_loss(logits, labels, 0.1, 1.0, 0.001), ref, rtol=1e-6)
+  targets = mixup.smooth_one_hot(labels, 5, 0.1)
+  np.testing.assert_allclose(train_lib.tet_loss(logits, targets, 1.0, 0.001), ref, rtol=1e-6)
 
 
 @pytest.mark.parametrize('variant', a2os2a_configs.VARIANTS)

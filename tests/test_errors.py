@@ -26,7 +26,17 @@ CASES = {
     'msvit attention': (M, 'cifar10-4-384', {'model.attention': ('mssa', 'mssa', 'x')},
                         "model.attention=('mssa', 'mssa', 'x'); valid kinds: ssa"),
     'dataset': (S, 'cifar10-4-384', {'data.name': 'cifar11'},
-                "data.name='cifar11'; valid: 'digits', 'synthetic', 'npz'."),
+                "data.name='cifar11'; valid: 'digits', 'synthetic', 'synthetic_events', 'npz', "
+                "'cifar10'"),
+    'rand augment': (S, 'cifar10-4-384', {'data.augment.rand_augment': 'rand-m9-x3'},
+                     "data.augment.rand_augment='rand-m9-x3' / rand_augment_ops="
+                     "'spikformer_cifar': unknown RandAugment spec section 'x3'"),
+    'rand augment ops': (S, 'cifar10-4-384', {'data.augment.rand_augment_ops': 'cifar'},
+                         "unknown op_set 'cifar'; valid: ['spikformer_cifar', 'timm']"),
+    'dvs policy': (S, 'cifar10dvs-2-256', {'data.augment.dvs_policy': 'autoaugment'},
+                   "data.augment.dvs_policy='autoaugment'; valid: ('', 'snn_augment_wide')."),
+    'norm from': (M, 'cifar100-4-384', {'data.norm_from': 'svhn'},
+                  "data.norm_from='svhn'; valid: cifar10, cifar100, imagenet2012 or \"\"."),
     'heads': (S, 'cifar10-4-384', {'model.num_heads': 3},
               'model.embed_dim=32 is not divisible by model.num_heads=3; valid heads: '
               '1, 2, 4, 8, 16, 32.'),
@@ -48,8 +58,13 @@ CASES = {
               'multiple of 8.'),
     'missing data': (S, 'cifar10-4-384', {'data.name': 'npz', 'data.path': '/nowhere/c10.npz'},
                      "data.path='/nowhere/c10.npz' does not exist; point --config.data.path"),
-    'not yet readable': (S, 'cifar10-4-384', {'data.name': 'cifar10'},
-                         "data.name='cifar10': reading the tfds"),
+    'unprepared tfds data': (S, 'cifar10-4-384', {'data.name': 'cifar10',
+                                                  'data.data_dir': '/nowhere/tfds'},
+                             'cifar10 is not prepared as ArrayRecord in /nowhere/tfds'),
+    'unprepared event data': (S, 'cifar10dvs-2-256', {'data.name': 'cifar10_dvs',
+                                                      'data.data_dir': '/nowhere/tfds'},
+                              'python prepare.py --dataset=cifar10_dvs --data_dir=/nowhere/tfds '
+                              '--frames=2 --split_by=number --manual_dir=DOWNLOADS'),
 }
 
 

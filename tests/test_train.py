@@ -44,7 +44,11 @@ def _bn_cancelled(path) -> bool:
 def assert_eight_devices_equal_one(config, n_steps=3, **mesh_axes):
   """Losses, parameters and BatchNorm statistics of n_steps train steps on 8
   devices (a mesh of `mesh_axes`: data / fsdp sizes) equal those on 1
-  (float32, 1e-5), but for BN-cancelled biases."""
+  (float32, 1e-5), but for BN-cancelled biases. Mixup is off: its blend of
+  two images is exact on any mesh (test_mixup), but it leaves more membranes
+  near the threshold, where the float noise of another summation order flips
+  spikes within three steps."""
+  config.mixup.mixup_alpha = config.mixup.cutmix_alpha = 0.0
   l1, s1 = _run_steps(config, sharding.make_mesh(1), n_steps)
   l8, s8 = _run_steps(config, sharding.make_mesh(8, **mesh_axes), n_steps)
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
@@ -206,9 +210,10 @@ def test_loader_is_deterministic_and_splits_over_processes():
   assert sum(seen) == 32 and len(seen) == 2
 
 
-def test_missing_dataset_gives_one_clear_message():
+def test_missing_dataset_gives_one_clear_message(tmp_path):
   c = cfgs.get_config('cifar10-4-384')
-  with pytest.raises(ValueError, match="data.name='npz'"):
+  c.data.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match='python prepare.py --dataset=cifar10'):
     data_lib.get_source(c.data, 'train')
   c.data.name, c.data.path = 'npz', '/nonexistent/cifar.npz'
   with pytest.raises(FileNotFoundError, match='data.path'):

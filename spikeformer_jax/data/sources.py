@@ -12,12 +12,17 @@ normalisation happens in the loader with the source's `mean` / `std`.
                shape: uint8 images (CIFAR 32x32x3, ImageNet 224x224x3) or,
                for a 4-D shape [T, H, W, 2], Poisson event counts fed raw
                (as the official DVS models take them).
+  * synthetic_events: seeded synthetic event-camera recordings (gesture-like
+               blobs on 11 class trajectories, or CIFAR10-DVS-like saccades over
+               class images) integrated into [T, H, W, 2] frames by event count,
+               as the real DVS datasets are: the offline stand-in for them.
   * npz:       any .npz with x_train / y_train / x_test / y_test arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -99,6 +104,40 @@ def synthetic(split: str, *, shape: tuple, num_classes: int, num_examples: int,
   images = ((noise.astype(np.uint16) + patterns[labels]) // 2).astype(np.uint8)
   c = shape[-1]
   return ArraySource(images, labels, num_classes, mean=(0.5,) * c, std=(0.25,) * c)
+
+
+SYNTHETIC_KINDS = ('gesture', 'image')
+
+
+@functools.lru_cache(maxsize=4)
+def synthetic_events(split: str, *, shape: tuple, num_classes: int, num_examples: int,
+                     seed: int = 0, kind: str = 'gesture') -> ArraySource:
+  """`num_examples` seeded recordings of the event generator in
+  spikeformer_jax.data.events, integrated into shape = (T, H, W, 2) frames
+  (split_by='number'), raw counts. Generated once per process (cached)."""
+  from spikeformer_jax.data import events  # pylint: disable=import-outside-toplevel
+  _check_split(split)
+  T, h, w, c = shape
+  if c != 2:
+    raise ValueError(f'synthetic_events: shape {shape} must end in 2 polarity channels.')
+  if kind not in SYNTHETIC_KINDS:
+    raise ValueError(f'data.synthetic_kind={kind!r}; valid: {SYNTHETIC_KINDS}.')
+  if kind == 'gesture' and num_classes > events.GESTURE_NUM_CLASSES:
+    raise ValueError(f'synthetic gestures have {events.GESTURE_NUM_CLASSES} classes, not '
+                     f'{num_classes}.')
+  s = SPLITS.index(split)
+  labels = np.random.default_rng([seed, s]).integers(0, num_classes, num_examples)
+  frames = np.empty((num_examples, T, h, w, 2), np.float32)
+  for i, label in enumerate(labels):
+    rng = np.random.default_rng([seed, s, i])
+    if kind == 'gesture':
+      ev = events.synthetic_gesture_events(int(label), rng, (h, w))
+    else:  # a class image (its own seed: the class pattern is shared) saccading
+      image = events.procedural_image(int(label), np.random.default_rng([seed, 10 ** 6 + i]),
+                                      size=min(h, w))
+      ev = events.synthetic_image_events(image, rng, (h, w))
+    frames[i] = events.frames_by_number(ev, T, (h, w))
+  return ArraySource(frames, labels.astype(np.int32), num_classes, mean=None, std=None)
 
 
 def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> ArraySource:
