@@ -70,7 +70,9 @@ def main(argv):
   except (ValueError, FileNotFoundError, IndexError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  out = _OUTPUT.value or os.path.join(_WORKDIR.value, f'eval_{res["split"]}_{res["step"]}.json')
+  ema = '_ema' if _EMA.value else ''
+  out = _OUTPUT.value or os.path.join(_WORKDIR.value,
+                                      f'eval_{res["split"]}{ema}_{res["step"]}.json')
   with open(out, 'w', encoding='utf-8') as f:
     json.dump(res, f, indent=2)
   print(f'eval {res["split"]}{" (EMA)" if _EMA.value else ""} step {res["step"]}: top1 {res["top1"]:.2%} | '

@@ -15,6 +15,7 @@ Then train with `--config.data.data_dir=DIR` (or set $TFDS_DATA_DIR). Training
 never downloads: a dataset that is missing names this command.
 """
 
+import glob
 import os
 import sys
 import time
@@ -47,6 +48,11 @@ def _prepare_catalog(name, data_dir, manual_dir):
     raise SystemExit('error: imagenet2012 cannot be downloaded: put ILSVRC2012_img_train.tar '
                      'and ILSVRC2012_img_val.tar in a folder and pass --manual_dir.')
   builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+  if (os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
+      and not glob.glob(os.path.join(builder.data_dir, '*.array_record*'))):
+    raise SystemExit(f'error: {builder.data_dir} holds {name} in another format (TFRecord?), '
+                     'which tfds would reuse and training cannot read: delete that folder '
+                     'or pass another --data_dir.')
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

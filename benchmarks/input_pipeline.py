@@ -73,8 +73,6 @@ def main(argv=None):
   p.add_argument('--no_train_step', action='store_true')
   p.add_argument('--json', action='store_true')
   a = p.parse_args(argv)
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 
   config = load_config(a.config)
   src, what = cifar_source(a.data)

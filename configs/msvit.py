@@ -63,8 +63,8 @@ random erasing 0.25, mixup 0.5 until epoch 200. ImageNet: RandomResizedCrop
 (0.08, 1), flip, rand-m9-mstd0.5-inc1, random erasing 0.25 ('pixel'), no
 mixup, eval resize 256 / crop 224. DVS: mixup 0.5 with probability 0.5 until
 epoch 75.
-Augmentation (RandAugment, random erasing, mixup) and the datasets' readers
-are not part of this release: use `--config.data.name=npz` or `synthetic`.
+Data: `python prepare.py` (see the README, "Datasets"), then
+`--config.data.data_dir=DIR`.
 
 Suffix ',runlocal' shrinks any variant (last stage 32 wide, one block per
 stage, T 2, synthetic data) for smoke tests.

@@ -20,8 +20,15 @@ Recipes (spec 2.5): CIFAR AdamW lr 3e-4, wd 0.06, batch 64, 300+10 epochs,
 warmup 20 from 1e-6; ImageNet LAMB wd 0.01, lr 1.5e-3 (8-384, 8-512) or 1e-3,
 batch 48 x 8 GPUs (36 x 8 for 10-512, 8-768); CIFAR10-DVS T=10 (the paper's
 T=16 config was not released), AdamW lr 7.5e-3, TET; Gesture LAMB lr 3e-4.
-The official runs used per-GPU BatchNorm (add --config.bn_scope=device on the
-same number of devices) and augmentation this release does not implement.
+LAMB is timm's (gradient norm clipped at 1 inside, no trust ratio on the
+no-decay 1-D parameters, eps 1e-6). The official runs used per-GPU BatchNorm
+(add --config.bn_scope=device on the same number of devices).
+Augmentation (spec 2.5): CIFAR: flip, timm's standard RandAugment
+rand-m9-n1-mstd0.4-inc1, mixup 0.5 until epoch 200, no erasing. ImageNet:
+RandomResizedCrop (0.2 or 0.08, 1), flip, rand-m5 / m7-mstd0.5-inc1, mixup
+0.2 + CutMix 1.0 with the yml's mixup_prob, eval crop_pct 0.95. CIFAR10-DVS and
+Gesture: none (`--config.data.augment.dvs_cutout=16` for a per-example
+version of --dvs-aug's Cutout, which masks a whole batch alike).
 `--config.model.attention=a2os2a` swaps in A2OS2A (see configs/a2os2a.py).
 """
 
@@ -41,11 +48,10 @@ _IMAGENET = {'imagenet-8-384': (8, 384, 1.5e-3, 1.5e-5, 384, 72.28),
              'imagenet-8-512': (8, 512, 1.5e-3, 1.5e-5, 384, 74.57),
              'imagenet-10-512': (10, 512, 1e-3, 2e-5, 288, 74.66),
              'imagenet-8-768': (8, 768, 1e-3, 2e-5, 288, 77.07)}
-# name -> (RandAugment, crop scale, mixup_prob) of conf/imagenet/*.yml. The spec
-# gives mixup_prob for 8-512, 10-512 and 8-768 only: 8-384 follows 8-512 and
-# 6-512 follows 8-768, the rows whose lr, crop and RandAugment they share.
+# name -> (RandAugment, crop scale, mixup_prob) of conf/imagenet/*.yml (the spec
+# names 8-512, 10-512 and 8-768; 8-384's and 6-512's ymls say 0.6).
 _IMAGENET_AUG = {'imagenet-8-384': ('rand-m5-mstd0.5-inc1', (0.2, 1.0), 0.6),
-                 'imagenet-6-512': ('rand-m7-mstd0.5-inc1', (0.08, 1.0), 1.0),
+                 'imagenet-6-512': ('rand-m7-mstd0.5-inc1', (0.08, 1.0), 0.6),
                  'imagenet-8-512': ('rand-m5-mstd0.5-inc1', (0.2, 1.0), 0.6),
                  'imagenet-10-512': ('rand-m7-mstd0.5-inc1', (0.2, 1.0), 0.75),
                  'imagenet-8-768': ('rand-m7-mstd0.5-inc1', (0.08, 1.0), 1.0)}
@@ -73,7 +79,7 @@ def paper_row(name: str, attention: str = 'sdsa'):
                              img_size=224, attention=attention)
     c = cl.base_config(model, cl.image_data('imagenet2012', 1000, 224), batch=batch,
                        epochs=300, lr=lr, wd=0.01, warmup=20, warmup_lr=1e-5,
-                       min_lr=min_lr, optimizer='lamb')
+                       min_lr=min_lr, optimizer='lamb', eps=1e-6)  # timm Lamb's default eps
     rand_aug, scale, mix_prob = _IMAGENET_AUG[name]
     c.data.augment.update(crop_scale=scale, crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
                           rand_augment=rand_aug, eval_crop_pct=0.95)
@@ -91,7 +97,7 @@ def paper_row(name: str, attention: str = 'sdsa'):
                              img_size=128, attention=attention)
     data = cl.data_config('dvs128_gesture', 11, (16, 128, 128, 2), mean=(), std=())
     c = cl.base_config(model, data, batch=16, epochs=200, lr=3e-4, wd=0.06, warmup=10,
-                       warmup_lr=1e-5, optimizer='lamb')
+                       warmup_lr=1e-6, optimizer='lamb', eps=1e-6)
     paper = 0.0
   c.paper_top1 = paper
   return c

@@ -129,8 +129,28 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
   return [] if saved == want else [prefix.rstrip('.')]
 
 
-def model_defining(keys: list[str]) -> list[str]:
-  return [k for k in keys if any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING)]
+# Model-defining fields added after the first release: a run saved before
+# they existed has their default. ema_decay matters only as on / off.
+_DEFAULTS = {'data.norm_from': '', 'ema_decay': 0.0}
+_AS = {'ema_decay': lambda v: bool(v)}
+
+
+def model_defining(keys: list[str], saved: dict | None = None,
+                   want: dict | None = None) -> list[str]:
+  """The model-defining keys among changed `keys` (of saved -> want configs)."""
+  out = []
+  for k in keys:
+    if not any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING):
+      continue
+    if saved is not None and k in _DEFAULTS:
+      a, b = (lookup(d, k) for d in (saved, want))
+      a = _DEFAULTS[k] if a is None else a
+      b = _DEFAULTS[k] if b is None else b
+      conv = _AS.get(k, lambda v: v)
+      if conv(a) == conv(b):
+        continue
+    out.append(k)
+  return out
 
 
 def _as_config_value(v):

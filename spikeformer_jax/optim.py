@@ -84,6 +84,20 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask,
+              max_grad_norm: float = 1.0):
+  """timm's Lamb (0.5/0.6, `create_optimizer_v2(opt='lamb')`), which differs
+  from optax.lamb in two ways. It clips the global gradient norm at
+  max_grad_norm inside the optimizer. And it applies the layer-wise trust ratio
+  only to the parameters with weight decay: with timm's no-decay group for
+  1-D parameters, biases and norm scales take plain Adam steps."""
+  trust = optax.masked(optax.scale_by_trust_ratio(), mask) if weight_decay else optax.identity()
+  return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.add_decayed_weights(weight_decay, mask), trust,
+                     optax.scale_by_learning_rate(lr))
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
   """Returns (optax transformation, schedule of the train-step count).
 
@@ -100,8 +114,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                      weight_decay=o.weight_decay, mask=decay_mask)
   elif o.name == 'lamb':  # SDT's ImageNet / Gesture recipes (timm Lamb)
-    tx = optax.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                    weight_decay=o.weight_decay, mask=decay_mask)
+    tx = timm_lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                   mask=decay_mask)
   else:
     raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:

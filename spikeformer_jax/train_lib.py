@@ -177,8 +177,12 @@ def make_train_step(exp: Experiment):
                  'batch_stats': batch_stats, 'opt_state': opt_state,
                  'step': state['step'] + 1}
     if decay:
-      new_state['ema'] = ema_update(
-          state['ema'], {'params': new_state['params'], 'batch_stats': batch_stats}, decay)
+      ema = ema_update(state['ema'], {'params': new_state['params'], 'batch_stats': batch_stats},
+                       decay)
+      if isinstance(exp.tx, optax.MultiSteps):  # after optimizer updates only, as timm
+        ema = jax.tree.map(lambda e, o: jnp.where(exp.tx.has_updated(opt_state), e, o),
+                           ema, state['ema'])
+      new_state['ema'] = ema
     metrics = {'loss': loss,
                'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
                'lr': exp.schedule(state['step']),
@@ -318,9 +322,9 @@ def check_resume_config(config, workdir: str):
     return
   with open(path, encoding='utf-8') as f:
     saved = json.load(f)['config']
-  changed = [k for k in config_lib.config_diff(saved, json.loads(json.dumps(config.to_dict())))
-             if k != 'allow_config_change']
-  defining = config_lib.model_defining(changed)
+  want = json.loads(json.dumps(config.to_dict()))
+  changed = [k for k in config_lib.config_diff(saved, want) if k != 'allow_config_change']
+  defining = config_lib.model_defining(changed, saved, want)
   if defining and not config.get('allow_config_change', False):
     shown = ', '.join(f'{k} ({config_lib.lookup(saved, k)!r} -> '
                       f'{config_lib.lookup(config.to_dict(), k)!r})'
@@ -465,8 +469,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           f'{step} saved in {ckpt.directory}; rerun the same command '
                           'to resume.')
   finally:
-    batches.close()
-    ckpt.wait()  # a crash never loses a checkpoint already being written
+    try:
+      batches.close()  # waits for the batch being prepared, at most
+    finally:
+      ckpt.wait()  # a crash never loses a checkpoint already being written
 
   fetch_and_check(total_steps)
   ev = evaluate_all(state)

@@ -146,3 +146,23 @@ def test_ema_tracks_weights_and_is_evaluated(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match='no EMA'):
     train_lib.make_eval_step(train_lib.build(_step_config(), sharding.make_mesh(1), 4), ema=True)
+
+
+def test_ema_moves_only_with_optimizer_updates_under_accumulation():
+  from spikeformer_jax import data as data_lib, sharding  # pylint: disable=import-outside-toplevel
+  c = _step_config(ema_decay=0.5, **{'optimizer.accum_steps': 2})
+  mesh = sharding.make_mesh(1)
+  exp = train_lib.build(c, mesh, 4)
+  step = train_lib.make_train_step(exp)
+  src = data_lib.get_source(c.data, 'train')
+  loader = data_lib.Loader(src, global_batch=c.batch_size, seed=c.seed)
+  state = exp.init_state()
+  p0 = jax.device_get(state['params'])
+  state, _ = step(state, sharding.global_batch(loader.batch(0), mesh))  # accumulates only
+  for a, b in zip(jax.tree.leaves(jax.device_get(state['ema']['params'])), jax.tree.leaves(p0)):
+    np.testing.assert_array_equal(a, b)
+  state, _ = step(state, sharding.global_batch(loader.batch(1), mesh))  # the update
+  p2 = jax.device_get(state['params'])
+  want = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, p0, p2)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state['ema']['params'])), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import ROOT
@@ -190,6 +191,60 @@ def test_weight_decay_mask_skips_1d_params():
           jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert any(v for k, v in flat.items() if 'kernel' in k)
   assert not any(v for k, v in flat.items() if 'bias' in k or 'scale' in k)
+
+
+def _timm_lamb_reference(params, grads_seq, *, lr, wd, b1=0.9, b2=0.999, eps=1e-6, max_norm=1.0):
+  """timm 0.6.12 Lamb.step, line by line in NumPy (weight decay on ndim > 1 only)."""
+  p = {k: np.array(v, np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in p.items()}
+  v = {k: np.zeros_like(x) for k, x in p.items()}
+  for step, grads in enumerate(grads_seq, 1):
+    norm = np.sqrt(sum(np.sum(np.square(g)) for g in grads.values()))
+    clip = norm / max_norm if norm > max_norm else 1.0
+    for k in p:
+      g = grads[k] / clip
+      m[k] = b1 * m[k] + (1 - b1) * g
+      v[k] = b2 * v[k] + (1 - b2) * g * g
+      denom = np.sqrt(v[k]) / np.sqrt(1 - b2 ** step) + eps
+      update = (m[k] / (1 - b1 ** step)) / denom
+      decay = wd if p[k].ndim > 1 else 0.0
+      if decay:
+        update = update + decay * p[k]
+        w_norm, g_norm = np.linalg.norm(p[k]), np.linalg.norm(update)
+        update = update * (w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0)
+      p[k] = p[k] - lr * update
+  return p
+
+
+def test_lamb_is_timms():
+  rng = np.random.default_rng(0)
+  params = {'kernel': rng.standard_normal((4, 3)), 'bias': rng.standard_normal(3)}
+  grads = [{k: 3 * rng.standard_normal(x.shape) for k, x in params.items()} for _ in range(3)]
+  tx = optim.timm_lamb(0.01, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.05,
+                       mask=optim.decay_mask)
+  p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  state = tx.init(p)
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
+    p = optax.apply_updates(p, updates)
+  want = _timm_lamb_reference(params, grads, lr=0.01, wd=0.05)
+  for k in params:
+    np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_runs_saved_before_new_fields_resume(tmp_path):
+  """A config.json without data.norm_from / ema_decay (older runs) is the same
+  model; an EMA decay change is not a model change, EMA on / off is."""
+  config = _tiny()
+  saved = json.loads(json.dumps(config.to_dict()))
+  del saved['data']['norm_from'], saved['ema_decay']
+  (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
+  train_lib.check_resume_config(config, str(tmp_path))
+  saved['ema_decay'] = 0.999
+  (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
+  train_lib.check_resume_config(_tiny(ema_decay=0.9999), str(tmp_path))
+  with pytest.raises(ValueError, match='ema_decay'):
+    train_lib.check_resume_config(config, str(tmp_path))
 
 
 def test_loader_is_deterministic_and_splits_over_processes():

@@ -110,7 +110,14 @@ class Nmnist(_EventFrames, skip_registration=True):
 
 
 class Dvs128Gesture(_EventFrames, skip_registration=True):
-  """DVS128 Gesture (Amir et al., 2017): 11 gestures of 29 subjects, 128x128."""
+  """DVS128 Gesture (Amir et al., 2017): 11 gestures of 29 subjects, 128x128.
+
+  Labels are the CSVs' class - 1 (0..10). SpikingJelly's DVS128Gesture numbers
+  its class folders '0'..'10' in string order, so its targets differ for
+  classes 3..11 (events.SPIKINGJELLY_GESTURE_TARGET maps ours to its): a
+  classifier head trained through SpikingJelly needs its rows permuted by that
+  map before it reads these labels.
+  """
 
   NUM_CLASSES = 11
   MANUAL_DOWNLOAD_INSTRUCTIONS = (

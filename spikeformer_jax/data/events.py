@@ -76,10 +76,7 @@ def frames_by_number(events: np.ndarray, T: int, size: tuple[int, int]) -> np.nd
   n = len(events)
   di = n // T
   starts = np.arange(T) * di
-  ends = np.append(starts[1:], n)
-  index = events['p'].astype(np.int64) * h * w + events['y'].astype(np.int64) * w + events['x']
-  frames = np.stack([np.bincount(index[s:e], minlength=2 * h * w) for s, e in zip(starts, ends)])
-  return frames.reshape(T, 2, h, w).transpose(0, 2, 3, 1).astype(np.float32)
+  return _integrate(events, starts, np.append(starts[1:], n), h, w)
 
 
 def load_nmnist_tar(path: str, T: int) -> dict:

@@ -82,7 +82,7 @@ def image_source(name: str, split: str, *, data_dir: str, image_size: int, num_c
           FileNotFoundError) as e:
     # Nothing there: tfds says "random access ... TFRECORD is not supported" or
     # "splits is empty", depending on what the folder holds.
-    raise _missing(name, data_dir, type(e).__name__) from e
+    raise _missing(name, data_dir, f'{type(e).__name__}: {str(e).splitlines()[0][:200]}') from e
   return _checked(ds, name, num_classes, (image_size, image_size, 3), mean, std)
 
 
@@ -91,7 +91,7 @@ def event_config_name(frames: int, split_by: str) -> str:
 
 
 def event_source(name: str, split: str, *, data_dir: str, frames: int, split_by: str,
-                 image_size: int) -> TfdsSource:
+                 image_size: int, num_classes: int) -> TfdsSource:
   """A split of an event dataset integrated into `frames` frames by our builder."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   data_dir = default_data_dir(data_dir)
@@ -102,8 +102,8 @@ def event_source(name: str, split: str, *, data_dir: str, frames: int, split_by:
                    split_by=split_by, manual_dir='DOWNLOADS')
   builder = tfds.builder_from_directory(os.path.dirname(versions[-1]))
   ds = builder.as_data_source(split=split)
-  return _checked(ds, name, builder.info.features['label'].num_classes,
-                  (frames, image_size, image_size, 2), None, None, image_key='frames')
+  return _checked(ds, name, num_classes, (frames, image_size, image_size, 2), None, None,
+                  image_key='frames')
 
 
 def _checked(ds, name, num_classes, image_shape, mean, std, image_key='image'):
