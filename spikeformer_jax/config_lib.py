@@ -135,12 +135,16 @@ _DEFAULTS = {'data.norm_from': '', 'ema_decay': 0.0}
 _AS = {'ema_decay': lambda v: bool(v)}
 
 
+# Under 'model' but not defining it: how the same function is compiled.
+COMPILATION_ONLY = ('model.remat', 'model.neuron.loop', 'model.neuron.unroll')
+
+
 def model_defining(keys: list[str], saved: dict | None = None,
                    want: dict | None = None) -> list[str]:
   """The model-defining keys among changed `keys` (of saved -> want configs)."""
   out = []
   for k in keys:
-    if not any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING):
+    if not any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING) or k in COMPILATION_ONLY:
       continue
     if saved is not None and k in _DEFAULTS:
       a, b = (lookup(d, k) for d in (saved, want))

@@ -395,6 +395,26 @@ FLOAT_QK = {
     'vsa': lambda x: x,
     'vsa_float_v': lambda x: x,
 }
+# Rematerialisation of each block's forward in the backward pass (model.remat).
+REMAT_POLICIES = {
+    '': None,                 # save what autodiff saves
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    'dots': jax.checkpoint_policies.dots_saveable,     # keep matmul / conv outputs
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def apply_block(block, x: jax.Array, remat: str = '') -> jax.Array:
+  """block(x), its activations recomputed in the backward pass under policy
+  `remat` (REMAT_POLICIES; '' saves them as usual). Same values and gradients:
+  only memory and time change."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'model.remat={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
+  if not remat:
+    return block(x)
+  return nnx.remat(lambda m, y: m(y), policy=REMAT_POLICIES[remat])(block, x)
+
+
 ATTENTION_KINDS = ('ssa', 'sdsa', 'a2os2a', 'mssa') + tuple(FLOAT_QK)
 ATTENTION_STYLES = ('spikformer', 'sdt')
 

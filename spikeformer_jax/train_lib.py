@@ -251,6 +251,9 @@ def validate(config, source):
                      f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
   if m.T < 1:
     raise ValueError(f'model.T={m.T}: the number of timesteps must be >= 1.')
+  if m.get('remat', '') not in layers.REMAT_POLICIES:
+    raise ValueError(f'model.remat={m.remat!r}; valid: '
+                     f'{", ".join(map(repr, layers.REMAT_POLICIES))}.')
   if img[-2] != m.img_size:
     raise ValueError(f'data {config.data.name!r} has {img[-3]}x{img[-2]} images but '
                      f'model.img_size={m.img_size}; set both to the same size.')

@@ -158,6 +158,7 @@ class MSViT(nnx.Module):
     self.dtype = s.dtype
     self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
+    self.remat = cfg.get('remat', '')
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b = x.shape[0]
@@ -167,7 +168,7 @@ class MSViT(nnx.Module):
       bt, h, w, c = x.shape
       x = x.reshape(bt, h * w, c)  # row-major tokens, as the official flatten(3)
       for blk in getattr(self, f'stage{i}'):
-        x = blk(x)
+        x = layers.apply_block(blk, x, self.remat)
       x = x.reshape(bt, h, w, c)
     return layers.mean_token_head(self.head, x.reshape(x.shape[0], -1, x.shape[-1]), b,
                                   self.T, self.per_timestep_logits, self.logits_dtype)
@@ -252,6 +253,7 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       # is the intended per-sample neuron (our default for the DVS rebuild).
       ssa_proj_lif_batch_as_time=graph != 'dvs',
       dtype='float32',
+      remat='',  # layers.REMAT_POLICIES: recompute each block in the backward pass
       neuron=neuron_config(),
       ternary=ternary_config(),  # only for attention kind 'a2os2a'
   ))

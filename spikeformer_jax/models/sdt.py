@@ -109,12 +109,13 @@ class SDT(nnx.Module):
     self.dtype = s.dtype
     self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
+    self.remat = cfg.get('remat', '')
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T, b = self.T, x.shape[0]
     u = self.patch_embed(layers.fold_time(x, T, self.dtype))
     for blk in self.block:
-      u = blk(u)
+      u = layers.apply_block(blk, u, self.remat)
     y = self.head(self.head_lif(u.mean(axis=1)))  # [B*T, classes]
     y = y.reshape(b, T, -1).astype(self.logits_dtype)
     return y if self.per_timestep_logits else y.mean(axis=1)
@@ -138,5 +139,5 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
       attn_order='',              # '' = auto (the cheaper association; exact either way)
       attn_v_threshold=0.5,       # talking_heads_lif / A2OS2A's neuron after Q K^T V
       attn_proj=True,             # projection conv + BN after the attention
-      dead_modules=False, dtype='float32',
+      dead_modules=False, dtype='float32', remat='',
       neuron=neuron_config(), ternary=ternary_config()))

@@ -108,12 +108,13 @@ class Spikformer(nnx.Module):
     self.dtype = s.dtype
     self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
+    self.remat = cfg.get('remat', '')
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T, b = self.T, x.shape[0]
     x = self.patch_embed(layers.fold_time(x, T, self.dtype))
     for blk in self.block:
-      x = blk(x)
+      x = layers.apply_block(blk, x, self.remat)
     return layers.mean_token_head(self.head, x, b, T, self.per_timestep_logits,
                                   self.logits_dtype)
 
@@ -143,6 +144,7 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       attention='ssa',     # ssa (official) | sdsa | a2os2a: the attention on this backbone
       attn_v_threshold=0.5,
       dead_modules=False,  # True: also build the official code's unused modules
+      remat='',            # layers.REMAT_POLICIES: recompute each block in the backward pass
       dtype='float32',
       neuron=neuron_config(),
       ternary=ternary_config(),  # A2OS2A's V neuron, used when attention='a2os2a'

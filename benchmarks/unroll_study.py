@@ -1,0 +1,233 @@
+r"""How to unroll time: every timestep-loop choice of a config, measured side by side.
+
+  python benchmarks/unroll_study.py --config=configs/spikformer.py:cifar10-4-384 \
+      --T=1,2,4,8,16 --dtypes=float32,bfloat16 --remat=,full --batch=16 \
+      [--steps=5 --repeats=3] [--out=benchmarks/results/unroll_study]
+
+For each T and dtype, the choices are:
+  * `scan` with unroll 1, 2, 4, ... up to T;
+  * `python`, the loop unrolled at trace time;
+  * `vjp`, the whole-sequence custom-gradient neuron that saves only the
+    pre-spike membrane;
+  * each of these with every rematerialisation policy of --remat
+    (model.remat; '' saves what autodiff saves).
+
+Each choice reports:
+  * compile time of the jitted train step;
+  * steady-state step time: the median of its timed steps, device-synchronised,
+    after a warm-up step. The choices of one (T, dtype) are interleaved over
+    --repeats rounds, so noise on a shared machine hits them alike; the spread
+    is reported too;
+  * peak memory: the compiled program's (arguments + outputs + temporaries -
+    aliased) and, where the device reports one, its allocator peak;
+  * whether the logits and gradients at initialisation equal those of the
+    reference choice (scan, unroll 1, no remat): the maximum absolute
+    differences, and 'exact' when they are bit-identical.
+Writes study.csv, study.md and study.png (step time and memory against T) to
+--out, and prints the markdown table. Runs unchanged on CPU, GPU or TPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from benchmarks.train_step import load_config, peak_memory  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import config_lib, layers, sharding, train_lib  # pylint: disable=g-import-not-at-top
+
+
+def choices(T: int, remats) -> list[dict]:
+  """The loop choices of T timesteps, each under every remat policy."""
+  unrolls = sorted({min(2 ** k, T) for k in range(T.bit_length() + 1)})
+  loops = [('scan', u) for u in unrolls] + [('python', 1), ('vjp', 1)]
+  return [{'loop': loop, 'unroll': u, 'remat': r} for r in remats for loop, u in loops]
+
+
+def label(c: dict) -> str:
+  name = f"scan/unroll {c['unroll']}" if c['loop'] == 'scan' else c['loop']
+  return name + (f" + remat {c['remat']}" if c['remat'] else '')
+
+
+def _batch(config, batch: int, mesh):
+  m = config.model
+  shape = ((m.T,) if m.in_channels == 2 else ()) + (m.img_size, m.img_size, m.in_channels)
+  rng = np.random.default_rng(0)
+  if m.in_channels == 2:  # event counts
+    image = rng.poisson(0.5, (batch,) + shape).astype(np.float32)
+  else:
+    image = rng.standard_normal((batch,) + shape).astype(np.float32)
+  b = {'image': image, 'label': rng.integers(0, m.num_classes, batch).astype(np.int32)}
+  return sharding.global_batch(b, mesh)
+
+
+def _logits_and_grads(exp, state, batch):
+  def loss(params):
+    model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)
+    logits = model(batch['image'])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean(), logits
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state['params'])
+  return jax.device_get((logits, grads))
+
+
+def _max_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def study_group(base, T: int, dtype: str, remats, *, batch: int, steps: int,
+                repeats: int) -> list[dict]:
+  """Every choice at (T, dtype): compiled, checked against the reference, timed."""
+  mesh = sharding.make_mesh(base.num_devices)
+  entries = []
+  for c in choices(T, remats):
+    config = config_lib.apply_overrides(
+        base.copy_and_resolve_references(),
+        {'model.T': T, 'model.dtype': dtype, 'model.neuron.loop': c['loop'],
+         'model.neuron.unroll': c['unroll'], 'model.remat': c['remat'], 'batch_size': batch})
+    exp = train_lib.build(config, mesh, steps_per_epoch=100)
+    gbatch = _batch(config, batch, mesh)
+    state = exp.init_state()
+    logits, grads = _logits_and_grads(exp, state, gbatch)
+    t = time.perf_counter()
+    compiled = train_lib.make_train_step(exp).lower(state, gbatch).compile()
+    compile_s = time.perf_counter() - t
+    program, device_peak = peak_memory(compiled)
+    state, _ = compiled(state, gbatch)  # warm-up
+    jax.block_until_ready(state)
+    entries.append(dict(choice=c, compiled=compiled, state=state, batch=gbatch, times=[],
+                        compile_s=compile_s, program=program, device_peak=device_peak,
+                        logits=logits, grads=grads))
+  for _ in range(repeats):  # interleaved rounds
+    for e in entries:
+      for _ in range(steps):
+        t = time.perf_counter()
+        e['state'], m = e['compiled'](e['state'], e['batch'])
+        jax.block_until_ready((e['state'], m))
+        e['times'].append(time.perf_counter() - t)
+  ref_logits, ref_grads = entries[0]['logits'], entries[0]['grads']
+  rows = []
+  for e in entries:
+    _, peak = peak_memory(e['compiled'])
+    dl, dg = _max_diff(e['logits'], ref_logits), _max_diff(e['grads'], ref_grads)
+    ts = e['times']
+    rows.append({
+        'config': base.get('name', ''), 'device': f'{jax.devices()[0].device_kind} '
+                                                  f'x{jax.device_count()}',
+        'T': T, 'dtype': dtype, 'choice': label(e['choice']), **e['choice'],
+        'batch': batch, 'compile_s': round(e['compile_s'], 2),
+        'step_s_median': statistics.median(ts), 'step_s_min': min(ts), 'step_s_max': max(ts),
+        'timed_steps': len(ts), 'images_per_s': batch / statistics.median(ts),
+        'program_memory_bytes': e['program'], 'device_peak_bytes': peak or e['device_peak'],
+        'max_diff_logits': dl, 'max_diff_grads': dg,
+        'equal': 'exact' if dl == 0 and dg == 0 else f'{max(dl, dg):.1e}'})
+    e.clear()
+  return rows
+
+
+def write(rows: list[dict], out: str) -> dict:
+  """study.csv, study.md and study.png in `out`; returns their paths."""
+  os.makedirs(out, exist_ok=True)
+  paths = {k: os.path.join(out, f'study.{k}') for k in ('csv', 'md', 'png', 'json')}
+  with open(paths['csv'], 'w', newline='', encoding='utf-8') as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  with open(paths['json'], 'w', encoding='utf-8') as f:
+    json.dump(rows, f, indent=1)
+  with open(paths['md'], 'w', encoding='utf-8') as f:
+    f.write(markdown(rows))
+  _plot(rows, paths['png'])
+  return paths
+
+
+def markdown(rows: list[dict]) -> str:
+  lines = [f"{rows[0]['config']} on {rows[0]['device']}, batch {rows[0]['batch']}; step time: "
+           'median (min-max) of the interleaved timed steps; memory: the compiled program\'s '
+           '(device peak where reported); equal: max |difference| of logits and gradients to '
+           'scan/unroll 1 at the same T and dtype.', '',
+           '| T | dtype | choice | step (ms) | images/s | compile (s) | memory (MiB) | equal |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    mem = r['device_peak_bytes'] or r['program_memory_bytes'] or 0
+    lines.append(f"| {r['T']} | {r['dtype']} | {r['choice']} | {r['step_s_median'] * 1e3:.0f} "
+                 f"({r['step_s_min'] * 1e3:.0f}-{r['step_s_max'] * 1e3:.0f}) | "
+                 f"{r['images_per_s']:.2f} | {r['compile_s']:.1f} | {mem / 2 ** 20:.0f} | "
+                 f"{r['equal']} |")
+  return '\n'.join(lines) + '\n'
+
+
+def _plot(rows, path):
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  keys = sorted({(r['dtype'], r['loop'], r['unroll'] if r['unroll'] < r['T'] else 'T',
+                  r['remat']) for r in rows}, key=str)
+  for key in keys:
+    pts = sorted((r['T'], r) for r in rows
+                 if (r['dtype'], r['loop'], r['unroll'] if r['unroll'] < r['T'] else 'T',
+                     r['remat']) == key)
+    if not pts:
+      continue
+    name = f'{key[1]}' + (f'/u{key[2]}' if key[1] == 'scan' else '') + (
+        f'+{key[3]}' if key[3] else '') + f' {key[0]}'
+    ts = [t for t, _ in pts]
+    axes[0].plot(ts, [r['step_s_median'] * 1e3 for _, r in pts], 'o-', label=name)
+    axes[1].plot(ts, [(r['device_peak_bytes'] or r['program_memory_bytes'] or 0) / 2 ** 20
+                      for _, r in pts], 'o-', label=name)
+  for ax, what in zip(axes, ('train step (ms, median)', 'peak memory (MiB)')):
+    ax.set_xlabel('T (timesteps)')
+    ax.set_ylabel(what)
+    ax.set_xscale('log', base=2)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=6, ncol=2)
+  fig.suptitle(f"{rows[0]['config']} on {rows[0]['device']}, batch {rows[0]['batch']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--config', default='configs/spikformer.py:cifar10-4-384')
+  p.add_argument('--T', default='1,2,4,8,16')
+  p.add_argument('--dtypes', default='float32,bfloat16')
+  p.add_argument('--remat', default=',full', help="comma list of model.remat policies ('' none)")
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--steps', type=int, default=3, help='timed steps per choice per round')
+  p.add_argument('--repeats', type=int, default=3, help='interleaved rounds')
+  p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE')
+  p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'unroll_study'))
+  a = p.parse_args(argv)
+  remats = a.remat.split(',')
+  bad = [r for r in remats if r not in layers.REMAT_POLICIES]
+  if bad:
+    sys.exit(f'--remat: unknown {bad}; valid: {list(layers.REMAT_POLICIES)}.')
+  base = config_lib.apply_overrides(load_config(a.config), config_lib.parse_set(a.set), '--set: ')
+  rows = []
+  for T in map(int, a.T.split(',')):
+    for dtype in a.dtypes.split(','):
+      rows += study_group(base, T, dtype, remats, batch=a.batch, steps=a.steps,
+                          repeats=a.repeats)
+      print(f'T={T} {dtype}: {len(rows)} rows', flush=True)
+  paths = write(rows, a.out)
+  print(markdown(rows))
+  print('written: ' + ', '.join(paths.values()))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,67 @@
+"""The timestep-loop study (benchmarks/unroll_study.py) end to end on a tiny
+config: every choice compiled, timed, checked against the reference; and the
+remat policies, which must not change results."""
+
+import csv
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import ROOT  # noqa: F401
+from benchmarks import unroll_study
+from spikeformer_jax import layers, models, train_lib
+
+
+def test_choices_cover_scan_unrolls_python_vjp_and_remat():
+  names = [unroll_study.label(c) for c in unroll_study.choices(4, ['', 'full'])]
+  assert names == ['scan/unroll 1', 'scan/unroll 2', 'scan/unroll 4', 'python', 'vjp',
+                   'scan/unroll 1 + remat full', 'scan/unroll 2 + remat full',
+                   'scan/unroll 4 + remat full', 'python + remat full', 'vjp + remat full']
+
+
+def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
+  unroll_study.main(['--config=configs/spikformer.py:digits', '--T=1,2', '--dtypes=float32',
+                     '--remat=', '--batch=8', '--steps=1', '--repeats=1',
+                     '--set', 'num_devices=1', f'--out={tmp_path}'])
+  with open(tmp_path / 'study.csv', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 3 + 4  # T=1: scan/1, python, vjp; T=2: + scan/2
+  for r in rows:
+    assert float(r['max_diff_logits']) <= 1e-5 and float(r['max_diff_grads']) <= 1e-5, r
+    assert float(r['step_s_median']) > 0 and float(r['compile_s']) > 0
+  assert rows[0]['equal'] == 'exact' and rows[3]['equal'] == 'exact'  # the references
+  assert (tmp_path / 'study.png').stat().st_size > 0
+  assert '| 2 | float32 | vjp |' in (tmp_path / 'study.md').read_text()
+  assert 'study.csv' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('family,variant', [('spikformer', 'cifar10-4-384'),
+                                            ('sdt', 'cifar10-2-256'), ('msvit', 'cifar10-4-384')])
+def test_remat_policies_do_not_change_results(family, variant):
+  """Loss, gradients and the new BatchNorm statistics of a train-mode forward
+  are bit-identical under every model.remat policy (the same arithmetic,
+  recomputed)."""
+  module = importlib.import_module(f'configs.{family}')
+  c = module.get_config(variant + ',runlocal').model
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  y = jnp.arange(4) % 10
+  results = {}
+  for remat in layers.REMAT_POLICIES:
+    c.remat = remat
+    model = models.build_model(c, seed=0)
+    model.train()
+    graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    def loss(p):
+      m = nnx.merge(graph, p, stats, copy=True)  # pylint: disable=cell-var-from-loop
+      return train_lib.cross_entropy(m(x), y).mean(), nnx.state(m, nnx.BatchStat)
+    results[remat] = jax.device_get(jax.jit(jax.value_and_grad(loss, has_aux=True))(params))
+  for remat, got in results.items():
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(results[''])):
+      np.testing.assert_array_equal(a, b, err_msg=remat)
+  with pytest.raises(ValueError, match="model.remat='all'; valid: '', 'full'"):
+    layers.apply_block(None, x, 'all')
