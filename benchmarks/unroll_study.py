@@ -23,8 +23,8 @@ Each choice reports:
   * whether the logits and gradients at initialisation equal those of the
     reference choice (scan, unroll 1, no remat): the maximum absolute
     differences, and 'exact' when they are bit-identical.
-Writes study.csv, study.md and study.png (step time and memory against T) to
---out, and prints the markdown table. Runs unchanged on CPU, GPU or TPU.
+Writes study.csv, study.md, study.json and study.png (step time and memory
+against T) to --out after every (T, dtype) group, and prints the markdown table. Runs unchanged on CPU, GPU or TPU.
 """
 
 from __future__ import annotations
@@ -186,9 +186,10 @@ def _plot(rows, path):
     name = f'{key[1]}' + (f'/u{key[2]}' if key[1] == 'scan' else '') + (
         f'+{key[3]}' if key[3] else '') + f' {key[0]}'
     ts = [t for t, _ in pts]
-    axes[0].plot(ts, [r['step_s_median'] * 1e3 for _, r in pts], 'o-', label=name)
+    style = 'o--' if key[3] else 'o-'  # dashed: with remat
+    axes[0].plot(ts, [r['step_s_median'] * 1e3 for _, r in pts], style, label=name)
     axes[1].plot(ts, [(r['device_peak_bytes'] or r['program_memory_bytes'] or 0) / 2 ** 20
-                      for _, r in pts], 'o-', label=name)
+                      for _, r in pts], style, label=name)
   for ax, what in zip(axes, ('train step (ms, median)', 'peak memory (MiB)')):
     ax.set_xlabel('T (timesteps)')
     ax.set_ylabel(what)
@@ -223,8 +224,8 @@ def main(argv=None):
     for dtype in a.dtypes.split(','):
       rows += study_group(base, T, dtype, remats, batch=a.batch, steps=a.steps,
                           repeats=a.repeats)
-      print(f'T={T} {dtype}: {len(rows)} rows', flush=True)
-  paths = write(rows, a.out)
+      paths = write(rows, a.out)  # after every group: a long study keeps what it measured
+      print(f'T={T} {dtype}: {len(rows)} rows -> {paths["csv"]}', flush=True)
   print(markdown(rows))
   print('written: ' + ', '.join(paths.values()))
 

@@ -207,10 +207,19 @@ def test_prepare_cli(tmp_path):
   events.write_nmnist_tree(str(tmp_path / 'dl'), per_class=1)
   run = lambda *a: subprocess.run([sys.executable, str(ROOT / 'prepare.py'), *a],  # noqa: E731
                                   capture_output=True, text=True, timeout=300, cwd=ROOT)
-  out = run('--dataset=nmnist', '--frames=3', f'--data_dir={tmp_path / "tfds"}',
+  out = run('--dataset=nmnist', '--frames=2', f'--data_dir={tmp_path / "tfds"}',
             f'--manual_dir={tmp_path / "dl"}')
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'prepared nmnist (' in out.stdout and 'train 10' in out.stdout
+  # The shipped N-MNIST config trains on what prepare.py wrote (shrunk to T=2).
+  from configs import spikformer  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  c = config_lib.apply_overrides(spikformer.get_config('nmnist-1-128'), {
+      'data.data_dir': str(tmp_path / 'tfds'), 'model.T': 2, 'data.shape': (2, 32, 32, 2),
+      'model.embed_dim': 32, 'model.num_heads': 2, 'batch_size': 8, 'eval_batch_size': 8,
+      'total_steps': 2, 'log_every_steps': 1})
+  final = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert final['test_examples'] == 10 and final['steps'] == 2
   out = run('--dataset=dvs128_gesture', f'--data_dir={tmp_path / "tfds"}',
             f'--manual_dir={tmp_path / "nothing"}')
   assert out.returncode == 1 and 'DvsGesture.tar.gz' in out.stderr
