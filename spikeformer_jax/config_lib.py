@@ -129,10 +129,9 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
   return [] if saved == want else [prefix.rstrip('.')]
 
 
-# Model-defining fields added after the first release: a run saved before
-# they existed has their default. ema_decay matters only as on / off.
-_DEFAULTS = {'data.norm_from': '', 'ema_decay': 0.0}
-_AS = {'ema_decay': lambda v: bool(v)}
+# Model-defining fields added after the first release -> (their default, for
+# runs saved before they existed; what of the value matters: EMA on / off).
+_ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool)}
 
 
 # Under 'model' but not defining it: how the same function is compiled.
@@ -146,12 +145,10 @@ def model_defining(keys: list[str], saved: dict | None = None,
   for k in keys:
     if not any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING) or k in COMPILATION_ONLY:
       continue
-    if saved is not None and k in _DEFAULTS:
+    if saved is not None and k in _ADDED:
+      default, matters = _ADDED[k]
       a, b = (lookup(d, k) for d in (saved, want))
-      a = _DEFAULTS[k] if a is None else a
-      b = _DEFAULTS[k] if b is None else b
-      conv = _AS.get(k, lambda v: v)
-      if conv(a) == conv(b):
+      if matters(default if a is None else a) == matters(default if b is None else b):
         continue
     out.append(k)
   return out

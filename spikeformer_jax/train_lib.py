@@ -219,19 +219,27 @@ def make_eval_step(exp: Experiment, ema: bool = False):
                  out_shardings=sharding.replicated(exp.mesh))
 
 
-def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None) -> dict:
+def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
+             ema_step=None) -> dict:
   """top1, top5 and mean loss over every example of `source` (through the eval
-  `transform`: resize, centre crop, normalisation)."""
-  totals = None
+  `transform`: resize, centre crop, normalisation); with `ema_step`, also
+  'ema_'-prefixed metrics of the weights' EMA, on the same batches (read once)."""
+  steps = {'': eval_step} if ema_step is None else {'': eval_step, 'ema_': ema_step}
+  totals = {}
   for b in data_lib.eval_batches(source, global_batch=batch_size,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count(), transform=transform):
-    out = eval_step(state, sharding.global_batch(b, mesh))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  t = jax.device_get(totals)
-  n = max(float(t['count']), 1.0)
-  return {'top1': float(t['correct1']) / n, 'top5': float(t['correct5']) / n,
-          'loss': float(t['loss']) / n, 'count': int(t['count'])}
+    gb = sharding.global_batch(b, mesh)
+    for prefix, step in steps.items():
+      out = step(state, gb)
+      totals[prefix] = out if prefix not in totals else jax.tree.map(jnp.add, totals[prefix], out)
+  res = {}
+  for prefix, t in jax.device_get(totals).items():
+    n = max(float(t['count']), 1.0)
+    res.update({f'{prefix}top1': float(t['correct1']) / n,
+                f'{prefix}top5': float(t['correct5']) / n, f'{prefix}loss': float(t['loss']) / n})
+  res['count'] = int(totals['']['count'])
+  return res
 
 
 def validate(config, source):
@@ -380,11 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def evaluate_all(state):
     """Test metrics of the weights and, with ema_decay, 'ema_'-prefixed of their EMA."""
-    ev = evaluate(eval_step, state, test_src, mesh, config.eval_batch_size, test_tf)
-    if ema_eval_step is not None:
-      ema = evaluate(ema_eval_step, state, test_src, mesh, config.eval_batch_size, test_tf)
-      ev.update({f'ema_{k}': v for k, v in ema.items() if k != 'count'})
-    return ev
+    return evaluate(eval_step, state, test_src, mesh, config.eval_batch_size, test_tf,
+                    ema_step=ema_eval_step)
 
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.ckpt_keep)

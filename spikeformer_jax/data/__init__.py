@@ -185,12 +185,11 @@ class Transform:
 
 def make_transform(cfg: ml_collections.ConfigDict, source, train: bool) -> Transform:
   """The transform of `source` under `config.data`."""
-  events = len(source.image_shape) == 4
-  stored = getattr(source, 'stored_shape', None)
-  if stored is None and isinstance(source, sources.ArraySource):
-    stored = source.image_shape
+  # Arrays are stored at the model's size; tfds records are decoded at their own.
+  stored = source.image_shape if isinstance(source, sources.ArraySource) else None
   return Transform(cfg.get('augment'), train=train, size=source.image_shape[-2],
-                   mean=source.mean, std=source.std, events=events, stored_shape=stored)
+                   mean=source.mean, std=source.std, events=len(source.image_shape) == 4,
+                   stored_shape=stored)
 
 
 def _apply(source, transform: Transform | None, idx: np.ndarray, seeds) -> dict:

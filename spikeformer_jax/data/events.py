@@ -24,6 +24,7 @@ vectorised generators of the offline-data spec.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -164,6 +165,7 @@ def frames_by_time(events: np.ndarray, T: int, H: int, W: int) -> np.ndarray:
 # Resizing frames.
 
 
+@functools.lru_cache(maxsize=16)  # the loader resizes every example alike
 def _resize_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
   """[n_out, n_in] weights of PyTorch's bilinear interpolation (align_corners=False)."""
   scale = n_in / n_out

@@ -132,7 +132,7 @@ def synthetic_events(split: str, *, shape: tuple, num_classes: int, num_examples
     rng = np.random.default_rng([seed, s, i])
     if kind == 'gesture':
       ev = events.synthetic_gesture_events(int(label), rng, (h, w))
-    else:  # a class image (its own seed: the class pattern is shared) saccading
+    else:  # a seeded image whose grating orientation is the class, saccading
       image = events.procedural_image(int(label), np.random.default_rng([seed, 10 ** 6 + i]),
                                       size=min(h, w))
       ev = events.synthetic_image_events(image, rng, (h, w))
