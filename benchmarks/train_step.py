@@ -1,7 +1,8 @@
 r"""Train-step throughput, compile time and memory, beside a GEMM baseline.
 
   python benchmarks/train_step.py --config=configs/spikformer.py:cifar10-4-384 \
-      --batch=16 --T=4 [--dtype=bfloat16] [--loop=scan --unroll=4] [--json]
+      --batch=16 --T=4 [--dtype=bfloat16] [--loop=scan --unroll=4] [--set K=V ...] \
+      [--compile_only] [--json]
 
 Measures in one run on one device kind: the compile time of the jitted train
 step, its steady-state time (median of --steps timed steps after warm-up,
@@ -29,7 +30,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from spikeformer_jax import flops, models, sharding, train_lib  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import config_lib, flops, models, sharding, train_lib  # pylint: disable=g-import-not-at-top
 
 
 def load_config(spec: str):
@@ -67,7 +68,7 @@ def peak_memory(compiled) -> tuple[int, int | None]:
   return program, stats.get('peak_bytes_in_use')
 
 
-def run(config, *, batch: int, steps: int, warmup: int) -> dict:
+def run(config, *, batch: int, steps: int, warmup: int, compile_only: bool = False) -> dict:
   mesh = sharding.make_mesh(config.num_devices)
   m = config.model
   exp = train_lib.build(config, mesh, steps_per_epoch=100)
@@ -83,6 +84,10 @@ def run(config, *, batch: int, steps: int, warmup: int) -> dict:
   compiled = train_step.lower(state, gbatch).compile()
   compile_s = time.perf_counter() - t
   program_bytes, device_peak = peak_memory(compiled)
+  if compile_only:
+    return {'config': config.get('name', ''), 'batch': batch, 'T': m.T, 'dtype': m.dtype,
+            'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
+            'compile_s': compile_s, 'program_memory_bytes': program_bytes}
 
   for _ in range(warmup):
     state, metrics = compiled(state, gbatch)
@@ -124,25 +129,30 @@ def main(argv=None):
   p.add_argument('--T', type=int, default=None)
   p.add_argument('--dtype', default=None, choices=['float32', 'bfloat16'])
   p.add_argument('--loop', default=None, choices=['scan', 'python', 'vjp'])
-  p.add_argument('--unroll', type=int, default=None)
+  p.add_argument('--unroll', type=int, default=None, help='0: all T steps')
   p.add_argument('--bn_scope', default=None, choices=['global', 'device'])
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                 help='config overrides, e.g. model.compact_spikes=False')
+  p.add_argument('--compile_only', action='store_true',
+                 help='report compile time and program memory only')
   p.add_argument('--json', action='store_true', help='print one JSON object')
   a = p.parse_args(argv)
-  config = load_config(a.config)
+  config = config_lib.apply_overrides(load_config(a.config), config_lib.parse_set(a.set),
+                                      '--set: ')
   for field, value in (('T', a.T), ('dtype', a.dtype)):
     if value is not None:
       config.model[field] = value
   if a.loop:
     config.model.neuron.loop = a.loop
-  if a.unroll:
+  if a.unroll is not None:
     config.model.neuron.unroll = a.unroll
   if a.bn_scope:
     config.bn_scope = a.bn_scope
   config.batch_size = a.batch
-  r = run(config, batch=a.batch, steps=a.steps, warmup=a.warmup)
-  if a.json:
+  r = run(config, batch=a.batch, steps=a.steps, warmup=a.warmup, compile_only=a.compile_only)
+  if a.json or a.compile_only:
     print(json.dumps(r))
     return
   rows = [('config', r['config']), ('device', r['device']),

@@ -1,8 +1,9 @@
 r"""How to unroll time: every timestep-loop choice of a config, measured side by side.
 
   python benchmarks/unroll_study.py --config=configs/spikformer.py:cifar10-4-384 \
-      --T=1,2,4,8,16 --dtypes=float32,bfloat16 --remat=,full --batch=16 \
-      [--steps=5 --repeats=3] [--out=benchmarks/results/unroll_study]
+      --T=1,2,4,8,16 --dtypes=float32,bfloat16 --remat=,full --synapses=autodiff,lean \
+      --batch=16 [--loops=scan,python,vjp --unrolls=all|1,T] [--steps=5 --repeats=3] \
+      [--out=benchmarks/results/unroll_study]
 
 For each T and dtype, the choices are:
   * `scan` with unroll 1, 2, 4, ... up to T;
@@ -10,7 +11,11 @@ For each T and dtype, the choices are:
   * `vjp`, the whole-sequence custom-gradient neuron that saves only the
     pre-spike membrane;
   * each of these with every rematerialisation policy of --remat
-    (model.remat; '' saves what autodiff saves).
+    (model.remat; '' saves what autodiff saves);
+  * and with each synapse backward of --synapses: `autodiff` (conv / linear
+    under plain autodiff: model.compact_spikes=False, model.weight_grad='xla',
+    the pre-study default) or `lean` (spike inputs saved as int8, weight
+    gradients as plain GEMMs where that is faster: the defaults, synapses.py).
 
 Each choice reports:
   * compile time of the jitted train step;
@@ -21,7 +26,7 @@ Each choice reports:
   * peak memory: the compiled program's (arguments + outputs + temporaries -
     aliased) and, where the device reports one, its allocator peak;
   * whether the logits and gradients at initialisation equal those of the
-    reference choice (scan, unroll 1, no remat): the maximum absolute
+    reference choice (scan, unroll 1, no remat, autodiff): the maximum absolute
     differences, and 'exact' when they are bit-identical.
 Writes study.csv, study.md, study.json and study.png (step time and memory
 against T) to --out after every (T, dtype) group, and prints the markdown table. Runs unchanged on CPU, GPU or TPU.
@@ -50,16 +55,29 @@ from benchmarks.train_step import load_config, peak_memory  # pylint: disable=g-
 from spikeformer_jax import config_lib, layers, sharding, train_lib  # pylint: disable=g-import-not-at-top
 
 
-def choices(T: int, remats) -> list[dict]:
-  """The loop choices of T timesteps, each under every remat policy."""
-  unrolls = sorted({min(2 ** k, T) for k in range(T.bit_length() + 1)})
-  loops = [('scan', u) for u in unrolls] + [('python', 1), ('vjp', 1)]
-  return [{'loop': loop, 'unroll': u, 'remat': r} for r in remats for loop, u in loops]
+SYNAPSES = {'autodiff': {'model.compact_spikes': False, 'model.weight_grad': 'xla'},
+            'lean': {'model.compact_spikes': True, 'model.weight_grad': 'auto'}}
+
+
+def choices(T: int, remats, synapses=('autodiff',), loops=('scan', 'python', 'vjp'),
+            unrolls: str = 'all') -> list[dict]:
+  """The loop choices of T timesteps, each under every remat policy and
+  synapse backward; the first is the reference. unrolls: 'all' (1, 2, 4, ...
+  up to T) or a comma list of numbers and 'T'."""
+  if unrolls == 'all':
+    unrolls = sorted({min(2 ** k, T) for k in range(T.bit_length() + 1)})
+  else:
+    unrolls = sorted({min(T, T if u == 'T' else int(u)) for u in unrolls.split(',')})
+  names = ([('scan', u) for u in unrolls] if 'scan' in loops else []) + [
+      (loop, 1) for loop in ('python', 'vjp') if loop in loops]
+  return [{'loop': loop, 'unroll': u, 'remat': r, 'synapse': syn}
+          for r in remats for syn in synapses for loop, u in names]
 
 
 def label(c: dict) -> str:
   name = f"scan/unroll {c['unroll']}" if c['loop'] == 'scan' else c['loop']
-  return name + (f" + remat {c['remat']}" if c['remat'] else '')
+  return (name + (f" + remat {c['remat']}" if c['remat'] else '')
+          + (' + lean' if c.get('synapse') == 'lean' else ''))
 
 
 def _batch(config, batch: int, mesh):
@@ -89,15 +107,17 @@ def _max_diff(a, b) -> float:
 
 
 def study_group(base, T: int, dtype: str, remats, *, batch: int, steps: int,
-                repeats: int) -> list[dict]:
+                repeats: int, synapses=('autodiff',),
+                loops=('scan', 'python', 'vjp'), unrolls: str = 'all') -> list[dict]:
   """Every choice at (T, dtype): compiled, checked against the reference, timed."""
   mesh = sharding.make_mesh(base.num_devices)
   entries = []
-  for c in choices(T, remats):
+  for c in choices(T, remats, synapses, loops, unrolls):
     config = config_lib.apply_overrides(
         base.copy_and_resolve_references(),
         {'model.T': T, 'model.dtype': dtype, 'model.neuron.loop': c['loop'],
-         'model.neuron.unroll': c['unroll'], 'model.remat': c['remat'], 'batch_size': batch})
+         'model.neuron.unroll': c['unroll'], 'model.remat': c['remat'], 'batch_size': batch,
+         **SYNAPSES[c['synapse']]})
     exp = train_lib.build(config, mesh, steps_per_epoch=100)
     gbatch = _batch(config, batch, mesh)
     state = exp.init_state()
@@ -175,16 +195,13 @@ def _plot(rows, path):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  keys = sorted({(r['dtype'], r['loop'], r['unroll'] if r['unroll'] < r['T'] else 'T',
-                  r['remat']) for r in rows}, key=str)
-  for key in keys:
-    pts = sorted((r['T'], r) for r in rows
-                 if (r['dtype'], r['loop'], r['unroll'] if r['unroll'] < r['T'] else 'T',
-                     r['remat']) == key)
-    if not pts:
-      continue
+  def key_of(r):
+    return (r['dtype'], r['loop'], r['unroll'] if r['unroll'] < r['T'] else 'T', r['remat'],
+            r.get('synapse', 'autodiff'))
+  for key in sorted({key_of(r) for r in rows}, key=str):
+    pts = sorted(((r['T'], r) for r in rows if key_of(r) == key), key=lambda p: p[0])
     name = f'{key[1]}' + (f'/u{key[2]}' if key[1] == 'scan' else '') + (
-        f'+{key[3]}' if key[3] else '') + f' {key[0]}'
+        f'+{key[3]}' if key[3] else '') + ('+lean' if key[4] == 'lean' else '') + f' {key[0]}'
     ts = [t for t, _ in pts]
     style = 'o--' if key[3] else 'o-'  # dashed: with remat
     axes[0].plot(ts, [r['step_s_median'] * 1e3 for _, r in pts], style, label=name)
@@ -208,6 +225,11 @@ def main(argv=None):
   p.add_argument('--T', default='1,2,4,8,16')
   p.add_argument('--dtypes', default='float32,bfloat16')
   p.add_argument('--remat', default=',full', help="comma list of model.remat policies ('' none)")
+  p.add_argument('--synapses', default='autodiff,lean',
+                 help=f'comma list of synapse backwards: {", ".join(SYNAPSES)}')
+  p.add_argument('--loops', default='scan,python,vjp', help='comma list of neuron loops')
+  p.add_argument('--unrolls', default='all',
+                 help="scan unrolls: 'all' (1, 2, 4, ... T) or a comma list, e.g. 1,T")
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--steps', type=int, default=3, help='timed steps per choice per round')
   p.add_argument('--repeats', type=int, default=3, help='interleaved rounds')
@@ -218,12 +240,16 @@ def main(argv=None):
   bad = [r for r in remats if r not in layers.REMAT_POLICIES]
   if bad:
     sys.exit(f'--remat: unknown {bad}; valid: {list(layers.REMAT_POLICIES)}.')
+  synapses, loops = a.synapses.split(','), a.loops.split(',')
+  if set(synapses) - set(SYNAPSES) or set(loops) - {'scan', 'python', 'vjp'}:
+    sys.exit(f'--synapses from {list(SYNAPSES)}, --loops from scan, python, vjp.')
   base = config_lib.apply_overrides(load_config(a.config), config_lib.parse_set(a.set), '--set: ')
   rows = []
   for T in map(int, a.T.split(',')):
     for dtype in a.dtypes.split(','):
       rows += study_group(base, T, dtype, remats, batch=a.batch, steps=a.steps,
-                          repeats=a.repeats)
+                          repeats=a.repeats, synapses=synapses, loops=loops,
+                          unrolls=a.unrolls)
       paths = write(rows, a.out)  # after every group: a long study keeps what it measured
       print(f'T={T} {dtype}: {len(rows)} rows -> {paths["csv"]}', flush=True)
   print(markdown(rows))

@@ -135,7 +135,8 @@ _ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool)}
 
 
 # Under 'model' but not defining it: how the same function is compiled.
-COMPILATION_ONLY = ('model.remat', 'model.neuron.loop', 'model.neuron.unroll')
+COMPILATION_ONLY = ('model.remat', 'model.remat_stem', 'model.neuron.loop',
+                    'model.neuron.unroll', 'model.compact_spikes', 'model.weight_grad')
 
 
 def model_defining(keys: list[str], saved: dict | None = None,

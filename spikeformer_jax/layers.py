@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spikeformer_jax import neurons
+from spikeformer_jax import neurons, synapses
 
 Dtype = Any
 
@@ -102,24 +102,55 @@ def _max_pool_fwd(x, window, stride, padding):
 
 def _max_pool_bwd(window, stride, padding, x, g):
   out_hw = _pool_geometry(x.shape, window, stride, padding)
-  xp = _pad_neg_inf(x, padding)
-  views = list(_window_slices(xp, window, stride, out_hw))
+  views = list(_window_slices(_pad_neg_inf(x, padding), window, stride, out_hw))
   best, idx = views[0][3], jnp.zeros(g.shape, jnp.int32)
   for k, _, _, view in views[1:]:
     better = view > best  # strict: ties keep the earlier element
     best = jnp.where(better, view, best)
     idx = jnp.where(better, k, idx)
-  hp, wp = xp.shape[1:3]
+  return (_route_to_inputs(g, idx, x.shape, window, stride, padding),)
+
+
+def _route_to_inputs(g, idx, shape, window, stride, padding):
+  """The input gradient: output (i, j)'s cotangent added at its window's
+  element idx = di * window + dj, i.e. at input (s i - p + di, s j - p + dj).
+
+  Computed per input phase (r mod s, c mod s), at the output's resolution:
+  input row s m + ph receives from window row d (with s | ph + p - d) of
+  output row m + (ph + p - d) / s. Each phase is a sum of shifted, masked
+  copies of g, added in increasing k as a scatter would; the s x s phases are
+  then interleaved. No gradient buffer of the padded input's size is
+  materialised (9 padded scatters, all alive at once, were the largest
+  temporaries of the Spikformer train step).
+  """
+  n, h, w, c = shape
+  s, ho, wo = stride, g.shape[1], g.shape[2]
+  hs, ws = -(-h // s), -(-w // s)
+  taps = [[(d, (ph + padding - d) // s) for d in range(window) if (ph + padding - d) % s == 0]
+          for ph in range(s)]
+  shifts = [e for t in taps for _, e in t] or [0]
+  lo = max(0, -min(shifts))
+  pad = ((0, 0), (lo, max(0, hs + max(shifts) - ho)), (lo, max(0, ws + max(shifts) - wo)), (0, 0))
   zero = jnp.zeros((), g.dtype)
-  gx = jnp.zeros(xp.shape, g.dtype)
-  for k, di, dj, _ in views:  # scatter each output's gradient to its argmax
-    cfg = ((0, 0, 0),
-           (di, hp - di - stride * (out_hw[0] - 1) - 1, stride - 1),
-           (dj, wp - dj - stride * (out_hw[1] - 1) - 1, stride - 1),
-           (0, 0, 0))
-    gx = gx + jax.lax.pad(jnp.where(idx == k, g, zero), zero, cfg)
-  h, w = x.shape[1:3]
-  return (gx[:, padding:padding + h, padding:padding + w, :],)
+  masked = {}
+
+  def tap(k):
+    if k not in masked:
+      masked[k] = jnp.pad(jnp.where(idx == k, g, zero), pad)
+    return masked[k]
+
+  rows = []
+  for pr in range(s):
+    cols = []
+    for pc in range(s):
+      acc = jnp.zeros((n, hs, ws, c), g.dtype)
+      for dr, er in taps[pr]:
+        for dc, ec in taps[pc]:
+          acc = acc + tap(dr * window + dc)[:, lo + er:lo + er + hs, lo + ec:lo + ec + ws, :]
+      cols.append(acc)
+    rows.append(jnp.stack(cols, axis=3))  # [n, hs, ws, s, c]
+  gx = jnp.stack(rows, axis=2).reshape(n, hs * s, ws * s, c)  # [n, hs, s, ws, s, c]
+  return gx[:, :h, :w, :]
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -243,8 +274,21 @@ def batch_as_time_multistep(neuron: neurons.Neuron, x: jax.Array, T: int,
   if b % groups:
     raise ValueError(f'batch {b} is not divisible into {groups} neuron groups.')
   xs = x.reshape(groups, b // groups, T, -1).transpose(0, 2, 1, 3)
+  # A T*B-step sequence: never unrolled whole (compile time), T steps per
+  # scan iteration unless the config asks for another unroll.
+  neuron = dataclasses.replace(neuron, loop='scan' if neuron.loop == 'python' else neuron.loop,
+                               unroll=neuron.unroll or T)
   s = neurons.multistep(neuron, xs.reshape(groups, T * (b // groups), -1))
   return s.reshape(groups, T, b // groups, -1).transpose(0, 2, 1, 3).reshape(x.shape)
+
+
+def check_spike_sums(s: Settings, depth: int):
+  """A spike-add residual stream reaches 2 + 2 * depth (a {0,1,2} stem output
+  plus two spikes per block); `compact_spikes` keeps it as int8."""
+  if s.compact_spikes and 2 + 2 * depth > 127:
+    raise ValueError(f'{depth} blocks make residual spike sums up to {2 + 2 * depth}, '
+                     'beyond the int8 that model.compact_spikes saves them in; set '
+                     'model.compact_spikes=False.')
 
 
 def count_dtype():
@@ -298,6 +342,8 @@ class Settings:
   bn_groups: int = 1
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  compact_spikes: bool = False       # save spike inputs of conv / linear as int8
+  weight_grad: str = 'auto'     # synapses.WEIGHT_GRADS
 
   def lif(self, **overrides) -> SpikingNeuron:
     return SpikingNeuron(dataclasses.replace(self.neuron, **overrides), self.T)
@@ -307,24 +353,34 @@ class Settings:
                      groups=self.bn_groups, dtype=self.dtype,
                      param_dtype=self.param_dtype)
 
-  def linear(self, din: int, dout: int, *, bias: bool, init: str,
-             rngs: nnx.Rngs) -> nnx.Linear:
+  def linear(self, din: int, dout: int, *, bias: bool, init: str, rngs: nnx.Rngs,
+             spikes_in: bool = False) -> nnx.Linear:
     """A token-wise linear map. init: 'trunc_normal' (timm, nn.Linear) or
-    'torch_default' (a kernel-1 Conv1d/Conv2d of the official code)."""
+    'torch_default' (a kernel-1 Conv1d/Conv2d of the official code).
+    spikes_in: the caller promises an input of small integers (spikes, spike
+    sums in [-128, 127]), so the backward pass may keep it as int8
+    (`compact_spikes`); opt in, as int8 would corrupt any other input."""
     kinit, binit = initializers(init, din)
     return nnx.Linear(din, dout, use_bias=bias, kernel_init=kinit, bias_init=binit,
-                      dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+                      dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+                      dot_general=synapses.SpikeDot(self.compact_spikes and spikes_in,
+                                                    self.weight_grad))
 
-  def conv(self, cin: int, cout: int, *, kernel: int = 3, stride: int = 1,
-           bias: bool = False, init: str = 'torch_default', rngs: nnx.Rngs) -> nnx.Conv:
-    """A 2-D convolution with symmetric padding; init 'torch_default'
-    (PyTorch's) or 'trunc_normal' (std .02, bias 0: SDT's _init_weights)."""
-    pad = kernel // 2
-    kinit, binit = initializers(init, cin * kernel * kernel)
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride,
-                    padding=((pad, pad), (pad, pad)), use_bias=bias,
+  def conv(self, cin: int, cout: int, *, kernel: int | tuple = 3, stride: int = 1,
+           bias: bool = False, init: str = 'torch_default', rngs: nnx.Rngs,
+           spikes_in: bool = False) -> nnx.Conv:
+    """A convolution with symmetric padding, 2-D (`kernel` an int) or of the
+    rank of a `kernel` tuple; init 'torch_default' (PyTorch's) or
+    'trunc_normal' (std .02, bias 0: SDT's _init_weights). spikes_in: as for
+    `linear` (never a stem's first conv, which sees images or event counts)."""
+    ks = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
+    kinit, binit = initializers(init, cin * math.prod(ks))
+    return nnx.Conv(cin, cout, ks, strides=stride,
+                    padding=tuple((k // 2, k // 2) for k in ks), use_bias=bias,
                     kernel_init=kinit, bias_init=binit,
-                    dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+                    dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
+                    conv_general_dilated=synapses.SpikeConv(
+                        self.compact_spikes and spikes_in, self.weight_grad))
 
 
 def spike_driven_self_attention(q, k, v, kv_neuron, erode=None):
@@ -404,15 +460,22 @@ REMAT_POLICIES = {
 }
 
 
-def apply_block(block, x: jax.Array, remat: str = '') -> jax.Array:
-  """block(x), its activations recomputed in the backward pass under policy
-  `remat` (REMAT_POLICIES; '' saves them as usual). Same values and gradients:
-  only memory and time change."""
+def method_call(name: str, *static):
+  """fn(module, x) = module.name(*static, x), the static arguments closed over
+  (remat would trace a default argument)."""
+  return lambda m, y: getattr(m, name)(*static, y)
+
+
+def apply_block(block, x: jax.Array, remat: str = '', fn=None) -> jax.Array:
+  """fn(block, x) (default block(x)), its activations recomputed in the
+  backward pass under policy `remat` (REMAT_POLICIES; '' saves them as usual).
+  Same values and gradients: only memory and time change."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f'model.remat={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
+  fn = fn or (lambda m, y: m(y))
   if not remat:
-    return block(x)
-  return nnx.remat(lambda m, y: m(y), policy=REMAT_POLICIES[remat])(block, x)
+    return fn(block, x)
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat])(block, x)
 
 
 ATTENTION_KINDS = ('ssa', 'sdsa', 'a2os2a', 'mssa') + tuple(FLOAT_QK)
@@ -481,7 +544,7 @@ class SpikingAttention(nnx.Module):
       raise ValueError(f'attention style {style!r}; valid: {ATTENTION_STYLES}.')
     if dim % num_heads:
       raise ValueError(f'embed dim {dim} is not divisible by num_heads {num_heads}.')
-    lin = functools.partial(s.linear, dim, dim, init=init, rngs=rngs)
+    lin = functools.partial(s.linear, dim, dim, init=init, rngs=rngs, spikes_in=True)
     if style == 'sdt':
       self.shortcut_lif = s.lif()
     float_qk = kind in FLOAT_QK
@@ -533,13 +596,11 @@ class SpikingAttention(nnx.Module):
     Linear (`{name}_linear`), a wider kernel (MSViT's P, padding k // 2, rows
     wrap into each other as in the official code) an nnx.Conv (`{name}_conv`)."""
     if kernel == 1:
-      setattr(self, f'{name}_linear', s.linear(dim, dim, bias=bias, init=init, rngs=rngs))
+      setattr(self, f'{name}_linear', s.linear(dim, dim, bias=bias, init=init, rngs=rngs,
+                                               spikes_in=True))
       return
-    kinit, binit = initializers('torch_default', dim * kernel)
-    setattr(self, f'{name}_conv', nnx.Conv(
-        dim, dim, (kernel,), padding=((kernel // 2, kernel // 2),), use_bias=bias,
-        kernel_init=kinit, bias_init=binit, dtype=s.dtype, param_dtype=s.param_dtype,
-        rngs=rngs))
+    setattr(self, f'{name}_conv', s.conv(dim, dim, kernel=(kernel,), bias=bias,
+                                         init='torch_default', rngs=rngs, spikes_in=True))
 
   def _branch(self, name, x):
     """LIF(BN(token conv x)) of branch `name`, or None if it was not built."""
@@ -625,7 +686,8 @@ def add_sps_stages(module: nnx.Module, in_channels: int, dim: int, pooling: str,
     raise ValueError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
   widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
   for i, sfx in enumerate(SPS_STAGES):
-    setattr(module, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], init=init, rngs=rngs))
+    setattr(module, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], init=init, rngs=rngs,
+                                              spikes_in=i > 0))
     setattr(module, f'proj_bn{sfx}', s.bn(widths[i + 1]))
     setattr(module, f'proj_lif{sfx}', s.lif())
 
@@ -662,7 +724,8 @@ class SpikingMLP(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, s: Settings, init: str, rngs: nnx.Rngs,
                names: tuple = ('fc1', 'fc2')):
     for name, (din, dout) in zip(names, ((dim, hidden), (hidden, dim))):
-      setattr(self, f'{name}_linear', s.linear(din, dout, bias=True, init=init, rngs=rngs))
+      setattr(self, f'{name}_linear', s.linear(din, dout, bias=True, init=init, rngs=rngs,
+                                               spikes_in=True))
       setattr(self, f'{name}_bn', s.bn(dout))
       setattr(self, f'{name}_lif', s.lif())
     self.names = tuple(names)

@@ -11,7 +11,9 @@ The defaults reproduce SpikingJelly's `MultiStepLIFNode(tau=2., detach_reset=Tru
 the neuron of every official Spikformer / SDT / MSViT model. How the loop over
 time is compiled (`Neuron.loop`) is a free choice that never changes the result:
 
-  * `scan`:   `jax.lax.scan`, with `unroll` steps per iteration (1..T, T = fully);
+  * `scan`:   `jax.lax.scan`, with `unroll` steps per iteration (1..T; 0 or
+              any value >= T: fully, the default, fastest and leanest in
+              benchmarks/unroll_study.py);
   * `python`: a Python loop, i.e. fully unrolled at trace time;
   * `vjp`:    a whole-sequence `jax.custom_vjp` that saves only the pre-spike
               membrane `h[0..T-1]` for its backward pass (spikes and the reset
@@ -110,7 +112,8 @@ class Neuron:
     ternary_grad: 'surrogate' (dS/dU = g(|U| - Vth), g the surrogate) or
       'clamp' (straight-through: the gradient of clamp(U/Vth, -1, 1)).
     loop: how the timestep loop is compiled, see the module docstring.
-    unroll: steps per `lax.scan` iteration when loop == 'scan'.
+    unroll: steps per `lax.scan` iteration (loop 'scan', and the backward
+      scan of 'vjp'); 0 unrolls all T steps.
   """
   kind: str = 'lif'
   tau: float = 2.0
@@ -124,7 +127,7 @@ class Neuron:
   beta: float = 0.5
   ternary_grad: str = 'surrogate'
   loop: str = 'scan'
-  unroll: int = 1
+  unroll: int = 0
 
   def __post_init__(self):
     def check(field, valid):
@@ -139,9 +142,9 @@ class Neuron:
     check('surrogate', tuple(SURROGATE_DEFAULT_ALPHA))
     if self.tau <= 0:
       raise ValueError(f'Neuron.tau={self.tau} must be > 0.')
-    if self.unroll < 1:
-      raise ValueError(f'Neuron.unroll={self.unroll} must be >= 1 (use a '
-                       'value >= T to unroll fully).')
+    if self.unroll < 0:
+      raise ValueError(f'Neuron.unroll={self.unroll} must be >= 1, or 0 to unroll '
+                       'all T steps.')
 
   @property
   def surrogate_alpha(self) -> float:
@@ -234,13 +237,23 @@ def membrane_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _python_loop(n: Neuron, xs: jax.Array) -> jax.Array:
-  v = jnp.full(xs.shape[1:], n.v_init, xs.dtype)
+def _python_loop(n: Neuron, x: jax.Array, time_axis: int) -> jax.Array:
+  # Indexes time where it lies: with the batch first ([B, T, ...], the folded
+  # layers' layout) this avoids the two transposes a time-major scan needs,
+  # and XLA fuses the T steps and the stacking into one elementwise pass.
+  x_t = [jax.lax.index_in_dim(x, t, time_axis, keepdims=False)
+         for t in range(x.shape[time_axis])]
+  v = jnp.full(x_t[0].shape, n.v_init, x.dtype)
   out = []
-  for t in range(xs.shape[0]):
-    v, s, _ = step(n, v, xs[t])
+  for xt in x_t:
+    v, s, _ = step(n, v, xt)
     out.append(s)
-  return jnp.stack(out)
+  return jnp.stack(out, time_axis)
+
+
+def steps_per_iteration(n: Neuron, T: int) -> int:
+  """The scan's unroll: n.unroll capped at T, 0 meaning all T."""
+  return T if n.unroll == 0 else min(n.unroll, T)
 
 
 def _forward_h(n: Neuron, xs: jax.Array):
@@ -249,7 +262,7 @@ def _forward_h(n: Neuron, xs: jax.Array):
     v, s, h = step(n, v, x)
     return v, (s, h)
   v0 = jnp.full(xs.shape[1:], n.v_init, xs.dtype)
-  _, (s, h) = jax.lax.scan(body, v0, xs, unroll=min(n.unroll, xs.shape[0]))
+  _, (s, h) = jax.lax.scan(body, v0, xs, unroll=steps_per_iteration(n, xs.shape[0]))
   return s, h
 
 
@@ -280,7 +293,7 @@ def _sequence_vjp_bwd(n, h, g_s):
     return g_vprev, g_x
 
   _, g_xs = jax.lax.scan(body, jnp.zeros_like(h[0]), (h, g_s), reverse=True,
-                         unroll=min(n.unroll, h.shape[0]))
+                         unroll=steps_per_iteration(n, h.shape[0]))
   return (g_xs,)
 
 
@@ -293,11 +306,12 @@ def multistep(n: Neuron, x: jax.Array, time_axis: int = 1) -> jax.Array:
   Returns spikes of x's shape and dtype (spikes are exact in any float dtype);
   the membrane is kept in at least float32.
   """
-  xs = jnp.moveaxis(x, time_axis, 0).astype(membrane_dtype(x.dtype))
+  xm = x.astype(membrane_dtype(x.dtype))
+  if n.loop == 'python':
+    return _python_loop(n, xm, time_axis).astype(x.dtype)
+  xs = jnp.moveaxis(xm, time_axis, 0)  # lax.scan runs over the leading axis
   if n.loop == 'scan':
     s = _forward_h(n, xs)[0]  # h is dead code here, removed by XLA
-  elif n.loop == 'python':
-    s = _python_loop(n, xs)
   else:
     s = _sequence_vjp(n, xs)
   return jnp.moveaxis(s, 0, time_axis).astype(x.dtype)

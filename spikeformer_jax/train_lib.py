@@ -35,6 +35,7 @@ from spikeformer_jax import metrics as metrics_lib
 from spikeformer_jax import models
 from spikeformer_jax import optim
 from spikeformer_jax import sharding
+from spikeformer_jax import synapses
 from spikeformer_jax.data import mixup
 
 BN_SCOPES = ('global', 'device')
@@ -259,9 +260,13 @@ def validate(config, source):
                      f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
   if m.T < 1:
     raise ValueError(f'model.T={m.T}: the number of timesteps must be >= 1.')
-  if m.get('remat', '') not in layers.REMAT_POLICIES:
-    raise ValueError(f'model.remat={m.remat!r}; valid: '
-                     f'{", ".join(map(repr, layers.REMAT_POLICIES))}.')
+  for field in ('remat', 'remat_stem'):
+    if m.get(field, '') not in layers.REMAT_POLICIES:
+      raise ValueError(f'model.{field}={m[field]!r}; valid: '
+                       f'{", ".join(map(repr, layers.REMAT_POLICIES))}.')
+  if m.get('weight_grad', 'auto') not in synapses.WEIGHT_GRADS:
+    raise ValueError(f'model.weight_grad={m.weight_grad!r}; valid: '
+                     f'{", ".join(synapses.WEIGHT_GRADS)}.')
   if img[-2] != m.img_size:
     raise ValueError(f'data {config.data.name!r} has {img[-3]}x{img[-2]} images but '
                      f'model.img_size={m.img_size}; set both to the same size.')

@@ -492,7 +492,8 @@ LOOP_CONFIGS = [
 ]
 
 LOOP_VARIANTS = ([dict(loop='scan', unroll=k) for k in range(1, T + 1)] +
-                 [dict(loop='scan', unroll=T + 3), dict(loop='python'),
+                 [dict(loop='scan', unroll=T + 3), dict(loop='scan', unroll=0),
+                  dict(loop='python'),
                   dict(loop='vjp'), dict(loop='vjp', unroll=2)])
 
 
@@ -575,7 +576,7 @@ def test_bfloat16_input_float32_membrane():
 
 
 @pytest.mark.parametrize('kw', [
-    dict(kind='foo'), dict(loop='while'), dict(unroll=0), dict(unroll=-1),
+    dict(kind='foo'), dict(loop='while'), dict(unroll=-1),
     dict(surrogate='relu'), dict(charge_form='torch'), dict(ternary_grad='ste'),
     dict(tau=0.0), dict(tau=-2.0),
 ], ids=repr)

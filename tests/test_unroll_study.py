@@ -21,21 +21,28 @@ def test_choices_cover_scan_unrolls_python_vjp_and_remat():
   assert names == ['scan/unroll 1', 'scan/unroll 2', 'scan/unroll 4', 'python', 'vjp',
                    'scan/unroll 1 + remat full', 'scan/unroll 2 + remat full',
                    'scan/unroll 4 + remat full', 'python + remat full', 'vjp + remat full']
+  names = [unroll_study.label(c) for c in unroll_study.choices(
+      16, [''], ['autodiff', 'lean'], loops=('scan', 'vjp'), unrolls='1,T')]
+  assert names == ['scan/unroll 1', 'scan/unroll 16', 'vjp',
+                   'scan/unroll 1 + lean', 'scan/unroll 16 + lean', 'vjp + lean']
 
 
 def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
   unroll_study.main(['--config=configs/spikformer.py:digits', '--T=1,2', '--dtypes=float32',
-                     '--remat=', '--batch=8', '--steps=1', '--repeats=1',
+                     '--remat=', '--batch=8', '--steps=1', '--repeats=1', '--loops=scan,vjp',
                      '--set', 'num_devices=1', f'--out={tmp_path}'])
   with open(tmp_path / 'study.csv', encoding='utf-8') as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 3 + 4  # T=1: scan/1, python, vjp; T=2: + scan/2
+  # T=1: scan/1, vjp; T=2: scan/1, scan/2, vjp; each with autodiff and lean synapses
+  assert len(rows) == 2 * 2 + 3 * 2
   for r in rows:
     assert float(r['max_diff_logits']) <= 1e-5 and float(r['max_diff_grads']) <= 1e-5, r
     assert float(r['step_s_median']) > 0 and float(r['compile_s']) > 0
-  assert rows[0]['equal'] == 'exact' and rows[3]['equal'] == 'exact'  # the references
+  assert rows[0]['equal'] == 'exact' and rows[4]['equal'] == 'exact'  # the references
+  assert [r['synapse'] for r in rows[4:]] == ['autodiff'] * 3 + ['lean'] * 3
   assert (tmp_path / 'study.png').stat().st_size > 0
-  assert '| 2 | float32 | vjp |' in (tmp_path / 'study.md').read_text()
+  md = (tmp_path / 'study.md').read_text()
+  assert '| 2 | float32 | vjp |' in md and '| 2 | float32 | scan/unroll 2 + lean |' in md
   assert 'study.csv' in capsys.readouterr().out
 
 
@@ -43,15 +50,15 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
                                             ('sdt', 'cifar10-2-256'), ('msvit', 'cifar10-4-384')])
 def test_remat_policies_do_not_change_results(family, variant):
   """Loss, gradients and the new BatchNorm statistics of a train-mode forward
-  are bit-identical under every model.remat policy (the same arithmetic,
-  recomputed)."""
+  are bit-identical under every model.remat (blocks) and model.remat_stem
+  (patch stem stages) policy: the same arithmetic, recomputed."""
   module = importlib.import_module(f'configs.{family}')
   c = module.get_config(variant + ',runlocal').model
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   y = jnp.arange(4) % 10
   results = {}
   for remat in layers.REMAT_POLICIES:
-    c.remat = remat
+    c.remat = c.remat_stem = remat
     model = models.build_model(c, seed=0)
     model.train()
     graph, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)

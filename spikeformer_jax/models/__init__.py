@@ -21,7 +21,7 @@ def neuron_config(**overrides) -> ml_collections.ConfigDict:
   """
   cfg = ml_collections.ConfigDict(dict(
       tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
-      detach_reset=True, surrogate='sigmoid', alpha=0.0, loop='scan', unroll=1))
+      detach_reset=True, surrogate='sigmoid', alpha=0.0, loop='scan', unroll=0))
   cfg.update(overrides)
   return cfg
 
@@ -68,7 +68,9 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
   # Parameters stay float32 under bfloat16 compute; float64 runs all in float64.
   param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
   return layers.Settings(T=cfg.T, neuron=make_neuron(cfg.neuron), dtype=dtype,
-                         param_dtype=param_dtype, bn_groups=bn_groups)
+                         param_dtype=param_dtype, bn_groups=bn_groups,
+                         compact_spikes=bool(cfg.get('compact_spikes', True)),
+                         weight_grad=cfg.get('weight_grad', 'auto'))
 
 
 def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,

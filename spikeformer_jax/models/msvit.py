@@ -65,8 +65,10 @@ def _cbl(module, name, x, pool):
   return getattr(module, f'{name}_lif')(max_pool(x) if pool else x)
 
 
-def _add_cbl(module, name, cin, cout, *, s, rngs, kernel=3, stride=1):
-  setattr(module, f'{name}_conv', s.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs))
+def _add_cbl(module, name, cin, cout, *, s, rngs, kernel=3, stride=1, spikes_in=True):
+  # Every conv of the embeddings sees spikes or spike sums, but the stem's first.
+  setattr(module, f'{name}_conv', s.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs,
+                                         spikes_in=spikes_in))
   setattr(module, f'{name}_bn', s.bn(cout))
   setattr(module, f'{name}_lif', s.lif())
 
@@ -80,7 +82,7 @@ class InitEmbed(nnx.Module):
     widths = [dim // d for d in stem['divisors']]
     cin = in_channels
     for i, w in enumerate(widths):
-      _add_cbl(self, _conv_name(i), cin, w, s=s, rngs=rngs)
+      _add_cbl(self, _conv_name(i), cin, w, s=s, rngs=rngs, spikes_in=i > 0)
       cin = w
     _add_cbl(self, 'proj_res', widths[stem['res_from']], dim, kernel=1,
              stride=stem['res_stride'], s=s, rngs=rngs)
@@ -143,6 +145,7 @@ class MSViT(nnx.Module):
     graph = GRAPHS[cfg.graph]
     stem = STEMS[cfg.stem or graph['stem']]
     dims = tuple(cfg.dims)
+    layers.check_spike_sums(s, max(cfg.depths))
     stages = zip(dims, cfg.depths, cfg.attention, cfg.mssa_kernels)
     for i, (dim, depth, kind, kernels) in enumerate(stages):
       embed = (InitEmbed(cfg.in_channels, dim, stem, s=s, rngs=rngs) if i == 0 else
@@ -159,12 +162,13 @@ class MSViT(nnx.Module):
     self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
+    self.remat_stem = cfg.get('remat_stem', '')
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b = x.shape[0]
     x = layers.fold_time(x, self.T, self.dtype)  # [BT, H, W, C]
     for i in range(1, self.num_stages + 1):
-      x = getattr(self, f'patch_embed{i}')(x)
+      x = layers.apply_block(getattr(self, f'patch_embed{i}'), x, self.remat_stem)
       bt, h, w, c = x.shape
       x = x.reshape(bt, h * w, c)  # row-major tokens, as the official flatten(3)
       for blk in getattr(self, f'stage{i}'):
@@ -254,6 +258,9 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       ssa_proj_lif_batch_as_time=graph != 'dvs',
       dtype='float32',
       remat='',  # layers.REMAT_POLICIES: recompute each block in the backward pass
+      remat_stem='',  # the same for each patch embedding (the stem and the stage embeds)
+      compact_spikes=True,      # save conv / linear spike inputs as int8 (exact; synapses.py)
+      weight_grad='auto',    # auto | xla | gemm: how conv / linear weight gradients are formed
       neuron=neuron_config(),
       ternary=ternary_config(),  # only for attention kind 'a2os2a'
   ))

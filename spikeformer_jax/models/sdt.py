@@ -36,20 +36,26 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
                rngs: nnx.Rngs):
     layers.add_sps_stages(self, in_channels, dim, pooling, s=s, init='trunc_normal',
                           rngs=rngs)
-    self.rpe_conv = s.conv(dim, dim, init='trunc_normal', rngs=rngs)
+    self.rpe_conv = s.conv(dim, dim, init='trunc_normal', rngs=rngs, spikes_in=True)
     self.rpe_bn = s.bn(dim)
     self.pooling = pooling
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for i, sfx in enumerate(layers.SPS_STAGES[:3]):
+  def stage(self, i: int, x: jax.Array) -> jax.Array:
+    """Stage i of four; the last one ends in the RPE on the membrane."""
+    if i < 3:
+      sfx = layers.SPS_STAGES[i]
       x = getattr(self, f'proj_lif{sfx}')(getattr(self, f'proj_bn{sfx}')(
           getattr(self, f'proj_conv{sfx}')(x)))
-      if self.pooling[i] == '1':
-        x = max_pool(x)
+      return max_pool(x) if self.pooling[i] == '1' else x
     x = self.proj_bn3(self.proj_conv3(x))
     if self.pooling[3] == '1':
       x = max_pool(x)  # on the BatchNorm output, before the neuron
-    x = self.rpe_bn(self.rpe_conv(self.proj_lif3(x))) + x
+    return self.rpe_bn(self.rpe_conv(self.proj_lif3(x))) + x
+
+  def __call__(self, x: jax.Array, remat: str = '') -> jax.Array:
+    # remat: a policy per stage (model.remat_stem)
+    for i in range(4):
+      x = layers.apply_block(self, x, remat, fn=layers.method_call('stage', i))
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -58,10 +64,12 @@ class MS_MLP(nnx.Module):  # pylint: disable=invalid-name
 
   def __init__(self, dim: int, hidden: int, *, s: Settings, rngs: nnx.Rngs):
     self.fc1_lif = s.lif()
-    self.fc1_linear = s.linear(dim, hidden, bias=True, init='trunc_normal', rngs=rngs)
+    self.fc1_linear = s.linear(dim, hidden, bias=True, init='trunc_normal', rngs=rngs,
+                               spikes_in=True)
     self.fc1_bn = s.bn(hidden)
     self.fc2_lif = s.lif()
-    self.fc2_linear = s.linear(hidden, dim, bias=True, init='trunc_normal', rngs=rngs)
+    self.fc2_linear = s.linear(hidden, dim, bias=True, init='trunc_normal', rngs=rngs,
+                               spikes_in=True)
     self.fc2_bn = s.bn(dim)
     self.res = dim == hidden  # the official inner shortcut (never with ratio 4)
 
@@ -110,10 +118,11 @@ class SDT(nnx.Module):
     self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
+    self.remat_stem = cfg.get('remat_stem', '')
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T, b = self.T, x.shape[0]
-    u = self.patch_embed(layers.fold_time(x, T, self.dtype))
+    u = self.patch_embed(layers.fold_time(x, T, self.dtype), self.remat_stem)
     for blk in self.block:
       u = layers.apply_block(blk, u, self.remat)
     y = self.head(self.head_lif(u.mean(axis=1)))  # [B*T, classes]
@@ -139,5 +148,6 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
       attn_order='',              # '' = auto (the cheaper association; exact either way)
       attn_v_threshold=0.5,       # talking_heads_lif / A2OS2A's neuron after Q K^T V
       attn_proj=True,             # projection conv + BN after the attention
-      dead_modules=False, dtype='float32', remat='',
+      dead_modules=False, dtype='float32', remat='', remat_stem='',
+      compact_spikes=True, weight_grad='auto',  # synapses.py
       neuron=neuron_config(), ternary=ternary_config()))

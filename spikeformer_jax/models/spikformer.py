@@ -43,16 +43,23 @@ class SPS(nnx.Module):
                rngs: nnx.Rngs):
     layers.add_sps_stages(self, in_channels, dim, pooling, s=s, init='torch_default',
                           rngs=rngs)
-    self.rpe_conv, self.rpe_bn, self.rpe_lif = s.conv(dim, dim, rngs=rngs), s.bn(dim), s.lif()
+    self.rpe_conv, self.rpe_bn, self.rpe_lif = (
+        s.conv(dim, dim, rngs=rngs, spikes_in=True), s.bn(dim), s.lif())
     self.pooling = pooling
 
-  def __call__(self, x: jax.Array) -> jax.Array:  # [B*T, H, W, C_in] -> [B*T, N, D]
-    for i, sfx in enumerate(layers.SPS_STAGES):
-      conv, bn, lif = (getattr(self, f'{n}{sfx}') for n in ('proj_conv', 'proj_bn', 'proj_lif'))
-      x = lif(bn(conv(x)))
-      if self.pooling[i] == '1':
-        x = max_pool(x)
-    x = x + self.rpe_lif(self.rpe_bn(self.rpe_conv(x)))
+  def stage(self, i: int, x: jax.Array) -> jax.Array:
+    """Stage i: conv-BN-LIF (and its pooling); i == 4 is the RPE (+ x)."""
+    if i == len(layers.SPS_STAGES):
+      return x + self.rpe_lif(self.rpe_bn(self.rpe_conv(x)))
+    sfx = layers.SPS_STAGES[i]
+    conv, bn, lif = (getattr(self, f'{n}{sfx}') for n in ('proj_conv', 'proj_bn', 'proj_lif'))
+    x = lif(bn(conv(x)))
+    return max_pool(x) if self.pooling[i] == '1' else x
+
+  def __call__(self, x: jax.Array, remat: str = '') -> jax.Array:
+    # [B*T, H, W, C_in] -> [B*T, N, D]; remat: a policy per stage (model.remat_stem)
+    for i in range(len(layers.SPS_STAGES) + 1):
+      x = layers.apply_block(self, x, remat, fn=layers.method_call('stage', i))
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -91,6 +98,7 @@ class Spikformer(nnx.Module):
       if cfg.get(key):
         flavour[key] = cfg[key]
     dim = cfg.embed_dim
+    layers.check_spike_sums(s, cfg.depth)
     self.patch_embed = SPS(cfg.in_channels, dim, flavour['pooling'], s=s, rngs=rngs)
     self.block = nnx.List([
         Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, flavour=flavour,
@@ -109,10 +117,11 @@ class Spikformer(nnx.Module):
     self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
+    self.remat_stem = cfg.get('remat_stem', '')
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T, b = self.T, x.shape[0]
-    x = self.patch_embed(layers.fold_time(x, T, self.dtype))
+    x = self.patch_embed(layers.fold_time(x, T, self.dtype), self.remat_stem)
     for blk in self.block:
       x = layers.apply_block(blk, x, self.remat)
     return layers.mean_token_head(self.head, x, b, T, self.per_timestep_logits,
@@ -145,6 +154,9 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       attn_v_threshold=0.5,
       dead_modules=False,  # True: also build the official code's unused modules
       remat='',            # layers.REMAT_POLICIES: recompute each block in the backward pass
+      remat_stem='',       # the same for each stage of the patch stem (SPS)
+      compact_spikes=True,     # save conv / linear spike inputs as int8 (exact; synapses.py)
+      weight_grad='auto',    # auto | xla | gemm: how conv / linear weight gradients are formed
       dtype='float32',
       neuron=neuron_config(),
       ternary=ternary_config(),  # A2OS2A's V neuron, used when attention='a2os2a'
