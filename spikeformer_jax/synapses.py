@@ -15,8 +15,8 @@ counts) or the head.
     (dy^T x)^T on 2-D views, which reads both operands as stored (autodiff's
     form makes XLA:CPU write dy transposed from inside the BatchNorm-backward
     fusion, 3-5x slower than the GEMM itself); conv: one GEMM per kernel
-    offset, the shifted view of the padded input contracted with dy (a scan,
-    so one view is alive at a time), 2-3x faster than XLA:CPU's
+    offset, the shifted view of the padded input contracted with dy (in
+    order, one view alive at a time), 2-3x faster than XLA:CPU's
     weight-gradient convolution for the SPS stems. Under a batch-sharded mesh
     each offset's GEMM is all-reduced on its own (kh*kw small all-reduces);
     'auto' uses it on CPU only;
@@ -141,23 +141,22 @@ def _conv_value(x, w, strides, padding, precision):
 def _shifted_weight_grad(x, g, kernel_shape, strides, padding, precision):
   """dW of a 2-D conv as kh*kw GEMMs, one per kernel offset (i, j): the
   strided view of the padded x at that offset contracted with dy over
-  (N, H, W). A scan over the offsets keeps one view alive at a time (the
-  im2col matrix of all of them would be kh*kw times the input)."""
+  (N, H, W). An optimization barrier after each GEMM orders them, so one view
+  is alive at a time (the im2col matrix of all would be kh*kw times the
+  input). Not a lax.scan: XLA:CPU's simulated devices can stall on the
+  all-reduce a batch-sharded GEMM needs inside a loop."""
   kh, kw = kernel_shape
   (ph0, ph1), (pw0, pw1) = padding
   sh, sw = strides
   ho, wo = g.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
-  span = (x.shape[0], sh * (ho - 1) + 1, sw * (wo - 1) + 1, x.shape[-1])
-
-  def offset(_, ij):
-    zero = jnp.zeros((), ij.dtype)  # one index dtype, also under 64-bit JAX
-    view = jax.lax.dynamic_slice(xp, (zero, ij[0], ij[1], zero), span)[:, ::sh, ::sw, :]
-    return None, _weight_gemm(view, g, precision)
-
-  offsets = jnp.array([(i, j) for i in range(kh) for j in range(kw)], jnp.int32)
-  _, gw = jax.lax.scan(offset, None, offsets)
-  return gw.reshape(kh, kw, x.shape[-1], g.shape[-1])
+  gws = []
+  for i in range(kh):
+    for j in range(kw):
+      view = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+      gws.append(_weight_gemm(view, g, precision))
+      xp, g, _ = jax.lax.optimization_barrier((xp, g, gws[-1]))
+  return jnp.stack(gws).reshape(kh, kw, x.shape[-1], g.shape[-1])
 
 
 def _weight_gemm(x: jax.Array, g: jax.Array, precision) -> jax.Array:

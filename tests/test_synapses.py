@@ -130,7 +130,7 @@ def _loss_grads(cfg, x, y):
   return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
 
 
-@pytest.mark.parametrize('family,arg,over', CASES)
+@pytest.mark.parametrize('family,arg,over', [c for c in CASES if not c[2]])
 def test_models_lean_synapses_equal_autodiff(family, arg, over):
   """Loss and gradients: compact on / off bit-identical; GEMM weight
   gradients equal autodiff's at float32 tolerance."""
