@@ -136,12 +136,11 @@ def test_models_lean_synapses_equal_autodiff(family, arg, over):
   gradients equal autodiff's at float32 tolerance."""
   c, x, y = _case(family, arg, over)
   results = {}
-  for compact, weight_grad in ((False, 'xla'), (True, 'xla'), (False, 'gemm'), (True, 'gemm')):
+  for compact, weight_grad in ((False, 'xla'), (False, 'gemm'), (True, 'gemm')):
     c.model.compact_spikes, c.model.weight_grad = compact, weight_grad
     results[compact, weight_grad] = _loss_grads(c.model, x, y)
-  for wg in ('xla', 'gemm'):
-    for a, b in zip(jax.tree.leaves(results[True, wg]), jax.tree.leaves(results[False, wg])):
-      np.testing.assert_array_equal(a, b, err_msg=wg)
+  for a, b in zip(jax.tree.leaves(results[True, 'gemm']), jax.tree.leaves(results[False, 'gemm'])):
+    np.testing.assert_array_equal(a, b)
   ref = results[False, 'xla']
   assert float(results[True, 'gemm'][0]) == float(ref[0])  # the forward is unchanged
   for a, b in zip(jax.tree.leaves(results[True, 'gemm'][1]), jax.tree.leaves(ref[1])):
