@@ -115,7 +115,7 @@ class SpikeDot:
     standard = (dimension_numbers == (((x.ndim - 1,), (0,)), ((), ()))
                 and w.ndim == 2 and preferred_element_type is None and out_sharding is None
                 and x.dtype == w.dtype)
-    if not standard or not (self.compact or resolve(self.weight_grad) != 'xla'):
+    if not standard or (not self.compact and resolve(self.weight_grad) == 'xla'):
       return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
                                  preferred_element_type=preferred_element_type,
                                  out_sharding=out_sharding)
@@ -223,7 +223,7 @@ class SpikeConv:
                and preferred_element_type is None and out_sharding is None and not kwargs
                and x.dtype == w.dtype
                and _canonical(dimension_numbers, nd) == _dimension_numbers(nd))
-    if not handled or not (self.compact or _use_gemm(self.weight_grad, nd)):
+    if not handled or (not self.compact and not _use_gemm(self.weight_grad, nd)):
       return plain()
     return conv(x, w, tuple(window_strides), tuple(tuple(p) for p in padding), self.compact,
                 self.weight_grad, precision)

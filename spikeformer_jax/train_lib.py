@@ -264,9 +264,7 @@ def validate(config, source):
     if m.get(field, '') not in layers.REMAT_POLICIES:
       raise ValueError(f'model.{field}={m[field]!r}; valid: '
                        f'{", ".join(map(repr, layers.REMAT_POLICIES))}.')
-  if m.get('weight_grad', 'auto') not in synapses.WEIGHT_GRADS:
-    raise ValueError(f'model.weight_grad={m.weight_grad!r}; valid: '
-                     f'{", ".join(synapses.WEIGHT_GRADS)}.')
+  synapses.resolve(m.get('weight_grad', 'auto'))  # raises on an unknown name
   if img[-2] != m.img_size:
     raise ValueError(f'data {config.data.name!r} has {img[-3]}x{img[-2]} images but '
                      f'model.img_size={m.img_size}; set both to the same size.')
