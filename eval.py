@@ -18,13 +18,12 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Optional config override.',
-                                          lock_config=True)
+from spikeformer_jax import cli
+
+_CONFIG = cli.define_config_file('config', None, 'Optional config override.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.')
 _SPLIT = flags.DEFINE_enum('split', 'test', ['train', 'test'], 'Split to evaluate.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
@@ -55,26 +54,47 @@ def analyze(config) -> int:
   return 0
 
 
+def _check_writable(path: str):
+  """Fails before evaluating, not after, when the result cannot be written."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  directory = path if os.path.isdir(path) else (os.path.dirname(path) or '.')
+  try:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix='.eval-write-check-'):
+      pass
+  except OSError as e:
+    raise OSError(f'cannot write the result to {directory}: {e.strerror}; pass --output '
+                  'with a writable path.') from e
+
+
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
   try:
+    from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
+    from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS['verbosity'].present:  # unreadable checkpoints: one line
+      checkpointing.quiet_orbax_logs()
     config = _CONFIG.value or train_lib.load_run_config(_WORKDIR.value)
+    out = _OUTPUT.value
+    _check_writable(out if out and (_ANALYZE.value or os.path.isdir(out)) else
+                    os.path.dirname(out) if out else _WORKDIR.value)
     if _ANALYZE.value:
       return analyze(config)
     res = train_lib.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
                                         step=_STEP.value, num_devices=_DEVICES.value,
                                         ema=_EMA.value)
-  except (ValueError, FileNotFoundError, IndexError) as e:
-    print(f'error: {e}', file=sys.stderr)
+    ema = '_ema' if _EMA.value else ''
+    out = out or os.path.join(_WORKDIR.value, f'eval_{res["split"]}{ema}_{res["step"]}.json')
+    with open(out, 'w', encoding='utf-8') as f:
+      json.dump(res, f, indent=2)
+  except KeyboardInterrupt:
+    print('interrupted (SIGINT): nothing written.', file=sys.stderr)
+    return 130
+  except (*errors.CLEAR, IndexError) as e:
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
     return 1
-  ema = '_ema' if _EMA.value else ''
-  out = _OUTPUT.value or os.path.join(_WORKDIR.value,
-                                      f'eval_{res["split"]}{ema}_{res["step"]}.json')
-  with open(out, 'w', encoding='utf-8') as f:
-    json.dump(res, f, indent=2)
   print(f'eval {res["split"]}{" (EMA)" if _EMA.value else ""} step {res["step"]}: top1 {res["top1"]:.2%} | '
         f'top5 {res["top5"]:.2%} | loss {res["loss"]:.4f} | {res["count"]} examples '
         f'-> {out}')
@@ -83,4 +103,8 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  flags.register_validator('step', lambda s: s is None or s >= 0, 'a checkpoint step is >= 0')
+  flags.register_validator('attention_block', lambda b: b >= 0, 'must be >= 0')
+  flags.register_validator('attention_heads', lambda h: all(x.isdigit() for x in h),
+                           'expected head indices, e.g. 0,1')
+  cli.run(main)  # command-line mistakes: one line, exit status 2

@@ -4,14 +4,59 @@ Saves are asynchronous; only committed checkpoints are ever restored (orbax
 writes to a temporary directory and renames on success), and the last `keep`
 are kept. `restore` takes an abstract state whose `ShapeDtypeStruct`s carry
 the target shardings, so a checkpoint restores onto any mesh.
+
+Failures are told apart, each in one line: a checkpoint of another model
+(ValueError: the stored shapes differ), an unreadable one (CheckpointError:
+truncated or missing files; `restore_intact` moves it aside and falls back to
+the newest intact step, deleting nothing), and a save that failed in the
+background (CheckpointError from `poll`, which the training loop calls after
+every step, so a full disk stops the run at once).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
+
+from spikeformer_jax import errors
+
+DAMAGED_DIR = 'damaged_checkpoints'  # beside checkpoints/: unreadable steps, kept
+
+
+def reason(e: BaseException, limit: int = 200) -> str:
+  """A short cause of an orbax / tensorstore error: its most telling line."""
+  text = ' '.join(str(e).split()) or type(e).__name__
+  if 'No space left' in text or "os_error_code='28'" in text:
+    return 'no space left on device'
+  m = re.search(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT'
+                r'|PERMISSION_DENIED|RESOURCE_EXHAUSTED)[^"]*"([^"]*)"', text)
+  if m:  # tensorstore: say which array, not the whole spec
+    tail = text[m.end():].split('. See full')[0]
+    text = f'{m.group(1)} reading {m.group(2)}{tail}'
+  return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops orbax's own error logs (tracebacks of a failed background save, one
+  per thread, and of its asyncio tasks); the Checkpointer reports each failure
+  once, in one line."""
+
+  def filter(self, record):
+    return record.name != 'asyncio' and '/orbax/' not in record.pathname.replace(os.sep, '/')
+
+
+def quiet_orbax_logs():
+  """Installs the filter on absl's handler (idempotent)."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())
 
 
 class Checkpointer:
@@ -20,26 +65,86 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     if not create and not os.path.isdir(self.directory):
       raise FileNotFoundError(f'no checkpoint directory {self.directory}.')
-    self._mngr = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
-        item_names=('state', 'meta'))
+    if keep < 1:
+      raise ValueError(f'ckpt_keep={keep} would keep no checkpoint; use ckpt_keep >= 1.')
+    self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    self._mngr = self._manager()
+    self._saving = None  # the step of the save in flight (or last started)
+    self._confirmed = set()  # saves seen committed
+    self._failed = False
+
+  def _manager(self):
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_names=('state', 'meta'))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._mngr.all_steps())
+    return sorted(self._mngr.all_steps())
 
   def save(self, step: int, state, meta: dict | None = None, *, force: bool = False):
     """Starts saving `state` (a pytree of arrays) and a JSON-able `meta`."""
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
-        force=force)
+    self.poll()
+    self._saving = step
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
+          force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(e)  # the previous save failed in its finalize thread, or this one
+
+  def poll(self):
+    """Raises CheckpointError if a background save has failed (non-blocking).
+
+    Orbax's finalize thread consumes the error of a failed commit, so besides
+    `check_for_errors` a save that is no longer in progress must have left its
+    committed step directory."""
+    try:
+      self._mngr.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(e)
+    step = self._saving
+    if step is None or step in self._confirmed or self._mngr.is_saving_in_progress():
+      return
+    if str(step) in os.listdir(self.directory):
+      self._confirmed.add(step)
+    else:
+      self._fail(self._background_error() or RuntimeError('it was never committed'))
+
+  def _background_error(self):
+    """The exception of orbax's finalize thread, if this orbax keeps it there."""
+    try:
+      thread = self._mngr._finalize_thread.get()  # pylint: disable=protected-access
+      return getattr(thread, 'exception', None)
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def wait(self):
+    """Blocks until the save in flight is committed; CheckpointError if it failed."""
+    if self._failed:
+      return
+    try:
+      self._mngr.wait_until_finished()
+      self._mngr.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._fail(e)
+
+  def _fail(self, e):
+    self._failed = True
+    good = [s for s in _committed_steps(self.directory) if s != self._saving]
+    last = (f'the last good checkpoint is step {good[-1]} in {self.directory}' if good
+            else f'no checkpoint is in {self.directory} yet')
+    raise errors.CheckpointError(
+        f'saving checkpoint {self._saving} failed ({reason(e)}); stopped: {last}. Free '
+        'the space or fix the directory, then rerun the same command to resume.') from e
 
   def restore(self, abstract_state, step: int | None = None):
     """Returns (state, meta) of `step` (default: the latest) onto the shardings
-    of `abstract_state` (a pytree of jax.ShapeDtypeStruct with .sharding)."""
+    of `abstract_state` (a pytree of jax.ShapeDtypeStruct with .sharding).
+
+    ValueError if the checkpoint holds another model; CheckpointError if it
+    cannot be read."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}.')
@@ -50,36 +155,105 @@ class Checkpointer:
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(
-          f'checkpoint {self.directory}/{step} does not fit this model and optimizer '
-          f'(was it written with another config?): {e}') from e
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.CheckpointError(
+          f'checkpoint {step} in {self.directory} is unreadable ({reason(e)})') from e
     return out['state'], out['meta']
+
+  def restore_intact(self, abstract_state, log=print):
+    """Resume: (state, meta) of the newest step that reads. Unreadable newer
+    steps are moved to ../damaged_checkpoints/ (nothing is deleted: a later
+    save of the same step must not collide with them), each with one line."""
+    while True:
+      try:
+        return self.restore(abstract_state)
+      except errors.CheckpointError as e:
+        step = self.latest_step()
+        older = [s for s in self.all_steps() if s != step]
+        dest = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, str(step))
+        if jax.process_index() == 0:
+          os.makedirs(os.path.dirname(dest), exist_ok=True)
+          if os.path.exists(dest):
+            dest = f'{dest}-{len(os.listdir(os.path.dirname(dest)))}'
+          shutil.move(os.path.join(self.directory, str(step)), dest)
+        _sync('spikeformer_jax_damaged_checkpoint')
+        self._mngr.close()
+        self._mngr = self._manager()
+        log(f'{errors.one_line(e)}: moved to {dest}; ' +
+            (f'resuming from step {older[-1]}.' if older else 'no intact checkpoint left: '
+             'starting from scratch.'))
+        if not older:
+          return None, None
+
+  def intact_steps(self, abstract_state, exclude=()) -> list[int]:
+    """The steps that restore (each is read in full: for error messages)."""
+    ok = []
+    for s in self.all_steps():
+      if s in exclude:
+        continue
+      try:
+        self.restore(abstract_state, s)
+        ok.append(s)
+      except (ValueError, errors.CheckpointError):
+        pass
+    return ok
 
   def _check_shapes(self, step: int, abstract_state):
     """One clear error, before orbax's own, when the checkpoint's arrays do
-    not fit the model (another size, class count or optimizer)."""
+    not fit the model (another size, class count or optimizer); unreadable
+    metadata is a damaged checkpoint, not another model."""
     try:
       md = ocp.StandardCheckpointer().metadata(
           os.path.join(self.directory, str(step), 'state'))
       stored = _shapes(getattr(getattr(md, 'item_metadata', md), 'tree', md))
-    except Exception:  # pylint: disable=broad-except
-      return  # no readable metadata: let the restore itself decide
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.CheckpointError(
+          f'checkpoint {step} in {self.directory} is unreadable (its metadata: '
+          f'{reason(e)})') from e
+    if not stored or '' in stored:  # orbax gives an empty tree for a missing _METADATA
+      raise errors.CheckpointError(
+          f'checkpoint {step} in {self.directory} is unreadable (its metadata is missing '
+          'or empty)')
     wanted = _shapes(abstract_state)
     diffs = [f'{k}: checkpoint {stored.get(k)} vs model {wanted.get(k)}'
              for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
     if diffs:
       raise ValueError(
           f'checkpoint {self.directory}/{step} does not fit this model and optimizer '
-          f'(was it written with another config?); {len(diffs)} arrays differ, e.g.\n  '
-          + '\n  '.join(diffs[:5]))
+          f'(was it written with another config?); {len(diffs)} arrays differ, e.g. '
+          + '; '.join(diffs[:3]))
 
-  def wait(self):
-    self._mngr.wait_until_finished()
+  def wait_quietly(self):
+    """wait(), for paths that already report another error: a failed save is
+    logged, not raised over it."""
+    try:
+      self.wait()
+    except errors.CheckpointError as e:
+      print(f'error: {errors.one_line(e)}', file=sys.stderr, flush=True)
 
-  def close(self):
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+  def close(self, quiet: bool = False):
+    """Waits for the save in flight (CheckpointError if it failed, unless
+    `quiet`) and closes."""
+    try:
+      self.wait_quietly() if quiet else self.wait()
+    finally:
+      try:
+        self._mngr.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # a failed save is reported by wait()
+
+
+def _committed_steps(directory: str) -> list[int]:
+  try:
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  except OSError:
+    return []
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
 
 
 def abstract_like(state, shardings):

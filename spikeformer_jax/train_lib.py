@@ -11,10 +11,12 @@ donated. The train state is a plain pytree for optax and orbax:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -29,16 +31,17 @@ from jax.experimental import multihost_utils
 
 from spikeformer_jax import checkpointing
 from spikeformer_jax import config_lib
+from spikeformer_jax import errors
 from spikeformer_jax import data as data_lib
-from spikeformer_jax import layers
 from spikeformer_jax import metrics as metrics_lib
 from spikeformer_jax import models
 from spikeformer_jax import optim
 from spikeformer_jax import sharding
-from spikeformer_jax import synapses
+from spikeformer_jax import validation
+from spikeformer_jax import workdir as workdir_lib
 from spikeformer_jax.data import mixup
 
-BN_SCOPES = ('global', 'device')
+BN_SCOPES = validation.BN_SCOPES
 
 
 def cross_entropy(logits, labels, smoothing: float = 0.0):
@@ -220,16 +223,23 @@ def make_eval_step(exp: Experiment, ema: bool = False):
                  out_shardings=sharding.replicated(exp.mesh))
 
 
+class EvalInterrupted(Exception):
+  """`stop()` asked an evaluation to stop between batches."""
+
+
 def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
-             ema_step=None) -> dict:
+             ema_step=None, stop: Callable[[], bool] | None = None) -> dict:
   """top1, top5 and mean loss over every example of `source` (through the eval
   `transform`: resize, centre crop, normalisation); with `ema_step`, also
-  'ema_'-prefixed metrics of the weights' EMA, on the same batches (read once)."""
+  'ema_'-prefixed metrics of the weights' EMA, on the same batches (read once).
+  Raises EvalInterrupted when `stop()` turns true (checked between batches)."""
   steps = {'': eval_step} if ema_step is None else {'': eval_step, 'ema_': ema_step}
   totals = {}
   for b in data_lib.eval_batches(source, global_batch=batch_size,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count(), transform=transform):
+    if stop is not None and stop():
+      raise EvalInterrupted()
     gb = sharding.global_batch(b, mesh)
     for prefix, step in steps.items():
       out = step(state, gb)
@@ -243,99 +253,113 @@ def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
   return res
 
 
-def validate(config, source):
-  """Config errors that would otherwise surface deep inside a trace."""
-  m = config.model
-  img = source.image_shape
-  if m.name not in models.FAMILIES:
-    raise ValueError(f'model.name={m.name!r}; valid: {", ".join(models.FAMILIES)}.')
-  attention = m.get('attention', 'ssa')
-  for kind in (attention,) if isinstance(attention, str) else tuple(attention):
-    if kind not in layers.ATTENTION_KINDS:
-      raise ValueError(f'model.attention={attention!r}; valid kinds: '
-                       f'{", ".join(layers.ATTENTION_KINDS)}.')
-  if m.name != 'msvit' and m.embed_dim % m.num_heads:  # MSViT checks each stage itself
-    raise ValueError(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads='
-                     f'{m.num_heads}; valid heads: '
-                     f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
-  if m.T < 1:
-    raise ValueError(f'model.T={m.T}: the number of timesteps must be >= 1.')
-  for field in ('remat', 'remat_stem'):
-    if m.get(field, '') not in layers.REMAT_POLICIES:
-      raise ValueError(f'model.{field}={m[field]!r}; valid: '
-                       f'{", ".join(map(repr, layers.REMAT_POLICIES))}.')
-  synapses.resolve(m.get('weight_grad', 'auto'))  # raises on an unknown name
-  if img[-2] != m.img_size:
-    raise ValueError(f'data {config.data.name!r} has {img[-3]}x{img[-2]} images but '
-                     f'model.img_size={m.img_size}; set both to the same size.')
-  factor = models.downsampling(m)
-  if m.img_size % factor:
-    raise ValueError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
-                     f'factor by which the patch stem of {models.describe(m)} downsamples; '
-                     f'use e.g. {max(factor, m.img_size // factor * factor)}.')
-  if img[-1] != m.in_channels:
-    raise ValueError(f'data {config.data.name!r} has {img[-1]} channels but '
-                     f'model.in_channels={m.in_channels}.')
-  if len(img) == 4 and img[0] != m.T:
-    raise ValueError(f'event data has T={img[0]} frames but model.T={m.T}.')
-  if source.num_classes != m.num_classes:
-    raise ValueError(f'data {config.data.name!r} has {source.num_classes} classes but '
-                     f'model.num_classes={m.num_classes}.')
-  if config.epochs < 1 and config.total_steps <= 0:
-    raise ValueError('set epochs >= 1 or total_steps > 0.')
-  if config.log_every_steps < 1:
-    raise ValueError(f'log_every_steps={config.log_every_steps} must be >= 1.')
-  labels = getattr(source, 'labels', None)
-  if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= m.num_classes):
-    raise ValueError(f'data {config.data.name!r} has labels in [{labels.min()}, '
-                     f'{labels.max()}] but model.num_classes={m.num_classes}.')
+Preempted = errors.Stopped  # the name older callers catch
 
 
-class Preempted(Exception):
-  """SIGTERM stopped the run after saving a checkpoint; rerun to resume."""
+class StopWatch:
+  """Notices SIGTERM (a preemption notice) and SIGINT (Ctrl-C) so that the loop
+  saves the step reached and stops: after a train step, between evaluation
+  batches, or once the final checkpoint is written.
 
-
-class PreemptionWatch:
-  """Notices SIGTERM (a preemption notice) so the loop can checkpoint and stop.
-
-  One process: a SIGTERM handler sets a flag, checked after every step.
-  Several processes: `reached_preemption_sync_point`, JAX's distributed
-  preemption service, so that all processes stop at the same step (a
-  checkpoint is a collective).
+  One process: a handler sets a flag; a second signal of either kind stops at
+  once (the last committed checkpoint stays the resume point). Before training
+  starts (loading data, restoring, compiling) there is nothing to save, and a
+  signal stops at once. Several processes: SIGTERM through
+  `reached_preemption_sync_point`, JAX's distributed preemption service, so
+  that all processes stop at the same step (a checkpoint is a collective);
+  SIGINT keeps Python's default there.
   """
+  SIGNALS = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
+             signal.SIGINT: ('interrupted', 'SIGINT', 130)}
 
   def __init__(self):
-    self.signalled = False
-    self._previous = None
+    self.signum = None
+    self.armed = False  # training has started: a signal waits for a safe point
+    self._previous = {}
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for s in self.SIGNALS:
+        self._previous[s] = signal.signal(s, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.signalled = True
+    del frame
+    what, name, code = self.SIGNALS[signum]
+    if not self.armed:
+      raise errors.Stopped(f'{what} ({name}) before training started: nothing to save.', code)
+    if self.signum is not None:  # a second signal: do not wait for the save
+      print(f'{what} again ({name}): stopping now; the last committed checkpoint is the '
+            'resume point.', file=sys.stderr, flush=True)
+      os._exit(code)  # pylint: disable=protected-access
+    self.signum = signum
+
+  def requested(self) -> bool:
+    """A signal arrived (this process; the evaluation's check between batches)."""
+    return self.signum is not None
 
   def reached(self, step: int) -> bool:
+    """All processes stop at this step."""
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.signalled
+    return self.requested()
+
+  def stopped(self, where: str, ckpt_dir: str, step: int, todo: str) -> errors.Stopped:
+    what, name, code = self.SIGNALS.get(self.signum, self.SIGNALS[signal.SIGTERM])
+    return errors.Stopped(f'{what} ({name}) {where}: checkpoint {step} saved in {ckpt_dir}; '
+                          f'rerun the same command to {todo}.', code)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """This run (process 0 for all of its processes) holds `workdir`'s lock."""
+  workdir_lib.ensure(workdir)
+  lock = workdir_lib.WorkdirLock(workdir, command=' '.join(sys.argv))
+  err = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except errors.UserError as e:
+      err = e
+  if jax.process_count() > 1:  # every process stops if process 0 could not take it
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
+    if not ok and err is None:
+      err = errors.WorkdirBusy(f'process 0 could not take the lock of {workdir}; see its '
+                               'output.')
+  if err is not None:
+    raise err
+  try:
+    yield lock
+  finally:
+    if jax.process_index() == 0:
+      lock.release()
+
+
+def read_json(path: str, what: str = '') -> dict:
+  """A JSON file of the workdir, or one line naming it and the problem."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise errors.UserError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}){what}.') from e
+  except UnicodeDecodeError as e:
+    raise errors.UserError(f'{path} is not a text file{what}.') from e
 
 
 def check_resume_config(config, workdir: str):
   """Refuses to resume a run whose saved config differs in model-defining
   fields (config_lib.MODEL_DEFINING) unless `allow_config_change`; logs the
-  other changed fields (a new lr or total_steps is a legitimate resume)."""
+  other changed fields (a new lr or total_steps is a legitimate resume).
+  Returns the model-defining fields that changed (allowed)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)['config']
+    return []
+  saved = read_json(path, ': it records the run\'s config; restore it from a copy, or delete '
+                    'it to resume without comparing configs').get('config', {})
   want = json.loads(json.dumps(config.to_dict()))
   changed = [k for k in config_lib.config_diff(saved, want) if k != 'allow_config_change']
   defining = config_lib.model_defining(changed, saved, want)
@@ -347,6 +371,7 @@ def check_resume_config(config, workdir: str):
                      '--workdir, or --config.allow_config_change=True to resume anyway.')
   if changed:
     metrics_lib.log(f'Resuming with changed fields: {", ".join(changed)}.')
+  return defining
 
 
 def _mean_metrics(fetched: list[dict]) -> dict:
@@ -356,18 +381,47 @@ def _mean_metrics(fetched: list[dict]) -> dict:
 def _write_json(path, obj):
   if metrics_lib.is_main():
     tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+      with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+      os.replace(tmp, path)
+    except OSError as e:
+      raise errors.UserError(f'cannot write {path}: {e.strerror}; free the space or fix the '
+                             'directory, then rerun the same command.') from e
+
+
+def final_line(final: dict, target: float = 0.0) -> str:
+  verdict = ''
+  if target:
+    verdict = (f' | target {target:.0%} ' +
+               ('reached' if final['test_top1'] >= target else 'NOT reached'))
+  return (f'final: test_top1 {final["test_top1"]:.2%} | test_top5 {final["test_top5"]:.2%} | '
+          f'test_loss {final["test_loss"]:.4f} | steps {final["steps"]} | '
+          f'wall_time_s {final["wall_time_s"]:.1f}{verdict}')
+
+
+def finished_run(workdir: str, latest_step: int | None, total_steps: int) -> dict | None:
+  """The final metrics of a run in `workdir` that already finished `total_steps`."""
+  path = os.path.join(workdir, 'final_metrics.json')
+  if latest_step != total_steps or not os.path.exists(path):
+    return None
+  final = read_json(path, ': delete it to evaluate the final checkpoint again')
+  return final if final.get('steps') == total_steps else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates each epoch, checkpoints, and returns the final metrics.
 
-  Rerunning with the same workdir resumes from the latest checkpoint.
+  Rerunning with the same workdir resumes from the latest intact checkpoint;
+  rerunning a finished run changes nothing. One run at a time holds a workdir.
   """
   t_start = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  validation.validate_config(config)
+  with hold_workdir(workdir), StopWatch() as watch:
+    return _train_and_evaluate(config, workdir, watch, t_start)
+
+
+def _train_and_evaluate(config, workdir, watch, t_start) -> dict:
   log = metrics_lib.log
   mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -375,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_src = data_lib.get_source(config.data, 'train')
   test_src = data_lib.get_source(config.data, 'test')
-  validate(config, train_src)
+  validation.validate_data(config, train_src, test_src)
   test_tf = data_lib.make_transform(config.data, test_src, train=False)
   loader = data_lib.Loader(train_src, global_batch=config.batch_size, seed=config.seed,
                            process_index=jax.process_index(),
@@ -385,29 +439,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   spe = loader.steps_per_epoch
   total_steps = (config.total_steps if config.total_steps > 0
                  else (config.epochs + config.cooldown_epochs) * spe)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    keep=config.ckpt_keep)
+  try:
+    changed = check_resume_config(config, workdir) if ckpt.latest_step() is not None else []
+    done = finished_run(workdir, ckpt.latest_step(), total_steps)
+    if done is not None and not changed:  # another model, allowed: its checkpoint decides
+      log(f'{workdir} holds a finished run ({total_steps} steps): nothing changed. Evaluate '
+          'it again with eval.py, or raise total_steps / epochs to train on.')
+      log(final_line(done, config.get('target_top1', 0.0)))
+      return done
+    return _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src,
+                       test_tf, ckpt, total_steps)
+  finally:
+    ckpt.close(quiet=True)
+
+
+def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src, test_tf,
+                ckpt, total_steps) -> dict:
+  log = metrics_lib.log
+  spe = loader.steps_per_epoch
   exp = build(config, mesh, spe)
   train_step, eval_step = make_train_step(exp), make_eval_step(exp)
   ema_eval_step = make_eval_step(exp, ema=True) if ema_decay(config) else None
+  # Evaluations stop between batches on a signal (one process: with several,
+  # only the train loop's sync point is common to all of them).
+  stop = watch.requested if jax.process_count() == 1 else None
 
   def evaluate_all(state):
     """Test metrics of the weights and, with ema_decay, 'ema_'-prefixed of their EMA."""
     return evaluate(eval_step, state, test_src, mesh, config.eval_batch_size, test_tf,
-                    ema_step=ema_eval_step)
+                    ema_step=ema_eval_step, stop=stop)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    keep=config.ckpt_keep)
   run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
               'devices': mesh.size, 'mesh': dict(mesh.shape), 'processes': jax.process_count(),
               'global_batch': config.batch_size,
               'per_device_batch': config.batch_size // sharding.data_size(mesh),
               'num_params': exp.num_params, 'steps_per_epoch': spe,
               'total_steps': total_steps}
+  state, meta = None, None
   if ckpt.latest_step() is not None:
-    check_resume_config(config, workdir)
-    state, _ = ckpt.restore(exp.abstract_state)
-    log(f'Resuming from {ckpt.directory}/{ckpt.latest_step()}.')
+    state, meta = ckpt.restore_intact(exp.abstract_state, log=log)
+  if state is None:
+    state, meta = exp.init_state(), {}
   else:
-    state = exp.init_state()
+    log(f'Resuming from {ckpt.directory}/{int(jax.device_get(state["step"]))}.')
   start = int(jax.device_get(state['step']))
   if start > total_steps:
     raise ValueError(f'the checkpoint in {ckpt.directory} is at step {start}, beyond '
@@ -422,7 +498,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
       f'{mesh.size} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
       f'{total_steps} steps ({spe}/epoch).')
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  # An evaluation that a signal interrupted (meta) or the final one is redone:
+  # its rows, if a kill left any, are dropped.
+  eval_pending = bool(meta.get('eval_pending')) or start == total_steps
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start, redo_eval=eval_pending)
   pending, t_log, step_log = [], time.time(), start
   eval_every = config.eval_every_epochs * spe if config.eval_every_epochs > 0 else 0
   ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else spe
@@ -439,57 +518,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f'non-finite {what} by step {step}; stopping. The last good '
             f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
 
-  step = start
-  watch = PreemptionWatch()
-  batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
-  try:
-    with watch:
-      for step, local in zip(range(start + 1, total_steps + 1), batches):
-        state, m = train_step(state, sharding.global_batch(local, mesh))
-        pending.append(m)
-        if step % config.log_every_steps == 0 or step == total_steps:
-          fetch_and_check(step)
-          avg = _mean_metrics(fetched)
-          fetched.clear()
-          now = time.time()
-          ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
-          eta = (total_steps - step) * config.batch_size / max(ips, 1e-9)
-          log(f'step {step}/{total_steps} | epoch {step / spe:.2f} | loss {avg["loss"]:.4f} | '
-              f'top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | {ips:.1f} img/s | '
-              f'ETA {metrics_lib.fmt_duration(eta)}')
-          writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
-          t_log, step_log = now, step
-        if eval_every and step % eval_every == 0 and step != total_steps:
-          ev = evaluate_all(state)
-          log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
-              f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}' +
-              (f' | ema test_top1 {ev["ema_top1"]:.4f}' if 'ema_top1' in ev else ''))
-          writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
-        if step % ckpt_every == 0 and step != total_steps:
-          fetch_and_check(step)  # never save a state that went non-finite
-          ckpt.save(step, state, {'step': step})
-        if watch.reached(step) and step != total_steps:
-          fetch_and_check(step)
-          if fetched:  # the steps since the last log line, so none goes unlogged
-            writer.write(step, **{f'train_{k}': v for k, v in _mean_metrics(fetched).items()})
-          if ckpt.latest_step() != step:
-            ckpt.save(step, state, {'step': step}, force=True)
-          ckpt.wait()
-          writer.close()
-          raise Preempted(f'preempted (SIGTERM) at step {step}/{total_steps}: checkpoint '
-                          f'{step} saved in {ckpt.directory}; rerun the same command '
-                          'to resume.')
-  finally:
-    try:
-      batches.close()  # waits for the batch being prepared, at most
-    finally:
-      ckpt.wait()  # a crash never loses a checkpoint already being written
+  def periodic_eval(step):
+    ev = evaluate_all(state)
+    log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
+        f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}' +
+        (f' | ema test_top1 {ev["ema_top1"]:.4f}' if 'ema_top1' in ev else ''))
+    writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
 
+  def stop_at(step, eval_pending=False):
+    """Saves the step reached (and whether its evaluation is still owed) and stops."""
+    fetch_and_check(step)
+    if fetched:  # the steps since the last log line, so none goes unlogged
+      writer.write(step, **{f'train_{k}': v for k, v in _mean_metrics(fetched).items()})
+      fetched.clear()
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, {'step': step, 'eval_pending': eval_pending}, force=True)
+    ckpt.wait()
+    writer.close()
+    return watch.stopped(f'at step {step}/{total_steps}', ckpt.directory, step, 'resume')
+
+  step = start
+  batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
+  watch.armed = True
+  try:
+    if eval_pending and start < total_steps:  # the evaluation a signal interrupted
+      try:
+        periodic_eval(start)
+      except EvalInterrupted:
+        raise stop_at(start, eval_pending=True) from None
+    for step, local in zip(range(start + 1, total_steps + 1), batches):
+      state, m = train_step(state, sharding.global_batch(local, mesh))
+      pending.append(m)
+      ckpt.poll()  # a failed background save stops the run now, not at the next save
+      if step % config.log_every_steps == 0 or step == total_steps:
+        fetch_and_check(step)
+        avg = _mean_metrics(fetched)
+        fetched.clear()
+        now = time.time()
+        ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
+        eta = (total_steps - step) * config.batch_size / max(ips, 1e-9)
+        log(f'step {step}/{total_steps} | epoch {step / spe:.2f} | loss {avg["loss"]:.4f} | '
+            f'top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | {ips:.1f} img/s | '
+            f'ETA {metrics_lib.fmt_duration(eta)}')
+        writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
+        t_log, step_log = now, step
+      if step == total_steps:
+        break
+      if eval_every and step % eval_every == 0:
+        try:
+          periodic_eval(step)
+        except EvalInterrupted:
+          raise stop_at(step, eval_pending=True) from None
+      if step % ckpt_every == 0:
+        fetch_and_check(step)  # never save a state that went non-finite
+        ckpt.save(step, state, {'step': step})
+      if watch.reached(step):
+        raise stop_at(step)
+  except BaseException:
+    batches.close()
+    ckpt.wait_quietly()  # a crash never loses a checkpoint already being written
+    writer.close()
+    raise
+  batches.close()
+
+  # The final checkpoint is committed before the final evaluation: an
+  # evaluation that fails or is stopped loses nothing trained.
   fetch_and_check(total_steps)
-  ev = evaluate_all(state)
-  if ckpt.latest_step() != total_steps:  # a rerun of a finished run only re-evaluates
+  if ckpt.latest_step() != total_steps:
     ckpt.save(total_steps, state, {'step': total_steps}, force=True)
-  ckpt.close()
+  ckpt.wait()
+  if watch.requested():
+    writer.close()
+    raise watch.stopped(f'after step {total_steps}/{total_steps}', ckpt.directory,
+                        total_steps, 'evaluate it')
+  try:
+    ev = evaluate_all(state)
+  except EvalInterrupted:
+    writer.close()
+    raise watch.stopped('during the final evaluation', ckpt.directory, total_steps,
+                        'evaluate it') from None
   final = {'test_top1': ev['top1'], 'test_top5': ev['top5'], 'test_loss': ev['loss'],
            'test_examples': ev['count'], 'steps': total_steps,
            **{f'test_{k}': v for k, v in ev.items() if k.startswith('ema_')},
@@ -499,14 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.write(total_steps, **{f'test_{k}': v for k, v in ev.items()})
   writer.close()
   _write_json(os.path.join(workdir, 'final_metrics.json'), final)
-  target = config.get('target_top1', 0.0)
-  verdict = ''
-  if target:
-    verdict = (f' | target {target:.0%} ' +
-               ('reached' if ev['top1'] >= target else 'NOT reached'))
-  log(f'final: test_top1 {ev["top1"]:.2%} | test_top5 {ev["top5"]:.2%} | '
-      f'test_loss {ev["loss"]:.4f} | steps {total_steps} | '
-      f'wall_time_s {final["wall_time_s"]:.1f}{verdict}')
+  log(final_line(final, config.get('target_top1', 0.0)))
   return final
 
 
@@ -516,8 +616,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of a '
                             'training run? Or pass --config explicitly.')
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)['config']
+  saved = read_json(path, ': pass --config explicitly')
+  if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
+    raise errors.UserError(f'{path} holds no run config ("config" key); pass --config '
+                           'explicitly.')
+  saved = saved['config']
 
   def tuples(x):  # JSON turned tuples into lists; configs use tuples.
     if isinstance(x, dict):
@@ -527,14 +630,24 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | None):
-  """The eval experiment and the restored state of a checkpoint of `workdir`."""
+  """The eval experiment and the restored state of a checkpoint of `workdir`;
+  an unreadable checkpoint is named, with the steps that do read."""
   # Per-device BN statistics only matter in training; evaluation uses running stats.
   eval_config = ml_collections.ConfigDict(config.to_dict())
   eval_config.bn_scope = 'global'
   exp = build(eval_config, mesh, steps_per_epoch=1)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), create=False)
-  state, _ = ckpt.restore(exp.abstract_state, step)
-  ckpt.close()
+  try:
+    state, _ = ckpt.restore(exp.abstract_state, step)
+  except errors.CheckpointError as e:
+    bad = ckpt.latest_step() if step is None else step
+    intact = ckpt.intact_steps(exp.abstract_state, exclude=(bad,))
+    raise errors.CheckpointError(
+        f'{errors.one_line(e)}; ' + (f'intact steps: {", ".join(map(str, intact))}: evaluate '
+                                     f'one with --step={intact[-1]}.' if intact else
+                                     'no other step reads either.')) from e
+  finally:
+    ckpt.close(quiet=True)
   return exp, state
 
 
@@ -543,9 +656,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         num_devices: int | None = None, ema: bool = False) -> dict:
   """top-1, top-5 and loss of a checkpoint of `workdir` on `split`, on any mesh
   (ema: of the weights' moving average)."""
+  validation.validate_config(config)
   mesh = sharding.make_mesh(num_devices if num_devices else config.num_devices)
   source = data_lib.get_source(config.data, split)
-  validate(config, source)
+  validation.validate_split(config, source, split)
   batch = config.eval_batch_size
   n = sharding.data_size(mesh)
   batch = -(-batch // n) * n

@@ -154,15 +154,21 @@ def test_train_and_eval_cli_round_trip(tmp_path):
   lines = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
   assert lines and all('step' in l for l in lines)
 
+  # A rerun of the finished run changes nothing; a longer one resumes.
+  before = (wd / 'final_metrics.json').read_text()
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0 and 'Resuming' in p.stdout
-  assert json.loads((wd / 'final_metrics.json').read_text())['steps_this_run'] == 0
+  assert p.returncode == 0 and 'holds a finished run (2 steps): nothing changed' in p.stdout
+  assert (wd / 'final_metrics.json').read_text() == before
+  p = subprocess.run(cmd[:-1] + ['--config.total_steps=3'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0 and f'Resuming from {wd}/checkpoints/2' in p.stdout, p.stderr[-3000:]
+  assert json.loads((wd / 'final_metrics.json').read_text())['steps_this_run'] == 1
 
   p = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--num_devices=1'],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
-  res = json.loads((wd / 'eval_test_2.json').read_text())
-  assert res['top1'] == pytest.approx(final['test_top1'])
+  res = json.loads((wd / 'eval_test_3.json').read_text())
+  assert res['top1'] == pytest.approx(json.loads((wd / 'final_metrics.json').read_text())['test_top1'])
   assert res['count'] == 32
 
   bad = subprocess.run(cmd[:3] + [f'--workdir={tmp_path / "x"}', '--config.model.T=3'],

@@ -1,0 +1,213 @@
+"""The pieces that keep a run from being lost, in-process and small: the
+workdir lock (live, stale and foreign holders), damaged checkpoints (told from
+another model's, skipped on resume, named for eval), failed background saves,
+metric lines of a redone evaluation, and a finished run left alone. The real
+processes (signals, two trainings, a full disk) are in test_preemption.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spikeformer_jax import checkpointing, errors, metrics, workdir as workdir_lib
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def _holder(**over):
+  me = workdir_lib._identity()  # pylint: disable=protected-access
+  return {**me, 'time': time.time(), 'command': 'train.py --workdir=x', 'token': 'other',
+          **over}
+
+
+def _write_lock(wd, holder, age_s=0.0):
+  path = wd / workdir_lib.LOCK_NAME
+  path.write_text(json.dumps(holder))
+  t = time.time() - age_s
+  os.utime(path, (t, t))
+
+
+def test_a_live_holder_keeps_the_workdir(tmp_path):
+  with workdir_lib.WorkdirLock(str(tmp_path), command='train.py A'):
+    with pytest.raises(errors.WorkdirBusy) as e:
+      workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+  msg = str(e.value)
+  assert f'is in use by process {os.getpid()} on {socket.gethostname()}' in msg
+  assert 'train.py A' in msg and 'use another --workdir' in msg and '\n' not in msg
+  assert not (tmp_path / workdir_lib.LOCK_NAME).exists()  # released on exit
+  with workdir_lib.WorkdirLock(str(tmp_path)):  # and free again
+    pass
+
+
+def test_a_dead_holder_on_this_machine_is_stale(tmp_path):
+  p = subprocess.Popen([sys.executable, '-c', 'pass'])
+  p.wait()  # a pid that no longer runs
+  _write_lock(tmp_path, _holder(pid=p.pid, start='1'))
+  with workdir_lib.WorkdirLock(str(tmp_path)) as lock:
+    assert json.loads((tmp_path / workdir_lib.LOCK_NAME).read_text())['token'] == \
+        lock._me['token']  # pylint: disable=protected-access
+  # A reused pid (another start time) is not the holder either.
+  _write_lock(tmp_path, _holder(pid=os.getpid(), start='not-my-start-time'))
+  workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_a_holder_elsewhere_is_stale_only_without_heartbeat(tmp_path):
+  _write_lock(tmp_path, _holder(host='other-host', pid=1))
+  with pytest.raises(errors.WorkdirBusy, match='on other-host.*heartbeat is 0 s old'):
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+  _write_lock(tmp_path, _holder(host='other-host', pid=1), age_s=workdir_lib.STALE_S + 5)
+  workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
+  # Half-written by a process killed while taking it: stale.
+  (tmp_path / workdir_lib.LOCK_NAME).write_text('{"host": "oth')
+  workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
+  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_S', 0.05)
+  with workdir_lib.WorkdirLock(str(tmp_path)):
+    path = tmp_path / workdir_lib.LOCK_NAME
+    os.utime(path, (0, 0))
+    time.sleep(0.5)
+    assert time.time() - path.stat().st_mtime < 5
+
+
+def test_unusable_workdirs_are_one_line(tmp_path):
+  f = tmp_path / 'file'
+  f.write_text('x')
+  with pytest.raises(errors.UserError, match=f'--workdir={f} is a file, not a directory'):
+    workdir_lib.ensure(str(f))
+  # A read-only filesystem (a bind mount in a private namespace; root writes anywhere else).
+  ro = tmp_path / 'ro'
+  ro.mkdir()
+  code = ('from spikeformer_jax import workdir as w, errors\n'
+          f'try:\n  w.WorkdirLock({str(ro)!r}).acquire()\n'
+          'except errors.UserError as e:\n  print(e)')
+  p = subprocess.run(['unshare', '-Urm', 'sh', '-c',
+                      f'mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && '
+                      f'{sys.executable} -c "$0"', code],
+                     capture_output=True, text=True, timeout=60,
+                     cwd=os.path.dirname(os.path.dirname(__file__)))
+  if 'mount' in p.stderr or 'unshare' in p.stderr:
+    pytest.skip(f'no private mount namespace here: {p.stderr.strip()}')
+  assert p.stdout.strip() == (f'cannot write to the workdir {ro}: Read-only file system; '
+                              'use a writable --workdir.'), p.stderr
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _state(v):
+  w = np.random.default_rng(int(v)).normal(size=(64, 64)).astype(np.float32)  # incompressible
+  return {'params': {'w': jnp.asarray(w), 'b': jnp.arange(3.0) + v},
+          'step': jnp.asarray(int(v), jnp.int32)}
+
+
+def _abstract():
+  return checkpointing.abstract_like(_state(0), jax.tree.map(
+      lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)))
+
+
+def _saved(tmp_path, steps=(1, 2, 3)):
+  ck = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), keep=3)
+  for s in steps:
+    ck.save(s, _state(s), {'step': s})
+  ck.close()
+  return checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), keep=3)
+
+
+def _damage(ckpt_dir, step, how):
+  root = os.path.join(ckpt_dir, str(step), 'state')
+  files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  if how == 'truncate':  # the largest data file
+    biggest = max((f for f in files if 'ocdbt.process_' in f), key=os.path.getsize)
+    with open(biggest, 'r+b') as f:
+      f.truncate(100)
+  else:
+    os.remove(os.path.join(root, '_METADATA'))
+
+
+@pytest.mark.parametrize('how', ['truncate', 'metadata'])
+def test_a_damaged_checkpoint_is_unreadable_not_another_model(tmp_path, how):
+  ck = _saved(tmp_path)
+  _damage(ck.directory, 3, how)
+  with pytest.raises(errors.CheckpointError) as e:
+    ck.restore(_abstract())
+  msg = str(e.value)
+  assert f'checkpoint 3 in {ck.directory} is unreadable (' in msg, msg
+  assert 'another config' not in msg and '\n' not in msg and len(msg) < 400
+  assert ck.intact_steps(_abstract(), exclude=(3,)) == [1, 2]
+  # Resume: one line, the damaged step moved aside (not deleted), the newest intact read.
+  lines = []
+  state, meta = ck.restore_intact(_abstract(), log=lines.append)
+  assert meta == {'step': 2} and float(state['params']['b'][0]) == 2.0
+  assert len(lines) == 1 and lines[0].endswith(
+      f'moved to {tmp_path}/{checkpointing.DAMAGED_DIR}/3; resuming from step 2.')
+  assert (tmp_path / checkpointing.DAMAGED_DIR / '3' / 'state').is_dir()
+  assert ck.all_steps() == [1, 2]
+  ck.save(3, _state(3.5), {'step': 3})  # training on saves step 3 again: no collision
+  ck.close()
+
+
+def test_another_model_is_still_another_model(tmp_path):
+  ck = _saved(tmp_path, steps=(1,))
+  other = checkpointing.abstract_like(
+      {'params': {'w': jnp.zeros((32, 64)), 'b': jnp.zeros(3)}, 'step': jnp.zeros((), jnp.int32)},
+      jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)))
+  with pytest.raises(ValueError, match=r'another config\?\); 1 arrays differ, e.g. params/w: '
+                     r'checkpoint \(64, 64\) vs model \(32, 64\)'):
+    ck.restore(other)
+  ck.close()
+
+
+def test_a_failed_background_save_is_reported_at_the_next_poll(tmp_path, monkeypatch):
+  ck = _saved(tmp_path, steps=(1,))
+
+  def fail():
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.w" in OCDBT database: '
+                     'Failed to write 4096 bytes: No space left on device [os_error_code=\'28\']')
+  monkeypatch.setattr(ck._mngr, 'check_for_errors', fail)  # pylint: disable=protected-access
+  ck._saving = 2  # pylint: disable=protected-access
+  with pytest.raises(errors.CheckpointError) as e:
+    ck.poll()
+  assert str(e.value) == (
+      f'saving checkpoint 2 failed (no space left on device); stopped: the last good '
+      f'checkpoint is step 1 in {ck.directory}. Free the space or fix the directory, then '
+      'rerun the same command to resume.')
+  ck.close(quiet=True)  # reported once: closing does not raise it again
+
+
+def test_keeping_no_checkpoint_is_refused(tmp_path):
+  with pytest.raises(ValueError, match='ckpt_keep=0 would keep no checkpoint'):
+    checkpointing.Checkpointer(str(tmp_path), keep=0)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_a_redone_evaluation_replaces_its_lines(tmp_path):
+  rows = [{'step': 5, 'train_loss': 1.0}, {'step': 5, 'test_top1': 0.1},
+          {'step': 6, 'train_loss': 0.9}]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  w = metrics.MetricWriter(str(tmp_path), resume_step=5, redo_eval=True)
+  w.write(5, test_top1=0.2)
+  w.close()
+  got = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], r.get('train_loss'), r.get('test_top1')) for r in got] == \
+      [(5, 1.0, None), (5, None, 0.2)]
+
+
+def test_an_unwritable_metrics_file_is_named(tmp_path):
+  w = metrics.MetricWriter(str(tmp_path))
+  w._f.close()  # pylint: disable=protected-access
+  w._f = open(os.devnull, 'r', encoding='utf-8')  # pylint: disable=protected-access,consider-using-with
+  with pytest.raises(errors.UserError, match=f'cannot write {tmp_path}/metrics.jsonl'):
+    w.write(1, loss=np.float32(1.0))
+  w.close()
