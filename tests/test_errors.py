@@ -69,6 +69,63 @@ CASES = {
                                                       'data.data_dir': '/nowhere/tfds'},
                               'python prepare.py --dataset=cifar10_dvs --data_dir=/nowhere/tfds '
                               '--frames=2 --split_by=number --manual_dir=DOWNLOADS'),
+    # Every field a user sets: sizes, counts, rates and probabilities.
+    'negative lr': (S, 'cifar10-4-384', {'optimizer.lr': -1e-3},
+                    'optimizer.lr=-0.001 must be > 0.'),
+    'batch 0': (S, 'cifar10-4-384', {'batch_size': 0}, 'batch_size=0 must be >= 1.'),
+    'eval batch 0': (S, 'cifar10-4-384', {'eval_batch_size': 0},
+                     'eval_batch_size=0 must be >= 1.'),
+    'keep no checkpoint': (S, 'cifar10-4-384', {'ckpt_keep': 0},
+                           'ckpt_keep=0 would keep no checkpoint; use ckpt_keep >= 1.'),
+    'checkpoint period': (S, 'cifar10-4-384', {'ckpt_every_steps': -1},
+                          'ckpt_every_steps=-1 must be >= 0 (0: every epoch).'),
+    'eval period': (S, 'cifar10-4-384', {'eval_every_epochs': -1},
+                    'eval_every_epochs=-1 must be >= 0 (0: only at the end).'),
+    'log period': (S, 'cifar10-4-384', {'log_every_steps': 0},
+                   'log_every_steps=0 must be >= 1.'),
+    'steps': (S, 'cifar10-4-384', {'total_steps': -5},
+              'total_steps=-5 must be >= 0 (0: from epochs).'),
+    'label smoothing': (S, 'cifar10-4-384', {'label_smoothing': 1.0},
+                        'label_smoothing=1.0 must be in [0, 1) (0: none).'),
+    'ema decay': (S, 'cifar10-4-384', {'ema_decay': 1.0},
+                  'ema_decay=1.0 must be in [0, 1) (0: no EMA of the weights).'),
+    'weight decay': (S, 'cifar10-4-384', {'optimizer.weight_decay': -0.05},
+                     'optimizer.weight_decay=-0.05 must be >= 0.'),
+    'warmup': (S, 'cifar10-4-384', {'optimizer.warmup_epochs': -1},
+               'optimizer.warmup_epochs=-1 must be >= 0.'),
+    'accumulation': (S, 'cifar10-4-384', {'optimizer.accum_steps': 0},
+                     'optimizer.accum_steps=0 must be >= 1 (1: no gradient accumulation).'),
+    'grad clip': (S, 'cifar10-4-384', {'optimizer.grad_clip_norm': -1.0},
+                  'optimizer.grad_clip_norm=-1.0 must be >= 0 (0: none).'),
+    'optimizer': (S, 'cifar10-4-384', {'optimizer.name': 'sgd'},
+                  "optimizer.name='sgd'; valid: ('adamw', 'lamb')."),
+    'mixup prob': (S, 'cifar10-4-384', {'mixup.prob': 1.5},
+                   'mixup.prob=1.5 is a probability: use a value in [0, 1].'),
+    'mixup alpha': (S, 'cifar10-4-384', {'mixup.mixup_alpha': -0.5},
+                    'mixup.mixup_alpha=-0.5 must be >= 0 (0: off).'),
+    'flip prob': (S, 'cifar10-4-384', {'data.augment.hflip': 2.0},
+                  'data.augment.hflip=2.0 is a probability: use a value in [0, 1].'),
+    'devices': (S, 'cifar10-4-384', {'num_devices': -2},
+                'num_devices=-2: use -1 (all visible devices) or a count >= 1.'),
+    'target as percent': (S, 'cifar10-4-384', {'target_top1': 97.0},
+                          'target_top1=97.0 is a fraction: use a value in [0, 1], e.g. 0.97.'),
+    'bn scope': (S, 'cifar10-4-384', {'bn_scope': 'local'}, "bn_scope='local'; valid: "),
+    'image size 0': (S, 'cifar10-4-384', {'model.img_size': 0},
+                     'model.img_size=0 must be >= 1.'),
+    'neuron tau': (S, 'cifar10-4-384', {'model.neuron.tau': 0.0},
+                   'model.neuron.tau=0.0 must be > 0.'),
+    'neuron surrogate': (S, 'cifar10-4-384', {'model.neuron.surrogate': 'tanh'},
+                         "model.neuron.surrogate='tanh' is not valid; choose one of"),
+    'pooling': (S, 'cifar10-4-384', {'model.pooling': '001'},
+                "model.pooling='001': four '0'/'1' characters, one per stage"),
+    'msvit graph': (M, 'cifar10-4-384', {'model.graph': 'resnet'},
+                    "model.graph='resnet'; valid: ['cifar', 'dvs', 'imagenet']."),
+    'data shape': (S, 'cifar10-4-384', {'data.shape': (32, 32)},
+                   'data.shape=(32, 32): expected (H, W, C) images or (T, H, W, 2) event frames'),
+    'synthetic test split': (S, 'cifar10-4-384', {'data.num_test': 0},
+                             'data.num_test=0 must be >= 1 (synthetic test examples).'),
+    'normalisation': (S, 'cifar10-4-384', {'data.std': (0.2, 0.0, 0.2)},
+                      'data.std=(0.2, 0.0, 0.2) must be > 0.'),
 }
 
 
@@ -91,3 +148,29 @@ def test_train_py_prints_one_line(tmp_path):
   assert p.stderr.strip().splitlines()[-1] == \
       'error: model.T=0: the number of timesteps must be >= 1.'
   assert 'Traceback' not in p.stderr
+
+
+# Command-line mistakes are found while the flags are parsed: one line, exit
+# status 2 (cli.USAGE_EXIT), before JAX is imported (a subprocess is ~2 s).
+COMMAND_LINES = {
+    # The default config takes its overrides while train.py defines its flags.
+    'field typo': (['train.py', '--config.model.TT=3'],
+                   "error: --config.model.TT: model has no field 'TT'; did you mean model.T?"),
+    # An explicit --config takes them while app.run parses the flags.
+    'section typo': (['eval.py', '--config=configs/sdt.py:cifar10-2-256',
+                      '--config.optimiser.lr=1'],
+                     "error: --config.optimiser.lr: the config has no field 'optimiser'; "
+                     'did you mean optimizer?'),
+    'value type': (['train.py', '--config=configs/spikformer.py:digits', '--config.model.T=abc'],
+                   "error: --config.model.T=abc: invalid literal for int() with base 10: 'abc'; "
+                   'model.T takes int values (now 4).'),
+}
+
+
+@pytest.mark.parametrize('case', list(COMMAND_LINES))
+def test_command_line_mistakes_are_one_line(case, tmp_path):
+  argv, line = COMMAND_LINES[case]
+  p = subprocess.run([sys.executable, *argv, f'--workdir={tmp_path}'], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert (p.returncode, p.stderr.strip()) == (2, line)
+  assert not any(tmp_path.iterdir())  # nothing started

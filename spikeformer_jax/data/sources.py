@@ -24,8 +24,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import zipfile
+import zlib
 
 import numpy as np
+
+from spikeformer_jax import errors
 
 SPLITS = ('train', 'test')
 
@@ -140,24 +144,85 @@ def synthetic_events(split: str, *, shape: tuple, num_classes: int, num_examples
   return ArraySource(frames, labels.astype(np.int32), num_classes, mean=None, std=None)
 
 
+# What a truncated, corrupt or foreign file raises while it is opened or read.
+_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+_FINITE_CHUNK = 1 << 25  # values checked at once: bounded memory on large arrays
+
+
 def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> ArraySource:
   """Arrays from an .npz file with x_<split> and y_<split>.
 
   x: uint8 images [N, H, W, C], normalised with mean / std; or, with empty
-  mean (), raw values such as event-count frames [N, T, H, W, 2].
+  mean (), raw values such as event-count frames [N, T, H, W, 2]. y: integer
+  class indices [N] (or [N, 1], as Keras stores them). Every problem of the
+  file is one line that names it.
   """
   _check_split(split)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'data.path={path!r} does not exist; point --config.data.path at an .npz '
         'with x_train, y_train, x_test, y_test arrays.')
-  with np.load(path) as f:
-    missing = {f'x_{split}', f'y_{split}'} - set(f.files)
+  xn, yn = f'x_{split}', f'y_{split}'
+  try:
+    f = np.load(path)
+  except _READ_ERRORS as e:  # numpy takes what is neither zip nor .npy for a pickle
+    why = 'not a zip archive' if 'pickle' in str(e) else errors.one_line(e)
+    raise ValueError(f'{path} is not a readable .npz ({why}); write it with '
+                     'np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).') from None
+  if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array
+    raise ValueError(f'{path} holds a single array (.npy), not an .npz with x_train, y_train, '
+                     'x_test, y_test; write it with np.savez.')
+  with f:
+    missing = {xn, yn} - set(f.files)
     if missing:
       raise ValueError(f'{path} lacks {sorted(missing)}; it holds {f.files}.')
-    x = f[f'x_{split}']
-    if mean and x.dtype != np.uint8:
-      raise ValueError(f'{path}: x_{split} is {x.dtype}; normalisation with data.mean '
-                       'expects uint8 images. Set --config.data.mean="()" for raw values.')
-    return ArraySource(x, f[f'y_{split}'].astype(np.int32), num_classes,
-                       mean=tuple(mean) or None, std=tuple(std) or None)
+    try:
+      x, y = f[xn], f[yn]
+    except _READ_ERRORS as e:
+      raise ValueError(f'{path}: cannot read {xn} / {yn} ({errors.one_line(e)}); write the '
+                       'file again, with numeric arrays.') from None
+  if y.ndim == 2 and y.shape[1] == 1:  # Keras' [N, 1]
+    y = y[:, 0]
+  if y.ndim != 1:
+    raise ValueError(f'{path}: {yn} has shape {y.shape}; expected class indices of shape [N] '
+                     '(one-hot labels: y.argmax(-1)).')
+  if x.ndim not in (4, 5):
+    raise ValueError(f'{path}: {xn} has shape {x.shape}; expected images [N, H, W, C] or '
+                     'event frames [N, T, H, W, 2] (grey images [N, H, W]: add a channel '
+                     'axis, x[..., None]).')
+  if len(x) != len(y):
+    raise ValueError(f'{path}: {xn} has {len(x)} examples but {yn} has {len(y)}; each '
+                     'example needs one label.')
+  if not len(y):
+    raise ValueError(f'{path}: {xn} and {yn} are empty; the {split} split needs examples.')
+  if mean and x.dtype != np.uint8:
+    raise ValueError(f'{path}: {xn} is {x.dtype}; normalisation with data.mean '
+                     'expects uint8 images. Set --config.data.mean="()" for raw values.')
+  if x.dtype.kind not in 'biuf':
+    raise ValueError(f'{path}: {xn} is {x.dtype}; expected numbers.')
+  if x.dtype.kind == 'f':
+    rows = max(1, _FINITE_CHUNK // max(1, x[0].size))
+    for lo in range(0, len(x), rows):
+      chunk = x[lo:lo + rows]
+      bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+      if bad.any():
+        raise ValueError(f'{path}: {xn} holds NaN or infinite values (example '
+                         f'{lo + int(np.flatnonzero(bad)[0])}); fix or drop them.')
+  return ArraySource(x, _labels(path, yn, y, num_classes), num_classes,
+                     mean=tuple(mean) or None, std=tuple(std) or None)
+
+
+def _labels(path: str, name: str, y: np.ndarray, num_classes: int) -> np.ndarray:
+  """`y` as int32 class indices, or one line on what is wrong with them."""
+  valid = f'labels are class indices 0..{num_classes - 1} (data.num_classes={num_classes})'
+  if y.dtype.kind not in 'biuf':
+    raise ValueError(f'{path}: {name} is {y.dtype}; {valid}.')
+  if y.dtype.kind == 'f':
+    bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+    if len(bad):
+      raise ValueError(f'{path}: {name} holds non-integer labels ({y[bad[0]]} at example '
+                       f'{bad[0]}); {valid}.')
+  lo, hi = y.min().item(), y.max().item()
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(f'{path}: {name} holds labels in [{lo:g}, {hi:g}]; {valid}.')
+  return y.astype(np.int32)

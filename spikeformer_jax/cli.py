@@ -1,0 +1,177 @@
+"""Command-line helpers of train.py and eval.py: a mistake in a flag is one line.
+
+A mistyped `--config.model.TT=3` or a value of the wrong type otherwise ends in
+a 50-line traceback from ml_collections. Here every error of the command line
+(an unknown flag or config field, a value that does not parse, a missing
+required flag, a config file that does not load) prints one line,
+`error: ...`, and exits with status 2 (`USAGE_EXIT`, argparse's status for a
+usage error). Errors the tools find later, in the config's values or the data,
+exit with status 1.
+
+  _CONFIG = cli.define_config_file('config', 'configs/spikformer.py:digits', 'Config file.')
+  ...
+  if __name__ == '__main__':
+    cli.run(main)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from spikeformer_jax import errors
+
+USAGE_EXIT = 2
+_DEFAULTS = {}  # config flag name -> its default 'path.py[:arg]'
+
+# What ml_collections raises for a field that does not exist (KeyError,
+# AttributeError) or a value it cannot set (TypeError, ValueError); absl
+# raises flags.Error for the rest. (A config file that cannot be read is
+# kept as an error object until used: see parse_flags.)
+_PARSE_ERRORS = (flags.Error, KeyError, AttributeError, TypeError, ValueError)
+
+
+def exit_usage(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(USAGE_EXIT)
+
+
+def define_config_file(name: str, default: str | None, help_string: str):
+  """config_flags.DEFINE_config_file, locked so that mistyped fields fail.
+
+  Without `--<name>=` on the command line, ml_collections loads the default
+  config and looks up its overrides while the flag is defined, at import and
+  before app.run: a mistake there is reported (and exits) here.
+  """
+  _DEFAULTS[name] = default
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except _PARSE_ERRORS as e:
+    exit_usage(describe(e, sys.argv, name, default))
+
+
+def parse_flags(argv: list[str], config_names=('config',)) -> list[str]:
+  """app.run's flags_parser: parses `argv` or exits with one line."""
+  try:
+    rest = flags.FLAGS(argv)
+  except _PARSE_ERRORS as e:
+    exit_usage(describe(e, argv, config_names[0], _DEFAULTS.get(config_names[0])))
+  for name in config_names:  # a file that fails to load is kept as an error until used
+    value = flags.FLAGS[name].value if name in flags.FLAGS else None
+    if value is not None:
+      try:
+        getattr(value, 'keys')
+      except OSError as e:
+        exit_usage(f'--{name}={flags.FLAGS[name].serialize().split("=", 1)[-1]}: '
+                   f'{_last_line(e)}')
+  return rest
+
+
+def run(main, config_names=('config',)):
+  """app.run(main) with command-line mistakes as one line and exit status 2."""
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, config_names))
+
+
+def _last_line(e: BaseException) -> str:
+  """The line that says what went wrong: the last of a nested traceback or of
+  a list of attempted paths, without its exception name."""
+  msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its str
+  lines = [l.strip() for l in str(msg).splitlines() if l.strip()]
+  if not lines:
+    return type(e).__name__
+  return re.sub(r'^\w+(Error|Exception): ', '', lines[-1])
+
+
+def describe(e: BaseException, argv: list[str], name: str, default: str | None) -> str:
+  """One line for an error of parsing `argv`: for an unknown config field, the
+  field and the nearest existing one; for a value that does not parse, the
+  field's type."""
+  config = _load(argv, name, default)
+  unknown = _unknown_field(config, argv, name)
+  if unknown:
+    return unknown
+  msg = str(e).strip()
+  first = msg.splitlines()[0] if msg else ''
+  m = re.match(rf"Unknown command line flag '((?:no)?{re.escape(name)}\.[^']*)'", first)
+  if m and config is None:  # overrides of a config flag that has no value (eval.py)
+    return (f'--{m.group(1)} overrides a field of --{name}, which is not given; add '
+            f'--{name}=path.py[:VARIANT].')
+  if not first.startswith('flag --'):
+    return _last_line(e) if isinstance(e, KeyError) or '\n' in msg else errors.one_line(e)
+  first = first[len('flag '):]  # absl: 'flag --config.model.T=abc: invalid literal ...'
+  if '\n' in msg:  # 'flag --config=X: Error whilst parsing config file: <traceback>'
+    return f'{first.split(": ", 1)[0]}: {_last_line(e)}'
+  m = re.match(rf'--{re.escape(name)}\.([\w.]+)=', first)
+  current = _lookup(config, m.group(1)) if m and config is not None else None
+  if current is not None:
+    return (f'{errors.one_line(first)}; {m.group(1)} takes {type(current).__name__} '
+            f'values (now {current!r}).')
+  return errors.one_line(first)
+
+
+def _config_path(argv, name, default):
+  """The value of the last --<name>= in argv, else the default."""
+  path = default
+  for i, arg in enumerate(argv):
+    m = re.match(rf'^--?{re.escape(name)}(=(.*))?$', arg)
+    if m:
+      path = m.group(2) if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return path
+
+
+def _load(argv, name, default):
+  """The config named on the command line (or the default), or None if it
+  does not load (its own error then says why)."""
+  path = _config_path(argv, name, default)
+  if not isinstance(path, str) or not path:
+    return None
+  file, *arg = path.split(':', 1)
+  try:
+    spec = importlib.util.spec_from_file_location(f'_cli_{name}_config', file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*arg)
+    config.keys()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return config
+
+
+def _lookup(config, field):
+  node = config
+  for key in field.split('.'):
+    if not hasattr(node, 'keys') or key not in node.keys():
+      return None
+    node = node[key]
+  return node
+
+
+def _unknown_field(config, argv, name) -> str | None:
+  """'--config.model.TT: model has no field 'TT'; did you mean model.T?' for
+  the first override in argv that names no field of the config, else None."""
+  if config is None:
+    return None
+  for arg in argv[1:]:
+    m = re.match(rf'^--?(?:no)?{re.escape(name)}\.([^=]+)', arg)
+    if not m:
+      continue
+    node, where = config, []
+    for key in m.group(1).split('.'):
+      if '[' in key or not hasattr(node, 'keys'):
+        break  # indexing into sequences: left to ml_collections
+      keys = [str(k) for k in node.keys()]
+      if key not in keys:
+        close = difflib.get_close_matches(key, keys, 1, 0.6)
+        hint = (f'did you mean {".".join(where + close)}?' if close
+                else f'its fields: {", ".join(sorted(keys))}.')
+        return (f'--{name}.{m.group(1)}: {".".join(where) or "the config"} has no field '
+                f'{key!r}; {hint}')
+      node = node[key]
+      where.append(key)
+  return None

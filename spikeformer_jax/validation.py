@@ -1,0 +1,256 @@
+"""Checks of a config and its data, before anything is built or compiled.
+
+A mistake in a field or a data file is reported as one line that names the
+field (or file), the value and what is valid, instead of a trace deep inside
+jit or, worse, a run that trains on the wrong thing:
+
+  validate_config(config)                      the config alone: run it first.
+  validate_data(config, train_src, test_src)   the loaded splits against the model.
+  validate_split(config, source, split)        one split (eval.py, analysis).
+
+The npz reader checks what only the file shows (lengths, label values, finite
+pixels) and names the file; the models check their own sizes while they are
+built abstractly, still before compiling.
+"""
+
+from __future__ import annotations
+
+import re
+
+from spikeformer_jax import data as data_lib
+from spikeformer_jax import layers
+from spikeformer_jax import models
+from spikeformer_jax import optim
+from spikeformer_jax import synapses
+from spikeformer_jax.data import augment
+
+BN_SCOPES = ('global', 'device')
+OPTIMIZERS = ('adamw', 'lamb')
+REMODES = ('', 'const', 'rand', 'pixel')
+SPLIT_BY = ('number', 'time')
+
+
+_MISSING = object()
+
+
+def _get(config, field: str, default=_MISSING):
+  """config['a']['b'] for 'a.b'; `default` (or _MISSING) where a key is absent,
+  as in the config.json of older runs."""
+  for key in field.split('.'):
+    if config is None or not hasattr(config, 'keys') or key not in config:
+      return default
+    config = config[key]
+  return config
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ValueError(message)
+
+
+def _at_least(config, field: str, low, why: str = ''):
+  value = _get(config, field)
+  if value is not _MISSING:
+    _require(value >= low, f'{field}={value} must be >= {low}{why}.')
+
+
+def _in_range(config, field: str, low, high, why: str = ''):
+  """low <= value < high."""
+  value = _get(config, field)
+  if value is not _MISSING:
+    _require(low <= value < high, f'{field}={value} must be in [{low}, {high}){why}.')
+
+
+def _probability(config, field: str):
+  value = _get(config, field)
+  if value is not _MISSING:
+    _require(0 <= value <= 1, f'{field}={value} is a probability: use a value in [0, 1].')
+
+
+def validate_config(config):
+  """Everything that needs the config alone (no data, no devices): cheap."""
+  _validate_model(config)
+  _validate_data_config(config)
+  _validate_training(config)
+
+
+def _validate_model(c):
+  m = c.model
+  if m.name not in models.FAMILIES:
+    raise ValueError(f'model.name={m.name!r}; valid: {", ".join(models.FAMILIES)}.')
+  attention = m.get('attention', 'ssa')
+  for kind in (attention,) if isinstance(attention, str) else tuple(attention):
+    if kind not in layers.ATTENTION_KINDS:
+      raise ValueError(f'model.attention={attention!r}; valid kinds: '
+                       f'{", ".join(layers.ATTENTION_KINDS)}.')
+  _require(m.T >= 1, f'model.T={m.T}: the number of timesteps must be >= 1.')
+  for field in ('img_size', 'in_channels', 'num_classes'):
+    _at_least(c, f'model.{field}', 1)
+  if m.name == 'msvit':  # sizes per stage; also needed by models.downsampling below
+    from spikeformer_jax.models import msvit  # pylint: disable=import-outside-toplevel
+    msvit.check_config(m)
+  else:
+    if m.embed_dim % m.num_heads:
+      raise ValueError(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads='
+                       f'{m.num_heads}; valid heads: '
+                       f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
+    _at_least(c, 'model.depth', 1)
+    _require(m.embed_dim % 8 == 0, f'model.embed_dim={m.embed_dim} must be a multiple of 8 '
+             '(the patch stem widths are D/8, D/4, D/2, D).')
+    pooling = m.get('pooling') or ''
+    if not pooling:
+      from spikeformer_jax.models import spikformer  # pylint: disable=import-outside-toplevel
+      _require(m.get('flavour') in spikformer.FLAVOURS,
+               f'model.flavour={m.get("flavour")!r}; valid: {sorted(spikformer.FLAVOURS)}.')
+    _require(not pooling or re.fullmatch('[01]{4}', pooling),
+             f"model.pooling={pooling!r}: four '0'/'1' characters, one per stage of the "
+             "patch stem (1: max-pooled), or '' for the flavour's.")
+  _require(m.get('mlp_ratio', 4.0) > 0, f'model.mlp_ratio={m.get("mlp_ratio")} must be > 0.')
+  for field in ('remat', 'remat_stem'):
+    if m.get(field, '') not in layers.REMAT_POLICIES:
+      raise ValueError(f'model.{field}={m[field]!r}; valid: '
+                       f'{", ".join(map(repr, layers.REMAT_POLICIES))}.')
+  synapses.resolve(m.get('weight_grad', 'auto'))  # raises on an unknown name
+  dtype = m.get('dtype', 'float32')
+  _require(dtype in models.DTYPES, f'model.dtype={dtype!r}; valid: {sorted(models.DTYPES)}.')
+  try:
+    models.make_neuron(m.neuron)
+  except ValueError as e:
+    raise ValueError(str(e).replace('Neuron.', 'model.neuron.')) from None
+  _at_least(c, 'model.neuron.alpha', 0, " (0: the surrogate's default)")
+  factor = models.downsampling(m)
+  if m.img_size % factor:
+    raise ValueError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
+                     f'factor by which the patch stem of {models.describe(m)} downsamples; '
+                     f'use e.g. {max(factor, m.img_size // factor * factor)}.')
+
+
+def _validate_data_config(c):
+  d = c.data
+  if d.name not in data_lib.NAMES:
+    raise ValueError(f'data.name={d.name!r}; valid: {", ".join(map(repr, data_lib.NAMES))}.')
+  _at_least(c, 'data.num_classes', 1)
+  _at_least(c, 'data.image_size', 1)
+  shape = tuple(d.get('shape', (1, 1, 1)))
+  _require(len(shape) in (3, 4) and all(isinstance(s, int) and s >= 1 for s in shape),
+           f'data.shape={shape}: expected (H, W, C) images or (T, H, W, 2) event frames, '
+           'positive integers.')
+  if d.name in ('synthetic', 'synthetic_events'):
+    _at_least(c, 'data.num_train', 1, ' (synthetic training examples)')
+    _at_least(c, 'data.num_test', 1, ' (synthetic test examples)')
+  _at_least(c, 'data.workers', 0, ' (0: batches prepared in a thread)')
+  _at_least(c, 'data.seed', 0)
+  split_by = d.get('split_by', 'number')
+  _require(split_by in SPLIT_BY, f'data.split_by={split_by!r}; valid: {SPLIT_BY}.')
+  mean, std = data_lib.norm_stats(d)  # raises on an unknown data.norm_from
+  _require(len(mean) == len(std), f'data.mean={tuple(mean)} and data.std={tuple(std)} need '
+           'one value per channel each (or both () for raw values).')
+  _require(all(s > 0 for s in std), f'data.std={tuple(std)} must be > 0.')
+  a = data_lib.augment_config()  # defaults under what the config sets
+  a.update(d.get('augment') or {})
+  for field in ('hflip', 'reprob'):
+    _probability(c, f'data.augment.{field}')
+  for field in ('crop_scale', 'crop_ratio'):
+    lo_hi = tuple(a[field])
+    _require(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+             f'data.augment.{field}={lo_hi}: expected (low, high) with 0 < low <= high.')
+  _require(0 < a.eval_crop_pct <= 1, f'data.augment.eval_crop_pct={a.eval_crop_pct} must '
+           'be in (0, 1] (1: no centre crop).')
+  try:
+    augment._interp(a.interpolation)  # pylint: disable=protected-access
+  except ValueError as e:
+    raise ValueError(f'data.augment.interpolation={a.interpolation!r}: {e}.') from None
+  _require(a.remode.lower() in REMODES, f'data.augment.remode={a.remode!r}; valid: {REMODES}.')
+  if a.dvs_policy not in data_lib.DVS_POLICIES:
+    raise ValueError(f'data.augment.dvs_policy={a.dvs_policy!r}; valid: '
+                     f'{data_lib.DVS_POLICIES}.')
+  _at_least(c, 'data.augment.dvs_cutout', 0, ' (0: off)')
+
+
+def _validate_training(c):
+  _at_least(c, 'seed', 0)
+  _at_least(c, 'batch_size', 1)
+  _at_least(c, 'eval_batch_size', 1)
+  _at_least(c, 'epochs', 0)
+  _at_least(c, 'cooldown_epochs', 0)
+  _at_least(c, 'total_steps', 0, ' (0: from epochs)')
+  if c.epochs < 1 and c.total_steps <= 0:
+    raise ValueError('set epochs >= 1 or total_steps > 0.')
+  if c.log_every_steps < 1:
+    raise ValueError(f'log_every_steps={c.log_every_steps} must be >= 1.')
+  _at_least(c, 'eval_every_epochs', 0, ' (0: only at the end)')
+  _at_least(c, 'ckpt_every_steps', 0, ' (0: every epoch)')
+  keep = c.get('ckpt_keep', 1)
+  _require(keep >= 1, f'ckpt_keep={keep} would keep no checkpoint; use ckpt_keep >= 1.')
+  devices = c.get('num_devices', -1)
+  _require(devices >= -1,
+           f'num_devices={devices}: use -1 (all visible devices) or a count >= 1.')
+  _at_least(c, 'mesh.fsdp_min_size', 0)
+  bn_scope = c.get('bn_scope', 'global')
+  if bn_scope not in BN_SCOPES:
+    raise ValueError(f'bn_scope={bn_scope!r}; valid: {BN_SCOPES} (global: '
+                     'statistics over the whole sharded batch, like SyncBN / one GPU; '
+                     'device: per data-parallel device, like PyTorch DDP).')
+  _in_range(c, 'label_smoothing', 0, 1, ' (0: none)')
+  _in_range(c, 'ema_decay', 0, 1, ' (0: no EMA of the weights)')
+  target = c.get('target_top1', 0.0)
+  _require(0 <= target <= 1,
+           f'target_top1={target} is a fraction: use a value in [0, 1], e.g. 0.97.')
+  o = c.optimizer
+  _require(o.name in OPTIMIZERS, f'optimizer.name={o.name!r}; valid: {OPTIMIZERS}.')
+  schedule = o.get('schedule', 'timm_cosine')
+  _require(schedule in optim.SCHEDULES,
+           f'optimizer.schedule={schedule!r}; valid: {optim.SCHEDULES}.')
+  _require(o.lr > 0, f'optimizer.lr={o.lr} must be > 0.')
+  for field in ('weight_decay', 'warmup_epochs', 'warmup_lr', 'min_lr'):
+    _at_least(c, f'optimizer.{field}', 0)
+  _at_least(c, 'optimizer.grad_clip_norm', 0, ' (0: none)')
+  for field in ('b1', 'b2'):
+    _in_range(c, f'optimizer.{field}', 0, 1)
+  eps = o.get('eps', 1e-8)
+  _require(eps > 0, f'optimizer.eps={eps} must be > 0.')
+  _at_least(c, 'optimizer.accum_steps', 1, ' (1: no gradient accumulation)')
+  for field in ('mixup_alpha', 'cutmix_alpha'):
+    _at_least(c, f'mixup.{field}', 0, ' (0: off)')
+  _at_least(c, 'mixup.off_epoch', 0, ' (0: mix until the end)')
+  for field in ('prob', 'switch_prob'):
+    _probability(c, f'mixup.{field}')
+  if _get(c, 'tet.enabled', False):
+    _require(0 <= c.tet.lamb <= 1, f'tet.lamb={c.tet.lamb} must be in [0, 1] (the weight of '
+             'the MSE term).')
+
+
+def validate_data(config, train_src=None, test_src=None):
+  """The loaded splits against the model; a split passed as None is skipped."""
+  for split, source in (('train', train_src), ('test', test_src)):
+    if source is not None:
+      validate_split(config, source, split)
+
+
+def validate_split(config, source, split: str):
+  """One split against the model: shapes, channels, frames, classes, labels."""
+  m = config.model
+  what = f'data {config.data.name!r}' + ('' if split == 'train' else f' ({split} split)')
+  _require(len(source) > 0, f'{what} has no {split} examples.')
+  img = tuple(source.image_shape)
+  _require(len(img) in (3, 4), f'{what} has examples of shape {img}; expected [H, W, C] '
+           'images or [T, H, W, 2] event frames.')
+  if img[-3] != m.img_size or img[-2] != m.img_size:
+    raise ValueError(f'{what} has {img[-3]}x{img[-2]} images but '
+                     f'model.img_size={m.img_size}; set both to the same size.')
+  if img[-1] != m.in_channels:
+    raise ValueError(f'{what} has {img[-1]} channels but '
+                     f'model.in_channels={m.in_channels}.')
+  if len(img) == 4 and img[0] != m.T:
+    raise ValueError(f'event data has T={img[0]} frames but model.T={m.T}.')
+  if source.num_classes != m.num_classes:
+    raise ValueError(f'{what} has {source.num_classes} classes but '
+                     f'model.num_classes={m.num_classes}.')
+  mean = getattr(source, 'mean', None)
+  if mean is not None and len(mean) not in (1, img[-1]):
+    raise ValueError(f'data.mean={tuple(mean)} has {len(mean)} values for {img[-1]}-channel '
+                     'images; give one per channel (or one for all).')
+  labels = getattr(source, 'labels', None)
+  if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= m.num_classes):
+    raise ValueError(f'{what} has labels in [{labels.min()}, '
+                     f'{labels.max()}] but model.num_classes={m.num_classes}.')
