@@ -549,7 +549,8 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
     for step, local in zip(range(start + 1, total_steps + 1), batches):
       state, m = train_step(state, sharding.global_batch(local, mesh))
       pending.append(m)
-      ckpt.poll()  # a failed background save stops the run now, not at the next save
+      if jax.process_count() == 1:  # several: at the next save, which all of them reach
+        ckpt.poll()  # a failed background save stops the run now, not at the next save
       if step % config.log_every_steps == 0 or step == total_steps:
         fetch_and_check(step)
         avg = _mean_metrics(fetched)
