@@ -7,12 +7,14 @@ r"""Declared config sweeps: list, run (resumable), print launch commands, collec
   python sweep.py run      --config=configs/a2os2a.py --sweep=table1 --workdir=DIR --runlocal  # smoke run
 
 `--set KEY=VALUE` (repeatable; VALUE parsed as JSON, else a string) sets a
-field in every point (a field the point sets itself keeps the point's value),
-e.g. `--set data.name=npz --set data.path=/data/c10.npz`.
+field in every point, e.g. `--set data.name=npz --set data.path=/data/c10.npz`;
+a field a point sets itself keeps the point's value, and `list`, `run` and
+`commands` print a warning naming those fields and points.
 Every point is expanded and validated before anything runs. Each point trains
 in DIR/<point>; rerunning `run` skips finished points and resumes interrupted
 ones; a point whose directory was trained with another config is refused, not
-mixed; failures are recorded in DIR/status.json and do not stop the sweep.
+mixed; failures are recorded in DIR/status.json and do not stop the sweep. Ctrl-C
+starts no new point and lets the running ones save their step (exit 130).
 `commands` writes DIR/sweep.json too, so `collect` works on scheduler-launched
 points. `collect` writes DIR/results.{csv,md,png}.
 """
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
   parser.add_argument('--x', default='', help='(collect) swept field on the plot x axis')
   args = parser.parse_args(argv)
 
-  from spikeformer_jax import config_lib, sweeps  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
   need = {'list': ('config',), 'run': ('config', 'sweep', 'workdir'),
           'commands': ('config', 'sweep', 'workdir'),
           'point': ('config', 'sweep', 'point', 'workdir'), 'collect': ('workdir',)}
@@ -56,8 +58,10 @@ def main(argv=None) -> int:
         print(f'{name}: {len(points)} points')
         for p in points:
           print(f'  {p.name}')
+        _warn(sweeps.overridden_common(points, common))
     elif args.command == 'commands':
       points = sweeps.get_points(args.config, args.sweep, common, runlocal=args.runlocal)
+      _warn(sweeps.overridden_common(points, common))  # stderr: stdout is the commands
       sweeps.write_manifest(args.config, args.sweep, args.workdir, points, common, args.runlocal)
       for p in points:
         cmd = sweeps.point_command(args.config, args.sweep, p.name,
@@ -68,28 +72,42 @@ def main(argv=None) -> int:
                           common=common, runlocal=args.runlocal)
       failed = sorted(n for n, s in result.items() if s != 'finished')
       print(f'{len(result) - len(failed)}/{len(result)} points finished'
-            + (f'; not finished: {", ".join(failed)}' if failed else '') + '.')
+            + (f'; not finished: {", ".join(f"{n} ({result[n]})" for n in failed)}'
+               if failed else '') + '.')
       sweeps.collect(args.workdir)
       return 1 if failed else 0
     elif args.command == 'point':
       from absl import logging  # pylint: disable=import-outside-toplevel
-      from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
       logging.set_verbosity(logging.WARNING)
       try:
         sweeps.run_point(args.config, args.sweep, args.point, args.workdir, common,
                          args.runlocal)
-      except train_lib.Preempted as e:  # checkpoint saved: as train.py, for schedulers
-        print(str(e), file=sys.stderr)
-        return 143
+      except errors.Stopped as e:  # step saved: 143 / 130, as train.py, for schedulers
+        print(errors.one_line(e), file=sys.stderr)
+        return e.exit_code
+      except errors.WorkdirBusy as e:  # `run` records the point as busy, not failed
+        print(f'error: {errors.one_line(e)}', file=sys.stderr)
+        return sweeps.BUSY_EXIT
     else:
       rows = sweeps.collect(args.workdir, metric=args.metric, x=args.x)
       with open(os.path.join(args.workdir, 'results.md'), encoding='utf-8') as f:
         print(f.read(), end='')
       print(f'{len(rows)} points; wrote {args.workdir}/results.csv, results.md, results.png')
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except KeyboardInterrupt:  # `run` waited for its running points to save
+    print('interrupted (SIGINT); rerun the same command to resume.', file=sys.stderr)
+    return 130
+  except sweeps.InvalidPoints as e:  # a line per invalid point reads better than one
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except errors.CLEAR as e:
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return 1
   return 0
+
+
+def _warn(message: str):
+  if message:
+    print(message, file=sys.stderr)
 
 
 def _quote(s: str) -> str:

@@ -7,15 +7,20 @@ state_dict, an input batch and the official logits (eval and train mode), loss,
 gradients, BatchNorm statistics after the step and spike counts. The model is
 built from the file's own `config` (any size, depth, T or class count), run in
 float64, and compared at the README's tolerances. Prints the largest relative
-errors and whether every layer's spike count matches; exits 1 on any mismatch.
+errors and whether every layer's spike count matches. A file that cannot be
+read or checked (truncated, not an npz, not a recording) gets one line and the
+other files are still checked; exits 1 if any file did not match.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+import traceback
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,7 @@ import optax
 from flax import nnx
 
 from spikeformer_jax import convert
+from spikeformer_jax import errors
 from spikeformer_jax import models
 from spikeformer_jax.models import msvit, sdt, spikformer
 
@@ -133,13 +139,80 @@ def _rel(a, b, scale) -> float:
                / scale) if np.size(b) else 0.0
 
 
+class BadRecording(ValueError):
+  """A file that is not a readable recording (the message says why)."""
+
+
+# Entries every recording has (shared/fixtures/README.md, section 2).
+_REQUIRED = ('config', 'input', 'labels', 'logits_eval', 'logits_train', 'loss')
+
+
+def _kind(e: BaseException) -> str:
+  """'zlib.error' rather than a bare 'error'."""
+  t = type(e)
+  return t.__name__ if t.__module__ == 'builtins' else f'{t.__module__}.{t.__name__}'
+
+
+def read_recording(path: str) -> tuple[dict, dict]:
+  """All arrays of a recording and its config; BadRecording if unreadable.
+
+  Reads every array now, so a damaged member is reported as the file's
+  problem here rather than as a failure halfway through the check.
+  """
+  if not os.path.isfile(path):
+    raise BadRecording('no such file.')
+  size = os.path.getsize(path)
+  if not zipfile.is_zipfile(path):
+    with open(path, 'rb') as f:
+      head = f.read(4)
+    if not size:
+      raise BadRecording('empty file.')
+    if head == b'PK\x03\x04':  # a zip without its directory: cut short
+      raise BadRecording(f'truncated ({size} bytes, the zip directory at its end is missing).')
+    raise BadRecording(f'not an .npz file (starts with {head!r}, not a zip header).')
+  arrays, key = {}, None
+  try:
+    with np.load(path, allow_pickle=False) as d:
+      for key in d.files:
+        arrays[key] = d[key]
+  except Exception as e:  # pylint: disable=broad-except  # zlib, CRC, EOF, bad header
+    where = f'entry {key!r}' if key else 'the archive'
+    raise BadRecording(f'damaged: {where} cannot be read '
+                       f'({_kind(e)}: {errors.one_line(e)}).') from e
+  missing = [k for k in _REQUIRED if k not in arrays]
+  if missing or not any(k.startswith('state/') for k in arrays):
+    raise BadRecording(f'not a fidelity recording: no {", ".join(missing) or "state/*"} entries '
+                       '(format: shared/fixtures/README.md).')
+  try:
+    cfg = json.loads(str(arrays['config']))
+  except json.JSONDecodeError as e:
+    raise BadRecording(f"its 'config' is not JSON ({e}).") from e
+  return arrays, cfg
+
+
+# The graph is static: recordings of one architecture share the compiled code.
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_fwd(graph, params, rest, x):
+  m = nnx.merge(graph, params, rest, copy=True)
+  return nnx.capture(m, nnx.Intermediate)(x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _train_fwd_bwd(graph, params, rest, x, labels):
+  def loss_fn(p):
+    m = nnx.merge(graph, p, rest, copy=True)
+    logits, inter = nnx.capture(m, nnx.Intermediate)(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, inter, nnx.state(m, nnx.BatchStat))
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
 def check_file(path: str) -> dict:
   """Runs one fixture; returns a report dict with 'ok' and the worst errors."""
-  d = np.load(path, allow_pickle=False)
-  cfg = json.loads(str(d['config']))
+  d, cfg = read_recording(path)
   mc = model_config_from_fixture(cfg)
   model = models.build_model(mc)
-  state = {k[len('state/'):]: d[k] for k in d.files if k.startswith('state/')}
+  state = {k[len('state/'):]: d[k] for k in d if k.startswith('state/')}
   entries = convert.load_state_dict(model, state)
   x = jnp.asarray(_to_nhwc(d['input']))
   labels = jnp.asarray(d['labels'])
@@ -150,22 +223,9 @@ def check_file(path: str) -> dict:
   model.train()
   g_train = nnx.graphdef(model)
 
-  @jax.jit
-  def eval_fwd(params, rest):
-    m = nnx.merge(g_eval, params, rest, copy=True)
-    return nnx.capture(m, nnx.Intermediate)(x)
-
-  @jax.jit
-  def train_fwd_bwd(params, rest):
-    def loss_fn(p):
-      m = nnx.merge(g_train, p, rest, copy=True)
-      logits, inter = nnx.capture(m, nnx.Intermediate)(x)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, (logits, inter, nnx.state(m, nnx.BatchStat))
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-  logits_eval, inter_eval = eval_fwd(params, rest)
-  (loss, (logits_train, inter_train, bn_after)), grads = train_fwd_bwd(params, rest)
+  logits_eval, inter_eval = _eval_fwd(g_eval, params, rest, x)
+  (loss, (logits_train, inter_train, bn_after)), grads = _train_fwd_bwd(
+      g_train, params, rest, x, labels)
 
   report = {'file': os.path.basename(path), 'family': cfg['family'], 'checks': {}}
   checks = report['checks']
@@ -185,7 +245,7 @@ def check_file(path: str) -> dict:
       cfg.get('params_with_numerically_zero_grad', []))
   gmax = cfg['grad_global_max_abs']
   worst, worst_zero = (0.0, ''), (0.0, '')
-  for key in (k[len('grad/'):] for k in d.files if k.startswith('grad/')):
+  for key in (k[len('grad/'):] for k in d if k.startswith('grad/')):
     ref = d['grad/' + key]
     if key not in torch_grads:
       add(f'grad/{key} (missing)', float('inf'), 0.0)
@@ -203,7 +263,7 @@ def check_file(path: str) -> dict:
   flat_bn = {p: v.get_value() for p, v in nnx.to_flat_state(bn_after)}
   torch_bn = convert.to_torch_layout(entries, flat_bn)
   worst_bn, count_ok = (0.0, ''), True
-  for key in (k[len('state_after/'):] for k in d.files if k.startswith('state_after/')):
+  for key in (k[len('state_after/'):] for k in d if k.startswith('state_after/')):
     ref = d['state_after/' + key]
     if key.endswith('num_batches_tracked'):
       count_ok &= int(torch_bn[key]) == int(ref)
@@ -227,7 +287,7 @@ def check_file(path: str) -> dict:
                                     'mismatched': mismatched}
   counts_eval = _spike_counts(inter_eval)
   worst_rate = 0.0
-  for key in (k for k in d.files if k.startswith('spike_rate_eval/')):
+  for key in (k for k in d if k.startswith('spike_rate_eval/')):
     name = key[len('spike_rate_eval/'):]
     if name not in counts_eval:  # a neuron we never ran is a mismatch, not rate 0
       worst_rate = float('inf')
@@ -258,22 +318,34 @@ def main(argv=None) -> int:
   parser.add_argument('--json', help='also write the reports to this JSON file')
   args = parser.parse_args(argv)
   jax.config.update('jax_enable_x64', True)  # before any array is made
-  reports, ok = [], True
+  reports = []
   for f in args.files:
+    # One line for a file that cannot be checked, then on to the next file:
+    # a bad download must not hide how the other recordings compare.
     try:
       r = check_file(f)
-    except (OSError, KeyError, ValueError, NotImplementedError) as e:
-      r = {'file': os.path.basename(f), 'ok': False, 'error': f'{type(e).__name__}: {e}'}
-      print(f"{r['file']}: ERROR {r['error']}")
+    except BadRecording as e:
+      r = {'file': os.path.basename(f), 'ok': False, 'error': str(e)}
+    except Exception as e:  # pylint: disable=broad-except  # unsupported, or our bug
+      r = {'file': os.path.basename(f), 'ok': False,
+           'error': f'{_kind(e)}: {errors.one_line(e)}',
+           'traceback': traceback.format_exc()}  # for --json readers
+    if 'error' in r:
+      print(f"{f}: ERROR {r['error']}")
     else:
       print(format_report(r))
     reports.append(r)
-    ok &= r['ok']
+  bad = sum('error' in r for r in reports)
+  print(f"{sum(r['ok'] for r in reports)}/{len(reports)} fixture files match"
+        + (f'; {bad} could not be checked.' if bad else '.'))
   if args.json:
-    with open(args.json, 'w') as fh:
-      json.dump(reports, fh, indent=1, default=str)
-  print(f"{sum(r['ok'] for r in reports)}/{len(reports)} fixture files match.")
-  return 0 if ok else 1
+    try:
+      with open(args.json, 'w') as fh:
+        json.dump(reports, fh, indent=1, default=str)
+    except OSError as e:
+      print(f'error: cannot write --json {args.json}: {errors.one_line(e)}', file=sys.stderr)
+      return 1
+  return 0 if all(r['ok'] for r in reports) else 1
 
 
 if __name__ == '__main__':

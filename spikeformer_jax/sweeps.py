@@ -13,22 +13,26 @@ declares its sweeps with `get_sweep(name)`, returning the points, built with:
 `expand` turns them into complete configs and rejects invalid ones (unknown
 fields, values of the wrong type, models that cannot be built) before anything
 runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
-a rerun skip finished points and continue interrupted ones); a failing point
+a rerun skip finished points and continue interrupted ones); a point that
+fails, is stopped by a signal or finds its directory in use by another process
 is recorded in WORKDIR/status.json and the sweep goes on. `collect` reads every
 point's config and final metrics into a table (CSV, markdown) and a plot.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import dataclasses
 import importlib.util
+import inspect
 import itertools
 import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -176,6 +180,17 @@ def check_buildable(config: ml_collections.ConfigDict):
                      'must be >= 1.')
 
 
+class InvalidPoints(ValueError):
+  """Points that cannot run: a line for each, after a summary line."""
+
+
+def _default_arg(module) -> str:
+  """The default of `get_config`'s argument (its default variant), or ''."""
+  params = list(inspect.signature(module.get_config).parameters.values())
+  default = params[0].default if params else None
+  return default if isinstance(default, str) else ''
+
+
 def expand(config_path: str, points: list[dict], common: dict | None = None,
            validate: bool = True, runlocal: bool = False) -> list[Point]:
   """Complete configs of every point (common overrides applied to all;
@@ -188,7 +203,9 @@ def expand(config_path: str, points: list[dict], common: dict | None = None,
   for i, raw in enumerate(points):
     raw = dict(raw)
     name = point_name(raw, swept)
-    arg = ','.join(filter(None, [str(raw.pop('config', '')), 'runlocal' if runlocal else '']))
+    arg = str(raw.pop('config', ''))
+    if runlocal:  # the smoke run of the point's variant, the default one included
+      arg = ','.join(filter(None, [arg or _default_arg(module), 'runlocal']))
     raw.pop('name', None)
     if name in seen:
       name = f'{name}#{i}'
@@ -205,9 +222,25 @@ def expand(config_path: str, points: list[dict], common: dict | None = None,
       continue
     out.append(Point(name, raw, arg, config))
   if errors:
-    raise ValueError(f'{len(errors)} of {len(points)} sweep points are invalid '
-                     '(nothing was run):\n  ' + '\n  '.join(errors))
+    raise InvalidPoints(f'{len(errors)} of {len(points)} sweep points are invalid '
+                        '(nothing was run):\n  ' + '\n  '.join(errors))
   return out
+
+
+def overridden_common(points: list[Point], common: dict | None) -> str:
+  """A one-line warning naming the --set fields that points set themselves
+  (there the point's value wins), or '' if there are none."""
+  parts = []
+  for key in common or {}:
+    names = [p.name for p in points if key in p.overrides]
+    if names:
+      shown = ', '.join(names[:3]) + (f' +{len(names) - 3} more' if len(names) > 3 else '')
+      parts.append(f'{key} (in {"all " if len(names) == len(points) else ""}'
+                   f'{len(names)} points: {shown})')
+  if not parts:
+    return ''
+  return ('warning: --set ' + '; '.join(parts) + ": these points set the field themselves "
+          "and keep their own value.")
 
 
 def get_points(config_path: str, sweep: str, common: dict | None = None,
@@ -239,6 +272,15 @@ def point_status(point_dir: str) -> str:
   return 'new'
 
 
+# How a point process that did not finish ended, from its exit status: stopped
+# by a signal after saving its step (rerun to resume; 143 / 130 from the point's
+# own handler, negative if the signal came before it was installed), or
+# refused because another process trains in its directory.
+BUSY_EXIT = 75  # sysexits' EX_TEMPFAIL: try again later
+_ENDED = {143: 'preempted', -signal.SIGTERM: 'preempted', 130: 'interrupted',
+          -signal.SIGINT: 'interrupted', BUSY_EXIT: 'busy'}
+
+
 def point_command(config_path: str, sweep: str, point: str, workdir: str,
                   common: dict | None = None, runlocal: bool = False) -> list[str]:
   """The command that trains one point (also what `commands` prints)."""
@@ -267,6 +309,9 @@ class _Status:
 
   def set(self, name: str, **fields):
     with self.lock:
+      if os.path.exists(self.path):  # keep what another `run` on this sweep wrote
+        with open(self.path, encoding='utf-8') as f:
+          self.data = {**self.data, **json.load(f)}
       self.data[name] = {**self.data.get(name, {}), **fields}
       tmp = self.path + '.tmp'
       with open(tmp, 'w', encoding='utf-8') as f:
@@ -319,9 +364,18 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
         common: dict | None = None, runlocal: bool = False, env: dict | None = None,
         log=print) -> dict:
   """Runs every point not finished yet, `parallel` at a time, each in its own
-  process and workdir. Returns {point: finished | failed | conflict}."""
+  process and workdir. Returns {point: finished | failed | conflict | busy |
+  preempted | interrupted}.
+
+  On Ctrl-C no new point starts; the running ones (which the terminal
+  signalled too) save their step and are recorded, then KeyboardInterrupt
+  propagates.
+  """
   config_path, workdir = os.path.abspath(config_path), os.path.abspath(workdir)
   points = get_points(config_path, sweep, common, runlocal=runlocal)
+  warning = overridden_common(points, common)
+  if warning:
+    log(warning)
   write_manifest(config_path, sweep, workdir, points, common, runlocal)
   status = _Status(workdir)
   todo = []
@@ -339,40 +393,56 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       status.set(p.name, status='finished')
     else:
       todo.append((p, st))
+  stop = threading.Event()
 
   def one(item):
     p, st = item
+    if stop.is_set():
+      return
     pdir = os.path.join(workdir, p.name)
     os.makedirs(pdir, exist_ok=True)
     log(f'[{"resume" if st == "interrupted" else "start"}] {p.name}')
     status.set(p.name, status='running', started=time.time())
     t0 = time.time()
-    with open(os.path.join(pdir, 'sweep.log'), 'a', encoding='utf-8') as out:
-      proc = subprocess.run(point_command(config_path, sweep, p.name, pdir, common, runlocal),
-                            stdout=out, stderr=subprocess.STDOUT, cwd=_ROOT,
-                            env={**os.environ, **(env or {})}, check=False)
-    secs = round(time.time() - t0, 1)
-    if proc.returncode == 0 and point_status(pdir) == 'finished':
+    # The point's own last lines: another process (one that holds the point's
+    # directory) may append to the same sweep.log meanwhile.
+    own = collections.deque(maxlen=15)
+    with open(os.path.join(pdir, 'sweep.log'), 'a', encoding='utf-8') as out, \
+        subprocess.Popen(point_command(config_path, sweep, p.name, pdir, common, runlocal),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors='replace', cwd=_ROOT,
+                         env={**os.environ, **(env or {})}) as proc:
+      for line in proc.stdout:
+        out.write(line)
+        out.flush()
+        own.append(line)
+    secs, rc = round(time.time() - t0, 1), proc.returncode
+    if rc == 0 and point_status(pdir) == 'finished':
       status.set(p.name, status='finished', seconds=secs, error='')
       log(f'[done] {p.name} ({secs} s)')
-    else:
-      tail = _tail(os.path.join(pdir, 'sweep.log'))
-      status.set(p.name, status='failed', seconds=secs, returncode=proc.returncode,
-                 error=tail)
-      log(f'[FAILED] {p.name} (exit {proc.returncode}): {tail.splitlines()[-1] if tail else ""}')
+      return
+    tail = ''.join(own).strip()
+    lines = tail.splitlines() or ['']
+    why = next((l for l in reversed(lines) if l.startswith('error:')), lines[-1])
+    ended = _ENDED.get(rc, 'failed')
+    status.set(p.name, status=ended, seconds=secs, returncode=rc, error=tail)
+    how = f'exit {rc}' if rc >= 0 else f'killed by {signal.Signals(-rc).name}'
+    log(f'[{ended.upper()}] {p.name} ({how}): {why}')
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
+  try:
     list(pool.map(one, todo))
+  except KeyboardInterrupt:
+    # Start nothing new, but wait for the running points to save and record
+    # how they ended: a rerun resumes them.
+    stop.set()
+    log('[stopping] waiting for the running points to save their step')
+    pool.shutdown(wait=True, cancel_futures=True)
+    raise
+  finally:
+    pool.shutdown(wait=True)
   return {name: s['status'] for name, s in status.data.items()
           if name in {p.name for p in points}}
-
-
-def _tail(path: str, lines: int = 15) -> str:
-  try:
-    with open(path, encoding='utf-8', errors='replace') as f:
-      return ''.join(f.readlines()[-lines:]).strip()
-  except OSError:
-    return ''
 
 
 def run_point(config_path: str, sweep: str, point: str, workdir: str,

@@ -264,7 +264,9 @@ class StopWatch:
   One process: a handler sets a flag; a second signal of either kind stops at
   once (the last committed checkpoint stays the resume point). Before training
   starts (loading data, restoring, compiling) there is nothing to save, and a
-  signal stops at once. Several processes: SIGTERM through
+  signal stops at once: `on_abort` (releasing the workdir), one line, and an
+  exit without unwinding (an exception raised into XLA's or orbax's threads
+  can crash the interpreter's shutdown). Several processes: SIGTERM through
   `reached_preemption_sync_point`, JAX's distributed preemption service, so
   that all processes stop at the same step (a checkpoint is a collective);
   SIGINT keeps Python's default there.
@@ -272,9 +274,10 @@ class StopWatch:
   SIGNALS = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
              signal.SIGINT: ('interrupted', 'SIGINT', 130)}
 
-  def __init__(self):
+  def __init__(self, on_abort: Callable[[], None] = lambda: None):
     self.signum = None
     self.armed = False  # training has started: a signal waits for a safe point
+    self._on_abort = on_abort
     self._previous = {}
 
   def __enter__(self):
@@ -286,10 +289,10 @@ class StopWatch:
   def _handle(self, signum, frame):
     del frame
     what, name, code = self.SIGNALS[signum]
-    if not self.armed:
-      raise errors.Stopped(f'{what} ({name}) before training started: nothing to save.', code)
-    if self.signum is not None:  # a second signal: do not wait for the save
-      print(f'{what} again ({name}): stopping now; the last committed checkpoint is the '
+    if not self.armed or self.signum is not None:  # nothing to save, or a second signal
+      self._on_abort()
+      print(f'{what} ({name}) before training started: nothing to save.' if not self.armed
+            else f'{what} again ({name}): stopping now; the last committed checkpoint is the '
             'resume point.', file=sys.stderr, flush=True)
       os._exit(code)  # pylint: disable=protected-access
     self.signum = signum
@@ -417,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t_start = time.time()
   validation.validate_config(config)
-  with hold_workdir(workdir), StopWatch() as watch:
+  with hold_workdir(workdir) as lock, StopWatch(on_abort=lock.release) as watch:
     return _train_and_evaluate(config, workdir, watch, t_start)
 
 

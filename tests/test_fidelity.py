@@ -61,23 +61,53 @@ def test_unknown_family_fails_loudly():
     fidelity.model_config_from_fixture({'family': 'msvit', 'file': 'x/model.py'})
 
 
-def test_fidelity_detects_a_wrong_model(shared_dir, tmp_path):
-  """A perturbed recording must be reported as a mismatch (the check can fail)."""
+@pytest.fixture(scope='module')
+def bad_inputs(shared_dir, tmp_path_factory):
+  """One fidelity run over a truncated copy, a garbage file, the real recording
+  (a symlink) and a perturbed copy, in that order: one process for both tests."""
   src = shared_dir / 'fixtures' / 'spikformer_imagenet.npz'
   if not src.exists():
     pytest.skip('spikformer_imagenet.npz absent')
+  tmp = tmp_path_factory.mktemp('fid_bad')
+  raw = src.read_bytes()
+  (tmp / 'truncated.npz').write_bytes(raw[:len(raw) // 2])
+  (tmp / 'garbage.npz').write_bytes(b'not a recording\n' * 64)
+  (tmp / 'spikformer_imagenet.npz').symlink_to(src)
   d = dict(np.load(src))
   d['logits_train'] = d['logits_train'] + 1e-6
   key = 'state/block.0.attn.q_bn.bias'
   d[key] = d[key] + 0.05  # a different network: spikes must change
-  bad = tmp_path / 'spikformer_imagenet_bad.npz'
-  np.savez(bad, **d)
-  out = tmp_path / 'r.json'
+  np.savez(tmp / 'spikformer_imagenet_bad.npz', **d)
+  names = ['truncated.npz', 'garbage.npz', 'spikformer_imagenet.npz',
+           'spikformer_imagenet_bad.npz']
+  out = tmp / 'r.json'
   proc = subprocess.run(
-      [sys.executable, '-m', 'spikeformer_jax.fidelity', str(bad), '--json', str(out)],
+      [sys.executable, '-m', 'spikeformer_jax.fidelity', *(str(tmp / n) for n in names),
+       '--json', str(out)],
       cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'), capture_output=True,
       text=True, timeout=600)
-  assert proc.returncode == 1, proc.stdout
-  r = json.loads(out.read_text())[0]
-  assert not r['checks']['logits_train']['ok']
+  return {r['file']: r for r in json.loads(out.read_text())}, proc, tmp
+
+
+def test_fidelity_detects_a_wrong_model(bad_inputs):
+  """A perturbed recording must be reported as a mismatch (the check can fail)."""
+  by_file, proc, _ = bad_inputs
+  r = by_file['spikformer_imagenet_bad.npz']
+  assert not r['checks']['logits_train']['ok'], proc.stdout
   assert not r['checks']['spike counts (train)']['ok']
+  assert proc.returncode == 1
+
+
+def test_a_bad_recording_is_one_line_and_the_rest_are_checked(bad_inputs):
+  by_file, proc, tmp = bad_inputs
+  assert 'Traceback' not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert f'{tmp}/truncated.npz: ERROR truncated (' in lines[0], lines[0]
+  assert 'zip directory at its end is missing' in lines[0]
+  assert lines[1].startswith(f'{tmp}/garbage.npz: ERROR not an .npz file'), lines[1]
+  # The files after them were still checked: the real one matches.
+  assert lines[2] == 'spikformer_imagenet.npz (spikformer): MATCH'
+  assert by_file['spikformer_imagenet.npz']['ok']
+  assert not by_file['truncated.npz']['ok'] and not by_file['garbage.npz']['ok']
+  assert lines[-1] == '1/4 fixture files match; 2 could not be checked.'
+  assert proc.returncode == 1

@@ -172,6 +172,21 @@ def test_sigterm_kill9_and_a_second_trainer_lose_nothing(base, tmp_path):
 
 
 def test_signals_at_every_stage_lose_nothing(base, tmp_path):
+  # Ctrl-C while starting (data, model, compilation): nothing to save, the workdir freed.
+  early = tmp_path / 'early'
+  proc = subprocess.Popen(_cmd(early), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  while not (early / 'train.lock').exists():
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.02)
+  time.sleep(0.5)  # the handlers are installed right after the lock is taken
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert err.strip().splitlines()[-1] == \
+      'interrupted (SIGINT) before training started: nothing to save.'
+  assert 'Traceback' not in err and not (early / 'train.lock').exists()
+
   wd = tmp_path / 'signals'
   # Ctrl-C during the evaluation at step 22: saved, and the evaluation is owed.
   p = _signalled(wd, 'eval', 1, 'SIGINT', 130)

@@ -2,16 +2,19 @@
 failure recording with real train.py processes, and the collected table."""
 
 import csv
+import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
-from spikeformer_jax import sweeps
+from spikeformer_jax import errors, sweeps
+import sweep  # the command line (ROOT is on sys.path)
 
 
 def test_grid_zipped_product_chain():
@@ -103,6 +106,25 @@ def test_shipped_sweeps_expand_and_validate():
   assert local[1].config.model.attention == 'a2os2a'
 
 
+def test_every_shipped_sweep_expands_under_runlocal():
+  """--runlocal works for every declared sweep of every config module, points
+  with their own variant or without (the module's default variant)."""
+  count = 0
+  for path in sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))):
+    module = sweeps.load_config_module(path)
+    for name in sweeps.declared_sweeps(module):
+      full = sweeps.get_points(path, name, validate=False)
+      local = sweeps.get_points(path, name, runlocal=True)
+      assert [p.name for p in local] == [p.name for p in full], (path, name)
+      assert all(p.config_arg.endswith(',runlocal') and p.config.total_steps == 4
+                 for p in local), (path, name)
+      count += len(local)
+  assert count >= 54
+  digits = sweeps.get_points(os.path.join(ROOT, 'configs', 'spikformer.py'), 'digits-small',
+                             runlocal=True)
+  assert {p.config_arg for p in digits} == {'digits,runlocal'}
+
+
 def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   cfg = _write_config(
       tmp_path, "sweeps.chain(sweeps.grid(**{'model.T': [1, 2]}), "
@@ -110,9 +132,10 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   wd = tmp_path / 'wd'
   common = {'total_steps': 4, 'ckpt_every_steps': 2, 'eval_every_epochs': 0,
             'log_every_steps': 2}
-  # An interrupted point: T=1 as killed after its step-2 checkpoint (the same
+  # Every run is --runlocal (the points' smoke configs, end to end). An
+  # interrupted point: T=1 as killed after its step-2 checkpoint (the same
   # run, with its step-4 checkpoint and final metrics removed).
-  pre = subprocess.run(sweeps.point_command(cfg, 'tiny', 'T=1', str(wd / 'T=1'), common),
+  pre = subprocess.run(sweeps.point_command(cfg, 'tiny', 'T=1', str(wd / 'T=1'), common, True),
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert pre.returncode == 0, pre.stderr[-2000:]
   assert sorted(os.listdir(wd / 'T=1' / 'checkpoints')) == ['2', '4']
@@ -121,7 +144,7 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   assert sweeps.point_status(str(wd / 'T=1')) == 'interrupted'
 
   log = []
-  result = sweeps.run(cfg, 'tiny', str(wd), common=common, log=log.append)
+  result = sweeps.run(cfg, 'tiny', str(wd), common=common, runlocal=True, log=log.append)
   assert result == {'T=1': 'finished', 'T=2': 'finished', 'broken': 'failed'}
   assert '[resume] T=1' in log and '[start] T=2' in log
   resumed = json.loads((wd / 'T=1' / 'final_metrics.json').read_text())
@@ -132,7 +155,7 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
 
   before = (wd / 'T=2' / 'final_metrics.json').stat().st_mtime_ns
   log.clear()
-  result = sweeps.run(cfg, 'tiny', str(wd), common=common, log=log.append)
+  result = sweeps.run(cfg, 'tiny', str(wd), common=common, runlocal=True, log=log.append)
   assert '[skip] T=1: finished' in log and '[skip] T=2: finished' in log
   assert '[start] broken' in log and result['broken'] == 'failed'  # retried, still failing
   assert (wd / 'T=2' / 'final_metrics.json').stat().st_mtime_ns == before
@@ -156,20 +179,26 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   cli = subprocess.run([sys.executable, 'sweep.py', 'collect', f'--workdir={wd}'],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert cli.returncode == 0 and '3 points; wrote' in cli.stdout
+  # A --set field that points sweep themselves is reported (on stderr: stdout
+  # is the commands), and the points keep their own values.
   cmds = subprocess.run([sys.executable, 'sweep.py', 'commands', f'--config={cfg}',
-                         '--sweep=tiny', f'--workdir={wd}', '--set', 'total_steps=4'],
+                         '--sweep=tiny', f'--workdir={wd}', '--set', 'total_steps=4',
+                         '--set', 'model.T=3', '--runlocal'],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert cmds.returncode == 0, cmds.stderr
+  assert cmds.stderr.strip().splitlines() == [
+      'warning: --set model.T (in 2 points: T=1, T=2): these points set the field '
+      'themselves and keep their own value.']
   lines = cmds.stdout.strip().splitlines()
   assert len(lines) == 3 and all('sweep.py point' in l and '--set=total_steps=4' in l
-                                 for l in lines)
+                                 and l.endswith('--runlocal') for l in lines)
 
   # Changing a point's config under a trained point is refused, never mixed.
   changed = {**common, 'total_steps': 6}
   with pytest.raises(ValueError, match=r'trained with other values of total_steps; delete'):
-    sweeps.run_point(cfg, 'tiny', 'T=1', str(wd / 'T=1'), changed)
+    sweeps.run_point(cfg, 'tiny', 'T=1', str(wd / 'T=1'), changed, runlocal=True)
   log.clear()
-  result = sweeps.run(cfg, 'tiny', str(wd), common=changed, log=log.append)
+  result = sweeps.run(cfg, 'tiny', str(wd), common=changed, runlocal=True, log=log.append)
   assert result == {'T=1': 'conflict', 'T=2': 'conflict', 'broken': 'failed'}
   assert any(l.startswith('[CONFLICT] T=2:') and 'total_steps' in l for l in log)
   assert (wd / 'T=2' / 'final_metrics.json').stat().st_mtime_ns == before
@@ -180,11 +209,105 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
     sweeps.write_manifest(cfg, 'other', str(wd), [])
 
 
-def test_common_overrides_fill_in_but_points_keep_their_own(tmp_path):
+def test_common_overrides_fill_in_but_points_keep_their_own(tmp_path, capsys):
   cfg = _write_config(tmp_path, "sweeps.grid(**{'model.T': [1, 2]})")
-  points = sweeps.get_points(cfg, 'tiny', {'model.T': 5, 'epochs': 3})
+  common = {'model.T': 5, 'epochs': 3}
+  points = sweeps.get_points(cfg, 'tiny', common)
   assert [(p.name, p.config.model.T, p.config.epochs) for p in points] == \
       [('T=1', 1, 3), ('T=2', 2, 3)]
+  # ... and that is reported, not silent: by `list`, `commands` (see above) and `run`.
+  warning = ('warning: --set model.T (in all 2 points: T=1, T=2): these points set the '
+             'field themselves and keep their own value.')
+  assert sweeps.overridden_common(points, common) == warning
+  assert sweeps.overridden_common(points, {'epochs': 3}) == ''
+  assert sweep.main(['list', f'--config={cfg}', '--set', 'model.T=5', '--set', 'epochs=3']) == 0
+  out, err = capsys.readouterr()
+  assert err.splitlines() == [warning] and out.splitlines() == ['tiny: 2 points', '  T=1', '  T=2']
+  for name in ('T=1', 'T=2'):  # directories of another experiment: nothing trains
+    (tmp_path / 'wd' / name).mkdir(parents=True)
+    (tmp_path / 'wd' / name / 'config.json').write_text('{"config": {}}')
+  log = []
+  assert sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'), common=common, log=log.append) == \
+      {'T=1': 'conflict', 'T=2': 'conflict'}
+  assert log[0] == warning
+
+
+def _fake_points(monkeypatch, scripts):
+  """Point processes replaced by `python -c scripts[point]` (POINT_DIR: its directory)."""
+  monkeypatch.setattr(sweeps, 'point_command', lambda _c, _s, point, pdir, *a: [
+      sys.executable, '-c', scripts[point].replace('POINT_DIR', pdir)])
+
+
+def test_run_records_stopped_busy_and_killed_points(tmp_path, monkeypatch):
+  cfg = _write_config(tmp_path, "sweeps.grid(**{'model.T': [1, 2, 3, 4]})")
+  _fake_points(monkeypatch, {
+      'T=1': "print('preempted (SIGTERM) at step 2/4: saved; rerun to resume.'); exit(143)",
+      # The process holding T=2 writes to T=2's sweep.log too.
+      'T=2': "print('error: the workdir /w/T=2 is in use by process 12 on h', flush=True)\n"
+             "open('POINT_DIR/sweep.log', 'a').write('step 20/400 | loss 2.3\\n'); exit(75)",
+      'T=3': "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+      'T=4': "print('interrupted (SIGINT) at step 1/4: saved.'); exit(130)"})
+  wd = tmp_path / 'wd'
+  log = []
+  result = sweeps.run(cfg, 'tiny', str(wd), log=log.append)
+  assert result == {'T=1': 'preempted', 'T=2': 'busy', 'T=3': 'failed', 'T=4': 'interrupted'}
+  assert '[PREEMPTED] T=1 (exit 143): preempted (SIGTERM) at step 2/4: saved; rerun to ' \
+         'resume.' in log
+  assert '[BUSY] T=2 (exit 75): error: the workdir /w/T=2 is in use by process 12 on h' in log
+  assert '[FAILED] T=3 (killed by SIGKILL): ' in log
+  status = json.loads((wd / 'status.json').read_text())
+  assert [status[p]['returncode'] for p in ('T=1', 'T=2', 'T=3', 'T=4')] == [143, 75, -9, 130]
+  assert 'in use by process 12' in status['T=2']['error']
+  assert 'step 20/400' not in status['T=2']['error']  # the other process's line
+  assert 'step 20/400' in (wd / 'T=2' / 'sweep.log').read_text()
+
+
+def test_ctrl_c_starts_no_new_point_and_records_the_running_one(tmp_path, monkeypatch):
+  cfg = _write_config(tmp_path, "sweeps.grid(**{'model.T': [1, 2, 3]})")
+  # T=1 gets Ctrl-C as from a terminal (the sweep process is signalled too),
+  # saves once the sweep has noticed (`stopping`) and exits 130; T=2 and T=3
+  # must not start.
+  noticed = tmp_path / 'noticed'
+  _fake_points(monkeypatch, {
+      'T=1': "import os, signal, time; os.kill(os.getppid(), signal.SIGINT)\n"
+             f"while not os.path.exists({str(noticed)!r}): time.sleep(0.05)\n"
+             "print('interrupted (SIGINT) at step 1/4: saved.'); exit(130)",
+      'T=2': 'exit(0)', 'T=3': 'exit(0)'})
+  log = []
+
+  def record(line):
+    log.append(line)
+    if line.startswith('[stopping]'):
+      noticed.touch()
+
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'), log=record)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert log == ['[start] T=1', '[stopping] waiting for the running points to save their step',
+                 '[INTERRUPTED] T=1 (exit 130): interrupted (SIGINT) at step 1/4: saved.']
+  status = json.loads((tmp_path / 'wd' / 'status.json').read_text())
+  assert list(status) == ['T=1'] and status['T=1']['status'] == 'interrupted'
+
+
+def test_point_stopped_busy_and_clear_errors_are_one_line(tmp_path, monkeypatch, capsys):
+  argv = ['point', '--config=c.py', '--sweep=s', '--point=p', f'--workdir={tmp_path}']
+  for exc, code, line in [
+      (errors.Stopped('preempted (SIGTERM) at step 3/8: saved.', 143), 143,
+       'preempted (SIGTERM) at step 3/8: saved.'),
+      (errors.Stopped('interrupted (SIGINT) at step 3/8: saved.', 130), 130,
+       'interrupted (SIGINT) at step 3/8: saved.'),
+      (errors.WorkdirBusy(f'the workdir {tmp_path} is in use by process 12 on h.'),
+       sweeps.BUSY_EXIT, f'error: the workdir {tmp_path} is in use by process 12 on h.'),
+      (ValueError('bad value\n  of a field'), 1, 'error: bad value of a field'),
+      (PermissionError(13, 'Permission denied'), 1, 'error: [Errno 13] Permission denied')]:
+    def fail(*_a, exc=exc):
+      raise exc
+    monkeypatch.setattr(sweeps, 'run_point', fail)
+    assert sweep.main(argv) == code, exc
+    assert capsys.readouterr().err.splitlines() == [line]
 
 
 def test_commands_use_absolute_paths_and_declared_paper_numbers(tmp_path, monkeypatch):
