@@ -64,6 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spikeformer_jax import attention
+from spikeformer_jax import blocks
 from spikeformer_jax import layers
 
 E_MAC_PJ = 4.6
@@ -120,7 +122,7 @@ def _synapse_call(self, x):
 
 def _ordered_call(self, x):
   _CALL_ORDER.append(self.analysis_name)
-  if isinstance(self, layers.SpikingAttention):
+  if isinstance(self, blocks.SpikingAttention):
     self.sow(nnx.Intermediate, 'tokens', jnp.asarray(x.shape[1:]))
   return super(type(self), self).__call__(x)
 
@@ -138,7 +140,7 @@ def _recording_class(cls: type) -> type:
   return _RECORDING[cls]
 
 
-RECORDED = (nnx.Linear, nnx.Conv, layers.SpikingNeuron, layers.SpikingAttention)
+RECORDED = (nnx.Linear, nnx.Conv, layers.SpikingNeuron, blocks.SpikingAttention)
 
 
 @contextlib.contextmanager
@@ -202,46 +204,22 @@ def collect(model: nnx.Module, batches: Iterable, T: int) -> dict:
   return {'sums': sums, 'flags': flags, 'examples': examples, 'order': order or []}
 
 
-def _attention_products(attn: layers.SpikingAttention, name: str, T: int, tokens, rate):
-  """Rows for the activation products of one attention module, per example.
+def _attention_products(attn: blocks.SpikingAttention, name: str, T: int, tokens, rate):
+  """Rows for the activation products of one attention module, per example:
+  the products its kind computes (attention.Kind.products), as AC when an
+  operand spikes (at the lowest rate of the spiking ones), else MAC.
 
   `rate(neuron)` is the firing rate of that neuron under `name` (None if absent).
   """
   n, c = (int(v) for v in tokens)
-  h = attn.num_heads
-  d = c // h
-  kind = attn.kind
   rows = []
-
-  def product(label, macs, *operands):
+  for label, macs, *operands in attention.get(attn.kind).products(attn, T=T, n=n, c=c,
+                                                                  rate=rate):
     spiking = [r for r in operands if r is not None]
-    if len(spiking) == len(operands):
+    if spiking:
       rows.append((label, macs, 'AC', min(spiking) * macs))
-    elif spiking:
-      rows.append((label, macs, 'AC', spiking[0] * macs))
     else:
       rows.append((label, macs, 'MAC', float(macs)))
-
-  fq, fk, fv = rate('q_lif'), rate('k_lif'), rate('v_lif')
-  if kind == 'sdsa':
-    product('k*v token sum', T * n * c, fk, fv)
-  elif kind == 'mssa':
-    for branch in ('q', 'p'):
-      fr = rate(f'{branch}_lif')
-      if fr is not None:
-        rows.append((f'sum_d {branch.upper()}', T * n * c, 'AC', fr * T * n * c))
-  else:
-    # VSA forms its softmax map whatever the order (vanilla_self_attention).
-    order = 'qk_first' if kind in ('vsa', 'vsa_float_v') else attn.order
-    if order == 'auto':
-      order = 'kv_first' if n > d else 'qk_first'
-    map_is_spiking = None  # an N x N (or d x d) map of counts or reals: not spikes
-    if order == 'qk_first':
-      product('Q K^T', T * h * n * n * d, fq, fk)
-      product('(Q K^T) V', T * h * n * n * d, map_is_spiking, fv)
-    else:
-      product('K^T V', T * h * n * d * d, fk, fv)
-      product('Q (K^T V)', T * h * n * d * d, fq, map_is_spiking)
   return [(f'{name}.{label}', macs, op, sops) for label, macs, op, sops in rows]
 
 
@@ -272,7 +250,7 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
       rows += pending[1]  # the products go after Q/K/V, before the projection
       pending = None
     m = modules.get(name)
-    if isinstance(m, layers.SpikingAttention):
+    if isinstance(m, blocks.SpikingAttention):
       pending = (name, [
           {'layer': lname, 'type': 'attention', 'input': 'activations', 'macs': macs,
            'op': op, 'sops': sops if op == 'AC' else 0.0, 'input_rate': None}

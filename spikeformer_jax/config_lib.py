@@ -7,6 +7,7 @@ import json
 import ml_collections
 
 from spikeformer_jax import data as data_lib
+from spikeformer_jax import models
 from spikeformer_jax.data import mixup
 
 NORM = data_lib.NORM
@@ -80,12 +81,7 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
 def runlocal(c):
   """Shrinks any variant to seconds on CPU, on synthetic data of its kind."""
   m = c.model
-  if m.name == 'msvit':  # widths scaled to a last stage of 32, one block per stage
-    m.dims = tuple(d * 32 // m.dims[-1] for d in m.dims)
-    m.depths = (1,) * len(m.dims)
-    m.num_heads, m.T = 2, 2
-  else:
-    m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
+  models.get(m.name).runlocal(m)  # the family's own shrink
   m.img_size = min(m.img_size, 32)
   d = c.data
   if d.name != 'digits':

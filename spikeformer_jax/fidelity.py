@@ -31,7 +31,6 @@ from flax import nnx
 from spikeformer_jax import convert
 from spikeformer_jax import errors
 from spikeformer_jax import models
-from spikeformer_jax.models import msvit, sdt, spikformer
 
 # Pass criteria of the fixtures' README, section 5 (float64 port).
 TOL_OUTPUT = 1e-9       # logits and loss, relative to max|ref|
@@ -40,80 +39,15 @@ TOL_ZERO_GRAD = 1e-12   # zero-gradient parameters, relative to the global max
 TOL_BN = 1e-12          # running statistics, relative to max|ref|
 TOL_RATE = 1e-12        # spike rates (identical spike counts)
 
-_SPIKFORMER_FILES = {'cifar10/model.py': 'cifar', 'imagenet/model.py': 'imagenet',
-                     'cifar10dvs/model.py': 'dvs'}
-
-
 def model_config_from_fixture(cfg: dict):
-  """Our `config.model` for the architecture a fixture was recorded from."""
+  """Our `config.model` for the architecture a fixture was recorded from
+  (each family maps its official source files: Family.from_fixture)."""
   family = cfg.get('family')
-  if family == 'sdt':
-    return _sdt_config(cfg)
-  if family == 'msvit':
-    return _msvit_config(cfg)
-  if family != 'spikformer':
+  if family not in models.names() or models.get(family).from_fixture is None:
     raise NotImplementedError(
-        f"fixture family {family!r} is not implemented in this version; "
-        "supported: 'spikformer', 'sdt', 'msvit'.")
-  flavour = _SPIKFORMER_FILES.get(cfg['file'])
-  if flavour is None:
-    raise ValueError(f"unknown Spikformer source file {cfg['file']!r}; "
-                     f'expected one of {sorted(_SPIKFORMER_FILES)}.')
-  kw = cfg['constructor_args_full']
-  mc = spikformer.model_config(
-      flavour, embed_dim=kw['embed_dims'], depth=kw['depths'],
-      num_heads=kw['num_heads'], T=cfg['T'], num_classes=kw['num_classes'],
-      img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
-  mc.in_channels = kw['in_channels']
-  mc.dead_modules = True
-  mc.dtype = 'float64'
-  return mc
-
-
-# MSViT source file -> (graph, extra model fields).
-_MSVIT_FILES = {
-    'imagenet/msformer.py': ('imagenet', {}),
-    'cifar10/model.py': ('cifar', {}),
-    'cifar100/model.py': ('cifar', dict(mssa_kernels=((1, 1),) * 3, mssa_p_sum=False)),
-}
-
-
-def _msvit_config(cfg: dict):
-  if cfg['file'] not in _MSVIT_FILES:
-    raise ValueError(f"unknown MSViT source file {cfg['file']!r}; expected one of "
-                     f'{sorted(_MSVIT_FILES)}.')
-  graph, extra = _MSVIT_FILES[cfg['file']]
-  kw = cfg['constructor_args_full']
-  mc = msvit.model_config(
-      graph, embed_dim=kw['embed_dims'], depth=kw['depths'],
-      # the CIFAR constructor overrides num_heads with 8 in every stage
-      num_heads=8 if graph == 'cifar' else kw['num_heads'], T=cfg['T'],
-      num_classes=kw['num_classes'], img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
-  mc.in_channels = kw['in_channels']
-  mc.update(extra)
-  # The attention threshold the recorded code actually used (1.0 in the
-  # released files, whose neuron factory ignores the requested 0.5).
-  vths = {v['v_threshold'] for n, v in cfg['lif_neurons'].items() if n.endswith('attn_lif')}
-  if len(vths) == 1:
-    mc.attn_v_threshold = vths.pop()
-  mc.dtype = 'float64'
-  return mc
-
-
-def _sdt_config(cfg: dict):
-  kw = cfg['constructor_args_full']
-  if kw.get('spike_mode', 'lif') != 'lif' or kw.get('TET'):
-    raise ValueError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
-                     f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is checked.")
-  mc = sdt.model_config('cifar', embed_dim=kw['embed_dims'], depth=kw['depths'],
-                        num_heads=kw['num_heads'], T=cfg['T'], num_classes=kw['num_classes'],
-                        img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
-  mc.in_channels = kw['in_channels']
-  mc.pooling = kw['pooling_stat']
-  mc.dvs_mode = bool(kw['dvs_mode'])
-  mc.dead_modules = True
-  mc.dtype = 'float64'
-  return mc
+        f"fixture family {family!r} is not implemented in this version; supported: "
+        f"{', '.join(repr(n) for n in models.names() if models.get(n).from_fixture)}.")
+  return models.get(family).from_fixture(cfg)
 
 
 def _to_nhwc(x: np.ndarray) -> np.ndarray:

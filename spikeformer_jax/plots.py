@@ -18,6 +18,8 @@ from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from spikeformer_jax import attention
+from spikeformer_jax import blocks
 from spikeformer_jax import layers
 
 DPI = 120
@@ -154,16 +156,6 @@ def learning_curves(metrics_jsonl: str, path: str) -> str:
 # Attention maps.
 # --------------------------------------------------------------------------
 
-# What SpikingAttention sows per kind (see its docstring), for the title.
-_MAPS = {
-    'ssa': 'Q K^T * scale', 'a_i': 'Q K^T * scale (float Q, K)',
-    'a_relu': 'ReLU(Q) ReLU(K)^T * scale', 'a_leakyrelu': 'LReLU(Q) LReLU(K)^T * scale',
-    'a2os2a': 'Q K^T', 'vsa': 'Softmax(Q K^T / sqrt(d))',
-    'vsa_float_v': 'Softmax(Q K^T / sqrt(d))',
-    'sdsa': 'talking_heads_lif: channel mask on Q', 'mssa': 'attn_lif: token mask on K',
-}
-
-
 # One compiled forward per model structure and input shape.
 _capture = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))
 
@@ -174,12 +166,12 @@ def _natural_key(name: str) -> list:
   return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
 
 
-def attention_modules(model: nnx.Module) -> list[tuple[str, layers.SpikingAttention]]:
+def attention_modules(model: nnx.Module) -> list[tuple[str, blocks.SpikingAttention]]:
   """('block.0.attn', module) for every SpikingAttention of `model`, in
   network order: paths in natural order (block.2 < block.10, stage1 <
   stage2), the order in which all three families run their blocks."""
   found = [('.'.join(map(str, p)), m) for p, m in nnx.iter_modules(model)
-           if isinstance(m, layers.SpikingAttention)]
+           if isinstance(m, blocks.SpikingAttention)]
   return sorted(found, key=lambda nm: _natural_key(nm[0]))
 
 
@@ -238,13 +230,8 @@ def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,
   inputs = _input_panels(np.asarray(x[example], np.float32), T)
 
   rows, cols = maps.shape[-2:]
-  square = attn.kind not in ('sdsa', 'mssa')
-  if square:
-    ylabel, xlabel = 'query token', 'key token'
-  elif attn.kind == 'mssa':  # [N, 1], or [N, d] with mssa_p_sum=False
-    ylabel, xlabel = 'token', 'channel' if cols > 1 else ''
-  else:  # sdsa: [1, d]
-    ylabel, xlabel = '', 'channel'
+  kind = attention.get(attn.kind)
+  ylabel, xlabel, square = kind.map_axes(rows, cols)
   n_in = 1 if inputs else 0
   fig = _figure(2.0 * (len(heads) + n_in) + 1.0, 1.9 * len(ts) + 0.7)
   grid = np.asarray(fig.subplots(len(ts), len(heads) + n_in, squeeze=False))
@@ -273,6 +260,6 @@ def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,
       if i == len(ts) - 1:
         ax.set_xlabel(xlabel, fontsize=8)
   fig.colorbar(im, ax=grid[:, n_in:].ravel().tolist(), shrink=0.8)
-  fig.suptitle(f'{attn.kind}: {_MAPS.get(attn.kind, "attention map")}\n'
+  fig.suptitle(f'{attn.kind}: {kind.picture}\n'
                f'{name} (attention block {block}), example {example}', fontsize=10)
   return _save(fig, path)

@@ -15,8 +15,8 @@ built abstractly, still before compiling.
 
 from __future__ import annotations
 
-import re
 
+from spikeformer_jax import attention
 from spikeformer_jax import data as data_lib
 from spikeformer_jax import layers
 from spikeformer_jax import models
@@ -76,35 +76,16 @@ def validate_config(config):
 
 def _validate_model(c):
   m = c.model
-  if m.name not in models.FAMILIES:
-    raise ValueError(f'model.name={m.name!r}; valid: {", ".join(models.FAMILIES)}.')
-  attention = m.get('attention', 'ssa')
-  for kind in (attention,) if isinstance(attention, str) else tuple(attention):
-    if kind not in layers.ATTENTION_KINDS:
-      raise ValueError(f'model.attention={attention!r}; valid kinds: '
-                       f'{", ".join(layers.ATTENTION_KINDS)}.')
+  family = models.get(m.name)  # raises with the registered names
+  attention_kinds = m.get('attention', 'ssa')
+  for kind in (attention_kinds,) if isinstance(attention_kinds, str) else tuple(attention_kinds):
+    if kind not in attention.names():
+      raise ValueError(f'model.attention={attention_kinds!r}; valid kinds: '
+                       f'{", ".join(attention.names())}.')
   _require(m.T >= 1, f'model.T={m.T}: the number of timesteps must be >= 1.')
   for field in ('img_size', 'in_channels', 'num_classes'):
     _at_least(c, f'model.{field}', 1)
-  if m.name == 'msvit':  # sizes per stage; also needed by models.downsampling below
-    from spikeformer_jax.models import msvit  # pylint: disable=import-outside-toplevel
-    msvit.check_config(m)
-  else:
-    if m.embed_dim % m.num_heads:
-      raise ValueError(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads='
-                       f'{m.num_heads}; valid heads: '
-                       f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
-    _at_least(c, 'model.depth', 1)
-    _require(m.embed_dim % 8 == 0, f'model.embed_dim={m.embed_dim} must be a multiple of 8 '
-             '(the patch stem widths are D/8, D/4, D/2, D).')
-    pooling = m.get('pooling') or ''
-    if not pooling:
-      from spikeformer_jax.models import spikformer  # pylint: disable=import-outside-toplevel
-      _require(m.get('flavour') in spikformer.FLAVOURS,
-               f'model.flavour={m.get("flavour")!r}; valid: {sorted(spikformer.FLAVOURS)}.')
-    _require(not pooling or re.fullmatch('[01]{4}', pooling),
-             f"model.pooling={pooling!r}: four '0'/'1' characters, one per stage of the "
-             "patch stem (1: max-pooled), or '' for the flavour's.")
+  family.check(m)  # the family's own sizes; also what models.downsampling needs
   _require(m.get('mlp_ratio', 4.0) > 0, f'model.mlp_ratio={m.get("mlp_ratio")} must be > 0.')
   for field in ('remat', 'remat_stem'):
     if m.get(field, '') not in layers.REMAT_POLICIES:

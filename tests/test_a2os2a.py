@@ -9,7 +9,9 @@ from flax import nnx
 from conftest import ROOT  # noqa: F401  (puts the repo root on sys.path)
 from configs import a2os2a as a2os2a_configs
 from configs import sdt as sdt_configs
-from spikeformer_jax import convert, layers, models, neurons, train_lib
+from spikeformer_jax import attention, blocks, convert, layers, models, neurons, train_lib
+from spikeformer_jax.attention import a2os2a as a2os2a_kind
+from spikeformer_jax.attention import ablations, sdsa as sdsa_kind, ssa as ssa_kind
 from spikeformer_jax.models import sdt
 from spikeformer_jax.data import mixup
 
@@ -45,20 +47,20 @@ def test_ternary_surrogate_gradient_hand_computed():
 
 def _attention(order='auto'):
   s = layers.Settings(T=2)
-  return layers.SpikingAttention(
+  return blocks.SpikingAttention(
       16, 2, s=s, kind='a2os2a', style='sdt', order=order, init='trunc_normal',
-      ternary=neurons.Neuron(kind='ternary'), rngs=nnx.Rngs(0))
+      rngs=nnx.Rngs(0))
 
 
 def test_a2os2a_operands_and_addition_only_product(monkeypatch):
   seen = {}
-  real = layers.a2os2a_self_attention
+  real = a2os2a_kind.a2os2a_self_attention
   def spy(q, k, v, *, order):
     seen.update(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v))
     out = real(q, k, v, order=order)
     seen['out'] = np.asarray(out)
     return out
-  monkeypatch.setattr(layers, 'a2os2a_self_attention', spy)
+  monkeypatch.setattr(a2os2a_kind, 'a2os2a_self_attention', spy)
   x = 2.0 * jax.random.normal(jax.random.key(0), (4, 9, 16))  # [B*T, N, C] membrane
   _attention()(x)
   q, k, v = seen['q'], seen['k'], seen['v']
@@ -78,8 +80,8 @@ def test_a2os2a_product_orders_are_equal():
   q = (x > 0).astype(jnp.float32)
   k = jax.nn.relu(jax.random.normal(jax.random.key(2), x.shape))
   v = jnp.sign(jnp.round(jax.random.normal(jax.random.key(3), x.shape)))
-  a = layers.a2os2a_self_attention(q, k, v, order='qk_first')
-  b = layers.a2os2a_self_attention(q, k, v, order='kv_first')
+  a = a2os2a_kind.a2os2a_self_attention(q, k, v, order='qk_first')
+  b = a2os2a_kind.a2os2a_self_attention(q, k, v, order='kv_first')
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -151,16 +153,16 @@ _NEURONS = {'ssa': (True, True, 'lif'), 'sdsa': (True, True, 'lif'),
             'mssa': (True, True, None)}  # MSViT: Q, P and K neurons, no V
 
 
-@pytest.mark.parametrize('style', layers.ATTENTION_STYLES)
+@pytest.mark.parametrize('style', blocks.STYLES)
 def test_every_attention_kind_in_every_backbone_style(style):
   """Each kind has its own neurons, runs in each backbone's block style, and
   trains (finite, non-zero gradients)."""
-  assert set(_NEURONS) == set(layers.ATTENTION_KINDS)
+  assert set(_NEURONS) == set(attention.names())
   x = 2.0 * jax.random.normal(jax.random.key(5), (4, 9, 16))  # [B*T, N, C]
   for kind, (q_n, k_n, v_n) in _NEURONS.items():
-    attn = layers.SpikingAttention(
+    attn = blocks.SpikingAttention(
         16, 2, s=layers.Settings(T=2), kind=kind, style=style, init='trunc_normal',
-        ternary=neurons.Neuron(kind='ternary'), rngs=nnx.Rngs(0))
+        rngs=nnx.Rngs(0))
     assert hasattr(attn, 'q_lif') == q_n and hasattr(attn, 'k_lif') == k_n, kind
     assert (attn.v_lif.neuron.kind if hasattr(attn, 'v_lif') else None) == v_n, kind
     assert hasattr(attn, 'shortcut_lif') == (style == 'sdt')
@@ -179,12 +181,12 @@ def test_attention_cores_compute_different_functions():
   q = (jax.random.uniform(key[0], (2, 6, 4)) > 0.5).astype(jnp.float32)
   k = (jax.random.uniform(key[1], (2, 6, 4)) > 0.5).astype(jnp.float32)
   v = (jax.random.uniform(key[2], (2, 6, 4)) > 0.5).astype(jnp.float32)
-  ssa = layers.spiking_self_attention(q, k, v, scale=0.125, order='auto')
+  ssa = ssa_kind.spiking_self_attention(q, k, v, scale=0.125, order='auto')
   np.testing.assert_allclose(ssa, np.asarray(q) @ np.asarray(k).swapaxes(-1, -2) @ np.asarray(v) * 0.125, rtol=1e-6)
-  vsa = layers.vanilla_self_attention(q, k, v)
+  vsa = ablations.vanilla_self_attention(q, k, v)
   a = np.exp(np.asarray(q) @ np.asarray(k).swapaxes(-1, -2) / 2.0)
   np.testing.assert_allclose(vsa, (a / a.sum(-1, keepdims=True)) @ np.asarray(v), rtol=1e-5)
-  sdsa = layers.spike_driven_self_attention(q, k, v, lambda z: (z >= 0.5).astype(z.dtype))
+  sdsa = sdsa_kind.spike_driven_self_attention(q, k, v, lambda z: (z >= 0.5).astype(z.dtype))
   np.testing.assert_array_equal(sdsa, np.asarray(q) * ((np.asarray(k) * np.asarray(v)).sum(-2, keepdims=True) >= 0.5))
   assert not np.allclose(ssa, vsa) and not np.allclose(ssa, sdsa)
 

@@ -10,6 +10,7 @@ from flax import nnx
 
 from spikeformer_jax import layers
 from spikeformer_jax import neurons
+from spikeformer_jax.attention import ssa
 
 # --------------------------------------------------------------------------
 # max_pool
@@ -298,13 +299,13 @@ def test_spiking_self_attention_orders_agree(n, d, scale):
   ref = counts.astype(np.float32) * np.float32(scale)
   outs = {}
   for order in ('qk_first', 'kv_first', 'auto'):
-    y = layers.spiking_self_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+    y = ssa.spiking_self_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                       scale=scale, order=order)
     assert y.dtype == jnp.float32 and y.shape == (2, 3, n, d)
     outs[order] = np.asarray(y)
     np.testing.assert_array_equal(outs[order], ref, err_msg=order)
   # bfloat16 spikes: products run in float32, counts stay exact.
-  y = layers.spiking_self_attention(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
+  y = ssa.spiking_self_attention(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
                                     jnp.asarray(v, jnp.bfloat16), scale=scale, order='auto')
   assert y.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(y), ref)
@@ -313,7 +314,7 @@ def test_spiking_self_attention_orders_agree(n, d, scale):
 def test_spiking_self_attention_bad_order():
   x = jnp.zeros((1, 1, 2, 2))
   with pytest.raises(ValueError):
-    layers.spiking_self_attention(x, x, x, scale=1.0, order='vq_first')
+    ssa.spiking_self_attention(x, x, x, scale=1.0, order='vq_first')
 
 
 # --------------------------------------------------------------------------

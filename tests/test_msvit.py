@@ -13,7 +13,8 @@ from flax import nnx
 
 from configs import msvit as msvit_cfgs  # the repo root is on sys.path (conftest)
 from conftest import ROOT
-from spikeformer_jax import convert, layers, models, neurons, optim
+from spikeformer_jax import blocks, convert, layers, models, neurons, optim
+from spikeformer_jax.attention import mssa
 from spikeformer_jax.models import msvit
 from test_train import assert_eight_devices_equal_one
 
@@ -130,12 +131,12 @@ def test_mssa_by_hand():
   q = jnp.array([[[[1, 0], [0, 0], [1, 1]]]], jnp.float32)   # [1, h=1, N=3, d=2]
   p = jnp.array([[[[1, 0], [1, 0], [0, 0]]]], jnp.float32)
   k = jnp.array([[[[1, 1], [1, 0], [0, 1]]]], jnp.float32)
-  y = layers.multi_scale_spiking_attention(q, p, k, lif)
+  y = mssa.multi_scale_spiking_attention(q, p, k, lif)
   np.testing.assert_array_equal(y, [[[[1, 1], [0, 0], [0, 1]]]])  # sums 2, 1, 2
   # QKFormer: Q alone; the per-channel variant keeps P's channel axis.
-  np.testing.assert_array_equal(layers.multi_scale_spiking_attention(q, None, k, lif),
+  np.testing.assert_array_equal(mssa.multi_scale_spiking_attention(q, None, k, lif),
                                 [[[[0, 0], [0, 0], [0, 1]]]])
-  y = layers.multi_scale_spiking_attention(q, p, k, lif, p_sum=False)
+  y = mssa.multi_scale_spiking_attention(q, p, k, lif, p_sum=False)
   # q sums 1, 0, 2 plus P per channel: [2, 1], [1, 0], [2, 2]
   np.testing.assert_array_equal(y, [[[[1, 0], [0, 0], [0, 1]]]])
 
@@ -144,7 +145,7 @@ def test_mssa_sums_stay_exact_in_bfloat16():
   d = 300  # channel counts above bfloat16's 256-integer range
   q = jnp.ones((1, 1, 1, d), jnp.bfloat16)
   captured = []
-  y = layers.multi_scale_spiking_attention(q, q, q, lambda a: captured.append(a) or (a >= 600))
+  y = mssa.multi_scale_spiking_attention(q, q, q, lambda a: captured.append(a) or (a >= 600))
   assert captured[0].dtype == jnp.float32 and float(captured[0][0, 0, 0, 0]) == 600.0
   assert y.dtype == jnp.bfloat16
 
@@ -153,7 +154,7 @@ def test_p_conv_runs_over_the_flattened_token_index():
   """The kernel-3 P conv sees row-major tokens: the last token of an image row
   neighbours the first of the next, as the official Conv1d over N = H * W."""
   s = layers.Settings(T=1)
-  att = layers.SpikingAttention(4, 1, s=s, kind='mssa', init='torch_default',
+  att = blocks.SpikingAttention(4, 1, s=s, kind='mssa', init='torch_default',
                                 rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (1, 6, 4))  # a 2 x 3 grid, flattened
   w = np.asarray(att.p_conv.kernel.get_value())          # [3, in, out]

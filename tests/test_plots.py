@@ -15,7 +15,7 @@ from configs import a2os2a as a2os2a_cfgs  # the repo root is on sys.path (conft
 from configs import msvit as msvit_cfgs
 from configs import sdt as sdt_cfgs
 from configs import spikformer as spikformer_cfgs
-from spikeformer_jax import layers, models, neurons, plots
+from spikeformer_jax import blocks, layers, models, neurons, plots
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -156,7 +156,7 @@ def test_recording_attention_keeps_logits(case):
 
 def _attention(kind, style, order='qk_first'):
   s = layers.Settings(T=2, neuron=neurons.Neuron())
-  attn = nnx.eval_shape(lambda: layers.SpikingAttention(
+  attn = nnx.eval_shape(lambda: blocks.SpikingAttention(
       16, 2, s=s, kind=kind, style=style, scale=0.125, order=order, init='trunc_normal',
       rngs=nnx.Rngs(0)))
   _randomise(attn, seed=3).eval()

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spikeformer_jax import blocks
 from spikeformer_jax import layers
 from spikeformer_jax.layers import Settings, max_pool
+from spikeformer_jax.models import common
 
 # Pooling per dataset in the official configs (spec 2.1).
 POOLING = {'cifar': '0011', 'imagenet': '1111', 'gesture': '0111', 'cifar10dvs': '0011'}
@@ -84,12 +86,12 @@ class MS_MLP(nnx.Module):  # pylint: disable=invalid-name
 class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, s: Settings,
-               cfg: ml_collections.ConfigDict, ternary, erode_hw, rngs: nnx.Rngs):
-    self.attn = layers.SpikingAttention(
+               cfg: ml_collections.ConfigDict, erode_hw, rngs: nnx.Rngs):
+    self.attn = blocks.SpikingAttention(
         dim, num_heads, s=s, kind=cfg.attention, style='sdt', scale=0.125,
         order=cfg.attn_order or 'auto', qkv_bias=False,
-        attn_v_threshold=cfg.attn_v_threshold, init='trunc_normal', ternary=ternary,
-        proj=cfg.attn_proj, erode_hw=erode_hw, dead_modules=cfg.dead_modules, rngs=rngs)
+        attn_v_threshold=cfg.attn_v_threshold, init='trunc_normal', proj=cfg.attn_proj,
+        erode_hw=erode_hw, dead_modules=cfg.dead_modules, model=cfg, rngs=rngs)
     self.mlp = MS_MLP(dim, int(dim * mlp_ratio), s=s, rngs=rngs)
 
   def __call__(self, u: jax.Array) -> jax.Array:
@@ -100,15 +102,14 @@ class SDT(nnx.Module):
   """Input: images [B, H, W, C] (repeated over T) or frames [B, T, H, W, C].
   Output: logits [B, classes], or [B, T, classes] with `per_timestep_logits`."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, ternary=None,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
     dim = cfg.embed_dim
     self.patch_embed = MS_SPS(cfg.in_channels, dim, cfg.pooling, s=s, rngs=rngs)
     grid = cfg.img_size // 2 ** cfg.pooling.count('1')
     erode_hw = (grid, grid) if cfg.dvs_mode else None
     self.block = nnx.List([
-        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, cfg=cfg, ternary=ternary,
-              erode_hw=erode_hw, rngs=rngs) for _ in range(cfg.depth)])
+        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, cfg=cfg, erode_hw=erode_hw, rngs=rngs)
+        for _ in range(cfg.depth)])
     self.head_lif = s.lif()
     self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=layers.torch_default_kernel_init,
                            bias_init=layers.torch_default_bias_init(dim), dtype=s.dtype,
@@ -137,7 +138,6 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
   """`config.model` of an SDT (attention='sdsa') or A2OS2A (attention='a2os2a')."""
   if dataset not in POOLING:
     raise ValueError(f'dataset={dataset!r}; valid: {sorted(POOLING)}.')
-  from spikeformer_jax.models import neuron_config, ternary_config  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict(dict(
       name='sdt', embed_dim=embed_dim, depth=depth, num_heads=num_heads,
       mlp_ratio=float(mlp_ratio), T=T,
@@ -150,4 +150,42 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
       attn_proj=True,             # projection conv + BN after the attention
       dead_modules=False, dtype='float32', remat='', remat_stem='',
       compact_spikes=True, weight_grad='auto',  # synapses.py
-      neuron=neuron_config(), ternary=ternary_config()))
+      **common.shared_fields()))  # neuron; attention kinds' own (A2OS2A's ternary V)
+
+
+def check_config(m: ml_collections.ConfigDict):
+  """One clear error per malformed SDT `config.model`."""
+  common.check_heads(m)
+  common.check_pooling(m.pooling)
+
+
+def downsampling(m: ml_collections.ConfigDict) -> int:
+  """Every pooled MS_SPS stage halves the image."""
+  return 2 ** m.pooling.count('1')
+
+
+def describe(m: ml_collections.ConfigDict) -> str:
+  return f'sdt {m.attention} {m.depth}-{m.embed_dim}'
+
+
+def from_fixture(rec: dict) -> ml_collections.ConfigDict:
+  """Our `config.model` for the architecture a fidelity recording is of."""
+  kw = rec['constructor_args_full']
+  if kw.get('spike_mode', 'lif') != 'lif' or kw.get('TET'):
+    raise ValueError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
+                     f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is checked.")
+  mc = model_config('cifar', embed_dim=kw['embed_dims'], depth=kw['depths'],
+                    num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
+                    img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+  mc.in_channels = kw['in_channels']
+  mc.pooling = kw['pooling_stat']
+  mc.dvs_mode = bool(kw['dvs_mode'])
+  mc.dead_modules = True
+  mc.dtype = 'float64'
+  return mc
+
+
+FAMILY = common.Family(
+    name='sdt', model=SDT, model_config=model_config, check=check_config,
+    downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
+    from_fixture=from_fixture)

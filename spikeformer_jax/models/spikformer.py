@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spikeformer_jax import blocks
 from spikeformer_jax import layers
 from spikeformer_jax.layers import Settings, max_pool
+from spikeformer_jax.models import common
 
 FLAVOURS = {
     'cifar': dict(pooling='0011', qkv_bias=True, dense_init='trunc_normal',
@@ -67,16 +69,16 @@ class Block(nnx.Module):
   """x = x + SSA(x); x = x + MLP(x): a spike-add (integer-valued) residual."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, s: Settings,
-               flavour: dict, attention: str, attn_v_threshold: float, ternary,
-               dead_modules: bool, rngs: nnx.Rngs):
+               flavour: dict, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    dead_modules = cfg.dead_modules
     if dead_modules:  # built, never called (official Block.norm1 / norm2)
       self.norm1 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
       self.norm2 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
-    self.attn = layers.SpikingAttention(
-        dim, num_heads, s=s, kind=attention, style='spikformer',
+    self.attn = blocks.SpikingAttention(
+        dim, num_heads, s=s, kind=cfg.get('attention', 'ssa'), style='spikformer',
         scale=flavour['attn_scale'], order=flavour['attn_order'],
-        qkv_bias=flavour['qkv_bias'], attn_v_threshold=attn_v_threshold,
-        init=flavour['dense_init'], ternary=ternary, dead_modules=dead_modules, rngs=rngs)
+        qkv_bias=flavour['qkv_bias'], attn_v_threshold=cfg.attn_v_threshold,
+        init=flavour['dense_init'], dead_modules=dead_modules, model=cfg, rngs=rngs)
     self.mlp = layers.SpikingMLP(dim, int(dim * mlp_ratio), s=s,
                                  init=flavour['dense_init'], rngs=rngs)
 
@@ -89,8 +91,7 @@ class Spikformer(nnx.Module):
   """Spikformer. Input: images [B, H, W, C] (repeated over T, direct encoding)
   or event frames [B, T, H, W, C]. Output: logits [B, num_classes]."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, ternary=None,
-               rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
     if cfg.flavour not in FLAVOURS:
       raise ValueError(f'model.flavour={cfg.flavour!r}; valid: {sorted(FLAVOURS)}.')
     flavour = dict(FLAVOURS[cfg.flavour])
@@ -101,9 +102,7 @@ class Spikformer(nnx.Module):
     layers.check_spike_sums(s, cfg.depth)
     self.patch_embed = SPS(cfg.in_channels, dim, flavour['pooling'], s=s, rngs=rngs)
     self.block = nnx.List([
-        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, flavour=flavour,
-              attention=cfg.get('attention', 'ssa'), attn_v_threshold=cfg.attn_v_threshold,
-              ternary=ternary, dead_modules=cfg.dead_modules, rngs=rngs)
+        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, flavour=flavour, cfg=cfg, rngs=rngs)
         for _ in range(cfg.depth)])
     if cfg.dead_modules and cfg.flavour == 'dvs':  # official, never used
       n_tokens = (cfg.img_size // 16) ** 2
@@ -134,7 +133,6 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
   """The `config.model` of a Spikformer, with the official flavour's defaults."""
   if flavour not in FLAVOURS:
     raise ValueError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
-  from spikeformer_jax.models import neuron_config, ternary_config  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict(dict(
       name='spikformer',
       flavour=flavour,
@@ -150,7 +148,7 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       pooling='',
       attn_order='',
       attn_scale=0.0,
-      attention='ssa',     # ssa (official) | sdsa | a2os2a: the attention on this backbone
+      attention='ssa',     # ssa (official), or any kind of attention.names() on this backbone
       attn_v_threshold=0.5,
       dead_modules=False,  # True: also build the official code's unused modules
       remat='',            # layers.REMAT_POLICIES: recompute each block in the backward pass
@@ -158,6 +156,50 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       compact_spikes=True,     # save conv / linear spike inputs as int8 (exact; synapses.py)
       weight_grad='auto',    # auto | xla | gemm: how conv / linear weight gradients are formed
       dtype='float32',
-      neuron=neuron_config(),
-      ternary=ternary_config(),  # A2OS2A's V neuron, used when attention='a2os2a'
+      **common.shared_fields(),  # neuron; attention kinds' own (A2OS2A's ternary V)
   ))
+
+
+def check_config(m: ml_collections.ConfigDict):
+  """One clear error per malformed Spikformer `config.model`."""
+  common.check_heads(m)
+  pooling = m.get('pooling') or ''
+  if not pooling and m.get('flavour') not in FLAVOURS:
+    raise ValueError(f'model.flavour={m.get("flavour")!r}; valid: {sorted(FLAVOURS)}.')
+  common.check_pooling(pooling)
+
+
+def downsampling(m: ml_collections.ConfigDict) -> int:
+  """Every pooled SPS stage halves the image."""
+  return 2 ** (m.get('pooling') or FLAVOURS[m.flavour]['pooling']).count('1')
+
+
+def describe(m: ml_collections.ConfigDict) -> str:
+  return f'spikformer {m.flavour} {m.depth}-{m.embed_dim}'
+
+
+# Official source file of a fidelity recording -> flavour.
+_FIXTURE_FILES = {'cifar10/model.py': 'cifar', 'imagenet/model.py': 'imagenet',
+                  'cifar10dvs/model.py': 'dvs'}
+
+
+def from_fixture(rec: dict) -> ml_collections.ConfigDict:
+  """Our `config.model` for the architecture a fidelity recording is of."""
+  flavour = _FIXTURE_FILES.get(rec['file'])
+  if flavour is None:
+    raise ValueError(f"unknown Spikformer source file {rec['file']!r}; "
+                     f'expected one of {sorted(_FIXTURE_FILES)}.')
+  kw = rec['constructor_args_full']
+  mc = model_config(flavour, embed_dim=kw['embed_dims'], depth=kw['depths'],
+                    num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
+                    img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+  mc.in_channels = kw['in_channels']
+  mc.dead_modules = True
+  mc.dtype = 'float64'
+  return mc
+
+
+FAMILY = common.Family(
+    name='spikformer', model=Spikformer, model_config=model_config, check=check_config,
+    downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
+    from_fixture=from_fixture)

@@ -1,0 +1,191 @@
+"""What an attention kind is, and the registry that is the only list of them.
+
+A kind is the part of a block's attention that papers change: how Q, K, V
+(or their stand-ins) are made from the tokens, the equation that combines
+them, what that costs, and what its attention picture shows. The block's
+style around it (Spikformer's output neuron, SDT's membrane shortcut) and the
+output projection belong to `blocks.SpikingAttention`, which builds the
+kind's submodules on itself under the official names (`q_linear`, `attn_lif`,
+...), so parameter paths and checkpoints do not depend on where a kind lives.
+
+A new kind is one file:
+
+    from spikeformer_jax import attention
+
+    class MyKind(attention.Kind):
+      name = 'mine'
+      picture = 'Q K^T'                       # what record_map sows, for plots
+      def build(self, attn, ctx):             # submodules, on attn
+        attention.build_qkv(attn, ctx)        # q/k/v _linear, _bn, _lif
+        attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+      def forward(self, attn, x):             # [B*T, N, C] -> [B*T, N, C]
+        ...
+      def products(self, attn, *, T, n, c, rate):  # for eval.py --analyze
+        ...
+
+    attention.register(MyKind())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from spikeformer_jax import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a kind may read while it builds its submodules (one block)."""
+  dim: int
+  num_heads: int
+  s: layers.Settings
+  init: str                    # dense init: 'trunc_normal' or 'torch_default'
+  qkv_bias: bool
+  scale: float                 # the backbone's attention scale
+  order: str                   # 'qk_first' | 'kv_first' | 'auto'
+  attn_v_threshold: float      # threshold of the neuron after the attention
+  rngs: nnx.Rngs
+  model: ml_collections.ConfigDict | None = None  # config.model (kinds' own fields)
+  options: dict = dataclasses.field(default_factory=dict)  # per-block extras of a family
+
+  def linear(self) -> nnx.Linear:
+    """The token-wise dim -> dim map of Q, K and V (spike inputs)."""
+    return self.s.linear(self.dim, self.dim, bias=self.qkv_bias, init=self.init,
+                         rngs=self.rngs, spikes_in=True)
+
+
+class Kind:
+  """One attention kind; stateless (the parameters live on the module)."""
+  name: str = ''
+  picture: str = 'attention map'  # what record_map sows (the attention picture's title)
+  config: dict[str, Callable[[], ml_collections.ConfigDict]] = {}  # its config.model fields
+
+  def build(self, attn: nnx.Module, ctx: Context):
+    raise NotImplementedError
+
+  def forward(self, attn: nnx.Module, x: jax.Array) -> jax.Array:
+    """Tokens [B*T, N, C] (spikes) -> [B*T, N, C], before the block's projection."""
+    raise NotImplementedError
+
+  def products(self, attn: nnx.Module, *, T: int, n: int, c: int,
+               rate: Callable[[str], float | None]) -> list[tuple]:
+    """The activation products per example: (label, MACs, operand rates...);
+    `rate(neuron_name)` is a neuron's firing rate, None marks a real operand."""
+    raise NotImplementedError
+
+  def map_axes(self, rows: int, cols: int) -> tuple[str, str, bool]:
+    """(y label, x label, square) of one recorded map [rows, cols]."""
+    del rows, cols
+    return 'query token', 'key token', True
+
+  def check(self, model: ml_collections.ConfigDict):
+    """Config errors of this kind, one line each (before anything is built)."""
+
+
+_KINDS: dict[str, Kind] = {}
+
+
+def register(kind: Kind, *, replace: bool = False) -> Kind:
+  """Makes `kind` available as `config.model.attention=kind.name`."""
+  if not kind.name or not kind.name.isidentifier():
+    raise ValueError(f'attention kind name {kind.name!r}: use a Python identifier.')
+  if kind.name in _KINDS and not replace:
+    raise ValueError(f'attention kind {kind.name!r} is registered already.')
+  _KINDS[kind.name] = kind
+  return kind
+
+
+def unregister(name: str):
+  _KINDS.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+  """The registered kinds, in registration order."""
+  return tuple(_KINDS)
+
+
+def get(name: str) -> Kind:
+  if name not in _KINDS:
+    raise ValueError(f'attention kind {name!r}; valid kinds: {", ".join(_KINDS)}.')
+  return _KINDS[name]
+
+
+def config_fields() -> dict[str, ml_collections.ConfigDict]:
+  """Every kind's own `config.model` fields (e.g. A2OS2A's `ternary`), with
+  their defaults: each family's model config carries them, so any kind runs
+  on any backbone by config."""
+  return {k: make() for kind in _KINDS.values() for k, make in kind.config.items()}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def build_qkv(attn: nnx.Module, ctx: Context, *, q_lif: bool = True, k_lif: bool = True,
+              v_lif: Any = True):
+  """q/k/v_linear and q/k/v_bn, and the neurons asked for: v_lif may be a
+  `layers.SpikingNeuron` of the kind's own (A2OS2A's ternary one)."""
+  attn.q_linear, attn.q_bn = ctx.linear(), ctx.s.bn(ctx.dim)
+  if q_lif:
+    attn.q_lif = ctx.s.lif()
+  attn.k_linear, attn.k_bn = ctx.linear(), ctx.s.bn(ctx.dim)
+  if k_lif:
+    attn.k_lif = ctx.s.lif()
+  attn.v_linear, attn.v_bn = ctx.linear(), ctx.s.bn(ctx.dim)
+  if v_lif is True:
+    attn.v_lif = ctx.s.lif()
+  elif v_lif:
+    attn.v_lif = v_lif
+
+
+def qkv(attn: nnx.Module, x: jax.Array):
+  """BN(W x) of Q, K and V, before their neurons."""
+  return (attn.q_bn(attn.q_linear(x)), attn.k_bn(attn.k_linear(x)),
+          attn.v_bn(attn.v_linear(x)))
+
+
+def erode(x: jax.Array, spatial: tuple | None) -> jax.Array:
+  """SDT's DVS `Erode`: MaxPool3d((1,3,3), 1, (0,1,1)) on the last two axes of
+  the official 5-D tensor. spatial=(H, W): pool tokens [BT, N, C] over the
+  image grid; None: pool [BT, h, N, d] over (token index, head channel), as the
+  official code does for k*v and q*kv."""
+  if spatial is not None:
+    bt, n, c = x.shape
+    y = layers.max_pool(x.reshape(bt, spatial[0], spatial[1], c), 3, 1, 1)
+    return y.reshape(bt, n, c)
+  return layers.max_pool(x.reshape((-1,) + x.shape[-2:] + (1,)), 3, 1, 1).reshape(x.shape)
+
+
+def erode_kv(attn: nnx.Module, k: jax.Array, v: jax.Array):
+  """K and V eroded on SDT's DVS backbone (`erode_hw` set), else unchanged."""
+  if attn.erode_hw is None:
+    return k, v
+  return erode(k, attn.erode_hw), erode(v, attn.erode_hw)
+
+
+def heads(attn: nnx.Module, *xs):
+  return tuple(None if x is None else layers.split_heads(x, attn.num_heads) for x in xs)
+
+
+def matmul_products(order: str, *, T: int, n: int, c: int, h: int, fq, fk, fv) -> list[tuple]:
+  """The two matrix products of Q K^T V in `order`; the N x N (or d x d) map
+  in between holds counts or reals, not spikes."""
+  d = c // h
+  if order == 'auto':
+    order = 'kv_first' if n > d else 'qk_first'
+  if order == 'qk_first':
+    return [('Q K^T', T * h * n * n * d, fq, fk),
+            ('(Q K^T) V', T * h * n * n * d, None, fv)]
+  return [('K^T V', T * h * n * d * d, fk, fv), ('Q (K^T V)', T * h * n * d * d, fq, None)]
+
+
+def qk_map(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Q K^T per head in at least float32 (exact counts), for recording."""
+  from spikeformer_jax import neurons  # pylint: disable=import-outside-toplevel
+  dt = neurons.membrane_dtype(q.dtype)
+  return q.astype(dt) @ jnp.swapaxes(k.astype(dt), -1, -2)

@@ -1,0 +1,108 @@
+"""What every model family shares: the neuron and layer settings from
+`config.model`, and `Family`, the protocol by which a family is found by name.
+
+A family module (spikformer.py, sdt.py, msvit.py) ends with
+`FAMILY = Family(...)`; models/__init__.py registers them. Nothing outside a
+family's module compares family names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from spikeformer_jax import attention
+from spikeformer_jax import layers
+from spikeformer_jax import neurons
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family: everything the rest of the code asks of one."""
+  name: str
+  model: Callable[..., nnx.Module]  # model(config.model, s=Settings, rngs=...)
+  model_config: Callable[..., ml_collections.ConfigDict]  # its config.model defaults
+  check: Callable[[ml_collections.ConfigDict], None]  # one-line errors, before building
+  downsampling: Callable[[ml_collections.ConfigDict], int]  # image size / token grid
+  describe: Callable[[ml_collections.ConfigDict], str]  # 'spikformer cifar 4-384'
+  runlocal: Callable[[ml_collections.ConfigDict], None]  # shrink config.model in place
+  from_fixture: Callable[[dict], ml_collections.ConfigDict] | None = None  # fidelity
+
+
+def neuron_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.model.neuron`: the fields of `neurons.Neuron` (SpikingJelly defaults).
+
+  alpha 0 takes the surrogate's own default (sigmoid 4, atan 2, triangle 1).
+  """
+  cfg = ml_collections.ConfigDict(dict(
+      tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
+      detach_reset=True, surrogate='sigmoid', alpha=0.0, loop='scan', unroll=0))
+  cfg.update(overrides)
+  return cfg
+
+
+def shared_fields() -> dict:
+  """`config.model` fields of every family: the neuron and the attention
+  kinds' own fields (any kind runs on any backbone by config)."""
+  return dict(neuron=neuron_config(), **attention.config_fields())
+
+
+def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
+  return neurons.Neuron(
+      kind='lif', tau=cfg.tau, decay_input=cfg.decay_input,
+      v_threshold=cfg.v_threshold, v_reset=None if cfg.soft_reset else cfg.v_reset,
+      detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha or None,
+      loop=cfg.loop, unroll=cfg.unroll)
+
+
+def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Settings:
+  """Layer settings from `config.model`: T, neuron, dtypes and BN groups."""
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f'model.dtype={cfg.dtype!r}; valid: {sorted(DTYPES)}.')
+  dtype = DTYPES[cfg.dtype]
+  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError("model.dtype='float64' needs 64-bit JAX: set "
+                     "JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True).")
+  # Parameters stay float32 under bfloat16 compute; float64 runs all in float64.
+  param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  return layers.Settings(T=cfg.T, neuron=make_neuron(cfg.neuron), dtype=dtype,
+                         param_dtype=param_dtype, bn_groups=bn_groups,
+                         compact_spikes=bool(cfg.get('compact_spikes', True)),
+                         weight_grad=cfg.get('weight_grad', 'auto'))
+
+
+def check_heads(m: ml_collections.ConfigDict):
+  """One width for all blocks (Spikformer, SDT): heads divide it; the patch
+  stem's widths D/8..D need a multiple of 8."""
+  if m.embed_dim % m.num_heads:
+    raise ValueError(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads='
+                     f'{m.num_heads}; valid heads: '
+                     f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
+  if m.depth < 1:
+    raise ValueError(f'model.depth={m.depth} must be >= 1.')
+  if m.embed_dim % 8:
+    raise ValueError(f'model.embed_dim={m.embed_dim} must be a multiple of 8 (the patch '
+                     'stem widths are D/8, D/4, D/2, D).')
+
+
+def check_pooling(pooling: str):
+  if pooling and (len(pooling) != 4 or set(pooling) - {'0', '1'}):
+    raise ValueError(f"model.pooling={pooling!r}: four '0'/'1' characters, one per stage "
+                     "of the patch stem (1: max-pooled), or '' for the flavour's.")
+
+
+def flat_runlocal(m: ml_collections.ConfigDict):
+  """Spikformer / SDT in seconds on CPU: one block of width 32, 2 heads, T=2."""
+  m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters (like PyTorch's `parameters()`)."""
+  return sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
