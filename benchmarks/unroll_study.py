@@ -52,7 +52,7 @@ import optax
 from flax import nnx
 
 from benchmarks.train_step import load_config, peak_memory  # pylint: disable=g-import-not-at-top
-from spikeformer_jax import config_lib, layers, sharding, train_lib  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import blocks, config_lib, sharding, train_lib  # pylint: disable=g-import-not-at-top
 
 
 SYNAPSES = {'autodiff': {'model.compact_spikes': False, 'model.weight_grad': 'xla'},
@@ -237,9 +237,9 @@ def main(argv=None):
   p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results', 'unroll_study'))
   a = p.parse_args(argv)
   remats = a.remat.split(',')
-  bad = [r for r in remats if r not in layers.REMAT_POLICIES]
+  bad = [r for r in remats if r not in blocks.REMAT_POLICIES]
   if bad:
-    sys.exit(f'--remat: unknown {bad}; valid: {list(layers.REMAT_POLICIES)}.')
+    sys.exit(f'--remat: unknown {bad}; valid: {list(blocks.REMAT_POLICIES)}.')
   synapses, loops = a.synapses.split(','), a.loops.split(',')
   if set(synapses) - set(SYNAPSES) or set(loops) - {'scan', 'python', 'vjp'}:
     sys.exit(f'--synapses from {list(SYNAPSES)}, --loops from scan, python, vjp.')

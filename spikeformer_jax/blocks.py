@@ -1,5 +1,7 @@
-"""The attention sublayer of a transformer block: an attention kind (see
-spikeformer_jax/attention) inside the block's style and output projection."""
+"""What the families' blocks are made of: the attention sublayer (an attention
+kind, see spikeformer_jax/attention, inside the block's style and output
+projection), the spiking MLP, the SPS patch-stem stages, the token-mean head,
+and the rematerialisation of a block's forward (model.remat)."""
 
 from __future__ import annotations
 
@@ -46,8 +48,6 @@ class SpikingAttention(nnx.Module):
     impl = attention.get(kind)
     if style not in STYLES:
       raise ValueError(f'attention style {style!r}; valid: {STYLES}.')
-    if dim % num_heads:
-      raise ValueError(f'embed dim {dim} is not divisible by num_heads {num_heads}.')
     if style == 'sdt':
       self.shortcut_lif = s.lif()
     self.kind, self.style, self.proj = kind, style, proj
@@ -98,3 +98,86 @@ class SpikingAttention(nnx.Module):
     if self.style == 'sdt':
       return y + identity
     return self.proj_lif(y)
+
+
+# Rematerialisation of each block's forward in the backward pass (model.remat).
+REMAT_POLICIES = {
+    '': None,                 # save what autodiff saves
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    'dots': jax.checkpoint_policies.dots_saveable,     # keep matmul / conv outputs
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def method_call(name: str, *static):
+  """fn(module, x) = module.name(*static, x), the static arguments closed over
+  (remat would trace a default argument)."""
+  return lambda m, y: getattr(m, name)(*static, y)
+
+
+def check_remat(remat: str, field: str = 'model.remat'):
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'{field}={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
+
+
+def apply_block(block, x: jax.Array, remat: str = '', fn=None) -> jax.Array:
+  """fn(block, x) (default block(x)), its activations recomputed in the
+  backward pass under policy `remat` (REMAT_POLICIES; '' saves them as usual).
+  Same values and gradients: only memory and time change."""
+  check_remat(remat)
+  fn = fn or (lambda m, y: m(y))
+  if not remat:
+    return fn(block, x)
+  return nnx.remat(fn, policy=REMAT_POLICIES[remat])(block, x)
+
+
+SPS_STAGES = ('', '1', '2', '3')  # official suffixes: proj_conv, proj_conv1, ...
+
+
+def add_sps_stages(module: nnx.Module, in_channels: int, dim: int, pooling: str, *,
+                   s: layers.Settings, init: str, rngs: nnx.Rngs):
+  """The four conv-BN-LIF stages (widths D/8, D/4, D/2, D) that Spikformer's
+  SPS and SDT's MS_SPS share, under their official names; checks `pooling`."""
+  if len(pooling) != 4 or set(pooling) - {'0', '1'}:
+    raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
+  if dim % 8:
+    raise ValueError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
+  widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
+  for i, sfx in enumerate(SPS_STAGES):
+    setattr(module, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], init=init, rngs=rngs,
+                                              spikes_in=i > 0))
+    setattr(module, f'proj_bn{sfx}', s.bn(widths[i + 1]))
+    setattr(module, f'proj_lif{sfx}', s.lif())
+
+
+def mean_token_head(head, x: jax.Array, batch: int, T: int, per_timestep: bool,
+                    logits_dtype) -> jax.Array:
+  """Spikformer's and MSViT's head: tokens [B*T, N, C] -> mean over tokens,
+  then over T, then `head` (Linear). per_timestep (for the TET loss) returns
+  head of every timestep's features, [B, T, classes]; the head is linear, so
+  their mean over T equals the ordinary logits."""
+  x = x.mean(axis=1).reshape(batch, T, -1)
+  if per_timestep:
+    return head(x).astype(logits_dtype)
+  return head(x.mean(axis=1)).astype(logits_dtype)
+
+
+class SpikingMLP(nnx.Module):
+  """fc1_lif(fc1_bn(fc1_linear(x))) -> fc2_lif(fc2_bn(fc2_linear(.))), tokens [B*T, N, C].
+
+  `names` are the official prefixes of the two layers (MSViT's CIFAR files
+  call them mlp1, mlp2)."""
+
+  def __init__(self, dim: int, hidden: int, *, s: layers.Settings, init: str, rngs: nnx.Rngs,
+               names: tuple = ('fc1', 'fc2')):
+    for name, (din, dout) in zip(names, ((dim, hidden), (hidden, dim))):
+      setattr(self, f'{name}_linear', s.linear(din, dout, bias=True, init=init, rngs=rngs,
+                                               spikes_in=True))
+      setattr(self, f'{name}_bn', s.bn(dout))
+      setattr(self, f'{name}_lif', s.lif())
+    self.names = tuple(names)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for name in self.names:
+      x = getattr(self, f'{name}_lif')(getattr(self, f'{name}_bn')(getattr(self, f'{name}_linear')(x)))
+    return x

@@ -75,6 +75,7 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.paper_top1 = 0.0
   c.target_top1 = 0.0          # if set, the last line says whether it was reached
   c.allow_config_change = False  # resume even if model-defining fields changed
+  c.plugins = ()               # modules to import first: they register attention kinds / families
   return c
 
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
-from spikeformer_jax import layers
+from spikeformer_jax import norm
 
 DPI = 120
 
@@ -200,7 +200,7 @@ def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,
   timestep's event frame. Returns `path`.
   """
   if any(not m.use_running_average for _, m in nnx.iter_modules(model)
-         if isinstance(m, layers.BatchNorm)):
+         if isinstance(m, norm.BatchNorm)):
     raise ValueError('attention_maps needs an eval-mode model (call model.eval()): a '
                      'train-mode forward normalises by the batch and updates BatchNorm.')
   mods = attention_modules(model)

@@ -170,7 +170,8 @@ def varying_keys(points: list[dict]) -> list[str]:
 def check_buildable(config: ml_collections.ConfigDict):
   """Builds the model abstractly (no arrays): catches sizes that do not fit."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import models, optim  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import models, optim, validation  # pylint: disable=import-outside-toplevel
+  validation.load_plugins(config)  # their kinds / families, before building
   nnx.eval_shape(lambda: models.build_model(config.model))
   if config.optimizer.get('schedule', 'timm_cosine') not in optim.SCHEDULES:
     raise ValueError(f'optimizer.schedule={config.optimizer.schedule!r}; valid: '

@@ -31,8 +31,8 @@ from jax.experimental import multihost_utils
 
 from spikeformer_jax import checkpointing
 from spikeformer_jax import config_lib
-from spikeformer_jax import errors
 from spikeformer_jax import data as data_lib
+from spikeformer_jax import errors
 from spikeformer_jax import metrics as metrics_lib
 from spikeformer_jax import models
 from spikeformer_jax import optim

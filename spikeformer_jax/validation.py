@@ -15,10 +15,12 @@ built abstractly, still before compiling.
 
 from __future__ import annotations
 
+import importlib
+
 
 from spikeformer_jax import attention
+from spikeformer_jax import blocks
 from spikeformer_jax import data as data_lib
-from spikeformer_jax import layers
 from spikeformer_jax import models
 from spikeformer_jax import optim
 from spikeformer_jax import synapses
@@ -67,8 +69,22 @@ def _probability(config, field: str):
     _require(0 <= value <= 1, f'{field}={value} is a probability: use a value in [0, 1].')
 
 
+def load_plugins(config):
+  """Imports `config.plugins`, the modules that register attention kinds or
+  model families (docs/extending.md): a run's config.json names them, so
+  eval.py and resumed runs find them again."""
+  for name in config.get('plugins', ()) or ():
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f'plugins: cannot import {name!r} ({e}); make it importable '
+                       '(installed, on PYTHONPATH, or in the working directory).') from e
+
+
 def validate_config(config):
-  """Everything that needs the config alone (no data, no devices): cheap."""
+  """Everything that needs the config alone (no data, no devices): cheap.
+  Imports `config.plugins` first."""
+  load_plugins(config)
   _validate_model(config)
   _validate_data_config(config)
   _validate_training(config)
@@ -82,15 +98,14 @@ def _validate_model(c):
     if kind not in attention.names():
       raise ValueError(f'model.attention={attention_kinds!r}; valid kinds: '
                        f'{", ".join(attention.names())}.')
+    attention.get(kind).check(m)  # the kind's own fields
   _require(m.T >= 1, f'model.T={m.T}: the number of timesteps must be >= 1.')
   for field in ('img_size', 'in_channels', 'num_classes'):
     _at_least(c, f'model.{field}', 1)
   family.check(m)  # the family's own sizes; also what models.downsampling needs
   _require(m.get('mlp_ratio', 4.0) > 0, f'model.mlp_ratio={m.get("mlp_ratio")} must be > 0.')
   for field in ('remat', 'remat_stem'):
-    if m.get(field, '') not in layers.REMAT_POLICIES:
-      raise ValueError(f'model.{field}={m[field]!r}; valid: '
-                       f'{", ".join(map(repr, layers.REMAT_POLICIES))}.')
+    blocks.check_remat(m.get(field, ''), f'model.{field}')
   synapses.resolve(m.get('weight_grad', 'auto'))  # raises on an unknown name
   dtype = m.get('dtype', 'float32')
   _require(dtype in models.DTYPES, f'model.dtype={dtype!r}; valid: {sorted(models.DTYPES)}.')

@@ -10,6 +10,8 @@ from flax import nnx
 
 from spikeformer_jax import layers
 from spikeformer_jax import neurons
+from spikeformer_jax import norm
+from spikeformer_jax import ops
 from spikeformer_jax.attention import ssa
 
 # --------------------------------------------------------------------------
@@ -61,7 +63,7 @@ def _pool_and_grads(xs, gs, window, stride, padding):
   """[(max_pool(x), vjp(g)) for x, g in zip(xs, gs)] in one compiled program."""
   res = []
   for x, g in zip(xs, gs):
-    y, vjp = jax.vjp(lambda x: layers.max_pool(x, window, stride, padding), x)
+    y, vjp = jax.vjp(lambda x: ops.max_pool(x, window, stride, padding), x)
     res.append((y, vjp(g)[0]))
   return res
 
@@ -149,7 +151,7 @@ def _bn_ref(x, scale, bias, eps, groups=1):
 
 
 def _bn_with_random_state(c, rs, **kw):
-  bn = layers.BatchNorm(c, **kw)
+  bn = norm.BatchNorm(c, **kw)
   bn.scale[...] = jnp.asarray(rs.uniform(0.5, 2.0, c), jnp.float32)
   bn.bias[...] = jnp.asarray(rs.randn(c), jnp.float32)
   bn.mean[...] = jnp.asarray(rs.randn(c), jnp.float32)
@@ -257,7 +259,7 @@ def test_batchnorm_groups():
 
 
 def test_batchnorm_groups_must_divide_leading_axis():
-  bn = layers.BatchNorm(3, groups=3)
+  bn = norm.BatchNorm(3, groups=3)
   with pytest.raises(ValueError):
     bn(jnp.zeros((4, 2, 3)))
   assert int(bn.count[...]) == 0

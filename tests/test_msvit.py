@@ -13,6 +13,8 @@ from flax import nnx
 
 from configs import msvit as msvit_cfgs  # the repo root is on sys.path (conftest)
 from conftest import ROOT
+from spikeformer_jax import norm
+from spikeformer_jax import ops
 from spikeformer_jax import blocks, convert, layers, models, neurons, optim
 from spikeformer_jax.attention import mssa
 from spikeformer_jax.models import msvit
@@ -94,7 +96,7 @@ def test_shapes_at_every_stage(graph, img, grids):
   @nnx.jit
   def run(model, inp):
     embeds, outs = [], []
-    x = layers.fold_time(inp, T, jnp.float32)
+    x = ops.fold_time(inp, T, jnp.float32)
     for i in range(1, len(mc.dims) + 1):
       x = getattr(model, f'patch_embed{i}')(x)
       embeds.append(x)
@@ -206,7 +208,7 @@ def test_ssa_proj_lif_couples_the_batch_as_released():
     model.eval()  # running statistics: no coupling through BatchNorm
     rng = np.random.default_rng(0)
     for _, m in nnx.iter_graph(model):
-      if isinstance(m, layers.BatchNorm):  # make every layer fire, as the fixtures do
+      if isinstance(m, norm.BatchNorm):  # make every layer fire, as the fixtures do
         m.bias.set_value(1.2 + 0.5 * rng.standard_normal(m.bias.get_value().shape))
     return np.asarray(fwd(model, x))[1], np.asarray(fwd(model, x2))[1]
   a, b = logits(True)

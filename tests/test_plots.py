@@ -15,6 +15,7 @@ from configs import a2os2a as a2os2a_cfgs  # the repo root is on sys.path (conft
 from configs import msvit as msvit_cfgs
 from configs import sdt as sdt_cfgs
 from configs import spikformer as spikformer_cfgs
+from spikeformer_jax import ops
 from spikeformer_jax import blocks, layers, models, neurons, plots
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -176,7 +177,7 @@ def test_ssa_map_is_spike_qk_times_scale():
     k = attn.k_lif(attn.k_bn(attn.k_linear(x)))
     return inter['attention_map'].get_value()[0], q, k
   amap, q, k = map(np.asarray, run(attn, x))
-  qh, kh = (np.asarray(layers.split_heads(jnp.asarray(t), 2)) for t in (q, k))
+  qh, kh = (np.asarray(ops.split_heads(jnp.asarray(t), 2)) for t in (q, k))
   assert qh.any() and kh.any() and set(np.unique(qh)) <= {0.0, 1.0}
   ref = (qh @ kh.transpose(0, 1, 3, 2)) * 0.125  # spike counts: exact
   assert amap.shape == (4, 2, 6, 6) and len(np.unique(ref)) > 2
@@ -191,8 +192,8 @@ def test_sdsa_map_is_the_talking_heads_gate():
   def run(attn, u):
     _, inter = nnx.capture(attn, nnx.Intermediate)(u)
     x = attn.shortcut_lif(u)
-    k = layers.split_heads(attn.k_lif(attn.k_bn(attn.k_linear(x))), 2)
-    v = layers.split_heads(attn.v_lif(attn.v_bn(attn.v_linear(x))), 2)
+    k = ops.split_heads(attn.k_lif(attn.k_bn(attn.k_linear(x))), 2)
+    v = ops.split_heads(attn.v_lif(attn.v_bn(attn.v_linear(x))), 2)
     kv = (k * v).sum(axis=-2, keepdims=True)  # [4, 2, 1, 8]
     return inter['attention_map'].get_value()[0], attn.talking_heads_lif(kv.reshape(4, -1))
   amap, gate = map(np.asarray, run(attn, u))

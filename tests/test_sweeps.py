@@ -65,7 +65,7 @@ def test_invalid_points_are_rejected_before_anything_runs(tmp_path):
     sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'))
   msg = str(e.value)
   assert '3 of 4 sweep points are invalid (nothing was run)' in msg
-  assert 'not divisible by num_heads 5' in msg
+  assert 'is not divisible by model.num_heads=5' in msg
   assert "unknown config field 'model.nope'" in msg
   assert "model.T='four'" in msg
   assert not (tmp_path / 'wd').exists()

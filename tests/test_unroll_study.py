@@ -13,7 +13,7 @@ from flax import nnx
 
 from conftest import ROOT  # noqa: F401
 from benchmarks import unroll_study
-from spikeformer_jax import layers, models, train_lib
+from spikeformer_jax import blocks, models, train_lib
 
 
 def test_choices_cover_scan_unrolls_python_vjp_and_remat():
@@ -57,7 +57,7 @@ def test_remat_policies_do_not_change_results(family, variant):
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   y = jnp.arange(4) % 10
   results = {}
-  for remat in layers.REMAT_POLICIES:
+  for remat in blocks.REMAT_POLICIES:
     c.remat = c.remat_stem = remat
     model = models.build_model(c, seed=0)
     model.train()
@@ -71,4 +71,4 @@ def test_remat_policies_do_not_change_results(family, variant):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(results[''])):
       np.testing.assert_array_equal(a, b, err_msg=remat)
   with pytest.raises(ValueError, match="model.remat='all'; valid: '', 'full'"):
-    layers.apply_block(None, x, 'all')
+    blocks.apply_block(None, x, 'all')

@@ -51,8 +51,7 @@ class A2OS2A(ssa.SSA):
   config = {'ternary': ternary_config}
 
   def build(self, attn, ctx):
-    t = ctx.model.ternary if ctx.model is not None and 'ternary' in ctx.model else \
-        ternary_config()
+    t = self.own_config(ctx, 'ternary')
     base.build_qkv(attn, ctx, k_lif=False,
                    v_lif=layers.SpikingNeuron(make_ternary(ctx.s.neuron, t), ctx.s.T))
     attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)

@@ -37,6 +37,7 @@ import ml_collections
 from flax import nnx
 
 from spikeformer_jax import layers
+from spikeformer_jax import ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,13 @@ class Kind:
 
   def check(self, model: ml_collections.ConfigDict):
     """Config errors of this kind, one line each (before anything is built)."""
+
+  def own_config(self, ctx: Context, name: str) -> ml_collections.ConfigDict:
+    """Its field `name` of config.model, or the default where the config was
+    made before the kind was registered (a plug-in named on the command line)."""
+    if ctx.model is not None and name in ctx.model:
+      return ctx.model[name]
+    return self.config[name]()
 
 
 _KINDS: dict[str, Kind] = {}
@@ -156,9 +164,9 @@ def erode(x: jax.Array, spatial: tuple | None) -> jax.Array:
   official code does for k*v and q*kv."""
   if spatial is not None:
     bt, n, c = x.shape
-    y = layers.max_pool(x.reshape(bt, spatial[0], spatial[1], c), 3, 1, 1)
+    y = ops.max_pool(x.reshape(bt, spatial[0], spatial[1], c), 3, 1, 1)
     return y.reshape(bt, n, c)
-  return layers.max_pool(x.reshape((-1,) + x.shape[-2:] + (1,)), 3, 1, 1).reshape(x.shape)
+  return ops.max_pool(x.reshape((-1,) + x.shape[-2:] + (1,)), 3, 1, 1).reshape(x.shape)
 
 
 def erode_kv(attn: nnx.Module, k: jax.Array, v: jax.Array):
@@ -169,7 +177,7 @@ def erode_kv(attn: nnx.Module, k: jax.Array, v: jax.Array):
 
 
 def heads(attn: nnx.Module, *xs):
-  return tuple(None if x is None else layers.split_heads(x, attn.num_heads) for x in xs)
+  return tuple(None if x is None else ops.split_heads(x, attn.num_heads) for x in xs)
 
 
 def matmul_products(order: str, *, T: int, n: int, c: int, h: int, fq, fk, fv) -> list[tuple]:

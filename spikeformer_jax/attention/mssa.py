@@ -14,8 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from spikeformer_jax import layers
 from spikeformer_jax import neurons
+from spikeformer_jax import ops
 from spikeformer_jax.attention import base
 
 
@@ -76,7 +76,7 @@ class MSSA(base.Kind):
 
   def forward(self, attn, x: jax.Array) -> jax.Array:
     q, p, k = base.heads(attn, *(self._branch(attn, n, x) for n in 'qpk'))
-    return layers.merge_heads(multi_scale_spiking_attention(
+    return ops.merge_heads(multi_scale_spiking_attention(
         q, p, k, functools.partial(attn.gate, attn.attn_lif), p_sum=attn.mssa_p_sum))
 
   def products(self, attn, *, T, n, c, rate):

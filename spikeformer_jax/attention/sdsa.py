@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from spikeformer_jax import layers
+from spikeformer_jax import ops
 from spikeformer_jax.attention import base
 
 
@@ -41,7 +41,7 @@ class SDSA(base.Kind):
     q, k, v = base.heads(attn, q, k, v)
     erode = (functools.partial(base.erode, spatial=None) if attn.erode_hw is not None
              else None)
-    return layers.merge_heads(spike_driven_self_attention(
+    return ops.merge_heads(spike_driven_self_attention(
         q, k, v, functools.partial(attn.gate, attn.talking_heads_lif), erode=erode))
 
   def products(self, attn, *, T, n, c, rate):

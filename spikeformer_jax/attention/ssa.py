@@ -8,8 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from spikeformer_jax import layers
 from spikeformer_jax import neurons
+from spikeformer_jax import ops
 from spikeformer_jax.attention import base
 
 
@@ -62,7 +62,7 @@ class SSA(base.Kind):
     k, v = base.erode_kv(attn, k, v)
     q, k, v = base.heads(attn, q, k, v)
     attn.record_map(lambda: self.attention_map(attn, q, k))
-    return attn.attn_lif(layers.merge_heads(self.equation(attn, q, k, v)))
+    return attn.attn_lif(ops.merge_heads(self.equation(attn, q, k, v)))
 
   def order(self, attn) -> str:
     return attn.order

@@ -49,9 +49,17 @@ def neuron_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def shared_fields() -> dict:
-  """`config.model` fields of every family: the neuron and the attention
-  kinds' own fields (any kind runs on any backbone by config)."""
-  return dict(neuron=neuron_config(), **attention.config_fields())
+  """`config.model` fields of every family, with their one default: how the
+  same function is compiled (dtype, remat, int8 spike residuals, weight
+  gradients), the neuron, and the attention kinds' own fields (any kind runs
+  on any backbone by config)."""
+  return dict(
+      dtype='float32',
+      remat='',       # blocks.REMAT_POLICIES: recompute each block in the backward pass
+      remat_stem='',  # the same for each stage of the patch stem / patch embedding
+      compact_spikes=layers.Settings.compact_spikes,  # conv / linear spike inputs saved as int8
+      weight_grad=layers.Settings.weight_grad,  # auto | xla | gemm (synapses.py)
+      neuron=neuron_config(), **attention.config_fields())
 
 
 def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
@@ -74,8 +82,9 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
   param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
   return layers.Settings(T=cfg.T, neuron=make_neuron(cfg.neuron), dtype=dtype,
                          param_dtype=param_dtype, bn_groups=bn_groups,
-                         compact_spikes=bool(cfg.get('compact_spikes', True)),
-                         weight_grad=cfg.get('weight_grad', 'auto'))
+                         compact_spikes=bool(cfg.get('compact_spikes',
+                                                     layers.Settings.compact_spikes)),
+                         weight_grad=cfg.get('weight_grad', layers.Settings.weight_grad))
 
 
 def check_heads(m: ml_collections.ConfigDict):

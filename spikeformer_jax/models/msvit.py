@@ -34,7 +34,9 @@ from flax import nnx
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
 from spikeformer_jax import layers
-from spikeformer_jax.layers import Settings, max_pool
+from spikeformer_jax import ops
+from spikeformer_jax.layers import Settings
+from spikeformer_jax.ops import max_pool
 from spikeformer_jax.models import common
 
 # Stem (PatchEmbedInit) per graph: conv widths as divisors of the stage-1 width
@@ -130,7 +132,7 @@ class Block(nnx.Module):
         init='torch_default', model=cfg,
         options={'mssa_kernels': tuple(kernels), 'mssa_p_sum': cfg.mssa_p_sum},
         proj_lif_batch_as_time=kind != 'mssa' and cfg.ssa_proj_lif_batch_as_time, rngs=rngs))
-    self.mlp = layers.SpikingMLP(dim, int(dim * cfg.mlp_ratio), s=s, init='torch_default',
+    self.mlp = blocks.SpikingMLP(dim, int(dim * cfg.mlp_ratio), s=s, init='torch_default',
                                  names=graph['mlp_names'], rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -156,7 +158,7 @@ class MSViT(nnx.Module):
       setattr(self, f'stage{i + 1}', nnx.List([
           Block(dim, kind, kernels, cfg=cfg, graph=graph, s=s, rngs=rngs)
           for _ in range(depth)]))
-    self.head = nnx.Linear(dims[-1], cfg.num_classes, kernel_init=layers.trunc_normal_init,
+    self.head = nnx.Linear(dims[-1], cfg.num_classes, kernel_init=ops.trunc_normal_init,
                            dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
     self.num_stages = len(dims)
     self.T = s.T
@@ -168,15 +170,15 @@ class MSViT(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b = x.shape[0]
-    x = layers.fold_time(x, self.T, self.dtype)  # [BT, H, W, C]
+    x = ops.fold_time(x, self.T, self.dtype)  # [BT, H, W, C]
     for i in range(1, self.num_stages + 1):
-      x = layers.apply_block(getattr(self, f'patch_embed{i}'), x, self.remat_stem)
+      x = blocks.apply_block(getattr(self, f'patch_embed{i}'), x, self.remat_stem)
       bt, h, w, c = x.shape
       x = x.reshape(bt, h * w, c)  # row-major tokens, as the official flatten(3)
       for blk in getattr(self, f'stage{i}'):
-        x = layers.apply_block(blk, x, self.remat)
+        x = blocks.apply_block(blk, x, self.remat)
       x = x.reshape(bt, h, w, c)
-    return layers.mean_token_head(self.head, x.reshape(x.shape[0], -1, x.shape[-1]), b,
+    return blocks.mean_token_head(self.head, x.reshape(x.shape[0], -1, x.shape[-1]), b,
                                   self.T, self.per_timestep_logits, self.logits_dtype)
 
 
@@ -257,12 +259,7 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       # batch (per device under bn_scope='device'). True reproduces it; False
       # is the intended per-sample neuron (our default for the DVS rebuild).
       ssa_proj_lif_batch_as_time=graph != 'dvs',
-      dtype='float32',
-      remat='',  # layers.REMAT_POLICIES: recompute each block in the backward pass
-      remat_stem='',  # the same for each patch embedding (the stem and the stage embeds)
-      compact_spikes=True,      # save conv / linear spike inputs as int8 (exact; synapses.py)
-      weight_grad='auto',    # auto | xla | gemm: how conv / linear weight gradients are formed
-      **common.shared_fields(),  # neuron; attention kinds' own (A2OS2A's ternary V)
+      **common.shared_fields(),  # dtype, remat, neuron, the attention kinds' own fields
   ))
 
 

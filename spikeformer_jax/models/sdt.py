@@ -23,8 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spikeformer_jax import blocks
-from spikeformer_jax import layers
-from spikeformer_jax.layers import Settings, max_pool
+from spikeformer_jax import ops
+from spikeformer_jax.layers import Settings
+from spikeformer_jax.ops import max_pool
 from spikeformer_jax.models import common
 
 # Pooling per dataset in the official configs (spec 2.1).
@@ -36,7 +37,7 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
 
   def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
                rngs: nnx.Rngs):
-    layers.add_sps_stages(self, in_channels, dim, pooling, s=s, init='trunc_normal',
+    blocks.add_sps_stages(self, in_channels, dim, pooling, s=s, init='trunc_normal',
                           rngs=rngs)
     self.rpe_conv = s.conv(dim, dim, init='trunc_normal', rngs=rngs, spikes_in=True)
     self.rpe_bn = s.bn(dim)
@@ -45,7 +46,7 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
   def stage(self, i: int, x: jax.Array) -> jax.Array:
     """Stage i of four; the last one ends in the RPE on the membrane."""
     if i < 3:
-      sfx = layers.SPS_STAGES[i]
+      sfx = blocks.SPS_STAGES[i]
       x = getattr(self, f'proj_lif{sfx}')(getattr(self, f'proj_bn{sfx}')(
           getattr(self, f'proj_conv{sfx}')(x)))
       return max_pool(x) if self.pooling[i] == '1' else x
@@ -57,7 +58,7 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
   def __call__(self, x: jax.Array, remat: str = '') -> jax.Array:
     # remat: a policy per stage (model.remat_stem)
     for i in range(4):
-      x = layers.apply_block(self, x, remat, fn=layers.method_call('stage', i))
+      x = blocks.apply_block(self, x, remat, fn=blocks.method_call('stage', i))
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -103,6 +104,7 @@ class SDT(nnx.Module):
   Output: logits [B, classes], or [B, T, classes] with `per_timestep_logits`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
+    check_config(cfg)
     dim = cfg.embed_dim
     self.patch_embed = MS_SPS(cfg.in_channels, dim, cfg.pooling, s=s, rngs=rngs)
     grid = cfg.img_size // 2 ** cfg.pooling.count('1')
@@ -111,8 +113,8 @@ class SDT(nnx.Module):
         Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, cfg=cfg, erode_hw=erode_hw, rngs=rngs)
         for _ in range(cfg.depth)])
     self.head_lif = s.lif()
-    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=layers.torch_default_kernel_init,
-                           bias_init=layers.torch_default_bias_init(dim), dtype=s.dtype,
+    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=ops.torch_default_kernel_init,
+                           bias_init=ops.torch_default_bias_init(dim), dtype=s.dtype,
                            param_dtype=s.param_dtype, rngs=rngs)
     self.T = s.T
     self.dtype = s.dtype
@@ -123,9 +125,9 @@ class SDT(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T, b = self.T, x.shape[0]
-    u = self.patch_embed(layers.fold_time(x, T, self.dtype), self.remat_stem)
+    u = self.patch_embed(ops.fold_time(x, T, self.dtype), self.remat_stem)
     for blk in self.block:
-      u = layers.apply_block(blk, u, self.remat)
+      u = blocks.apply_block(blk, u, self.remat)
     y = self.head(self.head_lif(u.mean(axis=1)))  # [B*T, classes]
     y = y.reshape(b, T, -1).astype(self.logits_dtype)
     return y if self.per_timestep_logits else y.mean(axis=1)
@@ -148,9 +150,8 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
       attn_order='',              # '' = auto (the cheaper association; exact either way)
       attn_v_threshold=0.5,       # talking_heads_lif / A2OS2A's neuron after Q K^T V
       attn_proj=True,             # projection conv + BN after the attention
-      dead_modules=False, dtype='float32', remat='', remat_stem='',
-      compact_spikes=True, weight_grad='auto',  # synapses.py
-      **common.shared_fields()))  # neuron; attention kinds' own (A2OS2A's ternary V)
+      dead_modules=False,
+      **common.shared_fields()))  # dtype, remat, neuron, the attention kinds' own fields
 
 
 def check_config(m: ml_collections.ConfigDict):

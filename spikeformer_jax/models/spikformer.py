@@ -22,7 +22,9 @@ from flax import nnx
 
 from spikeformer_jax import blocks
 from spikeformer_jax import layers
-from spikeformer_jax.layers import Settings, max_pool
+from spikeformer_jax import ops
+from spikeformer_jax.layers import Settings
+from spikeformer_jax.ops import max_pool
 from spikeformer_jax.models import common
 
 FLAVOURS = {
@@ -43,7 +45,7 @@ class SPS(nnx.Module):
 
   def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
                rngs: nnx.Rngs):
-    layers.add_sps_stages(self, in_channels, dim, pooling, s=s, init='torch_default',
+    blocks.add_sps_stages(self, in_channels, dim, pooling, s=s, init='torch_default',
                           rngs=rngs)
     self.rpe_conv, self.rpe_bn, self.rpe_lif = (
         s.conv(dim, dim, rngs=rngs, spikes_in=True), s.bn(dim), s.lif())
@@ -51,17 +53,17 @@ class SPS(nnx.Module):
 
   def stage(self, i: int, x: jax.Array) -> jax.Array:
     """Stage i: conv-BN-LIF (and its pooling); i == 4 is the RPE (+ x)."""
-    if i == len(layers.SPS_STAGES):
+    if i == len(blocks.SPS_STAGES):
       return x + self.rpe_lif(self.rpe_bn(self.rpe_conv(x)))
-    sfx = layers.SPS_STAGES[i]
+    sfx = blocks.SPS_STAGES[i]
     conv, bn, lif = (getattr(self, f'{n}{sfx}') for n in ('proj_conv', 'proj_bn', 'proj_lif'))
     x = lif(bn(conv(x)))
     return max_pool(x) if self.pooling[i] == '1' else x
 
   def __call__(self, x: jax.Array, remat: str = '') -> jax.Array:
     # [B*T, H, W, C_in] -> [B*T, N, D]; remat: a policy per stage (model.remat_stem)
-    for i in range(len(layers.SPS_STAGES) + 1):
-      x = layers.apply_block(self, x, remat, fn=layers.method_call('stage', i))
+    for i in range(len(blocks.SPS_STAGES) + 1):
+      x = blocks.apply_block(self, x, remat, fn=blocks.method_call('stage', i))
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
@@ -79,7 +81,7 @@ class Block(nnx.Module):
         scale=flavour['attn_scale'], order=flavour['attn_order'],
         qkv_bias=flavour['qkv_bias'], attn_v_threshold=cfg.attn_v_threshold,
         init=flavour['dense_init'], dead_modules=dead_modules, model=cfg, rngs=rngs)
-    self.mlp = layers.SpikingMLP(dim, int(dim * mlp_ratio), s=s,
+    self.mlp = blocks.SpikingMLP(dim, int(dim * mlp_ratio), s=s,
                                  init=flavour['dense_init'], rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,8 +94,7 @@ class Spikformer(nnx.Module):
   or event frames [B, T, H, W, C]. Output: logits [B, num_classes]."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
-    if cfg.flavour not in FLAVOURS:
-      raise ValueError(f'model.flavour={cfg.flavour!r}; valid: {sorted(FLAVOURS)}.')
+    check_config(cfg)
     flavour = dict(FLAVOURS[cfg.flavour])
     for key in ('pooling', 'attn_order', 'attn_scale'):  # '' / 0: the flavour's value
       if cfg.get(key):
@@ -107,9 +108,9 @@ class Spikformer(nnx.Module):
     if cfg.dead_modules and cfg.flavour == 'dvs':  # official, never used
       n_tokens = (cfg.img_size // 16) ** 2
       self.pos_embed = nnx.Param(
-          layers.trunc_normal_init(rngs.params(), (1, n_tokens, dim), s.param_dtype))
+          ops.trunc_normal_init(rngs.params(), (1, n_tokens, dim), s.param_dtype))
       self.norm = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
-    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=layers.trunc_normal_init,
+    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=ops.trunc_normal_init,
                            dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
     self.T = s.T
     self.dtype = s.dtype
@@ -120,10 +121,10 @@ class Spikformer(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T, b = self.T, x.shape[0]
-    x = self.patch_embed(layers.fold_time(x, T, self.dtype), self.remat_stem)
+    x = self.patch_embed(ops.fold_time(x, T, self.dtype), self.remat_stem)
     for blk in self.block:
-      x = layers.apply_block(blk, x, self.remat)
-    return layers.mean_token_head(self.head, x, b, T, self.per_timestep_logits,
+      x = blocks.apply_block(blk, x, self.remat)
+    return blocks.mean_token_head(self.head, x, b, T, self.per_timestep_logits,
                                   self.logits_dtype)
 
 
@@ -151,22 +152,16 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       attention='ssa',     # ssa (official), or any kind of attention.names() on this backbone
       attn_v_threshold=0.5,
       dead_modules=False,  # True: also build the official code's unused modules
-      remat='',            # layers.REMAT_POLICIES: recompute each block in the backward pass
-      remat_stem='',       # the same for each stage of the patch stem (SPS)
-      compact_spikes=True,     # save conv / linear spike inputs as int8 (exact; synapses.py)
-      weight_grad='auto',    # auto | xla | gemm: how conv / linear weight gradients are formed
-      dtype='float32',
-      **common.shared_fields(),  # neuron; attention kinds' own (A2OS2A's ternary V)
+      **common.shared_fields(),  # dtype, remat, neuron, the attention kinds' own fields
   ))
 
 
 def check_config(m: ml_collections.ConfigDict):
   """One clear error per malformed Spikformer `config.model`."""
   common.check_heads(m)
-  pooling = m.get('pooling') or ''
-  if not pooling and m.get('flavour') not in FLAVOURS:
+  if m.get('flavour') not in FLAVOURS:
     raise ValueError(f'model.flavour={m.get("flavour")!r}; valid: {sorted(FLAVOURS)}.')
-  common.check_pooling(pooling)
+  common.check_pooling(m.get('pooling') or '')
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
