@@ -16,6 +16,7 @@ Prints one result line and writes a JSON file (default DIR/eval_SPLIT_STEP.json)
 
 import json
 import os
+import signal
 import sys
 
 from absl import flags
@@ -54,16 +55,32 @@ def analyze(config) -> int:
   return 0
 
 
-def _check_writable(path: str):
-  """Fails before evaluating, not after, when the result cannot be written."""
+def _check_writable(out: str | None):
+  """Fails before evaluating, not after, when the result cannot be written:
+  `out` is --output (a JSON file; with --analyze a directory) or None (the
+  workdir's default)."""
   import tempfile  # pylint: disable=import-outside-toplevel
-  directory = path if os.path.isdir(path) else (os.path.dirname(path) or '.')
+  if out and not _ANALYZE.value and os.path.isdir(out):
+    raise ValueError(f'--output={out} is a directory; give a file path, e.g. '
+                     f'{os.path.join(out, "eval.json")}.')
+  if out and _ANALYZE.value:
+    directory = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+  else:
+    directory = os.path.dirname(os.path.abspath(out)) if out else _WORKDIR.value
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'cannot write the result to {directory}: no such directory; '
+                            'create it or pass another --output.')
   try:
     with tempfile.NamedTemporaryFile(dir=directory, prefix='.eval-write-check-'):
       pass
   except OSError as e:
     raise OSError(f'cannot write the result to {directory}: {e.strerror}; pass --output '
                   'with a writable path.') from e
+
+
+def _sigterm(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt('SIGTERM')
 
 
 def main(argv):
@@ -76,10 +93,10 @@ def main(argv):
     from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS['verbosity'].present:  # unreadable checkpoints: one line
       checkpointing.quiet_orbax_logs()
+    signal.signal(signal.SIGTERM, _sigterm)  # stopped like Ctrl-C: one line, nothing half-written
     config = _CONFIG.value or train_lib.load_run_config(_WORKDIR.value)
     out = _OUTPUT.value
-    _check_writable(out if out and (_ANALYZE.value or os.path.isdir(out)) else
-                    os.path.dirname(out) if out else _WORKDIR.value)
+    _check_writable(out)
     if _ANALYZE.value:
       return analyze(config)
     res = train_lib.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
@@ -87,11 +104,14 @@ def main(argv):
                                         ema=_EMA.value)
     ema = '_ema' if _EMA.value else ''
     out = out or os.path.join(_WORKDIR.value, f'eval_{res["split"]}{ema}_{res["step"]}.json')
-    with open(out, 'w', encoding='utf-8') as f:
+    with open(out + '.tmp', 'w', encoding='utf-8') as f:  # a kill leaves no half a file
       json.dump(res, f, indent=2)
-  except KeyboardInterrupt:
-    print('interrupted (SIGINT): nothing written.', file=sys.stderr)
-    return 130
+    os.replace(out + '.tmp', out)
+  except KeyboardInterrupt as e:
+    term = 'SIGTERM' in str(e)
+    print(f'{"stopped (SIGTERM)" if term else "interrupted (SIGINT)"}: nothing written.',
+          file=sys.stderr)
+    return 143 if term else 130
   except (*errors.CLEAR, IndexError) as e:
     print(f'error: {errors.one_line(e)}', file=sys.stderr)
     return 1
@@ -104,6 +124,8 @@ def main(argv):
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir'])
   flags.register_validator('step', lambda s: s is None or s >= 0, 'a checkpoint step is >= 0')
+  flags.register_validator('num_devices', lambda n: n is None or n >= 1,
+                           'a device count is >= 1 (default: all)')
   flags.register_validator('attention_block', lambda b: b >= 0, 'must be >= 0')
   flags.register_validator('attention_heads', lambda h: all(x.isdigit() for x in h),
                            'expected head indices, e.g. 0,1')

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -29,17 +30,44 @@ from spikeformer_jax import errors
 DAMAGED_DIR = 'damaged_checkpoints'  # beside checkpoints/: unreadable steps, kept
 
 
+def _chain(e: BaseException) -> str:
+  """The messages of an exception and of its causes, on one line (orbax wraps
+  tensorstore's status in an exception of its own)."""
+  parts, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    parts.append(' '.join(str(e).split()) or type(e).__name__)
+    e = e.__cause__ or e.__context__
+  return ' <- '.join(parts)
+
+
+_STATUS = re.compile(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT'
+                     r'|PERMISSION_DENIED|RESOURCE_EXHAUSTED|UNAVAILABLE|INTERNAL)'
+                     r'(?:: )?(?:Error \w+ )?"?([^"]*)"?')
+# What a damaged checkpoint (truncated, overwritten or missing files) reads as;
+# anything else (a flaky filesystem, too little memory) is not evidence of damage.
+_DAMAGE = ('out_of_range', 'data_loss', 'not_found', 'not found', 'no such file',
+           'metadata is missing', 'jsondecodeerror', 'expecting value', 'unterminated string',
+           'zlib', 'truncated', 'corrupt', 'decompress', 'checksum')
+
+
 def reason(e: BaseException, limit: int = 200) -> str:
   """A short cause of an orbax / tensorstore error: its most telling line."""
-  text = ' '.join(str(e).split()) or type(e).__name__
+  text = _chain(e)
   if 'No space left' in text or "os_error_code='28'" in text:
     return 'no space left on device'
-  m = re.search(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT'
-                r'|PERMISSION_DENIED|RESOURCE_EXHAUSTED)[^"]*"([^"]*)"', text)
-  if m:  # tensorstore: say which array, not the whole spec
-    tail = text[m.end():].split('. See full')[0]
-    text = f'{m.group(1)} reading {m.group(2)}{tail}'
+  m = _STATUS.search(text)
+  if m:  # tensorstore: the status and what it was doing, not the whole spec
+    text = text[m.start():].split(' <- ')[0].split('. See full')[0]
+    text = re.sub(r' in OCDBT database at local file "[^"]*"', '', text)
+  else:
+    text = text.split(' <- ')[-1]
   return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def is_damage(e: BaseException) -> bool:
+  text = _chain(e).lower()
+  return any(d in text for d in _DAMAGE)
 
 
 class _QuietOrbax(logging.Filter):
@@ -51,12 +79,33 @@ class _QuietOrbax(logging.Filter):
     return record.name != 'asyncio' and '/orbax/' not in record.pathname.replace(os.sep, '/')
 
 
+def _orbax_noise(exc, obj=None) -> bool:
+  """An error of orbax's background machinery after its event loop closed
+  (reads of a damaged checkpoint still pending): reported by the
+  Checkpointer already."""
+  text = f'{exc!r} {obj!r}'
+  return 'Event loop is closed' in text or 'orbax' in text or 'tensorstore' in text.lower()
+
+
 def quiet_orbax_logs():
-  """Installs the filter on absl's handler (idempotent)."""
+  """Installs the filter on absl's handler and drops orbax's unraisable and
+  thread errors (idempotent): the tools report checkpoint failures in one line."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
     handler.addFilter(_QuietOrbax())
+  if not getattr(sys.unraisablehook, 'quiet_orbax', False):
+    default_unraisable, default_thread = sys.unraisablehook, threading.excepthook
+
+    def unraisable(u):
+      if not _orbax_noise(u.exc_value, u.object):
+        default_unraisable(u)
+
+    def thread_error(a):
+      if not _orbax_noise(a.exc_value, a.thread):
+        default_thread(a)
+    unraisable.quiet_orbax = True
+    sys.unraisablehook, threading.excepthook = unraisable, thread_error
 
 
 class Checkpointer:
@@ -161,29 +210,44 @@ class Checkpointer:
     return out['state'], out['meta']
 
   def restore_intact(self, abstract_state, log=print):
-    """Resume: (state, meta) of the newest step that reads. Unreadable newer
+    """Resume: (state, meta) of the newest step that reads. Damaged newer
     steps are moved to ../damaged_checkpoints/ (nothing is deleted: a later
-    save of the same step must not collide with them), each with one line."""
-    while True:
+    save of the same step must not collide with them), each with one line.
+    Nothing moves when no step reads, or when a read fails for another reason
+    than damage (a flaky filesystem, too little memory): CheckpointError."""
+    damaged = []
+    for step in reversed(self.all_steps()):
       try:
-        return self.restore(abstract_state)
+        out = self.restore(abstract_state, step)
+        break
       except errors.CheckpointError as e:
-        step = self.latest_step()
-        older = [s for s in self.all_steps() if s != step]
-        dest = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR, str(step))
+        if not is_damage(e):
+          raise errors.CheckpointError(
+              f'{errors.one_line(e)}; that is no sign of a damaged checkpoint, so nothing '
+              'was moved: fix the cause and rerun.') from e
+        damaged.append((step, e))
+    else:
+      raise errors.CheckpointError(
+          f'no checkpoint in {self.directory} reads (' + '; '.join(
+              f'{s}: {reason(e)}' for s, e in damaged) + '); nothing was moved. Train '
+          'from scratch in another --workdir, or move the checkpoints away.')
+    if damaged:
+      root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+      dests = []
+      for step, e in damaged:
+        dest = os.path.join(root, str(step))
         if jax.process_index() == 0:
-          os.makedirs(os.path.dirname(dest), exist_ok=True)
-          if os.path.exists(dest):
-            dest = f'{dest}-{len(os.listdir(os.path.dirname(dest)))}'
+          os.makedirs(root, exist_ok=True)
+          while os.path.exists(dest):
+            dest += '+'
           shutil.move(os.path.join(self.directory, str(step)), dest)
-        _sync('spikeformer_jax_damaged_checkpoint')
-        self._mngr.close()
-        self._mngr = self._manager()
-        log(f'{errors.one_line(e)}: moved to {dest}; ' +
-            (f'resuming from step {older[-1]}.' if older else 'no intact checkpoint left: '
-             'starting from scratch.'))
-        if not older:
-          return None, None
+        dests.append(dest)
+      _sync('spikeformer_jax_damaged_checkpoint')
+      self._mngr.close()
+      self._mngr = self._manager()
+      for (step, e), dest in zip(damaged, dests):
+        log(f'{errors.one_line(e)}: moved to {dest}; resuming from step {out[1].get("step")}.')
+    return out
 
   def intact_steps(self, abstract_state, exclude=()) -> list[int]:
     """The steps that restore (each is read in full: for error messages)."""

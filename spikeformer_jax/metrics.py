@@ -22,9 +22,10 @@ def _row(line: str) -> dict | None:
   left half-written (dropped on resume)."""
   try:
     row = json.loads(line)
-    return row if isinstance(row, dict) and 'step' in row else None
   except json.JSONDecodeError:
     return None
+  ok = isinstance(row, dict) and isinstance(row.get('step'), int)
+  return row if ok else None
 
 
 class MetricWriter:
@@ -49,8 +50,8 @@ class MetricWriter:
                   and any(k.startswith('test_') for k in row))
     try:
       if os.path.exists(self.path):
-        with open(self.path, encoding='utf-8') as f:
-          kept = [l for l in f if keep(_row(l))]
+        with open(self.path, encoding='utf-8', errors='replace') as f:  # bad bytes: dropped
+          kept = [l for l in f if keep(_row(l)) and '\ufffd' not in l]
         with open(self.path + '.tmp', 'w', encoding='utf-8') as f:
           f.writelines(kept)
         os.replace(self.path + '.tmp', self.path)

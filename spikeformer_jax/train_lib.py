@@ -261,41 +261,69 @@ class StopWatch:
   saves the step reached and stops: after a train step, between evaluation
   batches, or once the final checkpoint is written.
 
-  One process: a handler sets a flag; a second signal of either kind stops at
-  once (the last committed checkpoint stays the resume point). Before training
-  starts (loading data, restoring, compiling) there is nothing to save, and a
-  signal stops at once: `on_abort` (releasing the workdir), one line, and an
-  exit without unwinding (an exception raised into XLA's or orbax's threads
-  can crash the interpreter's shutdown). Several processes: SIGTERM through
-  `reached_preemption_sync_point`, JAX's distributed preemption service, so
-  that all processes stop at the same step (a checkpoint is a collective);
-  SIGINT keeps Python's default there.
+  One process: the signal's byte reaches a watcher thread through
+  `signal.set_wakeup_fd` at once, even while the main thread compiles. Armed
+  (the first train step has compiled), the first signal sets a flag that the
+  loop checks at its next safe point. Before that there is nothing to save,
+  and a second signal means "now": both exit at once, after `on_abort`
+  (releasing the workdir) and one line naming the resume point. Exiting
+  without unwinding is deliberate: an exception raised into XLA's or orbax's
+  threads can crash the interpreter's shutdown. Several processes: SIGTERM
+  through `reached_preemption_sync_point`, JAX's distributed preemption
+  service, so that all processes stop at the same step (a checkpoint is a
+  collective); SIGINT keeps Python's default there.
   """
   SIGNALS = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
              signal.SIGINT: ('interrupted', 'SIGINT', 130)}
 
   def __init__(self, on_abort: Callable[[], None] = lambda: None):
     self.signum = None
-    self.armed = False  # training has started: a signal waits for a safe point
+    self.armed = False  # the first step compiled: a signal waits for a safe point
+    self.ckpt_dir = None  # named when stopping at once
     self._on_abort = on_abort
-    self._previous = {}
+    self._previous, self._pipe, self._old_fd = {}, None, None
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for s in self.SIGNALS:
-        self._previous[s] = signal.signal(s, self._handle)
+      r, w = os.pipe()
+      os.set_blocking(w, False)
+      self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+      self._pipe = (r, w)
+      for s in self.SIGNALS:  # a Python handler, so that the wakeup fd hears it
+        self._previous[s] = signal.signal(s, lambda *_: None)
+      threading.Thread(target=self._watch, args=(r,), daemon=True, name='stop-watch').start()
     return self
 
-  def _handle(self, signum, frame):
-    del frame
+  def _watch(self, r):
+    while True:
+      try:
+        data = os.read(r, 64)
+      except OSError:
+        return
+      if not data:
+        os.close(r)
+        return
+      for signum in data:
+        if signum in self.SIGNALS:
+          self._on_signal(signum)
+
+  def _on_signal(self, signum):
     what, name, code = self.SIGNALS[signum]
-    if not self.armed or self.signum is not None:  # nothing to save, or a second signal
-      self._on_abort()
-      print(f'{what} ({name}) before training started: nothing to save.' if not self.armed
-            else f'{what} again ({name}): stopping now; the last committed checkpoint is the '
-            'resume point.', file=sys.stderr, flush=True)
-      os._exit(code)  # pylint: disable=protected-access
-    self.signum = signum
+    if self.armed and self.signum is None:
+      self.signum = signum
+      return
+    self._on_abort()
+    print(f'{what} ({name}) before training started: nothing to save.' if not self.armed
+          else f'{what} again ({name}): stopping now, not waiting for the save; '
+          f'{self._resume_point()}', file=sys.stderr, flush=True)
+    os._exit(code)  # pylint: disable=protected-access
+
+  def _resume_point(self) -> str:
+    steps = sorted(int(n) for n in os.listdir(self.ckpt_dir) if n.isdigit()) \
+        if self.ckpt_dir and os.path.isdir(self.ckpt_dir) else []
+    if not steps:
+      return 'no checkpoint is committed yet: the rerun starts from scratch.'
+    return f'the rerun resumes from the last committed checkpoint, step {steps[-1]}.'
 
   def requested(self) -> bool:
     """A signal arrived (this process; the evaluation's check between batches)."""
@@ -315,6 +343,9 @@ class StopWatch:
   def __exit__(self, *exc):
     for s, previous in self._previous.items():
       signal.signal(s, previous)
+    if self._pipe is not None:
+      signal.set_wakeup_fd(self._old_fd)
+      os.close(self._pipe[1])  # the watcher reads EOF and ends
 
 
 @contextlib.contextmanager
@@ -353,16 +384,20 @@ def read_json(path: str, what: str = '') -> dict:
     raise errors.UserError(f'{path} is not a text file{what}.') from e
 
 
-def check_resume_config(config, workdir: str):
+def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
   """Refuses to resume a run whose saved config differs in model-defining
-  fields (config_lib.MODEL_DEFINING) unless `allow_config_change`; logs the
-  other changed fields (a new lr or total_steps is a legitimate resume).
-  Returns the model-defining fields that changed (allowed)."""
+  fields (config_lib.MODEL_DEFINING) unless `allow_config_change`. Returns
+  (changed fields, the model-defining ones among them, allowed): a new lr or
+  total_steps is a legitimate resume."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return []
-  saved = read_json(path, ': it records the run\'s config; restore it from a copy, or delete '
-                    'it to resume without comparing configs').get('config', {})
+    return [], []
+  fix = ': it records the run\'s config; restore it from a copy, or delete it to resume ' \
+        'without comparing configs'
+  saved = read_json(path, fix)
+  if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
+    raise errors.UserError(f'{path} holds no run config ("config" key){fix}.')
+  saved = saved['config']
   want = json.loads(json.dumps(config.to_dict()))
   changed = [k for k in config_lib.config_diff(saved, want) if k != 'allow_config_change']
   defining = config_lib.model_defining(changed, saved, want)
@@ -372,9 +407,7 @@ def check_resume_config(config, workdir: str):
                       for k in defining[:4]) + (' ...' if len(defining) > 4 else '')
     raise ValueError(f'{workdir} holds a run of another model: {shown}. Use another '
                      '--workdir, or --config.allow_config_change=True to resume anyway.')
-  if changed:
-    metrics_lib.log(f'Resuming with changed fields: {", ".join(changed)}.')
-  return defining
+  return changed, defining
 
 
 def _mean_metrics(fetched: list[dict]) -> dict:
@@ -445,13 +478,17 @@ def _train_and_evaluate(config, workdir, watch, t_start) -> dict:
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.ckpt_keep)
   try:
-    changed = check_resume_config(config, workdir) if ckpt.latest_step() is not None else []
+    changed, defining = (check_resume_config(config, workdir) if ckpt.latest_step() is not None
+                         else ([], []))
     done = finished_run(workdir, ckpt.latest_step(), total_steps)
-    if done is not None and not changed:  # another model, allowed: its checkpoint decides
-      log(f'{workdir} holds a finished run ({total_steps} steps): nothing changed. Evaluate '
-          'it again with eval.py, or raise total_steps / epochs to train on.')
+    if done is not None and not defining:  # another model, allowed: its checkpoint decides
+      ignored = f' (changed fields ignored: {", ".join(changed)})' if changed else ''
+      log(f'{workdir} holds a finished run ({total_steps} steps): nothing changed{ignored}. '
+          'Evaluate it again with eval.py, or raise total_steps / epochs to train on.')
       log(final_line(done, config.get('target_top1', 0.0)))
       return done
+    if changed:
+      log(f'Resuming with changed fields: {", ".join(changed)}.')
     return _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src,
                        test_tf, ckpt, total_steps)
   finally:
@@ -508,7 +545,10 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   pending, t_log, step_log = [], time.time(), start
   eval_every = config.eval_every_epochs * spe if config.eval_every_epochs > 0 else 0
   ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else spe
-  fetched = []  # metrics fetched since the last log line
+  # Metrics fetched since the last log line; a checkpoint keeps them, so that a
+  # resumed run logs the same averages as an uninterrupted one.
+  fetched = [{k: np.dtype(dt).type(v) for k, (v, dt) in x.items()}
+             for x in meta.get('unlogged', [])]
 
   def fetch_and_check(step):
     """Fetches pending metrics (a host round-trip) and stops on a bad loss."""
@@ -517,9 +557,16 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
     for key, what in (('loss', 'training loss'), ('grad_norm', 'gradient')):
       if fetched and not np.all(np.isfinite([x[key] for x in fetched])):
         ckpt.wait()
+        last = ckpt.latest_step()
         raise FloatingPointError(
-            f'non-finite {what} by step {step}; stopping. The last good '
-            f'checkpoint is step {ckpt.latest_step()} in {ckpt.directory}.')
+            f'non-finite {what} by step {step}; stopping. ' +
+            (f'The last good checkpoint is step {last} in {ckpt.directory}.' if last is not None
+             else 'No checkpoint was saved yet.') + ' Lower optimizer.lr, or check the data.')
+
+  def save(step, **meta):
+    fetch_and_check(step)  # never save a state that went non-finite
+    unlogged = [{k: (float(v), np.asarray(v).dtype.name) for k, v in x.items()} for x in fetched]
+    ckpt.save(step, state, {'step': step, **meta, 'unlogged': unlogged}, force=True)
 
   def periodic_eval(step):
     ev = evaluate_all(state)
@@ -530,21 +577,18 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
 
   def stop_at(step, eval_pending=False):
     """Saves the step reached (and whether its evaluation is still owed) and stops."""
-    fetch_and_check(step)
-    if fetched:  # the steps since the last log line, so none goes unlogged
-      writer.write(step, **{f'train_{k}': v for k, v in _mean_metrics(fetched).items()})
-      fetched.clear()
     if ckpt.latest_step() != step:
-      ckpt.save(step, state, {'step': step, 'eval_pending': eval_pending}, force=True)
+      save(step, eval_pending=eval_pending)
     ckpt.wait()
     writer.close()
     return watch.stopped(f'at step {step}/{total_steps}', ckpt.directory, step, 'resume')
 
   step = start
   batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
-  watch.armed = True
+  watch.ckpt_dir = ckpt.directory
   try:
     if eval_pending and start < total_steps:  # the evaluation a signal interrupted
+      watch.armed = True
       try:
         periodic_eval(start)
       except EvalInterrupted:
@@ -552,6 +596,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
     for step, local in zip(range(start + 1, total_steps + 1), batches):
       state, m = train_step(state, sharding.global_batch(local, mesh))
       pending.append(m)
+      watch.armed = True  # compiled: from now on a signal saves the step reached
       if jax.process_count() == 1:  # several: at the next save, which all of them reach
         ckpt.poll()  # a failed background save stops the run now, not at the next save
       if step % config.log_every_steps == 0 or step == total_steps:
@@ -574,8 +619,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
         except EvalInterrupted:
           raise stop_at(step, eval_pending=True) from None
       if step % ckpt_every == 0:
-        fetch_and_check(step)  # never save a state that went non-finite
-        ckpt.save(step, state, {'step': step})
+        save(step)
       if watch.reached(step):
         raise stop_at(step)
   except BaseException:
@@ -590,6 +634,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   fetch_and_check(total_steps)
   if ckpt.latest_step() != total_steps:
     ckpt.save(total_steps, state, {'step': total_steps}, force=True)
+  watch.armed = True  # a signal from here on: stop with the final checkpoint committed
   ckpt.wait()
   if watch.requested():
     writer.close()

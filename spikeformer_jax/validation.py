@@ -16,6 +16,7 @@ built abstractly, still before compiling.
 from __future__ import annotations
 
 import importlib
+import math
 
 
 from spikeformer_jax import attention
@@ -131,6 +132,9 @@ def _validate_data_config(c):
   _require(len(shape) in (3, 4) and all(isinstance(s, int) and s >= 1 for s in shape),
            f'data.shape={shape}: expected (H, W, C) images or (T, H, W, 2) event frames, '
            'positive integers.')
+  if d.get('path') and d.name != 'npz':  # a file the user expects to be trained on
+    raise ValueError(f'data.path={d.path!r} is read only with data.name=\'npz\' (now '
+                     f'{d.name!r}): set --config.data.name=npz, or drop data.path.')
   if d.name in ('synthetic', 'synthetic_events'):
     _at_least(c, 'data.num_train', 1, ' (synthetic training examples)')
     _at_least(c, 'data.num_test', 1, ' (synthetic test examples)')
@@ -198,6 +202,7 @@ def _validate_training(c):
   _require(schedule in optim.SCHEDULES,
            f'optimizer.schedule={schedule!r}; valid: {optim.SCHEDULES}.')
   _require(o.lr > 0, f'optimizer.lr={o.lr} must be > 0.')
+  _require(math.isfinite(o.lr), f'optimizer.lr={o.lr} must be finite.')
   for field in ('weight_decay', 'warmup_epochs', 'warmup_lr', 'min_lr'):
     _at_least(c, f'optimizer.{field}', 0)
   _at_least(c, 'optimizer.grad_clip_norm', 0, ' (0: none)')

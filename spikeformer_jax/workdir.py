@@ -60,14 +60,15 @@ def _alive(holder: dict) -> bool | None:
   me = _identity()
   if any(holder.get(k) != me[k] for k in ('host', 'boot', 'pidns')) or not me['boot']:
     return None
-  pid = int(holder.get('pid', -1))
+  pid = holder['pid']
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     pass  # exists, owned by another user
-  return _start_time(pid) == holder.get('start', '')
+  start = _start_time(pid)
+  return not start or start == holder.get('start', '')  # unknown (hidden /proc): alive
 
 
 def describe(holder: dict) -> str:
@@ -89,41 +90,106 @@ class WorkdirLock:
 
   def acquire(self):
     for _ in range(3):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        self._take_if_stale()
-        continue
-      except OSError as e:
-        raise errors.UserError(f'cannot write to the workdir {os.path.dirname(self.path)}: '
-                               f'{e.strerror}; use a writable --workdir.') from e
-      with os.fdopen(fd, 'w', encoding='utf-8') as f:
-        json.dump(self._me, f)
-      self._thread = threading.Thread(target=self._beat, daemon=True, name='workdir-lock')
-      self._thread.start()
-      return self
+      if self._create():
+        self._thread = threading.Thread(target=self._beat, daemon=True, name='workdir-lock')
+        self._thread.start()
+        return self
+      self._take_if_stale()
     raise errors.WorkdirBusy(f'could not take the lock {self.path}: other processes keep '
                              'taking it; is something starting runs in a loop?')
 
-  def _take_if_stale(self):
+  def _create(self) -> bool:
+    """Puts a complete lock file in place atomically (written aside, then
+    hard-linked: no process ever reads a half-written one); False if one exists."""
+    tmp = f'{self.path}.{self._me["token"]}'
+    try:
+      with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(self._me, f)
+      try:
+        os.link(tmp, self.path)
+      except FileExistsError:
+        return False
+      except OSError:  # a filesystem without hard links: O_EXCL, then write
+        try:
+          fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+          return False
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+          json.dump(self._me, f)
+      return True
+    except OSError as e:
+      raise errors.UserError(f'cannot write to the workdir {os.path.dirname(self.path)}: '
+                             f'{e.strerror}; use a writable --workdir.') from e
+    finally:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+
+  def _age(self) -> float:
+    """Seconds since the lock's heartbeat, by the filesystem's own clock (a
+    file touched now), so that hosts whose clocks differ agree."""
+    now_file = f'{self.path}.now-{self._me["token"]}'
+    try:
+      with open(now_file, 'w', encoding='utf-8'):
+        pass
+      now = os.stat(now_file).st_mtime
+      os.remove(now_file)
+    except OSError:
+      now = time.time()
+    return now - os.stat(self.path).st_mtime
+
+  def _read(self) -> tuple[dict | None, float]:
+    """(holder, heartbeat age); holder None if the file is not a lock we wrote."""
+    age = self._age()
     try:
       with open(self.path, encoding='utf-8') as f:
         holder = json.load(f)
-      age = time.time() - os.stat(self.path).st_mtime
-    except (OSError, ValueError):  # half-written by a process killed while taking it
-      holder, age = {}, STALE_S + 1
-    alive = _alive(holder) if holder else False
-    if alive or (alive is None and age < STALE_S):
+      if not (isinstance(holder, dict) and isinstance(holder.get('pid'), int)
+              and isinstance(holder.get('token'), str)):
+        holder = None
+    except (OSError, ValueError):
+      holder = None
+    return holder, age
+
+  def _take_if_stale(self):
+    try:
+      holder, age = self._read()
+    except FileNotFoundError:
+      return  # released meanwhile: try again
+    alive = _alive(holder) if holder else None
+    if holder is None and age < STALE_S:
+      raise errors.WorkdirBusy(
+          f'the workdir {os.path.dirname(self.path)} has an unreadable lock {self.path}, '
+          f'touched {age:.0f} s ago. If no run uses this workdir, delete it; or use another '
+          '--workdir.')
+    if alive or (alive is None and holder is not None and age < STALE_S):
       where = '' if alive else f'; its heartbeat is {age:.0f} s old'
       raise errors.WorkdirBusy(
           f'the workdir {os.path.dirname(self.path)} is in use by {describe(holder)}{where}. '
           'Wait for it to finish or stop it, or use another --workdir.')
-    # Stale: rename it aside first, so that of two processes taking over, one wins.
+    # Stale: rename it aside first, so that of two processes taking over, one wins;
+    # if what was moved is not the lock judged stale, someone took over meanwhile.
+    aside = f'{self.path}.stale-{self._me["token"]}'
     try:
-      os.replace(self.path, f'{self.path}.stale-{self._me["token"]}')
-      os.remove(f'{self.path}.stale-{self._me["token"]}')
+      os.replace(self.path, aside)
     except FileNotFoundError:
-      pass  # another process took it over first; try again
+      return  # another process took it over first; try again
+    try:
+      with open(aside, encoding='utf-8') as f:
+        moved = json.load(f)
+      moved = moved.get('token') if isinstance(moved, dict) else None
+    except (OSError, ValueError):
+      moved = None
+    if holder is not None and moved != holder.get('token'):
+      try:
+        os.link(aside, self.path)  # put the fresh lock back
+      except OSError:
+        pass
+    try:
+      os.remove(aside)
+    except OSError:
+      pass
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):

@@ -72,6 +72,11 @@ CASES = {
     # Every field a user sets: sizes, counts, rates and probabilities.
     'negative lr': (S, 'cifar10-4-384', {'optimizer.lr': -1e-3},
                     'optimizer.lr=-0.001 must be > 0.'),
+    'infinite lr': (S, 'cifar10-4-384', {'optimizer.lr': float('inf')},
+                    'optimizer.lr=inf must be finite.'),
+    'ignored data path': (S, 'cifar10-4-384', {'data.path': '/data/c10.npz'},
+                          "data.path='/data/c10.npz' is read only with data.name='npz' (now "
+                          "'synthetic'): set --config.data.name=npz, or drop data.path."),
     'batch 0': (S, 'cifar10-4-384', {'batch_size': 0}, 'batch_size=0 must be >= 1.'),
     'eval batch 0': (S, 'cifar10-4-384', {'eval_batch_size': 0},
                      'eval_batch_size=0 must be >= 1.'),

@@ -18,9 +18,11 @@ import pytest
 
 from conftest import ROOT
 
+# 22 steps an epoch: one evaluation, at step 22. Log lines every 4 steps: a stop
+# between them must not change the averages a resumed run logs.
 ARGS = ['--config=configs/spikformer.py:digits', '--config.total_steps=30',
-        '--config.ckpt_every_steps=5', '--config.log_every_steps=1',
-        '--config.eval_every_epochs=1']  # 22 steps an epoch: one evaluation, at step 22
+        '--config.ckpt_every_steps=5', '--config.log_every_steps=4',
+        '--config.eval_every_epochs=1']
 ENV = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
 
 
@@ -45,7 +47,8 @@ def _last_line(p) -> str:
 _SIGNALLING = '''
 import os, runpy, signal, sys
 from spikeformer_jax import checkpointing, train_lib
-stage, n, sig = sys.argv[1], int(sys.argv[2]), getattr(signal, sys.argv[3])
+stage, n = sys.argv[1], int(sys.argv[2])
+sigs = [getattr(signal, name) for name in sys.argv[3].split(',')]
 sys.argv = ['train.py'] + sys.argv[4:]
 calls = []
 if stage == 'eval':  # between the first two batches of the n-th evaluation
@@ -55,7 +58,8 @@ if stage == 'eval':  # between the first two batches of the n-th evaluation
     first = []
     def stop_hook():
       if len(calls) == n and len(first) == 1:
-        os.kill(os.getpid(), sig)
+        for sig in sigs:
+          os.kill(os.getpid(), sig)
       first.append(1)
       return stop()
     return evaluate(*a, stop=stop_hook if stop else None, **k)
@@ -65,7 +69,8 @@ else:  # while waiting for the save of step n
   def patched_wait(self):
     if self._saving == n and not calls:
       calls.append(1)
-      os.kill(os.getpid(), sig)
+      for sig in sigs:
+        os.kill(os.getpid(), sig)
     return wait(self)
   checkpointing.Checkpointer.wait = patched_wait
 runpy.run_path('train.py', run_name='__main__')
@@ -186,6 +191,15 @@ def test_signals_at_every_stage_lose_nothing(base, tmp_path):
   assert err.strip().splitlines()[-1] == \
       'interrupted (SIGINT) before training started: nothing to save.'
   assert 'Traceback' not in err and not (early / 'train.lock').exists()
+
+  # A second Ctrl-C does not wait for the save, and names the real resume point.
+  twice = tmp_path / 'twice'
+  p = _signalled(twice, 'eval', 1, 'SIGINT,SIGINT', 130)
+  line = _last_line(p)
+  assert line.startswith('interrupted again (SIGINT): stopping now, not waiting for the save; '
+                         'the rerun resumes from the last committed checkpoint, step '), line
+  assert int(line.rsplit(' ', 1)[1].rstrip('.')) == _steps(twice)[-1] in (15, 20)
+  assert not (twice / 'train.lock').exists()
 
   wd = tmp_path / 'signals'
   # Ctrl-C during the evaluation at step 22: saved, and the evaluation is owed.

@@ -65,9 +65,46 @@ def test_a_holder_elsewhere_is_stale_only_without_heartbeat(tmp_path):
     workdir_lib.WorkdirLock(str(tmp_path)).acquire()
   _write_lock(tmp_path, _holder(host='other-host', pid=1), age_s=workdir_lib.STALE_S + 5)
   workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
-  # Half-written by a process killed while taking it: stale.
-  (tmp_path / workdir_lib.LOCK_NAME).write_text('{"host": "oth')
-  workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
+  # Not a lock we wrote (garbage, another shape): busy while fresh, stale when old.
+  for garbage in ('{"host": "oth', '[1, 2]', '{"pid": "abc", "token": "t"}'):
+    _write_lock(tmp_path, {})
+    (tmp_path / workdir_lib.LOCK_NAME).write_text(garbage)
+    with pytest.raises(errors.WorkdirBusy, match='has an unreadable lock .*train.lock, touched'):
+      workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    t = time.time() - workdir_lib.STALE_S - 5
+    os.utime(tmp_path / workdir_lib.LOCK_NAME, (t, t))
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+_RACE = '''
+import json, os, sys, time
+from spikeformer_jax import errors, workdir
+wd, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+  pass
+try:
+  lock = workdir.WorkdirLock(wd).acquire()
+  time.sleep(0.5)  # hold it while the others try
+  print('held', flush=True)
+  lock.release()
+except errors.WorkdirBusy:
+  print('busy', flush=True)
+'''
+
+
+@pytest.mark.parametrize('stale', [False, True])
+def test_processes_racing_for_a_lock_get_one_holder(tmp_path, stale):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for trial in range(4):
+    wd = tmp_path / str(trial)
+    wd.mkdir()
+    if stale:  # a dead holder on another host: all of them try to take it over
+      _write_lock(wd, _holder(host='other-host', pid=1), age_s=workdir_lib.STALE_S + 5)
+    start = time.time() + 1.0
+    procs = [subprocess.Popen([sys.executable, '-c', _RACE, str(wd), str(start)], cwd=root,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=60)[0].split() for p in procs]
+    assert sorted(o[-1] for o in outs) == ['busy', 'busy', 'busy', 'held'], outs
 
 
 def test_the_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
@@ -126,15 +163,22 @@ def _saved(tmp_path, steps=(1, 2, 3)):
 def _damage(ckpt_dir, step, how):
   root = os.path.join(ckpt_dir, str(step), 'state')
   files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+  biggest = max((f for f in files if 'ocdbt.process_' in f), key=os.path.getsize)
   if how == 'truncate':  # the largest data file
-    biggest = max((f for f in files if 'ocdbt.process_' in f), key=os.path.getsize)
     with open(biggest, 'r+b') as f:
       f.truncate(100)
+  elif how == 'overwrite':  # the largest data file, garbage of the same size
+    with open(biggest, 'r+b') as f:
+      f.write(np.random.default_rng(0).bytes(os.path.getsize(biggest)))
+  elif how == 'delete':
+    os.remove(biggest)
+  elif how == 'meta':
+    os.remove(os.path.join(ckpt_dir, str(step), 'meta', 'metadata'))
   else:
     os.remove(os.path.join(root, '_METADATA'))
 
 
-@pytest.mark.parametrize('how', ['truncate', 'metadata'])
+@pytest.mark.parametrize('how', ['truncate', 'overwrite', 'delete', 'meta', 'metadata'])
 def test_a_damaged_checkpoint_is_unreadable_not_another_model(tmp_path, how):
   ck = _saved(tmp_path)
   _damage(ck.directory, 3, how)
@@ -154,6 +198,26 @@ def test_a_damaged_checkpoint_is_unreadable_not_another_model(tmp_path, how):
   assert ck.all_steps() == [1, 2]
   ck.save(3, _state(3.5), {'step': 3})  # training on saves step 3 again: no collision
   ck.close()
+
+
+def test_nothing_moves_when_no_step_reads_or_the_cause_is_not_damage(tmp_path, monkeypatch):
+  ck = _saved(tmp_path, steps=(1, 2))
+  for step in (1, 2):
+    _damage(ck.directory, step, 'truncate')
+  with pytest.raises(errors.CheckpointError, match=r'no checkpoint in .* reads \(2: OUT_OF_RANGE'
+                     r'.*; 1: OUT_OF_RANGE.*\); nothing was moved'):
+    ck.restore_intact(_abstract())
+  assert ck.all_steps() == [1, 2] and not (tmp_path / checkpointing.DAMAGED_DIR).exists()
+  ck.close()
+
+  ck = _saved(tmp_path / 'oom', steps=(1, 2))
+  def oom(*a, **k):
+    raise ValueError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0GiB')
+  monkeypatch.setattr(ck._mngr, 'restore', oom)  # pylint: disable=protected-access
+  with pytest.raises(errors.CheckpointError, match=r'unreadable \(RESOURCE_EXHAUSTED: Out of '
+                     r'memory.*\); that is no sign of a damaged checkpoint, so nothing was moved'):
+    ck.restore_intact(_abstract())
+  assert ck.all_steps() == [1, 2]
 
 
 def test_another_model_is_still_another_model(tmp_path):
@@ -229,3 +293,13 @@ def test_a_corrupt_config_json_is_named(tmp_path):
   (tmp_path / 'config.json').write_text('[1, 2]')
   with pytest.raises(errors.UserError, match='holds no run config'):
     train_lib.load_run_config(str(tmp_path))
+
+
+def test_damaged_metric_lines_are_dropped_on_resume(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_bytes(b'{"step": 1, "x": 1}\n{"step": "5", "x": 5}\n[2]\n\xff\xfe{"step": 2}\n'
+                   b'{"step": 2, "x": 2}\n')
+  w = metrics.MetricWriter(str(tmp_path), resume_step=4)
+  w.close()
+  assert [json.loads(l) for l in path.read_text().splitlines()] == [
+      {'step': 1, 'x': 1}, {'step': 2, 'x': 2}]
