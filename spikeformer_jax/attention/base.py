@@ -38,6 +38,7 @@ from flax import nnx
 
 from spikeformer_jax import layers
 from spikeformer_jax import ops
+from spikeformer_jax import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,32 +97,17 @@ class Kind:
     return self.config[name]()
 
 
-_KINDS: dict[str, Kind] = {}
+_KINDS = registry.Registry[Kind](
+    'attention kind', lambda name, names: f'attention kind {name!r}; valid kinds: '
+    f'{", ".join(names)}.')
 
 
 def register(kind: Kind, *, replace: bool = False) -> Kind:
   """Makes `kind` available as `config.model.attention=kind.name`."""
-  if not kind.name or not kind.name.isidentifier():
-    raise ValueError(f'attention kind name {kind.name!r}: use a Python identifier.')
-  if kind.name in _KINDS and not replace:
-    raise ValueError(f'attention kind {kind.name!r} is registered already.')
-  _KINDS[kind.name] = kind
-  return kind
+  return _KINDS.register(kind.name, kind, replace=replace)
 
 
-def unregister(name: str):
-  _KINDS.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-  """The registered kinds, in registration order."""
-  return tuple(_KINDS)
-
-
-def get(name: str) -> Kind:
-  if name not in _KINDS:
-    raise ValueError(f'attention kind {name!r}; valid kinds: {", ".join(_KINDS)}.')
-  return _KINDS[name]
+unregister, names, get = _KINDS.unregister, _KINDS.names, _KINDS.get  # names: in registration order
 
 
 def config_fields() -> dict[str, ml_collections.ConfigDict]:

@@ -10,34 +10,22 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
+from spikeformer_jax import registry
 from spikeformer_jax.models import common
 from spikeformer_jax.models import msvit, sdt, spikformer
 from spikeformer_jax.models.common import (DTYPES, Family, count_params, make_neuron,  # pylint: disable=unused-import
                                            neuron_config, settings)
 
-_FAMILIES: dict[str, Family] = {}
+_FAMILIES = registry.Registry[Family](
+    'model family', lambda name, names: f'model.name={name!r}; valid: {", ".join(names)}.',
+    sort=True)
 
 
 def register(family: Family, *, replace: bool = False) -> Family:
-  if family.name in _FAMILIES and not replace:
-    raise ValueError(f'model family {family.name!r} is registered already.')
-  _FAMILIES[family.name] = family
-  return family
+  return _FAMILIES.register(family.name, family, replace=replace)
 
 
-def unregister(name: str):
-  _FAMILIES.pop(name, None)
-
-
-def names() -> tuple[str, ...]:
-  """The registered families, sorted."""
-  return tuple(sorted(_FAMILIES))
-
-
-def get(name: str) -> Family:
-  if name not in _FAMILIES:
-    raise ValueError(f'model.name={name!r}; valid: {", ".join(names())}.')
-  return _FAMILIES[name]
+unregister, names, get = _FAMILIES.unregister, _FAMILIES.names, _FAMILIES.get  # names: sorted
 
 
 for _f in (spikformer.FAMILY, sdt.FAMILY, msvit.FAMILY):
