@@ -487,6 +487,10 @@ def _train_and_evaluate(config, workdir, watch, t_start) -> dict:
           'Evaluate it again with eval.py, or raise total_steps / epochs to train on.')
       log(final_line(done, config.get('target_top1', 0.0)))
       return done
+    if (ckpt.latest_step() or 0) > total_steps:  # before restoring (or compiling) anything
+      raise ValueError(f'the checkpoint in {ckpt.directory} is at step {ckpt.latest_step()}, '
+                       f'beyond this run\'s total_steps={total_steps}; raise total_steps / '
+                       'epochs or use another --workdir.')
     if changed:
       log(f'Resuming with changed fields: {", ".join(changed)}.')
     return _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src,
