@@ -1,5 +1,7 @@
 """A2OS2A: its neurons, its addition-only attention, and attention swaps."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,20 +113,22 @@ def test_official_sdt_weights_load_into_a2os2a(shared_dir):
   mc = sdt.model_config('cifar', embed_dim=64, depth=2, num_heads=8, T=2, img_size=32,
                         attention='a2os2a')
   mc.dead_modules = True
-  model = models.build_model(mc)
+  model = nnx.eval_shape(lambda: models.build_model(mc))  # every variable comes from the file
   convert.load_state_dict(model, state)
   x = jnp.asarray(d['input'].transpose(0, 2, 3, 1), jnp.float32)
-  assert np.isfinite(np.asarray(model(x))).all()
+  assert np.isfinite(np.asarray(nnx.jit(lambda m, x: m(x))(model, x))).all()
 
 
 @pytest.mark.parametrize('attention', ['a2os2a', 'sdsa'])  # A2OS2A and the SDT baseline
-@pytest.mark.parametrize('axes', [{}, {'data': 2, 'fsdp': 4}], ids=['data', 'fsdp'])
-def test_a2os2a_eight_devices_equal_one_device(axes, attention):
+def test_a2os2a_eight_devices_equal_one_device(attention):
+  """On the FSDP mesh, which splits the batch over all 8 devices as the data
+  mesh does and shards the kernels too (the data mesh alone, replicated
+  kernels: test_train.test_eight_devices_equal_one_device)."""
   from test_train import assert_eight_devices_equal_one
   c = a2os2a_configs.get_config('cifar10-2-256,runlocal')
   c.model.attention = attention
   c.mesh.fsdp_min_size = 512  # runlocal arrays are small: shard them anyway
-  assert_eight_devices_equal_one(c, **axes)
+  assert_eight_devices_equal_one(c, data=2, fsdp=4)
 
 
 def test_tet_loss_formula():
@@ -159,6 +163,7 @@ def test_every_attention_kind_in_every_backbone_style(style):
   trains (finite, non-zero gradients)."""
   assert set(_NEURONS) == set(attention.names())
   x = 2.0 * jax.random.normal(jax.random.key(5), (4, 9, 16))  # [B*T, N, C]
+  params, forward = {}, {}
   for kind, (q_n, k_n, v_n) in _NEURONS.items():
     attn = blocks.SpikingAttention(
         16, 2, s=layers.Settings(T=2), kind=kind, style=style, init='trunc_normal',
@@ -167,10 +172,18 @@ def test_every_attention_kind_in_every_backbone_style(style):
     assert (attn.v_lif.neuron.kind if hasattr(attn, 'v_lif') else None) == v_n, kind
     assert hasattr(attn, 'shortcut_lif') == (style == 'sdt')
     assert hasattr(attn, 'proj_lif') == (style == 'spikformer')
-    graphdef, params, rest = nnx.split(attn, nnx.Param, ...)
-    f = jax.jit(lambda p: nnx.merge(graphdef, p, rest, copy=True)(x))
-    y, vjp = jax.vjp(f, params)
-    (grads,) = vjp(jnp.ones_like(y))
+    graphdef, params[kind], rest = nnx.split(attn, nnx.Param, ...)
+    forward[kind] = functools.partial(
+        lambda g, r, p: nnx.merge(g, p, r, copy=True)(x), graphdef, rest)
+
+  @jax.jit  # every kind in one program: a third of the compile time of one each
+  def outputs_and_grads(params):
+    out = {}
+    for kind, f in forward.items():
+      y, vjp = jax.vjp(f, params[kind])
+      out[kind] = y, vjp(jnp.ones_like(y))[0]
+    return out
+  for kind, (y, grads) in outputs_and_grads(params).items():
     assert y.shape == x.shape
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)), kind
     assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grads)) > 0, kind
@@ -194,10 +207,11 @@ def test_attention_cores_compute_different_functions():
 def test_a2os2a_trains_from_train_py(tmp_path):
   import json, os, subprocess, sys
   wd = tmp_path / 'a2os2a'
+  # One device: the sharded model is test_a2os2a_eight_devices_equal_one_device's.
   p = subprocess.run(
       [sys.executable, 'train.py', '--config=configs/a2os2a.py:cifar10-2-256,runlocal',
        f'--workdir={wd}', '--config.total_steps=2'],
-      cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES='2'), capture_output=True,
+      cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'), capture_output=True,
       text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   final = json.loads((wd / 'final_metrics.json').read_text())

@@ -181,13 +181,12 @@ def test_every_family_is_analysed(family, arg):
 
 
 def test_eval_analyze_cli(tmp_path):
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   wd = tmp_path / 'wd'
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
-  train = subprocess.run([sys.executable, 'train.py', '--config=configs/spikformer.py:digits',
-                          f'--workdir={wd}', '--config.total_steps=6',
-                          '--config.log_every_steps=2'],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert train.returncode == 0, train.stderr[-3000:]
+  c = spikformer_configs.get_config('digits')  # trained here: eval.py's CLI is under test
+  c.total_steps, c.log_every_steps, c.num_devices = 6, 2, 1
+  train_lib.train_and_evaluate(c, str(wd))
   p = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--analyze',
                       '--analyze_examples=100', '--attention_heads=0,1'],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

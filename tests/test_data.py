@@ -180,7 +180,9 @@ def test_event_builder_integrates_once_and_reads_back_exactly(tmp_path, name):
     events.write_gesture_tree(str(dl), users=(1, 24), labels=(0, 3, 10), archive=True)
     expected = {s: list(events.iter_gesture(str(dl), s)) for s in ('train', 'test')}
   else:
-    events.write_cifar10dvs_tree(str(dl), per_class=10, zipped=True)
+    # 10 per class: the fewest with a test split (ceil(0.9 n) < n). 8 saccade
+    # sub-steps, not 60: a seventh of the events to generate, each read back.
+    events.write_cifar10dvs_tree(str(dl), per_class=10, zipped=True, n_steps=8)
     every = list(events.iter_cifar10dvs(str(dl)))
     train, test = events.front_split([label for _, label in every])
     expected = {'train': [every[i] for i in train], 'test': [every[i] for i in test]}
@@ -217,7 +219,7 @@ def test_prepare_cli(tmp_path):
   c = config_lib.apply_overrides(spikformer.get_config('nmnist-1-128'), {
       'data.data_dir': str(tmp_path / 'tfds'), 'model.T': 2, 'data.shape': (2, 32, 32, 2),
       'model.embed_dim': 32, 'model.num_heads': 2, 'batch_size': 8, 'eval_batch_size': 8,
-      'total_steps': 2, 'log_every_steps': 1})
+      'total_steps': 2, 'log_every_steps': 1, 'num_devices': 1})
   final = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
   assert final['test_examples'] == 10 and final['steps'] == 2
   out = run('--dataset=dvs128_gesture', f'--data_dir={tmp_path / "tfds"}',

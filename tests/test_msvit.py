@@ -2,6 +2,7 @@
 intent flags, configs, sharding and a train.py run (fixtures: test_fidelity)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -243,12 +244,14 @@ def test_batch_as_time_order_is_time_major():
   np.testing.assert_array_equal(layers.batch_as_time_multistep(n, x, T, 2)[:, 0], per_sample)
 
 
-@pytest.mark.parametrize('axes', [{}, {'data': 2, 'fsdp': 4}], ids=['data', 'fsdp'])
-def test_eight_devices_equal_one_device(axes):
+def test_eight_devices_equal_one_device():
+  """On the FSDP mesh, which splits the batch over all 8 devices as the data
+  mesh does and shards the kernels too (the data mesh alone, replicated
+  kernels: test_train.test_eight_devices_equal_one_device)."""
   c = msvit_cfgs.get_config('cifar10-4-384,runlocal')
   assert c.model.ssa_proj_lif_batch_as_time  # the batch-coupled neuron, sharded
   c.mesh.fsdp_min_size = 512  # runlocal arrays are small: shard them anyway
-  assert_eight_devices_equal_one(c, **axes)
+  assert_eight_devices_equal_one(c, data=2, fsdp=4)
 
 
 def test_bad_msvit_configs_fail_clearly():
@@ -310,7 +313,8 @@ def test_train_py_two_steps_on_a_tiny_msvit(tmp_path):
   cmd = [sys.executable, 'train.py', '--config=configs/msvit.py:imagenet-10-384,runlocal',
          f'--workdir={wd}', '--config.total_steps=2', '--config.model.img_size=32',
          '--config.data.shape=(32, 32, 3)']
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')  # sharded MSViT: the eight-device test
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   final = json.loads((wd / 'final_metrics.json').read_text())
   assert final['steps'] == 2 and np.isfinite(final['test_loss'])

@@ -7,9 +7,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
 from conftest import ROOT
+from spikeformer_jax import config_lib, train_lib
 
 ARGS = ['--config=configs/spikformer.py:cifar10-4-384,runlocal', '--config.total_steps=6',
         '--config.log_every_steps=1', '--config.ckpt_every_steps=3']
@@ -26,12 +28,19 @@ def _losses(wd):
   return [r['train_loss'] for r in rows if 'train_loss' in r]
 
 
+def _config():
+  """ARGS as a config: what train.py hands train_lib."""
+  from configs import spikformer  # pylint: disable=import-outside-toplevel
+  return config_lib.apply_overrides(spikformer.get_config('cifar10-4-384,runlocal'), {
+      'total_steps': 6, 'log_every_steps': 1, 'ckpt_every_steps': 3})
+
+
 def test_two_processes_equal_one(tmp_path):
+  # The one-process reference and the one-device evaluation run here, in this
+  # process of 8 devices (train.py and eval.py are thin: test_train's CLI test).
+  assert jax.device_count() == 8
   one = tmp_path / 'one'
-  p = subprocess.run([sys.executable, 'train.py', f'--workdir={one}', *ARGS], cwd=ROOT,
-                     env=dict(os.environ, JAX_NUM_CPU_DEVICES='8'), capture_output=True,
-                     text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
+  train_lib.train_and_evaluate(_config(), str(one))
 
   two = tmp_path / 'two'
   port = _free_port()
@@ -53,9 +62,7 @@ def test_two_processes_equal_one(tmp_path):
   assert b['test_examples'] == a['test_examples']
   np.testing.assert_allclose(b['test_loss'], a['test_loss'], rtol=1e-5)
   # The 2-process checkpoint restores onto one device of one process.
-  e = subprocess.run([sys.executable, 'eval.py', f'--workdir={two}', '--num_devices=1'],
-                     cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
-                     capture_output=True, text=True, timeout=600)
-  assert e.returncode == 0, e.stderr[-3000:]
-  res = json.loads((two / 'eval_test_6.json').read_text())
+  res = train_lib.evaluate_checkpoint(train_lib.load_run_config(str(two)), str(two),
+                                      num_devices=1)
+  assert res['step'] == 6
   np.testing.assert_allclose(res['loss'], b['test_loss'], rtol=1e-5)

@@ -116,7 +116,8 @@ def _case(family, arg, over):
   return c, jnp.asarray(x), jnp.arange(4) % c.model.num_classes
 
 
-def _loss_grads(cfg, x, y):
+def _loss_and_grads(cfg, x, y):
+  """(loss, gradients) as a function of the parameters, and the parameters."""
   model = models.build_model(cfg, seed=0)
   for _, m in nnx.iter_modules(model):  # fire throughout, so every path carries gradient
     if isinstance(m, (nnx.Linear, nnx.Conv)):
@@ -127,7 +128,7 @@ def _loss_grads(cfg, x, y):
   def loss(p):
     m = nnx.merge(graph, p, stats, copy=True)
     return train_lib.cross_entropy(m(x), y).mean()
-  return jax.device_get(jax.jit(jax.value_and_grad(loss))(params))
+  return jax.value_and_grad(loss), params
 
 
 @pytest.mark.parametrize('family,arg,over', [c for c in CASES if not c[2]])
@@ -135,10 +136,12 @@ def test_models_lean_synapses_equal_autodiff(family, arg, over):
   """Loss and gradients: compact on / off bit-identical; GEMM weight
   gradients equal autodiff's at float32 tolerance."""
   c, x, y = _case(family, arg, over)
-  results = {}
+  fns, params = {}, {}
   for compact, weight_grad in ((False, 'xla'), (False, 'gemm'), (True, 'gemm')):
     c.model.compact_spikes, c.model.weight_grad = compact, weight_grad
-    results[compact, weight_grad] = _loss_grads(c.model, x, y)
+    fns[compact, weight_grad], params[compact, weight_grad] = _loss_and_grads(c.model, x, y)
+  # The three in one program: compiled in about half the time of one each.
+  results = jax.device_get(jax.jit(lambda ps: {k: f(ps[k]) for k, f in fns.items()})(params))
   for a, b in zip(jax.tree.leaves(results[True, 'gemm']), jax.tree.leaves(results[False, 'gemm'])):
     np.testing.assert_array_equal(a, b)
   ref = results[False, 'xla']

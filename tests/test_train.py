@@ -42,6 +42,20 @@ def _bn_cancelled(path) -> bool:
   return "_linear']['bias']" in jax.tree_util.keystr(path)
 
 
+_ONE_DEVICE = {}
+
+
+def _one_device_steps(config, n_steps=3):
+  """_run_steps on one device, computed once per config in this process:
+  several tests compare against the same run. The mesh settings are left out
+  of the key: one device has nothing to shard."""
+  key = json.dumps({k: v for k, v in config.to_dict().items() if k != 'mesh'},
+                   sort_keys=True, default=str), n_steps
+  if key not in _ONE_DEVICE:
+    _ONE_DEVICE[key] = _run_steps(config, sharding.make_mesh(1), n_steps)
+  return _ONE_DEVICE[key]
+
+
 def assert_eight_devices_equal_one(config, n_steps=3, **mesh_axes):
   """Losses, parameters and BatchNorm statistics of n_steps train steps on 8
   devices (a mesh of `mesh_axes`: data / fsdp sizes) equal those on 1
@@ -50,7 +64,7 @@ def assert_eight_devices_equal_one(config, n_steps=3, **mesh_axes):
   near the threshold, where the float noise of another summation order flips
   spikes within three steps."""
   config.mixup.mixup_alpha = config.mixup.cutmix_alpha = 0.0
-  l1, s1 = _run_steps(config, sharding.make_mesh(1), n_steps)
+  l1, s1 = _one_device_steps(config, n_steps)
   l8, s8 = _run_steps(config, sharding.make_mesh(8, **mesh_axes), n_steps)
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
   max_adam_move = 2 * n_steps * config.optimizer.warmup_lr  # steps at the warmup lr
@@ -96,7 +110,8 @@ def test_bad_mesh_is_one_clear_error(axes, message):
 
 def test_per_device_batchnorm_does_not_depend_on_device_count():
   """bn_scope='device' on 8 devices == 8 BN groups computed on one device."""
-  config = _tiny(bn_scope='device')
+  no_mixup = {'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0}  # as the tests above:
+  config = _tiny(bn_scope='device', **no_mixup)  # their global-BN run is the reference below
   l8, _ = _run_steps(config, sharding.make_mesh(8), n_steps=2)
   mesh1 = sharding.make_mesh(1)
   orig = train_lib.bn_groups_for
@@ -106,7 +121,7 @@ def test_per_device_batchnorm_does_not_depend_on_device_count():
   finally:
     train_lib.bn_groups_for = orig
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
-  lg, _ = _run_steps(_tiny(), mesh1, n_steps=2)
+  lg, _ = _one_device_steps(_tiny(**no_mixup))
   assert abs(lg[0] - l8[0]) > 1e-6  # and it is a different model from global BN
 
 
