@@ -2,7 +2,7 @@ r"""Train-step throughput, compile time and memory, beside a GEMM baseline.
 
   python benchmarks/train_step.py --config=configs/spikformer.py:cifar10-4-384 \
       --batch=16 --T=4 [--dtype=bfloat16] [--loop=scan --unroll=4] [--set K=V ...] \
-      [--compile_only] [--json]
+      [--compile_only] [--json] [--target=v5e:2x2]
 
 Measures in one run on one device kind: the compile time of the jitted train
 step, its steady-state time (median of --steps timed steps after warm-up,
@@ -11,6 +11,9 @@ where the device reports it, its allocator peak), and the model FLOPs per image
 (counted analytically from the forward jaxpr, training = 3 x forward) as a
 fraction of a float32 GEMM rate measured in the same process. Data is
 synthetic and device-resident, so the input pipeline is not measured.
+With --target (a TPU topology, libtpu installed) the step is compiled for that
+TPU instead and the planner's figures are reported (spikeformer_jax/aot.py:
+per-chip HBM, FLOPs and HBM bytes per image, roofline images/s).
 """
 
 from __future__ import annotations
@@ -138,6 +141,8 @@ def main(argv=None):
   p.add_argument('--compile_only', action='store_true',
                  help='report compile time and program memory only')
   p.add_argument('--json', action='store_true', help='print one JSON object')
+  p.add_argument('--target', default='', help='compile for this TPU topology instead '
+                 '(e.g. v5e:2x2; --batch is then the global batch)')
   a = p.parse_args(argv)
   config = config_lib.apply_overrides(load_config(a.config), config_lib.parse_set(a.set),
                                       '--set: ')
@@ -151,6 +156,12 @@ def main(argv=None):
   if a.bn_scope:
     config.bn_scope = a.bn_scope
   config.batch_size = a.batch
+  if a.target:
+    from spikeformer_jax import aot  # pylint: disable=import-outside-toplevel
+    config.num_devices = -1
+    r = aot.plan(config, a.target, a.batch)
+    print(json.dumps(r) if a.json else aot.format_report(r))
+    return
   r = run(config, batch=a.batch, steps=a.steps, warmup=a.warmup, compile_only=a.compile_only)
   if a.json or a.compile_only:
     print(json.dumps(r))

@@ -128,12 +128,14 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
 
 # Model-defining fields added after the first release -> (their default, for
 # runs saved before they existed; what of the value matters: EMA on / off).
-_ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool)}
+_ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool),
+          'model.neuron.membrane': ('float32', str)}
 
 
 # Under 'model' but not defining it: how the same function is compiled.
 COMPILATION_ONLY = ('model.remat', 'model.remat_stem', 'model.neuron.loop',
-                    'model.neuron.unroll', 'model.compact_spikes', 'model.weight_grad')
+                    'model.neuron.unroll', 'model.neuron.recompute', 'model.compact_spikes',
+                    'model.weight_grad')
 
 
 def model_defining(keys: list[str], saved: dict | None = None,

@@ -85,6 +85,7 @@ def _spike_jvp(surrogate, alpha, primals, tangents):
 
 KINDS = ('lif', 'if', 'ternary')
 LOOPS = ('scan', 'python', 'vjp')
+MEMBRANES = ('float32', 'compute')
 CHARGE_FORMS = ('spikingjelly', 'paper')
 TERNARY_GRADS = ('surrogate', 'clamp')
 
@@ -114,6 +115,15 @@ class Neuron:
     loop: how the timestep loop is compiled, see the module docstring.
     unroll: steps per `lax.scan` iteration (loop 'scan', and the backward
       scan of 'vjp'); 0 unrolls all T steps.
+    recompute: keep only the neuron's input for the backward pass and run the
+      loop again there (jax.checkpoint): the input in the compute dtype (2
+      bytes in bfloat16) instead of float32 membranes per timestep, for a
+      cheap elementwise recomputation. Same values and gradients.
+    membrane: 'float32' (at least float32 whatever the compute dtype: exact,
+      the default) or 'compute' (the input's dtype: bfloat16 membranes under
+      a bfloat16 network, as SpikingJelly's membranes are float16 under the
+      official code's AMP). Not exact: bfloat16 rounding of the membrane can
+      move spikes near the threshold; it halves the neuron's memory traffic.
   """
   kind: str = 'lif'
   tau: float = 2.0
@@ -128,6 +138,8 @@ class Neuron:
   ternary_grad: str = 'surrogate'
   loop: str = 'scan'
   unroll: int = 0
+  recompute: bool = False
+  membrane: str = 'float32'
 
   def __post_init__(self):
     def check(field, valid):
@@ -137,6 +149,7 @@ class Neuron:
             f'Neuron.{field}={value!r} is not valid; choose one of {valid}.')
     check('kind', KINDS)
     check('loop', LOOPS)
+    check('membrane', MEMBRANES)
     check('charge_form', CHARGE_FORMS)
     check('ternary_grad', TERNARY_GRADS)
     check('surrogate', tuple(SURROGATE_DEFAULT_ALPHA))
@@ -306,7 +319,11 @@ def multistep(n: Neuron, x: jax.Array, time_axis: int = 1) -> jax.Array:
   Returns spikes of x's shape and dtype (spikes are exact in any float dtype);
   the membrane is kept in at least float32.
   """
-  xm = x.astype(membrane_dtype(x.dtype))
+  if n.recompute:
+    plain = dataclasses.replace(n, recompute=False)
+    return jax.checkpoint(functools.partial(multistep, plain, time_axis=time_axis),
+                          policy=jax.checkpoint_policies.nothing_saveable)(x)
+  xm = x.astype(membrane_dtype(x.dtype) if n.membrane == 'float32' else x.dtype)
   if n.loop == 'python':
     return _python_loop(n, xm, time_axis).astype(x.dtype)
   xs = jnp.moveaxis(xm, time_axis, 0)  # lax.scan runs over the leading axis

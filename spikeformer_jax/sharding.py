@@ -24,10 +24,12 @@ BATCH = P(AXES)          # the batch axis over every device
 FSDP_MIN_SIZE = 2 ** 14  # default: smaller arrays (biases, norms) stay replicated
 
 
-def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1) -> Mesh:
+def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1,
+              devices=None) -> Mesh:
   """A ('data', 'fsdp') mesh over all (or the first `num_devices`) devices;
-  one of `data`, `fsdp` may be -1: the rest."""
-  devices = jax.devices()
+  one of `data`, `fsdp` may be -1: the rest. `devices`: jax.devices(), or
+  others (the compile-only devices of a TPU topology: aot.py)."""
+  devices = jax.devices() if devices is None else list(devices)
   n = len(devices) if num_devices in (None, 0, -1) else num_devices
   if n < 1 or n > len(devices):
     raise ValueError(f'num_devices={num_devices}: use -1 (all) or 1..{len(devices)}, '
@@ -47,9 +49,16 @@ def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1) 
               axis_types=(AxisType.Auto,) * 2)
 
 
-def mesh_from_config(config) -> Mesh:
+def mesh_from_config(config, devices=None) -> Mesh:
   m = config.get('mesh', None)
-  return make_mesh(config.num_devices, data=m.data if m else -1, fsdp=m.fsdp if m else 1)
+  return make_mesh(config.num_devices, data=m.data if m else -1, fsdp=m.fsdp if m else 1,
+                   devices=devices)
+
+
+def platform(mesh: Mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': what the mesh's devices are (the target of a
+  step compiled ahead of time, not necessarily this machine's backend)."""
+  return mesh.devices.flat[0].platform
 
 
 def data_size(mesh: Mesh) -> int:

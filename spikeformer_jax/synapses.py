@@ -33,6 +33,8 @@ call outside the shapes handled here.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -68,12 +70,28 @@ def _dense_fwd_value(x, w, precision):
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
+_PLATFORM = contextvars.ContextVar('synapses_platform', default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str | None):
+  """Resolves 'auto' for `platform` ('cpu', 'gpu', 'tpu') while tracing, not
+  for the default backend: a step compiled ahead of time for a TPU topology
+  on a CPU machine gets the TPU's choice. The train and eval steps trace under
+  their mesh's platform."""
+  token = _PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
 def resolve(weight_grad: str) -> str:
   """'auto' -> 'gemm' on CPU, 'xla' on GPU / TPU; checks the name."""
   if weight_grad not in WEIGHT_GRADS:
     raise ValueError(f'model.weight_grad={weight_grad!r}; valid: {", ".join(WEIGHT_GRADS)}.')
   if weight_grad == 'auto':
-    return 'gemm' if jax.default_backend() == 'cpu' else 'xla'
+    return 'gemm' if (_PLATFORM.get() or jax.default_backend()) == 'cpu' else 'xla'
   return weight_grad
 
 

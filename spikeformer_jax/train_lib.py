@@ -37,6 +37,7 @@ from spikeformer_jax import metrics as metrics_lib
 from spikeformer_jax import models
 from spikeformer_jax import optim
 from spikeformer_jax import sharding
+from spikeformer_jax import synapses
 from spikeformer_jax import validation
 from spikeformer_jax import workdir as workdir_lib
 from spikeformer_jax.data import mixup
@@ -154,6 +155,10 @@ def make_train_step(exp: Experiment):
   decay = ema_decay(config)
 
   def train_step(state, batch):
+    with synapses.compiling_for(sharding.platform(exp.mesh)):  # 'auto' for the target
+      return _train_step(state, batch)
+
+  def _train_step(state, batch):
     images, labels = batch['image'], batch['label']
     if mixup.active(mix):
       key = jax.random.fold_in(jax.random.key(config.seed), state['step'])
@@ -206,6 +211,10 @@ def make_eval_step(exp: Experiment, ema: bool = False):
     raise ValueError('this run kept no EMA of its weights (ema_decay is 0).')
 
   def eval_step(state, batch):
+    with synapses.compiling_for(sharding.platform(exp.mesh)):
+      return _eval_step(state, batch)
+
+  def _eval_step(state, batch):
     weights = state['ema'] if ema else state
     model = nnx.merge(exp.graphdef_eval, weights['params'], weights['batch_stats'], copy=True)
     logits = model(batch['image'])

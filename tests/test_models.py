@@ -37,6 +37,11 @@ def _count(model_cfg):
   return models.count_params(nnx.eval_shape(lambda: models.build_model(model_cfg)))
 
 
+# Forwards compiled as one program: op by op, each operation compiles alone
+# (several times slower for a whole model).
+_forward = nnx.jit(lambda model, x: model(x))
+
+
 @pytest.mark.parametrize('variant', sorted(PARAMS))
 def test_parameter_counts(variant):
   c = cfgs.get_config(variant)
@@ -67,10 +72,10 @@ def test_forward_shapes_and_finite(flavour, shape, tokens):
                                num_classes=7, img_size=shape[-2])
   model = models.build_model(mc)
   x = jax.random.normal(jax.random.key(0), shape)
-  y = model(x)
+  y = _forward(model, x)
   assert y.shape == (2, 7) and y.dtype == jnp.float32
   assert np.isfinite(np.asarray(y)).all()
-  feats = model.patch_embed(jnp.broadcast_to(x[:, None], (2, 2) + shape[1:]).reshape(
+  feats = _forward(model.patch_embed, jnp.broadcast_to(x[:, None], (2, 2) + shape[1:]).reshape(
       (4,) + shape[-3:]) if x.ndim == 4 else x.reshape((4,) + shape[2:]))
   assert feats.shape == (4, tokens, 32)
 
@@ -80,7 +85,7 @@ def test_bfloat16_compute_keeps_float32_params_and_stats():
                                num_classes=10, img_size=16)
   mc.dtype = 'bfloat16'
   model = models.build_model(mc)
-  y = model(jnp.ones((2, 16, 16, 3)))
+  y = _forward(model, jnp.ones((2, 16, 16, 3)))
   assert y.dtype == jnp.float32
   for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
     assert leaf.dtype == jnp.float32
@@ -96,7 +101,7 @@ def test_attention_order_does_not_change_the_function():
   outs = []
   for order in ('qk_first', 'kv_first'):
     base.attn_order = order
-    outs.append(np.asarray(models.build_model(base)(x)))
+    outs.append(np.asarray(_forward(models.build_model(base), x)))
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 

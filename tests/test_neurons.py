@@ -494,7 +494,10 @@ LOOP_CONFIGS = [
 LOOP_VARIANTS = ([dict(loop='scan', unroll=k) for k in range(1, T + 1)] +
                  [dict(loop='scan', unroll=T + 3), dict(loop='scan', unroll=0),
                   dict(loop='python'),
-                  dict(loop='vjp'), dict(loop='vjp', unroll=2)])
+                  dict(loop='vjp'), dict(loop='vjp', unroll=2),
+                  # recomputed in the backward pass (jax.checkpoint)
+                  dict(loop='scan', unroll=1, recompute=True), dict(loop='python', recompute=True),
+                  dict(loop='vjp', recompute=True)])
 
 
 @pytest.mark.parametrize('cfg', LOOP_CONFIGS, ids=repr)
@@ -590,3 +593,18 @@ def test_unknown_surrogate_name():
     neurons.surrogate_grad('relu', 1.0, jnp.zeros(3))
   with pytest.raises(ValueError):
     jax.grad(lambda z: jnp.sum(neurons.spike(z, 'relu', 1.0)))(jnp.zeros(3))
+
+
+def test_membrane_in_the_compute_dtype():
+  """membrane='compute' keeps a bfloat16 network's membranes in bfloat16 (no
+  float32 in the program); for float32 inputs it is the default neuron."""
+  x = jax.random.normal(jax.random.key(3), (2, 4, 8)) * 2.0
+  n, nc = Neuron(), Neuron(membrane='compute')
+  np.testing.assert_array_equal(np.asarray(neurons.multistep(n, x)), np.asarray(neurons.multistep(nc, x)))
+  xb = x.astype(jnp.bfloat16)
+  assert 'f32' in str(jax.make_jaxpr(lambda v: neurons.multistep(n, v))(xb))
+  assert 'f32' not in str(jax.make_jaxpr(lambda v: neurons.multistep(nc, v))(xb))
+  s = np.asarray(neurons.multistep(nc, xb), np.float32)
+  assert set(np.unique(s)) <= {0.0, 1.0} and 0 < s.mean() < 1
+  with pytest.raises(ValueError, match='membrane'):
+    Neuron(membrane='float16')

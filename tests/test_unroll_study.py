@@ -4,6 +4,8 @@ remat policies, which must not change results."""
 
 import csv
 import importlib
+import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -53,19 +55,26 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
   assert 'study.csv' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('family,variant', [('spikformer', 'cifar10-4-384'),
-                                            ('sdt', 'cifar10-2-256'), ('msvit', 'cifar10-4-384')])
-def test_remat_policies_do_not_change_results(family, variant):
+# Every policy on one family; each family's remat wiring (blocks, stem
+# stages) under 'full', which recomputes the most: the policies themselves
+# are JAX's, the same in every family.
+@pytest.mark.parametrize('family,variant,policies', [
+    ('spikformer', 'cifar10-4-384', tuple(blocks.REMAT_POLICIES) + ('neuron.recompute',)),
+    ('sdt', 'cifar10-2-256', ('', 'full')), ('msvit', 'cifar10-4-384', ('', 'full'))],
+    ids=['spikformer', 'sdt', 'msvit'])
+def test_remat_policies_do_not_change_results(family, variant, policies):
   """Loss, gradients and the new BatchNorm statistics of a train-mode forward
   are bit-identical under every model.remat (blocks) and model.remat_stem
-  (patch stem stages) policy: the same arithmetic, recomputed."""
+  (patch stem stages) policy, and with model.neuron.recompute: the same
+  arithmetic, recomputed."""
   module = importlib.import_module(f'configs.{family}')
   c = module.get_config(variant + ',runlocal').model
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   y = jnp.arange(4) % 10
   fns, params = {}, {}
-  for remat in blocks.REMAT_POLICIES:
-    c.remat = c.remat_stem = remat
+  for remat in policies:
+    c.neuron.recompute = remat == 'neuron.recompute'
+    c.remat = c.remat_stem = '' if c.neuron.recompute else remat
     model = models.build_model(c, seed=0)
     model.train()
     graph, params[remat], stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -82,3 +91,23 @@ def test_remat_policies_do_not_change_results(family, variant):
       np.testing.assert_array_equal(a, b, err_msg=remat)
   with pytest.raises(ValueError, match="model.remat='all'; valid: '', 'full'"):
     blocks.apply_block(None, x, 'all')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason="libtpu is not installed (pip install '.[tpu]')")
+def test_study_target_mode_compiles_each_choice_for_a_tpu(tmp_path):
+  """--target: every choice also compiled for a TPU topology from this CPU
+  machine; --target_only: only those columns (and the plot and table still
+  write)."""
+  unroll_study.main(['--config=configs/spikformer.py:digits', '--T=2', '--dtypes=bfloat16',
+                     '--remat=', '--synapses=lean', '--loops=python', '--recompute=1',
+                     '--batch=8', '--target=v5e:2x2', '--target_batch=16', '--target_only',
+                     f'--out={tmp_path}'])
+  with open(tmp_path / 'study.json', encoding='utf-8') as f:
+    rows = json.load(f)
+  assert [r['choice'] for r in rows] == ['python + lean + recompute']
+  r = rows[0]
+  assert r['target'] == 'v5e:2x2' and r['target_fits'] and 'step_s_median' not in r
+  assert r['target_hbm_peak_bytes'] > 0 and r['target_hbm_bytes_per_image'] > 0
+  assert r['target_roofline_images_per_s'] > 0
+  assert 'HBM peak' in (tmp_path / 'study.md').read_text() and (tmp_path / 'study.png').exists()

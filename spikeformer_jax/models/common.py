@@ -43,7 +43,8 @@ def neuron_config(**overrides) -> ml_collections.ConfigDict:
   """
   cfg = ml_collections.ConfigDict(dict(
       tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
-      detach_reset=True, surrogate='sigmoid', alpha=0.0, loop='scan', unroll=0))
+      detach_reset=True, surrogate='sigmoid', alpha=0.0, loop='scan', unroll=0,
+      recompute=False, membrane='float32'))
   cfg.update(overrides)
   return cfg
 
@@ -67,7 +68,8 @@ def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
       kind='lif', tau=cfg.tau, decay_input=cfg.decay_input,
       v_threshold=cfg.v_threshold, v_reset=None if cfg.soft_reset else cfg.v_reset,
       detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha or None,
-      loop=cfg.loop, unroll=cfg.unroll)
+      loop=cfg.loop, unroll=cfg.unroll, recompute=cfg.get('recompute', False),
+      membrane=cfg.get('membrane', 'float32'))
 
 
 def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Settings:

@@ -1,0 +1,140 @@
+r"""The GPU check: one command, under 8 minutes on one H100 / H200.
+
+  bash benchmarks/gpu_check.sh            # installs what the machine lacks from .whl/, then this
+  python benchmarks/gpu_check.py [--out=DIR] [--budget_s=420] [--quick]
+
+For Spikformer cifar10-4-384 (batch 128) and imagenet-8-512 (batch 64), T=4 and
+T=16, float32 and bfloat16, it compiles the real train step for the local GPU
+with the planner (spikeformer_jax/aot.py) and runs it: per case, the
+compiler's figures (HBM peak, FLOPs and HBM bytes per image, roofline images/s
+at the chip's published figures) beside the measured step time, images/s and
+allocator peak, plus a bfloat16 GEMM rate measured in the same run. Results go
+to DIR/gpu_check.json after every case (a timeout keeps what was done), and a
+markdown table to DIR/gpu_check.md. Cases that would start after --budget_s
+are listed as skipped. Runs on jax 0.10.x and 0.11.x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+
+from benchmarks.train_step import load_config  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import aot  # pylint: disable=g-import-not-at-top
+
+# (config, global batch, T, dtype), most informative first: a timeout cuts the tail.
+CASES = [('cifar10-4-384', 128, 4, 'bfloat16'), ('cifar10-4-384', 128, 4, 'float32'),
+         ('imagenet-8-512', 64, 4, 'bfloat16'), ('cifar10-4-384', 128, 16, 'bfloat16'),
+         ('imagenet-8-512', 64, 4, 'float32'), ('cifar10-4-384', 128, 16, 'float32'),
+         ('imagenet-8-512', 64, 16, 'bfloat16'), ('imagenet-8-512', 64, 16, 'float32')]
+QUICK = [('cifar10-4-384,runlocal', 16, 2, 'float32')]
+
+
+def gemm_rate(n: int = 8192, dtype=jnp.bfloat16, repeats: int = 10) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def environment() -> dict:
+  import flax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  d = jax.devices()[0]
+  return {'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'python': platform.python_version(),
+          'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
+          'device_kind': d.device_kind, 'platform': d.platform, 'devices': jax.device_count(),
+          'memory_limit_bytes': (d.memory_stats() or {}).get('bytes_limit')}
+
+
+def table(results: list[dict]) -> str:
+  head = ('| config | batch | T | dtype | compile s | step ms (measured) | images/s (measured) | '
+          'roofline images/s | HBM peak GiB (compiled) | allocator peak GiB | GB / image | '
+          'FLOP / byte |\n|---|---|---|---|---|---|---|---|---|---|---|---|')
+  rows = []
+  for r in results:
+    if 'error' in r or 'skipped' in r:
+      rows.append(f"| {r['case']} | | | | | {r.get('error') or r.get('skipped')} | | | | | | |")
+      continue
+    def f(x, scale=1.0, fmt='.1f'):
+      return '-' if x is None else f'{x / scale:{fmt}}'
+    rows.append(
+        f"| {r['config']} | {r['global_batch']} | {r['T']} | {r['dtype']} | "
+        f"{r['compile_s']:.0f} | {f(r.get('measured_step_s'), 1e-3)} | "
+        f"{f(r.get('measured_images_per_s'))} | {f(r.get('roofline_images_per_s'))} | "
+        f"{f(r['hbm_peak_bytes_per_chip'], 2**30, '.2f')} | "
+        f"{f(r.get('measured_peak_bytes_per_chip'), 2**30, '.2f')} | "
+        f"{f(r['hbm_bytes_per_image'], 1e9, '.3f')} | {f(r.get('arithmetic_intensity'))} |")
+  return '\n'.join([head] + rows)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--out', default=os.environ.get('OUT') or os.path.join(ROOT, 'benchmarks',
+                                                                       'results', 'gpu'))
+  p.add_argument('--budget_s', type=float, default=420.0,
+                 help='start no case after this many seconds')
+  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--quick', action='store_true', help='one tiny case (a smoke test)')
+  a = p.parse_args(argv)
+  os.makedirs(a.out, exist_ok=True)
+  t0 = time.perf_counter()
+  doc = {'environment': environment(), 'results': []}
+  if jax.default_backend() == 'cpu' and not a.quick:
+    print('no GPU or TPU here: run with --quick for a smoke test on the CPU', file=sys.stderr)
+    return 1
+  doc['gemm_bf16_flops_per_s'] = gemm_rate(1024 if a.quick else 8192)
+
+  def write():
+    with open(os.path.join(a.out, 'gpu_check.json'), 'w', encoding='utf-8') as f:
+      json.dump(doc, f, indent=1)
+    with open(os.path.join(a.out, 'gpu_check.md'), 'w', encoding='utf-8') as f:
+      env = doc['environment']
+      f.write(f"# GPU check: {env['device_kind']} x{env['devices']}, jax {env['jax']}, "
+              f"{env['date']}\n\nbf16 GEMM (8192^3) in the same run: "
+              f"{doc['gemm_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.\n\n"
+              + table(doc['results']) + '\n')
+
+  for name, batch, T, dtype in (QUICK if a.quick else CASES):
+    case = f'{name} b{batch} T{T} {dtype}'
+    if time.perf_counter() - t0 > a.budget_s:
+      doc['results'].append({'case': case, 'skipped': 'time budget'})
+      continue
+    print(f'[{time.perf_counter() - t0:5.0f} s] {case}', flush=True)
+    try:
+      c = load_config(f'configs/spikformer.py:{name}')
+      c.model.T, c.model.dtype, c.num_devices = T, dtype, 1
+      r = aot.plan(c, 'local', batch, steps=a.steps)
+      r['case'] = case
+    except Exception as e:  # pylint: disable=broad-except
+      r = {'case': case, 'error': aot._first_line(e),  # pylint: disable=protected-access
+           'traceback': traceback.format_exc()[-3000:]}
+    doc['results'].append(r)
+    write()
+    print(aot.format_report(r) if 'error' not in r else r['error'], flush=True)
+  doc['wall_s'] = time.perf_counter() - t0
+  write()
+  print(table(doc['results']))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,490 @@
+r"""Plan a training run ahead of time: compile the real train step for a TPU
+topology (from any machine, no TPU needed) or for the local devices, and
+report per-chip memory, FLOPs, HBM traffic and the roofline speed.
+
+  python -m spikeformer_jax.aot --config=configs/spikformer.py:imagenet-8-768 \
+      --topology=v5p:4x4x4 --batch=4096 [--max_batch] [--json] [--config.model.dtype=bfloat16]
+  python -m spikeformer_jax.aot --config=configs/spikformer.py:cifar10-4-384   # local devices
+
+The step is train.py's own (`train_lib.build` + `make_train_step`: the same
+state, shardings, mesh fields, bn_scope, remat and time loop), lowered with
+abstract state and batch and compiled by XLA for the target. A TPU topology
+is named as `GEN:SHAPE` (`v5e:2x2`, `v4:2x2x2`, `v5p:4x4x4`, `v6e:4x4`) or as
+a Cloud accelerator type (`v5litepod-16`, `v5e-16`, `v5p-128`, `v4-8`,
+`v6e-8`); its compile-only devices come from libtpu (`pip install
+'spikeformer_jax[tpu]'`), which is not needed otherwise.
+
+The figures are the compiler's: `memory_analysis()` (per chip: arguments,
+outputs, temporaries, aliased) and `cost_analysis()` (per chip: FLOPs and
+bytes accessed in HBM). The roofline step time is the larger of FLOPs / peak
+and bytes / bandwidth, with each chip's published figures (CHIPS); on the
+local devices the step is also run and timed. A program that does not fit is
+reported as not fitting, with the compiler's figures; `--max_batch` searches
+the largest global batch that fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published per-chip figures: HBM capacity, dense bf16 peak, HBM bandwidth."""
+  name: str
+  hbm_bytes: int
+  peak_flops: float      # bf16 dense, FLOP/s (XLA runs float32 matmuls on the
+  hbm_bytes_per_s: float  # TPU's MXU in bf16 passes at default precision)
+
+
+# Google Cloud's TPU pages and NVIDIA's data sheets.
+CHIPS = {
+    'v4': Chip('TPU v4', 32 * GiB, 275e12, 1228e9),
+    'v5e': Chip('TPU v5e', 16 * GiB, 197e12, 819e9),
+    'v5p': Chip('TPU v5p', 95 * GiB, 459e12, 2765e9),
+    'v6e': Chip('TPU v6e', 32 * GiB, 918e12, 1640e9),
+    'h100': Chip('NVIDIA H100 SXM', 80 * 10**9, 989e12, 3.35e12),
+    'h200': Chip('NVIDIA H200', 141 * 10**9, 989e12, 4.8e12),
+    'a100': Chip('NVIDIA A100 80GB', 80 * 10**9, 312e12, 2.04e12),
+}
+TPU_GENERATIONS = ('v4', 'v5e', 'v5p', 'v6e')
+# Cloud accelerator-type prefixes; v4 and v5p count TensorCores (2 per chip).
+_ACCELERATOR_TYPES = {'v4': ('v4', 2), 'v5p': ('v5p', 2), 'v5litepod': ('v5e', 1),
+                      'v5e': ('v5e', 1), 'v6e': ('v6e', 1)}
+TPU_INSTALL = "pip install 'spikeformer_jax[tpu]'  (or: pip install 'jax[tpu]')"
+
+
+class PlanError(ValueError):
+  """A topology, batch or environment the planner cannot use (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  generation: str
+  shape: tuple
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def name(self) -> str:
+    return f'{self.generation}:{"x".join(map(str, self.shape))}'
+
+
+def _shape_for(generation: str, chips: int) -> tuple:
+  """The slice shape Cloud gives `chips` chips: 2-D for v5e / v6e, 3-D for v4 / v5p."""
+  if chips < 1 or chips & (chips - 1):
+    raise PlanError(f'{chips} chips: TPU slices have a power of two of chips.')
+  dims = [1, 1] if generation in ('v5e', 'v6e') else [1, 1, 1]
+  order = [1, 0] if len(dims) == 2 else [0, 1, 2]
+  if len(dims) == 3 and chips >= 4:  # 2x2x1, 2x2x2, then z, y, x in turn: 2x2x4, 2x4x4, ...
+    dims, chips = ([2, 2, 1], chips // 4) if chips == 4 else ([2, 2, 2], chips // 8)
+    order = [2, 1, 0]
+  i = 0
+  while chips > 1:
+    dims[order[i % len(order)]] *= 2
+    chips //= 2
+    i += 1
+  return tuple(dims)
+
+
+def parse_topology(name: str) -> Topology:
+  """'v5e:2x2', 'v5p:4x4x4', 'v5litepod-16', 'v5p-128', ... -> Topology."""
+  m = re.fullmatch(r'(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})', name)
+  if m:
+    gen, shape = m.group(1), tuple(int(d) for d in m.group(2).split('x'))
+    want = 2 if gen in ('v5e', 'v6e') else 3
+    if len(shape) != want or min(shape) < 1:
+      raise PlanError(f'--topology={name}: a {gen} slice has {want} dimensions, '
+                      f'e.g. {gen}:{"x".join(["2"] * 2 + ["1"] * (want - 2))}.')
+    return Topology(gen, shape)
+  m = re.fullmatch(r'(v4|v5p|v5litepod|v5e|v6e)-(\d+)', name)
+  if m:
+    gen, per_chip = _ACCELERATOR_TYPES[m.group(1)]
+    cores = int(m.group(2))
+    if cores % per_chip:
+      raise PlanError(f'--topology={name}: {gen} counts {per_chip} cores per chip.')
+    return Topology(gen, _shape_for(gen, cores // per_chip))
+  raise PlanError(f'--topology={name!r}: use GEN:SHAPE (GEN one of '
+                  f'{", ".join(TPU_GENERATIONS)}; e.g. v5e:2x2, v5p:4x4x4) or a Cloud '
+                  'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8), or local.')
+
+
+def tpu_devices(topology: Topology):
+  """The compile-only devices of a TPU slice (libtpu, no TPU needed)."""
+  if importlib.util.find_spec('libtpu') is None:
+    raise PlanError(f'compiling for {topology.name} needs libtpu, which is not installed: '
+                    f'{TPU_INSTALL}.')
+  # libtpu looks for a TPU host's environment; these quiet the parts it can.
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{topology.generation}-{topology.chips}')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  # Compile-only devices touch no chip: several planners (or a planner beside
+  # a training run) may load libtpu at once, which its lockfile forbids.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  shape = tuple(topology.shape) + (1,) * (3 - len(topology.shape))
+  try:
+    desc = topologies.get_topology_desc(
+        platform='tpu', topology_name=topology.name, chip_config_name='default',
+        chips_per_host_bounds=tuple(min(d, b) for d, b in zip(shape, (2, 2, 1))),
+        num_slices=1, wrap=(False, False, False))
+  except Exception as e:  # pylint: disable=broad-except
+    raise PlanError(f'libtpu cannot describe {topology.name}: {_first_line(e)}') from e
+  return desc.devices
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def chip_for(device) -> Chip | None:
+  """The CHIPS entry of a device (local GPUs and TPUs), None if unknown (CPU)."""
+  kind = device.device_kind.lower()
+  for key in ('h200', 'h100', 'a100'):
+    if key in kind:
+      return CHIPS[key]
+  if device.platform == 'tpu':
+    for key, words in (('v5e', ('v5 lite', 'v5e')), ('v5p', ('v5p', 'tpu v5')),
+                       ('v6e', ('v6',)), ('v4', ('v4',))):
+      if any(w in kind for w in words):
+        return CHIPS[key]
+  return None
+
+
+def input_shape(config) -> tuple:
+  """One training example as the input pipeline delivers it (float32): the
+  model's image size and channels, with the frames first for event data."""
+  m, frames = config.model, tuple(config.data.shape)[:-3]
+  return frames + (m.img_size, m.img_size, m.in_channels)
+
+
+def _cost(compiled) -> dict:
+  c = compiled.cost_analysis()
+  if isinstance(c, (list, tuple)):  # older jax: one dict per program
+    c = c[0] if c else {}
+  return dict(c or {})
+
+
+def _compiler_sizes(message: str) -> dict:
+  """Figures of an out-of-memory message, e.g. 'HLO temporaries (16.56G) exceeds
+  available HBM (15.75G)' -> {'HLO temporaries': ..., 'available HBM': ...} in
+  bytes; also 'Used X of Y hbm' as 'used' and 'capacity'."""
+  scale = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+  def size(num, unit):
+    return int(float(num) * scale[unit])
+  out = {}
+  for what, num, unit in re.findall(r'([A-Za-z][A-Za-z ]*?)\s*\(([\d.]+)\s*([KMGT]?)i?B?\)',
+                                    message):
+    out[re.sub(r'^(exceeds|is|of)\s+', '', what.strip())] = size(num, unit)
+  m = re.search(r'Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm', message)
+  if m:
+    out['used'], out['capacity'] = size(*m.group(1, 2)), size(*m.group(3, 4))
+  return out
+
+
+def _is_oom(e: BaseException) -> bool:
+  s = str(e)
+  return 'RESOURCE_EXHAUSTED' in s or 'exceeds available' in s or 'Out of memory' in s
+
+
+def compile_step(config, devices, batch: int):
+  """(compiled train step or the out-of-memory error, mesh, experiment, compile seconds)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import sharding, train_lib  # pylint: disable=import-outside-toplevel
+  mesh = sharding.mesh_from_config(config, devices)
+  sharding.check_batch_size(batch, mesh, '--batch')
+  exp = train_lib.build(config, mesh, steps_per_epoch=1000)
+  step = train_lib.make_train_step(exp)
+  bsh = sharding.batch_sharding(mesh)
+  abstract_batch = {
+      'image': jax.ShapeDtypeStruct((batch,) + input_shape(config), 'float32',
+                                    sharding=bsh),
+      'label': jax.ShapeDtypeStruct((batch,), 'int32', sharding=bsh)}
+  t = time.perf_counter()
+  try:
+    compiled = step.lower(exp.abstract_state, abstract_batch).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_oom(e):
+      raise
+    compiled = e
+  return compiled, mesh, exp, time.perf_counter() - t
+
+
+def report(config, compiled, mesh, batch: int, chip: Chip | None, compile_s: float,
+           target: str) -> dict:
+  """The planner's figures for one compiled (or out-of-memory) step."""
+  n = mesh.size
+  r = {'config': config.get('name', ''), 'target': target,
+       'device_kind': mesh.devices.flat[0].device_kind, 'chips': n,
+       'mesh': dict(mesh.shape), 'global_batch': batch, 'batch_per_chip': batch / n,
+       'T': config.model.T, 'dtype': config.model.dtype,
+       'remat': config.model.get('remat', ''), 'loop': config.model.neuron.loop,
+       'bn_scope': config.bn_scope, 'compile_s': compile_s,
+       'hbm_capacity_bytes_per_chip': chip.hbm_bytes if chip else None}
+  if isinstance(compiled, BaseException):
+    sizes = _compiler_sizes(str(compiled))
+    need = max(sizes.values()) if sizes else None
+    r.update(fits=False, error=_first_line(compiled), compiler_figures=sizes,
+             hbm_peak_bytes_per_chip=need)
+    available = sizes.get('available HBM', sizes.get('capacity'))
+    if available:
+      r['hbm_available_bytes_per_chip'] = available
+      r['hbm_peak_bytes_per_chip'] = max(
+          v for k, v in sizes.items() if k not in ('available HBM', 'capacity'))
+    return r
+  ma = compiled.memory_analysis()
+  args, outs = ma.argument_size_in_bytes, ma.output_size_in_bytes
+  temps, alias = ma.temp_size_in_bytes, ma.alias_size_in_bytes
+  peak = args + outs - alias + temps
+  cost = _cost(compiled)
+  flops, hbm = cost.get('flops', 0.0), cost.get('bytes accessed', 0.0)
+  r.update(hbm_argument_bytes_per_chip=args, hbm_output_bytes_per_chip=outs,
+           hbm_alias_bytes_per_chip=alias, hbm_temp_bytes_per_chip=temps,
+           hbm_code_bytes_per_chip=ma.generated_code_size_in_bytes,
+           hbm_peak_bytes_per_chip=peak,
+           fits=chip is None or peak <= chip.hbm_bytes,
+           flops_per_chip_step=flops, hbm_bytes_per_chip_step=hbm,
+           flops_per_image=flops * n / batch, hbm_bytes_per_image=hbm * n / batch,
+           arithmetic_intensity=flops / hbm if hbm else None)
+  if chip is not None:
+    t_flops, t_bytes = flops / chip.peak_flops, hbm / chip.hbm_bytes_per_s
+    step_s = max(t_flops, t_bytes)
+    r.update(roofline_step_s=step_s, roofline_images_per_s=batch / step_s if step_s else None,
+             roofline_bound='memory' if t_bytes >= t_flops else 'compute',
+             ridge_flops_per_byte=chip.peak_flops / chip.hbm_bytes_per_s)
+  else:
+    r.update(roofline_step_s=None, roofline_images_per_s=None, roofline_bound=None)
+  return r
+
+
+def time_step(compiled, exp, mesh, config, batch: int, steps: int) -> dict:
+  """Runs the compiled step on the local devices: median step time, images/s
+  and the allocator's peak where the device reports one."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  local = {'image': rng.standard_normal((batch,) + input_shape(config)).astype(np.float32),
+           'label': rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
+  gbatch = sharding.global_batch(local, mesh)
+  state = exp.init_state()
+  state, _ = compiled(state, gbatch)  # warm-up
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, gbatch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  stats = mesh.devices.flat[0].memory_stats() or {}
+  return {'measured_step_s': step_s, 'measured_images_per_s': batch / step_s,
+          'measured_peak_bytes_per_chip': stats.get('peak_bytes_in_use'),
+          'measured_loss': float(metrics['loss'])}
+
+
+def plan(config, topology: str = 'local', batch: int | None = None, steps: int | None = None,
+         log=None) -> dict:
+  """Compiles config's train step for `topology` ('local' or a TPU slice) at
+  global `batch` (default config.batch_size) and returns report()'s dict;
+  on local accelerators also the measured step (`steps` timed steps, default
+  5 on GPU / TPU, none on CPU)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import validation  # pylint: disable=import-outside-toplevel
+  validation.validate_config(config)
+  batch = batch or config.batch_size
+  if topology == 'local':
+    devices = jax.devices()
+    chip = chip_for(devices[0])
+    if chip is not None:  # the device's own capacity where it reports one
+      limit = (devices[0].memory_stats() or {}).get('bytes_limit')
+      chip = dataclasses.replace(chip, hbm_bytes=limit) if limit else chip
+    target = f'local: {len(devices)} x {devices[0].device_kind}'
+  else:
+    topo = parse_topology(topology)
+    devices = tpu_devices(topo)
+    chip, target = CHIPS[topo.generation], topo.name
+  if config.num_devices not in (-1, 0) and config.num_devices > len(devices):
+    raise PlanError(f'num_devices={config.num_devices} but {target} has {len(devices)} chips; '
+                    'use num_devices=-1 (all).')
+  if log:
+    log(f'compiling the train step of {config.get("name", "")} for {target}, '
+        f'global batch {batch} ...')
+  compiled, mesh, exp, compile_s = compile_step(config, devices, batch)
+  r = report(config, compiled, mesh, batch, chip, compile_s, target)
+  if topology == 'local' and not isinstance(compiled, BaseException):
+    steps = steps if steps is not None else (0 if devices[0].platform == 'cpu' else 5)
+    if steps:
+      r.update(time_step(compiled, exp, mesh, config, batch, steps))
+  return r
+
+
+def max_batch(config, topology: str = 'local', start: int | None = None, multiple: int = 0,
+              log=None, limit: int = 2 ** 24) -> tuple[int | None, list[dict]]:
+  """The largest global batch, a multiple of `multiple` (default: the chips),
+  whose step fits: doubling (or halving) from `start` (default: one image
+  per chip), then bisection. Returns (that batch, or None if the smallest
+  does not fit; every compile's report)."""
+  unit = multiple or _chips(config, topology)
+  reports = []
+
+  def fits(b):
+    r = plan(config, topology, b, steps=0)
+    reports.append(r)
+    if log:
+      log(f'  global batch {b}: {"fits" if r["fits"] else "does not fit"} '
+          f'(peak {_gib(r.get("hbm_peak_bytes_per_chip"))} per chip, '
+          f'compiled in {r["compile_s"]:.0f} s)')
+    return r['fits']
+
+  b = max(unit, (start or unit) // unit * unit)
+  if fits(b):
+    lo, hi = b, None
+    while hi is None:
+      if lo * 2 > limit:
+        return lo, reports
+      if fits(lo * 2):
+        lo *= 2
+      else:
+        hi = lo * 2
+  else:
+    lo, hi = None, b
+    while lo is None:
+      if hi == unit:
+        return None, reports
+      b = max(unit, hi // 2 // unit * unit)
+      if fits(b):
+        lo = b
+      else:
+        hi = b
+  while hi - lo > unit:  # lo fits, hi does not
+    mid = (lo + hi) // 2 // unit * unit
+    if mid <= lo:
+      break
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo, reports
+
+
+def _chips(config, topology: str) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  if topology == 'local':
+    n = jax.device_count()
+  else:
+    n = parse_topology(topology).chips
+  return n if config.num_devices in (-1, 0) else config.num_devices
+
+
+def _gib(x) -> str:
+  return '?' if x is None else f'{x / GiB:.2f} GiB'
+
+
+def format_report(r: dict) -> str:
+  """The report as aligned text rows."""
+  def num(x, unit='', scale=1.0, fmt='.3g'):
+    return '-' if x is None else f'{x / scale:{fmt}}{unit}'
+  rows = [('config', r['config']), ('target', f"{r['target']} ({r['chips']} chips, mesh "
+                                               f"{'x'.join(map(str, r['mesh'].values()))})"),
+          ('global batch', f"{r['global_batch']} ({r['batch_per_chip']:g} per chip), T={r['T']}, "
+                           f"{r['dtype']}, remat {r['remat'] or 'none'}, loop {r['loop']}"),
+          ('compile', f"{r['compile_s']:.1f} s")]
+  cap = r.get('hbm_capacity_bytes_per_chip')
+  if not r['fits'] and 'error' in r:
+    rows += [('fits', f"NO: {r['error']}")]
+    rows += [(f'  {k}', _gib(v)) for k, v in r.get('compiler_figures', {}).items()]
+  else:
+    rows += [('HBM per chip: peak', f"{_gib(r['hbm_peak_bytes_per_chip'])} of "
+                                    f"{_gib(cap) if cap else 'unknown'}: "
+                                    f"{'fits' if r['fits'] else 'DOES NOT FIT'}"),
+             ('  arguments / outputs', f"{_gib(r['hbm_argument_bytes_per_chip'])} / "
+                                       f"{_gib(r['hbm_output_bytes_per_chip'])} "
+                                       f"({_gib(r['hbm_alias_bytes_per_chip'])} aliased)"),
+             ('  temporaries', _gib(r['hbm_temp_bytes_per_chip'])),
+             ('FLOPs per image', num(r['flops_per_image'], ' GFLOP', 1e9)),
+             ('HBM bytes per image', num(r['hbm_bytes_per_image'], ' GB', 1e9)),
+             ('per chip-step', f"{num(r['flops_per_chip_step'], ' TFLOP', 1e12)}, "
+                               f"{num(r['hbm_bytes_per_chip_step'], ' GB', 1e9)}"),
+             ('arithmetic intensity', num(r['arithmetic_intensity'], ' FLOP/byte', 1, '.1f')
+              + (f" (ridge {r['ridge_flops_per_byte']:.0f})" if r.get('ridge_flops_per_byte')
+                 else ''))]
+    if r.get('roofline_step_s'):
+      rows += [('roofline step', f"{r['roofline_step_s'] * 1e3:.1f} ms, "
+                                 f"{r['roofline_images_per_s']:,.0f} images/s "
+                                 f"({r['roofline_bound']}-bound)")]
+  if r.get('measured_step_s'):
+    peak = r.get('measured_peak_bytes_per_chip')
+    rows += [('measured step', f"{r['measured_step_s'] * 1e3:.1f} ms, "
+                               f"{r['measured_images_per_s']:,.1f} images/s"
+                               + (f', allocator peak {_gib(peak)}' if peak else ''))]
+  w = max(len(k) for k, _ in rows)
+  return '\n'.join(f'{k:<{w}}  {v}' for k, v in rows)
+
+
+def main(argv):
+  """python -m spikeformer_jax.aot: see the module docstring."""
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  config = f.config
+  def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+  try:
+    if f.max_batch:
+      best, reports = max_batch(config, f.topology, f.batch, f.batch_multiple,
+                                log=None if f.json else log)
+      fitting = [r for r in reports if r['fits']]
+      r = max(fitting, key=lambda r: r['global_batch']) if fitting else reports[-1]
+      r = dict(r, max_global_batch=best, searched_batches=[x['global_batch'] for x in reports])
+    else:
+      r = plan(config, f.topology, f.batch, f.steps, log=None if f.json else log)
+  except errors.CLEAR as e:
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return 1
+  if f.json:
+    print(json.dumps(r))
+  else:
+    print(format_report(r))
+    if f.max_batch:
+      print(f'largest global batch that fits: {r["max_global_batch"]}' if r['max_global_batch']
+            else 'no batch fits: even one image per chip exceeds the HBM.')
+  return 0 if r['fits'] or f.max_batch else 3
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cli.define_config_file('config', os.path.join(root, 'configs', 'spikformer.py') + ':digits',
+                         'Config file (path.py:VARIANT); --config.x=y overrides as in train.py.')
+  flags.DEFINE_string('topology', 'local', 'local (this machine\'s devices), a TPU slice '
+                      'GEN:SHAPE (v5e:2x2, v4:2x2x2, v5p:4x4x4, v6e:4x4) or a Cloud '
+                      'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8).')
+  flags.DEFINE_integer('batch', None, 'Global batch (default: config.batch_size); with '
+                       '--max_batch, where the search starts.')
+  flags.DEFINE_bool('max_batch', False, 'Find the largest global batch that fits.')
+  flags.DEFINE_integer('batch_multiple', 0, '--max_batch: batches are multiples of this '
+                       '(default: the number of chips).')
+  flags.DEFINE_integer('steps', None, 'Local devices: timed steps (default 5 on GPU / TPU, '
+                       '0 on CPU).')
+  flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  from spikeformer_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  _cli.run(main)

@@ -1,0 +1,155 @@
+"""The ahead-of-time planner (spikeformer_jax/aot.py): topology names, the
+report of a compiled step on 8 simulated CPU devices, the batch search, the
+command line, and, when libtpu is installed, a real TPU topology."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from spikeformer_jax import aot, config_lib, synapses
+from configs import spikformer as spikformer_configs
+
+HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
+
+
+@pytest.mark.parametrize('name,gen,shape', [
+    ('v5e:2x2', 'v5e', (2, 2)), ('v5p:4x4x4', 'v5p', (4, 4, 4)), ('v4:2x2x1', 'v4', (2, 2, 1)),
+    ('v6e:4x4', 'v6e', (4, 4)), ('v5litepod-8', 'v5e', (2, 4)), ('v5e-256', 'v5e', (16, 16)),
+    ('v5p-128', 'v5p', (4, 4, 4)), ('v5p-32', 'v5p', (2, 2, 4)), ('v4-8', 'v4', (2, 2, 1)),
+    ('v6e-32', 'v6e', (4, 8))])
+def test_topology_names_as_cloud_gives_them(name, gen, shape):
+  t = aot.parse_topology(name)
+  assert (t.generation, t.shape) == (gen, shape)
+
+
+@pytest.mark.parametrize('name,words', [
+    ('v5e:2x2x1', 'has 2 dimensions'), ('v3:2x2', 'use GEN:SHAPE'), ('v5p-127', 'cores per chip'),
+    ('v5e-12', 'power of two')])
+def test_bad_topologies_say_what_to_use(name, words):
+  with pytest.raises(aot.PlanError, match=words):
+    aot.parse_topology(name)
+
+
+def test_compiler_figures_of_an_out_of_memory_message():
+  msg = ('RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory '
+         'space hbm. Used 16.56G of 15.75G hbm. Exceeded hbm capacity by 827.81M.\n'
+         'Total hbm usage >= 16.81G:\n    reserved        258.00M\n    program          '
+         '16.56G\n    arguments            0B\n\nHLO temporaries (16.56G) exceeds available '
+         'HBM (15.75G)')
+  sizes = aot._compiler_sizes(msg)  # pylint: disable=protected-access
+  assert sizes['HLO temporaries'] == int(16.56 * 2**30)
+  assert sizes['available HBM'] == int(15.75 * 2**30)
+
+
+def _tiny(**over):
+  c = spikformer_configs.get_config('cifar10-4-384,runlocal')
+  for k, v in over.items():
+    config_lib.apply_overrides(c, {k: v})
+  return c
+
+
+def test_local_report_on_eight_cpu_devices():
+  c = _tiny()
+  r = aot.plan(c, 'local', batch=16)
+  assert r['chips'] == 8 and r['mesh'] == {'data': 8, 'fsdp': 1} and r['batch_per_chip'] == 2
+  assert r['fits'] and r['hbm_capacity_bytes_per_chip'] is None  # a CPU has no HBM figure
+  assert r['hbm_peak_bytes_per_chip'] == (r['hbm_argument_bytes_per_chip']
+                                          + r['hbm_output_bytes_per_chip']
+                                          - r['hbm_alias_bytes_per_chip']
+                                          + r['hbm_temp_bytes_per_chip'])
+  # The whole state is donated: every output but the metrics aliases an argument.
+  assert r['hbm_alias_bytes_per_chip'] > 0.9 * r['hbm_argument_bytes_per_chip']
+  assert r['flops_per_image'] == pytest.approx(r['flops_per_chip_step'] * 8 / 16)
+  assert r['hbm_bytes_per_image'] > 0 and r['roofline_images_per_s'] is None
+  assert 'measured_step_s' not in r  # CPU: not timed unless asked
+  text = aot.format_report(r)
+  assert 'HBM per chip: peak' in text and 'FLOPs per image' in text
+
+
+def test_fsdp_mesh_shards_the_state_and_time_on_request():
+  r1 = aot.plan(_tiny(), 'local', batch=16)
+  c = _tiny(**{'mesh.data': 2, 'mesh.fsdp': 4, 'mesh.fsdp_min_size': 256})
+  r = aot.plan(c, 'local', batch=16, steps=1)
+  assert r['mesh'] == {'data': 2, 'fsdp': 4}
+  assert r['hbm_argument_bytes_per_chip'] < r1['hbm_argument_bytes_per_chip']
+  assert r['measured_step_s'] > 0 and r['measured_loss'] == pytest.approx(r['measured_loss'])
+
+
+def test_max_batch_is_the_largest_that_fits(monkeypatch):
+  """The search itself, against a fake capacity: batches fit up to 40."""
+  calls = []
+
+  def fake_plan(config, topology, batch, steps=None, log=None):
+    del config, topology, steps, log
+    calls.append(batch)
+    return {'fits': batch <= 40, 'global_batch': batch, 'hbm_peak_bytes_per_chip': batch,
+            'compile_s': 0.0}
+  monkeypatch.setattr(aot, 'plan', fake_plan)
+  c = _tiny()
+  best, reports = aot.max_batch(c, 'local')
+  assert best == 40 and len(reports) == len(calls)
+  assert calls[:4] == [8, 16, 32, 64]  # doubling from one per chip, then bisection
+  best, _ = aot.max_batch(c, 'local', start=128)  # halving from a start that does not fit
+  assert best == 40
+  best, _ = aot.max_batch(c, 'local', multiple=16)
+  assert best == 32
+
+
+def test_auto_weight_grad_follows_the_target_not_this_machine():
+  assert synapses.resolve('auto') == 'gemm'  # the CPU here
+  with synapses.compiling_for('tpu'):
+    assert synapses.resolve('auto') == 'xla'
+  with synapses.compiling_for('gpu'):
+    assert synapses.resolve('auto') == 'xla'
+  assert synapses.resolve('auto') == 'gemm'
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', 'spikeformer_jax.aot', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_cli_without_libtpu_says_how_to_install(tmp_path):
+  # A site directory that hides libtpu (whether or not it is installed).
+  (tmp_path / 'sitecustomize.py').write_text(
+      'import importlib.util, sys\n'
+      '_find = importlib.util.find_spec\n'
+      'importlib.util.find_spec = lambda n, *a: None if n == "libtpu" else _find(n, *a)\n')
+  env = dict(__import__('os').environ, PYTHONPATH=str(tmp_path))
+  p = subprocess.run([sys.executable, '-m', 'spikeformer_jax.aot', '--topology=v5e:2x2',
+                      '--config=configs/spikformer.py:cifar10-4-384,runlocal'], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300, check=False, env=env)
+  assert p.returncode == 1, p.stderr
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: compiling for v5e:2x2 needs libtpu') and '[tpu]' in last
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]')")
+def test_cli_compiles_for_a_tpu_topology_with_overrides():
+  """The real thing, small: an SDT runlocal model on a data x fsdp mesh, in
+  bfloat16 with the python loop, compiled for a v5e 2x2 slice from this CPU
+  machine; one JSON object."""
+  p = _cli('--config=configs/sdt.py:cifar10-2-256,runlocal', '--topology=v5e:2x2',
+           '--batch=32', '--config.mesh.data=2', '--config.mesh.fsdp=2',
+           '--config.model.neuron.loop=python', '--config.model.dtype=bfloat16', '--json')
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  assert r['target'] == 'v5e:2x2' and r['chips'] == 4 and r['device_kind'] == 'TPU v5 lite'
+  assert r['mesh'] == {'data': 2, 'fsdp': 2} and r['loop'] == 'python'
+  assert r['dtype'] == 'bfloat16' and r['fits']
+  assert r['hbm_capacity_bytes_per_chip'] == 16 * 2**30
+  for key in ('hbm_peak_bytes_per_chip', 'flops_per_image', 'hbm_bytes_per_image',
+              'roofline_images_per_s', 'compile_s'):
+    assert r[key] > 0, key
+  assert r['roofline_bound'] in ('memory', 'compute')
+
+
+def test_cli_bad_flag_is_one_line():
+  p = _cli('--config=configs/spikformer.py:cifar10-4-384,runlocal', '--config.model.TT=3')
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines()[-1].startswith('error: --config.model.TT')
+
