@@ -269,6 +269,63 @@ def report(config, compiled, mesh, batch: int, chip: Chip | None, compile_s: flo
   return r
 
 
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+                'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
+_NOT_TRAFFIC = ('parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast', 'while',
+                'call', 'conditional', 'partition-id', 'replica-id', 'after-all')
+
+
+def _array_bytes(text: str) -> int:
+  return sum(math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES[dt]
+             for dt, dims in _ARRAY.findall(text))
+
+
+def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
+  """The compiled program's `top` largest HBM consumers: each top-level
+  instruction (of the entry computation and of loop bodies) with the bytes of
+  its operands and result, its HLO op and the JAX operation it came from.
+  An estimate from the HLO text for finding what to cut; the totals of
+  cost_analysis() are the compiler's own."""
+  comps, entry, cur = {}, None, None
+  for line in hlo_text.splitlines():
+    m = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if m and not line.startswith(' '):
+      cur = m.group(2)
+      comps[cur] = []
+      entry = cur if m.group(1) else entry
+    elif cur and line.startswith('  '):
+      comps[cur].append(line.strip())
+  toplevel = {entry}
+  for lines in comps.values():
+    for l in lines:
+      if ' while(' in l or ' call(' in l or 'conditional(' in l:
+        toplevel.update(m.group(1) for m in re.finditer(
+            r'(?:body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)', l))
+  rows = []
+  for name in toplevel:
+    shapes = {}
+    for l in comps.get(name, []):
+      m = re.match(r'(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$', l)
+      if not m:
+        continue
+      var, shape, op, rest = m.groups()
+      shapes[var] = shape
+      if op in _NOT_TRAFFIC or op.endswith('-done'):  # async pairs: counted at the start
+        continue
+      operands = rest.split('), ')[0]
+      nbytes = _array_bytes(shape) + sum(_array_bytes(shapes[a])
+                                         for a in re.findall(r'%([\w.\-]+)', operands)
+                                         if a in shapes)
+      kind = re.search(r'kind=(\w+)', l)
+      source = re.search(r'op_name="([^"]*)"', l)
+      rows.append({'bytes': nbytes, 'op': op + (f' ({kind.group(1)})' if kind else ''),
+                   'shape': re.sub(r'\{[^}]*\}', '', shape)[:80],
+                   'source': source.group(1) if source else ''})
+  rows.sort(key=lambda r: -r['bytes'])
+  return rows[:top]
+
+
 def time_step(compiled, exp, mesh, config, batch: int, steps: int) -> dict:
   """Runs the compiled step on the local devices: median step time, images/s
   and the allocator's peak where the device reports one."""
@@ -296,7 +353,7 @@ def time_step(compiled, exp, mesh, config, batch: int, steps: int) -> dict:
 
 
 def plan(config, topology: str = 'local', batch: int | None = None, steps: int | None = None,
-         log=None) -> dict:
+         log=None, top: int = 0) -> dict:
   """Compiles config's train step for `topology` ('local' or a TPU slice) at
   global `batch` (default config.batch_size) and returns report()'s dict;
   on local accelerators also the measured step (`steps` timed steps, default
@@ -324,6 +381,8 @@ def plan(config, topology: str = 'local', batch: int | None = None, steps: int |
         f'global batch {batch} ...')
   compiled, mesh, exp, compile_s = compile_step(config, devices, batch)
   r = report(config, compiled, mesh, batch, chip, compile_s, target)
+  if top and not isinstance(compiled, BaseException):
+    r['largest_traffic'] = largest_traffic(compiled.as_text(), top)
   if topology == 'local' and not isinstance(compiled, BaseException):
     steps = steps if steps is not None else (0 if devices[0].platform == 'cpu' else 5)
     if steps:
@@ -431,7 +490,13 @@ def format_report(r: dict) -> str:
                                f"{r['measured_images_per_s']:,.1f} images/s"
                                + (f', allocator peak {_gib(peak)}' if peak else ''))]
   w = max(len(k) for k, _ in rows)
-  return '\n'.join(f'{k:<{w}}  {v}' for k, v in rows)
+  text = '\n'.join(f'{k:<{w}}  {v}' for k, v in rows)
+  if r.get('largest_traffic'):
+    text += ('\n\nlargest HBM consumers per chip-step (operands + result of each '
+             'top-level op; an estimate from the HLO):\n')
+    text += '\n'.join(f"  {t['bytes'] / 1e9:7.3f} GB  {t['op']:<16} {t['shape']:<40} "
+                       f"{t['source'][-90:]}" for t in r['largest_traffic'])
+  return text
 
 
 def main(argv):
@@ -451,7 +516,7 @@ def main(argv):
       r = max(fitting, key=lambda r: r['global_batch']) if fitting else reports[-1]
       r = dict(r, max_global_batch=best, searched_batches=[x['global_batch'] for x in reports])
     else:
-      r = plan(config, f.topology, f.batch, f.steps, log=None if f.json else log)
+      r = plan(config, f.topology, f.batch, f.steps, log=None if f.json else log, top=f.top)
   except errors.CLEAR as e:
     print(f'error: {errors.one_line(e)}', file=sys.stderr)
     return 1
@@ -482,6 +547,8 @@ def _define_flags():
   flags.DEFINE_integer('steps', None, 'Local devices: timed steps (default 5 on GPU / TPU, '
                        '0 on CPU).')
   flags.DEFINE_bool('json', False, 'Print one JSON object.')
+  flags.DEFINE_integer('top', 0, 'Also list the N largest HBM consumers of the compiled '
+                       'step (op, shape, the JAX operation it came from).')
 
 
 if __name__ == '__main__':

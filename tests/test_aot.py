@@ -54,7 +54,7 @@ def _tiny(**over):
 
 def test_local_report_on_eight_cpu_devices():
   c = _tiny()
-  r = aot.plan(c, 'local', batch=16)
+  r = aot.plan(c, 'local', batch=16, top=5)
   assert r['chips'] == 8 and r['mesh'] == {'data': 8, 'fsdp': 1} and r['batch_per_chip'] == 2
   assert r['fits'] and r['hbm_capacity_bytes_per_chip'] is None  # a CPU has no HBM figure
   assert r['hbm_peak_bytes_per_chip'] == (r['hbm_argument_bytes_per_chip']
@@ -66,8 +66,13 @@ def test_local_report_on_eight_cpu_devices():
   assert r['flops_per_image'] == pytest.approx(r['flops_per_chip_step'] * 8 / 16)
   assert r['hbm_bytes_per_image'] > 0 and r['roofline_images_per_s'] is None
   assert 'measured_step_s' not in r  # CPU: not timed unless asked
+  top = r['largest_traffic']  # where the bytes go: largest first, with their source
+  assert len(top) == 5 and [t['bytes'] for t in top] == sorted((t['bytes'] for t in top),
+                                                               reverse=True)
+  assert top[0]['bytes'] > 0 and any('jit(train_step)' in t['source'] for t in top)
   text = aot.format_report(r)
   assert 'HBM per chip: peak' in text and 'FLOPs per image' in text
+  assert 'largest HBM consumers' in text
 
 
 def test_fsdp_mesh_shards_the_state_and_time_on_request():
