@@ -65,7 +65,7 @@ SYNAPSES = {'autodiff': {'model.compact_spikes': False, 'model.weight_grad': 'xl
 
 
 def choices(T: int, remats, synapses=('autodiff',), loops=('scan', 'python', 'vjp'),
-            unrolls: str = 'all', recomputes=(False,)) -> list[dict]:
+            unrolls: str = 'all', recomputes=(False,), membranes=('float32',)) -> list[dict]:
   """The loop choices of T timesteps, each under every remat policy, synapse
   backward and neuron recomputation; the first is the reference. unrolls:
   'all' (1, 2, 4, ... up to T) or a comma list of numbers and 'T'."""
@@ -75,15 +75,18 @@ def choices(T: int, remats, synapses=('autodiff',), loops=('scan', 'python', 'vj
     unrolls = sorted({min(T, T if u == 'T' else int(u)) for u in unrolls.split(',')})
   names = ([('scan', u) for u in unrolls] if 'scan' in loops else []) + [
       (loop, 1) for loop in ('python', 'vjp') if loop in loops]
-  return [{'loop': loop, 'unroll': u, 'remat': r, 'synapse': syn, 'recompute': rc}
-          for rc in recomputes for r in remats for syn in synapses for loop, u in names]
+  return [{'loop': loop, 'unroll': u, 'remat': r, 'synapse': syn, 'recompute': rc,
+           'membrane': mem}
+          for mem in membranes for rc in recomputes for r in remats for syn in synapses
+          for loop, u in names]
 
 
 def label(c: dict) -> str:
   name = f"scan/unroll {c['unroll']}" if c['loop'] == 'scan' else c['loop']
   return (name + (f" + remat {c['remat']}" if c['remat'] else '')
           + (' + lean' if c.get('synapse') == 'lean' else '')
-          + (' + recompute' if c.get('recompute') else ''))
+          + (' + recompute' if c.get('recompute') else '')
+          + (' + compute-dtype membranes' if c.get('membrane', 'float32') != 'float32' else ''))
 
 
 def choice_config(base, c: dict, T: int, dtype: str, batch: int):
@@ -92,7 +95,8 @@ def choice_config(base, c: dict, T: int, dtype: str, batch: int):
       base.copy_and_resolve_references(),
       {'model.T': T, 'model.dtype': dtype, 'model.neuron.loop': c['loop'],
        'model.neuron.unroll': c['unroll'], 'model.remat': c['remat'], 'batch_size': batch,
-       'model.neuron.recompute': bool(c.get('recompute')), **SYNAPSES[c['synapse']]})
+       'model.neuron.recompute': bool(c.get('recompute')),
+       'model.neuron.membrane': c.get('membrane', 'float32'), **SYNAPSES[c['synapse']]})
 
 
 def target_columns(config, target: str, batch: int) -> dict:
@@ -140,14 +144,14 @@ def _max_diff(a, b) -> float:
 def study_group(base, T: int, dtype: str, remats, *, batch: int, steps: int,
                 repeats: int, synapses=('autodiff',),
                 loops=('scan', 'python', 'vjp'), unrolls: str = 'all', recomputes=(False,),
-                target: str = '', target_batch: int = 0, target_only: bool = False,
+                membranes=('float32',), target: str = '', target_batch: int = 0, target_only: bool = False,
                 log=print) -> list[dict]:
   """Every choice at (T, dtype): compiled, checked against the reference, timed;
   with `target` (a TPU topology) also compiled for it (aot.py); with
   `target_only` for it alone."""
   mesh = sharding.make_mesh(base.num_devices)
   entries = []
-  for c in choices(T, remats, synapses, loops, unrolls, recomputes):
+  for c in choices(T, remats, synapses, loops, unrolls, recomputes, membranes):
     config = choice_config(base, c, T, dtype, batch)
     e = dict(choice=c, times=[])
     if target:
@@ -277,12 +281,13 @@ def _plot(rows, path):
   axes = axes[0]
   def key_of(r):
     return (r['dtype'], r['loop'], r['unroll'] if r['unroll'] < r['T'] else 'T', r['remat'],
-            r.get('synapse', 'autodiff'), bool(r.get('recompute')))
+            r.get('synapse', 'autodiff'), bool(r.get('recompute')),
+            r.get('membrane', 'float32') != 'float32')
   for key in sorted({key_of(r) for r in rows}, key=str):
     pts = sorted(((r['T'], r) for r in rows if key_of(r) == key), key=lambda p: p[0])
     name = f'{key[1]}' + (f'/u{key[2]}' if key[1] == 'scan' else '') + (
         f'+{key[3]}' if key[3] else '') + ('+lean' if key[4] == 'lean' else '') + (
-            '+recompute' if key[5] else '') + f' {key[0]}'
+            '+recompute' if key[5] else '') + ('+bf membranes' if key[6] else '') + f' {key[0]}'
     ts = [t for t, _ in pts]
     style = 'o--' if key[3] else 'o-'  # dashed: with remat
     for ax, (_, value) in zip(axes, panels):
@@ -313,6 +318,9 @@ def main(argv=None):
                  help="scan unrolls: 'all' (1, 2, 4, ... T) or a comma list, e.g. 1,T")
   p.add_argument('--recompute', default='0',
                  help='comma list of model.neuron.recompute values (0, 1)')
+  p.add_argument('--membranes', default='float32',
+                 help="comma list of model.neuron.membrane values (float32, compute: "
+                      "bfloat16 membranes in a bfloat16 network, not exact)")
   p.add_argument('--target', default='',
                  help='also compile every choice for this TPU topology (e.g. v5e:2x2; '
                       'needs libtpu) and report per-chip HBM and bytes per image')
@@ -346,6 +354,7 @@ def main(argv=None):
                           repeats=a.repeats, synapses=synapses, loops=loops,
                           unrolls=a.unrolls,
                           recomputes=[bool(int(v)) for v in a.recompute.split(',')],
+                          membranes=a.membranes.split(','),
                           target=a.target, target_batch=a.target_batch,
                           target_only=a.target_only)
       paths = write(rows, a.out)  # after every group: a long study keeps what it measured

@@ -187,7 +187,8 @@ def _compiler_sizes(message: str) -> dict:
   out = {}
   for what, num, unit in re.findall(r'([A-Za-z][A-Za-z ]*?)\s*\(([\d.]+)\s*([KMGT]?)i?B?\)',
                                     message):
-    out[re.sub(r'^(exceeds|is|of)\s+', '', what.strip())] = size(num, unit)
+    what = re.sub(r'^(.*\brequired for|exceeds|is|of)\s+', '', what.strip())
+    out[what] = size(num, unit)
   m = re.search(r'Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm', message)
   if m:
     out['used'], out['capacity'] = size(*m.group(1, 2)), size(*m.group(3, 4))
