@@ -208,7 +208,8 @@ def write(rows: list[dict], out: str) -> dict:
   os.makedirs(out, exist_ok=True)
   paths = {k: os.path.join(out, f'study.{k}') for k in ('csv', 'md', 'png', 'json')}
   with open(paths['csv'], 'w', newline='', encoding='utf-8') as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # rows of older runs lack some
+    w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
   with open(paths['json'], 'w', encoding='utf-8') as f:
