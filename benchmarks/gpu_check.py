@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -31,7 +30,7 @@ sys.path.insert(0, ROOT)
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 
-from benchmarks.train_step import load_config  # pylint: disable=g-import-not-at-top
+from benchmarks.train_step import gemm_rate, load_config  # pylint: disable=g-import-not-at-top
 from spikeformer_jax import aot  # pylint: disable=g-import-not-at-top
 
 # (config, global batch, T, dtype), most informative first: a timeout cuts the tail.
@@ -40,19 +39,6 @@ CASES = [('cifar10-4-384', 128, 4, 'bfloat16'), ('cifar10-4-384', 128, 4, 'float
          ('imagenet-8-512', 64, 4, 'float32'), ('cifar10-4-384', 128, 16, 'float32'),
          ('imagenet-8-512', 64, 16, 'bfloat16'), ('imagenet-8-512', 64, 16, 'float32')]
 QUICK = [('cifar10-4-384,runlocal', 16, 2, 'float32')]
-
-
-def gemm_rate(n: int = 8192, dtype=jnp.bfloat16, repeats: int = 10) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n ** 3 / statistics.median(times)
 
 
 def environment() -> dict:
@@ -101,7 +87,7 @@ def main(argv=None):
   if jax.default_backend() == 'cpu' and not a.quick:
     print('no GPU or TPU here: run with --quick for a smoke test on the CPU', file=sys.stderr)
     return 1
-  doc['gemm_bf16_flops_per_s'] = gemm_rate(1024 if a.quick else 8192)
+  doc['gemm_bf16_flops_per_s'] = gemm_rate(1024 if a.quick else 8192, dtype=jnp.bfloat16)
 
   def write():
     with open(os.path.join(a.out, 'gpu_check.json'), 'w', encoding='utf-8') as f:

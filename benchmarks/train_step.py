@@ -33,7 +33,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from spikeformer_jax import config_lib, flops, models, sharding, train_lib  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import aot, config_lib, flops, models, sharding, train_lib  # pylint: disable=g-import-not-at-top
 
 
 def load_config(spec: str):
@@ -92,16 +92,7 @@ def run(config, *, batch: int, steps: int, warmup: int, compile_only: bool = Fal
             'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
             'compile_s': compile_s, 'program_memory_bytes': program_bytes}
 
-  for _ in range(warmup):
-    state, metrics = compiled(state, gbatch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, gbatch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
+  step_s, state, metrics = aot.run_steps(compiled, state, gbatch, steps, warmup)
   if device_peak is None:
     _, device_peak = peak_memory(compiled)
 
@@ -157,7 +148,6 @@ def main(argv=None):
     config.bn_scope = a.bn_scope
   config.batch_size = a.batch
   if a.target:
-    from spikeformer_jax import aot  # pylint: disable=import-outside-toplevel
     config.num_devices = -1
     r = aot.plan(config, a.target, a.batch)
     print(json.dumps(r) if a.json else aot.format_report(r))

@@ -327,26 +327,32 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
   return rows[:top]
 
 
+def run_steps(compiled, state, batch, steps: int, warmup: int = 1):
+  """Runs a compiled train step `warmup` times, then `steps` timed times,
+  device-synchronised: (median step seconds, the last state, its metrics)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), state, metrics
+
+
 def time_step(compiled, exp, mesh, config, batch: int, steps: int) -> dict:
   """Runs the compiled step on the local devices: median step time, images/s
   and the allocator's peak where the device reports one."""
-  import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   local = {'image': rng.standard_normal((batch,) + input_shape(config)).astype(np.float32),
            'label': rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
   gbatch = sharding.global_batch(local, mesh)
-  state = exp.init_state()
-  state, _ = compiled(state, gbatch)  # warm-up
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, metrics = compiled(state, gbatch)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
+  step_s, _, metrics = run_steps(compiled, exp.init_state(), gbatch, steps)
   stats = mesh.devices.flat[0].memory_stats() or {}
   return {'measured_step_s': step_s, 'measured_images_per_s': batch / step_s,
           'measured_peak_bytes_per_chip': stats.get('peak_bytes_in_use'),
