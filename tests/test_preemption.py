@@ -238,8 +238,10 @@ def _unshare(script: str, *args, **env):
   return p
 
 
-def test_a_full_disk_stops_at_once_and_loses_nothing(base, tmp_path):
-  # A small filesystem with room for two checkpoints: the third save fails.
+def test_a_full_disk_stops_and_loses_nothing(base, tmp_path):
+  # A small filesystem with room for two checkpoints: the third save fails. (That
+  # the run stops at the next step, not at the next save, is timing here, on a
+  # busy machine: test_train checks it deterministically.)
   size = sum(f.stat().st_size for f in (base / 'checkpoints' / '30').rglob('*') if f.is_file())
   disk, kept = tmp_path / 'disk', tmp_path / 'kept'
   disk.mkdir()
@@ -255,7 +257,6 @@ def test_a_full_disk_stops_at_once_and_loses_nothing(base, tmp_path):
       f'good checkpoint is step {failed - 5} in {disk}/wd/checkpoints. Free the space or fix '
       'the directory, then rerun the same command to resume.')
   assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]  # orbax's logs too
-  assert _logged_step(kept) < failed + 5  # reported at once, not at the next save
   assert _steps(kept) == list(range(5, failed, 5))
   # With room again, the rerun resumes from step 10 and ends as the uninterrupted run.
   p = _run(kept)

@@ -346,6 +346,32 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, ke
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
 
 
+def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monkeypatch):
+  """At once, not at the next save: the trainer polls the save in flight after
+  every step (how long a real failing save takes is the filesystem's business;
+  test_preemption fills a real disk)."""
+  from spikeformer_jax import checkpointing, errors
+  config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
+  real, steps = train_lib.make_train_step, []
+  def counted(exp):
+    fn = real(exp)
+    def step(state, batch):
+      steps.append(1)
+      return fn(state, batch)
+    return step
+  real_poll = checkpointing.Checkpointer.poll
+  def poll(self):
+    if self._saving == 2:  # pylint: disable=protected-access
+      self._fail(OSError(28, 'No space left on device'))  # pylint: disable=protected-access
+    real_poll(self)
+  monkeypatch.setattr(train_lib, 'make_train_step', counted)
+  monkeypatch.setattr(checkpointing.Checkpointer, 'poll', poll)
+  with pytest.raises(errors.CheckpointError,
+                     match=r'^saving checkpoint 2 failed \(no space left on device\); stopped'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert len(steps) == 3
+
+
 def test_failed_resume_keeps_the_runs_config(tmp_path):
   config = _tiny(**{'total_steps': 2})
   train_lib.train_and_evaluate(config, str(tmp_path))

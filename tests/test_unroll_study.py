@@ -30,28 +30,26 @@ def test_choices_cover_scan_unrolls_python_vjp_and_remat():
 
 
 def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
-  # One group, T=2: the smallest T with every loop choice (scan unroll 1 and
-  # unroll T differ), under both synapse backwards; each choice compiles two
-  # programs, so every extra T or dtype doubles the test. T=1's choices are the
-  # same loops of one step (test_neurons.test_all_loops_agree covers loops).
+  # One group, T=2, two loops under both synapse backwards; each choice compiles
+  # two programs, so every extra choice, T or dtype costs seconds. Every loop and
+  # unroll agrees with the others: test_neurons.test_all_loops_agree.
   unroll_study.main(['--config=configs/spikformer.py:digits', '--T=2', '--dtypes=float32',
                      '--remat=', '--batch=8', '--steps=1', '--repeats=1', '--loops=scan,vjp',
-                     '--set', 'num_devices=1', f'--out={tmp_path}'])
+                     '--unrolls=1', '--set', 'num_devices=1', f'--out={tmp_path}'])
   with open(tmp_path / 'study.csv', encoding='utf-8') as f:
     rows = list(csv.DictReader(f))
-  # scan/1, scan/2, vjp; each with autodiff and lean synapses
-  assert len(rows) == 3 * 2
+  # scan/1, vjp; each with autodiff and lean synapses
+  assert len(rows) == 2 * 2
   for r in rows:
     assert float(r['max_diff_logits']) <= 1e-5 and float(r['max_diff_grads']) <= 1e-5, r
     assert float(r['step_s_median']) > 0 and float(r['compile_s']) > 0
   assert rows[0]['equal'] == 'exact'  # the reference
   assert [r['choice'] for r in rows] == [
-      'scan/unroll 1', 'scan/unroll 2', 'vjp',
-      'scan/unroll 1 + lean', 'scan/unroll 2 + lean', 'vjp + lean']
-  assert [r['synapse'] for r in rows] == ['autodiff'] * 3 + ['lean'] * 3
+      'scan/unroll 1', 'vjp', 'scan/unroll 1 + lean', 'vjp + lean']
+  assert [r['synapse'] for r in rows] == ['autodiff'] * 2 + ['lean'] * 2
   assert (tmp_path / 'study.png').stat().st_size > 0
   md = (tmp_path / 'study.md').read_text()
-  assert '| 2 | float32 | vjp |' in md and '| 2 | float32 | scan/unroll 2 + lean |' in md
+  assert '| 2 | float32 | vjp |' in md and '| 2 | float32 | vjp + lean |' in md
   assert 'study.csv' in capsys.readouterr().out
 
 
