@@ -164,10 +164,9 @@ def chip_for(device) -> Chip | None:
 
 
 def input_shape(config) -> tuple:
-  """One training example as the input pipeline delivers it (float32): the
-  model's image size and channels, with the frames first for event data."""
-  m, frames = config.model, tuple(config.data.shape)[:-3]
-  return frames + (m.img_size, m.img_size, m.in_channels)
+  """One training example as the input pipeline delivers it (train_lib's)."""
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  return train_lib.input_shape(config)
 
 
 def _cost(compiled) -> dict:

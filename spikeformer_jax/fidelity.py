@@ -1,15 +1,23 @@
-r"""Checks our models against recordings of the official PyTorch code.
+r"""Checks our models, and our training, against recordings of the official
+PyTorch code.
 
     python -m spikeformer_jax.fidelity FILE.npz [FILE.npz ...] [--json OUT.json]
 
-Each FILE is a fixture in the format of shared/fixtures/README.md: an official
-state_dict, an input batch and the official logits (eval and train mode), loss,
-gradients, BatchNorm statistics after the step and spike counts. The model is
-built from the file's own `config` (any size, depth, T or class count), run in
-float64, and compared at the README's tolerances. Prints the largest relative
-errors and whether every layer's spike count matches. A file that cannot be
-read or checked (truncated, not an npz, not a recording) gets one line and the
-other files are still checked; exits 1 if any file did not match.
+Each FILE is either
+* a one-step fixture (shared/fixtures/README.md): an official state_dict, an
+  input batch and the official logits (eval and train mode), loss, gradients,
+  BatchNorm statistics after the step and spike counts. The model is built from
+  the file's own `config` (any size, depth, T or class count), run in float64,
+  and compared at the README's tolerances; or
+* a training trajectory (shared/fixtures/trajectory/README.md): a short run of
+  an official recipe, replayed by `replay.py` through our own train step, with
+  the optimizer, schedule, loss and EMA built from the official arguments the
+  file stores, and compared after every iteration.
+
+Prints the largest relative errors (and for a one-step fixture whether every
+layer's spike count matches). A file that cannot be read or checked
+(truncated, not an npz, not a recording) gets one line and the other files are
+still checked; exits 1 if any file did not match.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ import json
 import os
 import sys
 import traceback
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +37,9 @@ from flax import nnx
 
 from spikeformer_jax import convert
 from spikeformer_jax import errors
-from spikeformer_jax import models
+from spikeformer_jax import recordings
+from spikeformer_jax import replay
+from spikeformer_jax.recordings import BadRecording, model_config_from_fixture, rel_error
 
 # Pass criteria of the fixtures' README, section 5 (float64 port).
 TOL_OUTPUT = 1e-9       # logits and loss, relative to max|ref|
@@ -38,25 +47,6 @@ TOL_GRAD = 1e-9         # per-parameter gradient, relative to max|ref_p|
 TOL_ZERO_GRAD = 1e-12   # zero-gradient parameters, relative to the global max
 TOL_BN = 1e-12          # running statistics, relative to max|ref|
 TOL_RATE = 1e-12        # spike rates (identical spike counts)
-
-def model_config_from_fixture(cfg: dict):
-  """Our `config.model` for the architecture a fixture was recorded from
-  (each family maps its official source files: Family.from_fixture)."""
-  family = cfg.get('family')
-  if family not in models.names() or models.get(family).from_fixture is None:
-    raise NotImplementedError(
-        f"fixture family {family!r} is not implemented in this version; supported: "
-        f"{', '.join(repr(n) for n in models.names() if models.get(n).from_fixture)}.")
-  return models.get(family).from_fixture(cfg)
-
-
-def _to_nhwc(x: np.ndarray) -> np.ndarray:
-  if x.ndim == 4:   # [B, C, H, W]
-    return x.transpose(0, 2, 3, 1)
-  if x.ndim == 5:   # [B, T, C, H, W]
-    return x.transpose(0, 1, 3, 4, 2)
-  raise ValueError(f'fixture input of rank {x.ndim}; expected 4 or 5.')
-
 
 def _spike_counts(inter: nnx.State) -> dict[str, tuple[int, int]]:
   """Intermediates -> {'block.0.attn.q_lif': (nonzero, numel)}, over all calls and T."""
@@ -66,62 +56,6 @@ def _spike_counts(inter: nnx.State) -> dict[str, tuple[int, int]]:
     acc = totals[path[-1]]
     acc[name] = acc.get(name, 0) + sum(int(np.asarray(v).sum()) for v in var.get_value())
   return {n: (c, totals['numel'][n]) for n, c in totals['spike_count'].items()}
-
-
-def _rel(a, b, scale) -> float:
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
-               / scale) if np.size(b) else 0.0
-
-
-class BadRecording(ValueError):
-  """A file that is not a readable recording (the message says why)."""
-
-
-# Entries every recording has (shared/fixtures/README.md, section 2).
-_REQUIRED = ('config', 'input', 'labels', 'logits_eval', 'logits_train', 'loss')
-
-
-def _kind(e: BaseException) -> str:
-  """'zlib.error' rather than a bare 'error'."""
-  t = type(e)
-  return t.__name__ if t.__module__ == 'builtins' else f'{t.__module__}.{t.__name__}'
-
-
-def read_recording(path: str) -> tuple[dict, dict]:
-  """All arrays of a recording and its config; BadRecording if unreadable.
-
-  Reads every array now, so a damaged member is reported as the file's
-  problem here rather than as a failure halfway through the check.
-  """
-  if not os.path.isfile(path):
-    raise BadRecording('no such file.')
-  size = os.path.getsize(path)
-  if not zipfile.is_zipfile(path):
-    with open(path, 'rb') as f:
-      head = f.read(4)
-    if not size:
-      raise BadRecording('empty file.')
-    if head == b'PK\x03\x04':  # a zip without its directory: cut short
-      raise BadRecording(f'truncated ({size} bytes, the zip directory at its end is missing).')
-    raise BadRecording(f'not an .npz file (starts with {head!r}, not a zip header).')
-  arrays, key = {}, None
-  try:
-    with np.load(path, allow_pickle=False) as d:
-      for key in d.files:
-        arrays[key] = d[key]
-  except Exception as e:  # pylint: disable=broad-except  # zlib, CRC, EOF, bad header
-    where = f'entry {key!r}' if key else 'the archive'
-    raise BadRecording(f'damaged: {where} cannot be read '
-                       f'({_kind(e)}: {errors.one_line(e)}).') from e
-  missing = [k for k in _REQUIRED if k not in arrays]
-  if missing or not any(k.startswith('state/') for k in arrays):
-    raise BadRecording(f'not a fidelity recording: no {", ".join(missing) or "state/*"} entries '
-                       '(format: shared/fixtures/README.md).')
-  try:
-    cfg = json.loads(str(arrays['config']))
-  except json.JSONDecodeError as e:
-    raise BadRecording(f"its 'config' is not JSON ({e}).") from e
-  return arrays, cfg
 
 
 # The graph is static: recordings of one architecture share the compiled code.
@@ -141,26 +75,14 @@ def _train_fwd_bwd(graph, params, rest, x, labels):
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-def _model_holding(mc, state: dict):
-  """Our model holding a recording's variables. Built from shapes alone, since
-  the recording sets every variable (a float64 random initialisation, op by
-  op, took a quarter of the whole check); initialised for real only when the
-  recording leaves some variable unset."""
-  model = nnx.eval_shape(lambda: models.build_model(mc))
-  entries = convert.load_state_dict(model, state)
-  if any(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(nnx.state(model))):
-    model = models.build_model(mc)
-    entries = convert.load_state_dict(model, state)
-  return model, entries
-
-
 def check_file(path: str) -> dict:
-  """Runs one fixture; returns a report dict with 'ok' and the worst errors."""
-  d, cfg = read_recording(path)
+  """Checks one recording of either kind; a report dict with 'ok' and the worst errors."""
+  d, cfg = recordings.read_recording(path)
+  if recordings.kind_of(d) == 'trajectory':
+    return replay.check_trajectory(d, cfg, os.path.basename(path))
   mc = model_config_from_fixture(cfg)
-  state = {k[len('state/'):]: d[k] for k in d if k.startswith('state/')}
-  model, entries = _model_holding(mc, state)
-  x = jnp.asarray(_to_nhwc(d['input']))
+  model, entries = recordings.model_holding(mc, recordings.state_dict(d))
+  x = jnp.asarray(recordings.to_nhwc(d['input']))
   labels = jnp.asarray(d['labels'])
   model.set_attributes(record_spikes=True)
 
@@ -182,7 +104,7 @@ def check_file(path: str) -> dict:
   for name, ours in (('logits_eval', logits_eval), ('logits_train', logits_train),
                      ('loss', loss)):
     ref = d[name]
-    add(name, _rel(ours, ref, max(np.max(np.abs(ref)), 1e-300)), TOL_OUTPUT)
+    add(name, rel_error(ours, ref, max(np.max(np.abs(ref)), 1e-300)), TOL_OUTPUT)
 
   # Gradients, compared in PyTorch layout.
   flat_grads = {p: v.get_value() for p, v in nnx.to_flat_state(grads)}
@@ -197,10 +119,10 @@ def check_file(path: str) -> dict:
       add(f'grad/{key} (missing)', float('inf'), 0.0)
       continue
     if key in zero_grad:
-      err = _rel(torch_grads[key], ref, gmax)
+      err = rel_error(torch_grads[key], ref, gmax)
       worst_zero = max(worst_zero, (err, key))
     else:
-      err = _rel(torch_grads[key], ref, max(np.max(np.abs(ref)), 1e-300))
+      err = rel_error(torch_grads[key], ref, max(np.max(np.abs(ref)), 1e-300))
       worst = max(worst, (err, key))
   add(f'grad (worst: {worst[1]})', worst[0], TOL_GRAD)
   add(f'grad, zero-gradient params (worst: {worst_zero[1]})', worst_zero[0], TOL_ZERO_GRAD)
@@ -214,7 +136,7 @@ def check_file(path: str) -> dict:
     if key.endswith('num_batches_tracked'):
       count_ok &= int(torch_bn[key]) == int(ref)
       continue
-    worst_bn = max(worst_bn, (_rel(torch_bn[key], ref, max(np.max(np.abs(ref)), 1e-300)), key))
+    worst_bn = max(worst_bn, (rel_error(torch_bn[key], ref, max(np.max(np.abs(ref)), 1e-300)), key))
   add(f'bn running stats (worst: {worst_bn[1]})', worst_bn[0], TOL_BN)
   add('bn num_batches_tracked', 0.0 if count_ok else 1.0, 0.0)
 
@@ -246,6 +168,8 @@ def check_file(path: str) -> dict:
 
 
 def format_report(r: dict) -> str:
+  if r.get('kind') == 'trajectory':
+    return replay.format_report(r)
   lines = [f"{r['file']} ({r['family']}): {'MATCH' if r['ok'] else 'MISMATCH'}"]
   for name, c in r['checks'].items():
     status = 'ok ' if c['ok'] else 'BAD'
@@ -274,7 +198,7 @@ def main(argv=None) -> int:
       r = {'file': os.path.basename(f), 'ok': False, 'error': str(e)}
     except Exception as e:  # pylint: disable=broad-except  # unsupported, or our bug
       r = {'file': os.path.basename(f), 'ok': False,
-           'error': f'{_kind(e)}: {errors.one_line(e)}',
+           'error': f'{recordings.error_kind(e)}: {errors.one_line(e)}',
            'traceback': traceback.format_exc()}  # for --json readers
     if 'error' in r:
       print(f"{f}: ERROR {r['error']}")

@@ -12,6 +12,7 @@ and a half-cosine to min_lr, the base lr scaled by the effective batch / 256
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,23 +33,30 @@ def timm_cosine_lr(step, *, base_lr: float, steps_per_epoch: int, epochs: int,
   t = step / steps_per_epoch
   if per_epoch:
     t = jnp.floor(t)
-  warm = warmup_lr + t * (base_lr - warmup_lr) / max(warmup_epochs, 1)
+  # timm's own order of operations, so that float64 replays match to the bit.
+  warm = warmup_lr + t * ((base_lr - warmup_lr) / max(warmup_epochs, 1))
   cos = min_lr + 0.5 * (base_lr - min_lr) * (1.0 + jnp.cos(math.pi * t / epochs))
   return jnp.where(t < warmup_epochs, warm, jnp.where(t < epochs, cos, min_lr))
 
 
-def mae_cosine_lr(step, *, base_lr: float, steps_per_epoch: float, epochs: int,
-                  warmup_epochs: int, min_lr: float):
+def mae_cosine_lr(step, *, base_lr: float, steps_per_epoch: int, epochs: int,
+                  warmup_epochs: int, min_lr: float, accum: int = 1):
   """MAE's util/lr_sched.adjust_learning_rate (MSViT / QKFormer ImageNet).
 
-  t = fractional epoch of this update; t < warmup: base_lr * t / warmup (from
-  0); then min_lr + (base - min) * (1 + cos(pi (t - warmup) / (epochs -
-  warmup))) / 2, held at min_lr past `epochs`.
+  `step` counts optimizer updates, `steps_per_epoch` loader steps (micro-steps
+  with accumulation). The lr of an update is set at its first micro-step m =
+  step * accum, at the fractional epoch t = (m % steps_per_epoch) /
+  steps_per_epoch + m // steps_per_epoch (the official expression). t <
+  warmup: base_lr * t / warmup (from 0); then min_lr + (base - min) * (1 +
+  cos(pi (t - warmup) / (epochs - warmup))) / 2, held at min_lr past `epochs`.
   """
-  t = jnp.minimum(step / steps_per_epoch, epochs)
+  m = step * accum
+  as_float = lambda n: jnp.asarray(n, jnp.result_type(float))  # float64 under x64, not float32
+  t = jnp.minimum(as_float(m % steps_per_epoch) / steps_per_epoch
+                  + as_float(m // steps_per_epoch), epochs)
   warm = base_lr * t / max(warmup_epochs, 1e-12)
-  frac = (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
-  cos = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+  cos = min_lr + (base_lr - min_lr) * 0.5 * (
+      1.0 + jnp.cos(math.pi * (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)))
   return jnp.where(t < warmup_epochs, warm, cos)
 
 
@@ -63,25 +71,32 @@ def base_lr(cfg: ml_collections.ConfigDict) -> float:
   return o.lr
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: float):
-  """lr as a function of the optimizer-update count."""
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, accum: int = 1):
+  """lr as a function of the optimizer-update count (`steps_per_epoch`:
+  loader steps, `accum` of them per update)."""
   o = cfg.optimizer
   name, lr = o.get('schedule', 'timm_cosine'), base_lr(cfg)
   if name == 'timm_cosine':
     return lambda step: timm_cosine_lr(
-        step, base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+        step, base_lr=lr, steps_per_epoch=steps_per_epoch / accum, epochs=cfg.epochs,
         warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr,
         per_epoch=o.schedule_per_epoch)
   if name == 'mae_cosine':
     return lambda step: mae_cosine_lr(
         step, base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-        warmup_epochs=o.warmup_epochs, min_lr=o.min_lr)
+        warmup_epochs=o.warmup_epochs, min_lr=o.min_lr, accum=accum)
   raise ValueError(f'optimizer.schedule={name!r}; valid: {SCHEDULES}.')
 
 
-def decay_mask(params):
-  """Weight decay only on parameters with more than one dimension (timm)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params, reached=None):
+  """Weight decay only on parameters with more than one dimension (timm, and
+  MAE's param_groups_lrd), and only on those the loss reaches (`reached`: a
+  pytree of bools like `params`; None: all). PyTorch gives a parameter the
+  forward never touches no gradient, and its optimizers then skip it, decay
+  included: the official SDT code's unused `talking_heads` keeps its value."""
+  if reached is None:
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+  return jax.tree.map(lambda p, r: bool(p.ndim > 1 and r), params, reached)
 
 
 def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask,
@@ -90,7 +105,9 @@ def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask
   from optax.lamb in two ways. It clips the global gradient norm at
   max_grad_norm inside the optimizer. And it applies the layer-wise trust ratio
   only to the parameters with weight decay: with timm's no-decay group for
-  1-D parameters, biases and norm scales take plain Adam steps."""
+  1-D parameters, biases and norm scales take plain Adam steps. (timm sums
+  the squared norms into a float32 accumulator; this sums in the parameters'
+  precision, the closer of the two to timm's own float64 recordings.)"""
   trust = optax.masked(optax.scale_by_trust_ratio(), mask) if weight_decay else optax.identity()
   return optax.chain(optax.clip_by_global_norm(max_grad_norm),
                      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
@@ -98,24 +115,26 @@ def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask
                      optax.scale_by_learning_rate(lr))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
+def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached=None):
   """Returns (optax transformation, schedule of the train-step count).
 
   With accum_steps = k > 1 the gradients of k consecutive steps are averaged
   into one update (optax.MultiSteps; BatchNorm statistics still move every
   step, as in PyTorch), and the schedule advances once per update.
+  `reached`: which parameters the loss reaches (decay_mask).
   """
   o = cfg.optimizer
   k = o.get('accum_steps', 1)
   if k < 1:
     raise ValueError(f'optimizer.accum_steps={k} must be >= 1.')
-  schedule = make_schedule(cfg, steps_per_epoch / k)
+  schedule = make_schedule(cfg, steps_per_epoch, k)
+  mask = functools.partial(decay_mask, reached=reached)
   if o.name == 'adamw':
     tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                     weight_decay=o.weight_decay, mask=decay_mask)
+                     weight_decay=o.weight_decay, mask=mask)
   elif o.name == 'lamb':  # SDT's ImageNet / Gesture recipes (timm Lamb)
     tx = timm_lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                   mask=decay_mask)
+                   mask=mask)
   else:
     raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:

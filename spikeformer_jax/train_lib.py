@@ -68,8 +68,45 @@ def ema_decay(config) -> float:
 
 def ema_update(ema, new, decay: float):
   """timm ModelEmaV2: ema = decay * ema + (1 - decay) * new, for params and
-  BatchNorm statistics alike."""
-  return jax.tree.map(lambda e, n: decay * e + (1.0 - decay) * n, ema, new)
+  BatchNorm statistics alike. timm writes the float average of the integer
+  num_batches_tracked back into its int64 buffer, truncating it (it stays 0
+  while (1 - decay) * count < 1)."""
+  def average(e, n):
+    if jnp.issubdtype(e.dtype, jnp.integer):
+      return (decay * e.astype(jnp.float32) + (1.0 - decay) * n.astype(jnp.float32)
+              ).astype(e.dtype)
+    return decay * e + (1.0 - decay) * n
+  return jax.tree.map(average, ema, new)
+
+
+def input_shape(config) -> tuple:
+  """One training example as the input pipeline delivers it: the model's
+  image size and channels, with the frames first for event data."""
+  m, frames = config.model, tuple(config.data.shape)[:-3]
+  return frames + (m.img_size, m.img_size, m.in_channels)
+
+
+def params_the_loss_reaches(model: nnx.Module, example_shape: tuple):
+  """Which parameters the forward reads at all: a pytree of bools like the
+  model's params (found by dead-code elimination of the traced forward).
+
+  PyTorch gives a parameter that the forward never touches no gradient, and
+  its optimizers then skip it, weight decay included (the official code's
+  unused modules, which `model.dead_modules` builds so that its checkpoints
+  load). Without JAX's dead-code pass (a private API) every parameter counts
+  as reached.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  leaves, treedef = jax.tree.flatten(params)
+  try:
+    from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+    closed = jax.make_jaxpr(
+        lambda p, r: nnx.merge(graphdef, p, r, copy=True)(
+            jnp.zeros((2,) + tuple(example_shape), jnp.float32)))(params, rest)
+    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+  except (ImportError, AttributeError, TypeError):
+    return jax.tree.unflatten(treedef, [True] * len(leaves))
+  return jax.tree.unflatten(treedef, [bool(u) for u in used[:len(leaves)]])
 
 
 def tet_config(config):
@@ -109,7 +146,12 @@ class Experiment:
 def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Experiment:
   """Model graph definitions, optimizer, and the (abstract) train state."""
   bn_groups = bn_groups_for(config, mesh)
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+  model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
+  model.train()
+  # Only the official code's unused modules are never reached (a trace).
+  reached = (params_the_loss_reaches(model, input_shape(config))
+             if config.model.get('dead_modules') else None)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch, reached)
 
   def init_fn():
     model = models.build_model(config.model, seed=config.seed, bn_groups=bn_groups)
@@ -122,8 +164,6 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Expe
       state['ema'] = {'params': params, 'batch_stats': batch_stats}
     return state
 
-  model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
-  model.train()
   model.per_timestep_logits = tet_config(config) is not None  # TET: every timestep's logits
   graphdef_train = nnx.graphdef(model)
   model.eval()
@@ -166,8 +206,9 @@ def make_train_step(exp: Experiment):
                  if mix.off_epoch > 0 else True)
       images, targets, _ = mixup.mix_batch(key, images, labels, mix, num_classes=num_classes,
                                            smoothing=smoothing, enabled=enabled)
-    else:
-      targets = mixup.smooth_one_hot(labels, num_classes, smoothing)
+    else:  # float64 inputs (replays of float64 recordings) get float64 targets
+      targets = mixup.smooth_one_hot(labels, num_classes, smoothing,
+                                     jnp.promote_types(images.dtype, jnp.float32))
 
     def loss_fn(params):
       model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)

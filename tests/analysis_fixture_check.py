@@ -17,19 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spikeformer_jax import analysis, convert, fidelity, models
+from spikeformer_jax import analysis, recordings
 
 
 def check(path: str) -> dict:
   d = np.load(path, allow_pickle=False)
   cfg = json.loads(str(d['config']))
-  mc = fidelity.model_config_from_fixture(cfg)
-  # Shapes only: the recording sets every variable (a random initialisation,
-  # op by op, took longer than the rest), and one it missed stays abstract.
-  model = nnx.eval_shape(lambda: models.build_model(mc))
-  convert.load_state_dict(model, {k[len('state/'):]: d[k] for k in d.files
-                                  if k.startswith('state/')})
-  x = fidelity._to_nhwc(d['input'])  # pylint: disable=protected-access
+  mc = recordings.model_config_from_fixture(cfg)
+  model, _ = recordings.model_holding(mc, recordings.state_dict(dict(d)))
+  x = recordings.to_nhwc(d['input'])
   model.eval()
   forward = nnx.jit(lambda m, x: m(x))  # retraced if analyze left the graph changed
   plain = np.asarray(forward(model, jnp.asarray(x)))

@@ -54,11 +54,11 @@ def test_every_fixture_file_is_checked_and_passes(reports):
 
 
 def test_unknown_family_fails_loudly():
-  from spikeformer_jax import fidelity  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import recordings  # pylint: disable=import-outside-toplevel
   with pytest.raises(NotImplementedError, match="family 'vit'"):
-    fidelity.model_config_from_fixture({'family': 'vit'})
+    recordings.model_config_from_fixture({'family': 'vit'})
   with pytest.raises(ValueError, match='unknown MSViT source file'):
-    fidelity.model_config_from_fixture({'family': 'msvit', 'file': 'x/model.py'})
+    recordings.model_config_from_fixture({'family': 'msvit', 'file': 'x/model.py'})
 
 
 @pytest.fixture(scope='module')

@@ -304,7 +304,7 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   mc.update(extra)
   # The attention threshold the recorded code actually used (1.0 in the
   # released files, whose neuron factory ignores the requested 0.5).
-  vths = {v['v_threshold'] for n, v in rec['lif_neurons'].items() if n.endswith('attn_lif')}
+  vths = {v['v_threshold'] for n, v in rec.get('lif_neurons', {}).items() if n.endswith('attn_lif')}
   if len(vths) == 1:
     mc.attn_v_threshold = vths.pop()
   mc.dtype = 'float64'
