@@ -135,7 +135,7 @@ _ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool),
 # Under 'model' but not defining it: how the same function is compiled.
 COMPILATION_ONLY = ('model.remat', 'model.remat_stem', 'model.neuron.loop',
                     'model.neuron.unroll', 'model.neuron.recompute', 'model.compact_spikes',
-                    'model.weight_grad')
+                    'model.weight_grad', 'model.bn_recompute')
 
 
 def model_defining(keys: list[str], saved: dict | None = None,

@@ -110,6 +110,7 @@ class Settings:
   bn_epsilon: float = 1e-5
   compact_spikes: bool = True        # save spike inputs of conv / linear as int8 (exact)
   weight_grad: str = 'auto'     # synapses.WEIGHT_GRADS
+  bn_recompute: bool = False    # BatchNorm backward from its input alone (norm.BatchNorm)
 
   def lif(self, **overrides) -> SpikingNeuron:
     return SpikingNeuron(dataclasses.replace(self.neuron, **overrides), self.T)
@@ -117,7 +118,7 @@ class Settings:
   def bn(self, c: int) -> BatchNorm:
     return BatchNorm(c, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                      groups=self.bn_groups, dtype=self.dtype,
-                     param_dtype=self.param_dtype)
+                     param_dtype=self.param_dtype, recompute=self.bn_recompute)
 
   def linear(self, din: int, dout: int, *, bias: bool, init: str, rngs: nnx.Rngs,
              spikes_in: bool = False) -> nnx.Linear:

@@ -4,7 +4,7 @@ sharded batch."""
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Any
 
 import jax
@@ -14,6 +14,18 @@ from flax import nnx
 from spikeformer_jax import neurons
 
 Dtype = Any
+
+
+def _normalize_train(x, scale, bias, *, groups: int, epsilon: float, dtype):
+  """Train-mode normalisation over all but the last axis, per group of the
+  leading axis: (y, mean, biased two-pass variance), y of x's shape."""
+  xs = x.astype(dtype)
+  xg = xs.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+  axes = tuple(range(1, xg.ndim - 1))
+  mean = xg.mean(axes, keepdims=True)
+  var = jnp.square(xg - mean).mean(axes, keepdims=True)  # two-pass, biased
+  y = (xg - mean) * jax.lax.rsqrt(var + epsilon) * scale.astype(dtype) + bias.astype(dtype)
+  return y.reshape(x.shape), mean, var
 
 
 class BatchNorm(nnx.Module):
@@ -31,11 +43,15 @@ class BatchNorm(nnx.Module):
     global over the whole sharded batch (XLA inserts the all-reduce).
   * statistics and normalisation run in at least float32; the output takes
     `dtype` (the compute dtype) or the input's dtype.
+  * `recompute`: the backward pass keeps only the input (in its own dtype,
+    bfloat16 under a bfloat16 network) and recomputes the statistics and the
+    normalisation from it, instead of keeping float32 intermediates
+    (`jax.checkpoint`; the same operations, so the same values).
   """
 
   def __init__(self, num_features: int, *, momentum: float = 0.9,
                epsilon: float = 1e-5, groups: int = 1, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32):
+               param_dtype: Dtype = jnp.float32, recompute: bool = False):
     stat_dtype = neurons.membrane_dtype(param_dtype)
     self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
     self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
@@ -47,15 +63,17 @@ class BatchNorm(nnx.Module):
     self.epsilon = epsilon
     self.groups = groups
     self.dtype = dtype
+    self.recompute = recompute
     self.use_running_average = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dtype = self.dtype or x.dtype
     stat_dtype = self.mean[...].dtype
-    xs = x.astype(jnp.promote_types(x.dtype, stat_dtype))
-    scale, bias = self.scale[...].astype(xs.dtype), self.bias[...].astype(xs.dtype)
+    dtype = jnp.promote_types(x.dtype, stat_dtype)
     if self.use_running_average:
-      mean, var = self.mean[...].astype(xs.dtype), self.var[...].astype(xs.dtype)
+      xs = x.astype(dtype)
+      scale, bias = self.scale[...].astype(dtype), self.bias[...].astype(dtype)
+      mean, var = self.mean[...].astype(dtype), self.var[...].astype(dtype)
       return ((xs - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(out_dtype)
 
     g = self.groups
@@ -64,13 +82,13 @@ class BatchNorm(nnx.Module):
           f'BatchNorm with {g} groups (per-device statistics) needs a batch*time '
           f'axis divisible by {g}, got {x.shape[0]}; make the batch size a '
           'multiple of the number of data-parallel devices.')
-    xg = xs.reshape((g, x.shape[0] // g) + x.shape[1:])
-    axes = tuple(range(1, xg.ndim - 1))
-    mean = xg.mean(axes, keepdims=True)
-    var = jnp.square(xg - mean).mean(axes, keepdims=True)  # two-pass, biased
-    y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    normalize = functools.partial(_normalize_train, groups=g, epsilon=self.epsilon,
+                                  dtype=dtype)
+    if self.recompute:
+      normalize = jax.checkpoint(normalize)  # keeps only x (its own dtype)
+    y, mean, var = normalize(x, self.scale[...], self.bias[...])
 
-    n = math.prod(xg.shape[1:-1])
+    n = x.size // (g * x.shape[-1])
     unbiased = var * (n / max(n - 1, 1))
     m = self.momentum
     c = self.num_features
@@ -79,4 +97,4 @@ class BatchNorm(nnx.Module):
     self.var[...] = (m * self.var[...] +
                       (1 - m) * unbiased.reshape(g, c).mean(0).astype(stat_dtype))
     self.count[...] = self.count[...] + 1
-    return y.reshape(x.shape).astype(out_dtype)
+    return y.astype(out_dtype)

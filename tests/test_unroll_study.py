@@ -57,14 +57,15 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
 # stages) under 'full', which recomputes the most: the policies themselves
 # are JAX's, the same in every family.
 @pytest.mark.parametrize('family,variant,policies', [
-    ('spikformer', 'cifar10-4-384', tuple(blocks.REMAT_POLICIES) + ('neuron.recompute',)),
+    ('spikformer', 'cifar10-4-384',
+     tuple(blocks.REMAT_POLICIES) + ('neuron.recompute', 'bn_recompute')),
     ('sdt', 'cifar10-2-256', ('', 'full')), ('msvit', 'cifar10-4-384', ('', 'full'))],
     ids=['spikformer', 'sdt', 'msvit'])
 def test_remat_policies_do_not_change_results(family, variant, policies):
   """Loss, gradients and the new BatchNorm statistics of a train-mode forward
   are bit-identical under every model.remat (blocks) and model.remat_stem
-  (patch stem stages) policy, and with model.neuron.recompute: the same
-  arithmetic, recomputed."""
+  (patch stem stages) policy, with model.neuron.recompute and with
+  model.bn_recompute: the same arithmetic, recomputed."""
   module = importlib.import_module(f'configs.{family}')
   c = module.get_config(variant + ',runlocal').model
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
@@ -72,7 +73,8 @@ def test_remat_policies_do_not_change_results(family, variant, policies):
   fns, params = {}, {}
   for remat in policies:
     c.neuron.recompute = remat == 'neuron.recompute'
-    c.remat = c.remat_stem = '' if c.neuron.recompute else remat
+    c.bn_recompute = remat == 'bn_recompute'
+    c.remat = c.remat_stem = remat if remat in blocks.REMAT_POLICIES else ''
     model = models.build_model(c, seed=0)
     model.train()
     graph, params[remat], stats = nnx.split(model, nnx.Param, nnx.BatchStat)

@@ -60,6 +60,7 @@ def shared_fields() -> dict:
       remat_stem='',  # the same for each stage of the patch stem / patch embedding
       compact_spikes=layers.Settings.compact_spikes,  # conv / linear spike inputs saved as int8
       weight_grad=layers.Settings.weight_grad,  # auto | xla | gemm (synapses.py)
+      bn_recompute=layers.Settings.bn_recompute,  # BatchNorm backward from its input alone
       neuron=neuron_config(), **attention.config_fields())
 
 
@@ -86,7 +87,8 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
                          param_dtype=param_dtype, bn_groups=bn_groups,
                          compact_spikes=bool(cfg.get('compact_spikes',
                                                      layers.Settings.compact_spikes)),
-                         weight_grad=cfg.get('weight_grad', layers.Settings.weight_grad))
+                         weight_grad=cfg.get('weight_grad', layers.Settings.weight_grad),
+                         bn_recompute=bool(cfg.get('bn_recompute', layers.Settings.bn_recompute)))
 
 
 def check_heads(m: ml_collections.ConfigDict):
