@@ -181,7 +181,7 @@ class Checkpointer:
 
   def _fail(self, e):
     self._failed = True
-    good = [s for s in _committed_steps(self.directory) if s != self._saving]
+    good = [s for s in committed_steps(self.directory) if s != self._saving]
     last = (f'the last good checkpoint is step {good[-1]} in {self.directory}' if good
             else f'no checkpoint is in {self.directory} yet')
     raise errors.CheckpointError(
@@ -307,7 +307,7 @@ class Checkpointer:
         pass  # a failed save is reported by wait()
 
 
-def _committed_steps(directory: str) -> list[int]:
+def committed_steps(directory: str) -> list[int]:
   try:
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
   except OSError:
@@ -326,8 +326,9 @@ def abstract_like(state, shardings):
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
 
-def _shapes(tree) -> dict:
-  """{'params/block/0/attn/q_bn/scale': shape}, whatever the path key types."""
+def flatten(tree, prefix: str = '') -> dict:
+  """{'params/block/0/attn/q_bn/scale': leaf}, in leaf order, whatever the
+  path key types (dict keys, nnx.State, restored nested dicts)."""
   def name(k):
     for attr in ('key', 'name', 'idx'):
       if hasattr(k, attr):
@@ -335,8 +336,13 @@ def _shapes(tree) -> dict:
     return str(k)
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    parts = [name(k) for k in path]
+    parts = ([prefix] if prefix else []) + [name(k) for k in path]
     if parts and parts[-1] == 'value':  # nnx.Variable wrappers
       parts = parts[:-1]
-    out['/'.join(parts)] = tuple(getattr(leaf, 'shape', ()))
+    out['/'.join(parts)] = leaf
   return out
+
+
+def _shapes(tree) -> dict:
+  """{'params/block/0/attn/q_bn/scale': shape}."""
+  return {k: tuple(getattr(leaf, 'shape', ())) for k, leaf in flatten(tree).items()}

@@ -76,6 +76,9 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.target_top1 = 0.0          # if set, the last line says whether it was reached
   c.allow_config_change = False  # resume even if model-defining fields changed
   c.plugins = ()               # modules to import first: they register attention kinds / families
+  c.init_from = ''             # start from these weights: a workdir / checkpoint of ours or a
+                               # PyTorch (.pth, .pth.tar) / numpy (.npz) state_dict (pretrained.py)
+  c.init_skip = ()             # regexes of names kept at their initialisation, e.g. ('head',)
   return c
 
 

@@ -67,12 +67,9 @@ def _candidates(path: tuple) -> list[str]:
   return [f'{n}.{tleaf}' for n in names]
 
 
-def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
-  """Pairs each of our parameters / BN statistics with a PyTorch key.
-
-  Raises ValueError naming every key that is missing, unexpected or of an
-  incompatible shape, so a wrong architecture fails with one clear message.
-  """
+def match(model: nnx.Module, torch_shapes: dict[str, tuple]):
+  """(entries, missing, unexpected, bad_shape): each of our parameters / BN
+  statistics paired with a PyTorch key where one exists, what is not."""
   flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
   entries, missing, bad_shape = [], [], []
   used = set()
@@ -87,7 +84,16 @@ def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
       bad_shape.append(f'{key}: official {tshape} vs ours {shape}')
     used.add(key)
     entries.append(Entry(path, key, shape, tshape))
-  unexpected = sorted(set(torch_shapes) - used)
+  return entries, missing, sorted(set(torch_shapes) - used), bad_shape
+
+
+def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
+  """Pairs each of our parameters / BN statistics with a PyTorch key.
+
+  Raises ValueError naming every key that is missing, unexpected or of an
+  incompatible shape, so a wrong architecture fails with one clear message.
+  """
+  entries, missing, unexpected, bad_shape = match(model, torch_shapes)
   problems = []
   if missing:
     problems.append('not in the state_dict: ' + '; '.join(missing))

@@ -36,6 +36,7 @@ from spikeformer_jax import errors
 from spikeformer_jax import metrics as metrics_lib
 from spikeformer_jax import models
 from spikeformer_jax import optim
+from spikeformer_jax import pretrained
 from spikeformer_jax import sharding
 from spikeformer_jax import synapses
 from spikeformer_jax import validation
@@ -503,11 +504,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t_start = time.time()
   validation.validate_config(config)
+  init = initial_weights(config, workdir)  # before anything is written
   with hold_workdir(workdir) as lock, StopWatch(on_abort=lock.release) as watch:
-    return _train_and_evaluate(config, workdir, watch, t_start)
+    return _train_and_evaluate(config, workdir, watch, t_start, init)
 
 
-def _train_and_evaluate(config, workdir, watch, t_start) -> dict:
+def initial_weights(config, workdir: str):
+  """(arrays, log lines) of `config.init_from` for a run that starts fresh;
+  None without init_from or when the workdir holds a checkpoint to resume.
+  UserError for a bad source or one that does not fit the model."""
+  if not config.get('init_from') or checkpointing.committed_steps(
+      os.path.join(workdir, 'checkpoints')):
+    return None
+  model = nnx.eval_shape(lambda: models.build_model(config.model))
+  return pretrained.load(config, {'params': nnx.state(model, nnx.Param),
+                                  'batch_stats': nnx.state(model, nnx.BatchStat)})
+
+
+def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
   log = metrics_lib.log
   mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -544,13 +558,13 @@ def _train_and_evaluate(config, workdir, watch, t_start) -> dict:
     if changed:
       log(f'Resuming with changed fields: {", ".join(changed)}.')
     return _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src,
-                       test_tf, ckpt, total_steps)
+                       test_tf, ckpt, total_steps, init)
   finally:
     ckpt.close(quiet=True)
 
 
 def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src, test_tf,
-                ckpt, total_steps) -> dict:
+                ckpt, total_steps, init=None) -> dict:
   log = metrics_lib.log
   spe = loader.steps_per_epoch
   exp = build(config, mesh, spe)
@@ -576,6 +590,10 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
     state, meta = ckpt.restore_intact(exp.abstract_state, log=log)
   if state is None:
     state, meta = exp.init_state(), {}
+    if init is not None:  # config.init_from: weights only; the optimizer starts fresh
+      state = pretrained.apply(state, init[0])
+      for line in init[1]:
+        log(line)
   else:
     log(f'Resuming from {ckpt.directory}/{int(jax.device_get(state["step"]))}.')
   start = int(jax.device_get(state['step']))

@@ -1,0 +1,176 @@
+"""Starting a run from trained weights: `config.init_from`, `config.init_skip`.
+
+As big_vision's `model_init` / `model_load.dont_load` and MaxText's
+`load_parameters_path`: only the initial parameters and BatchNorm statistics
+come from the source (and the EMA starts from them); the optimizer and the
+step start fresh. A run that resumes from its own checkpoint ignores it.
+
+`init_from` is one of
+* a workdir of ours (its latest checkpoint), its `checkpoints/` directory or
+  one step directory `checkpoints/N`;
+* an official PyTorch checkpoint `.pth` / `.pth.tar` / `.pt` (needs torch),
+  or an `.npz` of a state_dict (name -> array), converted by `convert`.
+
+`init_skip`: regular expressions (`re.search`) over our names such as
+`params/head/kernel` or `batch_stats/patch_embed/proj_bn/mean`; those keep
+their fresh initialisation (the head, when the number of classes changes).
+Everything else must be in the source with the same shape, or the run stops
+with one message listing what is not, before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from spikeformer_jax import checkpointing
+from spikeformer_jax import convert
+from spikeformer_jax import errors
+from spikeformer_jax import models
+
+TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.npz')
+
+
+def _step_dir(path: str) -> str:
+  """The checkpoint step directory a workdir / checkpoints dir / step dir means."""
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  ckpts = os.path.join(path, 'checkpoints')
+  ckpts = ckpts if os.path.isdir(ckpts) else path
+  steps = [int(n) for n in os.listdir(ckpts) if n.isdigit()
+           and os.path.isdir(os.path.join(ckpts, n, 'state'))]
+  if not steps:
+    raise errors.UserError(
+        f'init_from={path} holds no checkpoint of ours (no checkpoints/<step>/state); give a '
+        f'workdir, a checkpoint directory, or a PyTorch file ({", ".join(TORCH_SUFFIXES)}).')
+  return os.path.join(ckpts, str(max(steps)))
+
+
+def check_source(path: str):
+  """One line if `init_from` cannot be a source (before the workdir is touched)."""
+  if not os.path.exists(path):
+    raise errors.UserError(f'init_from={path} does not exist.')
+  if os.path.isdir(path):
+    _step_dir(path)
+  elif not path.endswith(TORCH_SUFFIXES):
+    raise errors.UserError(
+        f'init_from={path} is neither a directory of ours nor a PyTorch / numpy state_dict '
+        f'file ({", ".join(TORCH_SUFFIXES)}).')
+
+
+def _read_ours(path: str) -> dict[str, np.ndarray]:
+  """{'params/...': array, 'batch_stats/...': array} of a checkpoint of ours."""
+  step_dir = _step_dir(path)
+  where = os.path.join(step_dir, 'state')
+  try:
+    ckptr = ocp.StandardCheckpointer()
+    md = ckptr.metadata(where)
+    tree = getattr(getattr(md, 'item_metadata', md), 'tree', md)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+    state = ckptr.restore(where, abstract)
+  except Exception as e:  # pylint: disable=broad-except  # damaged, truncated, not orbax
+    raise errors.UserError(f'init_from: the checkpoint {step_dir} is unreadable '
+                           f'({checkpointing.reason(e)}).') from e
+  return {k: np.asarray(v) for k, v in checkpointing.flatten(state).items()
+          if k.startswith(('params/', 'batch_stats/'))}
+
+
+def _read_torch(path: str, model_config) -> tuple[dict[str, np.ndarray], list[str]]:
+  """An official state_dict converted to our names and layouts, and the
+  state_dict keys our model has no place for."""
+  try:
+    if path.endswith('.npz'):
+      with np.load(path, allow_pickle=False) as d:
+        state_dict = {k: d[k] for k in d.files}
+    else:
+      state_dict = convert.load_torch_file(path)
+  except ImportError as e:
+    raise errors.UserError(errors.one_line(e)) from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.UserError(f'init_from: {path} is unreadable ({checkpointing.reason(e)}).') from e
+  state_dict = {k.removeprefix('module.'): np.asarray(v) for k, v in state_dict.items()}
+  model = nnx.eval_shape(lambda: models.build_model(model_config))
+  entries, _, unexpected, _ = convert.match(model, {k: v.shape for k, v in state_dict.items()})
+  kinds = {path: 'params' if isinstance(var, nnx.Param) else 'batch_stats'
+           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param,
+                                                                         nnx.BatchStat)))}
+  out = {}
+  for e in entries:
+    name = kinds[e.path] + '/' + '/'.join(map(str, e.path))
+    w = state_dict[e.torch_key]
+    out[name] = (e.to_ours(w) if w.size == int(np.prod(e.our_shape, dtype=np.int64))
+                 else w)  # another size: reported as a shape mismatch below
+  return out, unexpected
+
+
+def load(config, fresh: dict) -> tuple[dict[str, np.ndarray], list[str]]:
+  """The arrays to start from: {name: array} for every entry of `fresh`
+  ({'params': ..., 'batch_stats': ...} of the initial state, or its
+  abstract shapes) that `init_skip` does not keep, plus lines to log.
+
+  Raises UserError listing every entry missing from the source or of another
+  shape (with the init_skip that would keep it fresh)."""
+  path = os.path.abspath(os.path.expanduser(config.init_from))
+  check_source(path)
+  patterns = config.get('init_skip', ())
+  patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+  try:
+    skip = [re.compile(p) for p in patterns]
+  except re.error as e:
+    raise errors.UserError(f'init_skip={patterns!r}: {e.pattern!r} is not a regular '
+                           f'expression ({e}).') from e
+  if os.path.isdir(path):
+    source, unused_keys = _read_ours(path), []
+  else:
+    source, unused_keys = _read_torch(path, config.model)
+  ours = checkpointing.flatten(fresh)
+  take, kept, missing, bad = {}, [], [], []
+  for name, leaf in ours.items():
+    if any(p.search(name) for p in skip):
+      kept.append(name)
+    elif name not in source:
+      missing.append(name)
+    elif tuple(source[name].shape) != tuple(leaf.shape):
+      bad.append(f'{name} {tuple(source[name].shape)} vs ours {tuple(leaf.shape)}')
+    else:
+      take[name] = source[name]
+  if missing or bad:
+    heads = sorted({n.split('/')[1] for n in missing + [b.split(' ')[0] for b in bad]})
+    raise errors.UserError(
+        f'init_from={config.init_from} does not fit this model: '
+        + '; '.join(filter(None, [
+            f'{len(bad)} of another shape ({", ".join(bad[:6])}{" ..." if len(bad) > 6 else ""})'
+            if bad else '',
+            f'{len(missing)} missing ({", ".join(missing[:6])}{" ..." if len(missing) > 6 else ""})'
+            if missing else '']))
+        + f'. Leave them at their initialisation with --config.init_skip="{tuple(heads)}" '
+        '(regular expressions over these names), or fix the config.')
+  unused = sorted(set(source) - set(ours)) + unused_keys
+  notes = [f'Initialised {len(take)} of {len(ours)} arrays from {path}'
+           + (f'; kept fresh (init_skip): {", ".join(kept)}' if kept else '')
+           + (f'; not used from the source: {", ".join(unused[:8])}'
+              f'{" ..." if len(unused) > 8 else ""}' if unused else '') + '.']
+  return take, notes
+
+
+def apply(state: dict, take: dict[str, np.ndarray]) -> dict:
+  """The train state with `take`'s arrays in place of its fresh ones (on the
+  same shardings and dtypes); the EMA starts from them too."""
+  def put(prefix, tree):
+    flat = checkpointing.flatten(tree, prefix)
+    leaves = [jax.device_put(np.asarray(take[n], leaf.dtype), leaf.sharding) if n in take
+              else leaf for n, leaf in flat.items()]
+    return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+  new = dict(state, params=put('params', state['params']),
+             batch_stats=put('batch_stats', state['batch_stats']))
+  if 'ema' in state:
+    new['ema'] = {'params': put('params', state['ema']['params']),
+                  'batch_stats': put('batch_stats', state['ema']['batch_stats'])}
+  return new

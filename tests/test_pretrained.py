@@ -1,0 +1,115 @@
+"""Starting from trained weights: config.init_from / config.init_skip."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from spikeformer_jax import checkpointing, config_lib, errors, pretrained, recordings
+from spikeformer_jax import sharding, train_lib
+from test_models import cfgs
+
+
+def _tiny(**over):
+  base = {'total_steps': 2, 'ckpt_every_steps': 2, 'eval_every_epochs': 0,
+          'log_every_steps': 1}
+  return config_lib.apply_overrides(cfgs.get_config('cifar10-4-384,runlocal'),
+                                    {**base, **over})
+
+
+def _restored(config, workdir):
+  exp = train_lib.build(config, sharding.make_mesh(8), 4)
+  state, _ = checkpointing.Checkpointer(str(workdir / 'checkpoints')).restore(exp.abstract_state)
+  return jax.device_get(state)
+
+
+def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
+    tmp_path, monkeypatch, capsys):
+  src = tmp_path / 'pretrained'
+  train_lib.train_and_evaluate(_tiny(), str(src))
+  trained = checkpointing.flatten(_restored(_tiny(), src))
+
+  five = {'model.num_classes': 5, 'data.num_classes': 5}
+  # Another class count: the head does not fit, and nothing is written.
+  with pytest.raises(errors.UserError) as e:
+    train_lib.train_and_evaluate(_tiny(init_from=str(src), **five), str(tmp_path / 'bad'))
+  assert 'params/head/kernel (32, 10) vs ours (32, 5)' in str(e.value)
+  assert """--config.init_skip="('head',)" """ in str(e.value)
+  assert not (tmp_path / 'bad').exists()
+
+  seen = {}
+  real = pretrained.apply
+  monkeypatch.setattr(pretrained, 'apply',
+                      lambda state, take: seen.setdefault('s', jax.device_get(real(state, take))))
+  config = _tiny(init_from=str(src), init_skip=('head',), ema_decay=0.9, **five)
+  train_lib.train_and_evaluate(config, str(tmp_path / 'tuned'))
+  start = checkpointing.flatten(seen['s'])
+  for name, value in start.items():
+    if name.startswith(('params/', 'batch_stats/')) and 'head' not in name:
+      np.testing.assert_array_equal(value, trained[name], err_msg=name)
+      np.testing.assert_array_equal(start['ema/' + name], trained[name], err_msg=name)
+  assert start['params/head/kernel'].shape == (32, 5)
+  assert int(start['step']) == 0 and not any(  # a fresh optimizer: zero moments
+      np.any(v) for k, v in start.items() if k.startswith('opt_state/') and v.ndim)
+  out = capsys.readouterr().out
+  assert 'kept fresh (init_skip): params/head/bias, params/head/kernel.' in out, out[-3000:]
+
+  # Resuming its own checkpoint ignores init_from (here gone).
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(src)
+  config.total_steps = 4
+  assert train_lib.train_and_evaluate(config, str(tmp_path / 'tuned'))['steps'] == 4
+
+
+def test_bad_sources_are_one_line_and_write_nothing(tmp_path):
+  cases = {tmp_path / 'missing': 'does not exist',
+           tmp_path / 'weights.txt': 'neither a directory of ours nor',
+           tmp_path / 'empty_dir': 'holds no checkpoint of ours',
+           tmp_path / 'broken': 'is unreadable',
+           tmp_path / 'garbage.npz': 'is unreadable'}
+  (tmp_path / 'weights.txt').write_text('x')
+  (tmp_path / 'empty_dir').mkdir()
+  (tmp_path / 'broken' / 'checkpoints' / '4' / 'state').mkdir(parents=True)
+  (tmp_path / 'broken' / 'checkpoints' / '4' / 'state' / '_METADATA').write_text('{not json')
+  (tmp_path / 'garbage.npz').write_bytes(b'not a zip file')
+  for path, message in cases.items():
+    wd = tmp_path / f'wd_{path.name}'
+    with pytest.raises(errors.UserError, match=message):
+      train_lib.train_and_evaluate(_tiny(init_from=str(path)), str(wd))
+    assert not wd.exists(), path
+
+
+def test_an_official_state_dict_initialises_the_model(shared_dir, tmp_path):
+  """An .npz of an official state_dict (a fidelity recording's weights) gives
+  the parameters convert.load_state_dict gives."""
+  d, rec = recordings.read_recording(str(shared_dir / 'fixtures' / 'spikformer_cifar.npz'))
+  state_dict = recordings.state_dict(d)
+  np.savez(tmp_path / 'official.npz', **state_dict)
+  config = _tiny(init_from=str(tmp_path / 'official.npz'))
+  mc = recordings.model_config_from_fixture(rec)
+  mc.dtype = 'float32'
+  config.model = mc
+  config.data.shape = (mc.img_size, mc.img_size, 3)
+  take, notes = train_lib.initial_weights(config, str(tmp_path / 'wd'))
+  model, _ = recordings.model_holding(mc, state_dict)
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  want = checkpointing.flatten({'params': nnx.state(model, nnx.Param),
+                                'batch_stats': nnx.state(model, nnx.BatchStat)})
+  assert set(take) == set(want) and 'Initialised' in notes[0]
+  for name, value in want.items():
+    np.testing.assert_allclose(take[name], np.asarray(value), rtol=1e-6, err_msg=name)
+  assert json.dumps(sorted(take))  # names are plain strings
+
+
+@pytest.mark.parametrize('transfer,imagenet', [('cifar10-transfer-8-512', 'imagenet-8-512'),
+                                               ('cifar100-transfer-8-384', 'imagenet-8-384')])
+def test_table7_rows_take_the_imagenet_models_weights(transfer, imagenet):
+  """Spikformer's Table 7 rows are the ImageNet model but for the class count
+  (the head stays fresh), at 224x224, for 60 epochs of the CIFAR recipe."""
+  t, i = cfgs.get_config(transfer), cfgs.get_config(imagenet)
+  a, b = t.model.to_dict(), i.model.to_dict()
+  assert a.pop('num_classes') != b.pop('num_classes') and a == b
+  assert t.init_skip == ('head',) and t.data.image_size == 224 and t.epochs == 60
+  cifar = cfgs.get_config(transfer.split('-')[0] + '-4-384')
+  assert t.optimizer.to_dict() == cifar.optimizer.to_dict() and t.mixup == cifar.mixup
