@@ -6,6 +6,9 @@ r"""Declared config sweeps: list, run (resumable), print launch commands, collec
   python sweep.py collect  --workdir=DIR [--metric=test_top1] [--x=model.T]
   python sweep.py run      --config=configs/a2os2a.py --sweep=table1 --workdir=DIR --runlocal  # smoke run
 
+JAX's options (`--jax_log_compiles`, `--jax_platforms=cpu`, ...) apply to
+every point.
+
 `--set KEY=VALUE` (repeatable; VALUE parsed as JSON, else a string) sets a
 field in every point, e.g. `--set data.name=npz --set data.path=/data/c10.npz`;
 a field a point sets itself keeps the point's value, and `list`, `run` and
@@ -39,7 +42,8 @@ def main(argv=None) -> int:
                       help="add ',runlocal' to every point's config: a smoke run of the sweep")
   parser.add_argument('--metric', default='test_top1', help='(collect) sort / plot metric')
   parser.add_argument('--x', default='', help='(collect) swept field on the plot x axis')
-  args = parser.parse_args(argv)
+  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
+  args = parser.parse_args(cli.jax_flags_to_env(sys.argv[1:] if argv is None else argv))
 
   from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
   need = {'list': ('config',), 'run': ('config', 'sweep', 'workdir'),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import re
 import sys
 
@@ -74,8 +75,27 @@ def parse_flags(argv: list[str], config_names=('config',)) -> list[str]:
 
 
 def run(main, config_names=('config',)):
-  """app.run(main) with command-line mistakes as one line and exit status 2."""
+  """app.run(main) with command-line mistakes as one line and exit status 2.
+  JAX's own options are flags too (`--jax_log_compiles`, `--jax_platforms=cpu`,
+  `--jax_default_matmul_precision=highest`, ...), as in big_vision / MaxText."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.config_with_absl()  # applied once app.run has parsed the command line
   app.run(main, flags_parser=lambda argv: parse_flags(argv, config_names))
+
+
+def jax_flags_to_env(argv: list[str]) -> list[str]:
+  """`argv` without its `--jax_*` flags, which become JAX_* environment
+  variables (JAX reads them when it starts; subprocesses inherit them): for
+  tools that parse with argparse (sweep.py, whose points are subprocesses)."""
+  rest = []
+  for arg in argv:
+    m = re.fullmatch(r'--(no)?(jax_\w+)(?:=(.*))?', arg)
+    if m is None:
+      rest.append(arg)
+      continue
+    no, name, value = m.groups()
+    os.environ[name.upper()] = 'false' if no else ('true' if value is None else value)
+  return rest
 
 
 def _last_line(e: BaseException) -> str:

@@ -10,11 +10,19 @@ any size, depth or class count.
     model = build_model(cfg)
     load_state_dict(model, torch_state_dict)        # dict of numpy arrays
     load_state_dict(model, load_torch_file('x.pth'))  # needs torch installed
+
+As a command, an official checkpoint becomes a workdir of ours (step 0: the
+weights, a fresh optimizer) that `eval.py --workdir=DIR` evaluates, `train.py
+--workdir=DIR` trains on and `--config.init_from=DIR` starts from:
+
+    python -m spikeformer_jax.convert --config=configs/sdt.py:imagenet-8-512 \
+        --torch=8_512.pth --out=DIR [--config.x=y]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 from flax import nnx
@@ -148,3 +156,57 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
         break
   return {k: v.detach().cpu().numpy() if hasattr(v, 'detach') else np.asarray(v)
           for k, v in obj.items()}
+
+
+def write_workdir(config, torch_file: str, out: str) -> str:
+  """`torch_file` (.pth / .pth.tar / .pt, or an .npz state_dict) converted for
+  `config.model` into a new workdir `out`: config.json and checkpoint 0 (the
+  weights; the optimizer fresh). Every parameter must be in the file with its
+  shape. Returns the checkpoint directory."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import checkpointing, errors, pretrained  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.init_from, config.init_skip = os.path.abspath(torch_file), ()
+  validation.validate_config(config)
+  ckpts = os.path.join(out, 'checkpoints')
+  if checkpointing.committed_steps(ckpts) or os.path.exists(os.path.join(out, 'config.json')):
+    raise errors.UserError(f'--out={out} already holds a run; give a new directory.')
+  take, notes = train_lib.initial_weights(config, out)  # before anything is written
+  mesh = sharding.make_mesh(1)
+  exp = train_lib.build(config, mesh, steps_per_epoch=1)
+  state = pretrained.apply(exp.init_state(), take)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump({'config': json.loads(json.dumps(config.to_dict())),
+               'run': {'converted_from': os.path.abspath(torch_file),
+                       'num_params': exp.num_params}}, f, indent=2, sort_keys=True)
+  ckpt = checkpointing.Checkpointer(ckpts)
+  ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)}, force=True)
+  ckpt.close()
+  print(notes[0].replace('Initialised', 'Converted').rstrip('.') + f' -> {ckpts}/0.')
+  return os.path.join(ckpts, '0')
+
+
+def main(argv):
+  del argv
+  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
+  try:
+    write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)
+  except errors.CLEAR as e:
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from spikeformer_jax import cli  # pylint: disable=g-import-not-at-top
+  _CONFIG = cli.define_config_file('config', None, 'Config of the model (path.py:VARIANT).')
+  _TORCH = flags.DEFINE_string('torch', None, 'Official checkpoint (.pth, .pth.tar, .pt) or '
+                               '.npz state_dict.')
+  _OUT = flags.DEFINE_string('out', None, 'New workdir to write.')
+  flags.mark_flags_as_required(['config', 'torch', 'out'])
+  cli.run(main)

@@ -465,12 +465,33 @@ def _mean_metrics(fetched: list[dict]) -> dict:
   return {k: float(np.mean([x[k] for x in fetched])) for k in fetched[0]}
 
 
+def param_overview(params) -> tuple[str, str]:
+  """(one line: parameters per top-level module and in all; a table of every
+  parameter: name, shape, count), as big_vision logs at the start of a run."""
+  rows = [(name, tuple(leaf.shape), int(np.prod(leaf.shape, dtype=np.int64)))
+          for name, leaf in checkpointing.flatten(params).items()]
+  groups = {}
+  for name, _, n in rows:
+    groups[name.split('/')[0]] = groups.get(name.split('/')[0], 0) + n
+  total = sum(n for *_, n in rows)
+  line = ('parameters: ' + ', '.join(f'{g} {n:,}' for g, n in groups.items())
+          + f'; total {total:,} in {len(rows)} arrays')
+  width = max(len(name) for name, *_ in rows)
+  table = '\n'.join([f'{name:<{width}}  {str(shape):<22} {n:>12,}' for name, shape, n in rows]
+                    + [f'{"total":<{width}}  {"":<22} {total:>12,}'])
+  return line, table + '\n'
+
+
 def _write_json(path, obj):
+  _write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _write_text(path, text: str):
   if metrics_lib.is_main():
     tmp = path + '.tmp'
     try:
       with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write(text)
       os.replace(tmp, path)
     except OSError as e:
       raise errors.UserError(f'cannot write {path}: {e.strerror}; free the space or fix the '
@@ -604,12 +625,15 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   # Only a config that restored (or initialised) becomes the run's record.
   _write_json(os.path.join(workdir, 'config.json'),
               {'config': config.to_dict(), 'run': run_info})
+  overview, table = param_overview(exp.abstract_state['params'])
+  _write_text(os.path.join(workdir, 'params.txt'), table)
 
   log(f'{models.describe(config.model)}, T={config.model.T}, '
       f'{exp.num_params:,} params, {config.model.dtype}; data {config.data.name} '
       f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
       f'{mesh.size} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
       f'{total_steps} steps ({spe}/epoch).')
+  log(f'{overview} (each: {workdir}/params.txt)')
   # An evaluation that a signal interrupted (meta) or the final one is redone:
   # its rows, if a kill left any, are dropped.
   eval_pending = bool(meta.get('eval_pending')) or start == total_steps
@@ -658,6 +682,8 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   step = start
   batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
   watch.ckpt_dir = ckpt.directory
+  profile = tuple(config.get('profile_steps', ()) or ())
+  tracing = False
   try:
     if eval_pending and start < total_steps:  # the evaluation a signal interrupted
       watch.armed = True
@@ -666,7 +692,16 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
       except EvalInterrupted:
         raise stop_at(start, eval_pending=True) from None
     for step, local in zip(range(start + 1, total_steps + 1), batches):
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+        tracing = True
       state, m = train_step(state, sharding.global_batch(local, mesh))
+      if tracing and step == profile[1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        tracing = False
+        log(f'profile of steps {profile[0]}-{profile[1]} -> {workdir}/profile (TensorBoard\'s '
+            'profile plugin or Perfetto)')
       pending.append(m)
       watch.armed = True  # compiled: from now on a signal saves the step reached
       if jax.process_count() == 1:  # several: at the next save, which all of them reach
@@ -695,6 +730,8 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
       if watch.reached(step):
         raise stop_at(step)
   except BaseException:
+    if tracing:
+      jax.profiler.stop_trace()
     batches.close()
     ckpt.wait_quietly()  # a crash never loses a checkpoint already being written
     writer.close()

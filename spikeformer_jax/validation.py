@@ -193,6 +193,10 @@ def _validate_training(c):
                      'device: per data-parallel device, like PyTorch DDP).')
   _in_range(c, 'label_smoothing', 0, 1, ' (0: none)')
   _in_range(c, 'ema_decay', 0, 1, ' (0: no EMA of the weights)')
+  profile = tuple(c.get('profile_steps', ()) or ())
+  _require(not profile or (len(profile) == 2 and 1 <= profile[0] <= profile[1]),
+           f'profile_steps={profile}: () (none) or (first, last) train steps, 1 <= first <= '
+           'last, e.g. (10, 12).')
   target = c.get('target_top1', 0.0)
   _require(0 <= target <= 1,
            f'target_top1={target} is a fraction: use a value in [0, 1], e.g. 0.97.')

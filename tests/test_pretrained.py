@@ -27,8 +27,15 @@ def _restored(config, workdir):
 def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
     tmp_path, monkeypatch, capsys):
   src = tmp_path / 'pretrained'
-  train_lib.train_and_evaluate(_tiny(), str(src))
+  train_lib.train_and_evaluate(_tiny(profile_steps=(1, 2)), str(src))
   trained = checkpointing.flatten(_restored(_tiny(), src))
+  # The run's parameter overview and its profile of steps 1-2 (JAX conventions).
+  out = capsys.readouterr().out
+  assert 'parameters: block ' in out and 'profile of steps 1-2 ->' in out
+  table = (src / 'params.txt').read_text().splitlines()
+  assert table[-1].split()[-1] == '29,038' and any(l.startswith('head/kernel') for l in table)
+  assert any(f.name.endswith('.xplane.pb') for f in (src / 'profile').rglob('*')), \
+      list((src / 'profile').rglob('*'))
 
   five = {'model.num_classes': 5, 'data.num_classes': 5}
   # Another class count: the head does not fit, and nothing is written.
@@ -113,3 +120,40 @@ def test_table7_rows_take_the_imagenet_models_weights(transfer, imagenet):
   assert t.init_skip == ('head',) and t.data.image_size == 224 and t.epochs == 60
   cifar = cfgs.get_config(transfer.split('-')[0] + '-4-384')
   assert t.optimizer.to_dict() == cifar.optimizer.to_dict() and t.mixup == cifar.mixup
+
+
+def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_dir, tmp_path):
+  """python -m spikeformer_jax.convert: an official state_dict (here a fidelity
+  recording's, as .npz) -> a workdir whose step 0 holds exactly its weights."""
+  import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from conftest import ROOT  # pylint: disable=import-outside-toplevel
+  d, rec = recordings.read_recording(str(shared_dir / 'fixtures' / 'sdt_cifar.npz'))
+  np.savez(tmp_path / 'sdt.npz', **recordings.state_dict(d))
+  kw = rec['constructor_args_full']
+  over = [f'--config.model.{k}={v}' for k, v in (
+      ('embed_dim', kw['embed_dims']), ('depth', kw['depths']), ('num_heads', kw['num_heads']),
+      ('T', rec['T']), ('dead_modules', True))] + ['--config.data.name=synthetic']
+  out = tmp_path / 'converted'
+  cmd = [sys.executable, '-m', 'spikeformer_jax.convert', '--config=configs/sdt.py:cifar10-2-512',
+         f'--torch={tmp_path / "sdt.npz"}', f'--out={out}', *over]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.strip().endswith(f'-> {out}/checkpoints/0.'), p.stdout
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 1 and 'already holds a run' in again.stderr, again.stderr
+
+  saved = json.loads((out / 'config.json').read_text())['config']
+  from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
+  config = ConfigDict(saved)
+  config.eval_batch_size = 8
+  res = train_lib.evaluate_checkpoint(config, str(out), num_devices=1)
+  assert res['step'] == 0 and 0.0 <= res['top1'] <= 1.0
+  config.init_from = str(out)
+  take, _ = train_lib.initial_weights(config, str(tmp_path / 'new'))
+  model, _ = recordings.model_holding(config.model, recordings.state_dict(d))
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  want = checkpointing.flatten({'params': nnx.state(model, nnx.Param),
+                                'batch_stats': nnx.state(model, nnx.BatchStat)})
+  for name, value in want.items():
+    np.testing.assert_array_equal(take[name], np.asarray(value), err_msg=name)

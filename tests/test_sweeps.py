@@ -176,7 +176,8 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   assert md.splitlines()[0].startswith('| point | status | model.T | data.name | data.path |')
   assert (wd / 'results.png').stat().st_size > 1000
 
-  cli = subprocess.run([sys.executable, 'sweep.py', 'collect', f'--workdir={wd}'],
+  cli = subprocess.run([sys.executable, 'sweep.py', 'collect', f'--workdir={wd}',
+                        '--jax_log_compiles'],  # JAX's options pass to every point
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert cli.returncode == 0 and '3 points; wrote' in cli.stdout
   # A --set field that points sweep themselves is reported (on stderr: stdout
@@ -322,3 +323,14 @@ def test_commands_use_absolute_paths_and_declared_paper_numbers(tmp_path, monkey
   manifest = json.loads((tmp_path / 'sw' / 'sweep.json').read_text())
   assert [p['paper_top1'] for p in manifest['points']] == [0.0, 0.0]
   assert manifest['config'] == cfg
+
+
+def test_jax_flags_become_environment_variables_for_the_points(monkeypatch):
+  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
+  for name in ('JAX_LOG_COMPILES', 'JAX_ENABLE_X64', 'JAX_DEFAULT_MATMUL_PRECISION'):
+    monkeypatch.delenv(name, raising=False)
+  rest = cli.jax_flags_to_env(['run', '--jax_log_compiles', '--nojax_enable_x64', '--x=1',
+                               '--jax_default_matmul_precision=highest'])
+  assert rest == ['run', '--x=1']
+  assert (os.environ['JAX_LOG_COMPILES'], os.environ['JAX_ENABLE_X64'],
+          os.environ['JAX_DEFAULT_MATMUL_PRECISION']) == ('true', 'false', 'highest')

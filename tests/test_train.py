@@ -179,9 +179,11 @@ def test_train_and_eval_cli_round_trip(tmp_path):
   assert p.returncode == 0 and f'Resuming from {wd}/checkpoints/2' in p.stdout, p.stderr[-3000:]
   assert json.loads((wd / 'final_metrics.json').read_text())['steps_this_run'] == 1
 
-  p = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--num_devices=1'],
+  p = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--num_devices=1',
+                      '--jax_log_compiles'],  # JAX's options are flags too
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
+  assert 'Compiling' in p.stderr, p.stderr[-3000:]
   res = json.loads((wd / 'eval_test_3.json').read_text())
   assert res['top1'] == pytest.approx(json.loads((wd / 'final_metrics.json').read_text())['test_top1'])
   assert res['count'] == 32
