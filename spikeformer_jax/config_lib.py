@@ -79,6 +79,7 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.init_from = ''             # start from these weights: a workdir / checkpoint of ours or a
                                # PyTorch (.pth, .pth.tar) / numpy (.npz) state_dict (pretrained.py)
   c.init_skip = ()             # regexes of names kept at their initialisation, e.g. ('head',)
+  c.tensorboard = True         # also write the metrics to WORKDIR/tb (tensorboardX, no TensorFlow)
   c.profile_steps = ()         # (first, last): a jax.profiler trace of those steps -> workdir/profile
   return c
 

@@ -1,9 +1,11 @@
-"""Metrics as JSON lines (process 0 only) plus readable progress lines."""
+"""Metrics as JSON lines (process 0 only), the same scalars for TensorBoard,
+plus readable progress lines."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -28,8 +30,52 @@ def _row(line: str) -> dict | None:
   return row if ok else None
 
 
+def _tag(name: str) -> str:
+  """'train_loss' -> 'train/loss': TensorBoard groups the charts by prefix."""
+  for prefix in ('train_', 'test_'):
+    if name.startswith(prefix):
+      return prefix[:-1] + '/' + name[len(prefix):]
+  return name
+
+
+class TensorBoard:
+  """The run's scalars and its config (as hyper-parameters) in `directory`,
+  written with tensorboardX: no TensorFlow. metrics.jsonl stays the record."""
+
+  def __init__(self, directory: str, resume_step: int = 0):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    # A resumed run drops the events written after its checkpoint, as the JSONL.
+    self._w = SummaryWriter(directory, purge_step=resume_step + 1 if resume_step else None)
+
+  def scalars(self, step: int, metrics: dict):
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        self._w.add_scalar(_tag(k), v, step)
+    self._w.flush()
+
+  def hparams(self, config: dict):
+    """Every scalar config field (dotted names) on TensorBoard's HParams tab."""
+    from tensorboardX.summary import hparams  # pylint: disable=import-outside-toplevel
+    flat = {}
+    def walk(d, prefix=''):
+      for k, v in d.items():
+        if isinstance(v, dict):
+          walk(v, f'{prefix}{k}.')
+        else:
+          flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    walk(config)
+    writer = self._w._get_file_writer()  # pylint: disable=protected-access
+    for summary in hparams(flat, {'test/top1': None, 'test/loss': None}):
+      writer.add_summary(summary)
+    self._w.flush()
+
+  def close(self):
+    self._w.close()
+
+
 class MetricWriter:
-  """Appends {'step': s, **metrics} lines to `workdir/metrics.jsonl`.
+  """Appends {'step': s, **metrics} lines to `workdir/metrics.jsonl` and,
+  with `tensorboard`, the same scalars to `workdir/tb`.
 
   A run resumed at `resume_step` first drops the lines of later steps (written
   before the interruption, after the checkpoint), so every step appears once;
@@ -37,11 +83,19 @@ class MetricWriter:
   lines of that step.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0, redo_eval: bool = False):
+  def __init__(self, workdir: str, resume_step: int = 0, redo_eval: bool = False,
+               tensorboard: bool = False):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._f = None
+    self._tb = None
     if not is_main():
       return
+    if tensorboard:
+      try:
+        self._tb = TensorBoard(os.path.join(workdir, 'tb'), resume_step)
+      except ImportError:
+        log('tensorboard: tensorboardX is not installed (pip install tensorboardX); '
+            'metrics go to metrics.jsonl only.')
 
     def keep(row):
       if row is None or row['step'] > resume_step:
@@ -71,10 +125,25 @@ class MetricWriter:
     try:
       self._f.write(json.dumps(row) + '\n')
       self._f.flush()
+      if self._tb is not None:
+        self._tb.scalars(step, {k: v for k, v in row.items() if k not in ('step', 'time')})
     except OSError as e:
       self._fail(e)
 
+  def hparams(self, config: dict):
+    if self._tb is not None:
+      try:
+        self._tb.hparams(config)
+      except OSError as e:
+        self._fail(e)
+
   def close(self):
+    if self._tb is not None:
+      tb, self._tb = self._tb, None
+      try:
+        tb.close()
+      except OSError:
+        pass
     if self._f is not None:
       f, self._f = self._f, None
       try:

@@ -637,7 +637,9 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   # An evaluation that a signal interrupted (meta) or the final one is redone:
   # its rows, if a kill left any, are dropped.
   eval_pending = bool(meta.get('eval_pending')) or start == total_steps
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start, redo_eval=eval_pending)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start, redo_eval=eval_pending,
+                                    tensorboard=config.get('tensorboard', True))
+  writer.hparams(json.loads(json.dumps(config.to_dict())))
   pending, t_log, step_log = [], time.time(), start
   eval_every = config.eval_every_epochs * spe if config.eval_every_epochs > 0 else 0
   ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else spe

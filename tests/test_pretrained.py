@@ -18,6 +18,21 @@ def _tiny(**over):
                                     {**base, **over})
 
 
+def _tensorboard_tags(directory) -> set:
+  """Tags in the event files of `directory` (TFRecord framing, read by hand)."""
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  tags = set()
+  for path in directory.glob('events.out.tfevents.*'):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (n,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      tags |= {v.tag for v in event.summary.value}
+      i += 12 + n + 4
+  return tags
+
+
 def _restored(config, workdir):
   exp = train_lib.build(config, sharding.make_mesh(8), 4)
   state, _ = checkpointing.Checkpointer(str(workdir / 'checkpoints')).restore(exp.abstract_state)
@@ -36,6 +51,10 @@ def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
   assert table[-1].split()[-1] == '29,038' and any(l.startswith('head/kernel') for l in table)
   assert any(f.name.endswith('.xplane.pb') for f in (src / 'profile').rglob('*')), \
       list((src / 'profile').rglob('*'))
+  # TensorBoard (tensorboardX, no TensorFlow): the metrics and the config.
+  tags = _tensorboard_tags(src / 'tb')
+  assert {'train/loss', 'train/lr', 'images_per_s', 'test/top1', 'test/loss'} <= tags, tags
+  assert '_hparams_/experiment' in tags
 
   five = {'model.num_classes': 5, 'data.num_classes': 5}
   # Another class count: the head does not fit, and nothing is written.
