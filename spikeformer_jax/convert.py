@@ -163,7 +163,6 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   `config.model` into a new workdir `out`: config.json and checkpoint 0 (the
   weights; the optimizer fresh). Every parameter must be in the file with its
   shape. Returns the checkpoint directory."""
-  import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import checkpointing, errors, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
@@ -179,10 +178,10 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   exp = train_lib.build(config, mesh, steps_per_epoch=1)
   state = pretrained.apply(exp.init_state(), take)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump({'config': json.loads(json.dumps(config.to_dict())),
-               'run': {'converted_from': os.path.abspath(torch_file),
-                       'num_params': exp.num_params}}, f, indent=2, sort_keys=True)
+  train_lib.write_json(os.path.join(out, 'config.json'),
+                       {'config': config.to_dict(),
+                        'run': {'converted_from': os.path.abspath(torch_file),
+                                'num_params': exp.num_params}})
   ckpt = checkpointing.Checkpointer(ckpts)
   ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)}, force=True)
   ckpt.close()

@@ -31,7 +31,6 @@ from flax import nnx
 from spikeformer_jax import checkpointing
 from spikeformer_jax import convert
 from spikeformer_jax import errors
-from spikeformer_jax import models
 
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.npz')
 
@@ -82,7 +81,7 @@ def _read_ours(path: str) -> dict[str, np.ndarray]:
           if k.startswith(('params/', 'batch_stats/'))}
 
 
-def _read_torch(path: str, model_config) -> tuple[dict[str, np.ndarray], list[str]]:
+def _read_torch(path: str, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
   """An official state_dict converted to our names and layouts, and the
   state_dict keys our model has no place for."""
   try:
@@ -96,7 +95,6 @@ def _read_torch(path: str, model_config) -> tuple[dict[str, np.ndarray], list[st
   except Exception as e:  # pylint: disable=broad-except
     raise errors.UserError(f'init_from: {path} is unreadable ({checkpointing.reason(e)}).') from e
   state_dict = {k.removeprefix('module.'): np.asarray(v) for k, v in state_dict.items()}
-  model = nnx.eval_shape(lambda: models.build_model(model_config))
   entries, _, unexpected, _ = convert.match(model, {k: v.shape for k, v in state_dict.items()})
   kinds = {path: 'params' if isinstance(var, nnx.Param) else 'batch_stats'
            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param,
@@ -110,10 +108,10 @@ def _read_torch(path: str, model_config) -> tuple[dict[str, np.ndarray], list[st
   return out, unexpected
 
 
-def load(config, fresh: dict) -> tuple[dict[str, np.ndarray], list[str]]:
-  """The arrays to start from: {name: array} for every entry of `fresh`
-  ({'params': ..., 'batch_stats': ...} of the initial state, or its
-  abstract shapes) that `init_skip` does not keep, plus lines to log.
+def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
+  """The arrays to start from: {name: array} for every parameter and
+  BatchNorm statistic of `model` (config.model, built abstractly) that
+  `init_skip` does not keep, plus lines to log.
 
   Raises UserError listing every entry missing from the source or of another
   shape (with the init_skip that would keep it fresh)."""
@@ -129,8 +127,9 @@ def load(config, fresh: dict) -> tuple[dict[str, np.ndarray], list[str]]:
   if os.path.isdir(path):
     source, unused_keys = _read_ours(path), []
   else:
-    source, unused_keys = _read_torch(path, config.model)
-  ours = checkpointing.flatten(fresh)
+    source, unused_keys = _read_torch(path, model)
+  ours = checkpointing.flatten({'params': nnx.state(model, nnx.Param),
+                                'batch_stats': nnx.state(model, nnx.BatchStat)})
   take, kept, missing, bad = {}, [], [], []
   for name, leaf in ours.items():
     if any(p.search(name) for p in skip):

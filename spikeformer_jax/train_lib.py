@@ -482,7 +482,7 @@ def param_overview(params) -> tuple[str, str]:
   return line, table + '\n'
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
   _write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
@@ -537,9 +537,7 @@ def initial_weights(config, workdir: str):
   if not config.get('init_from') or checkpointing.committed_steps(
       os.path.join(workdir, 'checkpoints')):
     return None
-  model = nnx.eval_shape(lambda: models.build_model(config.model))
-  return pretrained.load(config, {'params': nnx.state(model, nnx.Param),
-                                  'batch_stats': nnx.state(model, nnx.BatchStat)})
+  return pretrained.load(config, nnx.eval_shape(lambda: models.build_model(config.model)))
 
 
 def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
@@ -623,7 +621,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
                      f'this run\'s total_steps={total_steps}; raise total_steps / epochs '
                      'or use another --workdir.')
   # Only a config that restored (or initialised) becomes the run's record.
-  _write_json(os.path.join(workdir, 'config.json'),
+  write_json(os.path.join(workdir, 'config.json'),
               {'config': config.to_dict(), 'run': run_info})
   overview, table = param_overview(exp.abstract_state['params'])
   _write_text(os.path.join(workdir, 'params.txt'), table)
@@ -765,7 +763,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
            'paper_top1': config.get('paper_top1', 0.0), **run_info}
   writer.write(total_steps, **{f'test_{k}': v for k, v in ev.items()})
   writer.close()
-  _write_json(os.path.join(workdir, 'final_metrics.json'), final)
+  write_json(os.path.join(workdir, 'final_metrics.json'), final)
   log(final_line(final, config.get('target_top1', 0.0)))
   return final
 
