@@ -539,8 +539,7 @@ def main(argv):
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  cli.define_config_file('config', os.path.join(root, 'configs', 'spikformer.py') + ':digits',
+  cli.define_config_file('config', os.path.join(cli.PACKAGED_CONFIGS, 'spikformer.py') + ':digits',
                          'Config file (path.py:VARIANT); --config.x=y overrides as in train.py.')
   flags.DEFINE_string('topology', 'local', 'local (this machine\'s devices), a TPU slice '
                       'GEN:SHAPE (v5e:2x2, v4:2x2x2, v5p:4x4x4, v6e:4x4) or a Cloud '

@@ -57,8 +57,39 @@ def define_config_file(name: str, default: str | None, help_string: str):
     exit_usage(describe(e, sys.argv, name, default))
 
 
+PACKAGED_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
+
+
+def config_file(spec: str | None) -> str | None:
+  """A config file argument (`path.py[:VARIANT]`) as given, or, when it names
+  `configs/<family>.py` and no such file is in the current directory (an
+  installed package run from elsewhere), the packaged config of that family."""
+  if not spec:
+    return spec
+  path, colon, arg = spec.partition(':')
+  head, name = os.path.split(os.path.normpath(path))
+  if (head == 'configs' and not os.path.exists(path)
+      and os.path.exists(os.path.join(PACKAGED_CONFIGS, name))):
+    return os.path.join(PACKAGED_CONFIGS, name) + colon + arg
+  return spec
+
+
+def _packaged_config_args(argv: list[str], config_names) -> list[str]:
+  """argv with `--<name>=configs/x.py[:VARIANT]` (or `--<name> configs/x.py`)
+  resolved through `config_file`."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    for name in config_names:
+      if arg.startswith(f'--{name}='):
+        argv[i] = f'--{name}={config_file(arg.split("=", 1)[1])}'
+      elif arg == f'--{name}' and i + 1 < len(argv):
+        argv[i + 1] = config_file(argv[i + 1])
+  return argv
+
+
 def parse_flags(argv: list[str], config_names=('config',)) -> list[str]:
   """app.run's flags_parser: parses `argv` or exits with one line."""
+  argv = _packaged_config_args(argv, config_names)
   try:
     rest = flags.FLAGS(argv)
   except _PARSE_ERRORS as e:

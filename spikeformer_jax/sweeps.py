@@ -285,8 +285,9 @@ _ENDED = {143: 'preempted', -signal.SIGTERM: 'preempted', 130: 'interrupted',
 def point_command(config_path: str, sweep: str, point: str, workdir: str,
                   common: dict | None = None, runlocal: bool = False) -> list[str]:
   """The command that trains one point (also what `commands` prints)."""
-  # Absolute paths: the process runs in the repository root, not the caller's cwd.
-  cmd = [sys.executable, os.path.join(_ROOT, 'sweep.py'), 'point',
+  # Absolute paths: the process runs beside the package (the repository root of a
+  # checkout), not in the caller's cwd, so that it imports the same spikeformer_jax.
+  cmd = [sys.executable, '-m', 'spikeformer_jax.sweep', 'point',
          f'--config={os.path.abspath(config_path)}', f'--sweep={sweep}', f'--point={point}',
          f'--workdir={os.path.abspath(workdir)}']
   for k, v in (common or {}).items():

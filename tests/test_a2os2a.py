@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT  # noqa: F401  (puts the repo root on sys.path)
-from configs import a2os2a as a2os2a_configs
-from configs import sdt as sdt_configs
+from spikeformer_jax.configs import a2os2a as a2os2a_configs
+from spikeformer_jax.configs import sdt as sdt_configs
 from spikeformer_jax import attention, blocks, convert, layers, models, neurons, train_lib
 from spikeformer_jax.attention import a2os2a as a2os2a_kind
 from spikeformer_jax.attention import ablations, sdsa as sdsa_kind, ssa as ssa_kind

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT
-from configs import a2os2a as a2os2a_configs
-from configs import spikformer as spikformer_configs
+from spikeformer_jax.configs import a2os2a as a2os2a_configs
+from spikeformer_jax.configs import spikformer as spikformer_configs
 from spikeformer_jax import analysis, flops, models
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 from spikeformer_jax import aot, config_lib, synapses
-from configs import spikformer as spikformer_configs
+from spikeformer_jax.configs import spikformer as spikformer_configs
 
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 

@@ -214,7 +214,7 @@ def test_prepare_cli(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'prepared nmnist (' in out.stdout and 'train 10' in out.stdout
   # The shipped N-MNIST config trains on what prepare.py wrote (shrunk to T=2).
-  from configs import spikformer  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax.configs import spikformer  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   c = config_lib.apply_overrides(spikformer.get_config('nmnist-1-128'), {
       'data.data_dir': str(tmp_path / 'tfds'), 'model.T': 2, 'data.shape': (2, 32, 32, 2),

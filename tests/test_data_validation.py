@@ -5,7 +5,7 @@ the fix. Tiny .npz files written in tmp_path."""
 import numpy as np
 import pytest
 
-from configs import spikformer as spikformer_configs
+from spikeformer_jax.configs import spikformer as spikformer_configs
 from spikeformer_jax import config_lib, train_lib, validation
 from spikeformer_jax import data as data_lib
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from conftest import ROOT
-from configs import msvit as msvit_configs
-from configs import sdt as sdt_configs
-from configs import spikformer as spikformer_configs
+from spikeformer_jax.configs import msvit as msvit_configs
+from spikeformer_jax.configs import sdt as sdt_configs
+from spikeformer_jax.configs import spikformer as spikformer_configs
 from spikeformer_jax import config_lib, train_lib
 
 

@@ -11,8 +11,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import sdt as sdt_configs
-from configs import spikformer as spikformer_configs
+from spikeformer_jax.configs import sdt as sdt_configs
+from spikeformer_jax.configs import spikformer as spikformer_configs
 from spikeformer_jax import analysis, attention, models, ops, plots, validation
 from test_train import assert_eight_devices_equal_one
 

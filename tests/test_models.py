@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import sdt as sdt_cfgs  # the repo root is on sys.path (conftest)
-from configs import spikformer as cfgs
+from spikeformer_jax.configs import sdt as sdt_cfgs
+from spikeformer_jax.configs import spikformer as cfgs
 from spikeformer_jax import models
 from spikeformer_jax.models import spikformer
 

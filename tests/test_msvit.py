@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import msvit as msvit_cfgs  # the repo root is on sys.path (conftest)
+from spikeformer_jax.configs import msvit as msvit_cfgs
 from conftest import ROOT
 from spikeformer_jax import norm
 from spikeformer_jax import ops

@@ -30,7 +30,7 @@ def _losses(wd):
 
 def _config():
   """ARGS as a config: what train.py hands train_lib."""
-  from configs import spikformer  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax.configs import spikformer  # pylint: disable=import-outside-toplevel
   return config_lib.apply_overrides(spikformer.get_config('cifar10-4-384,runlocal'), {
       'total_steps': 6, 'log_every_steps': 1, 'ckpt_every_steps': 3})
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import a2os2a as a2os2a_cfgs  # the repo root is on sys.path (conftest)
-from configs import msvit as msvit_cfgs
-from configs import sdt as sdt_cfgs
-from configs import spikformer as spikformer_cfgs
+from spikeformer_jax.configs import a2os2a as a2os2a_cfgs  # the repo root is on sys.path (conftest)
+from spikeformer_jax.configs import msvit as msvit_cfgs
+from spikeformer_jax.configs import sdt as sdt_cfgs
+from spikeformer_jax.configs import spikformer as spikformer_cfgs
 from spikeformer_jax import ops
 from spikeformer_jax import blocks, layers, models, neurons, plots
 

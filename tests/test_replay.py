@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from configs import msvit as msvit_cfgs  # the repo root is on sys.path (conftest)
-from configs import sdt as sdt_cfgs
-from configs import spikformer as spikformer_cfgs
+from spikeformer_jax.configs import msvit as msvit_cfgs
+from spikeformer_jax.configs import sdt as sdt_cfgs
+from spikeformer_jax.configs import spikformer as spikformer_cfgs
 from spikeformer_jax import optim
 from spikeformer_jax import replay
 from spikeformer_jax import train_lib

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from spikeformer_jax import errors, sweeps
-import sweep  # the command line (ROOT is on sys.path)
+from spikeformer_jax import sweep  # the command line
 
 
 def test_grid_zipped_product_chain():
@@ -49,7 +49,7 @@ def test_random_search_is_seeded_and_in_range():
 def _write_config(tmp_path, points_src):
   path = tmp_path / 'tiny_sweep.py'
   path.write_text(
-      'from configs import spikformer as base\n'
+      'from spikeformer_jax.configs import spikformer as base\n'
       'from spikeformer_jax import sweeps\n'
       'get_config = base.get_config\n'
       "SWEEPS = ('tiny',)\n"
@@ -191,7 +191,7 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
       'warning: --set model.T (in 2 points: T=1, T=2): these points set the field '
       'themselves and keep their own value.']
   lines = cmds.stdout.strip().splitlines()
-  assert len(lines) == 3 and all('sweep.py point' in l and '--set=total_steps=4' in l
+  assert len(lines) == 3 and all('-m spikeformer_jax.sweep point' in l and '--set=total_steps=4' in l
                                  and l.endswith('--runlocal') for l in lines)
 
   # Changing a point's config under a trained point is refused, never mixed.

@@ -75,7 +75,6 @@ with the paper's number.
 """
 
 from spikeformer_jax import config_lib as cl
-from spikeformer_jax import sweeps
 from spikeformer_jax.models import msvit
 
 # name -> (variant, depth, D, heads, paper top-1)

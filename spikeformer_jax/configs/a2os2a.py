@@ -41,8 +41,7 @@ Sweep `table1` (`python sweep.py run --config=configs/a2os2a.py --sweep=table1
 """
 
 from spikeformer_jax import config_lib as cl
-from spikeformer_jax import sweeps
-from configs import sdt as sdt_configs  # pylint: disable=g-import-not-at-top
+from spikeformer_jax.configs import sdt as sdt_configs  # pylint: disable=g-import-not-at-top
 
 _PAPER = {
     'cifar10-2-256': 94.91, 'cifar100-2-256': 76.96, 'cifar10-4-256': 94.96,
