@@ -71,7 +71,9 @@ class SpikingNeuron(nnx.Module):
   `logits, inter = nnx.capture(model, nnx.Intermediate)(x)`) it sows, per call,
   the number of non-zero spikes per timestep (`spike_count`, shape [T]) and the
   number of spike values over all timesteps (`numel`) as `nnx.Intermediate`s:
-  firing rates without touching model code.
+  firing rates without touching model code. `record_spikes='per_example'`
+  sows each example's spike count (`spikes_per_example`, [B]) and the units
+  per example instead, so that padded examples can be left out.
   """
 
   def __init__(self, neuron: neurons.Neuron, T: int, *, batch_as_time: bool = False,
@@ -90,7 +92,12 @@ class SpikingNeuron(nnx.Module):
     else:
       xb = x.reshape((x.shape[0] // T, T) + x.shape[1:])
       s = neurons.multistep(self.neuron, xb)
-    if self.record_spikes:
+    if self.record_spikes == 'per_example':  # training's evaluations: padding masked out
+      per_ex = s.reshape(x.shape[0] // T, -1)  # [B, T * units] in either layout
+      self.sow(nnx.Intermediate, 'spikes_per_example',
+               jnp.sum(per_ex != 0, axis=1, dtype=jnp.float32))
+      self.sow(nnx.Intermediate, 'units_per_example', jnp.float32(per_ex.shape[1]))
+    elif self.record_spikes:
       dt = count_dtype()
       per_t = s.reshape(x.shape[0] // T, T, -1)  # [B, T, units] in either layout
       self.sow(nnx.Intermediate, 'spike_count', jnp.sum(per_t != 0, axis=(0, 2), dtype=dt))

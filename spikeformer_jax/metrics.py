@@ -130,6 +130,15 @@ class MetricWriter:
     except OSError as e:
       self._fail(e)
 
+  def firing_rates(self, step: int, rates: dict):
+    """Per-layer firing rates of an evaluation: TensorBoard only (`eval.py
+    --analyze` writes the full analysis), as `firing_rate/<neuron path>`."""
+    if self._tb is not None and rates:
+      try:
+        self._tb.scalars(step, {f'firing_rate/{k}': v for k, v in rates.items()})
+      except OSError as e:
+        self._fail(e)
+
   def hparams(self, config: dict):
     if self._tb is not None:
       try:

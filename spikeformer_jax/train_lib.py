@@ -246,9 +246,11 @@ def make_train_step(exp: Experiment):
                  donate_argnums=(0,))
 
 
-def make_eval_step(exp: Experiment, ema: bool = False):
+def make_eval_step(exp: Experiment, ema: bool = False, firing_rates: bool = False):
   """jit(state, batch with 'mask') -> sums of correct top-1/5, loss and count,
-  of the trained weights or (ema) of their moving average."""
+  of the trained weights or (ema) of their moving average; with
+  `firing_rates`, also every neuron's spike and unit counts (`evaluate` turns
+  them into per-layer firing rates)."""
   if ema and not ema_decay(exp.config):
     raise ValueError('this run kept no EMA of its weights (ema_decay is 0).')
 
@@ -259,19 +261,41 @@ def make_eval_step(exp: Experiment, ema: bool = False):
   def _eval_step(state, batch):
     weights = state['ema'] if ema else state
     model = nnx.merge(exp.graphdef_eval, weights['params'], weights['batch_stats'], copy=True)
-    logits = model(batch['image'])
     mask = batch['mask'].astype(jnp.float32)
+    out = {}
+    if firing_rates:
+      model.set_attributes(record_spikes='per_example', raise_if_not_found=False)
+      logits, inter = nnx.capture(model, nnx.Intermediate)(batch['image'])
+      out['spikes'], out['units'] = spike_sums(inter, mask)
+    else:
+      logits = model(batch['image'])
     label = batch['label']
     k = min(5, logits.shape[-1])
     top5 = jnp.any(jax.lax.top_k(logits, k)[1] == label[:, None], axis=-1)
     return {'correct1': jnp.sum((jnp.argmax(logits, -1) == label) * mask),
             'correct5': jnp.sum(top5 * mask),
             'loss': jnp.sum(cross_entropy(logits, label) * mask),
-            'count': jnp.sum(mask)}
+            'count': jnp.sum(mask), **out}
 
   batch_sh = sharding.batch_sharding(exp.mesh)
   return jax.jit(eval_step, in_shardings=(exp.state_sharding, batch_sh),
                  out_shardings=sharding.replicated(exp.mesh))
+
+
+def spike_sums(inter, mask) -> tuple[dict, dict]:
+  """Per neuron module (dotted path): the spikes of the unmasked examples and
+  their number of units (T x neurons, per call), from what
+  `record_spikes='per_example'` sowed."""
+  spikes, units = {}, {}
+  for path, var in nnx.to_flat_state(inter):
+    if path[-1] not in ('spikes_per_example', 'units_per_example'):
+      continue
+    name = '.'.join(map(str, path[:-1]))
+    if path[-1] == 'spikes_per_example':
+      spikes[name] = sum(jnp.sum(v * mask) for v in var.get_value())
+    else:
+      units[name] = sum(v * jnp.sum(mask) for v in var.get_value())
+  return spikes, units
 
 
 class EvalInterrupted(Exception):
@@ -300,6 +324,9 @@ def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
     n = max(float(t['count']), 1.0)
     res.update({f'{prefix}top1': float(t['correct1']) / n,
                 f'{prefix}top5': float(t['correct5']) / n, f'{prefix}loss': float(t['loss']) / n})
+    if 'spikes' in t:  # make_eval_step(firing_rates=True)
+      res[f'{prefix}firing_rates'] = {name: float(t['spikes'][name]) / max(float(u), 1.0)
+                                      for name, u in t['units'].items()}
   res['count'] = int(totals['']['count'])
   return res
 
@@ -587,7 +614,9 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   log = metrics_lib.log
   spe = loader.steps_per_epoch
   exp = build(config, mesh, spe)
-  train_step, eval_step = make_train_step(exp), make_eval_step(exp)
+  # The per-layer firing rates of each evaluation go to TensorBoard.
+  train_step = make_train_step(exp)
+  eval_step = make_eval_step(exp, firing_rates=config.get('tensorboard', True))
   ema_eval_step = make_eval_step(exp, ema=True) if ema_decay(config) else None
   # Evaluations stop between batches on a signal (one process: with several,
   # only the train loop's sync point is common to all of them).
@@ -666,6 +695,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
 
   def periodic_eval(step):
     ev = evaluate_all(state)
+    writer.firing_rates(step, ev.pop('firing_rates', {}))
     log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
         f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}' +
         (f' | ema test_top1 {ev["ema_top1"]:.4f}' if 'ema_top1' in ev else ''))
@@ -755,6 +785,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
     writer.close()
     raise watch.stopped('during the final evaluation', ckpt.directory, total_steps,
                         'evaluate it') from None
+  writer.firing_rates(total_steps, ev.pop('firing_rates', {}))
   final = {'test_top1': ev['top1'], 'test_top5': ev['top5'], 'test_loss': ev['loss'],
            'test_examples': ev['count'], 'steps': total_steps,
            **{f'test_{k}': v for k, v in ev.items() if k.startswith('ema_')},

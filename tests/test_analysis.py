@@ -231,3 +231,28 @@ def test_rates_per_timestep_split_time_not_units(batch_as_time):
   _, inter = nnx.capture(neuron, nnx.Intermediate)(jnp.asarray(x))
   counts = np.asarray(inter['spike_count'].get_value()[0])
   np.testing.assert_array_equal(counts, [B * U, 0, 0, 0])
+
+
+def test_training_evaluations_record_per_layer_firing_rates():
+  """What train.py's evaluations send to TensorBoard (firing_rate/<neuron>):
+  each neuron's rate over the examples only, not the padding of the last
+  batch, equal to the analysis' on the same examples."""
+  from spikeformer_jax import sharding, train_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax.data import sources  # pylint: disable=import-outside-toplevel
+  c = spikformer_configs.get_config('cifar10-4-384,runlocal')
+  exp = train_lib.build(c, sharding.make_mesh(1), 4)
+  state = exp.init_state()
+  state['params'] = jax.tree_util.tree_map_with_path(  # _loud: fires throughout
+      lambda p, x: x * 6 if 'kernel' in jax.tree_util.keystr(p) else x, state['params'])
+  x = _inputs(6, seed=3)
+  source = sources.ArraySource(x, np.zeros(6, np.int64), 10, None, None)
+  res = train_lib.evaluate(train_lib.make_eval_step(exp, firing_rates=True), state, source,
+                           exp.mesh, batch_size=4)  # 2 batches, 2 padded examples
+  rates = res['firing_rates']
+  model = nnx.merge(exp.graphdef_eval, state['params'], state['batch_stats'])
+  want = {k: v['rate'] for k, v in analysis.analyze(model, [x], T=c.model.T)['neurons'].items()}
+  assert rates.keys() == want.keys() and len(want) > 5, (rates.keys(), want.keys())
+  assert 0.05 < np.mean(list(want.values())) < 0.95, want
+  np.testing.assert_allclose([rates[k] for k in want], list(want.values()), rtol=1e-6)
+  assert 'firing_rates' not in train_lib.evaluate(train_lib.make_eval_step(exp), state, source,
+                                                  exp.mesh, batch_size=4)

@@ -55,6 +55,7 @@ def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
   tags = _tensorboard_tags(src / 'tb')
   assert {'train/loss', 'train/lr', 'images_per_s', 'test/top1', 'test/loss'} <= tags, tags
   assert '_hparams_/experiment' in tags
+  assert 'firing_rate/block.0.attn.q_lif' in tags, sorted(tags)  # per layer, at evaluation
 
   five = {'model.num_classes': 5, 'data.num_classes': 5}
   # Another class count: the head does not fit, and nothing is written.
