@@ -414,3 +414,39 @@ def test_npz_images_and_raw_event_frames(tmp_path):
   np.savez(path, x_train=np.zeros((2, 4, 4, 1), np.uint8), y_train=np.array([0, 1]))
   with pytest.raises(ValueError, match='lacks'):
     data_lib.get_source(c.data, 'test')
+
+
+@pytest.mark.parametrize('over', [{'model.neuron.kind': 'if'},
+                                  {'model.neuron.charge_form': 'paper', 'model.neuron.beta': 0.25}])
+def test_network_neuron_fields_reach_every_neuron_and_train(over):
+  """model.neuron.kind (Spikformer Table 6's IF rows) and charge_form / beta
+  (A2OS2A's eqs. 1-3) set every binary neuron of the network, change its
+  function, and train; invalid combinations fail in validation, in one line."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import layers, models, validation  # pylint: disable=import-outside-toplevel
+  config = _tiny(**over)
+  model = models.build_model(config.model)
+  kinds = {(m.neuron.kind, m.neuron.charge_form, m.neuron.beta)
+           for _, m in nnx.iter_modules(model) if isinstance(m, layers.SpikingNeuron)}
+  want = (over.get('model.neuron.kind', 'lif'), over.get('model.neuron.charge_form', 'spikingjelly'),
+          over.get('model.neuron.beta', 0.5))
+  assert kinds == {want}
+  x = np.random.default_rng(0).normal(0, 2, (2, 32, 32, 3)).astype(np.float32)
+  base = models.build_model(_tiny().model)
+  nnx.update(base, nnx.state(model))
+
+  def spikes(m):  # every neuron's spike counts per timestep
+    m.eval()
+    m.set_attributes(record_spikes=True, raise_if_not_found=False)
+    inter = nnx.capture(m, nnx.Intermediate)(x)[1]
+    return {p: np.asarray(v.get_value()[0]) for p, v in nnx.to_flat_state(inter)
+            if p[-1] == 'spike_count'}
+  ours, lif = spikes(model), spikes(base)  # the same weights, another function
+  assert ours.keys() == lif.keys() and any(not np.array_equal(ours[k], lif[k]) for k in ours)
+  losses, _ = _run_steps(config, sharding.make_mesh(1), n_steps=1)
+  assert all(np.isfinite(losses))
+  for bad, msg in [({'model.neuron.kind': 'ternary'}, "model.neuron.kind='ternary' is not valid"),
+                   ({'model.neuron.kind': 'if', 'model.neuron.charge_form': 'paper'},
+                    "IF neurons .kind='if'. have no leak")]:
+    with pytest.raises(ValueError, match=msg):
+      validation.validate_config(_tiny(**bad))

@@ -40,11 +40,14 @@ def neuron_config(**overrides) -> ml_collections.ConfigDict:
   """`config.model.neuron`: the fields of `neurons.Neuron` (SpikingJelly defaults).
 
   alpha 0 takes the surrogate's own default (sigmoid 4, atan 2, triangle 1).
+  kind 'if' is SpikingJelly's IFNode (no leak: H = V + X; Spikformer Table 6's
+  IF rows); charge_form 'paper' is A2OS2A's eqs. 1-3 (U = H + X, the leak
+  `beta` applied where no spike: H = Vreset S + beta U (1 - S)).
   """
   cfg = ml_collections.ConfigDict(dict(
-      tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
-      detach_reset=True, surrogate='sigmoid', alpha=0.0, loop='scan', unroll=0,
-      recompute=False, membrane='float32'))
+      kind='lif', tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
+      detach_reset=True, surrogate='sigmoid', alpha=0.0, charge_form='spikingjelly', beta=0.5,
+      loop='scan', unroll=0, recompute=False, membrane='float32'))
   cfg.update(overrides)
   return cfg
 
@@ -64,9 +67,20 @@ def shared_fields() -> dict:
       neuron=neuron_config(), **attention.config_fields())
 
 
+NETWORK_NEURONS = ('lif', 'if')  # binary; A2OS2A's ternary V has its own config
+
+
 def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
+  kind = cfg.get('kind', 'lif')  # .get: configs saved before the field existed
+  if kind not in NETWORK_NEURONS:
+    raise ValueError(f'Neuron.kind={kind!r} is not valid for the network\'s neurons; choose '
+                     f'one of {NETWORK_NEURONS} (A2OS2A\'s ternary V: model.ternary).')
+  if kind == 'if' and cfg.get('charge_form', 'spikingjelly') != 'spikingjelly':
+    raise ValueError("Neuron.charge_form='paper' is a leaky charge; IF neurons (kind='if') "
+                     "have no leak: keep charge_form='spikingjelly'.")
   return neurons.Neuron(
-      kind='lif', tau=cfg.tau, decay_input=cfg.decay_input,
+      kind=kind, charge_form=cfg.get('charge_form', 'spikingjelly'),
+      beta=cfg.get('beta', 0.5), tau=cfg.tau, decay_input=cfg.decay_input,
       v_threshold=cfg.v_threshold, v_reset=None if cfg.soft_reset else cfg.v_reset,
       detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha or None,
       loop=cfg.loop, unroll=cfg.unroll, recompute=cfg.get('recompute', False),
