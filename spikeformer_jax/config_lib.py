@@ -135,7 +135,8 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
 # runs saved before they existed; what of the value matters: EMA on / off).
 _ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool),
           'model.neuron.membrane': ('float32', str), 'model.neuron.kind': ('lif', str),
-          'model.neuron.charge_form': ('spikingjelly', str), 'model.neuron.beta': (0.5, float)}
+          'model.neuron.charge_form': ('spikingjelly', str), 'model.neuron.beta': (0.5, float),
+          'model.a2os2a': ({'out_neuron': 'binary'}, dict)}
 
 
 # Under 'model' but not defining it: how the same function is compiled.

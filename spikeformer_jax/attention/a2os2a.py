@@ -1,8 +1,18 @@
 """A2OS2A (Guo et al., CVPR 2025): binary Q, ReLU K, ternary V; SN(Q K^T V).
 
-No softmax and no scale; both products are additions (and subtractions for
-V = -1), exact in either association. The ternary V neuron (paper eqs. 25-27)
-is built from this kind's own config field, `config.model.ternary`.
+No softmax and no scale; with Q in {0, 1} and V in {-1, 0, 1} both products
+are additions (and subtractions for V = -1) of K's reals. K is real (ReLU, not
+spikes), so the two associations (Q K^T) V and Q (K^T V) (`model.attn_order`)
+add the same reals in different orders: equal up to float rounding, not
+bitwise (exact only where all operands are integers, as in SSA); a rounding
+difference can move a spike of the neuron after the product where its
+membrane sits at the threshold.
+
+This kind's own config fields (`config.model.<name>`, see `A2OS2A.config`):
+  * `ternary`: the ternary V neuron (paper eqs. 25-27);
+  * `a2os2a.out_neuron`: the neuron SN after Q K^T V (eq. 28): 'binary' (the
+    network's LIF at `model.attn_v_threshold`, the default) or 'ternary'
+    (spikes in {-1, 0, 1}, so negative products pass as -1).
 """
 
 from __future__ import annotations
@@ -17,9 +27,17 @@ from spikeformer_jax import neurons
 from spikeformer_jax.attention import base
 from spikeformer_jax.attention import ssa
 
+# The neuron after Q K^T V. The paper's SN of eq. 28 is its binary LIF (eqs.
+# 1-3, "we represent the spiking neuron layer as SN(.)"), yet it stresses
+# that the product, unlike SSA's, can be negative (section 4.3: "our framework
+# allows for the result to include negative values, akin to what is seen in
+# traditional ANNs"): a binary neuron at +Vth drops every negative value,
+# 'ternary' keeps them as -1 spikes.
+OUT_NEURONS = ('binary', 'ternary')
+
 
 def ternary_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.model.ternary`: the ternary V neuron.
+  """`config.model.ternary`: the ternary V neuron (and the ternary out neuron).
 
   Defaults share the network's SpikingJelly LIF convention (tau and surrogate
   from `model.neuron`, Vth 1, Vreset 0); charge_form='paper' is the paper's
@@ -31,6 +49,29 @@ def ternary_config(**overrides) -> ml_collections.ConfigDict:
       grad='surrogate'))
   cfg.update(overrides)
   return cfg
+
+
+def a2os2a_config(**overrides) -> ml_collections.ConfigDict:
+  """`config.model.a2os2a`: A2OS2A's switches beyond its neurons' dynamics.
+
+  out_neuron: the neuron after Q K^T V (OUT_NEURONS). 'binary' (default) is
+  the network's LIF at model.attn_v_threshold; 'ternary' is the ternary
+  neuron of `model.ternary` (its charge form, beta, reset and gradient)
+  firing -1 / +1 at -/+ model.attn_v_threshold.
+  """
+  cfg = ml_collections.ConfigDict(dict(out_neuron='binary'))
+  cfg.update(overrides)
+  return cfg
+
+
+def out_neuron_choice(model: ml_collections.ConfigDict | None) -> str:
+  """model.a2os2a.out_neuron, checked; 'binary' where the config predates it."""
+  own = model.get('a2os2a', None) if model is not None else None
+  choice = own.get('out_neuron', 'binary') if own is not None else 'binary'
+  if choice not in OUT_NEURONS:
+    raise ValueError(f'model.a2os2a.out_neuron={choice!r} is not valid; choose one of '
+                     f'{OUT_NEURONS}.')
+  return choice
 
 
 def make_ternary(lif: neurons.Neuron, t: ml_collections.ConfigDict) -> neurons.Neuron:
@@ -48,13 +89,26 @@ def a2os2a_self_attention(q, k, v, *, order: str):
 class A2OS2A(ssa.SSA):
   name = 'a2os2a'
   picture = 'Q K^T'
-  config = {'ternary': ternary_config}
+  config = {'ternary': ternary_config, 'a2os2a': a2os2a_config}
+
+  def check(self, model):
+    out_neuron_choice(model)
+    t = model.get('ternary', None)
+    for field, valid in (('charge_form', neurons.CHARGE_FORMS), ('grad', neurons.TERNARY_GRADS)):
+      value = t.get(field) if t is not None else None
+      if value is not None and value not in valid:
+        raise ValueError(f'model.ternary.{field}={value!r} is not valid; choose one of {valid}.')
 
   def build(self, attn, ctx):
     t = self.own_config(ctx, 'ternary')
     base.build_qkv(attn, ctx, k_lif=False,
                    v_lif=layers.SpikingNeuron(make_ternary(ctx.s.neuron, t), ctx.s.T))
-    attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+    if out_neuron_choice(ctx.model) == 'ternary':
+      # The official name, so checkpoints and parameter paths stay the same.
+      attn.attn_lif = layers.SpikingNeuron(dataclasses.replace(
+          make_ternary(ctx.s.neuron, t), v_threshold=ctx.attn_v_threshold), ctx.s.T)
+    else:
+      attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
 
   def activate(self, attn, q, k, v):
     return attn.q_lif(q), jax.nn.relu(k), attn.v_lif(v)

@@ -20,7 +20,11 @@ Every row of the paper's Tables 1-3 (T=4); "paper" is the paper's accuracy:
 The paper's parameter column repeats the Spikformer/SDT figures; our A2OS2A
 models have exactly the SDT backbone's parameters (A2OS2A adds none and drops
 no layer): e.g. 2-256 2,566,954 and 2-512 10,233,418 on CIFAR-10 (SDT without
-its unused talking_heads), tested.
+its unused talking_heads), tested. The paper prints one count per row for
+both datasets: the CIFAR-10 one (4-256 4,152,106 -> 4.15, 2-512 10,233,418 ->
+10.23, ...) except in row 2-256, whose 2.59M (Tables 1 and 2) is the
+CIFAR-100 count, 2,590,084; CIFAR-10 2-256 has 2,566,954 (2.57M; 2,567,082
+with talking_heads). Both built and counted in tests/test_a2os2a_rows.py.
 
 What the paper leaves open is a config field (defaults per the spec, section 3):
   * model.attn_v_threshold = 0.5: the neuron after Q K^T V;
@@ -31,13 +35,32 @@ What the paper leaves open is a config field (defaults per the spec, section 3):
     network's LIF convention) or 'paper' (U = H + X, leak beta = 0.5);
   * model.ternary.grad = 'surrogate' (sigmoid of |U| - Vth) or 'clamp'
     (straight-through of clamp(U/Vth, -1, 1));
-  * model.attn_order: '' picks Q (K^T V) when N > d; exact either way.
+  * model.a2os2a.out_neuron = 'binary' (the network's LIF at
+    model.attn_v_threshold, eq. 28's SN) or 'ternary': the model.ternary
+    neuron (its charge form, beta, reset, gradient) firing -1 / +1 at
+    -/+ model.attn_v_threshold, so that negative values of Q K^T V ("our
+    framework allows for the result to include negative values", section
+    4.3) reach the projection as -1 spikes instead of no spike;
+  * model.neuron.charge_form = 'spikingjelly' (H = V + (X - V)/tau, every
+    official SpikingJelly model) or 'paper' (eqs. 1-3: U = H + X, H =
+    Vreset S + beta U (1 - S), beta = model.neuron.beta = 0.5) for the binary
+    neurons; with model.ternary.charge_form = 'paper' every neuron follows the
+    paper's equations (sweep `neurons`, points '<variant>,paper-neurons');
+  * model.attn_order: '' picks Q (K^T V) when N > d. K is real (ReLU), so the
+    two orders agree to float rounding, not bitwise (tested), and can differ
+    in a spike whose membrane sits at the threshold.
 The paper gives no training recipe; these configs use the SDT backbone's
 official ones (configs/sdt.py).
 
 Sweep `table1` (`python sweep.py run --config=configs/a2os2a.py --sweep=table1
 --workdir=DIR`): Table 1, SDSA (the SDT baseline) vs A2OS2A on CIFAR-10/100
 2-256 and 2-512 (8 points, each with the paper's number).
+
+Sweep `neurons`: what the paper leaves open about its neurons, on CIFAR-10 and
+CIFAR-100 2-256 (8 points, no paper numbers: the paper does not say which
+form its runs used): 'sj-neurons' (the defaults), 'paper-neurons' (eqs. 1-3
+and 25-27 literally: model.neuron.charge_form and model.ternary.charge_form
+'paper'), and each with model.a2os2a.out_neuron='ternary' ('...+ternary-out').
 """
 
 from spikeformer_jax import config_lib as cl
@@ -64,7 +87,7 @@ def get_config(arg: str = 'cifar10-2-256'):
   return c
 
 
-SWEEPS = ('table1',)
+SWEEPS = ('table1', 'neurons')
 
 # Table 1: (variant, attention) -> top-1; sdsa is the SDT baseline. The text
 # gives 78.43 for the CIFAR-100 2-512 baseline, the table 78.83 (used here).
@@ -76,9 +99,24 @@ _TABLE1 = {
 }
 
 
+# The neurons' equations: SpikingJelly's (the defaults) or the paper's eqs.
+# 1-3 and 25-27, set together on the binary and the ternary neurons.
+_NEURON_FORMS = {
+    'sj-neurons': {'model.neuron.charge_form': 'spikingjelly',
+                   'model.ternary.charge_form': 'spikingjelly'},
+    'paper-neurons': {'model.neuron.charge_form': 'paper', 'model.ternary.charge_form': 'paper'},
+}
+
+
 def get_sweep(name: str):
-  """Table 1: the SDT baseline (sdsa) vs A2OS2A on 2-256 and 2-512, T=4."""
+  """table1: the SDT baseline (sdsa) vs A2OS2A on 2-256 and 2-512, T=4.
+  neurons: neuron equations x out neuron on CIFAR-10/100 2-256."""
   if name == 'table1':
     return [{'config': v, 'model.attention': k, 'paper_top1': acc}
             for (v, k), acc in _TABLE1.items()]
+  if name == 'neurons':
+    return [{'config': v, 'name': f'{v},{form}' + ('+ternary-out' if out == 'ternary' else ''),
+             **overrides, 'model.a2os2a.out_neuron': out}
+            for v in ('cifar10-2-256', 'cifar100-2-256')
+            for form, overrides in _NEURON_FORMS.items() for out in ('binary', 'ternary')]
   raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

@@ -147,7 +147,7 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
       num_classes=num_classes, img_size=img_size, pooling=POOLING[dataset],
       dvs_mode=dataset == 'cifar10dvs',  # SDT's Erode, official for CIFAR10-DVS only
       attention=attention,
-      attn_order='',              # '' = auto (the cheaper association; exact either way)
+      attn_order='',              # '' = auto (the cheaper association; exact for integer operands, float rounding with A2OS2A's real K)
       attn_v_threshold=0.5,       # talking_heads_lif / A2OS2A's neuron after Q K^T V
       attn_proj=True,             # projection conv + BN after the attention
       dead_modules=False,
