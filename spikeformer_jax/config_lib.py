@@ -136,7 +136,8 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
 _ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool),
           'model.neuron.membrane': ('float32', str), 'model.neuron.kind': ('lif', str),
           'model.neuron.charge_form': ('spikingjelly', str), 'model.neuron.beta': (0.5, float),
-          'model.a2os2a': ({'out_neuron': 'binary'}, dict)}
+          'model.a2os2a': ({'out_neuron': 'binary'}, dict),
+          'model.drop_path_rate': (0.0, float), 'model.event_sum_channel': (False, bool)}
 
 
 # Under 'model' but not defining it: how the same function is compiled.

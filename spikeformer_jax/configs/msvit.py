@@ -16,6 +16,9 @@ our counts, equal to the official code's (tested):
 | cifar10dvs-16 / -10        | dvs rebuild, mlp ratio 1  | 16 / 10 | 1,558,474 | 1.67M / 84.30 / 83.80 |
 | qkformer-imagenet-10-384 / -512 / -768 | QKFormer, 96/192/384 ... | 4 | 16,473,688 / 29,079,336 / 64,962,760 | 16.47 / 29.08 / 64.96M; 78.80 / 82.04 / 84.22 |
 | qkformer-cifar10-4-384 / qkformer-cifar100-4-384 | QKFormer CIFAR | 4 | 6,706,234 / 6,740,884 | 6.74M / 96.08 / 81.12 |
+| qkformer-dvs128gesture-16  | QKFormer DVS, 128/256, h16, mlp 4 | 16 | 1,999,371 | 1.50M / 98.6 |
+| qkformer-cifar10dvs-16     | QKFormer DVS, mlp ratio 1 | 16 | 1,504,138 | 1.50M / 84.0 |
+| cifar10-4-384-h4 / cifar100-4-384-h4 | cifar, the paper's H/4 grid | 4 | 7,558,762 / 7,593,412 | 7.59M / 96.53 / 81.98 |
 
 Table 3 (CIFAR-100 ablation of the feature fusion; Q = kernel-1, P = kernel-3
 token conv; stages 1-2 / stage 3):
@@ -31,6 +34,26 @@ token conv; stages 1-2 / stage 3):
 | cifar100-ablation-mssa-qq     | MSSA(P+Q)  | MSSA(Q+Q)  | 7,593,412  | 7.89 / 81.15 |
 | cifar100-ablation-mssa-pq     | MSSA(P+Q)  | MSSA(P+Q)  | 8,183,236  | 8.48 / 81.65 |
 
+The QKFormer DVS rows are Table 2's QKFormer entries (msvit-2025.txt line
+190: 1.50M, T=16, 98.6 / 84.0), built as QKFormer's own DVS files, which run
+(`qkformer_dvs` stem: widths D/16..D/2, residual from the first pooled layer;
+one Q-K block at D/2, one SSA block at D, heads 16, thresholds 0.5, and the
+SSA's batch-as-time proj_lif, which those files share). 1,504,138 is the count
+in QKFormer's cifar10-dvs_origin_log.txt; Gesture's MLP ratio 4 gives
+1,999,371, not the 1.50M the table repeats. Recipes as their train.py:
+batch 16, AdamW wd 0.06, lr 1e-3 / 5e-3, 192 / 96 + 10 epochs, warmup 10 from
+1e-5, min lr 2e-5 / 1e-5, flip + SNNAugmentWide (on Gesture too, as the code,
+although a flip swaps some of its classes), mixup 0.5 with probability 0.5
+until epoch 75. The T=10 rows the MSViT text implies (QKFormer 0.3 below
+MSViT's 83.80) are one override away (model.T and data.shape).
+
+The -h4 rows are the paper's CIFAR token grid: "N = H/4 x W/4", then H/8 and
+H/16 (section 3.1.1, line 79): 8x8 / 4x4 / 2x2 tokens at 32 x 32. The
+released cifar10/model.py (and QKFormer's) keeps 32x32 / 16x16 / 8x8 (no pool
+in the stem), which the default rows and the fidelity recordings follow.
+`model.stem='cifar_h4'` pools the stem's two convs as the ImageNet stem does
+(stride-2 residual from the first); no parameter changes.
+
 No code exists for Table 3. Stages 1-2 match the paper's counts exactly; the
 stage-3 MSSA rows are the same MSSA block as stages 1-2 (Q, P, K, proj) and
 fall 0.27M (P+P) and 0.30M (Q+Q, P+Q) below the paper's figures: about 2 D^2 =
@@ -38,9 +61,11 @@ fall 0.27M (P+P) and 0.30M (Q+Q, P+Q) below the paper's figures: about 2 D^2 =
 describe; we do not invent one.
 
 Code vs intent (spec 4.1, 4.4), each one field:
-  * model.attn_v_threshold: 1.0 as the released code fires (its neuron factory
-    drops the requested 0.5); 0.5 is the intent (default of the DVS rebuild
-    and of QKFormer, whose code sets it).
+  * model.attn_v_threshold: 1.0 as the released code fires. 0.5 is not from
+    the paper, which states no threshold (Appendix A only names V_th): it is
+    what the code's attn_lif call sites request (`lif_node_builder(..., 0.5)`,
+    a value its factory drops), what QKFormer's and Spikformer's code set,
+    and the default of the DVS rebuild and of the QKFormer rows.
   * model.ssa_proj_lif_batch_as_time: True as released (the SSA's proj_lif runs
     over batch and time as one sequence); False is the per-sample neuron.
   * model.mssa_kernels / mssa_p_sum: ((1, 1),) * 3 and False is the released
@@ -49,6 +74,40 @@ Code vs intent (spec 4.1, 4.4), each one field:
     count is the paper's 7.59M.
   * data.norm_from of the CIFAR-100 rows: 'cifar10', the statistics
     cifar100.yml uses; --config.data.norm_from=cifar100 for the correct ones.
+
+The paper's options the code lacks, each off by default:
+  * model.drop_path_rate (0.0): stochastic depth. Section 4.2 (line 204):
+    "We employ several data augmentation techniques, including RandAugment,
+    random erasing, and stochastic depth", with no rate. imagenet/train.py's
+    `--drop_path` defaults to 0.1 but is never passed to the model, whose
+    blocks build a DropPath they never call (cifar10.yml's 0.2 is as inert). So
+    the ImageNet recipe with it is `--config.model.drop_path_rate=0.1`: timm's
+    rule, linear from 0 at the first block to the rate at the last, each
+    example's attention and MLP branch dropped alone and the kept ones scaled
+    by 1 / (1 - p), in training only (it turns model.compact_spikes off).
+  * model.stem='cifar_h4': the paper's CIFAR grid (the -h4 rows, above).
+  * model.event_sum_channel (False): section 4.3 (line 214): "The RGB
+    channels are replaced with positive, negative, and the sum of events as
+    input features". True appends positive + negative to the two polarity
+    frames before the stem (data unchanged, in_channels stays 2; the first
+    conv gets 3 input channels: +9 x its width parameters, +576 / +288 /
+    +144 for the Gesture / CIFAR10-DVS rebuilds / QKFormer DVS). The deleted
+    DVS code fed the 2 polarities, so the DVS rows keep them.
+
+Where the paper contradicts itself (msvit-2025.txt line numbers):
+  * Time steps: section 3.1.1 (line 77): "When training MSViT on static RGB
+    image datasets, T is 1"; Tables 1 and 2 (lines 181-183, 193) give T=4
+    for the same rows. The ImageNet code's constructors default to T=1
+    (MSFormer_10_*(T=1)) and its train.py passes --time_step 4; the rows
+    use 4.
+  * Table 3 vs its text: the text (line 231) says "Line 1 shows that MSSA
+    (P+P) performs 81.25 ... Line 2 shows MSSA(Q+Q) obtains only 81.15", the
+    numbers of Table 3's rows 5-6 (MSSA + MSSA(P+P) / (Q+Q), lines 223-224);
+    rows 1-2 read 81.36 and 81.56 (lines 219-220), and the text's own "almost
+    the same as ... MSSA (P) (Line 3)" (81.35) fits 81.36. The rows use the
+    table.
+  * Section 4.3 (line 212): CIFAR-10 "outperforming ... QKFormer by 0.35%";
+    Table 2 gives 96.53 - 96.08 = 0.45.
 
 Recipes (spec 4.6): CIFAR: AdamW lr 1e-3, wd 0.06, batch 64 (the paper says
 128), 400 + 10 epochs, warmup 20 from 1e-5, timm cosine per epoch. ImageNet:
@@ -103,6 +162,14 @@ _ABLATION = {
     'cifar100-ablation-mssa-qq': ((1, 3), ('mssa', (1, 1)), 81.15),
     'cifar100-ablation-mssa-pq': ((1, 3), ('mssa', (1, 3)), 81.65),
 }
+# QKFormer's DVS files: name -> (dataset, classes, T, mlp ratio, lr, min lr,
+# epochs, paper top-1: MSViT's Table 2, line 190)
+_QKFORMER_DVS = {
+    'qkformer-dvs128gesture-16': ('dvs128_gesture', 11, 16, 4, 1e-3, 2e-5, 192, 98.6),
+    'qkformer-cifar10dvs-16': ('cifar10_dvs', 10, 16, 1, 5e-3, 1e-5, 96, 84.0),
+}
+# The paper's H/4 CIFAR token grid: name -> the row it regrids
+_GRID_H4 = {'cifar10-4-384-h4': 'cifar10-4-384', 'cifar100-4-384-h4': 'cifar100-4-384'}
 # name -> (dataset, stem, classes, T, mlp ratio, lr, epochs, paper top-1)
 _DVS = {
     'dvs128gesture-16': ('dvs128_gesture', 'dvs_gesture', 11, 16, 4, 1e-3, 192, 98.80),
@@ -110,7 +177,7 @@ _DVS = {
     'cifar10dvs-16': ('cifar10_dvs', 'dvs_cifar10', 10, 16, 1, 5e-3, 96, 84.30),
     'cifar10dvs-10': ('cifar10_dvs', 'dvs_cifar10', 10, 10, 1, 5e-3, 96, 83.80),
 }
-VARIANTS = [*_IMAGENET, *_CIFAR, *_ABLATION, *_DVS]
+VARIANTS = [*_IMAGENET, *_CIFAR, *_ABLATION, *_DVS, *_QKFORMER_DVS, *_GRID_H4]
 
 
 def _cifar(variant: str, classes: int):
@@ -145,6 +212,22 @@ def paper_row(name: str):
   elif name in _CIFAR:
     variant, classes, paper = _CIFAR[name]
     c = _cifar(variant, classes)
+  elif name in _GRID_H4:
+    variant, classes, paper = _CIFAR[_GRID_H4[name]]
+    c = _cifar(variant, classes)
+    c.model.stem = 'cifar_h4'
+  elif name in _QKFORMER_DVS:
+    dataset, classes, T, ratio, lr, min_lr, epochs, paper = _QKFORMER_DVS[name]
+    model = msvit.model_config('dvs', embed_dim=256, num_heads=16, T=T, num_classes=classes,
+                               img_size=128, mlp_ratio=ratio, stem='qkformer_dvs',
+                               variant='qkformer')
+    model.ssa_proj_lif_batch_as_time = True  # its SSA hands proj_lif [T*B, C, N], as MSViT's
+    data = cl.data_config(dataset, classes, (T, 128, 128, 2), mean=(), std=())
+    c = cl.base_config(model, data, batch=16, epochs=epochs, lr=lr, wd=0.06, warmup=10,
+                       warmup_lr=1e-5, min_lr=min_lr)
+    # train.py: flip and SNNAugmentWide per example (Gesture too), then mixup.
+    c.data.augment.update(hflip=0.5, dvs_policy='snn_augment_wide')
+    c.mixup.update(mixup_alpha=0.5, prob=0.5, off_epoch=75)
   elif name in _ABLATION:
     early, (kind3, kernels3), paper = _ABLATION[name]
     c = _cifar('msvit', 100)

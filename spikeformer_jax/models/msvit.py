@@ -17,18 +17,30 @@ then the Spikformer head (mean over tokens and T, Linear). Graphs:
     stage embedding to D and one SSA block at D, heads 16. Stem widths and MLP
     ratio per dataset (`stem`: dvs_gesture or dvs_cifar10); see STEMS.
 
-The released code's attention neurons fire at 1.0 (its neuron factory
-ignores the requested 0.5): `attn_v_threshold=1.0` reproduces it, 0.5 is the
-intent. QKFormer is the same graph with widths (D/4, D/2, D) and no P branch
-(Q only: `mssa_kernels` pairs (1, 0); thresholds 0.5). The CIFAR-100 file's MSSA (kernel-1
-P, per-channel mask) is `mssa_kernels=((1, 1),) * 3, mssa_p_sum=False`.
+The released code's attention neurons fire at 1.0: its call sites request
+0.5 (`lif_node_builder(..., 0.5)`) but its neuron factory drops the argument.
+`attn_v_threshold=1.0` reproduces the code; 0.5 is the value those call sites
+request and QKFormer's code sets (the paper states no threshold). QKFormer is
+the same graph with widths (D/4, D/2, D) and no P branch (Q only:
+`mssa_kernels` pairs (1, 0); thresholds 0.5); its DVS files are the `dvs`
+graph with the `qkformer_dvs` stem. The CIFAR-100 file's MSSA (kernel-1 P,
+per-channel mask) is `mssa_kernels=((1, 1),) * 3, mssa_p_sum=False`.
+
+Options the released code lacks, each off by default (the official function):
+  * drop_path_rate: stochastic depth on every block's two residual branches
+    (the code builds DropPath but never applies it);
+  * stem='cifar_h4': the paper's CIFAR token grid H/4 (the code's is H/1);
+  * event_sum_channel: section 4.3's DVS input (positive, negative, sum).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from spikeformer_jax import attention
@@ -50,6 +62,13 @@ STEMS = {
     # the residual skips the last two pools (stride 4), as in the CIFAR10-DVS file.
     'dvs_gesture': dict(divisors=(2, 1, 1, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
     'dvs_cifar10': dict(divisors=(4, 4, 2, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
+    # QKFormer's DVS files (cifar10-dvs/ and dvs128-gesture/model.py, which run):
+    # widths E/8, E/4, E/2, E, the residual from the first pooled layer.
+    'qkformer_dvs': dict(divisors=(8, 4, 2, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
+    # The paper's CIFAR grid, N = H/4 x W/4 (section 3.1.1; the CIFAR code
+    # keeps H x W): the CIFAR stem with the ImageNet stem's pools on its two
+    # convs and a stride-2 residual from the first, as imagenet/msformer.py.
+    'cifar_h4': dict(divisors=(2, 1), pools=(1, 1), res_from=0, res_stride=2),
 }
 # Per graph: module names of the non-MSSA attention and of the MLP layers, and
 # which conv of a stage embedding is pooled (0: the first, 1: the second).
@@ -135,9 +154,39 @@ class Block(nnx.Module):
     self.mlp = blocks.SpikingMLP(dim, int(dim * cfg.mlp_ratio), s=s, init='torch_default',
                                  names=graph['mlp_names'], rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + getattr(self, self.attn_name)(x)
-    return x + self.mlp(x)
+  def __call__(self, x: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+    """keep: stochastic depth's scaled masks [2, B*T, 1, 1] of the attention
+    and MLP branches (drop_path_masks), or None (eval, rate 0)."""
+    branch = getattr(self, self.attn_name)(x)
+    x = x + (branch if keep is None else branch * keep[0].astype(branch.dtype))
+    branch = self.mlp(x)
+    return x + (branch if keep is None else branch * keep[1].astype(branch.dtype))
+
+
+def drop_path_rates(rate: float, n_blocks: int) -> list[float]:
+  """timm's stochastic-depth decay rule: linspace(0, rate, n_blocks) over all
+  blocks of all stages, in order. (The official files restart the index in
+  every stage, dpr[j] for j < stage depth, but never apply the result.)"""
+  return np.linspace(0.0, rate, n_blocks).tolist()
+
+
+def drop_path_masks(key: jax.Array, rate: float, batch: int, T: int) -> jax.Array:
+  """Stochastic depth (Huang et al., 2016) as timm's DropPath: each example's
+  residual branch is kept with probability 1 - rate and then scaled by
+  1 / (1 - rate), so its expectation is unchanged. One draw per example,
+  shared by its T timesteps; two branches (attention, MLP) per block.
+  Returns [2, batch * T, 1, 1] for tokens [B*T, N, C] (batch-major, as
+  ops.fold_time)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (2, batch)).astype(jnp.float32) / keep
+  return jnp.repeat(mask, T, axis=1)[:, :, None, None]
+
+
+def event_sum_channel(x: jax.Array) -> jax.Array:
+  """Section 4.3: "The RGB channels are replaced with positive, negative, and
+  the sum of events as input features": [..., 2] polarity counts ->
+  [..., 3] = (positive, negative, positive + negative)."""
+  return jnp.concatenate([x, x[..., :1] + x[..., 1:2]], axis=-1)
 
 
 class MSViT(nnx.Module):
@@ -149,10 +198,18 @@ class MSViT(nnx.Module):
     graph = GRAPHS[cfg.graph]
     stem = STEMS[cfg.stem or graph['stem']]
     dims = tuple(cfg.dims)
+    rate = float(cfg.get('drop_path_rate', 0.0))
+    if rate:
+      # Kept branches are scaled by 1 / (1 - rate): the residual stream is no
+      # longer integer, so its int8 copies would corrupt the weight gradients.
+      # compact_spikes only changes memory (bit-identical when valid).
+      s = dataclasses.replace(s, compact_spikes=False)
     layers.check_spike_sums(s, max(cfg.depths))
+    self.event_sum = bool(cfg.get('event_sum_channel', False))
+    in_channels = cfg.in_channels + 1 if self.event_sum else cfg.in_channels
     stages = zip(dims, cfg.depths, cfg.attention, cfg.mssa_kernels)
     for i, (dim, depth, kind, kernels) in enumerate(stages):
-      embed = (InitEmbed(cfg.in_channels, dim, stem, s=s, rngs=rngs) if i == 0 else
+      embed = (InitEmbed(in_channels, dim, stem, s=s, rngs=rngs) if i == 0 else
                StageEmbed(dims[i - 1], dim, graph['embed_pool'], s=s, rngs=rngs))
       setattr(self, f'patch_embed{i + 1}', embed)
       setattr(self, f'stage{i + 1}', nnx.List([
@@ -167,16 +224,35 @@ class MSViT(nnx.Module):
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
     self.remat_stem = cfg.get('remat_stem', '')
+    self.drop_path = tuple(drop_path_rates(rate, sum(cfg.depths))) if rate else ()
+    self.deterministic = False  # model.eval() sets it (nnx's convention): no drop path
+
+  def _drop_path_key(self) -> jax.Array:
+    """The step's stochastic-depth key, from the stem's first BatchNorm
+    counter (num_batches_tracked): the model's only per-step state, so every
+    train step (and micro-step) draws new masks, a resumed run continues the
+    sequence, and train_lib needs no RNG stream. The same for every seed."""
+    return jax.random.fold_in(jax.random.key(0x5D), self.patch_embed1.proj_bn.count[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b = x.shape[0]
+    if self.event_sum:
+      x = event_sum_channel(x)  # before the cast: event counts stay exact
+    drop = bool(self.drop_path) and not self.deterministic
+    key = self._drop_path_key() if drop else None
     x = ops.fold_time(x, self.T, self.dtype)  # [BT, H, W, C]
+    n = 0
     for i in range(1, self.num_stages + 1):
       x = blocks.apply_block(getattr(self, f'patch_embed{i}'), x, self.remat_stem)
       bt, h, w, c = x.shape
       x = x.reshape(bt, h * w, c)  # row-major tokens, as the official flatten(3)
       for blk in getattr(self, f'stage{i}'):
-        x = blocks.apply_block(blk, x, self.remat)
+        if drop and self.drop_path[n]:
+          keep = drop_path_masks(jax.random.fold_in(key, n), self.drop_path[n], b, self.T)
+          x = blocks.apply_block(blk, (x, keep), self.remat, fn=lambda m, xk: m(*xk))
+        else:
+          x = blocks.apply_block(blk, x, self.remat)
+        n += 1
       x = x.reshape(bt, h, w, c)
     return blocks.mean_token_head(self.head, x.reshape(x.shape[0], -1, x.shape[-1]), b,
                                   self.T, self.per_timestep_logits, self.logits_dtype)
@@ -209,6 +285,17 @@ def check_config(cfg: ml_collections.ConfigDict):
     if kind not in attention.names():
       raise ValueError(f'attention kind {kind!r} in model.attention; valid: '
                        f'{attention.names()}.')
+  rate = cfg.get('drop_path_rate', 0.0)
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+    raise ValueError(f'model.drop_path_rate={rate!r}; valid: a number in [0, 1) (the '
+                     'stochastic-depth rate of the last block; 0 = off, the official code).')
+  event_sum = cfg.get('event_sum_channel', False)
+  if not isinstance(event_sum, bool):
+    raise ValueError(f'model.event_sum_channel={event_sum!r}; valid: True or False.')
+  if event_sum and cfg.in_channels != 2:
+    raise ValueError(f'model.event_sum_channel=True appends positive + negative to two '
+                     f'polarity channels, but model.in_channels={cfg.in_channels}; valid: '
+                     'in_channels=2 (event frames), or event_sum_channel=False.')
 
 
 def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 10,
@@ -233,8 +320,8 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
     dims = (first, d // 2, d)
     depths = (1, 2, depth - 3) if graph == 'imagenet' else (1, 1, depth - 2)
     attention = ('mssa', 'mssa', 'ssa')
-  # The released MSViT code's neuron factory drops the attention threshold
-  # (1.0); QKFormer and the deleted MSViT DVS files set 0.5 explicitly.
+  # The released MSViT code's neuron factory drops the 0.5 its attn_lif call
+  # sites request (1.0); QKFormer and the deleted MSViT DVS files set 0.5.
   vth = 1.0 if variant == 'msvit' and graph != 'dvs' else 0.5
   return ml_collections.ConfigDict(dict(
       name='msvit',
@@ -249,7 +336,7 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       in_channels=2 if graph == 'dvs' else 3,
       num_classes=num_classes,
       img_size=img_size,
-      attn_v_threshold=vth,     # 1.0: the released code; 0.5: the paper's intent
+      attn_v_threshold=vth,     # 1.0: the released code; 0.5: what its call sites request
       attn_scale=0.125,         # SSA (stage 3)
       # per stage, the (Q, P) token-conv kernels of an MSSA (0 drops the branch)
       mssa_kernels=((1, 0) if variant == 'qkformer' else (1, 3),) * len(dims),
@@ -259,6 +346,13 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       # batch (per device under bn_scope='device'). True reproduces it; False
       # is the intended per-sample neuron (our default for the DVS rebuild).
       ssa_proj_lif_batch_as_time=graph != 'dvs',
+      # Stochastic depth, linear over all blocks (timm's rule): the official
+      # code builds DropPath but never applies it, so 0 reproduces it.
+      drop_path_rate=0.0,
+      # Section 4.3's third DVS input channel, positive + negative, appended
+      # to the in_channels=2 polarity frames before the stem (whose first
+      # conv then sees 3); the deleted DVS code feeds the 2 polarities.
+      event_sum_channel=False,
       **common.shared_fields(),  # dtype, remat, neuron, the attention kinds' own fields
   ))
 

@@ -1,0 +1,195 @@
+"""MSViT / QKFormer options the released code lacks and the rows built on
+them: stochastic depth (model.drop_path_rate), the paper's CIFAR token grid
+(stem 'cifar_h4'), the three-channel DVS input (model.event_sum_channel) and
+QKFormer's DVS rows."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spikeformer_jax import config_lib, models, ops, sharding, validation
+from spikeformer_jax.configs import msvit as msvit_cfgs
+from spikeformer_jax.models import msvit
+from test_train import _run_steps
+
+
+def _count(model_cfg):
+  return models.count_params(nnx.eval_shape(lambda: models.build_model(model_cfg)))
+
+
+def _tiny(variant, **over):
+  return config_lib.apply_overrides(msvit_cfgs.get_config(variant + ',runlocal'), over)
+
+
+def _spikes(rng, shape):
+  return jnp.asarray(rng.integers(0, 2, shape), jnp.float32)
+
+
+# ------------------------------------------------------------------ drop path
+
+
+def test_drop_path_rates_are_timms_linear_rule():
+  np.testing.assert_allclose(msvit.drop_path_rates(0.1, 10), np.linspace(0, 0.1, 10))
+  assert msvit.drop_path_rates(0.3, 1) == [0.0]  # torch.linspace(0, r, 1) = [0]
+
+
+def test_drop_path_masks_drop_whole_examples_with_keep_scaling():
+  rate, batch, T = 0.25, 4000, 3
+  m = np.asarray(msvit.drop_path_masks(jax.random.key(0), rate, batch, T))
+  assert m.shape == (2, batch * T, 1, 1)
+  per_t = m.reshape(2, batch, T)
+  assert (per_t == per_t[..., :1]).all()  # one draw per example, shared over T
+  assert set(np.unique(m)) == {0.0, np.float32(1 / (1 - rate))}
+  kept = (per_t[..., 0] > 0).mean(axis=1)  # 8000 draws: std 0.005
+  np.testing.assert_allclose(kept, 1 - rate, atol=0.02)
+  assert abs(per_t[..., 0].mean() - 1.0) < 0.03  # the branch's expectation is unchanged
+  assert not (per_t[0] == per_t[1]).all()  # attention and MLP draw separately
+
+
+def test_block_drops_each_examples_branch_alone():
+  """Block(x, keep) = x + attn(x) k0, then + mlp(.) k1, per example; with k0 = 0
+  an example's attention output leaves its stream untouched."""
+  blk = models.build_model(_tiny('cifar10-4-384').model).stage1[0]  # MSSA (`tssa`)
+  b, T, n, c = 2, 2, 16, blk.mlp.mlp2_linear.kernel.shape[-1]
+  x = _spikes(np.random.default_rng(0), (b * T, n, c)) * 2  # spike sums
+  s = 1 / (1 - 0.4)
+  keep = jnp.asarray([[s, 0.0], [0.0, s]]).repeat(T, axis=1)[:, :, None, None]
+
+  @nnx.jit
+  def run(blk, x, keep):
+    attn = blk.tssa(x)
+    x1 = x + attn * keep[0]
+    return blk(x, keep), attn, x1, x1 + blk.mlp(x1) * keep[1], blk(x, jnp.ones_like(keep)), blk(x)
+
+  got, attn, x1, want, ones, plain = (np.asarray(a) for a in run(blk, x, keep))
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(ones, plain)  # keep 1: the plain block
+  attn, x1, x = (a.reshape(b, T, n, c) for a in (attn, x1, np.asarray(x)))
+  assert attn[0].any()  # so that dropping it is visible
+  np.testing.assert_array_equal(x1[1], x[1])  # example 1: attention dropped
+  np.testing.assert_allclose(x1[0], x[0] + s * attn[0], rtol=1e-6)  # kept, scaled
+
+
+_forward = nnx.jit(lambda m, x: m(x))
+
+
+def test_drop_path_is_identity_in_eval_and_at_rate_zero_and_random_in_train():
+  base = models.build_model(_tiny('cifar10-4-384').model)  # drop_path_rate 0: the default
+  assert base.drop_path == ()
+  model = models.build_model(_tiny('cifar10-4-384', **{'model.drop_path_rate': 0.5}).model)
+  assert model.drop_path == (0.0, 0.25, 0.5)  # three runlocal blocks
+  nnx.update(model, nnx.state(base))  # the rate adds no parameters
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 2
+  # Train mode: without drop path the output does not depend on the step
+  # (BatchNorm uses the batch's statistics); with it, the BN counter advances
+  # and every step draws new masks.
+  ref = [np.asarray(_forward(base, x)) for _ in range(2)]
+  outs = [np.asarray(_forward(model, x)) for _ in range(2)]
+  np.testing.assert_array_equal(ref[0], ref[1])
+  assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[0], ref[0])
+  base.eval()
+  model.eval()
+  np.testing.assert_array_equal(np.asarray(_forward(model, x)), np.asarray(_forward(base, x)))
+
+
+# ------------------------------------------------------------ DVS three channels
+
+
+def test_event_sum_channel_is_positive_plus_negative():
+  x = np.random.default_rng(2).integers(0, 40, (2, 3, 5, 5, 2)).astype(np.float32)
+  y = np.asarray(msvit.event_sum_channel(jnp.asarray(x)))
+  np.testing.assert_array_equal(y[..., :2], x)
+  np.testing.assert_array_equal(y[..., 2], x[..., 0] + x[..., 1])
+
+
+def test_event_sum_channel_feeds_the_stem_a_third_channel():
+  """A stem conv W on (p, n, p + n) is (W0 + W2) p + (W1 + W2) n: the
+  three-channel stem equals a two-channel one with the folded kernel."""
+  mc3 = _tiny('dvs128gesture-16', **{'model.event_sum_channel': True}).model
+  m3 = models.build_model(mc3)
+  assert mc3.in_channels == 2 and m3.patch_embed1.proj_conv.kernel.shape[-2] == 3
+  m2 = models.build_model(_tiny('dvs128gesture-16').model)
+  nnx.update(m2.patch_embed1, nnx.filter_state(nnx.state(m3.patch_embed1),
+                                               lambda p, _: p[0] != 'proj_conv'))
+  k = m3.patch_embed1.proj_conv.kernel[...]
+  m2.patch_embed1.proj_conv.kernel[...] = k[..., :2, :] + k[..., 2:, :]
+  x = jnp.asarray(np.random.default_rng(3).integers(0, 4, (2, mc3.T, 32, 32, 2)), jnp.float32)
+
+  @nnx.jit
+  def stems(m2, m3, x):
+    fold = lambda v: ops.fold_time(v, mc3.T, jnp.float32)
+    return m3.patch_embed1(fold(msvit.event_sum_channel(x))), m2.patch_embed1(fold(x))
+
+  a, b = stems(m2, m3, x)
+  assert np.asarray(a).any()
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ grid, rows, counts
+
+
+def test_paper_cifar_grid_is_h4_and_official_grid_stays_default():
+  for variant, grid in (('cifar10-4-384', 32), ('cifar10-4-384-h4', 8)):
+    mc = _tiny(variant).model
+    model = models.build_model(mc)
+    x = ops.fold_time(jnp.ones((1, 32, 32, 3)), mc.T, jnp.float32)
+    e1, e2 = nnx.eval_shape(lambda m, v: (m.patch_embed1(v), m.patch_embed2(m.patch_embed1(v))),
+                            model, x)
+    assert e1.shape[1:3] == (grid, grid) and e2.shape[1:3] == (grid // 2, grid // 2), variant
+  assert msvit_cfgs.get_config('cifar10-4-384').model.stem == ''  # the code's grid
+
+
+def test_new_rows_parameter_counts():
+  # QKFormer's cifar10-dvs_origin_log.txt prints "number of params: 1504138".
+  assert _count(msvit_cfgs.get_config('qkformer-cifar10dvs-16').model) == 1_504_138
+  # Gesture: 11 classes (+257) and MLP ratio 4 instead of 1 at widths 128 and
+  # 256 (+6 D^2 + 9 D each); Table 2 repeats 1.50M.
+  extra = 257 + sum(6 * d * d + 9 * d for d in (128, 256))
+  assert _count(msvit_cfgs.get_config('qkformer-dvs128gesture-16').model) == 1_504_138 + extra
+  assert _count(msvit_cfgs.get_config('cifar10-4-384-h4').model) == 7_558_762  # pools only
+  assert _count(msvit_cfgs.get_config('cifar100-4-384-h4').model) == 7_593_412  # paper 7.59M
+  # the sum channel: one more input channel of the first 3x3 stem conv
+  for variant, width in (('dvs128gesture-16', 64), ('cifar10dvs-16', 32),
+                         ('qkformer-cifar10dvs-16', 16)):
+    mc = msvit_cfgs.get_config(variant).model
+    n = _count(mc)
+    mc.event_sum_channel = True
+    assert _count(mc) - n == 9 * width, variant
+  mc = msvit_cfgs.get_config('imagenet-10-384').model
+  mc.drop_path_rate = 0.1
+  assert _count(mc) == 17_686_216  # no parameters
+
+
+def test_qkformer_dvs_rows_follow_its_files():
+  c = msvit_cfgs.get_config('qkformer-dvs128gesture-16')
+  m = c.model
+  assert (m.dims, m.depths, m.attention, m.num_heads) == ((128, 256), (1, 1), ('mssa', 'ssa'), 16)
+  assert m.mssa_kernels == ((1, 0),) * 2 and m.attn_v_threshold == 0.5
+  assert m.ssa_proj_lif_batch_as_time and m.stem == 'qkformer_dvs' and m.mlp_ratio == 4
+  assert (c.paper_top1, msvit_cfgs.get_config('qkformer-cifar10dvs-16').paper_top1) == (98.6, 84.0)
+  assert c.data.augment.dvs_policy == 'snn_augment_wide' and c.mixup.off_epoch == 75
+
+
+def test_new_fields_fail_clearly():
+  for over, msg in [({'model.drop_path_rate': 1.0}, r'model.drop_path_rate=1.0; valid: .*\[0, 1\)'),
+                    ({'model.drop_path_rate': -0.1}, r'model.drop_path_rate=-0.1'),
+                    ({'model.event_sum_channel': True}, r'model.in_channels=3; valid: in_channels=2')]:
+    with pytest.raises(ValueError, match=msg):
+      validation.validate_config(_tiny('cifar10-4-384', **over))
+  old = _tiny('cifar10-4-384').model  # configs saved before the fields existed
+  del old['drop_path_rate'], old['event_sum_channel']
+  assert models.build_model(old).drop_path == ()
+
+
+@pytest.mark.parametrize('variant,over', [
+    ('cifar10-4-384-h4', {'model.drop_path_rate': 0.2, 'model.remat': 'full'}),
+    ('qkformer-dvs128gesture-16', {'model.event_sum_channel': True, 'model.drop_path_rate': 0.1}),
+])
+def test_new_rows_and_fields_train_one_step(variant, over):
+  config = _tiny(variant, **over)
+  validation.validate_config(config)
+  losses, state = _run_steps(config, sharding.make_mesh(1), n_steps=1)
+  assert np.isfinite(losses).all()
+  assert int(state['batch_stats']['patch_embed1']['proj_bn']['count']) == 1
