@@ -20,7 +20,7 @@ MODULES = ('spikformer', 'sdt', 'a2os2a', 'msvit')
 def variants():
   import importlib  # pylint: disable=import-outside-toplevel
   for name in MODULES:
-    module = importlib.import_module(f'configs.{name}')
+    module = importlib.import_module(f'spikeformer_jax.configs.{name}')
     vs = getattr(module, 'VARIANTS', None) or list(module._ROWS) + ['digits', 'nmnist-1-128']  # pylint: disable=protected-access
     for v in vs:
       yield f'{name}:{v}', module.get_config(v).model

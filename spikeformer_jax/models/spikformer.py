@@ -10,7 +10,9 @@ Three official flavours differ only in data, listed in `FLAVOURS`:
 Everything else (SPS, SSA, MLP, the spike-add residual stream, the head) is
 shared. Dead modules of the official code (LayerNorms never called, the DVS
 pos_embed) are built only with `dead_modules=True`, so both of the official
-parameter totals can be reproduced.
+parameter totals can be reproduced. The paper's DVS options the released code
+lacks, a 1-D max-pool after Q and K (`qk_pool`) and a learnable attention scale
+(`attn_scale_learnable`), are off by default (attention/ssa.py).
 """
 
 from __future__ import annotations
@@ -151,6 +153,9 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       attn_scale=0.0,
       attention='ssa',     # ssa (official), or any kind of attention.names() on this backbone
       attn_v_threshold=0.5,
+      # The paper's DVS options the released code lacks (attention/ssa.py):
+      qk_pool=0,           # > 0: 1-D max-pool (kernel = stride) over the channels of Q and K
+      attn_scale_learnable=False,  # True: eq. 15's s a parameter, initialised at the scale
       dead_modules=False,  # True: also build the official code's unused modules
       **common.shared_fields(),  # dtype, remat, neuron, the attention kinds' own fields
   ))
@@ -162,6 +167,26 @@ def check_config(m: ml_collections.ConfigDict):
   if m.get('flavour') not in FLAVOURS:
     raise ValueError(f'model.flavour={m.get("flavour")!r}; valid: {sorted(FLAVOURS)}.')
   common.check_pooling(m.get('pooling') or '')
+  check_paper_options(m)
+
+
+def check_paper_options(m: ml_collections.ConfigDict):
+  """model.qk_pool and model.attn_scale_learnable: options of the 'ssa' kind
+  (the kinds of Table 1 follow the official code's constant scale)."""
+  pool, learnable = m.get('qk_pool', 0), m.get('attn_scale_learnable', False)
+  kind = m.get('attention', 'ssa')
+  d = m.embed_dim // m.num_heads
+  kernels = [k for k in range(1, d + 1) if d % k == 0]
+  if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0 or (pool and d % pool):
+    raise ValueError(f'model.qk_pool={pool!r}: 0 (off) or a kernel dividing the head width '
+                     f'embed_dim / num_heads = {d}: one of {kernels}.')
+  if not isinstance(learnable, bool):
+    raise ValueError(f'model.attn_scale_learnable={learnable!r}; valid: True, False.')
+  for field, on in (('qk_pool', pool), ('attn_scale_learnable', learnable)):
+    if on and kind != 'ssa':
+      raise ValueError(f"model.{field}={on!r} is an option of the 'ssa' attention, not of "
+                       f"model.attention={kind!r}; valid: model.attention='ssa', or "
+                       f'model.{field}={0 if field == "qk_pool" else False}.')
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
