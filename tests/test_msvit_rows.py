@@ -183,9 +183,9 @@ def test_new_fields_fail_clearly():
   assert models.build_model(old).drop_path == ()
 
 
-@pytest.mark.parametrize('variant,over', [
-    ('cifar10-4-384-h4', {'model.drop_path_rate': 0.2, 'model.remat': 'full'}),
-    ('qkformer-dvs128gesture-16', {'model.event_sum_channel': True, 'model.drop_path_rate': 0.1}),
+@pytest.mark.parametrize('variant,over', [  # one compile: the suite's time is short
+    ('qkformer-dvs128gesture-16', {'model.event_sum_channel': True, 'model.drop_path_rate': 0.1,
+                                   'model.remat': 'full'}),
 ])
 def test_new_rows_and_fields_train_one_step(variant, over):
   config = _tiny(variant, **over)

@@ -122,6 +122,7 @@ def _one_train_step(config):
 def test_paper_gesture_variant_trains_and_its_scale_learns():
   c = cfgs.get_config('dvs128gesture-2-256-paper,runlocal')
   assert c.model.qk_pool == 4 and c.model.attn_scale_learnable
+  c.model.neuron.kind = 'if'  # and Table 6's IF neurons train (one compile for both)
   loss, before, after = _one_train_step(c)
   assert np.isfinite(loss)
   s0, s1 = before['block'][0]['attn']['attn_scale'], after['block'][0]['attn']['attn_scale']

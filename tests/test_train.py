@@ -418,10 +418,11 @@ def test_npz_images_and_raw_event_frames(tmp_path):
 
 @pytest.mark.parametrize('over', [{'model.neuron.kind': 'if'},
                                   {'model.neuron.charge_form': 'paper', 'model.neuron.beta': 0.25}])
-def test_network_neuron_fields_reach_every_neuron_and_train(over):
+def test_network_neuron_fields_reach_every_neuron(over):
   """model.neuron.kind (Spikformer Table 6's IF rows) and charge_form / beta
-  (A2OS2A's eqs. 1-3) set every binary neuron of the network, change its
-  function, and train; invalid combinations fail in validation, in one line."""
+  (A2OS2A's eqs. 1-3) set every binary neuron of the network and change its
+  function; invalid combinations fail in validation, in one line. (They train
+  in test_spikformer_rows, IF, and test_a2os2a_rows, the paper's charge.)"""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import layers, models, validation  # pylint: disable=import-outside-toplevel
   config = _tiny(**over)
@@ -438,13 +439,11 @@ def test_network_neuron_fields_reach_every_neuron_and_train(over):
   def spikes(m):  # every neuron's spike counts per timestep
     m.eval()
     m.set_attributes(record_spikes=True, raise_if_not_found=False)
-    inter = nnx.capture(m, nnx.Intermediate)(x)[1]
+    inter = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x)[1])(m, x)
     return {p: np.asarray(v.get_value()[0]) for p, v in nnx.to_flat_state(inter)
             if p[-1] == 'spike_count'}
   ours, lif = spikes(model), spikes(base)  # the same weights, another function
   assert ours.keys() == lif.keys() and any(not np.array_equal(ours[k], lif[k]) for k in ours)
-  losses, _ = _run_steps(config, sharding.make_mesh(1), n_steps=1)
-  assert all(np.isfinite(losses))
   for bad, msg in [({'model.neuron.kind': 'ternary'}, "model.neuron.kind='ternary' is not valid"),
                    ({'model.neuron.kind': 'if', 'model.neuron.charge_form': 'paper'},
                     "IF neurons .kind='if'. have no leak")]:
