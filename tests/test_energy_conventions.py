@@ -167,15 +167,29 @@ def test_spikformer_eq22_integer_inputs_ac():
   assert rep['totals']['ann_energy_mj'] == pytest.approx(E_MAC * ann, rel=1e-12)
 
 
-def _sdt_layers(d, n, classes, attn_layers):
-  """SDT's layers: MS_SPS, a block (its attention's linears, then the MLP,
-  each module reading a LIF of the membrane stream) and the spiking head."""
-  m = 'block.0.mlp'
-  return _sps('patch_embed', d, n) + attn_layers + [
+SDT_SIZE = dict(d=16, h=2, n=16, classes=10)  # 4x4 image, no pooling: 16 tokens
+
+
+def _sdt_case(attention, proj_input):
+  """A tiny SDT-backbone model with `attention`, analysed, and its layers:
+  MS_SPS, a block (q/k/v linears reading the membrane shortcut's LIF, the
+  projection reading `proj_input`, then the MLP, each module reading a LIF of
+  the membrane stream) and the spiking head."""
+  d, h, n, classes = SDT_SIZE.values()
+  mc = sdt.model_config('cifar', embed_dim=d, depth=1, num_heads=h, T=T,
+                        num_classes=classes, img_size=4, attention=attention)
+  mc.pooling = '0000'
+  rep = analysis.analyze(_model(mc), [_images(4)], T=T)
+  a, m = 'block.0.attn', 'block.0.mlp'
+  sc = f'{a}.shortcut_lif'
+  layers = _sps('patch_embed', d, n) + [
+      (f'{a}.q_linear', n * d * d, T, sc), (f'{a}.k_linear', n * d * d, T, sc),
+      (f'{a}.v_linear', n * d * d, T, sc), (f'{a}.proj_linear', n * d * d, T, proj_input),
       (f'{m}.fc1_linear', n * 4 * d * d, T, f'{m}.fc1_lif'),
       (f'{m}.fc2_linear', n * d * 4 * d, T, f'{m}.fc2_lif'),
       # head_lif, Linear every timestep, then the mean over T: T x SOPs.
       ('head', d * classes, T, 'head_lif')]
+  return rep, layers
 
 
 def test_sdt_baseline_every_input_binary():
@@ -184,17 +198,9 @@ def test_sdt_baseline_every_input_binary():
   but the first reads binary spikes, so --integer_inputs does not matter; the
   head reads head_lif's spikes every timestep (an AC layer, x T). SDSA:
   masks and a token sum, min(fr_k, fr_v) x T N C accumulates."""
-  d, h, n, classes = 16, 2, 16, 10
-  mc = sdt.model_config('cifar', embed_dim=d, depth=1, num_heads=h, T=T,
-                        num_classes=classes, img_size=4)
-  mc.pooling = '0000'
-  rep = analysis.analyze(_model(mc), [_images(4)], T=T)
+  d, _, n, classes = SDT_SIZE.values()
   a = 'block.0.attn'
-  sc = f'{a}.shortcut_lif'
-  layers = _sdt_layers(d, n, classes, [
-      (f'{a}.q_linear', n * d * d, T, sc), (f'{a}.k_linear', n * d * d, T, sc),
-      (f'{a}.v_linear', n * d * d, T, sc),
-      (f'{a}.proj_linear', n * d * d, T, 'recorded')])   # Q x talking_heads_lif mask
+  rep, layers = _sdt_case('sdsa', 'recorded')   # the projection reads Q x talking_heads_lif's mask
   fr = {k: rep['neurons'][f'{a}.{k}_lif']['rate'] for k in 'kv'}
   products = [(f'{a}.k*v token sum', n * d, min(fr['k'], fr['v']))]
   _, mac, _, energy = _check(rep, layers, products, integer_inputs='mac')
@@ -213,18 +219,10 @@ def test_a2os2a_attention_additions_only():
   product is counted at the rate of its spiking operand: K^T V at fr_v
   (ternary: the non-zero fraction; -1 subtracts), Q (K^T V) at fr_q, in the
   association the model computes (N > d: K^T V first). The rest as SDT."""
-  d, h, n, classes = 16, 2, 16, 10
+  d, h, n, _ = SDT_SIZE.values()
   dh = d // h
-  mc = sdt.model_config('cifar', embed_dim=d, depth=1, num_heads=h, T=T,
-                        num_classes=classes, img_size=4, attention='a2os2a')
-  mc.pooling = '0000'
-  rep = analysis.analyze(_model(mc), [_images(4)], T=T)
   a = 'block.0.attn'
-  sc = f'{a}.shortcut_lif'
-  layers = _sdt_layers(d, n, classes, [
-      (f'{a}.q_linear', n * d * d, T, sc), (f'{a}.k_linear', n * d * d, T, sc),
-      (f'{a}.v_linear', n * d * d, T, sc),
-      (f'{a}.proj_linear', n * d * d, T, f'{a}.attn_lif')])
+  rep, layers = _sdt_case('a2os2a', f'{a}.attn_lif')
   fr = {k: rep['neurons'][f'{a}.{k}_lif']['rate'] for k in 'qv'}
   products = [(f'{a}.K^T V', h * n * dh * dh, fr['v']),
               (f'{a}.Q (K^T V)', h * n * dh * dh, fr['q'])]

@@ -189,8 +189,8 @@ def test_operation_counts_follow_the_pooled_width():
   T, n, c, h = 2, 6, 16, 2  # d = 8, pooled Q / K: 2 channels per head
   got = attention.get('ssa').products(attn, T=T, n=n, c=c, rate=rate)
   assert got == [('Q K^T', T * h * n * n * 2, 0.1, 0.2), ('(Q K^T) V', T * h * n * n * 8, None, 0.3)]
-  kv = ssa_kind.pooled_matmul_products('kv_first', T=T, n=n, c=c, h=h, pool=4, fq=0.1, fk=0.2,
-                                       fv=0.3)
+  kv = attention.matmul_products('kv_first', T=T, n=n, c=c, h=h, fq=0.1, fk=0.2, fv=0.3,
+                                qk_pool=4)
   assert kv == [('K^T V', T * h * n * 2 * 8, 0.2, 0.3), ('Q (K^T V)', T * h * n * 2 * 8, 0.1, None)]
   assert attention.get('ssa').products(_attention(), T=T, n=n, c=c, rate=rate)[0][1] == \
       T * h * n * n * 8

@@ -166,16 +166,21 @@ def heads(attn: nnx.Module, *xs):
   return tuple(None if x is None else ops.split_heads(x, attn.num_heads) for x in xs)
 
 
-def matmul_products(order: str, *, T: int, n: int, c: int, h: int, fq, fk, fv) -> list[tuple]:
+def matmul_products(order: str, *, T: int, n: int, c: int, h: int, fq, fk, fv,
+                    qk_pool: int = 0) -> list[tuple]:
   """The two matrix products of Q K^T V in `order`; the N x N (or d x d) map
-  in between holds counts or reals, not spikes."""
+  in between holds counts or reals, not spikes. `qk_pool` > 1: Q and K pooled
+  to d / qk_pool channels (Spikformer's `model.qk_pool`), the shorter inner
+  dimension of their product; the rates stay the Q / K neurons' own, before
+  the pool (a lower bound of the pooled operands')."""
   d = c // h
-  if order == 'auto':
-    order = 'kv_first' if n > d else 'qk_first'
+  dq = d // max(qk_pool, 1)
+  if order == 'auto':  # as spiking_self_attention decides, on the (pooled) Q
+    order = 'kv_first' if n > dq else 'qk_first'
   if order == 'qk_first':
-    return [('Q K^T', T * h * n * n * d, fq, fk),
+    return [('Q K^T', T * h * n * n * dq, fq, fk),
             ('(Q K^T) V', T * h * n * n * d, None, fv)]
-  return [('K^T V', T * h * n * d * d, fk, fv), ('Q (K^T V)', T * h * n * d * d, fq, None)]
+  return [('K^T V', T * h * n * dq * d, fk, fv), ('Q (K^T V)', T * h * n * dq * d, fq, None)]
 
 
 def qk_map(q: jax.Array, k: jax.Array) -> jax.Array:

@@ -95,24 +95,6 @@ def build_paper_options(attn, ctx):
     attn.attn_scale = nnx.Param(jnp.asarray(ctx.scale, ctx.s.param_dtype))
 
 
-def pooled_matmul_products(order: str, *, T: int, n: int, c: int, h: int, pool: int,
-                           fq, fk, fv) -> list[tuple]:
-  """`base.matmul_products` with Q and K pooled to d / pool channels: the
-  product of Q and K (or of K and V) is over the shorter dimension. The rates
-  are the Q / K neurons' own, before the pool (a lower bound of the pooled
-  operands' rates)."""
-  if pool <= 1:
-    return base.matmul_products(order, T=T, n=n, c=c, h=h, fq=fq, fk=fk, fv=fv)
-  d = c // h
-  dp = d // pool
-  if order == 'auto':  # as spiking_self_attention decides on the pooled Q
-    order = 'kv_first' if n > dp else 'qk_first'
-  if order == 'qk_first':
-    return [('Q K^T', T * h * n * n * dp, fq, fk),
-            ('(Q K^T) V', T * h * n * n * d, None, fv)]
-  return [('K^T V', T * h * n * dp * d, fk, fv), ('Q (K^T V)', T * h * n * dp * d, fq, None)]
-
-
 class SSA(base.Kind):
   """The matmul kinds share this shape: Q, K, V through `activate`, then
   attn_lif(`equation`(Q, K, V)); recorded map: Q K^T * scale."""
@@ -146,9 +128,9 @@ class SSA(base.Kind):
     return attn.order
 
   def products(self, attn, *, T, n, c, rate):
-    return pooled_matmul_products(self.order(attn), T=T, n=n, c=c, h=attn.num_heads,
-                                  pool=getattr(attn, 'qk_pool', 0), fq=rate('q_lif'),
-                                  fk=rate('k_lif'), fv=rate('v_lif'))
+    return base.matmul_products(self.order(attn), T=T, n=n, c=c, h=attn.num_heads,
+                                fq=rate('q_lif'), fk=rate('k_lif'), fv=rate('v_lif'),
+                                qk_pool=getattr(attn, 'qk_pool', 0))
 
 
 base.register(SSA())
