@@ -13,6 +13,7 @@ global over the sharded batch unless `bn_scope='device'`.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -103,6 +104,39 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+_BARRIER_IDS = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 3600):
+  """Waits until every process reaches this point (the coordination
+  service's barrier: no collective, and no 30 s limit). Processes must call
+  it in the same order (the ids count up)."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  distributed.global_state.client.wait_at_barrier(
+      f'spikeformer_jax/{next(_BARRIER_IDS)}/{name}', timeout_in_ms=timeout_s * 1000)
+
+
+def synced_first_call(step, name: str):
+  """The jitted `step`; with several processes its first call compiles, then
+  waits for every process before it runs.
+
+  CPU collectives (gloo) give a peer 30 s to reach a new communicator: a
+  compile slower on one host than on another (load, a compile-cache hit on one
+  of them) failed 3 of 4 two-process runs on 2 loaded cores ("Gloo context
+  initialization failed: GetKeyValue() timed out"), and the other process
+  then waited for ever in its collective."""
+  if jax.process_count() == 1:
+    return step
+  compiled = []
+
+  def call(*args):
+    if not compiled:
+      compiled.append(step.lower(*args).compile())  # fills the jit's cache: no second compile
+      barrier(f'{name} compiled')
+    return step(*args)
+  return call
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size'):

@@ -615,9 +615,11 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   spe = loader.steps_per_epoch
   exp = build(config, mesh, spe)
   # The per-layer firing rates of each evaluation go to TensorBoard.
-  train_step = make_train_step(exp)
-  eval_step = make_eval_step(exp, firing_rates=config.get('tensorboard', True))
-  ema_eval_step = make_eval_step(exp, ema=True) if ema_decay(config) else None
+  train_step = sharding.synced_first_call(make_train_step(exp), 'train step')
+  eval_step = sharding.synced_first_call(
+      make_eval_step(exp, firing_rates=config.get('tensorboard', True)), 'eval step')
+  ema_eval_step = (sharding.synced_first_call(make_eval_step(exp, ema=True), 'ema eval step')
+                   if ema_decay(config) else None)
   # Evaluations stop between batches on a signal (one process: with several,
   # only the train loop's sync point is common to all of them).
   stop = watch.requested if jax.process_count() == 1 else None
@@ -853,7 +855,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   n = sharding.data_size(mesh)
   batch = -(-batch // n) * n
   exp, state = _restore(config, workdir, mesh, step)
-  res = evaluate(make_eval_step(exp, ema=ema), state, source, mesh, batch,
+  res = evaluate(sharding.synced_first_call(make_eval_step(exp, ema=ema), 'eval step'),
+                 state, source, mesh, batch,
                  data_lib.make_transform(config.data, source, train=False))
   return {'split': split, 'step': int(jax.device_get(state['step'])), **res}
 
