@@ -13,6 +13,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'spikeformer_jax_test_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# Two workers and their subprocesses share that cache, and without a size limit
+# JAX writes entries with no lock: a reader could load a half-written one. A
+# limit makes it lock each read and write (the `filelock` package).
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
 
 import pytest  # pylint: disable=g-import-not-at-top
 
