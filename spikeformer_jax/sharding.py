@@ -129,12 +129,14 @@ def synced_first_call(step, name: str):
   then waited for ever in its collective."""
   if jax.process_count() == 1:
     return step
-  compiled = []
+  ready = False
 
   def call(*args):
-    if not compiled:
-      compiled.append(step.lower(*args).compile())  # fills the jit's cache: no second compile
+    nonlocal ready
+    if not ready:
+      step.lower(*args).compile()  # fills the jit's cache: the call below does not compile
       barrier(f'{name} compiled')
+      ready = True
     return step(*args)
   return call
 
