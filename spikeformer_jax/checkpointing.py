@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from spikeformer_jax import errors
+from spikeformer_jax import sharding
 
 DAMAGED_DIR = 'damaged_checkpoints'  # beside checkpoints/: unreadable steps, kept
 
@@ -315,9 +316,8 @@ def committed_steps(directory: str) -> list[int]:
 
 
 def _sync(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
+  if jax.process_count() > 1:  # the coordination service's barrier: no 30 s gloo limit
+    sharding.barrier(name)
 
 
 def abstract_like(state, shardings):
