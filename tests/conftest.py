@@ -38,21 +38,6 @@ def _give_every_cache_entry_an_atime(path: str) -> None:
 
 _give_every_cache_entry_an_atime(os.environ['JAX_COMPILATION_CACHE_DIR'])
 
-# The suite compiles far more than it runs, and LLVM's optimisation of the CPU
-# code is much of each compile, for nothing at test sizes: off (the official
-# recordings match at either level; MSViT's sharded step compiles 40% faster).
-# A test that trains for long runs a subprocess with `optimized_env()`.
-UNOPTIMIZED = '--xla_backend_optimization_level=0'
-if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {UNOPTIMIZED}".strip()
-
-
-def optimized_env() -> dict:
-  """This environment, with XLA's default optimisation of the CPU code."""
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(UNOPTIMIZED, '').strip()
-  return env
-
 import pytest  # pylint: disable=g-import-not-at-top
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
