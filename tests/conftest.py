@@ -32,8 +32,8 @@ def _give_every_cache_entry_an_atime(path: str) -> None:
   with filelock.FileLock(cache / '.lockfile', timeout=120):
     for entry in cache.glob('*-cache'):
       atime = entry.with_name(entry.name.removesuffix('-cache') + '-atime')
-      if not atime.exists():
-        atime.write_bytes(bytes(8))  # the oldest: evicted first
+      if not atime.exists():  # when it was written: the oldest go first
+        atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, 'little'))
 
 
 _give_every_cache_entry_an_atime(os.environ['JAX_COMPILATION_CACHE_DIR'])
