@@ -2,7 +2,9 @@
 
 `python tests/param_paths.py` rewrites tests/param_paths.json (only when a
 change of the parameter tree is intended: checkpoints of older runs restore
-only into the same paths). test_param_paths.py asserts it.
+only into the same paths). `python tests/param_paths.py --new` adds the
+variants the record lacks and leaves every recorded one as it is (a new
+variant changes no old tree). test_param_paths.py asserts it.
 """
 
 import hashlib
@@ -50,8 +52,22 @@ def compact(records: dict) -> dict:
   return {'variants': out, 'templates': tables}
 
 
+def add_new(old: dict, configs: dict) -> dict:
+  """`old` (the JSON's content) plus the records of `configs` it lacks."""
+  new = compact({key: record(cfg) for key, cfg in configs.items()
+                 if key not in old['variants']})
+  return {'variants': {**old['variants'], **new['variants']},
+          'templates': {**old['templates'], **new['templates']}}
+
+
 if __name__ == '__main__':
-  out = compact({key: record(cfg) for key, cfg in variants()})
+  if '--new' in sys.argv[1:]:
+    with open(JSON, encoding='utf-8') as f:
+      recorded = json.load(f)
+    out = add_new(recorded, dict(variants()))
+    print(f'added {sorted(set(out["variants"]) - set(recorded["variants"]))}')
+  else:
+    out = compact({key: record(cfg) for key, cfg in variants()})
   with open(JSON, 'w', encoding='utf-8') as f:
     json.dump(out, f, indent=1, sort_keys=True)
   print(f'{len(out["variants"])} variants -> {JSON}')
