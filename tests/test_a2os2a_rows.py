@@ -125,8 +125,10 @@ def test_neurons_sweep_paper_neurons_and_ternary_out_train_a_step():
 
 
 def test_2_256_counts_and_the_papers_2_59m():
-  """The paper's 2.59M (Tables 1, 2) is the CIFAR-100 2-256 count; CIFAR-10
-  2-256 has 2,566,954 (2.57M). Other rows print the CIFAR-10 count."""
+  """The paper's 2.59M (Table 1's 2-256 rows) is not the CIFAR-10 2-256
+  count, 2,566,954 (2.57M); the CIFAR-100 one rounds to it (our inference of
+  its source: Spikformer's DVS 2-256 figure is 2.59M too). Other rows print
+  the CIFAR-10 count."""
   count = {}
   for v in ('cifar10-2-256', 'cifar100-2-256', 'cifar10-2-512'):
     m = a2os2a_configs.get_config(v).model

@@ -22,9 +22,12 @@ models have exactly the SDT backbone's parameters (A2OS2A adds none and drops
 no layer): e.g. 2-256 2,566,954 and 2-512 10,233,418 on CIFAR-10 (SDT without
 its unused talking_heads), tested. The paper prints one count per row for
 both datasets: the CIFAR-10 one (4-256 4,152,106 -> 4.15, 2-512 10,233,418 ->
-10.23, ...) except in row 2-256, whose 2.59M (Tables 1 and 2) is the
-CIFAR-100 count, 2,590,084; CIFAR-10 2-256 has 2,566,954 (2.57M; 2,567,082
-with talking_heads). Both built and counted in tests/test_a2os2a_rows.py.
+10.23, ...) except in row 2-256 (Table 1 only: Table 2 has no 2-256 row),
+whose 2.59M fits neither CIFAR-10 2-256 (2,566,954: 2.57M; 2,567,082 with
+talking_heads). That it is the CIFAR-100 count (2,590,084 -> 2.59) is our
+inference, not the paper's statement: 2.59M is also Spikformer's figure for
+its DVS 2-256 model (2,585,610 with the unused modules), which the paper may
+have carried over. Both counts built in tests/test_a2os2a_rows.py.
 
 What the paper leaves open is a config field (defaults per the spec, section 3):
   * model.attn_v_threshold = 0.5: the neuron after Q K^T V;
@@ -32,7 +35,7 @@ What the paper leaves open is a config field (defaults per the spec, section 3):
     shortcut, as in the SDT baseline;
   * model.num_heads = 8, as the SDT configs;
   * model.ternary.charge_form = 'spikingjelly' (V = H + (X - H)/tau, the
-    network's LIF convention) or 'paper' (U = H + X, leak beta = 0.5);
+    network's LIF convention) or 'paper' (U = H + X, leak model.ternary.beta);
   * model.ternary.grad = 'surrogate' (sigmoid of |U| - Vth) or 'clamp'
     (straight-through of clamp(U/Vth, -1, 1));
   * model.a2os2a.out_neuron = 'binary' (the network's LIF at
@@ -43,9 +46,12 @@ What the paper leaves open is a config field (defaults per the spec, section 3):
     4.3) reach the projection as -1 spikes instead of no spike;
   * model.neuron.charge_form = 'spikingjelly' (H = V + (X - V)/tau, every
     official SpikingJelly model) or 'paper' (eqs. 1-3: U = H + X, H =
-    Vreset S + beta U (1 - S), beta = model.neuron.beta = 0.5) for the binary
+    Vreset S + beta U (1 - S), beta = model.neuron.beta) for the binary
     neurons; with model.ternary.charge_form = 'paper' every neuron follows the
     paper's equations (sweep `neurons`, points '<variant>,paper-neurons');
+  * model.neuron.beta = model.ternary.beta = 0.5: ours. The paper names the
+    decay factor beta (eqs. 3, 27) but gives no value; 0.5 is the leak the
+    network's SpikingJelly LIF applies (1 - 1/tau at tau = 2);
   * model.attn_order: '' picks Q (K^T V) when N > d. K is real (ReLU), so the
     two orders agree to float rounding, not bitwise (tested), and can differ
     in a spike whose membrane sits at the threshold.
