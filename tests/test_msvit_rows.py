@@ -1,7 +1,8 @@
 """MSViT / QKFormer options the released code lacks and the rows built on
 them: stochastic depth (model.drop_path_rate), the paper's CIFAR token grid
 (stem 'cifar_h4'), the three-channel DVS input (model.event_sum_channel) and
-QKFormer's DVS rows."""
+QKFormer's DVS rows, and the -paper rows that turn them on as the paper
+describes."""
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,36 @@ def test_new_rows_parameter_counts():
   mc = msvit_cfgs.get_config('imagenet-10-384').model
   mc.drop_path_rate = 0.1
   assert _count(mc) == 17_686_216  # no parameters
+
+
+# -paper rows: what each changes of its row; the stem's first conv width (the
+# event sum channel adds 9 x width parameters).
+PAPER_ROWS = {
+    'imagenet-10-384-paper': ({'model.drop_path_rate': 0.1}, 0),
+    'imagenet-10-512-paper': ({'model.drop_path_rate': 0.1}, 0),
+    'imagenet-10-768-paper': ({'model.drop_path_rate': 0.1}, 0),
+    'dvs128gesture-16-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True,
+                                'epochs': 190}, 64),
+    'dvs128gesture-10-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True,
+                                'epochs': 190}, 64),
+    'cifar10dvs-16-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True}, 32),
+    'cifar10dvs-10-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True}, 32),
+}
+
+
+@pytest.mark.parametrize('variant', sorted(PAPER_ROWS))
+def test_paper_rows_change_only_what_the_paper_states(variant):
+  """Stochastic depth on ImageNet (section 4.2); frames over time intervals,
+  the event-sum channel and Gesture's 200 epochs (190 + 10) on DVS (4.3)."""
+  changes, width = PAPER_ROWS[variant]
+  c, base = msvit_cfgs.get_config(variant), msvit_cfgs.get_config(variant[:-len('-paper')])
+  got = {k: config_lib.lookup(c.to_dict(), k)
+         for k in config_lib.config_diff(base.to_dict(), c.to_dict()) if k != 'name'}
+  assert got == changes
+  assert c.paper_top1 == base.paper_top1 > 0
+  assert _count(c.model) == _count(base.model) + 9 * width
+  assert variant in msvit_cfgs.VARIANTS
+  validation.validate_config(msvit_cfgs.get_config(variant + ',runlocal'))
 
 
 def test_qkformer_dvs_rows_follow_its_files():
