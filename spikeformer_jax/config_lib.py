@@ -46,7 +46,7 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.data = data
   c.batch_size = batch
   c.eval_batch_size = max(batch, 64)
-  c.epochs = epochs
+  c.epochs = epochs             # + cooldown_epochs = the epochs trained (README: epoch counts)
   c.cooldown_epochs = 10
   c.total_steps = 0            # > 0: stop after this many steps (schedule still from epochs)
   c.label_smoothing = 0.1
@@ -79,6 +79,8 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.init_from = ''             # start from these weights: a workdir / checkpoint of ours or a
                                # PyTorch (.pth, .pth.tar) / numpy (.npz) state_dict (pretrained.py)
   c.init_skip = ()             # regexes of names kept at their initialisation, e.g. ('head',)
+  c.init_required = False      # True (fine-tuning rows): refuse to start without init_from;
+                               # init_from='none' trains from scratch on purpose
   c.tensorboard = True         # also write the metrics to WORKDIR/tb (tensorboardX, no TensorFlow)
   c.profile_steps = ()         # (first, last): a jax.profiler trace of those steps -> workdir/profile
   return c
@@ -102,6 +104,8 @@ def runlocal(c):
   c.epochs, c.cooldown_epochs, c.total_steps = 1, 0, 4
   c.optimizer.accum_steps = min(c.optimizer.get('accum_steps', 1), 2)
   c.log_every_steps, c.ckpt_every_steps = 2, 2
+  if 'init_required' in c:  # the shrunk model fits no pretrained run: a smoke run from scratch
+    c.init_required = False
   return c
 
 

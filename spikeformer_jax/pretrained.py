@@ -9,7 +9,10 @@ step start fresh. A run that resumes from its own checkpoint ignores it.
 * a workdir of ours (its latest checkpoint), its `checkpoints/` directory or
   one step directory `checkpoints/N`;
 * an official PyTorch checkpoint `.pth` / `.pth.tar` / `.pt` (needs torch),
-  or an `.npz` of a state_dict (name -> array), converted by `convert`.
+  or an `.npz` of a state_dict (name -> array), converted by `convert`;
+* `none` (NONE): no weights, on purpose. A config with `init_required`
+  (Spikformer's Table 7 fine-tuning rows) refuses to start with init_from
+  unset; `none` trains it from scratch (`./none` names a directory `none`).
 
 `init_skip`: regular expressions (`re.search`) over our names such as
 `params/head/kernel` or `batch_stats/patch_embed/proj_bn/mean`; those keep
@@ -33,6 +36,12 @@ from spikeformer_jax import convert
 from spikeformer_jax import errors
 
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.npz')
+NONE = 'none'  # init_from=none: start from scratch, said explicitly
+
+
+def requested(config) -> bool:
+  """Whether `config.init_from` names weights to start from ('' and 'none' do not)."""
+  return config.get('init_from', '') not in ('', NONE)
 
 
 def _step_dir(path: str) -> str:

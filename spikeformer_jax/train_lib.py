@@ -552,6 +552,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t_start = time.time()
   validation.validate_config(config)
+  validation.validate_start(config)
   init = initial_weights(config, workdir)  # before anything is written
   with hold_workdir(workdir) as lock, StopWatch(on_abort=lock.release) as watch:
     return _train_and_evaluate(config, workdir, watch, t_start, init)
@@ -559,9 +560,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def initial_weights(config, workdir: str):
   """(arrays, log lines) of `config.init_from` for a run that starts fresh;
-  None without init_from or when the workdir holds a checkpoint to resume.
-  UserError for a bad source or one that does not fit the model."""
-  if not config.get('init_from') or checkpointing.committed_steps(
+  None without init_from (or init_from='none') or when the workdir holds a
+  checkpoint to resume. UserError for a bad source or one that does not fit
+  the model."""
+  if not pretrained.requested(config) or checkpointing.committed_steps(
       os.path.join(workdir, 'checkpoints')):
     return None
   return pretrained.load(config, nnx.eval_shape(lambda: models.build_model(config.model)))

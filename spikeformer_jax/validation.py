@@ -5,6 +5,7 @@ field (or file), the value and what is valid, instead of a trace deep inside
 jit or, worse, a run that trains on the wrong thing:
 
   validate_config(config)                      the config alone: run it first.
+  validate_start(config)                       what a training run needs besides.
   validate_data(config, train_src, test_src)   the loaded splits against the model.
   validate_split(config, source, split)        one split (eval.py, analysis).
 
@@ -89,6 +90,19 @@ def validate_config(config):
   _validate_model(config)
   _validate_data_config(config)
   _validate_training(config)
+
+
+def validate_start(config):
+  """What training from `config` needs beyond a valid config (train.py and
+  sweep points; not eval or the planner, which load no initial weights): a
+  fine-tuning config (`init_required`, Spikformer's Table 7 rows) names the
+  weights it starts from, or says `none`, instead of silently training from
+  scratch."""
+  if config.get('init_required', False) and not config.get('init_from', ''):
+    name = config.get('name', '') or 'this config'
+    raise ValueError(f'{name} fine-tunes trained weights but init_from is not set: give '
+                     '--config.init_from=WORKDIR of the run to start from (Table 7: the '
+                     'ImageNet run), or --config.init_from=none to train it from scratch.')
 
 
 def _validate_model(c):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spikeformer_jax import checkpointing, config_lib, errors, pretrained, recordings
-from spikeformer_jax import sharding, train_lib
+from spikeformer_jax import sharding, train_lib, validation
 from test_models import cfgs
 
 
@@ -130,16 +130,61 @@ def test_an_official_state_dict_initialises_the_model(shared_dir, tmp_path):
 
 
 @pytest.mark.parametrize('transfer,imagenet', [('cifar10-transfer-8-512', 'imagenet-8-512'),
-                                               ('cifar100-transfer-8-384', 'imagenet-8-384')])
+                                               ('cifar100-transfer-8-384', 'imagenet-8-384'),
+                                               ('cifar10-transfer-4-384', 'imagenet-4-384')])
 def test_table7_rows_take_the_imagenet_models_weights(transfer, imagenet):
   """Spikformer's Table 7 rows are the ImageNet model but for the class count
-  (the head stays fresh), at 224x224, for 60 epochs of the CIFAR recipe."""
+  (the head stays fresh), at 224x224, for 60 epochs (50 + 10 cooldown) of the
+  CIFAR recipe. imagenet-4-384 (no Table 2 row) is the 4-384 rows' source."""
   t, i = cfgs.get_config(transfer), cfgs.get_config(imagenet)
   a, b = t.model.to_dict(), i.model.to_dict()
   assert a.pop('num_classes') != b.pop('num_classes') and a == b
-  assert t.init_skip == ('head',) and t.data.image_size == 224 and t.epochs == 60
+  assert t.init_skip == ('head',) and t.data.image_size == 224
+  assert (t.epochs, t.epochs + t.cooldown_epochs) == (50, 60)  # "finetuned with 60 epochs"
+  assert t.init_required and not i.init_required
+  assert i.optimizer == cfgs.get_config('imagenet-8-384').optimizer
   cifar = cfgs.get_config(transfer.split('-')[0] + '-4-384')
   assert t.optimizer.to_dict() == cifar.optimizer.to_dict() and t.mixup == cifar.mixup
+
+
+def test_table7_rows_refuse_to_start_without_init_from(tmp_path, monkeypatch):
+  """A transfer row without init_from would train from scratch unnoticed: one
+  line before anything is written; init_from=none says so on purpose."""
+  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  workdir = tmp_path / 'wd'
+  c = cfgs.get_config('cifar100-transfer-8-384')
+  with pytest.raises(ValueError) as e:
+    train_lib.train_and_evaluate(c, str(workdir))
+  assert str(e.value) == (
+      'spikformer:cifar100-transfer-8-384 fine-tunes trained weights but init_from is not '
+      'set: give --config.init_from=WORKDIR of the run to start from (Table 7: the ImageNet '
+      'run), or --config.init_from=none to train it from scratch.')
+  assert not workdir.exists()
+  c.init_from = 'none'
+  validation.validate_start(c)
+  assert train_lib.initial_weights(c, str(workdir)) is None  # nothing to load
+  assert not pretrained.requested(c) and not workdir.exists()
+  c.init_from = str(tmp_path / 'in1k')  # a path is a source, checked as always
+  validation.validate_start(c)
+  assert pretrained.requested(c)
+  with pytest.raises(errors.UserError, match='does not exist'):
+    train_lib.initial_weights(c, str(workdir))
+  # Rows that start fresh, and the seconds-long smoke runs, need no weights.
+  for variant in ('cifar10-4-384', 'imagenet-4-384', 'cifar10-transfer-4-384,runlocal'):
+    validation.validate_start(cfgs.get_config(variant))
+
+
+def test_train_py_refuses_a_transfer_row_without_init_from_in_one_line(tmp_path):
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from conftest import ROOT  # pylint: disable=import-outside-toplevel
+  p = subprocess.run([sys.executable, 'train.py', '--config=configs/spikformer.py:'
+                      'cifar10-transfer-4-384', f'--workdir={tmp_path / "wd"}'], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1 and 'Traceback' not in p.stderr
+  assert p.stderr.strip().splitlines()[-1].startswith(
+      'error: spikformer:cifar10-transfer-4-384 fine-tunes trained weights but init_from is '
+      'not set')
+  assert not (tmp_path / 'wd').exists()
 
 
 def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_dir, tmp_path):
