@@ -46,6 +46,11 @@ What the paper leaves open is a config field (defaults per the spec, section 3):
     Vreset S + beta U (1 - S), beta = model.neuron.beta = 0.5) for the binary
     neurons; with model.ternary.charge_form = 'paper' every neuron follows the
     paper's equations (sweep `neurons`, points '<variant>,paper-neurons');
+  * model.head_order = 'pool_then_fire' (the SDT code: the head's neuron on
+    the token mean of the membrane) or 'fire_then_pool' (eq. 18, Y =
+    CH(GAP(S_L)) with S_L = SN(U_L) of eq. 17: the neuron on every token,
+    then the mean of its spikes); no parameter changes. The
+    'paper-neurons' points of sweep `neurons` take 'fire_then_pool';
   * model.attn_order: '' picks Q (K^T V) when N > d. K is real (ReLU), so the
     two orders agree to float rounding, not bitwise (tested), and can differ
     in a spike whose membrane sits at the threshold.
@@ -58,9 +63,10 @@ Sweep `table1` (`python sweep.py run --config=configs/a2os2a.py --sweep=table1
 
 Sweep `neurons`: what the paper leaves open about its neurons, on CIFAR-10 and
 CIFAR-100 2-256 (8 points, no paper numbers: the paper does not say which
-form its runs used): 'sj-neurons' (the defaults), 'paper-neurons' (eqs. 1-3
-and 25-27 literally: model.neuron.charge_form and model.ternary.charge_form
-'paper'), and each with model.a2os2a.out_neuron='ternary' ('...+ternary-out').
+form its runs used): 'sj-neurons' (the defaults), 'paper-neurons' (eqs. 1-3,
+18 and 25-27 literally: model.neuron.charge_form and model.ternary.charge_form
+'paper', model.head_order 'fire_then_pool'), and each with
+model.a2os2a.out_neuron='ternary' ('...+ternary-out').
 """
 
 from spikeformer_jax import config_lib as cl
@@ -99,12 +105,15 @@ _TABLE1 = {
 }
 
 
-# The neurons' equations: SpikingJelly's (the defaults) or the paper's eqs.
-# 1-3 and 25-27, set together on the binary and the ternary neurons.
+# The neurons' equations: SpikingJelly's and the SDT code's head (the
+# defaults), or the paper's eqs. 1-3 and 25-27, set together on the binary and
+# the ternary neurons, with eq. 18's head (the neuron before the pool).
 _NEURON_FORMS = {
     'sj-neurons': {'model.neuron.charge_form': 'spikingjelly',
-                   'model.ternary.charge_form': 'spikingjelly'},
-    'paper-neurons': {'model.neuron.charge_form': 'paper', 'model.ternary.charge_form': 'paper'},
+                   'model.ternary.charge_form': 'spikingjelly',
+                   'model.head_order': 'pool_then_fire'},
+    'paper-neurons': {'model.neuron.charge_form': 'paper', 'model.ternary.charge_form': 'paper',
+                      'model.head_order': 'fire_then_pool'},
 }
 
 
