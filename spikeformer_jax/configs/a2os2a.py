@@ -3,7 +3,9 @@ Addition-Only Spiking Self-Attention. The first public implementation.
 
   python train.py --config=configs/a2os2a.py:VARIANT --workdir=/tmp/run
 
-Every row of the paper's Tables 1-3 (T=4); "paper" is the paper's accuracy:
+Every row of the paper's own models in Tables 1-3 (T=4; the Spikformer and
+SDT rows there are configs/spikformer.py's and configs/sdt.py's, Spikingformer
+and the other methods' rows are not built); "paper" is the paper's accuracy:
 
 | VARIANT          | CIFAR-10 paper | CIFAR-100 paper | ImageNet paper | paper params (M) |
 |------------------|----------------|-----------------|----------------|------------------|
