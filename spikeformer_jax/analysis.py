@@ -33,7 +33,17 @@ Conventions (`Conventions`, each a field):
     with binary Q or ternary V); none -> MACs as MAC. SDSA's K*V token sum
     counts min(fr_k, fr_v) N C ACs and its Q mask none; MSSA's channel sums
     count fr_q N C + fr_p N C ACs and its K mask none.
-  * E_MAC = 4.6 pJ and E_AC = 0.9 pJ (45 nm, Horowitz 2014), as the papers.
+  * E_MAC = 4.6 pJ and E_AC = 0.9 pJ (45 nm, Horowitz 2014), as Spikformer
+    and MSViT state (A2OS2A gives no energy formula).
+  * The first layer: its MACs over all T timesteps (the image is fed at every
+    step). Spikformer's eq. 22 and MSViT's eq. 18 write its term without T;
+    Spikformer's Table 2 adds one constant, 1.596 mJ, to every row (its Power
+    = 0.9 pJ x OPs + 1.596 mJ), which is the first conv x T at width 512
+    only (1.595 mJ there; 1.197 at 384, 2.393 at 768). `first_layer_mj` > 0 puts such a
+    constant (mJ per example) in place of the first layer's E_MAC x MACs;
+    `count_head=False` leaves out the classifier head (the last synaptic
+    layer), for which neither equation has a term: both together reproduce
+    Table 2's Power from its OPs.
   * The non-spiking comparison (the papers' ANN of equal size): the same
     network with one pass instead of T, every operation a MAC:
     E = E_MAC x (MACs / T) (a head that runs after the mean over time counts
@@ -79,10 +89,16 @@ class Conventions:
   e_ac_pj: float = E_AC_PJ
   dram_pj_per_byte: float = 160.0
   sram_pj_per_byte: float = 12.5
+  first_layer_mj: float = 0.0      # > 0: the first layer's energy, mJ per example
+  count_head: bool = True          # False: the head (last synaptic layer) costs nothing
 
   def __post_init__(self):
     if self.integer_inputs not in ('mac', 'ac'):
       raise ValueError(f"integer_inputs={self.integer_inputs!r}; valid: 'mac', 'ac'.")
+    if not (math.isfinite(self.first_layer_mj) and self.first_layer_mj >= 0):
+      raise ValueError(f'first_layer_mj={self.first_layer_mj}: a finite energy >= 0 in mJ '
+                       "per example (0: E_MAC x the first layer's MACs; Spikformer Table 2: "
+                       '1.596).')
 
 
 # --------------------------------------------------------------------------
@@ -285,16 +301,16 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
                  'params': int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(m, nnx.Param))))})
     first = False
 
-  for r in rows:
-    r['energy_mj'] = (r['macs'] * cv.e_mac_pj if r['op'] == 'MAC'
-                      else r['sops'] * cv.e_ac_pj) * 1e-9
+  synaptic = [r for r in rows if r['type'] != 'attention']
+  if synaptic:
+    synaptic[-1]['last'] = True  # the classifier head
+  energy = energy_mj(rows, cv)
   total_macs = sum(r['macs'] for r in rows)
   # Without spikes the network runs once instead of T times (a head applied
   # after the mean over time already runs once).
   ann_macs = sum(r['macs'] / T if r.get('time_folded', True) else r['macs'] for r in rows)
   mac_ops = sum(r['macs'] for r in rows if r['op'] == 'MAC')
   sops = sum(r['sops'] for r in rows)
-  energy = sum(r['energy_mj'] for r in rows)
   totals = {
       'macs': total_macs, 'mac_ops': mac_ops, 'sops': sops, 'energy_mj': energy,
       'ann_macs': ann_macs, 'ann_energy_mj': ann_macs * cv.e_mac_pj * 1e-9,
@@ -305,6 +321,22 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
   totals['energy_with_memory_mj'] = energy + totals['memory']['energy_mj']
   return {'T': T, 'examples': rec['examples'], 'conventions': dataclasses.asdict(cv),
           'neurons': neurons, 'layers': rows, 'totals': totals}
+
+
+def energy_mj(rows: list[dict], cv: Conventions = Conventions()) -> float:
+  """Sets each row's `energy_mj` (E_MAC x MACs for a MAC row, E_AC x SOPs for
+  an AC row; the row marked `first` at `cv.first_layer_mj` where that is set,
+  the row marked `last` at 0 without `cv.count_head`) and returns their sum,
+  in mJ per example."""
+  for r in rows:
+    if r.get('first') and cv.first_layer_mj > 0:
+      r['energy_mj'] = cv.first_layer_mj
+    elif r.get('last') and not cv.count_head:
+      r['energy_mj'] = 0.0
+    else:
+      r['energy_mj'] = (r['macs'] * cv.e_mac_pj if r['op'] == 'MAC'
+                        else r['sops'] * cv.e_ac_pj) * 1e-9
+  return sum(r['energy_mj'] for r in rows)
 
 
 def _memory(rows, model, cv) -> dict:
@@ -340,12 +372,14 @@ def format_table(report: dict) -> str:
     rate = '' if r['input_rate'] is None else f'{r["input_rate"]:.4f}'
     lines.append(f'| {r["layer"]} | {r["input"]} | {rate} | {r["op"]} | {_g(r["macs"])} | '
                  f'{_g(r["sops"])} | {r["energy_mj"]:.5f} |')
-  t = report['totals']
+  t, cv = report['totals'], report['conventions']
+  extra = (f', first layer {cv["first_layer_mj"]} mJ' if cv.get('first_layer_mj') else '') + (
+      ', head not counted' if not cv.get('count_head', True) else '')
   lines += ['', f'T={report["T"]}, {report["examples"]} examples, per example: '
             f'{_g(t["macs"])} MACs (dense), {_g(t["mac_ops"])} of them in MAC layers, '
             f'{_g(t["sops"])} SOPs; energy {t["energy_mj"]:.4f} mJ '
-            f'(E_MAC {report["conventions"]["e_mac_pj"]} pJ, E_AC '
-            f'{report["conventions"]["e_ac_pj"]} pJ); the same network without spikes '
+            f'(E_MAC {cv["e_mac_pj"]} pJ, E_AC {cv["e_ac_pj"]} pJ{extra}); the same network '
+            'without spikes '
             f'(one pass, all MAC): {_g(t["ann_macs"])} MACs, {t["ann_energy_mj"]:.4f} mJ; '
             f'with memory traffic ({t["memory"]["weight_bytes"] / 2**20:.1f} MiB weights, '
             f'{t["memory"]["activation_bytes"] / 2**20:.2f} MiB activations): '

@@ -142,7 +142,8 @@ _ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool),
           'model.neuron.charge_form': ('spikingjelly', str), 'model.neuron.beta': (0.5, float),
           'model.a2os2a': ({'out_neuron': 'binary'}, dict),
           'model.drop_path_rate': (0.0, float), 'model.event_sum_channel': (False, bool),
-          'model.qk_pool': (0, int), 'model.attn_scale_learnable': (False, bool)}
+          'model.qk_pool': (0, int), 'model.attn_scale_learnable': (False, bool),
+          'model.head_order': ('pool_then_fire', str)}
 
 
 # Under 'model' but not defining it: how the same function is compiled.

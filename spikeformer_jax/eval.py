@@ -2,6 +2,7 @@ r"""Evaluates a checkpoint: top-1, top-5 and loss on a split; or analyses it.
 
   python eval.py --workdir=DIR [--split=test] [--step=N] [--ema] [--output=FILE.json]
   python eval.py --workdir=DIR --analyze [--analyze_examples=256] [--integer_inputs=mac]
+      [--first_layer_mj=1.596 --nocount_head]   # Spikformer Table 2's Power
 
 --analyze writes firing rates (per layer and timestep), operations, SOPs and
 energy estimates per layer (analysis.json, layers.csv, neurons.csv,
@@ -19,6 +20,7 @@ names the packaged config when there is no such file where it runs.
 """
 
 import json
+import math
 import os
 import signal
 import sys
@@ -40,6 +42,12 @@ _EXAMPLES = flags.DEFINE_integer('analyze_examples', 256, 'Examples analysed.')
 _INTEGER = flags.DEFINE_enum('integer_inputs', 'mac', ['mac', 'ac'],
                              'Non-binary integer inputs (spike sums, event counts): MAC '
                              'layers, or one AC per unit.')
+_FIRST_MJ = flags.DEFINE_float('first_layer_mj', 0.0,
+                               "The first layer's energy as a constant, mJ per example (0: "
+                               'E_MAC x its MACs over T; Spikformer Table 2: 1.596).')
+_COUNT_HEAD = flags.DEFINE_bool('count_head', True,
+                                '--nocount_head: leave the classifier head out of the energy '
+                                '(Spikformer eq. 22 and MSViT eq. 18 have no head term).')
 _ATTN_BLOCK = flags.DEFINE_integer('attention_block', 0, 'Attention module to draw.')
 _ATTN_HEADS = flags.DEFINE_list('attention_heads', ['0'], 'Heads to draw.')
 
@@ -49,7 +57,9 @@ def analyze(config) -> int:
   report, paths = analysis.analyze_checkpoint(
       config, _WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
       examples=_EXAMPLES.value, out_dir=_OUTPUT.value,
-      conventions=analysis.Conventions(integer_inputs=_INTEGER.value),
+      conventions=analysis.Conventions(integer_inputs=_INTEGER.value,
+                                       first_layer_mj=_FIRST_MJ.value,
+                                       count_head=_COUNT_HEAD.value),
       attention_block=_ATTN_BLOCK.value, attention_heads=tuple(map(int, _ATTN_HEADS.value)))
   t = report['totals']
   print(f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
@@ -132,6 +142,8 @@ def run():
   flags.register_validator('num_devices', lambda n: n is None or n >= 1,
                            'a device count is >= 1 (default: all)')
   flags.register_validator('attention_block', lambda b: b >= 0, 'must be >= 0')
+  flags.register_validator('first_layer_mj', lambda e: math.isfinite(e) and e >= 0,
+                           'a finite energy >= 0 in mJ (0: counted from the MACs)')
   flags.register_validator('attention_heads', lambda h: all(x.isdigit() for x in h),
                            'expected head indices, e.g. 0,1')
   cli.run(main)  # command-line mistakes: one line, exit status 2

@@ -83,7 +83,10 @@ def _spike_jvp(surrogate, alpha, primals, tangents):
 # Neuron definition.
 # --------------------------------------------------------------------------
 
-KINDS = ('lif', 'if', 'ternary')
+KINDS = ('lif', 'if', 'ternary', 'relu', 'gelu')
+# Not neurons: float activations in their place (the papers' ANN baselines,
+# `model.neuron.kind`). No state, no time dependence, no threshold.
+ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': functools.partial(jax.nn.gelu, approximate=False)}
 LOOPS = ('scan', 'python', 'vjp')
 MEMBRANES = ('float32', 'compute')
 CHARGE_FORMS = ('spikingjelly', 'paper')
@@ -96,7 +99,9 @@ class Neuron:
 
   Attributes:
     kind: 'lif' (leaky), 'if' (no leak) or 'ternary' (A2OS2A, spikes in
-      {-1, 0, +1}, paper eqs. 25-27).
+      {-1, 0, +1}, paper eqs. 25-27); or 'relu' / 'gelu', no neuron at all:
+      that float activation of each timestep's input (`ACTIVATIONS`), for a
+      non-spiking network (the other fields are then unused).
     tau: membrane time constant of the SpikingJelly charge.
     decay_input: SpikingJelly's `decay_input`: whether the input is divided by tau.
     v_threshold: firing threshold (for ternary: on |membrane|).
@@ -317,8 +322,11 @@ def multistep(n: Neuron, x: jax.Array, time_axis: int = 1) -> jax.Array:
   """Applies neuron `n` over time. x: [B, T, ...] (time on `time_axis`).
 
   Returns spikes of x's shape and dtype (spikes are exact in any float dtype);
-  the membrane is kept in at least float32.
+  the membrane is kept in at least float32. A non-spiking kind ('relu',
+  'gelu') returns its activation of x instead, elementwise.
   """
+  if n.kind in ACTIVATIONS:
+    return ACTIVATIONS[n.kind](x)
   if n.recompute:
     plain = dataclasses.replace(n, recompute=False)
     return jax.checkpoint(functools.partial(multistep, plain, time_axis=time_axis),

@@ -111,6 +111,7 @@ def test_neurons_sweep_paper_neurons_and_ternary_out_train_a_step():
   d = points['cifar100-2-256,sj-neurons'].config.model
   assert (d.neuron.charge_form, d.ternary.charge_form, d.a2os2a.out_neuron) == (
       'spikingjelly', 'spikingjelly', 'binary')
+  assert (c.model.head_order, d.head_order) == ('fire_then_pool', 'pool_then_fire')
   mesh = sharding.make_mesh(1)
   loader = data_lib.Loader(data_lib.get_source(c.data, 'train'), global_batch=c.batch_size,
                            seed=c.seed)
@@ -156,3 +157,53 @@ def test_orders_agree_to_rounding_for_real_k_bitwise_for_integers():
   k_int = (k > 0.5).astype(jnp.float32)
   np.testing.assert_array_equal(f(q, k_int, v, order='qk_first'),
                                 f(q, k_int, v, order='kv_first'))
+
+
+def _lif_by_hand(x):
+  """SpikingJelly's LIF (tau 2, threshold 1, hard reset to 0) over axis 1."""
+  v, out = np.zeros_like(x[:, 0]), []
+  for t in range(x.shape[1]):
+    v = v + (x[:, t] - v) / 2.0
+    s = (v >= 1.0).astype(x.dtype)
+    out.append(s)
+    v = v * (1.0 - s)
+  return np.stack(out, 1)
+
+
+def test_head_order_fire_then_pool_is_eq18():
+  """model.head_order='fire_then_pool' is eq. 18, Y = CH(GAP(SN(U_L))): the
+  mean over tokens and T of the spikes of U_L, then the Linear head; the
+  default (the SDT code) fires on the token mean instead. Same parameters."""
+  with jax.enable_x64(True):
+    out, params = {}, {}
+    for order in ('pool_then_fire', 'fire_then_pool'):
+      m = _model_config(**{'model.head_order': order, 'model.dtype': 'float64'})
+      model = models.build_model(m, seed=3)
+      model.train()  # batch statistics: unit-variance membranes that fire at init
+      x = jax.random.normal(jax.random.key(1), (3, m.img_size, m.img_size, 3), jnp.float64)
+      out[order] = np.asarray(model(x))
+      params[order] = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, params['pool_then_fire'],
+                 params['fire_then_pool'])  # the same tree, the same values
+    assert np.abs(out['pool_then_fire'] - out['fire_then_pool']).max() > 1e-2
+    # By hand: U_L from the model's own stem and blocks, then eq. 18.
+    T, b = m.T, x.shape[0]
+    u = model.patch_embed(ops.fold_time(x, T, jnp.float64))
+    for blk in model.block:
+      u = blk(u)
+    u = np.asarray(u).reshape(b, T, *u.shape[1:])            # [B, T, N, D]
+    feat = _lif_by_hand(u).mean(axis=(1, 2))                  # GAP over T and tokens
+    ref = feat @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...])
+    np.testing.assert_allclose(out['fire_then_pool'], ref, rtol=1e-12, atol=1e-12)
+    # and the default is the official head: the neuron on the token mean
+    pooled = _lif_by_hand(u.mean(axis=2)).mean(axis=1)
+    ref = pooled @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...])
+    np.testing.assert_allclose(out['pool_then_fire'], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_head_order_is_validated():
+  c = a2os2a_configs.get_config('cifar10-2-256,runlocal')
+  c.model.head_order = 'fire_first'
+  with pytest.raises(ValueError, match=r"model.head_order='fire_first'; valid: "
+                     r"'pool_then_fire', 'fire_then_pool'"):
+    validation.validate_config(c)

@@ -3,7 +3,9 @@ Addition-Only Spiking Self-Attention. The first public implementation.
 
   python train.py --config=configs/a2os2a.py:VARIANT --workdir=/tmp/run
 
-Every row of the paper's Tables 1-3 (T=4); "paper" is the paper's accuracy:
+Every row of the paper's own models in Tables 1-3 (T=4; the Spikformer and
+SDT rows there are configs/spikformer.py's and configs/sdt.py's, Spikingformer
+and the other methods' rows are not built); "paper" is the paper's accuracy:
 
 | VARIANT          | CIFAR-10 paper | CIFAR-100 paper | ImageNet paper | paper params (M) |
 |------------------|----------------|-----------------|----------------|------------------|
@@ -52,6 +54,11 @@ What the paper leaves open is a config field (defaults per the spec, section 3):
   * model.neuron.beta = model.ternary.beta = 0.5: ours. The paper names the
     decay factor beta (eqs. 3, 27) but gives no value; 0.5 is the leak the
     network's SpikingJelly LIF applies (1 - 1/tau at tau = 2);
+  * model.head_order = 'pool_then_fire' (the SDT code: the head's neuron on
+    the token mean of the membrane) or 'fire_then_pool' (eq. 18, Y =
+    CH(GAP(S_L)) with S_L = SN(U_L) of eq. 17: the neuron on every token,
+    then the mean of its spikes); no parameter changes. The
+    'paper-neurons' points of sweep `neurons` take 'fire_then_pool';
   * model.attn_order: '' picks Q (K^T V) when N > d. K is real (ReLU), so the
     two orders agree to float rounding, not bitwise (tested), and can differ
     in a spike whose membrane sits at the threshold.
@@ -64,9 +71,10 @@ Sweep `table1` (`python sweep.py run --config=configs/a2os2a.py --sweep=table1
 
 Sweep `neurons`: what the paper leaves open about its neurons, on CIFAR-10 and
 CIFAR-100 2-256 (8 points, no paper numbers: the paper does not say which
-form its runs used): 'sj-neurons' (the defaults), 'paper-neurons' (eqs. 1-3
-and 25-27 literally: model.neuron.charge_form and model.ternary.charge_form
-'paper'), and each with model.a2os2a.out_neuron='ternary' ('...+ternary-out').
+form its runs used): 'sj-neurons' (the defaults), 'paper-neurons' (eqs. 1-3,
+18 and 25-27 literally: model.neuron.charge_form and model.ternary.charge_form
+'paper', model.head_order 'fire_then_pool'), and each with
+model.a2os2a.out_neuron='ternary' ('...+ternary-out').
 """
 
 from spikeformer_jax import config_lib as cl
@@ -105,12 +113,15 @@ _TABLE1 = {
 }
 
 
-# The neurons' equations: SpikingJelly's (the defaults) or the paper's eqs.
-# 1-3 and 25-27, set together on the binary and the ternary neurons.
+# The neurons' equations: SpikingJelly's and the SDT code's head (the
+# defaults), or the paper's eqs. 1-3 and 25-27, set together on the binary and
+# the ternary neurons, with eq. 18's head (the neuron before the pool).
 _NEURON_FORMS = {
     'sj-neurons': {'model.neuron.charge_form': 'spikingjelly',
-                   'model.ternary.charge_form': 'spikingjelly'},
-    'paper-neurons': {'model.neuron.charge_form': 'paper', 'model.ternary.charge_form': 'paper'},
+                   'model.ternary.charge_form': 'spikingjelly',
+                   'model.head_order': 'pool_then_fire'},
+    'paper-neurons': {'model.neuron.charge_form': 'paper', 'model.ternary.charge_form': 'paper',
+                      'model.head_order': 'fire_then_pool'},
 }
 
 

@@ -1,4 +1,7 @@
-r"""MSViT (Hua et al., 2025) and QKFormer: every row of the MSViT paper's Tables 1-3.
+r"""MSViT (Hua et al., 2025) and QKFormer: every MSViT and QKFormer row of the MSViT
+paper's Tables 1-3 (its Spikformer, SDT and Transformer-4-384 rows are
+configs/spikformer.py's and configs/sdt.py's; the other methods' rows, DeiT,
+ViT, Swin, Spikformer V2, SDT v2, CML, ResNet-19, are not built).
 
   python train.py --config=configs/msvit.py:VARIANT --workdir=/tmp/run
 

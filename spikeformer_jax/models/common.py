@@ -67,14 +67,23 @@ def shared_fields() -> dict:
       neuron=neuron_config(), **attention.config_fields())
 
 
-NETWORK_NEURONS = ('lif', 'if')  # binary; A2OS2A's ternary V has its own config
+NETWORK_NEURONS = ('lif', 'if', 'relu', 'gelu')  # A2OS2A's ternary V has its own config
+# Kinds that do not spike: every network neuron becomes that float activation
+# (the papers' ANN baselines, e.g. Spikformer's Transformer-8-512 rows).
+NON_SPIKING = tuple(neurons.ACTIVATIONS)
+
+
+def spiking(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether `config.model`'s network neurons spike (not an ANN baseline)."""
+  return cfg.neuron.get('kind', 'lif') not in NON_SPIKING
 
 
 def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
   kind = cfg.get('kind', 'lif')  # .get: configs saved before the field existed
   if kind not in NETWORK_NEURONS:
     raise ValueError(f'Neuron.kind={kind!r} is not valid for the network\'s neurons; choose '
-                     f'one of {NETWORK_NEURONS} (A2OS2A\'s ternary V: model.ternary).')
+                     f'one of {NETWORK_NEURONS} (relu, gelu: no neuron, a float activation; '
+                     'A2OS2A\'s ternary V: model.ternary).')
   if kind == 'if' and cfg.get('charge_form', 'spikingjelly') != 'spikingjelly':
     raise ValueError("Neuron.charge_form='paper' is a leaky charge; IF neurons (kind='if') "
                      "have no leak: keep charge_form='spikingjelly'.")
@@ -99,8 +108,10 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
   param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
   return layers.Settings(T=cfg.T, neuron=make_neuron(cfg.neuron), dtype=dtype,
                          param_dtype=param_dtype, bn_groups=bn_groups,
+                         # int8 residuals hold spikes only: off for float activations
                          compact_spikes=bool(cfg.get('compact_spikes',
-                                                     layers.Settings.compact_spikes)),
+                                                     layers.Settings.compact_spikes))
+                         and spiking(cfg),
                          weight_grad=cfg.get('weight_grad', layers.Settings.weight_grad),
                          bn_recompute=bool(cfg.get('bn_recompute', layers.Settings.bn_recompute)))
 
@@ -126,8 +137,9 @@ def check_pooling(pooling: str):
 
 
 def flat_runlocal(m: ml_collections.ConfigDict):
-  """Spikformer / SDT in seconds on CPU: one block of width 32, 2 heads, T=2."""
-  m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, 2
+  """Spikformer / SDT in seconds on CPU: one block of width 32, 2 heads, T=2
+  (T=1 stays 1: the ANN baselines)."""
+  m.depth, m.embed_dim, m.num_heads, m.T = 1, 32, 2, min(m.T, 2)
 
 
 def count_params(model: nnx.Module) -> int:

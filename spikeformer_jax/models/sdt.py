@@ -9,7 +9,9 @@ Differences from Spikformer that decide the function:
     module starts with a LIF on u (`shortcut_lif`, `fc1_lif`, `fc2_lif`).
   * SDSA: Q * talking_heads_lif(sum over tokens of K * V), no scale.
   * head: mean over tokens of u, `head_lif` over T, Linear per timestep,
-    mean over T (kept per timestep for the TET loss).
+    mean over T (kept per timestep for the TET loss). `model.head_order=
+    'fire_then_pool'` puts the neuron before the pool instead, as A2OS2A's
+    eq. 18 writes it: Y = CH(GAP(SN(U_L))), the mean of the spikes.
   * init: every Conv2d trunc_normal(.02) with zero bias; the head Linear keeps
     PyTorch's default. The unused `talking_heads` Conv1d (h*h parameters per
     block) is built with `dead_modules=True`.
@@ -30,6 +32,9 @@ from spikeformer_jax.models import common
 
 # Pooling per dataset in the official configs (spec 2.1).
 POOLING = {'cifar': '0011', 'imagenet': '1111', 'gesture': '0111', 'cifar10dvs': '0011'}
+# Where the head's neuron sits: after the mean over tokens (the official code)
+# or before it (A2OS2A eq. 18). Neither adds parameters.
+HEAD_ORDERS = ('pool_then_fire', 'fire_then_pool')
 
 
 class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
@@ -122,13 +127,18 @@ class SDT(nnx.Module):
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
     self.remat_stem = cfg.get('remat_stem', '')
+    self.head_order = cfg.get('head_order', 'pool_then_fire')  # .get: older configs
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T, b = self.T, x.shape[0]
     u = self.patch_embed(ops.fold_time(x, T, self.dtype), self.remat_stem)
     for blk in self.block:
       u = blocks.apply_block(blk, u, self.remat)
-    y = self.head(self.head_lif(u.mean(axis=1)))  # [B*T, classes]
+    if self.head_order == 'fire_then_pool':  # A2OS2A eq. 18: CH(GAP(SN(U_L)))
+      feat = self.head_lif(u).mean(axis=1)
+    else:  # the official SDT head: the neuron on the token mean of the membrane
+      feat = self.head_lif(u.mean(axis=1))
+    y = self.head(feat)  # [B*T, classes]
     y = y.reshape(b, T, -1).astype(self.logits_dtype)
     return y if self.per_timestep_logits else y.mean(axis=1)
 
@@ -150,6 +160,7 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
       attn_order='',              # '' = auto (the cheaper association; exact for integer operands, float rounding with A2OS2A's real K)
       attn_v_threshold=0.5,       # talking_heads_lif / A2OS2A's neuron after Q K^T V
       attn_proj=True,             # projection conv + BN after the attention
+      head_order='pool_then_fire',  # HEAD_ORDERS: the official head, or A2OS2A eq. 18's
       dead_modules=False,
       **common.shared_fields()))  # dtype, remat, neuron, the attention kinds' own fields
 
@@ -158,6 +169,10 @@ def check_config(m: ml_collections.ConfigDict):
   """One clear error per malformed SDT `config.model`."""
   common.check_heads(m)
   common.check_pooling(m.pooling)
+  order = m.get('head_order', 'pool_then_fire')
+  if order not in HEAD_ORDERS:
+    raise ValueError(f'model.head_order={order!r}; valid: {", ".join(map(repr, HEAD_ORDERS))} '
+                     "('pool_then_fire': the official SDT head; 'fire_then_pool': A2OS2A eq. 18).")
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
