@@ -18,6 +18,7 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 
@@ -99,29 +100,78 @@ def decay_mask(params, reached=None):
   return jax.tree.map(lambda p, r: bool(p.ndim > 1 and r), params, reached)
 
 
+def timm_clip_by_global_norm(max_norm: float, order=None) -> optax.GradientTransformation:
+  """timm Lamb's own global-norm clip (timm 0.5 / 0.6 `Lamb.step`).
+
+  timm sums `grad.pow(2).sum()` of each parameter into `torch.zeros(1)`, a
+  float32 accumulator whatever the parameters' dtype, in the optimizer's
+  parameter order; the float32 norm over float32(max_norm), where it exceeds
+  it, divides every gradient (computed in the wider of the gradient's dtype and
+  float32). Here the same: each leaf's sum in its own dtype, rounded to
+  float32, added in `order`. `order`: sort keys like the updates (a pytree of
+  ints, or a function of the updates giving one; a stable sort, so group ids
+  keep the tree order within a group); None: the tree order. On float32
+  parameters this is optax.clip_by_global_norm up to the order of the sum; on
+  float64 ones (the fidelity replays) its float32 rounding is timm's.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    keys = [0] * len(leaves) if order is None else jax.tree.leaves(
+        order(updates) if callable(order) else order)
+    if len(keys) != len(leaves):
+      raise ValueError(f'the clip order has {len(keys)} entries for {len(leaves)} parameters.')
+    acc = jnp.zeros((), jnp.float32)
+    for i in sorted(range(len(leaves)), key=lambda i: keys[i]):  # static: unrolled under jit
+      acc = acc + jnp.sum(jnp.square(leaves[i])).astype(jnp.float32)
+    norm, limit = jnp.sqrt(acc), float(np.float32(max_norm))
+    # XLA divides by a constant through its rounded reciprocal; in float64
+    # (with x64) that rounds to float32's own quotient.
+    wide = jnp.promote_types(jnp.float32, jnp.result_type(float))
+    divisor = jnp.where(norm > limit, (norm.astype(wide) / limit).astype(jnp.float32),
+                        jnp.float32(1.0))
+
+    def clip(g):
+      wide = jnp.promote_types(g.dtype, jnp.float32)
+      return (g.astype(wide) / divisor.astype(wide)).astype(g.dtype)
+    return jax.tree.unflatten(treedef, [clip(g) for g in leaves]), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask,
-              max_grad_norm: float = 1.0):
+              max_grad_norm: float = 1.0, order=None):
   """timm's Lamb (0.5/0.6, `create_optimizer_v2(opt='lamb')`), which differs
   from optax.lamb in two ways. It clips the global gradient norm at
-  max_grad_norm inside the optimizer. And it applies the layer-wise trust ratio
-  only to the parameters with weight decay: with timm's no-decay group for
-  1-D parameters, biases and norm scales take plain Adam steps. (timm sums
-  the squared norms into a float32 accumulator; this sums in the parameters'
-  precision, the closer of the two to timm's own float64 recordings.)"""
+  max_grad_norm inside the optimizer (timm_clip_by_global_norm: a float32
+  sum in the optimizer's parameter order). And it applies the layer-wise trust
+  ratio only to the parameters with weight decay: with timm's no-decay group
+  for 1-D parameters, biases and norm scales take plain Adam steps.
+
+  `order`: the official parameter order of the norm's sum (see
+  timm_clip_by_global_norm); None: timm's group order, the no-decay group
+  (`mask` False) before the decay group, each in our tree order (the official
+  order within a group, `named_parameters()`, is known only from an official
+  state_dict: the fidelity replay passes it).
+  """
+  if order is None:
+    order = lambda updates: jax.tree.map(int, mask(updates) if callable(mask) else mask)
   trust = optax.masked(optax.scale_by_trust_ratio(), mask) if weight_decay else optax.identity()
-  return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+  return optax.chain(timm_clip_by_global_norm(max_grad_norm, order),
                      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                      optax.add_decayed_weights(weight_decay, mask), trust,
                      optax.scale_by_learning_rate(lr))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached=None):
+def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached=None,
+                   lamb_order=None):
   """Returns (optax transformation, schedule of the train-step count).
 
   With accum_steps = k > 1 the gradients of k consecutive steps are averaged
   into one update (optax.MultiSteps; BatchNorm statistics still move every
   step, as in PyTorch), and the schedule advances once per update.
-  `reached`: which parameters the loss reaches (decay_mask).
+  `reached`: which parameters the loss reaches (decay_mask). `lamb_order`:
+  the official order of Lamb's gradient-norm sum (timm_lamb's `order`).
   """
   o = cfg.optimizer
   k = o.get('accum_steps', 1)
@@ -134,7 +184,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached
                      weight_decay=o.weight_decay, mask=mask)
   elif o.name == 'lamb':  # SDT's ImageNet / Gesture recipes (timm Lamb)
     tx = timm_lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                   mask=mask)
+                   mask=mask, order=lamb_order)
   else:
     raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:

@@ -25,6 +25,7 @@ from spikeformer_jax import convert
 from spikeformer_jax import recordings
 from spikeformer_jax import sharding
 from spikeformer_jax import train_lib
+from spikeformer_jax.recordings import BadRecording
 
 # Pass criteria (float64) after every iteration, relative to max |official|
 # of each tensor. The arithmetic is the official one up to the order of
@@ -115,15 +116,37 @@ def recipe_config(rec: dict) -> ml_collections.ConfigDict:
   return c
 
 
-def _initial_state(exp, d: dict):
-  """The train state holding the recording's initial state_dict."""
-  model, entries = recordings.model_holding(exp.config.model, recordings.state_dict(d))
+def _lamb_order(model, entries, rec: dict, state: dict):
+  """Each parameter's position in the official optimizer's parameter order,
+  the order in which timm's Lamb sums the squared gradient norms in float32
+  (optim.timm_clip_by_global_norm): the recording's `param_groups` in order,
+  each in named_parameters() order; without them, timm's grouping of the
+  state_dict order (1-D parameters and biases, no decay, first)."""
+  names = [n for g in rec.get('param_groups') or () for n in g['param_names']]
+  if not names:
+    names = sorted((k for k in state if not k.endswith(_BUFFERS)),
+                   key=lambda k: not (np.ndim(state[k]) <= 1 or k.endswith('.bias')))
+  position = {n: i for i, n in enumerate(names)}
+  by_path = {e.path: position.get(e.torch_key) for e in entries}
+
+  def rank(keypath, _):
+    path = tuple(getattr(k, 'key', getattr(k, 'idx', None)) for k in keypath
+                 if not isinstance(k, jax.tree_util.GetAttrKey))  # a Variable's .value
+    if by_path.get(path) is None:
+      raise BadRecording(f"parameter {'.'.join(map(str, path))} is in none of the "
+                         "recording's optimizer param_groups.")
+    return by_path[path]
+  return jax.tree_util.tree_map_with_path(rank, nnx.state(model, nnx.Param))
+
+
+def _initial_state(exp, model):
+  """The train state holding the recording's initial state_dict (in `model`)."""
   _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   state = {'params': params, 'batch_stats': batch_stats,
            'opt_state': exp.tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   if train_lib.ema_decay(exp.config):  # timm deep-copies the model (own buffers)
     state['ema'] = jax.tree.map(jnp.copy, {'params': params, 'batch_stats': batch_stats})
-  return jax.device_put(state, exp.state_sharding), entries
+  return jax.device_put(state, exp.state_sharding)
 
 
 def _torch_view(entries, *states) -> dict:
@@ -135,8 +158,12 @@ def check_trajectory(d: dict, rec: dict, name: str) -> dict:
   """Replays one trajectory recording; a report with 'ok', the worst error of
   each quantity and the first iteration, tensor and quantity that differ."""
   config = recipe_config(rec)
-  exp = train_lib.build(config, sharding.make_mesh(1), int(rec['steps_per_epoch']))
-  state, entries = _initial_state(exp, d)
+  initial = recordings.state_dict(d)
+  model, entries = recordings.model_holding(config.model, initial)
+  order = _lamb_order(model, entries, rec, initial) if config.optimizer.name == 'lamb' else None
+  exp = train_lib.build(config, sharding.make_mesh(1), int(rec['steps_per_epoch']),
+                        lamb_order=order)
+  state = _initial_state(exp, model)
   train_step = train_lib.make_train_step(exp)
   worst = {}  # quantity -> (error / tolerance, error, tolerance, where)
   first = []

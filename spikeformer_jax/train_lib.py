@@ -144,15 +144,17 @@ class Experiment:
     return jax.jit(self.init_fn, out_shardings=self.state_sharding)()
 
 
-def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int) -> Experiment:
-  """Model graph definitions, optimizer, and the (abstract) train state."""
+def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
+          lamb_order=None) -> Experiment:
+  """Model graph definitions, optimizer, and the (abstract) train state.
+  `lamb_order`: the official order of Lamb's norm sum (optim.timm_lamb)."""
   bn_groups = bn_groups_for(config, mesh)
   model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
   model.train()
   # Only the official code's unused modules are never reached (a trace).
   reached = (params_the_loss_reaches(model, input_shape(config))
              if config.model.get('dead_modules') else None)
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch, reached)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch, reached, lamb_order)
 
   def init_fn():
     model = models.build_model(config.model, seed=config.seed, bn_groups=bn_groups)

@@ -16,13 +16,16 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from conftest import ROOT
 from spikeformer_jax.configs import msvit as msvit_cfgs
 from spikeformer_jax.configs import sdt as sdt_cfgs
 from spikeformer_jax.configs import spikformer as spikformer_cfgs
 from spikeformer_jax import optim
+from spikeformer_jax import recordings
 from spikeformer_jax import replay
 from spikeformer_jax import train_lib
 
@@ -50,6 +53,11 @@ def replays(shared_dir, tmp_path_factory):
   if (folder / 'traj_sdt_cifar.npz').exists():  # twice the official weight decay
     _altered(folder / 'traj_sdt_cifar.npz', tmp / 'sdt_wd.npz', weight_decay=0.12)
     altered.append(tmp / 'sdt_wd.npz')
+  if (folder / 'traj_sdt_lamb.npz').exists():  # 1.01x Lamb's weight decay
+    args = json.loads(str(np.load(folder / 'traj_sdt_lamb.npz')['config']))['args_used']
+    _altered(folder / 'traj_sdt_lamb.npz', tmp / 'lamb_wd.npz',
+             weight_decay=args['weight_decay'] * 1.01)
+    altered.append(tmp / 'lamb_wd.npz')
   if (folder / 'traj_ema.npz').exists():  # another EMA decay
     _altered(folder / 'traj_ema.npz', tmp / 'ema_decay.npz', model_ema_decay=0.95)
     altered.append(tmp / 'ema_decay.npz')
@@ -78,7 +86,8 @@ def test_the_official_recipe_replays_within_tolerance(replays, name):
 
 def test_a_wrong_recipe_is_caught_and_named(replays):
   by_file, proc = replays
-  for name, quantity in (('sdt_wd.npz', 'parameters'), ('ema_decay.npz', 'ema')):
+  for name, quantity in (('sdt_wd.npz', 'parameters'), ('lamb_wd.npz', 'loss'),
+                         ('ema_decay.npz', 'ema')):
     if name not in by_file:
       continue
     r = by_file[name]
@@ -244,3 +253,94 @@ def test_parameters_the_loss_never_reaches_get_no_weight_decay():
                for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert not any(v for k, v in flat_mask.items() if 'talking_heads' in k)
   assert any(v for k, v in flat_mask.items() if 'kernel' in k)
+
+
+def _timm_lamb_clip(grads: dict, order: dict, max_norm: float):
+  """timm 0.6.12 Lamb.step's clip in numpy: `torch.zeros(1)`, a float32
+  accumulator, += each float64 `grad.pow(2).sum()` in the optimizer's order;
+  its sqrt over float32(max_norm) where larger divides the float64 gradients."""
+  acc = np.zeros(1, np.float32)
+  for k in sorted(grads, key=lambda k: order[k]):  # stable, as the optimizer's groups
+    acc += np.float32(math.fsum(np.square(grads[k]).ravel()))
+  norm, limit = np.sqrt(acc), np.float32(max_norm)
+  factor = norm / limit if norm[0] > limit else np.ones(1, np.float32)
+  return {k: g / factor.astype(np.float64) for k, g in grads.items()}, float(factor[0])
+
+
+@pytest.mark.parametrize('order_kind', ['positions', 'groups'])
+@pytest.mark.parametrize('max_norm', [1.0, 0.3])
+def test_lamb_clips_as_timm_a_float32_sum_in_the_optimizers_order(order_kind, max_norm):
+  # Seed 24: the float32 sum in the reversed order (and of the other group
+  # first) rounds to another value here, as it does for many other seeds.
+  rng = np.random.default_rng(24)
+  shapes = [(5,), (3, 4), (4, 3, 3, 2), (1,), (64,), (8, 9), (4, 4, 1), (128,), (7,), (12, 5),
+            (16,), (2, 8, 3), (33,), (6, 6), (96,), (3,)]
+  grads = {f'p{i:02d}': rng.standard_normal(s) * 10.0 ** rng.uniform(-1.5, 0.3)
+           for i, s in enumerate(shapes)}
+  if order_kind == 'positions':  # the recording's param_groups, flattened
+    order = dict(zip(grads, rng.permutation(len(grads)).tolist()))
+    arg, reversed_order = order, {k: -v for k, v in order.items()}
+  else:  # group ids (timm_lamb's default: no-decay group first, tree order within)
+    order = {k: int(g.ndim > 1) for k, g in grads.items()}
+    arg = lambda updates: jax.tree.map(lambda g: int(g.ndim > 1), updates)
+    reversed_order = {k: 1 - v for k, v in order.items()}
+  want, factor = _timm_lamb_clip(grads, order, max_norm)
+  assert factor > 1  # the clip is on
+
+  devices = jax.devices()[:4]
+  mesh = jax.sharding.Mesh(np.array(devices), ('fsdp',))
+  def run(tx, shard=False):
+    with jax.enable_x64(True):
+      g = {k: jnp.asarray(v) for k, v in grads.items()}
+      if shard:  # FSDP-style: leaves whose first axis divides, split over the devices
+        g = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            'fsdp' if v.shape[0] % len(devices) == 0 else None))) for k, v in g.items()}
+      out = jax.jit(lambda g: tx.update(g, tx.init(g))[0])(g)
+      return {k: np.asarray(v) for k, v in out.items()}
+
+  # The same float32 divisor: the float64 quotients agree to their last bit
+  # (XLA divides by a scalar through its reciprocal).
+  for ours in (run(optim.timm_clip_by_global_norm(max_norm, arg)),
+               run(optim.timm_clip_by_global_norm(max_norm, arg), shard=True)):
+    for k in grads:
+      assert ours[k].dtype == np.float64
+      np.testing.assert_allclose(ours[k], want[k], rtol=1e-15, atol=0, err_msg=k)
+  # The test's power: a float64 sum, and another order of the float32 sum,
+  # each give another divisor (1e-8 apart, not 1e-16).
+  for other in (run(optax.clip_by_global_norm(max_norm)),
+                run(optim.timm_clip_by_global_norm(max_norm, reversed_order))):
+    assert not all(np.allclose(other[k], want[k], rtol=1e-12, atol=0) for k in grads)
+
+
+def test_lamb_clip_divisor_is_the_float32_quotient():
+  """norm / float32(max_norm) rounded as float32 division rounds, over many
+  norms (XLA's product with a rounded reciprocal misses about one in four)."""
+  norms = np.random.default_rng(5).uniform(1.0, 50.0, 400)
+  tx = optim.timm_clip_by_global_norm(0.3)
+  with jax.enable_x64(True):
+    got = jax.jit(jax.vmap(lambda n: tx.update({'g': n[None]}, tx.init(None))[0]['g'][0]))(norms)
+  norm32 = np.sqrt(np.float32(norms ** 2))  # one float64 square, rounded, then float32 sqrt
+  want = norms / (norm32 / np.float32(0.3)).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-15, atol=0)
+
+
+def test_lamb_replay_sums_in_the_recordings_param_group_order(shared_dir):
+  """The recording's param_groups (no-decay, then decay, each in
+  named_parameters() order) give the clip's order; without them, timm's
+  grouping of the state_dict order gives the same."""
+  path = shared_dir / 'fixtures' / 'trajectory' / 'traj_sdt_lamb.npz'
+  if not path.exists():
+    pytest.skip('traj_sdt_lamb.npz absent')
+  d, rec = recordings.read_recording(str(path))
+  initial = recordings.state_dict(d)
+  with jax.enable_x64(True):  # the recipe's float64 model
+    model, entries = recordings.model_holding(replay.recipe_config(rec).model, initial)
+  paths = [p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  key_of = {e.path: e.torch_key for e in entries}
+  names = [n for g in rec['param_groups'] for n in g['param_names']]
+  lamb_order = replay._lamb_order  # pylint: disable=protected-access
+  ranks = jax.tree.leaves(lamb_order(model, entries, rec, initial))
+  assert [key_of[p] for _, p in sorted(zip(ranks, paths))] == [
+      n for n in names if n in set(key_of.values())]
+  no_groups = {k: v for k, v in rec.items() if k != 'param_groups'}
+  assert jax.tree.leaves(lamb_order(model, entries, no_groups, initial)) == ranks
