@@ -62,7 +62,7 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
       schedule_per_epoch=True,  # timm steps the schedule once per epoch
       lr_scale_batch=False,     # True: lr is the base lr "blr", x global batch x accum / 256
       accum_steps=1,            # gradient accumulation: steps per optimizer update
-      grad_clip_norm=0.0))
+      grad_clip_norm=0.0))     # > 0: torch's clip_grad_norm_ at that norm (timm --clip-grad)
   c.bn_scope = 'global'        # 'global' (one GPU / SyncBN) or 'device' (DDP)
   c.num_devices = -1           # all visible devices
   # Mesh axes (their product = num_devices; -1 = the rest): the batch is split

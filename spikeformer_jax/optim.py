@@ -139,6 +139,26 @@ def timm_clip_by_global_norm(max_norm: float, order=None) -> optax.GradientTrans
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
+def torch_clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_ (timm's `--clip-grad` in mode 'norm', and
+  MAE's loss scaler, MSViT): every gradient times min(max_norm / (norm +
+  1e-6), 1), the norm being the 2-norm of the per-parameter 2-norms.
+
+  optax.clip_by_global_norm instead scales by max_norm / norm, without the
+  1e-6: about 1e-7 relative apart at a small norm, which a replay at 1e-10
+  would show.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    leaves, treedef = jax.tree.flatten(updates)
+    norms = [jnp.sqrt(jnp.sum(jnp.square(g))) for g in leaves]
+    total = jnp.sqrt(sum(jnp.square(n.astype(norms[0].dtype)) for n in norms))
+    coef = jnp.minimum(max_norm / (total + 1e-6), 1.0)
+    return jax.tree.unflatten(treedef, [(g * coef.astype(g.dtype)) for g in leaves]), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask,
               max_grad_norm: float = 1.0, order=None):
   """timm's Lamb (0.5/0.6, `create_optimizer_v2(opt='lamb')`), which differs
@@ -188,7 +208,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached
   else:
     raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    tx = optax.chain(torch_clip_grad_norm(o.grad_clip_norm), tx)
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k)
     return tx, lambda step: schedule(step // k)

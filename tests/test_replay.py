@@ -312,6 +312,27 @@ def test_lamb_clips_as_timm_a_float32_sum_in_the_optimizers_order(order_kind, ma
     assert not all(np.allclose(other[k], want[k], rtol=1e-12, atol=0) for k in grads)
 
 
+@pytest.mark.parametrize('max_norm', [0.5, 100.0])
+def test_grad_clip_norm_is_torchs_clip_grad_norm(max_norm):
+  """optimizer.grad_clip_norm: torch.nn.utils.clip_grad_norm_ (timm's
+  --clip-grad, MAE's loss scaler): g * min(max / (norm + 1e-6), 1), the norm
+  of the per-parameter norms; optax's max / norm is 1e-7 apart."""
+  rng = np.random.default_rng(3)
+  grads = {f'p{i}': rng.standard_normal(s) for i, s in enumerate([(4, 3), (7,), (2, 2, 5)])}
+  total = np.linalg.norm([np.linalg.norm(g) for g in grads.values()])
+  coef = min(max_norm / (total + 1e-6), 1.0)
+  tx = optim.torch_clip_grad_norm(max_norm)
+  with jax.enable_x64(True):
+    ours = jax.jit(lambda g: tx.update(g, tx.init(g))[0])(
+        {k: jnp.asarray(v) for k, v in grads.items()})
+    theirs = optax.clip_by_global_norm(max_norm).update(
+        {k: jnp.asarray(v) for k, v in grads.items()}, None)[0]
+  for k, g in grads.items():
+    np.testing.assert_allclose(np.asarray(ours[k]), g * coef, rtol=1e-14, atol=0, err_msg=k)
+  if max_norm < total:  # the test's power: optax's clip is measurably another function
+    assert not np.allclose(np.asarray(theirs['p0']), grads['p0'] * coef, rtol=1e-9, atol=0)
+
+
 def test_lamb_clip_divisor_is_the_float32_quotient():
   """norm / float32(max_norm) rounded as float32 division rounds, over many
   norms (XLA's product with a rounded reciprocal misses about one in four)."""
