@@ -7,6 +7,13 @@ official code (`q_conv`, Conv1d/Conv2d with a 1x1 kernel) are our token-wise
 Linear layers (`q_linear`); the two suffixes are interchangeable. Works for
 any size, depth or class count.
 
+Every array must have the official layout of its parameter, not merely as
+many elements: a Linear's weight is [out, in] (a kernel-1 convolution's
+[out, in, 1] or [out, in, 1, 1]), a Conv2d's [out, in, kh, kw]. Floats must be
+finite and floating point, BatchNorm's num_batches_tracked an integer. What a
+shape cannot tell is not caught: a square matrix given transposed, or a square
+kernel with kh and kw swapped.
+
     model = build_model(cfg)
     load_state_dict(model, torch_state_dict)        # dict of numpy arrays
     load_state_dict(model, load_torch_file('x.pth'))  # needs torch installed
@@ -35,6 +42,31 @@ _LEAF_NAMES = {
 _ALIASES = (('_linear', '_conv'), ('_conv', '_linear'))
 
 
+def _kind(path: tuple, ndim: int) -> str:
+  """How our variable's layout differs from PyTorch's: 'linear' ([in, out]
+  against [out, in]), 'conv2d' (HWIO against OIHW), 'conv1d' (KIO against
+  OIK), or 'same' (biases, BatchNorm, bare parameters such as pos_embed)."""
+  if str(path[-1]) != 'kernel':
+    return 'same'
+  return {2: 'linear', 3: 'conv1d', 4: 'conv2d'}.get(ndim, 'same')
+
+
+def official_shapes(path: tuple, shape: tuple) -> tuple[tuple, ...]:
+  """The shapes the official array of our variable `path` (of `shape`) may
+  have: a kernel-1 Conv1d / Conv2d stands for a Linear."""
+  kind = _kind(path, len(shape))
+  if kind == 'linear':
+    i, o = shape
+    return ((o, i), (o, i, 1), (o, i, 1, 1))
+  if kind == 'conv1d':
+    k, i, o = shape
+    return ((o, i, k),)
+  if kind == 'conv2d':
+    h, w, i, o = shape
+    return ((o, i, h, w),)
+  return (tuple(shape),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
   path: tuple        # our state path
@@ -43,24 +75,46 @@ class Entry:
   torch_shape: tuple
 
   def to_ours(self, w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w)
-    if len(self.our_shape) == 2 and w.ndim in (2, 3, 4):  # Linear / kernel-1 conv
+    w, kind = np.asarray(w), _kind(self.path, len(self.our_shape))
+    if kind == 'linear':
       w = w.reshape(w.shape[0], w.shape[1]).T
-    elif len(self.our_shape) == 4 and w.ndim == 4:         # Conv2d OIHW -> HWIO
+    elif kind == 'conv2d':  # OIHW -> HWIO
       w = w.transpose(2, 3, 1, 0)
-    elif len(self.our_shape) == 3 and w.ndim == 3:         # Conv1d OIK -> KIO
+    elif kind == 'conv1d':  # OIK -> KIO
       w = w.transpose(2, 1, 0)
     return w.reshape(self.our_shape)
 
   def to_torch(self, w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w)
-    if len(self.our_shape) == 2 and len(self.torch_shape) in (2, 3, 4):
+    w, kind = np.asarray(w), _kind(self.path, len(self.our_shape))
+    if kind == 'linear':
       w = w.T
-    elif len(self.our_shape) == 4 and len(self.torch_shape) == 4:
+    elif kind == 'conv2d':
       w = w.transpose(3, 2, 0, 1)
-    elif len(self.our_shape) == 3 and len(self.torch_shape) == 3:
+    elif kind == 'conv1d':
       w = w.transpose(2, 1, 0)
     return w.reshape(self.torch_shape)
+
+
+def value_problems(arrays: dict, dtypes: dict) -> list[str]:
+  """Names each array of `arrays` (name -> array) that cannot hold the values
+  of a variable of dtype `dtypes[name]`: integers or booleans where the model
+  holds floats (or the reverse), NaN or infinities, also after the cast to
+  the model's dtype (1e39 is no float32)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  out = []
+  for name, w in arrays.items():
+    w, want = np.asarray(w), np.dtype(dtypes[name])
+    floating = jax.dtypes.issubdtype(want, np.floating)
+    if floating != jax.dtypes.issubdtype(w.dtype, np.floating) or (
+        not floating and not np.issubdtype(w.dtype, np.integer)):
+      out.append(f'{name} holds {w.dtype}, not {"floats" if floating else "integers"}')
+    elif floating:
+      with np.errstate(over='ignore', invalid='ignore'):
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w.astype(want))))
+      if bad:
+        out.append(f'{name} has {bad} of {w.size} values NaN or infinite'
+                   + (f' (as {want})' if np.isfinite(w).all() else ''))
+  return out
 
 
 def _candidates(path: tuple) -> list[str]:
@@ -87,21 +141,16 @@ def match(model: nnx.Module, torch_shapes: dict[str, tuple]):
     if key is None:
       missing.append('.'.join(map(str, path)) + f' (tried {_candidates(path)})')
       continue
-    tshape = tuple(torch_shapes[key])
-    if int(np.prod(tshape, dtype=np.int64)) != int(np.prod(shape, dtype=np.int64)):
-      bad_shape.append(f'{key}: official {tshape} vs ours {shape}')
+    tshape, want = tuple(torch_shapes[key]), official_shapes(path, shape)
+    if tshape not in want:  # the layout, not the size: [in, out] is no [out, in]
+      shown = next((w for w in want if len(w) == len(tshape)), want[0])
+      bad_shape.append(f'{key} is {tshape}, the official layout {shown} (ours {shape})')
     used.add(key)
     entries.append(Entry(path, key, shape, tshape))
   return entries, missing, sorted(set(torch_shapes) - used), bad_shape
 
 
-def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
-  """Pairs each of our parameters / BN statistics with a PyTorch key.
-
-  Raises ValueError naming every key that is missing, unexpected or of an
-  incompatible shape, so a wrong architecture fails with one clear message.
-  """
-  entries, missing, unexpected, bad_shape = match(model, torch_shapes)
+def _raise_if(missing, unexpected, bad_shape, values=()):
   problems = []
   if missing:
     problems.append('not in the state_dict: ' + '; '.join(missing))
@@ -109,20 +158,41 @@ def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
     problems.append('state_dict keys the model does not have: ' + ', '.join(unexpected))
   if bad_shape:
     problems.append('shape mismatch: ' + '; '.join(bad_shape))
+  if values:  # not the configuration: the file
+    problems.append('values no weight can have (a damaged file, or a diverged run?): '
+                    + '; '.join(values))
   if problems:
     raise ValueError(
-        'The PyTorch state_dict does not fit this model configuration (check '
-        'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):\n  '
-        + '\n  '.join(problems))
+        ('The PyTorch state_dict does not fit this model configuration (check '
+         'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):'
+         if len(problems) > bool(values) else 'The PyTorch state_dict cannot be loaded:')
+        + '\n  ' + '\n  '.join(problems))
+
+
+def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
+  """Pairs each of our parameters / BN statistics with a PyTorch key.
+
+  Raises ValueError naming every key that is missing, unexpected or not of
+  its official shape, so a wrong architecture fails with one clear message.
+  """
+  entries, missing, unexpected, bad_shape = match(model, torch_shapes)
+  _raise_if(missing, unexpected, bad_shape)
   return entries
 
 
 def load_state_dict(model: nnx.Module, state_dict: dict) -> list[Entry]:
-  """Copies an official state_dict (name -> array) into `model`, in place."""
+  """Copies an official state_dict (name -> array) into `model`, in place;
+  ValueError naming every array that does not fit (`mapping`) or holds values
+  no weight can have (`value_problems`), before anything is copied."""
   state_dict = {k.removeprefix('module.'): np.asarray(v) for k, v in state_dict.items()}
-  entries = mapping(model, {k: v.shape for k, v in state_dict.items()})
+  entries, missing, unexpected, bad_shape = match(model, {k: v.shape
+                                                          for k, v in state_dict.items()})
   state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
   flat = dict(nnx.to_flat_state(state))
+  fit = [e for e in entries if e.torch_shape in official_shapes(e.path, e.our_shape)]
+  _raise_if(missing, unexpected, bad_shape, value_problems(
+      {e.torch_key: state_dict[e.torch_key] for e in fit},
+      {e.torch_key: flat[e.path].get_value().dtype for e in fit}))
   for e in entries:
     var = flat[e.path]
     var.set_value(np.asarray(e.to_ours(state_dict[e.torch_key]), dtype=var.get_value().dtype))

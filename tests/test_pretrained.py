@@ -129,6 +129,49 @@ def test_an_official_state_dict_initialises_the_model(shared_dir, tmp_path):
   assert json.dumps(sorted(take))  # names are plain strings
 
 
+def _fixture_config(shared_dir, tmp_path, edit=None):
+  """A config of the Spikformer CIFAR recording's model whose init_from is its
+  official state_dict (as .npz), after `edit(state_dict)`."""
+  d, rec = recordings.read_recording(str(shared_dir / 'fixtures' / 'spikformer_cifar.npz'))
+  state_dict = recordings.state_dict(d)
+  if edit:
+    edit(state_dict)
+  np.savez(tmp_path / 'official.npz', **state_dict)
+  config = _tiny(init_from=str(tmp_path / 'official.npz'))
+  mc = recordings.model_config_from_fixture(rec)
+  mc.dtype = 'float32'
+  config.model = mc
+  config.data.shape = (mc.img_size, mc.img_size, 3)
+  return config
+
+
+def test_an_official_array_of_another_layout_is_named_before_anything_is_written(
+    shared_dir, tmp_path):
+  """fc1 given as [in, out] has as many elements as PyTorch's [out, in]: it
+  used to load ("74 of 74 arrays"). init_from and convert name it, with the
+  other arrays no weight can be, and write nothing."""
+  fc1 = 'block.0.mlp.fc1_linear.weight'
+
+  def edit(sd):
+    sd[fc1] = np.ascontiguousarray(sd[fc1].T)  # (64, 256): [in, out]
+    sd['head.bias'][3] = np.nan
+    sd['block.0.attn.q_bn.running_var'] = sd['block.0.attn.q_bn.running_var'].astype(np.int32)
+  config = _fixture_config(shared_dir, tmp_path, edit)
+  from spikeformer_jax import convert  # pylint: disable=import-outside-toplevel
+  for attempt in (lambda: train_lib.initial_weights(config, str(tmp_path / 'wd')),
+                  lambda: convert.write_workdir(config, config.init_from, str(tmp_path / 'out'))):
+    with pytest.raises(errors.UserError) as e:
+      attempt()
+    msg = str(e.value)
+    assert msg.startswith(f'init_from={config.init_from} does not fit this model: 1 of '
+                          'another shape (params/block/0/mlp/fc1_linear/kernel '
+                          f'({fc1} is (64, 256), officially (256, 64))); 2 of unusable values '
+                          '(batch_stats/block/0/attn/q_bn/var holds int32, not floats, '
+                          'params/head/bias has 1 of 10 values NaN or infinite). '), msg
+    assert msg.endswith('or fix the config or the source.') and '\n' not in msg, msg
+  assert not (tmp_path / 'wd').exists() and not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('transfer,imagenet', [('cifar10-transfer-8-512', 'imagenet-8-512'),
                                                ('cifar100-transfer-8-384', 'imagenet-8-384')])
 def test_table7_rows_take_the_imagenet_models_weights(transfer, imagenet):
