@@ -64,20 +64,31 @@ def check_source(path: str):
 
 
 def _read_ours(path: str) -> dict[str, np.ndarray]:
-  """{'params/...': array, 'batch_stats/...': array} of a checkpoint of ours."""
+  """{'params/...': array, 'batch_stats/...': array} of a checkpoint of ours;
+  its run may still be training and deleting old steps meanwhile."""
   step_dir = _step_dir(path)
-  where = os.path.join(step_dir, 'state')
-  try:
-    ckptr = ocp.StandardCheckpointer()
-    md = ckptr.metadata(where)
-    tree = getattr(getattr(md, 'item_metadata', md), 'tree', md)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-    state = ckptr.restore(where, abstract)
-  except Exception as e:  # pylint: disable=broad-except  # damaged, truncated, not orbax
-    raise errors.UserError(f'init_from: the checkpoint {step_dir} is unreadable '
-                           f'({checkpointing.reason(e)}).') from e
+  directory, name = os.path.split(step_dir)
+
+  def read(root, step):
+    where = os.path.join(root, str(step), 'state')
+    try:
+      ckptr = ocp.StandardCheckpointer()
+      md = ckptr.metadata(where)
+      tree = getattr(getattr(md, 'item_metadata', md), 'tree', md)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+      return ckptr.restore(where, abstract)
+    except Exception as e:  # pylint: disable=broad-except  # damaged, truncated, not orbax
+      raise errors.UserError(f'init_from: the checkpoint {os.path.join(root, str(step))} is '
+                             f'unreadable ({checkpointing.reason(e)}).') from e
+
+  if not name.isdigit():  # a step directory copied under another name: no run writes it
+    state = read(directory, name)
+  else:  # the newest step, unless init_from names one
+    named = os.path.isdir(os.path.join(path, 'state'))
+    state = checkpointing.read_committed(directory, read, step=int(name) if named else None,
+                                         workdir=os.path.dirname(directory))
   return {k: np.asarray(v) for k, v in checkpointing.flatten(state).items()
           if k.startswith(('params/', 'batch_stats/'))}
 
