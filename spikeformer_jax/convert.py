@@ -228,33 +228,79 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
           for k, v in obj.items()}
 
 
+def _refuse_out(out: str, holding: bool = False):
+  """One line if `out` cannot become a new workdir: it is a file, a live run
+  holds it, or it holds anything but a stale lock (a run, a converted one,
+  other files). Converting never writes into an existing directory's files."""
+  import os  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import errors, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise errors.UserError(f'--out={out} is a file; give a new directory.')
+  if not os.path.isdir(out):
+    return
+  who = None if holding else workdir_lib.holder(out)
+  if who:
+    raise errors.UserError(f'--out={out} is in use by {workdir_lib.describe(who)}; give a '
+                           'new directory.')
+  lock = workdir_lib.LOCK_NAME
+  entries = sorted(n for n in os.listdir(out) if n != lock and not n.startswith(lock + '.'))
+  if 'config.json' in entries or 'checkpoints' in entries:
+    raise errors.UserError(f'--out={out} already holds a run (its config.json or checkpoints/); '
+                           'give a new directory, or delete that one to convert into it again.')
+  if entries:
+    raise errors.UserError(
+        f'--out={out} is not empty (it holds {", ".join(entries[:4])}'
+        f'{f" and {len(entries) - 4} more" if len(entries) > 4 else ""}); convert writes a new '
+        'workdir: give a new or empty directory.')
+
+
 def write_workdir(config, torch_file: str, out: str) -> str:
   """`torch_file` (.pth / .pth.tar / .pt, or an .npz state_dict) converted for
-  `config.model` into a new workdir `out`: config.json and checkpoint 0 (the
-  weights; the optimizer fresh). Every parameter must be in the file with its
-  shape. Returns the checkpoint directory."""
+  `config.model` into a new workdir `out` (absent or empty): config.json and
+  checkpoint 0 (the weights; the optimizer fresh), written while holding the
+  workdir's lock, as a training does; removed again if writing fails. Every
+  parameter must be in the file in its official layout. Returns the
+  checkpoint directory."""
   import os  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import checkpointing, errors, pretrained  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.init_from, config.init_skip = os.path.abspath(torch_file), ()
   validation.validate_config(config)
-  ckpts = os.path.join(out, 'checkpoints')
-  if checkpointing.committed_steps(ckpts) or os.path.exists(os.path.join(out, 'config.json')):
-    raise errors.UserError(f'--out={out} already holds a run; give a new directory.')
+  _refuse_out(out)
   take, notes = train_lib.initial_weights(config, out)  # before anything is written
-  mesh = sharding.make_mesh(1)
-  exp = train_lib.build(config, mesh, steps_per_epoch=1)
-  state = pretrained.apply(exp.init_state(), take)
-  os.makedirs(out, exist_ok=True)
-  train_lib.write_json(os.path.join(out, 'config.json'),
-                       {'config': config.to_dict(),
-                        'run': {'converted_from': os.path.abspath(torch_file),
-                                'num_params': exp.num_params}})
-  ckpt = checkpointing.Checkpointer(ckpts)
-  ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)}, force=True)
-  ckpt.close()
+  created = not os.path.exists(out)
+  workdir_lib.ensure(out, '--out')
+  ckpts, config_json = os.path.join(out, 'checkpoints'), os.path.join(out, 'config.json')
+  try:
+    with workdir_lib.WorkdirLock(out, command=' '.join(sys.argv)):
+      _refuse_out(out, holding=True)  # a run may have started there since the first look
+      exp = train_lib.build(config, sharding.make_mesh(1), steps_per_epoch=1)
+      state = pretrained.apply(exp.init_state(), take)
+      try:
+        train_lib.write_json(config_json,
+                             {'config': config.to_dict(),
+                              'run': {'converted_from': os.path.abspath(torch_file),
+                                      'num_params': exp.num_params}})
+        ckpt = checkpointing.Checkpointer(ckpts)
+        ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)},
+                  force=True)
+        ckpt.close()
+      except BaseException:  # half a converted workdir would pass for a run: remove it
+        shutil.rmtree(ckpts, ignore_errors=True)
+        if os.path.exists(config_json):
+          os.remove(config_json)
+        raise
+  except BaseException:
+    if created:
+      try:
+        os.rmdir(out)  # only if empty: nothing of another process is removed
+      except OSError:
+        pass
+    raise
   print(notes[0].replace('Initialised', 'Converted').rstrip('.') + f' -> {ckpts}/0.')
   return os.path.join(ckpts, '0')
 

@@ -172,6 +172,52 @@ def test_an_official_array_of_another_layout_is_named_before_anything_is_written
   assert not (tmp_path / 'wd').exists() and not (tmp_path / 'out').exists()
 
 
+def test_convert_writes_a_new_workdir_only_and_holds_its_lock(shared_dir, tmp_path, monkeypatch):
+  """convert never writes into a live run, a run (finished, converted) or a
+  directory of other files; it holds the workdir's lock while it writes, and
+  removes what it wrote if writing fails."""
+  import os  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import convert, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  config = _fixture_config(shared_dir, tmp_path)
+  src = config.init_from
+  (tmp_path / 'live').mkdir()
+  (tmp_path / 'run' / 'checkpoints' / '7').mkdir(parents=True)
+  (tmp_path / 'notes').mkdir()
+  (tmp_path / 'notes' / 'todo.txt').write_text('x')
+  (tmp_path / 'file').write_text('x')
+  cases = {'run': 'already holds a run (its config.json or checkpoints/); give a new directory',
+           'notes': 'is not empty (it holds todo.txt); convert writes a new workdir',
+           'file': 'is a file; give a new directory'}
+  with workdir_lib.WorkdirLock(str(tmp_path / 'live'), command='train.py --workdir=live'):
+    with pytest.raises(errors.UserError, match=r'--out=.*live is in use by process \d+ on .*'
+                       r'train.py --workdir=live\); give a new directory'):
+      convert.write_workdir(config, src, str(tmp_path / 'live'))
+    for name, message in cases.items():
+      with pytest.raises(errors.UserError) as e:
+        convert.write_workdir(config, src, str(tmp_path / name))
+      assert str(e.value).startswith(f'--out={tmp_path / name} {message}'), str(e.value)
+  assert os.listdir(tmp_path / 'live') == [] and os.listdir(tmp_path / 'run') == ['checkpoints']
+
+  # A failed write leaves nothing that would pass for a run.
+  real_save = checkpointing.Checkpointer.save
+  def failing(self, *a, **k):
+    raise errors.CheckpointError('disk full (simulated)')
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', failing)
+  with pytest.raises(errors.CheckpointError, match='simulated'):
+    convert.write_workdir(config, src, str(tmp_path / 'new'))
+  assert not (tmp_path / 'new').exists()
+  # An empty directory is converted into, and a training is refused while it is.
+  seen = []
+  def save(self, *a, **k):
+    with pytest.raises(errors.WorkdirBusy, match='is in use by process'):
+      workdir_lib.WorkdirLock(str(tmp_path / 'live')).acquire()
+    seen.append(workdir_lib.holder(str(tmp_path / 'live'))['command'])
+    return real_save(self, *a, **k)
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', save)
+  convert.write_workdir(config, src, str(tmp_path / 'live'))
+  assert seen and sorted(os.listdir(tmp_path / 'live')) == ['checkpoints', 'config.json']
+
+
 @pytest.mark.parametrize('transfer,imagenet', [('cifar10-transfer-8-512', 'imagenet-8-512'),
                                                ('cifar100-transfer-8-384', 'imagenet-8-384')])
 def test_table7_rows_take_the_imagenet_models_weights(transfer, imagenet):

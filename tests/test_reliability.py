@@ -78,6 +78,15 @@ def test_a_holder_elsewhere_is_stale_only_without_heartbeat(tmp_path):
     workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
 
 
+def test_a_runs_workdir_is_no_sweep_directory(tmp_path):
+  from spikeformer_jax import sweeps  # pylint: disable=import-outside-toplevel
+  with workdir_lib.WorkdirLock(str(tmp_path), command='train.py --workdir=x'):
+    with pytest.raises(ValueError, match=r"is in use by process .*: it is a run's workdir, "
+                       'not a sweep directory; use another --workdir'):
+      sweeps.write_manifest('configs/spikformer.py', 'digits-small', str(tmp_path), [])
+  assert os.listdir(tmp_path) == []
+
+
 _RACE = '''
 import json, os, sys, time
 from spikeformer_jax import errors, workdir
