@@ -11,6 +11,9 @@ truncated or missing files; `restore_intact` moves it aside and falls back to
 the newest intact step, deleting nothing), and a save that failed in the
 background (CheckpointError from `poll`, which the training loop calls after
 every step, so a full disk stops the run at once).
+
+Readers of a run that may still be training (eval, init_from) go through
+`read_committed`: the run deletes its old steps (ckpt_keep) while they read.
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
+import tempfile
 import threading
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from spikeformer_jax import errors
 from spikeformer_jax import sharding
+from spikeformer_jax import workdir as workdir_lib
 
 DAMAGED_DIR = 'damaged_checkpoints'  # beside checkpoints/: unreadable steps, kept
 
@@ -313,6 +320,116 @@ def committed_steps(directory: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
   except OSError:
     return []
+
+
+class RunBeingWritten(errors.CheckpointError):
+  """Each checkpoint read was deleted by the run's rotation meanwhile."""
+
+
+def _link_tree(src: str, dst: str):
+  os.mkdir(dst)
+  with os.scandir(src) as entries:
+    for entry in entries:
+      if entry.is_dir(follow_symlinks=False):
+        _link_tree(entry.path, os.path.join(dst, entry.name))
+      else:
+        os.link(entry.path, os.path.join(dst, entry.name))
+
+
+_HOLD = '.reading-'
+
+
+def _drop_dead_holds(directory: str):
+  """Removes the holds of readers on this host that were killed before they
+  could (a hold keeps its step's disk space)."""
+  prefix = f'{_HOLD}{socket.gethostname()}-'
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return
+  for name in names:
+    pid = name[len(prefix):].split('-')[0] if name.startswith(prefix) else ''
+    if pid.isdigit():
+      try:
+        os.kill(int(pid), 0)
+      except ProcessLookupError:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      except OSError:
+        pass  # alive, another user's
+
+
+def _hold(directory: str, step: int) -> str | None:
+  """A private copy of step `step` of `directory` made of hard links (no data
+  is copied), in a hidden directory beside it: once made, the run's rotation
+  may delete the step, the copy stays whole. Returns the copy's root (it holds
+  `step`), or None where links cannot be made (a read-only filesystem, several
+  processes reading). FileNotFoundError if the step vanished meanwhile."""
+  if jax.process_count() > 1:  # every process must read the same path
+    return None
+  _drop_dead_holds(directory)
+  try:
+    root = tempfile.mkdtemp(prefix=f'{_HOLD}{socket.gethostname()}-{os.getpid()}-',
+                            dir=directory)
+  except OSError:
+    return None
+  try:
+    _link_tree(os.path.join(directory, str(step)), os.path.join(root, str(step)))
+    return root
+  except FileNotFoundError:
+    shutil.rmtree(root, ignore_errors=True)
+    raise
+  except OSError:
+    shutil.rmtree(root, ignore_errors=True)
+    return None
+
+
+def _vanished(directory: str, step: int, workdir: str) -> bool:
+  """Whether `step` was deleted (or is being deleted: a live run's rotation
+  takes a moment to remove it) rather than damaged."""
+  live = workdir_lib.holder(workdir) is not None
+  for _ in range(20 if live else 1):
+    if step not in committed_steps(directory):
+      return True
+    if live:
+      time.sleep(0.1)
+  return False
+
+
+def read_committed(directory: str, read, *, step: int | None = None,
+                   workdir: str | None = None, tries: int = 5):
+  """`read(root, step)` of the newest committed step of `directory` (or of
+  `step`), while the run in `workdir` may go on saving and deleting its old
+  steps. The step is read from a hold (`_hold`); if it vanished all the same
+  (no hold possible), the new newest is read, `tries` times at most. A step
+  that stays and does not read is read once more in place, so that the error
+  names it (a damaged checkpoint) as before. RunBeingWritten if every try
+  lost its step."""
+  workdir = workdir or os.path.dirname(os.path.abspath(directory))
+  for _ in range(tries):
+    steps = committed_steps(directory)
+    target = steps[-1] if step is None and steps else step
+    if target is None or target not in steps:
+      return read(directory, target)  # its own error: no checkpoint, no such step
+    try:
+      root = _hold(directory, target)
+    except FileNotFoundError:
+      continue  # deleted meanwhile: the new newest
+    try:
+      return read(root or directory, target)
+    except Exception:  # pylint: disable=broad-except  # told apart here
+      if not _vanished(directory, target, workdir):
+        if root is None:
+          raise
+        return read(directory, target)
+    finally:
+      if root:
+        shutil.rmtree(root, ignore_errors=True)
+  who = workdir_lib.holder(workdir)
+  raise RunBeingWritten(
+      f'the run in {workdir} is being written'
+      + (f' by {workdir_lib.describe(who)}' if who else '')
+      + f', which deleted each checkpoint while it was read ({tries} tries): retry, or '
+      'stop that run first (or give it a larger ckpt_keep).')
 
 
 def _sync(name: str):

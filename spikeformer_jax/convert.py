@@ -7,6 +7,13 @@ official code (`q_conv`, Conv1d/Conv2d with a 1x1 kernel) are our token-wise
 Linear layers (`q_linear`); the two suffixes are interchangeable. Works for
 any size, depth or class count.
 
+Every array must have the official layout of its parameter, not merely as
+many elements: a Linear's weight is [out, in] (a kernel-1 convolution's
+[out, in, 1] or [out, in, 1, 1]), a Conv2d's [out, in, kh, kw]. Floats must be
+finite and floating point, BatchNorm's num_batches_tracked an integer. What a
+shape cannot tell is not caught: a square matrix given transposed, or a square
+kernel with kh and kw swapped.
+
     model = build_model(cfg)
     load_state_dict(model, torch_state_dict)        # dict of numpy arrays
     load_state_dict(model, load_torch_file('x.pth'))  # needs torch installed
@@ -35,6 +42,31 @@ _LEAF_NAMES = {
 _ALIASES = (('_linear', '_conv'), ('_conv', '_linear'))
 
 
+def _kind(path: tuple, ndim: int) -> str:
+  """How our variable's layout differs from PyTorch's: 'linear' ([in, out]
+  against [out, in]), 'conv2d' (HWIO against OIHW), 'conv1d' (KIO against
+  OIK), or 'same' (biases, BatchNorm, bare parameters such as pos_embed)."""
+  if str(path[-1]) != 'kernel':
+    return 'same'
+  return {2: 'linear', 3: 'conv1d', 4: 'conv2d'}.get(ndim, 'same')
+
+
+def official_shapes(path: tuple, shape: tuple) -> tuple[tuple, ...]:
+  """The shapes the official array of our variable `path` (of `shape`) may
+  have: a kernel-1 Conv1d / Conv2d stands for a Linear."""
+  kind = _kind(path, len(shape))
+  if kind == 'linear':
+    i, o = shape
+    return ((o, i), (o, i, 1), (o, i, 1, 1))
+  if kind == 'conv1d':
+    k, i, o = shape
+    return ((o, i, k),)
+  if kind == 'conv2d':
+    h, w, i, o = shape
+    return ((o, i, h, w),)
+  return (tuple(shape),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
   path: tuple        # our state path
@@ -43,24 +75,46 @@ class Entry:
   torch_shape: tuple
 
   def to_ours(self, w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w)
-    if len(self.our_shape) == 2 and w.ndim in (2, 3, 4):  # Linear / kernel-1 conv
+    w, kind = np.asarray(w), _kind(self.path, len(self.our_shape))
+    if kind == 'linear':
       w = w.reshape(w.shape[0], w.shape[1]).T
-    elif len(self.our_shape) == 4 and w.ndim == 4:         # Conv2d OIHW -> HWIO
+    elif kind == 'conv2d':  # OIHW -> HWIO
       w = w.transpose(2, 3, 1, 0)
-    elif len(self.our_shape) == 3 and w.ndim == 3:         # Conv1d OIK -> KIO
+    elif kind == 'conv1d':  # OIK -> KIO
       w = w.transpose(2, 1, 0)
     return w.reshape(self.our_shape)
 
   def to_torch(self, w: np.ndarray) -> np.ndarray:
-    w = np.asarray(w)
-    if len(self.our_shape) == 2 and len(self.torch_shape) in (2, 3, 4):
+    w, kind = np.asarray(w), _kind(self.path, len(self.our_shape))
+    if kind == 'linear':
       w = w.T
-    elif len(self.our_shape) == 4 and len(self.torch_shape) == 4:
+    elif kind == 'conv2d':
       w = w.transpose(3, 2, 0, 1)
-    elif len(self.our_shape) == 3 and len(self.torch_shape) == 3:
+    elif kind == 'conv1d':
       w = w.transpose(2, 1, 0)
     return w.reshape(self.torch_shape)
+
+
+def value_problems(arrays: dict, dtypes: dict) -> list[str]:
+  """Names each array of `arrays` (name -> array) that cannot hold the values
+  of a variable of dtype `dtypes[name]`: integers or booleans where the model
+  holds floats (or the reverse), NaN or infinities, also after the cast to
+  the model's dtype (1e39 is no float32)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  out = []
+  for name, w in arrays.items():
+    w, want = np.asarray(w), np.dtype(dtypes[name])
+    floating = jax.dtypes.issubdtype(want, np.floating)
+    if floating != jax.dtypes.issubdtype(w.dtype, np.floating) or (
+        not floating and not np.issubdtype(w.dtype, np.integer)):
+      out.append(f'{name} holds {w.dtype}, not {"floats" if floating else "integers"}')
+    elif floating:
+      with np.errstate(over='ignore', invalid='ignore'):
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w.astype(want))))
+      if bad:
+        out.append(f'{name} has {bad} of {w.size} values NaN or infinite'
+                   + (f' (as {want})' if np.isfinite(w).all() else ''))
+  return out
 
 
 def _candidates(path: tuple) -> list[str]:
@@ -87,21 +141,16 @@ def match(model: nnx.Module, torch_shapes: dict[str, tuple]):
     if key is None:
       missing.append('.'.join(map(str, path)) + f' (tried {_candidates(path)})')
       continue
-    tshape = tuple(torch_shapes[key])
-    if int(np.prod(tshape, dtype=np.int64)) != int(np.prod(shape, dtype=np.int64)):
-      bad_shape.append(f'{key}: official {tshape} vs ours {shape}')
+    tshape, want = tuple(torch_shapes[key]), official_shapes(path, shape)
+    if tshape not in want:  # the layout, not the size: [in, out] is no [out, in]
+      shown = next((w for w in want if len(w) == len(tshape)), want[0])
+      bad_shape.append(f'{key} is {tshape}, the official layout {shown} (ours {shape})')
     used.add(key)
     entries.append(Entry(path, key, shape, tshape))
   return entries, missing, sorted(set(torch_shapes) - used), bad_shape
 
 
-def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
-  """Pairs each of our parameters / BN statistics with a PyTorch key.
-
-  Raises ValueError naming every key that is missing, unexpected or of an
-  incompatible shape, so a wrong architecture fails with one clear message.
-  """
-  entries, missing, unexpected, bad_shape = match(model, torch_shapes)
+def _raise_if(missing, unexpected, bad_shape, values=()):
   problems = []
   if missing:
     problems.append('not in the state_dict: ' + '; '.join(missing))
@@ -109,20 +158,41 @@ def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
     problems.append('state_dict keys the model does not have: ' + ', '.join(unexpected))
   if bad_shape:
     problems.append('shape mismatch: ' + '; '.join(bad_shape))
+  if values:  # not the configuration: the file
+    problems.append('values no weight can have (a damaged file, or a diverged run?): '
+                    + '; '.join(values))
   if problems:
     raise ValueError(
-        'The PyTorch state_dict does not fit this model configuration (check '
-        'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):\n  '
-        + '\n  '.join(problems))
+        ('The PyTorch state_dict does not fit this model configuration (check '
+         'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):'
+         if len(problems) > bool(values) else 'The PyTorch state_dict cannot be loaded:')
+        + '\n  ' + '\n  '.join(problems))
+
+
+def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
+  """Pairs each of our parameters / BN statistics with a PyTorch key.
+
+  Raises ValueError naming every key that is missing, unexpected or not of
+  its official shape, so a wrong architecture fails with one clear message.
+  """
+  entries, missing, unexpected, bad_shape = match(model, torch_shapes)
+  _raise_if(missing, unexpected, bad_shape)
   return entries
 
 
 def load_state_dict(model: nnx.Module, state_dict: dict) -> list[Entry]:
-  """Copies an official state_dict (name -> array) into `model`, in place."""
+  """Copies an official state_dict (name -> array) into `model`, in place;
+  ValueError naming every array that does not fit (`mapping`) or holds values
+  no weight can have (`value_problems`), before anything is copied."""
   state_dict = {k.removeprefix('module.'): np.asarray(v) for k, v in state_dict.items()}
-  entries = mapping(model, {k: v.shape for k, v in state_dict.items()})
+  entries, missing, unexpected, bad_shape = match(model, {k: v.shape
+                                                          for k, v in state_dict.items()})
   state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
   flat = dict(nnx.to_flat_state(state))
+  fit = [e for e in entries if e.torch_shape in official_shapes(e.path, e.our_shape)]
+  _raise_if(missing, unexpected, bad_shape, value_problems(
+      {e.torch_key: state_dict[e.torch_key] for e in fit},
+      {e.torch_key: flat[e.path].get_value().dtype for e in fit}))
   for e in entries:
     var = flat[e.path]
     var.set_value(np.asarray(e.to_ours(state_dict[e.torch_key]), dtype=var.get_value().dtype))
@@ -158,33 +228,79 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
           for k, v in obj.items()}
 
 
+def _refuse_out(out: str, holding: bool = False):
+  """One line if `out` cannot become a new workdir: it is a file, a live run
+  holds it, or it holds anything but a stale lock (a run, a converted one,
+  other files). Converting never writes into an existing directory's files."""
+  import os  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import errors, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise errors.UserError(f'--out={out} is a file; give a new directory.')
+  if not os.path.isdir(out):
+    return
+  who = None if holding else workdir_lib.holder(out)
+  if who:
+    raise errors.UserError(f'--out={out} is in use by {workdir_lib.describe(who)}; give a '
+                           'new directory.')
+  lock = workdir_lib.LOCK_NAME
+  entries = sorted(n for n in os.listdir(out) if n != lock and not n.startswith(lock + '.'))
+  if 'config.json' in entries or 'checkpoints' in entries:
+    raise errors.UserError(f'--out={out} already holds a run (its config.json or checkpoints/); '
+                           'give a new directory, or delete that one to convert into it again.')
+  if entries:
+    raise errors.UserError(
+        f'--out={out} is not empty (it holds {", ".join(entries[:4])}'
+        f'{f" and {len(entries) - 4} more" if len(entries) > 4 else ""}); convert writes a new '
+        'workdir: give a new or empty directory.')
+
+
 def write_workdir(config, torch_file: str, out: str) -> str:
   """`torch_file` (.pth / .pth.tar / .pt, or an .npz state_dict) converted for
-  `config.model` into a new workdir `out`: config.json and checkpoint 0 (the
-  weights; the optimizer fresh). Every parameter must be in the file with its
-  shape. Returns the checkpoint directory."""
+  `config.model` into a new workdir `out` (absent or empty): config.json and
+  checkpoint 0 (the weights; the optimizer fresh), written while holding the
+  workdir's lock, as a training does; removed again if writing fails. Every
+  parameter must be in the file in its official layout. Returns the
+  checkpoint directory."""
   import os  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import checkpointing, errors, pretrained  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.init_from, config.init_skip = os.path.abspath(torch_file), ()
   validation.validate_config(config)
-  ckpts = os.path.join(out, 'checkpoints')
-  if checkpointing.committed_steps(ckpts) or os.path.exists(os.path.join(out, 'config.json')):
-    raise errors.UserError(f'--out={out} already holds a run; give a new directory.')
+  _refuse_out(out)
   take, notes = train_lib.initial_weights(config, out)  # before anything is written
-  mesh = sharding.make_mesh(1)
-  exp = train_lib.build(config, mesh, steps_per_epoch=1)
-  state = pretrained.apply(exp.init_state(), take)
-  os.makedirs(out, exist_ok=True)
-  train_lib.write_json(os.path.join(out, 'config.json'),
-                       {'config': config.to_dict(),
-                        'run': {'converted_from': os.path.abspath(torch_file),
-                                'num_params': exp.num_params}})
-  ckpt = checkpointing.Checkpointer(ckpts)
-  ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)}, force=True)
-  ckpt.close()
+  created = not os.path.exists(out)
+  workdir_lib.ensure(out, '--out')
+  ckpts, config_json = os.path.join(out, 'checkpoints'), os.path.join(out, 'config.json')
+  try:
+    with workdir_lib.WorkdirLock(out, command=' '.join(sys.argv)):
+      _refuse_out(out, holding=True)  # a run may have started there since the first look
+      exp = train_lib.build(config, sharding.make_mesh(1), steps_per_epoch=1)
+      state = pretrained.apply(exp.init_state(), take)
+      try:
+        train_lib.write_json(config_json,
+                             {'config': config.to_dict(),
+                              'run': {'converted_from': os.path.abspath(torch_file),
+                                      'num_params': exp.num_params}})
+        ckpt = checkpointing.Checkpointer(ckpts)
+        ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)},
+                  force=True)
+        ckpt.close()
+      except BaseException:  # half a converted workdir would pass for a run: remove it
+        shutil.rmtree(ckpts, ignore_errors=True)
+        if os.path.exists(config_json):
+          os.remove(config_json)
+        raise
+  except BaseException:
+    if created:
+      try:
+        os.rmdir(out)  # only if empty: nothing of another process is removed
+      except OSError:
+        pass
+    raise
   print(notes[0].replace('Initialised', 'Converted').rstrip('.') + f' -> {ckpts}/0.')
   return os.path.join(ckpts, '0')
 

@@ -116,6 +116,8 @@ def main(argv):
     res = train_lib.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
                                         step=_STEP.value, num_devices=_DEVICES.value,
                                         ema=_EMA.value)
+    # Only files of its own (eval_*.json, analysis_*/), written whole: the run's
+    # files stay its trainer's, which may hold the workdir meanwhile.
     ema = '_ema' if _EMA.value else ''
     out = out or os.path.join(_WORKDIR.value, f'eval_{res["split"]}{ema}_{res["step"]}.json')
     with open(out + '.tmp', 'w', encoding='utf-8') as f:  # a kill leaves no half a file

@@ -17,8 +17,9 @@ step start fresh. A run that resumes from its own checkpoint ignores it.
 `init_skip`: regular expressions (`re.search`) over our names such as
 `params/head/kernel` or `batch_stats/patch_embed/proj_bn/mean`; those keep
 their fresh initialisation (the head, when the number of classes changes).
-Everything else must be in the source with the same shape, or the run stops
-with one message listing what is not, before anything is written.
+Everything else must be in the source with the same shape (an official
+array: in PyTorch's layout, see `convert`) and finite values, or the run stops
+with one message naming what is not, before anything is written.
 """
 
 from __future__ import annotations
@@ -72,27 +73,40 @@ def check_source(path: str):
 
 
 def _read_ours(path: str) -> dict[str, np.ndarray]:
-  """{'params/...': array, 'batch_stats/...': array} of a checkpoint of ours."""
+  """{'params/...': array, 'batch_stats/...': array} of a checkpoint of ours;
+  its run may still be training and deleting old steps meanwhile."""
   step_dir = _step_dir(path)
-  where = os.path.join(step_dir, 'state')
-  try:
-    ckptr = ocp.StandardCheckpointer()
-    md = ckptr.metadata(where)
-    tree = getattr(getattr(md, 'item_metadata', md), 'tree', md)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-    state = ckptr.restore(where, abstract)
-  except Exception as e:  # pylint: disable=broad-except  # damaged, truncated, not orbax
-    raise errors.UserError(f'init_from: the checkpoint {step_dir} is unreadable '
-                           f'({checkpointing.reason(e)}).') from e
+  directory, name = os.path.split(step_dir)
+
+  def read(root, step):
+    where = os.path.join(root, str(step), 'state')
+    try:
+      ckptr = ocp.StandardCheckpointer()
+      md = ckptr.metadata(where)
+      tree = getattr(getattr(md, 'item_metadata', md), 'tree', md)
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+      return ckptr.restore(where, abstract)
+    except Exception as e:  # pylint: disable=broad-except  # damaged, truncated, not orbax
+      raise errors.UserError(f'init_from: the checkpoint {os.path.join(root, str(step))} is '
+                             f'unreadable ({checkpointing.reason(e)}).') from e
+
+  if not name.isdigit():  # a step directory copied under another name: no run writes it
+    state = read(directory, name)
+  else:  # the newest step, unless init_from names one
+    named = os.path.isdir(os.path.join(path, 'state'))
+    state = checkpointing.read_committed(directory, read, step=int(name) if named else None,
+                                         workdir=os.path.dirname(directory))
   return {k: np.asarray(v) for k, v in checkpointing.flatten(state).items()
           if k.startswith(('params/', 'batch_stats/'))}
 
 
-def _read_torch(path: str, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
-  """An official state_dict converted to our names and layouts, and the
-  state_dict keys our model has no place for."""
+def _read_torch(path: str, model: nnx.Module):
+  """An official state_dict converted to our names and layouts, the
+  state_dict keys our model has no place for, and {our name: why} for each
+  array not in its official layout (another shape, if not another size:
+  fc1's [in, out] for PyTorch's [out, in])."""
   try:
     if path.endswith('.npz'):
       with np.load(path, allow_pickle=False) as d:
@@ -108,13 +122,20 @@ def _read_torch(path: str, model: nnx.Module) -> tuple[dict[str, np.ndarray], li
   kinds = {path: 'params' if isinstance(var, nnx.Param) else 'batch_stats'
            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param,
                                                                          nnx.BatchStat)))}
-  out = {}
+  out, misfits = {}, {}
   for e in entries:
     name = kinds[e.path] + '/' + '/'.join(map(str, e.path))
-    w = state_dict[e.torch_key]
-    out[name] = (e.to_ours(w) if w.size == int(np.prod(e.our_shape, dtype=np.int64))
-                 else w)  # another size: reported as a shape mismatch below
-  return out, unexpected
+    want = convert.official_shapes(e.path, e.our_shape)
+    if e.torch_shape in want:
+      out[name] = e.to_ours(state_dict[e.torch_key])
+    else:
+      shown = next((w for w in want if len(w) == len(e.torch_shape)), want[0])
+      misfits[name] = f'{name} ({e.torch_key} is {e.torch_shape}, officially {shown})'
+  return out, unexpected, misfits
+
+
+def _names(items: list[str], limit: int = 30) -> str:
+  return ', '.join(items[:limit]) + (f' (+{len(items) - limit} more)' if len(items) > limit else '')
 
 
 def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -122,8 +143,9 @@ def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
   BatchNorm statistic of `model` (config.model, built abstractly) that
   `init_skip` does not keep, plus lines to log.
 
-  Raises UserError listing every entry missing from the source or of another
-  shape (with the init_skip that would keep it fresh)."""
+  Raises UserError listing every entry missing from the source, of another
+  shape (an official array: of another layout) or holding values no weight
+  can have (integers, NaN), with the init_skip that would keep it fresh."""
   path = os.path.abspath(os.path.expanduser(config.init_from))
   check_source(path)
   patterns = config.get('init_skip', ())
@@ -134,32 +156,35 @@ def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
     raise errors.UserError(f'init_skip={patterns!r}: {e.pattern!r} is not a regular '
                            f'expression ({e}).') from e
   if os.path.isdir(path):
-    source, unused_keys = _read_ours(path), []
+    source, unused_keys, misfits = _read_ours(path), [], {}
   else:
-    source, unused_keys = _read_torch(path, model)
+    source, unused_keys, misfits = _read_torch(path, model)
   ours = checkpointing.flatten({'params': nnx.state(model, nnx.Param),
                                 'batch_stats': nnx.state(model, nnx.BatchStat)})
   take, kept, missing, bad = {}, [], [], []
   for name, leaf in ours.items():
     if any(p.search(name) for p in skip):
       kept.append(name)
+    elif name in misfits:
+      bad.append(misfits[name])
     elif name not in source:
       missing.append(name)
     elif tuple(source[name].shape) != tuple(leaf.shape):
       bad.append(f'{name} {tuple(source[name].shape)} vs ours {tuple(leaf.shape)}')
     else:
       take[name] = source[name]
-  if missing or bad:
-    heads = sorted({n.split('/')[1] for n in missing + [b.split(' ')[0] for b in bad]})
+  values = convert.value_problems(take, {n: ours[n].dtype for n in take})
+  if missing or bad or values:
+    heads = sorted({n.split('/')[1] for n in missing + [b.split(' ')[0] for b in bad + values]})
     raise errors.UserError(
         f'init_from={config.init_from} does not fit this model: '
         + '; '.join(filter(None, [
-            f'{len(bad)} of another shape ({", ".join(bad[:6])}{" ..." if len(bad) > 6 else ""})'
-            if bad else '',
-            f'{len(missing)} missing ({", ".join(missing[:6])}{" ..." if len(missing) > 6 else ""})'
-            if missing else '']))
+            f'{len(bad)} of another shape ({_names(bad)})' if bad else '',
+            f'{len(missing)} missing ({_names(missing, 6)})' if missing else '',
+            f'{len(values)} of unusable values ({_names(values)})' if values else '']))
         + f'. Leave them at their initialisation with --config.init_skip="{tuple(heads)}" '
-        '(regular expressions over these names), or fix the config.')
+        '(regular expressions over these names), or fix the config'
+        + (' or the source' if bad or values else '') + '.')
   unused = sorted(set(source) - set(ours)) + unused_keys
   notes = [f'Initialised {len(take)} of {len(ours)} arrays from {path}'
            + (f'; kept fresh (init_skip): {", ".join(kept)}' if kept else '')

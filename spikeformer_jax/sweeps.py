@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from spikeformer_jax import config_lib
+from spikeformer_jax import workdir as workdir_lib
 
 # Keys that annotate a point without being swept: not in its name, not a column.
 ANNOTATIONS = ('name', 'paper_top1')
@@ -343,6 +344,10 @@ def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Poin
   """WORKDIR/sweep.json: what `collect` reads. Refuses a workdir that holds
   another sweep (mixing two sweeps' points would corrupt both tables)."""
   path = os.path.join(workdir, 'sweep.json')
+  who = workdir_lib.holder(workdir)  # the sweep's points have their own directories
+  if who:
+    raise ValueError(f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
+                     'workdir, not a sweep directory; use another --workdir.')
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       old = json.load(f)

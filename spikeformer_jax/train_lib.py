@@ -831,18 +831,30 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | 
   eval_config = ml_collections.ConfigDict(config.to_dict())
   eval_config.bn_scope = 'global'
   exp = build(eval_config, mesh, steps_per_epoch=1)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), create=False)
-  try:
-    state, _ = ckpt.restore(exp.abstract_state, step)
+  directory = os.path.join(workdir, 'checkpoints')
+
+  def read(root, s):
+    ckpt = checkpointing.Checkpointer(root, create=False)
+    try:
+      return ckpt.restore(exp.abstract_state, s)
+    finally:
+      ckpt.close(quiet=True)
+
+  try:  # the run may still be training, deleting old steps as it goes
+    state, _ = checkpointing.read_committed(directory, read, step=step, workdir=workdir)
+  except checkpointing.RunBeingWritten:
+    raise
   except errors.CheckpointError as e:
-    bad = ckpt.latest_step() if step is None else step
-    intact = ckpt.intact_steps(exp.abstract_state, exclude=(bad,))
+    ckpt = checkpointing.Checkpointer(directory, create=False)
+    try:
+      bad = ckpt.latest_step() if step is None else step
+      intact = ckpt.intact_steps(exp.abstract_state, exclude=(bad,))
+    finally:
+      ckpt.close(quiet=True)
     raise errors.CheckpointError(
         f'{errors.one_line(e)}; ' + (f'intact steps: {", ".join(map(str, intact))}: evaluate '
                                      f'one with --step={intact[-1]}.' if intact else
                                      'no other step reads either.')) from e
-  finally:
-    ckpt.close(quiet=True)
   return exp, state
 
 

@@ -215,6 +215,23 @@ class WorkdirLock:
     self.release()
 
 
+def holder(workdir: str) -> dict | None:
+  """The live process holding `workdir`'s lock (a training, a convert), or
+  None; takes nothing. For the tools that read a run while it may be written,
+  and for those that must not write into it. An unreadable lock touched
+  recently counts as held (its holder unknown)."""
+  lock = WorkdirLock(workdir)
+  try:
+    held, age = lock._read()  # pylint: disable=protected-access
+  except FileNotFoundError:
+    return None
+  if held is None:  # released between the two reads, or not a lock we wrote
+    fresh = age < STALE_S and os.path.exists(lock.path)
+    return {'pid': '?', 'command': f'unreadable lock {lock.path}'} if fresh else None
+  alive = _alive(held)
+  return held if alive or (alive is None and age < STALE_S) else None
+
+
 def ensure(workdir: str, what: str = '--workdir'):
   """Creates `workdir`, or says in one line why it cannot be used."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -264,6 +264,43 @@ def test_a_full_disk_stops_and_loses_nothing(base, tmp_path):
   _assert_same_run(kept, base)
 
 
+def test_eval_and_init_from_read_a_run_that_saves_every_step(tmp_path):
+  """A run that saves every step and keeps one deletes each checkpoint about
+  as soon as a reader finds it: eval and init_from failed 5 of 8 tries
+  ("Truncated Zstd...", "'StepMetadata' object has no attribute 'shape'").
+  Each read gets a whole step while the run goes on."""
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  wd = tmp_path / 'live'
+  proc = subprocess.Popen(
+      [sys.executable, 'train.py', f'--workdir={wd}', '--config=configs/spikformer.py:digits',
+       '--config.total_steps=100000', '--config.ckpt_every_steps=1', '--config.ckpt_keep=1',
+       '--config.eval_every_epochs=0', '--config.log_every_steps=1'],
+      cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while _logged_step(wd) < 3:
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+      assert time.time() < deadline, 'training did not start in time'
+      time.sleep(0.05)
+    config = train_lib.load_run_config(str(wd))
+    init = config.copy_and_resolve_references()
+    init.init_from = str(wd)
+    first = _logged_step(wd)
+    res = train_lib.evaluate_checkpoint(config, str(wd), num_devices=1)  # what eval.py runs
+    assert res['step'] >= first and res['count'] > 0
+    for _ in range(4):  # its restore alone (the part that raced), and init_from's
+      _, step = train_lib.restore_model(config, str(wd))
+      assert step >= res['step']
+      _, notes = train_lib.initial_weights(init, str(tmp_path / 'new'))
+      assert notes[0].startswith('Initialised '), notes
+    # The run trained on meanwhile, deleting the steps read.
+    assert proc.poll() is None and _logged_step(wd) > first + 2
+  finally:
+    proc.terminate()
+    proc.communicate(timeout=120)
+  assert not [n for n in os.listdir(wd / 'checkpoints') if n.startswith('.reading-')]
+
+
 def test_a_damaged_checkpoint_and_a_read_only_workdir(base, tmp_path):
   wd = tmp_path / 'damaged'
   shutil.copytree(base, wd)

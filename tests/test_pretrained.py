@@ -129,6 +129,95 @@ def test_an_official_state_dict_initialises_the_model(shared_dir, tmp_path):
   assert json.dumps(sorted(take))  # names are plain strings
 
 
+def _fixture_config(shared_dir, tmp_path, edit=None):
+  """A config of the Spikformer CIFAR recording's model whose init_from is its
+  official state_dict (as .npz), after `edit(state_dict)`."""
+  d, rec = recordings.read_recording(str(shared_dir / 'fixtures' / 'spikformer_cifar.npz'))
+  state_dict = recordings.state_dict(d)
+  if edit:
+    edit(state_dict)
+  np.savez(tmp_path / 'official.npz', **state_dict)
+  config = _tiny(init_from=str(tmp_path / 'official.npz'))
+  mc = recordings.model_config_from_fixture(rec)
+  mc.dtype = 'float32'
+  config.model = mc
+  config.data.shape = (mc.img_size, mc.img_size, 3)
+  return config
+
+
+def test_an_official_array_of_another_layout_is_named_before_anything_is_written(
+    shared_dir, tmp_path):
+  """fc1 given as [in, out] has as many elements as PyTorch's [out, in]: it
+  used to load ("74 of 74 arrays"). init_from and convert name it, with the
+  other arrays no weight can be, and write nothing."""
+  fc1 = 'block.0.mlp.fc1_linear.weight'
+
+  def edit(sd):
+    sd[fc1] = np.ascontiguousarray(sd[fc1].T)  # (64, 256): [in, out]
+    sd['head.bias'][3] = np.nan
+    sd['block.0.attn.q_bn.running_var'] = sd['block.0.attn.q_bn.running_var'].astype(np.int32)
+  config = _fixture_config(shared_dir, tmp_path, edit)
+  from spikeformer_jax import convert  # pylint: disable=import-outside-toplevel
+  for attempt in (lambda: train_lib.initial_weights(config, str(tmp_path / 'wd')),
+                  lambda: convert.write_workdir(config, config.init_from, str(tmp_path / 'out'))):
+    with pytest.raises(errors.UserError) as e:
+      attempt()
+    msg = str(e.value)
+    assert msg.startswith(f'init_from={config.init_from} does not fit this model: 1 of '
+                          'another shape (params/block/0/mlp/fc1_linear/kernel '
+                          f'({fc1} is (64, 256), officially (256, 64))); 2 of unusable values '
+                          '(batch_stats/block/0/attn/q_bn/var holds int32, not floats, '
+                          'params/head/bias has 1 of 10 values NaN or infinite). '), msg
+    assert msg.endswith('or fix the config or the source.') and '\n' not in msg, msg
+  assert not (tmp_path / 'wd').exists() and not (tmp_path / 'out').exists()
+
+
+def test_convert_writes_a_new_workdir_only_and_holds_its_lock(shared_dir, tmp_path, monkeypatch):
+  """convert never writes into a live run, a run (finished, converted) or a
+  directory of other files; it holds the workdir's lock while it writes, and
+  removes what it wrote if writing fails."""
+  import os  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import convert, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  config = _fixture_config(shared_dir, tmp_path)
+  src = config.init_from
+  (tmp_path / 'live').mkdir()
+  (tmp_path / 'run' / 'checkpoints' / '7').mkdir(parents=True)
+  (tmp_path / 'notes').mkdir()
+  (tmp_path / 'notes' / 'todo.txt').write_text('x')
+  (tmp_path / 'file').write_text('x')
+  cases = {'run': 'already holds a run (its config.json or checkpoints/); give a new directory',
+           'notes': 'is not empty (it holds todo.txt); convert writes a new workdir',
+           'file': 'is a file; give a new directory'}
+  with workdir_lib.WorkdirLock(str(tmp_path / 'live'), command='train.py --workdir=live'):
+    with pytest.raises(errors.UserError, match=r'--out=.*live is in use by process \d+ on .*'
+                       r'train.py --workdir=live\); give a new directory'):
+      convert.write_workdir(config, src, str(tmp_path / 'live'))
+    for name, message in cases.items():
+      with pytest.raises(errors.UserError) as e:
+        convert.write_workdir(config, src, str(tmp_path / name))
+      assert str(e.value).startswith(f'--out={tmp_path / name} {message}'), str(e.value)
+  assert os.listdir(tmp_path / 'live') == [] and os.listdir(tmp_path / 'run') == ['checkpoints']
+
+  # A failed write leaves nothing that would pass for a run.
+  real_save = checkpointing.Checkpointer.save
+  def failing(self, *a, **k):
+    raise errors.CheckpointError('disk full (simulated)')
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', failing)
+  with pytest.raises(errors.CheckpointError, match='simulated'):
+    convert.write_workdir(config, src, str(tmp_path / 'new'))
+  assert not (tmp_path / 'new').exists()
+  # An empty directory is converted into, and a training is refused while it is.
+  seen = []
+  def save(self, *a, **k):
+    with pytest.raises(errors.WorkdirBusy, match='is in use by process'):
+      workdir_lib.WorkdirLock(str(tmp_path / 'live')).acquire()
+    seen.append(workdir_lib.holder(str(tmp_path / 'live'))['command'])
+    return real_save(self, *a, **k)
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', save)
+  convert.write_workdir(config, src, str(tmp_path / 'live'))
+  assert seen and sorted(os.listdir(tmp_path / 'live')) == ['checkpoints', 'config.json']
+
+
 @pytest.mark.parametrize('transfer,imagenet', [('cifar10-transfer-8-512', 'imagenet-8-512'),
                                                ('cifar100-transfer-8-384', 'imagenet-8-384'),
                                                ('cifar10-transfer-4-384', 'imagenet-4-384')])

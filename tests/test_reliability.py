@@ -6,10 +6,12 @@ processes (signals, two trainings, a full disk) are in test_preemption.py."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +76,15 @@ def test_a_holder_elsewhere_is_stale_only_without_heartbeat(tmp_path):
     t = time.time() - workdir_lib.STALE_S - 5
     os.utime(tmp_path / workdir_lib.LOCK_NAME, (t, t))
     workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_a_runs_workdir_is_no_sweep_directory(tmp_path):
+  from spikeformer_jax import sweeps  # pylint: disable=import-outside-toplevel
+  with workdir_lib.WorkdirLock(str(tmp_path), command='train.py --workdir=x'):
+    with pytest.raises(ValueError, match=r"is in use by process .*: it is a run's workdir, "
+                       'not a sweep directory; use another --workdir'):
+      sweeps.write_manifest('configs/spikformer.py', 'digits-small', str(tmp_path), [])
+  assert os.listdir(tmp_path) == []
 
 
 _RACE = '''
@@ -218,6 +229,65 @@ def test_nothing_moves_when_no_step_reads_or_the_cause_is_not_damage(tmp_path, m
                      r'memory.*\); that is no sign of a damaged checkpoint, so nothing was moved'):
     ck.restore_intact(_abstract())
   assert ck.all_steps() == [1, 2]
+
+
+def _step(ck, n):
+  (ck / str(n)).mkdir(parents=True)
+  (ck / str(n) / 'data').write_text(str(n))
+
+
+def test_a_reader_gets_a_whole_step_while_the_run_deletes_it(tmp_path):
+  """read_committed: a live run saving every step and keeping one deletes the
+  step being read. Read from a hold (hard links) it stays whole; a step lost
+  all the same is followed to the new newest, a bounded number of times."""
+  ck = tmp_path / 'checkpoints'
+  _step(ck, 1)
+
+  def rotate(n):  # the run saves step n and deletes step n - 1
+    _step(ck, n)
+    shutil.rmtree(ck / str(n - 1))
+
+  def read_rotating(root, step):
+    rotate(step + 1)
+    return (Path(root) / str(step) / 'data').read_text()
+  # A killed reader's hold keeps disk space: the next reader on its host drops it.
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  (ck / f'.reading-{socket.gethostname()}-{dead.pid}-x' / '1').mkdir(parents=True)
+  (ck / '.reading-elsewhere-1-x').mkdir()
+  assert checkpointing.read_committed(str(ck), read_rotating) == '1'  # the hold stayed whole
+  assert sorted(os.listdir(ck)) == ['.reading-elsewhere-1-x', '2']  # step 1 deleted meanwhile
+  (ck / '.reading-elsewhere-1-x').rmdir()
+
+  reads, last_lost = [], [3]
+  def read_lost(root, step):  # no hold possible: the step is gone when read
+    reads.append(step)
+    if step <= last_lost[0]:
+      rotate(step + 1)
+      raise errors.CheckpointError(f'checkpoint {step} is unreadable (Truncated Zstd...)')
+    return step
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(checkpointing, '_hold', lambda d, s: None)
+    assert checkpointing.read_committed(str(ck), read_lost) == 4 and reads == [2, 3, 4]
+    reads.clear()
+    last_lost[0] = 100
+    with workdir_lib.WorkdirLock(str(tmp_path), command='train.py --workdir=x'):
+      with pytest.raises(checkpointing.RunBeingWritten) as e:
+        checkpointing.read_committed(str(ck), read_lost, tries=2)
+    assert reads == [4, 5], reads
+  assert str(e.value).startswith(f'the run in {tmp_path} is being written by process '
+                                 f'{os.getpid()} on ')
+  assert str(e.value).endswith('deleted each checkpoint while it was read (2 tries): retry, or '
+                               'stop that run first (or give it a larger ckpt_keep).')
+
+  # A step that stays and does not read is named, read in place: not retried.
+  reads.clear()
+  def read_damaged(root, step):
+    reads.append(root)
+    raise errors.CheckpointError(f'checkpoint {step} in {root} is unreadable (DATA_LOSS)')
+  with pytest.raises(errors.CheckpointError, match=f'checkpoint 6 in {ck} is unreadable'):
+    checkpointing.read_committed(str(ck), read_damaged)
+  assert len(reads) == 2 and reads[1] == str(ck)  # its hold, then in place
 
 
 def test_another_model_is_still_another_model(tmp_path):
