@@ -11,8 +11,8 @@ declares its sweeps with `get_sweep(name)`, returning the points, built with:
     product(a, b), chain(a, b)                          # combine sweeps
 
 `expand` turns them into complete configs and rejects invalid ones (unknown
-fields, values of the wrong type, models that cannot be built) before anything
-runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
+fields, values of the wrong type, what train.py's config checks refuse, models
+that cannot be built) before anything runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
 a rerun skip finished points and continue interrupted ones); a point that
 fails, is stopped by a signal or finds its directory in use by another process
 is recorded in WORKDIR/status.json and the sweep goes on. `collect` reads every
@@ -169,17 +169,13 @@ def varying_keys(points: list[dict]) -> list[str]:
 
 
 def check_buildable(config: ml_collections.ConfigDict):
-  """Builds the model abstractly (no arrays): catches sizes that do not fit."""
+  """train.py's checks of the config alone (validation.validate_config: fields,
+  sizes, finite floats), then the model built abstractly (no arrays): catches
+  what would fail each point's run before any point runs."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import models, optim, validation  # pylint: disable=import-outside-toplevel
-  validation.load_plugins(config)  # their kinds / families, before building
+  from spikeformer_jax import models, validation  # pylint: disable=import-outside-toplevel
+  validation.validate_config(config)  # imports config.plugins: their kinds / families
   nnx.eval_shape(lambda: models.build_model(config.model))
-  if config.optimizer.get('schedule', 'timm_cosine') not in optim.SCHEDULES:
-    raise ValueError(f'optimizer.schedule={config.optimizer.schedule!r}; valid: '
-                     f'{optim.SCHEDULES}.')
-  if config.batch_size < 1 or config.model.T < 1:
-    raise ValueError(f'batch_size={config.batch_size} and model.T={config.model.T} '
-                     'must be >= 1.')
 
 
 class InvalidPoints(ValueError):

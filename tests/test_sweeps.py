@@ -61,11 +61,13 @@ def _write_config(tmp_path, points_src):
 
 def test_invalid_points_are_rejected_before_anything_runs(tmp_path):
   cfg = _write_config(tmp_path, "[{'model.T': 2}, {'model.num_heads': 5}, "
-                                "{'model.nope': 1}, {'model.T': 'four'}]")
+                                "{'model.nope': 1}, {'model.T': 'four'}, "
+                                "{'model.neuron.tau': float('nan')}]")
   with pytest.raises(ValueError) as e:
     sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'))
   msg = str(e.value)
-  assert '3 of 4 sweep points are invalid (nothing was run)' in msg
+  assert '4 of 5 sweep points are invalid (nothing was run)' in msg
+  assert 'model.neuron.tau=nan must be finite.' in msg  # train.py's checks of the config
   assert 'is not divisible by model.num_heads=5' in msg
   assert "unknown config field 'model.nope'" in msg
   assert "model.T='four'" in msg
