@@ -116,8 +116,8 @@ def main(argv=None) -> int:
   except errors.Stopped as e:  # `run` passed the signal on and its points saved
     print(errors.one_line(e), file=sys.stderr)
     return e.exit_code
-  except KeyboardInterrupt:  # before any point started
-    print('interrupted (SIGINT) before any point started; rerun the same command.',
+  except KeyboardInterrupt:  # while no point ran (`run` passes it on to running ones)
+    print('interrupted (SIGINT) while no point was running; rerun the same command to go on.',
           file=sys.stderr)
     return 130
   except sweeps.InvalidPoints as e:  # a line per invalid point reads better than one
