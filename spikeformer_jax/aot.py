@@ -180,7 +180,8 @@ class StopAtOnce:
   SIGTERM handler, which dumps a stack trace. Here the signal's byte reaches a
   watcher thread through `signal.set_wakeup_fd`, which prints the line and
   exits without unwinding (`os._exit`; 143 / 130 as train.py): safe, since the
-  planner writes nothing but its report at the end. `claim()` takes the
+  planner writes nothing but its report at the end (a persistent-cache entry
+  cut short is one JAX warns about and compiles again). `claim()` takes the
   signals back from a library that took them (libtpu, when it loads).
   """
 
