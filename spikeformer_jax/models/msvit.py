@@ -279,8 +279,8 @@ def check_config(cfg: ml_collections.ConfigDict):
                            or any(k < 0 or k and k % 2 == 0 for k in kernels)):
       # An even kernel's padding k // 2 adds a token: its branch would not add up.
       raise ValueError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
-                       'pair per stage, each 0 (drops the branch) or odd, at least one '
-                       'non-zero.')
+                       'pair per stage, each 0 (drops the branch) or odd, at least one of '
+                       'them non-zero.')
   for dim in cfg.dims:
     if dim % cfg.num_heads:
       raise ValueError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
