@@ -324,6 +324,10 @@ def test_damaged_sweep_files_are_named_and_redone_not_refused(tmp_path, monkeypa
       "error: --metric='status': collect sorts and plots a number of each point; valid: "
       'test_top1, paper_top1, test_top5, test_loss, steps, wall_time_s, num_params.']
   assert not list(wd.glob('results.*'))  # refused before writing anything
+  assert sweep.main(['run', f'--config={cfg}', '--sweep=tiny', f'--workdir={wd}',
+                     '--parallel=0']) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      'error: --parallel=0: the number of points trained at once must be >= 1.']
   log = []
   result = sweeps.run(cfg, 'tiny', str(wd), log=log.append)
   assert result == {'T=1': 'finished', 'T=2': 'finished', 'T=3': 'failed'}
