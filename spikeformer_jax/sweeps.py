@@ -454,6 +454,17 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
   # The running point processes; a re-entrant lock, since a second signal's
   # handler may run inside the first's (both in the main thread).
   running, lock, received = {}, threading.RLock(), []
+  told, told_lock = [0], threading.Lock()
+
+  def announce():
+    """Logs the signals received so far (once each): by the main loop, and by
+    a worker before the end of its point, which the signal may have caused."""
+    with told_lock:
+      while told[0] < len(received):
+        name = signal.Signals(received[told[0]]).name
+        log('[stopping] waiting for the running points to save their step' if told[0] == 0 else
+            f'[stopping] {name} again: passed on; the running points stop without saving')
+        told[0] += 1
 
   def one(item):
     p, st = item
@@ -485,6 +496,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       with lock:
         running.pop(p.name, None)
     secs, rc = round(time.time() - t0, 1), proc.returncode
+    announce()
     if rc == 0 and _status_or_damaged(pdir) == 'finished':
       status.set(p.name, status='finished', seconds=secs, error='')
       log(f'[done] {p.name} ({secs} s)')
@@ -516,14 +528,9 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
   pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
   try:
     futures = [pool.submit(one, item) for item in todo]
-    told = 0
     while True:
       _, pending = concurrent.futures.wait(futures, timeout=0.1)
-      if len(received) > told:
-        name = signal.Signals(received[told]).name
-        log('[stopping] waiting for the running points to save their step' if told == 0 else
-            f'[stopping] {name} again: passed on; the running points stop without saving')
-        told += 1
+      announce()
       if not pending:
         break
     for f in futures:
