@@ -31,8 +31,10 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import sys
+import threading
 import time
 
 GiB = 2 ** 30
@@ -106,8 +108,8 @@ def parse_topology(name: str) -> Topology:
     gen, shape = m.group(1), tuple(int(d) for d in m.group(2).split('x'))
     want = 2 if gen in ('v5e', 'v6e') else 3
     if len(shape) != want or min(shape) < 1:
-      raise PlanError(f'--topology={name}: a {gen} slice has {want} dimensions, '
-                      f'e.g. {gen}:{"x".join(["2"] * 2 + ["1"] * (want - 2))}.')
+      raise PlanError(f'--topology={name}: a {gen} slice has {want} dimensions of at least 1 '
+                      f'chip, e.g. {gen}:{"x".join(["2"] * 2 + ["1"] * (want - 2))}.')
     return Topology(gen, shape)
   m = re.fullmatch(r'(v4|v5p|v5litepod|v5e|v6e)-(\d+)', name)
   if m:
@@ -119,6 +121,32 @@ def parse_topology(name: str) -> Topology:
   raise PlanError(f'--topology={name!r}: use GEN:SHAPE (GEN one of '
                   f'{", ".join(TPU_GENERATIONS)}; e.g. v5e:2x2, v5p:4x4x4) or a Cloud '
                   'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8), or local.')
+
+
+def check_options(config, topology: str = 'local', batch: int | None = None,
+                  steps: int | None = None, top: int = 0, batch_multiple: int = 0,
+                  search: bool = False):
+  """Every option of the planner and its config, in one place, before
+  anything compiles (train.py's config checks, then the planner's own): a
+  PlanError or ValueError of one line."""
+  from spikeformer_jax import validation  # pylint: disable=import-outside-toplevel
+  validation.validate_config(config)
+  chips = None if topology == 'local' else parse_topology(topology).chips
+
+  def count(name, value, low, why=''):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < low):
+      raise PlanError(f'--{name}={value} must be an integer >= {low}{why}.')
+  count('batch', batch, 1, ' (the global batch; default: config.batch_size)')
+  count('steps', steps, 0, ' (timed steps on the local devices; 0: none)')
+  count('top', top, 0, ' (0: no list of the largest HBM consumers)')
+  count('batch_multiple', batch_multiple, 0, ' (0: the number of chips)')
+  if batch_multiple and not search:
+    raise PlanError(f'--batch_multiple={batch_multiple} applies to --max_batch only; add '
+                    '--max_batch, or drop it.')
+  if steps and chips is not None:
+    raise PlanError(f'--steps={steps} times steps on the local devices; {topology} is only '
+                    'compiled for: drop --steps, or use --topology=local.')
 
 
 def tpu_devices(topology: Topology):
@@ -142,6 +170,66 @@ def tpu_devices(topology: Topology):
   except Exception as e:  # pylint: disable=broad-except
     raise PlanError(f'libtpu cannot describe {topology.name}: {_first_line(e)}') from e
   return desc.devices
+
+
+class StopAtOnce:
+  """SIGTERM and Ctrl-C stop the planner at once, with one line.
+
+  A compile runs in XLA's C++ for minutes: Python runs a signal's handler (and
+  raises KeyboardInterrupt) only after it returns, and libtpu installs its own
+  SIGTERM handler, which dumps a stack trace. Here the signal's byte reaches a
+  watcher thread through `signal.set_wakeup_fd`, which prints the line and
+  exits without unwinding (`os._exit`; 143 / 130 as train.py): safe, since the
+  planner writes nothing but its report at the end (a persistent-cache entry
+  cut short is one JAX warns about and compiles again). `claim()` takes the
+  signals back from a library that took them (libtpu, when it loads).
+  """
+
+  def __init__(self):
+    self._previous, self._pipe, self._old_fd = {}, None, None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      r, w = os.pipe()
+      os.set_blocking(w, False)
+      self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+      self._pipe = (r, w)
+      self.claim()
+      threading.Thread(target=self._watch, args=(r,), daemon=True, name='stop-at-once').start()
+    return self
+
+  def claim(self):
+    """(Re)installs the handlers: a Python handler, so that the wakeup fd hears it."""
+    if self._pipe is not None:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.signal(s, lambda *_: None)
+        self._previous.setdefault(s, previous)
+
+  def _watch(self, r):
+    while True:
+      try:
+        data = os.read(r, 64)
+      except OSError:
+        return
+      if not data:
+        os.close(r)
+        return
+      for signum in data:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+          name = signal.Signals(signum).name
+          # os.write: the main thread may hold sys.stderr's lock.
+          os.write(2, f'stopped ({name}): the planner wrote nothing.\n'.encode())
+          os._exit(128 + signum)  # pylint: disable=protected-access
+
+  def __exit__(self, *exc):
+    for s, previous in self._previous.items():
+      signal.signal(s, previous)
+    if self._pipe is not None:
+      signal.set_wakeup_fd(self._old_fd)
+      os.close(self._pipe[1])  # the watcher reads EOF and ends
+
+
+_STOP = StopAtOnce()  # main() enters it; compile_step re-claims the signals
 
 
 def _first_line(e: BaseException) -> str:
@@ -203,6 +291,7 @@ def compile_step(config, devices, batch: int):
   """(compiled train step or the out-of-memory error, mesh, experiment, compile seconds)."""
   import jax  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding, train_lib  # pylint: disable=import-outside-toplevel
+  _STOP.claim()  # libtpu, loaded by now, may have taken SIGTERM
   mesh = sharding.mesh_from_config(config, devices)
   sharding.check_batch_size(batch, mesh, '--batch')
   exp = train_lib.build(config, mesh, steps_per_epoch=1000)
@@ -365,9 +454,8 @@ def plan(config, topology: str = 'local', batch: int | None = None, steps: int |
   on local accelerators also the measured step (`steps` timed steps, default
   5 on GPU / TPU, none on CPU)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import validation  # pylint: disable=import-outside-toplevel
-  validation.validate_config(config)
-  batch = batch or config.batch_size
+  check_options(config, topology, batch, steps, top)
+  batch = config.batch_size if batch is None else batch
   if topology == 'local':
     devices = jax.devices()
     chip = chip_for(devices[0])
@@ -402,6 +490,7 @@ def max_batch(config, topology: str = 'local', start: int | None = None, multipl
   whose step fits: doubling (or halving) from `start` (default: one image
   per chip), then bisection. Returns (that batch, or None if the smallest
   does not fit; every compile's report)."""
+  check_options(config, topology, start, 0, 0, multiple, search=True)
   unit = multiple or _chips(config, topology)
   reports = []
 
@@ -515,6 +604,11 @@ def main(argv):
   def log(msg):
     print(msg, file=sys.stderr, flush=True)
   try:
+    check_options(config, f.topology, f.batch, f.steps, f.top, f.batch_multiple, f.max_batch)
+  except errors.CLEAR as e:  # before anything loads or compiles
+    print(f'error: {errors.one_line(e)}', file=sys.stderr)
+    return 1
+  try:
     if f.max_batch:
       best, reports = max_batch(config, f.topology, f.batch, f.batch_multiple,
                                 log=None if f.json else log)
@@ -536,7 +630,7 @@ def main(argv):
   return 0 if r['fits'] or f.max_batch else 3
 
 
-def _define_flags():
+def _define_flags():  # checked by check_options
   from absl import flags  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
   cli.define_config_file('config', os.path.join(cli.PACKAGED_CONFIGS, 'spikformer.py') + ':digits',
@@ -559,4 +653,5 @@ def _define_flags():
 if __name__ == '__main__':
   _define_flags()
   from spikeformer_jax import cli as _cli  # pylint: disable=g-import-not-at-top
-  _cli.run(main)
+  with _STOP:
+    _cli.run(main)

@@ -44,8 +44,12 @@ class TensorBoard:
 
   def __init__(self, directory: str, resume_step: int = 0):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    # A resumed run drops the events written after its checkpoint, as the JSONL.
-    self._w = SummaryWriter(directory, purge_step=resume_step + 1 if resume_step else None)
+    # A rerun drops the events written after its checkpoint, as the JSONL: also
+    # a rerun from step 0 (killed before its first checkpoint), whose events
+    # would otherwise show every step twice.
+    rerun = os.path.isdir(directory) and any(
+        n.startswith('events.out.tfevents.') for n in os.listdir(directory))
+    self._w = SummaryWriter(directory, purge_step=resume_step + 1 if rerun else None)
 
   def scalars(self, step: int, metrics: dict):
     for k, v in metrics.items():

@@ -16,8 +16,11 @@ a field a point sets itself keeps the point's value, and `list`, `run` and
 Every point is expanded and validated before anything runs. Each point trains
 in DIR/<point>; rerunning `run` skips finished points and resumes interrupted
 ones; a point whose directory was trained with another config is refused, not
-mixed; failures are recorded in DIR/status.json and do not stop the sweep. Ctrl-C
-starts no new point and lets the running ones save their step (exit 130).
+mixed; failures are recorded in DIR/status.json and do not stop the sweep. SIGTERM
+(a scheduler's stop) or Ctrl-C starts no new point and is passed on to the
+running ones, which save their step (exit 143 / 130, as train.py; rerun to
+resume). A damaged status.json or point final_metrics.json is named, moved
+aside and redone, not a reason to refuse the sweep.
 `commands` writes DIR/sweep.json too, so `collect` works on scheduler-launched
 points. `collect` writes DIR/results.{csv,md,png}.
 
@@ -28,6 +31,7 @@ names the packaged config when there is no such file where it runs.
 
 import argparse
 import os
+import signal
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -57,6 +61,10 @@ def main(argv=None) -> int:
   missing = [f'--{n}' for n in need[args.command] if not getattr(args, n)]
   if missing:
     parser.error(f'{args.command} needs {" ".join(missing)}')
+  if args.parallel < 1:
+    print(f'error: --parallel={args.parallel}: the number of points trained at once must be '
+          '>= 1.', file=sys.stderr)
+    return 2
   common = config_lib.parse_set(args.common)
   try:
     if args.command == 'list':
@@ -77,6 +85,9 @@ def main(argv=None) -> int:
                                    os.path.join(args.workdir, p.name), common, args.runlocal)
         print(' '.join(_quote(c) for c in cmd))
     elif args.command == 'run':
+      # While no point runs, SIGTERM stops at once, in one line (sweeps.run
+      # passes it on to the points while they run).
+      signal.signal(signal.SIGTERM, _stopped_between_points)
       result = sweeps.run(args.config, args.sweep, args.workdir, parallel=args.parallel,
                           common=common, runlocal=args.runlocal)
       failed = sorted(n for n, s in result.items() if s != 'finished')
@@ -102,8 +113,12 @@ def main(argv=None) -> int:
       with open(os.path.join(args.workdir, 'results.md'), encoding='utf-8') as f:
         print(f.read(), end='')
       print(f'{len(rows)} points; wrote {args.workdir}/results.csv, results.md, results.png')
-  except KeyboardInterrupt:  # `run` waited for its running points to save
-    print('interrupted (SIGINT); rerun the same command to resume.', file=sys.stderr)
+  except errors.Stopped as e:  # `run` passed the signal on and its points saved
+    print(errors.one_line(e), file=sys.stderr)
+    return e.exit_code
+  except KeyboardInterrupt:  # while no point ran (`run` passes it on to running ones)
+    print('interrupted (SIGINT) while no point was running; rerun the same command to go on.',
+          file=sys.stderr)
     return 130
   except sweeps.InvalidPoints as e:  # a line per invalid point reads better than one
     print(f'error: {e}', file=sys.stderr)
@@ -112,6 +127,12 @@ def main(argv=None) -> int:
     print(f'error: {errors.one_line(e)}', file=sys.stderr)
     return 1
   return 0
+
+
+def _stopped_between_points(*_):
+  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
+  raise errors.Stopped('preempted (SIGTERM) while no point was running; rerun the same command '
+                       'to go on.', 143)
 
 
 def _warn(message: str):

@@ -11,8 +11,8 @@ declares its sweeps with `get_sweep(name)`, returning the points, built with:
     product(a, b), chain(a, b)                          # combine sweeps
 
 `expand` turns them into complete configs and rejects invalid ones (unknown
-fields, values of the wrong type, models that cannot be built) before anything
-runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
+fields, values of the wrong type, what train.py's config checks refuse, models
+that cannot be built) before anything runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
 a rerun skip finished points and continue interrupted ones); a point that
 fails, is stopped by a signal or finds its directory in use by another process
 is recorded in WORKDIR/status.json and the sweep goes on. `collect` reads every
@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from spikeformer_jax import config_lib
+from spikeformer_jax import errors
 from spikeformer_jax import workdir as workdir_lib
 
 # Keys that annotate a point without being swept: not in its name, not a column.
@@ -169,17 +170,13 @@ def varying_keys(points: list[dict]) -> list[str]:
 
 
 def check_buildable(config: ml_collections.ConfigDict):
-  """Builds the model abstractly (no arrays): catches sizes that do not fit."""
+  """train.py's checks of the config alone (validation.validate_config: fields,
+  sizes, finite floats), then the model built abstractly (no arrays): catches
+  what would fail each point's run before any point runs."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import models, optim, validation  # pylint: disable=import-outside-toplevel
-  validation.load_plugins(config)  # their kinds / families, before building
+  from spikeformer_jax import models, validation  # pylint: disable=import-outside-toplevel
+  validation.validate_config(config)  # imports config.plugins: their kinds / families
   nnx.eval_shape(lambda: models.build_model(config.model))
-  if config.optimizer.get('schedule', 'timm_cosine') not in optim.SCHEDULES:
-    raise ValueError(f'optimizer.schedule={config.optimizer.schedule!r}; valid: '
-                     f'{optim.SCHEDULES}.')
-  if config.batch_size < 1 or config.model.T < 1:
-    raise ValueError(f'batch_size={config.batch_size} and model.T={config.model.T} '
-                     'must be >= 1.')
 
 
 class InvalidPoints(ValueError):
@@ -261,14 +258,39 @@ def get_points(config_path: str, sweep: str, common: dict | None = None,
 # --------------------------------------------------------------------------
 
 
-def point_status(point_dir: str) -> str:
-  """finished | interrupted (started, not finished) | new."""
-  final = os.path.join(point_dir, 'final_metrics.json')
-  if os.path.exists(final):
-    with open(final, encoding='utf-8') as f:
-      m = json.load(f)
-    if m.get('steps') == m.get('total_steps'):
-      return 'finished'
+def read_json(path: str, fix: str, kind: type = dict):
+  """A JSON file of the sweep (a `kind` at its top), or a UserError naming it,
+  what is wrong and `fix`; None where it does not exist."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    what = (f'not valid JSON ({e.msg}, line {e.lineno})' if isinstance(e, json.JSONDecodeError)
+            else 'not a text file')
+    raise errors.UserError(f'{path} is {what}: {fix}.') from e
+  if not isinstance(data, kind):
+    raise errors.UserError(f'{path} holds a {type(data).__name__}, not a JSON '
+                           f'{"object" if kind is dict else kind.__name__}: {fix}.')
+  return data
+
+
+# What `collect` says to do about a damaged file of a point; `run` redoes the point.
+_REDO = 'delete it and rerun `sweep.py run` with the same arguments to evaluate that point again'
+
+
+def final_metrics(point_dir: str, fix: str = _REDO) -> dict | None:
+  """The point's final_metrics.json, None if it has none; UserError if damaged."""
+  return read_json(os.path.join(point_dir, 'final_metrics.json'), fix)
+
+
+def point_status(point_dir: str, fix: str = _REDO) -> str:
+  """finished | interrupted (started, not finished) | new; UserError naming a
+  damaged final_metrics.json (and `fix`)."""
+  m = final_metrics(point_dir, fix)
+  if m is not None and m.get('steps') == m.get('total_steps'):
+    return 'finished'
   if os.path.exists(os.path.join(point_dir, 'config.json')):
     return 'interrupted'
   return 'new'
@@ -300,21 +322,35 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class _Status:
-  """WORKDIR/status.json: each point's state, rewritten atomically."""
+  """WORKDIR/status.json: each point's state, rewritten atomically.
 
-  def __init__(self, workdir: str):
+  A record, not the truth (that is each point's directory): with `log`
+  (`run`), a damaged one is moved aside with a line that says so and written
+  anew; without (`collect`), it is a UserError naming it and the fix.
+  """
+
+  _FIX = 'delete it (`sweep.py run` writes it again)'
+
+  def __init__(self, workdir: str, log=None):
     self.path = os.path.join(workdir, 'status.json')
     self.lock = threading.Lock()
-    self.data = {}
-    if os.path.exists(self.path):
-      with open(self.path, encoding='utf-8') as f:
-        self.data = json.load(f)
+    fix = (self._FIX if log is None else
+           f"moved to {self.path}.damaged; the points' states are recorded anew")
+    try:
+      self.data = read_json(self.path, fix) or {}
+    except errors.UserError as e:
+      if log is None:
+        raise
+      os.replace(self.path, self.path + '.damaged')
+      log(f'[warning] {e}')
+      self.data = {}
 
   def set(self, name: str, **fields):
     with self.lock:
-      if os.path.exists(self.path):  # keep what another `run` on this sweep wrote
-        with open(self.path, encoding='utf-8') as f:
-          self.data = {**self.data, **json.load(f)}
+      try:  # keep what another `run` on this sweep wrote
+        self.data = {**self.data, **(read_json(self.path, self._FIX) or {})}
+      except errors.UserError:
+        pass  # damaged meanwhile: what this run knows replaces it
       self.data[name] = {**self.data.get(name, {}), **fields}
       tmp = self.path + '.tmp'
       with open(tmp, 'w', encoding='utf-8') as f:
@@ -325,12 +361,16 @@ class _Status:
 def config_changes(point_dir: str, config: ml_collections.ConfigDict) -> list[str]:
   """Fields where the config a point's run was started with (its config.json)
   differs from `config`: resuming or skipping it would mix two experiments."""
-  path = os.path.join(point_dir, 'config.json')
-  if not os.path.exists(path):
+  run = read_json(os.path.join(point_dir, 'config.json'), _CONFIG_FIX)
+  if run is None:
     return []
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)['config']
-  return config_lib.config_diff(saved, json.loads(json.dumps(config.to_dict())))
+  if not isinstance(run.get('config'), dict):
+    raise errors.UserError(f'{point_dir}/config.json holds no run config: {_CONFIG_FIX}.')
+  return config_lib.config_diff(run['config'], json.loads(json.dumps(config.to_dict())))
+
+
+_CONFIG_FIX = ("it records the config the point was trained with; restore it from a copy, or "
+               "delete the point's directory to train it again")
 
 
 def _conflict_message(point_dir: str, changes: list[str]) -> str:
@@ -348,11 +388,12 @@ def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Poin
   if who:
     raise ValueError(f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
                      'workdir, not a sweep directory; use another --workdir.')
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      old = json.load(f)
-    if (os.path.abspath(old['config']), old['sweep']) != (os.path.abspath(config_path), sweep):
-      raise ValueError(f'{workdir} holds sweep {old["sweep"]!r} of {old["config"]}, not '
+  old = read_json(path, f'delete it if {workdir} holds sweep {sweep!r} (`run` writes it again), '
+                  'else use another --workdir')
+  if old is not None:
+    if (os.path.abspath(old.get('config') or '?'), old.get('sweep')) != \
+        (os.path.abspath(config_path), sweep):
+      raise ValueError(f'{workdir} holds sweep {old.get("sweep")!r} of {old.get("config")}, not '
                        f'{sweep!r} of {config_path}: use another --workdir.')
   os.makedirs(workdir, exist_ok=True)
   swept = varying_keys([{'config': p.config_arg, **p.overrides} for p in points])
@@ -374,9 +415,11 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
   process and workdir. Returns {point: finished | failed | conflict | busy |
   preempted | interrupted}.
 
-  On Ctrl-C no new point starts; the running ones (which the terminal
-  signalled too) save their step and are recorded, then KeyboardInterrupt
-  propagates.
+  SIGTERM or SIGINT (Ctrl-C) starts no new point and is passed on to the
+  running ones, which save their step and are recorded (preempted /
+  interrupted: a rerun resumes them); then errors.Stopped propagates, with
+  exit code 143 / 130 as train.py's. A second signal is passed on too: the
+  points stop at once, as train.py does.
   """
   config_path, workdir = os.path.abspath(config_path), os.path.abspath(workdir)
   points = get_points(config_path, sweep, common, runlocal=runlocal)
@@ -384,47 +427,82 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
   if warning:
     log(warning)
   write_manifest(config_path, sweep, workdir, points, common, runlocal)
-  status = _Status(workdir)
+  status = _Status(workdir, log)
   todo = []
   for p in points:
     pdir = os.path.join(workdir, p.name)
-    changes = config_changes(pdir, p.config)
+    try:
+      changes = config_changes(pdir, p.config)
+    except errors.UserError as e:  # a damaged config.json: this point only
+      log(f'[FAILED] {p.name}: {e}')
+      status.set(p.name, status='failed', error=str(e))
+      continue
     if changes:
       msg = _conflict_message(pdir, changes)
       log(f'[CONFLICT] {p.name}: {msg}')
       status.set(p.name, status='conflict', error=msg)
       continue
-    st = point_status(pdir)
+    final = os.path.join(pdir, 'final_metrics.json')
+    try:
+      st = point_status(pdir, fix=f'moved to {final}.damaged; the point is evaluated (or '
+                        'trained on) again')
+    except errors.UserError as e:  # e.g. a kill while it was written: redo, not refuse
+      os.replace(final, final + '.damaged')
+      log(f'[warning] {e}')
+      st = point_status(pdir)
     if st == 'finished':
       log(f'[skip] {p.name}: finished')
       status.set(p.name, status='finished')
     else:
       todo.append((p, st))
   stop = threading.Event()
+  # The running point processes; a re-entrant lock, since a second signal's
+  # handler may run inside the first's (both in the main thread).
+  running, lock, received = {}, threading.RLock(), []
+  told, told_lock = [0], threading.Lock()
+
+  def announce():
+    """Logs the signals received so far (once each): by the main loop, and by
+    a worker before the end of its point, which the signal may have caused."""
+    with told_lock:
+      while told[0] < len(received):
+        name = signal.Signals(received[told[0]]).name
+        log('[stopping] waiting for the running points to save their step' if told[0] == 0 else
+            f'[stopping] {name} again: passed on; the running points stop without saving')
+        told[0] += 1
 
   def one(item):
     p, st = item
-    if stop.is_set():
-      return
     pdir = os.path.join(workdir, p.name)
-    os.makedirs(pdir, exist_ok=True)
+    with lock:  # a signal either stops this start or reaches the process
+      if stop.is_set():
+        return
+      os.makedirs(pdir, exist_ok=True)
+      # Its own session: the terminal's Ctrl-C reaches this process only, which
+      # passes it on once (twice would mean "stop now, do not save").
+      proc = subprocess.Popen(point_command(config_path, sweep, p.name, pdir, common, runlocal),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              errors='replace', cwd=_ROOT, start_new_session=True,
+                              env={**os.environ, **(env or {})})
+      running[p.name] = proc
     log(f'[{"resume" if st == "interrupted" else "start"}] {p.name}')
     status.set(p.name, status='running', started=time.time())
     t0 = time.time()
     # The point's own last lines: another process (one that holds the point's
     # directory) may append to the same sweep.log meanwhile.
     own = collections.deque(maxlen=15)
-    with open(os.path.join(pdir, 'sweep.log'), 'a', encoding='utf-8') as out, \
-        subprocess.Popen(point_command(config_path, sweep, p.name, pdir, common, runlocal),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         errors='replace', cwd=_ROOT,
-                         env={**os.environ, **(env or {})}) as proc:
-      for line in proc.stdout:
-        out.write(line)
-        out.flush()
-        own.append(line)
+    try:
+      with open(os.path.join(pdir, 'sweep.log'), 'a', encoding='utf-8') as out, proc:
+        for line in proc.stdout:
+          out.write(line)
+          out.flush()
+          own.append(line)
+    finally:
+      with lock:
+        running.pop(p.name, None)
     secs, rc = round(time.time() - t0, 1), proc.returncode
-    if rc == 0 and point_status(pdir) == 'finished':
+    announce()
+    if rc == 0 and _status_or_damaged(pdir) == 'finished':
       status.set(p.name, status='finished', seconds=secs, error='')
       log(f'[done] {p.name} ({secs} s)')
       return
@@ -436,20 +514,55 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
     how = f'exit {rc}' if rc >= 0 else f'killed by {signal.Signals(-rc).name}'
     log(f'[{ended.upper()}] {p.name} ({how}): {why}')
 
+  def pass_on(signum, _frame):
+    # Only records and signals: the main loop below logs, the workers record
+    # how each point ended.
+    with lock:
+      received.append(signum)
+      stop.set()
+      for proc in running.values():
+        try:
+          proc.send_signal(signum)
+        except ProcessLookupError:
+          pass
+
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for signum in _STOPPED:
+      previous[signum] = signal.signal(signum, pass_on)
   pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
   try:
-    list(pool.map(one, todo))
-  except KeyboardInterrupt:
-    # Start nothing new, but wait for the running points to save and record
-    # how they ended: a rerun resumes them.
-    stop.set()
-    log('[stopping] waiting for the running points to save their step')
-    pool.shutdown(wait=True, cancel_futures=True)
-    raise
+    futures = [pool.submit(one, item) for item in todo]
+    while True:
+      _, pending = concurrent.futures.wait(futures, timeout=0.1)
+      announce()
+      if not pending:
+        break
+    for f in futures:
+      f.result()  # a worker's own error (not a point's) is a bug: its traceback
   finally:
     pool.shutdown(wait=True)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  if received:
+    what, name, code = _STOPPED[received[0]]
+    raise errors.Stopped(f'{what} ({name}): no new point started; the running ones saved '
+                         f'their step (see {workdir}/status.json); rerun the same command to '
+                         'resume.', code)
   return {name: s['status'] for name, s in status.data.items()
           if name in {p.name for p in points}}
+
+
+# As train.py: how a sweep stopped by each signal reports itself, and exits.
+_STOPPED = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
+            signal.SIGINT: ('interrupted', 'SIGINT', 130)}
+
+
+def _status_or_damaged(point_dir: str) -> str:
+  try:
+    return point_status(point_dir)
+  except errors.UserError:
+    return 'damaged'
 
 
 def run_point(config_path: str, sweep: str, point: str, workdir: str,
@@ -476,18 +589,29 @@ METRICS = ('test_top1', 'paper_top1', 'test_top5', 'test_loss', 'steps', 'wall_t
            'num_params')
 
 
+def check_collect_options(metric: str, x: str, swept: list[str]):
+  """`collect`'s options, before anything is written: one line each."""
+  if metric not in METRICS:
+    raise ValueError(f'--metric={metric!r}: collect sorts and plots a number of each point; '
+                     f'valid: {", ".join(METRICS)}.')
+  if x and x not in swept:
+    raise ValueError(f'--x={x!r} is not a field this sweep varies; valid: '
+                     f'{", ".join(swept) if swept else "none (its points differ in no field)"}.')
+
+
 def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
             descending: bool | None = None) -> list[dict]:
   """Reads every point of the sweep in `workdir` into rows; writes
   results.csv, results.md (sorted by `metric`) and results.png (`metric`
   against swept field `x`, one line per combination of the other fields)."""
   path = os.path.join(workdir, 'sweep.json')
-  if not os.path.exists(path):
+  sweep = read_json(path, 'run `sweep.py run` (or `commands`) with the sweep\'s arguments to '
+                    'write it again')
+  if sweep is None:
     raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of a sweep?')
-  with open(path, encoding='utf-8') as f:
-    sweep = json.load(f)
+  swept = list(sweep['swept'])
+  check_collect_options(metric, x, swept)
   status = _Status(workdir).data
-  swept = [k for k in sweep['swept']]
   rows = []
   for p in sweep['points']:
     pdir = os.path.join(workdir, p['name'])
@@ -495,17 +619,11 @@ def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
     recorded = status.get(p['name'], {}).get('status')
     if recorded == 'conflict' or (recorded == 'failed' and row['status'] != 'finished'):
       row['status'] = recorded
-    cfg = {}
-    if os.path.exists(os.path.join(pdir, 'config.json')):
-      with open(os.path.join(pdir, 'config.json'), encoding='utf-8') as f:
-        cfg = json.load(f)['config']
+    cfg = (read_json(os.path.join(pdir, 'config.json'), _CONFIG_FIX) or {}).get('config', {})
     for k in swept:  # the value the run actually used, else the declared one
       used = p['config'] if k == 'config' else config_lib.lookup(cfg, k)
       row[k] = used if used is not None else p['overrides'].get(k)
-    final = {}
-    if os.path.exists(os.path.join(pdir, 'final_metrics.json')):
-      with open(os.path.join(pdir, 'final_metrics.json'), encoding='utf-8') as f:
-        final = json.load(f)
+    final = final_metrics(pdir) or {}
     for m in METRICS:  # a conflicting directory holds another experiment's numbers
       row[m] = None if row['status'] == 'conflict' else final.get(m)
     row['paper_top1'] = (p.get('paper_top1') or 0.0) / 100 or None

@@ -589,6 +589,10 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
   spe = loader.steps_per_epoch
   total_steps = (config.total_steps if config.total_steps > 0
                  else (config.epochs + config.cooldown_epochs) * spe)
+  profile = tuple(config.get('profile_steps', ()) or ())
+  if profile and profile[1] > total_steps:  # else no trace would be written, silently
+    raise ValueError(f'profile_steps={profile} ends beyond this run\'s {total_steps} steps; '
+                     f'choose (first, last) with last <= {total_steps}, or () for none.')
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.ckpt_keep)
   try:
@@ -719,6 +723,10 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
   watch.ckpt_dir = ckpt.directory
   profile = tuple(config.get('profile_steps', ()) or ())
+  if profile and start >= profile[0]:
+    log(f'profile_steps={profile}: this run resumes after step {profile[0]}; no profile is '
+        'taken.')
+    profile = ()
   tracing = False
   try:
     if eval_pending and start < total_steps:  # the evaluation a signal interrupted

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
-
+import re
 
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
@@ -87,6 +87,7 @@ def validate_config(config):
   """Everything that needs the config alone (no data, no devices): cheap.
   Imports `config.plugins` first."""
   load_plugins(config)
+  _validate_finite(config)
   _validate_model(config)
   _validate_data_config(config)
   _validate_training(config)
@@ -105,6 +106,23 @@ def validate_start(config):
                      'ImageNet run), or --config.init_from=none to train it from scratch.')
 
 
+def _non_finite(value) -> bool:
+  if isinstance(value, (tuple, list)):
+    return any(_non_finite(v) for v in value)
+  return isinstance(value, float) and not math.isfinite(value)
+
+
+def _validate_finite(config, prefix: str = ''):
+  """Every float field (and every float of a tuple field) is finite: NaN
+  passes `x > 0`-style checks' negations as False and trains a run of NaN."""
+  for key in config.keys():
+    value, field = config[key], prefix + str(key)
+    if hasattr(value, 'keys'):
+      _validate_finite(value, field + '.')
+    elif _non_finite(value):
+      raise ValueError(f'{field}={value} must be finite.')
+
+
 def _validate_model(c):
   m = c.model
   family = models.get(m.name)  # raises with the registered names
@@ -118,7 +136,13 @@ def _validate_model(c):
   for field in ('img_size', 'in_channels', 'num_classes'):
     _at_least(c, f'model.{field}', 1)
   family.check(m)  # the family's own sizes; also what models.downsampling needs
-  _require(m.get('mlp_ratio', 4.0) > 0, f'model.mlp_ratio={m.get("mlp_ratio")} must be > 0.')
+  ratio = m.get('mlp_ratio', 4.0)
+  _require(ratio > 0, f'model.mlp_ratio={ratio} must be > 0.')
+  widths = [m.embed_dim] if 'embed_dim' in m else list(m.get('dims', ()))
+  for width in widths:  # the blocks' MLPs are int(width * mlp_ratio) wide
+    _require(int(width * ratio) >= 1,
+             f'model.mlp_ratio={ratio} makes the MLP of a width-{width} block '
+             f'int({width} * {ratio}) = 0 wide; use mlp_ratio > 1/{width}.')
   for field in ('remat', 'remat_stem'):
     blocks.check_remat(m.get(field, ''), f'model.{field}')
   synapses.resolve(m.get('weight_grad', 'auto'))  # raises on an unknown name
@@ -129,6 +153,10 @@ def _validate_model(c):
   except ValueError as e:
     raise ValueError(str(e).replace('Neuron.', 'model.neuron.')) from None
   _at_least(c, 'model.neuron.alpha', 0, " (0: the surrogate's default)")
+  for field in ('neuron.v_threshold', 'attn_v_threshold', 'ternary.v_threshold'):
+    value = _get(m, field)
+    if value is not _MISSING:
+      _require(value > 0, f'model.{field}={value} must be > 0.')
   factor = models.downsampling(m)
   if m.img_size % factor:
     raise ValueError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
@@ -211,6 +239,7 @@ def _validate_training(c):
   _require(not profile or (len(profile) == 2 and 1 <= profile[0] <= profile[1]),
            f'profile_steps={profile}: () (none) or (first, last) train steps, 1 <= first <= '
            'last, e.g. (10, 12).')
+  _validate_init_skip(c.get('init_skip', ()))
   target = c.get('target_top1', 0.0)
   _require(0 <= target <= 1,
            f'target_top1={target} is a fraction: use a value in [0, 1], e.g. 0.97.')
@@ -220,7 +249,6 @@ def _validate_training(c):
   _require(schedule in optim.SCHEDULES,
            f'optimizer.schedule={schedule!r}; valid: {optim.SCHEDULES}.')
   _require(o.lr > 0, f'optimizer.lr={o.lr} must be > 0.')
-  _require(math.isfinite(o.lr), f'optimizer.lr={o.lr} must be finite.')
   for field in ('weight_decay', 'warmup_epochs', 'warmup_lr', 'min_lr'):
     _at_least(c, f'optimizer.{field}', 0)
   _at_least(c, 'optimizer.grad_clip_norm', 0, ' (0: none)')
@@ -237,6 +265,18 @@ def _validate_training(c):
   if _get(c, 'tet.enabled', False):
     _require(0 <= c.tet.lamb <= 1, f'tet.lamb={c.tet.lamb} must be in [0, 1] (the weight of '
              'the MSE term).')
+
+
+def _validate_init_skip(patterns):
+  example = "e.g. --config.init_skip=\"('head',)\""
+  _require(isinstance(patterns, (tuple, list)) and all(isinstance(p, str) for p in patterns),
+           f'init_skip={patterns!r}: a tuple of regular expressions (strings), {example}.')
+  for p in patterns:
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f'init_skip={tuple(patterns)!r}: {p!r} is not a regular expression '
+                       f'({e}).') from None
 
 
 def validate_data(config, train_src=None, test_src=None):

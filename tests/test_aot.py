@@ -4,6 +4,9 @@ command line, and, when libtpu is installed, a real TPU topology."""
 
 import importlib.util
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -28,10 +31,40 @@ def test_topology_names_as_cloud_gives_them(name, gen, shape):
 
 @pytest.mark.parametrize('name,words', [
     ('v5e:2x2x1', 'has 2 dimensions'), ('v3:2x2', 'use GEN:SHAPE'), ('v5p-127', 'cores per chip'),
-    ('v5e-12', 'power of two')])
+    ('v5e-12', 'power of two'), ('v5e:0x2', 'dimensions of at least 1 chip'),
+    ('v5e-0', '0 chips'), ('', 'use GEN:SHAPE'), ('v5e:2x2 ', 'use GEN:SHAPE')])
 def test_bad_topologies_say_what_to_use(name, words):
   with pytest.raises(aot.PlanError, match=words):
     aot.parse_topology(name)
+
+
+@pytest.mark.parametrize('options,message', [
+    ({'batch': -4}, '--batch=-4 must be an integer >= 1 (the global batch; default: '
+                    'config.batch_size).'),
+    ({'batch': 0}, '--batch=0 must be an integer >= 1'),  # it planned batch 64 silently
+    ({'batch': 2.5}, '--batch=2.5 must be an integer >= 1'),
+    ({'steps': -1}, '--steps=-1 must be an integer >= 0 (timed steps on the local devices'),
+    ({'top': -3}, '--top=-3 must be an integer >= 0'),
+    ({'batch_multiple': -8, 'search': True}, '--batch_multiple=-8 must be an integer >= 0'),
+    ({'batch_multiple': 8}, '--batch_multiple=8 applies to --max_batch only'),
+    ({'topology': 'v5e:2x2', 'steps': 5}, '--steps=5 times steps on the local devices; '
+                                          'v5e:2x2 is only compiled for'),
+    ({'topology': 'v5e-3'}, '3 chips: TPU slices have a power of two of chips.'),
+    ({'config': {'model.neuron.tau': float('nan')}}, 'model.neuron.tau=nan must be finite.'),
+])
+def test_every_planner_option_is_checked_before_compiling(options, message, monkeypatch):
+  """One place (check_options), before libtpu loads or anything compiles."""
+  monkeypatch.setattr(aot, 'compile_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(aot, 'tpu_devices', lambda *a: pytest.fail('loaded libtpu'))
+  options = dict(options)
+  config = config_lib.apply_overrides(spikformer_configs.get_config('cifar10-4-384,runlocal'),
+                                      options.pop('config', {}))
+  with pytest.raises(ValueError) as e:
+    aot.check_options(config, **options)
+  assert message in str(e.value) and '\n' not in str(e.value)
+  if 'search' not in options and 'batch_multiple' not in options:  # plan() checks them too
+    with pytest.raises(ValueError, match=re.escape(message)):
+      aot.plan(config, **options)
 
 
 def test_compiler_figures_of_an_out_of_memory_message():
@@ -161,6 +194,40 @@ def test_a_step_that_does_not_fit_is_reported_not_raised():
   assert r['fits'] is False and r['error'].startswith('RESOURCE_EXHAUSTED')
   assert r['hbm_peak_bytes_per_chip'] > r['hbm_available_bytes_per_chip'] > 15 * 2**30
   assert 'Traceback' not in p.stderr
+
+
+def test_cli_bad_option_is_one_line_before_compiling():
+  p = _cli('--config=configs/spikformer.py:cifar10-4-384,runlocal', '--batch=-4')
+  assert (p.returncode, p.stdout) == (1, '')
+  assert p.stderr.strip().splitlines()[-1] == (
+      'error: --batch=-4 must be an integer >= 1 (the global batch; default: '
+      'config.batch_size).')
+  assert 'Traceback' not in p.stderr and 'compiling' not in p.stderr
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]')")
+def test_sigterm_stops_a_tpu_compile_at_once_with_one_line():
+  """A compile runs in C++ for minutes and libtpu takes SIGTERM (its handler
+  dumps a stack): the planner exits 143 at once, with one line."""
+  p = subprocess.Popen([sys.executable, '-m', 'spikeformer_jax.aot', '--jax_log_compiles',
+                        '--config=configs/spikformer.py:cifar10-4-384', '--topology=v5e:2x2',
+                        '--batch=64'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=''))
+  try:
+    before = []
+    for line in p.stderr:  # JAX's log: lowered, next is XLA's compile (minutes here)
+      before.append(line)
+      if 'Finished jaxpr to MLIR module conversion jit(train_step)' in line:
+        break
+    assert p.poll() is None, ''.join(before)[-3000:]
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)  # "at once": not after the compile
+  finally:
+    if p.poll() is None:
+      p.kill()
+  assert (p.returncode, out) == (143, ''), err[-3000:]
+  assert err.strip().splitlines()[-1] == 'stopped (SIGTERM): the planner wrote nothing.'
+  assert 'Traceback' not in err and 'stack trace' not in err, err[-3000:]
 
 
 def test_cli_bad_flag_is_one_line():

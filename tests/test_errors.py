@@ -1,6 +1,7 @@
 """Bad input gives one clear line naming the field, the value and what is
 valid, raised before anything is compiled (train.py and train_lib)."""
 
+import os
 import subprocess
 import sys
 
@@ -131,6 +132,39 @@ CASES = {
                              'data.num_test=0 must be >= 1 (synthetic test examples).'),
     'normalisation': (S, 'cifar10-4-384', {'data.std': (0.2, 0.0, 0.2)},
                       'data.std=(0.2, 0.0, 0.2) must be > 0.'),
+    # Every float field is finite (NaN fails no `x < 0` check), named in one line.
+    'nan tau': (S, 'cifar10-4-384', {'model.neuron.tau': float('nan')},
+                'model.neuron.tau=nan must be finite.'),
+    'nan threshold': (D, 'cifar10-2-256', {'model.neuron.v_threshold': float('nan')},
+                      'model.neuron.v_threshold=nan must be finite.'),
+    'infinite weight decay': (M, 'cifar10-4-384', {'optimizer.weight_decay': float('inf')},
+                              'optimizer.weight_decay=inf must be finite.'),
+    'nan in a tuple': (S, 'cifar10-4-384', {'data.mean': (0.5, float('nan'), 0.5)},
+                       'data.mean=(0.5, nan, 0.5) must be finite.'),
+    'zero threshold': (S, 'cifar10-4-384', {'model.attn_v_threshold': 0.0},
+                       'model.attn_v_threshold=0.0 must be > 0.'),
+    'init_skip of numbers': (S, 'cifar10-4-384', {'init_skip': (3,)},
+                             'init_skip=(3,): a tuple of regular expressions (strings)'),
+    'init_skip regex': (S, 'cifar10-4-384', {'init_skip': ('head[',)},
+                        "init_skip=('head[',): 'head[' is not a regular expression"),
+    # Sizes whose edges crashed in the model (division by zero, empty layers).
+    'mlp ratio': (S, 'cifar10-4-384', {'model.mlp_ratio': 0.001},
+                  'model.mlp_ratio=0.001 makes the MLP of a width-32 block int(32 * 0.001) = 0 '
+                  'wide; use mlp_ratio > 1/32.'),
+    'msvit mlp ratio': (M, 'cifar10-4-384', {'model.mlp_ratio': 0.04},
+                        'makes the MLP of a width-16 block'),
+    'no heads': (S, 'cifar10-4-384', {'model.num_heads': 0}, 'model.num_heads=0 must be >= 1.'),
+    'negative heads': (M, 'cifar10-4-384', {'model.num_heads': -2},
+                       'model.num_heads=-2 must be >= 1.'),
+    'no width': (D, 'cifar10-2-256', {'model.embed_dim': 0},
+                 'model.embed_dim=0 must be a positive multiple of 8'),
+    'msvit stage width': (M, 'cifar10-4-384', {'model.dims': (0, 16, 32)},
+                          'stage widths must be >= 1 and block counts >= 0.'),
+    'msvit even kernel': (M, 'cifar10-4-384', {'model.mssa_kernels': ((2, 3), (1, 3), (1, 3))},
+                          'each 0 (drops the branch) or odd'),
+    'profile beyond the run': (S, 'cifar10-4-384', {'profile_steps': (2, 1000)},
+                               "profile_steps=(2, 1000) ends beyond this run's 4 steps; choose "
+                               '(first, last) with last <= 4, or () for none.'),
 }
 
 
@@ -143,6 +177,8 @@ def test_one_clear_error_before_compiling(case, tmp_path, monkeypatch):
     train_lib.train_and_evaluate(_config(module, variant, **over), str(tmp_path))
   assert message in str(e.value)
   assert '\n' not in str(e.value)
+  written = {'config.json', 'metrics.jsonl', 'tb', 'checkpoints'} & set(os.listdir(tmp_path))
+  assert not written  # refused before the run writes anything
 
 
 def test_train_py_prints_one_line(tmp_path):

@@ -338,6 +338,43 @@ def test_a_redone_evaluation_replaces_its_lines(tmp_path):
       [(5, 1.0, None), (5, None, 0.2)]
 
 
+def _tensorboard_scalars(directory) -> list:
+  """(tag, step) of every scalar TensorBoard shows: the event files in name
+  (time) order, each SessionLog START at step s dropping the steps >= s read
+  before it, as TensorBoard's purge does."""
+  import struct  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  shown = []
+  for path in sorted(directory.glob('events.out.tfevents.*')):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (n,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if event.session_log.status == event_pb2.SessionLog.START:
+        shown = [(tag, step) for tag, step in shown if step < event.step]
+      shown += [(v.tag, event.step) for v in event.summary.value if v.HasField('simple_value')]
+  return shown
+
+
+@pytest.mark.parametrize('resume_step', [0, 2])
+def test_a_rerun_shows_each_step_once_on_tensorboard(tmp_path, resume_step):
+  """A rerun (killed before its first checkpoint: step 0, or after one) drops
+  the events written after the step it starts from."""
+  w = metrics.MetricWriter(str(tmp_path), tensorboard=True)
+  for step in (1, 2, 3):
+    w.write(step, train_loss=1.0 / step)
+  w.close()
+  (first,) = (tmp_path / 'tb').glob('events.out.tfevents.*')  # a rerun starts seconds later
+  stamp = first.name.split('.')[3]
+  first.rename(first.with_name(first.name.replace(stamp, str(int(stamp) - 10))))
+  w = metrics.MetricWriter(str(tmp_path), resume_step=resume_step, tensorboard=True)
+  for step in range(resume_step + 1, 5):
+    w.write(step, train_loss=0.5 / step)
+  w.close()
+  assert _tensorboard_scalars(tmp_path / 'tb') == [('train/loss', s) for s in (1, 2, 3, 4)]
+
+
 def test_an_unwritable_metrics_file_is_named(tmp_path):
   w = metrics.MetricWriter(str(tmp_path))
   w._f.close()  # pylint: disable=protected-access

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,11 +61,13 @@ def _write_config(tmp_path, points_src):
 
 def test_invalid_points_are_rejected_before_anything_runs(tmp_path):
   cfg = _write_config(tmp_path, "[{'model.T': 2}, {'model.num_heads': 5}, "
-                                "{'model.nope': 1}, {'model.T': 'four'}]")
+                                "{'model.nope': 1}, {'model.T': 'four'}, "
+                                "{'model.neuron.tau': float('nan')}]")
   with pytest.raises(ValueError) as e:
     sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'))
   msg = str(e.value)
-  assert '3 of 4 sweep points are invalid (nothing was run)' in msg
+  assert '4 of 5 sweep points are invalid (nothing was run)' in msg
+  assert 'model.neuron.tau=nan must be finite.' in msg  # train.py's checks of the config
   assert 'is not divisible by model.num_heads=5' in msg
   assert "unknown config field 'model.nope'" in msg
   assert "model.T='four'" in msg
@@ -263,16 +266,22 @@ def test_run_records_stopped_busy_and_killed_points(tmp_path, monkeypatch):
   assert 'step 20/400' in (wd / 'T=2' / 'sweep.log').read_text()
 
 
-def test_ctrl_c_starts_no_new_point_and_records_the_running_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_is_passed_on_starts_no_new_point_and_is_recorded(tmp_path, monkeypatch,
+                                                                    signum):
   cfg = _write_config(tmp_path, "sweeps.grid(**{'model.T': [1, 2, 3]})")
-  # T=1 gets Ctrl-C as from a terminal (the sweep process is signalled too),
-  # saves once the sweep has noticed (`stopping`) and exits 130; T=2 and T=3
-  # must not start.
+  # T=1 signals the sweep process (as a terminal's Ctrl-C or a scheduler's
+  # SIGTERM does), gets the signal passed on, saves once the sweep has noticed
+  # (`stopping`) and exits as train.py does; T=2 and T=3 must not start.
   noticed = tmp_path / 'noticed'
+  what, name, code = {signal.SIGINT: ('interrupted', 'SIGINT', 130),
+                      signal.SIGTERM: ('preempted', 'SIGTERM', 143)}[signum]
   _fake_points(monkeypatch, {
-      'T=1': "import os, signal, time; os.kill(os.getppid(), signal.SIGINT)\n"
-             f"while not os.path.exists({str(noticed)!r}): time.sleep(0.05)\n"
-             "print('interrupted (SIGINT) at step 1/4: saved.'); exit(130)",
+      'T=1': "import os, signal, time; got = []\n"
+             f"signal.signal({int(signum)}, lambda *_: got.append(1))\n"
+             f"os.kill(os.getppid(), {int(signum)})\n"
+             f"while not (got and os.path.exists({str(noticed)!r})): time.sleep(0.05)\n"
+             f"print('{what} ({name}) at step 1/4: saved.'); exit({code})",
       'T=2': 'exit(0)', 'T=3': 'exit(0)'})
   log = []
 
@@ -281,16 +290,116 @@ def test_ctrl_c_starts_no_new_point_and_records_the_running_one(tmp_path, monkey
     if line.startswith('[stopping]'):
       noticed.touch()
 
-  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'), log=record)
-  finally:
-    signal.signal(signal.SIGINT, previous)
-  assert log == ['[start] T=1', '[stopping] waiting for the running points to save their step',
-                 '[INTERRUPTED] T=1 (exit 130): interrupted (SIGINT) at step 1/4: saved.']
+  before = signal.getsignal(signum)
+  with pytest.raises(errors.Stopped) as e:
+    sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'), log=record)
+  assert e.value.exit_code == code and str(e.value).startswith(
+      f'{what} ({name}): no new point started; the running ones saved their step')
+  assert signal.getsignal(signum) == before and log == [
+      '[start] T=1', '[stopping] waiting for the running points to save their step',
+      f'[{what.upper()}] T=1 (exit {code}): {what} ({name}) at step 1/4: saved.']
   status = json.loads((tmp_path / 'wd' / 'status.json').read_text())
-  assert list(status) == ['T=1'] and status['T=1']['status'] == 'interrupted'
+  assert list(status) == ['T=1'] and status['T=1']['status'] == what
+
+
+def test_damaged_sweep_files_are_named_and_redone_not_refused(tmp_path, monkeypatch, capsys):
+  cfg = _write_config(tmp_path, "sweeps.grid(**{'model.T': [1, 2, 3]})")
+  finish = ("import json; json.dump({'steps': 4, 'total_steps': 4, 'test_top1': 0.5}, "
+            "open('POINT_DIR/final_metrics.json', 'w'))")
+  _fake_points(monkeypatch, {'T=1': finish, 'T=2': finish, 'T=3': finish})
+  wd = tmp_path / 'wd'
+  assert set(sweeps.run(cfg, 'tiny', str(wd), log=lambda _: None).values()) == {'finished'}
+  # What a kill -9 or a full disk leaves: truncated JSON.
+  (wd / 'status.json').write_text('{"T=1": {"sta')
+  (wd / 'T=1' / 'final_metrics.json').write_text('{"steps": 4, "tot')
+  (wd / 'T=3' / 'config.json').write_text('[1, 2]')
+  damaged_status = (f'{wd}/status.json is not valid JSON (Unterminated string starting at, '
+                    'line 1)')
+  for argv in (['collect', f'--workdir={wd}'], ['collect', f'--workdir={wd}', '--x=bogus'],
+               ['collect', f'--workdir={wd}', '--metric=status']):
+    assert sweep.main(argv) == 1
+  assert capsys.readouterr().err.splitlines() == [
+      f'error: {damaged_status}: delete it (`sweep.py run` writes it again).',
+      "error: --x='bogus' is not a field this sweep varies; valid: model.T.",
+      "error: --metric='status': collect sorts and plots a number of each point; valid: "
+      'test_top1, paper_top1, test_top5, test_loss, steps, wall_time_s, num_params.']
+  assert not list(wd.glob('results.*'))  # refused before writing anything
+  assert sweep.main(['run', f'--config={cfg}', '--sweep=tiny', f'--workdir={wd}',
+                     '--parallel=0']) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      'error: --parallel=0: the number of points trained at once must be >= 1.']
+  log = []
+  result = sweeps.run(cfg, 'tiny', str(wd), log=log.append)
+  assert result == {'T=1': 'finished', 'T=2': 'finished', 'T=3': 'failed'}
+  assert log[:-1] == [
+      f"[warning] {damaged_status}: moved to {wd}/status.json.damaged; the points' states are "
+      'recorded anew.',
+      f'[warning] {wd}/T=1/final_metrics.json is not valid JSON (Unterminated string starting '
+      f'at, line 1): moved to {wd}/T=1/final_metrics.json.damaged; the point is evaluated (or '
+      'trained on) again.',
+      '[skip] T=2: finished',
+      f'[FAILED] T=3: {wd}/T=3/config.json holds a list, not a JSON object: it records the '
+      "config the point was trained with; restore it from a copy, or delete the point's "
+      'directory to train it again.',
+      '[start] T=1'] and log[-1].startswith('[done] T=1 ('), log
+  (wd / 'T=2' / 'final_metrics.json').write_bytes(b'\xff\xfe')
+  with pytest.raises(errors.UserError, match=(
+      f'^{wd}/T=2/final_metrics.json is not a text file: delete it and rerun `sweep.py run` '
+      'with the same arguments to evaluate that point again.$')):
+    sweeps.collect(str(wd))
+
+
+def _wait_for_line(path, prefix, after=0, timeout=600):
+  """The first line of `path` from character `after` on that starts with `prefix`."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    text = path.read_text() if path.exists() else ''
+    line = next((l for l in text[after:].splitlines() if l.startswith(prefix)), None)
+    if line is not None:
+      return line
+    time.sleep(0.2)
+  pytest.fail(f'no line {prefix!r} in {path} after {timeout} s:\n{text[-3000:]}')
+
+
+def test_sigterm_of_the_sweep_saves_the_running_point_and_a_rerun_resumes_it(tmp_path):
+  """Real processes: `sweep.py run` (what a scheduler or `kill` stops) passes
+  SIGTERM on to the training point, which saves its step; the sweep records
+  it as preempted and exits 143; the rerun resumes the point from that step
+  (stopped again once it has restored it: a second compile is not needed)."""
+  cfg = _write_config(tmp_path, "[{'name': 'long'}]")
+  wd = tmp_path / 'wd'
+  cmd = [sys.executable, 'sweep.py', 'run', f'--config={cfg}', '--sweep=tiny', f'--workdir={wd}',
+         '--runlocal', '--set', 'total_steps=100000', '--set', 'ckpt_every_steps=100000',
+         '--set', 'log_every_steps=1', '--set', 'eval_every_epochs=0']
+  log, saved = wd / 'long' / 'sweep.log', None
+  for attempt in range(2):
+    after = len(log.read_text()) if log.exists() else 0
+    sweep_proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+    try:
+      if attempt == 0:
+        _wait_for_line(log, 'step ')  # training
+      else:
+        assert _wait_for_line(log, 'Resuming from', after).endswith(f'/checkpoints/{saved}.')
+      sweep_proc.send_signal(signal.SIGTERM)
+      out, err = sweep_proc.communicate(timeout=300)
+    finally:
+      if sweep_proc.poll() is None:
+        sweep_proc.kill()
+    assert sweep_proc.returncode == 143, (out, err)
+    assert err.strip().splitlines() == [
+        'preempted (SIGTERM): no new point started; the running ones saved their step (see '
+        f'{wd}/status.json); rerun the same command to resume.']
+    lines = out.splitlines()
+    assert lines[0] == ('[resume] long' if attempt else '[start] long')
+    assert lines[-1].startswith('[PREEMPTED] long (exit 143): preempted (SIGTERM) '), out
+    status = json.loads((wd / 'status.json').read_text())
+    assert status['long']['status'] == 'preempted' and status['long']['returncode'] == 143
+    if attempt == 0:
+      assert ' at step ' in lines[-1]
+      saved = int(lines[-1].split(' at step ')[1].split('/')[0])
+      assert saved >= 1
+    assert max(int(n) for n in os.listdir(wd / 'long' / 'checkpoints')) == saved
 
 
 def test_point_stopped_busy_and_clear_errors_are_one_line(tmp_path, monkeypatch, capsys):

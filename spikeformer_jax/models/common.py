@@ -119,6 +119,11 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
 def check_heads(m: ml_collections.ConfigDict):
   """One width for all blocks (Spikformer, SDT): heads divide it; the patch
   stem's widths D/8..D need a multiple of 8."""
+  if m.num_heads < 1:
+    raise ValueError(f'model.num_heads={m.num_heads} must be >= 1.')
+  if m.embed_dim < 8:
+    raise ValueError(f'model.embed_dim={m.embed_dim} must be a positive multiple of 8 (the '
+                     'patch stem widths are D/8, D/4, D/2, D).')
   if m.embed_dim % m.num_heads:
     raise ValueError(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads='
                      f'{m.num_heads}; valid heads: '

@@ -269,10 +269,18 @@ def check_config(cfg: ml_collections.ConfigDict):
     raise ValueError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
                      f'attention={tuple(cfg.attention)} and mssa_kernels='
                      f'{tuple(cfg.mssa_kernels)} must have one entry per stage.')
+  if cfg.num_heads < 1:
+    raise ValueError(f'model.num_heads={cfg.num_heads} must be >= 1.')
+  if min(cfg.dims) < 1 or min(cfg.depths) < 0:
+    raise ValueError(f'model.dims={tuple(cfg.dims)} and depths={tuple(cfg.depths)}: stage '
+                     'widths must be >= 1 and block counts >= 0.')
   for kind, kernels in zip(cfg.attention, cfg.mssa_kernels):
-    if kind == 'mssa' and (len(kernels) != 2 or not any(kernels)):
+    if kind == 'mssa' and (len(kernels) != 2 or not any(kernels)
+                           or any(k < 0 or k and k % 2 == 0 for k in kernels)):
+      # An even kernel's padding k // 2 adds a token: its branch would not add up.
       raise ValueError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
-                       'pair per stage, at least one of them non-zero (0 drops a branch).')
+                       'pair per stage, each 0 (drops the branch) or odd, at least one of '
+                       'them non-zero.')
   for dim in cfg.dims:
     if dim % cfg.num_heads:
       raise ValueError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
