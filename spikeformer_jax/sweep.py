@@ -17,8 +17,8 @@ Every point is expanded and validated before anything runs. Each point trains
 in DIR/<point>; rerunning `run` skips finished points and resumes interrupted
 ones; a point whose directory was trained with another config is refused, not
 mixed; failures are recorded in DIR/status.json and do not stop the sweep. SIGTERM
-(a scheduler's stop) or Ctrl-C starts no new point and is passed on to the
-running ones, which save their step (exit 143 / 130, as train.py; rerun to
+(a scheduler's stop), Ctrl-C or SIGHUP starts no new point and is passed on to the
+running ones, which save their step (exit 143 / 130 / 129, as train.py; rerun to
 resume). A damaged status.json or point final_metrics.json is named, moved
 aside and redone, not a reason to refuse the sweep.
 `commands` writes DIR/sweep.json too, so `collect` works on scheduler-launched
@@ -85,9 +85,11 @@ def main(argv=None) -> int:
                                    os.path.join(args.workdir, p.name), common, args.runlocal)
         print(' '.join(_quote(c) for c in cmd))
     elif args.command == 'run':
-      # While no point runs, SIGTERM stops at once, in one line (sweeps.run
-      # passes it on to the points while they run).
-      signal.signal(signal.SIGTERM, _stopped_between_points)
+      # While no point runs, SIGTERM (or SIGHUP) stops at once, in one line
+      # (sweeps.run passes it on to the points while they run).
+      for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup
+          signal.signal(signum, _stopped_between_points)
       result = sweeps.run(args.config, args.sweep, args.workdir, parallel=args.parallel,
                           common=common, runlocal=args.runlocal)
       failed = sorted(n for n, s in result.items() if s != 'finished')
@@ -129,10 +131,11 @@ def main(argv=None) -> int:
   return 0
 
 
-def _stopped_between_points(*_):
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
-  raise errors.Stopped('preempted (SIGTERM) while no point was running; rerun the same command '
-                       'to go on.', 143)
+def _stopped_between_points(signum, _frame):
+  from spikeformer_jax import errors, sweeps  # pylint: disable=import-outside-toplevel
+  what, name, code = sweeps.STOP_SIGNALS[signum]
+  raise errors.Stopped(f'{what} ({name}) while no point was running; rerun the same command '
+                       'to go on.', code)
 
 
 def _warn(message: str):

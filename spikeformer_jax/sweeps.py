@@ -170,12 +170,14 @@ def varying_keys(points: list[dict]) -> list[str]:
 
 
 def check_buildable(config: ml_collections.ConfigDict):
-  """train.py's checks of the config alone (validation.validate_config: fields,
-  sizes, finite floats), then the model built abstractly (no arrays): catches
-  what would fail each point's run before any point runs."""
+  """train.py's checks of the config (validation.validate_config: fields,
+  sizes, finite floats; validate_start: a fine-tuning row names its weights),
+  then the model built abstractly (no arrays): catches what would fail each
+  point's run before any point runs."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import models, validation  # pylint: disable=import-outside-toplevel
   validation.validate_config(config)  # imports config.plugins: their kinds / families
+  validation.validate_start(config)
   nnx.eval_shape(lambda: models.build_model(config.model))
 
 
@@ -302,7 +304,8 @@ def point_status(point_dir: str, fix: str = _REDO) -> str:
 # refused because another process trains in its directory.
 BUSY_EXIT = 75  # sysexits' EX_TEMPFAIL: try again later
 _ENDED = {143: 'preempted', -signal.SIGTERM: 'preempted', 130: 'interrupted',
-          -signal.SIGINT: 'interrupted', BUSY_EXIT: 'busy'}
+          -signal.SIGINT: 'interrupted', 129: 'interrupted', -signal.SIGHUP: 'interrupted',
+          BUSY_EXIT: 'busy'}
 
 
 def point_command(config_path: str, sweep: str, point: str, workdir: str,
@@ -415,11 +418,12 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
   process and workdir. Returns {point: finished | failed | conflict | busy |
   preempted | interrupted}.
 
-  SIGTERM or SIGINT (Ctrl-C) starts no new point and is passed on to the
-  running ones, which save their step and are recorded (preempted /
-  interrupted: a rerun resumes them); then errors.Stopped propagates, with
-  exit code 143 / 130 as train.py's. A second signal is passed on too: the
-  points stop at once, as train.py does.
+  SIGTERM, SIGINT (Ctrl-C) or SIGHUP (a closed terminal) starts no new point
+  and is passed on to the running ones, which save their step and are
+  recorded (preempted / interrupted: a rerun resumes them); then
+  errors.Stopped propagates, with exit code 143 / 130 / 129 as train.py's. A
+  second signal is passed on too: a second Ctrl-C stops the points at once,
+  as in train.py, where a second SIGTERM or SIGHUP lets the save go on.
   """
   config_path, workdir = os.path.abspath(config_path), os.path.abspath(workdir)
   points = get_points(config_path, sweep, common, runlocal=runlocal)
@@ -467,8 +471,10 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
     with told_lock:
       while told[0] < len(received):
         name = signal.Signals(received[told[0]]).name
+        again = ('the running points stop without saving' if received[told[0]] == signal.SIGINT
+                 else 'their save goes on')  # train.py's StopWatch.URGENT_AGAIN
         log('[stopping] waiting for the running points to save their step' if told[0] == 0 else
-            f'[stopping] {name} again: passed on; the running points stop without saving')
+            f'[stopping] {name} again: passed on; {again}')
         told[0] += 1
 
   def one(item):
@@ -528,8 +534,9 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
 
   previous = {}
   if threading.current_thread() is threading.main_thread():
-    for signum in _STOPPED:
-      previous[signum] = signal.signal(signum, pass_on)
+    for signum in STOP_SIGNALS:
+      if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+        previous[signum] = signal.signal(signum, pass_on)
   pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
   try:
     futures = [pool.submit(one, item) for item in todo]
@@ -545,7 +552,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
     for signum, handler in previous.items():
       signal.signal(signum, handler)
   if received:
-    what, name, code = _STOPPED[received[0]]
+    what, name, code = STOP_SIGNALS[received[0]]
     raise errors.Stopped(f'{what} ({name}): no new point started; the running ones saved '
                          f'their step (see {workdir}/status.json); rerun the same command to '
                          'resume.', code)
@@ -554,8 +561,9 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
 
 
 # As train.py: how a sweep stopped by each signal reports itself, and exits.
-_STOPPED = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
-            signal.SIGINT: ('interrupted', 'SIGINT', 130)}
+STOP_SIGNALS = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
+            signal.SIGINT: ('interrupted', 'SIGINT', 130),
+            signal.SIGHUP: ('hung up', 'SIGHUP', 129)}  # a closed terminal
 
 
 def _status_or_damaged(point_dir: str) -> str:

@@ -337,15 +337,17 @@ Preempted = errors.Stopped  # the name older callers catch
 
 
 class StopWatch:
-  """Notices SIGTERM (a preemption notice) and SIGINT (Ctrl-C) so that the loop
-  saves the step reached and stops: after a train step, between evaluation
-  batches, or once the final checkpoint is written.
+  """Notices SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a
+  closed terminal; left ignored under nohup) so that the loop saves the step
+  reached and stops: after a train step, between evaluation batches, or once
+  the final checkpoint is written.
 
   One process: the signal's byte reaches a watcher thread through
   `signal.set_wakeup_fd` at once, even while the main thread compiles. Armed
   (the first train step has compiled), the first signal sets a flag that the
   loop checks at its next safe point. Before that there is nothing to save,
-  and a second signal means "now": both exit at once, after `on_abort`
+  and a second Ctrl-C means "now" (a second SIGTERM or SIGHUP does not: see
+  URGENT_AGAIN): both exit at once, after `on_abort`
   (releasing the workdir) and one line naming the resume point. Exiting
   without unwinding is deliberate: an exception raised into XLA's or orbax's
   threads can crash the interpreter's shutdown. Several processes: SIGTERM
@@ -354,7 +356,13 @@ class StopWatch:
   collective); SIGINT keeps Python's default there.
   """
   SIGNALS = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
-             signal.SIGINT: ('interrupted', 'SIGINT', 130)}
+             signal.SIGINT: ('interrupted', 'SIGINT', 130),
+             signal.SIGHUP: ('hung up', 'SIGHUP', 129)}  # a closed terminal
+  # A second Ctrl-C is a person asking for "now". A second SIGTERM or SIGHUP
+  # is not: a scheduler (SLURM at its time limit, `sweep.py run` passing its
+  # own on) may deliver the same request to a process twice, and its SIGKILL
+  # after the grace period is the "now".
+  URGENT_AGAIN = (signal.SIGINT,)
 
   def __init__(self, on_abort: Callable[[], None] = lambda: None):
     self.signum = None
@@ -370,6 +378,8 @@ class StopWatch:
       self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
       self._pipe = (r, w)
       for s in self.SIGNALS:  # a Python handler, so that the wakeup fd hears it
+        if signal.getsignal(s) is signal.SIG_IGN:  # nohup's SIGHUP: stays ignored
+          continue
         self._previous[s] = signal.signal(s, lambda *_: None)
       threading.Thread(target=self._watch, args=(r,), daemon=True, name='stop-watch').start()
     return self
@@ -391,6 +401,10 @@ class StopWatch:
     what, name, code = self.SIGNALS[signum]
     if self.armed and self.signum is None:
       self.signum = signum
+      return
+    if self.armed and signum not in self.URGENT_AGAIN:
+      print(f'{what} again ({name}): already stopping, the save goes on.', file=sys.stderr,
+            flush=True)
       return
     self._on_abort()
     print(f'{what} ({name}) before training started: nothing to save.' if not self.armed

@@ -62,11 +62,13 @@ def _write_config(tmp_path, points_src):
 def test_invalid_points_are_rejected_before_anything_runs(tmp_path):
   cfg = _write_config(tmp_path, "[{'model.T': 2}, {'model.num_heads': 5}, "
                                 "{'model.nope': 1}, {'model.T': 'four'}, "
-                                "{'model.neuron.tau': float('nan')}]")
+                                "{'model.neuron.tau': float('nan')}, "
+                                "{'init_required': True}]")
   with pytest.raises(ValueError) as e:
     sweeps.run(cfg, 'tiny', str(tmp_path / 'wd'))
   msg = str(e.value)
-  assert '4 of 5 sweep points are invalid (nothing was run)' in msg
+  assert '5 of 6 sweep points are invalid (nothing was run)' in msg
+  assert 'fine-tunes trained weights but init_from is not set' in msg  # validate_start
   assert 'model.neuron.tau=nan must be finite.' in msg  # train.py's checks of the config
   assert 'is not divisible by model.num_heads=5' in msg
   assert "unknown config field 'model.nope'" in msg
