@@ -42,10 +42,12 @@ Conventions (`Conventions`, each a field):
     only (1.595 mJ there; 1.197 at 384, 2.393 at 768). `first_layer_mj` > 0 puts such a
     constant (mJ per example) in place of the first layer's E_MAC x MACs;
     `count_head=False` leaves out the classifier head (the last synaptic
-    layer), for which neither equation has a term: both together reproduce
-    Table 2's Power from its OPs.
-  * The non-spiking comparison (the papers' ANN of equal size): the same
-    network with one pass instead of T, every operation a MAC:
+    layer), which has no MAC term in either equation (MSViT's eq. 18 has no
+    FC term at all; Spikformer's eq. 22 could count it among its FC SOPs):
+    both together reproduce Table 2's Power from its OPs.
+  * The non-spiking comparison: the same graph with one pass instead of T,
+    every operation a MAC (not the papers' ANN, whose softmax attention takes
+    another order of Q K^T V: the ANN rows are configs of their own):
     E = E_MAC x (MACs / T) (a head that runs after the mean over time counts
     once).
   * Memory (beyond the papers, whose operation counts leave it out): bytes

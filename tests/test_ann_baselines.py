@@ -29,8 +29,9 @@ def _tree(model_cfg):
 
 @pytest.mark.parametrize('variant', ROWS)
 def test_ann_rows_are_the_spikformer_rows_without_spikes(variant):
-  """The paper's counts (9.32M, 29.68M, truncated as it prints them) are the
-  Spikformer rows' own: the same parameter tree, T=1, ReLU, softmax."""
+  """The paper's counts (9.32M, 29.68M; its rounding varies: 36.01 and 66.34
+  round up, 29.68 and 16.81 down) are the Spikformer rows' own: the same
+  parameter tree, T=1, ReLU, softmax."""
   base, paper_m, top1 = ROWS[variant]
   c = cfgs.get_config(variant)
   assert (c.model.T, c.model.neuron.kind, c.model.attention) == (1, 'relu', 'vsa_float_v')

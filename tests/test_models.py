@@ -73,6 +73,7 @@ TOTAL_EPOCHS = {
     'spikformer:cifar10dvs-2-256': 106,  # the paper's 106 = the code's 96 + 10
     'spikformer:cifar10dvs-2-256-paper': 106,
     'spikformer:dvs128gesture-2-256-paper': 200,  # the paper's; no official code
+    'spikformer:dvs128gesture-2-256': 106,  # the CIFAR10-DVS code's; the paper: 200
     'spikformer:cifar10-4-384-400e': 400, 'spikformer:cifar100-4-384-400e': 400,
     'spikformer:cifar10-transfer-4-384': 60, 'spikformer:cifar100-transfer-8-512': 60,
     'msvit:imagenet-10-512': 200,  # MAE's loop, no cooldown
