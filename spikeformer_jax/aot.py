@@ -63,6 +63,12 @@ TPU_GENERATIONS = ('v4', 'v5e', 'v5p', 'v6e')
 # Cloud accelerator-type prefixes; v4 and v5p count TensorCores (2 per chip).
 _ACCELERATOR_TYPES = {'v4': ('v4', 2), 'v5p': ('v5p', 2), 'v5litepod': ('v5e', 1),
                       'v5e': ('v5e', 1), 'v6e': ('v6e', 1)}
+# The largest single slice of each generation (Cloud's TPU pages: v4 and v5p
+# 16x16x16 and 16x16x24 of a 4096- and 8960-chip pod; v5e and v6e 16x16), and
+# the chips per host the compile-only devices are laid out in (tpu_devices):
+# each dimension above 1 must be a multiple of it, or libtpu refuses the shape.
+MAX_SLICE = {'v4': (16, 16, 16), 'v5e': (16, 16), 'v5p': (16, 16, 24), 'v6e': (16, 16)}
+HOST_BOUNDS = (2, 2, 1)
 TPU_INSTALL = "pip install 'spikeformer_jax[tpu]'  (or: pip install 'jax[tpu]')"
 
 
@@ -101,6 +107,26 @@ def _shape_for(generation: str, chips: int) -> tuple:
   return tuple(dims)
 
 
+def _real_slice(name: str, topology: Topology) -> Topology:
+  """`topology` if Cloud has such a slice (as far as cheap rules tell), else a
+  PlanError: libtpu aborts (std::bad_alloc) on a huge one and refuses one off
+  its host layout only after loading."""
+  gen, shape = topology.generation, topology.shape
+  most = MAX_SLICE[gen]
+  if topology.chips > math.prod(most) or any(
+      d > m for d, m in zip(sorted(shape), sorted(most))):
+    raise PlanError(f'--topology={name}: {topology.chips} chips ({topology.name}); the '
+                    f'largest {gen} slice is {"x".join(map(str, most))} '
+                    f'({math.prod(most)} chips): use a smaller one.')
+  for d, b in zip(shape, HOST_BOUNDS):
+    if d > 1 and d % b:
+      raise PlanError(f'--topology={name}: {topology.name} is not laid out in hosts of '
+                      f'{"x".join(map(str, HOST_BOUNDS[:len(shape)]))} chips; use 1 or '
+                      f'a multiple of {b} in its first two dimensions, e.g. '
+                      f'{gen}:{"x".join(["2"] * 2 + ["1"] * (len(shape) - 2))}.')
+  return topology
+
+
 def parse_topology(name: str) -> Topology:
   """'v5e:2x2', 'v5p:4x4x4', 'v5litepod-16', 'v5p-128', ... -> Topology."""
   m = re.fullmatch(r'(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})', name)
@@ -110,14 +136,14 @@ def parse_topology(name: str) -> Topology:
     if len(shape) != want or min(shape) < 1:
       raise PlanError(f'--topology={name}: a {gen} slice has {want} dimensions of at least 1 '
                       f'chip, e.g. {gen}:{"x".join(["2"] * 2 + ["1"] * (want - 2))}.')
-    return Topology(gen, shape)
+    return _real_slice(name, Topology(gen, shape))
   m = re.fullmatch(r'(v4|v5p|v5litepod|v5e|v6e)-(\d+)', name)
   if m:
     gen, per_chip = _ACCELERATOR_TYPES[m.group(1)]
     cores = int(m.group(2))
     if cores % per_chip:
       raise PlanError(f'--topology={name}: {gen} counts {per_chip} cores per chip.')
-    return Topology(gen, _shape_for(gen, cores // per_chip))
+    return _real_slice(name, Topology(gen, _shape_for(gen, cores // per_chip)))
   raise PlanError(f'--topology={name!r}: use GEN:SHAPE (GEN one of '
                   f'{", ".join(TPU_GENERATIONS)}; e.g. v5e:2x2, v5p:4x4x4) or a Cloud '
                   'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8), or local.')
@@ -147,6 +173,58 @@ def check_options(config, topology: str = 'local', batch: int | None = None,
   if steps and chips is not None:
     raise PlanError(f'--steps={steps} times steps on the local devices; {topology} is only '
                     'compiled for: drop --steps, or use --topology=local.')
+  if search and chips is None:
+    _, chip, target = local_chip()
+    if chip is None:  # a CPU: every batch would "fit" (it searched for minutes)
+      raise PlanError(f'--max_batch on {target}: its memory capacity is unknown, so every '
+                      'batch would "fit"; give --topology=GEN:SHAPE (e.g. v5e:2x2) to search '
+                      "against a TPU's HBM, or run it on a GPU or TPU.")
+  n = data_parallel(config, topology)
+  if search:
+    unit = batch_multiple or n
+    if unit % n:
+      raise PlanError(f'--batch_multiple={batch_multiple} must be a multiple of the {n} '
+                      f'data-parallel devices of the mesh; use a multiple of {n}.')
+    if batch is not None and batch % unit:
+      raise PlanError(f'--batch={batch} (where --max_batch starts) is not a multiple of '
+                      f'{unit} ({"--batch_multiple" if batch_multiple else "the devices"}): '
+                      f'use a multiple of {unit}, or drop --batch.')
+  else:
+    from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+    sharding.check_batch_size(config.batch_size if batch is None else batch, n,
+                              'config.batch_size' if batch is None
+                              else '--batch')
+
+
+def local_chip():
+  """(this machine's devices, their CHIPS entry with the device's own capacity
+  where it reports one, or None if unknown (CPU), the target's name)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  chip = chip_for(devices[0])
+  if chip is not None:
+    limit = (devices[0].memory_stats() or {}).get('bytes_limit')
+    chip = dataclasses.replace(chip, hbm_bytes=limit) if limit else chip
+  return devices, chip, f'local: {len(devices)} x {devices[0].device_kind}'
+
+
+def data_parallel(config, topology: str) -> int:
+  """Devices the batch is split over (data x fsdp), from the mesh config and the
+  chips `topology` implies (sharding's rule, before libtpu loads): a
+  ValueError of one line if the mesh does not fit them."""
+  from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+  if topology == 'local':
+    import jax  # pylint: disable=import-outside-toplevel
+    data, fsdp = sharding.mesh_shape_from_config(config, jax.device_count())
+  else:
+    topo = parse_topology(topology)
+    if config.num_devices not in (-1, 0, topo.chips):
+      raise PlanError(f'num_devices={config.num_devices} but {topo.name} has {topo.chips} '
+                      'chips: use num_devices=-1 (the whole slice), or a topology of that '
+                      'many chips.')
+    data, fsdp = sharding.mesh_shape_from_config(config, topo.chips,
+                                                 f'chips of {topo.name}')
+  return data * fsdp
 
 
 def tpu_devices(topology: Topology):
@@ -453,23 +531,14 @@ def plan(config, topology: str = 'local', batch: int | None = None, steps: int |
   global `batch` (default config.batch_size) and returns report()'s dict;
   on local accelerators also the measured step (`steps` timed steps, default
   5 on GPU / TPU, none on CPU)."""
-  import jax  # pylint: disable=import-outside-toplevel
   check_options(config, topology, batch, steps, top)
   batch = config.batch_size if batch is None else batch
   if topology == 'local':
-    devices = jax.devices()
-    chip = chip_for(devices[0])
-    if chip is not None:  # the device's own capacity where it reports one
-      limit = (devices[0].memory_stats() or {}).get('bytes_limit')
-      chip = dataclasses.replace(chip, hbm_bytes=limit) if limit else chip
-    target = f'local: {len(devices)} x {devices[0].device_kind}'
+    devices, chip, target = local_chip()
   else:
     topo = parse_topology(topology)
     devices = tpu_devices(topo)
     chip, target = CHIPS[topo.generation], topo.name
-  if config.num_devices not in (-1, 0) and config.num_devices > len(devices):
-    raise PlanError(f'num_devices={config.num_devices} but {target} has {len(devices)} chips; '
-                    'use num_devices=-1 (all).')
   if log:
     log(f'compiling the train step of {config.get("name", "")} for {target}, '
         f'global batch {batch} ...')
@@ -491,7 +560,7 @@ def max_batch(config, topology: str = 'local', start: int | None = None, multipl
   per chip), then bisection. Returns (that batch, or None if the smallest
   does not fit; every compile's report)."""
   check_options(config, topology, start, 0, 0, multiple, search=True)
-  unit = multiple or _chips(config, topology)
+  unit = multiple or data_parallel(config, topology)
   reports = []
 
   def fits(b):
@@ -503,7 +572,7 @@ def max_batch(config, topology: str = 'local', start: int | None = None, multipl
           f'compiled in {r["compile_s"]:.0f} s)')
     return r['fits']
 
-  b = max(unit, (start or unit) // unit * unit)
+  b = start or unit  # check_options: a multiple of unit
   if fits(b):
     lo, hi = b, None
     while hi is None:
@@ -532,15 +601,6 @@ def max_batch(config, topology: str = 'local', start: int | None = None, multipl
     else:
       hi = mid
   return lo, reports
-
-
-def _chips(config, topology: str) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
-  if topology == 'local':
-    n = jax.device_count()
-  else:
-    n = parse_topology(topology).chips
-  return n if config.num_devices in (-1, 0) else config.num_devices
 
 
 def _gib(x) -> str:

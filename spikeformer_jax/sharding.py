@@ -25,28 +25,42 @@ BATCH = P(AXES)          # the batch axis over every device
 FSDP_MIN_SIZE = 2 ** 14  # default: smaller arrays (biases, norms) stay replicated
 
 
-def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1,
-              devices=None) -> Mesh:
-  """A ('data', 'fsdp') mesh over all (or the first `num_devices`) devices;
-  one of `data`, `fsdp` may be -1: the rest. `devices`: jax.devices(), or
-  others (the compile-only devices of a TPU topology: aot.py)."""
-  devices = jax.devices() if devices is None else list(devices)
-  n = len(devices) if num_devices in (None, 0, -1) else num_devices
-  if n < 1 or n > len(devices):
-    raise ValueError(f'num_devices={num_devices}: use -1 (all) or 1..{len(devices)}, '
-                     'the number of visible devices.')
+def mesh_shape(num_devices: int | None, data: int, fsdp: int, available: int,
+               where: str = 'visible devices') -> tuple[int, int]:
+  """(data, fsdp) of the mesh over `available` devices (make_mesh's rule, a
+  pure function: the planner checks a TPU slice's mesh before loading libtpu)."""
+  n = available if num_devices in (None, 0, -1) else num_devices
+  if n < 1 or n > available:
+    raise ValueError(f'num_devices={num_devices}: use -1 (all) or 1..{available}, '
+                     f'the number of {where}.')
   if data == -1 and fsdp == -1:
     raise ValueError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if known < 1 or n % known:
       raise ValueError(f'mesh.{"fsdp" if data == -1 else "data"}={known} does not divide '
-                       f'the {n} devices.')
+                       f'the {n} devices; use a divisor of {n}, or -1.')
     data, fsdp = (n // known, known) if data == -1 else (known, n // known)
   if data < 1 or fsdp < 1 or data * fsdp != n:
     raise ValueError(f'mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices '
                      '(num_devices); -1 takes the rest.')
-  return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), AXES,
+  return data, fsdp
+
+
+def mesh_shape_from_config(config, available: int, where: str = 'visible devices'):
+  m = config.get('mesh', None)
+  return mesh_shape(config.num_devices, m.data if m else -1, m.fsdp if m else 1, available,
+                    where)
+
+
+def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1,
+              devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh over all (or the first `num_devices`) devices;
+  one of `data`, `fsdp` may be -1: the rest. `devices`: jax.devices(), or
+  others (the compile-only devices of a TPU topology: aot.py)."""
+  devices = jax.devices() if devices is None else list(devices)
+  data, fsdp = mesh_shape(num_devices, data, fsdp, len(devices))
+  return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), AXES,
               axis_types=(AxisType.Auto,) * 2)
 
 
@@ -141,8 +155,9 @@ def synced_first_call(step, name: str):
   return call
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size'):
-  n = data_size(mesh)
+def check_batch_size(batch_size: int, mesh, what: str = 'batch_size'):
+  """`mesh`: a Mesh, or the number of data-parallel devices (data x fsdp)."""
+  n = mesh if isinstance(mesh, int) else data_size(mesh)
   if batch_size % n:
     raise ValueError(f'{what}={batch_size} must be divisible by the {n} data-parallel '
                      f'devices; use a multiple of {n}.')

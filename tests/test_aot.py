@@ -32,7 +32,13 @@ def test_topology_names_as_cloud_gives_them(name, gen, shape):
 @pytest.mark.parametrize('name,words', [
     ('v5e:2x2x1', 'has 2 dimensions'), ('v3:2x2', 'use GEN:SHAPE'), ('v5p-127', 'cores per chip'),
     ('v5e-12', 'power of two'), ('v5e:0x2', 'dimensions of at least 1 chip'),
-    ('v5e-0', '0 chips'), ('', 'use GEN:SHAPE'), ('v5e:2x2 ', 'use GEN:SHAPE')])
+    ('v5e-0', '0 chips'), ('', 'use GEN:SHAPE'), ('v5e:2x2 ', 'use GEN:SHAPE'),
+    # beyond any real slice: libtpu aborted (std::bad_alloc, a C++ stack)
+    ('v5p:1024x1024x1024', 'the largest v5p slice is 16x16x24 .6144 chips.'),
+    ('v5e:32x16', 'the largest v5e slice is 16x16'), ('v5e-512', 'the largest v5e slice'),
+    ('v4:16x16x32', 'the largest v4 slice is 16x16x16'),
+    # off the host layout: libtpu refused it only after loading
+    ('v5e:3x3', 'not laid out in hosts of 2x2 chips'), ('v5p:2x3x4', 'hosts of 2x2x1')])
 def test_bad_topologies_say_what_to_use(name, words):
   with pytest.raises(aot.PlanError, match=words):
     aot.parse_topology(name)
@@ -51,6 +57,29 @@ def test_bad_topologies_say_what_to_use(name, words):
                                           'v5e:2x2 is only compiled for'),
     ({'topology': 'v5e-3'}, '3 chips: TPU slices have a power of two of chips.'),
     ({'config': {'model.neuron.tau': float('nan')}}, 'model.neuron.tau=nan must be finite.'),
+    # The mesh and the batch against the chips the topology implies (they ran
+    # after libtpu loaded; num_devices=3 was blamed on --batch).
+    ({'topology': 'v5e:2x2', 'batch': 3}, '--batch=3 must be divisible by the 4 data-parallel '
+                                          'devices; use a multiple of 4.'),
+    ({'topology': 'v5e:2x2', 'config': {'mesh.fsdp': 3}},
+     'mesh.fsdp=3 does not divide the 4 devices; use a divisor of 4'),
+    ({'topology': 'v5e:2x2', 'config': {'mesh.data': 3}}, 'mesh.data=3 x mesh.fsdp=1 must '
+                                                          'equal the 4 devices'),
+    ({'topology': 'v5e:2x2', 'config': {'num_devices': 3}},
+     'num_devices=3 but v5e:2x2 has 4 chips: use num_devices=-1'),
+    ({'topology': 'v5e:2x2', 'config': {'num_devices': 8}}, 'num_devices=8 but v5e:2x2 has 4'),
+    ({'topology': 'v5p:4x4x4'}, 'config.batch_size=16 must be divisible by the 64'),
+    ({'config': {'mesh.data': 3}}, 'mesh.data=3 x mesh.fsdp=1 must equal the 8 devices'),
+    # --max_batch: a capacity to search against, and batches it can compile
+    ({'search': True, 'batch_multiple': 8, 'batch': 8},
+     '--max_batch on local: 8 x cpu: its memory capacity is unknown, so every batch would '
+     '"fit"; give --topology=GEN:SHAPE'),
+    ({'topology': 'v5e:2x2', 'search': True, 'batch_multiple': 8, 'batch': 4},
+     '--batch=4 (where --max_batch starts) is not a multiple of 8 (--batch_multiple)'),
+    ({'topology': 'v5e:2x2', 'search': True, 'batch': 6}, '--batch=6 (where --max_batch '
+                                                          'starts) is not a multiple of 4'),
+    ({'topology': 'v5e:2x2', 'search': True, 'batch_multiple': 6},
+     '--batch_multiple=6 must be a multiple of the 4 data-parallel devices'),
 ])
 def test_every_planner_option_is_checked_before_compiling(options, message, monkeypatch):
   """One place (check_options), before libtpu loads or anything compiles."""
@@ -65,6 +94,20 @@ def test_every_planner_option_is_checked_before_compiling(options, message, monk
   if 'search' not in options and 'batch_multiple' not in options:  # plan() checks them too
     with pytest.raises(ValueError, match=re.escape(message)):
       aot.plan(config, **options)
+  elif options.get('search'):  # and max_batch(), before its first compile
+    monkeypatch.setattr(aot, 'plan', lambda *a, **k: pytest.fail('planned'))
+    with pytest.raises(ValueError, match=re.escape(message)):
+      aot.max_batch(config, options.get('topology', 'local'), options.get('batch'),
+                    options.get('batch_multiple', 0))
+
+
+def test_the_mesh_rule_is_sharding_s_own():
+  """The planner's check and make_mesh share one pure rule (no drift)."""
+  from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+  assert sharding.mesh_shape(-1, 2, -1, 16) == (2, 8)
+  assert sharding.mesh_shape(8, -1, 2, 16) == (4, 2)
+  c = _tiny(**{'mesh.data': 2, 'mesh.fsdp': -1})
+  assert aot.data_parallel(c, 'v5p:4x4x4') == 64 and aot.data_parallel(c, 'local') == 8
 
 
 def test_compiler_figures_of_an_out_of_memory_message():
@@ -124,6 +167,7 @@ def test_max_batch_is_the_largest_that_fits(monkeypatch):
     return {'fits': batch <= 40, 'global_batch': batch, 'hbm_peak_bytes_per_chip': batch,
             'compile_s': 0.0}
   monkeypatch.setattr(aot, 'plan', fake_plan)
+  monkeypatch.setattr(aot, 'local_chip', lambda: (None, aot.CHIPS['h100'], 'local'))
   c = _tiny()
   best, reports = aot.max_batch(c, 'local')
   assert best == 40 and len(reports) == len(calls)
