@@ -445,7 +445,7 @@ class StopWatch:
 @contextlib.contextmanager
 def hold_workdir(workdir: str):
   """This run (process 0 for all of its processes) holds `workdir`'s lock."""
-  workdir_lib.ensure(workdir)
+  created = workdir_lib.ensure(workdir)
   lock = workdir_lib.WorkdirLock(workdir, command=' '.join(sys.argv))
   err = None
   if jax.process_index() == 0:
@@ -460,11 +460,15 @@ def hold_workdir(workdir: str):
                                'output.')
   if err is not None:
     raise err
+  failed = True
   try:
     yield lock
+    failed = False
   finally:
     if jax.process_index() == 0:
       lock.release()
+      if failed:  # e.g. refused by the data or the devices: no empty workdir left behind
+        workdir_lib.remove_created(created)
 
 
 def read_json(path: str, what: str = '') -> dict:
@@ -585,6 +589,19 @@ def initial_weights(config, workdir: str):
   return pretrained.load(config, nnx.eval_shape(lambda: models.build_model(config.model)))
 
 
+def fit_eval_batch(batch: int, n: int, mesh, log=None) -> int:
+  """eval_batch_size, at most the `n` test examples rounded up to the data-
+  parallel devices: evaluation pads its last batch, so a larger one only
+  spends memory (100000 on a 359-example split would be OOM-killed at the
+  first evaluation, after training). The config keeps its value."""
+  devices = sharding.data_size(mesh)
+  fit = min(batch, -(-n // devices) * devices)
+  if fit < batch and log is not None:
+    log(f'eval_batch_size={batch} is larger than the {n} test examples: evaluating in '
+        f'batches of {fit}.')
+  return fit
+
+
 def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
   log = metrics_lib.log
   mesh = sharding.mesh_from_config(config)
@@ -594,6 +611,7 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
   train_src = data_lib.get_source(config.data, 'train')
   test_src = data_lib.get_source(config.data, 'test')
   validation.validate_data(config, train_src, test_src)
+  eval_batch = fit_eval_batch(config.eval_batch_size, len(test_src), mesh, log)
   test_tf = data_lib.make_transform(config.data, test_src, train=False)
   loader = data_lib.Loader(train_src, global_batch=config.batch_size, seed=config.seed,
                            process_index=jax.process_index(),
@@ -626,13 +644,13 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
     if changed:
       log(f'Resuming with changed fields: {", ".join(changed)}.')
     return _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src,
-                       test_tf, ckpt, total_steps, init)
+                       test_tf, ckpt, total_steps, init, eval_batch)
   finally:
     ckpt.close(quiet=True)
 
 
 def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src, test_tf,
-                ckpt, total_steps, init=None) -> dict:
+                ckpt, total_steps, init=None, eval_batch=None) -> dict:
   log = metrics_lib.log
   spe = loader.steps_per_epoch
   exp = build(config, mesh, spe)
@@ -648,8 +666,8 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
 
   def evaluate_all(state):
     """Test metrics of the weights and, with ema_decay, 'ema_'-prefixed of their EMA."""
-    return evaluate(eval_step, state, test_src, mesh, config.eval_batch_size, test_tf,
-                    ema_step=ema_eval_step, stop=stop)
+    return evaluate(eval_step, state, test_src, mesh, eval_batch or config.eval_batch_size,
+                    test_tf, ema_step=ema_eval_step, stop=stop)
 
   run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
               'devices': mesh.size, 'mesh': dict(mesh.shape), 'processes': jax.process_count(),
@@ -891,7 +909,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   validation.validate_split(config, source, split)
   batch = config.eval_batch_size
   n = sharding.data_size(mesh)
-  batch = -(-batch // n) * n
+  batch = fit_eval_batch(-(-batch // n) * n, len(source), mesh)
   exp, state = _restore(config, workdir, mesh, step)
   res = evaluate(sharding.synced_first_call(make_eval_step(exp, ema=ema), 'eval step'),
                  state, source, mesh, batch,

@@ -157,11 +157,52 @@ def _validate_model(c):
     value = _get(m, field)
     if value is not _MISSING:
       _require(value > 0, f'model.{field}={value} must be > 0.')
+  _validate_neuron_dynamics(m, attention_kinds)
   factor = models.downsampling(m)
   if m.img_size % factor:
     raise ValueError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
                      f'factor by which the patch stem of {models.describe(m)} downsamples; '
                      f'use e.g. {max(factor, m.img_size // factor * factor)}.')
+
+
+def _validate_neuron_dynamics(m, attention_kinds):
+  """The neurons' constants within their meaning: a leak that keeps a
+  fraction of the membrane, a reset below the threshold."""
+  n = m.neuron
+  kind, form = n.get('kind', 'lif'), n.get('charge_form', 'spikingjelly')
+  kinds = (attention_kinds,) if isinstance(attention_kinds, str) else tuple(attention_kinds)
+  t = m.get('ternary', None) if 'a2os2a' in kinds else None  # a2os2a.make_ternary
+  # SpikingJelly's charge keeps 1 - 1/tau of the membrane each step (its LIF
+  # asserts tau > 1); the ternary V neuron charges with model.neuron.tau too.
+  ternary_sj = t is not None and t.get('charge_form', 'spikingjelly') == 'spikingjelly'
+  tau = n.get('tau', 2.0)
+  if (kind == 'lif' and form == 'spikingjelly') or ternary_sj:
+    _require(tau > 1, f'model.neuron.tau={tau} must be > 1: the LIF keeps 1 - 1/tau of its '
+             f'membrane each step (SpikingJelly asserts tau > 1); e.g. 2.0, or kind=if '
+             'for no leak.')
+  for field, cfg in (('neuron.beta', n), ('ternary.beta', t)):
+    beta = cfg.get('beta', 0.5) if cfg is not None else 0.5
+    _require(0 <= beta <= 1, f'model.{field}={beta} is the fraction of the membrane kept '
+             "(charge_form='paper'): use a value in [0, 1].")
+  attn_vth = m.get('attn_v_threshold', None)
+  if kind in ('lif', 'if') and not n.get('soft_reset', False):
+    thresholds = [('model.neuron.v_threshold', n.v_threshold)]
+    if attn_vth is not None:  # the attention's neuron: the network's, at its own threshold
+      thresholds.append(('model.attn_v_threshold', attn_vth))
+    for name, vth in thresholds:
+      _require(n.v_reset < vth, f'model.neuron.v_reset={n.v_reset} must be below {name}={vth} '
+               '(a hard reset at or above the threshold fires again at once); or set '
+               'model.neuron.soft_reset=True.')
+  if t is not None:  # ternary: fires at |U| >= Vth, resets to +-v_reset
+    thresholds = [('model.ternary.v_threshold', t.get('v_threshold', 1.0))]
+    own = m.get('a2os2a', None)
+    if attn_vth is not None and own is not None and own.get('out_neuron') == 'ternary':
+      thresholds.append(('model.attn_v_threshold', attn_vth))
+    v_reset = t.get('v_reset', 0.0)
+    for name, vth in thresholds:
+      _require(abs(v_reset) < vth, f'model.ternary.v_reset={v_reset} must be in (-{vth}, '
+               f'{vth}), within {name} (a ternary neuron reset to +-v_reset at or beyond '
+               'the threshold fires again at once).')
 
 
 def _validate_data_config(c):
@@ -177,6 +218,10 @@ def _validate_data_config(c):
   if d.get('path') and d.name != 'npz':  # a file the user expects to be trained on
     raise ValueError(f'data.path={d.path!r} is read only with data.name=\'npz\' (now '
                      f'{d.name!r}): set --config.data.name=npz, or drop data.path.')
+  if d.name == 'npz' and not d.get('path'):
+    raise ValueError("data.name='npz' reads data.path, which is not set: give "
+                     '--config.data.path=FILE.npz, an .npz with x_train, y_train, x_test, '
+                     'y_test arrays.')
   if d.name in ('synthetic', 'synthetic_events'):
     _at_least(c, 'data.num_train', 1, ' (synthetic training examples)')
     _at_least(c, 'data.num_test', 1, ' (synthetic test examples)')
@@ -207,10 +252,16 @@ def _validate_data_config(c):
     raise ValueError(f'data.augment.dvs_policy={a.dvs_policy!r}; valid: '
                      f'{data_lib.DVS_POLICIES}.')
   _at_least(c, 'data.augment.dvs_cutout', 0, ' (0: off)')
+  if a.rand_augment:  # its grammar, before the workdir is made (data_lib builds it later)
+    try:
+      augment.rand_augment(a.rand_augment, a.rand_augment_ops)
+    except ValueError as e:
+      raise ValueError(f'data.augment.rand_augment={a.rand_augment!r} / rand_augment_ops='
+                       f'{a.rand_augment_ops!r}: {e}') from None
 
 
 def _validate_training(c):
-  _at_least(c, 'seed', 0)
+  _in_range(c, 'seed', 0, 2 ** 63, ' (jax.random.key takes a 64-bit signed integer)')
   _at_least(c, 'batch_size', 1)
   _at_least(c, 'eval_batch_size', 1)
   _at_least(c, 'epochs', 0)
@@ -227,6 +278,13 @@ def _validate_training(c):
   devices = c.get('num_devices', -1)
   _require(devices >= -1,
            f'num_devices={devices}: use -1 (all visible devices) or a count >= 1.')
+  for axis in ('data', 'fsdp'):
+    size = _get(c, f'mesh.{axis}')
+    if size is not _MISSING:
+      _require(size == -1 or size >= 1,
+               f'mesh.{axis}={size}: use a device count >= 1, or -1 for the rest.')
+  if _get(c, 'mesh.data', None) == -1 and _get(c, 'mesh.fsdp', None) == -1:
+    raise ValueError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
   _at_least(c, 'mesh.fsdp_min_size', 0)
   bn_scope = c.get('bn_scope', 'global')
   if bn_scope not in BN_SCOPES:
@@ -251,6 +309,11 @@ def _validate_training(c):
   _require(o.lr > 0, f'optimizer.lr={o.lr} must be > 0.')
   for field in ('weight_decay', 'warmup_epochs', 'warmup_lr', 'min_lr'):
     _at_least(c, f'optimizer.{field}', 0)
+  warmup = o.get('warmup_epochs', 0)
+  if c.total_steps <= 0 and warmup > 0:  # the whole schedule runs: it must reach the base lr
+    _require(warmup < c.epochs, f'optimizer.warmup_epochs={warmup} must be below epochs='
+             f'{c.epochs}: the lr would never reach optimizer.lr; lower warmup_epochs or raise '
+             'epochs (total_steps > 0 runs a part of the schedule and is not checked).')
   _at_least(c, 'optimizer.grad_clip_norm', 0, ' (0: none)')
   for field in ('b1', 'b2'):
     _in_range(c, f'optimizer.{field}', 0, 1)

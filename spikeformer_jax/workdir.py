@@ -232,12 +232,30 @@ def holder(workdir: str) -> dict | None:
   return held if alive or (alive is None and age < STALE_S) else None
 
 
-def ensure(workdir: str, what: str = '--workdir'):
-  """Creates `workdir`, or says in one line why it cannot be used."""
+def ensure(workdir: str, what: str = '--workdir') -> list[str]:
+  """Creates `workdir`, or says in one line why it cannot be used. Returns
+  the directories it created, innermost first (none where `workdir` existed),
+  for `remove_created`."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserError(f'{what}={workdir} is a file, not a directory; use another {what}.')
+  created, path = [], os.path.abspath(workdir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    created.append(path)
+    path = os.path.dirname(path)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise errors.UserError(f'cannot create {what}={workdir}: {e.strerror}; use a writable '
                            f'{what}.') from e
+  return created
+
+
+def remove_created(created: list[str]):
+  """Removes the directories `ensure` created, innermost first, while they are
+  empty: a run refused before it wrote anything leaves no empty workdir, and
+  never removes a directory that holds anything (os.rmdir refuses)."""
+  for path in created:
+    try:
+      os.rmdir(path)
+    except OSError:
+      return

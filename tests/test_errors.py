@@ -2,23 +2,25 @@
 valid, raised before anything is compiled (train.py and train_lib)."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
+from spikeformer_jax.configs import a2os2a as a2os2a_configs
 from spikeformer_jax.configs import msvit as msvit_configs
 from spikeformer_jax.configs import sdt as sdt_configs
 from spikeformer_jax.configs import spikformer as spikformer_configs
-from spikeformer_jax import config_lib, train_lib
+from spikeformer_jax import config_lib, sharding, train_lib
 
 
 def _config(module, variant, **over):
   return config_lib.apply_overrides(module.get_config(variant + ',runlocal'), over)
 
 
-S, D, M = spikformer_configs, sdt_configs, msvit_configs
+S, D, M, A = spikformer_configs, sdt_configs, msvit_configs, a2os2a_configs
 CASES = {
     'model name': (S, 'cifar10-4-384', {'model.name': 'vit'},
                    "model.name='vit'; valid: msvit, sdt, spikformer."),
@@ -120,6 +122,43 @@ CASES = {
                      'model.img_size=0 must be >= 1.'),
     'neuron tau': (S, 'cifar10-4-384', {'model.neuron.tau': 0.0},
                    'model.neuron.tau=0.0 must be > 0.'),
+    # A leak outside (0, 1) of the membrane, a reset at the threshold: trains, to nothing.
+    'tau below one': (S, 'cifar10-4-384', {'model.neuron.tau': 0.5},
+                      'model.neuron.tau=0.5 must be > 1: the LIF keeps 1 - 1/tau'),
+    'tau one': (S, 'cifar10-4-384', {'model.neuron.tau': 1.0}, 'model.neuron.tau=1.0 must be > 1'),
+    'tiny tau': (S, 'cifar10-4-384', {'model.neuron.tau': 1e-300},
+                 'model.neuron.tau=1e-300 must be > 1'),
+    # The ternary V neuron charges with model.neuron.tau even when the network's does not.
+    'ternary tau': (A, 'cifar10-2-256', {'model.neuron.charge_form': 'paper',
+                                          'model.neuron.tau': 0.5},
+                    'model.neuron.tau=0.5 must be > 1'),
+    'paper beta': (S, 'cifar10-4-384', {'model.neuron.charge_form': 'paper',
+                                         'model.neuron.beta': 1.5},
+                   "model.neuron.beta=1.5 is the fraction of the membrane kept "
+                   "(charge_form='paper'): use a value in [0, 1]."),
+    'ternary beta': (A, 'cifar10-2-256', {'model.ternary.beta': -0.1},
+                     'model.ternary.beta=-0.1 is the fraction of the membrane kept'),
+    'reset at threshold': (D, 'cifar10-2-256', {'model.neuron.v_reset': 1.0},
+                           'model.neuron.v_reset=1.0 must be below model.neuron.v_threshold=1.0'),
+    'reset above the attention threshold': (
+        S, 'cifar10-4-384', {'model.neuron.v_reset': 0.7},
+        'model.neuron.v_reset=0.7 must be below model.attn_v_threshold=0.5'),
+    'ternary reset': (A, 'cifar10-2-256', {'model.ternary.v_reset': -1.0},
+                      'model.ternary.v_reset=-1.0 must be in (-1.0, 1.0), within '
+                      'model.ternary.v_threshold'),
+    'warmup beyond epochs': (S, 'cifar10-4-384', {'total_steps': 0, 'epochs': 5,
+                                                  'optimizer.warmup_epochs': 5},
+                             'optimizer.warmup_epochs=5 must be below epochs=5: the lr would '
+                             'never reach optimizer.lr'),
+    'huge seed': (S, 'cifar10-4-384', {'seed': 99999999999999999999},
+                  'seed=99999999999999999999 must be in [0, 9223372036854775808)'),
+    'mesh axis 0': (S, 'cifar10-4-384', {'mesh.data': 0},
+                    'mesh.data=0: use a device count >= 1, or -1 for the rest.'),
+    'npz without path': (S, 'cifar10-4-384', {'data.name': 'npz', 'data.path': ''},
+                         "data.name='npz' reads data.path, which is not set"),
+    'rand augment grammar': (S, 'cifar10-4-384', {'data.augment.rand_augment': 'bogus'},
+                             "got 'bogus'; e.g. 'rand-m9-n1-mstd0.4-inc1' (sections m, n, "
+                             "mstd, mmax, inc, w, p, each followed by a number), or '' for none"),
     'neuron surrogate': (S, 'cifar10-4-384', {'model.neuron.surrogate': 'tanh'},
                          "model.neuron.surrogate='tanh' is not valid; choose one of"),
     'pooling': (S, 'cifar10-4-384', {'model.pooling': '001'},
@@ -179,6 +218,69 @@ def test_one_clear_error_before_compiling(case, tmp_path, monkeypatch):
   assert '\n' not in str(e.value)
   written = {'config.json', 'metrics.jsonl', 'tb', 'checkpoints'} & set(os.listdir(tmp_path))
   assert not written  # refused before the run writes anything
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_config_errors_come_before_the_workdir(case, tmp_path):
+  """What the config alone shows is refused before train.py creates --workdir."""
+  from spikeformer_jax import validation  # pylint: disable=import-outside-toplevel
+  module, variant, over, message = CASES[case]
+  c = _config(module, variant, **over)
+  if message in _error(lambda: (validation.validate_config(c), validation.validate_start(c))):
+    return
+  # The rest need the data or the devices: the run removes the workdir it made.
+  workdir = tmp_path / 'new' / 'run'
+  assert message in _error(lambda: train_lib.train_and_evaluate(c, str(workdir)))
+  assert not os.listdir(tmp_path)
+
+
+def _error(fn) -> str:
+  try:
+    fn()
+  except (ValueError, FileNotFoundError) as e:
+    return str(e)
+  return ''
+
+
+# Found only with the data or the devices, after the workdir exists.
+LATE_CASES = {
+    'batch beyond the split': ({'batch_size': 128},
+                               'batch_size=128 exceeds the 64 training examples'),
+    'too many devices': ({'num_devices': 64}, 'num_devices=64: use -1 (all) or 1..'),
+    'mesh': ({'mesh.fsdp': 3}, 'mesh.fsdp=3 does not divide'),
+}
+
+
+@pytest.mark.parametrize('case', list(LATE_CASES))
+def test_refused_runs_remove_only_the_workdir_they_created(case, tmp_path):
+  over, message = LATE_CASES[case]
+  c = _config(S, 'cifar10-4-384', **over)
+  for workdir in (tmp_path / 'new' / 'run', tmp_path / 'empty', tmp_path / 'mine'):
+    if workdir.name != 'run':
+      workdir.mkdir()
+    if workdir.name == 'mine':
+      (workdir / 'notes.txt').write_text('kept')
+    with pytest.raises(ValueError, match=re.escape(message)):
+      train_lib.train_and_evaluate(c, str(workdir))
+  # new/ and new/run were this run's, empty: gone; the others were there before.
+  assert sorted(os.listdir(tmp_path)) == ['empty', 'mine']
+  assert not os.listdir(tmp_path / 'empty')
+  assert os.listdir(tmp_path / 'mine') == ['notes.txt']
+
+
+def test_eval_batch_is_at_most_the_test_split():
+  """eval_batch_size beyond the test split only spends memory (OOM at the first
+  evaluation): evaluation runs in batches of the split, rounded up to the
+  devices, and says so."""
+  lines = []
+  one, eight = sharding.make_mesh(1), sharding.make_mesh(-1)
+  assert train_lib.fit_eval_batch(100000, 359, one, lines.append) == 359
+  assert lines == ['eval_batch_size=100000 is larger than the 359 test examples: evaluating '
+                   'in batches of 359.']
+  d = sharding.data_size(eight)
+  assert train_lib.fit_eval_batch(100000, 359, eight) == -(-359 // d) * d
+  assert train_lib.fit_eval_batch(64, 359, one, lines.append) == 64  # the digits default
+  assert len(lines) == 1
 
 
 def test_train_py_prints_one_line(tmp_path):

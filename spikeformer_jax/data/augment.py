@@ -542,7 +542,9 @@ def rand_augment(spec: str, op_set: str = 'timm', img_mean: Sequence[float] = (0
     raise ValueError(f'unknown op_set {op_set!r}; valid: {sorted(OP_SETS)}')
   sections = spec.split('-')
   if sections[0] != 'rand':
-    raise ValueError(f"RandAugment spec must start with 'rand', got {spec!r}")
+    raise ValueError(f"RandAugment spec must start with 'rand', got {spec!r}; e.g. "
+                     f"'rand-m9-n1-mstd0.4-inc1' (sections {', '.join(_SPEC_KEYS)}, each "
+                     "followed by a number), or '' for none")
   hparams = dict(translate_const=translate_const,
                  img_mean=tuple(min(255, round(255 * x)) for x in img_mean))
   hparams['interpolation'] = _interp(interpolation)
