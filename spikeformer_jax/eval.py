@@ -53,14 +53,19 @@ _ATTN_HEADS = flags.DEFINE_list('attention_heads', ['0'], 'Heads to draw.')
 
 
 def analyze(config) -> int:
-  from spikeformer_jax import analysis  # pylint: disable=import-outside-toplevel
-  report, paths = analysis.analyze_checkpoint(
+  from spikeformer_jax import analysis, errors  # pylint: disable=import-outside-toplevel
+  try:
+    report, paths = analysis.analyze_checkpoint(
       config, _WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
       examples=_EXAMPLES.value, out_dir=_OUTPUT.value,
       conventions=analysis.Conventions(integer_inputs=_INTEGER.value,
                                        first_layer_mj=_FIRST_MJ.value,
                                        count_head=_COUNT_HEAD.value),
       attention_block=_ATTN_BLOCK.value, attention_heads=tuple(map(int, _ATTN_HEADS.value)))
+  except IndexError as e:  # drawn before the analysis: name the flag
+    flag = 'attention_block' if str(e).startswith('block=') else 'attention_heads'
+    raise ValueError(f'--{flag}={flags.FLAGS[flag].serialize().split("=", 1)[-1]}: '
+                     f'{errors.one_line(e)}') from e
   t = report['totals']
   print(f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
         f'{t["macs"] / 1e9:.4f} GMAC dense, {t["sops"] / 1e9:.4f} G SOPs, '
@@ -143,6 +148,8 @@ def run():
   flags.register_validator('step', lambda s: s is None or s >= 0, 'a checkpoint step is >= 0')
   flags.register_validator('num_devices', lambda n: n is None or n >= 1,
                            'a device count is >= 1 (default: all)')
+  flags.register_validator('analyze_examples', lambda n: n >= 1,
+                           'the number of examples analysed must be >= 1.')
   flags.register_validator('attention_block', lambda b: b >= 0, 'must be >= 0')
   flags.register_validator('first_layer_mj', lambda e: math.isfinite(e) and e >= 0,
                            'a finite energy >= 0 in mJ (0: counted from the MACs)')
