@@ -10,7 +10,9 @@ analysis.md) and pictures (firing_rates.png, attention.png,
 learning_curves.png) to DIR/analysis_SPLIT_STEP (see spikeformer_jax/analysis.py
 for the counting conventions).
 
-Uses the config saved in DIR/config.json unless --config is given. Restores
+Uses the config saved in DIR/config.json unless --config is given; a --config
+whose model fields differ from the run's (e.g. --config.model.T=2 on a T=4
+run: a timestep study) is used, with one warning line naming those fields. Restores
 onto the devices visible now (a run trained on 8 devices evaluates on 1).
 Prints one result line and writes a JSON file (default DIR/eval_SPLIT_STEP.json).
 
@@ -114,6 +116,10 @@ def main(argv):
       checkpointing.quiet_orbax_logs()
     signal.signal(signal.SIGTERM, _sigterm)  # stopped like Ctrl-C: one line, nothing half-written
     config = _CONFIG.value or train_lib.load_run_config(_WORKDIR.value)
+    if _CONFIG.value:
+      warning = train_lib.model_differences(config, _WORKDIR.value)
+      if warning:
+        print(warning, file=sys.stderr)
     out = _OUTPUT.value
     _check_writable(out)
     if _ANALYZE.value:

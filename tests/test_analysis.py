@@ -274,3 +274,16 @@ def test_training_evaluations_record_per_layer_firing_rates():
   np.testing.assert_allclose([rates[k] for k in want], list(want.values()), rtol=1e-6)
   assert 'firing_rates' not in train_lib.evaluate(train_lib.make_eval_step(exp), state, source,
                                                   exp.mesh, batch_size=4)
+
+
+def test_eval_warns_of_a_config_whose_model_differs_from_the_run(tmp_path):
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  c = spikformer_configs.get_config('digits')
+  train_lib.write_json(str(tmp_path / 'config.json'), {'config': c.to_dict()})
+  assert train_lib.model_differences(c, str(tmp_path)) == ''
+  other = spikformer_configs.get_config('digits')
+  other.model.T, other.total_steps = 2, 1  # only model fields are named
+  assert train_lib.model_differences(other, str(tmp_path)) == (
+      f"warning: --config differs from the run's {tmp_path}/config.json in model.T (4 -> 2): "
+      'evaluating with the --config model.')
+  assert train_lib.model_differences(other, str(tmp_path / 'none')) == ''
