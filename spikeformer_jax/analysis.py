@@ -69,6 +69,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Iterable
 
 import jax
@@ -446,19 +448,29 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
     batches.append(b['image'][b['mask']][:n - batch * len(batches)])
     if batch * len(batches) >= n:
       break
-  report = analyze(model, batches, T=config.model.T, conventions=conventions)
-  report.update(workdir=workdir, split=split, step=step, model=config.get('name', ''))
   out_dir = out_dir or os.path.join(workdir, f'analysis_{split}_{step}')
-  paths = write(report, out_dir)
-  title = f'{config.get("name", "")} step {step}, {split} ({report["examples"]} examples)'
-  paths['firing_rates'] = plots.firing_rate_figure(
-      {k: v['rate_per_t'] for k, v in report['neurons'].items()},
-      os.path.join(out_dir, 'firing_rates.png'), title=title)
-  paths['attention'] = plots.attention_maps(
-      model, batches[0][:1], os.path.join(out_dir, 'attention.png'), block=attention_block,
-      heads=tuple(attention_heads))
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(metrics):
-    paths['learning_curves'] = plots.learning_curves(
-        metrics, os.path.join(out_dir, 'learning_curves.png'))
+  # Written aside and moved in at the end: a kill (SIGTERM) or a failure
+  # leaves nothing of this analysis in out_dir.
+  parent, name = os.path.split(os.path.abspath(out_dir))
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{name}.partial-')
+  try:
+    # The attention picture first: out-of-range heads / block fail before the analysis.
+    plots.attention_maps(model, batches[0][:1], os.path.join(tmp, 'attention.png'),
+                         block=attention_block, heads=tuple(attention_heads))
+    report = analyze(model, batches, T=config.model.T, conventions=conventions)
+    report.update(workdir=workdir, split=split, step=step, model=config.get('name', ''))
+    paths = write(report, tmp)
+    paths['attention'] = os.path.join(tmp, 'attention.png')
+    title = f'{config.get("name", "")} step {step}, {split} ({report["examples"]} examples)'
+    paths['firing_rates'] = plots.firing_rate_figure({k: v['rate_per_t'] for k, v in report['neurons'].items()},
+                             os.path.join(tmp, 'firing_rates.png'), title=title)
+    metrics = os.path.join(workdir, 'metrics.jsonl')
+    if os.path.exists(metrics):
+      paths['learning_curves'] = plots.learning_curves(metrics, os.path.join(tmp, 'learning_curves.png'))
+    os.makedirs(out_dir, exist_ok=True)
+    for key, path in paths.items():
+      paths[key] = os.path.join(out_dir, os.path.basename(path))
+      os.replace(path, paths[key])
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   return report, paths

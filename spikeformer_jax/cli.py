@@ -93,7 +93,8 @@ def parse_flags(argv: list[str], config_names=('config',)) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except _PARSE_ERRORS as e:
-    exit_usage(describe(e, argv, config_names[0], _DEFAULTS.get(config_names[0])))
+    exit_usage(describe(e, argv, config_names[0], _DEFAULTS.get(config_names[0]))
+               if config_names else _last_line(e))
   for name in config_names:  # a file that fails to load is kept as an error until used
     value = flags.FLAGS[name].value if name in flags.FLAGS else None
     if value is not None:

@@ -266,6 +266,9 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
+  if not out:  # before reading the checkpoint, which may take minutes
+    raise errors.UserError('--out is empty: give a new directory for the converted workdir.')
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.init_from, config.init_skip = os.path.abspath(torch_file), ()
@@ -307,7 +310,11 @@ def write_workdir(config, torch_file: str, out: str) -> str:
 
 def main(argv):
   del argv
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import checkpointing, errors  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO, as in eval.py
+    logging.set_verbosity(logging.WARNING)
+    checkpointing.quiet_orbax_logs()
   try:
     write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)
   except errors.CLEAR as e:

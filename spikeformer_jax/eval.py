@@ -10,7 +10,9 @@ analysis.md) and pictures (firing_rates.png, attention.png,
 learning_curves.png) to DIR/analysis_SPLIT_STEP (see spikeformer_jax/analysis.py
 for the counting conventions).
 
-Uses the config saved in DIR/config.json unless --config is given. Restores
+Uses the config saved in DIR/config.json unless --config is given; a --config
+whose model fields differ from the run's (e.g. --config.model.T=2 on a T=4
+run: a timestep study) is used, with one warning line naming those fields. Restores
 onto the devices visible now (a run trained on 8 devices evaluates on 1).
 Prints one result line and writes a JSON file (default DIR/eval_SPLIT_STEP.json).
 
@@ -53,14 +55,19 @@ _ATTN_HEADS = flags.DEFINE_list('attention_heads', ['0'], 'Heads to draw.')
 
 
 def analyze(config) -> int:
-  from spikeformer_jax import analysis  # pylint: disable=import-outside-toplevel
-  report, paths = analysis.analyze_checkpoint(
+  from spikeformer_jax import analysis, errors  # pylint: disable=import-outside-toplevel
+  try:
+    report, paths = analysis.analyze_checkpoint(
       config, _WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
       examples=_EXAMPLES.value, out_dir=_OUTPUT.value,
       conventions=analysis.Conventions(integer_inputs=_INTEGER.value,
                                        first_layer_mj=_FIRST_MJ.value,
                                        count_head=_COUNT_HEAD.value),
       attention_block=_ATTN_BLOCK.value, attention_heads=tuple(map(int, _ATTN_HEADS.value)))
+  except IndexError as e:  # drawn before the analysis: name the flag
+    flag = 'attention_block' if str(e).startswith('block=') else 'attention_heads'
+    raise ValueError(f'--{flag}={flags.FLAGS[flag].serialize().split("=", 1)[-1]}: '
+                     f'{errors.one_line(e)}') from e
   t = report['totals']
   print(f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
         f'{t["macs"] / 1e9:.4f} GMAC dense, {t["sops"] / 1e9:.4f} G SOPs, '
@@ -109,6 +116,10 @@ def main(argv):
       checkpointing.quiet_orbax_logs()
     signal.signal(signal.SIGTERM, _sigterm)  # stopped like Ctrl-C: one line, nothing half-written
     config = _CONFIG.value or train_lib.load_run_config(_WORKDIR.value)
+    if _CONFIG.value:
+      warning = train_lib.model_differences(config, _WORKDIR.value)
+      if warning:
+        print(warning, file=sys.stderr)
     out = _OUTPUT.value
     _check_writable(out)
     if _ANALYZE.value:
@@ -143,6 +154,8 @@ def run():
   flags.register_validator('step', lambda s: s is None or s >= 0, 'a checkpoint step is >= 0')
   flags.register_validator('num_devices', lambda n: n is None or n >= 1,
                            'a device count is >= 1 (default: all)')
+  flags.register_validator('analyze_examples', lambda n: n >= 1,
+                           'the number of examples analysed must be >= 1.')
   flags.register_validator('attention_block', lambda b: b >= 0, 'must be >= 0')
   flags.register_validator('first_layer_mj', lambda e: math.isfinite(e) and e >= 0,
                            'a finite energy >= 0 in mJ (0: counted from the MACs)')

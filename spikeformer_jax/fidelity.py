@@ -182,11 +182,33 @@ def format_report(r: dict) -> str:
   return '\n'.join(lines)
 
 
+def _unwritable(path: str) -> str:
+  """Why `path` cannot be written ('' if it can)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(path):
+    return 'it is a directory'
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    return f'no such directory {directory}'
+  try:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix='.fidelity-write-check-'):
+      pass
+  except OSError as e:
+    return f'{directory}: {e.strerror}'
+  return ''
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('files', nargs='+', help='fixture .npz files')
   parser.add_argument('--json', help='also write the reports to this JSON file')
   args = parser.parse_args(argv)
+  if args.json:  # before the replays, which take minutes
+    problem = _unwritable(args.json)
+    if problem:
+      print(f'error: cannot write --json {args.json}: {problem}; pass another path.',
+            file=sys.stderr)
+      return 2
   jax.config.update('jax_enable_x64', True)  # before any array is made
   reports = []
   for f in args.files:

@@ -89,7 +89,8 @@ def main(argv):
 def run():
   """`spikeformer-prepare`, `python -m spikeformer_jax.prepare`, `python prepare.py`."""
   flags.mark_flags_as_required(['dataset'])
-  app.run(main)
+  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, ()))  # one line, exit 2
 
 
 if __name__ == '__main__':

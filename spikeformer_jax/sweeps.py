@@ -133,6 +133,10 @@ def load_config_module(path: str):
   spec = importlib.util.spec_from_file_location(
       'sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
   if spec is None or not os.path.exists(path):
+    file, colon, _ = path.rpartition(':')
+    if colon and os.path.exists(file):  # each point names its variant
+      raise FileNotFoundError(f'config file {path!r}: sweeps take the config file without '
+                              f':VARIANT (each point names its own); use --config={file}.')
     raise FileNotFoundError(f'config file {path!r} not found.')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -385,12 +389,23 @@ def _conflict_message(point_dir: str, changes: list[str]) -> str:
 def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Point],
                    common: dict | None = None, runlocal: bool = False):
   """WORKDIR/sweep.json: what `collect` reads. Refuses a workdir that holds
-  another sweep (mixing two sweeps' points would corrupt both tables)."""
+  another sweep (mixing two sweeps' points would corrupt both tables) or a
+  train.py run (the sweep's files would land among the run's)."""
   path = os.path.join(workdir, 'sweep.json')
-  who = workdir_lib.holder(workdir)  # the sweep's points have their own directories
+  who = os.path.isdir(workdir) and workdir_lib.holder(workdir)  # points have their own dirs
   if who:
     raise ValueError(f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
                      'workdir, not a sweep directory; use another --workdir.')
+  run_files = [n for n in ('config.json', 'checkpoints', workdir_lib.LOCK_NAME)
+               if os.path.exists(os.path.join(workdir, n))]
+  if run_files and not os.path.exists(path):  # a finished train.py run: not a sweep's
+    raise ValueError(f'{workdir} holds a train.py run ({", ".join(run_files)}), not a sweep: '
+                     'use another --workdir (a new directory, or a sweep\'s).')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'cannot create the sweep directory {workdir} ({e.strerror}): use a '
+                     '--workdir in a folder you can write to.') from e
   old = read_json(path, f'delete it if {workdir} holds sweep {sweep!r} (`run` writes it again), '
                   'else use another --workdir')
   if old is not None:
@@ -398,7 +413,6 @@ def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Poin
         (os.path.abspath(config_path), sweep):
       raise ValueError(f'{workdir} holds sweep {old.get("sweep")!r} of {old.get("config")}, not '
                        f'{sweep!r} of {config_path}: use another --workdir.')
-  os.makedirs(workdir, exist_ok=True)
   swept = varying_keys([{'config': p.config_arg, **p.overrides} for p in points])
   manifest = {'config': os.path.abspath(config_path), 'sweep': sweep, 'common': common or {},
               'runlocal': runlocal, 'swept': swept,

@@ -864,6 +864,34 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tuples(saved))
 
 
+def model_differences(config, workdir: str) -> str:
+  """One warning line (eval.py --config) naming the fields where `config.model`
+  differs from the model of the run in `workdir` (its config.json), else ''.
+  Not an error: evaluating a run at another T is an experiment; a silent one
+  would be a mistake."""
+  try:
+    run = load_run_config(workdir)
+  except errors.CLEAR:  # no or no readable config.json: nothing to compare with
+    return ''
+
+  def flat(d, prefix='model'):
+    items = {}
+    for k, v in (d.items() if isinstance(d, dict) else ()):
+      if isinstance(v, dict):
+        items.update(flat(v, f'{prefix}.{k}'))
+      else:
+        items[f'{prefix}.{k}'] = tuple(v) if isinstance(v, list) else v
+    return items
+  ours = flat(config.model.to_dict())
+  theirs = flat(run.model.to_dict() if 'model' in run else {})
+  diff = [f'{k} ({theirs.get(k, "unset")} -> {ours.get(k, "unset")})'
+          for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+  if not diff:
+    return ''
+  return (f'warning: --config differs from the run\'s {workdir}/config.json in '
+          f'{", ".join(diff)}: evaluating with the --config model.')
+
+
 def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | None):
   """The eval experiment and the restored state of a checkpoint of `workdir`;
   an unreadable checkpoint is named, with the steps that do read."""

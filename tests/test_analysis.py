@@ -205,7 +205,25 @@ def test_eval_analyze_cli(tmp_path):
   bad = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--analyze',
                         '--analyze_examples=0'], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
-  assert bad.returncode == 1 and 'examples=0 must be >= 1' in bad.stderr
+  assert (bad.returncode, bad.stderr.strip()) == (
+      2, 'error: --analyze_examples=0: the number of examples analysed must be >= 1.')
+  # Out-of-range heads fail before the analysis, naming the flag; nothing is written.
+  out.rename(tmp_path / 'first')
+  bad = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--analyze',
+                        '--attention_heads=99'], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+      'error: --attention_heads=99: timesteps [0, 1, 2, 3] / heads [99]: the model has T=4, '
+      '4 heads.'), bad.stderr[-2000:]
+  assert not [f for f in os.listdir(wd) if f.startswith(('analysis_', '.analysis_'))]
+  # A stop (SIGTERM raises KeyboardInterrupt) mid-analysis leaves nothing either.
+  def stop(*args, **kwargs):
+    raise KeyboardInterrupt('SIGTERM')
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(analysis, 'write', stop)
+    with pytest.raises(KeyboardInterrupt):
+      analysis.analyze_checkpoint(c, str(wd), examples=4)
+  assert not [f for f in os.listdir(wd) if f.startswith(('analysis_', '.analysis_'))]
 
 
 def test_vsa_is_counted_as_computed_on_kv_first_backbones():
@@ -256,3 +274,16 @@ def test_training_evaluations_record_per_layer_firing_rates():
   np.testing.assert_allclose([rates[k] for k in want], list(want.values()), rtol=1e-6)
   assert 'firing_rates' not in train_lib.evaluate(train_lib.make_eval_step(exp), state, source,
                                                   exp.mesh, batch_size=4)
+
+
+def test_eval_warns_of_a_config_whose_model_differs_from_the_run(tmp_path):
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  c = spikformer_configs.get_config('digits')
+  train_lib.write_json(str(tmp_path / 'config.json'), {'config': c.to_dict()})
+  assert train_lib.model_differences(c, str(tmp_path)) == ''
+  other = spikformer_configs.get_config('digits')
+  other.model.T, other.total_steps = 2, 1  # only model fields are named
+  assert train_lib.model_differences(other, str(tmp_path)) == (
+      f"warning: --config differs from the run's {tmp_path}/config.json in model.T (4 -> 2): "
+      'evaluating with the --config model.')
+  assert train_lib.model_differences(other, str(tmp_path / 'none')) == ''

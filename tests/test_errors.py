@@ -317,3 +317,14 @@ def test_command_line_mistakes_are_one_line(case, tmp_path):
                      capture_output=True, text=True, timeout=300)
   assert (p.returncode, p.stderr.strip()) == (2, line)
   assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_prepare_flag_mistakes_are_one_line(monkeypatch, capsys):
+  from spikeformer_jax import prepare  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(sys, 'argv', ['prepare.py', '--dataset=bogus'])
+  with pytest.raises(SystemExit) as e:
+    prepare.run()  # absl would print 'FATAL Flags parsing error' and exit 1
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip() == (
+      'error: flag --dataset=bogus: value should be one of <cifar10|cifar100|imagenet2012|'
+      'nmnist|cifar10_dvs|dvs128_gesture>')

@@ -294,6 +294,7 @@ def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.strip().endswith(f'-> {out}/checkpoints/0.'), p.stdout
+  assert not [l for l in p.stderr.splitlines() if l.startswith('I')], p.stderr  # orbax quiet
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 1 and 'already holds a run' in again.stderr, again.stderr
 
@@ -311,3 +312,11 @@ def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_
                                 'batch_stats': nnx.state(model, nnx.BatchStat)})
   for name, value in want.items():
     np.testing.assert_array_equal(take[name], np.asarray(value), err_msg=name)
+
+
+def test_convert_checks_an_empty_out_before_reading_the_checkpoint(tmp_path):
+  from spikeformer_jax import convert  # pylint: disable=import-outside-toplevel
+  config = _tiny()
+  # The source does not exist: reading it first would name it instead.
+  with pytest.raises(errors.UserError, match='^--out is empty: give a new directory'):
+    convert.write_workdir(config, str(tmp_path / 'missing.pth'), '')

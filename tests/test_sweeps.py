@@ -445,3 +445,30 @@ def test_jax_flags_become_environment_variables_for_the_points(monkeypatch):
   assert rest == ['run', '--x=1']
   assert (os.environ['JAX_LOG_COMPILES'], os.environ['JAX_ENABLE_X64'],
           os.environ['JAX_DEFAULT_MATMUL_PRECISION']) == ('true', 'false', 'highest')
+
+
+def test_run_workdirs_and_unwritable_workdirs_are_refused(tmp_path):
+  cfg = _write_config(tmp_path, "sweeps.grid(**{'model.T': [1]})")
+  points = sweeps.get_points(cfg, 'tiny')
+  for name in ('config.json', 'checkpoints'):  # what a finished train.py run leaves
+    run_dir = tmp_path / f'run_{name}'
+    (run_dir / 'checkpoints').mkdir(parents=True)
+    if name == 'config.json':
+      os.rmdir(run_dir / 'checkpoints')
+      (run_dir / name).write_text('{"config": {}}')
+    with pytest.raises(ValueError, match=rf'holds a train.py run \({name}\), not a sweep: use '
+                                         r'another --workdir'):
+      sweeps.run(cfg, 'tiny', str(run_dir), runlocal=True, log=lambda _: None)
+    assert sorted(os.listdir(run_dir)) == [name]  # nothing written into the run
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(ValueError, match=r'cannot create the sweep directory .*file/sw \(Not a '
+                                       r'directory\): use a --workdir in a folder you can write'):
+    sweeps.write_manifest(cfg, 'tiny', str(tmp_path / 'file' / 'sw'), points)
+
+
+def test_a_config_with_variant_names_the_fix(tmp_path, capsys):
+  cfg = _write_config(tmp_path, '[]')
+  assert sweep.main(['list', f'--config={cfg}:digits']) == 1
+  assert capsys.readouterr().err.strip() == (
+      f"error: config file '{cfg}:digits': sweeps take the config file without :VARIANT "
+      f'(each point names its own); use --config={cfg}.')
