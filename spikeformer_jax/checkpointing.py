@@ -374,6 +374,8 @@ def _hold(directory: str, step: int) -> str | None:
     return None
   try:
     _link_tree(os.path.join(directory, str(step)), os.path.join(root, str(step)))
+    if step not in committed_steps(directory):  # deleted while linked: maybe partial
+      raise FileNotFoundError(step)
     return root
   except FileNotFoundError:
     shutil.rmtree(root, ignore_errors=True)

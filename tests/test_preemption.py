@@ -288,9 +288,11 @@ def test_eval_and_init_from_read_a_run_that_saves_every_step(tmp_path):
     config = train_lib.load_run_config(str(wd))
     init = config.copy_and_resolve_references()
     init.init_from = str(wd)
+    # A step is logged before its asynchronous save commits: the newest
+    # committed step (and so what a read may get) can trail the log by one.
     first = _logged_step(wd)
     res = train_lib.evaluate_checkpoint(config, str(wd), num_devices=1)  # what eval.py runs
-    assert res['step'] >= first and res['count'] > 0
+    assert res['step'] >= first - 1 and res['count'] > 0
     for _ in range(4):  # its restore alone (the part that raced), and init_from's
       _, step = train_lib.restore_model(config, str(wd))
       assert step >= res['step']
