@@ -50,6 +50,9 @@ from spikeformer_jax import checkpointing, train_lib
 stage, n = sys.argv[1], int(sys.argv[2])
 sigs = [getattr(signal, name) for name in sys.argv[3].split(',')]
 sys.argv = ['train.py'] + sys.argv[4:]
+# As under a terminal: a runner (CI, nohup) may start the tests with SIGHUP
+# ignored, which train.py then keeps ignored.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 calls = []
 if stage == 'eval':  # between the first two batches of the n-th evaluation
   evaluate = train_lib.evaluate
