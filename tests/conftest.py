@@ -52,3 +52,22 @@ def shared_dir():
   if not SHARED.is_dir():
     pytest.skip(f'{SHARED} is absent (fixtures and data live beside the project)')
   return SHARED
+
+
+def assert_one_step_moves_every_parameter(c):
+  """One train step of config `c` on one device: a finite loss, and every
+  parameter changes (a field that cut a gradient path would leave some)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from spikeformer_jax import data as data_lib, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(1)
+  loader = data_lib.Loader(data_lib.get_source(c.data, 'train'), global_batch=c.batch_size,
+                           seed=c.seed)
+  exp = train_lib.build(c, mesh, loader.steps_per_epoch)
+  state = exp.init_state()
+  before = jax.device_get(state['params'])
+  state, metrics = train_lib.make_train_step(exp)(state,
+                                                  sharding.global_batch(loader.batch(0), mesh))
+  assert np.isfinite(float(metrics['loss']))
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state['params']))
+  assert all(jax.tree.leaves(moved))

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT
-from spikeformer_jax import blocks, config_lib, layers, models, ops, sharding, sweeps
-from spikeformer_jax import data as data_lib
-from spikeformer_jax import train_lib, validation
+from conftest import ROOT, assert_one_step_moves_every_parameter
+from spikeformer_jax import blocks, config_lib, layers, models, ops, sweeps
+from spikeformer_jax import validation
 from spikeformer_jax.attention import a2os2a as a2os2a_kind
 from spikeformer_jax.attention import base
 from spikeformer_jax.configs import a2os2a as a2os2a_configs
@@ -112,17 +111,7 @@ def test_neurons_sweep_paper_neurons_and_ternary_out_train_a_step():
   assert (d.neuron.charge_form, d.ternary.charge_form, d.a2os2a.out_neuron) == (
       'spikingjelly', 'spikingjelly', 'binary')
   assert (c.model.head_order, d.head_order) == ('fire_then_pool', 'pool_then_fire')
-  mesh = sharding.make_mesh(1)
-  loader = data_lib.Loader(data_lib.get_source(c.data, 'train'), global_batch=c.batch_size,
-                           seed=c.seed)
-  exp = train_lib.build(c, mesh, loader.steps_per_epoch)
-  state = exp.init_state()
-  before = jax.device_get(state['params'])
-  state, metrics = train_lib.make_train_step(exp)(state,
-                                                  sharding.global_batch(loader.batch(0), mesh))
-  assert np.isfinite(float(metrics['loss']))
-  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state['params']))
-  assert all(jax.tree.leaves(moved))
+  assert_one_step_moves_every_parameter(c)
 
 
 def test_2_256_counts_and_the_papers_2_59m():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spikeformer_jax import analysis, config_lib, models, neurons, sharding, train_lib
-from spikeformer_jax import data as data_lib
+from conftest import assert_one_step_moves_every_parameter
+from spikeformer_jax import analysis, config_lib, models, neurons
 from spikeformer_jax import validation
 from spikeformer_jax.configs import spikformer as cfgs
 
@@ -86,17 +86,7 @@ def test_ann_mode_has_real_activations_where_spikes_were():
 def test_ann_variant_trains_a_step():
   c = cfgs.get_config('cifar10-transformer-4-384,runlocal')
   assert c.model.T == 1 and c.model.neuron.kind == 'relu'
-  mesh = sharding.make_mesh(1)
-  loader = data_lib.Loader(data_lib.get_source(c.data, 'train'), global_batch=c.batch_size,
-                           seed=c.seed)
-  exp = train_lib.build(c, mesh, loader.steps_per_epoch)
-  state = exp.init_state()
-  before = jax.device_get(state['params'])
-  state, metrics = train_lib.make_train_step(exp)(state,
-                                                  sharding.global_batch(loader.batch(0), mesh))
-  assert np.isfinite(float(metrics['loss']))
-  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state['params']))
-  assert all(jax.tree.leaves(moved))
+  assert_one_step_moves_every_parameter(c)
 
 
 def test_gelu_and_other_backbones_run_without_spikes():
