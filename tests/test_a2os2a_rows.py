@@ -101,6 +101,7 @@ def test_validation_names_the_field_value_and_choices():
     validation.validate_config(c)
 
 
+@pytest.mark.slow
 def test_neurons_sweep_paper_neurons_and_ternary_out_train_a_step():
   points = {p.name: p for p in sweeps.get_points(_CONFIGS, 'neurons', runlocal=True)}
   assert len(points) == 8
@@ -159,6 +160,7 @@ def _lif_by_hand(x):
   return np.stack(out, 1)
 
 
+@pytest.mark.slow
 def test_head_order_fire_then_pool_is_eq18():
   """model.head_order='fire_then_pool' is eq. 18, Y = CH(GAP(SN(U_L))): the
   mean over tokens and T of the spikes of U_L, then the Linear head; the

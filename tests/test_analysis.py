@@ -34,6 +34,7 @@ def _inputs(n=4, seed=0):
   return np.random.default_rng(seed).normal(0, 1, (n, 32, 32, 3)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_rates_match_the_official_recordings(shared_dir, tmp_path):
   files = [shared_dir / 'fixtures' / f for f in ('spikformer_cifar.npz', 'sdt_cifar.npz',
                                                  'msvit_cifar.npz')]
@@ -183,6 +184,7 @@ def test_every_family_is_analysed(family, arg):
   assert all(0 <= v['rate'] <= 1 for v in rep['neurons'].values())
 
 
+@pytest.mark.slow
 def test_eval_analyze_cli(tmp_path):
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   wd = tmp_path / 'wd'
@@ -251,6 +253,7 @@ def test_rates_per_timestep_split_time_not_units(batch_as_time):
   np.testing.assert_array_equal(counts, [B * U, 0, 0, 0])
 
 
+@pytest.mark.slow
 def test_training_evaluations_record_per_layer_firing_rates():
   """What train.py's evaluations send to TensorBoard (firing_rate/<neuron>):
   each neuron's rate over the examples only, not the padding of the last

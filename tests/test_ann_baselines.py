@@ -89,6 +89,7 @@ def test_ann_variant_trains_a_step():
   assert_one_step_moves_every_parameter(c)
 
 
+@pytest.mark.slow
 def test_gelu_and_other_backbones_run_without_spikes():
   """model.neuron.kind works on every family's network neurons."""
   for module, variant in (('sdt', 'cifar10-2-256'), ('msvit', 'cifar10-4-384')):

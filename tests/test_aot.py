@@ -207,6 +207,7 @@ def test_cli_without_libtpu_says_how_to_install(tmp_path):
   assert last.startswith('error: compiling for v5e:2x2 needs libtpu') and '[tpu]' in last
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]')")
 def test_cli_compiles_for_a_tpu_topology_with_overrides():
   """The real thing, small: an SDT runlocal model on a data x fsdp mesh, in

@@ -117,6 +117,7 @@ def test_trivial_transform_is_the_batched_normalisation():
   np.testing.assert_allclose(np.stack(one_by_one), batched, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_prefetching_and_grain_workers_give_the_loader_batches():
   script = f'''
 import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -167,6 +168,7 @@ def _event_data(name, frames, size, tfds_dir):
   return d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['nmnist', 'dvs128_gesture', 'cifar10_dvs'])
 def test_event_builder_integrates_once_and_reads_back_exactly(tmp_path, name):
   """A fake download in the native format -> our tfds builder -> ArrayRecord

@@ -63,6 +63,7 @@ def _config(module, variant):
   return c
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('module,variant', [(spikformer_configs, 'cifar10-4-384'),
                                             (sdt_configs, 'cifar10-2-256')])
 def test_a_kind_from_outside_runs_on_both_backbones(module, variant, tmp_path):

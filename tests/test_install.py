@@ -14,6 +14,8 @@ import subprocess
 import sys
 import venv
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SOURCES = ('pyproject.toml', 'README.md', 'LICENSE', 'requirements.txt', 'spikeformer_jax')
 
@@ -25,6 +27,7 @@ def _run(cmd, cwd, status=0):
   return p.stdout
 
 
+@pytest.mark.slow
 def test_installed_wheel_trains_from_another_directory(tmp_path):
   src = tmp_path / 'src'
   src.mkdir()

@@ -103,6 +103,7 @@ def _step_config(**over):
   return config_lib.apply_overrides(c, over)
 
 
+@pytest.mark.slow
 def test_train_step_mixup_is_keyed_by_step_and_stops_at_off_epoch():
   """Same step, same mix: a run with an off epoch (another program) repeats
   the losses of one without before it; after it, its steps differ from those
@@ -119,6 +120,7 @@ def test_train_step_mixup_is_keyed_by_step_and_stops_at_off_epoch():
   assert switched_off[4] != mixed[4] and switched_off[5] != mixed[5]
 
 
+@pytest.mark.slow
 def test_ema_tracks_weights_and_is_evaluated(tmp_path):
   # One device throughout: the run, its evaluation and the steps by hand below
   # are then the same programs (compiled once, then JAX's compilation cache).

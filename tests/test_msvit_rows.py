@@ -76,6 +76,7 @@ def test_block_drops_each_examples_branch_alone():
 _forward = nnx.jit(lambda m, x: m(x))
 
 
+@pytest.mark.slow
 def test_drop_path_is_identity_in_eval_and_at_rate_zero_and_random_in_train():
   base = models.build_model(_tiny('cifar10-4-384').model)  # drop_path_rate 0: the default
   assert base.drop_path == ()
@@ -142,6 +143,7 @@ def test_paper_cifar_grid_is_h4_and_official_grid_stays_default():
   assert msvit_cfgs.get_config('cifar10-4-384').model.stem == ''  # the code's grid
 
 
+@pytest.mark.slow
 def test_new_rows_parameter_counts():
   # QKFormer's cifar10-dvs_origin_log.txt prints "number of params: 1504138".
   assert _count(msvit_cfgs.get_config('qkformer-cifar10dvs-16').model) == 1_504_138
@@ -218,6 +220,7 @@ def test_new_fields_fail_clearly():
     ('qkformer-dvs128gesture-16', {'model.event_sum_channel': True, 'model.drop_path_rate': 0.1,
                                    'model.remat': 'full'}),
 ])
+@pytest.mark.slow
 def test_new_rows_and_fields_train_one_step(variant, over):
   config = _tiny(variant, **over)
   validation.validate_config(config)

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import ROOT
 from spikeformer_jax import config_lib, train_lib
@@ -35,6 +36,7 @@ def _config():
       'total_steps': 6, 'log_every_steps': 1, 'ckpt_every_steps': 3})
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   # The one-process reference and the one-device evaluation run here, in this
   # process of 8 devices (train.py and eval.py are thin: test_train's CLI test).

@@ -16,6 +16,7 @@ def recorded():
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_every_variant_keeps_its_parameter_tree(recorded):
   now = dict(param_paths.variants())
   assert sorted(now) == sorted(recorded['variants'])

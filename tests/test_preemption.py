@@ -146,6 +146,7 @@ def _assert_same_run(wd, base_wd):
   assert not (wd / 'train.lock').exists()
 
 
+@pytest.mark.slow
 def test_sigterm_kill9_and_a_second_trainer_lose_nothing(base, tmp_path):
   # SIGTERM (preemption): a checkpoint at the step reached, exit 143, no traceback.
   wd = tmp_path / 'preempted'
@@ -179,6 +180,7 @@ def test_sigterm_kill9_and_a_second_trainer_lose_nothing(base, tmp_path):
     _assert_same_run(run, base)
 
 
+@pytest.mark.slow
 def test_signals_at_every_stage_lose_nothing(base, tmp_path):
   # Ctrl-C while starting (data, model, compilation): nothing to save, the workdir freed.
   early = tmp_path / 'early'
@@ -244,6 +246,7 @@ def _unshare(script: str, *args, **env):
   return p
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_and_loses_nothing(base, tmp_path):
   # A small filesystem with room for two checkpoints: the third save fails. (That
   # the run stops at the next step, not at the next save, is timing here, on a
@@ -270,6 +273,7 @@ def test_a_full_disk_stops_and_loses_nothing(base, tmp_path):
   _assert_same_run(kept, base)
 
 
+@pytest.mark.slow
 def test_eval_and_init_from_read_a_run_that_saves_every_step(tmp_path):
   """A run that saves every step and keeps one deletes each checkpoint about
   as soon as a reader finds it: eval and init_from failed 5 of 8 tries
@@ -309,6 +313,7 @@ def test_eval_and_init_from_read_a_run_that_saves_every_step(tmp_path):
   assert not [n for n in os.listdir(wd / 'checkpoints') if n.startswith('.reading-')]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_and_a_read_only_workdir(base, tmp_path):
   wd = tmp_path / 'damaged'
   shutil.copytree(base, wd)

@@ -39,6 +39,7 @@ def _restored(config, workdir):
   return jax.device_get(state)
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
     tmp_path, monkeypatch, capsys):
   src = tmp_path / 'pretrained'
@@ -276,6 +277,7 @@ def test_train_py_refuses_a_transfer_row_without_init_from_in_one_line(tmp_path)
   assert not (tmp_path / 'wd').exists()
 
 
+@pytest.mark.slow
 def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_dir, tmp_path):
   """python -m spikeformer_jax.convert: an official state_dict (here a fidelity
   recording's, as .npz) -> a workdir whose step 0 holds exactly its weights."""

@@ -201,6 +201,7 @@ def test_operation_counts_follow_the_pooled_width():
       T * h * n * n * 8
 
 
+@pytest.mark.slow
 def test_new_sweeps_carry_the_paper_numbers():
   pts = {s: {p.name: p.config for p in sweeps.get_points(CONFIG, s)}
          for s in ('attention-float-v', 'table6', 'gesture-qk-pool')}

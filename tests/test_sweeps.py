@@ -78,6 +78,7 @@ def test_invalid_points_are_rejected_before_anything_runs(tmp_path):
     sweeps.get_points(cfg, 'other')
 
 
+@pytest.mark.slow
 def test_shipped_sweeps_expand_and_validate():
   expected = {'spikformer': {'timesteps': 12, 'attention': 15, 'attention-imagenet': 5,
                              'digits-small': 6},
@@ -111,6 +112,7 @@ def test_shipped_sweeps_expand_and_validate():
   assert local[1].config.model.attention == 'a2os2a'
 
 
+@pytest.mark.slow
 def test_every_shipped_sweep_expands_under_runlocal():
   """--runlocal works for every declared sweep of every config module, points
   with their own variant or without (the module's default variant)."""
@@ -130,6 +132,7 @@ def test_every_shipped_sweep_expands_under_runlocal():
   assert {p.config_arg for p in digits} == {'digits,runlocal'}
 
 
+@pytest.mark.slow
 def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   cfg = _write_config(
       tmp_path, "sweeps.chain(sweeps.grid(**{'model.T': [1, 2]}), "
@@ -363,6 +366,7 @@ def _wait_for_line(path, prefix, after=0, timeout=600):
   pytest.fail(f'no line {prefix!r} in {path} after {timeout} s:\n{text[-3000:]}')
 
 
+@pytest.mark.slow
 def test_sigterm_of_the_sweep_saves_the_running_point_and_a_rerun_resumes_it(tmp_path):
   """Real processes: `sweep.py run` (what a scheduler or `kill` stops) passes
   SIGTERM on to the training point, which saves its step; the sweep records

@@ -131,6 +131,7 @@ def _loss_and_grads(cfg, x, y):
   return jax.value_and_grad(loss), params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family,arg,over', [c for c in CASES if not c[2]])
 def test_models_lean_synapses_equal_autodiff(family, arg, over):
   """Loss and gradients: compact on / off bit-identical; GEMM weight

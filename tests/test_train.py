@@ -155,6 +155,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_train_and_eval_cli_round_trip(tmp_path):
   wd = tmp_path / 'wd'
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='2')
@@ -298,6 +299,7 @@ def test_missing_dataset_gives_one_clear_message(tmp_path):
     data_lib.get_source(c.data, 'train')
 
 
+@pytest.mark.slow
 def test_learns_handwritten_digits(tmp_path):
   """Bounded learning check: the default digits run (train.py's default
   config), stopped at half of its schedule (10 of 20 epochs), is already past
@@ -333,6 +335,7 @@ def test_bfloat16_train_steps():
   assert {x.dtype for x in jax.tree.leaves(state['params'])} == {np.dtype('float32')}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('key,what', [('loss', 'training loss'), ('grad_norm', 'gradient')])
 def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, key, what):
   config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
@@ -353,6 +356,7 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, ke
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
 
 
+@pytest.mark.slow
 def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monkeypatch):
   """At once, not at the next save: the trainer polls the save in flight after
   every step (how long a real failing save takes is the filesystem's business;
@@ -379,6 +383,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monke
   assert len(steps) == 3
 
 
+@pytest.mark.slow
 def test_failed_resume_keeps_the_runs_config(tmp_path):
   config = _tiny(**{'total_steps': 2})
   train_lib.train_and_evaluate(config, str(tmp_path))

@@ -29,6 +29,7 @@ def test_choices_cover_scan_unrolls_python_vjp_and_remat():
                    'scan/unroll 1 + lean', 'scan/unroll 16 + lean', 'vjp + lean']
 
 
+@pytest.mark.slow
 def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
   # One group, T=2, two loops under both synapse backwards; each choice compiles
   # two programs, so every extra choice, T or dtype costs seconds. Every loop and
@@ -56,6 +57,7 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
 # Every policy on one family; each family's remat wiring (blocks, stem
 # stages) under 'full', which recomputes the most: the policies themselves
 # are JAX's, the same in every family.
+@pytest.mark.slow
 @pytest.mark.parametrize('family,variant,policies', [
     ('spikformer', 'cifar10-4-384',
      tuple(blocks.REMAT_POLICIES) + ('neuron.recompute', 'bn_recompute')),
@@ -93,6 +95,7 @@ def test_remat_policies_do_not_change_results(family, variant, policies):
     blocks.apply_block(None, x, 'all')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
                     reason="libtpu is not installed (pip install '.[tpu]')")
 def test_study_target_mode_compiles_each_choice_for_a_tpu(tmp_path):
