@@ -43,6 +43,7 @@ import numpy as np
 
 from spikeformer_jax import config_lib
 from spikeformer_jax import errors
+from spikeformer_jax import extras
 from spikeformer_jax import workdir as workdir_lib
 
 # Keys that annotate a point without being swept: not in its name, not a column.
@@ -686,7 +687,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def _plot(rows, swept, metric, x, path):
   """`metric` against `x`, a line per combination of the other swept fields;
   the paper's numbers (where declared) as hollow markers of the same colour."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib = extras.require('matplotlib', extra='plots', package='matplotlib',
+                              needed_for='the sweep plot')
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   done = [r for r in rows if r.get(metric) is not None]

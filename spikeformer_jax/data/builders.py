@@ -18,10 +18,17 @@ import dataclasses
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from spikeformer_jax import extras
 from spikeformer_jax.data import events as ev
 from spikeformer_jax.data import tfds_sources
+
+try:
+  import tensorflow_datasets as tfds
+except ModuleNotFoundError as e:
+  raise extras.missing(e, module='tensorflow_datasets', extra='tfds',
+                       package='tensorflow-datasets',
+                       needed_for='preparing the event datasets') from e
 
 SPLIT_BY = ('number', 'time')
 
