@@ -242,7 +242,7 @@ class Checkpointer:
     if damaged:
       root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
       dests = []
-      for step, e in damaged:
+      for step, _ in damaged:
         dest = os.path.join(root, str(step))
         if jax.process_index() == 0:
           os.makedirs(root, exist_ok=True)
@@ -253,7 +253,7 @@ class Checkpointer:
       _sync('spikeformer_jax_damaged_checkpoint')
       self._mngr.close()
       self._mngr = self._manager()
-      for (step, e), dest in zip(damaged, dests):
+      for (_, e), dest in zip(damaged, dests):
         log(f'{errors.one_line(e)}: moved to {dest}; resuming from step {out[1].get("step")}.')
     return out
 

@@ -529,7 +529,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       return
     tail = ''.join(own).strip()
     lines = tail.splitlines() or ['']
-    why = next((l for l in reversed(lines) if l.startswith('error:')), lines[-1])
+    why = next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
     ended = _ENDED.get(rc, 'failed')
     status.set(p.name, status=ended, seconds=secs, returncode=rc, error=tail)
     how = f'exit {rc}' if rc >= 0 else f'killed by {signal.Signals(-rc).name}'
