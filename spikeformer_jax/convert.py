@@ -313,6 +313,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO, as in eval.py
     logging.set_verbosity(logging.WARNING)
     checkpointing.quiet_orbax_logs()
+  assert _TORCH.value is not None and _OUT.value is not None  # required flags: absl checked
   try:
     write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)
   except errors.CLEAR as e:
