@@ -32,8 +32,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # pylint: disable=g-import-not-at-top
-
 from benchmarks.train_step import load_config  # pylint: disable=g-import-not-at-top
 from spikeformer_jax import config_lib, data as data_lib  # pylint: disable=g-import-not-at-top
 from spikeformer_jax.data import sources  # pylint: disable=g-import-not-at-top

@@ -42,10 +42,11 @@ def _chain(e: BaseException) -> str:
   """The messages of an exception and of its causes, on one line (orbax wraps
   tensorstore's status in an exception of its own)."""
   parts, seen = [], set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    parts.append(' '.join(str(e).split()) or type(e).__name__)
-    e = e.__cause__ or e.__context__
+  cur: BaseException | None = e
+  while cur is not None and id(cur) not in seen:
+    seen.add(id(cur))
+    parts.append(' '.join(str(cur).split()) or type(cur).__name__)
+    cur = cur.__cause__ or cur.__context__
   return ' <- '.join(parts)
 
 
@@ -102,18 +103,21 @@ def quiet_orbax_logs():
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
     handler.addFilter(_QuietOrbax())
-  if not getattr(sys.unraisablehook, 'quiet_orbax', False):
-    default_unraisable, default_thread = sys.unraisablehook, threading.excepthook
+  if not isinstance(sys.unraisablehook, _DropOrbaxNoise):
+    sys.unraisablehook = _DropOrbaxNoise(sys.unraisablehook, 'object')
+    threading.excepthook = _DropOrbaxNoise(threading.excepthook, 'thread')
 
-    def unraisable(u):
-      if not _orbax_noise(u.exc_value, u.object):
-        default_unraisable(u)
 
-    def thread_error(a):
-      if not _orbax_noise(a.exc_value, a.thread):
-        default_thread(a)
-    unraisable.quiet_orbax = True
-    sys.unraisablehook, threading.excepthook = unraisable, thread_error
+class _DropOrbaxNoise:
+  """A sys.unraisablehook / threading.excepthook that drops `_orbax_noise`
+  and hands the rest to the hook it replaced."""
+
+  def __init__(self, default, source: str):
+    self._default, self._source = default, source  # source: the attribute naming the origin
+
+  def __call__(self, args):
+    if not _orbax_noise(args.exc_value, getattr(args, self._source)):
+      self._default(args)
 
 
 class Checkpointer:
@@ -126,8 +130,8 @@ class Checkpointer:
       raise ValueError(f'ckpt_keep={keep} would keep no checkpoint; use ckpt_keep >= 1.')
     self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     self._mngr = self._manager()
-    self._saving = None  # the step of the save in flight (or last started)
-    self._confirmed = set()  # saves seen committed
+    self._saving: int | None = None  # the step of the save in flight (or last started)
+    self._confirmed: set[int] = set()  # saves seen committed
     self._failed = False
 
   def _manager(self):
@@ -242,7 +246,7 @@ class Checkpointer:
     if damaged:
       root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
       dests = []
-      for step, e in damaged:
+      for step, _ in damaged:
         dest = os.path.join(root, str(step))
         if jax.process_index() == 0:
           os.makedirs(root, exist_ok=True)
@@ -253,8 +257,8 @@ class Checkpointer:
       _sync('spikeformer_jax_damaged_checkpoint')
       self._mngr.close()
       self._mngr = self._manager()
-      for (step, e), dest in zip(damaged, dests):
-        log(f'{errors.one_line(e)}: moved to {dest}; resuming from step {out[1].get("step")}.')
+      for (_, error), dest in zip(damaged, dests):
+        log(f'{errors.one_line(error)}: moved to {dest}; resuming from step {out[1].get("step")}.')
     return out
 
   def intact_steps(self, abstract_state, exclude=()) -> list[int]:

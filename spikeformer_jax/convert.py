@@ -34,6 +34,8 @@ import sys
 import numpy as np
 from flax import nnx
 
+from spikeformer_jax import extras
+
 # Our leaf name -> PyTorch leaf name, per variable type.
 _LEAF_NAMES = {
     'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
@@ -210,14 +212,10 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   """Reads a `.pth` / `.pth.tar` checkpoint into a dict of numpy arrays.
 
   Accepts a bare state_dict or a training checkpoint holding one under
-  'state_dict', 'model' or 'state_dict_ema'. Needs PyTorch (`pip install torch`).
+  'state_dict', 'model' or 'state_dict_ema'. Needs PyTorch (the `[torch]` extra);
+  without it, pass a dict of numpy arrays (or an .npz) to load_state_dict.
   """
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        f'Reading {path} needs PyTorch, an optional dependency: pip install torch. '
-        'Alternatively pass a dict of numpy arrays to load_state_dict.') from e
+  torch = extras.require('torch', extra='torch', package='torch', needed_for=f'reading {path}')
   obj = torch.load(path, map_location='cpu', weights_only=False)
   if isinstance(obj, dict):
     for key in ('state_dict', 'model', 'state_dict_ema'):
@@ -315,6 +313,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO, as in eval.py
     logging.set_verbosity(logging.WARNING)
     checkpointing.quiet_orbax_logs()
+  assert _TORCH.value is not None and _OUT.value is not None  # required flags: absl checked
   try:
     write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)
   except errors.CLEAR as e:

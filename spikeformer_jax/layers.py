@@ -61,7 +61,7 @@ def count_dtype():
   """dtype of recorded counts: int64 under 64-bit JAX (exact, as the fidelity
   check needs); else float32, since int32 overflows at ImageNet scale (~1e9
   units per step)."""
-  return jnp.int64 if jax.config.jax_enable_x64 else jnp.float32
+  return jnp.int64 if jax.config.read('jax_enable_x64') else jnp.float32
 
 
 class SpikingNeuron(nnx.Module):

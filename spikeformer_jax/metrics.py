@@ -109,7 +109,7 @@ class MetricWriter:
     try:
       if os.path.exists(self.path):
         with open(self.path, encoding='utf-8', errors='replace') as f:  # bad bytes: dropped
-          kept = [l for l in f if keep(_row(l)) and '\ufffd' not in l]
+          kept = [line for line in f if keep(_row(line)) and '\ufffd' not in line]
         with open(self.path + '.tmp', 'w', encoding='utf-8') as f:
           f.writelines(kept)
         os.replace(self.path + '.tmp', self.path)

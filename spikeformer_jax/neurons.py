@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +87,8 @@ def _spike_jvp(surrogate, alpha, primals, tangents):
 KINDS = ('lif', 'if', 'ternary', 'relu', 'gelu')
 # Not neurons: float activations in their place (the papers' ANN baselines,
 # `model.neuron.kind`). No state, no time dependence, no threshold.
-ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': functools.partial(jax.nn.gelu, approximate=False)}
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'relu': jax.nn.relu, 'gelu': functools.partial(jax.nn.gelu, approximate=False)}
 LOOPS = ('scan', 'python', 'vjp')
 MEMBRANES = ('float32', 'compute')
 CHARGE_FORMS = ('spikingjelly', 'paper')

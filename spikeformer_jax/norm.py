@@ -5,6 +5,7 @@ sharded batch."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -82,8 +83,8 @@ class BatchNorm(nnx.Module):
           f'BatchNorm with {g} groups (per-device statistics) needs a batch*time '
           f'axis divisible by {g}, got {x.shape[0]}; make the batch size a '
           'multiple of the number of data-parallel devices.')
-    normalize = functools.partial(_normalize_train, groups=g, epsilon=self.epsilon,
-                                  dtype=dtype)
+    normalize: Callable[..., Any] = functools.partial(
+        _normalize_train, groups=g, epsilon=self.epsilon, dtype=dtype)
     if self.recompute:
       normalize = jax.checkpoint(normalize)  # keeps only x (its own dtype)
     y, mean, var = normalize(x, self.scale[...], self.bias[...])

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 
-def timm_cosine_lr(step, *, base_lr: float, steps_per_epoch: int, epochs: int,
+def timm_cosine_lr(step, *, base_lr: float, steps_per_epoch: float, epochs: int,
                    warmup_epochs: int, warmup_lr: float, min_lr: float,
                    per_epoch: bool = True):
   """timm CosineLRScheduler(t_initial=epochs, warmup_prefix=False), cycle 1.

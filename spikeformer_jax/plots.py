@@ -15,12 +15,18 @@ import re
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
+from spikeformer_jax import extras
 from spikeformer_jax import norm
+
+try:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+except ModuleNotFoundError as e:
+  raise extras.missing(e, module='matplotlib', extra='plots', package='matplotlib',
+                       needed_for='drawing figures') from e
 
 DPI = 120
 

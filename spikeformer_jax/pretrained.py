@@ -123,14 +123,14 @@ def _read_torch(path: str, model: nnx.Module):
            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param,
                                                                          nnx.BatchStat)))}
   out, misfits = {}, {}
-  for e in entries:
-    name = kinds[e.path] + '/' + '/'.join(map(str, e.path))
-    want = convert.official_shapes(e.path, e.our_shape)
-    if e.torch_shape in want:
-      out[name] = e.to_ours(state_dict[e.torch_key])
+  for entry in entries:
+    name = kinds[entry.path] + '/' + '/'.join(map(str, entry.path))
+    want = convert.official_shapes(entry.path, entry.our_shape)
+    if entry.torch_shape in want:
+      out[name] = entry.to_ours(state_dict[entry.torch_key])
     else:
-      shown = next((w for w in want if len(w) == len(e.torch_shape)), want[0])
-      misfits[name] = f'{name} ({e.torch_key} is {e.torch_shape}, officially {shown})'
+      shown = next((w for w in want if len(w) == len(entry.torch_shape)), want[0])
+      misfits[name] = f'{name} ({entry.torch_key} is {entry.torch_shape}, officially {shown})'
   return out, unexpected, misfits
 
 

@@ -79,11 +79,12 @@ def model_config_from_fixture(cfg: dict):
   """Our `config.model` for the architecture a fixture was recorded from
   (each family maps its official source files: Family.from_fixture)."""
   family = cfg.get('family')
-  if family not in models.names() or models.get(family).from_fixture is None:
+  from_fixture = models.get(family).from_fixture if family in models.names() else None
+  if from_fixture is None:
     raise NotImplementedError(
         f"fixture family {family!r} is not implemented in this version; supported: "
         f"{', '.join(repr(n) for n in models.names() if models.get(n).from_fixture)}.")
-  return models.get(family).from_fixture(cfg)
+  return from_fixture(cfg)
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:

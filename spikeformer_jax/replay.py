@@ -141,7 +141,7 @@ def _lamb_order(model, entries, rec: dict, state: dict):
 
 def _initial_state(exp, model):
   """The train state holding the recording's initial state_dict (in `model`)."""
-  _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  params, batch_stats, _ = nnx.state(model, nnx.Param, nnx.BatchStat, ...)
   state = {'params': params, 'batch_stats': batch_stats,
            'opt_state': exp.tx.init(params), 'step': jnp.zeros((), jnp.int32)}
   if train_lib.ema_decay(exp.config):  # timm deep-copies the model (own buffers)
@@ -165,8 +165,8 @@ def check_trajectory(d: dict, rec: dict, name: str) -> dict:
                         lamb_order=order)
   state = _initial_state(exp, model)
   train_step = train_lib.make_train_step(exp)
-  worst = {}  # quantity -> (error / tolerance, error, tolerance, where)
-  first = []
+  worst: dict[str, tuple[float, float, float, str]] = {}  # quantity -> (error / tolerance, error, tolerance, where)
+  first: list[str] = []
   lr_sum = 0.0  # of the updates so far
 
   def compare(quantity, i, what, err, tol):

@@ -96,7 +96,7 @@ def fsdp_spec(shape: tuple, fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
   dims = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i]) if shape[i] % fsdp == 0]
   if not dims:
     return P()
-  spec = [None] * len(shape)
+  spec: list[str | None] = [None] * len(shape)
   spec[dims[0]] = 'fsdp'
   return P(*spec)
 
@@ -128,7 +128,10 @@ def barrier(name: str, timeout_s: int = 3600):
   service's barrier: no collective, and no 30 s limit). Processes must call
   it in the same order (the ids count up)."""
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  distributed.global_state.client.wait_at_barrier(
+  client = distributed.global_state.client
+  if client is None:  # callers wait only when jax.process_count() > 1
+    raise RuntimeError('barrier() without jax.distributed.initialize()')
+  client.wait_at_barrier(
       f'spikeformer_jax/{next(_BARRIER_IDS)}/{name}', timeout_in_ms=timeout_s * 1000)
 
 

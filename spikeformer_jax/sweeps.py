@@ -43,6 +43,7 @@ import numpy as np
 
 from spikeformer_jax import config_lib
 from spikeformer_jax import errors
+from spikeformer_jax import extras
 from spikeformer_jax import workdir as workdir_lib
 
 # Keys that annotate a point without being swept: not in its name, not a column.
@@ -132,7 +133,7 @@ class Point:
 def load_config_module(path: str):
   spec = importlib.util.spec_from_file_location(
       'sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
-  if spec is None or not os.path.exists(path):
+  if spec is None or spec.loader is None or not os.path.exists(path):
     file, colon, _ = path.rpartition(':')
     if colon and os.path.exists(file):  # each point names its variant
       raise FileNotFoundError(f'config file {path!r}: sweeps take the config file without '
@@ -476,7 +477,9 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
   stop = threading.Event()
   # The running point processes; a re-entrant lock, since a second signal's
   # handler may run inside the first's (both in the main thread).
-  running, lock, received = {}, threading.RLock(), []
+  running: dict[str, subprocess.Popen] = {}
+  lock = threading.RLock()
+  received: list[signal.Signals] = []
   told, told_lock = [0], threading.Lock()
 
   def announce():
@@ -484,7 +487,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
     a worker before the end of its point, which the signal may have caused."""
     with told_lock:
       while told[0] < len(received):
-        name = signal.Signals(received[told[0]]).name
+        name = received[told[0]].name
         again = ('the running points stop without saving' if received[told[0]] == signal.SIGINT
                  else 'their save goes on')  # train.py's StopWatch.URGENT_AGAIN
         log('[stopping] waiting for the running points to save their step' if told[0] == 0 else
@@ -510,9 +513,10 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
     t0 = time.time()
     # The point's own last lines: another process (one that holds the point's
     # directory) may append to the same sweep.log meanwhile.
-    own = collections.deque(maxlen=15)
+    own: collections.deque[str] = collections.deque(maxlen=15)
     try:
       with open(os.path.join(pdir, 'sweep.log'), 'a', encoding='utf-8') as out, proc:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
           out.write(line)
           out.flush()
@@ -528,7 +532,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       return
     tail = ''.join(own).strip()
     lines = tail.splitlines() or ['']
-    why = next((l for l in reversed(lines) if l.startswith('error:')), lines[-1])
+    why = next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
     ended = _ENDED.get(rc, 'failed')
     status.set(p.name, status=ended, seconds=secs, returncode=rc, error=tail)
     how = f'exit {rc}' if rc >= 0 else f'killed by {signal.Signals(-rc).name}'
@@ -538,7 +542,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
     # Only records and signals: the main loop below logs, the workers record
     # how each point ended.
     with lock:
-      received.append(signum)
+      received.append(signal.Signals(signum))
       stop.set()
       for proc in running.values():
         try:
@@ -686,14 +690,15 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def _plot(rows, swept, metric, x, path):
   """`metric` against `x`, a line per combination of the other swept fields;
   the paper's numbers (where declared) as hollow markers of the same colour."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib = extras.require('matplotlib', extra='plots', package='matplotlib',
+                              needed_for='the sweep plot')
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   done = [r for r in rows if r.get(metric) is not None]
   fig, ax = plt.subplots(figsize=(6, 4))
   if x and done:
     others = [k for k in swept if k != x]
-    groups = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in done:
       groups.setdefault(tuple(_cell(r[k]) for k in others), []).append(r)
     numeric = all(isinstance(r[x], (int, float)) and not isinstance(r[x], bool) for r in done)

@@ -70,7 +70,8 @@ def _dense_fwd_value(x, w, precision):
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-_PLATFORM = contextvars.ContextVar('synapses_platform', default=None)
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar('synapses_platform',
+                                                                      default=None)
 
 
 @contextlib.contextmanager

@@ -86,7 +86,7 @@ class WorkdirLock:
     self._me = {**_identity(), 'time': time.time(), 'command': command,
                 'token': uuid.uuid4().hex}
     self._stop = threading.Event()
-    self._thread = None
+    self._thread: threading.Thread | None = None
 
   def acquire(self):
     for _ in range(3):
@@ -163,7 +163,7 @@ class WorkdirLock:
           f'the workdir {os.path.dirname(self.path)} has an unreadable lock {self.path}, '
           f'touched {age:.0f} s ago. If no run uses this workdir, delete it; or use another '
           '--workdir.')
-    if alive or (alive is None and holder is not None and age < STALE_S):
+    if holder is not None and (alive or (alive is None and age < STALE_S)):
       where = '' if alive else f'; its heartbeat is {age:.0f} s old'
       raise errors.WorkdirBusy(
           f'the workdir {os.path.dirname(self.path)} is in use by {describe(holder)}{where}. '

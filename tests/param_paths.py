@@ -36,7 +36,7 @@ def record(model_cfg) -> dict:
   model = nnx.eval_shape(lambda: models.build_model(model_cfg))
   lines = sorted(f'{".".join(map(str, p))} {tuple(v.shape)}'
                  for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  templates = sorted({re.sub(r'\.\d+\.', '.*.', l.split()[0]) for l in lines})
+  templates = sorted({re.sub(r'\.\d+\.', '.*.', line.split()[0]) for line in lines})
   return {'params': models.count_params(model),
           'sha256': hashlib.sha256('\n'.join(lines).encode()).hexdigest(),
           'paths': templates}

@@ -205,7 +205,10 @@ def test_attention_cores_compute_different_functions():
 
 
 def test_a2os2a_trains_from_train_py(tmp_path):
-  import json, os, subprocess, sys
+  import json
+  import os
+  import subprocess
+  import sys
   wd = tmp_path / 'a2os2a'
   # One device: the sharded model is test_a2os2a_eight_devices_equal_one_device's.
   p = subprocess.run(

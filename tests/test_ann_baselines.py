@@ -49,7 +49,7 @@ def test_non_spiking_neuron_kinds_are_their_activations():
     n = neurons.Neuron(kind=kind)
     np.testing.assert_array_equal(neurons.multistep(n, x), f(x))
     g = jax.grad(lambda v, n=n: neurons.multistep(n, v).sum())(x)
-    np.testing.assert_allclose(g, jax.grad(lambda v: f(v).sum())(x), rtol=1e-6)
+    np.testing.assert_allclose(g, jax.grad(lambda v, f=f: f(v).sum())(x), rtol=1e-6)
   with pytest.raises(ValueError, match=r"model.neuron.kind='tanh' is not valid.*'relu', 'gelu'"):
     c = cfgs.get_config('cifar10-transformer-4-384,runlocal')
     c.model.neuron.kind = 'tanh'

@@ -135,7 +135,7 @@ def test_gesture_csv_split_by_hand():
          '8,50,51\n'    # the same class again: the recording's 2nd class-8 sample
          '11,90,1000\n')
   samples = events.gesture_samples(ev, csv)
-  assert [l for _, l in samples] == [0, 7, 7, 10]
+  assert [label for _, label in samples] == [0, 7, 7, 10]
   assert [s['t'].tolist() for s, _ in samples] == [[10, 20, 30], [40, 50], [50], [90]]
   split = events._gesture_split(ev, csv, 'user01_led')
   assert [n for _, _, n in split] == ['user01_led_0', 'user01_led_0', 'user01_led_1',
@@ -172,10 +172,10 @@ def test_iter_gesture_over_written_trees(tmp_path):
     for root in (tmp_path / 'dir', tmp_path / 'dir' / 'DvsGesture', tmp_path / 'tar',
                  tmp_path / 'tar' / 'DvsGesture.tar.gz', tmp_path / 'late'):
       got = list(events.iter_gesture(str(root), split, with_names=True))
-      assert [(l, n) for _, l, n in got] == [(l, n) for _, l, n in expected[split]]
+      assert [(label, n) for _, label, n in got] == [(label, n) for _, label, n in expected[split]]
       for (a, _, _), (b, _, _) in zip(got, expected[split]):
         _assert_events_equal(a, b)  # the noise between gestures stays out
-  assert [l for _, l in events.iter_gesture(str(tmp_path / 'dir'), 'test')] == [0, 7, 10, 7] * 2
+  assert [label for _, label in events.iter_gesture(str(tmp_path / 'dir'), 'test')] == [0, 7, 10, 7] * 2
   with pytest.raises(FileNotFoundError, match='DvsGesture'):
     next(events.iter_gesture(str(tmp_path), 'train'))
   with pytest.raises(ValueError, match='splits train and test'):
@@ -220,14 +220,14 @@ def test_iter_cifar10dvs_over_written_trees(tmp_path):
                                                                       'automobile.zip']
   # String order within a class, as SpikingJelly's DatasetFolder: 0, 1, 10, 11, 2, ..., 9.
   order = [0, 1, 10, 11] + list(range(2, 10))
-  want = [(f'cifar10_{c}_{i}', l) for l, c in enumerate(events.CIFAR10DVS_CLASSES) for i in order]
+  want = [(f'cifar10_{c}_{i}', label) for label, c in enumerate(events.CIFAR10DVS_CLASSES) for i in order]
   for root in ('dir', 'zip'):
     got = list(events.iter_cifar10dvs(str(tmp_path / root), with_names=True))
-    assert [(n, l) for _, l, n in got] == want
+    assert [(n, label) for _, label, n in got] == want
     for ev, label, name in got:
       _assert_events_equal(ev, expected[name][0])
       assert label == expected[name][1]
-  labels = [l for _, l in want]
+  labels = [label for _, label in want]
   train, test = events.front_split(labels)  # ceil(10.8) = 11 train per class
   assert len(train) == 110 and [want[i][0] for i in test[:2]] == ['cifar10_airplane_9',
                                                                   'cifar10_automobile_9']
@@ -244,7 +244,7 @@ def test_iter_nmnist_over_written_trees(tmp_path):
     want = sorted((label, name) for name, (_, label) in expected[split].items())
     for root in ('dir', 'zip'):
       got = list(events.iter_nmnist(str(tmp_path / root), split, with_names=True))
-      assert [(l, n) for _, l, n in got] == want and len(got) == 20
+      assert [(label, n) for _, label, n in got] == want and len(got) == 20
       for ev, _, name in got:
         _assert_events_equal(ev, expected[split][name][0])
         assert ev['x'].max() < 34 and ev['y'].max() < 34

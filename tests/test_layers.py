@@ -84,7 +84,7 @@ def _inputs(rs, h, w, c=3, n=2):
 
 
 @pytest.mark.parametrize('geometry', [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 2, 0)],
-                         ids=lambda g: 'w%d_s%d_p%d' % g)
+                         ids=lambda g: 'w{}_s{}_p{}'.format(*g))
 def test_max_pool_forward_and_gradient_routing(geometry):
   window, stride, padding = geometry
   rs = np.random.RandomState(0)

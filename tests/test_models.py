@@ -129,7 +129,7 @@ def test_bfloat16_compute_keeps_float32_params_and_stats():
   for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
     assert leaf.dtype == jnp.float32
   bs = nnx.state(model, nnx.BatchStat)
-  assert {l.dtype for l in jax.tree.leaves(bs)} == {jnp.dtype('float32'), jnp.dtype('int32')}
+  assert {leaf.dtype for leaf in jax.tree.leaves(bs)} == {jnp.dtype('float32'), jnp.dtype('int32')}
   assert model.patch_embed.proj_conv(jnp.ones((1, 16, 16, 3))).dtype == jnp.bfloat16
 
 

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _losses(wd):
-  rows = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  rows = [json.loads(line) for line in (wd / 'metrics.jsonl').read_text().splitlines()]
   return [r['train_loss'] for r in rows if 'train_loss' in r]
 
 

@@ -240,7 +240,7 @@ def test_lif_fires_exactly_at_threshold():
   x = np.array([[2.0, 0.0, 1.0, 1.5],
                 [2.0 - 2.0 ** -20, -1.0, 0.0, 0.0],
                 [0.0, 0.0, 1.0, 1.5 - 2.0 ** -20]], np.float32)
-  for s in multistep_many(tuple(Neuron(loop=l) for l in neurons.LOOPS),
+  for s in multistep_many(tuple(Neuron(loop=loop) for loop in neurons.LOOPS),
                           jnp.asarray(x)):
     np.testing.assert_array_equal(
         np.asarray(s), [[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
@@ -457,7 +457,7 @@ def test_bptt_gradient_matches_numpy(cfg):
   g_ref = ref_grad(x, w, **_grad_kwargs(n))
   assert np.abs(g_ref).max() > 1e-3
   with jax.enable_x64(True):
-    out = spikes_and_grads(tuple(dataclasses.replace(n, loop=l) for l in neurons.LOOPS),
+    out = spikes_and_grads(tuple(dataclasses.replace(n, loop=loop) for loop in neurons.LOOPS),
                            jnp.asarray(x), jnp.asarray(w))
   for loop, (s, g) in zip(neurons.LOOPS, out):
     np.testing.assert_array_equal(np.asarray(s), s_ref, err_msg=loop)

@@ -87,7 +87,7 @@ def _signalled(wd, stage, n, sig, rc):
 def _logged_step(wd) -> int:
   try:
     lines = (wd / 'metrics.jsonl').read_text().splitlines()
-    return max((json.loads(l)['step'] for l in lines if l.strip()), default=0)
+    return max((json.loads(line)['step'] for line in lines if line.strip()), default=0)
   except (OSError, json.JSONDecodeError):
     return 0
 
@@ -117,7 +117,7 @@ def _flatten(tree, prefix=()):
 
 def _rows(wd):
   """metrics.jsonl without the wall-clock fields."""
-  rows = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
+  rows = [json.loads(line) for line in (wd / 'metrics.jsonl').read_text().splitlines()]
   return [{k: v for k, v in r.items() if k not in ('time', 'images_per_s')} for r in rows]
 
 

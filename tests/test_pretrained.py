@@ -49,7 +49,7 @@ def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
   out = capsys.readouterr().out
   assert 'parameters: block ' in out and 'profile of steps 1-2 ->' in out
   table = (src / 'params.txt').read_text().splitlines()
-  assert table[-1].split()[-1] == '29,038' and any(l.startswith('head/kernel') for l in table)
+  assert table[-1].split()[-1] == '29,038' and any(line.startswith('head/kernel') for line in table)
   assert any(f.name.endswith('.xplane.pb') for f in (src / 'profile').rglob('*')), \
       list((src / 'profile').rglob('*'))
   # TensorBoard (tensorboardX, no TensorFlow): the metrics and the config.
@@ -265,7 +265,8 @@ def test_table7_rows_refuse_to_start_without_init_from(tmp_path, monkeypatch):
 
 
 def test_train_py_refuses_a_transfer_row_without_init_from_in_one_line(tmp_path):
-  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  import subprocess
+  import sys  # pylint: disable=import-outside-toplevel
   from conftest import ROOT  # pylint: disable=import-outside-toplevel
   p = subprocess.run([sys.executable, 'train.py', '--config=configs/spikformer.py:'
                       'cifar10-transfer-4-384', f'--workdir={tmp_path / "wd"}'], cwd=ROOT,
@@ -281,7 +282,9 @@ def test_train_py_refuses_a_transfer_row_without_init_from_in_one_line(tmp_path)
 def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_dir, tmp_path):
   """python -m spikeformer_jax.convert: an official state_dict (here a fidelity
   recording's, as .npz) -> a workdir whose step 0 holds exactly its weights."""
-  import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  import os
+  import subprocess
+  import sys  # pylint: disable=import-outside-toplevel
   from conftest import ROOT  # pylint: disable=import-outside-toplevel
   d, rec = recordings.read_recording(str(shared_dir / 'fixtures' / 'sdt_cifar.npz'))
   np.savez(tmp_path / 'sdt.npz', **recordings.state_dict(d))
@@ -296,7 +299,7 @@ def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.strip().endswith(f'-> {out}/checkpoints/0.'), p.stdout
-  assert not [l for l in p.stderr.splitlines() if l.startswith('I')], p.stderr  # orbax quiet
+  assert not [line for line in p.stderr.splitlines() if line.startswith('I')], p.stderr  # orbax quiet
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 1 and 'already holds a run' in again.stderr, again.stderr
 

@@ -333,7 +333,7 @@ def test_a_redone_evaluation_replaces_its_lines(tmp_path):
   w = metrics.MetricWriter(str(tmp_path), resume_step=5, redo_eval=True)
   w.write(5, test_top1=0.2)
   w.close()
-  got = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  got = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [(r['step'], r.get('train_loss'), r.get('test_top1')) for r in got] == \
       [(5, 1.0, None), (5, None, 0.2)]
 
@@ -378,7 +378,7 @@ def test_a_rerun_shows_each_step_once_on_tensorboard(tmp_path, resume_step):
 def test_an_unwritable_metrics_file_is_named(tmp_path):
   w = metrics.MetricWriter(str(tmp_path))
   w._f.close()  # pylint: disable=protected-access
-  w._f = open(os.devnull, 'r', encoding='utf-8')  # pylint: disable=protected-access,consider-using-with
+  w._f = open(os.devnull, encoding='utf-8')  # pylint: disable=protected-access,consider-using-with
   with pytest.raises(errors.UserError, match=f'cannot write {tmp_path}/metrics.jsonl'):
     w.write(1, loss=np.float32(1.0))
   w.close()
@@ -408,5 +408,5 @@ def test_damaged_metric_lines_are_dropped_on_resume(tmp_path):
                    b'{"step": 2, "x": 2}\n')
   w = metrics.MetricWriter(str(tmp_path), resume_step=4)
   w.close()
-  assert [json.loads(l) for l in path.read_text().splitlines()] == [
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [
       {'step': 1, 'x': 1}, {'step': 2, 'x': 2}]

@@ -199,8 +199,8 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
       'warning: --set model.T (in 2 points: T=1, T=2): these points set the field '
       'themselves and keep their own value.']
   lines = cmds.stdout.strip().splitlines()
-  assert len(lines) == 3 and all('-m spikeformer_jax.sweep point' in l and '--set=total_steps=4' in l
-                                 and l.endswith('--runlocal') for l in lines)
+  assert len(lines) == 3 and all('-m spikeformer_jax.sweep point' in line and '--set=total_steps=4' in line
+                                 and line.endswith('--runlocal') for line in lines)
 
   # Changing a point's config under a trained point is refused, never mixed.
   changed = {**common, 'total_steps': 6}
@@ -209,7 +209,7 @@ def test_run_skips_finished_resumes_interrupted_records_failures(tmp_path):
   log.clear()
   result = sweeps.run(cfg, 'tiny', str(wd), common=changed, runlocal=True, log=log.append)
   assert result == {'T=1': 'conflict', 'T=2': 'conflict', 'broken': 'failed'}
-  assert any(l.startswith('[CONFLICT] T=2:') and 'total_steps' in l for l in log)
+  assert any(line.startswith('[CONFLICT] T=2:') and 'total_steps' in line for line in log)
   assert (wd / 'T=2' / 'final_metrics.json').stat().st_mtime_ns == before
   conflicted = {r['point']: r for r in sweeps.collect(str(wd))}['T=1']
   assert conflicted['status'] == 'conflict' and conflicted['test_top1'] is None  # not mixed in
@@ -359,7 +359,7 @@ def _wait_for_line(path, prefix, after=0, timeout=600):
   deadline = time.time() + timeout
   while time.time() < deadline:
     text = path.read_text() if path.exists() else ''
-    line = next((l for l in text[after:].splitlines() if l.startswith(prefix)), None)
+    line = next((c for c in text[after:].splitlines() if c.startswith(prefix)), None)
     if line is not None:
       return line
     time.sleep(0.2)

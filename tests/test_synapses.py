@@ -35,8 +35,8 @@ def test_dense_backward_equals_autodiff_and_compact_is_bit_identical():
   w = jax.random.normal(jax.random.key(1), (16, 24))
   ref = _grads(lambda x, w: x @ w, x, w)
   for weight_grad in ('xla', 'gemm'):
-    plain = _grads(lambda x, w: synapses.dense(x, w, False, weight_grad), x, w)
-    packed = _grads(lambda x, w: synapses.dense(x, w, True, weight_grad), x, w)
+    plain = _grads(lambda x, w, wg=weight_grad: synapses.dense(x, w, False, wg), x, w)
+    packed = _grads(lambda x, w, wg=weight_grad: synapses.dense(x, w, True, wg), x, w)
     for a, b in zip(plain, packed):
       np.testing.assert_array_equal(a, b)
     _assert_close(plain, ref)
@@ -52,7 +52,7 @@ def test_conv_backward_equals_autodiff_and_compact_is_bit_identical(kernel, stri
   plain = lambda x, w: jax.lax.conv_general_dilated(x, w, stride, padding, dimension_numbers=DN2)
   ref = _grads(plain, x, w)
   for weight_grad in ('xla', 'gemm'):
-    f = lambda c: lambda x, w: synapses.conv(x, w, stride, padding, c, weight_grad)  # noqa: E731
+    f = lambda c, wg=weight_grad: lambda x, w: synapses.conv(x, w, stride, padding, c, wg)
     a, b = _grads(f(False), x, w), _grads(f(True), x, w)
     for u, v in zip(a, b):
       np.testing.assert_array_equal(u, v)
@@ -67,7 +67,7 @@ def test_compact_residual_is_int8():
   x = _spikes(jax.random.key(0), (8, 16))
   w = jax.random.normal(jax.random.key(1), (16, 4))
   for compact, want in ((True, jnp.int8), (False, jnp.float32)):
-    _, vjp = jax.vjp(lambda x, w: synapses.dense(x, w, compact, 'gemm'), x, w)  # pylint: disable=cell-var-from-loop
+    _, vjp = jax.vjp(lambda x, w, c=compact: synapses.dense(x, w, c, 'gemm'), x, w)
     kept = [r.dtype for r in jax.tree.leaves(vjp) if r.shape == x.shape]
     assert kept == [want], kept
   xc = _spikes(jax.random.key(2), (2, 6, 6, 3))

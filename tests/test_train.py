@@ -167,8 +167,8 @@ def test_train_and_eval_cli_round_trip(tmp_path):
   final = json.loads((wd / 'final_metrics.json').read_text())
   assert {'test_top1', 'test_loss', 'wall_time_s', 'steps'} <= set(final)
   assert final['steps'] == 2
-  lines = [json.loads(l) for l in (wd / 'metrics.jsonl').read_text().splitlines()]
-  assert lines and all('step' in l for l in lines)
+  lines = [json.loads(line) for line in (wd / 'metrics.jsonl').read_text().splitlines()]
+  assert lines and all('step' in row for row in lines)
 
   # A rerun of the finished run changes nothing; a longer one resumes.
   before = (wd / 'final_metrics.json').read_text()

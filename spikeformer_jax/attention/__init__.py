@@ -16,3 +16,9 @@ from spikeformer_jax.attention.base import (Context, Kind, build_qkv, config_fie
                                             qk_map, qkv, register, unregister)
 # The built-in kinds register themselves, in this order.
 from spikeformer_jax.attention import ssa, sdsa, a2os2a, mssa, ablations  # pylint: disable=g-bad-import-order,wrong-import-position
+
+__all__ = [
+    'Context', 'Kind', 'build_qkv', 'config_fields', 'erode', 'erode_kv', 'get', 'heads',
+    'matmul_products', 'names', 'qk_map', 'qkv', 'register', 'unregister',
+    'ssa', 'sdsa', 'a2os2a', 'mssa', 'ablations',
+]

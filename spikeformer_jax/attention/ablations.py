@@ -9,7 +9,7 @@ issue #9 confirms they drop the Q/K neurons and keep the rest of the block.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

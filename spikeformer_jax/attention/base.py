@@ -29,7 +29,8 @@ A new kind is one file:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -118,9 +119,11 @@ def config_fields() -> dict[str, ml_collections.ConfigDict]:
 
 
 # ---------------------------------------------------------------- helpers
+# `attn` is any kind's module (Any): its q/k/v layers are attributes set here
+# (setattr by name), which a static type cannot list.
 
 
-def build_qkv(attn: nnx.Module, ctx: Context, *, q_lif: bool = True, k_lif: bool = True,
+def build_qkv(attn: Any, ctx: Context, *, q_lif: bool = True, k_lif: bool = True,
               v_lif: Any = True):
   """q/k/v_linear and q/k/v_bn, and the neurons asked for: v_lif may be a
   `layers.SpikingNeuron` of the kind's own (A2OS2A's ternary one)."""
@@ -137,7 +140,7 @@ def build_qkv(attn: nnx.Module, ctx: Context, *, q_lif: bool = True, k_lif: bool
     attn.v_lif = v_lif
 
 
-def qkv(attn: nnx.Module, x: jax.Array):
+def qkv(attn: Any, x: jax.Array):
   """BN(W x) of Q, K and V, before their neurons."""
   return (attn.q_bn(attn.q_linear(x)), attn.k_bn(attn.k_linear(x)),
           attn.v_bn(attn.v_linear(x)))
@@ -155,14 +158,14 @@ def erode(x: jax.Array, spatial: tuple | None) -> jax.Array:
   return ops.max_pool(x.reshape((-1,) + x.shape[-2:] + (1,)), 3, 1, 1).reshape(x.shape)
 
 
-def erode_kv(attn: nnx.Module, k: jax.Array, v: jax.Array):
+def erode_kv(attn: Any, k: jax.Array, v: jax.Array):
   """K and V eroded on SDT's DVS backbone (`erode_hw` set), else unchanged."""
   if attn.erode_hw is None:
     return k, v
   return erode(k, attn.erode_hw), erode(v, attn.erode_hw)
 
 
-def heads(attn: nnx.Module, *xs):
+def heads(attn: Any, *xs):
   return tuple(None if x is None else ops.split_heads(x, attn.num_heads) for x in xs)
 
 

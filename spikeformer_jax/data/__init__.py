@@ -258,7 +258,7 @@ class Loader:
       yield from self._grain_iterate(start, stop)
       return
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      ahead = collections.deque()
+      ahead: collections.deque[concurrent.futures.Future[dict]] = collections.deque()
       for step in range(start, stop):
         while len(ahead) < self.prefetch and step + len(ahead) < stop:
           ahead.append(pool.submit(self.batch, step + len(ahead)))

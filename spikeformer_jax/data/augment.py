@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -384,7 +384,8 @@ LEVEL_TO_ARG = {
     'TranslateYRel': _translate_rel_level_to_arg,
 }
 
-NAME_TO_OP = {
+# Signatures differ (the level arguments): each op is called with its level_fn's.
+NAME_TO_OP: dict[str, Callable[..., Image.Image]] = {
     'AutoContrast': auto_contrast,
     'Equalize': equalize,
     'Invert': invert,
@@ -439,8 +440,8 @@ _RAND_CHOICE_WEIGHTS_0 = {
     'Equalize': .005, 'Posterize': 0, 'Invert': 0,
 }
 
-_GEOMETRIC = {shear_x, shear_y, translate_x_rel, translate_y_rel, translate_x_abs,
-              translate_y_abs, rotate}
+_GEOMETRIC: set[Callable[..., Image.Image]] = {
+    shear_x, shear_y, translate_x_rel, translate_y_rel, translate_x_abs, translate_y_abs, rotate}
 
 
 class AugmentOp:
@@ -618,7 +619,7 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float, mode: s
         top = int(rng.integers(0, img_h - h + 1))
         left = int(rng.integers(0, img_w - w + 1))
         if mode == 'pixel':
-          fill = rng.standard_normal((h, w, chan), dtype=np.float32)
+          fill: np.ndarray | int = rng.standard_normal((h, w, chan), dtype=np.float32)
         elif mode == 'rand':
           fill = rng.standard_normal((1, 1, chan), dtype=np.float32)
         else:

@@ -18,10 +18,17 @@ import dataclasses
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from spikeformer_jax import extras
 from spikeformer_jax.data import events as ev
 from spikeformer_jax.data import tfds_sources
+
+try:
+  import tensorflow_datasets as tfds
+except ModuleNotFoundError as e:
+  raise extras.missing(e, module='tensorflow_datasets', extra='tfds',
+                       package='tensorflow-datasets',
+                       needed_for='preparing the event datasets') from e
 
 SPLIT_BY = ('number', 'time')
 
@@ -52,7 +59,9 @@ def integrate(events: np.ndarray, frames: int, split_by: str, size: tuple) -> np
   return x.astype(np.uint16)
 
 
-class _EventFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+# skip_registration: a class keyword of tfds builders that mypy cannot see (tfds is
+# untyped, its base class Any), hence the ignore[call-arg] of each builder below.
+class _EventFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
   """Frames of an event dataset; subclasses define the sensor, classes and samples."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -90,7 +99,7 @@ class _EventFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
 
-class Nmnist(_EventFrames, skip_registration=True):
+class Nmnist(_EventFrames, skip_registration=True):  # type: ignore[call-arg]
   """N-MNIST (Orchard et al., 2015): 34x34 ATIS saccades of MNIST digits."""
 
   SENSOR = ev.NMNIST_SIZE
@@ -109,7 +118,7 @@ class Nmnist(_EventFrames, skip_registration=True):
       yield from ev.iter_nmnist(root, split)
 
 
-class Dvs128Gesture(_EventFrames, skip_registration=True):
+class Dvs128Gesture(_EventFrames, skip_registration=True):  # type: ignore[call-arg]
   """DVS128 Gesture (Amir et al., 2017): 11 gestures of 29 subjects, 128x128.
 
   Labels are the CSVs' class - 1 (0..10). SpikingJelly's DVS128Gesture numbers
@@ -132,7 +141,7 @@ class Dvs128Gesture(_EventFrames, skip_registration=True):
                                folder if os.path.isdir(folder) else root, split)
 
 
-class Cifar10Dvs(_EventFrames, skip_registration=True):
+class Cifar10Dvs(_EventFrames, skip_registration=True):  # type: ignore[call-arg]
   """CIFAR10-DVS (Li et al., 2017): 10,000 recordings of CIFAR-10 images, 128x128.
 
   No official split: the first 90% of each class (in SpikingJelly's order)

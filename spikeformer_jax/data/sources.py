@@ -30,6 +30,7 @@ import zlib
 import numpy as np
 
 from spikeformer_jax import errors
+from spikeformer_jax import extras
 
 SPLITS = ('train', 'test')
 
@@ -70,8 +71,9 @@ def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0,
   `seed`, the same on every machine. `size` > 8 upsamples by pixel repetition.
   """
   _check_split(split)
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  d = load_digits()
+  sk_datasets = extras.require('sklearn.datasets', extra='digits', package='scikit-learn',
+                               needed_for="data.name='digits'")
+  d = sk_datasets.load_digits()
   images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]
   labels = d.target.astype(np.int32)
   rng = np.random.default_rng(seed)

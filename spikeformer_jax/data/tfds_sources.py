@@ -1,8 +1,8 @@
 """tensorflow-datasets sources read without TensorFlow: `tfds.data_source`.
 
-Training never downloads and never imports TensorFlow. `prepare.py` (an
-optional `pip install .[prepare]`, which brings tensorflow-cpu) writes the
-datasets as ArrayRecord, and here they are read with random access, decoding
+Training never downloads and never imports TensorFlow: reading needs the
+`[tfds]` extra only. `prepare.py` (the `[prepare]` extra, which adds
+tensorflow-cpu) writes the datasets as ArrayRecord, and here they are read with random access, decoding
 PNG / JPEG with Pillow. A dataset that is missing or stored in another format
 fails with one message that names the prepare command.
 
@@ -20,6 +20,8 @@ import glob
 import os
 
 import numpy as np
+
+from spikeformer_jax import extras
 
 IMAGE_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')
 EVENT_DATASETS = ('nmnist', 'cifar10_dvs', 'dvs128_gesture')
@@ -69,10 +71,15 @@ class TfdsSource:
             'label': np.asarray([r['label'] for r in records], np.int32)}
 
 
+def _tfds(name: str):
+  return extras.require('tensorflow_datasets', extra='tfds', package='tensorflow-datasets',
+                        needed_for=f'data.name={name!r}')
+
+
 def image_source(name: str, split: str, *, data_dir: str, image_size: int, num_classes: int,
                  mean, std) -> TfdsSource:
   """A split of a catalog dataset prepared by `prepare.py` (never downloads)."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds = _tfds(name)
   data_dir = default_data_dir(data_dir)
   try:
     ds = tfds.data_source(name, split=_SPLITS.get(name, {}).get(split, split),
@@ -93,7 +100,7 @@ def event_config_name(frames: int, split_by: str) -> str:
 def event_source(name: str, split: str, *, data_dir: str, frames: int, split_by: str,
                  image_size: int, num_classes: int) -> TfdsSource:
   """A split of an event dataset integrated into `frames` frames by our builder."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds = _tfds(name)
   data_dir = default_data_dir(data_dir)
   config = event_config_name(frames, split_by)
   versions = sorted(glob.glob(os.path.join(data_dir, name, config, '*', 'dataset_info.json')))

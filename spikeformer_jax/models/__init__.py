@@ -13,8 +13,14 @@ from flax import nnx
 from spikeformer_jax import registry
 from spikeformer_jax.models import common
 from spikeformer_jax.models import msvit, sdt, spikformer
-from spikeformer_jax.models.common import (DTYPES, Family, count_params, make_neuron,  # pylint: disable=unused-import
+from spikeformer_jax.models.common import (DTYPES, Family, count_params, make_neuron,
                                            neuron_config, settings)
+
+__all__ = [
+    'DTYPES', 'Family', 'build_model', 'count_params', 'describe', 'downsampling', 'get',
+    'make_neuron', 'names', 'neuron_config', 'register', 'settings', 'unregister',
+    'common', 'msvit', 'sdt', 'spikformer',
+]
 
 _FAMILIES = registry.Registry[Family](
     'model family', lambda name, names: f'model.name={name!r}; valid: {", ".join(names)}.',

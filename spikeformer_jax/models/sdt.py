@@ -26,7 +26,8 @@ from flax import nnx
 
 from spikeformer_jax import blocks
 from spikeformer_jax import ops
-from spikeformer_jax.layers import Settings
+from spikeformer_jax.layers import Settings, SpikingNeuron
+from spikeformer_jax.norm import BatchNorm
 from spikeformer_jax.ops import max_pool
 from spikeformer_jax.models import common
 
@@ -39,6 +40,11 @@ HEAD_ORDERS = ('pool_then_fire', 'fire_then_pool')
 
 class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
   """SDT's spiking patch splitting; output: membrane tokens [B*T, N, D]."""
+
+  # The last stage, which `stage` calls by name (blocks.add_sps_stages sets all four).
+  proj_conv3: nnx.Conv
+  proj_bn3: BatchNorm
+  proj_lif3: SpikingNeuron
 
   def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
                rngs: nnx.Rngs):

@@ -17,6 +17,8 @@ lacks, a 1-D max-pool after Q and K (`qk_pool`) and a learnable attention scale
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ from spikeformer_jax.layers import Settings
 from spikeformer_jax.ops import max_pool
 from spikeformer_jax.models import common
 
-FLAVOURS = {
+FLAVOURS: dict[str, dict[str, Any]] = {
     'cifar': dict(pooling='0011', qkv_bias=True, dense_init='trunc_normal',
                   attn_order='qk_first', attn_scale=0.125, in_channels=3),
     'imagenet': dict(pooling='1111', qkv_bias=False, dense_init='torch_default',
