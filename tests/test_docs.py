@@ -191,7 +191,7 @@ def test_mkdocs_build_strict(tmp_path):
 def _page_script(page: pathlib.Path) -> str | None:
   parts = []
   for block in shell_blocks(page):
-    _, line, lang, text, mark, arg = block
+    line, lang, text, mark, arg = block
     if mark == 'not run here':
       continue
     if mark == 'runlocal':
