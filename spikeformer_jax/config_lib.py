@@ -16,18 +16,23 @@ NORM = data_lib.NORM
 def data_config(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
   """`config.data`; mean=() feeds raw values (event counts)."""
   return ml_collections.ConfigDict(dict(
-      name=name,              # see spikeformer_jax.data.NAMES
-      num_classes=num_classes,
+      name=name,              # the dataset (spikeformer_jax.data.NAMES)
+      num_classes=num_classes,  # the data's classes; must equal model.num_classes
       image_size=shape[-2],   # the model's input size (tfds / event sources resize to it)
       shape=tuple(shape),     # example shape, [T,] H, W, C (events: T = frames)
-      num_train=512, num_test=128, seed=0,  # synthetic sizes
+      num_train=512,          # synthetic: training examples
+      num_test=128,           # synthetic: test examples
+      seed=0,                 # synthetic: the generator's seed
       synthetic_kind='gesture',  # synthetic_events: 'gesture' or 'image' (CIFAR10-DVS-like)
       path='',                # npz: file with x_train, y_train, x_test, y_test
       data_dir='',            # tfds: prepared datasets ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
       split_by='number',      # event datasets: frame integration, 'number' or 'time'
-      mean=tuple(mean), std=tuple(std),     # normalisation; () = raw values (event counts)
+      mean=tuple(mean),       # per-channel normalisation; () = raw values (event counts)
+      std=tuple(std),         # per-channel normalisation; () = raw values (event counts)
       norm_from='',           # a dataset of data.NORM whose statistics replace mean / std
-      workers=0,              # > 0: grain worker processes prepare the batches
+                              # (MSViT's CIFAR-100 rows: 'cifar10', as its code)
+      workers=0,              # > 0: grain worker processes prepare the batches; 0: a
+                              # background thread
       augment=data_lib.augment_config(),
   ))
 
@@ -41,48 +46,59 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
                 optimizer='adamw', eps=1e-8):
   """Everything but the model and data, with the official recipes' shape."""
   c = ml_collections.ConfigDict()
-  c.seed = 42
-  c.model = model
-  c.data = data
-  c.batch_size = batch
-  c.eval_batch_size = max(batch, 64)
-  c.epochs = epochs             # + cooldown_epochs = the epochs trained (README: epoch counts)
-  c.cooldown_epochs = 10
+  c.name = ''                  # 'family:variant', set by get_config: names the run in reports
+  c.seed = 42                  # initialisation, batch order, augmentation and mixup draws
+  c.model = model              # a family's model_config() (spikeformer_jax/models/)
+  c.data = data                # data_config()
+  c.batch_size = batch         # global: over all devices and processes
+  c.eval_batch_size = max(batch, 64)  # global; the last batch is padded (padding not counted)
+  c.epochs = epochs            # + cooldown_epochs = the epochs trained (docs/configs.md)
+  c.cooldown_epochs = 10       # timm's epochs at min_lr after the cosine
   c.total_steps = 0            # > 0: stop after this many steps (schedule still from epochs)
-  c.label_smoothing = 0.1
+  c.label_smoothing = 0.1      # of the soft targets (timm's; mixup mixes the smoothed ones)
   c.mixup = mixup.mixup_config()  # mixup / CutMix on device (timm's Mixup, 'batch' mode)
   c.ema_decay = 0.0            # > 0: keep timm ModelEmaV2 of the weights, evaluated beside them
   c.tet = ml_collections.ConfigDict(dict(  # Temporal Efficient Training loss (SDT's option)
-      enabled=False, means=1.0, lamb=0.001))
+      enabled=False,           # the TET loss against the same soft targets as the plain loss
+      means=1.0,               # the target of TET's MSE term on the logits
+      lamb=0.001))             # the loss: (1 - lamb) x cross-entropy + lamb x MSE
   c.optimizer = ml_collections.ConfigDict(dict(
-      name=optimizer,          # adamw | lamb
-      lr=lr, weight_decay=wd, b1=0.9, b2=0.999, eps=eps,
+      name=optimizer,          # adamw | lamb (SDT's ImageNet and Gesture recipes)
+      lr=lr,                   # peak learning rate (the base lr with lr_scale_batch)
+      weight_decay=wd,         # decoupled; never on 1-D parameters and biases (timm's mask)
+      b1=0.9, b2=0.999, eps=eps,  # Adam's betas and epsilon (Lamb's official eps: 1e-6)
+      # timm: linear warmup from warmup_lr over warmup_epochs, then the cosine to min_lr
       warmup_epochs=warmup, warmup_lr=warmup_lr, min_lr=min_lr,
       schedule='timm_cosine',   # timm_cosine | mae_cosine (MSViT / QKFormer ImageNet)
       schedule_per_epoch=True,  # timm steps the schedule once per epoch
       lr_scale_batch=False,     # True: lr is the base lr "blr", x global batch x accum / 256
       accum_steps=1,            # gradient accumulation: steps per optimizer update
       grad_clip_norm=0.0))     # > 0: torch's clip_grad_norm_ at that norm (timm --clip-grad)
-  c.bn_scope = 'global'        # 'global' (one GPU / SyncBN) or 'device' (DDP)
-  c.num_devices = -1           # all visible devices
+  c.bn_scope = 'global'        # BatchNorm statistics over the global batch ('global': one
+                               # GPU, SyncBN) or per data-parallel device ('device': DDP)
+  c.num_devices = -1           # devices of the mesh; -1: all visible devices
   # Mesh axes (their product = num_devices; -1 = the rest): the batch is split
   # over both, the params and optimizer state sharded over fsdp.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 14))
-  c.log_every_steps = 50
-  c.eval_every_epochs = 1
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                 # data-parallel devices
+      fsdp=1,                  # devices that shard the parameters and optimizer state
+      fsdp_min_size=2 ** 14))  # arrays with fewer elements stay replicated
+  c.log_every_steps = 50       # a metrics line (metrics.jsonl, TensorBoard) every N steps
+  c.eval_every_epochs = 1      # evaluate on the test split every N epochs, and at the end
   c.ckpt_every_steps = 0       # 0: every epoch
-  c.ckpt_keep = 3
-  c.paper_top1 = 0.0
+  c.ckpt_keep = 3              # checkpoints kept (>= 1); older ones are deleted
+  c.paper_top1 = 0.0           # the paper's number, shown beside ours (sweeps)
   c.target_top1 = 0.0          # if set, the last line says whether it was reached
   c.allow_config_change = False  # resume even if model-defining fields changed
   c.plugins = ()               # modules to import first: they register attention kinds / families
   c.init_from = ''             # start from these weights: a workdir / checkpoint of ours or a
                                # PyTorch (.pth, .pth.tar) / numpy (.npz) state_dict (pretrained.py)
-  c.init_skip = ()             # regexes of names kept at their initialisation, e.g. ('head',)
+  c.init_skip = ()             # regexes of our names kept at their initialisation, e.g.
+                               # ('head',) (names such as params/head/kernel)
   c.init_required = False      # True (fine-tuning rows): refuse to start without init_from;
                                # init_from='none' trains from scratch on purpose
   c.tensorboard = True         # also write the metrics to WORKDIR/tb (tensorboardX, no TensorFlow)
-  c.profile_steps = ()         # (first, last): a jax.profiler trace of those steps -> workdir/profile
+  c.profile_steps = ()         # (first, last): a jax.profiler trace of those steps -> WORKDIR/profile
   return c
 
 

@@ -45,21 +45,22 @@ def ternary_config(**overrides) -> ml_collections.ConfigDict:
   gradient of clamp(U / Vth, -1, 1).
   """
   cfg = ml_collections.ConfigDict(dict(
-      v_threshold=1.0, v_reset=0.0, charge_form='spikingjelly', beta=0.5,
-      grad='surrogate'))
+      v_threshold=1.0,            # fires sign(U) where |U| >= v_threshold
+      v_reset=0.0,                # membrane after a spike
+      charge_form='spikingjelly',  # or 'paper': U = H + X with the leak beta (eqs. 25-27)
+      beta=0.5,                   # leak of charge_form 'paper' (ours: the paper gives none)
+      grad='surrogate'))          # 'surrogate' or 'clamp' (straight-through)
   cfg.update(overrides)
   return cfg
 
 
 def a2os2a_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.model.a2os2a`: A2OS2A's switches beyond its neurons' dynamics.
-
-  out_neuron: the neuron after Q K^T V (OUT_NEURONS). 'binary' (default) is
-  the network's LIF at model.attn_v_threshold; 'ternary' is the ternary
-  neuron of `model.ternary` (its charge form, beta, reset and gradient)
-  firing -1 / +1 at -/+ model.attn_v_threshold.
-  """
-  cfg = ml_collections.ConfigDict(dict(out_neuron='binary'))
+  """`config.model.a2os2a`: A2OS2A's switches beyond its neurons' dynamics."""
+  cfg = ml_collections.ConfigDict(dict(
+      # The neuron after Q K^T V (OUT_NEURONS): 'binary' is the network's LIF at
+      # model.attn_v_threshold; 'ternary' the model.ternary neuron firing -1 / +1
+      # at -/+ model.attn_v_threshold, so negative values reach the projection.
+      out_neuron='binary'))
   cfg.update(overrides)
   return cfg
 

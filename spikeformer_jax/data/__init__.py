@@ -91,24 +91,25 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
 def augment_config(**kw) -> ml_collections.ConfigDict:
   """`config.data.augment`: per-example augmentation, all off by default.
 
-  Images (uint8 HWC, before normalisation unless noted):
-    crop_scale / crop_ratio: timm RandomResizedCrop ranges; (1, 1) / (1, 1)
-      with an image of the model's size is no crop (the CIFAR recipes).
-    interpolation: 'bicubic' (timm's) or 'bilinear'; eval_crop_pct: timm's
-      eval resize to size / crop_pct then centre crop (1.0 on CIFAR).
-    hflip: probability of a horizontal flip (images and event frames).
-    rand_augment: timm spec such as 'rand-m9-n1-mstd0.4-inc1' ('' off), with
-      rand_augment_ops 'timm' (the standard set) or 'spikformer_cifar'
-      (Spikformer's restricted CIFAR set, cifar10/aa_snn.py).
-    reprob / remode: timm random erasing after normalisation.
-  Event frames (float32 [T, H, W, 2]):
-    dvs_policy: '' or 'snn_augment_wide' (Spikformer CIFAR10-DVS).
-    dvs_cutout: side of SDT's Cutout square, 0 off.
+  Images are uint8 HWC, augmented before normalisation unless noted; event
+  frames are float32 [T, H, W, 2].
   """
   c = ml_collections.ConfigDict(dict(
-      crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), interpolation='bicubic',
-      eval_crop_pct=1.0, hflip=0.0, rand_augment='', rand_augment_ops='timm',
-      reprob=0.0, remode='const', dvs_policy='', dvs_cutout=0))
+      # timm RandomResizedCrop ranges; (1, 1) / (1, 1) with an image of the
+      # model's size is no crop (the CIFAR recipes).
+      crop_scale=(1.0, 1.0),
+      crop_ratio=(1.0, 1.0),  # the crop's aspect-ratio range
+      interpolation='bicubic',  # 'bicubic' (timm's) or 'bilinear'
+      eval_crop_pct=1.0,     # timm's eval resize to size / crop_pct, then centre crop
+      hflip=0.0,             # probability of a horizontal flip (images and event frames)
+      rand_augment='',       # timm spec such as 'rand-m9-n1-mstd0.4-inc1'; '' off
+      # 'timm' (the standard set) or 'spikformer_cifar' (Spikformer's
+      # restricted CIFAR set, cifar10/aa_snn.py)
+      rand_augment_ops='timm',
+      reprob=0.0,            # timm random erasing (after normalisation): probability
+      remode='const',        # timm random erasing: 'const', 'rand' or 'pixel'
+      dvs_policy='',         # event frames: '' or 'snn_augment_wide' (Spikformer CIFAR10-DVS)
+      dvs_cutout=0))         # event frames: side of SDT's Cutout square; 0 off
   c.update(kw)
   return c
 

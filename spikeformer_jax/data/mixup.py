@@ -23,10 +23,13 @@ import ml_collections
 
 def mixup_config(mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
                  switch_prob: float = 0.5, off_epoch: int = 0) -> ml_collections.ConfigDict:
-  """`config.mixup`; off_epoch 0 keeps mixing until the end."""
-  return ml_collections.ConfigDict(dict(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-                                        prob=prob, switch_prob=switch_prob,
-                                        off_epoch=off_epoch))
+  """`config.mixup`: timm's Mixup / CutMix in batch mode, on device inside the step."""
+  return ml_collections.ConfigDict(dict(
+      mixup_alpha=mixup_alpha,  # Beta(alpha, alpha) of mixup; 0: off
+      cutmix_alpha=cutmix_alpha,  # Beta(alpha, alpha) of CutMix; 0: off
+      prob=prob,                # probability that a batch is mixed
+      switch_prob=switch_prob,  # with both alphas set: probability of CutMix over mixup
+      off_epoch=off_epoch))     # stop mixing from this epoch on; 0: mix until the end
 
 
 def active(cfg) -> bool:

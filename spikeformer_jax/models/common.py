@@ -37,17 +37,37 @@ class Family:
 
 
 def neuron_config(**overrides) -> ml_collections.ConfigDict:
-  """`config.model.neuron`: the fields of `neurons.Neuron` (SpikingJelly defaults).
-
-  alpha 0 takes the surrogate's own default (sigmoid 4, atan 2, triangle 1).
-  kind 'if' is SpikingJelly's IFNode (no leak: H = V + X; Spikformer Table 6's
-  IF rows); charge_form 'paper' is A2OS2A's eqs. 1-3 (U = H + X, the leak
-  `beta` applied where no spike: H = Vreset S + beta U (1 - S)).
-  """
+  """`config.model.neuron`: the network's neurons, the fields of `neurons.Neuron`
+  (SpikingJelly's LIF semantics and defaults)."""
   cfg = ml_collections.ConfigDict(dict(
-      kind='lif', tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, soft_reset=False,
-      detach_reset=True, surrogate='sigmoid', alpha=0.0, charge_form='spikingjelly', beta=0.5,
-      loop='scan', unroll=0, recompute=False, membrane='float32'))
+      # 'lif' (every official model); 'if': SpikingJelly's IFNode, no leak (H = V + X;
+      # Spikformer Table 6's IF rows); 'relu' / 'gelu': no spikes, every network
+      # neuron that float activation (the ANN baselines; compact_spikes off; A2OS2A's
+      # ternary V keeps spiking)
+      kind='lif',
+      tau=2.0,                # membrane time constant: H = V + (X - V) / tau
+      decay_input=True,       # SpikingJelly's decay_input: the input is divided by tau
+      v_threshold=1.0,        # fires where H >= v_threshold
+      v_reset=0.0,            # membrane after a spike (hard reset)
+      soft_reset=False,       # True: subtract the threshold instead of resetting
+      detach_reset=True,      # no gradient through the reset (every official model)
+      surrogate='sigmoid',    # surrogate gradient: sigmoid, atan, triangle, straight_through
+      alpha=0.0,              # surrogate sharpness; 0: its default (sigmoid 4, atan 2, triangle 1)
+      # 'spikingjelly' (H = V + (X - V) / tau) or 'paper': A2OS2A's eqs. 1-3,
+      # U = H + X with the leak beta where no spike fires (H = Vreset S + beta U (1 - S))
+      charge_form='spikingjelly',
+      beta=0.5,               # leak of charge_form 'paper' (ours: the paper gives no value)
+      # how the timestep loop compiles: 'scan' (lax.scan), 'python' (unrolled at
+      # trace time) or 'vjp' (one custom VJP saving only the pre-spike membrane);
+      # identical spikes, gradients equal up to float rounding
+      loop='scan',
+      unroll=0,               # steps per scan iteration (scan, vjp's backward); 0: all T
+      recompute=False,        # keep only the input for the backward and rerun the loop
+                              # there (jax.checkpoint): identical results, less memory
+      # 'float32' (membranes in at least float32: exact) or 'compute' (the compute
+      # dtype, bfloat16 under bfloat16, as SpikingJelly under AMP: inexact, rounding
+      # can move spikes near the threshold; less memory traffic)
+      membrane='float32'))
   cfg.update(overrides)
   return cfg
 
@@ -58,12 +78,22 @@ def shared_fields() -> dict:
   gradients), the neuron, and the attention kinds' own fields (any kind runs
   on any backbone by config)."""
   return dict(
+      # 'float32', 'bfloat16' (parameters, BatchNorm statistics and membranes stay
+      # float32) or 'float64' (needs JAX_ENABLE_X64)
       dtype='float32',
-      remat='',       # blocks.REMAT_POLICIES: recompute each block in the backward pass
+      # blocks.REMAT_POLICIES ('', full, dots, dots_no_batch): each block's
+      # activations recomputed in the backward pass under that jax.checkpoint
+      # policy (identical results)
+      remat='',
       remat_stem='',  # the same for each stage of the patch stem / patch embedding
-      compact_spikes=layers.Settings.compact_spikes,  # conv / linear spike inputs saved as int8
-      weight_grad=layers.Settings.weight_grad,  # auto | xla | gemm (synapses.py)
-      bn_recompute=layers.Settings.bn_recompute,  # BatchNorm backward from its input alone
+      # conv / linear spike inputs saved as int8 for the weight gradient (bit-identical)
+      compact_spikes=layers.Settings.compact_spikes,
+      # auto (gemm on CPU, xla on GPU / TPU, for the devices compiled for) | xla
+      # (autodiff's own) | gemm (plain GEMMs, im2col-style for convs); synapses.py
+      weight_grad=layers.Settings.weight_grad,
+      # BatchNorm backward from its input alone: statistics and normalisation
+      # recomputed there (jax.checkpoint; identical results, less memory)
+      bn_recompute=layers.Settings.bn_recompute,
       neuron=neuron_config(), **attention.config_fields())
 
 

@@ -332,18 +332,20 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
   # sites request (1.0); QKFormer and the deleted MSViT DVS files set 0.5.
   vth = 1.0 if variant == 'msvit' and graph != 'dvs' else 0.5
   return ml_collections.ConfigDict(dict(
-      name='msvit',
-      graph=graph,
-      stem=stem,                # '' = the graph's stem (see STEMS)
+      name='msvit',             # the family (models.names())
+      graph=graph,              # GRAPHS: the official model file (imagenet, cifar, dvs)
+      # '' = the graph's stem (STEMS); dvs_gesture, dvs_cifar10, cifar_h4 (the paper's
+      # CIFAR token grid H/4), qkformer_dvs (QKFormer's DVS files)
+      stem=stem,
       dims=dims,                # width of each stage
       depths=depths,            # blocks per stage
       attention=attention,      # attention kind per stage (any of attention.names())
       num_heads=num_heads,      # every stage (the CIFAR code forces 8, the DVS code 16)
-      mlp_ratio=float(mlp_ratio),
-      T=T,
-      in_channels=2 if graph == 'dvs' else 3,
-      num_classes=num_classes,
-      img_size=img_size,
+      mlp_ratio=float(mlp_ratio),  # MLP hidden width / stage width
+      T=T,                      # timesteps
+      in_channels=2 if graph == 'dvs' else 3,  # 2: event polarities
+      num_classes=num_classes,  # outputs of the head (= data.num_classes)
+      img_size=img_size,        # input height and width
       attn_v_threshold=vth,     # 1.0: the released code; 0.5: what its call sites request
       attn_scale=0.125,         # SSA (stage 3)
       # per stage, the (Q, P) token-conv kernels of an MSSA (0 drops the branch)
@@ -355,7 +357,10 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       # is the intended per-sample neuron (our default for the DVS rebuild).
       ssa_proj_lif_batch_as_time=graph != 'dvs',
       # Stochastic depth, linear over all blocks (timm's rule): the official
-      # code builds DropPath but never applies it, so 0 reproduces it.
+      # code builds DropPath but never applies it, so 0 reproduces it. In
+      # training each example's attention and MLP branch is dropped on its own
+      # (shared by its T timesteps), kept ones scaled by 1 / (1 - p); turns
+      # compact_spikes off (the residual stream is no longer integer).
       drop_path_rate=0.0,
       # Section 4.3's third DVS input channel, positive + negative, appended
       # to the in_channels=2 polarity frames before the stem (whose first

@@ -157,16 +157,29 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
   if dataset not in POOLING:
     raise ValueError(f'dataset={dataset!r}; valid: {sorted(POOLING)}.')
   return ml_collections.ConfigDict(dict(
-      name='sdt', embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-      mlp_ratio=float(mlp_ratio), T=T,
-      in_channels=2 if dataset in ('gesture', 'cifar10dvs') else 3,
-      num_classes=num_classes, img_size=img_size, pooling=POOLING[dataset],
+      name='sdt',                 # the family (models.names())
+      embed_dim=embed_dim,        # D, the width of every block
+      depth=depth,                # blocks
+      num_heads=num_heads,        # attention heads (must divide embed_dim)
+      mlp_ratio=float(mlp_ratio),  # MLP hidden width / D
+      T=T,                        # timesteps
+      in_channels=2 if dataset in ('gesture', 'cifar10dvs') else 3,  # 2: event polarities
+      num_classes=num_classes,  # outputs of the head (= data.num_classes)
+      img_size=img_size,          # input height and width
+      pooling=POOLING[dataset],   # which of the 4 MS_SPS stages max-pool ('1111')
       dvs_mode=dataset == 'cifar10dvs',  # SDT's Erode, official for CIFAR10-DVS only
-      attention=attention,
-      attn_order='',              # '' = auto (the cheaper association; exact for integer operands, float rounding with A2OS2A's real K)
+      attention=attention,        # sdsa (SDT), a2os2a, or any registered kind
+      # qk_first, kv_first or '' = auto (the cheaper association; exact for integer
+      # operands, float rounding with A2OS2A's real K)
+      attn_order='',
       attn_v_threshold=0.5,       # talking_heads_lif / A2OS2A's neuron after Q K^T V
       attn_proj=True,             # projection conv + BN after the attention
-      head_order='pool_then_fire',  # HEAD_ORDERS: the official head, or A2OS2A eq. 18's
+      # HEAD_ORDERS: 'pool_then_fire' (the SDT code: head_lif on the token mean of
+      # the membrane) or 'fire_then_pool' (A2OS2A eq. 18: the neuron on every
+      # token, then the mean of the spikes); no parameter changes
+      head_order='pool_then_fire',
+      # True: also build the official code's unused modules (talking_heads) so that
+      # official checkpoints load; they get no gradient and no weight decay.
       dead_modules=False,
       **common.shared_fields()))  # dtype, remat, neuron, the attention kinds' own fields
 

@@ -139,26 +139,32 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
   if flavour not in FLAVOURS:
     raise ValueError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
   return ml_collections.ConfigDict(dict(
-      name='spikformer',
-      flavour=flavour,
-      embed_dim=embed_dim,
-      depth=depth,
-      num_heads=num_heads,
-      mlp_ratio=float(mlp_ratio),
-      T=T,
-      in_channels=FLAVOURS[flavour]['in_channels'],
-      num_classes=num_classes,
-      img_size=img_size,
-      # '' / 0.0 keep the flavour's official value; set to override.
-      pooling='',
-      attn_order='',
-      attn_scale=0.0,
-      attention='ssa',     # ssa (official), or any kind of attention.names() on this backbone
-      attn_v_threshold=0.5,
-      # The paper's DVS options the released code lacks (attention/ssa.py):
-      qk_pool=0,           # > 0: 1-D max-pool (kernel = stride) over the channels of Q and K
-      attn_scale_learnable=False,  # True: eq. 15's s a parameter, initialised at the scale
-      dead_modules=False,  # True: also build the official code's unused modules
+      name='spikformer',   # the family (models.names())
+      flavour=flavour,     # the official code's flavour: cifar, imagenet or dvs
+      embed_dim=embed_dim,  # D, the width of every block
+      depth=depth,         # blocks
+      num_heads=num_heads,  # attention heads (must divide embed_dim)
+      mlp_ratio=float(mlp_ratio),  # MLP hidden width / D
+      T=T,                 # timesteps
+      in_channels=FLAVOURS[flavour]['in_channels'],  # 3 (images) or 2 (event polarities)
+      num_classes=num_classes,  # outputs of the head (= data.num_classes)
+      img_size=img_size,   # input height and width
+      pooling='',          # which of the 4 SPS stages max-pool ('1010'); '': the flavour's
+      attn_order='',       # qk_first ((Q K^T) V), kv_first (Q (K^T V)), auto; '': the flavour's
+      attn_scale=0.0,      # s in SSA's Q K^T V s; 0: the flavour's (0.25 DVS, 0.125 otherwise)
+      attention='ssa',     # ssa (official), or any registered kind on this backbone
+      attn_v_threshold=0.5,  # threshold of the neuron after the attention (official 0.5)
+      # The paper's DVS128 Gesture "1D max-pooling layer after Q and K" (appendix
+      # C.1), which the released code lacks: > 0, kernel = stride = k over the
+      # channels of the Q and K spikes, before Q K^T; k divides the head width;
+      # attention 'ssa' only (attention/ssa.py).
+      qk_pool=0,
+      # True: eq. 15's scale s a learnable scalar per block (section 4.2),
+      # initialised at the scale, no weight decay; attention 'ssa' only.
+      attn_scale_learnable=False,
+      # True: also build the official code's unused modules (LayerNorms, the DVS
+      # pos_embed) so that official checkpoints load; they get no gradient.
+      dead_modules=False,
       **common.shared_fields(),  # dtype, remat, neuron, the attention kinds' own fields
   ))
 
