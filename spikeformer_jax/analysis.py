@@ -73,7 +73,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -239,11 +239,13 @@ def collect(model: nnx.Module, batches: Iterable, T: int) -> dict:
       names[:] = [name for name, _ in calls]
       return [stats for _, stats in calls]
 
-  sums, flags, examples = {}, {}, 0
+  sums: dict[tuple[str, str], Any] = {}
+  flags: dict[tuple[str, str], bool] = {}
+  examples = 0
   for x in batches:
     per_call = jax.device_get(forward(state, jnp.asarray(x)))
     examples += x.shape[0]
-    seen = {}  # (module, quantity) -> this batch's values, one per call
+    seen: dict[tuple[str, str], list] = {}  # (module, quantity) -> this batch's values, per call
     for name, stats in zip(names, per_call):
       for quantity, v in stats.items():
         seen.setdefault((name, quantity), []).append(np.asarray(v))
@@ -295,7 +297,7 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
   sums, flags, n_ex = rec['sums'], rec['flags'], max(rec['examples'], 1)
   modules = {_name(p): m for p, m in nnx.iter_modules(model)}
 
-  neurons = {}
+  neurons: dict[str, dict[str, Any]] = {}
   for name in rec['order']:
     if (name, 'spike_count') in sums:
       counts = sums[(name, 'spike_count')]
@@ -479,7 +481,7 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   model, step = train_lib.restore_model(config, workdir, step)
   n = min(examples, len(source))
   batch = min(config.eval_batch_size, n)
-  batches = []  # the first n examples (the last batch smaller: no padding)
+  batches: list = []  # the first n examples (the last batch smaller: no padding)
   transform = data_lib.make_transform(config.data, source, train=False)
   for b in data_lib.eval_batches(source, global_batch=batch, transform=transform):
     batches.append(b['image'][b['mask']][:n - batch * len(batches)])

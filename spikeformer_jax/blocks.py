@@ -5,6 +5,8 @@ and the rematerialisation of a block's forward (model.remat)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import ml_collections
 from flax import nnx
@@ -55,7 +57,7 @@ class SpikingAttention(nnx.Module):
     self.num_heads, self.scale, self.order = num_heads, scale, order
     self.erode_hw = erode_hw
     self.record_attention = False
-    self.recorder = None
+    self.recorder: Any = None  # analysis.py's tap, called as recorder(x)
     impl.build(self, attention.Context(
         dim=dim, num_heads=num_heads, s=s, init=init, qkv_bias=qkv_bias, scale=scale,
         order=order, attn_v_threshold=attn_v_threshold, rngs=rngs, model=model,

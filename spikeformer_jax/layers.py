@@ -85,7 +85,7 @@ class SpikingNeuron(nnx.Module):
     self.T = T
     self.batch_as_time, self.groups = batch_as_time, groups
     self.record_spikes = False
-    self.recorder = None
+    self.recorder: Any = None  # analysis.py's tap, called as recorder(spikes, T)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T = self.T
