@@ -6,15 +6,17 @@ per example:
     `spike_count` that `SpikingNeuron` records);
   * every synaptic layer (each Linear and Conv call): its MACs (from shapes;
     time is folded into the batch, so the count covers all T), its input's
-    firing rate (non-zero fraction) and value kind (binary, ternary, integer,
-    real), whether it is a MAC or an AC layer, its SOPs and energy;
+    firing rate (non-zero fraction) and value domain (binary, ternary, integer,
+    real: the row's `input`), whether it is a MAC or an AC layer, its SOPs and energy;
   * the attention products of every SpikingAttention (Q K^T, (Q K^T) V or
     K^T V, Q (K^T V), SDSA's masked token sums, MSSA's channel sums), counted
     analytically in the association the model computes, from its shapes and
     the recorded Q/K/V rates (below).
-No model code changes: the analysis temporarily swaps the classes of the
-model's Linear, Conv, neuron and attention modules for subclasses that also
-sow what they saw, and records the order in which they are called.
+The model's code and classes are not changed: the analysis runs a copy of the
+model whose Linear, Conv, neuron and attention modules call a `Recorder`
+through explicit hooks (flax's `promote_dtype` / `dot_general` /
+`conv_general_dilated`, the project modules' `recorder`), which keeps what
+each saw in the order they are called.
 
 Conventions (`Conventions`, each a field):
   * An input in {0, 1} (spikes) or {-1, 0, 1} (ternary spikes) makes an AC
@@ -71,7 +73,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -106,80 +108,110 @@ class Conventions:
 
 
 # --------------------------------------------------------------------------
-# Recording: subclasses that sow what a layer saw, swapped in temporarily.
+# Recording: a recorder that the modules of a copy of the model call.
 # --------------------------------------------------------------------------
 
-_CALL_ORDER: list[str] = []   # names of recorded modules, in trace (= network) order
-_TRACE_BATCH = [0]            # the batch size being traced (time-folded inputs have B*T rows)
+
+class Recorder:
+  """What the recorded modules see while one forward is traced, in call order.
+
+  `tapped(model)` returns a copy of the model (sharing its arrays) whose
+  modules call this recorder through explicit attributes: each Linear's and
+  Conv's `promote_dtype` (flax's hook that sees the layer's input before any
+  cast) and `dot_general` / `conv_general_dilated` (the one that sees its
+  output), each SpikingNeuron's and SpikingAttention's `recorder`. The model
+  itself, its classes and this module's state are left as they were.
+  """
+
+  def __init__(self, T: int):
+    self.T = T
+    self.batch = 0  # of the forward being traced (time-folded inputs have batch*T rows)
+    self.calls: list[tuple[str, dict]] = []  # (module name, what it saw) per call
+
+  def tapped(self, model: nnx.Module) -> nnx.Module:
+    """A copy of `model` (sharing its arrays) whose recorded modules call this."""
+    view = nnx.merge(*nnx.split(model))
+    for path, m in nnx.iter_modules(view):
+      name = _name(path)
+      if isinstance(m, nnx.Linear):
+        tap = _SynapseTap(self, name, m.promote_dtype, m.dot_general)
+        m.promote_dtype, m.dot_general = tap.promote_dtype, tap.op
+      elif isinstance(m, nnx.Conv):
+        tap = _SynapseTap(self, name, m.promote_dtype, m.conv_general_dilated)
+        m.promote_dtype, m.conv_general_dilated = tap.promote_dtype, tap.op
+      elif isinstance(m, layers.SpikingNeuron):
+        m.recorder = _NeuronTap(self, name)
+      elif isinstance(m, blocks.SpikingAttention):
+        m.recorder = _AttentionTap(self, name)
+    return view
+
+  @contextlib.contextmanager
+  def tracing(self, batch: int):
+    """Around the trace of a forward on `batch` examples; yields the calls it
+    records (traced values: return them from the traced function)."""
+    self.batch, self.calls = batch, []
+    try:
+      yield self.calls
+    finally:
+      self.batch, self.calls = 0, []  # no tracer outlives its trace
 
 
-def _sow_input_stats(module, x, T: int):
-  """Non-zero count per timestep, sum |x|, numel and the value kind of x."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _SynapseTap:
+  """A Linear's or Conv's hooks: its input's statistics, then its MACs."""
+  recorder: Recorder
+  name: str
+  layer_promote_dtype: Callable
+  layer_op: Callable   # the layer's dot_general / conv_general_dilated
+
+  def promote_dtype(self, args, **kwargs):
+    x = args[0]  # the layer's input, as the layer was called with it
+    stats = _input_stats(x, self.recorder.batch, self.recorder.T)
+    stats.update(in_shape=jnp.asarray(x.shape[1:]), in_itemsize=jnp.asarray(x.dtype.itemsize))
+    self.recorder.calls.append((self.name, stats))
+    return self.layer_promote_dtype(args, **kwargs)
+
+  def op(self, x, kernel, *args, **kwargs):
+    y = self.layer_op(x, kernel, *args, **kwargs)
+    name, stats = self.recorder.calls[-1]  # recorded by promote_dtype, just before
+    assert name == self.name, (name, self.name)
+    dt = layers.count_dtype()
+    stats.update(macs=jnp.asarray(y.size * math.prod(kernel.shape[:-1]), dt),
+                 out_numel=jnp.asarray(y.size, dt))
+    return y
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NeuronTap:
+  recorder: Recorder
+  name: str
+
+  def __call__(self, spikes, T: int):
+    self.recorder.calls.append((self.name, layers.spike_counts(spikes, T)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _AttentionTap:
+  recorder: Recorder
+  name: str
+
+  def __call__(self, x):
+    self.recorder.calls.append((self.name, {'tokens': jnp.asarray(x.shape[1:])}))
+
+
+def _input_stats(x, batch: int, T: int) -> dict:
+  """Non-zero count per timestep, sum |x|, numel and the value domain of x."""
   dt = layers.count_dtype()
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  folded = xf.shape[0] == _TRACE_BATCH[0] * T  # else no time axis (a head after the mean)
+  folded = xf.shape[0] == batch * T  # else no time axis (a head after the mean)
   per_t = xf.reshape(xf.shape[0] // T, T, -1) if folded else xf.reshape(xf.shape[0], 1, -1)
-  module.sow(nnx.Intermediate, 'in_nonzero', jnp.sum(per_t != 0, axis=(0, 2), dtype=dt))
-  module.sow(nnx.Intermediate, 'in_abs_sum', jnp.sum(jnp.abs(xf)))
-  module.sow(nnx.Intermediate, 'in_numel', jnp.asarray(x.size, dt))
   integer = jnp.all(xf == jnp.round(xf))
-  module.sow(nnx.Intermediate, 'in_binary', jnp.all((xf == 0) | (xf == 1)))
-  module.sow(nnx.Intermediate, 'in_ternary', jnp.all((xf == 0) | (jnp.abs(xf) == 1)))
-  module.sow(nnx.Intermediate, 'in_integer', integer & jnp.all(xf >= 0))
-
-
-def _synapse_call(self, x):
-  y = super(type(self), self).__call__(x)
-  _CALL_ORDER.append(self.analysis_name)
-  macs = y.size * math.prod(self.kernel.shape[:-1])
-  self.sow(nnx.Intermediate, 'macs', jnp.asarray(macs, layers.count_dtype()))
-  self.sow(nnx.Intermediate, 'in_shape', jnp.asarray(x.shape[1:]))
-  self.sow(nnx.Intermediate, 'in_itemsize', jnp.asarray(x.dtype.itemsize))
-  self.sow(nnx.Intermediate, 'out_numel', jnp.asarray(y.size, layers.count_dtype()))
-  _sow_input_stats(self, x, self.analysis_T)
-  return y
-
-
-def _ordered_call(self, x):
-  _CALL_ORDER.append(self.analysis_name)
-  if isinstance(self, blocks.SpikingAttention):
-    self.sow(nnx.Intermediate, 'tokens', jnp.asarray(x.shape[1:]))
-  return super(type(self), self).__call__(x)
-
-
-_RECORDING: dict[type, type] = {}
-
-
-def _recording_class(cls: type) -> type:
-  """A subclass of cls whose __call__ also records (cached per class)."""
-  if cls not in _RECORDING:
-    synapse = issubclass(cls, (nnx.Linear, nnx.Conv))
-    _RECORDING[cls] = type(f'Recording{cls.__name__}', (cls,),
-                           {'__call__': _synapse_call if synapse else _ordered_call,
-                            '__module__': __name__})
-  return _RECORDING[cls]
-
-
-RECORDED = (nnx.Linear, nnx.Conv, layers.SpikingNeuron, blocks.SpikingAttention)
-
-
-@contextlib.contextmanager
-def recording(model: nnx.Module, T: int):
-  """Within: the model's synaptic layers, neurons and attention modules record."""
-  swapped = []
-  for path, m in nnx.iter_modules(model):
-    if isinstance(m, RECORDED) and type(m) not in _RECORDING.values():
-      swapped.append((m, type(m)))
-      object.__setattr__(m, '__class__', _recording_class(type(m)))
-      m.analysis_name, m.analysis_T = _name(path), T
-  model.set_attributes(record_spikes=True, raise_if_not_found=False)
-  try:
-    yield
-  finally:
-    model.set_attributes(record_spikes=False, raise_if_not_found=False)
-    for m, cls in swapped:
-      object.__setattr__(m, '__class__', cls)
-      del m.analysis_name, m.analysis_T
+  return {'in_nonzero': jnp.sum(per_t != 0, axis=(0, 2), dtype=dt),
+          'in_abs_sum': jnp.sum(jnp.abs(xf)),
+          'in_numel': jnp.asarray(x.size, dt),
+          'in_binary': jnp.all((xf == 0) | (xf == 1)),
+          'in_ternary': jnp.all((xf == 0) | (jnp.abs(xf) == 1)),
+          'in_integer': integer & jnp.all(xf >= 0)}
 
 
 # --------------------------------------------------------------------------
@@ -193,35 +225,40 @@ def _name(path) -> str:
 
 def collect(model: nnx.Module, batches: Iterable, T: int) -> dict:
   """Sums of every recorded quantity over the batches (numpy float64), the
-  modules' call order and the number of examples."""
+  modules' call order and the number of examples. Sets `model` to eval mode
+  and runs a copy of it that records (`Recorder`)."""
   model.eval()
-  with recording(model, T):
-    graphdef, state = nnx.split(model)
-    _CALL_ORDER.clear()
+  recorder = Recorder(T)
+  graphdef, state = nnx.split(recorder.tapped(model))
+  names: list[str] = []  # the recorded calls' modules, in trace (= network) order
 
-    @jax.jit
-    def forward(state, x):
-      _TRACE_BATCH[0] = x.shape[0]
-      m = nnx.merge(graphdef, state, copy=True)
-      return nnx.capture(m, nnx.Intermediate)(x)[1]
+  @jax.jit
+  def forward(state, x):
+    with recorder.tracing(x.shape[0]) as calls:
+      nnx.merge(graphdef, state, copy=True)(x)
+      names[:] = [name for name, _ in calls]
+      return [stats for _, stats in calls]
 
-    sums, flags, examples, order = {}, {}, 0, None
-    for x in batches:
-      inter = jax.device_get(forward(state, jnp.asarray(x)))
-      if order is None:  # the trace of the first call
-        order = list(dict.fromkeys(_CALL_ORDER))
-      examples += x.shape[0]
-      for path, var in nnx.to_flat_state(inter):
-        key = (_name(path[:-1]), path[-1])
-        values = [np.asarray(v) for v in var.get_value()]
-        if key[1] in ('in_binary', 'in_ternary', 'in_integer'):
-          flags[key] = flags.get(key, True) and all(bool(v) for v in values)
-        elif key[1] in ('in_shape', 'tokens', 'in_itemsize'):
-          sums[key] = values[0]
-        else:
-          total = sum(v.astype(np.float64) for v in values)
-          sums[key] = sums.get(key, 0.0) + total
-  return {'sums': sums, 'flags': flags, 'examples': examples, 'order': order or []}
+  sums: dict[tuple[str, str], Any] = {}
+  flags: dict[tuple[str, str], bool] = {}
+  examples = 0
+  for x in batches:
+    per_call = jax.device_get(forward(state, jnp.asarray(x)))
+    examples += x.shape[0]
+    seen: dict[tuple[str, str], list] = {}  # (module, quantity) -> this batch's values, per call
+    for name, stats in zip(names, per_call):
+      for quantity, v in stats.items():
+        seen.setdefault((name, quantity), []).append(np.asarray(v))
+    for key, values in seen.items():
+      if key[1] in ('in_binary', 'in_ternary', 'in_integer'):
+        flags[key] = flags.get(key, True) and all(bool(v) for v in values)
+      elif key[1] in ('in_shape', 'tokens', 'in_itemsize'):
+        sums[key] = values[0]
+      else:
+        total = sum(v.astype(np.float64) for v in values)
+        sums[key] = sums.get(key, 0.0) + total
+  return {'sums': sums, 'flags': flags, 'examples': examples,
+          'order': list(dict.fromkeys(names))}
 
 
 def _attention_products(attn: blocks.SpikingAttention, name: str, T: int, tokens, rate):
@@ -243,6 +280,15 @@ def _attention_products(attn: blocks.SpikingAttention, name: str, T: int, tokens
   return [(f'{name}.{label}', macs, op, sops) for label, macs, op, sops in rows]
 
 
+def _input_domain(flags: dict, name: str) -> str:
+  """The values a layer's input took over every batch: 'binary' {0, 1},
+  'ternary' {-1, 0, 1}, 'integer' (non-negative) or 'real' (a row's `input`)."""
+  for domain in ('binary', 'ternary', 'integer'):
+    if flags[(name, f'in_{domain}')]:
+      return domain
+  return 'real'
+
+
 def analyze(model: nnx.Module, batches: Iterable, *, T: int,
             conventions: Conventions = Conventions()) -> dict:
   """The report (a JSON-able dict) for `model` on `batches` of inputs."""
@@ -251,7 +297,7 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
   sums, flags, n_ex = rec['sums'], rec['flags'], max(rec['examples'], 1)
   modules = {_name(p): m for p, m in nnx.iter_modules(model)}
 
-  neurons = {}
+  neurons: dict[str, dict[str, Any]] = {}
   for name in rec['order']:
     if (name, 'spike_count') in sums:
       counts = sums[(name, 'spike_count')]
@@ -282,21 +328,14 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
     macs = sums[(name, 'macs')] / n_ex
     numel = sums[(name, 'in_numel')]
     fr = float(sums[(name, 'in_nonzero')].sum() / numel)
-    if flags[(name, 'in_binary')]:
-      kind = 'binary'
-    elif flags[(name, 'in_ternary')]:
-      kind = 'ternary'
-    elif flags[(name, 'in_integer')]:
-      kind = 'integer'
-    else:
-      kind = 'real'
-    if kind in ('binary', 'ternary'):
+    domain = _input_domain(flags, name)
+    if domain in ('binary', 'ternary'):
       op, sops = 'AC', fr * macs
-    elif kind == 'integer' and cv.integer_inputs == 'ac':
+    elif domain == 'integer' and cv.integer_inputs == 'ac':
       op, sops = 'AC', float(sums[(name, 'in_abs_sum')] / numel) * macs
     else:
       op, sops = 'MAC', 0.0
-    rows.append({'layer': name, 'type': type(m).__mro__[1].__name__, 'input': kind,
+    rows.append({'layer': name, 'type': type(m).__name__, 'input': domain,
                  'first': first, 'macs': macs, 'op': op, 'sops': sops, 'input_rate': fr,
                  'time_folded': len(sums[(name, 'in_nonzero')]) == T,
                  'in_shape': [int(v) for v in sums[(name, 'in_shape')]],
@@ -442,7 +481,7 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   model, step = train_lib.restore_model(config, workdir, step)
   n = min(examples, len(source))
   batch = min(config.eval_batch_size, n)
-  batches = []  # the first n examples (the last batch smaller: no padding)
+  batches: list = []  # the first n examples (the last batch smaller: no padding)
   transform = data_lib.make_transform(config.data, source, train=False)
   for b in data_lib.eval_batches(source, global_batch=batch, transform=transform):
     batches.append(b['image'][b['mask']][:n - batch * len(batches)])

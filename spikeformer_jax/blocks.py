@@ -5,6 +5,8 @@ and the rematerialisation of a block's forward (model.remat)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import ml_collections
 from flax import nnx
@@ -35,7 +37,8 @@ class SpikingAttention(nnx.Module):
   `attention_map`, per head, [B*T, heads, ...]: what the kind's `picture`
   says (Q K^T * scale for SSA, the talking_heads_lif channel mask [1, d] for
   SDSA, the token mask [N, 1] for MSSA, ...). Recording adds outputs only; the
-  computation and its result are unchanged.
+  computation and its result are unchanged. `recorder`, when set (analysis.py
+  sets it on its own copy of a model), is called with each call's input.
   """
 
   def __init__(self, dim: int, num_heads: int, *, s: layers.Settings, kind: str = 'ssa',
@@ -54,6 +57,7 @@ class SpikingAttention(nnx.Module):
     self.num_heads, self.scale, self.order = num_heads, scale, order
     self.erode_hw = erode_hw
     self.record_attention = False
+    self.recorder: Any = None  # analysis.py's tap, called as recorder(x)
     impl.build(self, attention.Context(
         dim=dim, num_heads=num_heads, s=s, init=init, qkv_bias=qkv_bias, scale=scale,
         order=order, attn_v_threshold=attn_v_threshold, rngs=rngs, model=model,
@@ -72,6 +76,8 @@ class SpikingAttention(nnx.Module):
                                              groups=s.bn_groups)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.recorder is not None:
+      self.recorder(x)
     identity = x
     if self.style == 'sdt':
       x = self.shortcut_lif(x)

@@ -74,6 +74,9 @@ class SpikingNeuron(nnx.Module):
   firing rates without touching model code. `record_spikes='per_example'`
   sows each example's spike count (`spikes_per_example`, [B]) and the units
   per example instead, so that padded examples can be left out.
+
+  `recorder`, when set (analysis.py sets it on its own copy of a model), is
+  called with each output and T: the analysis' explicit observer.
   """
 
   def __init__(self, neuron: neurons.Neuron, T: int, *, batch_as_time: bool = False,
@@ -82,6 +85,7 @@ class SpikingNeuron(nnx.Module):
     self.T = T
     self.batch_as_time, self.groups = batch_as_time, groups
     self.record_spikes = False
+    self.recorder: Any = None  # analysis.py's tap, called as recorder(spikes, T)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T = self.T
@@ -98,11 +102,22 @@ class SpikingNeuron(nnx.Module):
                jnp.sum(per_ex != 0, axis=1, dtype=jnp.float32))
       self.sow(nnx.Intermediate, 'units_per_example', jnp.float32(per_ex.shape[1]))
     elif self.record_spikes:
-      dt = count_dtype()
-      per_t = s.reshape(x.shape[0] // T, T, -1)  # [B, T, units] in either layout
-      self.sow(nnx.Intermediate, 'spike_count', jnp.sum(per_t != 0, axis=(0, 2), dtype=dt))
-      self.sow(nnx.Intermediate, 'numel', jnp.asarray(s.size, dt))
-    return s.reshape(x.shape)
+      counts = spike_counts(s.reshape(x.shape), T)
+      self.sow(nnx.Intermediate, 'spike_count', counts['spike_count'])
+      self.sow(nnx.Intermediate, 'numel', counts['numel'])
+    s = s.reshape(x.shape)
+    if self.recorder is not None:
+      self.recorder(s, T)
+    return s
+
+
+def spike_counts(s: jax.Array, T: int) -> dict[str, jax.Array]:
+  """Of spikes s [B*T, ...]: the non-zero values per timestep (`spike_count`,
+  [T]) and the number of values over all timesteps (`numel`), in count_dtype()."""
+  dt = count_dtype()
+  per_t = s.reshape(s.shape[0] // T, T, -1)  # [B, T, units] in either layout
+  return {'spike_count': jnp.sum(per_t != 0, axis=(0, 2), dtype=dt),
+          'numel': jnp.asarray(s.size, dt)}
 
 
 @dataclasses.dataclass(frozen=True)

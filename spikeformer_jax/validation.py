@@ -131,7 +131,8 @@ def _validate_model(c):
     if kind not in attention.names():
       raise ValueError(f'model.attention={attention_kinds!r}; valid kinds: '
                        f'{", ".join(attention.names())}.')
-    attention.get(kind).check(m)  # the kind's own fields
+    impl = attention.get(kind)
+    impl.check(impl.with_own_fields(m))  # the kind's own fields, defaults where m lacks them
   _require(m.T >= 1, f'model.T={m.T}: the number of timesteps must be >= 1.')
   for field in ('img_size', 'in_channels', 'num_classes'):
     _at_least(c, f'model.{field}', 1)

@@ -30,7 +30,7 @@ def check(path: str) -> dict:
   forward = nnx.jit(lambda m, x: m(x))  # retraced if analyze left the graph changed
   plain = np.asarray(forward(model, jnp.asarray(x)))
   report = analysis.analyze(model, [x], T=mc.T)
-  after = np.asarray(forward(model, jnp.asarray(x)))  # classes restored, same function
+  after = np.asarray(forward(model, jnp.asarray(x)))  # the model is unchanged: same function
   ref = {k[len('spike_rate_eval/'):]: float(d[k]) for k in d.files
          if k.startswith('spike_rate_eval/')}
   ours = {k: v['rate'] for k, v in report['neurons'].items()}

@@ -1,5 +1,6 @@
 """Firing rates, operation counts, SOPs and energy (spikeformer_jax.analysis)."""
 
+import csv
 import json
 import os
 import subprocess
@@ -131,6 +132,17 @@ def test_sops_energy_and_totals_are_consistent():
                                            f'an_{os.getpid()}'))
   assert json.load(open(paths['json']))['totals']['sops'] == pytest.approx(t['sops'])
   assert open(paths['table']).read().startswith('| layer | input | rate | op |')
+  # layers.csv names each row's class (a bug once wrote 'Module' for every one).
+  with open(paths['layers'], newline='') as f:
+    types = {r['layer']: r['type'] for r in csv.DictReader(f)}
+  assert types['patch_embed.proj_conv'] == 'Conv' and types['head'] == 'Linear'
+  assert types['block.0.attn.q_linear'] == 'Linear' and types['block.0.attn.Q K^T'] == 'attention'
+  assert set(types.values()) == {'Conv', 'Linear', 'attention'}, types
+  # The analysed model itself is left as it was: no recorder, flax's own hooks.
+  for _, m in nnx.iter_modules(model):
+    assert getattr(m, 'recorder', None) is None, m
+    if isinstance(m, (nnx.Linear, nnx.Conv)):
+      assert m.promote_dtype is nnx.nn.dtypes.promote_dtype, m
 
 
 def test_a2os2a_attention_is_addition_only():

@@ -57,7 +57,7 @@ def test_non_spiking_neuron_kinds_are_their_activations():
 
 
 def _layer_inputs(variant):
-  """analysis rows of a runlocal variant on one batch: {layer: input kind},
+  """analysis rows of a runlocal variant on one batch: {layer: input domain},
   with test_energy_conventions' weights (every layer fires at a moderate rate)."""
   from test_energy_conventions import _model  # pylint: disable=import-outside-toplevel
   c = cfgs.get_config(f'{variant},runlocal')

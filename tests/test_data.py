@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import event_fixtures
 from conftest import ROOT
 from spikeformer_jax import config_lib
 from spikeformer_jax import data as data_lib
@@ -176,15 +177,15 @@ def test_event_builder_integrates_once_and_reads_back_exactly(tmp_path, name):
   from spikeformer_jax.data import builders, events  # pylint: disable=import-outside-toplevel
   dl = tmp_path / 'downloads'
   if name == 'nmnist':
-    events.write_nmnist_tree(str(dl), per_class=2, zipped=True)
+    event_fixtures.write_nmnist_tree(str(dl), per_class=2, zipped=True)
     expected = {s: list(events.iter_nmnist(str(dl), s)) for s in ('train', 'test')}
   elif name == 'dvs128_gesture':
-    events.write_gesture_tree(str(dl), users=(1, 24), labels=(0, 3, 10), archive=True)
+    event_fixtures.write_gesture_tree(str(dl), users=(1, 24), labels=(0, 3, 10), archive=True)
     expected = {s: list(events.iter_gesture(str(dl), s)) for s in ('train', 'test')}
   else:
     # 10 per class: the fewest with a test split (ceil(0.9 n) < n). 8 saccade
     # sub-steps, not 60: a seventh of the events to generate, each read back.
-    events.write_cifar10dvs_tree(str(dl), per_class=10, zipped=True, n_steps=8)
+    event_fixtures.write_cifar10dvs_tree(str(dl), per_class=10, zipped=True, n_steps=8)
     every = list(events.iter_cifar10dvs(str(dl)))
     train, test = events.front_split([label for _, label in every])
     expected = {'train': [every[i] for i in train], 'test': [every[i] for i in test]}
@@ -207,8 +208,7 @@ def test_event_builder_integrates_once_and_reads_back_exactly(tmp_path, name):
 
 def test_prepare_cli(tmp_path):
   """Event data prepares without TensorFlow; the catalog datasets say what they need."""
-  from spikeformer_jax.data import events  # pylint: disable=import-outside-toplevel
-  events.write_nmnist_tree(str(tmp_path / 'dl'), per_class=1)
+  event_fixtures.write_nmnist_tree(str(tmp_path / 'dl'), per_class=1)
   run = lambda *a: subprocess.run([sys.executable, str(ROOT / 'prepare.py'), *a],  # noqa: E731
                                   capture_output=True, text=True, timeout=300, cwd=ROOT)
   out = run('--dataset=nmnist', '--frames=2', f'--data_dir={tmp_path / "tfds"}',

@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pytest
 
+import event_fixtures
 from spikeformer_jax.data import events
 
 
@@ -36,7 +37,7 @@ def test_nmnist_format_round_trip_and_errors():
   n = 500
   ev = _events(np.sort(rng.integers(0, 1 << 23, n)), rng.integers(0, 34, n),
                rng.integers(0, 34, n), rng.integers(0, 2, n))
-  data = events.write_nmnist(ev)
+  data = event_fixtures.write_nmnist(ev)
   assert len(data) == 5 * n
   back = events.read_nmnist(data)
   for k in ('t', 'x', 'y', 'p'):
@@ -61,7 +62,7 @@ def test_load_nmnist_tar_of_synthetic_files(tmp_path):
       n = int(rng.integers(20, 60))
       streams[sample] = _events(np.sort(rng.integers(0, 300000, n)), rng.integers(0, 34, n),
                                 rng.integers(0, 34, n), rng.integers(0, 2, n))
-      add(f'{sample}.bs2', events.write_nmnist(streams[sample]))
+      add(f'{sample}.bs2', event_fixtures.write_nmnist(streams[sample]))
     add('train2.txt', b'#sample #class\n1\t5\n2\t0\n')
     add('test1.txt', b'#sample #class\n7\t3\n')
   d = events.load_nmnist_tar(str(path), T=4)
@@ -110,7 +111,7 @@ def test_aedat31_round_trip_overflow_and_packets():
   ev = _random_events(rng, 3000, 1 << 33)  # t spans 4 overflow periods of 2**31 us
   ev['t'][:5] = [0, (1 << 31) - 1, 1 << 31, (1 << 31) + 1, 3 << 31]
   ev = ev[np.argsort(ev['t'], kind='stable')]
-  data = events.write_aedat31(ev, packet_size=500)
+  data = event_fixtures.write_aedat31(ev, packet_size=500)
   _assert_events_equal(events.read_aedat31(data), ev)
   # By hand: a special-event packet (type 0, skipped), then a polarity packet
   # with tsOverflow = 2 and capacity 2 > number 1 (SpikingJelly decodes every slot).
@@ -153,8 +154,8 @@ def test_gesture_csv_split_by_hand():
 def test_iter_gesture_over_written_trees(tmp_path):
   kw = dict(users=(1, 3, 24), lightings=('fluorescent', 'lab'), labels=(0, 7, 10, 7),
             gesture_us=(150_000, 250_000), sensor=(48, 48))
-  expected = events.write_gesture_tree(str(tmp_path / 'dir'), **kw)
-  events.write_gesture_tree(str(tmp_path / 'tar'), archive=True, **kw)
+  expected = event_fixtures.write_gesture_tree(str(tmp_path / 'dir'), **kw)
+  event_fixtures.write_gesture_tree(str(tmp_path / 'tar'), archive=True, **kw)
   # The same archive with the trial lists last: recordings arrive before the
   # reader knows their split.
   with tarfile.open(tmp_path / 'tar' / 'DvsGesture.tar.gz') as tar:
@@ -191,11 +192,11 @@ def test_cifar10dvs_format_by_hand_and_round_trip():
   assert len(events.read_cifar10dvs(b'#!AER-DAT2.0\r\n')) == 0
   rng = np.random.default_rng(3)
   ev = _random_events(rng, 2000, 1 << 32)
-  _assert_events_equal(events.read_cifar10dvs(events.write_cifar10dvs(ev)), ev)
+  _assert_events_equal(events.read_cifar10dvs(event_fixtures.write_cifar10dvs(ev)), ev)
   with pytest.raises(ValueError, match='whole 8-byte events'):
     events.read_cifar10dvs(data[:-4])
   with pytest.raises(ValueError, match=r'\[0, 127\]'):
-    events.write_cifar10dvs(_events([0], [128], [0], [1]))
+    event_fixtures.write_cifar10dvs(_events([0], [128], [0], [1]))
 
 
 def test_front_split_by_hand():
@@ -214,8 +215,8 @@ def test_front_split_by_hand():
 
 def test_iter_cifar10dvs_over_written_trees(tmp_path):
   kw = dict(sensor=(24, 24), n_steps=8, duration_us=40_000)
-  expected = events.write_cifar10dvs_tree(str(tmp_path / 'dir'), 12, **kw)
-  events.write_cifar10dvs_tree(str(tmp_path / 'zip'), 12, zipped=True, **kw)
+  expected = event_fixtures.write_cifar10dvs_tree(str(tmp_path / 'dir'), 12, **kw)
+  event_fixtures.write_cifar10dvs_tree(str(tmp_path / 'zip'), 12, zipped=True, **kw)
   assert sorted(p.name for p in (tmp_path / 'zip').iterdir())[:2] == ['airplane.zip',
                                                                       'automobile.zip']
   # String order within a class, as SpikingJelly's DatasetFolder: 0, 1, 10, 11, 2, ..., 9.
@@ -236,8 +237,8 @@ def test_iter_cifar10dvs_over_written_trees(tmp_path):
 
 
 def test_iter_nmnist_over_written_trees(tmp_path):
-  expected = events.write_nmnist_tree(str(tmp_path / 'dir'), 2, n_steps=10, duration_us=50_000)
-  events.write_nmnist_tree(str(tmp_path / 'zip'), 2, zipped=True, n_steps=10,
+  expected = event_fixtures.write_nmnist_tree(str(tmp_path / 'dir'), 2, n_steps=10, duration_us=50_000)
+  event_fixtures.write_nmnist_tree(str(tmp_path / 'zip'), 2, zipped=True, n_steps=10,
                            duration_us=50_000)
   assert (tmp_path / 'zip' / 'Train.zip').is_file()
   for split in ('train', 'test'):
@@ -339,7 +340,7 @@ def test_synthetic_image_events():
   assert len(other) != len(ev) or np.any(other['t'] != ev['t'])
   nm = events.synthetic_image_events(image[:28, :28], np.random.default_rng(1), (34, 34))
   _check_stream(nm, (34, 34))
-  events.write_nmnist(nm)  # fits the native format
+  event_fixtures.write_nmnist(nm)  # fits the native format
   blank = events.synthetic_image_events(np.zeros((32, 32), np.uint8), np.random.default_rng(1),
                                         noise_hz=0.0)
   assert len(blank) == 0  # no contrast, no noise: no events

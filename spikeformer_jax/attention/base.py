@@ -88,7 +88,8 @@ class Kind:
     return 'query token', 'key token', True
 
   def check(self, model: ml_collections.ConfigDict):
-    """Config errors of this kind, one line each (before anything is built)."""
+    """Config errors of this kind, one line each (before anything is built).
+    `model` holds the kind's own fields (`with_own_fields`): read them directly."""
 
   def own_config(self, ctx: Context, name: str) -> ml_collections.ConfigDict:
     """Its field `name` of config.model, or the default where the config was
@@ -96,6 +97,17 @@ class Kind:
     if ctx.model is not None and name in ctx.model:
       return ctx.model[name]
     return self.config[name]()
+
+  def with_own_fields(self, model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`model`, or a copy of it given the defaults of the kind's own fields it
+    lacks (a config made before the kind was registered); `model` is unchanged."""
+    missing = [name for name in self.config if name not in model]
+    if not missing:
+      return model
+    model = ml_collections.ConfigDict(model.to_dict())
+    for name in missing:
+      model[name] = self.config[name]()
+    return model
 
 
 _KINDS = registry.Registry[Kind](
