@@ -171,6 +171,7 @@ def _page_command(command: str, tmp) -> list[str]:
                 ['--analyze_examples=8'] if '--analyze' in argv else [])
 
 
+@pytest.mark.slow
 def test_the_pages_files_and_commands_run(tmp_path):
   """docs/extending.md as a user follows it: every `# my_lab/...` block written
   to my_lab/ of an empty directory, then every command of the page run from
