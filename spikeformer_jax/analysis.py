@@ -73,7 +73,8 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp

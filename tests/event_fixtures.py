@@ -10,7 +10,7 @@ import io
 import os
 import tarfile
 import zipfile
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

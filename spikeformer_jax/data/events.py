@@ -31,7 +31,7 @@ import os
 import struct
 import tarfile
 import zipfile
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -208,8 +208,8 @@ _AEDAT31_PACKET = struct.Struct('<HHIIIIII')  # the 28-byte event packet header
 # torchvision's DatasetFolder, which SpikingJelly's DVS128Gesture subclasses,
 # numbers the class folders '0'..'10' in *string* order ('0', '1', '10', '2',
 # ...), so DVS128Gesture's target for label l (= class - 1) is this, not l.
-SPIKINGJELLY_GESTURE_TARGET = tuple(sorted(str(i) for i in range(GESTURE_NUM_CLASSES)).index(str(l))
-                                    for l in range(GESTURE_NUM_CLASSES))
+SPIKINGJELLY_GESTURE_TARGET = tuple(sorted(str(i) for i in range(GESTURE_NUM_CLASSES)).index(str(label))
+                                    for label in range(GESTURE_NUM_CLASSES))
 
 
 def read_aedat31(data: bytes) -> np.ndarray:
@@ -254,10 +254,18 @@ def read_aedat31(data: bytes) -> np.ndarray:
   return np.concatenate(chunks) if chunks else np.empty(0, EVENT_DTYPE)
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+  """The bytes of a regular file in a tar (callers check member.isfile())."""
+  f = tar.extractfile(member)
+  if f is None:
+    raise ValueError(f'{member.name}: not a regular file in the archive.')
+  return f.read()
+
+
 def read_trials(text: str) -> list[str]:
   """trials_to_train.txt / trials_to_test.txt: the recording file names, one
   per line, stripped, empty lines skipped (`DVS128Gesture.create_events_np_files`)."""
-  return [l.strip() for l in text.splitlines() if l.strip()]
+  return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _gesture_split(events: np.ndarray, labels_csv_text: str, stem: str):
@@ -343,20 +351,23 @@ def _iter_gesture_dir(d: str, split: str):
 
 def _iter_gesture_tar(path: str, split: str):
   trials_name = f'trials_to_{split}.txt'
-  order, wanted, files, done = None, None, {}, 0
+  order: list[str] | None = None
+  wanted: set[str] | None = None
+  files: dict[tuple[str, str], bytes] = {}
+  done = 0
   with tarfile.open(path, 'r|*') as tar:  # a stream: one sequential pass
     for m in tar:
       if not m.isfile() or _junk(m.name):
         continue
       base = os.path.basename(m.name)
       if base == trials_name:
-        order = [os.path.splitext(f)[0] for f in read_trials(tar.extractfile(m).read().decode())]
+        order = [os.path.splitext(f)[0] for f in read_trials(_member_bytes(tar, m).decode())]
         wanted = set(order)
         files = {k: v for k, v in files.items() if k[0] in wanted}
       elif base.endswith('_labels.csv') or base.endswith('.aedat'):
         key = (base[:-len('_labels.csv')], 'csv') if base.endswith('.csv') else (base[:-6], 'aedat')
         if wanted is None or key[0] in wanted:
-          files[key] = tar.extractfile(m).read()
+          files[key] = _member_bytes(tar, m)
       while order is not None and done < len(order) and all(
           (order[done], k) in files for k in ('csv', 'aedat')):
         stem = order[done]
@@ -422,7 +433,7 @@ def read_cifar10dvs(data: bytes) -> np.ndarray:
 
 def _cifar10dvs_listing(root: str) -> list[tuple[int, str, str]]:
   """(label, archive or '', path or member) of every sample, in SpikingJelly's order."""
-  out = []
+  out: list[tuple[int, str, str]] = []
   for label, cls in enumerate(CIFAR10DVS_CLASSES):
     folder = os.path.join(root, cls)
     if os.path.isdir(folder):
@@ -444,7 +455,7 @@ def cifar10dvs_labels(root: str) -> np.ndarray:
 
 
 def iter_cifar10dvs(root: str, with_names: bool = False,
-                    indices: Sequence[int] | None = None) -> Iterator[tuple]:
+                    indices: Sequence[int] | np.ndarray | None = None) -> Iterator[tuple]:
   """Every CIFAR10-DVS sample: (events, label) or (events, label, name).
 
   `root` holds the 10 class folders (`airplane/cifar10_airplane_<i>.aedat`, ...)
@@ -475,18 +486,18 @@ def iter_cifar10dvs(root: str, with_names: bool = False,
       z.close()
 
 
-def front_split(labels: Sequence[int], train_ratio: float = 0.9,
+def front_split(labels: Sequence[int] | np.ndarray, train_ratio: float = 0.9,
                 num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
   """SpikingJelly's `split_to_train_test_set(train_ratio, ds, num_classes,
   random_split=False)` (also SDT's dvs_utils copy): for each class in turn, its
   first ceil(n_c * train_ratio) indices (dataset order) go to train, the rest
   to test. Returns (train_idx, test_idx), class-major as SpikingJelly's Subsets."""
-  labels = np.asarray(labels, np.int64)
-  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+  labels_ = np.asarray(labels, np.int64)
+  if labels_.size and (labels_.min() < 0 or labels_.max() >= num_classes):
     raise ValueError(f'labels must lie in [0, {num_classes}).')
   train, test = [], []
   for c in range(num_classes):
-    idx = np.flatnonzero(labels == c)
+    idx = np.flatnonzero(labels_ == c)
     pos = math.ceil(len(idx) * train_ratio)
     train.append(idx[:pos])
     test.append(idx[pos:])
@@ -498,11 +509,11 @@ def iter_nmnist_tar(path: str, split: str) -> Iterator[tuple]:
   label lists `train*.txt` / `test*.txt`, as load_nmnist_tar), in list order."""
   if split not in ('train', 'test'):
     raise ValueError(f'split={split!r}: N-MNIST has splits train and test.')
-  files = {}
+  files: dict[str, bytes] = {}
   with tarfile.open(path) as tar:  # one sequential pass: a .tar.gz cannot seek cheaply
     for m in tar:
       if m.isfile():
-        files[os.path.basename(m.name)] = tar.extractfile(m).read()
+        files[os.path.basename(m.name)] = _member_bytes(tar, m)
   lists = [n for n in files if n.startswith(split) and n.endswith('.txt')]
   if len(lists) != 1:
     raise ValueError(f'{path}: expected one {split}*.txt label list, found {lists}.')
@@ -538,7 +549,7 @@ def iter_nmnist(root: str, split: str, with_names: bool = False) -> Iterator[tup
         yield (ev, label, name) if with_names else (ev, label)
   elif os.path.isfile(sub + '.zip'):
     with zipfile.ZipFile(sub + '.zip') as z:
-      by_class = {}
+      by_class: dict[str, list[str]] = {}
       for n in z.namelist():
         if n.endswith('.bin') and not _junk(n):
           by_class.setdefault(n.split('/')[-2] if '/' in n else '', []).append(n)
