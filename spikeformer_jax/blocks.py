@@ -10,6 +10,7 @@ import ml_collections
 from flax import nnx
 
 from spikeformer_jax import attention
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 
 STYLES = ('spikformer', 'sdt')
@@ -117,7 +118,7 @@ def method_call(name: str, *static):
 
 def check_remat(remat: str, field: str = 'model.remat'):
   if remat not in REMAT_POLICIES:
-    raise ValueError(f'{field}={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
+    raise errors.ConfigError(f'{field}={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
 
 
 def apply_block(block, x: jax.Array, remat: str = '', fn=None) -> jax.Array:
@@ -139,9 +140,9 @@ def add_sps_stages(module: nnx.Module, in_channels: int, dim: int, pooling: str,
   """The four conv-BN-LIF stages (widths D/8, D/4, D/2, D) that Spikformer's
   SPS and SDT's MS_SPS share, under their official names; checks `pooling`."""
   if len(pooling) != 4 or set(pooling) - {'0', '1'}:
-    raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
+    raise errors.ConfigError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
   if dim % 8:
-    raise ValueError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
+    raise errors.ConfigError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
   widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
   for i, sfx in enumerate(SPS_STAGES):
     setattr(module, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], init=init, rngs=rngs,

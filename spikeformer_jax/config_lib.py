@@ -7,6 +7,7 @@ import json
 import ml_collections
 
 from spikeformer_jax import data as data_lib
+from spikeformer_jax import errors
 from spikeformer_jax import models
 from spikeformer_jax.data import mixup
 
@@ -114,9 +115,9 @@ def parse_arg(arg: str, default: str, variants) -> tuple[str, bool]:
   name, *flags = (arg or default).split(',')
   unknown = set(flags) - {'runlocal'}
   if unknown:
-    raise ValueError(f'unknown config flags {sorted(unknown)}; valid: runlocal.')
+    raise errors.ConfigError(f'unknown config flags {sorted(unknown)}; valid: runlocal.')
   if name not in variants:
-    raise ValueError(f'unknown variant {name!r}; valid: ' + ', '.join(variants))
+    raise errors.ConfigError(f'unknown variant {name!r}; valid: ' + ', '.join(variants))
   return name, 'runlocal' in flags
 
 
@@ -188,9 +189,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict, where: s
         raise KeyError(leaf)
       node[leaf] = _as_config_value(value)
     except (KeyError, AttributeError) as e:
-      raise ValueError(f'{where}unknown config field {key!r} (set to {value!r}).') from e
+      raise errors.ConfigError(f'{where}unknown config field {key!r} (set to {value!r}).') from e
     except TypeError as e:
-      raise ValueError(f'{where}{key}={value!r}: {e}') from e
+      raise errors.ConfigError(f'{where}{key}={value!r}: {e}') from e
   return config
 
 

@@ -162,7 +162,7 @@ def _raise_if(missing, unexpected, bad_shape, values=()):
     problems.append('values no weight can have (a damaged file, or a diverged run?): '
                     + '; '.join(values))
   if problems:
-    raise ValueError(
+    raise errors.DataError(
         ('The PyTorch state_dict does not fit this model configuration (check '
          'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):'
          if len(problems) > bool(values) else 'The PyTorch state_dict cannot be loaded:')
@@ -311,15 +311,11 @@ def write_workdir(config, torch_file: str, out: str) -> str:
 def main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import checkpointing, errors  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO, as in eval.py
     logging.set_verbosity(logging.WARNING)
     checkpointing.quiet_orbax_logs()
-  try:
-    write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)
-  except errors.CLEAR as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return 1
+  write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)  # errors: errors.report (cli.run)
   return 0
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import ml_collections
 
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 from spikeformer_jax import neurons
 from spikeformer_jax.attention import base
@@ -69,8 +70,8 @@ def out_neuron_choice(model: ml_collections.ConfigDict | None) -> str:
   own = model.get('a2os2a', None) if model is not None else None
   choice = own.get('out_neuron', 'binary') if own is not None else 'binary'
   if choice not in OUT_NEURONS:
-    raise ValueError(f'model.a2os2a.out_neuron={choice!r} is not valid; choose one of '
-                     f'{OUT_NEURONS}.')
+    raise errors.ConfigError(f'model.a2os2a.out_neuron={choice!r} is not valid; choose one of '
+                             f'{OUT_NEURONS}.')
   return choice
 
 
@@ -97,7 +98,8 @@ class A2OS2A(ssa.SSA):
     for field, valid in (('charge_form', neurons.CHARGE_FORMS), ('grad', neurons.TERNARY_GRADS)):
       value = t.get(field) if t is not None else None
       if value is not None and value not in valid:
-        raise ValueError(f'model.ternary.{field}={value!r} is not valid; choose one of {valid}.')
+        raise errors.ConfigError(f'model.ternary.{field}={value!r} is not valid; choose one of '
+                                 f'{valid}.')
 
   def build(self, attn, ctx):
     t = self.own_config(ctx, 'ternary')

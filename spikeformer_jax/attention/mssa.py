@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from spikeformer_jax import errors
 from spikeformer_jax import neurons
 from spikeformer_jax import ops
 from spikeformer_jax.attention import base
@@ -44,7 +45,7 @@ class MSSA(base.Kind):
   def build(self, attn, ctx):
     kernels = tuple(ctx.options.get('mssa_kernels', (1, 3)))
     if not any(kernels):
-      raise ValueError(f'mssa_kernels={kernels}: at least one of Q, P must be built.')
+      raise errors.ConfigError(f'mssa_kernels={kernels}: at least one of Q, P must be built.')
     for name, kernel in zip('qp', kernels):
       if kernel:
         self._token_conv(attn, ctx, name, kernel)

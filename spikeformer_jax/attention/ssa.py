@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spikeformer_jax import errors
 from spikeformer_jax import neurons
 from spikeformer_jax import ops
 from spikeformer_jax.attention import base
@@ -45,7 +46,7 @@ def spiking_self_attention(q, k, v, *, scale: float, order: str):
   elif order == 'kv_first':
     x = q @ (kt @ v)
   else:
-    raise ValueError(f"attention order {order!r}: use 'qk_first', 'kv_first' or 'auto'.")
+    raise errors.ConfigError(f"attention order {order!r}: use 'qk_first', 'kv_first' or 'auto'.")
   return x * jnp.asarray(scale).astype(x.dtype)  # a float, or the learnable scale
 
 

@@ -78,6 +78,7 @@ model.a2os2a.out_neuron='ternary' ('...+ternary-out').
 """
 
 from spikeformer_jax import config_lib as cl
+from spikeformer_jax import errors
 from spikeformer_jax.configs import sdt as sdt_configs  # pylint: disable=g-import-not-at-top
 
 _PAPER = {
@@ -136,4 +137,4 @@ def get_sweep(name: str):
              **overrides, 'model.a2os2a.out_neuron': out}
             for v in ('cifar10-2-256', 'cifar100-2-256')
             for form, overrides in _NEURON_FORMS.items() for out in ('binary', 'ternary')]
-  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')
+  raise errors.ConfigError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

@@ -167,6 +167,7 @@ with the paper's number.
 """
 
 from spikeformer_jax import config_lib as cl
+from spikeformer_jax import errors
 from spikeformer_jax.models import msvit
 
 # name -> (variant, depth, D, heads, paper top-1)
@@ -317,4 +318,4 @@ def get_sweep(name: str):
              'model.attention': ('mssa', 'mssa', kind3),
              'model.mssa_kernels': (early, early, kernels3), 'paper_top1': acc}
             for row, (early, (kind3, kernels3), acc) in rows.items()]
-  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')
+  raise errors.ConfigError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

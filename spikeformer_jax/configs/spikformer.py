@@ -138,6 +138,7 @@ synthetic data) for smoke tests: `--config=configs/spikformer.py:cifar10-4-384,r
 """
 
 from spikeformer_jax import config_lib as cl
+from spikeformer_jax import errors
 from spikeformer_jax import sweeps
 from spikeformer_jax.models import spikformer
 
@@ -362,4 +363,4 @@ def get_sweep(name: str):
     return sweeps.product(
         sweeps.grid(**{'model.T': [1, 2, 4], 'model.neuron.surrogate': ['sigmoid', 'atan']}),
         [{'epochs': 8, 'ckpt_every_steps': 0}])
-  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')
+  raise errors.ConfigError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

@@ -45,6 +45,7 @@ from flax import nnx
 
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 from spikeformer_jax import ops
 from spikeformer_jax.layers import Settings
@@ -261,49 +262,51 @@ class MSViT(nnx.Module):
 def check_config(cfg: ml_collections.ConfigDict):
   """One clear error per malformed MSViT `config.model`, before any tracing."""
   if cfg.graph not in GRAPHS:
-    raise ValueError(f'model.graph={cfg.graph!r}; valid: {sorted(GRAPHS)}.')
+    raise errors.ConfigError(f'model.graph={cfg.graph!r}; valid: {sorted(GRAPHS)}.')
   if cfg.stem and cfg.stem not in STEMS:
-    raise ValueError(f'model.stem={cfg.stem!r}; valid: {sorted(STEMS)} or "" (the graph\'s).')
+    raise errors.ConfigError(f'model.stem={cfg.stem!r}; valid: {sorted(STEMS)} or "" (the '
+                             'graph\'s).')
   n = len(cfg.dims)
   if n < 1 or not len(cfg.depths) == len(cfg.attention) == len(cfg.mssa_kernels) == n:
-    raise ValueError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
-                     f'attention={tuple(cfg.attention)} and mssa_kernels='
-                     f'{tuple(cfg.mssa_kernels)} must have one entry per stage.')
+    raise errors.ConfigError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
+                             f'attention={tuple(cfg.attention)} and mssa_kernels='
+                             f'{tuple(cfg.mssa_kernels)} must have one entry per stage.')
   if cfg.num_heads < 1:
-    raise ValueError(f'model.num_heads={cfg.num_heads} must be >= 1.')
+    raise errors.ConfigError(f'model.num_heads={cfg.num_heads} must be >= 1.')
   if min(cfg.dims) < 1 or min(cfg.depths) < 0:
-    raise ValueError(f'model.dims={tuple(cfg.dims)} and depths={tuple(cfg.depths)}: stage '
-                     'widths must be >= 1 and block counts >= 0.')
+    raise errors.ConfigError(f'model.dims={tuple(cfg.dims)} and depths={tuple(cfg.depths)}: stage '
+                             'widths must be >= 1 and block counts >= 0.')
   for kind, kernels in zip(cfg.attention, cfg.mssa_kernels):
     if kind == 'mssa' and (len(kernels) != 2 or not any(kernels)
                            or any(k < 0 or k and k % 2 == 0 for k in kernels)):
       # An even kernel's padding k // 2 adds a token: its branch would not add up.
-      raise ValueError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
-                       'pair per stage, each 0 (drops the branch) or odd, at least one of '
-                       'them non-zero.')
+      raise errors.ConfigError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
+                               'pair per stage, each 0 (drops the branch) or odd, at least one of '
+                               'them non-zero.')
   for dim in cfg.dims:
     if dim % cfg.num_heads:
-      raise ValueError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
-                       f'by model.num_heads={cfg.num_heads}.')
+      raise errors.ConfigError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
+                               f'by model.num_heads={cfg.num_heads}.')
   stem = STEMS[cfg.stem or GRAPHS[cfg.graph]['stem']]
   if any(cfg.dims[0] % d for d in stem['divisors']):
-    raise ValueError(f'model.dims[0]={cfg.dims[0]} must be divisible by '
-                     f'{max(stem["divisors"])} (stem widths E/{max(stem["divisors"])}..E).')
+    raise errors.ConfigError(f'model.dims[0]={cfg.dims[0]} must be divisible by '
+                             f'{max(stem["divisors"])} (stem widths E/{max(stem["divisors"])}..E).')
   for kind in cfg.attention:
     if kind not in attention.names():
-      raise ValueError(f'attention kind {kind!r} in model.attention; valid: '
-                       f'{attention.names()}.')
+      raise errors.ConfigError(f'attention kind {kind!r} in model.attention; valid: '
+                               f'{attention.names()}.')
   rate = cfg.get('drop_path_rate', 0.0)
   if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-    raise ValueError(f'model.drop_path_rate={rate!r}; valid: a number in [0, 1) (the '
-                     'stochastic-depth rate of the last block; 0 = off, the official code).')
+    raise errors.ConfigError(f'model.drop_path_rate={rate!r}; valid: a number in [0, 1) (the '
+                             'stochastic-depth rate of the last block; 0 = off, the official '
+                             'code).')
   event_sum = cfg.get('event_sum_channel', False)
   if not isinstance(event_sum, bool):
-    raise ValueError(f'model.event_sum_channel={event_sum!r}; valid: True or False.')
+    raise errors.ConfigError(f'model.event_sum_channel={event_sum!r}; valid: True or False.')
   if event_sum and cfg.in_channels != 2:
-    raise ValueError(f'model.event_sum_channel=True appends positive + negative to two '
-                     f'polarity channels, but model.in_channels={cfg.in_channels}; valid: '
-                     'in_channels=2 (event frames), or event_sum_channel=False.')
+    raise errors.ConfigError(f'model.event_sum_channel=True appends positive + negative to two '
+                             f'polarity channels, but model.in_channels={cfg.in_channels}; valid: '
+                             'in_channels=2 (event frames), or event_sum_channel=False.')
 
 
 def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 10,
@@ -317,9 +320,9 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
   (depth - 2); the DVS graph has 1 + 1 and ignores depth).
   """
   if graph not in GRAPHS:
-    raise ValueError(f'graph={graph!r}; valid: {sorted(GRAPHS)}.')
+    raise errors.DataError(f'graph={graph!r}; valid: {sorted(GRAPHS)}.')
   if variant not in ('msvit', 'qkformer'):
-    raise ValueError(f"variant={variant!r}; valid: 'msvit', 'qkformer'.")
+    raise errors.DataError(f"variant={variant!r}; valid: 'msvit', 'qkformer'.")
   d = embed_dim
   if graph == 'dvs':
     dims, depths, attention = (d // 2, d), (1, 1), ('mssa', 'ssa')
@@ -393,8 +396,8 @@ _FIXTURE_FILES = {
 def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   if rec['file'] not in _FIXTURE_FILES:
-    raise ValueError(f"unknown MSViT source file {rec['file']!r}; expected one of "
-                     f'{sorted(_FIXTURE_FILES)}.')
+    raise errors.DataError(f"unknown MSViT source file {rec['file']!r}; expected one of "
+                           f'{sorted(_FIXTURE_FILES)}.')
   graph, extra = _FIXTURE_FILES[rec['file']]
   kw = rec['constructor_args_full']
   mc = model_config(

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import ops
 from spikeformer_jax.layers import Settings
 from spikeformer_jax.ops import max_pool
@@ -149,7 +150,7 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
                  attention: str = 'sdsa') -> ml_collections.ConfigDict:
   """`config.model` of an SDT (attention='sdsa') or A2OS2A (attention='a2os2a')."""
   if dataset not in POOLING:
-    raise ValueError(f'dataset={dataset!r}; valid: {sorted(POOLING)}.')
+    raise errors.ConfigError(f'dataset={dataset!r}; valid: {sorted(POOLING)}.')
   return ml_collections.ConfigDict(dict(
       name='sdt', embed_dim=embed_dim, depth=depth, num_heads=num_heads,
       mlp_ratio=float(mlp_ratio), T=T,
@@ -171,8 +172,9 @@ def check_config(m: ml_collections.ConfigDict):
   common.check_pooling(m.pooling)
   order = m.get('head_order', 'pool_then_fire')
   if order not in HEAD_ORDERS:
-    raise ValueError(f'model.head_order={order!r}; valid: {", ".join(map(repr, HEAD_ORDERS))} '
-                     "('pool_then_fire': the official SDT head; 'fire_then_pool': A2OS2A eq. 18).")
+    raise errors.ConfigError(f'model.head_order={order!r}; valid: '
+                             f'{", ".join(map(repr, HEAD_ORDERS))} (\'pool_then_fire\': the '
+                             "official SDT head; 'fire_then_pool': A2OS2A eq. 18).")
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
@@ -188,8 +190,9 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   kw = rec['constructor_args_full']
   if kw.get('spike_mode', 'lif') != 'lif' or kw.get('TET'):
-    raise ValueError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
-                     f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is checked.")
+    raise errors.DataError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
+                           f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is "
+                           "checked.")
   mc = model_config('cifar', embed_dim=kw['embed_dims'], depth=kw['depths'],
                     num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
                     img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 from spikeformer_jax import ops
 from spikeformer_jax.layers import Settings
@@ -135,7 +136,7 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
                  img_size: int = 32, mlp_ratio: float = 4.0) -> ml_collections.ConfigDict:
   """The `config.model` of a Spikformer, with the official flavour's defaults."""
   if flavour not in FLAVOURS:
-    raise ValueError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
+    raise errors.ConfigError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
   return ml_collections.ConfigDict(dict(
       name='spikformer',
       flavour=flavour,
@@ -165,7 +166,7 @@ def check_config(m: ml_collections.ConfigDict):
   """One clear error per malformed Spikformer `config.model`."""
   common.check_heads(m)
   if m.get('flavour') not in FLAVOURS:
-    raise ValueError(f'model.flavour={m.get("flavour")!r}; valid: {sorted(FLAVOURS)}.')
+    raise errors.ConfigError(f'model.flavour={m.get("flavour")!r}; valid: {sorted(FLAVOURS)}.')
   common.check_pooling(m.get('pooling') or '')
   check_paper_options(m)
 
@@ -178,15 +179,15 @@ def check_paper_options(m: ml_collections.ConfigDict):
   d = m.embed_dim // m.num_heads
   kernels = [k for k in range(1, d + 1) if d % k == 0]
   if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0 or (pool and d % pool):
-    raise ValueError(f'model.qk_pool={pool!r}: 0 (off) or a kernel dividing the head width '
-                     f'embed_dim / num_heads = {d}: one of {kernels}.')
+    raise errors.ConfigError(f'model.qk_pool={pool!r}: 0 (off) or a kernel dividing the head width '
+                             f'embed_dim / num_heads = {d}: one of {kernels}.')
   if not isinstance(learnable, bool):
-    raise ValueError(f'model.attn_scale_learnable={learnable!r}; valid: True, False.')
+    raise errors.ConfigError(f'model.attn_scale_learnable={learnable!r}; valid: True, False.')
   for field, on in (('qk_pool', pool), ('attn_scale_learnable', learnable)):
     if on and kind != 'ssa':
-      raise ValueError(f"model.{field}={on!r} is an option of the 'ssa' attention, not of "
-                       f"model.attention={kind!r}; valid: model.attention='ssa', or "
-                       f'model.{field}={0 if field == "qk_pool" else False}.')
+      raise errors.ConfigError(f"model.{field}={on!r} is an option of the 'ssa' attention, not of "
+                               f"model.attention={kind!r}; valid: model.attention='ssa', or "
+                               f'model.{field}={0 if field == "qk_pool" else False}.')
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
@@ -207,8 +208,8 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   flavour = _FIXTURE_FILES.get(rec['file'])
   if flavour is None:
-    raise ValueError(f"unknown Spikformer source file {rec['file']!r}; "
-                     f'expected one of {sorted(_FIXTURE_FILES)}.')
+    raise errors.DataError(f"unknown Spikformer source file {rec['file']!r}; "
+                           f'expected one of {sorted(_FIXTURE_FILES)}.')
   kw = rec['constructor_args_full']
   mc = model_config(flavour, embed_dim=kw['embed_dims'], depth=kw['depths'],
                     num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
