@@ -166,11 +166,11 @@ def _validate_model(c):
   except ValueError as e:
     raise errors.ConfigError(str(e).replace('Neuron.', 'model.neuron.')) from None
   _at_least(c, 'model.neuron.alpha', 0, " (0: the surrogate's default)")
-  for field in ('neuron.v_threshold', 'attn_v_threshold', 'ternary.v_threshold'):
+  for field in ('neuron.v_threshold', 'attn_v_threshold'):
     value = _get(m, field)
     if value is not _MISSING:
       _require(value > 0, f'model.{field}={value} must be > 0.')
-  _validate_neuron_dynamics(m, attention_kinds)
+  _validate_neuron_dynamics(m)  # an attention kind's own neurons: its check
   factor = models.downsampling(m)
   if m.img_size % factor:
     raise errors.ConfigError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
@@ -178,25 +178,21 @@ def _validate_model(c):
                              f'use e.g. {max(factor, m.img_size // factor * factor)}.')
 
 
-def _validate_neuron_dynamics(m, attention_kinds):
-  """The neurons' constants within their meaning: a leak that keeps a
+def _validate_neuron_dynamics(m):
+  """The network neurons' constants within their meaning: a leak that keeps a
   fraction of the membrane, a reset below the threshold."""
   n = m.neuron
   kind, form = n.get('kind', 'lif'), n.get('charge_form', 'spikingjelly')
-  kinds = (attention_kinds,) if isinstance(attention_kinds, str) else tuple(attention_kinds)
-  t = m.get('ternary', None) if 'a2os2a' in kinds else None  # a2os2a.make_ternary
   # SpikingJelly's charge keeps 1 - 1/tau of the membrane each step (its LIF
-  # asserts tau > 1); the ternary V neuron charges with model.neuron.tau too.
-  ternary_sj = t is not None and t.get('charge_form', 'spikingjelly') == 'spikingjelly'
+  # asserts tau > 1).
   tau = n.get('tau', 2.0)
-  if (kind == 'lif' and form == 'spikingjelly') or ternary_sj:
+  if kind == 'lif' and form == 'spikingjelly':
     _require(tau > 1, f'model.neuron.tau={tau} must be > 1: the LIF keeps 1 - 1/tau of its '
              f'membrane each step (SpikingJelly asserts tau > 1); e.g. 2.0, or kind=if '
              'for no leak.')
-  for field, cfg in (('neuron.beta', n), ('ternary.beta', t)):
-    beta = cfg.get('beta', 0.5) if cfg is not None else 0.5
-    _require(0 <= beta <= 1, f'model.{field}={beta} is the fraction of the membrane kept '
-             "(charge_form='paper'): use a value in [0, 1].")
+  beta = n.get('beta', 0.5)
+  _require(0 <= beta <= 1, f'model.neuron.beta={beta} is the fraction of the membrane kept '
+           "(charge_form='paper'): use a value in [0, 1].")
   attn_vth = m.get('attn_v_threshold', None)
   if kind in ('lif', 'if') and not n.get('soft_reset', False):
     thresholds = [('model.neuron.v_threshold', n.v_threshold)]
@@ -206,16 +202,6 @@ def _validate_neuron_dynamics(m, attention_kinds):
       _require(n.v_reset < vth, f'model.neuron.v_reset={n.v_reset} must be below {name}={vth} '
                '(a hard reset at or above the threshold fires again at once); or set '
                'model.neuron.soft_reset=True.')
-  if t is not None:  # ternary: fires at |U| >= Vth, resets to +-v_reset
-    thresholds = [('model.ternary.v_threshold', t.get('v_threshold', 1.0))]
-    own = m.get('a2os2a', None)
-    if attn_vth is not None and own is not None and own.get('out_neuron') == 'ternary':
-      thresholds.append(('model.attn_v_threshold', attn_vth))
-    v_reset = t.get('v_reset', 0.0)
-    for name, vth in thresholds:
-      _require(abs(v_reset) < vth, f'model.ternary.v_reset={v_reset} must be in (-{vth}, '
-               f'{vth}), within {name} (a ternary neuron reset to +-v_reset at or beyond '
-               'the threshold fires again at once).')
 
 
 def _validate_data_config(c):

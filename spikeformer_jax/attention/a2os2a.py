@@ -75,6 +75,36 @@ def out_neuron_choice(model: ml_collections.ConfigDict | None) -> str:
   return choice
 
 
+def check_ternary_dynamics(model: ml_collections.ConfigDict, t: ml_collections.ConfigDict):
+  """The ternary V neuron's constants within their meaning, as validation
+  checks the network's: a leak that keeps a fraction of the membrane, a reset
+  within the threshold (it fires at |U| >= Vth and resets to +-v_reset)."""
+  vth = t.get('v_threshold', 1.0)
+  if not vth > 0:
+    raise errors.ConfigError(f'model.ternary.v_threshold={vth} must be > 0.')
+  tau = model.neuron.get('tau', 2.0)  # SpikingJelly's charge with the network's tau
+  if t.get('charge_form', 'spikingjelly') == 'spikingjelly' and not tau > 1:
+    raise errors.ConfigError(
+        f'model.neuron.tau={tau} must be > 1: the ternary V neuron '
+        "(model.ternary.charge_form='spikingjelly') keeps 1 - 1/tau of its membrane each step, "
+        'with the network\'s tau; e.g. 2.0.')
+  beta = t.get('beta', 0.5)
+  if not 0 <= beta <= 1:
+    raise errors.ConfigError(f'model.ternary.beta={beta} is the fraction of the membrane kept '
+                             "(charge_form='paper'): use a value in [0, 1].")
+  thresholds = [('model.ternary.v_threshold', vth)]
+  attn_vth = model.get('attn_v_threshold', None)
+  if attn_vth is not None and out_neuron_choice(model) == 'ternary':
+    thresholds.append(('model.attn_v_threshold', attn_vth))
+  v_reset = t.get('v_reset', 0.0)
+  for name, threshold in thresholds:
+    if not abs(v_reset) < threshold:
+      raise errors.ConfigError(
+          f'model.ternary.v_reset={v_reset} must be in (-{threshold}, {threshold}), within '
+          f'{name} (a ternary neuron reset to +-v_reset at or beyond the threshold fires '
+          'again at once).')
+
+
 def make_ternary(lif: neurons.Neuron, t: ml_collections.ConfigDict) -> neurons.Neuron:
   """The network's LIF turned ternary with `config.model.ternary`."""
   return dataclasses.replace(lif, kind='ternary', v_threshold=t.v_threshold,
@@ -91,6 +121,7 @@ class A2OS2A(ssa.SSA):
   name = 'a2os2a'
   picture = 'Q K^T'
   config = {'ternary': ternary_config, 'a2os2a': a2os2a_config}
+  added = {'a2os2a': ({'out_neuron': 'binary'}, dict)}  # runs saved before out_neuron
 
   def check(self, model):
     out_neuron_choice(model)
@@ -100,6 +131,8 @@ class A2OS2A(ssa.SSA):
       if value is not None and value not in valid:
         raise errors.ConfigError(f'model.ternary.{field}={value!r} is not valid; choose one of '
                                  f'{valid}.')
+    if t is not None:
+      check_ternary_dynamics(model, t)
 
   def build(self, attn, ctx):
     t = self.own_config(ctx, 'ternary')

@@ -67,6 +67,10 @@ class Kind:
   name: str = ''
   picture: str = 'attention map'  # what record_map sows (the attention picture's title)
   config: dict[str, Callable[[], ml_collections.ConfigDict]] = {}  # its config.model fields
+  # Its config.model fields (or subfields, dotted) added after runs were saved
+  # without them: field -> (the value those runs behave as, what of a value
+  # matters). A resumed run compares through it (config_lib.model_defining).
+  added: dict[str, tuple[Any, Callable[[Any], Any]]] = {}
 
   def build(self, attn: nnx.Module, ctx: Context):
     raise NotImplementedError
@@ -108,6 +112,11 @@ def register(kind: Kind, *, replace: bool = False) -> Kind:
 
 
 unregister, names, get = _KINDS.unregister, _KINDS.names, _KINDS.get  # names: in registration order
+
+
+def added_fields() -> dict[str, tuple[Any, Callable[[Any], Any]]]:
+  """Every kind's `added` fields, as 'model.<field>'."""
+  return {f'model.{k}': v for kind in _KINDS.values() for k, v in kind.added.items()}
 
 
 def config_fields() -> dict[str, ml_collections.ConfigDict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
+from spikeformer_jax import attention
 from spikeformer_jax import registry
 from spikeformer_jax.models import common
 from spikeformer_jax.models import msvit, sdt, spikformer
@@ -30,6 +31,12 @@ unregister, names, get = _FAMILIES.unregister, _FAMILIES.names, _FAMILIES.get  #
 
 for _f in (spikformer.FAMILY, sdt.FAMILY, msvit.FAMILY):
   register(_f)
+
+
+def added_fields() -> dict:
+  """Every family's and attention kind's `added` fields, as 'model.<field>'."""
+  out = {f'model.{k}': v for family in _FAMILIES.values() for k, v in family.added.items()}
+  return {**out, **attention.added_fields()}
 
 
 def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,

@@ -35,6 +35,9 @@ class Family:
   describe: Callable[[ml_collections.ConfigDict], str]  # 'spikformer cifar 4-384'
   runlocal: Callable[[ml_collections.ConfigDict], None]  # shrink config.model in place
   from_fixture: Callable[[dict], ml_collections.ConfigDict] | None = None  # fidelity
+  # Its config.model fields added after runs were saved without them, as
+  # attention.Kind.added: field -> (the value those runs behave as, what matters).
+  added: dict = dataclasses.field(default_factory=dict)
 
 
 def neuron_config(**overrides) -> ml_collections.ConfigDict:
@@ -68,7 +71,7 @@ def shared_fields() -> dict:
       neuron=neuron_config(), **attention.config_fields())
 
 
-NETWORK_NEURONS = ('lif', 'if', 'relu', 'gelu')  # A2OS2A's ternary V has its own config
+NETWORK_NEURONS = ('lif', 'if', 'relu', 'gelu')  # an attention kind's own neurons: its fields
 # Kinds that do not spike: every network neuron becomes that float activation
 # (the papers' ANN baselines, e.g. Spikformer's Transformer-8-512 rows).
 NON_SPIKING = tuple(neurons.ACTIVATIONS)
@@ -84,7 +87,8 @@ def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
   if kind not in NETWORK_NEURONS:
     raise errors.ConfigError(f'Neuron.kind={kind!r} is not valid for the network\'s neurons; '
                              f'choose one of {NETWORK_NEURONS} (relu, gelu: no neuron, a float '
-                             'activation; A2OS2A\'s ternary V: model.ternary).')
+                             'activation); a neuron of an attention kind\'s own (a ternary one) '
+                             'is set in that kind\'s fields.')
   if kind == 'if' and cfg.get('charge_form', 'spikingjelly') != 'spikingjelly':
     raise errors.ConfigError("Neuron.charge_form='paper' is a leaky charge; IF neurons (kind='if') "
                              "have no leak: keep charge_form='spikingjelly'.")

@@ -419,4 +419,5 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 FAMILY = common.Family(
     name='msvit', model=MSViT, model_config=model_config, check=check_config,
     downsampling=downsampling, describe=describe, runlocal=runlocal,
-    from_fixture=from_fixture)
+    from_fixture=from_fixture,
+    added={'drop_path_rate': (0.0, float), 'event_sum_channel': (False, bool)})

@@ -207,4 +207,4 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 FAMILY = common.Family(
     name='sdt', model=SDT, model_config=model_config, check=check_config,
     downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
-    from_fixture=from_fixture)
+    from_fixture=from_fixture, added={'head_order': ('pool_then_fire', str)})

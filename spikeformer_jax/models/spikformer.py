@@ -223,4 +223,5 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 FAMILY = common.Family(
     name='spikformer', model=Spikformer, model_config=model_config, check=check_config,
     downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
-    from_fixture=from_fixture)
+    from_fixture=from_fixture,
+    added={'qk_pool': (0, int), 'attn_scale_learnable': (False, bool)})
