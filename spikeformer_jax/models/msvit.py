@@ -84,13 +84,13 @@ def _conv_name(i: int) -> str:
   return 'proj' + (str(i) if i else '')
 
 
-def _cbl(module, name, x, pool):
+def _conv_bn_lif(module, name, x, pool):
   """conv -> BN -> (MaxPool 3/2/1 on the BN output) -> LIF of layer `name`."""
   x = getattr(module, f'{name}_bn')(getattr(module, f'{name}_conv')(x))
   return getattr(module, f'{name}_lif')(max_pool(x) if pool else x)
 
 
-def _add_cbl(module, name, cin, cout, *, s, rngs, kernel=3, stride=1, spikes_in=True):
+def _add_conv_bn_lif(module, name, cin, cout, *, s, rngs, kernel=3, stride=1, spikes_in=True):
   # Every conv of the embeddings sees spikes or spike sums, but the stem's first.
   setattr(module, f'{name}_conv', s.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs,
                                          spikes_in=spikes_in))
@@ -107,19 +107,19 @@ class InitEmbed(nnx.Module):
     widths = [dim // d for d in stem['divisors']]
     cin = in_channels
     for i, w in enumerate(widths):
-      _add_cbl(self, _conv_name(i), cin, w, s=s, rngs=rngs, spikes_in=i > 0)
+      _add_conv_bn_lif(self, _conv_name(i), cin, w, s=s, rngs=rngs, spikes_in=i > 0)
       cin = w
-    _add_cbl(self, 'proj_res', widths[stem['res_from']], dim, kernel=1,
-             stride=stem['res_stride'], s=s, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj_res', widths[stem['res_from']], dim, kernel=1,
+                     stride=stem['res_stride'], s=s, rngs=rngs)
     self.pools, self.res_from = tuple(stem['pools']), stem['res_from']
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [BT, H, W, C_in] -> [BT, H', W', E]
     feat = None
     for i, pool in enumerate(self.pools):
-      x = _cbl(self, _conv_name(i), x, pool)
+      x = _conv_bn_lif(self, _conv_name(i), x, pool)
       if i == self.res_from:
         feat = x
-    return x + _cbl(self, 'proj_res', feat, False)
+    return x + _conv_bn_lif(self, 'proj_res', feat, False)
 
 
 class StageEmbed(nnx.Module):
@@ -128,15 +128,15 @@ class StageEmbed(nnx.Module):
   the spike maps are added. Halves the resolution; widths cin -> cout."""
 
   def __init__(self, cin: int, cout: int, pool_at: int, *, s: Settings, rngs: nnx.Rngs):
-    _add_cbl(self, 'proj3', cin, cout, s=s, rngs=rngs)
-    _add_cbl(self, 'proj4', cout, cout, s=s, rngs=rngs)
-    _add_cbl(self, 'proj_res', cin, cout, kernel=1, stride=2, s=s, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj3', cin, cout, s=s, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj4', cout, cout, s=s, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj_res', cin, cout, kernel=1, stride=2, s=s, rngs=rngs)
     self.pool_at = pool_at
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = _cbl(self, 'proj3', x, self.pool_at == 0)
-    y = _cbl(self, 'proj4', y, self.pool_at == 1)
-    return y + _cbl(self, 'proj_res', x, False)
+    y = _conv_bn_lif(self, 'proj3', x, self.pool_at == 0)
+    y = _conv_bn_lif(self, 'proj4', y, self.pool_at == 1)
+    return y + _conv_bn_lif(self, 'proj_res', x, False)
 
 
 class Block(nnx.Module):
