@@ -137,13 +137,13 @@ class A2OS2A(ssa.SSA):
   def build(self, attn, ctx):
     t = self.own_config(ctx, 'ternary')
     base.build_qkv(attn, ctx, k_lif=False,
-                   v_lif=layers.SpikingNeuron(make_ternary(ctx.s.neuron, t), ctx.s.T))
+                   v_lif=layers.SpikingNeuron(make_ternary(ctx.settings.neuron, t), ctx.settings.T))
     if out_neuron_choice(ctx.model) == 'ternary':
       # The official name, so checkpoints and parameter paths stay the same.
       attn.attn_lif = layers.SpikingNeuron(dataclasses.replace(
-          make_ternary(ctx.s.neuron, t), v_threshold=ctx.attn_v_threshold), ctx.s.T)
+          make_ternary(ctx.settings.neuron, t), v_threshold=ctx.attn_v_threshold), ctx.settings.T)
     else:
-      attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+      attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 
   def activate(self, attn, q, k, v):
     return attn.q_lif(q), jax.nn.relu(k), attn.v_lif(v)

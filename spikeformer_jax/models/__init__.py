@@ -7,6 +7,8 @@ family is one module plus one `register` call.
 
 from __future__ import annotations
 
+import inspect
+
 import ml_collections
 from flax import nnx
 
@@ -42,8 +44,11 @@ def added_fields() -> dict:
 def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
                 bn_groups: int = 1) -> nnx.Module:
   """Builds the model named by `cfg.name` (`config.model`)."""
-  return get(cfg.name).model(cfg, s=common.settings(cfg, bn_groups=bn_groups),
-                             rngs=nnx.Rngs(seed))
+  model = get(cfg.name).model
+  settings = common.settings(cfg, bn_groups=bn_groups)
+  if 's' in inspect.signature(model).parameters:  # a plug-in family of the old keyword
+    return model(cfg, s=settings, rngs=nnx.Rngs(seed))
+  return model(cfg, settings=settings, rngs=nnx.Rngs(seed))
 
 
 def downsampling(cfg: ml_collections.ConfigDict) -> int:

@@ -28,7 +28,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float
 class Family:
   """A model family: everything the rest of the code asks of one."""
   name: str
-  model: Callable[..., nnx.Module]  # model(config.model, s=Settings, rngs=...)
+  model: Callable[..., nnx.Module]  # model(config.model, settings=Settings, rngs=...)
   model_config: Callable[..., ml_collections.ConfigDict]  # its config.model defaults
   check: Callable[[ml_collections.ConfigDict], None]  # one-line errors, before building
   downsampling: Callable[[ml_collections.ConfigDict], int]  # image size / token grid

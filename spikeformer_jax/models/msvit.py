@@ -90,12 +90,13 @@ def _conv_bn_lif(module, name, x, pool):
   return getattr(module, f'{name}_lif')(max_pool(x) if pool else x)
 
 
-def _add_conv_bn_lif(module, name, cin, cout, *, s, rngs, kernel=3, stride=1, spikes_in=True):
+def _add_conv_bn_lif(module, name, cin, cout, *, settings, rngs, kernel=3, stride=1,
+                     spikes_in=True):
   # Every conv of the embeddings sees spikes or spike sums, but the stem's first.
-  setattr(module, f'{name}_conv', s.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs,
+  setattr(module, f'{name}_conv', settings.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs,
                                          spikes_in=spikes_in))
-  setattr(module, f'{name}_bn', s.bn(cout))
-  setattr(module, f'{name}_lif', s.lif())
+  setattr(module, f'{name}_bn', settings.bn(cout))
+  setattr(module, f'{name}_lif', settings.lif())
 
 
 class InitEmbed(nnx.Module):
@@ -103,14 +104,14 @@ class InitEmbed(nnx.Module):
   3x3 conv-BN-(pool)-LIF layers plus a 1x1 conv-BN-LIF on the spikes of
   layer `res_from`; the two spike maps are added (values in {0, 1, 2})."""
 
-  def __init__(self, in_channels: int, dim: int, stem: dict, *, s: Settings, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, dim: int, stem: dict, *, settings: Settings, rngs: nnx.Rngs):
     widths = [dim // d for d in stem['divisors']]
     cin = in_channels
     for i, w in enumerate(widths):
-      _add_conv_bn_lif(self, _conv_name(i), cin, w, s=s, rngs=rngs, spikes_in=i > 0)
+      _add_conv_bn_lif(self, _conv_name(i), cin, w, settings=settings, rngs=rngs, spikes_in=i > 0)
       cin = w
     _add_conv_bn_lif(self, 'proj_res', widths[stem['res_from']], dim, kernel=1,
-                     stride=stem['res_stride'], s=s, rngs=rngs)
+                     stride=stem['res_stride'], settings=settings, rngs=rngs)
     self.pools, self.res_from = tuple(stem['pools']), stem['res_from']
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [BT, H, W, C_in] -> [BT, H', W', E]
@@ -127,10 +128,10 @@ class StageEmbed(nnx.Module):
   (`pool_at`), plus a stride-2 1x1 conv-BN-LIF on the (integer-valued) input;
   the spike maps are added. Halves the resolution; widths cin -> cout."""
 
-  def __init__(self, cin: int, cout: int, pool_at: int, *, s: Settings, rngs: nnx.Rngs):
-    _add_conv_bn_lif(self, 'proj3', cin, cout, s=s, rngs=rngs)
-    _add_conv_bn_lif(self, 'proj4', cout, cout, s=s, rngs=rngs)
-    _add_conv_bn_lif(self, 'proj_res', cin, cout, kernel=1, stride=2, s=s, rngs=rngs)
+  def __init__(self, cin: int, cout: int, pool_at: int, *, settings: Settings, rngs: nnx.Rngs):
+    _add_conv_bn_lif(self, 'proj3', cin, cout, settings=settings, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj4', cout, cout, settings=settings, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj_res', cin, cout, kernel=1, stride=2, settings=settings, rngs=rngs)
     self.pool_at = pool_at
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -143,17 +144,17 @@ class Block(nnx.Module):
   """x = x + attn(x); x = x + mlp(x) on tokens [BT, N, C]; the attention sits
   under its official name (`tssa` for MSSA, `attn` / `ssa` otherwise)."""
 
-  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: dict, s: Settings,
+  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: dict, settings: Settings,
                rngs: nnx.Rngs):
     self.attn_name = 'tssa' if kind == 'mssa' else graph['attn_name']
     setattr(self, self.attn_name, blocks.SpikingAttention(
-        dim, cfg.num_heads, s=s, kind=kind, style='spikformer', scale=cfg.attn_scale,
+        dim, cfg.num_heads, settings=settings, kind=kind, style='spikformer', scale=cfg.attn_scale,
         order='kv_first', qkv_bias=False, attn_v_threshold=cfg.attn_v_threshold,
         init='torch_default', model=cfg,
         options={'mssa_kernels': tuple(kernels), 'mssa_p_sum': cfg.mssa_p_sum},
         proj_lif_batch_as_time=kind != 'mssa' and cfg.ssa_proj_lif_batch_as_time, rngs=rngs))
-    self.mlp = blocks.SpikingMLP(dim, int(dim * cfg.mlp_ratio), s=s, init='torch_default',
-                                 names=graph['mlp_names'], rngs=rngs)
+    self.mlp = blocks.SpikingMLP(dim, int(dim * cfg.mlp_ratio), settings=settings,
+                                 init='torch_default', names=graph['mlp_names'], rngs=rngs)
 
   def __call__(self, x: jax.Array, keep: jax.Array | None = None) -> jax.Array:
     """keep: stochastic depth's scaled masks [2, B*T, 1, 1] of the attention
@@ -194,7 +195,7 @@ class MSViT(nnx.Module):
   """MSViT / QKFormer. Input: images [B, H, W, C] (repeated over T) or event
   frames [B, T, H, W, C]. Output: logits [B, num_classes]."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, settings: Settings, rngs: nnx.Rngs):
     check_config(cfg)
     graph = GRAPHS[cfg.graph]
     stem = STEMS[cfg.stem or graph['stem']]
@@ -204,24 +205,24 @@ class MSViT(nnx.Module):
       # Kept branches are scaled by 1 / (1 - rate): the residual stream is no
       # longer integer, so its int8 copies would corrupt the weight gradients.
       # compact_spikes only changes memory (bit-identical when valid).
-      s = dataclasses.replace(s, compact_spikes=False)
-    layers.check_spike_sums(s, max(cfg.depths))
+      settings = dataclasses.replace(settings, compact_spikes=False)
+    layers.check_spike_sums(settings, max(cfg.depths))
     self.event_sum = bool(cfg.get('event_sum_channel', False))
     in_channels = cfg.in_channels + 1 if self.event_sum else cfg.in_channels
     stages = zip(dims, cfg.depths, cfg.attention, cfg.mssa_kernels)
     for i, (dim, depth, kind, kernels) in enumerate(stages):
-      embed = (InitEmbed(in_channels, dim, stem, s=s, rngs=rngs) if i == 0 else
-               StageEmbed(dims[i - 1], dim, graph['embed_pool'], s=s, rngs=rngs))
+      embed = (InitEmbed(in_channels, dim, stem, settings=settings, rngs=rngs) if i == 0 else
+               StageEmbed(dims[i - 1], dim, graph['embed_pool'], settings=settings, rngs=rngs))
       setattr(self, f'patch_embed{i + 1}', embed)
       setattr(self, f'stage{i + 1}', nnx.List([
-          Block(dim, kind, kernels, cfg=cfg, graph=graph, s=s, rngs=rngs)
+          Block(dim, kind, kernels, cfg=cfg, graph=graph, settings=settings, rngs=rngs)
           for _ in range(depth)]))
     self.head = nnx.Linear(dims[-1], cfg.num_classes, kernel_init=ops.trunc_normal_init,
-                           dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
+                           dtype=settings.dtype, param_dtype=settings.param_dtype, rngs=rngs)
     self.num_stages = len(dims)
-    self.T = s.T
-    self.dtype = s.dtype
-    self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
+    self.T = settings.T
+    self.dtype = settings.dtype
+    self.logits_dtype = jnp.promote_types(settings.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
     self.remat_stem = cfg.get('remat_stem', '')
