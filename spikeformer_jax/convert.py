@@ -34,6 +34,8 @@ import sys
 import numpy as np
 from flax import nnx
 
+from spikeformer_jax import errors
+
 # Our leaf name -> PyTorch leaf name, per variable type.
 _LEAF_NAMES = {
     'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
@@ -233,7 +235,7 @@ def _refuse_out(out: str, holding: bool = False):
   holds it, or it holds anything but a stale lock (a run, a converted one,
   other files). Converting never writes into an existing directory's files."""
   import os  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import errors, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   if os.path.exists(out) and not os.path.isdir(out):
     raise errors.UserError(f'--out={out} is a file; give a new directory.')
   if not os.path.isdir(out):
@@ -266,7 +268,6 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
   if not out:  # before reading the checkpoint, which may take minutes
     raise errors.UserError('--out is empty: give a new directory for the converted workdir.')
   config = config.copy_and_resolve_references()

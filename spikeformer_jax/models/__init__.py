@@ -45,10 +45,10 @@ def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
                 bn_groups: int = 1) -> nnx.Module:
   """Builds the model named by `cfg.name` (`config.model`)."""
   model = get(cfg.name).model
-  settings = common.settings(cfg, bn_groups=bn_groups)
+  layer_settings = common.settings(cfg, bn_groups=bn_groups)
   if 's' in inspect.signature(model).parameters:  # a plug-in family of the old keyword
-    return model(cfg, s=settings, rngs=nnx.Rngs(seed))
-  return model(cfg, settings=settings, rngs=nnx.Rngs(seed))
+    return model(cfg, s=layer_settings, rngs=nnx.Rngs(seed))
+  return model(cfg, settings=layer_settings, rngs=nnx.Rngs(seed))
 
 
 def downsampling(cfg: ml_collections.ConfigDict) -> int:
