@@ -206,7 +206,7 @@ def parse_set(pairs) -> dict:
   for pair in pairs or []:
     key, sep, value = pair.partition('=')
     if not sep:
-      raise SystemExit(f'error: --set {pair!r}: expected KEY=VALUE.')
+      raise errors.ConfigError(f'--set {pair!r}: expected KEY=VALUE.')
     try:
       out[key] = json.loads(value)
     except json.JSONDecodeError:

@@ -76,7 +76,10 @@ def main(argv: list[str]) -> int:
   workdir, runlocal = _WORKDIR.value, _RUNLOCAL.value
 
   from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
-  common = config_lib.parse_set(_SET.value)
+  try:
+    common = config_lib.parse_set(_SET.value)
+  except errors.ConfigError as e:
+    cli.exit_usage(errors.one_line(e))
   # Other errors: errors.report (cli.run): a user error one line and status 1,
   # a stop that saved the running points' steps (errors.Stopped) 143 / 130.
   try:

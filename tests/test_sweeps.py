@@ -451,6 +451,7 @@ def test_command_line_mistakes_are_one_line_and_status_2(capsys):
       (['list'], 'error: list needs --config.'),
       (['launch', '--config=c.py'], "error: give one command, list | run | commands | point | "
        "collect (got 'launch'); e.g. python sweep.py list --config=configs/spikformer.py."),
+      (['list', '--config=c.py', '--set', 'model.T'], "error: --set 'model.T': expected KEY=VALUE."),
       (['collect', '--workdir=w', '--parallel=x'],
        "error: flag --parallel=x: invalid literal for int() with base 10: 'x'"),
       (['collect', '--workdir=w', '--sweeep=s'],
