@@ -24,6 +24,7 @@ import time
 
 from absl import flags
 
+from spikeformer_jax import cli
 from spikeformer_jax import errors
 from spikeformer_jax.data import tfds_sources
 
@@ -63,6 +64,9 @@ def _prepare_catalog(name, data_dir, manual_dir):
 def main(argv):
   del argv
   name = _DATASET.value
+  if name is None:  # checked here, not by a validator that would stay on the global flags
+    names = [*tfds_sources.IMAGE_DATASETS, *tfds_sources.EVENT_DATASETS]
+    cli.exit_usage(f'--dataset is required: one of {", ".join(names)}.')
   data_dir = tfds_sources.default_data_dir(_DATA_DIR.value)
   manual_dir = os.path.expanduser(_MANUAL_DIR.value) if _MANUAL_DIR.value else None
   t0 = time.time()
@@ -82,8 +86,6 @@ def main(argv):
 
 def run():
   """`spikeformer-prepare`, `python -m spikeformer_jax.prepare`, `python prepare.py`."""
-  flags.mark_flags_as_required(['dataset'])
-  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
   cli.run(main, (), jax_flags=False)  # mistakes in flags: one line, exit 2; errors.report
 
 
