@@ -83,6 +83,7 @@ from flax import nnx
 
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 
 E_MAC_PJ = 4.6
@@ -101,11 +102,11 @@ class Conventions:
 
   def __post_init__(self):
     if self.integer_inputs not in ('mac', 'ac'):
-      raise ValueError(f"integer_inputs={self.integer_inputs!r}; valid: 'mac', 'ac'.")
+      raise errors.ConfigError(f"integer_inputs={self.integer_inputs!r}; valid: 'mac', 'ac'.")
     if not (math.isfinite(self.first_layer_mj) and self.first_layer_mj >= 0):
-      raise ValueError(f'first_layer_mj={self.first_layer_mj}: a finite energy >= 0 in mJ '
-                       "per example (0: E_MAC x the first layer's MACs; Spikformer Table 2: "
-                       '1.596).')
+      raise errors.ConfigError(f'first_layer_mj={self.first_layer_mj}: a finite energy >= 0 in mJ '
+                               "per example (0: E_MAC x the first layer's MACs; Spikformer "
+                               'Table 2: 1.596).')
 
 
 # --------------------------------------------------------------------------
@@ -475,7 +476,7 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   WORKDIR/analysis_SPLIT_STEP). Returns (report, {output: path})."""
   from spikeformer_jax import data as data_lib, plots, train_lib, validation  # pylint: disable=import-outside-toplevel
   if examples < 1:
-    raise ValueError(f'examples={examples} must be >= 1.')
+    raise errors.ConfigError(f'examples={examples} must be >= 1.')
   source = data_lib.get_source(config.data, split)
   validation.validate_config(config)
   validation.validate_split(config, source, split)

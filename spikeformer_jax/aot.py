@@ -37,6 +37,8 @@ import sys
 import threading
 import time
 
+from spikeformer_jax import errors
+
 GiB = 2 ** 30
 
 
@@ -72,7 +74,7 @@ HOST_BOUNDS = (2, 2, 1)
 TPU_INSTALL = "pip install 'spikeformer_jax[tpu]'  (or: pip install 'jax[tpu]')"
 
 
-class PlanError(ValueError):
+class PlanError(errors.ConfigError):
   """A topology, batch or environment the planner cannot use (one line)."""
 
 
@@ -658,28 +660,20 @@ def main(argv):
   """python -m spikeformer_jax.aot: see the module docstring."""
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   config = f.config
   def log(msg):
     print(msg, file=sys.stderr, flush=True)
-  try:
-    check_options(config, f.topology, f.batch, f.steps, f.top, f.batch_multiple, f.max_batch)
-  except errors.CLEAR as e:  # before anything loads or compiles
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return 1
-  try:
-    if f.max_batch:
-      best, reports = max_batch(config, f.topology, f.batch, f.batch_multiple,
-                                log=None if f.json else log)
-      fitting = [r for r in reports if r['fits']]
-      r = max(fitting, key=lambda r: r['global_batch']) if fitting else reports[-1]
-      r = dict(r, max_global_batch=best, searched_batches=[x['global_batch'] for x in reports])
-    else:
-      r = plan(config, f.topology, f.batch, f.steps, log=None if f.json else log, top=f.top)
-  except errors.CLEAR as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return 1
+  # Errors: errors.report (cli.run). The options first, before anything loads or compiles.
+  check_options(config, f.topology, f.batch, f.steps, f.top, f.batch_multiple, f.max_batch)
+  if f.max_batch:
+    best, reports = max_batch(config, f.topology, f.batch, f.batch_multiple,
+                              log=None if f.json else log)
+    fitting = [r for r in reports if r['fits']]
+    r = max(fitting, key=lambda r: r['global_batch']) if fitting else reports[-1]
+    r = dict(r, max_global_batch=best, searched_batches=[x['global_batch'] for x in reports])
+  else:
+    r = plan(config, f.topology, f.batch, f.steps, log=None if f.json else log, top=f.top)
   if f.json:
     print(json.dumps(r))
   else:

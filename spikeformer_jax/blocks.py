@@ -12,6 +12,7 @@ import ml_collections
 from flax import nnx
 
 from spikeformer_jax import attention
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 
 STYLES = ('spikformer', 'sdt')
@@ -41,7 +42,7 @@ class SpikingAttention(nnx.Module):
   sets it on its own copy of a model), is called with each call's input.
   """
 
-  def __init__(self, dim: int, num_heads: int, *, s: layers.Settings, kind: str = 'ssa',
+  def __init__(self, dim: int, num_heads: int, *, settings: layers.Settings, kind: str = 'ssa',
                style: str = 'spikformer', scale: float = 0.125, order: str = 'qk_first',
                qkv_bias: bool = False, attn_v_threshold: float = 0.5, init: str,
                proj: bool = True, erode_hw: tuple | None = None, dead_modules: bool = False,
@@ -52,28 +53,28 @@ class SpikingAttention(nnx.Module):
     if style not in STYLES:
       raise ValueError(f'attention style {style!r}; valid: {STYLES}.')
     if style == 'sdt':
-      self.shortcut_lif = s.lif()
+      self.shortcut_lif = settings.lif()
     self.kind, self.style, self.proj = kind, style, proj
     self.num_heads, self.scale, self.order = num_heads, scale, order
     self.erode_hw = erode_hw
     self.record_attention = False
     self.recorder: Any = None  # analysis.py's tap, called as recorder(x)
     impl.build(self, attention.Context(
-        dim=dim, num_heads=num_heads, s=s, init=init, qkv_bias=qkv_bias, scale=scale,
+        dim=dim, num_heads=num_heads, settings=settings, init=init, qkv_bias=qkv_bias, scale=scale,
         order=order, attn_v_threshold=attn_v_threshold, rngs=rngs, model=model,
         options=dict(options or {})))
     if style == 'sdt' and dead_modules:
       # SDT's Conv1d(h, h, 1), built but never called; part of the backbone's
       # state dict whatever the attention, so SDT checkpoints load everywhere.
       self.talking_heads = nnx.Linear(num_heads, num_heads, use_bias=False,
-                                      param_dtype=s.param_dtype, rngs=rngs)
+                                      param_dtype=settings.param_dtype, rngs=rngs)
     if proj:
-      self.proj_linear = s.linear(dim, dim, bias=True, init=init, rngs=rngs, spikes_in=True)
-      self.proj_bn = s.bn(dim)
+      self.proj_linear = settings.linear(dim, dim, bias=True, init=init, rngs=rngs, spikes_in=True)
+      self.proj_bn = settings.bn(dim)
       if style == 'spikformer':
-        self.proj_lif = layers.SpikingNeuron(s.neuron, s.T,
+        self.proj_lif = layers.SpikingNeuron(settings.neuron, settings.T,
                                              batch_as_time=proj_lif_batch_as_time,
-                                             groups=s.bn_groups)
+                                             groups=settings.bn_groups)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.recorder is not None:
@@ -123,7 +124,7 @@ def method_call(name: str, *static):
 
 def check_remat(remat: str, field: str = 'model.remat'):
   if remat not in REMAT_POLICIES:
-    raise ValueError(f'{field}={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
+    raise errors.ConfigError(f'{field}={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
 
 
 def apply_block(block, x: jax.Array, remat: str = '', fn=None) -> jax.Array:
@@ -141,19 +142,19 @@ SPS_STAGES = ('', '1', '2', '3')  # official suffixes: proj_conv, proj_conv1, ..
 
 
 def add_sps_stages(module: nnx.Module, in_channels: int, dim: int, pooling: str, *,
-                   s: layers.Settings, init: str, rngs: nnx.Rngs):
+                   settings: layers.Settings, init: str, rngs: nnx.Rngs):
   """The four conv-BN-LIF stages (widths D/8, D/4, D/2, D) that Spikformer's
   SPS and SDT's MS_SPS share, under their official names; checks `pooling`."""
   if len(pooling) != 4 or set(pooling) - {'0', '1'}:
-    raise ValueError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
+    raise errors.ConfigError(f"pooling={pooling!r}: four '0'/'1' characters, one per stage.")
   if dim % 8:
-    raise ValueError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
+    raise errors.ConfigError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
   widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
   for i, sfx in enumerate(SPS_STAGES):
-    setattr(module, f'proj_conv{sfx}', s.conv(widths[i], widths[i + 1], init=init, rngs=rngs,
+    setattr(module, f'proj_conv{sfx}', settings.conv(widths[i], widths[i + 1], init=init, rngs=rngs,
                                               spikes_in=i > 0))
-    setattr(module, f'proj_bn{sfx}', s.bn(widths[i + 1]))
-    setattr(module, f'proj_lif{sfx}', s.lif())
+    setattr(module, f'proj_bn{sfx}', settings.bn(widths[i + 1]))
+    setattr(module, f'proj_lif{sfx}', settings.lif())
 
 
 def mean_token_head(head, x: jax.Array, batch: int, T: int, per_timestep: bool,
@@ -174,13 +175,13 @@ class SpikingMLP(nnx.Module):
   `names` are the official prefixes of the two layers (MSViT's CIFAR files
   call them mlp1, mlp2)."""
 
-  def __init__(self, dim: int, hidden: int, *, s: layers.Settings, init: str, rngs: nnx.Rngs,
+  def __init__(self, dim: int, hidden: int, *, settings: layers.Settings, init: str, rngs: nnx.Rngs,
                names: tuple = ('fc1', 'fc2')):
     for name, (din, dout) in zip(names, ((dim, hidden), (hidden, dim))):
-      setattr(self, f'{name}_linear', s.linear(din, dout, bias=True, init=init, rngs=rngs,
+      setattr(self, f'{name}_linear', settings.linear(din, dout, bias=True, init=init, rngs=rngs,
                                                spikes_in=True))
-      setattr(self, f'{name}_bn', s.bn(dout))
-      setattr(self, f'{name}_lif', s.lif())
+      setattr(self, f'{name}_bn', settings.bn(dout))
+      setattr(self, f'{name}_lif', settings.lif())
     self.names = tuple(names)
 
   def __call__(self, x: jax.Array) -> jax.Array:

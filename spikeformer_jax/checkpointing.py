@@ -127,7 +127,7 @@ class Checkpointer:
     if not create and not os.path.isdir(self.directory):
       raise FileNotFoundError(f'no checkpoint directory {self.directory}.')
     if keep < 1:
-      raise ValueError(f'ckpt_keep={keep} would keep no checkpoint; use ckpt_keep >= 1.')
+      raise errors.ConfigError(f'ckpt_keep={keep} would keep no checkpoint; use ckpt_keep >= 1.')
     self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
     self._mngr = self._manager()
     self._saving: int | None = None  # the step of the save in flight (or last started)
@@ -294,7 +294,7 @@ class Checkpointer:
     diffs = [f'{k}: checkpoint {stored.get(k)} vs model {wanted.get(k)}'
              for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
     if diffs:
-      raise ValueError(
+      raise errors.ConfigError(
           f'checkpoint {self.directory}/{step} does not fit this model and optimizer '
           f'(was it written with another config?); {len(diffs)} arrays differ, e.g. '
           + '; '.join(diffs[:3]))

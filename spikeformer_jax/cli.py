@@ -6,7 +6,9 @@ a 50-line traceback from ml_collections. Here every error of the command line
 required flag, a config file that does not load) prints one line,
 `error: ...`, and exits with status 2 (`USAGE_EXIT`, argparse's status for a
 usage error). Errors the tools find later, in the config's values or the data,
-exit with status 1.
+exit with status 1 through `errors.report`: a user error as one line, a bug
+with its traceback (`--traceback`, defined here for every tool, shows it
+always).
 
   _CONFIG = cli.define_config_file('config', 'configs/spikformer.py:digits', 'Config file.')
   ...
@@ -36,6 +38,11 @@ _DEFAULTS = {}  # config flag name -> its default 'path.py[:arg]'
 # raises flags.Error for the rest. (A config file that cannot be read is
 # kept as an error object until used: see parse_flags.)
 _PARSE_ERRORS = (flags.Error, KeyError, AttributeError, TypeError, ValueError)
+
+
+TRACEBACK = flags.DEFINE_bool(
+    'traceback', False, 'Print the traceback of every error, also of the one-line ones '
+    '(bugs always print theirs).')
 
 
 def exit_usage(message: str):
@@ -106,19 +113,45 @@ def parse_flags(argv: list[str], config_names=('config',)) -> list[str]:
   return rest
 
 
-def run(main, config_names=('config',)):
-  """app.run(main) with command-line mistakes as one line and exit status 2.
-  JAX's own options are flags too (`--jax_log_compiles`, `--jax_platforms=cpu`,
-  `--jax_default_matmul_precision=highest`, ...), as in big_vision / MaxText."""
-  import jax  # pylint: disable=import-outside-toplevel
-  jax.config.config_with_absl()  # applied once app.run has parsed the command line
-  app.run(main, flags_parser=lambda argv: parse_flags(argv, config_names))
+def reporting(main):
+  """`main` returning `errors.report`'s exit status for what it raises."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except  # KeyboardInterrupt: the tool's
+      return errors.report(e, traceback=TRACEBACK.value)
+  return guarded
+
+
+def run(main, config_names=('config',), jax_flags: bool = True):
+  """app.run(main) with command-line mistakes as one line and exit status 2,
+  and what `main` raises through `errors.report`. JAX's own options are flags
+  too (`--jax_log_compiles`, `--jax_platforms=cpu`,
+  `--jax_default_matmul_precision=highest`, ...), as in big_vision / MaxText;
+  `jax_flags=False` for tools that pass them on as environment variables
+  (`jax_flags_to_env`)."""
+  if jax_flags:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.config_with_absl()  # applied once app.run has parsed the command line
+  app.run(reporting(main), flags_parser=lambda argv: parse_flags(argv, config_names))
+
+
+def call(main, argv: list[str], config_names=()) -> int:
+  """`main` run on the command line `argv` (argv[0]: the program) in this
+  process, as `run` would, returning its exit status (tests). Flags not in
+  `argv` are at their defaults, whatever an earlier call set."""
+  flags.FLAGS.unparse_flags()
+  try:
+    rest = parse_flags(argv, config_names)
+    return reporting(main)(rest)
+  except SystemExit as e:  # a command-line mistake (exit_usage)
+    return e.code
 
 
 def jax_flags_to_env(argv: list[str]) -> list[str]:
   """`argv` without its `--jax_*` flags, which become JAX_* environment
   variables (JAX reads them when it starts; subprocesses inherit them): for
-  tools that parse with argparse (sweep.py, whose points are subprocesses)."""
+  tools whose work runs in subprocesses (sweep.py's points)."""
   rest = []
   for arg in argv:
     m = re.fullmatch(r'--(no)?(jax_\w+)(?:=(.*))?', arg)

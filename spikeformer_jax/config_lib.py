@@ -7,6 +7,7 @@ import json
 import ml_collections
 
 from spikeformer_jax import data as data_lib
+from spikeformer_jax import errors
 from spikeformer_jax import models
 from spikeformer_jax.data import mixup
 
@@ -130,9 +131,9 @@ def parse_arg(arg: str, default: str, variants) -> tuple[str, bool]:
   name, *flags = (arg or default).split(',')
   unknown = set(flags) - {'runlocal'}
   if unknown:
-    raise ValueError(f'unknown config flags {sorted(unknown)}; valid: runlocal.')
+    raise errors.ConfigError(f'unknown config flags {sorted(unknown)}; valid: runlocal.')
   if name not in variants:
-    raise ValueError(f'unknown variant {name!r}; valid: ' + ', '.join(variants))
+    raise errors.ConfigError(f'unknown variant {name!r}; valid: ' + ', '.join(variants))
   return name, 'runlocal' in flags
 
 
@@ -151,15 +152,20 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
   return [] if saved == want else [prefix.rstrip('.')]
 
 
-# Model-defining fields added after the first release -> (their default, for
-# runs saved before they existed; what of the value matters: EMA on / off).
+# Model-defining fields of the shared config added after the first release ->
+# (their default, for runs saved before they existed; what of the value
+# matters: EMA on / off). A family's or attention kind's own fields declare
+# theirs beside them (`added`): see `added_fields`.
 _ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool),
           'model.neuron.membrane': ('float32', str), 'model.neuron.kind': ('lif', str),
-          'model.neuron.charge_form': ('spikingjelly', str), 'model.neuron.beta': (0.5, float),
-          'model.a2os2a': ({'out_neuron': 'binary'}, dict),
-          'model.drop_path_rate': (0.0, float), 'model.event_sum_channel': (False, bool),
-          'model.qk_pool': (0, int), 'model.attn_scale_learnable': (False, bool),
-          'model.head_order': ('pool_then_fire', str)}
+          'model.neuron.charge_form': ('spikingjelly', str), 'model.neuron.beta': (0.5, float)}
+
+
+def added_fields() -> dict:
+  """Every model-defining field added after the first release -> (its default
+  for older runs, what of the value matters): the shared ones and those the
+  registered families and attention kinds declare."""
+  return {**_ADDED, **models.added_fields()}
 
 
 # Under 'model' but not defining it: how the same function is compiled.
@@ -171,12 +177,12 @@ COMPILATION_ONLY = ('model.remat', 'model.remat_stem', 'model.neuron.loop',
 def model_defining(keys: list[str], saved: dict | None = None,
                    want: dict | None = None) -> list[str]:
   """The model-defining keys among changed `keys` (of saved -> want configs)."""
-  out = []
+  out, added = [], added_fields()
   for k in keys:
     if not any(k == f or k.startswith(f + '.') for f in MODEL_DEFINING) or k in COMPILATION_ONLY:
       continue
-    if saved is not None and k in _ADDED:
-      default, matters = _ADDED[k]
+    if saved is not None and k in added:
+      default, matters = added[k]
       a, b = (lookup(d, k) for d in (saved, want))
       if matters(default if a is None else a) == matters(default if b is None else b):
         continue
@@ -204,9 +210,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict, where: s
         raise KeyError(leaf)
       node[leaf] = _as_config_value(value)
     except (KeyError, AttributeError) as e:
-      raise ValueError(f'{where}unknown config field {key!r} (set to {value!r}).') from e
+      raise errors.ConfigError(f'{where}unknown config field {key!r} (set to {value!r}).') from e
     except TypeError as e:
-      raise ValueError(f'{where}{key}={value!r}: {e}') from e
+      raise errors.ConfigError(f'{where}{key}={value!r}: {e}') from e
   return config
 
 
@@ -216,7 +222,7 @@ def parse_set(pairs) -> dict:
   for pair in pairs or []:
     key, sep, value = pair.partition('=')
     if not sep:
-      raise SystemExit(f'error: --set {pair!r}: expected KEY=VALUE.')
+      raise errors.ConfigError(f'--set {pair!r}: expected KEY=VALUE.')
     try:
       out[key] = json.loads(value)
     except json.JSONDecodeError:

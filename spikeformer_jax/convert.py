@@ -34,6 +34,7 @@ import sys
 import numpy as np
 from flax import nnx
 
+from spikeformer_jax import errors
 from spikeformer_jax import extras
 
 # Our leaf name -> PyTorch leaf name, per variable type.
@@ -164,7 +165,7 @@ def _raise_if(missing, unexpected, bad_shape, values=()):
     problems.append('values no weight can have (a damaged file, or a diverged run?): '
                     + '; '.join(values))
   if problems:
-    raise ValueError(
+    raise errors.DataError(
         ('The PyTorch state_dict does not fit this model configuration (check '
          'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):'
          if len(problems) > bool(values) else 'The PyTorch state_dict cannot be loaded:')
@@ -231,7 +232,7 @@ def _refuse_out(out: str, holding: bool = False):
   holds it, or it holds anything but a stale lock (a run, a converted one,
   other files). Converting never writes into an existing directory's files."""
   import os  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import errors, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   if os.path.exists(out) and not os.path.isdir(out):
     raise errors.UserError(f'--out={out} is a file; give a new directory.')
   if not os.path.isdir(out):
@@ -264,7 +265,6 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
   if not out:  # before reading the checkpoint, which may take minutes
     raise errors.UserError('--out is empty: give a new directory for the converted workdir.')
   config = config.copy_and_resolve_references()
@@ -309,16 +309,12 @@ def write_workdir(config, torch_file: str, out: str) -> str:
 def main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import checkpointing, errors  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO, as in eval.py
     logging.set_verbosity(logging.WARNING)
     checkpointing.quiet_orbax_logs()
   assert _TORCH.value is not None and _OUT.value is not None  # required flags: absl checked
-  try:
-    write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)
-  except errors.CLEAR as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return 1
+  write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)  # errors: errors.report (cli.run)
   return 0
 
 

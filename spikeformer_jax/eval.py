@@ -66,8 +66,8 @@ def analyze(config) -> int:
       attention_block=_ATTN_BLOCK.value, attention_heads=tuple(map(int, _ATTN_HEADS.value)))
   except IndexError as e:  # drawn before the analysis: name the flag
     flag = 'attention_block' if str(e).startswith('block=') else 'attention_heads'
-    raise ValueError(f'--{flag}={flags.FLAGS[flag].serialize().split("=", 1)[-1]}: '
-                     f'{errors.one_line(e)}') from e
+    raise errors.ConfigError(f'--{flag}={flags.FLAGS[flag].serialize().split("=", 1)[-1]}: '
+                             f'{errors.one_line(e)}') from e
   t = report['totals']
   print(f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
         f'{t["macs"] / 1e9:.4f} GMAC dense, {t["sops"] / 1e9:.4f} G SOPs, '
@@ -81,9 +81,10 @@ def _check_writable(out: str | None):
   `out` is --output (a JSON file; with --analyze a directory) or None (the
   workdir's default)."""
   import tempfile  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
   if out and not _ANALYZE.value and os.path.isdir(out):
-    raise ValueError(f'--output={out} is a directory; give a file path, e.g. '
-                     f'{os.path.join(out, "eval.json")}.')
+    raise errors.ConfigError(f'--output={out} is a directory; give a file path, e.g. '
+                             f'{os.path.join(out, "eval.json")}.')
   if out and _ANALYZE.value:
     directory = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
   else:
@@ -108,7 +109,6 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
   try:
     from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
     from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
@@ -134,14 +134,11 @@ def main(argv):
     with open(out + '.tmp', 'w', encoding='utf-8') as f:  # a kill leaves no half a file
       json.dump(res, f, indent=2)
     os.replace(out + '.tmp', out)
-  except KeyboardInterrupt as e:
+  except KeyboardInterrupt as e:  # other errors: errors.report (cli.run)
     term = 'SIGTERM' in str(e)
     print(f'{"stopped (SIGTERM)" if term else "interrupted (SIGINT)"}: nothing written.',
           file=sys.stderr)
     return 143 if term else 130
-  except (*errors.CLEAR, IndexError) as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return 1
   print(f'eval {res["split"]}{" (EMA)" if _EMA.value else ""} step {res["step"]}: top1 {res["top1"]:.2%} | '
         f'top5 {res["top5"]:.2%} | loss {res["loss"]:.4f} | {res["count"]} examples '
         f'-> {out}')

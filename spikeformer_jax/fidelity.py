@@ -22,19 +22,19 @@ still checked; exits 1 if any file did not match.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
-import sys
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from flax import nnx
 
+from spikeformer_jax import cli
 from spikeformer_jax import convert
 from spikeformer_jax import errors
 from spikeformer_jax import recordings
@@ -198,20 +198,22 @@ def _unwritable(path: str) -> str:
   return ''
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('files', nargs='+', help='fixture .npz files')
-  parser.add_argument('--json', help='also write the reports to this JSON file')
-  args = parser.parse_args(argv)
-  if args.json:  # before the replays, which take minutes
-    problem = _unwritable(args.json)
+_JSON = flags.DEFINE_string('json', None, 'Also write the reports to this JSON file.')
+
+
+def main(argv: list[str]) -> int:
+  """Checks the files `argv[1:]` (absl's main: argv[0] is the program); the exit status."""
+  files = argv[1:]
+  if not files:
+    cli.exit_usage('give one or more recording files: python -m spikeformer_jax.fidelity '
+                   'FILE.npz [FILE.npz ...] [--json OUT.json].')
+  if _JSON.value:  # before the replays, which take minutes
+    problem = _unwritable(_JSON.value)
     if problem:
-      print(f'error: cannot write --json {args.json}: {problem}; pass another path.',
-            file=sys.stderr)
-      return 2
+      cli.exit_usage(f'cannot write --json {_JSON.value}: {problem}; pass another path.')
   jax.config.update('jax_enable_x64', True)  # before any array is made
   reports = []
-  for f in args.files:
+  for f in files:
     # One line for a file that cannot be checked, then on to the next file:
     # a bad download must not hide how the other recordings compare.
     try:
@@ -219,6 +221,8 @@ def main(argv=None) -> int:
     except BadRecording as e:
       r = {'file': os.path.basename(f), 'ok': False, 'error': str(e)}
     except Exception as e:  # pylint: disable=broad-except  # unsupported, or our bug
+      if cli.TRACEBACK.value or not isinstance(e, errors.USER_ERRORS):
+        traceback.print_exc()  # a bug: where it happened
       r = {'file': os.path.basename(f), 'ok': False,
            'error': f'{recordings.error_kind(e)}: {errors.one_line(e)}',
            'traceback': traceback.format_exc()}  # for --json readers
@@ -230,15 +234,20 @@ def main(argv=None) -> int:
   bad = sum('error' in r for r in reports)
   print(f"{sum(r['ok'] for r in reports)}/{len(reports)} fixture files match"
         + (f'; {bad} could not be checked.' if bad else '.'))
-  if args.json:
+  if _JSON.value:
     try:
-      with open(args.json, 'w') as fh:
+      with open(_JSON.value, 'w') as fh:
         json.dump(reports, fh, indent=1, default=str)
     except OSError as e:
-      print(f'error: cannot write --json {args.json}: {errors.one_line(e)}', file=sys.stderr)
-      return 1
+      raise OSError(f'cannot write --json {_JSON.value}: {errors.one_line(e)}') from e
   return 0 if all(r['ok'] for r in reports) else 1
 
 
+def run():
+  """`python -m spikeformer_jax.fidelity`: command-line mistakes are one line
+  and exit status 2; errors go through errors.report."""
+  cli.run(main, config_names=())
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  run()

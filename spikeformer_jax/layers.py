@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spikeformer_jax import neurons, synapses
+from spikeformer_jax import errors, neurons, synapses
 from spikeformer_jax.norm import BatchNorm
 from spikeformer_jax.ops import initializers
 
@@ -48,13 +48,13 @@ def batch_as_time_multistep(neuron: neurons.Neuron, x: jax.Array, T: int,
   return s.reshape(groups, T, b // groups, -1).transpose(0, 2, 1, 3).reshape(x.shape)
 
 
-def check_spike_sums(s: Settings, depth: int):
+def check_spike_sums(settings: Settings, depth: int):
   """A spike-add residual stream reaches 2 + 2 * depth (a {0,1,2} stem output
   plus two spikes per block); `compact_spikes` keeps it as int8."""
-  if s.compact_spikes and 2 + 2 * depth > 127:
-    raise ValueError(f'{depth} blocks make residual spike sums up to {2 + 2 * depth}, '
-                     'beyond the int8 that model.compact_spikes saves them in; set '
-                     'model.compact_spikes=False.')
+  if settings.compact_spikes and 2 + 2 * depth > 127:
+    raise errors.ConfigError(f'{depth} blocks make residual spike sums up to {2 + 2 * depth}, '
+                             'beyond the int8 that model.compact_spikes saves them in; set '
+                             'model.compact_spikes=False.')
 
 
 def count_dtype():

@@ -30,6 +30,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from spikeformer_jax import errors
+
 # --------------------------------------------------------------------------
 # Surrogate spike functions.
 # --------------------------------------------------------------------------
@@ -64,7 +66,7 @@ def surrogate_grad(name: str, alpha: float, z: jax.Array) -> jax.Array:
     return jnp.maximum(alpha - alpha * alpha * jnp.abs(z), 0.0)
   if name == 'straight_through':
     return jnp.ones_like(z)
-  raise ValueError(
+  raise errors.ConfigError(
       f'Unknown surrogate {name!r}; valid: {sorted(SURROGATE_DEFAULT_ALPHA)}.')
 
 
@@ -152,7 +154,7 @@ class Neuron:
     def check(field, valid):
       value = getattr(self, field)
       if value not in valid:
-        raise ValueError(
+        raise errors.ConfigError(
             f'Neuron.{field}={value!r} is not valid; choose one of {valid}.')
     check('kind', KINDS)
     check('loop', LOOPS)
@@ -161,10 +163,10 @@ class Neuron:
     check('ternary_grad', TERNARY_GRADS)
     check('surrogate', tuple(SURROGATE_DEFAULT_ALPHA))
     if self.tau <= 0:
-      raise ValueError(f'Neuron.tau={self.tau} must be > 0.')
+      raise errors.ConfigError(f'Neuron.tau={self.tau} must be > 0.')
     if self.unroll < 0:
-      raise ValueError(f'Neuron.unroll={self.unroll} must be >= 1, or 0 to unroll '
-                       'all T steps.')
+      raise errors.ConfigError(f'Neuron.unroll={self.unroll} must be >= 1, or 0 to unroll '
+                               'all T steps.')
 
   @property
   def surrogate_alpha(self) -> float:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spikeformer_jax import errors
 from spikeformer_jax import neurons
 
 Dtype = Any
@@ -79,7 +80,7 @@ class BatchNorm(nnx.Module):
 
     g = self.groups
     if x.shape[0] % g:
-      raise ValueError(
+      raise errors.ConfigError(
           f'BatchNorm with {g} groups (per-device statistics) needs a batch*time '
           f'axis divisible by {g}, got {x.shape[0]}; make the batch size a '
           'multiple of the number of data-parallel devices.')

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spikeformer_jax import errors
+
 # --------------------------------------------------------------------------
 # Initialisers matching PyTorch / timm.
 # --------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def initializers(init: str, fan_in: int):
     return trunc_normal_init, nnx.initializers.zeros_init()
   if init == 'torch_default':
     return torch_default_kernel_init, torch_default_bias_init(fan_in)
-  raise ValueError(f"init {init!r}: use 'trunc_normal' or 'torch_default'.")
+  raise errors.ConfigError(f"init {init!r}: use 'trunc_normal' or 'torch_default'.")
 
 
 # --------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from spikeformer_jax import errors
+
 
 def timm_cosine_lr(step, *, base_lr: float, steps_per_epoch: float, epochs: int,
                    warmup_epochs: int, warmup_lr: float, min_lr: float,
@@ -86,7 +88,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, accum: i
     return lambda step: mae_cosine_lr(
         step, base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
         warmup_epochs=o.warmup_epochs, min_lr=o.min_lr, accum=accum)
-  raise ValueError(f'optimizer.schedule={name!r}; valid: {SCHEDULES}.')
+  raise errors.ConfigError(f'optimizer.schedule={name!r}; valid: {SCHEDULES}.')
 
 
 def decay_mask(params, reached=None):
@@ -196,7 +198,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached
   o = cfg.optimizer
   k = o.get('accum_steps', 1)
   if k < 1:
-    raise ValueError(f'optimizer.accum_steps={k} must be >= 1.')
+    raise errors.ConfigError(f'optimizer.accum_steps={k} must be >= 1.')
   schedule = make_schedule(cfg, steps_per_epoch, k)
   mask = functools.partial(decay_mask, reached=reached)
   if o.name == 'adamw':
@@ -206,7 +208,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached
     tx = timm_lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                    mask=mask, order=lamb_order)
   else:
-    raise ValueError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
+    raise errors.ConfigError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:
     tx = optax.chain(torch_clip_grad_norm(o.grad_clip_norm), tx)
   if k > 1:

@@ -18,6 +18,7 @@ from flax import nnx
 
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import extras
 from spikeformer_jax import norm
 
@@ -107,14 +108,14 @@ def read_metrics(metrics_jsonl: str) -> dict[str, tuple[np.ndarray, np.ndarray]]
     except json.JSONDecodeError as e:
       if i == len(lines):  # a live run's half-written last line
         continue
-      raise ValueError(f'{metrics_jsonl}:{i}: not a JSON line ({e}).') from e
+      raise errors.DataError(f'{metrics_jsonl}:{i}: not a JSON line ({e}).') from e
     if not isinstance(row, dict) or 'step' not in row:
-      raise ValueError(f'{metrics_jsonl}:{i}: expected a JSON object with a "step".')
+      raise errors.DataError(f'{metrics_jsonl}:{i}: expected a JSON object with a "step".')
     for k, v in row.items():
       if k not in ('step', 'time') and isinstance(v, (int, float)) and not isinstance(v, bool):
         series.setdefault(k, {})[int(row['step'])] = float(v)
   if not series:
-    raise ValueError(f'{metrics_jsonl}: no metrics (no line with a step and a value).')
+    raise errors.DataError(f'{metrics_jsonl}: no metrics (no line with a step and a value).')
   out = {}
   for k, by_step in series.items():
     steps = np.asarray(sorted(by_step))
@@ -131,8 +132,8 @@ def learning_curves(metrics_jsonl: str, path: str) -> str:
   panels = [('loss', ('train_loss', 'test_loss')), ('top-1', ('train_top1', 'test_top1'))]
   lr_key = next((k for k in ('train_lr', 'lr') if k in m), None)
   if not any(k in m for _, keys in panels for k in keys):
-    raise ValueError(f'{metrics_jsonl}: no train/test loss or top-1 to plot '
-                     f'(keys: {sorted(m)}).')
+    raise errors.DataError(f'{metrics_jsonl}: no train/test loss or top-1 to plot '
+                           f'(keys: {sorted(m)}).')
   ratios = (3, 3) + ((1.2,) if lr_key else ())
   fig = _figure(7, sum(ratios) + 0.8)
   axes = fig.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)

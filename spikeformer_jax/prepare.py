@@ -20,12 +20,12 @@ the same arguments from any directory.
 
 import glob
 import os
-import sys
 import time
 
-from absl import app
 from absl import flags
 
+from spikeformer_jax import cli
+from spikeformer_jax import errors
 from spikeformer_jax.data import tfds_sources
 
 _DATASET = flags.DEFINE_enum('dataset', None, [*tfds_sources.IMAGE_DATASETS,
@@ -43,17 +43,17 @@ def _prepare_catalog(name, data_dir, manual_dir):
   try:
     import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    raise SystemExit(f'error: preparing {name} runs the tfds catalog builder, which needs '
+    raise errors.UserError(f'preparing {name} runs the tfds catalog builder, which needs '
                      'TensorFlow: pip install ".[prepare]" (tensorflow-cpu; not needed '
                      'for training).') from None
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   if name == 'imagenet2012' and not manual_dir:
-    raise SystemExit('error: imagenet2012 cannot be downloaded: put ILSVRC2012_img_train.tar '
+    raise errors.ConfigError('imagenet2012 cannot be downloaded: put ILSVRC2012_img_train.tar '
                      'and ILSVRC2012_img_val.tar in a folder and pass --manual_dir.')
   builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
   if (os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
       and not glob.glob(os.path.join(builder.data_dir, '*.array_record*'))):
-    raise SystemExit(f'error: {builder.data_dir} holds {name} in another format (TFRecord?), '
+    raise errors.UserError(f'{builder.data_dir} holds {name} in another format (TFRecord?), '
                      'which tfds would reuse and training cannot read: delete that folder '
                      'or pass another --data_dir.')
   builder.download_and_prepare(
@@ -64,21 +64,19 @@ def _prepare_catalog(name, data_dir, manual_dir):
 def main(argv):
   del argv
   name = _DATASET.value
+  if name is None:  # checked here, not by a validator that would stay on the global flags
+    names = [*tfds_sources.IMAGE_DATASETS, *tfds_sources.EVENT_DATASETS]
+    cli.exit_usage(f'--dataset is required: one of {", ".join(names)}.')
   data_dir = tfds_sources.default_data_dir(_DATA_DIR.value)
   manual_dir = os.path.expanduser(_MANUAL_DIR.value) if _MANUAL_DIR.value else None
   t0 = time.time()
   if name in tfds_sources.EVENT_DATASETS:
     from spikeformer_jax.data import builders  # pylint: disable=import-outside-toplevel
     if not manual_dir or not os.path.isdir(manual_dir):
-      print(f'error: --manual_dir={manual_dir!r} is not a folder. '
-            f'{builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS}', file=sys.stderr)
-      return 1
-    try:
-      builder = builders.prepare(name, data_dir=data_dir, manual_dir=manual_dir,
-                                 frames=_FRAMES.value, split_by=_SPLIT_BY.value)
-    except (FileNotFoundError, ValueError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 1
+      raise errors.ConfigError(f'--manual_dir={manual_dir!r} is not a folder. '
+                               f'{builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    builder = builders.prepare(name, data_dir=data_dir, manual_dir=manual_dir,
+                               frames=_FRAMES.value, split_by=_SPLIT_BY.value)
   else:
     builder = _prepare_catalog(name, data_dir, manual_dir)
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items())
@@ -88,9 +86,7 @@ def main(argv):
 
 def run():
   """`spikeformer-prepare`, `python -m spikeformer_jax.prepare`, `python prepare.py`."""
-  flags.mark_flags_as_required(['dataset'])
-  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
-  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, ()))  # one line, exit 2
+  cli.run(main, (), jax_flags=False)  # mistakes in flags: one line, exit 2; errors.report
 
 
 if __name__ == '__main__':

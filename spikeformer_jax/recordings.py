@@ -18,7 +18,7 @@ from spikeformer_jax import errors
 from spikeformer_jax import models
 
 
-class BadRecording(ValueError):
+class BadRecording(errors.DataError):
   """A file that is not a readable recording (the message says why)."""
 
 
@@ -92,7 +92,7 @@ def to_nhwc(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 3, 1)
   if x.ndim == 5:   # [B, T, C, H, W]
     return x.transpose(0, 1, 3, 4, 2)
-  raise ValueError(f'fixture input of rank {x.ndim}; expected 4 or 5.')
+  raise errors.DataError(f'fixture input of rank {x.ndim}; expected 4 or 5.')
 
 
 def rel_error(a, b, scale) -> float:

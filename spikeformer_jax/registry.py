@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
+from spikeformer_jax import errors
+
 T = TypeVar('T')
 
 
@@ -32,7 +34,7 @@ class Registry(Generic[T]):
 
   def get(self, name: str) -> T:
     if name not in self._items:
-      raise ValueError(self._unknown(name, self.names()))
+      raise errors.ConfigError(self._unknown(name, self.names()))
     return self._items[name]
 
   def values(self):

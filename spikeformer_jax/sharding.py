@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from spikeformer_jax import errors
+
 AXES = ('data', 'fsdp')
 BATCH = P(AXES)          # the batch axis over every device
 FSDP_MIN_SIZE = 2 ** 14  # default: smaller arrays (biases, norms) stay replicated
@@ -31,19 +33,19 @@ def mesh_shape(num_devices: int | None, data: int, fsdp: int, available: int,
   pure function: the planner checks a TPU slice's mesh before loading libtpu)."""
   n = available if num_devices in (None, 0, -1) else num_devices
   if n < 1 or n > available:
-    raise ValueError(f'num_devices={num_devices}: use -1 (all) or 1..{available}, '
-                     f'the number of {where}.')
+    raise errors.ConfigError(f'num_devices={num_devices}: use -1 (all) or 1..{available}, '
+                             f'the number of {where}.')
   if data == -1 and fsdp == -1:
-    raise ValueError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
+    raise errors.ConfigError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if known < 1 or n % known:
-      raise ValueError(f'mesh.{"fsdp" if data == -1 else "data"}={known} does not divide '
-                       f'the {n} devices; use a divisor of {n}, or -1.')
+      raise errors.ConfigError(f'mesh.{"fsdp" if data == -1 else "data"}={known} does not divide '
+                               f'the {n} devices; use a divisor of {n}, or -1.')
     data, fsdp = (n // known, known) if data == -1 else (known, n // known)
   if data < 1 or fsdp < 1 or data * fsdp != n:
-    raise ValueError(f'mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices '
-                     '(num_devices); -1 takes the rest.')
+    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices '
+                             '(num_devices); -1 takes the rest.')
   return data, fsdp
 
 
@@ -162,5 +164,5 @@ def check_batch_size(batch_size: int, mesh, what: str = 'batch_size'):
   """`mesh`: a Mesh, or the number of data-parallel devices (data x fsdp)."""
   n = mesh if isinstance(mesh, int) else data_size(mesh)
   if batch_size % n:
-    raise ValueError(f'{what}={batch_size} must be divisible by the {n} data-parallel '
-                     f'devices; use a multiple of {n}.')
+    raise errors.ConfigError(f'{what}={batch_size} must be divisible by the {n} data-parallel '
+                             f'devices; use a multiple of {n}.')

@@ -29,105 +29,107 @@ the same arguments from any directory; `--config=configs/<family>.py:VARIANT`
 names the packaged config when there is no such file where it runs.
 """
 
-import argparse
 import os
 import signal
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('command', choices=('list', 'run', 'commands', 'point', 'collect'))
-  parser.add_argument('--config', help='config file declaring the sweep (configs/x.py)')
-  parser.add_argument('--sweep', help='sweep name (see `list`)')
-  parser.add_argument('--workdir', help='sweep directory (one subdirectory per point)')
-  parser.add_argument('--parallel', type=int, default=1, help='points trained at once')
-  parser.add_argument('--point', help='(point) the point to train')
-  parser.add_argument('--set', action='append', dest='common', metavar='KEY=VALUE')
-  parser.add_argument('--runlocal', action='store_true',
-                      help="add ',runlocal' to every point's config: a smoke run of the sweep")
-  parser.add_argument('--metric', default='test_top1', help='(collect) sort / plot metric')
-  parser.add_argument('--x', default='', help='(collect) swept field on the plot x axis')
-  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
-  args = parser.parse_args(cli.jax_flags_to_env(sys.argv[1:] if argv is None else argv))
-  args.config = cli.config_file(args.config)  # configs/x.py: also outside a checkout
+from spikeformer_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-  from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
-  need = {'list': ('config',), 'run': ('config', 'sweep', 'workdir'),
+COMMANDS = ('list', 'run', 'commands', 'point', 'collect')
+# The flags each command needs (`point`: what `commands` prints, one per point).
+_NEEDS = {'list': ('config',), 'run': ('config', 'sweep', 'workdir'),
           'commands': ('config', 'sweep', 'workdir'),
           'point': ('config', 'sweep', 'point', 'workdir'), 'collect': ('workdir',)}
-  missing = [f'--{n}' for n in need[args.command] if not getattr(args, n)]
+
+_CONFIG = flags.DEFINE_string('config', None, 'Config file declaring the sweep (configs/x.py, '
+                              'no :VARIANT).')
+_SWEEP = flags.DEFINE_string('sweep', None, 'Sweep name (see `list`).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory (one subdirectory per point).')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, '(run) Points trained at once.')
+_POINT = flags.DEFINE_string('point', None, '(point) The point to train.')
+_SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE (repeatable; VALUE parsed as JSON, '
+                                 'else a string): a field set in every point.')
+_RUNLOCAL = flags.DEFINE_bool('runlocal', False, "Add ',runlocal' to every point's config: a "
+                              'smoke run of the sweep.')
+_METRIC = flags.DEFINE_string('metric', 'test_top1', '(collect) Sort / plot metric.')
+_X = flags.DEFINE_string('x', '', '(collect) Swept field on the plot x axis.')
+
+
+def main(argv: list[str]) -> int:
+  """The sweep command `argv[1]` (absl's main: argv[0] is the program); its exit status."""
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    got = f'got {" ".join(argv[1:])!r}' if len(argv) > 1 else 'none given'
+    cli.exit_usage(f'give one command, {" | ".join(COMMANDS)} ({got}); e.g. '
+                   'python sweep.py list --config=configs/spikformer.py.')
+  command = argv[1]
+  missing = [f'--{n}' for n in _NEEDS[command] if not flags.FLAGS[n].value]
   if missing:
-    parser.error(f'{args.command} needs {" ".join(missing)}')
-  if args.parallel < 1:
-    print(f'error: --parallel={args.parallel}: the number of points trained at once must be '
-          '>= 1.', file=sys.stderr)
-    return 2
-  common = config_lib.parse_set(args.common)
+    cli.exit_usage(f'{command} needs {" ".join(missing)}.')
+  if _PARALLEL.value < 1:
+    cli.exit_usage(f'--parallel={_PARALLEL.value}: the number of points trained at once must '
+                   'be >= 1.')
+  config = cli.config_file(_CONFIG.value)  # configs/x.py: also outside a checkout
+  workdir, runlocal = _WORKDIR.value, _RUNLOCAL.value
+
+  from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
   try:
-    if args.command == 'list':
-      module = sweeps.load_config_module(args.config)
+    common = config_lib.parse_set(_SET.value)
+  except errors.ConfigError as e:
+    cli.exit_usage(errors.one_line(e))
+  # Other errors: errors.report (cli.run): a user error one line and status 1,
+  # a stop that saved the running points' steps (errors.Stopped) 143 / 130.
+  try:
+    if command == 'list':
+      module = sweeps.load_config_module(config)
       for name in sweeps.declared_sweeps(module):
-        points = sweeps.get_points(args.config, name, common, validate=False,
-                                   runlocal=args.runlocal)
+        points = sweeps.get_points(config, name, common, validate=False, runlocal=runlocal)
         print(f'{name}: {len(points)} points')
         for p in points:
           print(f'  {p.name}')
         _warn(sweeps.overridden_common(points, common))
-    elif args.command == 'commands':
-      points = sweeps.get_points(args.config, args.sweep, common, runlocal=args.runlocal)
+    elif command == 'commands':
+      points = sweeps.get_points(config, _SWEEP.value, common, runlocal=runlocal)
       _warn(sweeps.overridden_common(points, common))  # stderr: stdout is the commands
-      sweeps.write_manifest(args.config, args.sweep, args.workdir, points, common, args.runlocal)
+      sweeps.write_manifest(config, _SWEEP.value, workdir, points, common, runlocal)
       for p in points:
-        cmd = sweeps.point_command(args.config, args.sweep, p.name,
-                                   os.path.join(args.workdir, p.name), common, args.runlocal)
+        cmd = sweeps.point_command(config, _SWEEP.value, p.name, os.path.join(workdir, p.name),
+                                   common, runlocal)
         print(' '.join(_quote(c) for c in cmd))
-    elif args.command == 'run':
+    elif command == 'run':
       # While no point runs, SIGTERM (or SIGHUP) stops at once, in one line
       # (sweeps.run passes it on to the points while they run).
       for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup
           signal.signal(signum, _stopped_between_points)
-      result = sweeps.run(args.config, args.sweep, args.workdir, parallel=args.parallel,
-                          common=common, runlocal=args.runlocal)
+      result = sweeps.run(config, _SWEEP.value, workdir, parallel=_PARALLEL.value,
+                          common=common, runlocal=runlocal)
       failed = sorted(n for n, s in result.items() if s != 'finished')
       print(f'{len(result) - len(failed)}/{len(result)} points finished'
             + (f'; not finished: {", ".join(f"{n} ({result[n]})" for n in failed)}'
                if failed else '') + '.')
-      sweeps.collect(args.workdir)
+      sweeps.collect(workdir)
       return 1 if failed else 0
-    elif args.command == 'point':
+    elif command == 'point':
       from absl import logging  # pylint: disable=import-outside-toplevel
       logging.set_verbosity(logging.WARNING)
       try:
-        sweeps.run_point(args.config, args.sweep, args.point, args.workdir, common,
-                         args.runlocal)
-      except errors.Stopped as e:  # step saved: 143 / 130, as train.py, for schedulers
-        print(errors.one_line(e), file=sys.stderr)
-        return e.exit_code
+        sweeps.run_point(config, _SWEEP.value, _POINT.value, workdir, common, runlocal)
       except errors.WorkdirBusy as e:  # `run` records the point as busy, not failed
-        print(f'error: {errors.one_line(e)}', file=sys.stderr)
+        errors.report(e, traceback=cli.TRACEBACK.value)
         return sweeps.BUSY_EXIT
     else:
-      rows = sweeps.collect(args.workdir, metric=args.metric, x=args.x)
-      with open(os.path.join(args.workdir, 'results.md'), encoding='utf-8') as f:
+      rows = sweeps.collect(workdir, metric=_METRIC.value, x=_X.value)
+      with open(os.path.join(workdir, 'results.md'), encoding='utf-8') as f:
         print(f.read(), end='')
-      print(f'{len(rows)} points; wrote {args.workdir}/results.csv, results.md, results.png')
-  except errors.Stopped as e:  # `run` passed the signal on and its points saved
-    print(errors.one_line(e), file=sys.stderr)
-    return e.exit_code
+      print(f'{len(rows)} points; wrote {workdir}/results.csv, results.md, results.png')
   except KeyboardInterrupt:  # while no point ran (`run` passes it on to running ones)
     print('interrupted (SIGINT) while no point was running; rerun the same command to go on.',
           file=sys.stderr)
     return 130
-  except sweeps.InvalidPoints as e:  # a line per invalid point reads better than one
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  except errors.CLEAR as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return 1
   return 0
 
 
@@ -149,7 +151,9 @@ def _quote(s: str) -> str:
 
 def run():
   """`spikeformer-sweep`, `python -m spikeformer_jax.sweep`, `python sweep.py`."""
-  sys.exit(main())
+  # JAX's options become environment variables, which every point inherits.
+  sys.argv = [sys.argv[0], *cli.jax_flags_to_env(sys.argv[1:])]
+  cli.run(main, config_names=(), jax_flags=False)  # mistakes: one line, exit status 2
 
 
 if __name__ == '__main__':

@@ -65,7 +65,7 @@ def zipped(**axes) -> list[dict]:
   """The i-th values of all axes together; the axes must have equal lengths."""
   lengths = {k: len(v) for k, v in axes.items()}
   if len(set(lengths.values())) > 1:
-    raise ValueError(f'zipped axes of different lengths: {lengths}.')
+    raise errors.ConfigError(f'zipped axes of different lengths: {lengths}.')
   keys = list(axes)
   return [dict(zip(keys, values)) for values in zip(*(axes[k] for k in keys))]
 
@@ -186,8 +186,9 @@ def check_buildable(config: ml_collections.ConfigDict):
   nnx.eval_shape(lambda: models.build_model(config.model))
 
 
-class InvalidPoints(ValueError):
+class InvalidPoints(errors.ConfigError):
   """Points that cannot run: a line for each, after a summary line."""
+  multiline = True
 
 
 def _default_arg(module) -> str:
@@ -204,7 +205,7 @@ def expand(config_path: str, points: list[dict], common: dict | None = None,
   each point); raises ValueError listing every invalid point before anything
   runs."""
   module = load_config_module(config_path)
-  out, errors, seen = [], [], {}
+  out, problems, seen = [], [], {}
   swept = varying_keys(points)
   for i, raw in enumerate(points):
     raw = dict(raw)
@@ -222,14 +223,14 @@ def expand(config_path: str, points: list[dict], common: dict | None = None,
       config_lib.apply_overrides(config, {**(common or {}), **raw}, where)
       if validate:
         check_buildable(config)
-    except (ValueError, TypeError, KeyError) as e:
+    except errors.UserError as e:  # anything else is a bug: its traceback
       msg = str(e)
-      errors.append(msg if msg.startswith('sweep point') else where + msg)
+      problems.append(msg if msg.startswith('sweep point') else where + msg)
       continue
     out.append(Point(name, raw, arg, config))
-  if errors:
-    raise InvalidPoints(f'{len(errors)} of {len(points)} sweep points are invalid '
-                        '(nothing was run):\n  ' + '\n  '.join(errors))
+  if problems:
+    raise InvalidPoints(f'{len(problems)} of {len(points)} sweep points are invalid '
+                        '(nothing was run):\n  ' + '\n  '.join(problems))
   return out
 
 
@@ -255,8 +256,8 @@ def get_points(config_path: str, sweep: str, common: dict | None = None,
   module = load_config_module(config_path)
   names = declared_sweeps(module)
   if sweep not in names:
-    raise ValueError(f'{config_path} declares no sweep {sweep!r}; declared: '
-                     f'{", ".join(names) or "none"}.')
+    raise errors.ConfigError(f'{config_path} declares no sweep {sweep!r}; declared: '
+                             f'{", ".join(names) or "none"}.')
   return expand(config_path, module.get_sweep(sweep), common, validate, runlocal)
 
 
@@ -395,25 +396,26 @@ def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Poin
   path = os.path.join(workdir, 'sweep.json')
   who = os.path.isdir(workdir) and workdir_lib.holder(workdir)  # points have their own dirs
   if who:
-    raise ValueError(f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
-                     'workdir, not a sweep directory; use another --workdir.')
+    raise errors.ConfigError(f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
+                             'workdir, not a sweep directory; use another --workdir.')
   run_files = [n for n in ('config.json', 'checkpoints', workdir_lib.LOCK_NAME)
                if os.path.exists(os.path.join(workdir, n))]
   if run_files and not os.path.exists(path):  # a finished train.py run: not a sweep's
-    raise ValueError(f'{workdir} holds a train.py run ({", ".join(run_files)}), not a sweep: '
-                     'use another --workdir (a new directory, or a sweep\'s).')
+    raise errors.ConfigError(f'{workdir} holds a train.py run ({", ".join(run_files)}), not a '
+                             'sweep: use another --workdir (a new directory, or a sweep\'s).')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise ValueError(f'cannot create the sweep directory {workdir} ({e.strerror}): use a '
-                     '--workdir in a folder you can write to.') from e
+    raise errors.ConfigError(f'cannot create the sweep directory {workdir} ({e.strerror}): use a '
+                             '--workdir in a folder you can write to.') from e
   old = read_json(path, f'delete it if {workdir} holds sweep {sweep!r} (`run` writes it again), '
                   'else use another --workdir')
   if old is not None:
     if (os.path.abspath(old.get('config') or '?'), old.get('sweep')) != \
         (os.path.abspath(config_path), sweep):
-      raise ValueError(f'{workdir} holds sweep {old.get("sweep")!r} of {old.get("config")}, not '
-                       f'{sweep!r} of {config_path}: use another --workdir.')
+      raise errors.ConfigError(f'{workdir} holds sweep {old.get("sweep")!r} of '
+                               f'{old.get("config")}, not {sweep!r} of {config_path}: use '
+                               'another --workdir.')
   swept = varying_keys([{'config': p.config_arg, **p.overrides} for p in points])
   manifest = {'config': os.path.abspath(config_path), 'sweep': sweep, 'common': common or {},
               'runlocal': runlocal, 'swept': swept,
@@ -598,10 +600,11 @@ def run_point(config_path: str, sweep: str, point: str, workdir: str,
   points = {p.name: p for p in get_points(config_path, sweep, common, validate=False,
                                           runlocal=runlocal)}
   if point not in points:
-    raise ValueError(f'sweep {sweep!r} has no point {point!r}; points: {", ".join(points)}.')
+    raise errors.ConfigError(f'sweep {sweep!r} has no point {point!r}; points: '
+                             f'{", ".join(points)}.')
   changes = config_changes(workdir, points[point].config)
   if changes:
-    raise ValueError(_conflict_message(workdir, changes))
+    raise errors.ConfigError(_conflict_message(workdir, changes))
   return train_lib.train_and_evaluate(points[point].config, workdir)
 
 
@@ -618,11 +621,11 @@ METRICS = ('test_top1', 'paper_top1', 'test_top5', 'test_loss', 'steps', 'wall_t
 def check_collect_options(metric: str, x: str, swept: list[str]):
   """`collect`'s options, before anything is written: one line each."""
   if metric not in METRICS:
-    raise ValueError(f'--metric={metric!r}: collect sorts and plots a number of each point; '
-                     f'valid: {", ".join(METRICS)}.')
+    raise errors.ConfigError(f'--metric={metric!r}: collect sorts and plots a number of each '
+                             f'point; valid: {", ".join(METRICS)}.')
   if x and x not in swept:
-    raise ValueError(f'--x={x!r} is not a field this sweep varies; valid: '
-                     f'{", ".join(swept) if swept else "none (its points differ in no field)"}.')
+    valid = ', '.join(swept) if swept else 'none (its points differ in no field)'
+    raise errors.ConfigError(f'--x={x!r} is not a field this sweep varies; valid: {valid}.')
 
 
 def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',

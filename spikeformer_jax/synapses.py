@@ -41,6 +41,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from spikeformer_jax import errors
+
 WEIGHT_GRADS = ('auto', 'xla', 'gemm')
 
 
@@ -90,7 +92,8 @@ def compiling_for(platform: str | None):
 def resolve(weight_grad: str) -> str:
   """'auto' -> 'gemm' on CPU, 'xla' on GPU / TPU; checks the name."""
   if weight_grad not in WEIGHT_GRADS:
-    raise ValueError(f'model.weight_grad={weight_grad!r}; valid: {", ".join(WEIGHT_GRADS)}.')
+    raise errors.ConfigError(f'model.weight_grad={weight_grad!r}; valid: '
+                             f'{", ".join(WEIGHT_GRADS)}.')
   if weight_grad == 'auto':
     return 'gemm' if (_PLATFORM.get() or jax.default_backend()) == 'cpu' else 'xla'
   return weight_grad

@@ -8,7 +8,8 @@ Rerunning the same command with the same --workdir resumes from the latest
 intact checkpoint (a finished run is left as it is). SIGTERM (a preemption) and
 SIGINT (Ctrl-C) save a checkpoint at the step reached and exit with status 143
 and 130. One run at a time holds a workdir. Final metrics go to
-DIR/final_metrics.json and the last line; errors are one line and status 1.
+DIR/final_metrics.json and the last line; user errors are one line and status 1
+(bugs print their traceback; --traceback prints it for every error).
 
 Installed (`pip install .`), `spikeformer-train` and `python -m spikeformer_jax.train` take
 the same arguments from any directory; `--config=configs/<family>.py:VARIANT`
@@ -41,33 +42,29 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  if _MULTIHOST.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS['verbosity'].present:  # failed saves are reported in one line
+    checkpointing.quiet_orbax_logs()
   try:
-    import jax  # pylint: disable=import-outside-toplevel
-    if _MULTIHOST.value:
-      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
-    from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
-    if not flags.FLAGS['verbosity'].present:  # failed saves are reported in one line
-      checkpointing.quiet_orbax_logs()
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except errors.Stopped as e:  # SIGTERM / SIGINT, the step reached saved
-    print(str(e), file=sys.stderr)
-    return e.exit_code  # 143 / 130: what schedulers expect of a job stopped by the signal
   except KeyboardInterrupt:  # several processes: SIGINT keeps Python's default
     print('interrupted (SIGINT): stopped without saving; the last committed checkpoint '
           'is the resume point.', file=sys.stderr)
     return 130
-  except errors.CLEAR as e:
-    print(f'error: {errors.one_line(e)}', file=sys.stderr)
-    return 1
   return 0
 
 
 def run():
   """`spikeformer-train`, `python -m spikeformer_jax.train`, `python train.py`."""
   flags.mark_flags_as_required(['workdir'])
-  cli.run(main)  # command-line mistakes: one line, exit status 2
+  # Command-line mistakes: one line, exit status 2. What main raises goes
+  # through errors.report: a user error one line and status 1, a SIGTERM /
+  # SIGINT that saved its step (errors.Stopped) 143 / 130, a bug its traceback.
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -118,9 +118,9 @@ def tet_config(config):
 
 def bn_groups_for(config, mesh) -> int:
   if config.bn_scope not in BN_SCOPES:
-    raise ValueError(f'bn_scope={config.bn_scope!r}; valid: {BN_SCOPES} (global: '
-                     'statistics over the whole sharded batch, like SyncBN / one GPU; '
-                     'device: per data-parallel device, like PyTorch DDP).')
+    raise errors.ConfigError(f'bn_scope={config.bn_scope!r}; valid: {BN_SCOPES} (global: '
+                             'statistics over the whole sharded batch, like SyncBN / one GPU; '
+                             'device: per data-parallel device, like PyTorch DDP).')
   return sharding.data_size(mesh) if config.bn_scope == 'device' else 1
 
 
@@ -254,7 +254,7 @@ def make_eval_step(exp: Experiment, ema: bool = False, firing_rates: bool = Fals
   `firing_rates`, also every neuron's spike and unit counts (`evaluate` turns
   them into per-layer firing rates)."""
   if ema and not ema_decay(exp.config):
-    raise ValueError('this run kept no EMA of its weights (ema_decay is 0).')
+    raise errors.ConfigError('this run kept no EMA of its weights (ema_decay is 0).')
 
   def eval_step(state, batch):
     with synapses.compiling_for(sharding.platform(exp.mesh)):
@@ -503,8 +503,8 @@ def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
     shown = ', '.join(f'{k} ({config_lib.lookup(saved, k)!r} -> '
                       f'{config_lib.lookup(config.to_dict(), k)!r})'
                       for k in defining[:4]) + (' ...' if len(defining) > 4 else '')
-    raise ValueError(f'{workdir} holds a run of another model: {shown}. Use another '
-                     '--workdir, or --config.allow_config_change=True to resume anyway.')
+    raise errors.ConfigError(f'{workdir} holds a run of another model: {shown}. Use another '
+                             '--workdir, or --config.allow_config_change=True to resume anyway.')
   return changed, defining
 
 
@@ -623,8 +623,9 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
                  else (config.epochs + config.cooldown_epochs) * spe)
   profile = tuple(config.get('profile_steps', ()) or ())
   if profile and profile[1] > total_steps:  # else no trace would be written, silently
-    raise ValueError(f'profile_steps={profile} ends beyond this run\'s {total_steps} steps; '
-                     f'choose (first, last) with last <= {total_steps}, or () for none.')
+    raise errors.ConfigError(f'profile_steps={profile} ends beyond this run\'s {total_steps} '
+                             f'steps; choose (first, last) with last <= {total_steps}, or () for '
+                             'none.')
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                     keep=config.ckpt_keep)
   try:
@@ -638,9 +639,10 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
       log(final_line(done, config.get('target_top1', 0.0)))
       return done
     if (ckpt.latest_step() or 0) > total_steps:  # before restoring (or compiling) anything
-      raise ValueError(f'the checkpoint in {ckpt.directory} is at step {ckpt.latest_step()}, '
-                       f'beyond this run\'s total_steps={total_steps}; raise total_steps / '
-                       'epochs or use another --workdir.')
+      raise errors.ConfigError(f'the checkpoint in {ckpt.directory} is at step '
+                               f'{ckpt.latest_step()}, beyond this run\'s total_steps='
+                               f'{total_steps}; raise total_steps / epochs or use another '
+                               '--workdir.')
     if changed:
       log(f'Resuming with changed fields: {", ".join(changed)}.')
     return _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src,
@@ -688,9 +690,9 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
     log(f'Resuming from {ckpt.directory}/{int(jax.device_get(state["step"]))}.')
   start = int(jax.device_get(state['step']))
   if start > total_steps:
-    raise ValueError(f'the checkpoint in {ckpt.directory} is at step {start}, beyond '
-                     f'this run\'s total_steps={total_steps}; raise total_steps / epochs '
-                     'or use another --workdir.')
+    raise errors.ConfigError(f'the checkpoint in {ckpt.directory} is at step {start}, beyond '
+                             f'this run\'s total_steps={total_steps}; raise total_steps / epochs '
+                             'or use another --workdir.')
   # Only a config that restored (or initialised) becomes the run's record.
   write_json(os.path.join(workdir, 'config.json'),
               {'config': config.to_dict(), 'run': run_info})
@@ -725,7 +727,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
       if fetched and not np.all(np.isfinite([x[key] for x in fetched])):
         ckpt.wait()
         last = ckpt.latest_step()
-        raise FloatingPointError(
+        raise errors.Diverged(
             f'non-finite {what} by step {step}; stopping. ' +
             (f'The last good checkpoint is step {last} in {ckpt.directory}.' if last is not None
              else 'No checkpoint was saved yet.') + ' Lower optimizer.lr, or check the data.')
@@ -871,7 +873,7 @@ def model_differences(config, workdir: str) -> str:
   would be a mistake."""
   try:
     run = load_run_config(workdir)
-  except errors.CLEAR:  # no or no readable config.json: nothing to compare with
+  except errors.USER_ERRORS:  # no or no readable config.json: nothing to compare with
     return ''
 
   def flat(d, prefix='model'):

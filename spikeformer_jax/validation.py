@@ -23,6 +23,7 @@ import re
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
 from spikeformer_jax import data as data_lib
+from spikeformer_jax import errors
 from spikeformer_jax import models
 from spikeformer_jax import optim
 from spikeformer_jax import synapses
@@ -49,7 +50,7 @@ def _get(config, field: str, default=_MISSING):
 
 def _require(ok: bool, message: str):
   if not ok:
-    raise ValueError(message)
+    raise errors.ConfigError(message)
 
 
 def _at_least(config, field: str, low, why: str = ''):
@@ -79,8 +80,8 @@ def load_plugins(config):
     try:
       importlib.import_module(name)
     except ImportError as e:
-      raise ValueError(f'plugins: cannot import {name!r} ({e}); make it importable '
-                       '(installed, on PYTHONPATH, or in the working directory).') from e
+      raise errors.ConfigError(f'plugins: cannot import {name!r} ({e}); make it importable '
+                               '(installed, on PYTHONPATH, or in the working directory).') from e
 
 
 def validate_config(config):
@@ -101,9 +102,9 @@ def validate_start(config):
   scratch."""
   if config.get('init_required', False) and not config.get('init_from', ''):
     name = config.get('name', '') or 'this config'
-    raise ValueError(f'{name} fine-tunes trained weights but init_from is not set: give '
-                     '--config.init_from=WORKDIR of the run to start from (Table 7: the '
-                     'ImageNet run), or --config.init_from=none to train it from scratch.')
+    raise errors.ConfigError(f'{name} fine-tunes trained weights but init_from is not set: give '
+                             '--config.init_from=WORKDIR of the run to start from (Table 7: the '
+                             'ImageNet run), or --config.init_from=none to train it from scratch.')
 
 
 def _non_finite(value) -> bool:
@@ -120,7 +121,19 @@ def _validate_finite(config, prefix: str = ''):
     if hasattr(value, 'keys'):
       _validate_finite(value, field + '.')
     elif _non_finite(value):
-      raise ValueError(f'{field}={value} must be finite.')
+      raise errors.ConfigError(f'{field}={value} must be finite.')
+
+
+def _plugin_check(check, model):
+  """A kind's or family's `check(model)`. Rejecting a config is what a check is
+  for, so a plain ValueError it raises is a config error too (one line): a
+  plug-in need not know errors.ConfigError (see errors.py)."""
+  try:
+    check(model)
+  except errors.UserError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(errors.one_line(e)) from e
 
 
 def _validate_model(c):
@@ -129,14 +142,14 @@ def _validate_model(c):
   attention_kinds = m.get('attention', 'ssa')
   for kind in (attention_kinds,) if isinstance(attention_kinds, str) else tuple(attention_kinds):
     if kind not in attention.names():
-      raise ValueError(f'model.attention={attention_kinds!r}; valid kinds: '
-                       f'{", ".join(attention.names())}.')
+      raise errors.ConfigError(f'model.attention={attention_kinds!r}; valid kinds: '
+                               f'{", ".join(attention.names())}.')
     impl = attention.get(kind)
-    impl.check(impl.with_own_fields(m))  # the kind's own fields, defaults where m lacks them
+    _plugin_check(impl.check, impl.with_own_fields(m))  # own fields, defaults where m lacks them
   _require(m.T >= 1, f'model.T={m.T}: the number of timesteps must be >= 1.')
   for field in ('img_size', 'in_channels', 'num_classes'):
     _at_least(c, f'model.{field}', 1)
-  family.check(m)  # the family's own sizes; also what models.downsampling needs
+  _plugin_check(family.check, m)  # the family's own sizes; also what models.downsampling needs
   ratio = m.get('mlp_ratio', 4.0)
   _require(ratio > 0, f'model.mlp_ratio={ratio} must be > 0.')
   widths = [m.embed_dim] if 'embed_dim' in m else list(m.get('dims', ()))
@@ -152,39 +165,35 @@ def _validate_model(c):
   try:
     models.make_neuron(m.neuron)
   except ValueError as e:
-    raise ValueError(str(e).replace('Neuron.', 'model.neuron.')) from None
+    raise errors.ConfigError(str(e).replace('Neuron.', 'model.neuron.')) from None
   _at_least(c, 'model.neuron.alpha', 0, " (0: the surrogate's default)")
-  for field in ('neuron.v_threshold', 'attn_v_threshold', 'ternary.v_threshold'):
+  for field in ('neuron.v_threshold', 'attn_v_threshold'):
     value = _get(m, field)
     if value is not _MISSING:
       _require(value > 0, f'model.{field}={value} must be > 0.')
-  _validate_neuron_dynamics(m, attention_kinds)
+  _validate_neuron_dynamics(m)  # an attention kind's own neurons: its check
   factor = models.downsampling(m)
   if m.img_size % factor:
-    raise ValueError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
-                     f'factor by which the patch stem of {models.describe(m)} downsamples; '
-                     f'use e.g. {max(factor, m.img_size // factor * factor)}.')
+    raise errors.ConfigError(f'model.img_size={m.img_size} is not a multiple of {factor}, the '
+                             f'factor by which the patch stem of {models.describe(m)} downsamples; '
+                             f'use e.g. {max(factor, m.img_size // factor * factor)}.')
 
 
-def _validate_neuron_dynamics(m, attention_kinds):
-  """The neurons' constants within their meaning: a leak that keeps a
+def _validate_neuron_dynamics(m):
+  """The network neurons' constants within their meaning: a leak that keeps a
   fraction of the membrane, a reset below the threshold."""
   n = m.neuron
   kind, form = n.get('kind', 'lif'), n.get('charge_form', 'spikingjelly')
-  kinds = (attention_kinds,) if isinstance(attention_kinds, str) else tuple(attention_kinds)
-  t = m.get('ternary', None) if 'a2os2a' in kinds else None  # a2os2a.make_ternary
   # SpikingJelly's charge keeps 1 - 1/tau of the membrane each step (its LIF
-  # asserts tau > 1); the ternary V neuron charges with model.neuron.tau too.
-  ternary_sj = t is not None and t.get('charge_form', 'spikingjelly') == 'spikingjelly'
+  # asserts tau > 1).
   tau = n.get('tau', 2.0)
-  if (kind == 'lif' and form == 'spikingjelly') or ternary_sj:
+  if kind == 'lif' and form == 'spikingjelly':
     _require(tau > 1, f'model.neuron.tau={tau} must be > 1: the LIF keeps 1 - 1/tau of its '
              f'membrane each step (SpikingJelly asserts tau > 1); e.g. 2.0, or kind=if '
              'for no leak.')
-  for field, cfg in (('neuron.beta', n), ('ternary.beta', t)):
-    beta = cfg.get('beta', 0.5) if cfg is not None else 0.5
-    _require(0 <= beta <= 1, f'model.{field}={beta} is the fraction of the membrane kept '
-             "(charge_form='paper'): use a value in [0, 1].")
+  beta = n.get('beta', 0.5)
+  _require(0 <= beta <= 1, f'model.neuron.beta={beta} is the fraction of the membrane kept '
+           "(charge_form='paper'): use a value in [0, 1].")
   attn_vth = m.get('attn_v_threshold', None)
   if kind in ('lif', 'if') and not n.get('soft_reset', False):
     thresholds = [('model.neuron.v_threshold', n.v_threshold)]
@@ -194,22 +203,13 @@ def _validate_neuron_dynamics(m, attention_kinds):
       _require(n.v_reset < vth, f'model.neuron.v_reset={n.v_reset} must be below {name}={vth} '
                '(a hard reset at or above the threshold fires again at once); or set '
                'model.neuron.soft_reset=True.')
-  if t is not None:  # ternary: fires at |U| >= Vth, resets to +-v_reset
-    thresholds = [('model.ternary.v_threshold', t.get('v_threshold', 1.0))]
-    own = m.get('a2os2a', None)
-    if attn_vth is not None and own is not None and own.get('out_neuron') == 'ternary':
-      thresholds.append(('model.attn_v_threshold', attn_vth))
-    v_reset = t.get('v_reset', 0.0)
-    for name, vth in thresholds:
-      _require(abs(v_reset) < vth, f'model.ternary.v_reset={v_reset} must be in (-{vth}, '
-               f'{vth}), within {name} (a ternary neuron reset to +-v_reset at or beyond '
-               'the threshold fires again at once).')
 
 
 def _validate_data_config(c):
   d = c.data
   if d.name not in data_lib.NAMES:
-    raise ValueError(f'data.name={d.name!r}; valid: {", ".join(map(repr, data_lib.NAMES))}.')
+    raise errors.ConfigError(f'data.name={d.name!r}; valid: '
+                             f'{", ".join(map(repr, data_lib.NAMES))}.')
   _at_least(c, 'data.num_classes', 1)
   _at_least(c, 'data.image_size', 1)
   shape = tuple(d.get('shape', (1, 1, 1)))
@@ -217,12 +217,12 @@ def _validate_data_config(c):
            f'data.shape={shape}: expected (H, W, C) images or (T, H, W, 2) event frames, '
            'positive integers.')
   if d.get('path') and d.name != 'npz':  # a file the user expects to be trained on
-    raise ValueError(f'data.path={d.path!r} is read only with data.name=\'npz\' (now '
-                     f'{d.name!r}): set --config.data.name=npz, or drop data.path.')
+    raise errors.ConfigError(f'data.path={d.path!r} is read only with data.name=\'npz\' (now '
+                             f'{d.name!r}): set --config.data.name=npz, or drop data.path.')
   if d.name == 'npz' and not d.get('path'):
-    raise ValueError("data.name='npz' reads data.path, which is not set: give "
-                     '--config.data.path=FILE.npz, an .npz with x_train, y_train, x_test, '
-                     'y_test arrays.')
+    raise errors.ConfigError("data.name='npz' reads data.path, which is not set: give "
+                             '--config.data.path=FILE.npz, an .npz with x_train, y_train, x_test, '
+                             'y_test arrays.')
   if d.name in ('synthetic', 'synthetic_events'):
     _at_least(c, 'data.num_train', 1, ' (synthetic training examples)')
     _at_least(c, 'data.num_test', 1, ' (synthetic test examples)')
@@ -247,18 +247,18 @@ def _validate_data_config(c):
   try:
     augment._interp(a.interpolation)  # pylint: disable=protected-access
   except ValueError as e:
-    raise ValueError(f'data.augment.interpolation={a.interpolation!r}: {e}.') from None
+    raise errors.ConfigError(f'data.augment.interpolation={a.interpolation!r}: {e}.') from None
   _require(a.remode.lower() in REMODES, f'data.augment.remode={a.remode!r}; valid: {REMODES}.')
   if a.dvs_policy not in data_lib.DVS_POLICIES:
-    raise ValueError(f'data.augment.dvs_policy={a.dvs_policy!r}; valid: '
-                     f'{data_lib.DVS_POLICIES}.')
+    raise errors.ConfigError(f'data.augment.dvs_policy={a.dvs_policy!r}; valid: '
+                             f'{data_lib.DVS_POLICIES}.')
   _at_least(c, 'data.augment.dvs_cutout', 0, ' (0: off)')
   if a.rand_augment:  # its grammar, before the workdir is made (data_lib builds it later)
     try:
       augment.rand_augment(a.rand_augment, a.rand_augment_ops)
     except ValueError as e:
-      raise ValueError(f'data.augment.rand_augment={a.rand_augment!r} / rand_augment_ops='
-                       f'{a.rand_augment_ops!r}: {e}') from None
+      raise errors.ConfigError(f'data.augment.rand_augment={a.rand_augment!r} / rand_augment_ops='
+                               f'{a.rand_augment_ops!r}: {e}') from None
 
 
 def _validate_training(c):
@@ -269,9 +269,9 @@ def _validate_training(c):
   _at_least(c, 'cooldown_epochs', 0)
   _at_least(c, 'total_steps', 0, ' (0: from epochs)')
   if c.epochs < 1 and c.total_steps <= 0:
-    raise ValueError('set epochs >= 1 or total_steps > 0.')
+    raise errors.ConfigError('set epochs >= 1 or total_steps > 0.')
   if c.log_every_steps < 1:
-    raise ValueError(f'log_every_steps={c.log_every_steps} must be >= 1.')
+    raise errors.ConfigError(f'log_every_steps={c.log_every_steps} must be >= 1.')
   _at_least(c, 'eval_every_epochs', 0, ' (0: only at the end)')
   _at_least(c, 'ckpt_every_steps', 0, ' (0: every epoch)')
   keep = c.get('ckpt_keep', 1)
@@ -285,13 +285,13 @@ def _validate_training(c):
       _require(size == -1 or size >= 1,
                f'mesh.{axis}={size}: use a device count >= 1, or -1 for the rest.')
   if _get(c, 'mesh.data', None) == -1 and _get(c, 'mesh.fsdp', None) == -1:
-    raise ValueError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
+    raise errors.ConfigError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
   _at_least(c, 'mesh.fsdp_min_size', 0)
   bn_scope = c.get('bn_scope', 'global')
   if bn_scope not in BN_SCOPES:
-    raise ValueError(f'bn_scope={bn_scope!r}; valid: {BN_SCOPES} (global: '
-                     'statistics over the whole sharded batch, like SyncBN / one GPU; '
-                     'device: per data-parallel device, like PyTorch DDP).')
+    raise errors.ConfigError(f'bn_scope={bn_scope!r}; valid: {BN_SCOPES} (global: '
+                             'statistics over the whole sharded batch, like SyncBN / one GPU; '
+                             'device: per data-parallel device, like PyTorch DDP).')
   _in_range(c, 'label_smoothing', 0, 1, ' (0: none)')
   _in_range(c, 'ema_decay', 0, 1, ' (0: no EMA of the weights)')
   profile = tuple(c.get('profile_steps', ()) or ())
@@ -339,8 +339,8 @@ def _validate_init_skip(patterns):
     try:
       re.compile(p)
     except re.error as e:
-      raise ValueError(f'init_skip={tuple(patterns)!r}: {p!r} is not a regular expression '
-                       f'({e}).') from None
+      raise errors.ConfigError(f'init_skip={tuple(patterns)!r}: {p!r} is not a regular expression '
+                               f'({e}).') from None
 
 
 def validate_data(config, train_src=None, test_src=None):
@@ -359,21 +359,21 @@ def validate_split(config, source, split: str):
   _require(len(img) in (3, 4), f'{what} has examples of shape {img}; expected [H, W, C] '
            'images or [T, H, W, 2] event frames.')
   if img[-3] != m.img_size or img[-2] != m.img_size:
-    raise ValueError(f'{what} has {img[-3]}x{img[-2]} images but '
-                     f'model.img_size={m.img_size}; set both to the same size.')
+    raise errors.ConfigError(f'{what} has {img[-3]}x{img[-2]} images but '
+                             f'model.img_size={m.img_size}; set both to the same size.')
   if img[-1] != m.in_channels:
-    raise ValueError(f'{what} has {img[-1]} channels but '
-                     f'model.in_channels={m.in_channels}.')
+    raise errors.ConfigError(f'{what} has {img[-1]} channels but '
+                             f'model.in_channels={m.in_channels}.')
   if len(img) == 4 and img[0] != m.T:
-    raise ValueError(f'event data has T={img[0]} frames but model.T={m.T}.')
+    raise errors.ConfigError(f'event data has T={img[0]} frames but model.T={m.T}.')
   if source.num_classes != m.num_classes:
-    raise ValueError(f'{what} has {source.num_classes} classes but '
-                     f'model.num_classes={m.num_classes}.')
+    raise errors.ConfigError(f'{what} has {source.num_classes} classes but '
+                             f'model.num_classes={m.num_classes}.')
   mean = getattr(source, 'mean', None)
   if mean is not None and len(mean) not in (1, img[-1]):
-    raise ValueError(f'data.mean={tuple(mean)} has {len(mean)} values for {img[-1]}-channel '
-                     'images; give one per channel (or one for all).')
+    raise errors.ConfigError(f'data.mean={tuple(mean)} has {len(mean)} values for '
+                             f'{img[-1]}-channel images; give one per channel (or one for all).')
   labels = getattr(source, 'labels', None)
   if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= m.num_classes):
-    raise ValueError(f'{what} has labels in [{labels.min()}, '
-                     f'{labels.max()}] but model.num_classes={m.num_classes}.')
+    raise errors.ConfigError(f'{what} has labels in [{labels.min()}, '
+                             f'{labels.max()}] but model.num_classes={m.num_classes}.')

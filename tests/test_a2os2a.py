@@ -48,9 +48,9 @@ def test_ternary_surrogate_gradient_hand_computed():
 
 
 def _attention(order='auto'):
-  s = layers.Settings(T=2)
+  settings = layers.Settings(T=2)
   return blocks.SpikingAttention(
-      16, 2, s=s, kind='a2os2a', style='sdt', order=order, init='trunc_normal',
+      16, 2, settings=settings, kind='a2os2a', style='sdt', order=order, init='trunc_normal',
       rngs=nnx.Rngs(0))
 
 
@@ -166,7 +166,7 @@ def test_every_attention_kind_in_every_backbone_style(style):
   params, forward = {}, {}
   for kind, (q_n, k_n, v_n) in _NEURONS.items():
     attn = blocks.SpikingAttention(
-        16, 2, s=layers.Settings(T=2), kind=kind, style=style, init='trunc_normal',
+        16, 2, settings=layers.Settings(T=2), kind=kind, style=style, init='trunc_normal',
         rngs=nnx.Rngs(0))
     assert hasattr(attn, 'q_lif') == q_n and hasattr(attn, 'k_lif') == k_n, kind
     assert (attn.v_lif.neuron.kind if hasattr(attn, 'v_lif') else None) == v_n, kind

@@ -28,7 +28,7 @@ def _model_config(**over) -> ml_collections.ConfigDict:
 
 def _attention(model=None, neuron=None):
   return blocks.SpikingAttention(
-      16, 2, s=layers.Settings(T=2, **({'neuron': neuron} if neuron else {})), kind='a2os2a',
+      16, 2, settings=layers.Settings(T=2, **({'neuron': neuron} if neuron else {})), kind='a2os2a',
       style='sdt', init='trunc_normal', model=model, rngs=nnx.Rngs(0))
 
 

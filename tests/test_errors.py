@@ -13,7 +13,7 @@ from spikeformer_jax.configs import a2os2a as a2os2a_configs
 from spikeformer_jax.configs import msvit as msvit_configs
 from spikeformer_jax.configs import sdt as sdt_configs
 from spikeformer_jax.configs import spikformer as spikformer_configs
-from spikeformer_jax import config_lib, sharding, train_lib
+from spikeformer_jax import config_lib, errors, sharding, train_lib
 
 
 def _config(module, variant, **over):
@@ -216,6 +216,7 @@ def test_one_clear_error_before_compiling(case, tmp_path, monkeypatch):
     train_lib.train_and_evaluate(_config(module, variant, **over), str(tmp_path))
   assert message in str(e.value)
   assert '\n' not in str(e.value)
+  assert isinstance(e.value, errors.USER_ERRORS)  # one line, no traceback (errors.report)
   written = {'config.json', 'metrics.jsonl', 'tb', 'checkpoints'} & set(os.listdir(tmp_path))
   assert not written  # refused before the run writes anything
 
@@ -260,7 +261,7 @@ def test_refused_runs_remove_only_the_workdir_they_created(case, tmp_path):
       workdir.mkdir()
     if workdir.name == 'mine':
       (workdir / 'notes.txt').write_text('kept')
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(errors.UserError, match=re.escape(message)):
       train_lib.train_and_evaluate(c, str(workdir))
   # new/ and new/run were this run's, empty: gone; the others were there before.
   assert sorted(os.listdir(tmp_path)) == ['empty', 'mine']
@@ -284,13 +285,70 @@ def test_eval_batch_is_at_most_the_test_split():
 
 
 def test_train_py_prints_one_line(tmp_path):
-  p = subprocess.run([sys.executable, 'train.py', '--config=configs/spikformer.py:digits',
-                      f'--workdir={tmp_path}', '--config.model.T=0'], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300)
+  argv = [sys.executable, 'train.py', '--config=configs/spikformer.py:digits',
+          f'--workdir={tmp_path}', '--config.model.T=0']
+  line = 'error: model.T=0: the number of timesteps must be >= 1.'
+  p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert p.returncode == 1
-  assert p.stderr.strip().splitlines()[-1] == \
-      'error: model.T=0: the number of timesteps must be >= 1.'
+  assert p.stderr.strip().splitlines()[-1] == line
   assert 'Traceback' not in p.stderr
+  # --traceback: where it was raised, then the same line.
+  p = subprocess.run([*argv, '--traceback'], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == line
+  assert 'Traceback (most recent call last):' in p.stderr and 'validation.py", line ' in p.stderr
+
+
+# A plug-in kind with a bug: SSA whose forward broadcasts shapes that do not fit.
+_BUGGY_PLUGIN = """
+import jax.numpy as jnp
+from spikeformer_jax import attention
+from spikeformer_jax.attention import ssa
+
+class Buggy(ssa.SSA):
+  name = 'buggy'
+  def forward(self, attn, x):
+    return x + jnp.zeros((3,) + x.shape)[:, :2]  # Incompatible shapes for broadcasting
+
+attention.register(Buggy())
+"""
+
+
+def test_a_bug_in_a_plugin_keeps_its_traceback(tmp_path):
+  """A plain ValueError from JAX or a plug-in is a bug: the traceback names the
+  file and line, then the one line says what and that it is a bug."""
+  (tmp_path / 'buggy_plugin_kind.py').write_text(_BUGGY_PLUGIN)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(tmp_path), str(ROOT), os.environ.get('PYTHONPATH', '')]))
+  p = subprocess.run([sys.executable, 'train.py', '--config=configs/spikformer.py:digits',
+                      f'--workdir={tmp_path / "run"}', "--config.plugins=('buggy_plugin_kind',)",
+                      '--config.model.attention=buggy', '--config.total_steps=1'],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+  assert p.returncode == 1, p.stderr[-3000:]
+  assert 'Traceback (most recent call last):' in p.stderr
+  assert f'{tmp_path / "buggy_plugin_kind.py"}", line 9, in forward' in p.stderr
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ValueError: ') and 'Incompatible shapes' in last, last
+  assert last.endswith('(a bug, not a problem with the input: the traceback above shows where)')
+
+
+def test_a_plugin_check_may_raise_value_error():
+  """A kind's or family's check(model) rejects configs: its plain ValueError
+  is a user error (errors.py)."""
+  from spikeformer_jax import attention, validation  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax.attention import ssa  # pylint: disable=import-outside-toplevel
+
+  class Picky(ssa.SSA):
+    name = 'picky'
+    def check(self, model):
+      raise ValueError('model.picky.level=7\n must be <= 3.')
+
+  attention.register(Picky())
+  try:
+    with pytest.raises(errors.ConfigError, match=r'^model.picky.level=7 must be <= 3.$'):
+      validation.validate_config(_config(S, 'cifar10-4-384', **{'model.attention': 'picky'}))
+  finally:
+    attention.unregister('picky')
 
 
 # Command-line mistakes are found while the flags are parsed: one line, exit

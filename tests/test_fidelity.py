@@ -114,9 +114,9 @@ def test_a_bad_recording_is_one_line_and_the_rest_are_checked(bad_inputs):
 
 
 def test_an_unwritable_json_is_refused_before_the_replays(tmp_path, capsys):
-  from spikeformer_jax import fidelity  # in-process: it returns before enabling x64
+  from spikeformer_jax import cli, fidelity  # in-process: it returns before enabling x64
   missing = tmp_path / 'nowhere' / 'x.json'
-  assert fidelity.main([f'--json={missing}', str(tmp_path / 'a.npz')]) == 2
+  assert cli.call(fidelity.main, ['fidelity', f'--json={missing}', str(tmp_path / 'a.npz')]) == 2
   out, err = capsys.readouterr()
   assert out == ''  # nothing replayed
   assert err.strip() == (f'error: cannot write --json {missing}: no such directory '

@@ -160,8 +160,8 @@ def test_mssa_sums_stay_exact_in_bfloat16():
 def test_p_conv_runs_over_the_flattened_token_index():
   """The kernel-3 P conv sees row-major tokens: the last token of an image row
   neighbours the first of the next, as the official Conv1d over N = H * W."""
-  s = layers.Settings(T=1)
-  att = blocks.SpikingAttention(4, 1, s=s, kind='mssa', init='torch_default',
+  settings = layers.Settings(T=1)
+  att = blocks.SpikingAttention(4, 1, settings=settings, kind='mssa', init='torch_default',
                                 rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (1, 6, 4))  # a 2 x 3 grid, flattened
   w = np.asarray(att.p_conv.kernel.get_value())          # [3, in, out]

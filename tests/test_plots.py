@@ -156,9 +156,9 @@ def test_recording_attention_keeps_logits(case):
 
 
 def _attention(kind, style, order='qk_first'):
-  s = layers.Settings(T=2, neuron=neurons.Neuron())
+  settings = layers.Settings(T=2, neuron=neurons.Neuron())
   attn = nnx.eval_shape(lambda: blocks.SpikingAttention(
-      16, 2, s=s, kind=kind, style=style, scale=0.125, order=order, init='trunc_normal',
+      16, 2, settings=settings, kind=kind, style=style, scale=0.125, order=order, init='trunc_normal',
       rngs=nnx.Rngs(0)))
   _randomise(attn, seed=3).eval()
   attn.record_attention = True

@@ -32,7 +32,7 @@ def _count(model_cfg):
 def _attention(pool=0, learnable=False, dim=16, heads=2):
   m = spikformer.model_config('dvs', embed_dim=dim, depth=1, num_heads=heads, T=2)
   m.qk_pool, m.attn_scale_learnable = pool, learnable
-  return blocks.SpikingAttention(dim, heads, s=layers.Settings(T=2), kind='ssa',
+  return blocks.SpikingAttention(dim, heads, settings=layers.Settings(T=2), kind='ssa',
                                  style='spikformer', scale=0.25, init='torch_default',
                                  model=m, rngs=nnx.Rngs(0))
 
@@ -87,7 +87,7 @@ def test_learnable_scale_is_one_parameter_per_block_at_the_constant():
   for flavour, scale in (('dvs', 0.25), ('cifar', 0.125)):  # each flavour's constant
     m = spikformer.model_config(flavour, embed_dim=16, depth=1, num_heads=2, T=2)
     m.attn_scale_learnable = True
-    block = spikformer.Block(16, 2, 4.0, s=layers.Settings(T=2), cfg=m, rngs=nnx.Rngs(0),
+    block = spikformer.Block(16, 2, 4.0, settings=layers.Settings(T=2), cfg=m, rngs=nnx.Rngs(0),
                              flavour=spikformer.FLAVOURS[flavour])
     assert float(block.attn.attn_scale[...]) == scale
 

@@ -14,8 +14,13 @@ import time
 import pytest
 
 from conftest import ROOT
-from spikeformer_jax import errors, sweeps
+from spikeformer_jax import cli, errors, sweeps
 from spikeformer_jax import sweep  # the command line
+
+
+def _sweep(argv) -> int:
+  """`python sweep.py *argv`, in this process: its exit status."""
+  return cli.call(sweep.main, ['sweep.py', *argv])
 
 
 def test_grid_zipped_product_chain():
@@ -229,7 +234,7 @@ def test_common_overrides_fill_in_but_points_keep_their_own(tmp_path, capsys):
              'field themselves and keep their own value.')
   assert sweeps.overridden_common(points, common) == warning
   assert sweeps.overridden_common(points, {'epochs': 3}) == ''
-  assert sweep.main(['list', f'--config={cfg}', '--set', 'model.T=5', '--set', 'epochs=3']) == 0
+  assert _sweep(['list', f'--config={cfg}', '--set', 'model.T=5', '--set', 'epochs=3']) == 0
   out, err = capsys.readouterr()
   assert err.splitlines() == [warning] and out.splitlines() == ['tiny: 2 points', '  T=1', '  T=2']
   for name in ('T=1', 'T=2'):  # directories of another experiment: nothing trains
@@ -322,14 +327,14 @@ def test_damaged_sweep_files_are_named_and_redone_not_refused(tmp_path, monkeypa
                     'line 1)')
   for argv in (['collect', f'--workdir={wd}'], ['collect', f'--workdir={wd}', '--x=bogus'],
                ['collect', f'--workdir={wd}', '--metric=status']):
-    assert sweep.main(argv) == 1
+    assert _sweep(argv) == 1
   assert capsys.readouterr().err.splitlines() == [
       f'error: {damaged_status}: delete it (`sweep.py run` writes it again).',
       "error: --x='bogus' is not a field this sweep varies; valid: model.T.",
       "error: --metric='status': collect sorts and plots a number of each point; valid: "
       'test_top1, paper_top1, test_top5, test_loss, steps, wall_time_s, num_params.']
   assert not list(wd.glob('results.*'))  # refused before writing anything
-  assert sweep.main(['run', f'--config={cfg}', '--sweep=tiny', f'--workdir={wd}',
+  assert _sweep(['run', f'--config={cfg}', '--sweep=tiny', f'--workdir={wd}',
                      '--parallel=0']) == 2
   assert capsys.readouterr().err.splitlines() == [
       'error: --parallel=0: the number of points trained at once must be >= 1.']
@@ -417,12 +422,45 @@ def test_point_stopped_busy_and_clear_errors_are_one_line(tmp_path, monkeypatch,
        'interrupted (SIGINT) at step 3/8: saved.'),
       (errors.WorkdirBusy(f'the workdir {tmp_path} is in use by process 12 on h.'),
        sweeps.BUSY_EXIT, f'error: the workdir {tmp_path} is in use by process 12 on h.'),
-      (ValueError('bad value\n  of a field'), 1, 'error: bad value of a field'),
+      (errors.ConfigError('bad value\n  of a field'), 1, 'error: bad value of a field'),
       (PermissionError(13, 'Permission denied'), 1, 'error: [Errno 13] Permission denied')]:
     def fail(*_a, exc=exc):
       raise exc
     monkeypatch.setattr(sweeps, 'run_point', fail)
-    assert sweep.main(argv) == code, exc
+    assert _sweep(argv) == code, exc
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert _sweep([*argv, '--traceback']) == code  # --traceback: where, then the same line
+    err = capsys.readouterr().err.splitlines()
+    traced = err[0] == 'Traceback (most recent call last):'
+    assert err[-1] == line and traced == (not isinstance(exc, errors.Stopped))
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+  """A plain ValueError (from JAX, NumPy or a plug-in) is not a user error."""
+  def fail(*_a):
+    raise ValueError('Incompatible shapes for broadcasting: (2, 3) and (4,)')
+  monkeypatch.setattr(sweeps, 'run_point', fail)
+  argv = ['point', '--config=c.py', '--sweep=s', '--point=p', f'--workdir={tmp_path}']
+  assert _sweep(argv) == 1
+  err = capsys.readouterr().err
+  assert err.startswith('Traceback (most recent call last):')
+  assert f'File "{__file__}", line ' in err and 'in fail' in err  # the file and line
+  assert err.strip().splitlines()[-1] == (
+      'error: ValueError: Incompatible shapes for broadcasting: (2, 3) and (4,) (a bug, not a '
+      'problem with the input: the traceback above shows where)')
+
+
+def test_command_line_mistakes_are_one_line_and_status_2(capsys):
+  for argv, line in [
+      (['list'], 'error: list needs --config.'),
+      (['launch', '--config=c.py'], "error: give one command, list | run | commands | point | "
+       "collect (got 'launch'); e.g. python sweep.py list --config=configs/spikformer.py."),
+      (['list', '--config=c.py', '--set', 'model.T'], "error: --set 'model.T': expected KEY=VALUE."),
+      (['collect', '--workdir=w', '--parallel=x'],
+       "error: flag --parallel=x: invalid literal for int() with base 10: 'x'"),
+      (['collect', '--workdir=w', '--sweeep=s'],
+       "error: Unknown command line flag 'sweeep'. Did you mean: sweep ?")]:
+    assert _sweep(argv) == 2, argv
     assert capsys.readouterr().err.splitlines() == [line]
 
 
@@ -472,7 +510,7 @@ def test_run_workdirs_and_unwritable_workdirs_are_refused(tmp_path):
 
 def test_a_config_with_variant_names_the_fix(tmp_path, capsys):
   cfg = _write_config(tmp_path, '[]')
-  assert sweep.main(['list', f'--config={cfg}:digits']) == 1
+  assert _sweep(['list', f'--config={cfg}:digits']) == 1
   assert capsys.readouterr().err.strip() == (
       f"error: config file '{cfg}:digits': sweeps take the config file without :VARIANT "
       f'(each point names its own); use --config={cfg}.')

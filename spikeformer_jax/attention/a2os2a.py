@@ -22,6 +22,7 @@ import dataclasses
 import jax
 import ml_collections
 
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 from spikeformer_jax import neurons
 from spikeformer_jax.attention import base
@@ -70,9 +71,39 @@ def out_neuron_choice(model: ml_collections.ConfigDict | None) -> str:
   own = model.get('a2os2a', None) if model is not None else None
   choice = own.get('out_neuron', 'binary') if own is not None else 'binary'
   if choice not in OUT_NEURONS:
-    raise ValueError(f'model.a2os2a.out_neuron={choice!r} is not valid; choose one of '
-                     f'{OUT_NEURONS}.')
+    raise errors.ConfigError(f'model.a2os2a.out_neuron={choice!r} is not valid; choose one of '
+                             f'{OUT_NEURONS}.')
   return choice
+
+
+def check_ternary_dynamics(model: ml_collections.ConfigDict, t: ml_collections.ConfigDict):
+  """The ternary V neuron's constants within their meaning, as validation
+  checks the network's: a leak that keeps a fraction of the membrane, a reset
+  within the threshold (it fires at |U| >= Vth and resets to +-v_reset)."""
+  vth = t.get('v_threshold', 1.0)
+  if not vth > 0:
+    raise errors.ConfigError(f'model.ternary.v_threshold={vth} must be > 0.')
+  tau = model.neuron.get('tau', 2.0)  # SpikingJelly's charge with the network's tau
+  if t.get('charge_form', 'spikingjelly') == 'spikingjelly' and not tau > 1:
+    raise errors.ConfigError(
+        f'model.neuron.tau={tau} must be > 1: the ternary V neuron '
+        "(model.ternary.charge_form='spikingjelly') keeps 1 - 1/tau of its membrane each step, "
+        'with the network\'s tau; e.g. 2.0.')
+  beta = t.get('beta', 0.5)
+  if not 0 <= beta <= 1:
+    raise errors.ConfigError(f'model.ternary.beta={beta} is the fraction of the membrane kept '
+                             "(charge_form='paper'): use a value in [0, 1].")
+  thresholds = [('model.ternary.v_threshold', vth)]
+  attn_vth = model.get('attn_v_threshold', None)
+  if attn_vth is not None and out_neuron_choice(model) == 'ternary':
+    thresholds.append(('model.attn_v_threshold', attn_vth))
+  v_reset = t.get('v_reset', 0.0)
+  for name, threshold in thresholds:
+    if not abs(v_reset) < threshold:
+      raise errors.ConfigError(
+          f'model.ternary.v_reset={v_reset} must be in (-{threshold}, {threshold}), within '
+          f'{name} (a ternary neuron reset to +-v_reset at or beyond the threshold fires '
+          'again at once).')
 
 
 def make_ternary(lif: neurons.Neuron, t: ml_collections.ConfigDict) -> neurons.Neuron:
@@ -91,6 +122,7 @@ class A2OS2A(ssa.SSA):
   name = 'a2os2a'
   picture = 'Q K^T'
   config = {'ternary': ternary_config, 'a2os2a': a2os2a_config}
+  added = {'a2os2a': ({'out_neuron': 'binary'}, dict)}  # runs saved before out_neuron
 
   def check(self, model):
     out_neuron_choice(model)
@@ -98,18 +130,21 @@ class A2OS2A(ssa.SSA):
     for field, valid in (('charge_form', neurons.CHARGE_FORMS), ('grad', neurons.TERNARY_GRADS)):
       value = t.get(field) if t is not None else None
       if value is not None and value not in valid:
-        raise ValueError(f'model.ternary.{field}={value!r} is not valid; choose one of {valid}.')
+        raise errors.ConfigError(f'model.ternary.{field}={value!r} is not valid; choose one of '
+                                 f'{valid}.')
+    if t is not None:
+      check_ternary_dynamics(model, t)
 
   def build(self, attn, ctx):
     t = self.own_config(ctx, 'ternary')
     base.build_qkv(attn, ctx, k_lif=False,
-                   v_lif=layers.SpikingNeuron(make_ternary(ctx.s.neuron, t), ctx.s.T))
+                   v_lif=layers.SpikingNeuron(make_ternary(ctx.settings.neuron, t), ctx.settings.T))
     if out_neuron_choice(ctx.model) == 'ternary':
       # The official name, so checkpoints and parameter paths stay the same.
       attn.attn_lif = layers.SpikingNeuron(dataclasses.replace(
-          make_ternary(ctx.s.neuron, t), v_threshold=ctx.attn_v_threshold), ctx.s.T)
+          make_ternary(ctx.settings.neuron, t), v_threshold=ctx.attn_v_threshold), ctx.settings.T)
     else:
-      attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+      attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 
   def activate(self, attn, q, k, v):
     return attn.q_lif(q), jax.nn.relu(k), attn.v_lif(v)

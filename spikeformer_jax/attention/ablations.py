@@ -38,7 +38,7 @@ class FloatQK(ssa.SSA):
 
   def build(self, attn, ctx):
     base.build_qkv(attn, ctx, q_lif=False, k_lif=False)
-    attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+    attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 
   def activate(self, attn, q, k, v):
     return self.f(q), self.f(k), attn.v_lif(v)
@@ -53,7 +53,7 @@ class VSA(FloatQK):
 
   def build(self, attn, ctx):
     base.build_qkv(attn, ctx, q_lif=False, k_lif=False, v_lif=not self.float_v)
-    attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+    attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 
   def activate(self, attn, q, k, v):
     return q, k, (v if self.float_v else attn.v_lif(v))

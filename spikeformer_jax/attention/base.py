@@ -17,7 +17,7 @@ A new kind is one file:
       picture = 'Q K^T'                       # what record_map sows, for plots
       def build(self, attn, ctx):             # submodules, on attn
         attention.build_qkv(attn, ctx)        # q/k/v _linear, _bn, _lif
-        attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+        attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
       def forward(self, attn, x):             # [B*T, N, C] -> [B*T, N, C]
         ...
       def products(self, attn, *, T, n, c, rate):  # for eval.py --analyze
@@ -47,7 +47,7 @@ class Context:
   """What a kind may read while it builds its submodules (one block)."""
   dim: int
   num_heads: int
-  s: layers.Settings
+  settings: layers.Settings
   init: str                    # dense init: 'trunc_normal' or 'torch_default'
   qkv_bias: bool
   scale: float                 # the backbone's attention scale
@@ -57,9 +57,14 @@ class Context:
   model: ml_collections.ConfigDict | None = None  # config.model (kinds' own fields)
   options: dict = dataclasses.field(default_factory=dict)  # per-block extras of a family
 
+  @property
+  def s(self) -> layers.Settings:
+    """The old name of `settings`, for plug-ins written before it."""
+    return self.settings
+
   def linear(self) -> nnx.Linear:
     """The token-wise dim -> dim map of Q, K and V (spike inputs)."""
-    return self.s.linear(self.dim, self.dim, bias=self.qkv_bias, init=self.init,
+    return self.settings.linear(self.dim, self.dim, bias=self.qkv_bias, init=self.init,
                          rngs=self.rngs, spikes_in=True)
 
 
@@ -68,6 +73,10 @@ class Kind:
   name: str = ''
   picture: str = 'attention map'  # what record_map sows (the attention picture's title)
   config: dict[str, Callable[[], ml_collections.ConfigDict]] = {}  # its config.model fields
+  # Its config.model fields (or subfields, dotted) added after runs were saved
+  # without them: field -> (the value those runs behave as, what of a value
+  # matters). A resumed run compares through it (config_lib.model_defining).
+  added: dict[str, tuple[Any, Callable[[Any], Any]]] = {}
 
   def build(self, attn: nnx.Module, ctx: Context):
     raise NotImplementedError
@@ -123,6 +132,11 @@ def register(kind: Kind, *, replace: bool = False) -> Kind:
 unregister, names, get = _KINDS.unregister, _KINDS.names, _KINDS.get  # names: in registration order
 
 
+def added_fields() -> dict[str, tuple[Any, Callable[[Any], Any]]]:
+  """Every kind's `added` fields, as 'model.<field>'."""
+  return {f'model.{k}': v for kind in _KINDS.values() for k, v in kind.added.items()}
+
+
 def config_fields() -> dict[str, ml_collections.ConfigDict]:
   """Every kind's own `config.model` fields (e.g. A2OS2A's `ternary`), with
   their defaults: each family's model config carries them, so any kind runs
@@ -139,15 +153,15 @@ def build_qkv(attn: Any, ctx: Context, *, q_lif: bool = True, k_lif: bool = True
               v_lif: Any = True):
   """q/k/v_linear and q/k/v_bn, and the neurons asked for: v_lif may be a
   `layers.SpikingNeuron` of the kind's own (A2OS2A's ternary one)."""
-  attn.q_linear, attn.q_bn = ctx.linear(), ctx.s.bn(ctx.dim)
+  attn.q_linear, attn.q_bn = ctx.linear(), ctx.settings.bn(ctx.dim)
   if q_lif:
-    attn.q_lif = ctx.s.lif()
-  attn.k_linear, attn.k_bn = ctx.linear(), ctx.s.bn(ctx.dim)
+    attn.q_lif = ctx.settings.lif()
+  attn.k_linear, attn.k_bn = ctx.linear(), ctx.settings.bn(ctx.dim)
   if k_lif:
-    attn.k_lif = ctx.s.lif()
-  attn.v_linear, attn.v_bn = ctx.linear(), ctx.s.bn(ctx.dim)
+    attn.k_lif = ctx.settings.lif()
+  attn.v_linear, attn.v_bn = ctx.linear(), ctx.settings.bn(ctx.dim)
   if v_lif is True:
-    attn.v_lif = ctx.s.lif()
+    attn.v_lif = ctx.settings.lif()
   elif v_lif:
     attn.v_lif = v_lif
 

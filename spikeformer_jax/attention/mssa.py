@@ -14,6 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from spikeformer_jax import errors
 from spikeformer_jax import neurons
 from spikeformer_jax import ops
 from spikeformer_jax.attention import base
@@ -44,14 +45,15 @@ class MSSA(base.Kind):
   def build(self, attn, ctx):
     kernels = tuple(ctx.options.get('mssa_kernels', (1, 3)))
     if not any(kernels):
-      raise ValueError(f'mssa_kernels={kernels}: at least one of Q, P must be built.')
+      raise errors.ConfigError(f'mssa_kernels={kernels}: at least one of Q, P must be built.')
     for name, kernel in zip('qp', kernels):
       if kernel:
         self._token_conv(attn, ctx, name, kernel)
-        setattr(attn, f'{name}_bn', ctx.s.bn(ctx.dim))
-        setattr(attn, f'{name}_lif', ctx.s.lif())
-    attn.k_linear, attn.k_bn, attn.k_lif = ctx.linear(), ctx.s.bn(ctx.dim), ctx.s.lif()
-    attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+        setattr(attn, f'{name}_bn', ctx.settings.bn(ctx.dim))
+        setattr(attn, f'{name}_lif', ctx.settings.lif())
+    attn.k_linear, attn.k_bn = ctx.linear(), ctx.settings.bn(ctx.dim)
+    attn.k_lif = ctx.settings.lif()
+    attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
     attn.mssa_p_sum = bool(ctx.options.get('mssa_p_sum', True))
 
   @staticmethod
@@ -62,7 +64,7 @@ class MSSA(base.Kind):
     if kernel == 1:
       setattr(attn, f'{name}_linear', ctx.linear())
     else:
-      setattr(attn, f'{name}_conv', ctx.s.conv(ctx.dim, ctx.dim, kernel=(kernel,),
+      setattr(attn, f'{name}_conv', ctx.settings.conv(ctx.dim, ctx.dim, kernel=(kernel,),
                                                bias=ctx.qkv_bias, init='torch_default',
                                                rngs=ctx.rngs, spikes_in=True))
 

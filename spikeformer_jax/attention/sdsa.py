@@ -32,7 +32,7 @@ class SDSA(base.Kind):
 
   def build(self, attn, ctx):
     base.build_qkv(attn, ctx)
-    attn.talking_heads_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+    attn.talking_heads_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 
   def forward(self, attn, x: jax.Array) -> jax.Array:
     q, k, v = base.qkv(attn, x)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spikeformer_jax import errors
 from spikeformer_jax import neurons
 from spikeformer_jax import ops
 from spikeformer_jax.attention import base
@@ -45,7 +46,7 @@ def spiking_self_attention(q, k, v, *, scale: float, order: str):
   elif order == 'kv_first':
     x = q @ (kt @ v)
   else:
-    raise ValueError(f"attention order {order!r}: use 'qk_first', 'kv_first' or 'auto'.")
+    raise errors.ConfigError(f"attention order {order!r}: use 'qk_first', 'kv_first' or 'auto'.")
   return x * jnp.asarray(scale).astype(x.dtype)  # a float, or the learnable scale
 
 
@@ -92,7 +93,7 @@ def build_paper_options(attn, ctx):
   if model.get('attn_scale_learnable', False):
     # One scalar per SSA (per block), as the official code's per-module constant:
     # the paper says "a learnable parameter", no more.
-    attn.attn_scale = nnx.Param(jnp.asarray(ctx.scale, ctx.s.param_dtype))
+    attn.attn_scale = nnx.Param(jnp.asarray(ctx.scale, ctx.settings.param_dtype))
 
 
 class SSA(base.Kind):
@@ -103,7 +104,7 @@ class SSA(base.Kind):
 
   def build(self, attn, ctx):
     base.build_qkv(attn, ctx)
-    attn.attn_lif = ctx.s.lif(v_threshold=ctx.attn_v_threshold)
+    attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
     build_paper_options(attn, ctx)
 
   def activate(self, attn, q, k, v):

@@ -77,7 +77,8 @@ form its runs used): 'sj-neurons' (the defaults), 'paper-neurons' (eqs. 1-3,
 model.a2os2a.out_neuron='ternary' ('...+ternary-out').
 """
 
-from spikeformer_jax import config_lib as cl
+from spikeformer_jax import config_lib
+from spikeformer_jax import errors
 from spikeformer_jax.configs import sdt as sdt_configs  # pylint: disable=g-import-not-at-top
 
 _PAPER = {
@@ -92,11 +93,11 @@ VARIANTS = list(_PAPER)
 
 def get_config(arg: str = 'cifar10-2-256'):
   """`arg` = VARIANT[,runlocal]; see the module docstring."""
-  name, local = cl.parse_arg(arg, 'cifar10-2-256', VARIANTS)
+  name, local = config_lib.parse_arg(arg, 'cifar10-2-256', VARIANTS)
   c = sdt_configs.paper_row(name, attention='a2os2a')
   c.paper_top1 = _PAPER[name]
   if local:
-    c = cl.runlocal(c)
+    c = config_lib.runlocal(c)
   c.name = f'a2os2a:{arg}'
   return c
 
@@ -136,4 +137,4 @@ def get_sweep(name: str):
              **overrides, 'model.a2os2a.out_neuron': out}
             for v in ('cifar10-2-256', 'cifar100-2-256')
             for form, overrides in _NEURON_FORMS.items() for out in ('binary', 'ternary')]
-  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')
+  raise errors.ConfigError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

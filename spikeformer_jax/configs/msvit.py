@@ -166,7 +166,8 @@ Sweep `table3` (`python sweep.py run --config=configs/msvit.py --sweep=table3
 with the paper's number.
 """
 
-from spikeformer_jax import config_lib as cl
+from spikeformer_jax import config_lib
+from spikeformer_jax import errors
 from spikeformer_jax.models import msvit
 
 # name -> (variant, depth, D, heads, paper top-1)
@@ -229,12 +230,12 @@ VARIANTS = [*_IMAGENET, *_CIFAR, *_ABLATION, *_DVS, *_QKFORMER_DVS, *_GRID_H4, *
 def _cifar(variant: str, classes: int):
   model = msvit.model_config('cifar', embed_dim=384, depth=4, num_heads=8, T=4,
                              num_classes=classes, img_size=32, variant=variant)
-  data = cl.image_data(f'cifar{classes}', classes, 32)
+  data = config_lib.image_data(f'cifar{classes}', classes, 32)
   # MSViT's cifar100.yml keeps CIFAR-10's statistics: the default follows the
   # code; --config.data.norm_from=cifar100 uses CIFAR-100's own.
   data.norm_from = 'cifar10'
-  c = cl.base_config(model, data, batch=64, epochs=400, lr=1e-3, wd=0.06, warmup=20,
-                     warmup_lr=1e-5, min_lr=1e-5)
+  c = config_lib.base_config(model, data, batch=64, epochs=400, lr=1e-3, wd=0.06, warmup=20,
+                             warmup_lr=1e-5, min_lr=1e-5)
   # timm create_loader: the standard RandAugment set, not Spikformer's.
   c.data.augment.update(hflip=0.5, rand_augment='rand-m9-n1-mstd0.4-inc1', reprob=0.25)
   c.mixup.update(mixup_alpha=0.5, off_epoch=200)
@@ -245,13 +246,13 @@ def paper_row(name: str):
   """The config of row `name` (see the module docstring)."""
   if name in _PAPER:
     base, changes = _PAPER[name]
-    return cl.apply_overrides(paper_row(base), changes, f'variant {name!r}: ')
+    return config_lib.apply_overrides(paper_row(base), changes, f'variant {name!r}: ')
   if name in _IMAGENET:
     variant, depth, dim, heads, paper = _IMAGENET[name]
     model = msvit.model_config('imagenet', embed_dim=dim, depth=depth, num_heads=heads, T=4,
                                num_classes=1000, img_size=224, variant=variant)
-    c = cl.base_config(model, cl.image_data('imagenet2012', 1000, 224), batch=256,
-                       epochs=200, lr=6e-4, wd=0.05, warmup=5, warmup_lr=0.0, min_lr=1e-7)
+    c = config_lib.base_config(model, config_lib.image_data('imagenet2012', 1000, 224), batch=256,
+                               epochs=200, lr=6e-4, wd=0.05, warmup=5, warmup_lr=0.0, min_lr=1e-7)
     c.cooldown_epochs = 0
     c.optimizer.update(schedule='mae_cosine', lr_scale_batch=True, accum_steps=2)
     # MAE's timm create_transform: no mixup; eval resizes to 256, crops 224.
@@ -271,9 +272,9 @@ def paper_row(name: str):
                                img_size=128, mlp_ratio=ratio, stem='qkformer_dvs',
                                variant='qkformer')
     model.ssa_proj_lif_batch_as_time = True  # its SSA hands proj_lif [T*B, C, N], as MSViT's
-    data = cl.data_config(dataset, classes, (T, 128, 128, 2), mean=(), std=())
-    c = cl.base_config(model, data, batch=16, epochs=epochs, lr=lr, wd=0.06, warmup=10,
-                       warmup_lr=1e-5, min_lr=min_lr)
+    data = config_lib.data_config(dataset, classes, (T, 128, 128, 2), mean=(), std=())
+    c = config_lib.base_config(model, data, batch=16, epochs=epochs, lr=lr, wd=0.06, warmup=10,
+                               warmup_lr=1e-5, min_lr=min_lr)
     # train.py: flip and SNNAugmentWide per example (Gesture too), then mixup.
     c.data.augment.update(hflip=0.5, dvs_policy='snn_augment_wide')
     c.mixup.update(mixup_alpha=0.5, prob=0.5, off_epoch=75)
@@ -286,9 +287,9 @@ def paper_row(name: str):
     dataset, stem, classes, T, ratio, lr, epochs, paper = _DVS[name]
     model = msvit.model_config('dvs', embed_dim=256, num_heads=16, T=T, num_classes=classes,
                                img_size=128, mlp_ratio=ratio, stem=stem)
-    data = cl.data_config(dataset, classes, (T, 128, 128, 2), mean=(), std=())
-    c = cl.base_config(model, data, batch=16, epochs=epochs, lr=lr, wd=0.06, warmup=10,
-                       warmup_lr=1e-5)
+    data = config_lib.data_config(dataset, classes, (T, 128, 128, 2), mean=(), std=())
+    c = config_lib.base_config(model, data, batch=16, epochs=epochs, lr=lr, wd=0.06, warmup=10,
+                               warmup_lr=1e-5)
     c.mixup.update(mixup_alpha=0.5, prob=0.5, off_epoch=75)  # the deleted trainers' defaults
   c.paper_top1 = paper
   return c
@@ -296,10 +297,10 @@ def paper_row(name: str):
 
 def get_config(arg: str = 'cifar10-4-384'):
   """`arg` = VARIANT[,runlocal]; see the module docstring."""
-  name, local = cl.parse_arg(arg, 'cifar10-4-384', VARIANTS)
+  name, local = config_lib.parse_arg(arg, 'cifar10-4-384', VARIANTS)
   c = paper_row(name)
   if local:
-    c = cl.runlocal(c)
+    c = config_lib.runlocal(c)
   c.name = f'msvit:{arg}'
   return c
 
@@ -317,4 +318,4 @@ def get_sweep(name: str):
              'model.attention': ('mssa', 'mssa', kind3),
              'model.mssa_kernels': (early, early, kernels3), 'paper_top1': acc}
             for row, (early, (kind3, kernels3), acc) in rows.items()]
-  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')
+  raise errors.ConfigError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

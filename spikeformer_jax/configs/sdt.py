@@ -38,7 +38,7 @@ version of --dvs-aug's Cutout, which masks a whole batch alike).
 `--config.model.attention=a2os2a` swaps in A2OS2A (see configs/a2os2a.py).
 """
 
-from spikeformer_jax import config_lib as cl
+from spikeformer_jax import config_lib
 from spikeformer_jax.models import sdt
 
 # name -> (dataset, depth, dim, classes, paper top-1)
@@ -71,11 +71,11 @@ def paper_row(name: str, attention: str = 'sdsa'):
     dataset, depth, dim, classes, paper = _CIFAR[name]
     model = sdt.model_config('cifar', embed_dim=dim, depth=depth, num_classes=classes,
                              img_size=32, attention=attention)
-    data = cl.image_data(dataset, classes, 32)
+    data = config_lib.image_data(dataset, classes, 32)
     if dataset == 'cifar100':
       data.mean, data.std = CIFAR100_NORM
-    c = cl.base_config(model, data, batch=64, epochs=300, lr=3e-4, wd=0.06, warmup=20,
-                       warmup_lr=1e-6)
+    c = config_lib.base_config(model, data, batch=64, epochs=300, lr=3e-4, wd=0.06, warmup=20,
+                               warmup_lr=1e-6)
     # timm's standard RandAugment (not Spikformer's restricted set), no erasing.
     c.data.augment.update(hflip=0.5, rand_augment='rand-m9-n1-mstd0.4-inc1')
     c.mixup.update(mixup_alpha=0.5, off_epoch=200)
@@ -83,9 +83,9 @@ def paper_row(name: str, attention: str = 'sdsa'):
     depth, dim, lr, min_lr, batch, paper = _IMAGENET[name]
     model = sdt.model_config('imagenet', embed_dim=dim, depth=depth, num_classes=1000,
                              img_size=224, attention=attention)
-    c = cl.base_config(model, cl.image_data('imagenet2012', 1000, 224), batch=batch,
-                       epochs=300, lr=lr, wd=0.01, warmup=20, warmup_lr=1e-5,
-                       min_lr=min_lr, optimizer='lamb', eps=1e-6)  # timm Lamb's default eps
+    c = config_lib.base_config(model, config_lib.image_data('imagenet2012', 1000, 224), batch=batch,
+                               epochs=300, lr=lr, wd=0.01, warmup=20, warmup_lr=1e-5,
+                               min_lr=min_lr, optimizer='lamb', eps=1e-6)  # timm Lamb's default eps
     rand_aug, scale, mix_prob = _IMAGENET_AUG[name]
     c.data.augment.update(crop_scale=scale, crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
                           rand_augment=rand_aug, eval_crop_pct=0.95)
@@ -93,17 +93,17 @@ def paper_row(name: str, attention: str = 'sdsa'):
   elif name == 'cifar10dvs-2-256':
     model = sdt.model_config('cifar10dvs', embed_dim=256, depth=2, T=10, num_classes=10,
                              img_size=64, attention=attention)
-    data = cl.data_config('cifar10_dvs', 10, (10, 64, 64, 2), mean=(), std=())
-    c = cl.base_config(model, data, batch=32, epochs=200, lr=7.5e-3, wd=1e-4, warmup=10,
-                       warmup_lr=1e-3, min_lr=3e-4)
+    data = config_lib.data_config('cifar10_dvs', 10, (10, 64, 64, 2), mean=(), std=())
+    c = config_lib.base_config(model, data, batch=32, epochs=200, lr=7.5e-3, wd=1e-4, warmup=10,
+                               warmup_lr=1e-3, min_lr=3e-4)
     c.tet.enabled = True  # no augmentation unless --dvs-aug: data.augment.dvs_cutout=16
     paper = 0.0  # MSViT Table 2's 80.9 is at T=16
   else:
     model = sdt.model_config('gesture', embed_dim=256, depth=2, T=16, num_classes=11,
                              img_size=128, attention=attention)
-    data = cl.data_config('dvs128_gesture', 11, (16, 128, 128, 2), mean=(), std=())
-    c = cl.base_config(model, data, batch=16, epochs=200, lr=3e-4, wd=0.06, warmup=10,
-                       warmup_lr=1e-6, optimizer='lamb', eps=1e-6)
+    data = config_lib.data_config('dvs128_gesture', 11, (16, 128, 128, 2), mean=(), std=())
+    c = config_lib.base_config(model, data, batch=16, epochs=200, lr=3e-4, wd=0.06, warmup=10,
+                               warmup_lr=1e-6, optimizer='lamb', eps=1e-6)
     paper = 99.3  # MSViT Table 2
   c.paper_top1 = paper
   return c
@@ -111,9 +111,9 @@ def paper_row(name: str, attention: str = 'sdsa'):
 
 def get_config(arg: str = 'cifar10-2-512'):
   """`arg` = VARIANT[,runlocal]; see the module docstring."""
-  name, local = cl.parse_arg(arg, 'cifar10-2-512', VARIANTS)
+  name, local = config_lib.parse_arg(arg, 'cifar10-2-512', VARIANTS)
   c = paper_row(name)
   if local:
-    c = cl.runlocal(c)
+    c = config_lib.runlocal(c)
   c.name = f'sdt:{arg}'
   return c

@@ -137,7 +137,8 @@ Suffix ',runlocal' shrinks any variant (depth 1, width 32, T 2, a few steps on
 synthetic data) for smoke tests: `--config=configs/spikformer.py:cifar10-4-384,runlocal`.
 """
 
-from spikeformer_jax import config_lib as cl
+from spikeformer_jax import config_lib
+from spikeformer_jax import errors
 from spikeformer_jax import sweeps
 from spikeformer_jax.models import spikformer
 
@@ -213,7 +214,7 @@ def _changed_row(name):
   dataset, flavour, depth, dim, heads, T, classes, img, _ = _ROWS[base]
   row = (dataset, flavour, depth, dim, changes.pop('heads', heads), changes.pop('T', T),
          classes, img, paper)
-  return cl.apply_overrides(_paper_row(name, row), changes, f'variant {name!r}: ')
+  return config_lib.apply_overrides(_paper_row(name, row), changes, f'variant {name!r}: ')
 
 
 def _paper_row(name, row=None):
@@ -221,30 +222,30 @@ def _paper_row(name, row=None):
   model = spikformer.model_config(flavour, embed_dim=dim, depth=depth, num_heads=heads,
                                   T=T, num_classes=classes, img_size=img)
   if flavour == 'dvs':  # raw event counts, as the official code feeds them
-    data = cl.data_config(dataset, classes, (T, img, img, 2), mean=(), std=())
-    c = cl.base_config(model, data, batch=16, epochs=96, lr=1e-3, wd=0.06, warmup=10,
-                       warmup_lr=1e-5)
+    data = config_lib.data_config(dataset, classes, (T, img, img, 2), mean=(), std=())
+    c = config_lib.base_config(model, data, batch=16, epochs=96, lr=1e-3, wd=0.06, warmup=10,
+                               warmup_lr=1e-5)
     if dataset == 'cifar10_dvs':  # cifar10dvs/train.py; Gesture: none (a flip changes its class)
       c.data.augment.update(hflip=0.5, dvs_policy='snn_augment_wide')
       c.mixup.update(mixup_alpha=0.5, prob=0.5, off_epoch=75)
   elif flavour == 'imagenet' and dataset != 'imagenet2012':  # Table 7: fine-tuning
-    c = cl.base_config(model, cl.image_data(dataset, classes, img), batch=128, epochs=50,
-                       lr=5e-4, wd=0.06, warmup=20, warmup_lr=1e-5)
+    c = config_lib.base_config(model, config_lib.image_data(dataset, classes, img), batch=128,
+                               epochs=50, lr=5e-4, wd=0.06, warmup=20, warmup_lr=1e-5)
     c.data.augment.update(hflip=0.5, rand_augment='rand-m9-n1-mstd0.4-inc1',
                           rand_augment_ops='spikformer_cifar', reprob=0.25)
     c.mixup.update(mixup_alpha=0.5, off_epoch=200)
     c.init_skip = ('head',)  # --config.init_from=the ImageNet run (1000 classes)
     c.init_required = True  # else it would silently train from scratch
   elif flavour == 'imagenet':
-    c = cl.base_config(model, cl.image_data(dataset, classes, img), batch=192, epochs=300,
-                       lr=5e-4, wd=0.05, warmup=20, warmup_lr=1e-6)
+    c = config_lib.base_config(model, config_lib.image_data(dataset, classes, img), batch=192,
+                               epochs=300, lr=5e-4, wd=0.05, warmup=20, warmup_lr=1e-6)
     c.data.augment.update(crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
                           rand_augment='rand-m9-mstd0.5-inc1', reprob=0.25)
     c.mixup.update(mixup_alpha=0.8, cutmix_alpha=1.0)
   else:
-    c = cl.base_config(model, cl.image_data(dataset, classes, img), batch=128,
-                       epochs=390 if name.endswith('400e') else 300, lr=5e-4, wd=0.06,
-                       warmup=20, warmup_lr=1e-5)
+    c = config_lib.base_config(model, config_lib.image_data(dataset, classes, img), batch=128,
+                               epochs=390 if name.endswith('400e') else 300, lr=5e-4, wd=0.06,
+                               warmup=20, warmup_lr=1e-5)
     c.data.augment.update(hflip=0.5, rand_augment='rand-m9-n1-mstd0.4-inc1',
                           rand_augment_ops='spikformer_cifar', reprob=0.25)
     c.mixup.update(mixup_alpha=0.5, off_epoch=200)
@@ -257,8 +258,8 @@ def _digits():
   model = spikformer.model_config('cifar', embed_dim=64, depth=1, num_heads=4, T=4,
                                   num_classes=10, img_size=8)
   model.pooling = '0001'  # 8x8 -> 4x4 = 16 tokens
-  c = cl.base_config(model, cl.data_config('digits', 10, (8, 8, 1)), batch=64, epochs=20,
-                     lr=2e-3, wd=0.01, warmup=2, warmup_lr=1e-4)
+  c = config_lib.base_config(model, config_lib.data_config('digits', 10, (8, 8, 1)), batch=64,
+                             epochs=20, lr=2e-3, wd=0.01, warmup=2, warmup_lr=1e-4)
   c.model.in_channels = 1
   c.cooldown_epochs = 0
   c.label_smoothing = 0.0
@@ -278,9 +279,9 @@ def _nmnist():
   model = spikformer.model_config('dvs', embed_dim=128, depth=1, num_heads=8, T=8,
                                   num_classes=10, img_size=32)
   model.pooling = '0011'
-  data = cl.data_config('nmnist', 10, (8, 32, 32, 2), mean=(), std=())
-  c = cl.base_config(model, data, batch=32, epochs=8, lr=2e-3, wd=0.01, warmup=1,
-                     warmup_lr=1e-4)
+  data = config_lib.data_config('nmnist', 10, (8, 32, 32, 2), mean=(), std=())
+  c = config_lib.base_config(model, data, batch=32, epochs=8, lr=2e-3, wd=0.01, warmup=1,
+                             warmup_lr=1e-4)
   c.cooldown_epochs = 0
   c.optimizer.schedule_per_epoch = False
   c.log_every_steps = 10
@@ -289,13 +290,13 @@ def _nmnist():
 
 def get_config(arg: str = 'digits'):
   """`arg` = VARIANT[,runlocal]; see the module docstring for the variants."""
-  name, local = cl.parse_arg(arg, 'digits', VARIANTS)
+  name, local = config_lib.parse_arg(arg, 'digits', VARIANTS)
   if name in _PAPER_ROWS:
     c = _changed_row(name)
   else:
     c = {'digits': _digits, 'nmnist-1-128': _nmnist}.get(name, lambda: _paper_row(name))()
   if local:
-    c = cl.runlocal(c)
+    c = config_lib.runlocal(c)
   c.name = f'spikformer:{arg}'
   return c
 
@@ -362,4 +363,4 @@ def get_sweep(name: str):
     return sweeps.product(
         sweeps.grid(**{'model.T': [1, 2, 4], 'model.neuron.surrogate': ['sigmoid', 'atan']}),
         [{'epochs': 8, 'ckpt_every_steps': 0}])
-  raise ValueError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')
+  raise errors.ConfigError(f'unknown sweep {name!r}; declared: {", ".join(SWEEPS)}.')

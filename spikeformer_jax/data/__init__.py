@@ -22,6 +22,7 @@ import math
 import ml_collections
 import numpy as np
 
+from spikeformer_jax import errors
 from spikeformer_jax.data import augment
 from spikeformer_jax.data import events
 from spikeformer_jax.data import sources
@@ -43,7 +44,7 @@ def norm_stats(cfg: ml_collections.ConfigDict) -> tuple:
   frm = cfg.get('norm_from', '')
   if frm:
     if frm not in NORM:
-      raise ValueError(f'data.norm_from={frm!r}; valid: {", ".join(NORM)} or "".')
+      raise errors.ConfigError(f'data.norm_from={frm!r}; valid: {", ".join(NORM)} or "".')
     return NORM[frm]
   return tuple(cfg.mean), tuple(cfg.std)
 
@@ -73,7 +74,7 @@ def get_source(cfg: ml_collections.ConfigDict, split: str):
     return tfds_sources.event_source(name, split, data_dir=cfg.get('data_dir', ''),
                                      frames=cfg.shape[0], split_by=cfg.get('split_by', 'number'),
                                      image_size=cfg.image_size, num_classes=cfg.num_classes)
-  raise ValueError(f'data.name={name!r}; valid: {", ".join(map(repr, NAMES))}.')
+  raise errors.ConfigError(f'data.name={name!r}; valid: {", ".join(map(repr, NAMES))}.')
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
@@ -132,7 +133,8 @@ class Transform:
     self.train, self.size, self.events = train, size, events
     self.mean, self.std = mean, std
     if cfg.dvs_policy not in DVS_POLICIES:
-      raise ValueError(f'data.augment.dvs_policy={cfg.dvs_policy!r}; valid: {DVS_POLICIES}.')
+      raise errors.ConfigError(f'data.augment.dvs_policy={cfg.dvs_policy!r}; valid: '
+                               f'{DVS_POLICIES}.')
     self.rand_augment = None
     if train and cfg.rand_augment and not events:
       fill = tuple(mean) if mean else (0.5,) * 3
@@ -141,8 +143,8 @@ class Transform:
                                                  img_mean=fill,
                                                  interpolation=cfg.interpolation)
       except ValueError as e:
-        raise ValueError(f'data.augment.rand_augment={cfg.rand_augment!r} / rand_augment_ops='
-                         f'{cfg.rand_augment_ops!r}: {e}') from None
+        raise errors.ConfigError(f'data.augment.rand_augment={cfg.rand_augment!r} / '
+                                 f'rand_augment_ops={cfg.rand_augment_ops!r}: {e}') from None
     same_size = stored_shape is not None and stored_shape[-2] == size
     if events:
       self.trivial = same_size and not (train and (cfg.hflip or cfg.dvs_policy or cfg.dvs_cutout))
@@ -217,11 +219,11 @@ class Loader:
                process_index: int = 0, process_count: int = 1,
                transform: Transform | None = None, workers: int = 0, prefetch: int = 2):
     if global_batch % process_count:
-      raise ValueError(f'batch_size={global_batch} is not divisible by the '
-                       f'{process_count} processes.')
+      raise errors.ConfigError(f'batch_size={global_batch} is not divisible by the '
+                               f'{process_count} processes.')
     if len(source) < global_batch:
-      raise ValueError(f'batch_size={global_batch} exceeds the {len(source)} '
-                       'training examples; lower --config.batch_size.')
+      raise errors.ConfigError(f'batch_size={global_batch} exceeds the {len(source)} '
+                               'training examples; lower --config.batch_size.')
     self.source = source
     self.transform = transform
     self.global_batch = global_batch
@@ -286,8 +288,8 @@ def eval_batches(source, *, global_batch: int, process_index: int = 0,
                  process_count: int = 1, transform: Transform | None = None):
   """Yields every example once, in order, in padded batches with a 'mask'."""
   if global_batch % process_count:
-    raise ValueError(f'eval batch size {global_batch} is not divisible by the '
-                     f'{process_count} processes.')
+    raise errors.ConfigError(f'eval batch size {global_batch} is not divisible by the '
+                             f'{process_count} processes.')
   local = global_batch // process_count
   n = len(source)
   for b in range(math.ceil(n / global_batch)):

@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from spikeformer_jax import errors
+
 _PIL_INTERP = {
     'nearest': Image.Resampling.NEAREST,
     'bilinear': Image.Resampling.BILINEAR,
@@ -64,7 +66,8 @@ def _interp(name):
   if name == 'random':
     return _RANDOM_INTERPOLATION
   if name not in _PIL_INTERP:
-    raise ValueError(f'unknown interpolation {name!r}; valid: {sorted(_PIL_INTERP) + ["random"]}')
+    raise errors.ConfigError(f'unknown interpolation {name!r}; valid: '
+                             f'{sorted(_PIL_INTERP) + ["random"]}')
   return _PIL_INTERP[name]
 
 
@@ -456,7 +459,7 @@ class AugmentOp:
   def __init__(self, name: str, prob: float = 0.5, magnitude: float = 10,
                hparams: dict | None = None):
     if name not in NAME_TO_OP:
-      raise ValueError(f'unknown op {name!r}; valid: {sorted(NAME_TO_OP)}')
+      raise errors.ConfigError(f'unknown op {name!r}; valid: {sorted(NAME_TO_OP)}')
     hparams = hparams or _HPARAMS_DEFAULT
     self.name = name
     self.aug_fn = NAME_TO_OP[name]
@@ -540,12 +543,12 @@ def rand_augment(spec: str, op_set: str = 'timm', img_mean: Sequence[float] = (0
   and neither op set has them).
   """
   if op_set not in OP_SETS:
-    raise ValueError(f'unknown op_set {op_set!r}; valid: {sorted(OP_SETS)}')
+    raise errors.ConfigError(f'unknown op_set {op_set!r}; valid: {sorted(OP_SETS)}')
   sections = spec.split('-')
   if sections[0] != 'rand':
-    raise ValueError(f"RandAugment spec must start with 'rand', got {spec!r}; e.g. "
-                     f"'rand-m9-n1-mstd0.4-inc1' (sections {', '.join(_SPEC_KEYS)}, each "
-                     "followed by a number), or '' for none")
+    raise errors.ConfigError(f"RandAugment spec must start with 'rand', got {spec!r}; e.g. "
+                             f"'rand-m9-n1-mstd0.4-inc1' (sections {', '.join(_SPEC_KEYS)}, each "
+                             "followed by a number), or '' for none")
   hparams = dict(translate_const=translate_const,
                  img_mean=tuple(min(255, round(255 * x)) for x in img_mean))
   hparams['interpolation'] = _interp(interpolation)
@@ -554,8 +557,8 @@ def rand_augment(spec: str, op_set: str = 'timm', img_mean: Sequence[float] = (0
     cs = re.split(r'(\d.*)', section)
     key, val = (cs[0], cs[1]) if len(cs) >= 2 else (section, '')
     if key not in _SPEC_KEYS or not val:
-      raise ValueError(f'unknown RandAugment spec section {section!r} in {spec!r}; valid keys '
-                       f'(each followed by a number): {list(_SPEC_KEYS)}')
+      raise errors.ConfigError(f'unknown RandAugment spec section {section!r} in {spec!r}; '
+                               f'valid keys (each followed by a number): {list(_SPEC_KEYS)}')
     if key == 'mstd':
       mstd = float(val)
       # setdefault, as timm: the first occurrence wins.
@@ -578,7 +581,7 @@ def rand_augment(spec: str, op_set: str = 'timm', img_mean: Sequence[float] = (0
   choice_weights = None
   if weight_idx is not None:
     if weight_idx != 0:
-      raise ValueError(f'unknown RandAugment weight set w{weight_idx}; valid: w0')
+      raise errors.ConfigError(f'unknown RandAugment weight set w{weight_idx}; valid: w0')
     w = np.array([_RAND_CHOICE_WEIGHTS_0[k] for k in plain], dtype=np.float64)
     choice_weights = w / w.sum()
   return RandAugment(ops, num_layers, choice_weights=choice_weights)
@@ -599,7 +602,8 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float, mode: s
   """
   mode = mode.lower()
   if mode not in ('', 'const', 'rand', 'pixel'):
-    raise ValueError(f"unknown random erasing mode {mode!r}; valid: ['const', 'rand', 'pixel']")
+    raise errors.ConfigError(f"unknown random erasing mode {mode!r}; valid: ['const', 'rand', "
+                             "'pixel']")
   # timm: random() > prob skips; >= makes prob=0 exactly the identity.
   if rng.random() >= prob:
     return x
@@ -706,7 +710,7 @@ def _snn_apply_op(frames: np.ndarray, op_name: str, magnitude: float) -> np.ndar
     m = _inverse_affine_matrix([0.0, 0.0], -magnitude, [0.0, 0.0], 1.0, [0.0, 0.0])
   else:
     valid = ['Identity', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Rotate']
-    raise ValueError(f'unknown SNNAugmentWide op {op_name!r}; valid: {valid}')
+    raise errors.ConfigError(f'unknown SNNAugmentWide op {op_name!r}; valid: {valid}')
   return _grid_sample_nearest(frames, m)
 
 

@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from spikeformer_jax import errors
 from spikeformer_jax import extras
 from spikeformer_jax.data import events as ev
 from spikeformer_jax.data import tfds_sources
@@ -41,9 +42,9 @@ class FramesConfig(tfds.core.BuilderConfig):
 
 def frames_config(frames: int, split_by: str = 'number') -> FramesConfig:
   if frames < 1:
-    raise ValueError(f'frames={frames} must be >= 1.')
+    raise errors.ConfigError(f'frames={frames} must be >= 1.')
   if split_by not in SPLIT_BY:
-    raise ValueError(f'split_by={split_by!r}; valid: {SPLIT_BY}.')
+    raise errors.ConfigError(f'split_by={split_by!r}; valid: {SPLIT_BY}.')
   return FramesConfig(name=tfds_sources.event_config_name(frames, split_by), frames=frames,
                       split_by=split_by)
 
@@ -55,7 +56,7 @@ def integrate(events: np.ndarray, frames: int, split_by: str, size: tuple) -> np
   else:
     x = ev.frames_by_time(events, frames, *size)
   if x.max(initial=0) > np.iinfo(np.uint16).max:
-    raise ValueError(f'a frame count of {x.max()} overflows uint16; use more frames.')
+    raise errors.DataError(f'a frame count of {x.max()} overflows uint16; use more frames.')
   return x.astype(np.uint16)
 
 

@@ -35,6 +35,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from spikeformer_jax import errors
+
 EVENT_DTYPE = np.dtype([('t', np.int64), ('x', np.int16), ('y', np.int16), ('p', np.int8)])
 NMNIST_SIZE = (34, 34)
 
@@ -45,8 +47,8 @@ def read_nmnist(data: bytes) -> np.ndarray:
   bits the timestamp in microseconds)."""
   raw = np.frombuffer(data, np.uint8)
   if raw.size % 5:
-    raise ValueError(f'N-MNIST record of {raw.size} bytes is not a whole number of '
-                     '5-byte events: the file is truncated or not N-MNIST.')
+    raise errors.DataError(f'N-MNIST record of {raw.size} bytes is not a whole number of '
+                           '5-byte events: the file is truncated or not N-MNIST.')
   raw = raw.reshape(-1, 5).astype(np.int64)
   ev = np.empty(len(raw), EVENT_DTYPE)
   ev['x'], ev['y'] = raw[:, 0], raw[:, 1]
@@ -230,14 +232,15 @@ def read_aedat31(data: bytes) -> np.ndarray:
     end = data.find(b'\n', pos)
     line = data[pos:] if end < 0 else data[pos:end + 1]
     if not line.startswith(b'#'):
-      raise ValueError('AEDAT 3.1: no #!END-HEADER line closes the header; not an AEDAT 3.1 file.')
+      raise errors.DataError('AEDAT 3.1: no #!END-HEADER line closes the header; not an AEDAT 3.1 '
+                             'file.')
     pos += len(line)
     if line == AEDAT31_END_HEADER:
       break
   chunks = []
   while pos < len(data):
     if len(data) - pos < _AEDAT31_PACKET.size:
-      raise ValueError(f'AEDAT 3.1: truncated packet header at byte {pos}.')
+      raise errors.DataError(f'AEDAT 3.1: truncated packet header at byte {pos}.')
     e_type, _, e_size, _, e_overflow, e_capacity, _, _ = _AEDAT31_PACKET.unpack_from(data, pos)
     pos += _AEDAT31_PACKET.size
     body = data[pos:pos + e_capacity * e_size]
@@ -245,7 +248,7 @@ def read_aedat31(data: bytes) -> np.ndarray:
     if e_type != 1:
       continue
     if e_size < 8 or e_size % 4:
-      raise ValueError(f'AEDAT 3.1: polarity events of {e_size} bytes (expected 8).')
+      raise errors.DataError(f'AEDAT 3.1: polarity events of {e_size} bytes (expected 8).')
     n = len(body) // e_size
     words = np.frombuffer(body, '<u4', count=n * e_size // 4).reshape(n, e_size // 4)
     aer = words[:, 0].astype(np.int64)
@@ -277,7 +280,7 @@ def _gesture_split(events: np.ndarray, labels_csv_text: str, stem: str):
   for cls, start, end in csv[:, :3].astype(np.int64):
     label = int(cls) - 1
     if not 0 <= label < GESTURE_NUM_CLASSES:
-      raise ValueError(f'{stem}: gesture class {cls} is outside 1..{GESTURE_NUM_CLASSES}.')
+      raise errors.DataError(f'{stem}: gesture class {cls} is outside 1..{GESTURE_NUM_CLASSES}.')
     out.append((events[(t >= start) & (t < end)], label, f'{stem}_{count[label]}'))
     count[label] += 1
   return out
@@ -375,12 +378,12 @@ def _iter_gesture_tar(path: str, split: str):
         yield from _gesture_split(events, files.pop((stem, 'csv')).decode(), stem)
         done += 1
   if order is None:
-    raise ValueError(f'{path}: no {trials_name} in the archive.')
+    raise errors.DataError(f'{path}: no {trials_name} in the archive.')
   if done < len(order):
     stem = order[done]
     missing = [f'{stem}{s}' for k, s in (('aedat', '.aedat'), ('csv', '_labels.csv'))
                if (stem, k) not in files]
-    raise ValueError(f'{path}: {trials_name} lists {stem} but the archive lacks {missing}.')
+    raise errors.DataError(f'{path}: {trials_name} lists {stem} but the archive lacks {missing}.')
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +427,7 @@ def read_cifar10dvs(data: bytes) -> np.ndarray:
   """
   body = data[_skip_hash_header(data):]
   if len(body) % 8:
-    raise ValueError(f'CIFAR10-DVS: {len(body)} data bytes are not whole 8-byte events.')
+    raise errors.DataError(f'CIFAR10-DVS: {len(body)} data bytes are not whole 8-byte events.')
   words = np.frombuffer(body, '>u4').reshape(-1, 2).astype(np.int64)
   addr = words[:, 0]
   x, y, p = (addr & 0xFE) >> 1, (addr & 0x7F00) >> 8, addr & 1
@@ -516,12 +519,12 @@ def iter_nmnist_tar(path: str, split: str) -> Iterator[tuple]:
         files[os.path.basename(m.name)] = _member_bytes(tar, m)
   lists = [n for n in files if n.startswith(split) and n.endswith('.txt')]
   if len(lists) != 1:
-    raise ValueError(f'{path}: expected one {split}*.txt label list, found {lists}.')
+    raise errors.DataError(f'{path}: expected one {split}*.txt label list, found {lists}.')
   for line in files[lists[0]].decode().splitlines():
     if line.strip() and not line.startswith('#'):
       sample, label = line.split()
       if f'{sample}.bs2' not in files:
-        raise ValueError(f'{path}: sample {sample} of {lists[0]} has no .bs2 file.')
+        raise errors.DataError(f'{path}: sample {sample} of {lists[0]} has no .bs2 file.')
       yield read_nmnist(files[f'{sample}.bs2']), int(label)
 
 

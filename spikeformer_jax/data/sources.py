@@ -60,7 +60,7 @@ class ArraySource:
 
 def _check_split(split):
   if split not in SPLITS:
-    raise ValueError(f'split={split!r}; valid: {SPLITS}.')
+    raise errors.ConfigError(f'split={split!r}; valid: {SPLITS}.')
 
 
 def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0,
@@ -85,7 +85,7 @@ def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0,
   images = images[keep]
   if size != 8:
     if size % 8:
-      raise ValueError(f'data.image_size={size} for digits must be a multiple of 8.')
+      raise errors.ConfigError(f'data.image_size={size} for digits must be a multiple of 8.')
     images = images.repeat(size // 8, axis=1).repeat(size // 8, axis=2)
   # Mean and std of the training images, on the 0..1 scale.
   return ArraySource(images, labels[keep], 10, mean=(0.3051,), std=(0.3757,))
@@ -125,12 +125,12 @@ def synthetic_events(split: str, *, shape: tuple, num_classes: int, num_examples
   _check_split(split)
   T, h, w, c = shape
   if c != 2:
-    raise ValueError(f'synthetic_events: shape {shape} must end in 2 polarity channels.')
+    raise errors.ConfigError(f'synthetic_events: shape {shape} must end in 2 polarity channels.')
   if kind not in SYNTHETIC_KINDS:
-    raise ValueError(f'data.synthetic_kind={kind!r}; valid: {SYNTHETIC_KINDS}.')
+    raise errors.ConfigError(f'data.synthetic_kind={kind!r}; valid: {SYNTHETIC_KINDS}.')
   if kind == 'gesture' and num_classes > events.GESTURE_NUM_CLASSES:
-    raise ValueError(f'synthetic gestures have {events.GESTURE_NUM_CLASSES} classes, not '
-                     f'{num_classes}.')
+    raise errors.ConfigError(f'synthetic gestures have {events.GESTURE_NUM_CLASSES} classes, not '
+                             f'{num_classes}.')
   s = SPLITS.index(split)
   labels = np.random.default_rng([seed, s]).integers(0, num_classes, num_examples)
   frames = np.empty((num_examples, T, h, w, 2), np.float32)
@@ -169,47 +169,48 @@ def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> 
     f = np.load(path)
   except _READ_ERRORS as e:  # numpy takes what is neither zip nor .npy for a pickle
     why = 'not a zip archive' if 'pickle' in str(e) else errors.one_line(e)
-    raise ValueError(f'{path} is not a readable .npz ({why}); write it with '
-                     'np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).') from None
+    raise errors.DataError(
+        f'{path} is not a readable .npz ({why}); write it with '
+        'np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).') from None
   if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array
-    raise ValueError(f'{path} holds a single array (.npy), not an .npz with x_train, y_train, '
-                     'x_test, y_test; write it with np.savez.')
+    raise errors.DataError(f'{path} holds a single array (.npy), not an .npz with x_train, '
+                           'y_train, x_test, y_test; write it with np.savez.')
   with f:
     missing = {xn, yn} - set(f.files)
     if missing:
-      raise ValueError(f'{path} lacks {sorted(missing)}; it holds {f.files}.')
+      raise errors.DataError(f'{path} lacks {sorted(missing)}; it holds {f.files}.')
     try:
       x, y = f[xn], f[yn]
     except _READ_ERRORS as e:
-      raise ValueError(f'{path}: cannot read {xn} / {yn} ({errors.one_line(e)}); write the '
-                       'file again, with numeric arrays.') from None
+      raise errors.DataError(f'{path}: cannot read {xn} / {yn} ({errors.one_line(e)}); write the '
+                             'file again, with numeric arrays.') from None
   if y.ndim == 2 and y.shape[1] == 1:  # Keras' [N, 1]
     y = y[:, 0]
   if y.ndim != 1:
-    raise ValueError(f'{path}: {yn} has shape {y.shape}; expected class indices of shape [N] '
-                     '(one-hot labels: y.argmax(-1)).')
+    raise errors.DataError(f'{path}: {yn} has shape {y.shape}; expected class indices of shape [N] '
+                           '(one-hot labels: y.argmax(-1)).')
   if x.ndim not in (4, 5):
-    raise ValueError(f'{path}: {xn} has shape {x.shape}; expected images [N, H, W, C] or '
-                     'event frames [N, T, H, W, 2] (grey images [N, H, W]: add a channel '
-                     'axis, x[..., None]).')
+    raise errors.DataError(f'{path}: {xn} has shape {x.shape}; expected images [N, H, W, C] or '
+                           'event frames [N, T, H, W, 2] (grey images [N, H, W]: add a channel '
+                           'axis, x[..., None]).')
   if len(x) != len(y):
-    raise ValueError(f'{path}: {xn} has {len(x)} examples but {yn} has {len(y)}; each '
-                     'example needs one label.')
+    raise errors.DataError(f'{path}: {xn} has {len(x)} examples but {yn} has {len(y)}; each '
+                           'example needs one label.')
   if not len(y):
-    raise ValueError(f'{path}: {xn} and {yn} are empty; the {split} split needs examples.')
+    raise errors.DataError(f'{path}: {xn} and {yn} are empty; the {split} split needs examples.')
   if mean and x.dtype != np.uint8:
-    raise ValueError(f'{path}: {xn} is {x.dtype}; normalisation with data.mean '
-                     'expects uint8 images. Set --config.data.mean="()" for raw values.')
+    raise errors.DataError(f'{path}: {xn} is {x.dtype}; normalisation with data.mean '
+                           'expects uint8 images. Set --config.data.mean="()" for raw values.')
   if x.dtype.kind not in 'biuf':
-    raise ValueError(f'{path}: {xn} is {x.dtype}; expected numbers.')
+    raise errors.DataError(f'{path}: {xn} is {x.dtype}; expected numbers.')
   if x.dtype.kind == 'f':
     rows = max(1, _FINITE_CHUNK // max(1, x[0].size))
     for lo in range(0, len(x), rows):
       chunk = x[lo:lo + rows]
       bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
       if bad.any():
-        raise ValueError(f'{path}: {xn} holds NaN or infinite values (example '
-                         f'{lo + int(np.flatnonzero(bad)[0])}); fix or drop them.')
+        raise errors.DataError(f'{path}: {xn} holds NaN or infinite values (example '
+                               f'{lo + int(np.flatnonzero(bad)[0])}); fix or drop them.')
   return ArraySource(x, _labels(path, yn, y, num_classes), num_classes,
                      mean=tuple(mean) or None, std=tuple(std) or None)
 
@@ -218,13 +219,13 @@ def _labels(path: str, name: str, y: np.ndarray, num_classes: int) -> np.ndarray
   """`y` as int32 class indices, or one line on what is wrong with them."""
   valid = f'labels are class indices 0..{num_classes - 1} (data.num_classes={num_classes})'
   if y.dtype.kind not in 'biuf':
-    raise ValueError(f'{path}: {name} is {y.dtype}; {valid}.')
+    raise errors.DataError(f'{path}: {name} is {y.dtype}; {valid}.')
   if y.dtype.kind == 'f':
     bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
     if len(bad):
-      raise ValueError(f'{path}: {name} holds non-integer labels ({y[bad[0]]} at example '
-                       f'{bad[0]}); {valid}.')
+      raise errors.DataError(f'{path}: {name} holds non-integer labels ({y[bad[0]]} at example '
+                             f'{bad[0]}); {valid}.')
   lo, hi = y.min().item(), y.max().item()
   if lo < 0 or hi >= num_classes:
-    raise ValueError(f'{path}: {name} holds labels in [{lo:g}, {hi:g}]; {valid}.')
+    raise errors.DataError(f'{path}: {name} holds labels in [{lo:g}, {hi:g}]; {valid}.')
   return y.astype(np.int32)

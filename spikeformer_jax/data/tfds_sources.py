@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from spikeformer_jax import errors
 from spikeformer_jax import extras
 
 IMAGE_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')
@@ -116,7 +117,7 @@ def event_source(name: str, split: str, *, data_dir: str, frames: int, split_by:
 def _checked(ds, name, num_classes, image_shape, mean, std, image_key='image'):
   stored = ds.dataset_info.features['label'].num_classes
   if stored != num_classes:
-    raise ValueError(f'{name} has {stored} classes but data.num_classes={num_classes}.')
+    raise errors.ConfigError(f'{name} has {stored} classes but data.num_classes={num_classes}.')
   return TfdsSource(ds, image_key=image_key, num_classes=num_classes,
                     image_shape=image_shape, mean=tuple(mean) if mean else None,
                     std=tuple(std) if std else None)

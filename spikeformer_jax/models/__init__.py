@@ -7,9 +7,12 @@ family is one module plus one `register` call.
 
 from __future__ import annotations
 
+import inspect
+
 import ml_collections
 from flax import nnx
 
+from spikeformer_jax import attention
 from spikeformer_jax import registry
 from spikeformer_jax.models import common
 from spikeformer_jax.models import msvit, sdt, spikformer
@@ -38,11 +41,20 @@ for _f in (spikformer.FAMILY, sdt.FAMILY, msvit.FAMILY):
   register(_f)
 
 
+def added_fields() -> dict:
+  """Every family's and attention kind's `added` fields, as 'model.<field>'."""
+  out = {f'model.{k}': v for family in _FAMILIES.values() for k, v in family.added.items()}
+  return {**out, **attention.added_fields()}
+
+
 def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
                 bn_groups: int = 1) -> nnx.Module:
   """Builds the model named by `cfg.name` (`config.model`)."""
-  return get(cfg.name).model(cfg, s=common.settings(cfg, bn_groups=bn_groups),
-                             rngs=nnx.Rngs(seed))
+  model = get(cfg.name).model
+  layer_settings = common.settings(cfg, bn_groups=bn_groups)
+  if 's' in inspect.signature(model).parameters:  # a plug-in family of the old keyword
+    return model(cfg, s=layer_settings, rngs=nnx.Rngs(seed))
+  return model(cfg, settings=layer_settings, rngs=nnx.Rngs(seed))
 
 
 def downsampling(cfg: ml_collections.ConfigDict) -> int:

@@ -17,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 from spikeformer_jax import attention
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 from spikeformer_jax import neurons
 
@@ -27,13 +28,16 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float
 class Family:
   """A model family: everything the rest of the code asks of one."""
   name: str
-  model: Callable[..., nnx.Module]  # model(config.model, s=Settings, rngs=...)
+  model: Callable[..., nnx.Module]  # model(config.model, settings=Settings, rngs=...)
   model_config: Callable[..., ml_collections.ConfigDict]  # its config.model defaults
   check: Callable[[ml_collections.ConfigDict], None]  # one-line errors, before building
   downsampling: Callable[[ml_collections.ConfigDict], int]  # image size / token grid
   describe: Callable[[ml_collections.ConfigDict], str]  # 'spikformer cifar 4-384'
   runlocal: Callable[[ml_collections.ConfigDict], None]  # shrink config.model in place
   from_fixture: Callable[[dict], ml_collections.ConfigDict] | None = None  # fidelity
+  # Its config.model fields added after runs were saved without them, as
+  # attention.Kind.added: field -> (the value those runs behave as, what matters).
+  added: dict = dataclasses.field(default_factory=dict)
 
 
 def neuron_config(**overrides) -> ml_collections.ConfigDict:
@@ -97,7 +101,7 @@ def shared_fields() -> dict:
       neuron=neuron_config(), **attention.config_fields())
 
 
-NETWORK_NEURONS = ('lif', 'if', 'relu', 'gelu')  # A2OS2A's ternary V has its own config
+NETWORK_NEURONS = ('lif', 'if', 'relu', 'gelu')  # an attention kind's own neurons: its fields
 # Kinds that do not spike: every network neuron becomes that float activation
 # (the papers' ANN baselines, e.g. Spikformer's Transformer-8-512 rows).
 NON_SPIKING = tuple(neurons.ACTIVATIONS)
@@ -111,12 +115,13 @@ def spiking(cfg: ml_collections.ConfigDict) -> bool:
 def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
   kind = cfg.get('kind', 'lif')  # .get: configs saved before the field existed
   if kind not in NETWORK_NEURONS:
-    raise ValueError(f'Neuron.kind={kind!r} is not valid for the network\'s neurons; choose '
-                     f'one of {NETWORK_NEURONS} (relu, gelu: no neuron, a float activation; '
-                     'A2OS2A\'s ternary V: model.ternary).')
+    raise errors.ConfigError(f'Neuron.kind={kind!r} is not valid for the network\'s neurons; '
+                             f'choose one of {NETWORK_NEURONS} (relu, gelu: no neuron, a float '
+                             'activation); a neuron of an attention kind\'s own (a ternary one) '
+                             'is set in that kind\'s fields.')
   if kind == 'if' and cfg.get('charge_form', 'spikingjelly') != 'spikingjelly':
-    raise ValueError("Neuron.charge_form='paper' is a leaky charge; IF neurons (kind='if') "
-                     "have no leak: keep charge_form='spikingjelly'.")
+    raise errors.ConfigError("Neuron.charge_form='paper' is a leaky charge; IF neurons (kind='if') "
+                             "have no leak: keep charge_form='spikingjelly'.")
   return neurons.Neuron(
       kind=kind, charge_form=cfg.get('charge_form', 'spikingjelly'),
       beta=cfg.get('beta', 0.5), tau=cfg.tau, decay_input=cfg.decay_input,
@@ -129,11 +134,11 @@ def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
 def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Settings:
   """Layer settings from `config.model`: T, neuron, dtypes and BN groups."""
   if cfg.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={cfg.dtype!r}; valid: {sorted(DTYPES)}.')
+    raise errors.ConfigError(f'model.dtype={cfg.dtype!r}; valid: {sorted(DTYPES)}.')
   dtype = DTYPES[cfg.dtype]
   if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-    raise ValueError("model.dtype='float64' needs 64-bit JAX: set "
-                     "JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True).")
+    raise errors.ConfigError("model.dtype='float64' needs 64-bit JAX: set "
+                             "JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True).")
   # Parameters stay float32 under bfloat16 compute; float64 runs all in float64.
   param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
   return layers.Settings(T=cfg.T, neuron=make_neuron(cfg.neuron), dtype=dtype,
@@ -150,25 +155,25 @@ def check_heads(m: ml_collections.ConfigDict):
   """One width for all blocks (Spikformer, SDT): heads divide it; the patch
   stem's widths D/8..D need a multiple of 8."""
   if m.num_heads < 1:
-    raise ValueError(f'model.num_heads={m.num_heads} must be >= 1.')
+    raise errors.ConfigError(f'model.num_heads={m.num_heads} must be >= 1.')
   if m.embed_dim < 8:
-    raise ValueError(f'model.embed_dim={m.embed_dim} must be a positive multiple of 8 (the '
-                     'patch stem widths are D/8, D/4, D/2, D).')
+    raise errors.ConfigError(f'model.embed_dim={m.embed_dim} must be a positive multiple of 8 (the '
+                             'patch stem widths are D/8, D/4, D/2, D).')
   if m.embed_dim % m.num_heads:
-    raise ValueError(f'model.embed_dim={m.embed_dim} is not divisible by model.num_heads='
-                     f'{m.num_heads}; valid heads: '
-                     f'{", ".join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)}.')
+    valid = ', '.join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)
+    raise errors.ConfigError(f'model.embed_dim={m.embed_dim} is not divisible by '
+                             f'model.num_heads={m.num_heads}; valid heads: {valid}.')
   if m.depth < 1:
-    raise ValueError(f'model.depth={m.depth} must be >= 1.')
+    raise errors.ConfigError(f'model.depth={m.depth} must be >= 1.')
   if m.embed_dim % 8:
-    raise ValueError(f'model.embed_dim={m.embed_dim} must be a multiple of 8 (the patch '
-                     'stem widths are D/8, D/4, D/2, D).')
+    raise errors.ConfigError(f'model.embed_dim={m.embed_dim} must be a multiple of 8 (the patch '
+                             'stem widths are D/8, D/4, D/2, D).')
 
 
 def check_pooling(pooling: str):
   if pooling and (len(pooling) != 4 or set(pooling) - {'0', '1'}):
-    raise ValueError(f"model.pooling={pooling!r}: four '0'/'1' characters, one per stage "
-                     "of the patch stem (1: max-pooled), or '' for the flavour's.")
+    raise errors.ConfigError(f"model.pooling={pooling!r}: four '0'/'1' characters, one per stage "
+                             "of the patch stem (1: max-pooled), or '' for the flavour's.")
 
 
 def flat_runlocal(m: ml_collections.ConfigDict):

@@ -45,6 +45,7 @@ from flax import nnx
 
 from spikeformer_jax import attention
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 from spikeformer_jax import ops
 from spikeformer_jax.layers import Settings
@@ -83,18 +84,19 @@ def _conv_name(i: int) -> str:
   return 'proj' + (str(i) if i else '')
 
 
-def _cbl(module, name, x, pool):
+def _conv_bn_lif(module, name, x, pool):
   """conv -> BN -> (MaxPool 3/2/1 on the BN output) -> LIF of layer `name`."""
   x = getattr(module, f'{name}_bn')(getattr(module, f'{name}_conv')(x))
   return getattr(module, f'{name}_lif')(max_pool(x) if pool else x)
 
 
-def _add_cbl(module, name, cin, cout, *, s, rngs, kernel=3, stride=1, spikes_in=True):
+def _add_conv_bn_lif(module, name, cin, cout, *, settings, rngs, kernel=3, stride=1,
+                     spikes_in=True):
   # Every conv of the embeddings sees spikes or spike sums, but the stem's first.
-  setattr(module, f'{name}_conv', s.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs,
+  setattr(module, f'{name}_conv', settings.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs,
                                          spikes_in=spikes_in))
-  setattr(module, f'{name}_bn', s.bn(cout))
-  setattr(module, f'{name}_lif', s.lif())
+  setattr(module, f'{name}_bn', settings.bn(cout))
+  setattr(module, f'{name}_lif', settings.lif())
 
 
 class InitEmbed(nnx.Module):
@@ -102,23 +104,23 @@ class InitEmbed(nnx.Module):
   3x3 conv-BN-(pool)-LIF layers plus a 1x1 conv-BN-LIF on the spikes of
   layer `res_from`; the two spike maps are added (values in {0, 1, 2})."""
 
-  def __init__(self, in_channels: int, dim: int, stem: dict, *, s: Settings, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, dim: int, stem: dict, *, settings: Settings, rngs: nnx.Rngs):
     widths = [dim // d for d in stem['divisors']]
     cin = in_channels
     for i, w in enumerate(widths):
-      _add_cbl(self, _conv_name(i), cin, w, s=s, rngs=rngs, spikes_in=i > 0)
+      _add_conv_bn_lif(self, _conv_name(i), cin, w, settings=settings, rngs=rngs, spikes_in=i > 0)
       cin = w
-    _add_cbl(self, 'proj_res', widths[stem['res_from']], dim, kernel=1,
-             stride=stem['res_stride'], s=s, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj_res', widths[stem['res_from']], dim, kernel=1,
+                     stride=stem['res_stride'], settings=settings, rngs=rngs)
     self.pools, self.res_from = tuple(stem['pools']), stem['res_from']
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [BT, H, W, C_in] -> [BT, H', W', E]
     feat = None
     for i, pool in enumerate(self.pools):
-      x = _cbl(self, _conv_name(i), x, pool)
+      x = _conv_bn_lif(self, _conv_name(i), x, pool)
       if i == self.res_from:
         feat = x
-    return x + _cbl(self, 'proj_res', feat, False)
+    return x + _conv_bn_lif(self, 'proj_res', feat, False)
 
 
 class StageEmbed(nnx.Module):
@@ -126,33 +128,33 @@ class StageEmbed(nnx.Module):
   (`pool_at`), plus a stride-2 1x1 conv-BN-LIF on the (integer-valued) input;
   the spike maps are added. Halves the resolution; widths cin -> cout."""
 
-  def __init__(self, cin: int, cout: int, pool_at: int, *, s: Settings, rngs: nnx.Rngs):
-    _add_cbl(self, 'proj3', cin, cout, s=s, rngs=rngs)
-    _add_cbl(self, 'proj4', cout, cout, s=s, rngs=rngs)
-    _add_cbl(self, 'proj_res', cin, cout, kernel=1, stride=2, s=s, rngs=rngs)
+  def __init__(self, cin: int, cout: int, pool_at: int, *, settings: Settings, rngs: nnx.Rngs):
+    _add_conv_bn_lif(self, 'proj3', cin, cout, settings=settings, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj4', cout, cout, settings=settings, rngs=rngs)
+    _add_conv_bn_lif(self, 'proj_res', cin, cout, kernel=1, stride=2, settings=settings, rngs=rngs)
     self.pool_at = pool_at
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = _cbl(self, 'proj3', x, self.pool_at == 0)
-    y = _cbl(self, 'proj4', y, self.pool_at == 1)
-    return y + _cbl(self, 'proj_res', x, False)
+    y = _conv_bn_lif(self, 'proj3', x, self.pool_at == 0)
+    y = _conv_bn_lif(self, 'proj4', y, self.pool_at == 1)
+    return y + _conv_bn_lif(self, 'proj_res', x, False)
 
 
 class Block(nnx.Module):
   """x = x + attn(x); x = x + mlp(x) on tokens [BT, N, C]; the attention sits
   under its official name (`tssa` for MSSA, `attn` / `ssa` otherwise)."""
 
-  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: dict, s: Settings,
+  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: dict, settings: Settings,
                rngs: nnx.Rngs):
     self.attn_name = 'tssa' if kind == 'mssa' else graph['attn_name']
     setattr(self, self.attn_name, blocks.SpikingAttention(
-        dim, cfg.num_heads, s=s, kind=kind, style='spikformer', scale=cfg.attn_scale,
+        dim, cfg.num_heads, settings=settings, kind=kind, style='spikformer', scale=cfg.attn_scale,
         order='kv_first', qkv_bias=False, attn_v_threshold=cfg.attn_v_threshold,
         init='torch_default', model=cfg,
         options={'mssa_kernels': tuple(kernels), 'mssa_p_sum': cfg.mssa_p_sum},
         proj_lif_batch_as_time=kind != 'mssa' and cfg.ssa_proj_lif_batch_as_time, rngs=rngs))
-    self.mlp = blocks.SpikingMLP(dim, int(dim * cfg.mlp_ratio), s=s, init='torch_default',
-                                 names=graph['mlp_names'], rngs=rngs)
+    self.mlp = blocks.SpikingMLP(dim, int(dim * cfg.mlp_ratio), settings=settings,
+                                 init='torch_default', names=graph['mlp_names'], rngs=rngs)
 
   def __call__(self, x: jax.Array, keep: jax.Array | None = None) -> jax.Array:
     """keep: stochastic depth's scaled masks [2, B*T, 1, 1] of the attention
@@ -193,7 +195,7 @@ class MSViT(nnx.Module):
   """MSViT / QKFormer. Input: images [B, H, W, C] (repeated over T) or event
   frames [B, T, H, W, C]. Output: logits [B, num_classes]."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, settings: Settings, rngs: nnx.Rngs):
     check_config(cfg)
     graph = GRAPHS[cfg.graph]
     stem = STEMS[cfg.stem or graph['stem']]
@@ -203,24 +205,24 @@ class MSViT(nnx.Module):
       # Kept branches are scaled by 1 / (1 - rate): the residual stream is no
       # longer integer, so its int8 copies would corrupt the weight gradients.
       # compact_spikes only changes memory (bit-identical when valid).
-      s = dataclasses.replace(s, compact_spikes=False)
-    layers.check_spike_sums(s, max(cfg.depths))
+      settings = dataclasses.replace(settings, compact_spikes=False)
+    layers.check_spike_sums(settings, max(cfg.depths))
     self.event_sum = bool(cfg.get('event_sum_channel', False))
     in_channels = cfg.in_channels + 1 if self.event_sum else cfg.in_channels
     stages = zip(dims, cfg.depths, cfg.attention, cfg.mssa_kernels)
     for i, (dim, depth, kind, kernels) in enumerate(stages):
-      embed = (InitEmbed(in_channels, dim, stem, s=s, rngs=rngs) if i == 0 else
-               StageEmbed(dims[i - 1], dim, graph['embed_pool'], s=s, rngs=rngs))
+      embed = (InitEmbed(in_channels, dim, stem, settings=settings, rngs=rngs) if i == 0 else
+               StageEmbed(dims[i - 1], dim, graph['embed_pool'], settings=settings, rngs=rngs))
       setattr(self, f'patch_embed{i + 1}', embed)
       setattr(self, f'stage{i + 1}', nnx.List([
-          Block(dim, kind, kernels, cfg=cfg, graph=graph, s=s, rngs=rngs)
+          Block(dim, kind, kernels, cfg=cfg, graph=graph, settings=settings, rngs=rngs)
           for _ in range(depth)]))
     self.head = nnx.Linear(dims[-1], cfg.num_classes, kernel_init=ops.trunc_normal_init,
-                           dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
+                           dtype=settings.dtype, param_dtype=settings.param_dtype, rngs=rngs)
     self.num_stages = len(dims)
-    self.T = s.T
-    self.dtype = s.dtype
-    self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
+    self.T = settings.T
+    self.dtype = settings.dtype
+    self.logits_dtype = jnp.promote_types(settings.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
     self.remat_stem = cfg.get('remat_stem', '')
@@ -261,49 +263,51 @@ class MSViT(nnx.Module):
 def check_config(cfg: ml_collections.ConfigDict):
   """One clear error per malformed MSViT `config.model`, before any tracing."""
   if cfg.graph not in GRAPHS:
-    raise ValueError(f'model.graph={cfg.graph!r}; valid: {sorted(GRAPHS)}.')
+    raise errors.ConfigError(f'model.graph={cfg.graph!r}; valid: {sorted(GRAPHS)}.')
   if cfg.stem and cfg.stem not in STEMS:
-    raise ValueError(f'model.stem={cfg.stem!r}; valid: {sorted(STEMS)} or "" (the graph\'s).')
+    raise errors.ConfigError(f'model.stem={cfg.stem!r}; valid: {sorted(STEMS)} or "" (the '
+                             'graph\'s).')
   n = len(cfg.dims)
   if n < 1 or not len(cfg.depths) == len(cfg.attention) == len(cfg.mssa_kernels) == n:
-    raise ValueError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
-                     f'attention={tuple(cfg.attention)} and mssa_kernels='
-                     f'{tuple(cfg.mssa_kernels)} must have one entry per stage.')
+    raise errors.ConfigError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
+                             f'attention={tuple(cfg.attention)} and mssa_kernels='
+                             f'{tuple(cfg.mssa_kernels)} must have one entry per stage.')
   if cfg.num_heads < 1:
-    raise ValueError(f'model.num_heads={cfg.num_heads} must be >= 1.')
+    raise errors.ConfigError(f'model.num_heads={cfg.num_heads} must be >= 1.')
   if min(cfg.dims) < 1 or min(cfg.depths) < 0:
-    raise ValueError(f'model.dims={tuple(cfg.dims)} and depths={tuple(cfg.depths)}: stage '
-                     'widths must be >= 1 and block counts >= 0.')
+    raise errors.ConfigError(f'model.dims={tuple(cfg.dims)} and depths={tuple(cfg.depths)}: stage '
+                             'widths must be >= 1 and block counts >= 0.')
   for kind, kernels in zip(cfg.attention, cfg.mssa_kernels):
     if kind == 'mssa' and (len(kernels) != 2 or not any(kernels)
                            or any(k < 0 or k and k % 2 == 0 for k in kernels)):
       # An even kernel's padding k // 2 adds a token: its branch would not add up.
-      raise ValueError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
-                       'pair per stage, each 0 (drops the branch) or odd, at least one of '
-                       'them non-zero.')
+      raise errors.ConfigError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
+                               'pair per stage, each 0 (drops the branch) or odd, at least one of '
+                               'them non-zero.')
   for dim in cfg.dims:
     if dim % cfg.num_heads:
-      raise ValueError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
-                       f'by model.num_heads={cfg.num_heads}.')
+      raise errors.ConfigError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
+                               f'by model.num_heads={cfg.num_heads}.')
   stem = STEMS[cfg.stem or GRAPHS[cfg.graph]['stem']]
   if any(cfg.dims[0] % d for d in stem['divisors']):
-    raise ValueError(f'model.dims[0]={cfg.dims[0]} must be divisible by '
-                     f'{max(stem["divisors"])} (stem widths E/{max(stem["divisors"])}..E).')
+    raise errors.ConfigError(f'model.dims[0]={cfg.dims[0]} must be divisible by '
+                             f'{max(stem["divisors"])} (stem widths E/{max(stem["divisors"])}..E).')
   for kind in cfg.attention:
     if kind not in attention.names():
-      raise ValueError(f'attention kind {kind!r} in model.attention; valid: '
-                       f'{attention.names()}.')
+      raise errors.ConfigError(f'attention kind {kind!r} in model.attention; valid: '
+                               f'{attention.names()}.')
   rate = cfg.get('drop_path_rate', 0.0)
   if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-    raise ValueError(f'model.drop_path_rate={rate!r}; valid: a number in [0, 1) (the '
-                     'stochastic-depth rate of the last block; 0 = off, the official code).')
+    raise errors.ConfigError(f'model.drop_path_rate={rate!r}; valid: a number in [0, 1) (the '
+                             'stochastic-depth rate of the last block; 0 = off, the official '
+                             'code).')
   event_sum = cfg.get('event_sum_channel', False)
   if not isinstance(event_sum, bool):
-    raise ValueError(f'model.event_sum_channel={event_sum!r}; valid: True or False.')
+    raise errors.ConfigError(f'model.event_sum_channel={event_sum!r}; valid: True or False.')
   if event_sum and cfg.in_channels != 2:
-    raise ValueError(f'model.event_sum_channel=True appends positive + negative to two '
-                     f'polarity channels, but model.in_channels={cfg.in_channels}; valid: '
-                     'in_channels=2 (event frames), or event_sum_channel=False.')
+    raise errors.ConfigError(f'model.event_sum_channel=True appends positive + negative to two '
+                             f'polarity channels, but model.in_channels={cfg.in_channels}; valid: '
+                             'in_channels=2 (event frames), or event_sum_channel=False.')
 
 
 def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 10,
@@ -317,9 +321,9 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
   (depth - 2); the DVS graph has 1 + 1 and ignores depth).
   """
   if graph not in GRAPHS:
-    raise ValueError(f'graph={graph!r}; valid: {sorted(GRAPHS)}.')
+    raise errors.DataError(f'graph={graph!r}; valid: {sorted(GRAPHS)}.')
   if variant not in ('msvit', 'qkformer'):
-    raise ValueError(f"variant={variant!r}; valid: 'msvit', 'qkformer'.")
+    raise errors.DataError(f"variant={variant!r}; valid: 'msvit', 'qkformer'.")
   d = embed_dim
   if graph == 'dvs':
     dims, depths, attention = (d // 2, d), (1, 1), ('mssa', 'ssa')
@@ -398,8 +402,8 @@ _FIXTURE_FILES = {
 def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   if rec['file'] not in _FIXTURE_FILES:
-    raise ValueError(f"unknown MSViT source file {rec['file']!r}; expected one of "
-                     f'{sorted(_FIXTURE_FILES)}.')
+    raise errors.DataError(f"unknown MSViT source file {rec['file']!r}; expected one of "
+                           f'{sorted(_FIXTURE_FILES)}.')
   graph, extra = _FIXTURE_FILES[rec['file']]
   kw = rec['constructor_args_full']
   mc = model_config(
@@ -421,4 +425,5 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 FAMILY = common.Family(
     name='msvit', model=MSViT, model_config=model_config, check=check_config,
     downsampling=downsampling, describe=describe, runlocal=runlocal,
-    from_fixture=from_fixture)
+    from_fixture=from_fixture,
+    added={'drop_path_rate': (0.0, float), 'event_sum_channel': (False, bool)})

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import ops
 from spikeformer_jax.layers import Settings, SpikingNeuron
 from spikeformer_jax.norm import BatchNorm
@@ -46,12 +47,12 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
   proj_bn3: BatchNorm
   proj_lif3: SpikingNeuron
 
-  def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
+  def __init__(self, in_channels: int, dim: int, pooling: str, *, settings: Settings,
                rngs: nnx.Rngs):
-    blocks.add_sps_stages(self, in_channels, dim, pooling, s=s, init='trunc_normal',
+    blocks.add_sps_stages(self, in_channels, dim, pooling, settings=settings, init='trunc_normal',
                           rngs=rngs)
-    self.rpe_conv = s.conv(dim, dim, init='trunc_normal', rngs=rngs, spikes_in=True)
-    self.rpe_bn = s.bn(dim)
+    self.rpe_conv = settings.conv(dim, dim, init='trunc_normal', rngs=rngs, spikes_in=True)
+    self.rpe_bn = settings.bn(dim)
     self.pooling = pooling
 
   def stage(self, i: int, x: jax.Array) -> jax.Array:
@@ -76,15 +77,15 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
 class MS_MLP(nnx.Module):  # pylint: disable=invalid-name
   """u -> fc2_bn(fc2(fc2_lif(fc1_bn(fc1(fc1_lif(u)))))) + u (membrane shortcut)."""
 
-  def __init__(self, dim: int, hidden: int, *, s: Settings, rngs: nnx.Rngs):
-    self.fc1_lif = s.lif()
-    self.fc1_linear = s.linear(dim, hidden, bias=True, init='trunc_normal', rngs=rngs,
+  def __init__(self, dim: int, hidden: int, *, settings: Settings, rngs: nnx.Rngs):
+    self.fc1_lif = settings.lif()
+    self.fc1_linear = settings.linear(dim, hidden, bias=True, init='trunc_normal', rngs=rngs,
                                spikes_in=True)
-    self.fc1_bn = s.bn(hidden)
-    self.fc2_lif = s.lif()
-    self.fc2_linear = s.linear(hidden, dim, bias=True, init='trunc_normal', rngs=rngs,
+    self.fc1_bn = settings.bn(hidden)
+    self.fc2_lif = settings.lif()
+    self.fc2_linear = settings.linear(hidden, dim, bias=True, init='trunc_normal', rngs=rngs,
                                spikes_in=True)
-    self.fc2_bn = s.bn(dim)
+    self.fc2_bn = settings.bn(dim)
     self.res = dim == hidden  # the official inner shortcut (never with ratio 4)
 
   def __call__(self, u: jax.Array) -> jax.Array:
@@ -97,14 +98,14 @@ class MS_MLP(nnx.Module):  # pylint: disable=invalid-name
 
 class Block(nnx.Module):
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, s: Settings,
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, settings: Settings,
                cfg: ml_collections.ConfigDict, erode_hw, rngs: nnx.Rngs):
     self.attn = blocks.SpikingAttention(
-        dim, num_heads, s=s, kind=cfg.attention, style='sdt', scale=0.125,
+        dim, num_heads, settings=settings, kind=cfg.attention, style='sdt', scale=0.125,
         order=cfg.attn_order or 'auto', qkv_bias=False,
         attn_v_threshold=cfg.attn_v_threshold, init='trunc_normal', proj=cfg.attn_proj,
         erode_hw=erode_hw, dead_modules=cfg.dead_modules, model=cfg, rngs=rngs)
-    self.mlp = MS_MLP(dim, int(dim * mlp_ratio), s=s, rngs=rngs)
+    self.mlp = MS_MLP(dim, int(dim * mlp_ratio), settings=settings, rngs=rngs)
 
   def __call__(self, u: jax.Array) -> jax.Array:
     return self.mlp(self.attn(u))
@@ -114,22 +115,23 @@ class SDT(nnx.Module):
   """Input: images [B, H, W, C] (repeated over T) or frames [B, T, H, W, C].
   Output: logits [B, classes], or [B, T, classes] with `per_timestep_logits`."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, settings: Settings, rngs: nnx.Rngs):
     check_config(cfg)
     dim = cfg.embed_dim
-    self.patch_embed = MS_SPS(cfg.in_channels, dim, cfg.pooling, s=s, rngs=rngs)
+    self.patch_embed = MS_SPS(cfg.in_channels, dim, cfg.pooling, settings=settings, rngs=rngs)
     grid = cfg.img_size // 2 ** cfg.pooling.count('1')
     erode_hw = (grid, grid) if cfg.dvs_mode else None
     self.block = nnx.List([
-        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, cfg=cfg, erode_hw=erode_hw, rngs=rngs)
+        Block(dim, cfg.num_heads, cfg.mlp_ratio, settings=settings, cfg=cfg, erode_hw=erode_hw,
+              rngs=rngs)
         for _ in range(cfg.depth)])
-    self.head_lif = s.lif()
+    self.head_lif = settings.lif()
     self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=ops.torch_default_kernel_init,
-                           bias_init=ops.torch_default_bias_init(dim), dtype=s.dtype,
-                           param_dtype=s.param_dtype, rngs=rngs)
-    self.T = s.T
-    self.dtype = s.dtype
-    self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
+                           bias_init=ops.torch_default_bias_init(dim), dtype=settings.dtype,
+                           param_dtype=settings.param_dtype, rngs=rngs)
+    self.T = settings.T
+    self.dtype = settings.dtype
+    self.logits_dtype = jnp.promote_types(settings.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
     self.remat_stem = cfg.get('remat_stem', '')
@@ -155,7 +157,7 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
                  attention: str = 'sdsa') -> ml_collections.ConfigDict:
   """`config.model` of an SDT (attention='sdsa') or A2OS2A (attention='a2os2a')."""
   if dataset not in POOLING:
-    raise ValueError(f'dataset={dataset!r}; valid: {sorted(POOLING)}.')
+    raise errors.ConfigError(f'dataset={dataset!r}; valid: {sorted(POOLING)}.')
   return ml_collections.ConfigDict(dict(
       name='sdt',                 # the family (models.names())
       embed_dim=embed_dim,        # D, the width of every block
@@ -190,8 +192,9 @@ def check_config(m: ml_collections.ConfigDict):
   common.check_pooling(m.pooling)
   order = m.get('head_order', 'pool_then_fire')
   if order not in HEAD_ORDERS:
-    raise ValueError(f'model.head_order={order!r}; valid: {", ".join(map(repr, HEAD_ORDERS))} '
-                     "('pool_then_fire': the official SDT head; 'fire_then_pool': A2OS2A eq. 18).")
+    raise errors.ConfigError(f'model.head_order={order!r}; valid: '
+                             f'{", ".join(map(repr, HEAD_ORDERS))} (\'pool_then_fire\': the '
+                             "official SDT head; 'fire_then_pool': A2OS2A eq. 18).")
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
@@ -207,8 +210,9 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   kw = rec['constructor_args_full']
   if kw.get('spike_mode', 'lif') != 'lif' or kw.get('TET'):
-    raise ValueError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
-                     f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is checked.")
+    raise errors.DataError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
+                           f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is "
+                           "checked.")
   mc = model_config('cifar', embed_dim=kw['embed_dims'], depth=kw['depths'],
                     num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
                     img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
@@ -223,4 +227,4 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 FAMILY = common.Family(
     name='sdt', model=SDT, model_config=model_config, check=check_config,
     downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
-    from_fixture=from_fixture)
+    from_fixture=from_fixture, added={'head_order': ('pool_then_fire', str)})

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spikeformer_jax import blocks
+from spikeformer_jax import errors
 from spikeformer_jax import layers
 from spikeformer_jax import ops
 from spikeformer_jax.layers import Settings
@@ -47,12 +48,12 @@ class SPS(nnx.Module):
   '0'/'1' per stage), then a relative position embedding conv-BN-LIF whose
   spikes are added to the feature spikes (values in {0, 1, 2})."""
 
-  def __init__(self, in_channels: int, dim: int, pooling: str, *, s: Settings,
+  def __init__(self, in_channels: int, dim: int, pooling: str, *, settings: Settings,
                rngs: nnx.Rngs):
-    blocks.add_sps_stages(self, in_channels, dim, pooling, s=s, init='torch_default',
+    blocks.add_sps_stages(self, in_channels, dim, pooling, settings=settings, init='torch_default',
                           rngs=rngs)
     self.rpe_conv, self.rpe_bn, self.rpe_lif = (
-        s.conv(dim, dim, rngs=rngs, spikes_in=True), s.bn(dim), s.lif())
+        settings.conv(dim, dim, rngs=rngs, spikes_in=True), settings.bn(dim), settings.lif())
     self.pooling = pooling
 
   def stage(self, i: int, x: jax.Array) -> jax.Array:
@@ -74,18 +75,18 @@ class SPS(nnx.Module):
 class Block(nnx.Module):
   """x = x + SSA(x); x = x + MLP(x): a spike-add (integer-valued) residual."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, s: Settings,
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, settings: Settings,
                flavour: dict, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     dead_modules = cfg.dead_modules
     if dead_modules:  # built, never called (official Block.norm1 / norm2)
-      self.norm1 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
-      self.norm2 = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
+      self.norm1 = nnx.LayerNorm(dim, param_dtype=settings.param_dtype, rngs=rngs)
+      self.norm2 = nnx.LayerNorm(dim, param_dtype=settings.param_dtype, rngs=rngs)
     self.attn = blocks.SpikingAttention(
-        dim, num_heads, s=s, kind=cfg.get('attention', 'ssa'), style='spikformer',
+        dim, num_heads, settings=settings, kind=cfg.get('attention', 'ssa'), style='spikformer',
         scale=flavour['attn_scale'], order=flavour['attn_order'],
         qkv_bias=flavour['qkv_bias'], attn_v_threshold=cfg.attn_v_threshold,
         init=flavour['dense_init'], dead_modules=dead_modules, model=cfg, rngs=rngs)
-    self.mlp = blocks.SpikingMLP(dim, int(dim * mlp_ratio), s=s,
+    self.mlp = blocks.SpikingMLP(dim, int(dim * mlp_ratio), settings=settings,
                                  init=flavour['dense_init'], rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -97,28 +98,29 @@ class Spikformer(nnx.Module):
   """Spikformer. Input: images [B, H, W, C] (repeated over T, direct encoding)
   or event frames [B, T, H, W, C]. Output: logits [B, num_classes]."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, *, s: Settings, rngs: nnx.Rngs):
+  def __init__(self, cfg: ml_collections.ConfigDict, *, settings: Settings, rngs: nnx.Rngs):
     check_config(cfg)
     flavour = dict(FLAVOURS[cfg.flavour])
     for key in ('pooling', 'attn_order', 'attn_scale'):  # '' / 0: the flavour's value
       if cfg.get(key):
         flavour[key] = cfg[key]
     dim = cfg.embed_dim
-    layers.check_spike_sums(s, cfg.depth)
-    self.patch_embed = SPS(cfg.in_channels, dim, flavour['pooling'], s=s, rngs=rngs)
+    layers.check_spike_sums(settings, cfg.depth)
+    self.patch_embed = SPS(cfg.in_channels, dim, flavour['pooling'], settings=settings, rngs=rngs)
     self.block = nnx.List([
-        Block(dim, cfg.num_heads, cfg.mlp_ratio, s=s, flavour=flavour, cfg=cfg, rngs=rngs)
+        Block(dim, cfg.num_heads, cfg.mlp_ratio, settings=settings, flavour=flavour, cfg=cfg,
+              rngs=rngs)
         for _ in range(cfg.depth)])
     if cfg.dead_modules and cfg.flavour == 'dvs':  # official, never used
       n_tokens = (cfg.img_size // 16) ** 2
       self.pos_embed = nnx.Param(
-          ops.trunc_normal_init(rngs.params(), (1, n_tokens, dim), s.param_dtype))
-      self.norm = nnx.LayerNorm(dim, param_dtype=s.param_dtype, rngs=rngs)
+          ops.trunc_normal_init(rngs.params(), (1, n_tokens, dim), settings.param_dtype))
+      self.norm = nnx.LayerNorm(dim, param_dtype=settings.param_dtype, rngs=rngs)
     self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=ops.trunc_normal_init,
-                           dtype=s.dtype, param_dtype=s.param_dtype, rngs=rngs)
-    self.T = s.T
-    self.dtype = s.dtype
-    self.logits_dtype = jnp.promote_types(s.param_dtype, jnp.float32)
+                           dtype=settings.dtype, param_dtype=settings.param_dtype, rngs=rngs)
+    self.T = settings.T
+    self.dtype = settings.dtype
+    self.logits_dtype = jnp.promote_types(settings.param_dtype, jnp.float32)
     self.per_timestep_logits = False  # True for the TET loss
     self.remat = cfg.get('remat', '')
     self.remat_stem = cfg.get('remat_stem', '')
@@ -137,7 +139,7 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
                  img_size: int = 32, mlp_ratio: float = 4.0) -> ml_collections.ConfigDict:
   """The `config.model` of a Spikformer, with the official flavour's defaults."""
   if flavour not in FLAVOURS:
-    raise ValueError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
+    raise errors.ConfigError(f'flavour={flavour!r}; valid: {sorted(FLAVOURS)}.')
   return ml_collections.ConfigDict(dict(
       name='spikformer',   # the family (models.names())
       flavour=flavour,     # the official code's flavour: cifar, imagenet or dvs
@@ -173,7 +175,7 @@ def check_config(m: ml_collections.ConfigDict):
   """One clear error per malformed Spikformer `config.model`."""
   common.check_heads(m)
   if m.get('flavour') not in FLAVOURS:
-    raise ValueError(f'model.flavour={m.get("flavour")!r}; valid: {sorted(FLAVOURS)}.')
+    raise errors.ConfigError(f'model.flavour={m.get("flavour")!r}; valid: {sorted(FLAVOURS)}.')
   common.check_pooling(m.get('pooling') or '')
   check_paper_options(m)
 
@@ -186,15 +188,15 @@ def check_paper_options(m: ml_collections.ConfigDict):
   d = m.embed_dim // m.num_heads
   kernels = [k for k in range(1, d + 1) if d % k == 0]
   if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0 or (pool and d % pool):
-    raise ValueError(f'model.qk_pool={pool!r}: 0 (off) or a kernel dividing the head width '
-                     f'embed_dim / num_heads = {d}: one of {kernels}.')
+    raise errors.ConfigError(f'model.qk_pool={pool!r}: 0 (off) or a kernel dividing the head width '
+                             f'embed_dim / num_heads = {d}: one of {kernels}.')
   if not isinstance(learnable, bool):
-    raise ValueError(f'model.attn_scale_learnable={learnable!r}; valid: True, False.')
+    raise errors.ConfigError(f'model.attn_scale_learnable={learnable!r}; valid: True, False.')
   for field, on in (('qk_pool', pool), ('attn_scale_learnable', learnable)):
     if on and kind != 'ssa':
-      raise ValueError(f"model.{field}={on!r} is an option of the 'ssa' attention, not of "
-                       f"model.attention={kind!r}; valid: model.attention='ssa', or "
-                       f'model.{field}={0 if field == "qk_pool" else False}.')
+      raise errors.ConfigError(f"model.{field}={on!r} is an option of the 'ssa' attention, not of "
+                               f"model.attention={kind!r}; valid: model.attention='ssa', or "
+                               f'model.{field}={0 if field == "qk_pool" else False}.')
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
@@ -215,8 +217,8 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   flavour = _FIXTURE_FILES.get(rec['file'])
   if flavour is None:
-    raise ValueError(f"unknown Spikformer source file {rec['file']!r}; "
-                     f'expected one of {sorted(_FIXTURE_FILES)}.')
+    raise errors.DataError(f"unknown Spikformer source file {rec['file']!r}; "
+                           f'expected one of {sorted(_FIXTURE_FILES)}.')
   kw = rec['constructor_args_full']
   mc = model_config(flavour, embed_dim=kw['embed_dims'], depth=kw['depths'],
                     num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
@@ -230,4 +232,5 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 FAMILY = common.Family(
     name='spikformer', model=Spikformer, model_config=model_config, check=check_config,
     downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
-    from_fixture=from_fixture)
+    from_fixture=from_fixture,
+    added={'qk_pool': (0, int), 'attn_scale_learnable': (False, bool)})
