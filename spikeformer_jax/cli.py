@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from spikeformer_jax import errors
 
 USAGE_EXIT = 2
-_DEFAULTS = {}  # config flag name -> its default 'path.py[:arg]'
+_DEFAULTS: dict[str, str | None] = {}  # config flag name -> its default 'path.py[:arg]'
 
 # What ml_collections raises for a field that does not exist (KeyError,
 # AttributeError) or a value it cannot set (TypeError, ValueError); absl
@@ -90,7 +90,7 @@ def _packaged_config_args(argv: list[str], config_names) -> list[str]:
       if arg.startswith(f'--{name}='):
         argv[i] = f'--{name}={config_file(arg.split("=", 1)[1])}'
       elif arg == f'--{name}' and i + 1 < len(argv):
-        argv[i + 1] = config_file(argv[i + 1])
+        argv[i + 1] = config_file(argv[i + 1]) or argv[i + 1]
   return argv
 
 
@@ -106,7 +106,7 @@ def parse_flags(argv: list[str], config_names=('config',)) -> list[str]:
     value = flags.FLAGS[name].value if name in flags.FLAGS else None
     if value is not None:
       try:
-        getattr(value, 'keys')
+        _ = value.keys  # loads the file, or raises its error
       except OSError as e:
         exit_usage(f'--{name}={flags.FLAGS[name].serialize().split("=", 1)[-1]}: '
                    f'{_last_line(e)}')
@@ -145,7 +145,7 @@ def call(main, argv: list[str], config_names=()) -> int:
     rest = parse_flags(argv, config_names)
     return reporting(main)(rest)
   except SystemExit as e:  # a command-line mistake (exit_usage)
-    return e.code
+    return e.code if isinstance(e.code, int) else int(e.code is not None)
 
 
 def jax_flags_to_env(argv: list[str]) -> list[str]:
@@ -167,7 +167,7 @@ def _last_line(e: BaseException) -> str:
   """The line that says what went wrong: the last of a nested traceback or of
   a list of attempted paths, without its exception name."""
   msg = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its str
-  lines = [l.strip() for l in str(msg).splitlines() if l.strip()]
+  lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
   if not lines:
     return type(e).__name__
   return re.sub(r'^\w+(Error|Exception): ', '', lines[-1])
@@ -193,9 +193,10 @@ def describe(e: BaseException, argv: list[str], name: str, default: str | None) 
   if '\n' in msg:  # 'flag --config=X: Error whilst parsing config file: <traceback>'
     return f'{first.split(": ", 1)[0]}: {_last_line(e)}'
   m = re.match(rf'--{re.escape(name)}\.([\w.]+)=', first)
-  current = _lookup(config, m.group(1)) if m and config is not None else None
+  field = m.group(1) if m else ''
+  current = _lookup(config, field) if field and config is not None else None
   if current is not None:
-    return (f'{errors.one_line(first)}; {m.group(1)} takes {type(current).__name__} '
+    return (f'{errors.one_line(first)}; {field} takes {type(current).__name__} '
             f'values (now {current!r}).')
   return errors.one_line(first)
 
@@ -219,6 +220,8 @@ def _load(argv, name, default):
   file, *arg = path.split(':', 1)
   try:
     spec = importlib.util.spec_from_file_location(f'_cli_{name}_config', file)
+    if spec is None or spec.loader is None:
+      return None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(*arg)
@@ -246,7 +249,7 @@ def _unknown_field(config, argv, name) -> str | None:
     m = re.match(rf'^--?(?:no)?{re.escape(name)}\.([^=]+)', arg)
     if not m:
       continue
-    node, where = config, []
+    node, where = config, list[str]()
     for key in m.group(1).split('.'):
       if '[' in key or not hasattr(node, 'keys'):
         break  # indexing into sequences: left to ml_collections

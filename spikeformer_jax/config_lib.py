@@ -230,7 +230,7 @@ def parse_set(pairs) -> dict:
   return out
 
 
-def lookup(d: dict, key: str):
+def lookup(d: dict | None, key: str):
   """The value at dotted `key` of a nested dict (a saved config.json), or None."""
   for p in key.split('.'):
     if not isinstance(d, dict) or p not in d:

@@ -69,10 +69,9 @@ class Stopped(Exception):
 USER_ERRORS = (UserError, OSError)
 
 
-def one_line(e: BaseException) -> str:
-  """The exception's message on one line (no traceback, no line breaks)."""
-  msg = ' '.join(str(e).split()) or type(e).__name__
-  return msg
+def one_line(e: BaseException | str) -> str:
+  """The exception's message (or a text) on one line: no traceback, no line breaks."""
+  return ' '.join(str(e).split()) or type(e).__name__
 
 
 def report(e: BaseException, traceback: bool = False, file=None) -> int:

@@ -50,10 +50,10 @@ TOL_RATE = 1e-12        # spike rates (identical spike counts)
 
 def _spike_counts(inter: nnx.State) -> dict[str, tuple[int, int]]:
   """Intermediates -> {'block.0.attn.q_lif': (nonzero, numel)}, over all calls and T."""
-  totals = {'spike_count': {}, 'numel': {}}
+  totals: dict[str, dict[str, int]] = {'spike_count': {}, 'numel': {}}
   for path, var in nnx.to_flat_state(inter):
     name = '.'.join(map(str, path[:-1]))
-    acc = totals[path[-1]]
+    acc = totals[str(path[-1])]
     acc[name] = acc.get(name, 0) + sum(int(np.asarray(v).sum()) for v in var.get_value())
   return {n: (c, totals['numel'][n]) for n, c in totals['spike_count'].items()}
 
@@ -87,7 +87,7 @@ def check_file(path: str) -> dict:
   model.set_attributes(record_spikes=True)
 
   model.eval()
-  g_eval, params, rest = nnx.split(model, nnx.Param, ...)
+  g_eval, params, rest = nnx.graphdef(model), *nnx.state(model, nnx.Param, ...)
   model.train()
   g_train = nnx.graphdef(model)
 

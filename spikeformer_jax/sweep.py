@@ -72,8 +72,9 @@ def main(argv: list[str]) -> int:
   if _PARALLEL.value < 1:
     cli.exit_usage(f'--parallel={_PARALLEL.value}: the number of points trained at once must '
                    'be >= 1.')
-  config = cli.config_file(_CONFIG.value)  # configs/x.py: also outside a checkout
-  workdir, runlocal = _WORKDIR.value, _RUNLOCAL.value
+  # The flags a command needs were checked above: '' is never used.
+  config = cli.config_file(_CONFIG.value) or ''  # configs/x.py: also outside a checkout
+  workdir, sweep, runlocal = _WORKDIR.value or '', _SWEEP.value or '', _RUNLOCAL.value
 
   from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
   try:
@@ -92,11 +93,11 @@ def main(argv: list[str]) -> int:
           print(f'  {p.name}')
         _warn(sweeps.overridden_common(points, common))
     elif command == 'commands':
-      points = sweeps.get_points(config, _SWEEP.value, common, runlocal=runlocal)
+      points = sweeps.get_points(config, sweep, common, runlocal=runlocal)
       _warn(sweeps.overridden_common(points, common))  # stderr: stdout is the commands
-      sweeps.write_manifest(config, _SWEEP.value, workdir, points, common, runlocal)
+      sweeps.write_manifest(config, sweep, workdir, points, common, runlocal)
       for p in points:
-        cmd = sweeps.point_command(config, _SWEEP.value, p.name, os.path.join(workdir, p.name),
+        cmd = sweeps.point_command(config, sweep, p.name, os.path.join(workdir, p.name),
                                    common, runlocal)
         print(' '.join(_quote(c) for c in cmd))
     elif command == 'run':
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
       for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup
           signal.signal(signum, _stopped_between_points)
-      result = sweeps.run(config, _SWEEP.value, workdir, parallel=_PARALLEL.value,
+      result = sweeps.run(config, sweep, workdir, parallel=_PARALLEL.value,
                           common=common, runlocal=runlocal)
       failed = sorted(n for n, s in result.items() if s != 'finished')
       print(f'{len(result) - len(failed)}/{len(result)} points finished'
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> int:
       from absl import logging  # pylint: disable=import-outside-toplevel
       logging.set_verbosity(logging.WARNING)
       try:
-        sweeps.run_point(config, _SWEEP.value, _POINT.value, workdir, common, runlocal)
+        sweeps.run_point(config, sweep, _POINT.value or '', workdir, common, runlocal)
       except errors.WorkdirBusy as e:  # `run` records the point as busy, not failed
         errors.report(e, traceback=cli.TRACEBACK.value)
         return sweeps.BUSY_EXIT

@@ -50,7 +50,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # failed saves are reported in one line
     checkpointing.quiet_orbax_logs()
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_lib.train_and_evaluate(_CONFIG.value, str(_WORKDIR.value))  # required: never None
   except KeyboardInterrupt:  # several processes: SIGINT keeps Python's default
     print('interrupted (SIGINT): stopped without saving; the last committed checkpoint '
           'is the resume point.', file=sys.stderr)

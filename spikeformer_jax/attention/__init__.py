@@ -19,7 +19,7 @@ from spikeformer_jax.attention.base import (Context, Kind, added_fields, build_q
 from spikeformer_jax.attention import ssa, sdsa, a2os2a, mssa, ablations  # pylint: disable=g-bad-import-order,wrong-import-position
 
 __all__ = [
-    'Context', 'Kind', 'build_qkv', 'config_fields', 'erode', 'erode_kv', 'get', 'heads',
+    'Context', 'Kind', 'added_fields', 'build_qkv', 'config_fields', 'erode', 'erode_kv', 'get', 'heads',
     'matmul_products', 'names', 'qk_map', 'qkv', 'register', 'unregister',
     'ssa', 'sdsa', 'a2os2a', 'mssa', 'ablations',
 ]

@@ -181,7 +181,7 @@ _GESTURE_PAPER = {'heads': 8, 'model.qk_pool': 4, 'model.attn_scale_learnable': 
                   'epochs': 190}
 _CIFAR10DVS_PAPER = {'model.attn_scale_learnable': True}
 # Paper rows beyond the released code: name -> (the row it changes, changes, paper top-1).
-_PAPER_ROWS = {
+_PAPER_ROWS: dict[str, tuple[str, dict, float]] = {
     # Table 4 at T=10: the official CIFAR10-DVS model, frames integrated into 10.
     'cifar10dvs-2-256-t10': ('cifar10dvs-2-256', {'T': 10}, 78.9),
     'dvs128gesture-2-256-paper': ('dvs128gesture-2-256', _GESTURE_PAPER, 98.3),

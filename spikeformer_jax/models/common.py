@@ -9,7 +9,7 @@ family's module compares family names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +136,7 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
   if cfg.dtype not in DTYPES:
     raise errors.ConfigError(f'model.dtype={cfg.dtype!r}; valid: {sorted(DTYPES)}.')
   dtype = DTYPES[cfg.dtype]
-  if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+  if dtype == jnp.float64 and not jax.config.read('jax_enable_x64'):
     raise errors.ConfigError("model.dtype='float64' needs 64-bit JAX: set "
                              "JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True).")
   # Parameters stay float32 under bfloat16 compute; float64 runs all in float64.
