@@ -15,7 +15,8 @@ bash (`set -e`), in order, from the repository root (so `python train.py`
 and `configs/...` resolve) with the repository on PYTHONPATH, and every
 `/tmp/` in them replaced by one temporary directory per page, so that a
 page's commands can share a workdir (train, then evaluate it) and no run
-touches the real /tmp. In ```console blocks only the `$ ` lines are commands.
+touches the real /tmp, on one CPU device (as on a reader's machine, not the
+suite's 8 simulated ones). In ```console blocks only the `$ ` lines are commands.
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ def test_page_commands_run(page, tmp_path):
   script = script.replace('/tmp/', f'{tmp_path}/')
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [str(ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]))
+  env.pop('JAX_NUM_CPU_DEVICES', None)  # one CPU device, as on a reader's machine
   r = subprocess.run(['bash', '-e', '-o', 'pipefail', '-c', script], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=900, check=False)
   assert r.returncode == 0, (f'a command of {page.relative_to(ROOT)} failed:\n'
