@@ -6,7 +6,7 @@ report per-chip memory, FLOPs, HBM traffic and the roofline speed.
       --topology=v5p:4x4x4 --batch=4096 [--max_batch] [--json] [--config.model.dtype=bfloat16]
   python -m spikeformer_jax.aot --config=configs/spikformer.py:cifar10-4-384   # local devices
 
-The step is train.py's own (`train_lib.build` + `make_train_step`: the same
+The step is train.py's own (`experiment.build` + `make_train_step`: the same
 state, shardings, mesh fields, bn_scope, remat and time loop), lowered with
 abstract state and batch and compiled by XLA for the target. A TPU topology
 is named as `GEN:SHAPE` (`v5e:2x2`, `v4:2x2x2`, `v5p:4x4x4`, `v6e:4x4`) or as
@@ -330,9 +330,9 @@ def chip_for(device) -> Chip | None:
 
 
 def input_shape(config) -> tuple:
-  """One training example as the input pipeline delivers it (train_lib's)."""
-  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
-  return train_lib.input_shape(config)
+  """One training example as the input pipeline delivers it (the train step's)."""
+  from spikeformer_jax import experiment  # pylint: disable=import-outside-toplevel
+  return experiment.input_shape(config)
 
 
 def _cost(compiled) -> dict:
@@ -368,12 +368,12 @@ def _is_oom(e: BaseException) -> bool:
 def compile_step(config, devices, batch: int):
   """(compiled train step or the out-of-memory error, mesh, experiment, compile seconds)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import sharding, train_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import experiment, sharding  # pylint: disable=import-outside-toplevel
   _STOP.claim()  # libtpu, loaded by now, may have taken SIGTERM
   mesh = sharding.mesh_from_config(config, devices)
   sharding.check_batch_size(batch, mesh, '--batch')
-  exp = train_lib.build(config, mesh, steps_per_epoch=1000)
-  step = train_lib.make_train_step(exp)
+  exp = experiment.build(config, mesh, steps_per_epoch=1000)
+  step = experiment.make_train_step(exp)
   bsh = sharding.batch_sharding(mesh)
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((batch,) + input_shape(config), 'float32',
