@@ -9,9 +9,12 @@ checkpoint in `restore`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -32,10 +35,6 @@ from spikeformer_jax import validation
 from spikeformer_jax import workdir as workdir_lib
 
 Preempted = errors.Stopped  # the name older callers catch
-
-
-def _mean_metrics(fetched: list[dict]) -> dict:
-  return {k: float(np.mean([x[k] for x in fetched])) for k in fetched[0]}
 
 
 def param_overview(params) -> tuple[str, str]:
@@ -107,9 +106,8 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
                            process_count=jax.process_count(),
                            transform=data_lib.make_transform(config.data, train_src, train=True),
                            workers=config.data.get('workers', 0))
-  spe = loader.steps_per_epoch
   total_steps = (config.total_steps if config.total_steps > 0
-                 else (config.epochs + config.cooldown_epochs) * spe)
+                 else (config.epochs + config.cooldown_epochs) * loader.steps_per_epoch)
   profile = tuple(config.get('profile_steps', ()) or ())
   if profile and profile[1] > total_steps:  # else no trace would be written, silently
     raise ValueError(f'profile_steps={profile} ends beyond this run\'s {total_steps} steps; '
@@ -138,13 +136,174 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
     ckpt.close(quiet=True)
 
 
+class _TrainMetrics:
+  """The train step's metrics between two log lines: `pending` still on the
+  device (fetching them is a host round-trip, done at log lines and saves),
+  `fetched` on the host. A checkpoint keeps the fetched ones (`unlogged`), so
+  that a resumed run logs the same averages as an uninterrupted one."""
+
+  def __init__(self, unlogged: list, step: int):
+    self.pending = []
+    self.fetched = [{k: np.dtype(dt).type(v) for k, (v, dt) in x.items()} for x in unlogged]
+    self.t_log, self.step_log = time.time(), step  # of the last log line: the throughput
+
+  def add(self, step_metrics: dict):
+    self.pending.append(step_metrics)
+
+  def fetch_and_check(self, step: int, ckpt: checkpointing.Checkpointer):
+    """Fetches the pending metrics and stops on a bad loss."""
+    self.fetched.extend(jax.device_get(self.pending))
+    self.pending = []
+    for key, what in (('loss', 'training loss'), ('grad_norm', 'gradient')):
+      if self.fetched and not np.all(np.isfinite([x[key] for x in self.fetched])):
+        ckpt.wait()
+        last = ckpt.latest_step()
+        raise FloatingPointError(
+            f'non-finite {what} by step {step}; stopping. ' +
+            (f'The last good checkpoint is step {last} in {ckpt.directory}.' if last is not None
+             else 'No checkpoint was saved yet.') + ' Lower optimizer.lr, or check the data.')
+
+  def unlogged(self) -> list:
+    """The fetched metrics as a checkpoint's JSON keeps them (value, dtype)."""
+    return [{k: (float(v), np.asarray(v).dtype.name) for k, v in x.items()} for x in self.fetched]
+
+  def log_line(self, step: int, batch_size: int) -> tuple[dict, float]:
+    """(the mean of every metric since the last log line, images per second),
+    and starts the next line."""
+    avg = {k: float(np.mean([x[k] for x in self.fetched])) for k in self.fetched[0]}
+    now = time.time()
+    ips = (step - self.step_log) * batch_size / max(now - self.t_log, 1e-9)
+    self.fetched, self.t_log, self.step_log = [], now, step
+    return avg, ips
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the loop's helpers share, fixed before the first step."""
+  config: ml_collections.ConfigDict
+  ckpt: checkpointing.Checkpointer
+  writer: metrics_lib.MetricWriter
+  watch: preemption.StopWatch
+  evaluate: Callable[[dict], dict]  # state -> test metrics (and the EMA's, 'ema_'-prefixed)
+  total_steps: int
+  steps_per_epoch: int
+
+
+class _Profiler:
+  """config.profile_steps=(first, last): a trace of those steps to
+  workdir/profile (none for a run that resumes after `first`)."""
+
+  def __init__(self, config, workdir: str, start: int):
+    self.steps = tuple(config.get('profile_steps', ()) or ())
+    self.directory = os.path.join(workdir, 'profile')
+    self.tracing = False
+    if self.steps and start >= self.steps[0]:
+      metrics_lib.log(f'profile_steps={self.steps}: this run resumes after step '
+                      f'{self.steps[0]}; no profile is taken.')
+      self.steps = ()
+
+  def before(self, step: int):
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.directory)
+      self.tracing = True
+
+  def after(self, step: int, state):
+    if self.tracing and step == self.steps[1]:
+      jax.block_until_ready(state)
+      self.abort()
+      metrics_lib.log(f'profile of steps {self.steps[0]}-{self.steps[1]} -> {self.directory} '
+                      '(TensorBoard\'s profile plugin or Perfetto)')
+
+  def abort(self):
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
+
+
 def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src, test_tf,
                 ckpt, total_steps, init=None, eval_batch=None) -> dict:
   log = metrics_lib.log
-  spe = loader.steps_per_epoch
-  exp = experiment.build(config, mesh, spe)
-  # The per-layer firing rates of each evaluation go to TensorBoard.
+  steps_per_epoch = loader.steps_per_epoch
+  exp = experiment.build(config, mesh, steps_per_epoch)
   train_step = sharding.synced_first_call(experiment.make_train_step(exp), 'train step')
+  evaluate = _test_evaluation(config, exp, test_src, test_tf, eval_batch, watch)
+  run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
+              'devices': mesh.size, 'mesh': dict(mesh.shape), 'processes': jax.process_count(),
+              'global_batch': config.batch_size,
+              'per_device_batch': config.batch_size // sharding.data_size(mesh),
+              'num_params': exp.num_params, 'steps_per_epoch': steps_per_epoch,
+              'total_steps': total_steps}
+  state, meta = _restore_or_init(exp, ckpt, init)
+  start = int(jax.device_get(state['step']))
+  if start > total_steps:
+    raise ValueError(f'the checkpoint in {ckpt.directory} is at step {start}, beyond '
+                     f'this run\'s total_steps={total_steps}; raise total_steps / epochs '
+                     'or use another --workdir.')
+  # Only a config that restored (or initialised) becomes the run's record.
+  workdir_lib.write_json(os.path.join(workdir, 'config.json'),
+                         {'config': config.to_dict(), 'run': run_info})
+  overview, table = param_overview(exp.abstract_state['params'])
+  workdir_lib.write_text(os.path.join(workdir, 'params.txt'), table)
+  log(f'{models.describe(config.model)}, T={config.model.T}, '
+      f'{exp.num_params:,} params, {config.model.dtype}; data {config.data.name} '
+      f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
+      f'{mesh.size} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
+      f'{total_steps} steps ({steps_per_epoch}/epoch).')
+  log(f'{overview} (each: {workdir}/params.txt)')
+
+  # An evaluation that a signal interrupted (meta) or the final one is redone:
+  # its rows, if a kill left any, are dropped.
+  eval_pending = bool(meta.get('eval_pending')) or start == total_steps
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start, redo_eval=eval_pending,
+                                    tensorboard=config.get('tensorboard', True))
+  writer.hparams(json.loads(json.dumps(config.to_dict())))
+  run = _Run(config, ckpt, writer, watch, evaluate, total_steps, steps_per_epoch)
+  metrics = _TrainMetrics(meta.get('unlogged', []), start)
+  eval_every = config.eval_every_epochs * steps_per_epoch if config.eval_every_epochs > 0 else 0
+  ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else steps_per_epoch
+  profiler = _Profiler(config, workdir, start)
+  batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
+  watch.ckpt_dir = ckpt.directory
+  try:
+    if eval_pending and start < total_steps:  # the evaluation a signal interrupted
+      watch.armed = True
+      _evaluate_or_stop(run, state, metrics, start)
+    for step, local in zip(range(start + 1, total_steps + 1), batches):
+      profiler.before(step)
+      state, m = train_step(state, sharding.global_batch(local, mesh))
+      profiler.after(step, state)
+      metrics.add(m)
+      watch.armed = True  # compiled: from now on a signal saves the step reached
+      if jax.process_count() == 1:  # several: at the next save, which all of them reach
+        ckpt.poll()  # a failed background save stops the run now, not at the next save
+      if step % config.log_every_steps == 0 or step == total_steps:
+        _log_train(run, metrics, step)
+      if step == total_steps:
+        break
+      if eval_every and step % eval_every == 0:
+        _evaluate_or_stop(run, state, metrics, step)
+      if step % ckpt_every == 0:
+        _save(run, state, metrics, step)
+      if watch.reached(step):
+        raise _stop_at(run, state, metrics, step)
+  except BaseException:
+    profiler.abort()
+    batches.close()
+    ckpt.wait_quietly()  # a crash never loses a checkpoint already being written
+    writer.close()
+    raise
+  batches.close()
+  final = _final_checkpoint_and_evaluation(run, state, metrics)
+  final.update(steps_this_run=total_steps - start, wall_time_s=round(time.time() - t_start, 2),
+               paper_top1=config.get('paper_top1', 0.0), **run_info)
+  workdir_lib.write_json(os.path.join(workdir, 'final_metrics.json'), final)
+  log(final_line(final, config.get('target_top1', 0.0)))
+  return final
+
+
+def _test_evaluation(config, exp, test_src, test_tf, eval_batch, watch) -> Callable[[dict], dict]:
+  """state -> the test metrics of the weights and, with ema_decay, of their
+  EMA ('ema_'-prefixed); each layer's firing rates go to TensorBoard."""
   eval_step = sharding.synced_first_call(
       experiment.make_eval_step(exp, firing_rates=config.get('tensorboard', True)), 'eval step')
   ema_eval_step = (sharding.synced_first_call(experiment.make_eval_step(exp, ema=True),
@@ -153,185 +312,95 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   # Evaluations stop between batches on a signal (one process: with several,
   # only the train loop's sync point is common to all of them).
   stop = watch.requested if jax.process_count() == 1 else None
+  return functools.partial(
+      experiment.evaluate, eval_step, source=test_src, mesh=exp.mesh,
+      batch_size=eval_batch or config.eval_batch_size, transform=test_tf,
+      ema_step=ema_eval_step, stop=stop)
 
-  def evaluate_all(state):
-    """Test metrics of the weights and, with ema_decay, 'ema_'-prefixed of their EMA."""
-    return experiment.evaluate(eval_step, state, test_src, mesh,
-                               eval_batch or config.eval_batch_size, test_tf,
-                               ema_step=ema_eval_step, stop=stop)
 
-  run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
-              'devices': mesh.size, 'mesh': dict(mesh.shape), 'processes': jax.process_count(),
-              'global_batch': config.batch_size,
-              'per_device_batch': config.batch_size // sharding.data_size(mesh),
-              'num_params': exp.num_params, 'steps_per_epoch': spe,
-              'total_steps': total_steps}
-  state, meta = None, None
+def _restore_or_init(exp, ckpt, init) -> tuple[dict, dict]:
+  """(train state, checkpoint meta) of the newest intact checkpoint, or a
+  fresh state (with `init`'s weights: config.init_from) and {}."""
+  log = metrics_lib.log
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore_intact(exp.abstract_state, log=log)
-  if state is None:
-    state, meta = exp.init_state(), {}
-    if init is not None:  # config.init_from: weights only; the optimizer starts fresh
-      state = pretrained.apply(state, init[0])
-      for line in init[1]:
-        log(line)
-  else:
     log(f'Resuming from {ckpt.directory}/{int(jax.device_get(state["step"]))}.')
-  start = int(jax.device_get(state['step']))
-  if start > total_steps:
-    raise ValueError(f'the checkpoint in {ckpt.directory} is at step {start}, beyond '
-                     f'this run\'s total_steps={total_steps}; raise total_steps / epochs '
-                     'or use another --workdir.')
-  # Only a config that restored (or initialised) becomes the run's record.
-  workdir_lib.write_json(os.path.join(workdir, 'config.json'),
-              {'config': config.to_dict(), 'run': run_info})
-  overview, table = param_overview(exp.abstract_state['params'])
-  workdir_lib.write_text(os.path.join(workdir, 'params.txt'), table)
+    return state, meta
+  state = exp.init_state()
+  if init is not None:  # weights only; the optimizer starts fresh
+    state = pretrained.apply(state, init[0])
+    for line in init[1]:
+      log(line)
+  return state, {}
 
-  log(f'{models.describe(config.model)}, T={config.model.T}, '
-      f'{exp.num_params:,} params, {config.model.dtype}; data {config.data.name} '
-      f'({len(train_src)} train / {len(test_src)} test); batch {config.batch_size} on '
-      f'{mesh.size} {jax.devices()[0].platform} devices, BN {config.bn_scope}; '
-      f'{total_steps} steps ({spe}/epoch).')
-  log(f'{overview} (each: {workdir}/params.txt)')
-  # An evaluation that a signal interrupted (meta) or the final one is redone:
-  # its rows, if a kill left any, are dropped.
-  eval_pending = bool(meta.get('eval_pending')) or start == total_steps
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start, redo_eval=eval_pending,
-                                    tensorboard=config.get('tensorboard', True))
-  writer.hparams(json.loads(json.dumps(config.to_dict())))
-  pending, t_log, step_log = [], time.time(), start
-  eval_every = config.eval_every_epochs * spe if config.eval_every_epochs > 0 else 0
-  ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else spe
-  # Metrics fetched since the last log line; a checkpoint keeps them, so that a
-  # resumed run logs the same averages as an uninterrupted one.
-  fetched = [{k: np.dtype(dt).type(v) for k, (v, dt) in x.items()}
-             for x in meta.get('unlogged', [])]
 
-  def fetch_and_check(step):
-    """Fetches pending metrics (a host round-trip) and stops on a bad loss."""
-    fetched.extend(jax.device_get(pending))
-    pending.clear()
-    for key, what in (('loss', 'training loss'), ('grad_norm', 'gradient')):
-      if fetched and not np.all(np.isfinite([x[key] for x in fetched])):
-        ckpt.wait()
-        last = ckpt.latest_step()
-        raise FloatingPointError(
-            f'non-finite {what} by step {step}; stopping. ' +
-            (f'The last good checkpoint is step {last} in {ckpt.directory}.' if last is not None
-             else 'No checkpoint was saved yet.') + ' Lower optimizer.lr, or check the data.')
+def _log_train(run: _Run, metrics: _TrainMetrics, step: int):
+  """The train metrics' log line and row: their mean since the last one."""
+  metrics.fetch_and_check(step, run.ckpt)
+  avg, ips = metrics.log_line(step, run.config.batch_size)
+  eta = (run.total_steps - step) * run.config.batch_size / max(ips, 1e-9)
+  metrics_lib.log(
+      f'step {step}/{run.total_steps} | epoch {step / run.steps_per_epoch:.2f} | '
+      f'loss {avg["loss"]:.4f} | top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | '
+      f'{ips:.1f} img/s | ETA {metrics_lib.fmt_duration(eta)}')
+  run.writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
 
-  def save(step, **meta):
-    fetch_and_check(step)  # never save a state that went non-finite
-    unlogged = [{k: (float(v), np.asarray(v).dtype.name) for k, v in x.items()} for x in fetched]
-    ckpt.save(step, state, {'step': step, **meta, 'unlogged': unlogged}, force=True)
 
-  def periodic_eval(step):
-    ev = evaluate_all(state)
-    writer.firing_rates(step, ev.pop('firing_rates', {}))
-    log(f'eval epoch {step // spe} | test_top1 {ev["top1"]:.4f} | '
-        f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}' +
-        (f' | ema test_top1 {ev["ema_top1"]:.4f}' if 'ema_top1' in ev else ''))
-    writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
+def _save(run: _Run, state, metrics: _TrainMetrics, step: int, **meta):
+  """Starts saving the state of `step` (never one that went non-finite)."""
+  metrics.fetch_and_check(step, run.ckpt)
+  run.ckpt.save(step, state, {'step': step, **meta, 'unlogged': metrics.unlogged()},
+                force=True)
 
-  def stop_at(step, eval_pending=False):
-    """Saves the step reached (and whether its evaluation is still owed) and stops."""
-    if ckpt.latest_step() != step:
-      save(step, eval_pending=eval_pending)
-    ckpt.wait()
-    writer.close()
-    return watch.stopped(f'at step {step}/{total_steps}', ckpt.directory, step, 'resume')
 
-  step = start
-  batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
-  watch.ckpt_dir = ckpt.directory
-  profile = tuple(config.get('profile_steps', ()) or ())
-  if profile and start >= profile[0]:
-    log(f'profile_steps={profile}: this run resumes after step {profile[0]}; no profile is '
-        'taken.')
-    profile = ()
-  tracing = False
+def _evaluate_or_stop(run: _Run, state, metrics: _TrainMetrics, step: int):
+  """The periodic evaluation at `step`: logged and written; a signal during
+  it saves the step (the evaluation owed) and stops."""
   try:
-    if eval_pending and start < total_steps:  # the evaluation a signal interrupted
-      watch.armed = True
-      try:
-        periodic_eval(start)
-      except experiment.EvalInterrupted:
-        raise stop_at(start, eval_pending=True) from None
-    for step, local in zip(range(start + 1, total_steps + 1), batches):
-      if profile and step == profile[0]:
-        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-        tracing = True
-      state, m = train_step(state, sharding.global_batch(local, mesh))
-      if tracing and step == profile[1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        tracing = False
-        log(f'profile of steps {profile[0]}-{profile[1]} -> {workdir}/profile (TensorBoard\'s '
-            'profile plugin or Perfetto)')
-      pending.append(m)
-      watch.armed = True  # compiled: from now on a signal saves the step reached
-      if jax.process_count() == 1:  # several: at the next save, which all of them reach
-        ckpt.poll()  # a failed background save stops the run now, not at the next save
-      if step % config.log_every_steps == 0 or step == total_steps:
-        fetch_and_check(step)
-        avg = _mean_metrics(fetched)
-        fetched.clear()
-        now = time.time()
-        ips = (step - step_log) * config.batch_size / max(now - t_log, 1e-9)
-        eta = (total_steps - step) * config.batch_size / max(ips, 1e-9)
-        log(f'step {step}/{total_steps} | epoch {step / spe:.2f} | loss {avg["loss"]:.4f} | '
-            f'top1 {avg["top1"]:.3f} | lr {avg["lr"]:.2e} | {ips:.1f} img/s | '
-            f'ETA {metrics_lib.fmt_duration(eta)}')
-        writer.write(step, **{f'train_{k}': v for k, v in avg.items()}, images_per_s=ips)
-        t_log, step_log = now, step
-      if step == total_steps:
-        break
-      if eval_every and step % eval_every == 0:
-        try:
-          periodic_eval(step)
-        except experiment.EvalInterrupted:
-          raise stop_at(step, eval_pending=True) from None
-      if step % ckpt_every == 0:
-        save(step)
-      if watch.reached(step):
-        raise stop_at(step)
-  except BaseException:
-    if tracing:
-      jax.profiler.stop_trace()
-    batches.close()
-    ckpt.wait_quietly()  # a crash never loses a checkpoint already being written
-    writer.close()
-    raise
-  batches.close()
+    ev = run.evaluate(state)
+  except experiment.EvalInterrupted:
+    raise _stop_at(run, state, metrics, step, eval_pending=True) from None
+  run.writer.firing_rates(step, ev.pop('firing_rates', {}))
+  metrics_lib.log(
+      f'eval epoch {step // run.steps_per_epoch} | test_top1 {ev["top1"]:.4f} | '
+      f'test_top5 {ev["top5"]:.4f} | test_loss {ev["loss"]:.4f}' +
+      (f' | ema test_top1 {ev["ema_top1"]:.4f}' if 'ema_top1' in ev else ''))
+  run.writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
 
-  # The final checkpoint is committed before the final evaluation: an
-  # evaluation that fails or is stopped loses nothing trained.
-  fetch_and_check(total_steps)
-  if ckpt.latest_step() != total_steps:
-    ckpt.save(total_steps, state, {'step': total_steps}, force=True)
+
+def _stop_at(run: _Run, state, metrics: _TrainMetrics, step: int,
+             eval_pending: bool = False) -> errors.Stopped:
+  """Saves the step reached (and whether its evaluation is still owed); the
+  exception that stops the run."""
+  if run.ckpt.latest_step() != step:
+    _save(run, state, metrics, step, eval_pending=eval_pending)
+  run.ckpt.wait()
+  run.writer.close()
+  return run.watch.stopped(f'at step {step}/{run.total_steps}', run.ckpt.directory, step,
+                           'resume')
+
+
+def _final_checkpoint_and_evaluation(run: _Run, state, metrics: _TrainMetrics) -> dict:
+  """Commits the final checkpoint, then evaluates it: an evaluation that
+  fails or is stopped loses nothing trained. The final metrics."""
+  total, ckpt, watch, writer = run.total_steps, run.ckpt, run.watch, run.writer
+  metrics.fetch_and_check(total, ckpt)
+  if ckpt.latest_step() != total:
+    ckpt.save(total, state, {'step': total}, force=True)
   watch.armed = True  # a signal from here on: stop with the final checkpoint committed
   ckpt.wait()
   if watch.requested():
     writer.close()
-    raise watch.stopped(f'after step {total_steps}/{total_steps}', ckpt.directory,
-                        total_steps, 'evaluate it')
+    raise watch.stopped(f'after step {total}/{total}', ckpt.directory, total, 'evaluate it')
   try:
-    ev = evaluate_all(state)
+    ev = run.evaluate(state)
   except experiment.EvalInterrupted:
     writer.close()
-    raise watch.stopped('during the final evaluation', ckpt.directory, total_steps,
+    raise watch.stopped('during the final evaluation', ckpt.directory, total,
                         'evaluate it') from None
-  writer.firing_rates(total_steps, ev.pop('firing_rates', {}))
-  final = {'test_top1': ev['top1'], 'test_top5': ev['top5'], 'test_loss': ev['loss'],
-           'test_examples': ev['count'], 'steps': total_steps,
-           **{f'test_{k}': v for k, v in ev.items() if k.startswith('ema_')},
-           'steps_this_run': total_steps - start,
-           'wall_time_s': round(time.time() - t_start, 2),
-           'paper_top1': config.get('paper_top1', 0.0), **run_info}
-  writer.write(total_steps, **{f'test_{k}': v for k, v in ev.items()})
+  writer.firing_rates(total, ev.pop('firing_rates', {}))
+  writer.write(total, **{f'test_{k}': v for k, v in ev.items()})
   writer.close()
-  workdir_lib.write_json(os.path.join(workdir, 'final_metrics.json'), final)
-  log(final_line(final, config.get('target_top1', 0.0)))
-  return final
-
+  return {'test_top1': ev['top1'], 'test_top5': ev['top5'], 'test_loss': ev['loss'],
+          'test_examples': ev['count'], 'steps': total,
+          **{f'test_{k}': v for k, v in ev.items() if k.startswith('ema_')}}
