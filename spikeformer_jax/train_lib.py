@@ -124,7 +124,8 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
           'Evaluate it again with eval.py, or raise total_steps / epochs to train on.')
       log(final_line(done, config.get('target_top1', 0.0)))
       return done
-    if (ckpt.latest_step() or 0) > total_steps:  # before restoring (or compiling) anything
+    # Before restoring or compiling anything; a resume falls back to older steps only.
+    if (ckpt.latest_step() or 0) > total_steps:
       raise ValueError(f'the checkpoint in {ckpt.directory} is at step {ckpt.latest_step()}, '
                        f'beyond this run\'s total_steps={total_steps}; raise total_steps / '
                        'epochs or use another --workdir.')
@@ -234,11 +235,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
               'num_params': exp.num_params, 'steps_per_epoch': steps_per_epoch,
               'total_steps': total_steps}
   state, meta = _restore_or_init(exp, ckpt, init)
-  start = int(jax.device_get(state['step']))
-  if start > total_steps:
-    raise ValueError(f'the checkpoint in {ckpt.directory} is at step {start}, beyond '
-                     f'this run\'s total_steps={total_steps}; raise total_steps / epochs '
-                     'or use another --workdir.')
+  start = int(jax.device_get(state['step']))  # <= total_steps: checked before
   # Only a config that restored (or initialised) becomes the run's record.
   workdir_lib.write_json(os.path.join(workdir, 'config.json'),
                          {'config': config.to_dict(), 'run': run_info})
