@@ -34,8 +34,9 @@ import re
 import signal
 import statistics
 import sys
-import threading
 import time
+
+from spikeformer_jax import signals
 
 GiB = 2 ** 30
 
@@ -250,64 +251,27 @@ def tpu_devices(topology: Topology):
   return desc.devices
 
 
-class StopAtOnce:
+def _stop_at_once(signum: int):
   """SIGTERM and Ctrl-C stop the planner at once, with one line.
 
   A compile runs in XLA's C++ for minutes: Python runs a signal's handler (and
   raises KeyboardInterrupt) only after it returns, and libtpu installs its own
-  SIGTERM handler, which dumps a stack trace. Here the signal's byte reaches a
-  watcher thread through `signal.set_wakeup_fd`, which prints the line and
+  SIGTERM handler, which dumps a stack trace. Here the signal reaches the
+  watcher thread of `signals.SignalWatcher`, which prints the line and
   exits without unwinding (`os._exit`; 143 / 130 as train.py): safe, since the
   planner writes nothing but its report at the end (a persistent-cache entry
-  cut short is one JAX warns about and compiles again). `claim()` takes the
-  signals back from a library that took them (libtpu, when it loads).
+  cut short is one JAX warns about and compiles again). `_STOP.claim()` takes
+  the signals back from a library that took them (libtpu, when it loads).
   """
-
-  def __init__(self):
-    self._previous, self._pipe, self._old_fd = {}, None, None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      r, w = os.pipe()
-      os.set_blocking(w, False)
-      self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-      self._pipe = (r, w)
-      self.claim()
-      threading.Thread(target=self._watch, args=(r,), daemon=True, name='stop-at-once').start()
-    return self
-
-  def claim(self):
-    """(Re)installs the handlers: a Python handler, so that the wakeup fd hears it."""
-    if self._pipe is not None:
-      for s in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.signal(s, lambda *_: None)
-        self._previous.setdefault(s, previous)
-
-  def _watch(self, r):
-    while True:
-      try:
-        data = os.read(r, 64)
-      except OSError:
-        return
-      if not data:
-        os.close(r)
-        return
-      for signum in data:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-          name = signal.Signals(signum).name
-          # os.write: the main thread may hold sys.stderr's lock.
-          os.write(2, f'stopped ({name}): the planner wrote nothing.\n'.encode())
-          os._exit(128 + signum)  # pylint: disable=protected-access
-
-  def __exit__(self, *exc):
-    for s, previous in self._previous.items():
-      signal.signal(s, previous)
-    if self._pipe is not None:
-      signal.set_wakeup_fd(self._old_fd)
-      os.close(self._pipe[1])  # the watcher reads EOF and ends
+  name = signal.Signals(signum).name
+  # os.write: the main thread may hold sys.stderr's lock.
+  os.write(2, f'stopped ({name}): the planner wrote nothing.\n'.encode())
+  os._exit(128 + signum)  # pylint: disable=protected-access
 
 
-_STOP = StopAtOnce()  # main() enters it; compile_step re-claims the signals
+# main() enters it; compile_step re-claims the signals
+_STOP = signals.SignalWatcher((signal.SIGTERM, signal.SIGINT), _stop_at_once,
+                              name='stop-at-once')
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,6 +1,6 @@
 """Stopping a training run on a signal without losing what it trained.
 
-`StopWatch` turns SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP
+`StopSignals` turns SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP
 (a closed terminal) into a request that the training loop honours at its next
 safe point, after saving the step reached.
 """
@@ -10,23 +10,23 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from typing import Callable
 
 import jax
 from jax.experimental import multihost_utils
 
 from spikeformer_jax import errors
+from spikeformer_jax import signals
 
 
-class StopWatch:
+class StopSignals:
   """Notices SIGTERM (a preemption notice), SIGINT (Ctrl-C) and SIGHUP (a
   closed terminal; left ignored under nohup) so that the loop saves the step
   reached and stops: after a train step, between evaluation batches, or once
   the final checkpoint is written.
 
-  One process: the signal's byte reaches a watcher thread through
-  `signal.set_wakeup_fd` at once, even while the main thread compiles. Armed
+  One process: the signal reaches a watcher thread at once, even while the
+  main thread compiles (signals.SignalWatcher). Armed
   (the first train step has compiled), the first signal sets a flag that the
   loop checks at its next safe point. Before that there is nothing to save,
   and a second Ctrl-C means "now" (a second SIGTERM or SIGHUP does not: see
@@ -52,33 +52,12 @@ class StopWatch:
     self.armed = False  # the first step compiled: a signal waits for a safe point
     self.ckpt_dir = None  # named when stopping at once
     self._on_abort = on_abort
-    self._previous, self._pipe, self._old_fd = {}, None, None
+    self._watcher = signals.SignalWatcher(self.SIGNALS, self._on_signal, name='stop-signals')
 
   def __enter__(self):
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      r, w = os.pipe()
-      os.set_blocking(w, False)
-      self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-      self._pipe = (r, w)
-      for s in self.SIGNALS:  # a Python handler, so that the wakeup fd hears it
-        if signal.getsignal(s) is signal.SIG_IGN:  # nohup's SIGHUP: stays ignored
-          continue
-        self._previous[s] = signal.signal(s, lambda *_: None)
-      threading.Thread(target=self._watch, args=(r,), daemon=True, name='stop-watch').start()
+    if jax.process_count() == 1:
+      self._watcher.__enter__()
     return self
-
-  def _watch(self, r):
-    while True:
-      try:
-        data = os.read(r, 64)
-      except OSError:
-        return
-      if not data:
-        os.close(r)
-        return
-      for signum in data:
-        if signum in self.SIGNALS:
-          self._on_signal(signum)
 
   def _on_signal(self, signum):
     what, name, code = self.SIGNALS[signum]
@@ -118,8 +97,4 @@ class StopWatch:
                           f'rerun the same command to {todo}.', code)
 
   def __exit__(self, *exc):
-    for s, previous in self._previous.items():
-      signal.signal(s, previous)
-    if self._pipe is not None:
-      signal.set_wakeup_fd(self._old_fd)
-      os.close(self._pipe[1])  # the watcher reads EOF and ends
+    self._watcher.__exit__(*exc)

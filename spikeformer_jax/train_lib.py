@@ -75,8 +75,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validation.validate_start(config)
   init = initial_weights(config, workdir)  # before anything is written
   with workdir_lib.hold_workdir(workdir) as lock, \
-      preemption.StopWatch(on_abort=lock.release) as watch:
-    return _train_and_evaluate(config, workdir, watch, t_start, init)
+      preemption.StopSignals(on_abort=lock.release) as stop_signals:
+    return _train_and_evaluate(config, workdir, stop_signals, t_start, init)
 
 
 def initial_weights(config, workdir: str):
@@ -90,7 +90,7 @@ def initial_weights(config, workdir: str):
   return pretrained.load(config, nnx.eval_shape(lambda: models.build_model(config.model)))
 
 
-def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
+def _train_and_evaluate(config, workdir, stop_signals, t_start, init=None) -> dict:
   log = metrics_lib.log
   mesh = sharding.mesh_from_config(config)
   sharding.check_batch_size(config.batch_size, mesh)
@@ -131,8 +131,8 @@ def _train_and_evaluate(config, workdir, watch, t_start, init=None) -> dict:
                        'epochs or use another --workdir.')
     if changed:
       log(f'Resuming with changed fields: {", ".join(changed)}.')
-    return _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src,
-                       test_tf, ckpt, total_steps, init, eval_batch)
+    return _train_loop(config, workdir, stop_signals, t_start, mesh, loader, train_src,
+                       test_src, test_tf, ckpt, total_steps, init, eval_batch)
   finally:
     ckpt.close(quiet=True)
 
@@ -184,7 +184,7 @@ class _Run:
   config: ml_collections.ConfigDict
   ckpt: checkpointing.Checkpointer
   writer: metrics_lib.MetricWriter
-  watch: preemption.StopWatch
+  stop_signals: preemption.StopSignals
   evaluate: Callable[[dict], dict]  # state -> test metrics (and the EMA's, 'ema_'-prefixed)
   total_steps: int
   steps_per_epoch: int
@@ -221,13 +221,13 @@ class _Profiler:
       self.tracing = False
 
 
-def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_src, test_tf,
-                ckpt, total_steps, init=None, eval_batch=None) -> dict:
+def _train_loop(config, workdir, stop_signals, t_start, mesh, loader, train_src, test_src,
+                test_tf, ckpt, total_steps, init=None, eval_batch=None) -> dict:
   log = metrics_lib.log
   steps_per_epoch = loader.steps_per_epoch
   exp = experiment.build(config, mesh, steps_per_epoch)
   train_step = sharding.synced_first_call(experiment.make_train_step(exp), 'train step')
-  evaluate = _test_evaluation(config, exp, test_src, test_tf, eval_batch, watch)
+  evaluate = _test_evaluation(config, exp, test_src, test_tf, eval_batch, stop_signals)
   run_info = {'bn_scope': config.bn_scope, 'bn_groups': exp.bn_groups,
               'devices': mesh.size, 'mesh': dict(mesh.shape), 'processes': jax.process_count(),
               'global_batch': config.batch_size,
@@ -254,23 +254,23 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   writer = metrics_lib.MetricWriter(workdir, resume_step=start, redo_eval=eval_pending,
                                     tensorboard=config.get('tensorboard', True))
   writer.hparams(json.loads(json.dumps(config.to_dict())))
-  run = _Run(config, ckpt, writer, watch, evaluate, total_steps, steps_per_epoch)
+  run = _Run(config, ckpt, writer, stop_signals, evaluate, total_steps, steps_per_epoch)
   metrics = _TrainMetrics(meta.get('unlogged', []), start)
   eval_every = config.eval_every_epochs * steps_per_epoch if config.eval_every_epochs > 0 else 0
   ckpt_every = config.ckpt_every_steps if config.ckpt_every_steps > 0 else steps_per_epoch
   profiler = _Profiler(config, workdir, start)
   batches = loader.iterate(start, total_steps)  # batch of step s+1 = loader.batch(s)
-  watch.ckpt_dir = ckpt.directory
+  stop_signals.ckpt_dir = ckpt.directory
   try:
     if eval_pending and start < total_steps:  # the evaluation a signal interrupted
-      watch.armed = True
+      stop_signals.armed = True
       _evaluate_or_stop(run, state, metrics, start)
     for step, local in zip(range(start + 1, total_steps + 1), batches):
       profiler.before(step)
       state, m = train_step(state, sharding.global_batch(local, mesh))
       profiler.after(step, state)
       metrics.add(m)
-      watch.armed = True  # compiled: from now on a signal saves the step reached
+      stop_signals.armed = True  # compiled: from now on a signal saves the step reached
       if jax.process_count() == 1:  # several: at the next save, which all of them reach
         ckpt.poll()  # a failed background save stops the run now, not at the next save
       if step % config.log_every_steps == 0 or step == total_steps:
@@ -281,7 +281,7 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
         _evaluate_or_stop(run, state, metrics, step)
       if step % ckpt_every == 0:
         _save(run, state, metrics, step)
-      if watch.reached(step):
+      if stop_signals.reached(step):
         raise _stop_at(run, state, metrics, step)
   except BaseException:
     profiler.abort()
@@ -298,7 +298,8 @@ def _train_loop(config, workdir, watch, t_start, mesh, loader, train_src, test_s
   return final
 
 
-def _test_evaluation(config, exp, test_src, test_tf, eval_batch, watch) -> Callable[[dict], dict]:
+def _test_evaluation(config, exp, test_src, test_tf, eval_batch,
+                     stop_signals) -> Callable[[dict], dict]:
   """state -> the test metrics of the weights and, with ema_decay, of their
   EMA ('ema_'-prefixed); each layer's firing rates go to TensorBoard."""
   eval_step = sharding.synced_first_call(
@@ -308,7 +309,7 @@ def _test_evaluation(config, exp, test_src, test_tf, eval_batch, watch) -> Calla
                    if losses.ema_decay(config) else None)
   # Evaluations stop between batches on a signal (one process: with several,
   # only the train loop's sync point is common to all of them).
-  stop = watch.requested if jax.process_count() == 1 else None
+  stop = stop_signals.requested if jax.process_count() == 1 else None
   return functools.partial(
       experiment.evaluate, eval_step, source=test_src, mesh=exp.mesh,
       batch_size=eval_batch or config.eval_batch_size, transform=test_tf,
@@ -373,28 +374,28 @@ def _stop_at(run: _Run, state, metrics: _TrainMetrics, step: int,
     _save(run, state, metrics, step, eval_pending=eval_pending)
   run.ckpt.wait()
   run.writer.close()
-  return run.watch.stopped(f'at step {step}/{run.total_steps}', run.ckpt.directory, step,
-                           'resume')
+  return run.stop_signals.stopped(f'at step {step}/{run.total_steps}', run.ckpt.directory,
+                                  step, 'resume')
 
 
 def _final_checkpoint_and_evaluation(run: _Run, state, metrics: _TrainMetrics) -> dict:
   """Commits the final checkpoint, then evaluates it: an evaluation that
   fails or is stopped loses nothing trained. The final metrics."""
-  total, ckpt, watch, writer = run.total_steps, run.ckpt, run.watch, run.writer
+  total, ckpt, stop_signals, writer = run.total_steps, run.ckpt, run.stop_signals, run.writer
   metrics.fetch_and_check(total, ckpt)
   if ckpt.latest_step() != total:
     ckpt.save(total, state, {'step': total}, force=True)
-  watch.armed = True  # a signal from here on: stop with the final checkpoint committed
+  stop_signals.armed = True  # a signal from here on: stop with the final checkpoint committed
   ckpt.wait()
-  if watch.requested():
+  if stop_signals.requested():
     writer.close()
-    raise watch.stopped(f'after step {total}/{total}', ckpt.directory, total, 'evaluate it')
+    raise stop_signals.stopped(f'after step {total}/{total}', ckpt.directory, total, 'evaluate it')
   try:
     ev = run.evaluate(state)
   except experiment.EvalInterrupted:
     writer.close()
-    raise watch.stopped('during the final evaluation', ckpt.directory, total,
-                        'evaluate it') from None
+    raise stop_signals.stopped('during the final evaluation', ckpt.directory, total,
+                               'evaluate it') from None
   writer.firing_rates(total, ev.pop('firing_rates', {}))
   writer.write(total, **{f'test_{k}': v for k, v in ev.items()})
   writer.close()
