@@ -19,6 +19,8 @@ The run's files: config.json (the config and run facts: `load_run_config`,
 `check_resume_config` on resume, `model_differences` for eval.py),
 final_metrics.json (`finished_run`), written atomically by process 0
 (`write_json`, `write_text`); each unreadable one is one line naming it.
+They import JAX and the configs where they need them: the lock's half stays
+light, for the tools that only look at a lock.
 """
 
 from __future__ import annotations
@@ -32,14 +34,9 @@ import threading
 import time
 import uuid
 
-import jax
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
-from spikeformer_jax import config_lib
 from spikeformer_jax import errors
-from spikeformer_jax import metrics as metrics_lib
 
 LOCK_NAME = 'train.lock'
 HEARTBEAT_S = 10.0
@@ -283,6 +280,9 @@ def remove_created(created: list[str]):
 @contextlib.contextmanager
 def hold_workdir(workdir: str):
   """This run (process 0 for all of its processes) holds `workdir`'s lock."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   created = ensure(workdir)
   lock = WorkdirLock(workdir, command=' '.join(sys.argv))
   err = None
@@ -328,7 +328,8 @@ def write_json(path, obj):
 def write_text(path, text: str):
   """Writes a file of the workdir atomically (process 0 only), or one line
   naming it and the problem."""
-  if metrics_lib.is_main():
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
     tmp = path + '.tmp'
     try:
       with open(tmp, 'w', encoding='utf-8') as f:
@@ -352,6 +353,7 @@ def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
   fields (config_lib.MODEL_DEFINING) unless `allow_config_change`. Returns
   (changed fields, the model-defining ones among them, allowed): a new lr or
   total_steps is a legitimate resume."""
+  from spikeformer_jax import config_lib  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return [], []
