@@ -6,7 +6,18 @@ static graph definition and the state {params, batch_stats}, and a plain
 shardings (batch on the mesh axis 'data', state replicated) and the old state
 donated. The train state is a plain pytree for optax and orbax:
 
-    {'params': nnx.State, 'batch_stats': nnx.State, 'opt_state': ..., 'step': int32}
+    {'params': nnx.State, 'batch_stats': nnx.State, 'opt_state': ..., 'step': int32,
+     'rng': uint32 key data, 'ema': {params, batch_stats} (with config.ema_decay)}
+
+'rng' is the RNG stream of the model's stochastic ops (MSViT's drop path;
+future dropout): it starts from `config.seed` (`rng_start`), and every train
+step (every micro-step under gradient accumulation) splits it into the key
+that step uses, handed to the model as `nnx.Rngs(dropout=key)` when its
+`__call__` takes `rngs`, and the next state's. It is replicated like the step,
+and saved with the state, so a resumed run continues the same sequence; a
+checkpoint written before the stream existed restores with
+`rng_for_old_checkpoint(seed, step)` (`Experiment.backfill`). Mixup / CutMix
+keep their own keys, fold_in(key(seed), step), as before the stream.
 
 `evaluate` runs an eval step over a whole split.
 """
@@ -14,6 +25,7 @@ donated. The train state is a plain pytree for optax and orbax:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -89,6 +101,10 @@ class Experiment:
   num_params: int
   bn_groups: int
   steps_per_epoch: int
+  model_takes_rngs: bool = False  # its __call__ takes `rngs`: the train step passes the stream
+  # {state key: fn(restored state) -> entry} for the entries that checkpoints
+  # written before them lack (Checkpointer.restore's `backfill`).
+  backfill: dict = dataclasses.field(default_factory=dict)
 
   def init_state(self):
     return jax.jit(self.init_fn, out_shardings=self.state_sharding)()
@@ -112,7 +128,8 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
     if jax.tree.leaves(rest):
       raise ValueError(f'model holds state beyond params and batch stats: {rest}')
     state = {'params': params, 'batch_stats': batch_stats,
-             'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+             'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
+             'rng': rng_start(config.seed)}
     if losses.ema_decay(config):  # evaluated beside the trained weights
       state['ema'] = {'params': params, 'batch_stats': batch_stats}
     return state
@@ -125,19 +142,48 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
   abstract = jax.eval_shape(init_fn)
   state_sharding = sharding.state_shardings(  # config.json of older runs has no mesh
       abstract, mesh, config.get('mesh', {}).get('fsdp_min_size', sharding.FSDP_MIN_SIZE))
+  old_rng = jax.jit(lambda step: rng_for_old_checkpoint(config.seed, step),
+                    out_shardings=state_sharding['rng'])
   return Experiment(
       config=config, mesh=mesh, graphdef_train=graphdef_train, graphdef_eval=graphdef_eval,
       tx=tx, schedule=schedule, state_sharding=state_sharding,
       abstract_state=checkpointing.abstract_like(abstract, state_sharding),
       init_fn=init_fn, num_params=models.count_params(model), bn_groups=bn_groups,
-      steps_per_epoch=steps_per_epoch)
+      steps_per_epoch=steps_per_epoch,
+      model_takes_rngs='rngs' in inspect.signature(type(model).__call__).parameters,
+      backfill={'rng': lambda state: old_rng(state['step'])})
+
+
+# Tells the stream's keys from the other keys drawn from config.seed (the
+# parameter initialisation's nnx.Rngs(seed), mixup's fold_in(key(seed), step)).
+_RNG_STREAM_ID = 0x64726F70  # 'drop'
+
+
+def rng_start(seed: int) -> jax.Array:
+  """The train state's RNG stream at step 0: key data (uint32), as orbax saves it."""
+  return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), _RNG_STREAM_ID))
+
+
+def rng_for_old_checkpoint(seed: int, step) -> jax.Array:
+  """The stream of a checkpoint written before the train state had one, at
+  `step`: derived from the seed and the step, so that resuming such a run is
+  deterministic (its earlier steps drew no keys from the stream)."""
+  return jax.random.key_data(jax.random.fold_in(
+      jax.random.wrap_key_data(rng_start(seed)), step))
+
+
+def split_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(the key of this step, the stream's next key data)."""
+  key, rest = jax.random.split(jax.random.wrap_key_data(rng))
+  return key, jax.random.key_data(rest)
 
 
 def make_train_step(exp: Experiment):
   """jit(state, batch) -> (new state, metrics); the state is donated.
 
-  Mixup / CutMix (config.mixup) run inside the step on the sharded batch,
-  keyed by the step; the loss is the cross-entropy against soft targets
+  The model's stochastic ops draw from the state's RNG stream (module
+  docstring). Mixup / CutMix (config.mixup) run inside the step on the sharded
+  batch, keyed by the step; the loss is the cross-entropy against soft targets
   (timm's SoftTargetCrossEntropy), which with neither is label smoothing.
   """
   config = exp.config
@@ -163,9 +209,12 @@ def make_train_step(exp: Experiment):
       targets = mixup.smooth_one_hot(labels, num_classes, smoothing,
                                      jnp.promote_types(images.dtype, jnp.float32))
 
+    key, rng = split_rng(state['rng'])
+
     def loss_fn(params):
       model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)
-      logits = model(images)
+      logits = (model(images, rngs=nnx.Rngs(dropout=key)) if exp.model_takes_rngs
+                else model(images))
       if tet is not None:  # [B, T, classes]; predictions from the mean, as at evaluation
         loss = losses.tet_loss(logits, targets, tet.means, tet.lamb)
         logits = logits.mean(axis=1)
@@ -178,7 +227,7 @@ def make_train_step(exp: Experiment):
     updates, opt_state = exp.tx.update(grads, state['opt_state'], state['params'])
     new_state = {'params': optax.apply_updates(state['params'], updates),
                  'batch_stats': batch_stats, 'opt_state': opt_state,
-                 'step': state['step'] + 1}
+                 'step': state['step'] + 1, 'rng': rng}
     if decay:
       ema = losses.ema_update(
           state['ema'], {'params': new_state['params'], 'batch_stats': batch_stats}, decay)

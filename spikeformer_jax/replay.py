@@ -144,7 +144,8 @@ def _initial_state(exp, model):
   """The train state holding the recording's initial state_dict (in `model`)."""
   _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   state = {'params': params, 'batch_stats': batch_stats,
-           'opt_state': exp.tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+           'opt_state': exp.tx.init(params), 'step': jnp.zeros((), jnp.int32),
+           'rng': experiment.rng_start(exp.config.seed)}
   if losses.ema_decay(exp.config):  # timm deep-copies the model (own buffers)
     state['ema'] = jax.tree.map(jnp.copy, {'params': params, 'batch_stats': batch_stats})
   return jax.device_put(state, exp.state_sharding)

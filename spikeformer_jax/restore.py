@@ -29,7 +29,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | 
   def read(root, s):
     ckpt = checkpointing.Checkpointer(root, create=False)
     try:
-      return ckpt.restore(exp.abstract_state, s)
+      return ckpt.restore(exp.abstract_state, s, backfill=exp.backfill)
     finally:
       ckpt.close(quiet=True)
 
@@ -41,7 +41,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | 
     ckpt = checkpointing.Checkpointer(directory, create=False)
     try:
       bad = ckpt.latest_step() if step is None else step
-      intact = ckpt.intact_steps(exp.abstract_state, exclude=(bad,))
+      intact = ckpt.intact_steps(exp.abstract_state, exclude=(bad,), backfill=exp.backfill)
     finally:
       ckpt.close(quiet=True)
     raise errors.CheckpointError(

@@ -223,6 +223,9 @@ class _Profiler:
 
 def _train_loop(config, workdir, stop_signals, t_start, mesh, loader, train_src, test_src,
                 test_tf, ckpt, total_steps, init=None, eval_batch=None) -> dict:
+  """Builds the experiment, resumes or starts the state, records the run,
+  trains (logging, evaluating, saving and stopping on a signal as configured),
+  then commits the final checkpoint and evaluates it: the final metrics."""
   log = metrics_lib.log
   steps_per_epoch = loader.steps_per_epoch
   exp = experiment.build(config, mesh, steps_per_epoch)
@@ -321,7 +324,7 @@ def _restore_or_init(exp, ckpt, init) -> tuple[dict, dict]:
   fresh state (with `init`'s weights: config.init_from) and {}."""
   log = metrics_lib.log
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore_intact(exp.abstract_state, log=log)
+    state, meta = ckpt.restore_intact(exp.abstract_state, log=log, backfill=exp.backfill)
     log(f'Resuming from {ckpt.directory}/{int(jax.device_get(state["step"]))}.')
     return state, meta
   state = exp.init_state()
