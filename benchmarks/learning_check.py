@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import jax  # pylint: disable=g-import-not-at-top
 
 from benchmarks.train_step import load_config  # pylint: disable=g-import-not-at-top
-from spikeformer_jax import config_lib, data as data_lib, sharding, train_lib  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import config_lib, data as data_lib, experiment, sharding  # pylint: disable=g-import-not-at-top
 
 
 def small_recipe(config, *, data_path: str, T: int, batch: int, lr: float,
@@ -63,8 +63,8 @@ def run(config, budget_s: float, probe_steps: int = 3) -> dict:
   config.epochs, o.warmup_epochs, config.cooldown_epochs = 20, 1, 0
 
   def compiled(virtual_steps_per_epoch):
-    exp = train_lib.build(config, mesh, virtual_steps_per_epoch)
-    return exp, train_lib.make_train_step(exp)
+    exp = experiment.build(config, mesh, virtual_steps_per_epoch)
+    return exp, experiment.make_train_step(exp)
 
   # Probe: compile and time a few steps (then start again from scratch).
   exp, step = compiled(1)
@@ -84,7 +84,7 @@ def run(config, budget_s: float, probe_steps: int = 3) -> dict:
   state = exp.init_state()
   for i in range(steps):
     state, m = step(state, sharding.global_batch(loader.batch(i), mesh))
-  ev = train_lib.evaluate(train_lib.make_eval_step(exp), state, test_src, mesh,
+  ev = experiment.evaluate(experiment.make_eval_step(exp), state, test_src, mesh,
                           config.eval_batch_size)
   return {'config': config.get('name', ''), 'attention': config.model.attention,
           'augment': bool(config.data.augment.rand_augment or config.mixup.mixup_alpha),

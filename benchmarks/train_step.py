@@ -33,7 +33,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from spikeformer_jax import aot, config_lib, flops, models, sharding, train_lib  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import aot, config_lib, experiment, flops, models, sharding  # pylint: disable=g-import-not-at-top
 
 
 def load_config(spec: str):
@@ -74,8 +74,8 @@ def peak_memory(compiled) -> tuple[int, int | None]:
 def run(config, *, batch: int, steps: int, warmup: int, compile_only: bool = False) -> dict:
   mesh = sharding.make_mesh(config.num_devices)
   m = config.model
-  exp = train_lib.build(config, mesh, steps_per_epoch=100)
-  train_step = train_lib.make_train_step(exp)
+  exp = experiment.build(config, mesh, steps_per_epoch=100)
+  train_step = experiment.make_train_step(exp)
   shape = ((m.T,) if m.flavour == 'dvs' else ()) + (m.img_size, m.img_size, m.in_channels)
   rng = np.random.default_rng(0)
   batch_np = {'image': rng.standard_normal((batch,) + shape).astype(np.float32),

@@ -56,7 +56,7 @@ import optax
 from flax import nnx
 
 from benchmarks.train_step import load_config, peak_memory  # pylint: disable=g-import-not-at-top
-from spikeformer_jax import blocks, config_lib, sharding, train_lib  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import blocks, config_lib, experiment, sharding  # pylint: disable=g-import-not-at-top
 
 
 SYNAPSES = {'autodiff': {'model.compact_spikes': False, 'model.weight_grad': 'xla'},
@@ -157,12 +157,12 @@ def study_group(base, T: int, dtype: str, remats, *, batch: int, steps: int,
       log(f'  T={T} {dtype} {label(c)}: compiling for {target} ...')
       e['target'] = target_columns(config, target, target_batch or batch)
     if not target_only:
-      exp = train_lib.build(config, mesh, steps_per_epoch=100)
+      exp = experiment.build(config, mesh, steps_per_epoch=100)
       gbatch = _batch(config, batch, mesh)
       state = exp.init_state()
       logits, grads = _logits_and_grads(exp, state, gbatch)
       t = time.perf_counter()
-      compiled = train_lib.make_train_step(exp).lower(state, gbatch).compile()
+      compiled = experiment.make_train_step(exp).lower(state, gbatch).compile()
       compile_s = time.perf_counter() - t
       program, device_peak = peak_memory(compiled)
       state, _ = compiled(state, gbatch)  # warm-up

@@ -474,13 +474,13 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   """Analyses `examples` examples of `split` with a checkpoint of `workdir` and
   writes the tables and pictures to `out_dir` (default
   WORKDIR/analysis_SPLIT_STEP). Returns (report, {output: path})."""
-  from spikeformer_jax import data as data_lib, plots, train_lib, validation  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import data as data_lib, plots, restore, validation  # pylint: disable=import-outside-toplevel
   if examples < 1:
     raise errors.ConfigError(f'examples={examples} must be >= 1.')
   source = data_lib.get_source(config.data, split)
   validation.validate_config(config)
   validation.validate_split(config, source, split)
-  model, step = train_lib.restore_model(config, workdir, step)
+  model, step = restore.restore_model(config, workdir, step)
   n = min(examples, len(source))
   batch = min(config.eval_batch_size, n)
   batches: list = []  # the first n examples (the last batch smaller: no padding)

@@ -6,7 +6,7 @@ report per-chip memory, FLOPs, HBM traffic and the roofline speed.
       --topology=v5p:4x4x4 --batch=4096 [--max_batch] [--json] [--config.model.dtype=bfloat16]
   python -m spikeformer_jax.aot --config=configs/spikformer.py:cifar10-4-384   # local devices
 
-The step is train.py's own (`train_lib.build` + `make_train_step`: the same
+The step is train.py's own (`experiment.build` + `make_train_step`: the same
 state, shardings, mesh fields, bn_scope, remat and time loop), lowered with
 abstract state and batch and compiled by XLA for the target. A TPU topology
 is named as `GEN:SHAPE` (`v5e:2x2`, `v4:2x2x2`, `v5p:4x4x4`, `v6e:4x4`) or as
@@ -34,10 +34,10 @@ import re
 import signal
 import statistics
 import sys
-import threading
 import time
 
 from spikeformer_jax import errors
+from spikeformer_jax import signals
 
 GiB = 2 ** 30
 
@@ -252,64 +252,27 @@ def tpu_devices(topology: Topology):
   return desc.devices
 
 
-class StopAtOnce:
+def _stop_at_once(signum: int):
   """SIGTERM and Ctrl-C stop the planner at once, with one line.
 
   A compile runs in XLA's C++ for minutes: Python runs a signal's handler (and
   raises KeyboardInterrupt) only after it returns, and libtpu installs its own
-  SIGTERM handler, which dumps a stack trace. Here the signal's byte reaches a
-  watcher thread through `signal.set_wakeup_fd`, which prints the line and
+  SIGTERM handler, which dumps a stack trace. Here the signal reaches the
+  watcher thread of `signals.SignalWatcher`, which prints the line and
   exits without unwinding (`os._exit`; 143 / 130 as train.py): safe, since the
   planner writes nothing but its report at the end (a persistent-cache entry
-  cut short is one JAX warns about and compiles again). `claim()` takes the
-  signals back from a library that took them (libtpu, when it loads).
+  cut short is one JAX warns about and compiles again). `_STOP.claim()` takes
+  the signals back from a library that took them (libtpu, when it loads).
   """
-
-  def __init__(self):
-    self._previous, self._pipe, self._old_fd = {}, None, None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      r, w = os.pipe()
-      os.set_blocking(w, False)
-      self._old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-      self._pipe = (r, w)
-      self.claim()
-      threading.Thread(target=self._watch, args=(r,), daemon=True, name='stop-at-once').start()
-    return self
-
-  def claim(self):
-    """(Re)installs the handlers: a Python handler, so that the wakeup fd hears it."""
-    if self._pipe is not None:
-      for s in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.signal(s, lambda *_: None)
-        self._previous.setdefault(s, previous)
-
-  def _watch(self, r):
-    while True:
-      try:
-        data = os.read(r, 64)
-      except OSError:
-        return
-      if not data:
-        os.close(r)
-        return
-      for signum in data:
-        if signum in (signal.SIGTERM, signal.SIGINT):
-          name = signal.Signals(signum).name
-          # os.write: the main thread may hold sys.stderr's lock.
-          os.write(2, f'stopped ({name}): the planner wrote nothing.\n'.encode())
-          os._exit(128 + signum)  # pylint: disable=protected-access
-
-  def __exit__(self, *exc):
-    for s, previous in self._previous.items():
-      signal.signal(s, previous)
-    if self._pipe is not None:
-      signal.set_wakeup_fd(self._old_fd)
-      os.close(self._pipe[1])  # the watcher reads EOF and ends
+  name = signal.Signals(signum).name
+  # os.write: the main thread may hold sys.stderr's lock.
+  os.write(2, f'stopped ({name}): the planner wrote nothing.\n'.encode())
+  os._exit(128 + signum)  # pylint: disable=protected-access
 
 
-_STOP = StopAtOnce()  # main() enters it; compile_step re-claims the signals
+# main() enters it; compile_step re-claims the signals
+_STOP = signals.SignalWatcher((signal.SIGTERM, signal.SIGINT), _stop_at_once,
+                              name='stop-at-once')
 
 
 def _first_line(e: BaseException) -> str:
@@ -332,9 +295,9 @@ def chip_for(device) -> Chip | None:
 
 
 def input_shape(config) -> tuple:
-  """One training example as the input pipeline delivers it (train_lib's)."""
-  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
-  return train_lib.input_shape(config)
+  """One training example as the input pipeline delivers it (the train step's)."""
+  from spikeformer_jax import experiment  # pylint: disable=import-outside-toplevel
+  return experiment.input_shape(config)
 
 
 def _cost(compiled) -> dict:
@@ -370,12 +333,12 @@ def _is_oom(e: BaseException) -> bool:
 def compile_step(config, devices, batch: int):
   """(compiled train step or the out-of-memory error, mesh, experiment, compile seconds)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import sharding, train_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import experiment, sharding  # pylint: disable=import-outside-toplevel
   _STOP.claim()  # libtpu, loaded by now, may have taken SIGTERM
   mesh = sharding.mesh_from_config(config, devices)
   sharding.check_batch_size(batch, mesh, '--batch')
-  exp = train_lib.build(config, mesh, steps_per_epoch=1000)
-  step = train_lib.make_train_step(exp)
+  exp = experiment.build(config, mesh, steps_per_epoch=1000)
+  step = experiment.make_train_step(exp)
   bsh = sharding.batch_sharding(mesh)
   abstract_batch = {
       'image': jax.ShapeDtypeStruct((batch,) + input_shape(config), 'float32',

@@ -200,10 +200,13 @@ class Checkpointer:
         f'saving checkpoint {self._saving} failed ({reason(e)}); stopped: {last}. Free '
         'the space or fix the directory, then rerun the same command to resume.') from e
 
-  def restore(self, abstract_state, step: int | None = None):
+  def restore(self, abstract_state, step: int | None = None, *, backfill=None):
     """Returns (state, meta) of `step` (default: the latest) onto the shardings
     of `abstract_state` (a pytree of jax.ShapeDtypeStruct with .sharding).
 
+    `backfill`: {key: fn(restored state) -> entry} for top-level entries of
+    the state that checkpoints written before them lack (the train state's
+    RNG stream): such a checkpoint restores without them, and each is derived.
     ValueError if the checkpoint holds another model; CheckpointError if it
     cannot be read."""
     step = self.latest_step() if step is None else step
@@ -212,16 +215,24 @@ class Checkpointer:
     if step not in self.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory}; '
                               f'available: {self.all_steps()}.')
-    self._check_shapes(step, abstract_state)
+    stored = self._stored_shapes(step)
+    missing = [k for k in (backfill or {}) if k in abstract_state and not any(
+        name == k or name.startswith(k + '/') for name in stored)]
+    target = ({k: v for k, v in abstract_state.items() if k not in missing} if missing
+              else abstract_state)
+    self._check_shapes(step, stored, target)
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       raise errors.CheckpointError(
           f'checkpoint {step} in {self.directory} is unreadable ({reason(e)})') from e
-    return out['state'], out['meta']
+    state = out['state']
+    for k in missing:
+      state[k] = backfill[k](state)
+    return state, out['meta']
 
-  def restore_intact(self, abstract_state, log=print):
+  def restore_intact(self, abstract_state, log=print, *, backfill=None):
     """Resume: (state, meta) of the newest step that reads. Damaged newer
     steps are moved to ../damaged_checkpoints/ (nothing is deleted: a later
     save of the same step must not collide with them), each with one line.
@@ -230,7 +241,7 @@ class Checkpointer:
     damaged = []
     for step in reversed(self.all_steps()):
       try:
-        out = self.restore(abstract_state, step)
+        out = self.restore(abstract_state, step, backfill=backfill)
         break
       except errors.CheckpointError as e:
         if not is_damage(e):
@@ -261,23 +272,22 @@ class Checkpointer:
         log(f'{errors.one_line(error)}: moved to {dest}; resuming from step {out[1].get("step")}.')
     return out
 
-  def intact_steps(self, abstract_state, exclude=()) -> list[int]:
+  def intact_steps(self, abstract_state, exclude=(), *, backfill=None) -> list[int]:
     """The steps that restore (each is read in full: for error messages)."""
     ok = []
     for s in self.all_steps():
       if s in exclude:
         continue
       try:
-        self.restore(abstract_state, s)
+        self.restore(abstract_state, s, backfill=backfill)
         ok.append(s)
       except (ValueError, errors.CheckpointError):
         pass
     return ok
 
-  def _check_shapes(self, step: int, abstract_state):
-    """One clear error, before orbax's own, when the checkpoint's arrays do
-    not fit the model (another size, class count or optimizer); unreadable
-    metadata is a damaged checkpoint, not another model."""
+  def _stored_shapes(self, step: int) -> dict:
+    """{'params/...': shape} of the checkpoint's arrays; unreadable metadata is
+    a damaged checkpoint, not another model."""
     try:
       md = ocp.StandardCheckpointer().metadata(
           os.path.join(self.directory, str(step), 'state'))
@@ -290,6 +300,11 @@ class Checkpointer:
       raise errors.CheckpointError(
           f'checkpoint {step} in {self.directory} is unreadable (its metadata is missing '
           'or empty)')
+    return stored
+
+  def _check_shapes(self, step: int, stored: dict, abstract_state):
+    """One clear error, before orbax's own, when the checkpoint's arrays do
+    not fit the model (another size, class count or optimizer)."""
     wanted = _shapes(abstract_state)
     diffs = [f'{k}: checkpoint {stored.get(k)} vs model {wanted.get(k)}'
              for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]

@@ -263,7 +263,7 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   import os  # pylint: disable=import-outside-toplevel
   import shutil  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
-  from spikeformer_jax import sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import experiment, sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   if not out:  # before reading the checkpoint, which may take minutes
     raise errors.UserError('--out is empty: give a new directory for the converted workdir.')
@@ -279,10 +279,10 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   try:
     with workdir_lib.WorkdirLock(out, command=' '.join(sys.argv)):
       _refuse_out(out, holding=True)  # a run may have started there since the first look
-      exp = train_lib.build(config, sharding.make_mesh(1), steps_per_epoch=1)
+      exp = experiment.build(config, sharding.make_mesh(1), steps_per_epoch=1)
       state = pretrained.apply(exp.init_state(), take)
       try:
-        train_lib.write_json(config_json,
+        workdir_lib.write_json(config_json,
                              {'config': config.to_dict(),
                               'run': {'converted_from': os.path.abspath(torch_file),
                                       'num_params': exp.num_params}})

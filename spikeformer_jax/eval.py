@@ -111,20 +111,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   try:
     from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
-    from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+    from spikeformer_jax import restore, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS['verbosity'].present:  # unreadable checkpoints: one line
       checkpointing.quiet_orbax_logs()
     signal.signal(signal.SIGTERM, _sigterm)  # stopped like Ctrl-C: one line, nothing half-written
-    config = _CONFIG.value or train_lib.load_run_config(_WORKDIR.value)
+    config = _CONFIG.value or workdir_lib.load_run_config(_WORKDIR.value)
     if _CONFIG.value:
-      warning = train_lib.model_differences(config, _WORKDIR.value)
+      warning = workdir_lib.model_differences(config, _WORKDIR.value)
       if warning:
         print(warning, file=sys.stderr)
     out = _OUTPUT.value
     _check_writable(out)
     if _ANALYZE.value:
       return analyze(config)
-    res = train_lib.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
+    res = restore.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
                                         step=_STEP.value, num_devices=_DEVICES.value,
                                         ema=_EMA.value)
     # Only files of its own (eval_*.json, analysis_*/), written whole: the run's

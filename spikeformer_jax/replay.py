@@ -6,9 +6,9 @@ every iteration and, after every iteration, the loss, the learning rate and
 every parameter and BatchNorm buffer (and the EMA's), from the official
 train.py + yml of its repository. `recipe_config` turns the official arguments
 the file stores into the config fields a user sets (the README's recipe
-table); `check_trajectory` builds the experiment with `train_lib.build`, loads
+table); `check_trajectory` builds the experiment with `experiment.build`, loads
 the initial state, feeds the recorded batches in order through
-`train_lib.make_train_step` and compares after every iteration. Run it with
+`experiment.make_train_step` and compares after every iteration. Run it with
 `python -m spikeformer_jax.fidelity FILE.npz` (float64).
 """
 
@@ -22,9 +22,10 @@ from flax import nnx
 
 from spikeformer_jax import config_lib
 from spikeformer_jax import convert
+from spikeformer_jax import experiment
+from spikeformer_jax import losses
 from spikeformer_jax import recordings
 from spikeformer_jax import sharding
-from spikeformer_jax import train_lib
 from spikeformer_jax.recordings import BadRecording
 
 # Pass criteria (float64) after every iteration, relative to max |official|
@@ -143,8 +144,9 @@ def _initial_state(exp, model):
   """The train state holding the recording's initial state_dict (in `model`)."""
   params, batch_stats, _ = nnx.state(model, nnx.Param, nnx.BatchStat, ...)
   state = {'params': params, 'batch_stats': batch_stats,
-           'opt_state': exp.tx.init(params), 'step': jnp.zeros((), jnp.int32)}
-  if train_lib.ema_decay(exp.config):  # timm deep-copies the model (own buffers)
+           'opt_state': exp.tx.init(params), 'step': jnp.zeros((), jnp.int32),
+           'rng': experiment.rng_start(exp.config.seed)}
+  if losses.ema_decay(exp.config):  # timm deep-copies the model (own buffers)
     state['ema'] = jax.tree.map(jnp.copy, {'params': params, 'batch_stats': batch_stats})
   return jax.device_put(state, exp.state_sharding)
 
@@ -161,10 +163,10 @@ def check_trajectory(d: dict, rec: dict, name: str) -> dict:
   initial = recordings.state_dict(d)
   model, entries = recordings.model_holding(config.model, initial)
   order = _lamb_order(model, entries, rec, initial) if config.optimizer.name == 'lamb' else None
-  exp = train_lib.build(config, sharding.make_mesh(1), int(rec['steps_per_epoch']),
+  exp = experiment.build(config, sharding.make_mesh(1), int(rec['steps_per_epoch']),
                         lamb_order=order)
   state = _initial_state(exp, model)
-  train_step = train_lib.make_train_step(exp)
+  train_step = experiment.make_train_step(exp)
   worst: dict[str, tuple[float, float, float, str]] = {}  # quantity -> (error / tolerance, error, tolerance, where)
   first: list[str] = []
   lr_sum = 0.0  # of the updates so far

@@ -105,7 +105,7 @@ def fsdp_spec(shape: tuple, fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
 
 def state_shardings(abstract_state: dict, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> dict:
   """Shardings of the train state: params and optimizer state per fsdp_spec,
-  BatchNorm statistics and the step replicated."""
+  BatchNorm statistics, the step and the RNG stream replicated."""
   fsdp = mesh.shape['fsdp']
 
   def shard(x):

@@ -491,7 +491,7 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       while told[0] < len(received):
         name = received[told[0]].name
         again = ('the running points stop without saving' if received[told[0]] == signal.SIGINT
-                 else 'their save goes on')  # train.py's StopWatch.URGENT_AGAIN
+                 else 'their save goes on')  # train.py's StopSignals.URGENT_AGAIN
         log('[stopping] waiting for the running points to save their step' if told[0] == 0 else
             f'[stopping] {name} again: passed on; {again}')
         told[0] += 1

@@ -1,4 +1,6 @@
-"""One writer per workdir: a lock file with a heartbeat.
+"""A run's workdir: who holds it, and the files that record the run.
+
+One writer per workdir: a lock file with a heartbeat.
 
 Two trainings in one workdir would resume from each other's checkpoints and
 overwrite each other's metrics. `WorkdirLock` creates `workdir/train.lock`
@@ -11,17 +13,28 @@ killed process must not block the rerun, so a lock is stale when
     thread) is older than STALE_S: a holder on another host that died.
 A stale lock is renamed aside (atomic: of two processes taking it over, one
 wins) and taken. Of the processes of one multi-process run, process 0 holds the
-lock for all of them.
+lock for all of them (`hold_workdir`).
+
+The run's files: config.json (the config and run facts: `load_run_config`,
+`check_resume_config` on resume, `model_differences` for eval.py),
+final_metrics.json (`finished_run`), written atomically by process 0
+(`write_json`, `write_text`); each unreadable one is one line naming it.
+They import JAX and the configs where they need them: the lock's half stays
+light, for the tools that only look at a lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
+
+import ml_collections
 
 from spikeformer_jax import errors
 
@@ -259,3 +272,150 @@ def remove_created(created: list[str]):
       os.rmdir(path)
     except OSError:
       return
+
+
+# ------------------------------------------------------------ the run's files
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """This run (process 0 for all of its processes) holds `workdir`'s lock."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  created = ensure(workdir)
+  lock = WorkdirLock(workdir, command=' '.join(sys.argv))
+  err = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except errors.UserError as e:
+      err = e
+  if jax.process_count() > 1:  # every process stops if process 0 could not take it
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
+    if not ok and err is None:
+      err = errors.WorkdirBusy(f'process 0 could not take the lock of {workdir}; see its '
+                               'output.')
+  if err is not None:
+    raise err
+  failed = True
+  try:
+    yield lock
+    failed = False
+  finally:
+    if jax.process_index() == 0:
+      lock.release()
+      if failed:  # e.g. refused by the data or the devices: no empty workdir left behind
+        remove_created(created)
+
+
+def read_json(path: str, what: str = '') -> dict:
+  """A JSON file of the workdir, or one line naming it and the problem."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise errors.UserError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}){what}.') from e
+  except UnicodeDecodeError as e:
+    raise errors.UserError(f'{path} is not a text file{what}.') from e
+
+
+def write_json(path, obj):
+  """write_text of `obj` as indented, sorted JSON."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def write_text(path, text: str):
+  """Writes a file of the workdir atomically (process 0 only), or one line
+  naming it and the problem."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    tmp = path + '.tmp'
+    try:
+      with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+      os.replace(tmp, path)
+    except OSError as e:
+      raise errors.UserError(f'cannot write {path}: {e.strerror}; free the space or fix the '
+                             'directory, then rerun the same command.') from e
+
+
+def finished_run(workdir: str, latest_step: int | None, total_steps: int) -> dict | None:
+  """The final metrics of a run in `workdir` that already finished `total_steps`."""
+  path = os.path.join(workdir, 'final_metrics.json')
+  if latest_step != total_steps or not os.path.exists(path):
+    return None
+  final = read_json(path, ': delete it to evaluate the final checkpoint again')
+  return final if final.get('steps') == total_steps else None
+
+def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
+  """Refuses to resume a run whose saved config differs in model-defining
+  fields (config_lib.MODEL_DEFINING) unless `allow_config_change`. Returns
+  (changed fields, the model-defining ones among them, allowed): a new lr or
+  total_steps is a legitimate resume."""
+  from spikeformer_jax import config_lib  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return [], []
+  fix = ': it records the run\'s config; restore it from a copy, or delete it to resume ' \
+        'without comparing configs'
+  saved = read_json(path, fix)
+  if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
+    raise errors.UserError(f'{path} holds no run config ("config" key){fix}.')
+  saved = saved['config']
+  want = json.loads(json.dumps(config.to_dict()))
+  changed = [k for k in config_lib.config_diff(saved, want) if k != 'allow_config_change']
+  defining = config_lib.model_defining(changed, saved, want)
+  if defining and not config.get('allow_config_change', False):
+    shown = ', '.join(f'{k} ({config_lib.lookup(saved, k)!r} -> '
+                      f'{config_lib.lookup(config.to_dict(), k)!r})'
+                      for k in defining[:4]) + (' ...' if len(defining) > 4 else '')
+    raise errors.ConfigError(f'{workdir} holds a run of another model: {shown}. Use another '
+                     '--workdir, or --config.allow_config_change=True to resume anyway.')
+  return changed, defining
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (its config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of a '
+                            'training run? Or pass --config explicitly.')
+  saved = read_json(path, ': pass --config explicitly')
+  if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
+    raise errors.UserError(f'{path} holds no run config ("config" key); pass --config '
+                           'explicitly.')
+  saved = saved['config']
+
+  def tuples(x):  # JSON turned tuples into lists; configs use tuples.
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+  return ml_collections.ConfigDict(tuples(saved))
+
+
+def model_differences(config, workdir: str) -> str:
+  """One warning line (eval.py --config) naming the fields where `config.model`
+  differs from the model of the run in `workdir` (its config.json), else ''.
+  Not an error: evaluating a run at another T is an experiment; a silent one
+  would be a mistake."""
+  try:
+    run = load_run_config(workdir)
+  except errors.USER_ERRORS:  # no or no readable config.json: nothing to compare with
+    return ''
+
+  def flat(d, prefix='model'):
+    items = {}
+    for k, v in (d.items() if isinstance(d, dict) else ()):
+      if isinstance(v, dict):
+        items.update(flat(v, f'{prefix}.{k}'))
+      else:
+        items[f'{prefix}.{k}'] = tuple(v) if isinstance(v, list) else v
+    return items
+  ours = flat(config.model.to_dict())
+  theirs = flat(run.model.to_dict() if 'model' in run else {})
+  diff = [f'{k} ({theirs.get(k, "unset")} -> {ours.get(k, "unset")})'
+          for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+  if not diff:
+    return ''
+  return (f'warning: --config differs from the run\'s {workdir}/config.json in '
+          f'{", ".join(diff)}: evaluating with the --config model.')

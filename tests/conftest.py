@@ -59,14 +59,14 @@ def assert_one_step_moves_every_parameter(c):
   parameter changes (a field that cut a gradient path would leave some)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from spikeformer_jax import data as data_lib, sharding, train_lib  # pylint: disable=g-import-not-at-top
+  from spikeformer_jax import data as data_lib, experiment, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(1)
   loader = data_lib.Loader(data_lib.get_source(c.data, 'train'), global_batch=c.batch_size,
                            seed=c.seed)
-  exp = train_lib.build(c, mesh, loader.steps_per_epoch)
+  exp = experiment.build(c, mesh, loader.steps_per_epoch)
   state = exp.init_state()
   before = jax.device_get(state['params'])
-  state, metrics = train_lib.make_train_step(exp)(state,
+  state, metrics = experiment.make_train_step(exp)(state,
                                                   sharding.global_batch(loader.batch(0), mesh))
   assert np.isfinite(float(metrics['loss']))
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state['params']))

@@ -11,7 +11,7 @@ from flax import nnx
 from conftest import ROOT  # noqa: F401  (puts the repo root on sys.path)
 from spikeformer_jax.configs import a2os2a as a2os2a_configs
 from spikeformer_jax.configs import sdt as sdt_configs
-from spikeformer_jax import attention, blocks, convert, layers, models, neurons, train_lib
+from spikeformer_jax import attention, blocks, convert, layers, losses, models, neurons
 from spikeformer_jax.attention import a2os2a as a2os2a_kind
 from spikeformer_jax.attention import ablations, sdsa as sdsa_kind, ssa as ssa_kind
 from spikeformer_jax.models import sdt
@@ -134,10 +134,10 @@ def test_a2os2a_eight_devices_equal_one_device(attention):
 def test_tet_loss_formula():
   logits = jax.random.normal(jax.random.key(4), (3, 4, 5))
   labels = jnp.asarray([0, 3, 1])
-  ref = np.mean([train_lib.cross_entropy(logits[:, t], labels, 0.1).mean() for t in range(4)])
+  ref = np.mean([losses.cross_entropy(logits[:, t], labels, 0.1).mean() for t in range(4)])
   ref = 0.999 * ref + 0.001 * np.mean((np.asarray(logits) - 1.0) ** 2)
   targets = mixup.smooth_one_hot(labels, 5, 0.1)
-  np.testing.assert_allclose(train_lib.tet_loss(logits, targets, 1.0, 0.001), ref, rtol=1e-6)
+  np.testing.assert_allclose(losses.tet_loss(logits, targets, 1.0, 0.001), ref, rtol=1e-6)
 
 
 @pytest.mark.parametrize('variant', a2os2a_configs.VARIANTS)

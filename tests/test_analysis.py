@@ -270,16 +270,16 @@ def test_training_evaluations_record_per_layer_firing_rates():
   """What train.py's evaluations send to TensorBoard (firing_rate/<neuron>):
   each neuron's rate over the examples only, not the padding of the last
   batch, equal to the analysis' on the same examples."""
-  from spikeformer_jax import sharding, train_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import experiment, sharding  # pylint: disable=import-outside-toplevel
   from spikeformer_jax.data import sources  # pylint: disable=import-outside-toplevel
   c = spikformer_configs.get_config('cifar10-4-384,runlocal')
-  exp = train_lib.build(c, sharding.make_mesh(1), 4)
+  exp = experiment.build(c, sharding.make_mesh(1), 4)
   state = exp.init_state()
   state['params'] = jax.tree_util.tree_map_with_path(  # _loud: fires throughout
       lambda p, x: x * 6 if 'kernel' in jax.tree_util.keystr(p) else x, state['params'])
   x = _inputs(6, seed=3)
   source = sources.ArraySource(x, np.zeros(6, np.int64), 10, None, None)
-  res = train_lib.evaluate(train_lib.make_eval_step(exp, firing_rates=True), state, source,
+  res = experiment.evaluate(experiment.make_eval_step(exp, firing_rates=True), state, source,
                            exp.mesh, batch_size=4)  # 2 batches, 2 padded examples
   rates = res['firing_rates']
   model = nnx.merge(exp.graphdef_eval, state['params'], state['batch_stats'])
@@ -287,18 +287,18 @@ def test_training_evaluations_record_per_layer_firing_rates():
   assert rates.keys() == want.keys() and len(want) > 5, (rates.keys(), want.keys())
   assert 0.05 < np.mean(list(want.values())) < 0.95, want
   np.testing.assert_allclose([rates[k] for k in want], list(want.values()), rtol=1e-6)
-  assert 'firing_rates' not in train_lib.evaluate(train_lib.make_eval_step(exp), state, source,
+  assert 'firing_rates' not in experiment.evaluate(experiment.make_eval_step(exp), state, source,
                                                   exp.mesh, batch_size=4)
 
 
 def test_eval_warns_of_a_config_whose_model_differs_from_the_run(tmp_path):
-  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   c = spikformer_configs.get_config('digits')
-  train_lib.write_json(str(tmp_path / 'config.json'), {'config': c.to_dict()})
-  assert train_lib.model_differences(c, str(tmp_path)) == ''
+  workdir_lib.write_json(str(tmp_path / 'config.json'), {'config': c.to_dict()})
+  assert workdir_lib.model_differences(c, str(tmp_path)) == ''
   other = spikformer_configs.get_config('digits')
   other.model.T, other.total_steps = 2, 1  # only model fields are named
-  assert train_lib.model_differences(other, str(tmp_path)) == (
+  assert workdir_lib.model_differences(other, str(tmp_path)) == (
       f"warning: --config differs from the run's {tmp_path}/config.json in model.T (4 -> 2): "
       'evaluating with the --config model.')
-  assert train_lib.model_differences(other, str(tmp_path / 'none')) == ''
+  assert workdir_lib.model_differences(other, str(tmp_path / 'none')) == ''

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spikeformer_jax.configs import spikformer as spikformer_configs
-from spikeformer_jax import config_lib, train_lib, validation
+from spikeformer_jax import config_lib, experiment, train_lib, validation
 from spikeformer_jax import data as data_lib
 
 
@@ -96,7 +96,7 @@ FILE_CASES = {  # name -> (bytes of the file, message)
 
 
 def _train_fails_before_compiling(config, tmp_path, monkeypatch) -> str:
-  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(experiment, 'make_train_step', lambda *a: pytest.fail('compiled'))
   with pytest.raises(ValueError) as e:
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
   return str(e.value)

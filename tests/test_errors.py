@@ -13,7 +13,7 @@ from spikeformer_jax.configs import a2os2a as a2os2a_configs
 from spikeformer_jax.configs import msvit as msvit_configs
 from spikeformer_jax.configs import sdt as sdt_configs
 from spikeformer_jax.configs import spikformer as spikformer_configs
-from spikeformer_jax import config_lib, errors, sharding, train_lib
+from spikeformer_jax import config_lib, errors, experiment, sharding, train_lib
 
 
 def _config(module, variant, **over):
@@ -211,7 +211,7 @@ CASES = {
 def test_one_clear_error_before_compiling(case, tmp_path, monkeypatch):
   module, variant, over, message = CASES[case]
   # Nothing may be traced: the errors come from the config alone.
-  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(experiment, 'make_train_step', lambda *a: pytest.fail('compiled'))
   with pytest.raises((ValueError, FileNotFoundError)) as e:
     train_lib.train_and_evaluate(_config(module, variant, **over), str(tmp_path))
   assert message in str(e.value)
@@ -275,12 +275,12 @@ def test_eval_batch_is_at_most_the_test_split():
   devices, and says so."""
   lines = []
   one, eight = sharding.make_mesh(1), sharding.make_mesh(-1)
-  assert train_lib.fit_eval_batch(100000, 359, one, lines.append) == 359
+  assert experiment.fit_eval_batch(100000, 359, one, lines.append) == 359
   assert lines == ['eval_batch_size=100000 is larger than the 359 test examples: evaluating '
                    'in batches of 359.']
   d = sharding.data_size(eight)
-  assert train_lib.fit_eval_batch(100000, 359, eight) == -(-359 // d) * d
-  assert train_lib.fit_eval_batch(64, 359, one, lines.append) == 64  # the digits default
+  assert experiment.fit_eval_batch(100000, 359, eight) == -(-359 // d) * d
+  assert experiment.fit_eval_batch(64, 359, one, lines.append) == 64  # the digits default
   assert len(lines) == 1
 
 

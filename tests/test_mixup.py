@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT  # noqa: F401
-from spikeformer_jax import config_lib, train_lib
+from spikeformer_jax import config_lib, experiment, restore, train_lib
 from spikeformer_jax.data import mixup
 
 K = 5
@@ -127,13 +127,13 @@ def test_ema_tracks_weights_and_is_evaluated(tmp_path):
   c = _step_config(ema_decay=0.5, total_steps=2, num_devices=1)
   final = train_lib.train_and_evaluate(c, str(tmp_path))
   assert 'test_ema_top1' in final and 0.0 <= final['test_ema_top1'] <= 1.0
-  res = train_lib.evaluate_checkpoint(c, str(tmp_path), ema=True)
+  res = restore.evaluate_checkpoint(c, str(tmp_path), ema=True)
   assert res['top1'] == pytest.approx(final['test_ema_top1'])
   # Two steps by hand: ema = 0.25 p0 + 0.25 p1 + 0.5 p2 (decay 0.5).
   from spikeformer_jax import data as data_lib, sharding  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(1)
-  exp = train_lib.build(c, mesh, 4)
-  step = train_lib.make_train_step(exp)
+  exp = experiment.build(c, mesh, 4)
+  step = experiment.make_train_step(exp)
   src = data_lib.get_source(c.data, 'train')
   loader = data_lib.Loader(src, global_batch=c.batch_size, seed=c.seed,
                            transform=data_lib.make_transform(c.data, src, train=True))
@@ -146,15 +146,15 @@ def test_ema_tracks_weights_and_is_evaluated(tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(state['ema']['params'])), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match='no EMA'):
-    train_lib.make_eval_step(train_lib.build(_step_config(), sharding.make_mesh(1), 4), ema=True)
+    experiment.make_eval_step(experiment.build(_step_config(), sharding.make_mesh(1), 4), ema=True)
 
 
 def test_ema_moves_only_with_optimizer_updates_under_accumulation():
   from spikeformer_jax import data as data_lib, sharding  # pylint: disable=import-outside-toplevel
   c = _step_config(ema_decay=0.5, **{'optimizer.accum_steps': 2})
   mesh = sharding.make_mesh(1)
-  exp = train_lib.build(c, mesh, 4)
-  step = train_lib.make_train_step(exp)
+  exp = experiment.build(c, mesh, 4)
+  step = experiment.make_train_step(exp)
   src = data_lib.get_source(c.data, 'train')
   loader = data_lib.Loader(src, global_batch=c.batch_size, seed=c.seed)
   state = exp.init_state()

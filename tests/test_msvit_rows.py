@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spikeformer_jax import config_lib, models, ops, sharding, validation
+from spikeformer_jax import config_lib, experiment, models, ops, sharding, validation
 from spikeformer_jax.configs import msvit as msvit_cfgs
 from spikeformer_jax.models import msvit
-from test_train import _run_steps
+from test_train import _run_steps, assert_eight_devices_equal_one
 
 
 def _count(model_cfg):
@@ -73,7 +73,7 @@ def test_block_drops_each_examples_branch_alone():
   np.testing.assert_allclose(x1[0], x[0] + s * attn[0], rtol=1e-6)  # kept, scaled
 
 
-_forward = nnx.jit(lambda m, x: m(x))
+_forward = nnx.jit(lambda m, x, key: m(x, rngs=nnx.Rngs(dropout=key)))
 
 
 @pytest.mark.slow
@@ -84,16 +84,93 @@ def test_drop_path_is_identity_in_eval_and_at_rate_zero_and_random_in_train():
   assert model.drop_path == (0.0, 0.25, 0.5)  # three runlocal blocks
   nnx.update(model, nnx.state(base))  # the rate adds no parameters
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3)) * 2
-  # Train mode: without drop path the output does not depend on the step
-  # (BatchNorm uses the batch's statistics); with it, the BN counter advances
-  # and every step draws new masks.
-  ref = [np.asarray(_forward(base, x)) for _ in range(2)]
-  outs = [np.asarray(_forward(model, x)) for _ in range(2)]
+  k1, k2 = jax.random.key(7), jax.random.key(8)
+  # Train mode: without drop path the output does not depend on the key
+  # (BatchNorm uses the batch's statistics); with it, another key draws other
+  # masks and the same key the same ones.
+  ref = [np.asarray(_forward(base, x, k)) for k in (k1, k2)]
+  outs = [np.asarray(_forward(model, x, k)) for k in (k1, k2, k1)]
   np.testing.assert_array_equal(ref[0], ref[1])
   assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[0], ref[0])
+  np.testing.assert_array_equal(outs[0], outs[2])
+  with pytest.raises(ValueError, match=r'needs rngs=nnx.Rngs\(dropout=key\)'):
+    model(x)
   base.eval()
   model.eval()
-  np.testing.assert_array_equal(np.asarray(_forward(model, x)), np.asarray(_forward(base, x)))
+  np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(_forward(base, x, k1)))
+
+
+def _drop_path_experiment(seed=0):
+  config = _tiny('cifar10-4-384', **{'model.drop_path_rate': 0.5, 'seed': seed,
+                                     'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0})
+  mesh = sharding.make_mesh(1)
+  exp = experiment.build(config, mesh, steps_per_epoch=4)
+  batch = {'image': jax.random.normal(jax.random.key(1), (config.batch_size, 32, 32, 3)),
+           'label': jnp.arange(config.batch_size) % 10}
+  return exp, sharding.global_batch(jax.device_get(batch), mesh)
+
+
+def test_the_train_states_rng_stream_keys_drop_path_by_seed():
+  """The seed's stream draws the masks: another seed (same weights) other
+  updates, the same seed the same ones; each step advances the stream."""
+  exp, batch = _drop_path_experiment()
+  assert exp.model_takes_rngs
+  step = experiment.make_train_step(exp)
+  start = exp.init_state()
+  np.testing.assert_array_equal(start['rng'], experiment.rng_start(0))
+  runs = {}
+  for name, seed in (('seed 0', 0), ('again', 0), ('seed 1', 1)):
+    state = jax.tree.map(jnp.copy, start)
+    state['rng'] = jax.device_put(experiment.rng_start(seed), exp.state_sharding['rng'])
+    state, m = step(state, batch)
+    runs[name] = (float(m['loss']), jax.device_get(state))
+  assert runs['seed 0'][0] == runs['again'][0] != runs['seed 1'][0]
+  assert not np.array_equal(runs['seed 0'][1]['rng'], experiment.rng_start(0))
+  same = jax.tree.map(np.array_equal, runs['seed 0'][1]['params'], runs['again'][1]['params'])
+  assert all(jax.tree.leaves(same))
+  other = jax.tree.map(np.array_equal, runs['seed 0'][1]['params'], runs['seed 1'][1]['params'])
+  assert not all(jax.tree.leaves(other))
+
+
+def test_the_rng_stream_resumes_and_old_checkpoints_restore(tmp_path):
+  """A checkpoint keeps the stream: the step after a restore is the step
+  after the save. One written before the stream existed (no 'rng') restores
+  with the stream derived from the seed and its step."""
+  from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  exp, batch = _drop_path_experiment(seed=3)
+  step = experiment.make_train_step(exp)
+  state, _ = step(exp.init_state(), batch)
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'new'))
+  ckpt.save(1, state, {'step': 1}, force=True)
+  ckpt.wait()
+  restored, _ = ckpt.restore(exp.abstract_state, backfill=exp.backfill)
+  ckpt.close()
+  want, _ = step(jax.tree.map(jnp.copy, state), batch)
+  got, _ = step(restored, batch)
+  want, got = jax.device_get((want, got))
+  assert not np.array_equal(want['rng'], jax.device_get(state['rng']))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+  old = {k: v for k, v in want.items() if k != 'rng'}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'old'))
+  ckpt.save(2, old, {'step': 2}, force=True)
+  ckpt.wait()
+  with pytest.raises(ValueError, match='does not fit'):
+    ckpt.restore(exp.abstract_state)  # the stream is backfilled, never silently dropped
+  restored, _ = ckpt.restore(exp.abstract_state, backfill=exp.backfill)
+  assert int(restored['step']) == 2
+  np.testing.assert_array_equal(restored['rng'], experiment.rng_for_old_checkpoint(3, 2))
+  assert restored['rng'].sharding == exp.state_sharding['rng']
+  ckpt.close()
+  step(restored, batch)  # and it trains on
+
+
+def test_drop_path_masks_shard_with_the_batch():
+  """The stream's key is replicated; each example's masks follow its shard:
+  8 devices train as one."""
+  assert_eight_devices_equal_one(_tiny('cifar10-4-384', **{'model.drop_path_rate': 0.5}),
+                                 n_steps=2)
 
 
 # ------------------------------------------------------------ DVS three channels

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from spikeformer_jax import config_lib, train_lib
+from spikeformer_jax import config_lib, restore, train_lib
+from spikeformer_jax import workdir as workdir_lib
 
 ARGS = ['--config=configs/spikformer.py:cifar10-4-384,runlocal', '--config.total_steps=6',
         '--config.log_every_steps=1', '--config.ckpt_every_steps=3']
@@ -71,7 +72,7 @@ def test_two_processes_equal_one(tmp_path):
   assert b['test_examples'] == a['test_examples']
   np.testing.assert_allclose(b['test_loss'], a['test_loss'], rtol=1e-5)
   # The 2-process checkpoint restores onto one device of one process.
-  res = train_lib.evaluate_checkpoint(train_lib.load_run_config(str(two)), str(two),
+  res = restore.evaluate_checkpoint(workdir_lib.load_run_config(str(two)), str(two),
                                       num_devices=1)
   assert res['step'] == 6
   np.testing.assert_allclose(res['loss'], b['test_loss'], rtol=1e-5)

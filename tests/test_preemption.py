@@ -46,7 +46,7 @@ def _last_line(p) -> str:
 # receives a signal from inside: the signal arrives at an exact stage.
 _SIGNALLING = '''
 import os, runpy, signal, sys
-from spikeformer_jax import checkpointing, train_lib
+from spikeformer_jax import checkpointing, experiment
 stage, n = sys.argv[1], int(sys.argv[2])
 sigs = [getattr(signal, name) for name in sys.argv[3].split(',')]
 sys.argv = ['train.py'] + sys.argv[4:]
@@ -55,7 +55,7 @@ sys.argv = ['train.py'] + sys.argv[4:]
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
 calls = []
 if stage == 'eval':  # between the first two batches of the n-th evaluation
-  evaluate = train_lib.evaluate
+  evaluate = experiment.evaluate
   def patched(*a, stop=None, **k):
     calls.append(1)
     first = []
@@ -66,7 +66,7 @@ if stage == 'eval':  # between the first two batches of the n-th evaluation
       first.append(1)
       return stop()
     return evaluate(*a, stop=stop_hook if stop else None, **k)
-  train_lib.evaluate = patched
+  experiment.evaluate = patched
 else:  # while waiting for the save of step n
   wait = checkpointing.Checkpointer.wait
   def patched_wait(self):
@@ -279,7 +279,7 @@ def test_eval_and_init_from_read_a_run_that_saves_every_step(tmp_path):
   as soon as a reader finds it: eval and init_from failed 5 of 8 tries
   ("Truncated Zstd...", "'StepMetadata' object has no attribute 'shape'").
   Each read gets a whole step while the run goes on."""
-  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import restore, train_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   wd = tmp_path / 'live'
   proc = subprocess.Popen(
       [sys.executable, 'train.py', f'--workdir={wd}', '--config=configs/spikformer.py:digits',
@@ -292,16 +292,16 @@ def test_eval_and_init_from_read_a_run_that_saves_every_step(tmp_path):
       assert proc.poll() is None, proc.communicate()[1][-3000:]
       assert time.time() < deadline, 'training did not start in time'
       time.sleep(0.05)
-    config = train_lib.load_run_config(str(wd))
+    config = workdir_lib.load_run_config(str(wd))
     init = config.copy_and_resolve_references()
     init.init_from = str(wd)
     # A step is logged before its asynchronous save commits: the newest
     # committed step (and so what a read may get) can trail the log by one.
     first = _logged_step(wd)
-    res = train_lib.evaluate_checkpoint(config, str(wd), num_devices=1)  # what eval.py runs
+    res = restore.evaluate_checkpoint(config, str(wd), num_devices=1)  # what eval.py runs
     assert res['step'] >= first - 1 and res['count'] > 0
     for _ in range(4):  # its restore alone (the part that raced), and init_from's
-      _, step = train_lib.restore_model(config, str(wd))
+      _, step = restore.restore_model(config, str(wd))
       assert step >= res['step']
       _, notes = train_lib.initial_weights(init, str(tmp_path / 'new'))
       assert notes[0].startswith('Initialised '), notes

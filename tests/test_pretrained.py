@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spikeformer_jax import checkpointing, config_lib, errors, pretrained, recordings
-from spikeformer_jax import sharding, train_lib, validation
+from spikeformer_jax import experiment, restore, sharding, train_lib, validation
 from test_models import cfgs
 
 
@@ -34,7 +34,7 @@ def _tensorboard_tags(directory) -> set:
 
 
 def _restored(config, workdir):
-  exp = train_lib.build(config, sharding.make_mesh(8), 4)
+  exp = experiment.build(config, sharding.make_mesh(8), 4)
   state, _ = checkpointing.Checkpointer(str(workdir / 'checkpoints')).restore(exp.abstract_state)
   return jax.device_get(state)
 
@@ -240,7 +240,7 @@ def test_table7_rows_take_the_imagenet_models_weights(transfer, imagenet):
 def test_table7_rows_refuse_to_start_without_init_from(tmp_path, monkeypatch):
   """A transfer row without init_from would train from scratch unnoticed: one
   line before anything is written; init_from=none says so on purpose."""
-  monkeypatch.setattr(train_lib, 'make_train_step', lambda *a: pytest.fail('compiled'))
+  monkeypatch.setattr(experiment, 'make_train_step', lambda *a: pytest.fail('compiled'))
   workdir = tmp_path / 'wd'
   c = cfgs.get_config('cifar100-transfer-8-384')
   with pytest.raises(ValueError) as e:
@@ -307,7 +307,7 @@ def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_
   from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
   config = ConfigDict(saved)
   config.eval_batch_size = 8
-  res = train_lib.evaluate_checkpoint(config, str(out), num_devices=1)
+  res = restore.evaluate_checkpoint(config, str(out), num_devices=1)
   assert res['step'] == 0 and 0.0 <= res['top1'] <= 1.0
   config.init_from = str(out)
   take, _ = train_lib.initial_weights(config, str(tmp_path / 'new'))

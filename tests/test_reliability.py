@@ -388,18 +388,17 @@ def test_an_unwritable_metrics_file_is_named(tmp_path):
 
 
 def test_a_corrupt_config_json_is_named(tmp_path):
-  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
   (tmp_path / 'config.json').write_text('{"config": {"seed": 4')
   with pytest.raises(errors.UserError) as e:
-    train_lib.load_run_config(str(tmp_path))
+    workdir_lib.load_run_config(str(tmp_path))
   assert str(e.value) == (f'{tmp_path}/config.json is not valid JSON (Expecting \',\' '
                           'delimiter, line 1): pass --config explicitly.')
   with pytest.raises(errors.UserError, match='it records the run.s config; restore it from '
                      'a copy, or delete it to resume without comparing configs'):
-    train_lib.check_resume_config(None, str(tmp_path))
+    workdir_lib.check_resume_config(None, str(tmp_path))
   (tmp_path / 'config.json').write_text('[1, 2]')
   with pytest.raises(errors.UserError, match='holds no run config'):
-    train_lib.load_run_config(str(tmp_path))
+    workdir_lib.load_run_config(str(tmp_path))
 
 
 def test_damaged_metric_lines_are_dropped_on_resume(tmp_path):

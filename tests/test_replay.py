@@ -27,7 +27,7 @@ from spikeformer_jax.configs import spikformer as spikformer_cfgs
 from spikeformer_jax import optim
 from spikeformer_jax import recordings
 from spikeformer_jax import replay
-from spikeformer_jax import train_lib
+from spikeformer_jax import experiment, losses
 
 RECORDINGS = ['traj_spikformer_cifar.npz', 'traj_sdt_cifar.npz', 'traj_sdt_lamb.npz',
               'traj_msvit_accum.npz', 'traj_ema.npz']
@@ -224,7 +224,7 @@ def test_ema_truncates_integer_counters_as_timm():
   ema = {'w': jnp.ones(3), 'count': jnp.zeros((), jnp.int32)}
   want = 0
   for k in range(1, 13):
-    ema = train_lib.ema_update(ema, {'w': jnp.zeros(3), 'count': jnp.int32(k)}, 0.9)
+    ema = losses.ema_update(ema, {'w': jnp.zeros(3), 'count': jnp.int32(k)}, 0.9)
     # timm: the int64 buffer <- 0.9 * ema + 0.1 * count in float32, truncated
     want = int(np.float32(0.9) * np.float32(want) + np.float32(0.1) * np.float32(k))
     assert ema['count'].dtype == jnp.int32 and int(ema['count']) == want, k
@@ -241,7 +241,7 @@ def test_parameters_the_loss_never_reaches_get_no_weight_decay():
                         img_size=16)
   mc.dead_modules = True
   model = models.build_model(mc)
-  reached = train_lib.params_the_loss_reaches(model, (16, 16, 3))
+  reached = experiment.params_the_loss_reaches(model, (16, 16, 3))
   flat = {'/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(reached)[0]}
   unreached = sorted(k for k, v in flat.items() if not v)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT
-from spikeformer_jax import attention, blocks, layers, models, sharding, sweeps, train_lib
+from spikeformer_jax import attention, blocks, experiment, layers, models, sharding, sweeps
 from spikeformer_jax import data as data_lib
 from spikeformer_jax import validation
 from spikeformer_jax.attention import ssa as ssa_kind
@@ -114,10 +114,10 @@ def _one_train_step(config):
   src = data_lib.get_source(config.data, 'train')
   loader = data_lib.Loader(src, global_batch=config.batch_size, seed=config.seed)
   mesh = sharding.make_mesh(1)
-  exp = train_lib.build(config, mesh, loader.steps_per_epoch)
+  exp = experiment.build(config, mesh, loader.steps_per_epoch)
   state = exp.init_state()
   before = jax.device_get(state['params'])
-  state, m = train_lib.make_train_step(exp)(state, sharding.global_batch(loader.batch(0), mesh))
+  state, m = experiment.make_train_step(exp)(state, sharding.global_batch(loader.batch(0), mesh))
   return float(m['loss']), before, jax.device_get(state['params'])
 
 

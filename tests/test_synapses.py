@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import ROOT  # noqa: F401
-from spikeformer_jax import analysis, models, synapses, train_lib
+from spikeformer_jax import analysis, losses, models, synapses
 
 DN2 = ('NHWC', 'HWIO', 'NHWC')
 
@@ -127,7 +127,7 @@ def _loss_and_grads(cfg, x, y):
 
   def loss(p):
     m = nnx.merge(graph, p, stats, copy=True)
-    return train_lib.cross_entropy(m(x), y).mean()
+    return losses.cross_entropy(m(x), y).mean()
   return jax.value_and_grad(loss), params
 
 

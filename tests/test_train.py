@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 from spikeformer_jax import data as data_lib
-from spikeformer_jax import config_lib, optim, sharding, train_lib
+from spikeformer_jax import config_lib, experiment, optim, sharding, train_lib
+from spikeformer_jax import workdir as workdir_lib
 from test_models import cfgs
 
 
@@ -24,8 +25,8 @@ def _tiny(variant='cifar10-4-384', **over):
 def _run_steps(config, mesh, n_steps=3):
   src = data_lib.get_source(config.data, 'train')
   loader = data_lib.Loader(src, global_batch=config.batch_size, seed=config.seed)
-  exp = train_lib.build(config, mesh, loader.steps_per_epoch)
-  step = train_lib.make_train_step(exp)
+  exp = experiment.build(config, mesh, loader.steps_per_epoch)
+  step = experiment.make_train_step(exp)
   state = exp.init_state()
   losses = []
   for i in range(n_steps):
@@ -87,7 +88,7 @@ def test_fsdp_mesh_shards_state_and_equals_one_device():
   config = _tiny(**{'mesh.fsdp_min_size': 512})  # runlocal arrays are small
   mesh = sharding.make_mesh(8, data=2, fsdp=-1)
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
-  exp = train_lib.build(config, mesh, 4)
+  exp = experiment.build(config, mesh, 4)
   specs = [s.spec for s in jax.tree.leaves(exp.state_sharding['params'])]
   assert sum('fsdp' in tuple(sp) for sp in specs) >= 8   # the kernels are sharded
   opt_specs = [s.spec for s in jax.tree.leaves(exp.state_sharding['opt_state'])]
@@ -114,12 +115,12 @@ def test_per_device_batchnorm_does_not_depend_on_device_count():
   config = _tiny(bn_scope='device', **no_mixup)  # their global-BN run is the reference below
   l8, _ = _run_steps(config, sharding.make_mesh(8), n_steps=2)
   mesh1 = sharding.make_mesh(1)
-  orig = train_lib.bn_groups_for
+  orig = experiment.bn_groups_for
   try:
-    train_lib.bn_groups_for = lambda c, m: 8
+    experiment.bn_groups_for = lambda c, m: 8
     l1, _ = _run_steps(config, mesh1, n_steps=2)
   finally:
-    train_lib.bn_groups_for = orig
+    experiment.bn_groups_for = orig
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
   lg, _ = _one_device_steps(_tiny(**no_mixup))
   assert abs(lg[0] - l8[0]) > 1e-6  # and it is a different model from global BN
@@ -129,7 +130,7 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
   config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 1})
   ref = train_lib.train_and_evaluate(config, str(tmp_path / 'ref'))
 
-  real = train_lib.make_train_step
+  real = experiment.make_train_step
   def crashing(exp):
     fn, calls = real(exp), []
     def step(state, batch):
@@ -138,17 +139,17 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
         raise KeyboardInterrupt('simulated crash at step 5')
       return fn(state, batch)
     return step
-  monkeypatch.setattr(train_lib, 'make_train_step', crashing)
+  monkeypatch.setattr(experiment, 'make_train_step', crashing)
   with pytest.raises(KeyboardInterrupt):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
-  monkeypatch.setattr(train_lib, 'make_train_step', real)
+  monkeypatch.setattr(experiment, 'make_train_step', real)
   resumed = train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
   assert resumed['steps_this_run'] == 2  # resumed from the step-4 checkpoint
   assert resumed['test_loss'] == ref['test_loss']
 
   from spikeformer_jax import checkpointing
   mesh = sharding.make_mesh(8)
-  exp = train_lib.build(config, mesh, 4)
+  exp = experiment.build(config, mesh, 4)
   a, _ = checkpointing.Checkpointer(str(tmp_path / 'ref' / 'checkpoints')).restore(exp.abstract_state)
   b, _ = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints')).restore(exp.abstract_state)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -209,7 +210,7 @@ def test_timm_schedule_values():
 
 def test_weight_decay_mask_skips_1d_params():
   config = _tiny()
-  exp = train_lib.build(config, sharding.make_mesh(1), 4)
+  exp = experiment.build(config, sharding.make_mesh(1), 4)
   mask = optim.decay_mask(exp.abstract_state['params'])
   flat = {'/'.join(map(str, k)): v for k, v in
           jax.tree_util.tree_flatten_with_path(mask)[0]}
@@ -263,12 +264,12 @@ def test_runs_saved_before_new_fields_resume(tmp_path):
   saved = json.loads(json.dumps(config.to_dict()))
   del saved['data']['norm_from'], saved['ema_decay']
   (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
-  train_lib.check_resume_config(config, str(tmp_path))
+  workdir_lib.check_resume_config(config, str(tmp_path))
   saved['ema_decay'] = 0.999
   (tmp_path / 'config.json').write_text(json.dumps({'config': saved}))
-  train_lib.check_resume_config(_tiny(ema_decay=0.9999), str(tmp_path))
+  workdir_lib.check_resume_config(_tiny(ema_decay=0.9999), str(tmp_path))
   with pytest.raises(ValueError, match='ema_decay'):
-    train_lib.check_resume_config(config, str(tmp_path))
+    workdir_lib.check_resume_config(config, str(tmp_path))
 
 
 def test_loader_is_deterministic_and_splits_over_processes():
@@ -319,11 +320,11 @@ def test_train_step_needs_no_all_gather_on_eight_devices():
   step all-reduces (gradients, BatchNorm statistics) but never all-gathers."""
   config = _tiny()
   mesh = sharding.make_mesh(8)
-  exp = train_lib.build(config, mesh, 4)
+  exp = experiment.build(config, mesh, 4)
   state = exp.init_state()
   src = data_lib.get_source(config.data, 'train')
   batch = sharding.global_batch(data_lib.Loader(src, global_batch=16).batch(0), mesh)
-  hlo = train_lib.make_train_step(exp).lower(state, batch).compile().as_text()
+  hlo = experiment.make_train_step(exp).lower(state, batch).compile().as_text()
   assert 'all-reduce' in hlo
   assert 'all-gather' not in hlo and 'all-to-all' not in hlo
 
@@ -339,7 +340,7 @@ def test_bfloat16_train_steps():
 @pytest.mark.parametrize('key,what', [('loss', 'training loss'), ('grad_norm', 'gradient')])
 def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, key, what):
   config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
-  real = train_lib.make_train_step
+  real = experiment.make_train_step
   def poisoned(exp):
     fn, calls = real(exp), []
     def step(state, batch):
@@ -349,7 +350,7 @@ def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, ke
         m = dict(m, **{key: m[key] * jnp.nan})
       return state, m
     return step
-  monkeypatch.setattr(train_lib, 'make_train_step', poisoned)
+  monkeypatch.setattr(experiment, 'make_train_step', poisoned)
   with pytest.raises(FloatingPointError,
                      match=f'non-finite {what} by step 4; .* last good checkpoint is step 2'):
     train_lib.train_and_evaluate(config, str(tmp_path))
@@ -363,7 +364,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monke
   test_preemption fills a real disk)."""
   from spikeformer_jax import checkpointing, errors
   config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
-  real, steps = train_lib.make_train_step, []
+  real, steps = experiment.make_train_step, []
   def counted(exp):
     fn = real(exp)
     def step(state, batch):
@@ -375,7 +376,7 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monke
     if self._saving == 2:  # pylint: disable=protected-access
       self._fail(OSError(28, 'No space left on device'))  # pylint: disable=protected-access
     real_poll(self)
-  monkeypatch.setattr(train_lib, 'make_train_step', counted)
+  monkeypatch.setattr(experiment, 'make_train_step', counted)
   monkeypatch.setattr(checkpointing.Checkpointer, 'poll', poll)
   with pytest.raises(errors.CheckpointError,
                      match=r'^saving checkpoint 2 failed \(no space left on device\); stopped'):
@@ -400,7 +401,7 @@ def test_failed_resume_keeps_the_runs_config(tmp_path):
   with pytest.raises(ValueError, match=r"model.neuron.tau \(2.0 -> 3.0\)"):
     train_lib.train_and_evaluate(_tiny(**{'total_steps': 2, 'model.neuron.tau': 3.0}),
                                  str(tmp_path))
-  assert train_lib.load_run_config(str(tmp_path)).model.embed_dim == 32
+  assert workdir_lib.load_run_config(str(tmp_path)).model.embed_dim == 32
   longer_ago = _tiny(**{'total_steps': 1})
   with pytest.raises(ValueError, match='beyond'):
     train_lib.train_and_evaluate(longer_ago, str(tmp_path))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from conftest import ROOT  # noqa: F401
 from benchmarks import unroll_study
-from spikeformer_jax import blocks, models, train_lib
+from spikeformer_jax import blocks, losses, models
 
 
 def test_choices_cover_scan_unrolls_python_vjp_and_remat():
@@ -83,7 +83,7 @@ def test_remat_policies_do_not_change_results(family, variant, policies):
 
     def loss(p, graph=graph, stats=stats):
       m = nnx.merge(graph, p, stats, copy=True)
-      return train_lib.cross_entropy(m(x), y).mean(), nnx.state(m, nnx.BatchStat)
+      return losses.cross_entropy(m(x), y).mean(), nnx.state(m, nnx.BatchStat)
     fns[remat] = jax.value_and_grad(loss, has_aux=True)
   # Every policy in one program (each on its own copy of the parameters):
   # compiled in about 60% of the time of one program each.

@@ -111,7 +111,8 @@ The paper's options the code lacks, each off by default:
     the ImageNet recipe with it is `--config.model.drop_path_rate=0.1`: timm's
     rule, linear from 0 at the first block to the rate at the last, each
     example's attention and MLP branch dropped alone and the kept ones scaled
-    by 1 / (1 - p), in training only (it turns model.compact_spikes off).
+    by 1 / (1 - p), in training only (it turns model.compact_spikes off). The
+    masks come from the train state's RNG stream: other seeds, other masks.
   * model.stem='cifar_h4': the paper's CIFAR grid (the -h4 rows, above).
   * model.event_sum_channel (False): section 4.3 (line 214): "The RGB
     channels are replaced with positive, negative, and the sum of events as

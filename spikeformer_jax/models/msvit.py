@@ -28,7 +28,8 @@ per-channel mask) is `mssa_kernels=((1, 1),) * 3, mssa_p_sum=False`.
 
 Options the released code lacks, each off by default (the official function):
   * drop_path_rate: stochastic depth on every block's two residual branches
-    (the code builds DropPath but never applies it);
+    (the code builds DropPath but never applies it); its masks' keys come
+    from the train state's RNG stream (`rngs`, seeded by config.seed);
   * stem='cifar_h4': the paper's CIFAR token grid H/4 (the code's is H/1);
   * event_sum_channel: section 4.3's DVS input (positive, negative, sum).
 """
@@ -229,19 +230,21 @@ class MSViT(nnx.Module):
     self.drop_path = tuple(drop_path_rates(rate, sum(cfg.depths))) if rate else ()
     self.deterministic = False  # model.eval() sets it (nnx's convention): no drop path
 
-  def _drop_path_key(self) -> jax.Array:
-    """The step's stochastic-depth key, from the stem's first BatchNorm
-    counter (num_batches_tracked): the model's only per-step state, so every
-    train step (and micro-step) draws new masks, a resumed run continues the
-    sequence, and train_lib needs no RNG stream. The same for every seed."""
-    return jax.random.fold_in(jax.random.key(0x5D), self.patch_embed1.proj_bn.count[...])
-
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    """rngs: the stochastic-depth masks' keys (its 'dropout' stream), needed
+    in training with drop_path_rate > 0. The train step passes the train
+    state's RNG stream (experiment.py), which starts from config.seed: every
+    step (and micro-step) draws new masks, other seeds other ones, and a
+    resumed run continues the sequence."""
     b = x.shape[0]
     if self.event_sum:
       x = event_sum_channel(x)  # before the cast: event counts stay exact
     drop = bool(self.drop_path) and not self.deterministic
-    key = self._drop_path_key() if drop else None
+    if drop and rngs is None:
+      raise ValueError('MSViT with model.drop_path_rate > 0 in training mode needs '
+                       'rngs=nnx.Rngs(dropout=key) for its stochastic-depth masks (the '
+                       'train step passes its own); model.eval() turns drop path off.')
+    key = rngs.dropout() if drop else None
     x = ops.fold_time(x, self.T, self.dtype)  # [BT, H, W, C]
     n = 0
     for i in range(1, self.num_stages + 1):
