@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 
 class SignalWatcher:

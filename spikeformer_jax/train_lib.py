@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import ml_collections
