@@ -35,6 +35,7 @@ import signal
 import statistics
 import sys
 import time
+from typing import Any
 
 from spikeformer_jax import errors
 from spikeformer_jax import signals
@@ -276,7 +277,7 @@ _STOP = signals.SignalWatcher((signal.SIGTERM, signal.SIGINT), _stop_at_once,
 
 
 def _first_line(e: BaseException) -> str:
-  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
   return lines[0] if lines else type(e).__name__
 
 
@@ -419,7 +420,8 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
   its operands and result, its HLO op and the JAX operation it came from.
   An estimate from the HLO text for finding what to cut; the totals of
   cost_analysis() are the compiler's own."""
-  comps, entry, cur = {}, None, None
+  comps: dict[str, list[str]] = {}  # computation -> its instructions
+  entry, cur = None, None
   for line in hlo_text.splitlines():
     m = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
     if m and not line.startswith(' '):
@@ -428,17 +430,17 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
       entry = cur if m.group(1) else entry
     elif cur and line.startswith('  '):
       comps[cur].append(line.strip())
-  toplevel = {entry}
+  toplevel = {entry} if entry is not None else set()
   for lines in comps.values():
-    for l in lines:
-      if ' while(' in l or ' call(' in l or 'conditional(' in l:
+    for ln in lines:
+      if ' while(' in ln or ' call(' in ln or 'conditional(' in ln:
         toplevel.update(m.group(1) for m in re.finditer(
-            r'(?:body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)', l))
-  rows = []
+            r'(?:body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)', ln))
+  rows: list[dict[str, Any]] = []
   for name in toplevel:
     shapes = {}
-    for l in comps.get(name, []):
-      m = re.match(r'(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$', l)
+    for ln in comps.get(name, []):
+      m = re.match(r'(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$', ln)
       if not m:
         continue
       var, shape, op, rest = m.groups()
@@ -449,8 +451,8 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
       nbytes = _array_bytes(shape) + sum(_array_bytes(shapes[a])
                                          for a in re.findall(r'%([\w.\-]+)', operands)
                                          if a in shapes)
-      kind = re.search(r'kind=(\w+)', l)
-      source = re.search(r'op_name="([^"]*)"', l)
+      kind = re.search(r'kind=(\w+)', ln)
+      source = re.search(r'op_name="([^"]*)"', ln)
       rows.append({'bytes': nbytes, 'op': op + (f' ({kind.group(1)})' if kind else ''),
                    'shape': re.sub(r'\{[^}]*\}', '', shape)[:80],
                    'source': source.group(1) if source else ''})
@@ -557,6 +559,7 @@ def max_batch(config, topology: str = 'local', start: int | None = None, multipl
         lo = b
       else:
         hi = b
+  assert lo is not None and hi is not None  # each loop above ends with both set
   while hi - lo > unit:  # lo fits, hi does not
     mid = (lo + hi) // 2 // unit * unit
     if mid <= lo:

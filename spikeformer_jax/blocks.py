@@ -127,7 +127,8 @@ def check_remat(remat: str, field: str = 'model.remat'):
     raise errors.ConfigError(f'{field}={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
 
 
-def apply_block(block, x: jax.Array, remat: str = '', fn=None) -> jax.Array:
+def apply_block(block, x: jax.Array | tuple[jax.Array, ...], remat: str = '',
+                fn=None) -> jax.Array:
   """fn(block, x) (default block(x)), its activations recomputed in the
   backward pass under policy `remat` (REMAT_POLICIES; '' saves them as usual).
   Same values and gradients: only memory and time change."""

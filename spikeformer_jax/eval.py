@@ -54,11 +54,15 @@ _ATTN_BLOCK = flags.DEFINE_integer('attention_block', 0, 'Attention module to dr
 _ATTN_HEADS = flags.DEFINE_list('attention_heads', ['0'], 'Heads to draw.')
 
 
+def _workdir() -> str:
+  return str(_WORKDIR.value)  # not None: run() marks --workdir required
+
+
 def analyze(config) -> int:
   from spikeformer_jax import analysis, errors  # pylint: disable=import-outside-toplevel
   try:
     report, paths = analysis.analyze_checkpoint(
-      config, _WORKDIR.value, split=_SPLIT.value, step=_STEP.value,
+      config, _workdir(), split=_SPLIT.value, step=_STEP.value,
       examples=_EXAMPLES.value, out_dir=_OUTPUT.value,
       conventions=analysis.Conventions(integer_inputs=_INTEGER.value,
                                        first_layer_mj=_FIRST_MJ.value,
@@ -88,7 +92,7 @@ def _check_writable(out: str | None):
   if out and _ANALYZE.value:
     directory = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
   else:
-    directory = os.path.dirname(os.path.abspath(out)) if out else _WORKDIR.value
+    directory = os.path.dirname(os.path.abspath(out)) if out else _workdir()
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'cannot write the result to {directory}: no such directory; '
                             'create it or pass another --output.')
@@ -115,22 +119,22 @@ def main(argv):
     if not flags.FLAGS['verbosity'].present:  # unreadable checkpoints: one line
       checkpointing.quiet_orbax_logs()
     signal.signal(signal.SIGTERM, _sigterm)  # stopped like Ctrl-C: one line, nothing half-written
-    config = _CONFIG.value or workdir_lib.load_run_config(_WORKDIR.value)
+    config = _CONFIG.value or workdir_lib.load_run_config(_workdir())
     if _CONFIG.value:
-      warning = workdir_lib.model_differences(config, _WORKDIR.value)
+      warning = workdir_lib.model_differences(config, _workdir())
       if warning:
         print(warning, file=sys.stderr)
     out = _OUTPUT.value
     _check_writable(out)
     if _ANALYZE.value:
       return analyze(config)
-    res = restore.evaluate_checkpoint(config, _WORKDIR.value, split=_SPLIT.value,
+    res = restore.evaluate_checkpoint(config, _workdir(), split=_SPLIT.value,
                                         step=_STEP.value, num_devices=_DEVICES.value,
                                         ema=_EMA.value)
     # Only files of its own (eval_*.json, analysis_*/), written whole: the run's
     # files stay its trainer's, which may hold the workdir meanwhile.
     ema = '_ema' if _EMA.value else ''
-    out = out or os.path.join(_WORKDIR.value, f'eval_{res["split"]}{ema}_{res["step"]}.json')
+    out = out or os.path.join(_workdir(), f'eval_{res["split"]}{ema}_{res["step"]}.json')
     with open(out + '.tmp', 'w', encoding='utf-8') as f:  # a kill leaves no half a file
       json.dump(res, f, indent=2)
     os.replace(out + '.tmp', out)

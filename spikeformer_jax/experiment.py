@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any
+from typing import Any, Protocol, cast
 from collections.abc import Callable
 
 import jax
@@ -66,7 +66,8 @@ def params_the_loss_reaches(model: nnx.Module, example_shape: tuple):
   load). Without JAX's dead-code pass (a private API) every parameter counts
   as reached.
   """
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef = nnx.graphdef(model)
+  params, rest = nnx.state(model, nnx.Param, ...)
   leaves, treedef = jax.tree.flatten(params)
   try:
     from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
@@ -78,6 +79,12 @@ def params_the_loss_reaches(model: nnx.Module, example_shape: tuple):
     return jax.tree.unflatten(treedef, [True] * len(leaves))
   return jax.tree.unflatten(treedef, [bool(u) for u in used[:len(leaves)]])
 
+
+
+class _FamilyModel(Protocol):
+  """What `build` sets on every family's model; build_model's return type,
+  nnx.Module, does not declare it."""
+  per_timestep_logits: bool  # True: logits [B, T, classes] for the TET loss
 
 
 def bn_groups_for(config, mesh) -> int:
@@ -126,7 +133,7 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
 
   def init_fn():
     model = models.build_model(config.model, seed=config.seed, bn_groups=bn_groups)
-    _, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    params, batch_stats, rest = nnx.state(model, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
       raise ValueError(f'model holds state beyond params and batch stats: {rest}')
     state = {'params': params, 'batch_stats': batch_stats,
@@ -136,10 +143,12 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
       state['ema'] = {'params': params, 'batch_stats': batch_stats}
     return state
 
-  model.per_timestep_logits = losses.tet_config(config) is not None  # TET: every timestep's logits
+  family_model = cast(_FamilyModel, model)  # the same object
+  # TET: every timestep's logits
+  family_model.per_timestep_logits = losses.tet_config(config) is not None
   graphdef_train = nnx.graphdef(model)
   model.eval()
-  model.per_timestep_logits = False
+  family_model.per_timestep_logits = False
   graphdef_eval = nnx.graphdef(model)
   abstract = jax.eval_shape(init_fn)
   state_sharding = sharding.state_shardings(  # config.json of older runs has no mesh
@@ -312,7 +321,7 @@ def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
   'ema_'-prefixed metrics of the weights' EMA, on the same batches (read once).
   Raises EvalInterrupted when `stop()` turns true (checked between batches)."""
   steps = {'': eval_step} if ema_step is None else {'': eval_step, 'ema_': ema_step}
-  totals = {}
+  totals: dict[str, Any] = {}
   for b in data_lib.eval_batches(source, global_batch=batch_size,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count(), transform=transform):
@@ -322,7 +331,7 @@ def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
     for prefix, step in steps.items():
       out = step(state, gb)
       totals[prefix] = out if prefix not in totals else jax.tree.map(jnp.add, totals[prefix], out)
-  res = {}
+  res: dict[str, Any] = {}
   for prefix, t in jax.device_get(totals).items():
     n = max(float(t['count']), 1.0)
     res.update({f'{prefix}top1': float(t['correct1']) / n,

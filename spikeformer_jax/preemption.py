@@ -38,9 +38,10 @@ class StopSignals:
   service, so that all processes stop at the same step (a checkpoint is a
   collective); SIGINT keeps Python's default there.
   """
-  SIGNALS = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
-             signal.SIGINT: ('interrupted', 'SIGINT', 130),
-             signal.SIGHUP: ('hung up', 'SIGHUP', 129)}  # a closed terminal
+  SIGNALS: dict[int, tuple[str, str, int]] = {  # signal -> (what, name, exit status)
+      signal.SIGTERM: ('preempted', 'SIGTERM', 143),
+      signal.SIGINT: ('interrupted', 'SIGINT', 130),
+      signal.SIGHUP: ('hung up', 'SIGHUP', 129)}  # a closed terminal
   # A second Ctrl-C is a person asking for "now". A second SIGTERM or SIGHUP
   # is not: a scheduler (SLURM at its time limit, `sweep.py run` passing its
   # own on) may deliver the same request to a process twice, and its SIGKILL
@@ -48,9 +49,9 @@ class StopSignals:
   URGENT_AGAIN = (signal.SIGINT,)
 
   def __init__(self, on_abort: Callable[[], None] = lambda: None):
-    self.signum = None
+    self.signum: int | None = None
     self.armed = False  # the first step compiled: a signal waits for a safe point
-    self.ckpt_dir = None  # named when stopping at once
+    self.ckpt_dir: str | None = None  # named when stopping at once
     self._on_abort = on_abort
     self._watcher = signals.SignalWatcher(self.SIGNALS, self._on_signal, name='stop-signals')
 
@@ -92,7 +93,8 @@ class StopSignals:
     return self.requested()
 
   def stopped(self, where: str, ckpt_dir: str, step: int, todo: str) -> errors.Stopped:
-    what, name, code = self.SIGNALS.get(self.signum, self.SIGNALS[signal.SIGTERM])
+    signum = signal.SIGTERM if self.signum is None else self.signum  # None: the sync point
+    what, name, code = self.SIGNALS.get(signum, self.SIGNALS[signal.SIGTERM])
     return errors.Stopped(f'{what} ({name}) {where}: checkpoint {step} saved in {ckpt_dir}; '
                           f'rerun the same command to {todo}.', code)
 

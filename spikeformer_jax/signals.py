@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 
 class SignalWatcher:
@@ -34,7 +35,9 @@ class SignalWatcher:
     self.signals = tuple(signals)
     self._on_signal = on_signal
     self._name = name
-    self._previous, self._pipe, self._old_fd = {}, None, None
+    self._previous: dict[int, Any] = {}  # signal -> its handler on entry
+    self._pipe: tuple[int, int] | None = None  # (read, write) while watching
+    self._old_fd = -1  # set_wakeup_fd's previous fd, read only while _pipe is set
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():

@@ -42,7 +42,7 @@ def param_overview(params) -> tuple[str, str]:
   parameter: name, shape, count), as big_vision logs at the start of a run."""
   rows = [(name, tuple(leaf.shape), int(np.prod(leaf.shape, dtype=np.int64)))
           for name, leaf in checkpointing.flatten(params).items()]
-  groups = {}
+  groups: dict[str, int] = {}
   for name, _, n in rows:
     groups[name.split('/')[0]] = groups.get(name.split('/')[0], 0) + n
   total = sum(n for *_, n in rows)
@@ -144,7 +144,7 @@ class _TrainMetrics:
   that a resumed run logs the same averages as an uninterrupted one."""
 
   def __init__(self, unlogged: list, step: int):
-    self.pending = []
+    self.pending: list[dict] = []
     self.fetched = [{k: np.dtype(dt).type(v) for k, (v, dt) in x.items()} for x in unlogged]
     self.t_log, self.step_log = time.time(), step  # of the last log line: the throughput
 

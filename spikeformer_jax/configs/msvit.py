@@ -167,6 +167,8 @@ Sweep `table3` (`python sweep.py run --config=configs/msvit.py --sweep=table3
 with the paper's number.
 """
 
+from typing import Any
+
 from spikeformer_jax import config_lib
 from spikeformer_jax import errors
 from spikeformer_jax.models import msvit
@@ -210,7 +212,7 @@ _GRID_H4 = {'cifar10-4-384-h4': 'cifar10-4-384', 'cifar100-4-384-h4': 'cifar100-
 # --drop_path default. DVS (section 4.3): frames over time intervals, the
 # event sum as a third channel; Gesture's 200 epochs are 190 + 10 cooldown.
 _DVS_PAPER = {'data.split_by': 'time', 'model.event_sum_channel': True}
-_PAPER = {
+_PAPER: dict[str, tuple[str, dict[str, Any]]] = {
     **{f'{v}-paper': (v, {'model.drop_path_rate': 0.1})
        for v in ('imagenet-10-384', 'imagenet-10-512', 'imagenet-10-768')},
     'dvs128gesture-16-paper': ('dvs128gesture-16', {**_DVS_PAPER, 'epochs': 190}),

@@ -37,6 +37,7 @@ Options the released code lacks, each off by default (the official function):
 from __future__ import annotations
 
 import dataclasses
+from typing import TypedDict
 
 import ml_collections
 import jax
@@ -53,10 +54,27 @@ from spikeformer_jax.layers import Settings
 from spikeformer_jax.ops import max_pool
 from spikeformer_jax.models import common
 
+
+class Stem(TypedDict):
+  """A STEMS entry (see there)."""
+  divisors: tuple[int, ...]
+  pools: tuple[int, ...]
+  res_from: int
+  res_stride: int
+
+
+class Graph(TypedDict):
+  """A GRAPHS entry (see there)."""
+  attn_name: str
+  mlp_names: tuple[str, str]
+  embed_pool: int
+  stem: str
+
+
 # Stem (PatchEmbedInit) per graph: conv widths as divisors of the stage-1 width
 # E, which convs are max-pooled (on the BN output, before the LIF), the conv
 # whose spikes feed the 1x1 residual conv, and that conv's stride.
-STEMS = {
+STEMS: dict[str, Stem] = {
     'imagenet': dict(divisors=(2, 1, 1), pools=(1, 1, 0), res_from=0, res_stride=2),
     'cifar': dict(divisors=(2, 1), pools=(0, 0), res_from=0, res_stride=1),
     # Reconstructions (spec 4.4). The deleted files disagree with themselves;
@@ -74,7 +92,7 @@ STEMS = {
 }
 # Per graph: module names of the non-MSSA attention and of the MLP layers, and
 # which conv of a stage embedding is pooled (0: the first, 1: the second).
-GRAPHS = {
+GRAPHS: dict[str, Graph] = {
     'imagenet': dict(attn_name='attn', mlp_names=('fc1', 'fc2'), embed_pool=0, stem='imagenet'),
     'cifar': dict(attn_name='ssa', mlp_names=('mlp1', 'mlp2'), embed_pool=1, stem='cifar'),
     'dvs': dict(attn_name='ssa', mlp_names=('mlp1', 'mlp2'), embed_pool=1, stem='dvs_gesture'),
@@ -105,7 +123,7 @@ class InitEmbed(nnx.Module):
   3x3 conv-BN-(pool)-LIF layers plus a 1x1 conv-BN-LIF on the spikes of
   layer `res_from`; the two spike maps are added (values in {0, 1, 2})."""
 
-  def __init__(self, in_channels: int, dim: int, stem: dict, *, settings: Settings, rngs: nnx.Rngs):
+  def __init__(self, in_channels: int, dim: int, stem: Stem, *, settings: Settings, rngs: nnx.Rngs):
     widths = [dim // d for d in stem['divisors']]
     cin = in_channels
     for i, w in enumerate(widths):
@@ -145,7 +163,7 @@ class Block(nnx.Module):
   """x = x + attn(x); x = x + mlp(x) on tokens [BT, N, C]; the attention sits
   under its official name (`tssa` for MSSA, `attn` / `ssa` otherwise)."""
 
-  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: dict, settings: Settings,
+  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: Graph, settings: Settings,
                rngs: nnx.Rngs):
     self.attn_name = 'tssa' if kind == 'mssa' else graph['attn_name']
     setattr(self, self.attn_name, blocks.SpikingAttention(
@@ -244,7 +262,7 @@ class MSViT(nnx.Module):
       raise ValueError('MSViT with model.drop_path_rate > 0 in training mode needs '
                        'rngs=nnx.Rngs(dropout=key) for its stochastic-depth masks (the '
                        'train step passes its own); model.eval() turns drop path off.')
-    key = rngs.dropout() if drop else None
+    key = rngs.dropout() if drop and rngs is not None else None  # None: no drop path
     x = ops.fold_time(x, self.T, self.dtype)  # [BT, H, W, C]
     n = 0
     for i in range(1, self.num_stages + 1):
@@ -252,7 +270,7 @@ class MSViT(nnx.Module):
       bt, h, w, c = x.shape
       x = x.reshape(bt, h * w, c)  # row-major tokens, as the official flatten(3)
       for blk in getattr(self, f'stage{i}'):
-        if drop and self.drop_path[n]:
+        if key is not None and self.drop_path[n]:
           keep = drop_path_masks(jax.random.fold_in(key, n), self.drop_path[n], b, self.T)
           x = blocks.apply_block(blk, (x, keep), self.remat, fn=lambda m, xk: m(*xk))
         else:
@@ -328,6 +346,9 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
   if variant not in ('msvit', 'qkformer'):
     raise errors.DataError(f"variant={variant!r}; valid: 'msvit', 'qkformer'.")
   d = embed_dim
+  dims: tuple[int, ...]
+  depths: tuple[int, ...]
+  attention: tuple[str, ...]
   if graph == 'dvs':
     dims, depths, attention = (d // 2, d), (1, 1), ('mssa', 'ssa')
   else:
