@@ -34,50 +34,71 @@ from benchmarks.train_step import gemm_rate, load_config  # pylint: disable=g-im
 from spikeformer_jax import aot  # pylint: disable=g-import-not-at-top
 
 # (config, global batch, T, dtype), most informative first: a timeout cuts the tail.
-CASES = [('cifar10-4-384', 128, 4, 'bfloat16'), ('cifar10-4-384', 128, 4, 'float32'),
-         ('imagenet-8-512', 64, 4, 'bfloat16'), ('cifar10-4-384', 128, 16, 'bfloat16'),
-         ('imagenet-8-512', 64, 4, 'float32'), ('cifar10-4-384', 128, 16, 'float32'),
-         ('imagenet-8-512', 64, 16, 'bfloat16'), ('imagenet-8-512', 64, 16, 'float32')]
+CASES = [
+  ('cifar10-4-384', 128, 4, 'bfloat16'),
+  ('cifar10-4-384', 128, 4, 'float32'),
+  ('imagenet-8-512', 64, 4, 'bfloat16'),
+  ('cifar10-4-384', 128, 16, 'bfloat16'),
+  ('imagenet-8-512', 64, 4, 'float32'),
+  ('cifar10-4-384', 128, 16, 'float32'),
+  ('imagenet-8-512', 64, 16, 'bfloat16'),
+  ('imagenet-8-512', 64, 16, 'float32'),
+]
 QUICK = [('cifar10-4-384,runlocal', 16, 2, 'float32')]
 
 
 def environment() -> dict:
   import flax  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
+
   d = jax.devices()[0]
-  return {'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'python': platform.python_version(),
-          'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
-          'device_kind': d.device_kind, 'platform': d.platform, 'devices': jax.device_count(),
-          'memory_limit_bytes': (d.memory_stats() or {}).get('bytes_limit')}
+  return {
+    'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+    'flax': flax.__version__,
+    'optax': optax.__version__,
+    'device_kind': d.device_kind,
+    'platform': d.platform,
+    'devices': jax.device_count(),
+    'memory_limit_bytes': (d.memory_stats() or {}).get('bytes_limit'),
+  }
 
 
 def table(results: list[dict]) -> str:
-  head = ('| config | batch | T | dtype | compile s | step ms (measured) | images/s (measured) | '
-          'roofline images/s | HBM peak GiB (compiled) | allocator peak GiB | GB / image | '
-          'FLOP / byte |\n|---|---|---|---|---|---|---|---|---|---|---|---|')
+  head = (
+    '| config | batch | T | dtype | compile s | step ms (measured) | images/s (measured) | '
+    'roofline images/s | HBM peak GiB (compiled) | allocator peak GiB | GB / image | '
+    'FLOP / byte |\n|---|---|---|---|---|---|---|---|---|---|---|---|'
+  )
   rows = []
   for r in results:
     if 'error' in r or 'skipped' in r:
       rows.append(f"| {r['case']} | | | | | {r.get('error') or r.get('skipped')} | | | | | | |")
       continue
+
     def f(x, scale=1.0, fmt='.1f'):
       return '-' if x is None else f'{x / scale:{fmt}}'
+
     rows.append(
-        f"| {r['config']} | {r['global_batch']} | {r['T']} | {r['dtype']} | "
-        f"{r['compile_s']:.0f} | {f(r.get('measured_step_s'), 1e-3)} | "
-        f"{f(r.get('measured_images_per_s'))} | {f(r.get('roofline_images_per_s'))} | "
-        f"{f(r['hbm_peak_bytes_per_chip'], 2**30, '.2f')} | "
-        f"{f(r.get('measured_peak_bytes_per_chip'), 2**30, '.2f')} | "
-        f"{f(r['hbm_bytes_per_image'], 1e9, '.3f')} | {f(r.get('arithmetic_intensity'))} |")
+      f"| {r['config']} | {r['global_batch']} | {r['T']} | {r['dtype']} | "
+      f"{r['compile_s']:.0f} | {f(r.get('measured_step_s'), 1e-3)} | "
+      f"{f(r.get('measured_images_per_s'))} | {f(r.get('roofline_images_per_s'))} | "
+      f"{f(r['hbm_peak_bytes_per_chip'], 2**30, '.2f')} | "
+      f"{f(r.get('measured_peak_bytes_per_chip'), 2**30, '.2f')} | "
+      f"{f(r['hbm_bytes_per_image'], 1e9, '.3f')} | {f(r.get('arithmetic_intensity'))} |"
+    )
   return '\n'.join([head] + rows)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--out', default=os.environ.get('OUT') or os.path.join(ROOT, 'benchmarks',
-                                                                       'results', 'gpu'))
-  p.add_argument('--budget_s', type=float, default=420.0,
-                 help='start no case after this many seconds')
+  p.add_argument(
+    '--out', default=os.environ.get('OUT') or os.path.join(ROOT, 'benchmarks', 'results', 'gpu')
+  )
+  p.add_argument(
+    '--budget_s', type=float, default=420.0, help='start no case after this many seconds'
+  )
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--quick', action='store_true', help='one tiny case (a smoke test)')
   a = p.parse_args(argv)
@@ -94,12 +115,13 @@ def main(argv=None):
       json.dump(doc, f, indent=1)
     with open(os.path.join(a.out, 'gpu_check.md'), 'w', encoding='utf-8') as f:
       env = doc['environment']
-      f.write(f"# GPU check: {env['device_kind']} x{env['devices']}, jax {env['jax']}, "
-              f"{env['date']}\n\nbf16 GEMM (8192^3) in the same run: "
-              f"{doc['gemm_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.\n\n"
-              + table(doc['results']) + '\n')
+      f.write(
+        f"# GPU check: {env['device_kind']} x{env['devices']}, jax {env['jax']}, "
+        f"{env['date']}\n\nbf16 GEMM (8192^3) in the same run: "
+        f"{doc['gemm_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.\n\n" + table(doc['results']) + '\n'
+      )
 
-  for name, batch, T, dtype in (QUICK if a.quick else CASES):
+  for name, batch, T, dtype in QUICK if a.quick else CASES:
     case = f'{name} b{batch} T{T} {dtype}'
     if time.perf_counter() - t0 > a.budget_s:
       doc['results'].append({'case': case, 'skipped': 'time budget'})
@@ -111,8 +133,11 @@ def main(argv=None):
       r = aot.plan(c, 'local', batch, steps=a.steps)
       r['case'] = case
     except Exception as e:  # pylint: disable=broad-except
-      r = {'case': case, 'error': aot._first_line(e),  # pylint: disable=protected-access
-           'traceback': traceback.format_exc()[-3000:]}
+      r = {
+        'case': case,
+        'error': aot._first_line(e),  # pylint: disable=protected-access
+        'traceback': traceback.format_exc()[-3000:],
+      }
     doc['results'].append(r)
     write()
     print(aot.format_report(r) if 'error' not in r else r['error'], flush=True)

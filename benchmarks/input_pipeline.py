@@ -76,43 +76,70 @@ def main(argv=None):
   src, what = cifar_source(a.data)
   tf = data_lib.make_transform(config.data, src, train=True)
   variants = ['batch'] + [f'workers={w}' for w in a.workers.split(',')]
-  loaders = {v: data_lib.Loader(src, global_batch=a.batch, seed=0, transform=tf,
-                                workers=0 if v == 'batch' else int(v.split('=')[1]))
-             for v in variants}
+  loaders = {
+    v: data_lib.Loader(
+      src,
+      global_batch=a.batch,
+      seed=0,
+      transform=tf,
+      workers=0 if v == 'batch' else int(v.split('=')[1]),
+    )
+    for v in variants
+  }
   rates = {v: [] for v in variants}
   startup = {v: [] for v in variants}
   for r in range(a.repeats):  # interleaved: each repeat runs every variant once
     for v in variants:
-      ips, first_s = measure(loaders[v], 'batch' if v == 'batch' else 'iterate', a.steps,
-                             start=r * (a.steps + 1))
+      ips, first_s = measure(
+        loaders[v], 'batch' if v == 'batch' else 'iterate', a.steps, start=r * (a.steps + 1)
+      )
       rates[v].append(ips)
       startup[v].append(first_s)
-  result = {'data': what, 'augment': config.data.augment.to_dict(), 'batch': a.batch,
-            'steps': a.steps, 'cpu_count': os.cpu_count(), 'pipeline': {}}
+  result = {
+    'data': what,
+    'augment': config.data.augment.to_dict(),
+    'batch': a.batch,
+    'steps': a.steps,
+    'cpu_count': os.cpu_count(),
+    'pipeline': {},
+  }
   for v in variants:
     xs = rates[v]
-    result['pipeline'][v] = {'median_images_per_s': statistics.median(xs),
-                             'min': min(xs), 'max': max(xs), 'runs': len(xs),
-                             'seconds_to_first_batch': statistics.median(startup[v])}
+    result['pipeline'][v] = {
+      'median_images_per_s': statistics.median(xs),
+      'min': min(xs),
+      'max': max(xs),
+      'runs': len(xs),
+      'seconds_to_first_batch': statistics.median(startup[v]),
+    }
   if not a.no_train_step:
     from benchmarks import train_step  # pylint: disable=import-outside-toplevel
+
     config.batch_size = a.batch
     ts = train_step.run(config, batch=a.batch, steps=5, warmup=2)
-    result['train_step'] = {k: ts[k] for k in ('config', 'device', 'images_per_s',
-                                               'step_time_s', 'compile_s')}
+    result['train_step'] = {
+      k: ts[k] for k in ('config', 'device', 'images_per_s', 'step_time_s', 'compile_s')
+    }
     for v in variants:
       result['pipeline'][v]['ratio_to_train_step'] = (
-          result['pipeline'][v]['median_images_per_s'] / ts['images_per_s'])
+        result['pipeline'][v]['median_images_per_s'] / ts['images_per_s']
+      )
   if a.json:
     print(json.dumps(result))
     return
-  print(f'{what}, batch {a.batch}, {a.steps} steps x {a.repeats} repeats, '
-        f'{os.cpu_count()} CPUs; transform of {config.get("name", a.config)}')
+  print(
+    f'{what}, batch {a.batch}, {a.steps} steps x {a.repeats} repeats, '
+    f'{os.cpu_count()} CPUs; transform of {config.get("name", a.config)}'
+  )
   for v, r in result['pipeline'].items():
-    ratio = f" | {r['ratio_to_train_step']:.0f}x the train step" if 'ratio_to_train_step' in r else ''
-    print(f"  {v:<10} {r['median_images_per_s']:8.0f} images/s "
-          f"(range {r['min']:.0f}-{r['max']:.0f}; first batch after "
-          f"{r['seconds_to_first_batch']:.2f} s){ratio}")
+    ratio = (
+      f" | {r['ratio_to_train_step']:.0f}x the train step" if 'ratio_to_train_step' in r else ''
+    )
+    print(
+      f"  {v:<10} {r['median_images_per_s']:8.0f} images/s "
+      f"(range {r['min']:.0f}-{r['max']:.0f}; first batch after "
+      f"{r['seconds_to_first_batch']:.2f} s){ratio}"
+    )
   if 'train_step' in result:
     t = result['train_step']
     print(f"  train step {t['images_per_s']:.2f} images/s ({t['config']}, {t['device']})")

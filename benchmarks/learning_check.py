@@ -30,8 +30,16 @@ from benchmarks.train_step import load_config  # pylint: disable=g-import-not-at
 from spikeformer_jax import config_lib, data as data_lib, experiment, sharding  # pylint: disable=g-import-not-at-top
 
 
-def small_recipe(config, *, data_path: str, T: int, batch: int, lr: float,
-                 augment: bool = False, overrides: dict | None = None):
+def small_recipe(
+  config,
+  *,
+  data_path: str,
+  T: int,
+  batch: int,
+  lr: float,
+  augment: bool = False,
+  overrides: dict | None = None,
+):
   """The shared small recipe; augment keeps the config's augmentation and
   mixup (the official recipe's), else both are off."""
   config.data.name, config.data.path = 'npz', data_path
@@ -54,8 +62,12 @@ def run(config, budget_s: float, probe_steps: int = 3) -> dict:
   mesh = sharding.make_mesh(config.num_devices)
   train_src = data_lib.get_source(config.data, 'train')
   test_src = data_lib.get_source(config.data, 'test')
-  loader = data_lib.Loader(train_src, global_batch=config.batch_size, seed=config.seed,
-                           transform=data_lib.make_transform(config.data, train_src, train=True))
+  loader = data_lib.Loader(
+    train_src,
+    global_batch=config.batch_size,
+    seed=config.seed,
+    transform=data_lib.make_transform(config.data, train_src, train=True),
+  )
   # The schedule sees 20 "virtual epochs" (1 of warmup) of steps/20 steps each,
   # so warmup + cosine spans exactly the steps that fit; the loader keeps the
   # real epochs.
@@ -84,29 +96,49 @@ def run(config, budget_s: float, probe_steps: int = 3) -> dict:
   state = exp.init_state()
   for i in range(steps):
     state, m = step(state, sharding.global_batch(loader.batch(i), mesh))
-  ev = experiment.evaluate(experiment.make_eval_step(exp), state, test_src, mesh,
-                          config.eval_batch_size)
-  return {'config': config.get('name', ''), 'attention': config.model.attention,
-          'augment': bool(config.data.augment.rand_augment or config.mixup.mixup_alpha),
-          'T': config.model.T, 'batch': config.batch_size, 'steps': steps,
-          'epochs_seen': round(steps / loader.steps_per_epoch, 2), 'step_s': round(step_s, 3),
-          'wall_s': round(time.time() - t0, 1), 'train_loss_last': float(m['loss']),
-          'test_top1': ev['top1'], 'test_loss': ev['loss'], 'test_examples': ev['count'],
-          'num_params': exp.num_params}
+  ev = experiment.evaluate(
+    experiment.make_eval_step(exp), state, test_src, mesh, config.eval_batch_size
+  )
+  return {
+    'config': config.get('name', ''),
+    'attention': config.model.attention,
+    'augment': bool(config.data.augment.rand_augment or config.mixup.mixup_alpha),
+    'T': config.model.T,
+    'batch': config.batch_size,
+    'steps': steps,
+    'epochs_seen': round(steps / loader.steps_per_epoch, 2),
+    'step_s': round(step_s, 3),
+    'wall_s': round(time.time() - t0, 1),
+    'train_loss_last': float(m['loss']),
+    'test_top1': ev['top1'],
+    'test_loss': ev['loss'],
+    'test_examples': ev['count'],
+    'num_params': exp.num_params,
+  }
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--data', required=True)
-  p.add_argument('--configs', default='configs/sdt.py:cifar10-2-256,configs/a2os2a.py:cifar10-2-256')
+  p.add_argument(
+    '--configs', default='configs/sdt.py:cifar10-2-256,configs/a2os2a.py:cifar10-2-256'
+  )
   p.add_argument('--budget_s', type=float, default=600)
   p.add_argument('--T', type=int, default=2)
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--lr', type=float, default=1e-3)
-  p.add_argument('--augment', action='store_true',
-                 help="keep the configs' augmentation and mixup (default: none)")
-  p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
-                 help='config overrides for every config, e.g. model.depth=2')
+  p.add_argument(
+    '--augment',
+    action='store_true',
+    help="keep the configs' augmentation and mixup (default: none)",
+  )
+  p.add_argument(
+    '--set',
+    nargs='*',
+    default=[],
+    metavar='KEY=VALUE',
+    help='config overrides for every config, e.g. model.depth=2',
+  )
   p.add_argument('--json', action='store_true')
   a = p.parse_args(argv)
   overrides = config_lib.parse_set(a.set)
@@ -114,13 +146,24 @@ def main(argv=None):
     sys.exit(f'--data={a.data} not found (the CIFAR-10 subset lives in ../shared/data).')
   results = []
   for spec in a.configs.split(','):
-    config = small_recipe(load_config(spec), data_path=a.data, T=a.T, batch=a.batch, lr=a.lr,
-                          augment=a.augment, overrides=overrides)
+    config = small_recipe(
+      load_config(spec),
+      data_path=a.data,
+      T=a.T,
+      batch=a.batch,
+      lr=a.lr,
+      augment=a.augment,
+      overrides=overrides,
+    )
     r = run(config, a.budget_s)
     results.append(r)
-    print(json.dumps(r) if a.json else
-          f"{r['config']:<32} top1 {r['test_top1']:.2%}  loss {r['test_loss']:.3f}  "
-          f"{r['steps']} steps ({r['epochs_seen']} epochs) in {r['wall_s']} s", flush=True)
+    print(
+      json.dumps(r)
+      if a.json
+      else f"{r['config']:<32} top1 {r['test_top1']:.2%}  loss {r['test_loss']:.3f}  "
+      f"{r['steps']} steps ({r['epochs_seen']} epochs) in {r['wall_s']} s",
+      flush=True,
+    )
 
 
 if __name__ == '__main__':

@@ -38,8 +38,9 @@ from spikeformer_jax import aot, config_lib, experiment, flops, models, sharding
 
 def load_config(spec: str):
   path, _, arg = spec.partition(':')
-  mod_spec = importlib.util.spec_from_file_location('bench_cfg', os.path.join(ROOT, path)
-                                                    if not os.path.isabs(path) else path)
+  mod_spec = importlib.util.spec_from_file_location(
+    'bench_cfg', os.path.join(ROOT, path) if not os.path.isabs(path) else path
+  )
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
   return mod.get_config(arg) if arg else mod.get_config()
@@ -65,8 +66,12 @@ def peak_memory(compiled) -> tuple[int, int | None]:
   ma = compiled.memory_analysis()
   program = None
   if ma is not None:
-    program = (ma.argument_size_in_bytes + ma.output_size_in_bytes
-               + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+    program = (
+      ma.argument_size_in_bytes
+      + ma.output_size_in_bytes
+      + ma.temp_size_in_bytes
+      - ma.alias_size_in_bytes
+    )
   stats = jax.devices()[0].memory_stats() or {}
   return program, stats.get('peak_bytes_in_use')
 
@@ -78,8 +83,10 @@ def run(config, *, batch: int, steps: int, warmup: int, compile_only: bool = Fal
   train_step = experiment.make_train_step(exp)
   shape = ((m.T,) if m.flavour == 'dvs' else ()) + (m.img_size, m.img_size, m.in_channels)
   rng = np.random.default_rng(0)
-  batch_np = {'image': rng.standard_normal((batch,) + shape).astype(np.float32),
-              'label': rng.integers(0, m.num_classes, batch).astype(np.int32)}
+  batch_np = {
+    'image': rng.standard_normal((batch,) + shape).astype(np.float32),
+    'label': rng.integers(0, m.num_classes, batch).astype(np.int32),
+  }
   gbatch = sharding.global_batch(batch_np, mesh)
   state = exp.init_state()
 
@@ -88,9 +95,15 @@ def run(config, *, batch: int, steps: int, warmup: int, compile_only: bool = Fal
   compile_s = time.perf_counter() - t
   program_bytes, device_peak = peak_memory(compiled)
   if compile_only:
-    return {'config': config.get('name', ''), 'batch': batch, 'T': m.T, 'dtype': m.dtype,
-            'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
-            'compile_s': compile_s, 'program_memory_bytes': program_bytes}
+    return {
+      'config': config.get('name', ''),
+      'batch': batch,
+      'T': m.T,
+      'dtype': m.dtype,
+      'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
+      'compile_s': compile_s,
+      'program_memory_bytes': program_bytes,
+    }
 
   step_s, state, metrics = aot.run_steps(compiled, state, gbatch, steps, warmup)
   if device_peak is None:
@@ -103,16 +116,25 @@ def run(config, *, batch: int, steps: int, warmup: int, compile_only: bool = Fal
   gemm = gemm_rate()
   ips = batch / step_s
   return {
-      'config': config.get('name', ''), 'batch': batch, 'T': m.T, 'dtype': m.dtype,
-      'loop': m.neuron.loop, 'unroll': m.neuron.unroll,
-      'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
-      'images_per_s': ips, 'step_time_s': step_s, 'compile_s': compile_s,
-      'peak_memory_bytes': device_peak or program_bytes,
-      'program_memory_bytes': program_bytes, 'device_peak_bytes': device_peak,
-      'model_flops_per_image': train_flops, 'forward_flops_per_image': fwd,
-      'model_flops_per_s': train_flops * ips, 'gemm_flops_per_s': gemm,
-      'fraction_of_gemm': train_flops * ips / gemm,
-      'final_loss': float(metrics['loss']),
+    'config': config.get('name', ''),
+    'batch': batch,
+    'T': m.T,
+    'dtype': m.dtype,
+    'loop': m.neuron.loop,
+    'unroll': m.neuron.unroll,
+    'device': f'{jax.devices()[0].device_kind} x{jax.device_count()}',
+    'images_per_s': ips,
+    'step_time_s': step_s,
+    'compile_s': compile_s,
+    'peak_memory_bytes': device_peak or program_bytes,
+    'program_memory_bytes': program_bytes,
+    'device_peak_bytes': device_peak,
+    'model_flops_per_image': train_flops,
+    'forward_flops_per_image': fwd,
+    'model_flops_per_s': train_flops * ips,
+    'gemm_flops_per_s': gemm,
+    'fraction_of_gemm': train_flops * ips / gemm,
+    'final_loss': float(metrics['loss']),
   }
 
 
@@ -127,16 +149,24 @@ def main(argv=None):
   p.add_argument('--bn_scope', default=None, choices=['global', 'device'])
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
-                 help='config overrides, e.g. model.compact_spikes=False')
-  p.add_argument('--compile_only', action='store_true',
-                 help='report compile time and program memory only')
+  p.add_argument(
+    '--set',
+    nargs='*',
+    default=[],
+    metavar='KEY=VALUE',
+    help='config overrides, e.g. model.compact_spikes=False',
+  )
+  p.add_argument(
+    '--compile_only', action='store_true', help='report compile time and program memory only'
+  )
   p.add_argument('--json', action='store_true', help='print one JSON object')
-  p.add_argument('--target', default='', help='compile for this TPU topology instead '
-                 '(e.g. v5e:2x2; --batch is then the global batch)')
+  p.add_argument(
+    '--target',
+    default='',
+    help='compile for this TPU topology instead (e.g. v5e:2x2; --batch is then the global batch)',
+  )
   a = p.parse_args(argv)
-  config = config_lib.apply_overrides(load_config(a.config), config_lib.parse_set(a.set),
-                                      '--set: ')
+  config = config_lib.apply_overrides(load_config(a.config), config_lib.parse_set(a.set), '--set: ')
   for field, value in (('T', a.T), ('dtype', a.dtype)):
     if value is not None:
       config.model[field] = value
@@ -156,16 +186,19 @@ def main(argv=None):
   if a.json or a.compile_only:
     print(json.dumps(r))
     return
-  rows = [('config', r['config']), ('device', r['device']),
-          ('batch x T', f"{r['batch']} x {r['T']} ({r['dtype']}, {r['loop']}/unroll {r['unroll']})"),
-          ('compile', f"{r['compile_s']:.1f} s"),
-          ('step time (median)', f"{r['step_time_s'] * 1e3:.1f} ms"),
-          ('throughput', f"{r['images_per_s']:.2f} images/s"),
-          ('peak memory', f"{(r['peak_memory_bytes'] or 0) / 2**20:.0f} MiB"),
-          ('model FLOPs / image (train)', f"{r['model_flops_per_image'] / 1e9:.2f} GFLOP"),
-          ('model FLOP/s', f"{r['model_flops_per_s'] / 1e9:.1f} GFLOP/s"),
-          ('float32 GEMM rate (same run)', f"{r['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s"),
-          ('model FLOP/s / GEMM rate', f"{r['fraction_of_gemm']:.1%}")]
+  rows = [
+    ('config', r['config']),
+    ('device', r['device']),
+    ('batch x T', f"{r['batch']} x {r['T']} ({r['dtype']}, {r['loop']}/unroll {r['unroll']})"),
+    ('compile', f"{r['compile_s']:.1f} s"),
+    ('step time (median)', f"{r['step_time_s'] * 1e3:.1f} ms"),
+    ('throughput', f"{r['images_per_s']:.2f} images/s"),
+    ('peak memory', f"{(r['peak_memory_bytes'] or 0) / 2**20:.0f} MiB"),
+    ('model FLOPs / image (train)', f"{r['model_flops_per_image'] / 1e9:.2f} GFLOP"),
+    ('model FLOP/s', f"{r['model_flops_per_s'] / 1e9:.1f} GFLOP/s"),
+    ('float32 GEMM rate (same run)', f"{r['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s"),
+    ('model FLOP/s / GEMM rate', f"{r['fraction_of_gemm']:.1%}"),
+  ]
   w = max(len(k) for k, _ in rows)
   print('\n'.join(f'{k:<{w}}  {v}' for k, v in rows))
 

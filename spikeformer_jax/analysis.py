@@ -92,21 +92,23 @@ E_AC_PJ = 0.9
 
 @dataclasses.dataclass(frozen=True)
 class Conventions:
-  integer_inputs: str = 'mac'      # 'mac' or 'ac' (see the module docstring)
+  integer_inputs: str = 'mac'  # 'mac' or 'ac' (see the module docstring)
   e_mac_pj: float = E_MAC_PJ
   e_ac_pj: float = E_AC_PJ
   dram_pj_per_byte: float = 160.0
   sram_pj_per_byte: float = 12.5
-  first_layer_mj: float = 0.0      # > 0: the first layer's energy, mJ per example
-  count_head: bool = True          # False: the head (last synaptic layer) costs nothing
+  first_layer_mj: float = 0.0  # > 0: the first layer's energy, mJ per example
+  count_head: bool = True  # False: the head (last synaptic layer) costs nothing
 
   def __post_init__(self):
     if self.integer_inputs not in ('mac', 'ac'):
       raise errors.ConfigError(f"integer_inputs={self.integer_inputs!r}; valid: 'mac', 'ac'.")
     if not (math.isfinite(self.first_layer_mj) and self.first_layer_mj >= 0):
-      raise errors.ConfigError(f'first_layer_mj={self.first_layer_mj}: a finite energy >= 0 in mJ '
-                               "per example (0: E_MAC x the first layer's MACs; Spikformer "
-                               'Table 2: 1.596).')
+      raise errors.ConfigError(
+        f'first_layer_mj={self.first_layer_mj}: a finite energy >= 0 in mJ '
+        "per example (0: E_MAC x the first layer's MACs; Spikformer "
+        'Table 2: 1.596).'
+      )
 
 
 # --------------------------------------------------------------------------
@@ -161,10 +163,11 @@ class Recorder:
 @dataclasses.dataclass(frozen=True, eq=False)
 class _SynapseTap:
   """A Linear's or Conv's hooks: its input's statistics, then its MACs."""
+
   recorder: Recorder
   name: str
   layer_promote_dtype: Callable
-  layer_op: Callable   # the layer's dot_general / conv_general_dilated
+  layer_op: Callable  # the layer's dot_general / conv_general_dilated
 
   def promote_dtype(self, args, **kwargs):
     x = args[0]  # the layer's input, as the layer was called with it
@@ -178,8 +181,9 @@ class _SynapseTap:
     name, stats = self.recorder.calls[-1]  # recorded by promote_dtype, just before
     assert name == self.name, (name, self.name)
     dt = layers.count_dtype()
-    stats.update(macs=jnp.asarray(y.size * math.prod(kernel.shape[:-1]), dt),
-                 out_numel=jnp.asarray(y.size, dt))
+    stats.update(
+      macs=jnp.asarray(y.size * math.prod(kernel.shape[:-1]), dt), out_numel=jnp.asarray(y.size, dt)
+    )
     return y
 
 
@@ -208,12 +212,14 @@ def _input_stats(x, batch: int, T: int) -> dict:
   folded = xf.shape[0] == batch * T  # else no time axis (a head after the mean)
   per_t = xf.reshape(xf.shape[0] // T, T, -1) if folded else xf.reshape(xf.shape[0], 1, -1)
   integer = jnp.all(xf == jnp.round(xf))
-  return {'in_nonzero': jnp.sum(per_t != 0, axis=(0, 2), dtype=dt),
-          'in_abs_sum': jnp.sum(jnp.abs(xf)),
-          'in_numel': jnp.asarray(x.size, dt),
-          'in_binary': jnp.all((xf == 0) | (xf == 1)),
-          'in_ternary': jnp.all((xf == 0) | (jnp.abs(xf) == 1)),
-          'in_integer': integer & jnp.all(xf >= 0)}
+  return {
+    'in_nonzero': jnp.sum(per_t != 0, axis=(0, 2), dtype=dt),
+    'in_abs_sum': jnp.sum(jnp.abs(xf)),
+    'in_numel': jnp.asarray(x.size, dt),
+    'in_binary': jnp.all((xf == 0) | (xf == 1)),
+    'in_ternary': jnp.all((xf == 0) | (jnp.abs(xf) == 1)),
+    'in_integer': integer & jnp.all(xf >= 0),
+  }
 
 
 # --------------------------------------------------------------------------
@@ -259,8 +265,7 @@ def collect(model: nnx.Module, batches: Iterable, T: int) -> dict:
       else:
         total = sum(v.astype(np.float64) for v in values)
         sums[key] = sums.get(key, 0.0) + total
-  return {'sums': sums, 'flags': flags, 'examples': examples,
-          'order': list(dict.fromkeys(names))}
+  return {'sums': sums, 'flags': flags, 'examples': examples, 'order': list(dict.fromkeys(names))}
 
 
 def _attention_products(attn: blocks.SpikingAttention, name: str, T: int, tokens, rate):
@@ -272,8 +277,7 @@ def _attention_products(attn: blocks.SpikingAttention, name: str, T: int, tokens
   """
   n, c = (int(v) for v in tokens)
   rows = []
-  for label, macs, *operands in attention.get(attn.kind).products(attn, T=T, n=n, c=c,
-                                                                  rate=rate):
+  for label, macs, *operands in attention.get(attn.kind).products(attn, T=T, n=n, c=c, rate=rate):
     spiking = [r for r in operands if r is not None]
     if spiking:
       rows.append((label, macs, 'AC', min(spiking) * macs))
@@ -291,8 +295,9 @@ def _input_domain(flags: dict, name: str) -> str:
   return 'real'
 
 
-def analyze(model: nnx.Module, batches: Iterable, *, T: int,
-            conventions: Conventions = Conventions()) -> dict:
+def analyze(
+  model: nnx.Module, batches: Iterable, *, T: int, conventions: Conventions = Conventions()
+) -> dict:
   """The report (a JSON-able dict) for `model` on `batches` of inputs."""
   cv = conventions
   rec = collect(model, batches, T)
@@ -304,26 +309,39 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
     if (name, 'spike_count') in sums:
       counts = sums[(name, 'spike_count')]
       per_t_numel = sums[(name, 'numel')] / T
-      neurons[name] = {'rate': float(counts.sum() / sums[(name, 'numel')]),
-                       'rate_per_t': [float(c / per_t_numel) for c in counts],
-                       'units_per_example': int(round(per_t_numel / n_ex))}
+      neurons[name] = {
+        'rate': float(counts.sum() / sums[(name, 'numel')]),
+        'rate_per_t': [float(c / per_t_numel) for c in counts],
+        'units_per_example': int(round(per_t_numel / n_ex)),
+      }
 
   def rate(prefix):
     return lambda neuron: neurons.get(f'{prefix}.{neuron}', {}).get('rate')
 
   rows, first, pending = [], True, None  # pending: (attention name, its product rows)
   for name in rec['order'] + ['']:
-    if pending and not (name.startswith(pending[0] + '.') and
-                        not name.endswith('.proj_linear')):
+    if pending and not (name.startswith(pending[0] + '.') and not name.endswith('.proj_linear')):
       rows += pending[1]  # the products go after Q/K/V, before the projection
       pending = None
     m = modules.get(name)
     if isinstance(m, blocks.SpikingAttention):
-      pending = (name, [
-          {'layer': lname, 'type': 'attention', 'input': 'activations', 'macs': macs,
-           'op': op, 'sops': sops if op == 'AC' else 0.0, 'input_rate': None}
+      pending = (
+        name,
+        [
+          {
+            'layer': lname,
+            'type': 'attention',
+            'input': 'activations',
+            'macs': macs,
+            'op': op,
+            'sops': sops if op == 'AC' else 0.0,
+            'input_rate': None,
+          }
           for lname, macs, op, sops in _attention_products(
-              m, name, T, sums[(name, 'tokens')], rate(name))])
+            m, name, T, sums[(name, 'tokens')], rate(name)
+          )
+        ],
+      )
       continue
     if (name, 'macs') not in sums:
       continue
@@ -337,13 +355,24 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
       op, sops = 'AC', float(sums[(name, 'in_abs_sum')] / numel) * macs
     else:
       op, sops = 'MAC', 0.0
-    rows.append({'layer': name, 'type': type(m).__name__, 'input': domain,
-                 'first': first, 'macs': macs, 'op': op, 'sops': sops, 'input_rate': fr,
-                 'time_folded': len(sums[(name, 'in_nonzero')]) == T,
-                 'in_shape': [int(v) for v in sums[(name, 'in_shape')]],
-                 'in_numel': numel / n_ex, 'out_numel': sums[(name, 'out_numel')] / n_ex,
-                 'in_itemsize': int(sums[(name, 'in_itemsize')]),
-                 'params': int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(m, nnx.Param))))})
+    rows.append(
+      {
+        'layer': name,
+        'type': type(m).__name__,
+        'input': domain,
+        'first': first,
+        'macs': macs,
+        'op': op,
+        'sops': sops,
+        'input_rate': fr,
+        'time_folded': len(sums[(name, 'in_nonzero')]) == T,
+        'in_shape': [int(v) for v in sums[(name, 'in_shape')]],
+        'in_numel': numel / n_ex,
+        'out_numel': sums[(name, 'out_numel')] / n_ex,
+        'in_itemsize': int(sums[(name, 'in_itemsize')]),
+        'params': int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))),
+      }
+    )
     first = False
 
   synaptic = [r for r in rows if r['type'] != 'attention']
@@ -357,15 +386,27 @@ def analyze(model: nnx.Module, batches: Iterable, *, T: int,
   mac_ops = sum(r['macs'] for r in rows if r['op'] == 'MAC')
   sops = sum(r['sops'] for r in rows)
   totals = {
-      'macs': total_macs, 'mac_ops': mac_ops, 'sops': sops, 'energy_mj': energy,
-      'ann_macs': ann_macs, 'ann_energy_mj': ann_macs * cv.e_mac_pj * 1e-9,
-      'mean_firing_rate': (sum(v['rate'] * v['units_per_example'] for v in neurons.values())
-                           / max(sum(v['units_per_example'] for v in neurons.values()), 1)),
+    'macs': total_macs,
+    'mac_ops': mac_ops,
+    'sops': sops,
+    'energy_mj': energy,
+    'ann_macs': ann_macs,
+    'ann_energy_mj': ann_macs * cv.e_mac_pj * 1e-9,
+    'mean_firing_rate': (
+      sum(v['rate'] * v['units_per_example'] for v in neurons.values())
+      / max(sum(v['units_per_example'] for v in neurons.values()), 1)
+    ),
   }
   totals['memory'] = _memory(rows, model, cv)
   totals['energy_with_memory_mj'] = energy + totals['memory']['energy_mj']
-  return {'T': T, 'examples': rec['examples'], 'conventions': dataclasses.asdict(cv),
-          'neurons': neurons, 'layers': rows, 'totals': totals}
+  return {
+    'T': T,
+    'examples': rec['examples'],
+    'conventions': dataclasses.asdict(cv),
+    'neurons': neurons,
+    'layers': rows,
+    'totals': totals,
+  }
 
 
 def energy_mj(rows: list[dict], cv: Conventions = Conventions()) -> float:
@@ -379,8 +420,9 @@ def energy_mj(rows: list[dict], cv: Conventions = Conventions()) -> float:
     elif r.get('last') and not cv.count_head:
       r['energy_mj'] = 0.0
     else:
-      r['energy_mj'] = (r['macs'] * cv.e_mac_pj if r['op'] == 'MAC'
-                        else r['sops'] * cv.e_ac_pj) * 1e-9
+      r['energy_mj'] = (
+        r['macs'] * cv.e_mac_pj if r['op'] == 'MAC' else r['sops'] * cv.e_ac_pj
+      ) * 1e-9
   return sum(r['energy_mj'] for r in rows)
 
 
@@ -396,8 +438,7 @@ def _memory(rows, model, cv) -> dict:
     # Outputs are real-valued (they go to a BatchNorm) at the compute width.
     act_bytes += r['in_numel'] * bits / 8 + r['out_numel'] * r['in_itemsize']
   energy = (weight_bytes * cv.dram_pj_per_byte + act_bytes * cv.sram_pj_per_byte) * 1e-9
-  return {'weight_bytes': int(weight_bytes), 'activation_bytes': act_bytes,
-          'energy_mj': energy}
+  return {'weight_bytes': int(weight_bytes), 'activation_bytes': act_bytes, 'energy_mj': energy}
 
 
 # --------------------------------------------------------------------------
@@ -411,39 +452,57 @@ def _g(x: float) -> str:
 
 def format_table(report: dict) -> str:
   """A readable per-layer table and the totals (markdown)."""
-  lines = ['| layer | input | rate | op | MACs | SOPs | energy (mJ) |',
-           '|---|---|---|---|---|---|---|']
+  lines = [
+    '| layer | input | rate | op | MACs | SOPs | energy (mJ) |',
+    '|---|---|---|---|---|---|---|',
+  ]
   for r in report['layers']:
     rate = '' if r['input_rate'] is None else f'{r["input_rate"]:.4f}'
-    lines.append(f'| {r["layer"]} | {r["input"]} | {rate} | {r["op"]} | {_g(r["macs"])} | '
-                 f'{_g(r["sops"])} | {r["energy_mj"]:.5f} |')
+    lines.append(
+      f'| {r["layer"]} | {r["input"]} | {rate} | {r["op"]} | {_g(r["macs"])} | '
+      f'{_g(r["sops"])} | {r["energy_mj"]:.5f} |'
+    )
   t, cv = report['totals'], report['conventions']
   extra = (f', first layer {cv["first_layer_mj"]} mJ' if cv.get('first_layer_mj') else '') + (
-      ', head not counted' if not cv.get('count_head', True) else '')
-  lines += ['', f'T={report["T"]}, {report["examples"]} examples, per example: '
-            f'{_g(t["macs"])} MACs (dense), {_g(t["mac_ops"])} of them in MAC layers, '
-            f'{_g(t["sops"])} SOPs; energy {t["energy_mj"]:.4f} mJ '
-            f'(E_MAC {cv["e_mac_pj"]} pJ, E_AC {cv["e_ac_pj"]} pJ{extra}); the same network '
-            'without spikes '
-            f'(one pass, all MAC): {_g(t["ann_macs"])} MACs, {t["ann_energy_mj"]:.4f} mJ; '
-            f'with memory traffic ({t["memory"]["weight_bytes"] / 2**20:.1f} MiB weights, '
-            f'{t["memory"]["activation_bytes"] / 2**20:.2f} MiB activations): '
-            f'{t["energy_with_memory_mj"]:.4f} mJ; mean firing rate '
-            f'{t["mean_firing_rate"]:.4f}.']
-  lines += ['', '| neuron | rate | ' + ' | '.join(f't{i}' for i in range(report['T'])) + ' |',
-            '|---|---|' + '---|' * report['T']]
+    ', head not counted' if not cv.get('count_head', True) else ''
+  )
+  lines += [
+    '',
+    f'T={report["T"]}, {report["examples"]} examples, per example: '
+    f'{_g(t["macs"])} MACs (dense), {_g(t["mac_ops"])} of them in MAC layers, '
+    f'{_g(t["sops"])} SOPs; energy {t["energy_mj"]:.4f} mJ '
+    f'(E_MAC {cv["e_mac_pj"]} pJ, E_AC {cv["e_ac_pj"]} pJ{extra}); the same network '
+    'without spikes '
+    f'(one pass, all MAC): {_g(t["ann_macs"])} MACs, {t["ann_energy_mj"]:.4f} mJ; '
+    f'with memory traffic ({t["memory"]["weight_bytes"] / 2**20:.1f} MiB weights, '
+    f'{t["memory"]["activation_bytes"] / 2**20:.2f} MiB activations): '
+    f'{t["energy_with_memory_mj"]:.4f} mJ; mean firing rate '
+    f'{t["mean_firing_rate"]:.4f}.',
+  ]
+  lines += [
+    '',
+    '| neuron | rate | ' + ' | '.join(f't{i}' for i in range(report['T'])) + ' |',
+    '|---|---|' + '---|' * report['T'],
+  ]
   for name, v in report['neurons'].items():
-    lines.append(f'| {name} | {v["rate"]:.4f} | ' +
-                 ' | '.join(f'{r:.4f}' for r in v['rate_per_t']) + ' |')
+    lines.append(
+      f'| {name} | {v["rate"]:.4f} | ' + ' | '.join(f'{r:.4f}' for r in v['rate_per_t']) + ' |'
+    )
   return '\n'.join(lines) + '\n'
 
 
 def write(report: dict, directory: str) -> dict:
   """analysis.json, layers.csv, neurons.csv and analysis.md in `directory`."""
   os.makedirs(directory, exist_ok=True)
-  paths = {k: os.path.join(directory, f) for k, f in (
-      ('json', 'analysis.json'), ('layers', 'layers.csv'), ('neurons', 'neurons.csv'),
-      ('table', 'analysis.md'))}
+  paths = {
+    k: os.path.join(directory, f)
+    for k, f in (
+      ('json', 'analysis.json'),
+      ('layers', 'layers.csv'),
+      ('neurons', 'neurons.csv'),
+      ('table', 'analysis.md'),
+    )
+  }
   with open(paths['json'], 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=1)
   cols = ['layer', 'type', 'input', 'input_rate', 'op', 'macs', 'sops', 'energy_mj']
@@ -467,14 +526,23 @@ def write(report: dict, directory: str) -> dict:
 # --------------------------------------------------------------------------
 
 
-def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int | None = None,
-                       examples: int = 256, conventions: Conventions = Conventions(),
-                       out_dir: str | None = None, attention_block: int = 0,
-                       attention_heads: tuple = (0,)) -> tuple[dict, dict]:
+def analyze_checkpoint(
+  config,
+  workdir: str,
+  *,
+  split: str = 'test',
+  step: int | None = None,
+  examples: int = 256,
+  conventions: Conventions = Conventions(),
+  out_dir: str | None = None,
+  attention_block: int = 0,
+  attention_heads: tuple = (0,),
+) -> tuple[dict, dict]:
   """Analyses `examples` examples of `split` with a checkpoint of `workdir` and
   writes the tables and pictures to `out_dir` (default
   WORKDIR/analysis_SPLIT_STEP). Returns (report, {output: path})."""
   from spikeformer_jax import data as data_lib, plots, restore, validation  # pylint: disable=import-outside-toplevel
+
   if examples < 1:
     raise errors.ConfigError(f'examples={examples} must be >= 1.')
   source = data_lib.get_source(config.data, split)
@@ -486,7 +554,7 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   batches: list = []  # the first n examples (the last batch smaller: no padding)
   transform = data_lib.make_transform(config.data, source, train=False)
   for b in data_lib.eval_batches(source, global_batch=batch, transform=transform):
-    batches.append(b['image'][b['mask']][:n - batch * len(batches)])
+    batches.append(b['image'][b['mask']][: n - batch * len(batches)])
     if batch * len(batches) >= n:
       break
   out_dir = out_dir or os.path.join(workdir, f'analysis_{split}_{step}')
@@ -496,18 +564,28 @@ def analyze_checkpoint(config, workdir: str, *, split: str = 'test', step: int |
   tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{name}.partial-')
   try:
     # The attention picture first: out-of-range heads / block fail before the analysis.
-    plots.attention_maps(model, batches[0][:1], os.path.join(tmp, 'attention.png'),
-                         block=attention_block, heads=tuple(attention_heads))
+    plots.attention_maps(
+      model,
+      batches[0][:1],
+      os.path.join(tmp, 'attention.png'),
+      block=attention_block,
+      heads=tuple(attention_heads),
+    )
     report = analyze(model, batches, T=config.model.T, conventions=conventions)
     report.update(workdir=workdir, split=split, step=step, model=config.get('name', ''))
     paths = write(report, tmp)
     paths['attention'] = os.path.join(tmp, 'attention.png')
     title = f'{config.get("name", "")} step {step}, {split} ({report["examples"]} examples)'
-    paths['firing_rates'] = plots.firing_rate_figure({k: v['rate_per_t'] for k, v in report['neurons'].items()},
-                             os.path.join(tmp, 'firing_rates.png'), title=title)
+    paths['firing_rates'] = plots.firing_rate_figure(
+      {k: v['rate_per_t'] for k, v in report['neurons'].items()},
+      os.path.join(tmp, 'firing_rates.png'),
+      title=title,
+    )
     metrics = os.path.join(workdir, 'metrics.jsonl')
     if os.path.exists(metrics):
-      paths['learning_curves'] = plots.learning_curves(metrics, os.path.join(tmp, 'learning_curves.png'))
+      paths['learning_curves'] = plots.learning_curves(
+        metrics, os.path.join(tmp, 'learning_curves.png')
+      )
     os.makedirs(out_dir, exist_ok=True)
     for key, path in paths.items():
       paths[key] = os.path.join(out_dir, os.path.basename(path))

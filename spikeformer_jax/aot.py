@@ -40,32 +40,38 @@ from typing import Any
 from spikeformer_jax import errors
 from spikeformer_jax import signals
 
-GiB = 2 ** 30
+GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """Published per-chip figures: HBM capacity, dense bf16 peak, HBM bandwidth."""
+
   name: str
   hbm_bytes: int
-  peak_flops: float      # bf16 dense, FLOP/s (XLA runs float32 matmuls on the
+  peak_flops: float  # bf16 dense, FLOP/s (XLA runs float32 matmuls on the
   hbm_bytes_per_s: float  # TPU's MXU in bf16 passes at default precision)
 
 
 # Google Cloud's TPU pages and NVIDIA's data sheets.
 CHIPS = {
-    'v4': Chip('TPU v4', 32 * GiB, 275e12, 1228e9),
-    'v5e': Chip('TPU v5e', 16 * GiB, 197e12, 819e9),
-    'v5p': Chip('TPU v5p', 95 * GiB, 459e12, 2765e9),
-    'v6e': Chip('TPU v6e', 32 * GiB, 918e12, 1640e9),
-    'h100': Chip('NVIDIA H100 SXM', 80 * 10**9, 989e12, 3.35e12),
-    'h200': Chip('NVIDIA H200', 141 * 10**9, 989e12, 4.8e12),
-    'a100': Chip('NVIDIA A100 80GB', 80 * 10**9, 312e12, 2.04e12),
+  'v4': Chip('TPU v4', 32 * GiB, 275e12, 1228e9),
+  'v5e': Chip('TPU v5e', 16 * GiB, 197e12, 819e9),
+  'v5p': Chip('TPU v5p', 95 * GiB, 459e12, 2765e9),
+  'v6e': Chip('TPU v6e', 32 * GiB, 918e12, 1640e9),
+  'h100': Chip('NVIDIA H100 SXM', 80 * 10**9, 989e12, 3.35e12),
+  'h200': Chip('NVIDIA H200', 141 * 10**9, 989e12, 4.8e12),
+  'a100': Chip('NVIDIA A100 80GB', 80 * 10**9, 312e12, 2.04e12),
 }
 TPU_GENERATIONS = ('v4', 'v5e', 'v5p', 'v6e')
 # Cloud accelerator-type prefixes; v4 and v5p count TensorCores (2 per chip).
-_ACCELERATOR_TYPES = {'v4': ('v4', 2), 'v5p': ('v5p', 2), 'v5litepod': ('v5e', 1),
-                      'v5e': ('v5e', 1), 'v6e': ('v6e', 1)}
+_ACCELERATOR_TYPES = {
+  'v4': ('v4', 2),
+  'v5p': ('v5p', 2),
+  'v5litepod': ('v5e', 1),
+  'v5e': ('v5e', 1),
+  'v6e': ('v6e', 1),
+}
 # The largest single slice of each generation (Cloud's TPU pages: v4 and v5p
 # 16x16x16 and 16x16x24 of a 4096- and 8960-chip pod; v5e and v6e 16x16), and
 # the chips per host the compile-only devices are laid out in (tpu_devices):
@@ -116,17 +122,20 @@ def _real_slice(name: str, topology: Topology) -> Topology:
   its host layout only after loading."""
   gen, shape = topology.generation, topology.shape
   most = MAX_SLICE[gen]
-  if topology.chips > math.prod(most) or any(
-      d > m for d, m in zip(sorted(shape), sorted(most))):
-    raise PlanError(f'--topology={name}: {topology.chips} chips ({topology.name}); the '
-                    f'largest {gen} slice is {"x".join(map(str, most))} '
-                    f'({math.prod(most)} chips): use a smaller one.')
+  if topology.chips > math.prod(most) or any(d > m for d, m in zip(sorted(shape), sorted(most))):
+    raise PlanError(
+      f'--topology={name}: {topology.chips} chips ({topology.name}); the '
+      f'largest {gen} slice is {"x".join(map(str, most))} '
+      f'({math.prod(most)} chips): use a smaller one.'
+    )
   for d, b in zip(shape, HOST_BOUNDS):
     if d > 1 and d % b:
-      raise PlanError(f'--topology={name}: {topology.name} is not laid out in hosts of '
-                      f'{"x".join(map(str, HOST_BOUNDS[:len(shape)]))} chips; use 1 or '
-                      f'a multiple of {b} in its first two dimensions, e.g. '
-                      f'{gen}:{"x".join(["2"] * 2 + ["1"] * (len(shape) - 2))}.')
+      raise PlanError(
+        f'--topology={name}: {topology.name} is not laid out in hosts of '
+        f'{"x".join(map(str, HOST_BOUNDS[: len(shape)]))} chips; use 1 or '
+        f'a multiple of {b} in its first two dimensions, e.g. '
+        f'{gen}:{"x".join(["2"] * 2 + ["1"] * (len(shape) - 2))}.'
+      )
   return topology
 
 
@@ -137,8 +146,10 @@ def parse_topology(name: str) -> Topology:
     gen, shape = m.group(1), tuple(int(d) for d in m.group(2).split('x'))
     want = 2 if gen in ('v5e', 'v6e') else 3
     if len(shape) != want or min(shape) < 1:
-      raise PlanError(f'--topology={name}: a {gen} slice has {want} dimensions of at least 1 '
-                      f'chip, e.g. {gen}:{"x".join(["2"] * 2 + ["1"] * (want - 2))}.')
+      raise PlanError(
+        f'--topology={name}: a {gen} slice has {want} dimensions of at least 1 '
+        f'chip, e.g. {gen}:{"x".join(["2"] * 2 + ["1"] * (want - 2))}.'
+      )
     return _real_slice(name, Topology(gen, shape))
   m = re.fullmatch(r'(v4|v5p|v5litepod|v5e|v6e)-(\d+)', name)
   if m:
@@ -147,62 +158,84 @@ def parse_topology(name: str) -> Topology:
     if cores % per_chip:
       raise PlanError(f'--topology={name}: {gen} counts {per_chip} cores per chip.')
     return _real_slice(name, Topology(gen, _shape_for(gen, cores // per_chip)))
-  raise PlanError(f'--topology={name!r}: use GEN:SHAPE (GEN one of '
-                  f'{", ".join(TPU_GENERATIONS)}; e.g. v5e:2x2, v5p:4x4x4) or a Cloud '
-                  'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8), or local.')
+  raise PlanError(
+    f'--topology={name!r}: use GEN:SHAPE (GEN one of '
+    f'{", ".join(TPU_GENERATIONS)}; e.g. v5e:2x2, v5p:4x4x4) or a Cloud '
+    'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8), or local.'
+  )
 
 
-def check_options(config, topology: str = 'local', batch: int | None = None,
-                  steps: int | None = None, top: int = 0, batch_multiple: int = 0,
-                  search: bool = False):
+def check_options(
+  config,
+  topology: str = 'local',
+  batch: int | None = None,
+  steps: int | None = None,
+  top: int = 0,
+  batch_multiple: int = 0,
+  search: bool = False,
+):
   """Every option of the planner and its config, in one place, before
   anything compiles (train.py's config checks, then the planner's own): a
   PlanError or ValueError of one line."""
   from spikeformer_jax import validation  # pylint: disable=import-outside-toplevel
+
   validation.validate_config(config)
   chips = None if topology == 'local' else parse_topology(topology).chips
 
   def count(name, value, low, why=''):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or value < low):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
       raise PlanError(f'--{name}={value} must be an integer >= {low}{why}.')
+
   count('batch', batch, 1, ' (the global batch; default: config.batch_size)')
   count('steps', steps, 0, ' (timed steps on the local devices; 0: none)')
   count('top', top, 0, ' (0: no list of the largest HBM consumers)')
   count('batch_multiple', batch_multiple, 0, ' (0: the number of chips)')
   if batch_multiple and not search:
-    raise PlanError(f'--batch_multiple={batch_multiple} applies to --max_batch only; add '
-                    '--max_batch, or drop it.')
+    raise PlanError(
+      f'--batch_multiple={batch_multiple} applies to --max_batch only; add --max_batch, or drop it.'
+    )
   if steps and chips is not None:
-    raise PlanError(f'--steps={steps} times steps on the local devices; {topology} is only '
-                    'compiled for: drop --steps, or use --topology=local.')
+    raise PlanError(
+      f'--steps={steps} times steps on the local devices; {topology} is only '
+      'compiled for: drop --steps, or use --topology=local.'
+    )
   if search and chips is None:
     _, chip, target = local_chip()
     if chip is None:  # a CPU: every batch would "fit" (it searched for minutes)
-      raise PlanError(f'--max_batch on {target}: its memory capacity is unknown, so every '
-                      'batch would "fit"; give --topology=GEN:SHAPE (e.g. v5e:2x2) to search '
-                      "against a TPU's HBM, or run it on a GPU or TPU.")
+      raise PlanError(
+        f'--max_batch on {target}: its memory capacity is unknown, so every '
+        'batch would "fit"; give --topology=GEN:SHAPE (e.g. v5e:2x2) to search '
+        "against a TPU's HBM, or run it on a GPU or TPU."
+      )
   n = data_parallel(config, topology)
   if search:
     unit = batch_multiple or n
     if unit % n:
-      raise PlanError(f'--batch_multiple={batch_multiple} must be a multiple of the {n} '
-                      f'data-parallel devices of the mesh; use a multiple of {n}.')
+      raise PlanError(
+        f'--batch_multiple={batch_multiple} must be a multiple of the {n} '
+        f'data-parallel devices of the mesh; use a multiple of {n}.'
+      )
     if batch is not None and batch % unit:
-      raise PlanError(f'--batch={batch} (where --max_batch starts) is not a multiple of '
-                      f'{unit} ({"--batch_multiple" if batch_multiple else "the devices"}): '
-                      f'use a multiple of {unit}, or drop --batch.')
+      raise PlanError(
+        f'--batch={batch} (where --max_batch starts) is not a multiple of '
+        f'{unit} ({"--batch_multiple" if batch_multiple else "the devices"}): '
+        f'use a multiple of {unit}, or drop --batch.'
+      )
   else:
     from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
-    sharding.check_batch_size(config.batch_size if batch is None else batch, n,
-                              'config.batch_size' if batch is None
-                              else '--batch')
+
+    sharding.check_batch_size(
+      config.batch_size if batch is None else batch,
+      n,
+      'config.batch_size' if batch is None else '--batch',
+    )
 
 
 def local_chip():
   """(this machine's devices, their CHIPS entry with the device's own capacity
   where it reports one, or None if unknown (CPU), the target's name)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   devices = jax.devices()
   chip = chip_for(devices[0])
   if chip is not None:
@@ -216,25 +249,29 @@ def data_parallel(config, topology: str) -> int:
   chips `topology` implies (sharding's rule, before libtpu loads): a
   ValueError of one line if the mesh does not fit them."""
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+
   if topology == 'local':
     import jax  # pylint: disable=import-outside-toplevel
+
     data, fsdp = sharding.mesh_shape_from_config(config, jax.device_count())
   else:
     topo = parse_topology(topology)
     if config.num_devices not in (-1, 0, topo.chips):
-      raise PlanError(f'num_devices={config.num_devices} but {topo.name} has {topo.chips} '
-                      'chips: use num_devices=-1 (the whole slice), or a topology of that '
-                      'many chips.')
-    data, fsdp = sharding.mesh_shape_from_config(config, topo.chips,
-                                                 f'chips of {topo.name}')
+      raise PlanError(
+        f'num_devices={config.num_devices} but {topo.name} has {topo.chips} '
+        'chips: use num_devices=-1 (the whole slice), or a topology of that '
+        'many chips.'
+      )
+    data, fsdp = sharding.mesh_shape_from_config(config, topo.chips, f'chips of {topo.name}')
   return data * fsdp
 
 
 def tpu_devices(topology: Topology):
   """The compile-only devices of a TPU slice (libtpu, no TPU needed)."""
   if importlib.util.find_spec('libtpu') is None:
-    raise PlanError(f'compiling for {topology.name} needs libtpu, which is not installed: '
-                    f'{TPU_INSTALL}.')
+    raise PlanError(
+      f'compiling for {topology.name} needs libtpu, which is not installed: {TPU_INSTALL}.'
+    )
   # libtpu looks for a TPU host's environment; these quiet the parts it can.
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', f'{topology.generation}-{topology.chips}')
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
@@ -242,12 +279,17 @@ def tpu_devices(topology: Topology):
   # a training run) may load libtpu at once, which its lockfile forbids.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
   shape = tuple(topology.shape) + (1,) * (3 - len(topology.shape))
   try:
     desc = topologies.get_topology_desc(
-        platform='tpu', topology_name=topology.name, chip_config_name='default',
-        chips_per_host_bounds=tuple(min(d, b) for d, b in zip(shape, (2, 2, 1))),
-        num_slices=1, wrap=(False, False, False))
+      platform='tpu',
+      topology_name=topology.name,
+      chip_config_name='default',
+      chips_per_host_bounds=tuple(min(d, b) for d, b in zip(shape, (2, 2, 1))),
+      num_slices=1,
+      wrap=(False, False, False),
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise PlanError(f'libtpu cannot describe {topology.name}: {_first_line(e)}') from e
   return desc.devices
@@ -272,8 +314,7 @@ def _stop_at_once(signum: int):
 
 
 # main() enters it; compile_step re-claims the signals
-_STOP = signals.SignalWatcher((signal.SIGTERM, signal.SIGINT), _stop_at_once,
-                              name='stop-at-once')
+_STOP = signals.SignalWatcher((signal.SIGTERM, signal.SIGINT), _stop_at_once, name='stop-at-once')
 
 
 def _first_line(e: BaseException) -> str:
@@ -288,8 +329,12 @@ def chip_for(device) -> Chip | None:
     if key in kind:
       return CHIPS[key]
   if device.platform == 'tpu':
-    for key, words in (('v5e', ('v5 lite', 'v5e')), ('v5p', ('v5p', 'tpu v5')),
-                       ('v6e', ('v6',)), ('v4', ('v4',))):
+    for key, words in (
+      ('v5e', ('v5 lite', 'v5e')),
+      ('v5p', ('v5p', 'tpu v5')),
+      ('v6e', ('v6',)),
+      ('v4', ('v4',)),
+    ):
       if any(w in kind for w in words):
         return CHIPS[key]
   return None
@@ -298,6 +343,7 @@ def chip_for(device) -> Chip | None:
 def input_shape(config) -> tuple:
   """One training example as the input pipeline delivers it (the train step's)."""
   from spikeformer_jax import experiment  # pylint: disable=import-outside-toplevel
+
   return experiment.input_shape(config)
 
 
@@ -313,11 +359,14 @@ def _compiler_sizes(message: str) -> dict:
   available HBM (15.75G)' -> {'HLO temporaries': ..., 'available HBM': ...} in
   bytes; also 'Used X of Y hbm' as 'used' and 'capacity'."""
   scale = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+
   def size(num, unit):
     return int(float(num) * scale[unit])
+
   out = {}
-  for what, num, unit in re.findall(r'([A-Za-z][A-Za-z ]*?)\s*\(([\d.]+)\s*([KMGT]?)i?B?\)',
-                                    message):
+  for what, num, unit in re.findall(
+    r'([A-Za-z][A-Za-z ]*?)\s*\(([\d.]+)\s*([KMGT]?)i?B?\)', message
+  ):
     what = re.sub(r'^(.*\brequired for|exceeds|is|of)\s+', '', what.strip())
     out[what] = size(num, unit)
   m = re.search(r'Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm', message)
@@ -335,6 +384,7 @@ def compile_step(config, devices, batch: int):
   """(compiled train step or the out-of-memory error, mesh, experiment, compile seconds)."""
   import jax  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import experiment, sharding  # pylint: disable=import-outside-toplevel
+
   _STOP.claim()  # libtpu, loaded by now, may have taken SIGTERM
   mesh = sharding.mesh_from_config(config, devices)
   sharding.check_batch_size(batch, mesh, '--batch')
@@ -342,9 +392,9 @@ def compile_step(config, devices, batch: int):
   step = experiment.make_train_step(exp)
   bsh = sharding.batch_sharding(mesh)
   abstract_batch = {
-      'image': jax.ShapeDtypeStruct((batch,) + input_shape(config), 'float32',
-                                    sharding=bsh),
-      'label': jax.ShapeDtypeStruct((batch,), 'int32', sharding=bsh)}
+    'image': jax.ShapeDtypeStruct((batch,) + input_shape(config), 'float32', sharding=bsh),
+    'label': jax.ShapeDtypeStruct((batch,), 'int32', sharding=bsh),
+  }
   t = time.perf_counter()
   try:
     compiled = step.lower(exp.abstract_state, abstract_batch).compile()
@@ -355,27 +405,39 @@ def compile_step(config, devices, batch: int):
   return compiled, mesh, exp, time.perf_counter() - t
 
 
-def report(config, compiled, mesh, batch: int, chip: Chip | None, compile_s: float,
-           target: str) -> dict:
+def report(
+  config, compiled, mesh, batch: int, chip: Chip | None, compile_s: float, target: str
+) -> dict:
   """The planner's figures for one compiled (or out-of-memory) step."""
   n = mesh.size
-  r = {'config': config.get('name', ''), 'target': target,
-       'device_kind': mesh.devices.flat[0].device_kind, 'chips': n,
-       'mesh': dict(mesh.shape), 'global_batch': batch, 'batch_per_chip': batch / n,
-       'T': config.model.T, 'dtype': config.model.dtype,
-       'remat': config.model.get('remat', ''), 'loop': config.model.neuron.loop,
-       'bn_scope': config.bn_scope, 'compile_s': compile_s,
-       'hbm_capacity_bytes_per_chip': chip.hbm_bytes if chip else None}
+  r = {
+    'config': config.get('name', ''),
+    'target': target,
+    'device_kind': mesh.devices.flat[0].device_kind,
+    'chips': n,
+    'mesh': dict(mesh.shape),
+    'global_batch': batch,
+    'batch_per_chip': batch / n,
+    'T': config.model.T,
+    'dtype': config.model.dtype,
+    'remat': config.model.get('remat', ''),
+    'loop': config.model.neuron.loop,
+    'bn_scope': config.bn_scope,
+    'compile_s': compile_s,
+    'hbm_capacity_bytes_per_chip': chip.hbm_bytes if chip else None,
+  }
   if isinstance(compiled, BaseException):
     sizes = _compiler_sizes(str(compiled))
     need = max(sizes.values()) if sizes else None
-    r.update(fits=False, error=_first_line(compiled), compiler_figures=sizes,
-             hbm_peak_bytes_per_chip=need)
+    r.update(
+      fits=False, error=_first_line(compiled), compiler_figures=sizes, hbm_peak_bytes_per_chip=need
+    )
     available = sizes.get('available HBM', sizes.get('capacity'))
     if available:
       r['hbm_available_bytes_per_chip'] = available
       r['hbm_peak_bytes_per_chip'] = max(
-          v for k, v in sizes.items() if k not in ('available HBM', 'capacity'))
+        v for k, v in sizes.items() if k not in ('available HBM', 'capacity')
+      )
     return r
   ma = compiled.memory_analysis()
   args, outs = ma.argument_size_in_bytes, ma.output_size_in_bytes
@@ -383,35 +445,70 @@ def report(config, compiled, mesh, batch: int, chip: Chip | None, compile_s: flo
   peak = args + outs - alias + temps
   cost = _cost(compiled)
   flops, hbm = cost.get('flops', 0.0), cost.get('bytes accessed', 0.0)
-  r.update(hbm_argument_bytes_per_chip=args, hbm_output_bytes_per_chip=outs,
-           hbm_alias_bytes_per_chip=alias, hbm_temp_bytes_per_chip=temps,
-           hbm_code_bytes_per_chip=ma.generated_code_size_in_bytes,
-           hbm_peak_bytes_per_chip=peak,
-           fits=chip is None or peak <= chip.hbm_bytes,
-           flops_per_chip_step=flops, hbm_bytes_per_chip_step=hbm,
-           flops_per_image=flops * n / batch, hbm_bytes_per_image=hbm * n / batch,
-           arithmetic_intensity=flops / hbm if hbm else None)
+  r.update(
+    hbm_argument_bytes_per_chip=args,
+    hbm_output_bytes_per_chip=outs,
+    hbm_alias_bytes_per_chip=alias,
+    hbm_temp_bytes_per_chip=temps,
+    hbm_code_bytes_per_chip=ma.generated_code_size_in_bytes,
+    hbm_peak_bytes_per_chip=peak,
+    fits=chip is None or peak <= chip.hbm_bytes,
+    flops_per_chip_step=flops,
+    hbm_bytes_per_chip_step=hbm,
+    flops_per_image=flops * n / batch,
+    hbm_bytes_per_image=hbm * n / batch,
+    arithmetic_intensity=flops / hbm if hbm else None,
+  )
   if chip is not None:
     t_flops, t_bytes = flops / chip.peak_flops, hbm / chip.hbm_bytes_per_s
     step_s = max(t_flops, t_bytes)
-    r.update(roofline_step_s=step_s, roofline_images_per_s=batch / step_s if step_s else None,
-             roofline_bound='memory' if t_bytes >= t_flops else 'compute',
-             ridge_flops_per_byte=chip.peak_flops / chip.hbm_bytes_per_s)
+    r.update(
+      roofline_step_s=step_s,
+      roofline_images_per_s=batch / step_s if step_s else None,
+      roofline_bound='memory' if t_bytes >= t_flops else 'compute',
+      ridge_flops_per_byte=chip.peak_flops / chip.hbm_bytes_per_s,
+    )
   else:
     r.update(roofline_step_s=None, roofline_images_per_s=None, roofline_bound=None)
   return r
 
 
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
-                'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_DTYPE_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  'bf16': 2,
+  'f16': 2,
+  's16': 2,
+  'u16': 2,
+  'f32': 4,
+  's32': 4,
+  'u32': 4,
+  'f64': 8,
+  's64': 8,
+  'u64': 8,
+}
 _ARRAY = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
-_NOT_TRAFFIC = ('parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast', 'while',
-                'call', 'conditional', 'partition-id', 'replica-id', 'after-all')
+_NOT_TRAFFIC = (
+  'parameter',
+  'get-tuple-element',
+  'tuple',
+  'constant',
+  'bitcast',
+  'while',
+  'call',
+  'conditional',
+  'partition-id',
+  'replica-id',
+  'after-all',
+)
 
 
 def _array_bytes(text: str) -> int:
-  return sum(math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES[dt]
-             for dt, dims in _ARRAY.findall(text))
+  return sum(
+    math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES[dt]
+    for dt, dims in _ARRAY.findall(text)
+  )
 
 
 def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
@@ -434,8 +531,12 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
   for lines in comps.values():
     for ln in lines:
       if ' while(' in ln or ' call(' in ln or 'conditional(' in ln:
-        toplevel.update(m.group(1) for m in re.finditer(
-            r'(?:body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)', ln))
+        toplevel.update(
+          m.group(1)
+          for m in re.finditer(
+            r'(?:body|condition|to_apply|branch_computations)=\{?%?([\w.\-]+)', ln
+          )
+        )
   rows: list[dict[str, Any]] = []
   for name in toplevel:
     shapes = {}
@@ -448,14 +549,19 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
       if op in _NOT_TRAFFIC or op.endswith('-done'):  # async pairs: counted at the start
         continue
       operands = rest.split('), ')[0]
-      nbytes = _array_bytes(shape) + sum(_array_bytes(shapes[a])
-                                         for a in re.findall(r'%([\w.\-]+)', operands)
-                                         if a in shapes)
+      nbytes = _array_bytes(shape) + sum(
+        _array_bytes(shapes[a]) for a in re.findall(r'%([\w.\-]+)', operands) if a in shapes
+      )
       kind = re.search(r'kind=(\w+)', ln)
       source = re.search(r'op_name="([^"]*)"', ln)
-      rows.append({'bytes': nbytes, 'op': op + (f' ({kind.group(1)})' if kind else ''),
-                   'shape': re.sub(r'\{[^}]*\}', '', shape)[:80],
-                   'source': source.group(1) if source else ''})
+      rows.append(
+        {
+          'bytes': nbytes,
+          'op': op + (f' ({kind.group(1)})' if kind else ''),
+          'shape': re.sub(r'\{[^}]*\}', '', shape)[:80],
+          'source': source.group(1) if source else '',
+        }
+      )
   rows.sort(key=lambda r: -r['bytes'])
   return rows[:top]
 
@@ -464,6 +570,7 @@ def run_steps(compiled, state, batch, steps: int, warmup: int = 1):
   """Runs a compiled train step `warmup` times, then `steps` timed times,
   device-synchronised: (median step seconds, the last state, its metrics)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(state)
@@ -481,19 +588,31 @@ def time_step(compiled, exp, mesh, config, batch: int, steps: int) -> dict:
   and the allocator's peak where the device reports one."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(0)
-  local = {'image': rng.standard_normal((batch,) + input_shape(config)).astype(np.float32),
-           'label': rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
+  local = {
+    'image': rng.standard_normal((batch,) + input_shape(config)).astype(np.float32),
+    'label': rng.integers(0, config.model.num_classes, batch).astype(np.int32),
+  }
   gbatch = sharding.global_batch(local, mesh)
   step_s, _, metrics = run_steps(compiled, exp.init_state(), gbatch, steps)
   stats = mesh.devices.flat[0].memory_stats() or {}
-  return {'measured_step_s': step_s, 'measured_images_per_s': batch / step_s,
-          'measured_peak_bytes_per_chip': stats.get('peak_bytes_in_use'),
-          'measured_loss': float(metrics['loss'])}
+  return {
+    'measured_step_s': step_s,
+    'measured_images_per_s': batch / step_s,
+    'measured_peak_bytes_per_chip': stats.get('peak_bytes_in_use'),
+    'measured_loss': float(metrics['loss']),
+  }
 
 
-def plan(config, topology: str = 'local', batch: int | None = None, steps: int | None = None,
-         log=None, top: int = 0) -> dict:
+def plan(
+  config,
+  topology: str = 'local',
+  batch: int | None = None,
+  steps: int | None = None,
+  log=None,
+  top: int = 0,
+) -> dict:
   """Compiles config's train step for `topology` ('local' or a TPU slice) at
   global `batch` (default config.batch_size) and returns report()'s dict;
   on local accelerators also the measured step (`steps` timed steps, default
@@ -507,8 +626,9 @@ def plan(config, topology: str = 'local', batch: int | None = None, steps: int |
     devices = tpu_devices(topo)
     chip, target = CHIPS[topo.generation], topo.name
   if log:
-    log(f'compiling the train step of {config.get("name", "")} for {target}, '
-        f'global batch {batch} ...')
+    log(
+      f'compiling the train step of {config.get("name", "")} for {target}, global batch {batch} ...'
+    )
   compiled, mesh, exp, compile_s = compile_step(config, devices, batch)
   r = report(config, compiled, mesh, batch, chip, compile_s, target)
   if top and not isinstance(compiled, BaseException):
@@ -520,8 +640,14 @@ def plan(config, topology: str = 'local', batch: int | None = None, steps: int |
   return r
 
 
-def max_batch(config, topology: str = 'local', start: int | None = None, multiple: int = 0,
-              log=None, limit: int = 2 ** 24) -> tuple[int | None, list[dict]]:
+def max_batch(
+  config,
+  topology: str = 'local',
+  start: int | None = None,
+  multiple: int = 0,
+  log=None,
+  limit: int = 2**24,
+) -> tuple[int | None, list[dict]]:
   """The largest global batch, a multiple of `multiple` (default: the chips),
   whose step fits: doubling (or halving) from `start` (default: one image
   per chip), then bisection. Returns (that batch, or None if the smallest
@@ -534,9 +660,11 @@ def max_batch(config, topology: str = 'local', start: int | None = None, multipl
     r = plan(config, topology, b, steps=0)
     reports.append(r)
     if log:
-      log(f'  global batch {b}: {"fits" if r["fits"] else "does not fit"} '
-          f'(peak {_gib(r.get("hbm_peak_bytes_per_chip"))} per chip, '
-          f'compiled in {r["compile_s"]:.0f} s)')
+      log(
+        f'  global batch {b}: {"fits" if r["fits"] else "does not fit"} '
+        f'(peak {_gib(r.get("hbm_peak_bytes_per_chip"))} per chip, '
+        f'compiled in {r["compile_s"]:.0f} s)'
+      )
     return r['fits']
 
   b = start or unit  # check_options: a multiple of unit
@@ -577,48 +705,85 @@ def _gib(x) -> str:
 
 def format_report(r: dict) -> str:
   """The report as aligned text rows."""
+
   def num(x, unit='', scale=1.0, fmt='.3g'):
     return '-' if x is None else f'{x / scale:{fmt}}{unit}'
-  rows = [('config', r['config']), ('target', f"{r['target']} ({r['chips']} chips, mesh "
-                                               f"{'x'.join(map(str, r['mesh'].values()))})"),
-          ('global batch', f"{r['global_batch']} ({r['batch_per_chip']:g} per chip), T={r['T']}, "
-                           f"{r['dtype']}, remat {r['remat'] or 'none'}, loop {r['loop']}"),
-          ('compile', f"{r['compile_s']:.1f} s")]
+
+  rows = [
+    ('config', r['config']),
+    (
+      'target',
+      f"{r['target']} ({r['chips']} chips, mesh {'x'.join(map(str, r['mesh'].values()))})",
+    ),
+    (
+      'global batch',
+      f"{r['global_batch']} ({r['batch_per_chip']:g} per chip), T={r['T']}, "
+      f"{r['dtype']}, remat {r['remat'] or 'none'}, loop {r['loop']}",
+    ),
+    ('compile', f"{r['compile_s']:.1f} s"),
+  ]
   cap = r.get('hbm_capacity_bytes_per_chip')
   if not r['fits'] and 'error' in r:
     rows += [('fits', f"NO: {r['error']}")]
     rows += [(f'  {k}', _gib(v)) for k, v in r.get('compiler_figures', {}).items()]
   else:
-    rows += [('HBM per chip: peak', f"{_gib(r['hbm_peak_bytes_per_chip'])} of "
-                                    f"{_gib(cap) if cap else 'unknown'}: "
-                                    f"{'fits' if r['fits'] else 'DOES NOT FIT'}"),
-             ('  arguments / outputs', f"{_gib(r['hbm_argument_bytes_per_chip'])} / "
-                                       f"{_gib(r['hbm_output_bytes_per_chip'])} "
-                                       f"({_gib(r['hbm_alias_bytes_per_chip'])} aliased)"),
-             ('  temporaries', _gib(r['hbm_temp_bytes_per_chip'])),
-             ('FLOPs per image', num(r['flops_per_image'], ' GFLOP', 1e9)),
-             ('HBM bytes per image', num(r['hbm_bytes_per_image'], ' GB', 1e9)),
-             ('per chip-step', f"{num(r['flops_per_chip_step'], ' TFLOP', 1e12)}, "
-                               f"{num(r['hbm_bytes_per_chip_step'], ' GB', 1e9)}"),
-             ('arithmetic intensity', num(r['arithmetic_intensity'], ' FLOP/byte', 1, '.1f')
-              + (f" (ridge {r['ridge_flops_per_byte']:.0f})" if r.get('ridge_flops_per_byte')
-                 else ''))]
+    rows += [
+      (
+        'HBM per chip: peak',
+        f"{_gib(r['hbm_peak_bytes_per_chip'])} of "
+        f"{_gib(cap) if cap else 'unknown'}: "
+        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+      ),
+      (
+        '  arguments / outputs',
+        f"{_gib(r['hbm_argument_bytes_per_chip'])} / "
+        f"{_gib(r['hbm_output_bytes_per_chip'])} "
+        f"({_gib(r['hbm_alias_bytes_per_chip'])} aliased)",
+      ),
+      ('  temporaries', _gib(r['hbm_temp_bytes_per_chip'])),
+      ('FLOPs per image', num(r['flops_per_image'], ' GFLOP', 1e9)),
+      ('HBM bytes per image', num(r['hbm_bytes_per_image'], ' GB', 1e9)),
+      (
+        'per chip-step',
+        f"{num(r['flops_per_chip_step'], ' TFLOP', 1e12)}, "
+        f"{num(r['hbm_bytes_per_chip_step'], ' GB', 1e9)}",
+      ),
+      (
+        'arithmetic intensity',
+        num(r['arithmetic_intensity'], ' FLOP/byte', 1, '.1f')
+        + (f" (ridge {r['ridge_flops_per_byte']:.0f})" if r.get('ridge_flops_per_byte') else ''),
+      ),
+    ]
     if r.get('roofline_step_s'):
-      rows += [('roofline step', f"{r['roofline_step_s'] * 1e3:.1f} ms, "
-                                 f"{r['roofline_images_per_s']:,.0f} images/s "
-                                 f"({r['roofline_bound']}-bound)")]
+      rows += [
+        (
+          'roofline step',
+          f"{r['roofline_step_s'] * 1e3:.1f} ms, "
+          f"{r['roofline_images_per_s']:,.0f} images/s "
+          f"({r['roofline_bound']}-bound)",
+        )
+      ]
   if r.get('measured_step_s'):
     peak = r.get('measured_peak_bytes_per_chip')
-    rows += [('measured step', f"{r['measured_step_s'] * 1e3:.1f} ms, "
-                               f"{r['measured_images_per_s']:,.1f} images/s"
-                               + (f', allocator peak {_gib(peak)}' if peak else ''))]
+    rows += [
+      (
+        'measured step',
+        f"{r['measured_step_s'] * 1e3:.1f} ms, "
+        f"{r['measured_images_per_s']:,.1f} images/s"
+        + (f', allocator peak {_gib(peak)}' if peak else ''),
+      )
+    ]
   w = max(len(k) for k, _ in rows)
   text = '\n'.join(f'{k:<{w}}  {v}' for k, v in rows)
   if r.get('largest_traffic'):
-    text += ('\n\nlargest HBM consumers per chip-step (operands + result of each '
-             'top-level op; an estimate from the HLO):\n')
-    text += '\n'.join(f"  {t['bytes'] / 1e9:7.3f} GB  {t['op']:<16} {t['shape']:<40} "
-                       f"{t['source'][-90:]}" for t in r['largest_traffic'])
+    text += (
+      '\n\nlargest HBM consumers per chip-step (operands + result of each '
+      'top-level op; an estimate from the HLO):\n'
+    )
+    text += '\n'.join(
+      f"  {t['bytes'] / 1e9:7.3f} GB  {t['op']:<16} {t['shape']:<40} {t['source'][-90:]}"
+      for t in r['largest_traffic']
+    )
   return text
 
 
@@ -626,15 +791,19 @@ def main(argv):
   """python -m spikeformer_jax.aot: see the module docstring."""
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   f = flags.FLAGS
   config = f.config
+
   def log(msg):
     print(msg, file=sys.stderr, flush=True)
+
   # Errors: errors.report (cli.run). The options first, before anything loads or compiles.
   check_options(config, f.topology, f.batch, f.steps, f.top, f.batch_multiple, f.max_batch)
   if f.max_batch:
-    best, reports = max_batch(config, f.topology, f.batch, f.batch_multiple,
-                              log=None if f.json else log)
+    best, reports = max_batch(
+      config, f.topology, f.batch, f.batch_multiple, log=None if f.json else log
+    )
     fitting = [r for r in reports if r['fits']]
     r = max(fitting, key=lambda r: r['global_batch']) if fitting else reports[-1]
     r = dict(r, max_global_batch=best, searched_batches=[x['global_batch'] for x in reports])
@@ -645,33 +814,56 @@ def main(argv):
   else:
     print(format_report(r))
     if f.max_batch:
-      print(f'largest global batch that fits: {r["max_global_batch"]}' if r['max_global_batch']
-            else 'no batch fits: even one image per chip exceeds the HBM.')
+      print(
+        f'largest global batch that fits: {r["max_global_batch"]}'
+        if r['max_global_batch']
+        else 'no batch fits: even one image per chip exceeds the HBM.'
+      )
   return 0 if r['fits'] or f.max_batch else 3
 
 
 def _define_flags():  # checked by check_options
   from absl import flags  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
-  cli.define_config_file('config', os.path.join(cli.PACKAGED_CONFIGS, 'spikformer.py') + ':digits',
-                         'Config file (path.py:VARIANT); --config.x=y overrides as in train.py.')
-  flags.DEFINE_string('topology', 'local', 'local (this machine\'s devices), a TPU slice '
-                      'GEN:SHAPE (v5e:2x2, v4:2x2x2, v5p:4x4x4, v6e:4x4) or a Cloud '
-                      'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8).')
-  flags.DEFINE_integer('batch', None, 'Global batch (default: config.batch_size); with '
-                       '--max_batch, where the search starts.')
+
+  cli.define_config_file(
+    'config',
+    os.path.join(cli.PACKAGED_CONFIGS, 'spikformer.py') + ':digits',
+    'Config file (path.py:VARIANT); --config.x=y overrides as in train.py.',
+  )
+  flags.DEFINE_string(
+    'topology',
+    'local',
+    'local (this machine\'s devices), a TPU slice '
+    'GEN:SHAPE (v5e:2x2, v4:2x2x2, v5p:4x4x4, v6e:4x4) or a Cloud '
+    'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8).',
+  )
+  flags.DEFINE_integer(
+    'batch',
+    None,
+    'Global batch (default: config.batch_size); with --max_batch, where the search starts.',
+  )
   flags.DEFINE_bool('max_batch', False, 'Find the largest global batch that fits.')
-  flags.DEFINE_integer('batch_multiple', 0, '--max_batch: batches are multiples of this '
-                       '(default: the number of chips).')
-  flags.DEFINE_integer('steps', None, 'Local devices: timed steps (default 5 on GPU / TPU, '
-                       '0 on CPU).')
+  flags.DEFINE_integer(
+    'batch_multiple',
+    0,
+    '--max_batch: batches are multiples of this (default: the number of chips).',
+  )
+  flags.DEFINE_integer(
+    'steps', None, 'Local devices: timed steps (default 5 on GPU / TPU, 0 on CPU).'
+  )
   flags.DEFINE_bool('json', False, 'Print one JSON object.')
-  flags.DEFINE_integer('top', 0, 'Also list the N largest HBM consumers of the compiled '
-                       'step (op, shape, the JAX operation it came from).')
+  flags.DEFINE_integer(
+    'top',
+    0,
+    'Also list the N largest HBM consumers of the compiled '
+    'step (op, shape, the JAX operation it came from).',
+  )
 
 
 if __name__ == '__main__':
   _define_flags()
   from spikeformer_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+
   with _STOP:
     _cli.run(main)

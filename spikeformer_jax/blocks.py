@@ -42,13 +42,27 @@ class SpikingAttention(nnx.Module):
   sets it on its own copy of a model), is called with each call's input.
   """
 
-  def __init__(self, dim: int, num_heads: int, *, settings: layers.Settings, kind: str = 'ssa',
-               style: str = 'spikformer', scale: float = 0.125, order: str = 'qk_first',
-               qkv_bias: bool = False, attn_v_threshold: float = 0.5, init: str,
-               proj: bool = True, erode_hw: tuple | None = None, dead_modules: bool = False,
-               proj_lif_batch_as_time: bool = False,
-               model: ml_collections.ConfigDict | None = None, options: dict | None = None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    *,
+    settings: layers.Settings,
+    kind: str = 'ssa',
+    style: str = 'spikformer',
+    scale: float = 0.125,
+    order: str = 'qk_first',
+    qkv_bias: bool = False,
+    attn_v_threshold: float = 0.5,
+    init: str,
+    proj: bool = True,
+    erode_hw: tuple | None = None,
+    dead_modules: bool = False,
+    proj_lif_batch_as_time: bool = False,
+    model: ml_collections.ConfigDict | None = None,
+    options: dict | None = None,
+    rngs: nnx.Rngs,
+  ):
     impl = attention.get(kind)
     if style not in STYLES:
       raise ValueError(f'attention style {style!r}; valid: {STYLES}.')
@@ -59,22 +73,38 @@ class SpikingAttention(nnx.Module):
     self.erode_hw = erode_hw
     self.record_attention = False
     self.recorder: Any = None  # analysis.py's tap, called as recorder(x)
-    impl.build(self, attention.Context(
-        dim=dim, num_heads=num_heads, settings=settings, init=init, qkv_bias=qkv_bias, scale=scale,
-        order=order, attn_v_threshold=attn_v_threshold, rngs=rngs, model=model,
-        options=dict(options or {})))
+    impl.build(
+      self,
+      attention.Context(
+        dim=dim,
+        num_heads=num_heads,
+        settings=settings,
+        init=init,
+        qkv_bias=qkv_bias,
+        scale=scale,
+        order=order,
+        attn_v_threshold=attn_v_threshold,
+        rngs=rngs,
+        model=model,
+        options=dict(options or {}),
+      ),
+    )
     if style == 'sdt' and dead_modules:
       # SDT's Conv1d(h, h, 1), built but never called; part of the backbone's
       # state dict whatever the attention, so SDT checkpoints load everywhere.
-      self.talking_heads = nnx.Linear(num_heads, num_heads, use_bias=False,
-                                      param_dtype=settings.param_dtype, rngs=rngs)
+      self.talking_heads = nnx.Linear(
+        num_heads, num_heads, use_bias=False, param_dtype=settings.param_dtype, rngs=rngs
+      )
     if proj:
       self.proj_linear = settings.linear(dim, dim, bias=True, init=init, rngs=rngs, spikes_in=True)
       self.proj_bn = settings.bn(dim)
       if style == 'spikformer':
-        self.proj_lif = layers.SpikingNeuron(settings.neuron, settings.T,
-                                             batch_as_time=proj_lif_batch_as_time,
-                                             groups=settings.bn_groups)
+        self.proj_lif = layers.SpikingNeuron(
+          settings.neuron,
+          settings.T,
+          batch_as_time=proj_lif_batch_as_time,
+          groups=settings.bn_groups,
+        )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.recorder is not None:
@@ -109,10 +139,10 @@ class SpikingAttention(nnx.Module):
 
 # Rematerialisation of each block's forward in the backward pass (model.remat).
 REMAT_POLICIES = {
-    '': None,                 # save what autodiff saves
-    'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
-    'dots': jax.checkpoint_policies.dots_saveable,     # keep matmul / conv outputs
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  '': None,  # save what autodiff saves
+  'full': jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+  'dots': jax.checkpoint_policies.dots_saveable,  # keep matmul / conv outputs
+  'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -127,8 +157,7 @@ def check_remat(remat: str, field: str = 'model.remat'):
     raise errors.ConfigError(f'{field}={remat!r}; valid: {", ".join(map(repr, REMAT_POLICIES))}.')
 
 
-def apply_block(block, x: jax.Array | tuple[jax.Array, ...], remat: str = '',
-                fn=None) -> jax.Array:
+def apply_block(block, x: jax.Array | tuple[jax.Array, ...], remat: str = '', fn=None) -> jax.Array:
   """fn(block, x) (default block(x)), its activations recomputed in the
   backward pass under policy `remat` (REMAT_POLICIES; '' saves them as usual).
   Same values and gradients: only memory and time change."""
@@ -142,8 +171,16 @@ def apply_block(block, x: jax.Array | tuple[jax.Array, ...], remat: str = '',
 SPS_STAGES = ('', '1', '2', '3')  # official suffixes: proj_conv, proj_conv1, ...
 
 
-def add_sps_stages(module: nnx.Module, in_channels: int, dim: int, pooling: str, *,
-                   settings: layers.Settings, init: str, rngs: nnx.Rngs):
+def add_sps_stages(
+  module: nnx.Module,
+  in_channels: int,
+  dim: int,
+  pooling: str,
+  *,
+  settings: layers.Settings,
+  init: str,
+  rngs: nnx.Rngs,
+):
   """The four conv-BN-LIF stages (widths D/8, D/4, D/2, D) that Spikformer's
   SPS and SDT's MS_SPS share, under their official names; checks `pooling`."""
   if len(pooling) != 4 or set(pooling) - {'0', '1'}:
@@ -152,14 +189,18 @@ def add_sps_stages(module: nnx.Module, in_channels: int, dim: int, pooling: str,
     raise errors.ConfigError(f'embed_dim={dim} must be divisible by 8 (SPS widths D/8..D).')
   widths = (in_channels, dim // 8, dim // 4, dim // 2, dim)
   for i, sfx in enumerate(SPS_STAGES):
-    setattr(module, f'proj_conv{sfx}', settings.conv(widths[i], widths[i + 1], init=init, rngs=rngs,
-                                              spikes_in=i > 0))
+    setattr(
+      module,
+      f'proj_conv{sfx}',
+      settings.conv(widths[i], widths[i + 1], init=init, rngs=rngs, spikes_in=i > 0),
+    )
     setattr(module, f'proj_bn{sfx}', settings.bn(widths[i + 1]))
     setattr(module, f'proj_lif{sfx}', settings.lif())
 
 
-def mean_token_head(head, x: jax.Array, batch: int, T: int, per_timestep: bool,
-                    logits_dtype) -> jax.Array:
+def mean_token_head(
+  head, x: jax.Array, batch: int, T: int, per_timestep: bool, logits_dtype
+) -> jax.Array:
   """Spikformer's and MSViT's head: tokens [B*T, N, C] -> mean over tokens,
   then over T, then `head` (Linear). per_timestep (for the TET loss) returns
   head of every timestep's features, [B, T, classes]; the head is linear, so
@@ -176,16 +217,29 @@ class SpikingMLP(nnx.Module):
   `names` are the official prefixes of the two layers (MSViT's CIFAR files
   call them mlp1, mlp2)."""
 
-  def __init__(self, dim: int, hidden: int, *, settings: layers.Settings, init: str, rngs: nnx.Rngs,
-               names: tuple = ('fc1', 'fc2')):
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    *,
+    settings: layers.Settings,
+    init: str,
+    rngs: nnx.Rngs,
+    names: tuple = ('fc1', 'fc2'),
+  ):
     for name, (din, dout) in zip(names, ((dim, hidden), (hidden, dim))):
-      setattr(self, f'{name}_linear', settings.linear(din, dout, bias=True, init=init, rngs=rngs,
-                                               spikes_in=True))
+      setattr(
+        self,
+        f'{name}_linear',
+        settings.linear(din, dout, bias=True, init=init, rngs=rngs, spikes_in=True),
+      )
       setattr(self, f'{name}_bn', settings.bn(dout))
       setattr(self, f'{name}_lif', settings.lif())
     self.names = tuple(names)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for name in self.names:
-      x = getattr(self, f'{name}_lif')(getattr(self, f'{name}_bn')(getattr(self, f'{name}_linear')(x)))
+      x = getattr(self, f'{name}_lif')(
+        getattr(self, f'{name}_bn')(getattr(self, f'{name}_linear')(x))
+      )
     return x

@@ -50,14 +50,29 @@ def _chain(e: BaseException) -> str:
   return ' <- '.join(parts)
 
 
-_STATUS = re.compile(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT'
-                     r'|PERMISSION_DENIED|RESOURCE_EXHAUSTED|UNAVAILABLE|INTERNAL)'
-                     r'(?:: )?(?:Error \w+ )?"?([^"]*)"?')
+_STATUS = re.compile(
+  r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT'
+  r'|PERMISSION_DENIED|RESOURCE_EXHAUSTED|UNAVAILABLE|INTERNAL)'
+  r'(?:: )?(?:Error \w+ )?"?([^"]*)"?'
+)
 # What a damaged checkpoint (truncated, overwritten or missing files) reads as;
 # anything else (a flaky filesystem, too little memory) is not evidence of damage.
-_DAMAGE = ('out_of_range', 'data_loss', 'not_found', 'not found', 'no such file',
-           'metadata is missing', 'jsondecodeerror', 'expecting value', 'unterminated string',
-           'zlib', 'truncated', 'corrupt', 'decompress', 'checksum')
+_DAMAGE = (
+  'out_of_range',
+  'data_loss',
+  'not_found',
+  'not found',
+  'no such file',
+  'metadata is missing',
+  'jsondecodeerror',
+  'expecting value',
+  'unterminated string',
+  'zlib',
+  'truncated',
+  'corrupt',
+  'decompress',
+  'checksum',
+)
 
 
 def reason(e: BaseException, limit: int = 200) -> str:
@@ -67,11 +82,11 @@ def reason(e: BaseException, limit: int = 200) -> str:
     return 'no space left on device'
   m = _STATUS.search(text)
   if m:  # tensorstore: the status and what it was doing, not the whole spec
-    text = text[m.start():].split(' <- ')[0].split('. See full')[0]
+    text = text[m.start() :].split(' <- ')[0].split('. See full')[0]
     text = re.sub(r' in OCDBT database at local file "[^"]*"', '', text)
   else:
     text = text.split(' <- ')[-1]
-  return text if len(text) <= limit else text[:limit - 3] + '...'
+  return text if len(text) <= limit else text[: limit - 3] + '...'
 
 
 def is_damage(e: BaseException) -> bool:
@@ -100,6 +115,7 @@ def quiet_orbax_logs():
   """Installs the filter on absl's handler and drops orbax's unraisable and
   thread errors (idempotent): the tools report checkpoint failures in one line."""
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
   handler = absl_logging.get_absl_handler()
   if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
     handler.addFilter(_QuietOrbax())
@@ -121,7 +137,6 @@ class _DropOrbaxNoise:
 
 
 class Checkpointer:
-
   def __init__(self, directory: str, *, keep: int = 3, create: bool = True):
     self.directory = os.path.abspath(directory)
     if not create and not os.path.isdir(self.directory):
@@ -135,8 +150,9 @@ class Checkpointer:
     self._failed = False
 
   def _manager(self):
-    return ocp.CheckpointManager(self.directory, options=self._options,
-                                 item_names=('state', 'meta'))
+    return ocp.CheckpointManager(
+      self.directory, options=self._options, item_names=('state', 'meta')
+    )
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -149,9 +165,13 @@ class Checkpointer:
     self.poll()
     self._saving = step
     try:
-      self._mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
-          force=force)
+      self._mngr.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
+        ),
+        force=force,
+      )
     except Exception as e:  # pylint: disable=broad-except
       self._fail(e)  # the previous save failed in its finalize thread, or this one
 
@@ -194,11 +214,15 @@ class Checkpointer:
   def _fail(self, e):
     self._failed = True
     good = [s for s in committed_steps(self.directory) if s != self._saving]
-    last = (f'the last good checkpoint is step {good[-1]} in {self.directory}' if good
-            else f'no checkpoint is in {self.directory} yet')
+    last = (
+      f'the last good checkpoint is step {good[-1]} in {self.directory}'
+      if good
+      else f'no checkpoint is in {self.directory} yet'
+    )
     raise errors.CheckpointError(
-        f'saving checkpoint {self._saving} failed ({reason(e)}); stopped: {last}. Free '
-        'the space or fix the directory, then rerun the same command to resume.') from e
+      f'saving checkpoint {self._saving} failed ({reason(e)}); stopped: {last}. Free '
+      'the space or fix the directory, then rerun the same command to resume.'
+    ) from e
 
   def restore(self, abstract_state, step: int | None = None, *, backfill=None):
     """Returns (state, meta) of `step` (default: the latest) onto the shardings
@@ -213,20 +237,30 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}.')
     if step not in self.all_steps():
-      raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory}; '
-                              f'available: {self.all_steps()}.')
+      raise FileNotFoundError(
+        f'no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}.'
+      )
     stored = self._stored_shapes(step)
-    missing = [k for k in (backfill or {}) if k in abstract_state and not any(
-        name == k or name.startswith(k + '/') for name in stored)]
-    target = ({k: v for k, v in abstract_state.items() if k not in missing} if missing
-              else abstract_state)
+    missing = [
+      k
+      for k in (backfill or {})
+      if k in abstract_state and not any(name == k or name.startswith(k + '/') for name in stored)
+    ]
+    target = (
+      {k: v for k, v in abstract_state.items() if k not in missing} if missing else abstract_state
+    )
     self._check_shapes(step, stored, target)
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+      out = self._mngr.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       raise errors.CheckpointError(
-          f'checkpoint {step} in {self.directory} is unreadable ({reason(e)})') from e
+        f'checkpoint {step} in {self.directory} is unreadable ({reason(e)})'
+      ) from e
     state = out['state']
     for k in missing:
       state[k] = backfill[k](state)
@@ -246,14 +280,17 @@ class Checkpointer:
       except errors.CheckpointError as e:
         if not is_damage(e):
           raise errors.CheckpointError(
-              f'{errors.one_line(e)}; that is no sign of a damaged checkpoint, so nothing '
-              'was moved: fix the cause and rerun.') from e
+            f'{errors.one_line(e)}; that is no sign of a damaged checkpoint, so nothing '
+            'was moved: fix the cause and rerun.'
+          ) from e
         damaged.append((step, e))
     else:
       raise errors.CheckpointError(
-          f'no checkpoint in {self.directory} reads (' + '; '.join(
-              f'{s}: {reason(e)}' for s, e in damaged) + '); nothing was moved. Train '
-          'from scratch in another --workdir, or move the checkpoints away.')
+        f'no checkpoint in {self.directory} reads ('
+        + '; '.join(f'{s}: {reason(e)}' for s, e in damaged)
+        + '); nothing was moved. Train '
+        'from scratch in another --workdir, or move the checkpoints away.'
+      )
     if damaged:
       root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
       dests = []
@@ -289,30 +326,33 @@ class Checkpointer:
     """{'params/...': shape} of the checkpoint's arrays; unreadable metadata is
     a damaged checkpoint, not another model."""
     try:
-      md = ocp.StandardCheckpointer().metadata(
-          os.path.join(self.directory, str(step), 'state'))
+      md = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), 'state'))
       stored = _shapes(getattr(getattr(md, 'item_metadata', md), 'tree', md))
     except Exception as e:  # pylint: disable=broad-except
       raise errors.CheckpointError(
-          f'checkpoint {step} in {self.directory} is unreadable (its metadata: '
-          f'{reason(e)})') from e
+        f'checkpoint {step} in {self.directory} is unreadable (its metadata: {reason(e)})'
+      ) from e
     if not stored or '' in stored:  # orbax gives an empty tree for a missing _METADATA
       raise errors.CheckpointError(
-          f'checkpoint {step} in {self.directory} is unreadable (its metadata is missing '
-          'or empty)')
+        f'checkpoint {step} in {self.directory} is unreadable (its metadata is missing or empty)'
+      )
     return stored
 
   def _check_shapes(self, step: int, stored: dict, abstract_state):
     """One clear error, before orbax's own, when the checkpoint's arrays do
     not fit the model (another size, class count or optimizer)."""
     wanted = _shapes(abstract_state)
-    diffs = [f'{k}: checkpoint {stored.get(k)} vs model {wanted.get(k)}'
-             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+    diffs = [
+      f'{k}: checkpoint {stored.get(k)} vs model {wanted.get(k)}'
+      for k in sorted(set(stored) | set(wanted))
+      if stored.get(k) != wanted.get(k)
+    ]
     if diffs:
       raise errors.ConfigError(
-          f'checkpoint {self.directory}/{step} does not fit this model and optimizer '
-          f'(was it written with another config?); {len(diffs)} arrays differ, e.g. '
-          + '; '.join(diffs[:3]))
+        f'checkpoint {self.directory}/{step} does not fit this model and optimizer '
+        f'(was it written with another config?); {len(diffs)} arrays differ, e.g. '
+        + '; '.join(diffs[:3])
+      )
 
   def wait_quietly(self):
     """wait(), for paths that already report another error: a failed save is
@@ -367,7 +407,7 @@ def _drop_dead_holds(directory: str):
   except OSError:
     return
   for name in names:
-    pid = name[len(prefix):].split('-')[0] if name.startswith(prefix) else ''
+    pid = name[len(prefix) :].split('-')[0] if name.startswith(prefix) else ''
     if pid.isdigit():
       try:
         os.kill(int(pid), 0)
@@ -387,8 +427,7 @@ def _hold(directory: str, step: int) -> str | None:
     return None
   _drop_dead_holds(directory)
   try:
-    root = tempfile.mkdtemp(prefix=f'{_HOLD}{socket.gethostname()}-{os.getpid()}-',
-                            dir=directory)
+    root = tempfile.mkdtemp(prefix=f'{_HOLD}{socket.gethostname()}-{os.getpid()}-', dir=directory)
   except OSError:
     return None
   try:
@@ -416,8 +455,9 @@ def _vanished(directory: str, step: int, workdir: str) -> bool:
   return False
 
 
-def read_committed(directory: str, read, *, step: int | None = None,
-                   workdir: str | None = None, tries: int = 5):
+def read_committed(
+  directory: str, read, *, step: int | None = None, workdir: str | None = None, tries: int = 5
+):
   """`read(root, step)` of the newest committed step of `directory` (or of
   `step`), while the run in `workdir` may go on saving and deleting its old
   steps. The step is read from a hold (`_hold`); if it vanished all the same
@@ -447,10 +487,11 @@ def read_committed(directory: str, read, *, step: int | None = None,
         shutil.rmtree(root, ignore_errors=True)
   who = workdir_lib.holder(workdir)
   raise RunBeingWritten(
-      f'the run in {workdir} is being written'
-      + (f' by {workdir_lib.describe(who)}' if who else '')
-      + f', which deleted each checkpoint while it was read ({tries} tries): retry, or '
-      'stop that run first (or give it a larger ckpt_keep).')
+    f'the run in {workdir} is being written'
+    + (f' by {workdir_lib.describe(who)}' if who else '')
+    + f', which deleted each checkpoint while it was read ({tries} tries): retry, or '
+    'stop that run first (or give it a larger ckpt_keep).'
+  )
 
 
 def _sync(name: str):
@@ -461,17 +502,20 @@ def _sync(name: str):
 def abstract_like(state, shardings):
   """ShapeDtypeStructs of `state` carrying `shardings` (same tree or a prefix)."""
   return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+  )
 
 
 def flatten(tree, prefix: str = '') -> dict:
   """{'params/block/0/attn/q_bn/scale': leaf}, in leaf order, whatever the
   path key types (dict keys, nnx.State, restored nested dicts)."""
+
   def name(k):
     for attr in ('key', 'name', 'idx'):
       if hasattr(k, attr):
         return str(getattr(k, attr))
     return str(k)
+
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     parts = ([prefix] if prefix else []) + [name(k) for k in path]

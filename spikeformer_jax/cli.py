@@ -41,8 +41,10 @@ _PARSE_ERRORS = (flags.Error, KeyError, AttributeError, TypeError, ValueError)
 
 
 TRACEBACK = flags.DEFINE_bool(
-    'traceback', False, 'Print the traceback of every error, also of the one-line ones '
-    '(bugs always print theirs).')
+  'traceback',
+  False,
+  'Print the traceback of every error, also of the one-line ones (bugs always print theirs).',
+)
 
 
 def exit_usage(message: str):
@@ -75,8 +77,11 @@ def config_file(spec: str | None) -> str | None:
     return spec
   path, colon, arg = spec.partition(':')
   head, name = os.path.split(os.path.normpath(path))
-  if (head == 'configs' and not os.path.exists(path)
-      and os.path.exists(os.path.join(PACKAGED_CONFIGS, name))):
+  if (
+    head == 'configs'
+    and not os.path.exists(path)
+    and os.path.exists(os.path.join(PACKAGED_CONFIGS, name))
+  ):
     return os.path.join(PACKAGED_CONFIGS, name) + colon + arg
   return spec
 
@@ -100,26 +105,30 @@ def parse_flags(argv: list[str], config_names=('config',)) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except _PARSE_ERRORS as e:
-    exit_usage(describe(e, argv, config_names[0], _DEFAULTS.get(config_names[0]))
-               if config_names else _last_line(e))
+    exit_usage(
+      describe(e, argv, config_names[0], _DEFAULTS.get(config_names[0]))
+      if config_names
+      else _last_line(e)
+    )
   for name in config_names:  # a file that fails to load is kept as an error until used
     value = flags.FLAGS[name].value if name in flags.FLAGS else None
     if value is not None:
       try:
         _ = value.keys  # loads the file, or raises its error
       except OSError as e:
-        exit_usage(f'--{name}={flags.FLAGS[name].serialize().split("=", 1)[-1]}: '
-                   f'{_last_line(e)}')
+        exit_usage(f'--{name}={flags.FLAGS[name].serialize().split("=", 1)[-1]}: {_last_line(e)}')
   return rest
 
 
 def reporting(main):
   """`main` returning `errors.report`'s exit status for what it raises."""
+
   def guarded(argv):
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except  # KeyboardInterrupt: the tool's
       return errors.report(e, traceback=TRACEBACK.value)
+
   return guarded
 
 
@@ -132,6 +141,7 @@ def run(main, config_names=('config',), jax_flags: bool = True):
   (`jax_flags_to_env`)."""
   if jax_flags:
     import jax  # pylint: disable=import-outside-toplevel
+
     jax.config.config_with_absl()  # applied once app.run has parsed the command line
   app.run(reporting(main), flags_parser=lambda argv: parse_flags(argv, config_names))
 
@@ -185,19 +195,22 @@ def describe(e: BaseException, argv: list[str], name: str, default: str | None) 
   first = msg.splitlines()[0] if msg else ''
   m = re.match(rf"Unknown command line flag '((?:no)?{re.escape(name)}\.[^']*)'", first)
   if m and config is None:  # overrides of a config flag that has no value (eval.py)
-    return (f'--{m.group(1)} overrides a field of --{name}, which is not given; add '
-            f'--{name}=path.py[:VARIANT].')
+    return (
+      f'--{m.group(1)} overrides a field of --{name}, which is not given; add '
+      f'--{name}=path.py[:VARIANT].'
+    )
   if not first.startswith('flag --'):
     return _last_line(e) if isinstance(e, KeyError) or '\n' in msg else errors.one_line(e)
-  first = first[len('flag '):]  # absl: 'flag --config.model.T=abc: invalid literal ...'
+  first = first[len('flag ') :]  # absl: 'flag --config.model.T=abc: invalid literal ...'
   if '\n' in msg:  # 'flag --config=X: Error whilst parsing config file: <traceback>'
     return f'{first.split(": ", 1)[0]}: {_last_line(e)}'
   m = re.match(rf'--{re.escape(name)}\.([\w.]+)=', first)
   field = m.group(1) if m else ''
   current = _lookup(config, field) if field and config is not None else None
   if current is not None:
-    return (f'{errors.one_line(first)}; {field} takes {type(current).__name__} '
-            f'values (now {current!r}).')
+    return (
+      f'{errors.one_line(first)}; {field} takes {type(current).__name__} values (now {current!r}).'
+    )
   return errors.one_line(first)
 
 
@@ -256,10 +269,14 @@ def _unknown_field(config, argv, name) -> str | None:
       keys = [str(k) for k in node.keys()]
       if key not in keys:
         close = difflib.get_close_matches(key, keys, 1, 0.6)
-        hint = (f'did you mean {".".join(where + close)}?' if close
-                else f'its fields: {", ".join(sorted(keys))}.')
-        return (f'--{name}.{m.group(1)}: {".".join(where) or "the config"} has no field '
-                f'{key!r}; {hint}')
+        hint = (
+          f'did you mean {".".join(where + close)}?'
+          if close
+          else f'its fields: {", ".join(sorted(keys))}.'
+        )
+        return (
+          f'--{name}.{m.group(1)}: {".".join(where) or "the config"} has no field {key!r}; {hint}'
+        )
       node = node[key]
       where.append(key)
   return None

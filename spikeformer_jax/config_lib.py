@@ -14,6 +14,9 @@ from spikeformer_jax.data import mixup
 NORM = data_lib.NORM
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def data_config(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
   """`config.data`; mean=() feeds raw values (event counts)."""
   return ml_collections.ConfigDict(dict(
@@ -36,6 +39,7 @@ def data_config(name, num_classes, shape, mean=(0.5,), std=(0.25,)):
                               # background thread
       augment=data_lib.augment_config(),
   ))
+# fmt: on
 
 
 def image_data(dataset, num_classes, img):
@@ -43,6 +47,9 @@ def image_data(dataset, num_classes, img):
   return data_config(dataset, num_classes, (img, img, 3), mean, std)
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr=1e-5,
                 optimizer='adamw', eps=1e-8):
   """Everything but the model and data, with the official recipes' shape."""
@@ -101,6 +108,7 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.tensorboard = True         # also write the metrics to WORKDIR/tb (tensorboardX, no TensorFlow)
   c.profile_steps = ()         # (first, last): a jax.profiler trace of those steps -> WORKDIR/profile
   return c
+# fmt: on
 
 
 def runlocal(c):
@@ -139,16 +147,27 @@ def parse_arg(arg: str, default: str, variants) -> tuple[str, bool]:
 
 # Fields whose change makes a checkpoint another experiment: a run refuses to
 # resume across them unless `allow_config_change` is set.
-MODEL_DEFINING = ('model', 'data.name', 'data.num_classes', 'data.image_size', 'data.shape',
-                  'data.mean', 'data.std', 'data.norm_from',
-                  'ema_decay')  # EMA on / off changes the checkpoint's structure
+MODEL_DEFINING = (
+  'model',
+  'data.name',
+  'data.num_classes',
+  'data.image_size',
+  'data.shape',
+  'data.mean',
+  'data.std',
+  'data.norm_from',
+  'ema_decay',
+)  # EMA on / off changes the checkpoint's structure
 
 
 def config_diff(saved, want, prefix: str = '') -> list[str]:
   """Dotted keys whose values differ between two JSON-like config dicts."""
   if isinstance(saved, dict) and isinstance(want, dict):
-    return [d for k in sorted(set(saved) | set(want))
-            for d in config_diff(saved.get(k), want.get(k), f'{prefix}{k}.')]
+    return [
+      d
+      for k in sorted(set(saved) | set(want))
+      for d in config_diff(saved.get(k), want.get(k), f'{prefix}{k}.')
+    ]
   return [] if saved == want else [prefix.rstrip('.')]
 
 
@@ -156,9 +175,14 @@ def config_diff(saved, want, prefix: str = '') -> list[str]:
 # (their default, for runs saved before they existed; what of the value
 # matters: EMA on / off). A family's or attention kind's own fields declare
 # theirs beside them (`added`): see `added_fields`.
-_ADDED = {'data.norm_from': ('', str), 'ema_decay': (0.0, bool),
-          'model.neuron.membrane': ('float32', str), 'model.neuron.kind': ('lif', str),
-          'model.neuron.charge_form': ('spikingjelly', str), 'model.neuron.beta': (0.5, float)}
+_ADDED = {
+  'data.norm_from': ('', str),
+  'ema_decay': (0.0, bool),
+  'model.neuron.membrane': ('float32', str),
+  'model.neuron.kind': ('lif', str),
+  'model.neuron.charge_form': ('spikingjelly', str),
+  'model.neuron.beta': (0.5, float),
+}
 
 
 def added_fields() -> dict:
@@ -169,13 +193,21 @@ def added_fields() -> dict:
 
 
 # Under 'model' but not defining it: how the same function is compiled.
-COMPILATION_ONLY = ('model.remat', 'model.remat_stem', 'model.neuron.loop',
-                    'model.neuron.unroll', 'model.neuron.recompute', 'model.compact_spikes',
-                    'model.weight_grad', 'model.bn_recompute')
+COMPILATION_ONLY = (
+  'model.remat',
+  'model.remat_stem',
+  'model.neuron.loop',
+  'model.neuron.unroll',
+  'model.neuron.recompute',
+  'model.compact_spikes',
+  'model.weight_grad',
+  'model.bn_recompute',
+)
 
 
-def model_defining(keys: list[str], saved: dict | None = None,
-                   want: dict | None = None) -> list[str]:
+def model_defining(
+  keys: list[str], saved: dict | None = None, want: dict | None = None
+) -> list[str]:
   """The model-defining keys among changed `keys` (of saved -> want configs)."""
   out, added = [], added_fields()
   for k in keys:

@@ -39,8 +39,12 @@ from spikeformer_jax import extras
 
 # Our leaf name -> PyTorch leaf name, per variable type.
 _LEAF_NAMES = {
-    'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-    'mean': 'running_mean', 'var': 'running_var', 'count': 'num_batches_tracked',
+  'kernel': 'weight',
+  'scale': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+  'count': 'num_batches_tracked',
 }
 _ALIASES = (('_linear', '_conv'), ('_conv', '_linear'))
 
@@ -72,7 +76,7 @@ def official_shapes(path: tuple, shape: tuple) -> tuple[tuple, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  path: tuple        # our state path
+  path: tuple  # our state path
   torch_key: str
   our_shape: tuple
   torch_shape: tuple
@@ -104,19 +108,23 @@ def value_problems(arrays: dict, dtypes: dict) -> list[str]:
   holds floats (or the reverse), NaN or infinities, also after the cast to
   the model's dtype (1e39 is no float32)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   out = []
   for name, w in arrays.items():
     w, want = np.asarray(w), np.dtype(dtypes[name])
     floating = jax.dtypes.issubdtype(want, np.floating)
     if floating != jax.dtypes.issubdtype(w.dtype, np.floating) or (
-        not floating and not np.issubdtype(w.dtype, np.integer)):
+      not floating and not np.issubdtype(w.dtype, np.integer)
+    ):
       out.append(f'{name} holds {w.dtype}, not {"floats" if floating else "integers"}')
     elif floating:
       with np.errstate(over='ignore', invalid='ignore'):
         bad = int(np.size(w) - np.count_nonzero(np.isfinite(w.astype(want))))
       if bad:
-        out.append(f'{name} has {bad} of {w.size} values NaN or infinite'
-                   + (f' (as {want})' if np.isfinite(w).all() else ''))
+        out.append(
+          f'{name} has {bad} of {w.size} values NaN or infinite'
+          + (f' (as {want})' if np.isfinite(w).all() else '')
+        )
   return out
 
 
@@ -128,7 +136,7 @@ def _candidates(path: tuple) -> list[str]:
   names = ['.'.join(mods)]
   for a, b in _ALIASES:
     if mods[-1].endswith(a):
-      names.append('.'.join(mods[:-1] + [mods[-1][:-len(a)] + b]))
+      names.append('.'.join(mods[:-1] + [mods[-1][: -len(a)] + b]))
   return [f'{n}.{tleaf}' for n in names]
 
 
@@ -162,14 +170,20 @@ def _raise_if(missing, unexpected, bad_shape, values=()):
   if bad_shape:
     problems.append('shape mismatch: ' + '; '.join(bad_shape))
   if values:  # not the configuration: the file
-    problems.append('values no weight can have (a damaged file, or a diverged run?): '
-                    + '; '.join(values))
+    problems.append(
+      'values no weight can have (a damaged file, or a diverged run?): ' + '; '.join(values)
+    )
   if problems:
     raise errors.DataError(
-        ('The PyTorch state_dict does not fit this model configuration (check '
-         'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):'
-         if len(problems) > bool(values) else 'The PyTorch state_dict cannot be loaded:')
-        + '\n  ' + '\n  '.join(problems))
+      (
+        'The PyTorch state_dict does not fit this model configuration (check '
+        'embed_dim, depth, num_heads, num_classes, flavour and dead_modules):'
+        if len(problems) > bool(values)
+        else 'The PyTorch state_dict cannot be loaded:'
+      )
+      + '\n  '
+      + '\n  '.join(problems)
+    )
 
 
 def mapping(model: nnx.Module, torch_shapes: dict[str, tuple]) -> list[Entry]:
@@ -188,14 +202,21 @@ def load_state_dict(model: nnx.Module, state_dict: dict) -> list[Entry]:
   ValueError naming every array that does not fit (`mapping`) or holds values
   no weight can have (`value_problems`), before anything is copied."""
   state_dict = {k.removeprefix('module.'): np.asarray(v) for k, v in state_dict.items()}
-  entries, missing, unexpected, bad_shape = match(model, {k: v.shape
-                                                          for k, v in state_dict.items()})
+  entries, missing, unexpected, bad_shape = match(
+    model, {k: v.shape for k, v in state_dict.items()}
+  )
   state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
   flat = dict(nnx.to_flat_state(state))
   fit = [e for e in entries if e.torch_shape in official_shapes(e.path, e.our_shape)]
-  _raise_if(missing, unexpected, bad_shape, value_problems(
+  _raise_if(
+    missing,
+    unexpected,
+    bad_shape,
+    value_problems(
       {e.torch_key: state_dict[e.torch_key] for e in fit},
-      {e.torch_key: flat[e.path].get_value().dtype for e in fit}))
+      {e.torch_key: flat[e.path].get_value().dtype for e in fit},
+    ),
+  )
   for e in entries:
     var = flat[e.path]
     var.set_value(np.asarray(e.to_ours(state_dict[e.torch_key]), dtype=var.get_value().dtype))
@@ -205,8 +226,11 @@ def load_state_dict(model: nnx.Module, state_dict: dict) -> list[Entry]:
 
 def to_torch_layout(entries: list[Entry], flat_arrays: dict) -> dict[str, np.ndarray]:
   """Our arrays (path -> array, e.g. gradients) -> PyTorch names and layouts."""
-  return {e.torch_key: e.to_torch(np.asarray(flat_arrays[e.path]))
-          for e in entries if e.path in flat_arrays}
+  return {
+    e.torch_key: e.to_torch(np.asarray(flat_arrays[e.path]))
+    for e in entries
+    if e.path in flat_arrays
+  }
 
 
 def load_torch_file(path: str) -> dict[str, np.ndarray]:
@@ -223,8 +247,9 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
       if key in obj and isinstance(obj[key], dict):
         obj = obj[key]
         break
-  return {k: v.detach().cpu().numpy() if hasattr(v, 'detach') else np.asarray(v)
-          for k, v in obj.items()}
+  return {
+    k: v.detach().cpu().numpy() if hasattr(v, 'detach') else np.asarray(v) for k, v in obj.items()
+  }
 
 
 def _refuse_out(out: str, holding: bool = False):
@@ -233,24 +258,29 @@ def _refuse_out(out: str, holding: bool = False):
   other files). Converting never writes into an existing directory's files."""
   import os  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
   if os.path.exists(out) and not os.path.isdir(out):
     raise errors.UserError(f'--out={out} is a file; give a new directory.')
   if not os.path.isdir(out):
     return
   who = None if holding else workdir_lib.holder(out)
   if who:
-    raise errors.UserError(f'--out={out} is in use by {workdir_lib.describe(who)}; give a '
-                           'new directory.')
+    raise errors.UserError(
+      f'--out={out} is in use by {workdir_lib.describe(who)}; give a new directory.'
+    )
   lock = workdir_lib.LOCK_NAME
   entries = sorted(n for n in os.listdir(out) if n != lock and not n.startswith(lock + '.'))
   if 'config.json' in entries or 'checkpoints' in entries:
-    raise errors.UserError(f'--out={out} already holds a run (its config.json or checkpoints/); '
-                           'give a new directory, or delete that one to convert into it again.')
+    raise errors.UserError(
+      f'--out={out} already holds a run (its config.json or checkpoints/); '
+      'give a new directory, or delete that one to convert into it again.'
+    )
   if entries:
     raise errors.UserError(
-        f'--out={out} is not empty (it holds {", ".join(entries[:4])}'
-        f'{f" and {len(entries) - 4} more" if len(entries) > 4 else ""}); convert writes a new '
-        'workdir: give a new or empty directory.')
+      f'--out={out} is not empty (it holds {", ".join(entries[:4])}'
+      f'{f" and {len(entries) - 4} more" if len(entries) > 4 else ""}); convert writes a new '
+      'workdir: give a new or empty directory.'
+    )
 
 
 def write_workdir(config, torch_file: str, out: str) -> str:
@@ -265,6 +295,7 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import experiment, sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
   if not out:  # before reading the checkpoint, which may take minutes
     raise errors.UserError('--out is empty: give a new directory for the converted workdir.')
   config = config.copy_and_resolve_references()
@@ -282,13 +313,15 @@ def write_workdir(config, torch_file: str, out: str) -> str:
       exp = experiment.build(config, sharding.make_mesh(1), steps_per_epoch=1)
       state = pretrained.apply(exp.init_state(), take)
       try:
-        workdir_lib.write_json(config_json,
-                             {'config': config.to_dict(),
-                              'run': {'converted_from': os.path.abspath(torch_file),
-                                      'num_params': exp.num_params}})
+        workdir_lib.write_json(
+          config_json,
+          {
+            'config': config.to_dict(),
+            'run': {'converted_from': os.path.abspath(torch_file), 'num_params': exp.num_params},
+          },
+        )
         ckpt = checkpointing.Checkpointer(ckpts)
-        ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)},
-                  force=True)
+        ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)}, force=True)
         ckpt.close()
       except BaseException:  # half a converted workdir would pass for a run: remove it
         shutil.rmtree(ckpts, ignore_errors=True)
@@ -310,6 +343,7 @@ def main(argv):
   del argv
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO, as in eval.py
     logging.set_verbosity(logging.WARNING)
     checkpointing.quiet_orbax_logs()
@@ -321,9 +355,11 @@ def main(argv):
 if __name__ == '__main__':
   from absl import flags  # pylint: disable=g-import-not-at-top
   from spikeformer_jax import cli  # pylint: disable=g-import-not-at-top
+
   _CONFIG = cli.define_config_file('config', None, 'Config of the model (path.py:VARIANT).')
-  _TORCH = flags.DEFINE_string('torch', None, 'Official checkpoint (.pth, .pth.tar, .pt) or '
-                               '.npz state_dict.')
+  _TORCH = flags.DEFINE_string(
+    'torch', None, 'Official checkpoint (.pth, .pth.tar, .pt) or .npz state_dict.'
+  )
   _OUT = flags.DEFINE_string('out', None, 'New workdir to write.')
   flags.mark_flags_as_required(['config', 'torch', 'out'])
   cli.run(main)

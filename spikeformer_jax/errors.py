@@ -30,6 +30,7 @@ import traceback as traceback_lib
 
 class UserError(Exception):
   """A problem the user can fix, described in one line."""
+
   multiline = False  # True: the message is a summary line and a line per item, printed as is
 
 
@@ -90,8 +91,11 @@ def report(e: BaseException, traceback: bool = False, file=None) -> int:
   if traceback or not user:
     traceback_lib.print_exception(type(e), e, e.__traceback__, file=file)
   if not user:
-    print(f'error: {type(e).__name__}: {one_line(e)} (a bug, not a problem with the input: '
-          'the traceback above shows where)', file=file)
+    print(
+      f'error: {type(e).__name__}: {one_line(e)} (a bug, not a problem with the input: '
+      'the traceback above shows where)',
+      file=file,
+    )
   elif getattr(e, 'multiline', False):
     print(f'error: {e}', file=file)
   else:

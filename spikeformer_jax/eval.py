@@ -41,15 +41,24 @@ _DEVICES = flags.DEFINE_integer('num_devices', None, 'Devices to use (default: a
 _EMA = flags.DEFINE_bool('ema', False, 'Evaluate the EMA of the weights (runs with ema_decay).')
 _ANALYZE = flags.DEFINE_bool('analyze', False, 'Firing rates, SOPs, energy and pictures.')
 _EXAMPLES = flags.DEFINE_integer('analyze_examples', 256, 'Examples analysed.')
-_INTEGER = flags.DEFINE_enum('integer_inputs', 'mac', ['mac', 'ac'],
-                             'Non-binary integer inputs (spike sums, event counts): MAC '
-                             'layers, or one AC per unit.')
-_FIRST_MJ = flags.DEFINE_float('first_layer_mj', 0.0,
-                               "The first layer's energy as a constant, mJ per example (0: "
-                               'E_MAC x its MACs over T; Spikformer Table 2: 1.596).')
-_COUNT_HEAD = flags.DEFINE_bool('count_head', True,
-                                '--nocount_head: leave the classifier head out of the energy '
-                                '(Spikformer eq. 22 and MSViT eq. 18 have no head term).')
+_INTEGER = flags.DEFINE_enum(
+  'integer_inputs',
+  'mac',
+  ['mac', 'ac'],
+  'Non-binary integer inputs (spike sums, event counts): MAC layers, or one AC per unit.',
+)
+_FIRST_MJ = flags.DEFINE_float(
+  'first_layer_mj',
+  0.0,
+  "The first layer's energy as a constant, mJ per example (0: "
+  'E_MAC x its MACs over T; Spikformer Table 2: 1.596).',
+)
+_COUNT_HEAD = flags.DEFINE_bool(
+  'count_head',
+  True,
+  '--nocount_head: leave the classifier head out of the energy '
+  '(Spikformer eq. 22 and MSViT eq. 18 have no head term).',
+)
 _ATTN_BLOCK = flags.DEFINE_integer('attention_block', 0, 'Attention module to draw.')
 _ATTN_HEADS = flags.DEFINE_list('attention_heads', ['0'], 'Heads to draw.')
 
@@ -60,23 +69,33 @@ def _workdir() -> str:
 
 def analyze(config) -> int:
   from spikeformer_jax import analysis, errors  # pylint: disable=import-outside-toplevel
+
   try:
     report, paths = analysis.analyze_checkpoint(
-      config, _workdir(), split=_SPLIT.value, step=_STEP.value,
-      examples=_EXAMPLES.value, out_dir=_OUTPUT.value,
-      conventions=analysis.Conventions(integer_inputs=_INTEGER.value,
-                                       first_layer_mj=_FIRST_MJ.value,
-                                       count_head=_COUNT_HEAD.value),
-      attention_block=_ATTN_BLOCK.value, attention_heads=tuple(map(int, _ATTN_HEADS.value)))
+      config,
+      _workdir(),
+      split=_SPLIT.value,
+      step=_STEP.value,
+      examples=_EXAMPLES.value,
+      out_dir=_OUTPUT.value,
+      conventions=analysis.Conventions(
+        integer_inputs=_INTEGER.value, first_layer_mj=_FIRST_MJ.value, count_head=_COUNT_HEAD.value
+      ),
+      attention_block=_ATTN_BLOCK.value,
+      attention_heads=tuple(map(int, _ATTN_HEADS.value)),
+    )
   except IndexError as e:  # drawn before the analysis: name the flag
     flag = 'attention_block' if str(e).startswith('block=') else 'attention_heads'
-    raise errors.ConfigError(f'--{flag}={flags.FLAGS[flag].serialize().split("=", 1)[-1]}: '
-                             f'{errors.one_line(e)}') from e
+    raise errors.ConfigError(
+      f'--{flag}={flags.FLAGS[flag].serialize().split("=", 1)[-1]}: {errors.one_line(e)}'
+    ) from e
   t = report['totals']
-  print(f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
-        f'{t["macs"] / 1e9:.4f} GMAC dense, {t["sops"] / 1e9:.4f} G SOPs, '
-        f'{t["energy_mj"]:.4f} mJ (non-spiking: {t["ann_energy_mj"]:.4f} mJ), mean '
-        f'firing rate {t["mean_firing_rate"]:.4f} -> {os.path.dirname(paths["json"])}')
+  print(
+    f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
+    f'{t["macs"] / 1e9:.4f} GMAC dense, {t["sops"] / 1e9:.4f} G SOPs, '
+    f'{t["energy_mj"]:.4f} mJ (non-spiking: {t["ann_energy_mj"]:.4f} mJ), mean '
+    f'firing rate {t["mean_firing_rate"]:.4f} -> {os.path.dirname(paths["json"])}'
+  )
   return 0
 
 
@@ -86,22 +105,27 @@ def _check_writable(out: str | None):
   workdir's default)."""
   import tempfile  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
+
   if out and not _ANALYZE.value and os.path.isdir(out):
-    raise errors.ConfigError(f'--output={out} is a directory; give a file path, e.g. '
-                             f'{os.path.join(out, "eval.json")}.')
+    raise errors.ConfigError(
+      f'--output={out} is a directory; give a file path, e.g. {os.path.join(out, "eval.json")}.'
+    )
   if out and _ANALYZE.value:
     directory = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
   else:
     directory = os.path.dirname(os.path.abspath(out)) if out else _workdir()
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'cannot write the result to {directory}: no such directory; '
-                            'create it or pass another --output.')
+    raise FileNotFoundError(
+      f'cannot write the result to {directory}: no such directory; '
+      'create it or pass another --output.'
+    )
   try:
     with tempfile.NamedTemporaryFile(dir=directory, prefix='.eval-write-check-'):
       pass
   except OSError as e:
-    raise OSError(f'cannot write the result to {directory}: {e.strerror}; pass --output '
-                  'with a writable path.') from e
+    raise OSError(
+      f'cannot write the result to {directory}: {e.strerror}; pass --output with a writable path.'
+    ) from e
 
 
 def _sigterm(signum, frame):
@@ -116,6 +140,7 @@ def main(argv):
   try:
     from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
     from spikeformer_jax import restore, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
     if not flags.FLAGS['verbosity'].present:  # unreadable checkpoints: one line
       checkpointing.quiet_orbax_logs()
     signal.signal(signal.SIGTERM, _sigterm)  # stopped like Ctrl-C: one line, nothing half-written
@@ -128,9 +153,14 @@ def main(argv):
     _check_writable(out)
     if _ANALYZE.value:
       return analyze(config)
-    res = restore.evaluate_checkpoint(config, _workdir(), split=_SPLIT.value,
-                                        step=_STEP.value, num_devices=_DEVICES.value,
-                                        ema=_EMA.value)
+    res = restore.evaluate_checkpoint(
+      config,
+      _workdir(),
+      split=_SPLIT.value,
+      step=_STEP.value,
+      num_devices=_DEVICES.value,
+      ema=_EMA.value,
+    )
     # Only files of its own (eval_*.json, analysis_*/), written whole: the run's
     # files stay its trainer's, which may hold the workdir meanwhile.
     ema = '_ema' if _EMA.value else ''
@@ -140,12 +170,16 @@ def main(argv):
     os.replace(out + '.tmp', out)
   except KeyboardInterrupt as e:  # other errors: errors.report (cli.run)
     term = 'SIGTERM' in str(e)
-    print(f'{"stopped (SIGTERM)" if term else "interrupted (SIGINT)"}: nothing written.',
-          file=sys.stderr)
+    print(
+      f'{"stopped (SIGTERM)" if term else "interrupted (SIGINT)"}: nothing written.',
+      file=sys.stderr,
+    )
     return 143 if term else 130
-  print(f'eval {res["split"]}{" (EMA)" if _EMA.value else ""} step {res["step"]}: top1 {res["top1"]:.2%} | '
-        f'top5 {res["top5"]:.2%} | loss {res["loss"]:.4f} | {res["count"]} examples '
-        f'-> {out}')
+  print(
+    f'eval {res["split"]}{" (EMA)" if _EMA.value else ""} step {res["step"]}: top1 {res["top1"]:.2%} | '
+    f'top5 {res["top5"]:.2%} | loss {res["loss"]:.4f} | {res["count"]} examples '
+    f'-> {out}'
+  )
   return 0
 
 
@@ -153,15 +187,21 @@ def run():
   """`spikeformer-eval`, `python -m spikeformer_jax.eval`, `python eval.py`."""
   flags.mark_flags_as_required(['workdir'])
   flags.register_validator('step', lambda s: s is None or s >= 0, 'a checkpoint step is >= 0')
-  flags.register_validator('num_devices', lambda n: n is None or n >= 1,
-                           'a device count is >= 1 (default: all)')
-  flags.register_validator('analyze_examples', lambda n: n >= 1,
-                           'the number of examples analysed must be >= 1.')
+  flags.register_validator(
+    'num_devices', lambda n: n is None or n >= 1, 'a device count is >= 1 (default: all)'
+  )
+  flags.register_validator(
+    'analyze_examples', lambda n: n >= 1, 'the number of examples analysed must be >= 1.'
+  )
   flags.register_validator('attention_block', lambda b: b >= 0, 'must be >= 0')
-  flags.register_validator('first_layer_mj', lambda e: math.isfinite(e) and e >= 0,
-                           'a finite energy >= 0 in mJ (0: counted from the MACs)')
-  flags.register_validator('attention_heads', lambda h: all(x.isdigit() for x in h),
-                           'expected head indices, e.g. 0,1')
+  flags.register_validator(
+    'first_layer_mj',
+    lambda e: math.isfinite(e) and e >= 0,
+    'a finite energy >= 0 in mJ (0: counted from the MACs)',
+  )
+  flags.register_validator(
+    'attention_heads', lambda h: all(x.isdigit() for x in h), 'expected head indices, e.g. 0,1'
+  )
   cli.run(main)  # command-line mistakes: one line, exit status 2
 
 

@@ -71,33 +71,39 @@ def params_the_loss_reaches(model: nnx.Module, example_shape: tuple):
   leaves, treedef = jax.tree.flatten(params)
   try:
     from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+
     closed = jax.make_jaxpr(
-        lambda p, r: nnx.merge(graphdef, p, r, copy=True)(
-            jnp.zeros((2,) + tuple(example_shape), jnp.float32)))(params, rest)
+      lambda p, r: nnx.merge(graphdef, p, r, copy=True)(
+        jnp.zeros((2,) + tuple(example_shape), jnp.float32)
+      )
+    )(params, rest)
     _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
   except (ImportError, AttributeError, TypeError):
     return jax.tree.unflatten(treedef, [True] * len(leaves))
-  return jax.tree.unflatten(treedef, [bool(u) for u in used[:len(leaves)]])
-
+  return jax.tree.unflatten(treedef, [bool(u) for u in used[: len(leaves)]])
 
 
 class _FamilyModel(Protocol):
   """What `build` sets on every family's model; build_model's return type,
   nnx.Module, does not declare it."""
+
   per_timestep_logits: bool  # True: logits [B, T, classes] for the TET loss
 
 
 def bn_groups_for(config, mesh) -> int:
   if config.bn_scope not in BN_SCOPES:
-    raise errors.ConfigError(f'bn_scope={config.bn_scope!r}; valid: {BN_SCOPES} (global: '
-                     'statistics over the whole sharded batch, like SyncBN / one GPU; '
-                     'device: per data-parallel device, like PyTorch DDP).')
+    raise errors.ConfigError(
+      f'bn_scope={config.bn_scope!r}; valid: {BN_SCOPES} (global: '
+      'statistics over the whole sharded batch, like SyncBN / one GPU; '
+      'device: per data-parallel device, like PyTorch DDP).'
+    )
   return sharding.data_size(mesh) if config.bn_scope == 'device' else 1
 
 
 @dataclasses.dataclass
 class Experiment:
   """Everything the loop, eval.py and the benchmarks need, built once."""
+
   config: ml_collections.ConfigDict
   mesh: Any
   graphdef_train: Any
@@ -119,16 +125,20 @@ class Experiment:
     return jax.jit(self.init_fn, out_shardings=self.state_sharding)()
 
 
-def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
-          lamb_order=None) -> Experiment:
+def build(
+  config: ml_collections.ConfigDict, mesh, steps_per_epoch: int, lamb_order=None
+) -> Experiment:
   """Model graph definitions, optimizer, and the (abstract) train state.
   `lamb_order`: the official order of Lamb's norm sum (optim.timm_lamb)."""
   bn_groups = bn_groups_for(config, mesh)
   model = nnx.eval_shape(lambda: models.build_model(config.model, bn_groups=bn_groups))
   model.train()
   # Only the official code's unused modules are never reached (a trace).
-  reached = (params_the_loss_reaches(model, input_shape(config))
-             if config.model.get('dead_modules') else None)
+  reached = (
+    params_the_loss_reaches(model, input_shape(config))
+    if config.model.get('dead_modules')
+    else None
+  )
   tx, schedule = optim.make_optimizer(config, steps_per_epoch, reached, lamb_order)
 
   def init_fn():
@@ -136,9 +146,13 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
     params, batch_stats, rest = nnx.state(model, nnx.Param, nnx.BatchStat, ...)
     if jax.tree.leaves(rest):
       raise ValueError(f'model holds state beyond params and batch stats: {rest}')
-    state = {'params': params, 'batch_stats': batch_stats,
-             'opt_state': tx.init(params), 'step': jnp.zeros((), jnp.int32),
-             'rng': rng_start(config.seed)}
+    state = {
+      'params': params,
+      'batch_stats': batch_stats,
+      'opt_state': tx.init(params),
+      'step': jnp.zeros((), jnp.int32),
+      'rng': rng_start(config.seed),
+    }
     if losses.ema_decay(config):  # evaluated beside the trained weights
       state['ema'] = {'params': params, 'batch_stats': batch_stats}
     return state
@@ -152,17 +166,27 @@ def build(config: ml_collections.ConfigDict, mesh, steps_per_epoch: int,
   graphdef_eval = nnx.graphdef(model)
   abstract = jax.eval_shape(init_fn)
   state_sharding = sharding.state_shardings(  # config.json of older runs has no mesh
-      abstract, mesh, config.get('mesh', {}).get('fsdp_min_size', sharding.FSDP_MIN_SIZE))
-  old_rng = jax.jit(lambda step: rng_for_old_checkpoint(config.seed, step),
-                    out_shardings=state_sharding['rng'])
+    abstract, mesh, config.get('mesh', {}).get('fsdp_min_size', sharding.FSDP_MIN_SIZE)
+  )
+  old_rng = jax.jit(
+    lambda step: rng_for_old_checkpoint(config.seed, step), out_shardings=state_sharding['rng']
+  )
   return Experiment(
-      config=config, mesh=mesh, graphdef_train=graphdef_train, graphdef_eval=graphdef_eval,
-      tx=tx, schedule=schedule, state_sharding=state_sharding,
-      abstract_state=checkpointing.abstract_like(abstract, state_sharding),
-      init_fn=init_fn, num_params=models.count_params(model), bn_groups=bn_groups,
-      steps_per_epoch=steps_per_epoch,
-      model_takes_rngs='rngs' in inspect.signature(type(model).__call__).parameters,
-      backfill={'rng': lambda state: old_rng(state['step'])})
+    config=config,
+    mesh=mesh,
+    graphdef_train=graphdef_train,
+    graphdef_eval=graphdef_eval,
+    tx=tx,
+    schedule=schedule,
+    state_sharding=state_sharding,
+    abstract_state=checkpointing.abstract_like(abstract, state_sharding),
+    init_fn=init_fn,
+    num_params=models.count_params(model),
+    bn_groups=bn_groups,
+    steps_per_epoch=steps_per_epoch,
+    model_takes_rngs='rngs' in inspect.signature(type(model).__call__).parameters,
+    backfill={'rng': lambda state: old_rng(state['step'])},
+  )
 
 
 # Tells the stream's keys from the other keys drawn from config.seed (the
@@ -179,8 +203,7 @@ def rng_for_old_checkpoint(seed: int, step) -> jax.Array:
   """The stream of a checkpoint written before the train state had one, at
   `step`: derived from the seed and the step, so that resuming such a run is
   deterministic (its earlier steps drew no keys from the stream)."""
-  return jax.random.key_data(jax.random.fold_in(
-      jax.random.wrap_key_data(rng_start(seed)), step))
+  return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng_start(seed)), step))
 
 
 def split_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -212,20 +235,20 @@ def make_train_step(exp: Experiment):
     images, labels = batch['image'], batch['label']
     if mixup.active(mix):
       key = jax.random.fold_in(jax.random.key(config.seed), state['step'])
-      enabled = (state['step'] // exp.steps_per_epoch < mix.off_epoch
-                 if mix.off_epoch > 0 else True)
-      images, targets, _ = mixup.mix_batch(key, images, labels, mix, num_classes=num_classes,
-                                           smoothing=smoothing, enabled=enabled)
+      enabled = state['step'] // exp.steps_per_epoch < mix.off_epoch if mix.off_epoch > 0 else True
+      images, targets, _ = mixup.mix_batch(
+        key, images, labels, mix, num_classes=num_classes, smoothing=smoothing, enabled=enabled
+      )
     else:  # float64 inputs (replays of float64 recordings) get float64 targets
-      targets = mixup.smooth_one_hot(labels, num_classes, smoothing,
-                                     jnp.promote_types(images.dtype, jnp.float32))
+      targets = mixup.smooth_one_hot(
+        labels, num_classes, smoothing, jnp.promote_types(images.dtype, jnp.float32)
+      )
 
     key, rng = split_rng(state['rng'])
 
     def loss_fn(params):
       model = nnx.merge(exp.graphdef_train, params, state['batch_stats'], copy=True)
-      logits = (model(images, rngs=nnx.Rngs(dropout=key)) if exp.model_takes_rngs
-                else model(images))
+      logits = model(images, rngs=nnx.Rngs(dropout=key)) if exp.model_takes_rngs else model(images)
       if tet is not None:  # [B, T, classes]; predictions from the mean, as at evaluation
         loss = losses.tet_loss(logits, targets, tet.means, tet.lamb)
         logits = logits.mean(axis=1)
@@ -234,28 +257,40 @@ def make_train_step(exp: Experiment):
       return loss, (logits, nnx.state(model, nnx.BatchStat))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'])
+      state['params']
+    )
     updates, opt_state = exp.tx.update(grads, state['opt_state'], state['params'])
-    new_state = {'params': optax.apply_updates(state['params'], updates),
-                 'batch_stats': batch_stats, 'opt_state': opt_state,
-                 'step': state['step'] + 1, 'rng': rng}
+    new_state = {
+      'params': optax.apply_updates(state['params'], updates),
+      'batch_stats': batch_stats,
+      'opt_state': opt_state,
+      'step': state['step'] + 1,
+      'rng': rng,
+    }
     if decay:
       ema = losses.ema_update(
-          state['ema'], {'params': new_state['params'], 'batch_stats': batch_stats}, decay)
+        state['ema'], {'params': new_state['params'], 'batch_stats': batch_stats}, decay
+      )
       if isinstance(exp.tx, optax.MultiSteps):  # after optimizer updates only, as timm
-        ema = jax.tree.map(lambda e, o: jnp.where(exp.tx.has_updated(opt_state), e, o),
-                           ema, state['ema'])
+        ema = jax.tree.map(
+          lambda e, o: jnp.where(exp.tx.has_updated(opt_state), e, o), ema, state['ema']
+        )
       new_state['ema'] = ema
-    metrics = {'loss': loss,
-               'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
-               'lr': exp.schedule(state['step']),
-               'grad_norm': optax.tree.norm(grads)}
+    metrics = {
+      'loss': loss,
+      'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
+      'lr': exp.schedule(state['step']),
+      'grad_norm': optax.tree.norm(grads),
+    }
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(exp.mesh)
-  return jax.jit(train_step, in_shardings=(exp.state_sharding, batch_sh),
-                 out_shardings=(exp.state_sharding, sharding.replicated(exp.mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+    train_step,
+    in_shardings=(exp.state_sharding, batch_sh),
+    out_shardings=(exp.state_sharding, sharding.replicated(exp.mesh)),
+    donate_argnums=(0,),
+  )
 
 
 def make_eval_step(exp: Experiment, ema: bool = False, firing_rates: bool = False):
@@ -284,14 +319,20 @@ def make_eval_step(exp: Experiment, ema: bool = False, firing_rates: bool = Fals
     label = batch['label']
     k = min(5, logits.shape[-1])
     top5 = jnp.any(jax.lax.top_k(logits, k)[1] == label[:, None], axis=-1)
-    return {'correct1': jnp.sum((jnp.argmax(logits, -1) == label) * mask),
-            'correct5': jnp.sum(top5 * mask),
-            'loss': jnp.sum(losses.cross_entropy(logits, label) * mask),
-            'count': jnp.sum(mask), **out}
+    return {
+      'correct1': jnp.sum((jnp.argmax(logits, -1) == label) * mask),
+      'correct5': jnp.sum(top5 * mask),
+      'loss': jnp.sum(losses.cross_entropy(logits, label) * mask),
+      'count': jnp.sum(mask),
+      **out,
+    }
 
   batch_sh = sharding.batch_sharding(exp.mesh)
-  return jax.jit(eval_step, in_shardings=(exp.state_sharding, batch_sh),
-                 out_shardings=sharding.replicated(exp.mesh))
+  return jax.jit(
+    eval_step,
+    in_shardings=(exp.state_sharding, batch_sh),
+    out_shardings=sharding.replicated(exp.mesh),
+  )
 
 
 def spike_sums(inter, mask) -> tuple[dict, dict]:
@@ -314,17 +355,29 @@ class EvalInterrupted(Exception):
   """`stop()` asked an evaluation to stop between batches."""
 
 
-def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
-             ema_step=None, stop: Callable[[], bool] | None = None) -> dict:
+def evaluate(
+  eval_step,
+  state,
+  source,
+  mesh,
+  batch_size: int,
+  transform=None,
+  ema_step=None,
+  stop: Callable[[], bool] | None = None,
+) -> dict:
   """top1, top5 and mean loss over every example of `source` (through the eval
   `transform`: resize, centre crop, normalisation); with `ema_step`, also
   'ema_'-prefixed metrics of the weights' EMA, on the same batches (read once).
   Raises EvalInterrupted when `stop()` turns true (checked between batches)."""
   steps = {'': eval_step} if ema_step is None else {'': eval_step, 'ema_': ema_step}
   totals: dict[str, Any] = {}
-  for b in data_lib.eval_batches(source, global_batch=batch_size,
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count(), transform=transform):
+  for b in data_lib.eval_batches(
+    source,
+    global_batch=batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    transform=transform,
+  ):
     if stop is not None and stop():
       raise EvalInterrupted()
     gb = sharding.global_batch(b, mesh)
@@ -334,11 +387,17 @@ def evaluate(eval_step, state, source, mesh, batch_size: int, transform=None,
   res: dict[str, Any] = {}
   for prefix, t in jax.device_get(totals).items():
     n = max(float(t['count']), 1.0)
-    res.update({f'{prefix}top1': float(t['correct1']) / n,
-                f'{prefix}top5': float(t['correct5']) / n, f'{prefix}loss': float(t['loss']) / n})
+    res.update(
+      {
+        f'{prefix}top1': float(t['correct1']) / n,
+        f'{prefix}top5': float(t['correct5']) / n,
+        f'{prefix}loss': float(t['loss']) / n,
+      }
+    )
     if 'spikes' in t:  # make_eval_step(firing_rates=True)
-      res[f'{prefix}firing_rates'] = {name: float(t['spikes'][name]) / max(float(u), 1.0)
-                                      for name, u in t['units'].items()}
+      res[f'{prefix}firing_rates'] = {
+        name: float(t['spikes'][name]) / max(float(u), 1.0) for name, u in t['units'].items()
+      }
   res['count'] = int(totals['']['count'])
   return res
 
@@ -351,6 +410,8 @@ def fit_eval_batch(batch: int, n: int, mesh, log=None) -> int:
   devices = sharding.data_size(mesh)
   fit = min(batch, -(-n // devices) * devices)
   if fit < batch and log is not None:
-    log(f'eval_batch_size={batch} is larger than the {n} test examples: evaluating in '
-        f'batches of {fit}.')
+    log(
+      f'eval_batch_size={batch} is larger than the {n} test examples: evaluating in '
+      f'batches of {fit}.'
+    )
   return fit

@@ -20,16 +20,19 @@ class MissingExtra(errors.UserError, ImportError):
   """An optional package is not installed; the message names the extra."""
 
 
-def missing(e: ImportError, *, module: str, extra: str, package: str,
-            needed_for: str) -> MissingExtra:
+def missing(
+  e: ImportError, *, module: str, extra: str, package: str, needed_for: str
+) -> MissingExtra:
   """The one-line error for `e`, raised by importing `module` (of the pip
   package `package`, installed by `extra`) for `needed_for`."""
   # A dependency of the package may be what is missing: say which.
   ours = e.name is None or module == e.name or module.startswith(e.name + '.')
   what = package if ours else f'{package} ({e})'
-  return MissingExtra(f'{needed_for} needs {what}, an optional dependency: '
-                      f'pip install "spikeformer_jax[{extra}]" (in a checkout: '
-                      f'pip install -e ".[{extra}]").')
+  return MissingExtra(
+    f'{needed_for} needs {what}, an optional dependency: '
+    f'pip install "spikeformer_jax[{extra}]" (in a checkout: '
+    f'pip install -e ".[{extra}]").'
+  )
 
 
 def require(module: str, *, extra: str, package: str, needed_for: str) -> types.ModuleType:

@@ -42,11 +42,12 @@ from spikeformer_jax import replay
 from spikeformer_jax.recordings import BadRecording, model_config_from_fixture, rel_error
 
 # Pass criteria of the fixtures' README, section 5 (float64 port).
-TOL_OUTPUT = 1e-9       # logits and loss, relative to max|ref|
-TOL_GRAD = 1e-9         # per-parameter gradient, relative to max|ref_p|
-TOL_ZERO_GRAD = 1e-12   # zero-gradient parameters, relative to the global max
-TOL_BN = 1e-12          # running statistics, relative to max|ref|
-TOL_RATE = 1e-12        # spike rates (identical spike counts)
+TOL_OUTPUT = 1e-9  # logits and loss, relative to max|ref|
+TOL_GRAD = 1e-9  # per-parameter gradient, relative to max|ref_p|
+TOL_ZERO_GRAD = 1e-12  # zero-gradient parameters, relative to the global max
+TOL_BN = 1e-12  # running statistics, relative to max|ref|
+TOL_RATE = 1e-12  # spike rates (identical spike counts)
+
 
 def _spike_counts(inter: nnx.State) -> dict[str, tuple[int, int]]:
   """Intermediates -> {'block.0.attn.q_lif': (nonzero, numel)}, over all calls and T."""
@@ -72,6 +73,7 @@ def _train_fwd_bwd(graph, params, rest, x, labels):
     logits, inter = nnx.capture(m, nnx.Intermediate)(x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, inter, nnx.state(m, nnx.BatchStat))
+
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
@@ -93,7 +95,8 @@ def check_file(path: str) -> dict:
 
   logits_eval, inter_eval = _eval_fwd(g_eval, params, rest, x)
   (loss, (logits_train, inter_train, bn_after)), grads = _train_fwd_bwd(
-      g_train, params, rest, x, labels)
+    g_train, params, rest, x, labels
+  )
 
   report = {'file': os.path.basename(path), 'family': cfg['family'], 'checks': {}}
   checks = report['checks']
@@ -101,8 +104,7 @@ def check_file(path: str) -> dict:
   def add(name, err, tol):
     checks[name] = {'error': err, 'tol': tol, 'ok': bool(err <= tol)}
 
-  for name, ours in (('logits_eval', logits_eval), ('logits_train', logits_train),
-                     ('loss', loss)):
+  for name, ours in (('logits_eval', logits_eval), ('logits_train', logits_train), ('loss', loss)):
     ref = d[name]
     add(name, rel_error(ours, ref, max(np.max(np.abs(ref)), 1e-300)), TOL_OUTPUT)
 
@@ -110,10 +112,11 @@ def check_file(path: str) -> dict:
   flat_grads = {p: v.get_value() for p, v in nnx.to_flat_state(grads)}
   torch_grads = convert.to_torch_layout(entries, flat_grads)
   zero_grad = set(cfg.get('params_without_grad', [])) | set(
-      cfg.get('params_with_numerically_zero_grad', []))
+    cfg.get('params_with_numerically_zero_grad', [])
+  )
   gmax = cfg['grad_global_max_abs']
   worst, worst_zero = (0.0, ''), (0.0, '')
-  for key in (k[len('grad/'):] for k in d if k.startswith('grad/')):
+  for key in (k[len('grad/') :] for k in d if k.startswith('grad/')):
     ref = d['grad/' + key]
     if key not in torch_grads:
       add(f'grad/{key} (missing)', float('inf'), 0.0)
@@ -131,7 +134,7 @@ def check_file(path: str) -> dict:
   flat_bn = {p: v.get_value() for p, v in nnx.to_flat_state(bn_after)}
   torch_bn = convert.to_torch_layout(entries, flat_bn)
   worst_bn, count_ok = (0.0, ''), True
-  for key in (k[len('state_after/'):] for k in d if k.startswith('state_after/')):
+  for key in (k[len('state_after/') :] for k in d if k.startswith('state_after/')):
     ref = d['state_after/' + key]
     if key.endswith('num_batches_tracked'):
       count_ok &= int(torch_bn[key]) == int(ref)
@@ -150,13 +153,17 @@ def check_file(path: str) -> dict:
       mismatched.append(f'{name}: ours {ours} vs official ({ref["nonzero"]}, {ref["numel"]})')
   extra = sorted(set(counts) - set(ref_counts))
   mismatched += [f'{n}: fires here but not in the official forward' for n in extra]
-  checks['spike counts (train)'] = {'error': len(mismatched), 'tol': 0,
-                                    'ok': not mismatched, 'layers': len(ref_counts),
-                                    'mismatched': mismatched}
+  checks['spike counts (train)'] = {
+    'error': len(mismatched),
+    'tol': 0,
+    'ok': not mismatched,
+    'layers': len(ref_counts),
+    'mismatched': mismatched,
+  }
   counts_eval = _spike_counts(inter_eval)
   worst_rate = 0.0
   for key in (k for k in d if k.startswith('spike_rate_eval/')):
-    name = key[len('spike_rate_eval/'):]
+    name = key[len('spike_rate_eval/') :]
     if name not in counts_eval:  # a neuron we never ran is a mismatch, not rate 0
       worst_rate = float('inf')
       continue
@@ -174,8 +181,9 @@ def format_report(r: dict) -> str:
   for name, c in r['checks'].items():
     status = 'ok ' if c['ok'] else 'BAD'
     if name.startswith('spike counts'):
-      lines.append(f"  {status} {name}: {c['layers'] - len(c['mismatched'])}/"
-                   f"{c['layers']} layers identical")
+      lines.append(
+        f"  {status} {name}: {c['layers'] - len(c['mismatched'])}/{c['layers']} layers identical"
+      )
       lines += [f'        {m}' for m in c['mismatched'][:10]]
     else:
       lines.append(f"  {status} {name}: max rel. error {c['error']:.2e} (tol {c['tol']:.0e})")
@@ -185,6 +193,7 @@ def format_report(r: dict) -> str:
 def _unwritable(path: str) -> str:
   """Why `path` cannot be written ('' if it can)."""
   import tempfile  # pylint: disable=import-outside-toplevel
+
   if os.path.isdir(path):
     return 'it is a directory'
   directory = os.path.dirname(os.path.abspath(path))
@@ -205,8 +214,10 @@ def main(argv: list[str]) -> int:
   """Checks the files `argv[1:]` (absl's main: argv[0] is the program); the exit status."""
   files = argv[1:]
   if not files:
-    cli.exit_usage('give one or more recording files: python -m spikeformer_jax.fidelity '
-                   'FILE.npz [FILE.npz ...] [--json OUT.json].')
+    cli.exit_usage(
+      'give one or more recording files: python -m spikeformer_jax.fidelity '
+      'FILE.npz [FILE.npz ...] [--json OUT.json].'
+    )
   if _JSON.value:  # before the replays, which take minutes
     problem = _unwritable(_JSON.value)
     if problem:
@@ -223,17 +234,22 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # pylint: disable=broad-except  # unsupported, or our bug
       if cli.TRACEBACK.value or not isinstance(e, errors.USER_ERRORS):
         traceback.print_exc()  # a bug: where it happened
-      r = {'file': os.path.basename(f), 'ok': False,
-           'error': f'{recordings.error_kind(e)}: {errors.one_line(e)}',
-           'traceback': traceback.format_exc()}  # for --json readers
+      r = {
+        'file': os.path.basename(f),
+        'ok': False,
+        'error': f'{recordings.error_kind(e)}: {errors.one_line(e)}',
+        'traceback': traceback.format_exc(),
+      }  # for --json readers
     if 'error' in r:
       print(f"{f}: ERROR {r['error']}")
     else:
       print(format_report(r))
     reports.append(r)
   bad = sum('error' in r for r in reports)
-  print(f"{sum(r['ok'] for r in reports)}/{len(reports)} fixture files match"
-        + (f'; {bad} could not be checked.' if bad else '.'))
+  print(
+    f"{sum(r['ok'] for r in reports)}/{len(reports)} fixture files match"
+    + (f'; {bad} could not be checked.' if bad else '.')
+  )
   if _JSON.value:
     try:
       with open(_JSON.value, 'w') as fh:

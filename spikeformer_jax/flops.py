@@ -33,7 +33,7 @@ def _conv_macs(eqn) -> int:
 
 def _sub_jaxprs(eqn):
   for v in eqn.params.values():
-    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+    for x in v if isinstance(v, (tuple, list)) else (v,):
       if isinstance(x, jex_core.ClosedJaxpr):
         yield x.jaxpr
       elif isinstance(x, jex_core.Jaxpr):

@@ -29,8 +29,9 @@ from spikeformer_jax.ops import initializers
 Dtype = Any
 
 
-def batch_as_time_multistep(neuron: neurons.Neuron, x: jax.Array, T: int,
-                            groups: int = 1) -> jax.Array:
+def batch_as_time_multistep(
+  neuron: neurons.Neuron, x: jax.Array, T: int, groups: int = 1
+) -> jax.Array:
   """A quirk of MSViT's and QKFormer's released SSA: `proj_lif` is handed the
   [T*B, C, N] tensor, so SpikingJelly runs its membrane over T*B "timesteps"
   in time-major order (t0 b0, t0 b1, ..., t1 b0, ...), carrying it from one
@@ -42,8 +43,9 @@ def batch_as_time_multistep(neuron: neurons.Neuron, x: jax.Array, T: int,
   xs = x.reshape(groups, b // groups, T, -1).transpose(0, 2, 1, 3)
   # A T*B-step sequence: never unrolled whole (compile time), T steps per
   # scan iteration unless the config asks for another unroll.
-  neuron = dataclasses.replace(neuron, loop='scan' if neuron.loop == 'python' else neuron.loop,
-                               unroll=neuron.unroll or T)
+  neuron = dataclasses.replace(
+    neuron, loop='scan' if neuron.loop == 'python' else neuron.loop, unroll=neuron.unroll or T
+  )
   s = neurons.multistep(neuron, xs.reshape(groups, T * (b // groups), -1))
   return s.reshape(groups, T, b // groups, -1).transpose(0, 2, 1, 3).reshape(x.shape)
 
@@ -52,9 +54,11 @@ def check_spike_sums(settings: Settings, depth: int):
   """A spike-add residual stream reaches 2 + 2 * depth (a {0,1,2} stem output
   plus two spikes per block); `compact_spikes` keeps it as int8."""
   if settings.compact_spikes and 2 + 2 * depth > 127:
-    raise errors.ConfigError(f'{depth} blocks make residual spike sums up to {2 + 2 * depth}, '
-                             'beyond the int8 that model.compact_spikes saves them in; set '
-                             'model.compact_spikes=False.')
+    raise errors.ConfigError(
+      f'{depth} blocks make residual spike sums up to {2 + 2 * depth}, '
+      'beyond the int8 that model.compact_spikes saves them in; set '
+      'model.compact_spikes=False.'
+    )
 
 
 def count_dtype():
@@ -79,8 +83,9 @@ class SpikingNeuron(nnx.Module):
   called with each output and T: the analysis' explicit observer.
   """
 
-  def __init__(self, neuron: neurons.Neuron, T: int, *, batch_as_time: bool = False,
-               groups: int = 1):
+  def __init__(
+    self, neuron: neurons.Neuron, T: int, *, batch_as_time: bool = False, groups: int = 1
+  ):
     self.neuron = neuron
     self.T = T
     self.batch_as_time, self.groups = batch_as_time, groups
@@ -98,8 +103,9 @@ class SpikingNeuron(nnx.Module):
       s = neurons.multistep(self.neuron, xb)
     if self.record_spikes == 'per_example':  # training's evaluations: padding masked out
       per_ex = s.reshape(x.shape[0] // T, -1)  # [B, T * units] in either layout
-      self.sow(nnx.Intermediate, 'spikes_per_example',
-               jnp.sum(per_ex != 0, axis=1, dtype=jnp.float32))
+      self.sow(
+        nnx.Intermediate, 'spikes_per_example', jnp.sum(per_ex != 0, axis=1, dtype=jnp.float32)
+      )
       self.sow(nnx.Intermediate, 'units_per_example', jnp.float32(per_ex.shape[1]))
     elif self.record_spikes:
       counts = spike_counts(s.reshape(x.shape), T)
@@ -116,57 +122,91 @@ def spike_counts(s: jax.Array, T: int) -> dict[str, jax.Array]:
   [T]) and the number of values over all timesteps (`numel`), in count_dtype()."""
   dt = count_dtype()
   per_t = s.reshape(s.shape[0] // T, T, -1)  # [B, T, units] in either layout
-  return {'spike_count': jnp.sum(per_t != 0, axis=(0, 2), dtype=dt),
-          'numel': jnp.asarray(s.size, dt)}
+  return {
+    'spike_count': jnp.sum(per_t != 0, axis=(0, 2), dtype=dt),
+    'numel': jnp.asarray(s.size, dt),
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What every layer of one network shares: T, neuron, dtypes, BN scope."""
+
   T: int
   neuron: neurons.Neuron = neurons.Neuron()
-  dtype: Dtype = jnp.float32         # compute dtype of conv / linear
+  dtype: Dtype = jnp.float32  # compute dtype of conv / linear
   param_dtype: Dtype = jnp.float32
   bn_groups: int = 1
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
-  compact_spikes: bool = True        # save spike inputs of conv / linear as int8 (exact)
-  weight_grad: str = 'auto'     # synapses.WEIGHT_GRADS
-  bn_recompute: bool = False    # BatchNorm backward from its input alone (norm.BatchNorm)
+  compact_spikes: bool = True  # save spike inputs of conv / linear as int8 (exact)
+  weight_grad: str = 'auto'  # synapses.WEIGHT_GRADS
+  bn_recompute: bool = False  # BatchNorm backward from its input alone (norm.BatchNorm)
 
   def lif(self, **overrides) -> SpikingNeuron:
     return SpikingNeuron(dataclasses.replace(self.neuron, **overrides), self.T)
 
   def bn(self, c: int) -> BatchNorm:
-    return BatchNorm(c, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                     groups=self.bn_groups, dtype=self.dtype,
-                     param_dtype=self.param_dtype, recompute=self.bn_recompute)
+    return BatchNorm(
+      c,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      groups=self.bn_groups,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      recompute=self.bn_recompute,
+    )
 
-  def linear(self, din: int, dout: int, *, bias: bool, init: str, rngs: nnx.Rngs,
-             spikes_in: bool = False) -> nnx.Linear:
+  def linear(
+    self, din: int, dout: int, *, bias: bool, init: str, rngs: nnx.Rngs, spikes_in: bool = False
+  ) -> nnx.Linear:
     """A token-wise linear map. init: 'trunc_normal' (timm, nn.Linear) or
     'torch_default' (a kernel-1 Conv1d/Conv2d of the official code).
     spikes_in: the caller promises an input of small integers (spikes, spike
     sums in [-128, 127]), so the backward pass may keep it as int8
     (`compact_spikes`); opt in, as int8 would corrupt any other input."""
     kinit, binit = initializers(init, din)
-    return nnx.Linear(din, dout, use_bias=bias, kernel_init=kinit, bias_init=binit,
-                      dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
-                      dot_general=synapses.SpikeDot(self.compact_spikes and spikes_in,
-                                                    self.weight_grad))
+    return nnx.Linear(
+      din,
+      dout,
+      use_bias=bias,
+      kernel_init=kinit,
+      bias_init=binit,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      rngs=rngs,
+      dot_general=synapses.SpikeDot(self.compact_spikes and spikes_in, self.weight_grad),
+    )
 
-  def conv(self, cin: int, cout: int, *, kernel: int | tuple = 3, stride: int = 1,
-           bias: bool = False, init: str = 'torch_default', rngs: nnx.Rngs,
-           spikes_in: bool = False) -> nnx.Conv:
+  def conv(
+    self,
+    cin: int,
+    cout: int,
+    *,
+    kernel: int | tuple = 3,
+    stride: int = 1,
+    bias: bool = False,
+    init: str = 'torch_default',
+    rngs: nnx.Rngs,
+    spikes_in: bool = False,
+  ) -> nnx.Conv:
     """A convolution with symmetric padding, 2-D (`kernel` an int) or of the
     rank of a `kernel` tuple; init 'torch_default' (PyTorch's) or
     'trunc_normal' (std .02, bias 0: SDT's _init_weights). spikes_in: as for
     `linear` (never a stem's first conv, which sees images or event counts)."""
     ks = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
     kinit, binit = initializers(init, cin * math.prod(ks))
-    return nnx.Conv(cin, cout, ks, strides=stride,
-                    padding=tuple((k // 2, k // 2) for k in ks), use_bias=bias,
-                    kernel_init=kinit, bias_init=binit,
-                    dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs,
-                    conv_general_dilated=synapses.SpikeConv(
-                        self.compact_spikes and spikes_in, self.weight_grad))
+    return nnx.Conv(
+      cin,
+      cout,
+      ks,
+      strides=stride,
+      padding=tuple((k // 2, k // 2) for k in ks),
+      use_bias=bias,
+      kernel_init=kinit,
+      bias_init=binit,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      rngs=rngs,
+      conv_general_dilated=synapses.SpikeConv(self.compact_spikes and spikes_in, self.weight_grad),
+    )

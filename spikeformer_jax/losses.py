@@ -36,7 +36,6 @@ def tet_config(config):
   return tet if tet is not None and tet.enabled else None
 
 
-
 def ema_decay(config) -> float:
   """`config.ema_decay` (0: no EMA of the weights)."""
   return float(config.get('ema_decay', 0.0))
@@ -47,9 +46,10 @@ def ema_update(ema, new, decay: float):
   BatchNorm statistics alike. timm writes the float average of the integer
   num_batches_tracked back into its int64 buffer, truncating it (it stays 0
   while (1 - decay) * count < 1)."""
+
   def average(e, n):
     if jnp.issubdtype(e.dtype, jnp.integer):
-      return (decay * e.astype(jnp.float32) + (1.0 - decay) * n.astype(jnp.float32)
-              ).astype(e.dtype)
+      return (decay * e.astype(jnp.float32) + (1.0 - decay) * n.astype(jnp.float32)).astype(e.dtype)
     return decay * e + (1.0 - decay) * n
+
   return jax.tree.map(average, ema, new)

@@ -34,7 +34,7 @@ def _tag(name: str) -> str:
   """'train_loss' -> 'train/loss': TensorBoard groups the charts by prefix."""
   for prefix in ('train_', 'test_'):
     if name.startswith(prefix):
-      return prefix[:-1] + '/' + name[len(prefix):]
+      return prefix[:-1] + '/' + name[len(prefix) :]
   return name
 
 
@@ -44,11 +44,13 @@ class TensorBoard:
 
   def __init__(self, directory: str, resume_step: int = 0):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
     # A rerun drops the events written after its checkpoint, as the JSONL: also
     # a rerun from step 0 (killed before its first checkpoint), whose events
     # would otherwise show every step twice.
     rerun = os.path.isdir(directory) and any(
-        n.startswith('events.out.tfevents.') for n in os.listdir(directory))
+      n.startswith('events.out.tfevents.') for n in os.listdir(directory)
+    )
     self._w = SummaryWriter(directory, purge_step=resume_step + 1 if rerun else None)
 
   def scalars(self, step: int, metrics: dict):
@@ -60,13 +62,16 @@ class TensorBoard:
   def hparams(self, config: dict):
     """Every scalar config field (dotted names) on TensorBoard's HParams tab."""
     from tensorboardX.summary import hparams  # pylint: disable=import-outside-toplevel
+
     flat = {}
+
     def walk(d, prefix=''):
       for k, v in d.items():
         if isinstance(v, dict):
           walk(v, f'{prefix}{k}.')
         else:
           flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
     walk(config)
     writer = self._w._get_file_writer()  # pylint: disable=protected-access
     for summary in hparams(flat, {'test/top1': None, 'test/loss': None}):
@@ -87,8 +92,9 @@ class MetricWriter:
   lines of that step.
   """
 
-  def __init__(self, workdir: str, resume_step: int = 0, redo_eval: bool = False,
-               tensorboard: bool = False):
+  def __init__(
+    self, workdir: str, resume_step: int = 0, redo_eval: bool = False, tensorboard: bool = False
+  ):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._f = None
     self._tb = None
@@ -98,14 +104,18 @@ class MetricWriter:
       try:
         self._tb = TensorBoard(os.path.join(workdir, 'tb'), resume_step)
       except ImportError:
-        log('tensorboard: tensorboardX is not installed (pip install tensorboardX); '
-            'metrics go to metrics.jsonl only.')
+        log(
+          'tensorboard: tensorboardX is not installed (pip install tensorboardX); '
+          'metrics go to metrics.jsonl only.'
+        )
 
     def keep(row):
       if row is None or row['step'] > resume_step:
         return False
-      return not (redo_eval and row['step'] == resume_step
-                  and any(k.startswith('test_') for k in row))
+      return not (
+        redo_eval and row['step'] == resume_step and any(k.startswith('test_') for k in row)
+      )
+
     try:
       if os.path.exists(self.path):
         with open(self.path, encoding='utf-8', errors='replace') as f:  # bad bytes: dropped
@@ -118,8 +128,10 @@ class MetricWriter:
       self._fail(e)
 
   def _fail(self, e: OSError):
-    raise errors.UserError(f'cannot write {self.path}: {e.strerror or e}; free the space or fix '
-                           'the directory, then rerun the same command.') from e
+    raise errors.UserError(
+      f'cannot write {self.path}: {e.strerror or e}; free the space or fix '
+      'the directory, then rerun the same command.'
+    ) from e
 
   def write(self, step: int, **metrics):
     if self._f is None:

@@ -39,10 +39,10 @@ from spikeformer_jax import errors
 #: Default `alpha` per surrogate, as in SpikingJelly (sigmoid 4, atan 2,
 #: piecewise quadratic = triangle 1). `straight_through` has no parameter.
 SURROGATE_DEFAULT_ALPHA = {
-    'sigmoid': 4.0,
-    'atan': 2.0,
-    'triangle': 1.0,
-    'straight_through': 1.0,
+  'sigmoid': 4.0,
+  'atan': 2.0,
+  'triangle': 1.0,
+  'straight_through': 1.0,
 }
 
 
@@ -66,8 +66,7 @@ def surrogate_grad(name: str, alpha: float, z: jax.Array) -> jax.Array:
     return jnp.maximum(alpha - alpha * alpha * jnp.abs(z), 0.0)
   if name == 'straight_through':
     return jnp.ones_like(z)
-  raise errors.ConfigError(
-      f'Unknown surrogate {name!r}; valid: {sorted(SURROGATE_DEFAULT_ALPHA)}.')
+  raise errors.ConfigError(f'Unknown surrogate {name!r}; valid: {sorted(SURROGATE_DEFAULT_ALPHA)}.')
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -90,7 +89,9 @@ KINDS = ('lif', 'if', 'ternary', 'relu', 'gelu')
 # Not neurons: float activations in their place (the papers' ANN baselines,
 # `model.neuron.kind`). No state, no time dependence, no threshold.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'relu': jax.nn.relu, 'gelu': functools.partial(jax.nn.gelu, approximate=False)}
+  'relu': jax.nn.relu,
+  'gelu': functools.partial(jax.nn.gelu, approximate=False),
+}
 LOOPS = ('scan', 'python', 'vjp')
 MEMBRANES = ('float32', 'compute')
 CHARGE_FORMS = ('spikingjelly', 'paper')
@@ -134,6 +135,7 @@ class Neuron:
       official code's AMP). Not exact: bfloat16 rounding of the membrane can
       move spikes near the threshold; it halves the neuron's memory traffic.
   """
+
   kind: str = 'lif'
   tau: float = 2.0
   decay_input: bool = True
@@ -154,8 +156,8 @@ class Neuron:
     def check(field, valid):
       value = getattr(self, field)
       if value not in valid:
-        raise errors.ConfigError(
-            f'Neuron.{field}={value!r} is not valid; choose one of {valid}.')
+        raise errors.ConfigError(f'Neuron.{field}={value!r} is not valid; choose one of {valid}.')
+
     check('kind', KINDS)
     check('loop', LOOPS)
     check('membrane', MEMBRANES)
@@ -165,8 +167,9 @@ class Neuron:
     if self.tau <= 0:
       raise errors.ConfigError(f'Neuron.tau={self.tau} must be > 0.')
     if self.unroll < 0:
-      raise errors.ConfigError(f'Neuron.unroll={self.unroll} must be >= 1, or 0 to unroll '
-                               'all T steps.')
+      raise errors.ConfigError(
+        f'Neuron.unroll={self.unroll} must be >= 1, or 0 to unroll all T steps.'
+      )
 
   @property
   def surrogate_alpha(self) -> float:
@@ -263,8 +266,7 @@ def _python_loop(n: Neuron, x: jax.Array, time_axis: int) -> jax.Array:
   # Indexes time where it lies: with the batch first ([B, T, ...], the folded
   # layers' layout) this avoids the two transposes a time-major scan needs,
   # and XLA fuses the T steps and the stacking into one elementwise pass.
-  x_t = [jax.lax.index_in_dim(x, t, time_axis, keepdims=False)
-         for t in range(x.shape[time_axis])]
+  x_t = [jax.lax.index_in_dim(x, t, time_axis, keepdims=False) for t in range(x.shape[time_axis])]
   v = jnp.full(x_t[0].shape, n.v_init, x.dtype)
   out = []
   for xt in x_t:
@@ -280,9 +282,11 @@ def steps_per_iteration(n: Neuron, T: int) -> int:
 
 def _forward_h(n: Neuron, xs: jax.Array):
   """Forward scan returning spikes and the pre-spike membranes h."""
+
   def body(v, x):
     v, s, h = step(n, v, x)
     return v, (s, h)
+
   v0 = jnp.full(xs.shape[1:], n.v_init, xs.dtype)
   _, (s, h) = jax.lax.scan(body, v0, xs, unroll=steps_per_iteration(n, xs.shape[0]))
   return s, h
@@ -314,8 +318,9 @@ def _sequence_vjp_bwd(n, h, g_s):
     g_vprev, g_x = ch_vjp(g_h)
     return g_vprev, g_x
 
-  _, g_xs = jax.lax.scan(body, jnp.zeros_like(h[0]), (h, g_s), reverse=True,
-                         unroll=steps_per_iteration(n, h.shape[0]))
+  _, g_xs = jax.lax.scan(
+    body, jnp.zeros_like(h[0]), (h, g_s), reverse=True, unroll=steps_per_iteration(n, h.shape[0])
+  )
   return (g_xs,)
 
 
@@ -333,8 +338,10 @@ def multistep(n: Neuron, x: jax.Array, time_axis: int = 1) -> jax.Array:
     return ACTIVATIONS[n.kind](x)
   if n.recompute:
     plain = dataclasses.replace(n, recompute=False)
-    return jax.checkpoint(functools.partial(multistep, plain, time_axis=time_axis),
-                          policy=jax.checkpoint_policies.nothing_saveable)(x)
+    return jax.checkpoint(
+      functools.partial(multistep, plain, time_axis=time_axis),
+      policy=jax.checkpoint_policies.nothing_saveable,
+    )(x)
   xm = x.astype(membrane_dtype(x.dtype) if n.membrane == 'float32' else x.dtype)
   if n.loop == 'python':
     return _python_loop(n, xm, time_axis).astype(x.dtype)

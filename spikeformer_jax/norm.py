@@ -51,9 +51,17 @@ class BatchNorm(nnx.Module):
     (`jax.checkpoint`; the same operations, so the same values).
   """
 
-  def __init__(self, num_features: int, *, momentum: float = 0.9,
-               epsilon: float = 1e-5, groups: int = 1, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, recompute: bool = False):
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    groups: int = 1,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    recompute: bool = False,
+  ):
     stat_dtype = neurons.membrane_dtype(param_dtype)
     self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
     self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
@@ -81,11 +89,13 @@ class BatchNorm(nnx.Module):
     g = self.groups
     if x.shape[0] % g:
       raise errors.ConfigError(
-          f'BatchNorm with {g} groups (per-device statistics) needs a batch*time '
-          f'axis divisible by {g}, got {x.shape[0]}; make the batch size a '
-          'multiple of the number of data-parallel devices.')
+        f'BatchNorm with {g} groups (per-device statistics) needs a batch*time '
+        f'axis divisible by {g}, got {x.shape[0]}; make the batch size a '
+        'multiple of the number of data-parallel devices.'
+      )
     normalize: Callable[..., Any] = functools.partial(
-        _normalize_train, groups=g, epsilon=self.epsilon, dtype=dtype)
+      _normalize_train, groups=g, epsilon=self.epsilon, dtype=dtype
+    )
     if self.recompute:
       normalize = jax.checkpoint(normalize)  # keeps only x (its own dtype)
     y, mean, var = normalize(x, self.scale[...], self.bias[...])
@@ -94,9 +104,7 @@ class BatchNorm(nnx.Module):
     unbiased = var * (n / max(n - 1, 1))
     m = self.momentum
     c = self.num_features
-    self.mean[...] = (m * self.mean[...] +
-                       (1 - m) * mean.reshape(g, c).mean(0).astype(stat_dtype))
-    self.var[...] = (m * self.var[...] +
-                      (1 - m) * unbiased.reshape(g, c).mean(0).astype(stat_dtype))
+    self.mean[...] = m * self.mean[...] + (1 - m) * mean.reshape(g, c).mean(0).astype(stat_dtype)
+    self.var[...] = m * self.var[...] + (1 - m) * unbiased.reshape(g, c).mean(0).astype(stat_dtype)
     self.count[...] = self.count[...] + 1
     return y.astype(out_dtype)

@@ -19,8 +19,7 @@ from spikeformer_jax import errors
 
 #: PyTorch's default Conv/Linear weight init, kaiming_uniform(a=sqrt(5)):
 #: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_default_kernel_init = nnx.initializers.variance_scaling(
-    1.0 / 3.0, 'fan_in', 'uniform')
+torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 #: timm's trunc_normal_(std=.02) truncates at +-2 (absolute), i.e. never.
 trunc_normal_init = nnx.initializers.normal(0.02)
 
@@ -28,8 +27,10 @@ trunc_normal_init = nnx.initializers.normal(0.02)
 def torch_default_bias_init(fan_in: int):
   """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
   bound = 1.0 / math.sqrt(fan_in)
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
@@ -54,15 +55,18 @@ def _window_slices(x, window, stride, out_hw):
   k = 0
   for di in range(window):
     for dj in range(window):
-      yield k, di, dj, x[:, di:di + stride * (ho - 1) + 1:stride,
-                         dj:dj + stride * (wo - 1) + 1:stride, :]
+      yield (
+        k,
+        di,
+        dj,
+        x[:, di : di + stride * (ho - 1) + 1 : stride, dj : dj + stride * (wo - 1) + 1 : stride, :],
+      )
       k += 1
 
 
 def _pool_geometry(shape, window, stride, padding):
   _, h, w, _ = shape
-  return ((h + 2 * padding - window) // stride + 1,
-          (w + 2 * padding - window) // stride + 1)
+  return ((h + 2 * padding - window) // stride + 1, (w + 2 * padding - window) // stride + 1)
 
 
 def _pad_neg_inf(x, padding):
@@ -80,8 +84,13 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2, padding: int = 1):
   which weights get gradient; XLA's own max-pool gradient does not promise it.
   """
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    x,
+    -jnp.inf,
+    jax.lax.max,
+    (1, window, window, 1),
+    (1, stride, stride, 1),
+    ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+  )
 
 
 def _max_pool_fwd(x, window, stride, padding):
@@ -114,8 +123,10 @@ def _route_to_inputs(g, idx, shape, window, stride, padding):
   n, h, w, c = shape
   s, ho, wo = stride, g.shape[1], g.shape[2]
   hs, ws = -(-h // s), -(-w // s)
-  taps = [[(d, (ph + padding - d) // s) for d in range(window) if (ph + padding - d) % s == 0]
-          for ph in range(s)]
+  taps = [
+    [(d, (ph + padding - d) // s) for d in range(window) if (ph + padding - d) % s == 0]
+    for ph in range(s)
+  ]
   shifts = [e for t in taps for _, e in t] or [0]
   lo = max(0, -min(shifts))
   pad = ((0, 0), (lo, max(0, hs + max(shifts) - ho)), (lo, max(0, ws + max(shifts) - wo)), (0, 0))
@@ -134,7 +145,7 @@ def _route_to_inputs(g, idx, shape, window, stride, padding):
       acc = jnp.zeros((n, hs, ws, c), g.dtype)
       for dr, er in taps[pr]:
         for dc, ec in taps[pc]:
-          acc = acc + tap(dr * window + dc)[:, lo + er:lo + er + hs, lo + ec:lo + ec + ws, :]
+          acc = acc + tap(dr * window + dc)[:, lo + er : lo + er + hs, lo + ec : lo + ec + ws, :]
       cols.append(acc)
     rows.append(jnp.stack(cols, axis=3))  # [n, hs, ws, s, c]
   gx = jnp.stack(rows, axis=2).reshape(n, hs * s, ws * s, c)  # [n, hs, s, ws, s, c]
@@ -161,6 +172,5 @@ def fold_time(x: jax.Array, T: int, dtype) -> jax.Array:
   if x.ndim == 4:
     x = jnp.broadcast_to(x[:, None], (x.shape[0], T) + x.shape[1:])
   elif x.ndim != 5 or x.shape[1] != T:
-    raise ValueError(f'input of shape {x.shape}: expected [B, H, W, C] or '
-                     f'[B, T={T}, H, W, C].')
+    raise ValueError(f'input of shape {x.shape}: expected [B, H, W, C] or [B, T={T}, H, W, C].')
   return x.reshape((x.shape[0] * T,) + x.shape[2:]).astype(dtype)

@@ -24,9 +24,17 @@ import optax
 from spikeformer_jax import errors
 
 
-def timm_cosine_lr(step, *, base_lr: float, steps_per_epoch: float, epochs: int,
-                   warmup_epochs: int, warmup_lr: float, min_lr: float,
-                   per_epoch: bool = True):
+def timm_cosine_lr(
+  step,
+  *,
+  base_lr: float,
+  steps_per_epoch: float,
+  epochs: int,
+  warmup_epochs: int,
+  warmup_lr: float,
+  min_lr: float,
+  per_epoch: bool = True,
+):
   """timm CosineLRScheduler(t_initial=epochs, warmup_prefix=False), cycle 1.
 
   t = epoch index (per_epoch, as the official code steps it) or fractional
@@ -42,8 +50,16 @@ def timm_cosine_lr(step, *, base_lr: float, steps_per_epoch: float, epochs: int,
   return jnp.where(t < warmup_epochs, warm, jnp.where(t < epochs, cos, min_lr))
 
 
-def mae_cosine_lr(step, *, base_lr: float, steps_per_epoch: int, epochs: int,
-                  warmup_epochs: int, min_lr: float, accum: int = 1):
+def mae_cosine_lr(
+  step,
+  *,
+  base_lr: float,
+  steps_per_epoch: int,
+  epochs: int,
+  warmup_epochs: int,
+  min_lr: float,
+  accum: int = 1,
+):
   """MAE's util/lr_sched.adjust_learning_rate (MSViT / QKFormer ImageNet).
 
   `step` counts optimizer updates, `steps_per_epoch` loader steps (micro-steps
@@ -55,11 +71,13 @@ def mae_cosine_lr(step, *, base_lr: float, steps_per_epoch: int, epochs: int,
   """
   m = step * accum
   as_float = lambda n: jnp.asarray(n, jnp.result_type(float))  # float64 under x64, not float32
-  t = jnp.minimum(as_float(m % steps_per_epoch) / steps_per_epoch
-                  + as_float(m // steps_per_epoch), epochs)
+  t = jnp.minimum(
+    as_float(m % steps_per_epoch) / steps_per_epoch + as_float(m // steps_per_epoch), epochs
+  )
   warm = base_lr * t / max(warmup_epochs, 1e-12)
   cos = min_lr + (base_lr - min_lr) * 0.5 * (
-      1.0 + jnp.cos(math.pi * (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)))
+    1.0 + jnp.cos(math.pi * (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12))
+  )
   return jnp.where(t < warmup_epochs, warm, cos)
 
 
@@ -81,13 +99,25 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, accum: i
   name, lr = o.get('schedule', 'timm_cosine'), base_lr(cfg)
   if name == 'timm_cosine':
     return lambda step: timm_cosine_lr(
-        step, base_lr=lr, steps_per_epoch=steps_per_epoch / accum, epochs=cfg.epochs,
-        warmup_epochs=o.warmup_epochs, warmup_lr=o.warmup_lr, min_lr=o.min_lr,
-        per_epoch=o.schedule_per_epoch)
+      step,
+      base_lr=lr,
+      steps_per_epoch=steps_per_epoch / accum,
+      epochs=cfg.epochs,
+      warmup_epochs=o.warmup_epochs,
+      warmup_lr=o.warmup_lr,
+      min_lr=o.min_lr,
+      per_epoch=o.schedule_per_epoch,
+    )
   if name == 'mae_cosine':
     return lambda step: mae_cosine_lr(
-        step, base_lr=lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-        warmup_epochs=o.warmup_epochs, min_lr=o.min_lr, accum=accum)
+      step,
+      base_lr=lr,
+      steps_per_epoch=steps_per_epoch,
+      epochs=cfg.epochs,
+      warmup_epochs=o.warmup_epochs,
+      min_lr=o.min_lr,
+      accum=accum,
+    )
   raise errors.ConfigError(f'optimizer.schedule={name!r}; valid: {SCHEDULES}.')
 
 
@@ -116,11 +146,15 @@ def timm_clip_by_global_norm(max_norm: float, order=None) -> optax.GradientTrans
   parameters this is optax.clip_by_global_norm up to the order of the sum; on
   float64 ones (the fidelity replays) its float32 rounding is timm's.
   """
+
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
-    keys = [0] * len(leaves) if order is None else jax.tree.leaves(
-        order(updates) if callable(order) else order)
+    keys = (
+      [0] * len(leaves)
+      if order is None
+      else jax.tree.leaves(order(updates) if callable(order) else order)
+    )
     if len(keys) != len(leaves):
       raise ValueError(f'the clip order has {len(keys)} entries for {len(leaves)} parameters.')
     acc = jnp.zeros((), jnp.float32)
@@ -130,12 +164,14 @@ def timm_clip_by_global_norm(max_norm: float, order=None) -> optax.GradientTrans
     # XLA divides by a constant through its rounded reciprocal; in float64
     # (with x64) that rounds to float32's own quotient.
     wide = jnp.promote_types(jnp.float32, jnp.result_type(float))
-    divisor = jnp.where(norm > limit, (norm.astype(wide) / limit).astype(jnp.float32),
-                        jnp.float32(1.0))
+    divisor = jnp.where(
+      norm > limit, (norm.astype(wide) / limit).astype(jnp.float32), jnp.float32(1.0)
+    )
 
     def clip(g):
       wide = jnp.promote_types(g.dtype, jnp.float32)
       return (g.astype(wide) / divisor.astype(wide)).astype(g.dtype)
+
     return jax.tree.unflatten(treedef, [clip(g) for g in leaves]), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
@@ -150,6 +186,7 @@ def torch_clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
   1e-6: about 1e-7 relative apart at a small norm, which a replay at 1e-10
   would show.
   """
+
   def update_fn(updates, state, params=None):
     del params
     leaves, treedef = jax.tree.flatten(updates)
@@ -161,8 +198,17 @@ def torch_clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask,
-              max_grad_norm: float = 1.0, order=None):
+def timm_lamb(
+  lr,
+  *,
+  b1: float,
+  b2: float,
+  eps: float,
+  weight_decay: float,
+  mask,
+  max_grad_norm: float = 1.0,
+  order=None,
+):
   """timm's Lamb (0.5/0.6, `create_optimizer_v2(opt='lamb')`), which differs
   from optax.lamb in two ways. It clips the global gradient norm at
   max_grad_norm inside the optimizer (timm_clip_by_global_norm: a float32
@@ -179,14 +225,18 @@ def timm_lamb(lr, *, b1: float, b2: float, eps: float, weight_decay: float, mask
   if order is None:
     order = lambda updates: jax.tree.map(int, mask(updates) if callable(mask) else mask)
   trust = optax.masked(optax.scale_by_trust_ratio(), mask) if weight_decay else optax.identity()
-  return optax.chain(timm_clip_by_global_norm(max_grad_norm, order),
-                     optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-                     optax.add_decayed_weights(weight_decay, mask), trust,
-                     optax.scale_by_learning_rate(lr))
+  return optax.chain(
+    timm_clip_by_global_norm(max_grad_norm, order),
+    optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+    optax.add_decayed_weights(weight_decay, mask),
+    trust,
+    optax.scale_by_learning_rate(lr),
+  )
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached=None,
-                   lamb_order=None):
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached=None, lamb_order=None
+):
   """Returns (optax transformation, schedule of the train-step count).
 
   With accum_steps = k > 1 the gradients of k consecutive steps are averaged
@@ -202,11 +252,17 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, reached
   schedule = make_schedule(cfg, steps_per_epoch, k)
   mask = functools.partial(decay_mask, reached=reached)
   if o.name == 'adamw':
-    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                     weight_decay=o.weight_decay, mask=mask)
+    tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=mask)
   elif o.name == 'lamb':  # SDT's ImageNet / Gesture recipes (timm Lamb)
-    tx = timm_lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                   mask=mask, order=lamb_order)
+    tx = timm_lamb(
+      schedule,
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+      mask=mask,
+      order=lamb_order,
+    )
   else:
     raise errors.ConfigError(f"optimizer.name={o.name!r}; valid: 'adamw', 'lamb'.")
   if o.grad_clip_norm > 0:

@@ -26,8 +26,9 @@ try:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 except ModuleNotFoundError as e:
-  raise extras.missing(e, module='matplotlib', extra='plots', package='matplotlib',
-                       needed_for='drawing figures') from e
+  raise extras.missing(
+    e, module='matplotlib', extra='plots', package='matplotlib', needed_for='drawing figures'
+  ) from e
 
 DPI = 120
 
@@ -57,8 +58,10 @@ def firing_rate_figure(rates: dict[str, list[float]], path: str, title: str = ''
   if not rates:
     raise ValueError('firing_rate_figure: `rates` has no layers.')
   if len({len(v) for v in rates.values()}) != 1 or not len(next(iter(rates.values()))):
-    raise ValueError('firing_rate_figure: every layer needs the same number (> 0) of '
-                     f'timesteps; got {sorted({len(v) for v in rates.values()})}.')
+    raise ValueError(
+      'firing_rate_figure: every layer needs the same number (> 0) of '
+      f'timesteps; got {sorted({len(v) for v in rates.values()})}.'
+    )
   names = list(rates)
   r = np.asarray([rates[n] for n in names], np.float64)  # [layers, T]
   n, T = r.shape
@@ -67,14 +70,22 @@ def firing_rate_figure(rates: dict[str, list[float]], path: str, title: str = ''
   heat_w = max(2.0, 0.45 * T)
   fig = _figure(heat_w + 4.5, height)
   ax, bar_ax = fig.subplots(1, 2, sharey=True, width_ratios=(heat_w, 2.2))
-  im = ax.imshow(r, aspect='auto', cmap='viridis', vmin=0.0, vmax=max(r.max(), 1e-6),
-                 interpolation='nearest')
+  im = ax.imshow(
+    r, aspect='auto', cmap='viridis', vmin=0.0, vmax=max(r.max(), 1e-6), interpolation='nearest'
+  )
   ax.set_yticks(range(n), names, fontsize=7)
   ax.set_xticks(range(T), [str(t) for t in range(T)], fontsize=7)
   ax.set_xlabel('timestep')
   # A thin bar on top: a side colour bar would be as tall as the figure.
-  fig.colorbar(im, ax=ax, location='top', label='firing rate',
-               fraction=0.35 / height, pad=0.1 / height, aspect=15)
+  fig.colorbar(
+    im,
+    ax=ax,
+    location='top',
+    label='firing rate',
+    fraction=0.35 / height,
+    pad=0.1 / height,
+    aspect=15,
+  )
   mean = r.mean(axis=1)
   bar_ax.barh(range(n), mean, height=0.8, color='tab:blue')
   bar_ax.axvline(mean.mean(), color='k', ls='--', lw=0.8)
@@ -132,8 +143,9 @@ def learning_curves(metrics_jsonl: str, path: str) -> str:
   panels = [('loss', ('train_loss', 'test_loss')), ('top-1', ('train_top1', 'test_top1'))]
   lr_key = next((k for k in ('train_lr', 'lr') if k in m), None)
   if not any(k in m for _, keys in panels for k in keys):
-    raise errors.DataError(f'{metrics_jsonl}: no train/test loss or top-1 to plot '
-                           f'(keys: {sorted(m)}).')
+    raise errors.DataError(
+      f'{metrics_jsonl}: no train/test loss or top-1 to plot (keys: {sorted(m)}).'
+    )
   ratios = (3, 3) + ((1.2,) if lr_key else ())
   fig = _figure(7, sum(ratios) + 0.8)
   axes = fig.subplots(len(ratios), 1, sharex=True, height_ratios=ratios)
@@ -142,8 +154,14 @@ def learning_curves(metrics_jsonl: str, path: str) -> str:
       if key in m:
         steps, values = m[key]
         test = key.startswith('test_')  # sparse evaluations: markers
-        ax.plot(steps, values, 'o-' if test else '-', ms=3, lw=1.2,
-                label=f'{key.split("_")[0]} ({values[-1]:.4g} at {steps[-1]})')
+        ax.plot(
+          steps,
+          values,
+          'o-' if test else '-',
+          ms=3,
+          lw=1.2,
+          label=f'{key.split("_")[0]} ({values[-1]:.4g} at {steps[-1]})',
+        )
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -177,16 +195,21 @@ def attention_modules(model: nnx.Module) -> list[tuple[str, blocks.SpikingAttent
   """('block.0.attn', module) for every SpikingAttention of `model`, in
   network order: paths in natural order (block.2 < block.10, stage1 <
   stage2), the order in which all three families run their blocks."""
-  found = [('.'.join(map(str, p)), m) for p, m in nnx.iter_modules(model)
-           if isinstance(m, blocks.SpikingAttention)]
+  found = [
+    ('.'.join(map(str, p)), m)
+    for p, m in nnx.iter_modules(model)
+    if isinstance(m, blocks.SpikingAttention)
+  ]
   return sorted(found, key=lambda nm: _natural_key(nm[0]))
 
 
 def _input_panels(x: np.ndarray, T: int) -> dict[int, tuple[np.ndarray, str | None]]:
   """{timestep: (image, cmap)} to show of one example: an image [H, W, C]
   (C 1 or 3) at t = 0, event frames [T, H, W, 2] as the polarity sum per t."""
+
   def unit(a):  # inputs are normalised: stretch to [0, 1] for display
     return (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+
   if x.ndim == 3 and x.shape[-1] in (1, 3):
     return {0: (unit(x[..., 0]), 'gray') if x.shape[-1] == 1 else (unit(x), None)}
   if x.ndim == 4 and x.shape[0] == T:
@@ -194,8 +217,9 @@ def _input_panels(x: np.ndarray, T: int) -> dict[int, tuple[np.ndarray, str | No
   return {}
 
 
-def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,),
-                   timesteps=None, example: int = 0) -> str:
+def attention_maps(
+  model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,), timesteps=None, example: int = 0
+) -> str:
   """Spikformer's Fig. 3: the attention map of one block, per timestep (rows)
   and head (columns), for example `example` of the batch `x`.
 
@@ -206,14 +230,18 @@ def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,
   A first column shows the input: the image, or the polarity sum of each
   timestep's event frame. Returns `path`.
   """
-  if any(not m.use_running_average for _, m in nnx.iter_modules(model)
-         if isinstance(m, norm.BatchNorm)):
-    raise ValueError('attention_maps needs an eval-mode model (call model.eval()): a '
-                     'train-mode forward normalises by the batch and updates BatchNorm.')
+  if any(
+    not m.use_running_average for _, m in nnx.iter_modules(model) if isinstance(m, norm.BatchNorm)
+  ):
+    raise ValueError(
+      'attention_maps needs an eval-mode model (call model.eval()): a '
+      'train-mode forward normalises by the batch and updates BatchNorm.'
+    )
   mods = attention_modules(model)
   if not -len(mods) <= block < len(mods):
-    raise IndexError(f'block={block}: the model has {len(mods)} attention modules '
-                     f'({[n for n, _ in mods]}).')
+    raise IndexError(
+      f'block={block}: the model has {len(mods)} attention modules ({[n for n, _ in mods]}).'
+    )
   name, attn = mods[block]
   before = attn.record_attention
   attn.record_attention = True  # this module only: the others need not sow
@@ -231,8 +259,7 @@ def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,
   if not 0 <= example < batch:
     raise IndexError(f'example={example} of a batch of {batch}.')
   if any(not 0 <= t < T for t in ts) or any(not 0 <= h < n_heads for h in heads):
-    raise IndexError(f'timesteps {ts} / heads {heads}: the model has T={T}, '
-                     f'{n_heads} heads.')
+    raise IndexError(f'timesteps {ts} / heads {heads}: the model has T={T}, {n_heads} heads.')
   maps = amap[example * T + np.asarray(ts)][:, heads]  # [len(ts), len(heads), rows, cols]
   inputs = _input_panels(np.asarray(x[example], np.float32), T)
 
@@ -253,8 +280,14 @@ def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,
         ax.set_title('input' if x.ndim == 4 else f'events, t = {t}', fontsize=8)
     for j, h in enumerate(heads):
       ax = grid[i, n_in + j]
-      im = ax.imshow(maps[i, j], cmap='viridis', vmin=vmin, vmax=max(vmax, vmin + 1e-6),
-                     aspect='equal' if square else 'auto', interpolation='nearest')
+      im = ax.imshow(
+        maps[i, j],
+        cmap='viridis',
+        vmin=vmin,
+        vmax=max(vmax, vmin + 1e-6),
+        aspect='equal' if square else 'auto',
+        interpolation='nearest',
+      )
       ax.tick_params(labelsize=6)
       if rows == 1:
         ax.set_yticks([])
@@ -267,6 +300,7 @@ def attention_maps(model: nnx.Module, x, path: str, *, block: int = 0, heads=(0,
       if i == len(ts) - 1:
         ax.set_xlabel(xlabel, fontsize=8)
   fig.colorbar(im, ax=grid[:, n_in:].ravel().tolist(), shrink=0.8)
-  fig.suptitle(f'{attn.kind}: {kind.picture}\n'
-               f'{name} (attention block {block}), example {example}', fontsize=10)
+  fig.suptitle(
+    f'{attn.kind}: {kind.picture}\n{name} (attention block {block}), example {example}', fontsize=10
+  )
   return _save(fig, path)

@@ -38,10 +38,12 @@ class StopSignals:
   service, so that all processes stop at the same step (a checkpoint is a
   collective); SIGINT keeps Python's default there.
   """
+
   SIGNALS: dict[int, tuple[str, str, int]] = {  # signal -> (what, name, exit status)
-      signal.SIGTERM: ('preempted', 'SIGTERM', 143),
-      signal.SIGINT: ('interrupted', 'SIGINT', 130),
-      signal.SIGHUP: ('hung up', 'SIGHUP', 129)}  # a closed terminal
+    signal.SIGTERM: ('preempted', 'SIGTERM', 143),
+    signal.SIGINT: ('interrupted', 'SIGINT', 130),
+    signal.SIGHUP: ('hung up', 'SIGHUP', 129),
+  }  # a closed terminal
   # A second Ctrl-C is a person asking for "now". A second SIGTERM or SIGHUP
   # is not: a scheduler (SLURM at its time limit, `sweep.py run` passing its
   # own on) may deliver the same request to a process twice, and its SIGKILL
@@ -66,18 +68,26 @@ class StopSignals:
       self.signum = signum
       return
     if self.armed and signum not in self.URGENT_AGAIN:
-      print(f'{what} again ({name}): already stopping, the save goes on.', file=sys.stderr,
-            flush=True)
+      print(
+        f'{what} again ({name}): already stopping, the save goes on.', file=sys.stderr, flush=True
+      )
       return
     self._on_abort()
-    print(f'{what} ({name}) before training started: nothing to save.' if not self.armed
-          else f'{what} again ({name}): stopping now, not waiting for the save; '
-          f'{self._resume_point()}', file=sys.stderr, flush=True)
+    print(
+      f'{what} ({name}) before training started: nothing to save.'
+      if not self.armed
+      else f'{what} again ({name}): stopping now, not waiting for the save; {self._resume_point()}',
+      file=sys.stderr,
+      flush=True,
+    )
     os._exit(code)  # pylint: disable=protected-access
 
   def _resume_point(self) -> str:
-    steps = sorted(int(n) for n in os.listdir(self.ckpt_dir) if n.isdigit()) \
-        if self.ckpt_dir and os.path.isdir(self.ckpt_dir) else []
+    steps = (
+      sorted(int(n) for n in os.listdir(self.ckpt_dir) if n.isdigit())
+      if self.ckpt_dir and os.path.isdir(self.ckpt_dir)
+      else []
+    )
     if not steps:
       return 'no checkpoint is committed yet: the rerun starts from scratch.'
     return f'the rerun resumes from the last committed checkpoint, step {steps[-1]}.'
@@ -95,8 +105,11 @@ class StopSignals:
   def stopped(self, where: str, ckpt_dir: str, step: int, todo: str) -> errors.Stopped:
     signum = signal.SIGTERM if self.signum is None else self.signum  # None: the sync point
     what, name, code = self.SIGNALS.get(signum, self.SIGNALS[signal.SIGTERM])
-    return errors.Stopped(f'{what} ({name}) {where}: checkpoint {step} saved in {ckpt_dir}; '
-                          f'rerun the same command to {todo}.', code)
+    return errors.Stopped(
+      f'{what} ({name}) {where}: checkpoint {step} saved in {ckpt_dir}; '
+      f'rerun the same command to {todo}.',
+      code,
+    )
 
   def __exit__(self, *exc):
     self._watcher.__exit__(*exc)

@@ -28,36 +28,47 @@ from spikeformer_jax import cli
 from spikeformer_jax import errors
 from spikeformer_jax.data import tfds_sources
 
-_DATASET = flags.DEFINE_enum('dataset', None, [*tfds_sources.IMAGE_DATASETS,
-                                               *tfds_sources.EVENT_DATASETS], 'Dataset.')
-_DATA_DIR = flags.DEFINE_string('data_dir', '', 'Output (default $TFDS_DATA_DIR or '
-                                '~/tensorflow_datasets).')
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Downloaded archives (required for '
-                                  'imagenet2012 and the event datasets).')
+_DATASET = flags.DEFINE_enum(
+  'dataset', None, [*tfds_sources.IMAGE_DATASETS, *tfds_sources.EVENT_DATASETS], 'Dataset.'
+)
+_DATA_DIR = flags.DEFINE_string(
+  'data_dir', '', 'Output (default $TFDS_DATA_DIR or ~/tensorflow_datasets).'
+)
+_MANUAL_DIR = flags.DEFINE_string(
+  'manual_dir', None, 'Downloaded archives (required for imagenet2012 and the event datasets).'
+)
 _FRAMES = flags.DEFINE_integer('frames', 16, 'Event datasets: frames per sample (model.T).')
-_SPLIT_BY = flags.DEFINE_enum('split_by', 'number', ['number', 'time'],
-                              'Event datasets: integration into frames.')
+_SPLIT_BY = flags.DEFINE_enum(
+  'split_by', 'number', ['number', 'time'], 'Event datasets: integration into frames.'
+)
 
 
 def _prepare_catalog(name, data_dir, manual_dir):
   try:
     import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
-    raise errors.UserError(f'preparing {name} runs the tfds catalog builder, which needs '
-                     'TensorFlow: pip install ".[prepare]" (tensorflow-cpu; not needed '
-                     'for training).') from None
+    raise errors.UserError(
+      f'preparing {name} runs the tfds catalog builder, which needs '
+      'TensorFlow: pip install ".[prepare]" (tensorflow-cpu; not needed '
+      'for training).'
+    ) from None
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
   if name == 'imagenet2012' and not manual_dir:
-    raise errors.ConfigError('imagenet2012 cannot be downloaded: put ILSVRC2012_img_train.tar '
-                     'and ILSVRC2012_img_val.tar in a folder and pass --manual_dir.')
+    raise errors.ConfigError(
+      'imagenet2012 cannot be downloaded: put ILSVRC2012_img_train.tar '
+      'and ILSVRC2012_img_val.tar in a folder and pass --manual_dir.'
+    )
   builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  if (os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
-      and not glob.glob(os.path.join(builder.data_dir, '*.array_record*'))):
-    raise errors.UserError(f'{builder.data_dir} holds {name} in another format (TFRecord?), '
-                     'which tfds would reuse and training cannot read: delete that folder '
-                     'or pass another --data_dir.')
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')) and not glob.glob(
+    os.path.join(builder.data_dir, '*.array_record*')
+  ):
+    raise errors.UserError(
+      f'{builder.data_dir} holds {name} in another format (TFRecord?), '
+      'which tfds would reuse and training cannot read: delete that folder '
+      'or pass another --data_dir.'
+    )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
 
@@ -72,11 +83,15 @@ def main(argv):
   t0 = time.time()
   if name in tfds_sources.EVENT_DATASETS:
     from spikeformer_jax.data import builders  # pylint: disable=import-outside-toplevel
+
     if not manual_dir or not os.path.isdir(manual_dir):
-      raise errors.ConfigError(f'--manual_dir={manual_dir!r} is not a folder. '
-                               f'{builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS}')
-    builder = builders.prepare(name, data_dir=data_dir, manual_dir=manual_dir,
-                               frames=_FRAMES.value, split_by=_SPLIT_BY.value)
+      raise errors.ConfigError(
+        f'--manual_dir={manual_dir!r} is not a folder. '
+        f'{builders.BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS}'
+      )
+    builder = builders.prepare(
+      name, data_dir=data_dir, manual_dir=manual_dir, frames=_FRAMES.value, split_by=_SPLIT_BY.value
+    )
   else:
     builder = _prepare_catalog(name, data_dir, manual_dir)
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in builder.info.splits.items())

@@ -51,12 +51,16 @@ def _step_dir(path: str) -> str:
     return path
   ckpts = os.path.join(path, 'checkpoints')
   ckpts = ckpts if os.path.isdir(ckpts) else path
-  steps = [int(n) for n in os.listdir(ckpts) if n.isdigit()
-           and os.path.isdir(os.path.join(ckpts, n, 'state'))]
+  steps = [
+    int(n)
+    for n in os.listdir(ckpts)
+    if n.isdigit() and os.path.isdir(os.path.join(ckpts, n, 'state'))
+  ]
   if not steps:
     raise errors.UserError(
-        f'init_from={path} holds no checkpoint of ours (no checkpoints/<step>/state); give a '
-        f'workdir, a checkpoint directory, or a PyTorch file ({", ".join(TORCH_SUFFIXES)}).')
+      f'init_from={path} holds no checkpoint of ours (no checkpoints/<step>/state); give a '
+      f'workdir, a checkpoint directory, or a PyTorch file ({", ".join(TORCH_SUFFIXES)}).'
+    )
   return os.path.join(ckpts, str(max(steps)))
 
 
@@ -68,8 +72,9 @@ def check_source(path: str):
     _step_dir(path)
   elif not path.endswith(TORCH_SUFFIXES):
     raise errors.UserError(
-        f'init_from={path} is neither a directory of ours nor a PyTorch / numpy state_dict '
-        f'file ({", ".join(TORCH_SUFFIXES)}).')
+      f'init_from={path} is neither a directory of ours nor a PyTorch / numpy state_dict '
+      f'file ({", ".join(TORCH_SUFFIXES)}).'
+    )
 
 
 def _read_ours(path: str) -> dict[str, np.ndarray]:
@@ -86,20 +91,27 @@ def _read_ours(path: str) -> dict[str, np.ndarray]:
       tree = getattr(getattr(md, 'item_metadata', md), 'tree', md)
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       abstract = jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree
+      )
       return ckptr.restore(where, abstract)
     except Exception as e:  # pylint: disable=broad-except  # damaged, truncated, not orbax
-      raise errors.UserError(f'init_from: the checkpoint {os.path.join(root, str(step))} is '
-                             f'unreadable ({checkpointing.reason(e)}).') from e
+      raise errors.UserError(
+        f'init_from: the checkpoint {os.path.join(root, str(step))} is '
+        f'unreadable ({checkpointing.reason(e)}).'
+      ) from e
 
   if not name.isdigit():  # a step directory copied under another name: no run writes it
     state = read(directory, name)
   else:  # the newest step, unless init_from names one
     named = os.path.isdir(os.path.join(path, 'state'))
-    state = checkpointing.read_committed(directory, read, step=int(name) if named else None,
-                                         workdir=os.path.dirname(directory))
-  return {k: np.asarray(v) for k, v in checkpointing.flatten(state).items()
-          if k.startswith(('params/', 'batch_stats/'))}
+    state = checkpointing.read_committed(
+      directory, read, step=int(name) if named else None, workdir=os.path.dirname(directory)
+    )
+  return {
+    k: np.asarray(v)
+    for k, v in checkpointing.flatten(state).items()
+    if k.startswith(('params/', 'batch_stats/'))
+  }
 
 
 def _read_torch(path: str, model: nnx.Module):
@@ -119,9 +131,10 @@ def _read_torch(path: str, model: nnx.Module):
     raise errors.UserError(f'init_from: {path} is unreadable ({checkpointing.reason(e)}).') from e
   state_dict = {k.removeprefix('module.'): np.asarray(v) for k, v in state_dict.items()}
   entries, _, unexpected, _ = convert.match(model, {k: v.shape for k, v in state_dict.items()})
-  kinds = {path: 'params' if isinstance(var, nnx.Param) else 'batch_stats'
-           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param,
-                                                                         nnx.BatchStat)))}
+  kinds = {
+    path: 'params' if isinstance(var, nnx.Param) else 'batch_stats'
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+  }
   out, misfits = {}, {}
   for entry in entries:
     name = kinds[entry.path] + '/' + '/'.join(map(str, entry.path))
@@ -153,14 +166,16 @@ def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
   try:
     skip = [re.compile(p) for p in patterns]
   except re.error as e:
-    raise errors.UserError(f'init_skip={patterns!r}: {e.pattern!r} is not a regular '
-                           f'expression ({e}).') from e
+    raise errors.UserError(
+      f'init_skip={patterns!r}: {e.pattern!r} is not a regular expression ({e}).'
+    ) from e
   if os.path.isdir(path):
     source, unused_keys, misfits = _read_ours(path), [], {}
   else:
     source, unused_keys, misfits = _read_torch(path, model)
-  ours = checkpointing.flatten({'params': nnx.state(model, nnx.Param),
-                                'batch_stats': nnx.state(model, nnx.BatchStat)})
+  ours = checkpointing.flatten(
+    {'params': nnx.state(model, nnx.Param), 'batch_stats': nnx.state(model, nnx.BatchStat)}
+  )
   take, kept, missing, bad = {}, [], [], []
   for name, leaf in ours.items():
     if any(p.search(name) for p in skip):
@@ -177,33 +192,56 @@ def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
   if missing or bad or values:
     heads = sorted({n.split('/')[1] for n in missing + [b.split(' ')[0] for b in bad + values]})
     raise errors.UserError(
-        f'init_from={config.init_from} does not fit this model: '
-        + '; '.join(filter(None, [
+      f'init_from={config.init_from} does not fit this model: '
+      + '; '.join(
+        filter(
+          None,
+          [
             f'{len(bad)} of another shape ({_names(bad)})' if bad else '',
             f'{len(missing)} missing ({_names(missing, 6)})' if missing else '',
-            f'{len(values)} of unusable values ({_names(values)})' if values else '']))
-        + f'. Leave them at their initialisation with --config.init_skip="{tuple(heads)}" '
-        '(regular expressions over these names), or fix the config'
-        + (' or the source' if bad or values else '') + '.')
+            f'{len(values)} of unusable values ({_names(values)})' if values else '',
+          ],
+        )
+      )
+      + f'. Leave them at their initialisation with --config.init_skip="{tuple(heads)}" '
+      '(regular expressions over these names), or fix the config'
+      + (' or the source' if bad or values else '')
+      + '.'
+    )
   unused = sorted(set(source) - set(ours)) + unused_keys
-  notes = [f'Initialised {len(take)} of {len(ours)} arrays from {path}'
-           + (f'; kept fresh (init_skip): {", ".join(kept)}' if kept else '')
-           + (f'; not used from the source: {", ".join(unused[:8])}'
-              f'{" ..." if len(unused) > 8 else ""}' if unused else '') + '.']
+  notes = [
+    f'Initialised {len(take)} of {len(ours)} arrays from {path}'
+    + (f'; kept fresh (init_skip): {", ".join(kept)}' if kept else '')
+    + (
+      f'; not used from the source: {", ".join(unused[:8])}{" ..." if len(unused) > 8 else ""}'
+      if unused
+      else ''
+    )
+    + '.'
+  ]
   return take, notes
 
 
 def apply(state: dict, take: dict[str, np.ndarray]) -> dict:
   """The train state with `take`'s arrays in place of its fresh ones (on the
   same shardings and dtypes); the EMA starts from them too."""
+
   def put(prefix, tree):
     flat = checkpointing.flatten(tree, prefix)
-    leaves = [jax.device_put(np.asarray(take[n], leaf.dtype), leaf.sharding) if n in take
-              else leaf for n, leaf in flat.items()]
+    leaves = [
+      jax.device_put(np.asarray(take[n], leaf.dtype), leaf.sharding) if n in take else leaf
+      for n, leaf in flat.items()
+    ]
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
-  new = dict(state, params=put('params', state['params']),
-             batch_stats=put('batch_stats', state['batch_stats']))
+
+  new = dict(
+    state,
+    params=put('params', state['params']),
+    batch_stats=put('batch_stats', state['batch_stats']),
+  )
   if 'ema' in state:
-    new['ema'] = {'params': put('params', state['ema']['params']),
-                  'batch_stats': put('batch_stats', state['ema']['batch_stats'])}
+    new['ema'] = {
+      'params': put('params', state['ema']['params']),
+      'batch_stats': put('batch_stats', state['ema']['batch_stats']),
+    }
   return new

@@ -23,8 +23,10 @@ class BadRecording(errors.DataError):
 
 
 # Entries every recording of a kind has.
-_REQUIRED = {'one-step': ('config', 'input', 'labels', 'logits_eval', 'logits_train', 'loss'),
-             'trajectory': ('config', 'batch/0/input', 'batch/0/labels', 'loss/0', 'lr/0')}
+_REQUIRED = {
+  'one-step': ('config', 'input', 'labels', 'logits_eval', 'logits_train', 'loss'),
+  'trajectory': ('config', 'batch/0/input', 'batch/0/labels', 'loss/0', 'lr/0'),
+}
 
 
 def error_kind(e: BaseException) -> str:
@@ -62,12 +64,15 @@ def read_recording(path: str) -> tuple[dict, dict]:
         arrays[key] = d[key]
   except Exception as e:  # pylint: disable=broad-except  # zlib, CRC, EOF, bad header
     where = f'entry {key!r}' if key else 'the archive'
-    raise BadRecording(f'damaged: {where} cannot be read '
-                       f'({error_kind(e)}: {errors.one_line(e)}).') from e
+    raise BadRecording(
+      f'damaged: {where} cannot be read ({error_kind(e)}: {errors.one_line(e)}).'
+    ) from e
   missing = [k for k in _REQUIRED[kind_of(arrays)] if k not in arrays]
   if missing or not any(k.startswith('state/') for k in arrays):
-    raise BadRecording(f'not a fidelity recording: no {", ".join(missing) or "state/*"} entries '
-                       '(formats: shared/fixtures/README.md, shared/fixtures/trajectory/README.md).')
+    raise BadRecording(
+      f'not a fidelity recording: no {", ".join(missing) or "state/*"} entries '
+      '(formats: shared/fixtures/README.md, shared/fixtures/trajectory/README.md).'
+    )
   try:
     cfg = json.loads(str(arrays['config']))
   except json.JSONDecodeError as e:
@@ -82,28 +87,32 @@ def model_config_from_fixture(cfg: dict):
   from_fixture = models.get(family).from_fixture if family in models.names() else None
   if from_fixture is None:
     raise NotImplementedError(
-        f"fixture family {family!r} is not implemented in this version; supported: "
-        f"{', '.join(repr(n) for n in models.names() if models.get(n).from_fixture)}.")
+      f"fixture family {family!r} is not implemented in this version; supported: "
+      f"{', '.join(repr(n) for n in models.names() if models.get(n).from_fixture)}."
+    )
   return from_fixture(cfg)
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:
-  if x.ndim == 4:   # [B, C, H, W]
+  if x.ndim == 4:  # [B, C, H, W]
     return x.transpose(0, 2, 3, 1)
-  if x.ndim == 5:   # [B, T, C, H, W]
+  if x.ndim == 5:  # [B, T, C, H, W]
     return x.transpose(0, 1, 3, 4, 2)
   raise errors.DataError(f'fixture input of rank {x.ndim}; expected 4 or 5.')
 
 
 def rel_error(a, b, scale) -> float:
   """max |a - b| / scale (0 for empty arrays)."""
-  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))
-               / scale) if np.size(b) else 0.0
+  return (
+    float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))) / scale)
+    if np.size(b)
+    else 0.0
+  )
 
 
 def state_dict(arrays: dict, prefix: str = 'state/') -> dict:
   """{torch name: array} of the entries under `prefix`."""
-  return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def model_holding(mc, state: dict):

@@ -45,15 +45,25 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | 
     finally:
       ckpt.close(quiet=True)
     raise errors.CheckpointError(
-        f'{errors.one_line(e)}; ' + (f'intact steps: {", ".join(map(str, intact))}: evaluate '
-                                     f'one with --step={intact[-1]}.' if intact else
-                                     'no other step reads either.')) from e
+      f'{errors.one_line(e)}; '
+      + (
+        f'intact steps: {", ".join(map(str, intact))}: evaluate one with --step={intact[-1]}.'
+        if intact
+        else 'no other step reads either.'
+      )
+    ) from e
   return exp, state
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
-                        split: str = 'test', step: int | None = None,
-                        num_devices: int | None = None, ema: bool = False) -> dict:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  split: str = 'test',
+  step: int | None = None,
+  num_devices: int | None = None,
+  ema: bool = False,
+) -> dict:
   """top-1, top-5 and loss of a checkpoint of `workdir` on `split`, on any mesh
   (ema: of the weights' moving average)."""
   validation.validate_config(config)
@@ -65,13 +75,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   batch = experiment.fit_eval_batch(-(-batch // n) * n, len(source), mesh)
   exp, state = _restore(config, workdir, mesh, step)
   eval_step = sharding.synced_first_call(experiment.make_eval_step(exp, ema=ema), 'eval step')
-  res = experiment.evaluate(eval_step, state, source, mesh, batch,
-                            data_lib.make_transform(config.data, source, train=False))
+  res = experiment.evaluate(
+    eval_step, state, source, mesh, batch, data_lib.make_transform(config.data, source, train=False)
+  )
   return {'split': split, 'step': int(jax.device_get(state['step'])), **res}
 
 
-def restore_model(config: ml_collections.ConfigDict, workdir: str,
-                  step: int | None = None) -> tuple[nnx.Module, int]:
+def restore_model(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+) -> tuple[nnx.Module, int]:
   """The model of a checkpoint of `workdir` (eval mode, on one device) and its step."""
   mesh = sharding.make_mesh(1)
   exp, state = _restore(config, workdir, mesh, step)

@@ -23,53 +23,61 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from spikeformer_jax import errors
 
 AXES = ('data', 'fsdp')
-BATCH = P(AXES)          # the batch axis over every device
-FSDP_MIN_SIZE = 2 ** 14  # default: smaller arrays (biases, norms) stay replicated
+BATCH = P(AXES)  # the batch axis over every device
+FSDP_MIN_SIZE = 2**14  # default: smaller arrays (biases, norms) stay replicated
 
 
-def mesh_shape(num_devices: int | None, data: int, fsdp: int, available: int,
-               where: str = 'visible devices') -> tuple[int, int]:
+def mesh_shape(
+  num_devices: int | None, data: int, fsdp: int, available: int, where: str = 'visible devices'
+) -> tuple[int, int]:
   """(data, fsdp) of the mesh over `available` devices (make_mesh's rule, a
   pure function: the planner checks a TPU slice's mesh before loading libtpu)."""
   n = available if num_devices in (None, 0, -1) else num_devices
   if n < 1 or n > available:
-    raise errors.ConfigError(f'num_devices={num_devices}: use -1 (all) or 1..{available}, '
-                             f'the number of {where}.')
+    raise errors.ConfigError(
+      f'num_devices={num_devices}: use -1 (all) or 1..{available}, the number of {where}.'
+    )
   if data == -1 and fsdp == -1:
     raise errors.ConfigError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
   if data == -1 or fsdp == -1:
     known = fsdp if data == -1 else data
     if known < 1 or n % known:
-      raise errors.ConfigError(f'mesh.{"fsdp" if data == -1 else "data"}={known} does not divide '
-                               f'the {n} devices; use a divisor of {n}, or -1.')
+      raise errors.ConfigError(
+        f'mesh.{"fsdp" if data == -1 else "data"}={known} does not divide '
+        f'the {n} devices; use a divisor of {n}, or -1.'
+      )
     data, fsdp = (n // known, known) if data == -1 else (known, n // known)
   if data < 1 or fsdp < 1 or data * fsdp != n:
-    raise errors.ConfigError(f'mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices '
-                             '(num_devices); -1 takes the rest.')
+    raise errors.ConfigError(
+      f'mesh.data={data} x mesh.fsdp={fsdp} must equal the {n} devices '
+      '(num_devices); -1 takes the rest.'
+    )
   return data, fsdp
 
 
 def mesh_shape_from_config(config, available: int, where: str = 'visible devices'):
   m = config.get('mesh', None)
-  return mesh_shape(config.num_devices, m.data if m else -1, m.fsdp if m else 1, available,
-                    where)
+  return mesh_shape(config.num_devices, m.data if m else -1, m.fsdp if m else 1, available, where)
 
 
-def make_mesh(num_devices: int | None = None, *, data: int = -1, fsdp: int = 1,
-              devices=None) -> Mesh:
+def make_mesh(
+  num_devices: int | None = None, *, data: int = -1, fsdp: int = 1, devices=None
+) -> Mesh:
   """A ('data', 'fsdp') mesh over all (or the first `num_devices`) devices;
   one of `data`, `fsdp` may be -1: the rest. `devices`: jax.devices(), or
   others (the compile-only devices of a TPU topology: aot.py)."""
   devices = jax.devices() if devices is None else list(devices)
   data, fsdp = mesh_shape(num_devices, data, fsdp, len(devices))
-  return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), AXES,
-              axis_types=(AxisType.Auto,) * 2)
+  return Mesh(
+    np.asarray(devices[: data * fsdp]).reshape(data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2
+  )
 
 
 def mesh_from_config(config, devices=None) -> Mesh:
   m = config.get('mesh', None)
-  return make_mesh(config.num_devices, data=m.data if m else -1, fsdp=m.fsdp if m else 1,
-                   devices=devices)
+  return make_mesh(
+    config.num_devices, data=m.data if m else -1, fsdp=m.fsdp if m else 1, devices=devices
+  )
 
 
 def platform(mesh: Mesh) -> str:
@@ -110,16 +118,20 @@ def state_shardings(abstract_state: dict, mesh: Mesh, min_size: int = FSDP_MIN_S
 
   def shard(x):
     return NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp, min_size))
+
   repl = replicated(mesh)
-  return {k: jax.tree.map(shard if k in ('params', 'opt_state') else (lambda _: repl), v)
-          for k, v in abstract_state.items()}
+  return {
+    k: jax.tree.map(shard if k in ('params', 'opt_state') else (lambda _: repl), v)
+    for k, v in abstract_state.items()
+  }
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:
   """This process's rows of a batch -> global arrays sharded on 'data'."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+  }
 
 
 _BARRIER_IDS = itertools.count()
@@ -130,11 +142,13 @@ def barrier(name: str, timeout_s: int = 3600):
   service's barrier: no collective, and no 30 s limit). Processes must call
   it in the same order (the ids count up)."""
   from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
   client = distributed.global_state.client
   if client is None:  # callers wait only when jax.process_count() > 1
     raise RuntimeError('barrier() without jax.distributed.initialize()')
   client.wait_at_barrier(
-      f'spikeformer_jax/{next(_BARRIER_IDS)}/{name}', timeout_in_ms=timeout_s * 1000)
+    f'spikeformer_jax/{next(_BARRIER_IDS)}/{name}', timeout_in_ms=timeout_s * 1000
+  )
 
 
 def synced_first_call(step, name: str):
@@ -157,6 +171,7 @@ def synced_first_call(step, name: str):
       barrier(f'{name} compiled')
       ready = True
     return step(*args)
+
   return call
 
 
@@ -164,5 +179,7 @@ def check_batch_size(batch_size: int, mesh, what: str = 'batch_size'):
   """`mesh`: a Mesh, or the number of data-parallel devices (data x fsdp)."""
   n = mesh if isinstance(mesh, int) else data_size(mesh)
   if batch_size % n:
-    raise errors.ConfigError(f'{what}={batch_size} must be divisible by the {n} data-parallel '
-                             f'devices; use a multiple of {n}.')
+    raise errors.ConfigError(
+      f'{what}={batch_size} must be divisible by the {n} data-parallel '
+      f'devices; use a multiple of {n}.'
+    )

@@ -30,8 +30,9 @@ class SignalWatcher:
   library that installed its own since.
   """
 
-  def __init__(self, signals: Iterable[int], on_signal: Callable[[int], None],
-               name: str = 'signal-watcher'):
+  def __init__(
+    self, signals: Iterable[int], on_signal: Callable[[int], None], name: str = 'signal-watcher'
+  ):
     self.signals = tuple(signals)
     self._on_signal = on_signal
     self._name = name

@@ -41,20 +41,29 @@ from spikeformer_jax import cli  # pylint: disable=g-import-not-at-top,wrong-imp
 
 COMMANDS = ('list', 'run', 'commands', 'point', 'collect')
 # The flags each command needs (`point`: what `commands` prints, one per point).
-_NEEDS = {'list': ('config',), 'run': ('config', 'sweep', 'workdir'),
-          'commands': ('config', 'sweep', 'workdir'),
-          'point': ('config', 'sweep', 'point', 'workdir'), 'collect': ('workdir',)}
+_NEEDS = {
+  'list': ('config',),
+  'run': ('config', 'sweep', 'workdir'),
+  'commands': ('config', 'sweep', 'workdir'),
+  'point': ('config', 'sweep', 'point', 'workdir'),
+  'collect': ('workdir',),
+}
 
-_CONFIG = flags.DEFINE_string('config', None, 'Config file declaring the sweep (configs/x.py, '
-                              'no :VARIANT).')
+_CONFIG = flags.DEFINE_string(
+  'config', None, 'Config file declaring the sweep (configs/x.py, no :VARIANT).'
+)
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep name (see `list`).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory (one subdirectory per point).')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, '(run) Points trained at once.')
 _POINT = flags.DEFINE_string('point', None, '(point) The point to train.')
-_SET = flags.DEFINE_multi_string('set', [], 'KEY=VALUE (repeatable; VALUE parsed as JSON, '
-                                 'else a string): a field set in every point.')
-_RUNLOCAL = flags.DEFINE_bool('runlocal', False, "Add ',runlocal' to every point's config: a "
-                              'smoke run of the sweep.')
+_SET = flags.DEFINE_multi_string(
+  'set',
+  [],
+  'KEY=VALUE (repeatable; VALUE parsed as JSON, else a string): a field set in every point.',
+)
+_RUNLOCAL = flags.DEFINE_bool(
+  'runlocal', False, "Add ',runlocal' to every point's config: a smoke run of the sweep."
+)
 _METRIC = flags.DEFINE_string('metric', 'test_top1', '(collect) Sort / plot metric.')
 _X = flags.DEFINE_string('x', '', '(collect) Swept field on the plot x axis.')
 
@@ -63,20 +72,24 @@ def main(argv: list[str]) -> int:
   """The sweep command `argv[1]` (absl's main: argv[0] is the program); its exit status."""
   if len(argv) != 2 or argv[1] not in COMMANDS:
     got = f'got {" ".join(argv[1:])!r}' if len(argv) > 1 else 'none given'
-    cli.exit_usage(f'give one command, {" | ".join(COMMANDS)} ({got}); e.g. '
-                   'python sweep.py list --config=configs/spikformer.py.')
+    cli.exit_usage(
+      f'give one command, {" | ".join(COMMANDS)} ({got}); e.g. '
+      'python sweep.py list --config=configs/spikformer.py.'
+    )
   command = argv[1]
   missing = [f'--{n}' for n in _NEEDS[command] if not flags.FLAGS[n].value]
   if missing:
     cli.exit_usage(f'{command} needs {" ".join(missing)}.')
   if _PARALLEL.value < 1:
-    cli.exit_usage(f'--parallel={_PARALLEL.value}: the number of points trained at once must '
-                   'be >= 1.')
+    cli.exit_usage(
+      f'--parallel={_PARALLEL.value}: the number of points trained at once must be >= 1.'
+    )
   # The flags a command needs were checked above: '' is never used.
   config = cli.config_file(_CONFIG.value) or ''  # configs/x.py: also outside a checkout
   workdir, sweep, runlocal = _WORKDIR.value or '', _SWEEP.value or '', _RUNLOCAL.value
 
   from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
+
   try:
     common = config_lib.parse_set(_SET.value)
   except errors.ConfigError as e:
@@ -97,8 +110,9 @@ def main(argv: list[str]) -> int:
       _warn(sweeps.overridden_common(points, common))  # stderr: stdout is the commands
       sweeps.write_manifest(config, sweep, workdir, points, common, runlocal)
       for p in points:
-        cmd = sweeps.point_command(config, sweep, p.name, os.path.join(workdir, p.name),
-                                   common, runlocal)
+        cmd = sweeps.point_command(
+          config, sweep, p.name, os.path.join(workdir, p.name), common, runlocal
+        )
         print(' '.join(_quote(c) for c in cmd))
     elif command == 'run':
       # While no point runs, SIGTERM (or SIGHUP) stops at once, in one line
@@ -106,16 +120,20 @@ def main(argv: list[str]) -> int:
       for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup
           signal.signal(signum, _stopped_between_points)
-      result = sweeps.run(config, sweep, workdir, parallel=_PARALLEL.value,
-                          common=common, runlocal=runlocal)
+      result = sweeps.run(
+        config, sweep, workdir, parallel=_PARALLEL.value, common=common, runlocal=runlocal
+      )
       failed = sorted(n for n, s in result.items() if s != 'finished')
-      print(f'{len(result) - len(failed)}/{len(result)} points finished'
-            + (f'; not finished: {", ".join(f"{n} ({result[n]})" for n in failed)}'
-               if failed else '') + '.')
+      print(
+        f'{len(result) - len(failed)}/{len(result)} points finished'
+        + (f'; not finished: {", ".join(f"{n} ({result[n]})" for n in failed)}' if failed else '')
+        + '.'
+      )
       sweeps.collect(workdir)
       return 1 if failed else 0
     elif command == 'point':
       from absl import logging  # pylint: disable=import-outside-toplevel
+
       logging.set_verbosity(logging.WARNING)
       try:
         sweeps.run_point(config, sweep, _POINT.value or '', workdir, common, runlocal)
@@ -128,17 +146,21 @@ def main(argv: list[str]) -> int:
         print(f.read(), end='')
       print(f'{len(rows)} points; wrote {workdir}/results.csv, results.md, results.png')
   except KeyboardInterrupt:  # while no point ran (`run` passes it on to running ones)
-    print('interrupted (SIGINT) while no point was running; rerun the same command to go on.',
-          file=sys.stderr)
+    print(
+      'interrupted (SIGINT) while no point was running; rerun the same command to go on.',
+      file=sys.stderr,
+    )
     return 130
   return 0
 
 
 def _stopped_between_points(signum, _frame):
   from spikeformer_jax import errors, sweeps  # pylint: disable=import-outside-toplevel
+
   what, name, code = sweeps.STOP_SIGNALS[signum]
-  raise errors.Stopped(f'{what} ({name}) while no point was running; rerun the same command '
-                       'to go on.', code)
+  raise errors.Stopped(
+    f'{what} ({name}) while no point was running; rerun the same command to go on.', code
+  )
 
 
 def _warn(message: str):

@@ -108,12 +108,14 @@ def random_search(n: int, seed: int = 0, **space) -> list[dict]:
   """n points drawn with a fixed seed: a list is a uniform choice, uniform /
   loguniform a continuous range, anything else a constant."""
   rng = np.random.default_rng(seed)
+
   def draw(v):
     if isinstance(v, (uniform, loguniform)):
       return v.sample(rng)
     if isinstance(v, (list, tuple)):
       return v[int(rng.integers(len(v)))]
     return v
+
   return [{k: draw(v) for k, v in space.items()} for _ in range(n)]
 
 
@@ -125,19 +127,22 @@ def random_search(n: int, seed: int = 0, **space) -> list[dict]:
 @dataclasses.dataclass
 class Point:
   name: str
-  overrides: dict          # dotted key -> value (without 'config' / 'name')
-  config_arg: str          # the config file's argument ('' = its default)
+  overrides: dict  # dotted key -> value (without 'config' / 'name')
+  config_arg: str  # the config file's argument ('' = its default)
   config: ml_collections.ConfigDict
 
 
 def load_config_module(path: str):
   spec = importlib.util.spec_from_file_location(
-      'sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path)), path)
+    'sweep_config_' + re.sub(r'\W', '_', os.path.abspath(path)), path
+  )
   if spec is None or spec.loader is None or not os.path.exists(path):
     file, colon, _ = path.rpartition(':')
     if colon and os.path.exists(file):  # each point names its variant
-      raise FileNotFoundError(f'config file {path!r}: sweeps take the config file without '
-                              f':VARIANT (each point names its own); use --config={file}.')
+      raise FileNotFoundError(
+        f'config file {path!r}: sweeps take the config file without '
+        f':VARIANT (each point names its own); use --config={file}.'
+      )
     raise FileNotFoundError(f'config file {path!r} not found.')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -162,8 +167,11 @@ def point_name(overrides: dict, keys=None) -> str:
   if 'name' in overrides:
     return str(overrides['name'])
   keys = [k for k in overrides if k not in ANNOTATIONS] if keys is None else keys
-  parts = [_fmt(overrides[k]) if k == 'config' else f'{k.split(".")[-1]}={_fmt(overrides[k])}'
-           for k in keys if k in overrides]
+  parts = [
+    _fmt(overrides[k]) if k == 'config' else f'{k.split(".")[-1]}={_fmt(overrides[k])}'
+    for k in keys
+    if k in overrides
+  ]
   name = ','.join(parts) or 'base'
   return re.sub(r'[^A-Za-z0-9._=,+-]', '_', name)
 
@@ -181,6 +189,7 @@ def check_buildable(config: ml_collections.ConfigDict):
   point's run before any point runs."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import models, validation  # pylint: disable=import-outside-toplevel
+
   validation.validate_config(config)  # imports config.plugins: their kinds / families
   validation.validate_start(config)
   nnx.eval_shape(lambda: models.build_model(config.model))
@@ -188,6 +197,7 @@ def check_buildable(config: ml_collections.ConfigDict):
 
 class InvalidPoints(errors.ConfigError):
   """Points that cannot run: a line for each, after a summary line."""
+
   multiline = True
 
 
@@ -198,8 +208,13 @@ def _default_arg(module) -> str:
   return default if isinstance(default, str) else ''
 
 
-def expand(config_path: str, points: list[dict], common: dict | None = None,
-           validate: bool = True, runlocal: bool = False) -> list[Point]:
+def expand(
+  config_path: str,
+  points: list[dict],
+  common: dict | None = None,
+  validate: bool = True,
+  runlocal: bool = False,
+) -> list[Point]:
   """Complete configs of every point (common overrides applied to all;
   `runlocal` adds the configs' ',runlocal' flag: a seconds-long smoke run of
   each point); raises ValueError listing every invalid point before anything
@@ -229,8 +244,10 @@ def expand(config_path: str, points: list[dict], common: dict | None = None,
       continue
     out.append(Point(name, raw, arg, config))
   if problems:
-    raise InvalidPoints(f'{len(problems)} of {len(points)} sweep points are invalid '
-                        '(nothing was run):\n  ' + '\n  '.join(problems))
+    raise InvalidPoints(
+      f'{len(problems)} of {len(points)} sweep points are invalid '
+      '(nothing was run):\n  ' + '\n  '.join(problems)
+    )
   return out
 
 
@@ -242,22 +259,31 @@ def overridden_common(points: list[Point], common: dict | None) -> str:
     names = [p.name for p in points if key in p.overrides]
     if names:
       shown = ', '.join(names[:3]) + (f' +{len(names) - 3} more' if len(names) > 3 else '')
-      parts.append(f'{key} (in {"all " if len(names) == len(points) else ""}'
-                   f'{len(names)} points: {shown})')
+      parts.append(
+        f'{key} (in {"all " if len(names) == len(points) else ""}{len(names)} points: {shown})'
+      )
   if not parts:
     return ''
-  return ('warning: --set ' + '; '.join(parts) + ": these points set the field themselves "
-          "and keep their own value.")
+  return (
+    'warning: --set ' + '; '.join(parts) + ": these points set the field themselves "
+    "and keep their own value."
+  )
 
 
-def get_points(config_path: str, sweep: str, common: dict | None = None,
-               validate: bool = True, runlocal: bool = False) -> list[Point]:
+def get_points(
+  config_path: str,
+  sweep: str,
+  common: dict | None = None,
+  validate: bool = True,
+  runlocal: bool = False,
+) -> list[Point]:
   """The expanded points of sweep `sweep` declared in `config_path`."""
   module = load_config_module(config_path)
   names = declared_sweeps(module)
   if sweep not in names:
-    raise errors.ConfigError(f'{config_path} declares no sweep {sweep!r}; declared: '
-                             f'{", ".join(names) or "none"}.')
+    raise errors.ConfigError(
+      f'{config_path} declares no sweep {sweep!r}; declared: {", ".join(names) or "none"}.'
+    )
   return expand(config_path, module.get_sweep(sweep), common, validate, runlocal)
 
 
@@ -275,12 +301,17 @@ def read_json(path: str, fix: str, kind: type = dict):
     with open(path, encoding='utf-8') as f:
       data = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    what = (f'not valid JSON ({e.msg}, line {e.lineno})' if isinstance(e, json.JSONDecodeError)
-            else 'not a text file')
+    what = (
+      f'not valid JSON ({e.msg}, line {e.lineno})'
+      if isinstance(e, json.JSONDecodeError)
+      else 'not a text file'
+    )
     raise errors.UserError(f'{path} is {what}: {fix}.') from e
   if not isinstance(data, kind):
-    raise errors.UserError(f'{path} holds a {type(data).__name__}, not a JSON '
-                           f'{"object" if kind is dict else kind.__name__}: {fix}.')
+    raise errors.UserError(
+      f'{path} holds a {type(data).__name__}, not a JSON '
+      f'{"object" if kind is dict else kind.__name__}: {fix}.'
+    )
   return data
 
 
@@ -309,19 +340,38 @@ def point_status(point_dir: str, fix: str = _REDO) -> str:
 # own handler, negative if the signal came before it was installed), or
 # refused because another process trains in its directory.
 BUSY_EXIT = 75  # sysexits' EX_TEMPFAIL: try again later
-_ENDED = {143: 'preempted', -signal.SIGTERM: 'preempted', 130: 'interrupted',
-          -signal.SIGINT: 'interrupted', 129: 'interrupted', -signal.SIGHUP: 'interrupted',
-          BUSY_EXIT: 'busy'}
+_ENDED = {
+  143: 'preempted',
+  -signal.SIGTERM: 'preempted',
+  130: 'interrupted',
+  -signal.SIGINT: 'interrupted',
+  129: 'interrupted',
+  -signal.SIGHUP: 'interrupted',
+  BUSY_EXIT: 'busy',
+}
 
 
-def point_command(config_path: str, sweep: str, point: str, workdir: str,
-                  common: dict | None = None, runlocal: bool = False) -> list[str]:
+def point_command(
+  config_path: str,
+  sweep: str,
+  point: str,
+  workdir: str,
+  common: dict | None = None,
+  runlocal: bool = False,
+) -> list[str]:
   """The command that trains one point (also what `commands` prints)."""
   # Absolute paths: the process runs beside the package (the repository root of a
   # checkout), not in the caller's cwd, so that it imports the same spikeformer_jax.
-  cmd = [sys.executable, '-m', 'spikeformer_jax.sweep', 'point',
-         f'--config={os.path.abspath(config_path)}', f'--sweep={sweep}', f'--point={point}',
-         f'--workdir={os.path.abspath(workdir)}']
+  cmd = [
+    sys.executable,
+    '-m',
+    'spikeformer_jax.sweep',
+    'point',
+    f'--config={os.path.abspath(config_path)}',
+    f'--sweep={sweep}',
+    f'--point={point}',
+    f'--workdir={os.path.abspath(workdir)}',
+  ]
   for k, v in (common or {}).items():
     cmd.append(f'--set={k}={json.dumps(v)}')
   return cmd + (['--runlocal'] if runlocal else [])
@@ -343,8 +393,11 @@ class _Status:
   def __init__(self, workdir: str, log=None):
     self.path = os.path.join(workdir, 'status.json')
     self.lock = threading.Lock()
-    fix = (self._FIX if log is None else
-           f"moved to {self.path}.damaged; the points' states are recorded anew")
+    fix = (
+      self._FIX
+      if log is None
+      else f"moved to {self.path}.damaged; the points' states are recorded anew"
+    )
     try:
       self.data = read_json(self.path, fix) or {}
     except errors.UserError as e:
@@ -378,59 +431,105 @@ def config_changes(point_dir: str, config: ml_collections.ConfigDict) -> list[st
   return config_lib.config_diff(run['config'], json.loads(json.dumps(config.to_dict())))
 
 
-_CONFIG_FIX = ("it records the config the point was trained with; restore it from a copy, or "
-               "delete the point's directory to train it again")
+_CONFIG_FIX = (
+  "it records the config the point was trained with; restore it from a copy, or "
+  "delete the point's directory to train it again"
+)
 
 
 def _conflict_message(point_dir: str, changes: list[str]) -> str:
   shown = ', '.join(changes[:6]) + (f' (+{len(changes) - 6} more)' if len(changes) > 6 else '')
-  return (f'{point_dir} was trained with other values of {shown}; delete that directory '
-          'to retrain the point, or use another --workdir.')
+  return (
+    f'{point_dir} was trained with other values of {shown}; delete that directory '
+    'to retrain the point, or use another --workdir.'
+  )
 
 
-def write_manifest(config_path: str, sweep: str, workdir: str, points: list[Point],
-                   common: dict | None = None, runlocal: bool = False):
+def write_manifest(
+  config_path: str,
+  sweep: str,
+  workdir: str,
+  points: list[Point],
+  common: dict | None = None,
+  runlocal: bool = False,
+):
   """WORKDIR/sweep.json: what `collect` reads. Refuses a workdir that holds
   another sweep (mixing two sweeps' points would corrupt both tables) or a
   train.py run (the sweep's files would land among the run's)."""
   path = os.path.join(workdir, 'sweep.json')
   who = os.path.isdir(workdir) and workdir_lib.holder(workdir)  # points have their own dirs
   if who:
-    raise errors.ConfigError(f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
-                             'workdir, not a sweep directory; use another --workdir.')
-  run_files = [n for n in ('config.json', 'checkpoints', workdir_lib.LOCK_NAME)
-               if os.path.exists(os.path.join(workdir, n))]
+    raise errors.ConfigError(
+      f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
+      'workdir, not a sweep directory; use another --workdir.'
+    )
+  run_files = [
+    n
+    for n in ('config.json', 'checkpoints', workdir_lib.LOCK_NAME)
+    if os.path.exists(os.path.join(workdir, n))
+  ]
   if run_files and not os.path.exists(path):  # a finished train.py run: not a sweep's
-    raise errors.ConfigError(f'{workdir} holds a train.py run ({", ".join(run_files)}), not a '
-                             'sweep: use another --workdir (a new directory, or a sweep\'s).')
+    raise errors.ConfigError(
+      f'{workdir} holds a train.py run ({", ".join(run_files)}), not a '
+      'sweep: use another --workdir (a new directory, or a sweep\'s).'
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise errors.ConfigError(f'cannot create the sweep directory {workdir} ({e.strerror}): use a '
-                             '--workdir in a folder you can write to.') from e
-  old = read_json(path, f'delete it if {workdir} holds sweep {sweep!r} (`run` writes it again), '
-                  'else use another --workdir')
+    raise errors.ConfigError(
+      f'cannot create the sweep directory {workdir} ({e.strerror}): use a '
+      '--workdir in a folder you can write to.'
+    ) from e
+  old = read_json(
+    path,
+    f'delete it if {workdir} holds sweep {sweep!r} (`run` writes it again), '
+    'else use another --workdir',
+  )
   if old is not None:
-    if (os.path.abspath(old.get('config') or '?'), old.get('sweep')) != \
-        (os.path.abspath(config_path), sweep):
-      raise errors.ConfigError(f'{workdir} holds sweep {old.get("sweep")!r} of '
-                               f'{old.get("config")}, not {sweep!r} of {config_path}: use '
-                               'another --workdir.')
+    if (os.path.abspath(old.get('config') or '?'), old.get('sweep')) != (
+      os.path.abspath(config_path),
+      sweep,
+    ):
+      raise errors.ConfigError(
+        f'{workdir} holds sweep {old.get("sweep")!r} of '
+        f'{old.get("config")}, not {sweep!r} of {config_path}: use '
+        'another --workdir.'
+      )
   swept = varying_keys([{'config': p.config_arg, **p.overrides} for p in points])
-  manifest = {'config': os.path.abspath(config_path), 'sweep': sweep, 'common': common or {},
-              'runlocal': runlocal, 'swept': swept,
-              'points': [{'name': p.name, 'config': p.config_arg, 'overrides': p.overrides,
-                          # only a number the point declares (not its base variant's)
-                          'paper_top1': p.overrides.get('paper_top1', 0.0)} for p in points]}
+  manifest = {
+    'config': os.path.abspath(config_path),
+    'sweep': sweep,
+    'common': common or {},
+    'runlocal': runlocal,
+    'swept': swept,
+    'points': [
+      {
+        'name': p.name,
+        'config': p.config_arg,
+        'overrides': p.overrides,
+        # only a number the point declares (not its base variant's)
+        'paper_top1': p.overrides.get('paper_top1', 0.0),
+      }
+      for p in points
+    ],
+  }
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     json.dump(manifest, f, indent=1, default=str)
   os.replace(tmp, path)
 
 
-def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
-        common: dict | None = None, runlocal: bool = False, env: dict | None = None,
-        log=print) -> dict:
+def run(
+  config_path: str,
+  sweep: str,
+  workdir: str,
+  *,
+  parallel: int = 1,
+  common: dict | None = None,
+  runlocal: bool = False,
+  env: dict | None = None,
+  log=print,
+) -> dict:
   """Runs every point not finished yet, `parallel` at a time, each in its own
   process and workdir. Returns {point: finished | failed | conflict | busy |
   preempted | interrupted}.
@@ -465,8 +564,9 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       continue
     final = os.path.join(pdir, 'final_metrics.json')
     try:
-      st = point_status(pdir, fix=f'moved to {final}.damaged; the point is evaluated (or '
-                        'trained on) again')
+      st = point_status(
+        pdir, fix=f'moved to {final}.damaged; the point is evaluated (or trained on) again'
+      )
     except errors.UserError as e:  # e.g. a kill while it was written: redo, not refuse
       os.replace(final, final + '.damaged')
       log(f'[warning] {e}')
@@ -490,10 +590,16 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
     with told_lock:
       while told[0] < len(received):
         name = received[told[0]].name
-        again = ('the running points stop without saving' if received[told[0]] == signal.SIGINT
-                 else 'their save goes on')  # train.py's StopSignals.URGENT_AGAIN
-        log('[stopping] waiting for the running points to save their step' if told[0] == 0 else
-            f'[stopping] {name} again: passed on; {again}')
+        again = (
+          'the running points stop without saving'
+          if received[told[0]] == signal.SIGINT
+          else 'their save goes on'
+        )  # train.py's StopSignals.URGENT_AGAIN
+        log(
+          '[stopping] waiting for the running points to save their step'
+          if told[0] == 0
+          else f'[stopping] {name} again: passed on; {again}'
+        )
         told[0] += 1
 
   def one(item):
@@ -505,10 +611,16 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       os.makedirs(pdir, exist_ok=True)
       # Its own session: the terminal's Ctrl-C reaches this process only, which
       # passes it on once (twice would mean "stop now, do not save").
-      proc = subprocess.Popen(point_command(config_path, sweep, p.name, pdir, common, runlocal),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              errors='replace', cwd=_ROOT, start_new_session=True,
-                              env={**os.environ, **(env or {})})
+      proc = subprocess.Popen(
+        point_command(config_path, sweep, p.name, pdir, common, runlocal),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors='replace',
+        cwd=_ROOT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+      )
       running[p.name] = proc
     log(f'[{"resume" if st == "interrupted" else "start"}] {p.name}')
     status.set(p.name, status='running', started=time.time())
@@ -573,17 +685,21 @@ def run(config_path: str, sweep: str, workdir: str, *, parallel: int = 1,
       signal.signal(signum, handler)
   if received:
     what, name, code = STOP_SIGNALS[received[0]]
-    raise errors.Stopped(f'{what} ({name}): no new point started; the running ones saved '
-                         f'their step (see {workdir}/status.json); rerun the same command to '
-                         'resume.', code)
-  return {name: s['status'] for name, s in status.data.items()
-          if name in {p.name for p in points}}
+    raise errors.Stopped(
+      f'{what} ({name}): no new point started; the running ones saved '
+      f'their step (see {workdir}/status.json); rerun the same command to '
+      'resume.',
+      code,
+    )
+  return {name: s['status'] for name, s in status.data.items() if name in {p.name for p in points}}
 
 
 # As train.py: how a sweep stopped by each signal reports itself, and exits.
-STOP_SIGNALS = {signal.SIGTERM: ('preempted', 'SIGTERM', 143),
-            signal.SIGINT: ('interrupted', 'SIGINT', 130),
-            signal.SIGHUP: ('hung up', 'SIGHUP', 129)}  # a closed terminal
+STOP_SIGNALS = {
+  signal.SIGTERM: ('preempted', 'SIGTERM', 143),
+  signal.SIGINT: ('interrupted', 'SIGINT', 130),
+  signal.SIGHUP: ('hung up', 'SIGHUP', 129),
+}  # a closed terminal
 
 
 def _status_or_damaged(point_dir: str) -> str:
@@ -593,15 +709,24 @@ def _status_or_damaged(point_dir: str) -> str:
     return 'damaged'
 
 
-def run_point(config_path: str, sweep: str, point: str, workdir: str,
-              common: dict | None = None, runlocal: bool = False) -> dict:
+def run_point(
+  config_path: str,
+  sweep: str,
+  point: str,
+  workdir: str,
+  common: dict | None = None,
+  runlocal: bool = False,
+) -> dict:
   """Trains one point in this process (what each sweep process runs)."""
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
-  points = {p.name: p for p in get_points(config_path, sweep, common, validate=False,
-                                          runlocal=runlocal)}
+
+  points = {
+    p.name: p for p in get_points(config_path, sweep, common, validate=False, runlocal=runlocal)
+  }
   if point not in points:
-    raise errors.ConfigError(f'sweep {sweep!r} has no point {point!r}; points: '
-                             f'{", ".join(points)}.')
+    raise errors.ConfigError(
+      f'sweep {sweep!r} has no point {point!r}; points: {", ".join(points)}.'
+    )
   changes = config_changes(workdir, points[point].config)
   if changes:
     raise errors.ConfigError(_conflict_message(workdir, changes))
@@ -614,28 +739,39 @@ def run_point(config_path: str, sweep: str, point: str, workdir: str,
 
 # Columns from each point's final_metrics.json; paper_top1 (the paper's number
 # for the point, as a fraction like test_top1) comes from the declaration.
-METRICS = ('test_top1', 'paper_top1', 'test_top5', 'test_loss', 'steps', 'wall_time_s',
-           'num_params')
+METRICS = (
+  'test_top1',
+  'paper_top1',
+  'test_top5',
+  'test_loss',
+  'steps',
+  'wall_time_s',
+  'num_params',
+)
 
 
 def check_collect_options(metric: str, x: str, swept: list[str]):
   """`collect`'s options, before anything is written: one line each."""
   if metric not in METRICS:
-    raise errors.ConfigError(f'--metric={metric!r}: collect sorts and plots a number of each '
-                             f'point; valid: {", ".join(METRICS)}.')
+    raise errors.ConfigError(
+      f'--metric={metric!r}: collect sorts and plots a number of each '
+      f'point; valid: {", ".join(METRICS)}.'
+    )
   if x and x not in swept:
     valid = ', '.join(swept) if swept else 'none (its points differ in no field)'
     raise errors.ConfigError(f'--x={x!r} is not a field this sweep varies; valid: {valid}.')
 
 
-def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
-            descending: bool | None = None) -> list[dict]:
+def collect(
+  workdir: str, *, metric: str = 'test_top1', x: str = '', descending: bool | None = None
+) -> list[dict]:
   """Reads every point of the sweep in `workdir` into rows; writes
   results.csv, results.md (sorted by `metric`) and results.png (`metric`
   against swept field `x`, one line per combination of the other fields)."""
   path = os.path.join(workdir, 'sweep.json')
-  sweep = read_json(path, 'run `sweep.py run` (or `commands`) with the sweep\'s arguments to '
-                    'write it again')
+  sweep = read_json(
+    path, 'run `sweep.py run` (or `commands`) with the sweep\'s arguments to write it again'
+  )
   if sweep is None:
     raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of a sweep?')
   swept = list(sweep['swept'])
@@ -659,8 +795,12 @@ def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
     rows.append(row)
   if descending is None:
     descending = 'loss' not in metric
-  rows.sort(key=lambda r: (r.get(metric) is None,
-                           -(r.get(metric) or 0) if descending else (r.get(metric) or 0)))
+  rows.sort(
+    key=lambda r: (
+      r.get(metric) is None,
+      -(r.get(metric) or 0) if descending else (r.get(metric) or 0),
+    )
+  )
   metrics = [m for m in METRICS if m != 'paper_top1' or any(r[m] for r in rows)]
   columns = ['point', 'status', *swept, *metrics]
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='', encoding='utf-8') as f:
@@ -670,8 +810,7 @@ def collect(workdir: str, *, metric: str = 'test_top1', x: str = '',
       w.writerow({c: _cell(r.get(c), c) for c in columns})
   with open(os.path.join(workdir, 'results.md'), 'w', encoding='utf-8') as f:
     f.write(markdown_table(rows, columns))
-  _plot(rows, swept, metric, x or (swept[0] if swept else ''),
-        os.path.join(workdir, 'results.png'))
+  _plot(rows, swept, metric, x or (swept[0] if swept else ''), os.path.join(workdir, 'results.png'))
   return rows
 
 
@@ -693,10 +832,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def _plot(rows, swept, metric, x, path):
   """`metric` against `x`, a line per combination of the other swept fields;
   the paper's numbers (where declared) as hollow markers of the same colour."""
-  matplotlib = extras.require('matplotlib', extra='plots', package='matplotlib',
-                              needed_for='the sweep plot')
+  matplotlib = extras.require(
+    'matplotlib', extra='plots', package='matplotlib', needed_for='the sweep plot'
+  )
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   done = [r for r in rows if r.get(metric) is not None]
   fig, ax = plt.subplots(figsize=(6, 4))
   if x and done:
@@ -710,12 +851,19 @@ def _plot(rows, swept, metric, x, path):
     for key, rs in sorted(groups.items()):
       label = ', '.join(f'{k.split(".")[-1]}={v}' for k, v in zip(others, key)) or metric
       rs = sorted(rs, key=pos)
-      line, = ax.plot([pos(r) for r in rs], [r[metric] for r in rs],
-                      'o-' if numeric else 'o', label=label)
+      (line,) = ax.plot(
+        [pos(r) for r in rs], [r[metric] for r in rs], 'o-' if numeric else 'o', label=label
+      )
       paper = [r for r in rs if metric == 'test_top1' and r.get('paper_top1')]
       if paper:
-        ax.plot([pos(r) for r in paper], [r['paper_top1'] for r in paper], 'o--',
-                mfc='none', color=line.get_color(), label=f'{label} (paper)')
+        ax.plot(
+          [pos(r) for r in paper],
+          [r['paper_top1'] for r in paper],
+          'o--',
+          mfc='none',
+          color=line.get_color(),
+          label=f'{label} (paper)',
+        )
     if not numeric:
       ax.set_xticks(range(len(cats)), cats, rotation=30, ha='right')
     elif all(isinstance(r[x], int) for r in done):

@@ -48,8 +48,10 @@ WEIGHT_GRADS = ('auto', 'xla', 'gemm')
 
 def _check_dtypes(x: jax.Array, w: jax.Array):
   if x.dtype != w.dtype:  # the backward restores x in w's dtype
-    raise ValueError(f'synapses: input {x.dtype} and kernel {w.dtype} must share a dtype '
-                     '(the layers cast both to the compute dtype first).')
+    raise ValueError(
+      f'synapses: input {x.dtype} and kernel {w.dtype} must share a dtype '
+      '(the layers cast both to the compute dtype first).'
+    )
 
 
 def _save(x: jax.Array, compact: bool) -> jax.Array:
@@ -72,8 +74,9 @@ def _dense_fwd_value(x, w, precision):
   return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
-_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar('synapses_platform',
-                                                                      default=None)
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+  'synapses_platform', default=None
+)
 
 
 @contextlib.contextmanager
@@ -92,16 +95,18 @@ def compiling_for(platform: str | None):
 def resolve(weight_grad: str) -> str:
   """'auto' -> 'gemm' on CPU, 'xla' on GPU / TPU; checks the name."""
   if weight_grad not in WEIGHT_GRADS:
-    raise errors.ConfigError(f'model.weight_grad={weight_grad!r}; valid: '
-                             f'{", ".join(WEIGHT_GRADS)}.')
+    raise errors.ConfigError(
+      f'model.weight_grad={weight_grad!r}; valid: {", ".join(WEIGHT_GRADS)}.'
+    )
   if weight_grad == 'auto':
     return 'gemm' if (_PLATFORM.get() or jax.default_backend()) == 'cpu' else 'xla'
   return weight_grad
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def dense(x: jax.Array, w: jax.Array, compact: bool = False, weight_grad: str = 'auto',
-          precision=None) -> jax.Array:
+def dense(
+  x: jax.Array, w: jax.Array, compact: bool = False, weight_grad: str = 'auto', precision=None
+) -> jax.Array:
   """x[..., C] @ w[C, D]; see the module docstring for the backward pass."""
   return _dense_fwd_value(x, w, precision)
 
@@ -129,18 +134,29 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 class SpikeDot:
   """`nnx.Linear(dot_general=SpikeDot(compact))`: routes the layer's
   contraction through `dense` (hashable, so it is static under jit)."""
+
   compact: bool = False
   weight_grad: str = 'auto'
 
-  def __call__(self, x, w, dimension_numbers, precision=None, preferred_element_type=None,
-               out_sharding=None):
-    standard = (dimension_numbers == (((x.ndim - 1,), (0,)), ((), ()))
-                and w.ndim == 2 and preferred_element_type is None and out_sharding is None
-                and x.dtype == w.dtype)
+  def __call__(
+    self, x, w, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None
+  ):
+    standard = (
+      dimension_numbers == (((x.ndim - 1,), (0,)), ((), ()))
+      and w.ndim == 2
+      and preferred_element_type is None
+      and out_sharding is None
+      and x.dtype == w.dtype
+    )
     if not standard or (not self.compact and resolve(self.weight_grad) == 'xla'):
-      return jax.lax.dot_general(x, w, dimension_numbers, precision=precision,
-                                 preferred_element_type=preferred_element_type,
-                                 out_sharding=out_sharding)
+      return jax.lax.dot_general(
+        x,
+        w,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding,
+      )
     return dense(x, w, self.compact, self.weight_grad, precision)
 
 
@@ -156,8 +172,8 @@ def _dimension_numbers(nd: int):
 
 def _conv_value(x, w, strides, padding, precision):
   return jax.lax.conv_general_dilated(
-      x, w, strides, padding, dimension_numbers=_dimension_numbers(x.ndim - 2),
-      precision=precision)
+    x, w, strides, padding, dimension_numbers=_dimension_numbers(x.ndim - 2), precision=precision
+  )
 
 
 def _shifted_weight_grad(x, g, kernel_shape, strides, padding, precision):
@@ -175,7 +191,7 @@ def _shifted_weight_grad(x, g, kernel_shape, strides, padding, precision):
   gws = []
   for i in range(kh):
     for j in range(kw):
-      view = xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+      view = xp[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
       gws.append(_weight_gemm(view, g, precision))
       xp, g, _ = jax.lax.optimization_barrier((xp, g, gws[-1]))
   return jnp.stack(gws).reshape(kh, kw, x.shape[-1], g.shape[-1])
@@ -189,8 +205,15 @@ def _weight_gemm(x: jax.Array, g: jax.Array, precision) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def conv(x: jax.Array, w: jax.Array, strides: tuple, padding: tuple, compact: bool = False,
-         weight_grad: str = 'auto', precision=None) -> jax.Array:
+def conv(
+  x: jax.Array,
+  w: jax.Array,
+  strides: tuple,
+  padding: tuple,
+  compact: bool = False,
+  weight_grad: str = 'auto',
+  precision=None,
+) -> jax.Array:
   """Channels-last convolution (no dilation, no groups), explicit padding
   ((lo, hi) per spatial axis); see the module docstring for the backward pass."""
   return _conv_value(x, w, strides, padding, precision)
@@ -227,28 +250,63 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 class SpikeConv:
   """`nnx.Conv(conv_general_dilated=SpikeConv(compact, weight_grad))`: routes
   the layer's convolution through `conv` (hashable, static under jit)."""
+
   compact: bool = False
   weight_grad: str = 'auto'
 
-  def __call__(self, x, w, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-               dimension_numbers=None, feature_group_count=1, precision=None,
-               preferred_element_type=None, out_sharding=None, **kwargs):
+  def __call__(
+    self,
+    x,
+    w,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+    out_sharding=None,
+    **kwargs,
+  ):
     nd = x.ndim - 2
     plain = lambda: jax.lax.conv_general_dilated(
-        x, w, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-        precision=precision, preferred_element_type=preferred_element_type,
-        out_sharding=out_sharding, **kwargs)
+      x,
+      w,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding,
+      **kwargs,
+    )
     ones = (1,) * nd
-    handled = (not isinstance(padding, str) and feature_group_count == 1
-               and tuple(lhs_dilation or ones) == ones and tuple(rhs_dilation or ones) == ones
-               and preferred_element_type is None and out_sharding is None and not kwargs
-               and x.dtype == w.dtype
-               and _canonical(dimension_numbers, nd) == _dimension_numbers(nd))
+    handled = (
+      not isinstance(padding, str)
+      and feature_group_count == 1
+      and tuple(lhs_dilation or ones) == ones
+      and tuple(rhs_dilation or ones) == ones
+      and preferred_element_type is None
+      and out_sharding is None
+      and not kwargs
+      and x.dtype == w.dtype
+      and _canonical(dimension_numbers, nd) == _dimension_numbers(nd)
+    )
     if not handled or (not self.compact and not _use_gemm(self.weight_grad, nd)):
       return plain()
-    return conv(x, w, tuple(window_strides), tuple(tuple(p) for p in padding), self.compact,
-                self.weight_grad, precision)
+    return conv(
+      x,
+      w,
+      tuple(window_strides),
+      tuple(tuple(p) for p in padding),
+      self.compact,
+      self.weight_grad,
+      precision,
+    )
 
 
 def _canonical(dimension_numbers, nd: int):
@@ -256,7 +314,6 @@ def _canonical(dimension_numbers, nd: int):
   if dimension_numbers is None:
     return None
   if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
-    want = jax.lax.conv_dimension_numbers((1,) * (nd + 2), (1,) * (nd + 2),
-                                          _dimension_numbers(nd))
+    want = jax.lax.conv_dimension_numbers((1,) * (nd + 2), (1,) * (nd + 2), _dimension_numbers(nd))
     return _dimension_numbers(nd) if dimension_numbers == want else None
   return tuple(dimension_numbers)

@@ -24,16 +24,22 @@ from absl import logging
 
 from spikeformer_jax import cli
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                               'configs', 'spikformer.py')  # packaged: any directory
-_CONFIG = cli.define_config_file('config', f'{_DEFAULT_CONFIG}:digits',
-                                 'Config file (path.py:VARIANT).')
+_DEFAULT_CONFIG = os.path.join(
+  os.path.dirname(os.path.abspath(__file__)), 'configs', 'spikformer.py'
+)  # packaged: any directory
+_CONFIG = cli.define_config_file(
+  'config', f'{_DEFAULT_CONFIG}:digits', 'Config file (path.py:VARIANT).'
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-_MULTIHOST = flags.DEFINE_bool('multihost', False,
-                               'Call jax.distributed.initialize() (multi-host runs). On TPU '
-                               'pods and SLURM / Open MPI clusters it finds its peers itself.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   '--multihost elsewhere: host:port of process 0.')
+_MULTIHOST = flags.DEFINE_bool(
+  'multihost',
+  False,
+  'Call jax.distributed.initialize() (multi-host runs). On TPU '
+  'pods and SLURM / Open MPI clusters it finds its peers itself.',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, '--multihost elsewhere: host:port of process 0.'
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, '--multihost elsewhere.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, '--multihost elsewhere: 0..n-1.')
 
@@ -43,17 +49,22 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
+
   if _MULTIHOST.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+
   if not flags.FLAGS['verbosity'].present:  # failed saves are reported in one line
     checkpointing.quiet_orbax_logs()
   try:
     train_lib.train_and_evaluate(_CONFIG.value, str(_WORKDIR.value))  # required: never None
   except KeyboardInterrupt:  # several processes: SIGINT keeps Python's default
-    print('interrupted (SIGINT): stopped without saving; the last committed checkpoint '
-          'is the resume point.', file=sys.stderr)
+    print(
+      'interrupted (SIGINT): stopped without saving; the last committed checkpoint '
+      'is the resume point.',
+      file=sys.stderr,
+    )
     return 130
   return 0
 

@@ -64,8 +64,13 @@ def _identity() -> dict:
     pidns = os.readlink('/proc/self/ns/pid')
   except OSError:
     pidns = ''
-  return {'host': socket.gethostname(), 'boot': _read('/proc/sys/kernel/random/boot_id'),
-          'pidns': pidns, 'pid': pid, 'start': _start_time(pid)}
+  return {
+    'host': socket.gethostname(),
+    'boot': _read('/proc/sys/kernel/random/boot_id'),
+    'pidns': pidns,
+    'pid': pid,
+    'start': _start_time(pid),
+  }
 
 
 def _alive(holder: dict) -> bool | None:
@@ -86,8 +91,10 @@ def _alive(holder: dict) -> bool | None:
 
 def describe(holder: dict) -> str:
   started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('time', 0)))
-  return (f'process {holder.get("pid", "?")} on {holder.get("host", "?")} '
-          f'(started {started}: {holder.get("command", "?")})')
+  return (
+    f'process {holder.get("pid", "?")} on {holder.get("host", "?")} '
+    f'(started {started}: {holder.get("command", "?")})'
+  )
 
 
 class WorkdirLock:
@@ -96,8 +103,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str, command: str = ''):
     self.path = os.path.join(workdir, LOCK_NAME)
-    self._me = {**_identity(), 'time': time.time(), 'command': command,
-                'token': uuid.uuid4().hex}
+    self._me = {**_identity(), 'time': time.time(), 'command': command, 'token': uuid.uuid4().hex}
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
@@ -108,8 +114,10 @@ class WorkdirLock:
         self._thread.start()
         return self
       self._take_if_stale()
-    raise errors.WorkdirBusy(f'could not take the lock {self.path}: other processes keep '
-                             'taking it; is something starting runs in a loop?')
+    raise errors.WorkdirBusy(
+      f'could not take the lock {self.path}: other processes keep '
+      'taking it; is something starting runs in a loop?'
+    )
 
   def _create(self) -> bool:
     """Puts a complete lock file in place atomically (written aside, then
@@ -131,8 +139,10 @@ class WorkdirLock:
           json.dump(self._me, f)
       return True
     except OSError as e:
-      raise errors.UserError(f'cannot write to the workdir {os.path.dirname(self.path)}: '
-                             f'{e.strerror}; use a writable --workdir.') from e
+      raise errors.UserError(
+        f'cannot write to the workdir {os.path.dirname(self.path)}: '
+        f'{e.strerror}; use a writable --workdir.'
+      ) from e
     finally:
       try:
         os.remove(tmp)
@@ -158,8 +168,11 @@ class WorkdirLock:
     try:
       with open(self.path, encoding='utf-8') as f:
         holder = json.load(f)
-      if not (isinstance(holder, dict) and isinstance(holder.get('pid'), int)
-              and isinstance(holder.get('token'), str)):
+      if not (
+        isinstance(holder, dict)
+        and isinstance(holder.get('pid'), int)
+        and isinstance(holder.get('token'), str)
+      ):
         holder = None
     except (OSError, ValueError):
       holder = None
@@ -173,14 +186,16 @@ class WorkdirLock:
     alive = _alive(holder) if holder else None
     if holder is None and age < STALE_S:
       raise errors.WorkdirBusy(
-          f'the workdir {os.path.dirname(self.path)} has an unreadable lock {self.path}, '
-          f'touched {age:.0f} s ago. If no run uses this workdir, delete it; or use another '
-          '--workdir.')
+        f'the workdir {os.path.dirname(self.path)} has an unreadable lock {self.path}, '
+        f'touched {age:.0f} s ago. If no run uses this workdir, delete it; or use another '
+        '--workdir.'
+      )
     if holder is not None and (alive or (alive is None and age < STALE_S)):
       where = '' if alive else f'; its heartbeat is {age:.0f} s old'
       raise errors.WorkdirBusy(
-          f'the workdir {os.path.dirname(self.path)} is in use by {describe(holder)}{where}. '
-          'Wait for it to finish or stop it, or use another --workdir.')
+        f'the workdir {os.path.dirname(self.path)} is in use by {describe(holder)}{where}. '
+        'Wait for it to finish or stop it, or use another --workdir.'
+      )
     # Stale: rename it aside first, so that of two processes taking over, one wins;
     # if what was moved is not the lock judged stale, someone took over meanwhile.
     aside = f'{self.path}.stale-{self._me["token"]}'
@@ -258,8 +273,9 @@ def ensure(workdir: str, what: str = '--workdir') -> list[str]:
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise errors.UserError(f'cannot create {what}={workdir}: {e.strerror}; use a writable '
-                           f'{what}.') from e
+    raise errors.UserError(
+      f'cannot create {what}={workdir}: {e.strerror}; use a writable {what}.'
+    ) from e
   return created
 
 
@@ -283,6 +299,7 @@ def hold_workdir(workdir: str):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
   created = ensure(workdir)
   lock = WorkdirLock(workdir, command=' '.join(sys.argv))
   err = None
@@ -294,8 +311,7 @@ def hold_workdir(workdir: str):
   if jax.process_count() > 1:  # every process stops if process 0 could not take it
     ok = int(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
     if not ok and err is None:
-      err = errors.WorkdirBusy(f'process 0 could not take the lock of {workdir}; see its '
-                               'output.')
+      err = errors.WorkdirBusy(f'process 0 could not take the lock of {workdir}; see its output.')
   if err is not None:
     raise err
   failed = True
@@ -329,6 +345,7 @@ def write_text(path, text: str):
   """Writes a file of the workdir atomically (process 0 only), or one line
   naming it and the problem."""
   import jax  # pylint: disable=import-outside-toplevel
+
   if jax.process_index() == 0:
     tmp = path + '.tmp'
     try:
@@ -336,8 +353,10 @@ def write_text(path, text: str):
         f.write(text)
       os.replace(tmp, path)
     except OSError as e:
-      raise errors.UserError(f'cannot write {path}: {e.strerror}; free the space or fix the '
-                             'directory, then rerun the same command.') from e
+      raise errors.UserError(
+        f'cannot write {path}: {e.strerror}; free the space or fix the '
+        'directory, then rerun the same command.'
+      ) from e
 
 
 def finished_run(workdir: str, latest_step: int | None, total_steps: int) -> dict | None:
@@ -348,17 +367,21 @@ def finished_run(workdir: str, latest_step: int | None, total_steps: int) -> dic
   final = read_json(path, ': delete it to evaluate the final checkpoint again')
   return final if final.get('steps') == total_steps else None
 
+
 def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
   """Refuses to resume a run whose saved config differs in model-defining
   fields (config_lib.MODEL_DEFINING) unless `allow_config_change`. Returns
   (changed fields, the model-defining ones among them, allowed): a new lr or
   total_steps is a legitimate resume."""
   from spikeformer_jax import config_lib  # pylint: disable=import-outside-toplevel
+
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return [], []
-  fix = ': it records the run\'s config; restore it from a copy, or delete it to resume ' \
-        'without comparing configs'
+  fix = (
+    ': it records the run\'s config; restore it from a copy, or delete it to resume '
+    'without comparing configs'
+  )
   saved = read_json(path, fix)
   if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
     raise errors.UserError(f'{path} holds no run config ("config" key){fix}.')
@@ -367,29 +390,35 @@ def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
   changed = [k for k in config_lib.config_diff(saved, want) if k != 'allow_config_change']
   defining = config_lib.model_defining(changed, saved, want)
   if defining and not config.get('allow_config_change', False):
-    shown = ', '.join(f'{k} ({config_lib.lookup(saved, k)!r} -> '
-                      f'{config_lib.lookup(config.to_dict(), k)!r})'
-                      for k in defining[:4]) + (' ...' if len(defining) > 4 else '')
-    raise errors.ConfigError(f'{workdir} holds a run of another model: {shown}. Use another '
-                     '--workdir, or --config.allow_config_change=True to resume anyway.')
+    shown = ', '.join(
+      f'{k} ({config_lib.lookup(saved, k)!r} -> {config_lib.lookup(config.to_dict(), k)!r})'
+      for k in defining[:4]
+    ) + (' ...' if len(defining) > 4 else '')
+    raise errors.ConfigError(
+      f'{workdir} holds a run of another model: {shown}. Use another '
+      '--workdir, or --config.allow_config_change=True to resume anyway.'
+    )
   return changed, defining
+
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of a '
-                            'training run? Or pass --config explicitly.')
+    raise FileNotFoundError(
+      f'{path} not found: is {workdir!r} the --workdir of a '
+      'training run? Or pass --config explicitly.'
+    )
   saved = read_json(path, ': pass --config explicitly')
   if not isinstance(saved, dict) or not isinstance(saved.get('config'), dict):
-    raise errors.UserError(f'{path} holds no run config ("config" key); pass --config '
-                           'explicitly.')
+    raise errors.UserError(f'{path} holds no run config ("config" key); pass --config explicitly.')
   saved = saved['config']
 
   def tuples(x):  # JSON turned tuples into lists; configs use tuples.
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
   return ml_collections.ConfigDict(tuples(saved))
 
 
@@ -405,17 +434,23 @@ def model_differences(config, workdir: str) -> str:
 
   def flat(d, prefix='model'):
     items = {}
-    for k, v in (d.items() if isinstance(d, dict) else ()):
+    for k, v in d.items() if isinstance(d, dict) else ():
       if isinstance(v, dict):
         items.update(flat(v, f'{prefix}.{k}'))
       else:
         items[f'{prefix}.{k}'] = tuple(v) if isinstance(v, list) else v
     return items
+
   ours = flat(config.model.to_dict())
   theirs = flat(run.model.to_dict() if 'model' in run else {})
-  diff = [f'{k} ({theirs.get(k, "unset")} -> {ours.get(k, "unset")})'
-          for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+  diff = [
+    f'{k} ({theirs.get(k, "unset")} -> {ours.get(k, "unset")})'
+    for k in sorted(set(ours) | set(theirs))
+    if ours.get(k) != theirs.get(k)
+  ]
   if not diff:
     return ''
-  return (f'warning: --config differs from the run\'s {workdir}/config.json in '
-          f'{", ".join(diff)}: evaluating with the --config model.')
+  return (
+    f'warning: --config differs from the run\'s {workdir}/config.json in '
+    f'{", ".join(diff)}: evaluating with the --config model.'
+  )

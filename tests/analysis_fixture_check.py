@@ -31,15 +31,20 @@ def check(path: str) -> dict:
   plain = np.asarray(forward(model, jnp.asarray(x)))
   report = analysis.analyze(model, [x], T=mc.T)
   after = np.asarray(forward(model, jnp.asarray(x)))  # the model is unchanged: same function
-  ref = {k[len('spike_rate_eval/'):]: float(d[k]) for k in d.files
-         if k.startswith('spike_rate_eval/')}
+  ref = {
+    k[len('spike_rate_eval/') :]: float(d[k]) for k in d.files if k.startswith('spike_rate_eval/')
+  }
   ours = {k: v['rate'] for k, v in report['neurons'].items()}
   both = sorted(set(ref) & set(ours))
-  return {'file': path.rsplit('/', 1)[-1], 'layers': len(ref),
-          'worst': max((abs(ours[k] - ref[k]) for k in both), default=float('inf')),
-          'only_official': sorted(set(ref) - set(ours)), 'only_ours': sorted(set(ours) - set(ref)),
-          'logits_unchanged': bool(np.array_equal(plain, after)),
-          'macs': report['totals']['macs']}
+  return {
+    'file': path.rsplit('/', 1)[-1],
+    'layers': len(ref),
+    'worst': max((abs(ours[k] - ref[k]) for k in both), default=float('inf')),
+    'only_official': sorted(set(ref) - set(ours)),
+    'only_ours': sorted(set(ours) - set(ref)),
+    'logits_unchanged': bool(np.array_equal(plain, after)),
+    'macs': report['totals']['macs'],
+  }
 
 
 def main(argv):

@@ -10,8 +10,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests (and their train.py / eval.py subprocesses) compile the same
 # programs; JAX's persistent cache (keyed by program and JAX version) makes the
 # repeats near free. Environment variables, so subprocesses inherit them.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'spikeformer_jax_test_cache'))
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'spikeformer_jax_test_cache')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 # Two workers and their subprocesses share that cache, and without a size limit
 # JAX writes entries with no lock: a reader could load a half-written one. A
@@ -28,6 +29,7 @@ def _give_every_cache_entry_an_atime(path: str) -> None:
   min). JAX's LRUCache locks '.lockfile' in the cache directory: the same lock.
   """
   import filelock  # pylint: disable=g-import-not-at-top
+
   cache = pathlib.Path(path)
   cache.mkdir(parents=True, exist_ok=True)
   with filelock.FileLock(cache / '.lockfile', timeout=120):
@@ -60,14 +62,17 @@ def assert_one_step_moves_every_parameter(c):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from spikeformer_jax import data as data_lib, experiment, sharding  # pylint: disable=g-import-not-at-top
+
   mesh = sharding.make_mesh(1)
-  loader = data_lib.Loader(data_lib.get_source(c.data, 'train'), global_batch=c.batch_size,
-                           seed=c.seed)
+  loader = data_lib.Loader(
+    data_lib.get_source(c.data, 'train'), global_batch=c.batch_size, seed=c.seed
+  )
   exp = experiment.build(c, mesh, loader.steps_per_epoch)
   state = exp.init_state()
   before = jax.device_get(state['params'])
-  state, metrics = experiment.make_train_step(exp)(state,
-                                                  sharding.global_batch(loader.batch(0), mesh))
+  state, metrics = experiment.make_train_step(exp)(
+    state, sharding.global_batch(loader.batch(0), mesh)
+  )
   assert np.isfinite(float(metrics['loss']))
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state['params']))
   assert all(jax.tree.leaves(moved))

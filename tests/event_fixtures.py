@@ -16,9 +16,11 @@ import numpy as np
 
 from spikeformer_jax.data import events
 
-CIFAR10DVS_HEADER = (b'#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n'
-                      b'# Data format is int32 address, int32 timestamp (8 bytes total), '
-                      b'repeated for each event\r\n# Timestamps tick is 1 us\r\n')
+CIFAR10DVS_HEADER = (
+  b'#!AER-DAT2.0\r\n# This is a raw AE data file - do not edit\r\n'
+  b'# Data format is int32 address, int32 timestamp (8 bytes total), '
+  b'repeated for each event\r\n# Timestamps tick is 1 us\r\n'
+)
 
 
 def write_nmnist(ev: np.ndarray) -> bytes:
@@ -26,8 +28,9 @@ def write_nmnist(ev: np.ndarray) -> bytes:
   t = ev['t'].astype(np.int64)
   if t.min(initial=0) < 0 or t.max(initial=0) >= 1 << 23:
     raise ValueError('N-MNIST timestamps must lie in [0, 2**23) microseconds.')
-  out = np.stack([ev['x'], ev['y'],
-                  (ev['p'].astype(np.int64) << 7) | (t >> 16), (t >> 8) & 0xFF, t & 0xFF], 1)
+  out = np.stack(
+    [ev['x'], ev['y'], (ev['p'].astype(np.int64) << 7) | (t >> 16), (t >> 8) & 0xFF, t & 0xFF], 1
+  )
   return out.astype(np.uint8).tobytes()
 
 
@@ -38,8 +41,9 @@ def write_aedat31(ev: np.ndarray, packet_size: int = 4096) -> bytes:
   x, y, p = (ev[k].astype(np.int64) for k in 'xyp')
   if t.min(initial=0) < 0:
     raise ValueError('AEDAT 3.1 timestamps must be >= 0.')
-  if min(x.min(initial=0), y.min(initial=0)) < 0 or max(x.max(initial=0),
-                                                         y.max(initial=0)) > 0x7FFF:
+  if (
+    min(x.min(initial=0), y.min(initial=0)) < 0 or max(x.max(initial=0), y.max(initial=0)) > 0x7FFF
+  ):
     raise ValueError('AEDAT 3.1 coordinates must lie in [0, 32767].')
   aer = (x << 17) | (y << 2) | (p << 1) | 1  # bit 0: the valid mark
   overflow = t >> 31
@@ -66,12 +70,18 @@ def write_cifar10dvs(ev: np.ndarray) -> bytes:
   return CIFAR10DVS_HEADER + np.stack([addr, t], 1).astype('>u4').tobytes()
 
 
-def write_gesture_tree(root: str, users: Sequence[int] = (1, 2, 24),
-                       lightings: Sequence[str] = ('fluorescent', 'led'),
-                       labels: Sequence[int] = tuple(range(events.GESTURE_NUM_CLASSES)) + (7,), *,
-                       first_test_user: int = 24, archive: bool = False, seed: int = 0,
-                       gesture_us: tuple[int, int] = (300_000, 600_000),
-                       sensor=(128, 128)) -> dict:
+def write_gesture_tree(
+  root: str,
+  users: Sequence[int] = (1, 2, 24),
+  lightings: Sequence[str] = ('fluorescent', 'led'),
+  labels: Sequence[int] = tuple(range(events.GESTURE_NUM_CLASSES)) + (7,),
+  *,
+  first_test_user: int = 24,
+  archive: bool = False,
+  seed: int = 0,
+  gesture_us: tuple[int, int] = (300_000, 600_000),
+  sensor=(128, 128),
+) -> dict:
   """A synthetic DVS128 Gesture download under `root`: DvsGesture/ with, per
   user and lighting, `userXX_<lighting>.aedat` (one recording: a synthetic
   gesture per entry of `labels`, noise-only gaps between them) and its
@@ -90,7 +100,9 @@ def write_gesture_tree(root: str, users: Sequence[int] = (1, 2, 24),
       parts, rows, count = [], [], [0] * events.GESTURE_NUM_CLASSES
       for label in labels:
         gap = int(rng.integers(50_000, 200_000))
-        nt, nx, ny, np_ = events._noise(rng, 5.0, sensor, gap)  # unlabelled: must not reach a sample
+        nt, nx, ny, np_ = events._noise(
+          rng, 5.0, sensor, gap
+        )  # unlabelled: must not reach a sample
         parts.append(events._make_events(nt + cursor, nx, ny, np_, sort=True))
         start = cursor + gap
         dur = int(rng.integers(*gesture_us))
@@ -102,8 +114,9 @@ def write_gesture_tree(root: str, users: Sequence[int] = (1, 2, 24),
         count[label] += 1
         cursor = start + dur
       files[f'{stem}.aedat'] = write_aedat31(np.concatenate(parts))
-      files[f'{stem}_labels.csv'] = ('class,startTime_usec,endTime_usec\r\n'
-                                     + '\r\n'.join(rows) + '\r\n').encode()
+      files[f'{stem}_labels.csv'] = (
+        'class,startTime_usec,endTime_usec\r\n' + '\r\n'.join(rows) + '\r\n'
+      ).encode()
       trials[split].append(f'{stem}.aedat')
   for split in ('train', 'test'):
     files[f'trials_to_{split}.txt'] = ('\r\n'.join(trials[split]) + '\r\n\r\n').encode()
@@ -123,9 +136,16 @@ def write_gesture_tree(root: str, users: Sequence[int] = (1, 2, 24),
   return expected
 
 
-def write_cifar10dvs_tree(root: str, per_class: int, *, zipped: bool = False, seed: int = 0,
-                          image_fn: Callable | None = None, sensor=(128, 128),
-                          **gen_kwargs) -> dict:
+def write_cifar10dvs_tree(
+  root: str,
+  per_class: int,
+  *,
+  zipped: bool = False,
+  seed: int = 0,
+  image_fn: Callable | None = None,
+  sensor=(128, 128),
+  **gen_kwargs,
+) -> dict:
   """A synthetic CIFAR10-DVS download under `root`: `<class>/cifar10_<class>_<i>.aedat`
   for i < per_class, or (`zipped`) the 10 `<class>.zip` holding those folders.
   Images come from `image_fn(label, i, rng)` (default: a seeded grating whose
@@ -154,9 +174,16 @@ def write_cifar10dvs_tree(root: str, per_class: int, *, zipped: bool = False, se
   return out
 
 
-def write_nmnist_tree(root: str, per_class: int, *, splits: Sequence[str] = ('train', 'test'),
-                      zipped: bool = False, seed: int = 0, image_fn: Callable | None = None,
-                      **gen_kwargs) -> dict:
+def write_nmnist_tree(
+  root: str,
+  per_class: int,
+  *,
+  splits: Sequence[str] = ('train', 'test'),
+  zipped: bool = False,
+  seed: int = 0,
+  image_fn: Callable | None = None,
+  **gen_kwargs,
+) -> dict:
   """A synthetic N-MNIST download under `root`: `Train/<digit>/<id>.bin` and
   `Test/...` (ids zero-padded to 5 digits, shuffled across classes as in the
   real data), or (`zipped`) Train.zip / Test.zip holding those folders. Events
@@ -173,8 +200,9 @@ def write_nmnist_tree(root: str, per_class: int, *, splits: Sequence[str] = ('tr
     for label in range(10):
       for i in range(per_class):
         name = f'{ids[label * per_class + i]:05d}'
-        ev = events.synthetic_image_events(image_fn(label, i, rng), rng, events.NMNIST_SIZE,
-                                           **gen_kwargs)
+        ev = events.synthetic_image_events(
+          image_fn(label, i, rng), rng, events.NMNIST_SIZE, **gen_kwargs
+        )
         payloads[f'{top}/{label}/{name}.bin'] = write_nmnist(ev)
         out[split][name] = (ev, label)
     if zipped:

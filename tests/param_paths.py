@@ -21,6 +21,7 @@ MODULES = ('spikformer', 'sdt', 'a2os2a', 'msvit')
 
 def variants():
   import importlib  # pylint: disable=import-outside-toplevel
+
   for name in MODULES:
     module = importlib.import_module(f'spikeformer_jax.configs.{name}')
     vs = getattr(module, 'VARIANTS', None) or list(module._ROWS) + ['digits', 'nmnist-1-128']  # pylint: disable=protected-access
@@ -33,13 +34,18 @@ def record(model_cfg) -> dict:
   the path templates with block / stage indices as '*'}."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import models  # pylint: disable=import-outside-toplevel
+
   model = nnx.eval_shape(lambda: models.build_model(model_cfg))
-  lines = sorted(f'{".".join(map(str, p))} {tuple(v.shape)}'
-                 for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  lines = sorted(
+    f'{".".join(map(str, p))} {tuple(v.shape)}'
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  )
   templates = sorted({re.sub(r'\.\d+\.', '.*.', line.split()[0]) for line in lines})
-  return {'params': models.count_params(model),
-          'sha256': hashlib.sha256('\n'.join(lines).encode()).hexdigest(),
-          'paths': templates}
+  return {
+    'params': models.count_params(model),
+    'sha256': hashlib.sha256('\n'.join(lines).encode()).hexdigest(),
+    'paths': templates,
+  }
 
 
 def compact(records: dict) -> dict:
@@ -54,10 +60,11 @@ def compact(records: dict) -> dict:
 
 def add_new(old: dict, configs: dict) -> dict:
   """`old` (the JSON's content) plus the records of `configs` it lacks."""
-  new = compact({key: record(cfg) for key, cfg in configs.items()
-                 if key not in old['variants']})
-  return {'variants': {**old['variants'], **new['variants']},
-          'templates': {**old['templates'], **new['templates']}}
+  new = compact({key: record(cfg) for key, cfg in configs.items() if key not in old['variants']})
+  return {
+    'variants': {**old['variants'], **new['variants']},
+    'templates': {**old['templates'], **new['templates']},
+  }
 
 
 if __name__ == '__main__':

@@ -44,24 +44,33 @@ def test_ternary_surrogate_gradient_hand_computed():
   clamp = neurons.Neuron(kind='ternary', ternary_grad='clamp', v_threshold=0.8)
   grad = jax.grad(lambda x: neurons.multistep(clamp, x.reshape(1, 1)).sum())
   np.testing.assert_allclose(grad(jnp.float32(1.0)), 0.5 / 0.8)  # |U| = 0.5 < Vth
-  np.testing.assert_allclose(grad(jnp.float32(4.0)), 0.0)        # |U| = 2 > Vth
+  np.testing.assert_allclose(grad(jnp.float32(4.0)), 0.0)  # |U| = 2 > Vth
 
 
 def _attention(order='auto'):
   settings = layers.Settings(T=2)
   return blocks.SpikingAttention(
-      16, 2, settings=settings, kind='a2os2a', style='sdt', order=order, init='trunc_normal',
-      rngs=nnx.Rngs(0))
+    16,
+    2,
+    settings=settings,
+    kind='a2os2a',
+    style='sdt',
+    order=order,
+    init='trunc_normal',
+    rngs=nnx.Rngs(0),
+  )
 
 
 def test_a2os2a_operands_and_addition_only_product(monkeypatch):
   seen = {}
   real = a2os2a_kind.a2os2a_self_attention
+
   def spy(q, k, v, *, order):
     seen.update(q=np.asarray(q), k=np.asarray(k), v=np.asarray(v))
     out = real(q, k, v, order=order)
     seen['out'] = np.asarray(out)
     return out
+
   monkeypatch.setattr(a2os2a_kind, 'a2os2a_self_attention', spy)
   x = 2.0 * jax.random.normal(jax.random.key(0), (4, 9, 16))  # [B*T, N, C] membrane
   _attention()(x)
@@ -109,9 +118,10 @@ def test_official_sdt_weights_load_into_a2os2a(shared_dir):
   if not path.exists():
     pytest.skip('sdt_cifar.npz absent')
   d = np.load(path)
-  state = {k[len('state/'):]: d[k] for k in d.files if k.startswith('state/')}
-  mc = sdt.model_config('cifar', embed_dim=64, depth=2, num_heads=8, T=2, img_size=32,
-                        attention='a2os2a')
+  state = {k[len('state/') :]: d[k] for k in d.files if k.startswith('state/')}
+  mc = sdt.model_config(
+    'cifar', embed_dim=64, depth=2, num_heads=8, T=2, img_size=32, attention='a2os2a'
+  )
   mc.dead_modules = True
   model = nnx.eval_shape(lambda: models.build_model(mc))  # every variable comes from the file
   convert.load_state_dict(model, state)
@@ -125,6 +135,7 @@ def test_a2os2a_eight_devices_equal_one_device(attention):
   mesh does and shards the kernels too (the data mesh alone, replicated
   kernels: test_train.test_eight_devices_equal_one_device)."""
   from test_train import assert_eight_devices_equal_one
+
   c = a2os2a_configs.get_config('cifar10-2-256,runlocal')
   c.model.attention = attention
   c.mesh.fsdp_min_size = 512  # runlocal arrays are small: shard them anyway
@@ -150,11 +161,17 @@ def test_every_a2os2a_row_builds_with_sdt_parameters(variant):
 
 
 # kind -> (Q neuron, K neuron, V neuron kind or None)
-_NEURONS = {'ssa': (True, True, 'lif'), 'sdsa': (True, True, 'lif'),
-            'a2os2a': (True, False, 'ternary'), 'a_i': (False, False, 'lif'),
-            'a_relu': (False, False, 'lif'), 'a_leakyrelu': (False, False, 'lif'),
-            'vsa': (False, False, 'lif'), 'vsa_float_v': (False, False, None),
-            'mssa': (True, True, None)}  # MSViT: Q, P and K neurons, no V
+_NEURONS = {
+  'ssa': (True, True, 'lif'),
+  'sdsa': (True, True, 'lif'),
+  'a2os2a': (True, False, 'ternary'),
+  'a_i': (False, False, 'lif'),
+  'a_relu': (False, False, 'lif'),
+  'a_leakyrelu': (False, False, 'lif'),
+  'vsa': (False, False, 'lif'),
+  'vsa_float_v': (False, False, None),
+  'mssa': (True, True, None),
+}  # MSViT: Q, P and K neurons, no V
 
 
 @pytest.mark.parametrize('style', blocks.STYLES)
@@ -166,15 +183,22 @@ def test_every_attention_kind_in_every_backbone_style(style):
   params, forward = {}, {}
   for kind, (q_n, k_n, v_n) in _NEURONS.items():
     attn = blocks.SpikingAttention(
-        16, 2, settings=layers.Settings(T=2), kind=kind, style=style, init='trunc_normal',
-        rngs=nnx.Rngs(0))
+      16,
+      2,
+      settings=layers.Settings(T=2),
+      kind=kind,
+      style=style,
+      init='trunc_normal',
+      rngs=nnx.Rngs(0),
+    )
     assert hasattr(attn, 'q_lif') == q_n and hasattr(attn, 'k_lif') == k_n, kind
     assert (attn.v_lif.neuron.kind if hasattr(attn, 'v_lif') else None) == v_n, kind
     assert hasattr(attn, 'shortcut_lif') == (style == 'sdt')
     assert hasattr(attn, 'proj_lif') == (style == 'spikformer')
     graphdef, params[kind], rest = nnx.split(attn, nnx.Param, ...)
     forward[kind] = functools.partial(
-        lambda g, r, p: nnx.merge(g, p, r, copy=True)(x), graphdef, rest)
+      lambda g, r, p: nnx.merge(g, p, r, copy=True)(x), graphdef, rest
+    )
 
   @jax.jit  # every kind in one program: a third of the compile time of one each
   def outputs_and_grads(params):
@@ -183,6 +207,7 @@ def test_every_attention_kind_in_every_backbone_style(style):
       y, vjp = jax.vjp(f, params[kind])
       out[kind] = y, vjp(jnp.ones_like(y))[0]
     return out
+
   for kind, (y, grads) in outputs_and_grads(params).items():
     assert y.shape == x.shape
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads)), kind
@@ -195,12 +220,16 @@ def test_attention_cores_compute_different_functions():
   k = (jax.random.uniform(key[1], (2, 6, 4)) > 0.5).astype(jnp.float32)
   v = (jax.random.uniform(key[2], (2, 6, 4)) > 0.5).astype(jnp.float32)
   ssa = ssa_kind.spiking_self_attention(q, k, v, scale=0.125, order='auto')
-  np.testing.assert_allclose(ssa, np.asarray(q) @ np.asarray(k).swapaxes(-1, -2) @ np.asarray(v) * 0.125, rtol=1e-6)
+  np.testing.assert_allclose(
+    ssa, np.asarray(q) @ np.asarray(k).swapaxes(-1, -2) @ np.asarray(v) * 0.125, rtol=1e-6
+  )
   vsa = ablations.vanilla_self_attention(q, k, v)
   a = np.exp(np.asarray(q) @ np.asarray(k).swapaxes(-1, -2) / 2.0)
   np.testing.assert_allclose(vsa, (a / a.sum(-1, keepdims=True)) @ np.asarray(v), rtol=1e-5)
   sdsa = sdsa_kind.spike_driven_self_attention(q, k, v, lambda z: (z >= 0.5).astype(z.dtype))
-  np.testing.assert_array_equal(sdsa, np.asarray(q) * ((np.asarray(k) * np.asarray(v)).sum(-2, keepdims=True) >= 0.5))
+  np.testing.assert_array_equal(
+    sdsa, np.asarray(q) * ((np.asarray(k) * np.asarray(v)).sum(-2, keepdims=True) >= 0.5)
+  )
   assert not np.allclose(ssa, vsa) and not np.allclose(ssa, sdsa)
 
 
@@ -209,13 +238,23 @@ def test_a2os2a_trains_from_train_py(tmp_path):
   import os
   import subprocess
   import sys
+
   wd = tmp_path / 'a2os2a'
   # One device: the sharded model is test_a2os2a_eight_devices_equal_one_device's.
   p = subprocess.run(
-      [sys.executable, 'train.py', '--config=configs/a2os2a.py:cifar10-2-256,runlocal',
-       f'--workdir={wd}', '--config.total_steps=2'],
-      cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'), capture_output=True,
-      text=True, timeout=600)
+    [
+      sys.executable,
+      'train.py',
+      '--config=configs/a2os2a.py:cifar10-2-256,runlocal',
+      f'--workdir={wd}',
+      '--config.total_steps=2',
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   final = json.loads((wd / 'final_metrics.json').read_text())
   assert final['steps'] == 2 and final['paper_top1'] == 94.91

@@ -22,14 +22,20 @@ _CONFIGS = os.path.join(ROOT, 'configs', 'a2os2a.py')
 
 
 def _model_config(**over) -> ml_collections.ConfigDict:
-  return config_lib.apply_overrides(a2os2a_configs.get_config('cifar10-2-256,runlocal'),
-                                    over).model
+  return config_lib.apply_overrides(a2os2a_configs.get_config('cifar10-2-256,runlocal'), over).model
 
 
 def _attention(model=None, neuron=None):
   return blocks.SpikingAttention(
-      16, 2, settings=layers.Settings(T=2, **({'neuron': neuron} if neuron else {})), kind='a2os2a',
-      style='sdt', init='trunc_normal', model=model, rngs=nnx.Rngs(0))
+    16,
+    2,
+    settings=layers.Settings(T=2, **({'neuron': neuron} if neuron else {})),
+    kind='a2os2a',
+    style='sdt',
+    init='trunc_normal',
+    model=model,
+    rngs=nnx.Rngs(0),
+  )
 
 
 def _product_and_out_spikes(attn, x):
@@ -61,7 +67,8 @@ def test_ternary_out_neuron_fires_minus_one_on_negative_products():
   .charge_form='paper') gives U = P: fires where |P| >= 0.5."""
   p, s_bin = _product_and_out_spikes(_attention(_model_config()), _X)
   _, s_ter = _product_and_out_spikes(
-      _attention(_model_config(**{'model.a2os2a.out_neuron': 'ternary'})), _X)
+    _attention(_model_config(**{'model.a2os2a.out_neuron': 'ternary'})), _X
+  )
   assert (p < -1).any() and (p > 1).any()  # ternary V: the product has both signs
   assert set(np.unique(s_bin)) == {0.0, 1.0}
   assert set(np.unique(s_ter)) == {-1.0, 0.0, 1.0}
@@ -69,17 +76,23 @@ def test_ternary_out_neuron_fires_minus_one_on_negative_products():
   np.testing.assert_array_equal(s_bin[t0], (p[t0] / 2 >= 0.5).astype(np.float32))
   np.testing.assert_array_equal(s_ter[t0], np.sign(p[t0]) * (np.abs(p[t0]) / 2 >= 0.5))
   # (the paper's charge also changes V's spikes, hence the product)
-  p, s_paper = _product_and_out_spikes(_attention(_model_config(**{
-      'model.a2os2a.out_neuron': 'ternary', 'model.ternary.charge_form': 'paper'})), _X)
+  p, s_paper = _product_and_out_spikes(
+    _attention(
+      _model_config(**{'model.a2os2a.out_neuron': 'ternary', 'model.ternary.charge_form': 'paper'})
+    ),
+    _X,
+  )
   np.testing.assert_array_equal(s_paper[t0], np.sign(p[t0]) * (np.abs(p[t0]) >= 0.5))
 
 
 def test_paper_charge_form_changes_the_spikes():
   """model.neuron.charge_form='paper' (eqs. 1-3) on the binary neurons: Q's
   spikes differ from SpikingJelly's on the same input and weights."""
+
   def q_spikes(m):
     attn = _attention(m, models.make_neuron(m.neuron))
     return np.asarray(attn.q_lif(base.qkv(attn, _X)[0]))
+
   sj = q_spikes(_model_config())
   paper = q_spikes(_model_config(**{'model.neuron.charge_form': 'paper'}))
   assert sj.any() and not np.array_equal(sj, paper)
@@ -106,11 +119,17 @@ def test_neurons_sweep_paper_neurons_and_ternary_out_train_a_step():
   points = {p.name: p for p in sweeps.get_points(_CONFIGS, 'neurons', runlocal=True)}
   assert len(points) == 8
   c = points['cifar10-2-256,paper-neurons+ternary-out'].config
-  assert (c.model.neuron.charge_form, c.model.ternary.charge_form,
-          c.model.a2os2a.out_neuron) == ('paper', 'paper', 'ternary')
+  assert (c.model.neuron.charge_form, c.model.ternary.charge_form, c.model.a2os2a.out_neuron) == (
+    'paper',
+    'paper',
+    'ternary',
+  )
   d = points['cifar100-2-256,sj-neurons'].config.model
   assert (d.neuron.charge_form, d.ternary.charge_form, d.a2os2a.out_neuron) == (
-      'spikingjelly', 'spikingjelly', 'binary')
+    'spikingjelly',
+    'spikingjelly',
+    'binary',
+  )
   assert (c.model.head_order, d.head_order) == ('fire_then_pool', 'pool_then_fire')
   assert_one_step_moves_every_parameter(c)
 
@@ -124,8 +143,11 @@ def test_2_256_counts_and_the_papers_2_59m():
   for v in ('cifar10-2-256', 'cifar100-2-256', 'cifar10-2-512'):
     m = a2os2a_configs.get_config(v).model
     count[v] = models.count_params(nnx.eval_shape(lambda m=m: models.build_model(m)))
-  assert count == {'cifar10-2-256': 2_566_954, 'cifar100-2-256': 2_590_084,
-                   'cifar10-2-512': 10_233_418}
+  assert count == {
+    'cifar10-2-256': 2_566_954,
+    'cifar100-2-256': 2_590_084,
+    'cifar10-2-512': 10_233_418,
+  }
   assert round(count['cifar100-2-256'] / 1e6, 2) == 2.59
   assert round(count['cifar10-2-256'] / 1e6, 2) == 2.57
   assert round(count['cifar10-2-512'] / 1e6, 2) == 10.23
@@ -145,8 +167,7 @@ def test_orders_agree_to_rounding_for_real_k_bitwise_for_integers():
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
   assert not np.array_equal(a, b)
   k_int = (k > 0.5).astype(jnp.float32)
-  np.testing.assert_array_equal(f(q, k_int, v, order='qk_first'),
-                                f(q, k_int, v, order='kv_first'))
+  np.testing.assert_array_equal(f(q, k_int, v, order='qk_first'), f(q, k_int, v, order='kv_first'))
 
 
 def _lif_by_hand(x):
@@ -174,16 +195,17 @@ def test_head_order_fire_then_pool_is_eq18():
       x = jax.random.normal(jax.random.key(1), (3, m.img_size, m.img_size, 3), jnp.float64)
       out[order] = np.asarray(model(x))
       params[order] = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    jax.tree.map(np.testing.assert_array_equal, params['pool_then_fire'],
-                 params['fire_then_pool'])  # the same tree, the same values
+    jax.tree.map(
+      np.testing.assert_array_equal, params['pool_then_fire'], params['fire_then_pool']
+    )  # the same tree, the same values
     assert np.abs(out['pool_then_fire'] - out['fire_then_pool']).max() > 1e-2
     # By hand: U_L from the model's own stem and blocks, then eq. 18.
     T, b = m.T, x.shape[0]
     u = model.patch_embed(ops.fold_time(x, T, jnp.float64))
     for blk in model.block:
       u = blk(u)
-    u = np.asarray(u).reshape(b, T, *u.shape[1:])            # [B, T, N, D]
-    feat = _lif_by_hand(u).mean(axis=(1, 2))                  # GAP over T and tokens
+    u = np.asarray(u).reshape(b, T, *u.shape[1:])  # [B, T, N, D]
+    feat = _lif_by_hand(u).mean(axis=(1, 2))  # GAP over T and tokens
     ref = feat @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...])
     np.testing.assert_allclose(out['fire_then_pool'], ref, rtol=1e-12, atol=1e-12)
     # and the default is the official head: the neuron on the token mean
@@ -195,6 +217,9 @@ def test_head_order_fire_then_pool_is_eq18():
 def test_head_order_is_validated():
   c = a2os2a_configs.get_config('cifar10-2-256,runlocal')
   c.model.head_order = 'fire_first'
-  with pytest.raises(ValueError, match=r"model.head_order='fire_first'; valid: "
-                     r"'pool_then_fire', 'fire_then_pool'"):
+  with pytest.raises(
+    ValueError,
+    match=r"model.head_order='fire_first'; valid: "
+    r"'pool_then_fire', 'fire_then_pool'",
+  ):
     validation.validate_config(c)

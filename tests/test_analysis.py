@@ -37,16 +37,23 @@ def _inputs(n=4, seed=0):
 
 @pytest.mark.slow
 def test_rates_match_the_official_recordings(shared_dir, tmp_path):
-  files = [shared_dir / 'fixtures' / f for f in ('spikformer_cifar.npz', 'sdt_cifar.npz',
-                                                 'msvit_cifar.npz')]
+  files = [
+    shared_dir / 'fixtures' / f
+    for f in ('spikformer_cifar.npz', 'sdt_cifar.npz', 'msvit_cifar.npz')
+  ]
   files = [f for f in files if f.exists()]
   if not files:
     pytest.skip('no CIFAR fixtures in ../shared/fixtures')
   out = tmp_path / 'rates.json'
   env = dict(os.environ, JAX_ENABLE_X64='1', JAX_NUM_CPU_DEVICES='1')
-  proc = subprocess.run([sys.executable, 'tests/analysis_fixture_check.py', *map(str, files),
-                         '--json', str(out)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=900)
+  proc = subprocess.run(
+    [sys.executable, 'tests/analysis_fixture_check.py', *map(str, files), '--json', str(out)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   for r in json.loads(out.read_text()):
     # Fixture README: spike rates |delta| <= 1e-12 (identical spike counts).
@@ -61,18 +68,18 @@ def test_operation_counts_equal_hand_computation():
   macs = {r['layer']: r['macs'] for r in rep['layers']}
   k = 9  # 3x3 kernels
   expected = {
-      'patch_embed.proj_conv': T * 32 * 32 * (D // 8) * k * 3,
-      'patch_embed.proj_conv1': T * 32 * 32 * (D // 4) * k * (D // 8),
-      'patch_embed.proj_conv2': T * 32 * 32 * (D // 2) * k * (D // 4),
-      'patch_embed.proj_conv3': T * 16 * 16 * D * k * (D // 2),
-      'patch_embed.rpe_conv': T * N * D * k * D,
-      'block.0.attn.q_linear': T * N * D * D,
-      'block.0.attn.Q K^T': T * h * N * N * (D // h),
-      'block.0.attn.(Q K^T) V': T * h * N * N * (D // h),
-      'block.0.attn.proj_linear': T * N * D * D,
-      'block.0.mlp.fc1_linear': T * N * D * 4 * D,
-      'block.0.mlp.fc2_linear': T * N * 4 * D * D,
-      'head': D * 10,  # after the mean over tokens and time: once
+    'patch_embed.proj_conv': T * 32 * 32 * (D // 8) * k * 3,
+    'patch_embed.proj_conv1': T * 32 * 32 * (D // 4) * k * (D // 8),
+    'patch_embed.proj_conv2': T * 32 * 32 * (D // 2) * k * (D // 4),
+    'patch_embed.proj_conv3': T * 16 * 16 * D * k * (D // 2),
+    'patch_embed.rpe_conv': T * N * D * k * D,
+    'block.0.attn.q_linear': T * N * D * D,
+    'block.0.attn.Q K^T': T * h * N * N * (D // h),
+    'block.0.attn.(Q K^T) V': T * h * N * N * (D // h),
+    'block.0.attn.proj_linear': T * N * D * D,
+    'block.0.mlp.fc1_linear': T * N * D * 4 * D,
+    'block.0.mlp.fc2_linear': T * N * 4 * D * D,
+    'head': D * 10,  # after the mean over tokens and time: once
   }
   for name, n in expected.items():
     assert macs[name] == n, name
@@ -83,8 +90,11 @@ def test_operation_counts_equal_hand_computation():
   # Network order: the stem first, the products after Q/K/V and before proj.
   order = [r['layer'] for r in rep['layers']]
   assert order[0] == 'patch_embed.proj_conv' and order[-1] == 'head'
-  assert order.index('block.0.attn.v_linear') < order.index('block.0.attn.Q K^T') < \
-      order.index('block.0.attn.proj_linear')
+  assert (
+    order.index('block.0.attn.v_linear')
+    < order.index('block.0.attn.Q K^T')
+    < order.index('block.0.attn.proj_linear')
+  )
 
 
 def test_sops_energy_and_totals_are_consistent():
@@ -118,18 +128,25 @@ def test_sops_energy_and_totals_are_consistent():
     assert np.mean(v['rate_per_t']) == pytest.approx(v['rate'])
   assert len(rep['neurons']) == 12
   # The 'ac' convention counts integer inputs as one accumulate per unit.
-  rep_ac = analysis.analyze(model, [_inputs(seed=1), _inputs(seed=2)], T=T,
-                            conventions=analysis.Conventions(integer_inputs='ac'))
+  rep_ac = analysis.analyze(
+    model,
+    [_inputs(seed=1), _inputs(seed=2)],
+    T=T,
+    conventions=analysis.Conventions(integer_inputs='ac'),
+  )
   for r, r_ac in zip(rows, rep_ac['layers']):
     if r['input'] == 'integer':
-      assert r['op'] == 'MAC' and r_ac['op'] == 'AC' and r_ac['sops'] >= r_ac['input_rate'] * r_ac['macs']
+      assert (
+        r['op'] == 'MAC'
+        and r_ac['op'] == 'AC'
+        and r_ac['sops'] >= r_ac['input_rate'] * r_ac['macs']
+      )
     else:
       assert r_ac['op'] == r['op'] and r_ac['sops'] == pytest.approx(r['sops'])
   with pytest.raises(ValueError, match="integer_inputs='x'"):
     analysis.Conventions(integer_inputs='x')
   # Outputs: JSON, CSVs and the markdown table.
-  paths = analysis.write(rep, os.path.join(os.environ.get('TMPDIR', '/tmp'),
-                                           f'an_{os.getpid()}'))
+  paths = analysis.write(rep, os.path.join(os.environ.get('TMPDIR', '/tmp'), f'an_{os.getpid()}'))
   assert json.load(open(paths['json']))['totals']['sops'] == pytest.approx(t['sops'])
   assert open(paths['table']).read().startswith('| layer | input | rate | op |')
   # layers.csv names each row's class (a bug once wrote 'Module' for every one).
@@ -167,16 +184,22 @@ def test_spikformer_cifar10_4_384_total_operations():
   x = np.zeros((1, 32, 32, 3), np.float32)
   rep = analysis.analyze(model, [x], T=4)
   synaptic = sum(r['macs'] for r in rep['layers'] if r['type'] != 'attention')
-  assert synaptic == pytest.approx(3.70e9, rel=0.01)   # 3.686 G
+  assert synaptic == pytest.approx(3.70e9, rel=0.01)  # 3.686 G
   # With SSA's products: the jaxpr count of the benchmark (7.4723 GFLOP forward).
   assert rep['totals']['macs'] == flops.forward_flops(model, jnp.asarray(x)) // 2 == 3736145664
 
 
-@pytest.mark.parametrize('family,arg', [('sdt', 'cifar10-2-256,runlocal'),
-                                        ('msvit', 'cifar10-4-384,runlocal'),
-                                        ('spikformer', 'cifar10dvs-2-256,runlocal')])
+@pytest.mark.parametrize(
+  'family,arg',
+  [
+    ('sdt', 'cifar10-2-256,runlocal'),
+    ('msvit', 'cifar10-4-384,runlocal'),
+    ('spikformer', 'cifar10dvs-2-256,runlocal'),
+  ],
+)
 def test_every_family_is_analysed(family, arg):
   import importlib  # pylint: disable=import-outside-toplevel
+
   c = importlib.import_module(f'configs.{family}').get_config(arg)
   model = _loud(models.build_model(c.model))
   shape = tuple(c.data.shape)
@@ -199,40 +222,73 @@ def test_every_family_is_analysed(family, arg):
 @pytest.mark.slow
 def test_eval_analyze_cli(tmp_path):
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+
   wd = tmp_path / 'wd'
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
   c = spikformer_configs.get_config('digits')  # trained here: eval.py's CLI is under test
   c.total_steps, c.log_every_steps, c.num_devices = 6, 2, 1
   train_lib.train_and_evaluate(c, str(wd))
-  p = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--analyze',
-                      '--analyze_examples=100', '--attention_heads=0,1'],
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  p = subprocess.run(
+    [
+      sys.executable,
+      'eval.py',
+      f'--workdir={wd}',
+      '--analyze',
+      '--analyze_examples=100',
+      '--attention_heads=0,1',
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'analysis test step 6, 100 examples' in p.stdout
   out = wd / 'analysis_test_6'
   rep = json.loads((out / 'analysis.json').read_text())
   assert rep['step'] == 6 and rep['T'] == 4 and len(rep['neurons']) == 12
-  for name in ('layers.csv', 'neurons.csv', 'analysis.md', 'firing_rates.png',
-               'attention.png', 'learning_curves.png'):
+  for name in (
+    'layers.csv',
+    'neurons.csv',
+    'analysis.md',
+    'firing_rates.png',
+    'attention.png',
+    'learning_curves.png',
+  ):
     assert (out / name).stat().st_size > 100, name
   assert (out / 'firing_rates.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  bad = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--analyze',
-                        '--analyze_examples=0'], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+  bad = subprocess.run(
+    [sys.executable, 'eval.py', f'--workdir={wd}', '--analyze', '--analyze_examples=0'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert (bad.returncode, bad.stderr.strip()) == (
-      2, 'error: --analyze_examples=0: the number of examples analysed must be >= 1.')
+    2,
+    'error: --analyze_examples=0: the number of examples analysed must be >= 1.',
+  )
   # Out-of-range heads fail before the analysis, naming the flag; nothing is written.
   out.rename(tmp_path / 'first')
-  bad = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--analyze',
-                        '--attention_heads=99'], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+  bad = subprocess.run(
+    [sys.executable, 'eval.py', f'--workdir={wd}', '--analyze', '--attention_heads=99'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
-      'error: --attention_heads=99: timesteps [0, 1, 2, 3] / heads [99]: the model has T=4, '
-      '4 heads.'), bad.stderr[-2000:]
+    'error: --attention_heads=99: timesteps [0, 1, 2, 3] / heads [99]: the model has T=4, 4 heads.'
+  ), bad.stderr[-2000:]
   assert not [f for f in os.listdir(wd) if f.startswith(('analysis_', '.analysis_'))]
+
   # A stop (SIGTERM raises KeyboardInterrupt) mid-analysis leaves nothing either.
   def stop(*args, **kwargs):
     raise KeyboardInterrupt('SIGTERM')
+
   with pytest.MonkeyPatch.context() as m:
     m.setattr(analysis, 'write', stop)
     with pytest.raises(KeyboardInterrupt):
@@ -255,6 +311,7 @@ def test_vsa_is_counted_as_computed_on_kv_first_backbones():
 @pytest.mark.parametrize('batch_as_time', [False, True])
 def test_rates_per_timestep_split_time_not_units(batch_as_time):
   from spikeformer_jax import layers, neurons  # pylint: disable=import-outside-toplevel
+
   B, T, U = 3, 4, 10
   x = np.zeros((B * T, U), np.float32)
   x[::T] = 5.0  # a strong input at t = 0 only: one spike per unit, then silence
@@ -272,33 +329,39 @@ def test_training_evaluations_record_per_layer_firing_rates():
   batch, equal to the analysis' on the same examples."""
   from spikeformer_jax import experiment, sharding  # pylint: disable=import-outside-toplevel
   from spikeformer_jax.data import sources  # pylint: disable=import-outside-toplevel
+
   c = spikformer_configs.get_config('cifar10-4-384,runlocal')
   exp = experiment.build(c, sharding.make_mesh(1), 4)
   state = exp.init_state()
   state['params'] = jax.tree_util.tree_map_with_path(  # _loud: fires throughout
-      lambda p, x: x * 6 if 'kernel' in jax.tree_util.keystr(p) else x, state['params'])
+    lambda p, x: x * 6 if 'kernel' in jax.tree_util.keystr(p) else x, state['params']
+  )
   x = _inputs(6, seed=3)
   source = sources.ArraySource(x, np.zeros(6, np.int64), 10, None, None)
-  res = experiment.evaluate(experiment.make_eval_step(exp, firing_rates=True), state, source,
-                           exp.mesh, batch_size=4)  # 2 batches, 2 padded examples
+  res = experiment.evaluate(
+    experiment.make_eval_step(exp, firing_rates=True), state, source, exp.mesh, batch_size=4
+  )  # 2 batches, 2 padded examples
   rates = res['firing_rates']
   model = nnx.merge(exp.graphdef_eval, state['params'], state['batch_stats'])
   want = {k: v['rate'] for k, v in analysis.analyze(model, [x], T=c.model.T)['neurons'].items()}
   assert rates.keys() == want.keys() and len(want) > 5, (rates.keys(), want.keys())
   assert 0.05 < np.mean(list(want.values())) < 0.95, want
   np.testing.assert_allclose([rates[k] for k in want], list(want.values()), rtol=1e-6)
-  assert 'firing_rates' not in experiment.evaluate(experiment.make_eval_step(exp), state, source,
-                                                  exp.mesh, batch_size=4)
+  assert 'firing_rates' not in experiment.evaluate(
+    experiment.make_eval_step(exp), state, source, exp.mesh, batch_size=4
+  )
 
 
 def test_eval_warns_of_a_config_whose_model_differs_from_the_run(tmp_path):
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
   c = spikformer_configs.get_config('digits')
   workdir_lib.write_json(str(tmp_path / 'config.json'), {'config': c.to_dict()})
   assert workdir_lib.model_differences(c, str(tmp_path)) == ''
   other = spikformer_configs.get_config('digits')
   other.model.T, other.total_steps = 2, 1  # only model fields are named
   assert workdir_lib.model_differences(other, str(tmp_path)) == (
-      f"warning: --config differs from the run's {tmp_path}/config.json in model.T (4 -> 2): "
-      'evaluating with the --config model.')
+    f"warning: --config differs from the run's {tmp_path}/config.json in model.T (4 -> 2): "
+    'evaluating with the --config model.'
+  )
   assert workdir_lib.model_differences(other, str(tmp_path / 'none')) == ''

@@ -16,15 +16,18 @@ from spikeformer_jax.configs import spikformer as cfgs
 
 # ANN variant -> (its Spikformer row, paper params in M, paper top-1). Table 3
 # prints one count for both CIFARs, the CIFAR-10 one (CIFAR-100: +34,650).
-ROWS = {'imagenet-transformer-8-512': ('imagenet-8-512', 29.68, 80.80),
-        'cifar10-transformer-4-384': ('cifar10-4-384', 9.32, 96.73),
-        'cifar100-transformer-4-384': ('cifar100-4-384', 9.32, 81.02)}
+ROWS = {
+  'imagenet-transformer-8-512': ('imagenet-8-512', 29.68, 80.80),
+  'cifar10-transformer-4-384': ('cifar10-4-384', 9.32, 96.73),
+  'cifar100-transformer-4-384': ('cifar100-4-384', 9.32, 81.02),
+}
 
 
 def _tree(model_cfg):
   model = nnx.eval_shape(lambda: models.build_model(model_cfg))
   return models.count_params(model), {
-      '.'.join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    '.'.join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 @pytest.mark.parametrize('variant', ROWS)
@@ -60,6 +63,7 @@ def _layer_inputs(variant):
   """analysis rows of a runlocal variant on one batch: {layer: input domain},
   with test_energy_conventions' weights (every layer fires at a moderate rate)."""
   from test_energy_conventions import _model  # pylint: disable=import-outside-toplevel
+
   c = cfgs.get_config(f'{variant},runlocal')
   x = np.random.default_rng(0).normal(size=(4, c.model.img_size, c.model.img_size, 3))
   rep = analysis.analyze(_model(c.model), [x.astype(np.float32)], T=c.model.T)
@@ -94,8 +98,9 @@ def test_gelu_and_other_backbones_run_without_spikes():
   """model.neuron.kind works on every family's network neurons."""
   for module, variant in (('sdt', 'cifar10-2-256'), ('msvit', 'cifar10-4-384')):
     cfg_module = __import__(f'spikeformer_jax.configs.{module}', fromlist=['get_config'])
-    c = config_lib.apply_overrides(cfg_module.get_config(f'{variant},runlocal'),
-                                   {'model.neuron.kind': 'gelu'})
+    c = config_lib.apply_overrides(
+      cfg_module.get_config(f'{variant},runlocal'), {'model.neuron.kind': 'gelu'}
+    )
     validation.validate_config(c)
     model = models.build_model(c.model)
     y = model(jnp.ones((2, c.model.img_size, c.model.img_size, 3)))

@@ -19,75 +19,120 @@ from spikeformer_jax.configs import spikformer as spikformer_configs
 HAS_LIBTPU = importlib.util.find_spec('libtpu') is not None
 
 
-@pytest.mark.parametrize('name,gen,shape', [
-    ('v5e:2x2', 'v5e', (2, 2)), ('v5p:4x4x4', 'v5p', (4, 4, 4)), ('v4:2x2x1', 'v4', (2, 2, 1)),
-    ('v6e:4x4', 'v6e', (4, 4)), ('v5litepod-8', 'v5e', (2, 4)), ('v5e-256', 'v5e', (16, 16)),
-    ('v5p-128', 'v5p', (4, 4, 4)), ('v5p-32', 'v5p', (2, 2, 4)), ('v4-8', 'v4', (2, 2, 1)),
-    ('v6e-32', 'v6e', (4, 8))])
+@pytest.mark.parametrize(
+  'name,gen,shape',
+  [
+    ('v5e:2x2', 'v5e', (2, 2)),
+    ('v5p:4x4x4', 'v5p', (4, 4, 4)),
+    ('v4:2x2x1', 'v4', (2, 2, 1)),
+    ('v6e:4x4', 'v6e', (4, 4)),
+    ('v5litepod-8', 'v5e', (2, 4)),
+    ('v5e-256', 'v5e', (16, 16)),
+    ('v5p-128', 'v5p', (4, 4, 4)),
+    ('v5p-32', 'v5p', (2, 2, 4)),
+    ('v4-8', 'v4', (2, 2, 1)),
+    ('v6e-32', 'v6e', (4, 8)),
+  ],
+)
 def test_topology_names_as_cloud_gives_them(name, gen, shape):
   t = aot.parse_topology(name)
   assert (t.generation, t.shape) == (gen, shape)
 
 
-@pytest.mark.parametrize('name,words', [
-    ('v5e:2x2x1', 'has 2 dimensions'), ('v3:2x2', 'use GEN:SHAPE'), ('v5p-127', 'cores per chip'),
-    ('v5e-12', 'power of two'), ('v5e:0x2', 'dimensions of at least 1 chip'),
-    ('v5e-0', '0 chips'), ('', 'use GEN:SHAPE'), ('v5e:2x2 ', 'use GEN:SHAPE'),
+@pytest.mark.parametrize(
+  'name,words',
+  [
+    ('v5e:2x2x1', 'has 2 dimensions'),
+    ('v3:2x2', 'use GEN:SHAPE'),
+    ('v5p-127', 'cores per chip'),
+    ('v5e-12', 'power of two'),
+    ('v5e:0x2', 'dimensions of at least 1 chip'),
+    ('v5e-0', '0 chips'),
+    ('', 'use GEN:SHAPE'),
+    ('v5e:2x2 ', 'use GEN:SHAPE'),
     # beyond any real slice: libtpu aborted (std::bad_alloc, a C++ stack)
     ('v5p:1024x1024x1024', 'the largest v5p slice is 16x16x24 .6144 chips.'),
-    ('v5e:32x16', 'the largest v5e slice is 16x16'), ('v5e-512', 'the largest v5e slice'),
+    ('v5e:32x16', 'the largest v5e slice is 16x16'),
+    ('v5e-512', 'the largest v5e slice'),
     ('v4:16x16x32', 'the largest v4 slice is 16x16x16'),
     # off the host layout: libtpu refused it only after loading
-    ('v5e:3x3', 'not laid out in hosts of 2x2 chips'), ('v5p:2x3x4', 'hosts of 2x2x1')])
+    ('v5e:3x3', 'not laid out in hosts of 2x2 chips'),
+    ('v5p:2x3x4', 'hosts of 2x2x1'),
+  ],
+)
 def test_bad_topologies_say_what_to_use(name, words):
   with pytest.raises(aot.PlanError, match=words):
     aot.parse_topology(name)
 
 
-@pytest.mark.parametrize('options,message', [
-    ({'batch': -4}, '--batch=-4 must be an integer >= 1 (the global batch; default: '
-                    'config.batch_size).'),
+@pytest.mark.parametrize(
+  'options,message',
+  [
+    (
+      {'batch': -4},
+      '--batch=-4 must be an integer >= 1 (the global batch; default: config.batch_size).',
+    ),
     ({'batch': 0}, '--batch=0 must be an integer >= 1'),  # it planned batch 64 silently
     ({'batch': 2.5}, '--batch=2.5 must be an integer >= 1'),
     ({'steps': -1}, '--steps=-1 must be an integer >= 0 (timed steps on the local devices'),
     ({'top': -3}, '--top=-3 must be an integer >= 0'),
     ({'batch_multiple': -8, 'search': True}, '--batch_multiple=-8 must be an integer >= 0'),
     ({'batch_multiple': 8}, '--batch_multiple=8 applies to --max_batch only'),
-    ({'topology': 'v5e:2x2', 'steps': 5}, '--steps=5 times steps on the local devices; '
-                                          'v5e:2x2 is only compiled for'),
+    (
+      {'topology': 'v5e:2x2', 'steps': 5},
+      '--steps=5 times steps on the local devices; v5e:2x2 is only compiled for',
+    ),
     ({'topology': 'v5e-3'}, '3 chips: TPU slices have a power of two of chips.'),
     ({'config': {'model.neuron.tau': float('nan')}}, 'model.neuron.tau=nan must be finite.'),
     # The mesh and the batch against the chips the topology implies (they ran
     # after libtpu loaded; num_devices=3 was blamed on --batch).
-    ({'topology': 'v5e:2x2', 'batch': 3}, '--batch=3 must be divisible by the 4 data-parallel '
-                                          'devices; use a multiple of 4.'),
-    ({'topology': 'v5e:2x2', 'config': {'mesh.fsdp': 3}},
-     'mesh.fsdp=3 does not divide the 4 devices; use a divisor of 4'),
-    ({'topology': 'v5e:2x2', 'config': {'mesh.data': 3}}, 'mesh.data=3 x mesh.fsdp=1 must '
-                                                          'equal the 4 devices'),
-    ({'topology': 'v5e:2x2', 'config': {'num_devices': 3}},
-     'num_devices=3 but v5e:2x2 has 4 chips: use num_devices=-1'),
+    (
+      {'topology': 'v5e:2x2', 'batch': 3},
+      '--batch=3 must be divisible by the 4 data-parallel devices; use a multiple of 4.',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'config': {'mesh.fsdp': 3}},
+      'mesh.fsdp=3 does not divide the 4 devices; use a divisor of 4',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'config': {'mesh.data': 3}},
+      'mesh.data=3 x mesh.fsdp=1 must equal the 4 devices',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'config': {'num_devices': 3}},
+      'num_devices=3 but v5e:2x2 has 4 chips: use num_devices=-1',
+    ),
     ({'topology': 'v5e:2x2', 'config': {'num_devices': 8}}, 'num_devices=8 but v5e:2x2 has 4'),
     ({'topology': 'v5p:4x4x4'}, 'config.batch_size=16 must be divisible by the 64'),
     ({'config': {'mesh.data': 3}}, 'mesh.data=3 x mesh.fsdp=1 must equal the 8 devices'),
     # --max_batch: a capacity to search against, and batches it can compile
-    ({'search': True, 'batch_multiple': 8, 'batch': 8},
-     '--max_batch on local: 8 x cpu: its memory capacity is unknown, so every batch would '
-     '"fit"; give --topology=GEN:SHAPE'),
-    ({'topology': 'v5e:2x2', 'search': True, 'batch_multiple': 8, 'batch': 4},
-     '--batch=4 (where --max_batch starts) is not a multiple of 8 (--batch_multiple)'),
-    ({'topology': 'v5e:2x2', 'search': True, 'batch': 6}, '--batch=6 (where --max_batch '
-                                                          'starts) is not a multiple of 4'),
-    ({'topology': 'v5e:2x2', 'search': True, 'batch_multiple': 6},
-     '--batch_multiple=6 must be a multiple of the 4 data-parallel devices'),
-])
+    (
+      {'search': True, 'batch_multiple': 8, 'batch': 8},
+      '--max_batch on local: 8 x cpu: its memory capacity is unknown, so every batch would '
+      '"fit"; give --topology=GEN:SHAPE',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'search': True, 'batch_multiple': 8, 'batch': 4},
+      '--batch=4 (where --max_batch starts) is not a multiple of 8 (--batch_multiple)',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'search': True, 'batch': 6},
+      '--batch=6 (where --max_batch starts) is not a multiple of 4',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'search': True, 'batch_multiple': 6},
+      '--batch_multiple=6 must be a multiple of the 4 data-parallel devices',
+    ),
+  ],
+)
 def test_every_planner_option_is_checked_before_compiling(options, message, monkeypatch):
   """One place (check_options), before libtpu loads or anything compiles."""
   monkeypatch.setattr(aot, 'compile_step', lambda *a: pytest.fail('compiled'))
   monkeypatch.setattr(aot, 'tpu_devices', lambda *a: pytest.fail('loaded libtpu'))
   options = dict(options)
-  config = config_lib.apply_overrides(spikformer_configs.get_config('cifar10-4-384,runlocal'),
-                                      options.pop('config', {}))
+  config = config_lib.apply_overrides(
+    spikformer_configs.get_config('cifar10-4-384,runlocal'), options.pop('config', {})
+  )
   with pytest.raises(ValueError) as e:
     aot.check_options(config, **options)
   assert message in str(e.value) and '\n' not in str(e.value)
@@ -97,13 +142,18 @@ def test_every_planner_option_is_checked_before_compiling(options, message, monk
   elif options.get('search'):  # and max_batch(), before its first compile
     monkeypatch.setattr(aot, 'plan', lambda *a, **k: pytest.fail('planned'))
     with pytest.raises(ValueError, match=re.escape(message)):
-      aot.max_batch(config, options.get('topology', 'local'), options.get('batch'),
-                    options.get('batch_multiple', 0))
+      aot.max_batch(
+        config,
+        options.get('topology', 'local'),
+        options.get('batch'),
+        options.get('batch_multiple', 0),
+      )
 
 
 def test_the_mesh_rule_is_sharding_s_own():
   """The planner's check and make_mesh share one pure rule (no drift)."""
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+
   assert sharding.mesh_shape(-1, 2, -1, 16) == (2, 8)
   assert sharding.mesh_shape(8, -1, 2, 16) == (4, 2)
   c = _tiny(**{'mesh.data': 2, 'mesh.fsdp': -1})
@@ -112,12 +162,16 @@ def test_the_mesh_rule_is_sharding_s_own():
 
 def test_compiler_figures_of_an_out_of_memory_message():
   # libtpu 0.0.42's message (a runlocal model at 16384 images per v5e chip)
-  msg = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
-         'temporaries (29.20G) exceeds available HBM (15.75G).')
+  msg = (
+    'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+    'temporaries (29.20G) exceeds available HBM (15.75G).'
+  )
   sizes = aot._compiler_sizes(msg)  # pylint: disable=protected-access
   assert sizes == {'HLO temporaries': int(29.20 * 2**30), 'available HBM': int(15.75 * 2**30)}
   assert aot._compiler_sizes('Used 16.56G of 15.75G hbm.') == {  # pylint: disable=protected-access
-      'used': int(16.56 * 2**30), 'capacity': int(15.75 * 2**30)}
+    'used': int(16.56 * 2**30),
+    'capacity': int(15.75 * 2**30),
+  }
 
 
 def _tiny(**over):
@@ -132,26 +186,30 @@ def test_local_reports_on_eight_cpu_devices_data_and_fsdp_meshes():
   r = aot.plan(c, 'local', batch=16, top=5)
   assert r['chips'] == 8 and r['mesh'] == {'data': 8, 'fsdp': 1} and r['batch_per_chip'] == 2
   assert r['fits'] and r['hbm_capacity_bytes_per_chip'] is None  # a CPU has no HBM figure
-  assert r['hbm_peak_bytes_per_chip'] == (r['hbm_argument_bytes_per_chip']
-                                          + r['hbm_output_bytes_per_chip']
-                                          - r['hbm_alias_bytes_per_chip']
-                                          + r['hbm_temp_bytes_per_chip'])
+  assert r['hbm_peak_bytes_per_chip'] == (
+    r['hbm_argument_bytes_per_chip']
+    + r['hbm_output_bytes_per_chip']
+    - r['hbm_alias_bytes_per_chip']
+    + r['hbm_temp_bytes_per_chip']
+  )
   # The whole state is donated: every output but the metrics aliases an argument.
   assert r['hbm_alias_bytes_per_chip'] > 0.9 * r['hbm_argument_bytes_per_chip']
   assert r['flops_per_image'] == pytest.approx(r['flops_per_chip_step'] * 8 / 16)
   assert r['hbm_bytes_per_image'] > 0 and r['roofline_images_per_s'] is None
   assert 'measured_step_s' not in r  # CPU: not timed unless asked
   top = r['largest_traffic']  # where the bytes go: largest first, with their source
-  assert len(top) == 5 and [t['bytes'] for t in top] == sorted((t['bytes'] for t in top),
-                                                               reverse=True)
+  assert len(top) == 5 and [t['bytes'] for t in top] == sorted(
+    (t['bytes'] for t in top), reverse=True
+  )
   assert top[0]['bytes'] > 0 and any('jit(train_step)' in t['source'] for t in top)
   text = aot.format_report(r)
   assert 'HBM per chip: peak' in text and 'FLOPs per image' in text
   assert 'largest HBM consumers' in text
 
   # FSDP shards the state: fewer argument bytes per chip; timed on request.
-  f = aot.plan(_tiny(**{'mesh.data': 2, 'mesh.fsdp': 4, 'mesh.fsdp_min_size': 256}), 'local',
-               batch=16, steps=1)
+  f = aot.plan(
+    _tiny(**{'mesh.data': 2, 'mesh.fsdp': 4, 'mesh.fsdp_min_size': 256}), 'local', batch=16, steps=1
+  )
   assert f['mesh'] == {'data': 2, 'fsdp': 4}
   assert f['hbm_argument_bytes_per_chip'] < r['hbm_argument_bytes_per_chip']
   assert f['measured_step_s'] > 0 and f['measured_loss'] == pytest.approx(f['measured_loss'])
@@ -164,8 +222,13 @@ def test_max_batch_is_the_largest_that_fits(monkeypatch):
   def fake_plan(config, topology, batch, steps=None, log=None):
     del config, topology, steps, log
     calls.append(batch)
-    return {'fits': batch <= 40, 'global_batch': batch, 'hbm_peak_bytes_per_chip': batch,
-            'compile_s': 0.0}
+    return {
+      'fits': batch <= 40,
+      'global_batch': batch,
+      'hbm_peak_bytes_per_chip': batch,
+      'compile_s': 0.0,
+    }
+
   monkeypatch.setattr(aot, 'plan', fake_plan)
   monkeypatch.setattr(aot, 'local_chip', lambda: (None, aot.CHIPS['h100'], 'local'))
   c = _tiny()
@@ -188,20 +251,39 @@ def test_auto_weight_grad_follows_the_target_not_this_machine():
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, '-m', 'spikeformer_jax.aot', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, check=False)
+  return subprocess.run(
+    [sys.executable, '-m', 'spikeformer_jax.aot', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
 
 
 def test_cli_without_libtpu_says_how_to_install(tmp_path):
   # A site directory that hides libtpu (whether or not it is installed).
   (tmp_path / 'sitecustomize.py').write_text(
-      'import importlib.util, sys\n'
-      '_find = importlib.util.find_spec\n'
-      'importlib.util.find_spec = lambda n, *a: None if n == "libtpu" else _find(n, *a)\n')
+    'import importlib.util, sys\n'
+    '_find = importlib.util.find_spec\n'
+    'importlib.util.find_spec = lambda n, *a: None if n == "libtpu" else _find(n, *a)\n'
+  )
   env = dict(__import__('os').environ, PYTHONPATH=str(tmp_path))
-  p = subprocess.run([sys.executable, '-m', 'spikeformer_jax.aot', '--topology=v5e:2x2',
-                      '--config=configs/spikformer.py:cifar10-4-384,runlocal'], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300, check=False, env=env)
+  p = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'spikeformer_jax.aot',
+      '--topology=v5e:2x2',
+      '--config=configs/spikformer.py:cifar10-4-384,runlocal',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    env=env,
+  )
   assert p.returncode == 1, p.stderr
   last = p.stderr.strip().splitlines()[-1]
   assert last.startswith('error: compiling for v5e:2x2 needs libtpu') and '[tpu]' in last
@@ -213,17 +295,29 @@ def test_cli_compiles_for_a_tpu_topology_with_overrides():
   """The real thing, small: an SDT runlocal model on a data x fsdp mesh, in
   bfloat16 with the python loop, compiled for a v5e 2x2 slice from this CPU
   machine; one JSON object."""
-  p = _cli('--config=configs/sdt.py:cifar10-2-256,runlocal', '--topology=v5e:2x2',
-           '--batch=32', '--config.mesh.data=2', '--config.mesh.fsdp=2',
-           '--config.model.neuron.loop=python', '--config.model.dtype=bfloat16', '--json')
+  p = _cli(
+    '--config=configs/sdt.py:cifar10-2-256,runlocal',
+    '--topology=v5e:2x2',
+    '--batch=32',
+    '--config.mesh.data=2',
+    '--config.mesh.fsdp=2',
+    '--config.model.neuron.loop=python',
+    '--config.model.dtype=bfloat16',
+    '--json',
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   r = json.loads(p.stdout.strip().splitlines()[-1])
   assert r['target'] == 'v5e:2x2' and r['chips'] == 4 and r['device_kind'] == 'TPU v5 lite'
   assert r['mesh'] == {'data': 2, 'fsdp': 2} and r['loop'] == 'python'
   assert r['dtype'] == 'bfloat16' and r['fits']
   assert r['hbm_capacity_bytes_per_chip'] == 16 * 2**30
-  for key in ('hbm_peak_bytes_per_chip', 'flops_per_image', 'hbm_bytes_per_image',
-              'roofline_images_per_s', 'compile_s'):
+  for key in (
+    'hbm_peak_bytes_per_chip',
+    'flops_per_image',
+    'hbm_bytes_per_image',
+    'roofline_images_per_s',
+    'compile_s',
+  ):
     assert r[key] > 0, key
   assert r['roofline_bound'] in ('memory', 'compute')
 
@@ -232,8 +326,12 @@ def test_cli_compiles_for_a_tpu_topology_with_overrides():
 def test_a_step_that_does_not_fit_is_reported_not_raised():
   """16384 images per v5e chip: the compiler refuses; the planner reports it
   with the compiler's figures and exits 3."""
-  p = _cli('--config=configs/spikformer.py:cifar10-4-384,runlocal', '--topology=v5e:2x2',
-           '--batch=65536', '--json')
+  p = _cli(
+    '--config=configs/spikformer.py:cifar10-4-384,runlocal',
+    '--topology=v5e:2x2',
+    '--batch=65536',
+    '--json',
+  )
   assert p.returncode == 3, p.stderr[-3000:]
   r = json.loads(p.stdout.strip().splitlines()[-1])
   assert r['fits'] is False and r['error'].startswith('RESOURCE_EXHAUSTED')
@@ -245,8 +343,8 @@ def test_cli_bad_option_is_one_line_before_compiling():
   p = _cli('--config=configs/spikformer.py:cifar10-4-384,runlocal', '--batch=-4')
   assert (p.returncode, p.stdout) == (1, '')
   assert p.stderr.strip().splitlines()[-1] == (
-      'error: --batch=-4 must be an integer >= 1 (the global batch; default: '
-      'config.batch_size).')
+    'error: --batch=-4 must be an integer >= 1 (the global batch; default: config.batch_size).'
+  )
   assert 'Traceback' not in p.stderr and 'compiling' not in p.stderr
 
 
@@ -254,10 +352,22 @@ def test_cli_bad_option_is_one_line_before_compiling():
 def test_sigterm_stops_a_tpu_compile_at_once_with_one_line():
   """A compile runs in C++ for minutes and libtpu takes SIGTERM (its handler
   dumps a stack): the planner exits 143 at once, with one line."""
-  p = subprocess.Popen([sys.executable, '-m', 'spikeformer_jax.aot', '--jax_log_compiles',
-                        '--config=configs/spikformer.py:cifar10-4-384', '--topology=v5e:2x2',
-                        '--batch=64'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=''))
+  p = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'spikeformer_jax.aot',
+      '--jax_log_compiles',
+      '--config=configs/spikformer.py:cifar10-4-384',
+      '--topology=v5e:2x2',
+      '--batch=64',
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=''),
+  )
   try:
     before = []
     for line in p.stderr:  # JAX's log: lowered, next is XLA's compile (minutes here)
@@ -279,4 +389,3 @@ def test_cli_bad_flag_is_one_line():
   p = _cli('--config=configs/spikformer.py:cifar10-4-384,runlocal', '--config.model.TT=3')
   assert p.returncode == 2
   assert p.stderr.strip().splitlines()[-1].startswith('error: --config.model.TT')
-

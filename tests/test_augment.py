@@ -66,11 +66,12 @@ def test_random_resized_crop_is_a_crop_in_bounds():
   img = np.stack([yy * 7, xx * 7, np.zeros_like(yy)], -1).astype(np.uint8)
   offsets = set()
   for seed in range(20):
-    out = A.random_resized_crop(img, _rng(seed), 16, scale=(0.25, 0.25), ratio=(1, 1),
-                                interpolation='nearest')
+    out = A.random_resized_crop(
+      img, _rng(seed), 16, scale=(0.25, 0.25), ratio=(1, 1), interpolation='nearest'
+    )
     i, j = out[0, 0, 0] // 7, out[0, 0, 1] // 7
     assert 0 <= i <= 16 and 0 <= j <= 16
-    np.testing.assert_array_equal(out, img[i:i + 16, j:j + 16])
+    np.testing.assert_array_equal(out, img[i : i + 16, j : j + 16])
     offsets.add((int(i), int(j)))
   assert len(offsets) > 5  # uniform offsets, not always the same
 
@@ -190,8 +191,10 @@ def test_rand_augment_apply_shapes_determinism(c):
 
 def test_rand_augment_magnitude_zero_geometric_identity():
   hp = dict(img_mean=(0, 0, 0), interpolation=BICUBIC)
-  ops = [A.AugmentOp(n, prob=1.0, magnitude=0, hparams=hp)
-         for n in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')]
+  ops = [
+    A.AugmentOp(n, prob=1.0, magnitude=0, hparams=hp)
+    for n in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+  ]
   ra = A.RandAugment(ops, num_layers=3)
   img = _img(10, 16, 16)
   for s in range(5):
@@ -205,27 +208,36 @@ def test_ops_colour_against_pil():
   img = _img(11, 16, 16)
   pil = Image.fromarray(img)
   np.testing.assert_array_equal(_apply(_op('Equalize', 9), img), np.asarray(ImageOps.equalize(pil)))
-  np.testing.assert_array_equal(_apply(_op('AutoContrast', 9), img),
-                                np.asarray(ImageOps.autocontrast(pil)))
+  np.testing.assert_array_equal(
+    _apply(_op('AutoContrast', 9), img), np.asarray(ImageOps.autocontrast(pil))
+  )
   np.testing.assert_array_equal(_apply(_op('Invert', 9), img), 255 - img)
   # SolarizeIncreasing: threshold 256 - 256 * m / 10.
   np.testing.assert_array_equal(_apply(_op('SolarizeIncreasing', 10), img), 255 - img)
   np.testing.assert_array_equal(_apply(_op('SolarizeIncreasing', 0), img), img)
-  np.testing.assert_array_equal(_apply(_op('Solarize', 5), img),
-                                np.where(img >= 128, 255 - img, img))
+  np.testing.assert_array_equal(
+    _apply(_op('Solarize', 5), img), np.where(img >= 128, 255 - img, img)
+  )
   # SolarizeAdd: +int(110 * m / 10) below 128.
-  np.testing.assert_array_equal(_apply(_op('SolarizeAdd', 10), img),
-                                np.where(img < 128, np.minimum(255, img.astype(int) + 110), img))
+  np.testing.assert_array_equal(
+    _apply(_op('SolarizeAdd', 10), img),
+    np.where(img < 128, np.minimum(255, img.astype(int) + 110), img),
+  )
   # PosterizeIncreasing keeps 4 - int(4 * m / 10) bits: 4 at m0, 0 (black) at m10.
   np.testing.assert_array_equal(_apply(_op('PosterizeIncreasing', 0), img), img & 0xF0)
   np.testing.assert_array_equal(_apply(_op('PosterizeIncreasing', 10), img), np.zeros_like(img))
   np.testing.assert_array_equal(_apply(_op('PosterizeIncreasing', 9), img), img & 0x80)
 
 
-@pytest.mark.parametrize('name,enh', [('ColorIncreasing', ImageEnhance.Color),
-                                      ('ContrastIncreasing', ImageEnhance.Contrast),
-                                      ('BrightnessIncreasing', ImageEnhance.Brightness),
-                                      ('SharpnessIncreasing', ImageEnhance.Sharpness)])
+@pytest.mark.parametrize(
+  'name,enh',
+  [
+    ('ColorIncreasing', ImageEnhance.Color),
+    ('ContrastIncreasing', ImageEnhance.Contrast),
+    ('BrightnessIncreasing', ImageEnhance.Brightness),
+    ('SharpnessIncreasing', ImageEnhance.Sharpness),
+  ],
+)
 def test_ops_enhance_increasing(name, enh):
   img = _img(12, 16, 16)
   pil = Image.fromarray(img)
@@ -246,11 +258,13 @@ def test_op_rotate():
   pil = Image.fromarray(img)
   # the helper turns counter-clockwise like PIL: 90 deg == np.rot90
   np.testing.assert_array_equal(
-      A._from_pil(A.rotate(pil, 90, fillcolor=(0, 0, 0), resample=BICUBIC)), np.rot90(img))
+    A._from_pil(A.rotate(pil, 90, fillcolor=(0, 0, 0), resample=BICUBIC)), np.rot90(img)
+  )
   # level: m / 10 * 30 deg, random sign; clipped at m = 10 unless mmax.
-  for m, deg in ((10, 30.), (5, 15.), (20, 30.)):
-    expect = {s: np.asarray(pil.rotate(s * deg, resample=BICUBIC, fillcolor=(10, 20, 30)))
-              for s in (1, -1)}
+  for m, deg in ((10, 30.0), (5, 15.0), (20, 30.0)):
+    expect = {
+      s: np.asarray(pil.rotate(s * deg, resample=BICUBIC, fillcolor=(10, 20, 30))) for s in (1, -1)
+    }
     signs = set()
     for seed in range(6):
       out = _apply(_op('Rotate', m), img, seed)
@@ -260,9 +274,10 @@ def test_op_rotate():
       np.testing.assert_array_equal(out[0, 0], (10, 20, 30))  # corner is fill
     assert signs == {1, -1}
   out = _apply(_op('Rotate', 20, magnitude_max=20), img)
-  assert any(np.array_equal(out, np.asarray(pil.rotate(s * 60., resample=BICUBIC,
-                                                       fillcolor=(10, 20, 30))))
-             for s in (1, -1))
+  assert any(
+    np.array_equal(out, np.asarray(pil.rotate(s * 60.0, resample=BICUBIC, fillcolor=(10, 20, 30))))
+    for s in (1, -1)
+  )
 
 
 def test_op_shear_x():
@@ -276,8 +291,9 @@ def test_op_shear_x():
       expect = img[y, xs] if xs < 12 else (1, 2, 3)
       np.testing.assert_array_equal(out[y, x], expect)
   # level: factor m / 10 * 0.3 with a random sign.
-  both = [np.asarray(A.shear_x(pil, f, fillcolor=(10, 20, 30), resample=BICUBIC))
-          for f in (0.27, -0.27)]
+  both = [
+    np.asarray(A.shear_x(pil, f, fillcolor=(10, 20, 30), resample=BICUBIC)) for f in (0.27, -0.27)
+  ]
   outs = [_apply(_op('ShearX', 9), img, s) for s in range(6)]
   assert all(any(np.array_equal(o, e) for e in both) for o in outs)
   assert not np.array_equal(both[0], img)
@@ -291,14 +307,14 @@ def test_op_translate_rel(m):
   px = int(round(0.45 * 20 * m / 10))
   for seed in range(4):
     out = _apply(_op('TranslateXRel', m), img, seed)
-    left = np.array_equal(out[:, :20 - px], img[:, px:])   # (1, 0, +px): content moves left
-    right = np.array_equal(out[:, px:], img[:, :20 - px])
+    left = np.array_equal(out[:, : 20 - px], img[:, px:])  # (1, 0, +px): content moves left
+    right = np.array_equal(out[:, px:], img[:, : 20 - px])
     assert left or right
     if px:
-      assert np.all((out[:, 20 - px:] if left else out[:, :px]) == fill)
+      assert np.all((out[:, 20 - px :] if left else out[:, :px]) == fill)
     out = _apply(_op('TranslateYRel', m), img, seed)
-    up = np.array_equal(out[:20 - px], img[px:])
-    down = np.array_equal(out[px:], img[:20 - px])
+    up = np.array_equal(out[: 20 - px], img[px:])
+    down = np.array_equal(out[px:], img[: 20 - px])
     assert up or down
 
 
@@ -309,8 +325,12 @@ def test_ops_grayscale_fill():
 
 
 def test_magnitude_noise_is_seeded_and_clipped():
-  op = A.AugmentOp('Rotate', prob=1.0, magnitude=9,
-                   hparams=dict(img_mean=(0, 0, 0), interpolation=BICUBIC, magnitude_std=0.5))
+  op = A.AugmentOp(
+    'Rotate',
+    prob=1.0,
+    magnitude=9,
+    hparams=dict(img_mean=(0, 0, 0), interpolation=BICUBIC, magnitude_std=0.5),
+  )
   img = _img(17, 17, 17)
   a, b = _apply(op, img, 3), _apply(op, img, 3)
   np.testing.assert_array_equal(a, b)
@@ -492,6 +512,6 @@ def test_cutout_centre_and_clip_exact():
     r = _rng(seed)
     y, x = int(r.integers(20)), int(r.integers(20))
     expect = np.ones((20, 20), np.float32)
-    expect[max(y - 8, 0):min(y + 8, 20), max(x - 8, 0):min(x + 8, 20)] = 0
+    expect[max(y - 8, 0) : min(y + 8, 20), max(x - 8, 0) : min(x + 8, 20)] = 0
     out = A.cutout(fr, _rng(seed), length=16)
     np.testing.assert_array_equal(out, fr * expect[:, :, None])

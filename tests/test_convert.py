@@ -13,12 +13,13 @@ def _fixture_state(shared_dir, name='spikformer_imagenet.npz'):
   if not path.exists():
     pytest.skip(f'{name} absent')
   d = np.load(path)
-  return {k[len('state/'):]: d[k] for k in d.files if k.startswith('state/')}
+  return {k[len('state/') :]: d[k] for k in d.files if k.startswith('state/')}
 
 
 def _imagenet_fixture_model(dead=True, num_classes=10):
-  mc = spikformer.model_config('imagenet', embed_dim=64, depth=1, num_heads=4, T=4,
-                               num_classes=num_classes, img_size=64)
+  mc = spikformer.model_config(
+    'imagenet', embed_dim=64, depth=1, num_heads=4, T=4, num_classes=num_classes, img_size=64
+  )
   mc.dead_modules = dead
   return models.build_model(mc)
 
@@ -28,20 +29,26 @@ def test_round_trip_layouts(shared_dir):
   model = _imagenet_fixture_model()
   entries = convert.load_state_dict(model, state)
   from flax import nnx
-  flat = {p: v.get_value() for p, v in nnx.to_flat_state(
-      nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+
+  flat = {
+    p: v.get_value()
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+  }
   back = convert.to_torch_layout(entries, flat)
   assert set(back) == set(state)
   for k, v in state.items():  # the model holds float32: compare at float32
-    np.testing.assert_array_equal(np.asarray(back[k]), v.astype(np.asarray(back[k]).dtype),
-                                  err_msg=k)
+    np.testing.assert_array_equal(
+      np.asarray(back[k]), v.astype(np.asarray(back[k]).dtype), err_msg=k
+    )
   # Conv2d OIHW -> HWIO, kernel-1 Conv1d -> Linear [in, out]:
   w = state['patch_embed.proj_conv1.weight']
-  np.testing.assert_array_equal(model.patch_embed.proj_conv1.kernel[...],
-                                w.transpose(2, 3, 1, 0).astype(np.float32))
+  np.testing.assert_array_equal(
+    model.patch_embed.proj_conv1.kernel[...], w.transpose(2, 3, 1, 0).astype(np.float32)
+  )
   q = state['block.0.attn.q_conv.weight']
-  np.testing.assert_array_equal(model.block[0].attn.q_linear.kernel[...],
-                                q[:, :, 0].T.astype(np.float32))
+  np.testing.assert_array_equal(
+    model.block[0].attn.q_linear.kernel[...], q[:, :, 0].T.astype(np.float32)
+  )
 
 
 def test_wrong_configuration_is_one_clear_error(shared_dir):
@@ -56,8 +63,10 @@ def test_wrong_configuration_is_one_clear_error(shared_dir):
 def test_pth_file(shared_dir, tmp_path):
   torch = pytest.importorskip('torch', reason='torch (optional) not installed')
   state = _fixture_state(shared_dir)
-  ckpt = {'epoch': 3, 'state_dict': {'module.' + k: torch.from_numpy(np.array(v))
-                                     for k, v in state.items()}}
+  ckpt = {
+    'epoch': 3,
+    'state_dict': {'module.' + k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+  }
   path = tmp_path / 'model_best.pth.tar'
   torch.save(ckpt, path)
   loaded = convert.load_torch_file(str(path))
@@ -84,6 +93,7 @@ def test_an_array_of_another_layout_or_unusable_values_is_named(shared_dir):
   bad['block.0.mlp.fc2_bn.num_batches_tracked'] = np.float64(3.0)
   model = _imagenet_fixture_model()
   from flax import nnx  # pylint: disable=import-outside-toplevel
+
   before = nnx.state(model)
   with pytest.raises(ValueError) as e:
     convert.load_state_dict(model, bad)
@@ -94,8 +104,9 @@ def test_an_array_of_another_layout_or_unusable_values_is_named(shared_dir):
   assert 'block.0.mlp.fc1_bn.weight holds int64, not floats' in msg, msg
   assert 'block.0.mlp.fc2_bn.bias has 64 of 64 values NaN or infinite (as float32)' in msg, msg
   assert 'block.0.mlp.fc2_bn.num_batches_tracked holds float64, not integers' in msg, msg
-  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=True),
-                                   before, nnx.state(model)))  # nothing copied
+  assert jax.tree.all(
+    jax.tree.map(lambda a, b: np.array_equal(a, b, equal_nan=True), before, nnx.state(model))
+  )  # nothing copied
   convert.load_state_dict(model, state)  # the official layout loads
 
 
@@ -104,7 +115,8 @@ def test_only_kernels_change_layout():
   it is; a 3-d kernel is a Conv1d's (OIK -> KIO)."""
   x = np.arange(16.0).reshape(1, 4, 4)
   np.testing.assert_array_equal(
-      convert.Entry(('pos_embed',), 'pos_embed', (1, 4, 4), (1, 4, 4)).to_ours(x), x)
+    convert.Entry(('pos_embed',), 'pos_embed', (1, 4, 4), (1, 4, 4)).to_ours(x), x
+  )
   e = convert.Entry(('p_conv', 'kernel'), 'p_conv.weight', (3, 2, 4), (4, 2, 3))
   w = np.arange(24.0).reshape(4, 2, 3)
   np.testing.assert_array_equal(e.to_ours(w), w.transpose(2, 1, 0))

@@ -22,8 +22,12 @@ def _cifar_data(**augment):
   return d
 
 
-FULL_CIFAR = dict(hflip=0.5, rand_augment='rand-m9-n1-mstd0.4-inc1',
-                  rand_augment_ops='spikformer_cifar', reprob=0.25)
+FULL_CIFAR = dict(
+  hflip=0.5,
+  rand_augment='rand-m9-n1-mstd0.4-inc1',
+  rand_augment_ops='spikformer_cifar',
+  reprob=0.25,
+)
 
 
 def test_mock_tfds_cifar_through_the_real_data_source_path():
@@ -41,18 +45,28 @@ def test_mock_tfds_cifar_through_the_real_data_source_path():
 
 def test_mock_imagenet_variable_sizes_are_cropped_train_and_eval():
   d = config_lib.image_data('imagenet2012', 1000, 64)
-  d.augment.update(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
-                   rand_augment='rand-m9-mstd0.5-inc1', reprob=0.25, remode='pixel',
-                   eval_crop_pct=0.875)
+  d.augment.update(
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    hflip=0.5,
+    rand_augment='rand-m9-mstd0.5-inc1',
+    reprob=0.25,
+    remode='pixel',
+    eval_crop_pct=0.875,
+  )
   with tfds.testing.mock_data(num_examples=6):
     train = data_lib.get_source(d, 'train')
     test = data_lib.get_source(d, 'test')  # imagenet2012's 'validation'
     shapes = {train[[i]]['image'][0].shape for i in range(6)}
     assert len(shapes) > 1  # the mock's decoded images vary in size
-    b = data_lib.Loader(train, global_batch=3, transform=data_lib.make_transform(
-        d, train, train=True)).batch(0)
-    e = next(data_lib.eval_batches(test, global_batch=4, transform=data_lib.make_transform(
-        d, test, train=False)))
+    b = data_lib.Loader(
+      train, global_batch=3, transform=data_lib.make_transform(d, train, train=True)
+    ).batch(0)
+    e = next(
+      data_lib.eval_batches(
+        test, global_batch=4, transform=data_lib.make_transform(d, test, train=False)
+      )
+    )
   assert b['image'].shape == (3, 64, 64, 3) and e['image'].shape == (4, 64, 64, 3)
 
 
@@ -69,8 +83,13 @@ def test_missing_tfds_dataset_names_the_prepare_command(tmp_path):
 
 def _array_source(n=20):
   rng = np.random.default_rng(0)
-  return sources.ArraySource(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
-                             np.arange(n) % 10, 10, mean=(0.5,) * 3, std=(0.25,) * 3)
+  return sources.ArraySource(
+    rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
+    np.arange(n) % 10,
+    10,
+    mean=(0.5,) * 3,
+    std=(0.25,) * 3,
+  )
 
 
 def test_two_processes_cover_each_epoch_exactly_once_with_their_augmented_rows():
@@ -79,8 +98,10 @@ def test_two_processes_cover_each_epoch_exactly_once_with_their_augmented_rows()
   d.augment.update(**FULL_CIFAR)
   tf = data_lib.make_transform(d, src, train=True)
   one = data_lib.Loader(src, global_batch=8, seed=3, transform=tf)
-  two = [data_lib.Loader(src, global_batch=8, seed=3, transform=tf, process_index=p,
-                         process_count=2) for p in range(2)]
+  two = [
+    data_lib.Loader(src, global_batch=8, seed=3, transform=tf, process_index=p, process_count=2)
+    for p in range(2)
+  ]
   for epoch in range(2):
     seen = []
     for s in range(epoch * 3, epoch * 3 + 3):
@@ -89,8 +110,15 @@ def test_two_processes_cover_each_epoch_exactly_once_with_their_augmented_rows()
       np.testing.assert_array_equal(np.concatenate([p['image'] for p in parts]), whole['image'])
       seen.extend(one.indices(s)[:8])
     assert sorted(seen) == list(range(24))  # every example once per epoch
-  eval_rows = [np.concatenate([b['label'][b['mask']] for b in data_lib.eval_batches(
-      src, global_batch=8, process_index=p, process_count=2)]) for p in range(2)]
+  eval_rows = [
+    np.concatenate(
+      [
+        b['label'][b['mask']]
+        for b in data_lib.eval_batches(src, global_batch=8, process_index=p, process_count=2)
+      ]
+    )
+    for p in range(2)
+  ]
   assert sorted(np.concatenate(eval_rows).tolist()) == sorted(src.labels.tolist())
 
 
@@ -98,8 +126,9 @@ def test_augmented_batches_are_deterministic_and_vary_by_step():
   src = _array_source()
   d = config_lib.data_config('npz', 10, (16, 16, 3))
   d.augment.update(**FULL_CIFAR)
-  loader = data_lib.Loader(src, global_batch=4, seed=5,
-                           transform=data_lib.make_transform(d, src, train=True))
+  loader = data_lib.Loader(
+    src, global_batch=4, seed=5, transform=data_lib.make_transform(d, src, train=True)
+  )
   plain = data_lib.Loader(src, global_batch=4, seed=5)
   a, b = loader.batch(7), loader.batch(7)
   np.testing.assert_array_equal(a['image'], b['image'])
@@ -140,8 +169,13 @@ def main(argv):
   print('ok')
 from absl import app; app.run(main)
 '''
-  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-3000:]
 
 
@@ -175,6 +209,7 @@ def test_event_builder_integrates_once_and_reads_back_exactly(tmp_path, name):
   """A fake download in the native format -> our tfds builder -> ArrayRecord
   in a temporary directory -> get_source: SpikingJelly's frames, every sample."""
   from spikeformer_jax.data import builders, events  # pylint: disable=import-outside-toplevel
+
   dl = tmp_path / 'downloads'
   if name == 'nmnist':
     event_fixtures.write_nmnist_tree(str(dl), per_class=2, zipped=True)
@@ -209,23 +244,47 @@ def test_event_builder_integrates_once_and_reads_back_exactly(tmp_path, name):
 def test_prepare_cli(tmp_path):
   """Event data prepares without TensorFlow; the catalog datasets say what they need."""
   event_fixtures.write_nmnist_tree(str(tmp_path / 'dl'), per_class=1)
-  run = lambda *a: subprocess.run([sys.executable, str(ROOT / 'prepare.py'), *a],  # noqa: E731
-                                  capture_output=True, text=True, timeout=300, cwd=ROOT)
-  out = run('--dataset=nmnist', '--frames=2', f'--data_dir={tmp_path / "tfds"}',
-            f'--manual_dir={tmp_path / "dl"}')
+  run = lambda *a: subprocess.run(
+    [sys.executable, str(ROOT / 'prepare.py'), *a],  # noqa: E731
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  out = run(
+    '--dataset=nmnist',
+    '--frames=2',
+    f'--data_dir={tmp_path / "tfds"}',
+    f'--manual_dir={tmp_path / "dl"}',
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'prepared nmnist (' in out.stdout and 'train 10' in out.stdout
   # The shipped N-MNIST config trains on what prepare.py wrote (shrunk to T=2).
   from spikeformer_jax.configs import spikformer  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
-  c = config_lib.apply_overrides(spikformer.get_config('nmnist-1-128'), {
-      'data.data_dir': str(tmp_path / 'tfds'), 'model.T': 2, 'data.shape': (2, 32, 32, 2),
-      'model.embed_dim': 32, 'model.num_heads': 2, 'batch_size': 8, 'eval_batch_size': 8,
-      'total_steps': 2, 'log_every_steps': 1, 'num_devices': 1})
+
+  c = config_lib.apply_overrides(
+    spikformer.get_config('nmnist-1-128'),
+    {
+      'data.data_dir': str(tmp_path / 'tfds'),
+      'model.T': 2,
+      'data.shape': (2, 32, 32, 2),
+      'model.embed_dim': 32,
+      'model.num_heads': 2,
+      'batch_size': 8,
+      'eval_batch_size': 8,
+      'total_steps': 2,
+      'log_every_steps': 1,
+      'num_devices': 1,
+    },
+  )
   final = train_lib.train_and_evaluate(c, str(tmp_path / 'run'))
   assert final['test_examples'] == 10 and final['steps'] == 2
-  out = run('--dataset=dvs128_gesture', f'--data_dir={tmp_path / "tfds"}',
-            f'--manual_dir={tmp_path / "nothing"}')
+  out = run(
+    '--dataset=dvs128_gesture',
+    f'--data_dir={tmp_path / "tfds"}',
+    f'--manual_dir={tmp_path / "nothing"}',
+  )
   assert out.returncode == 1 and 'DvsGesture.tar.gz' in out.stderr
   try:
     import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
@@ -240,8 +299,9 @@ def test_synthetic_events_are_learnable_frames():
   assert a.images.shape == (8, 4, 32, 32, 2) and a.mean is None
   np.testing.assert_array_equal(a.images, b.images)
   assert (a.images >= 0).all() and (a.images == np.round(a.images)).all() and a.images.sum() > 0
-  img = sources.synthetic_events('test', shape=(4, 32, 32, 2), num_classes=10, num_examples=4,
-                                 kind='image')
+  img = sources.synthetic_events(
+    'test', shape=(4, 32, 32, 2), num_classes=10, num_examples=4, kind='image'
+  )
   assert not np.array_equal(img.images, a.images[:4])
   with pytest.raises(ValueError, match='11 classes'):
     sources.synthetic_events('train', shape=(4, 32, 32, 2), num_classes=12, num_examples=2)

@@ -52,7 +52,7 @@ def shell_blocks(page: pathlib.Path):
     j = i + 1
     while j < len(lines) and not lines[j].strip().startswith(fence):
       j += 1
-    body = [ln[len(indent):] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1:j]]
+    body = [ln[len(indent) :] if ln.startswith(indent) else ln.lstrip() for ln in lines[i + 1 : j]]
     mark = arg = None
     if i > 0 and lines[i - 1].strip().endswith('-->'):
       k = i - 1  # the comment may span lines; it must end just before the fence
@@ -126,25 +126,31 @@ def test_every_block_follows_the_convention():
 
 def test_convention_parser(tmp_path):
   """The parser sees marks, flags and programs (a check on the check)."""
-  text = ('x\n<!-- runlocal: python train.py --a=1 --b=2 -->\n```bash\n'
-          'python train.py --a=3 \\\n  --b=4  # note\n```\n\n<!-- not run here: -->\n'
-          '```sh\npip install x\n```\n```console\n$ python eval.py --c=1\nout\n```\n')
+  text = (
+    'x\n<!-- runlocal: python train.py --a=1 --b=2 -->\n```bash\n'
+    'python train.py --a=3 \\\n  --b=4  # note\n```\n\n<!-- not run here: -->\n'
+    '```sh\npip install x\n```\n```console\n$ python eval.py --c=1\nout\n```\n'
+  )
   p = tmp_path / 'p.md'
   p.write_text(text)
   blocks = shell_blocks(p)
   assert [(b[1], b[3], b[4]) for b in blocks] == [
-      ('bash', 'runlocal', 'python train.py --a=1 --b=2'), ('sh', 'not run here', ''),
-      ('console', None, None)]
+    ('bash', 'runlocal', 'python train.py --a=1 --b=2'),
+    ('sh', 'not run here', ''),
+    ('console', None, None),
+  ]
   assert commands('bash', blocks[0][2]) == [['python', 'train.py', '--a=3', '--b=4']]
   assert commands('console', blocks[2][2]) == [['python', 'eval.py', '--c=1']]
   assert flags(['python', 'eval.py', '[--split=test]', '--x']) == {'--split', '--x'}
   assert program(['python', '-m', 'spikeformer_jax.fidelity', 'a.npz']) == (
-      'python -m spikeformer_jax.fidelity')
+    'python -m spikeformer_jax.fidelity'
+  )
 
 
 def _load_generator():
-  spec = importlib.util.spec_from_file_location('gen_config_reference',
-                                                ROOT / 'docs' / 'gen_config_reference.py')
+  spec = importlib.util.spec_from_file_location(
+    'gen_config_reference', ROOT / 'docs' / 'gen_config_reference.py'
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -154,7 +160,8 @@ def test_config_reference_is_current():
   gen = _load_generator()
   page = ROOT / 'docs' / 'config_reference.md'
   assert page.read_text() == gen.generate(), (
-      f'docs/config_reference.md is stale: run `{gen.COMMAND}`')
+    f'docs/config_reference.md is stale: run `{gen.COMMAND}`'
+  )
 
 
 def test_config_reference_lists_every_field():
@@ -162,6 +169,7 @@ def test_config_reference_lists_every_field():
   registered attention kind is named there (the page cannot fall behind)."""
   from spikeformer_jax import attention  # pylint: disable=g-import-not-at-top
   from spikeformer_jax.configs import msvit, sdt, spikformer  # pylint: disable=g-import-not-at-top
+
   text = (ROOT / 'docs' / 'config_reference.md').read_text()
   listed = set(re.findall(r'^\| `([\w.]+)(?:\.\*)?`', text, re.M))
 
@@ -183,9 +191,14 @@ def test_config_reference_lists_every_field():
 def test_mkdocs_build_strict(tmp_path):
   pytest.importorskip('mkdocs', reason='mkdocs comes with the [docs] extra')
   pytest.importorskip('material', reason='mkdocs-material comes with the [docs] extra')
-  r = subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--strict', '--site-dir',
-                      str(tmp_path / 'site')], cwd=ROOT, capture_output=True, text=True,
-                     timeout=300, check=False)
+  r = subprocess.run(
+    [sys.executable, '-m', 'mkdocs', 'build', '--strict', '--site-dir', str(tmp_path / 'site')],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -212,10 +225,20 @@ def test_page_commands_run(page, tmp_path):
   if script is None:
     pytest.skip('no command to run on this page')
   script = script.replace('/tmp/', f'{tmp_path}/')
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]))
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get('PYTHONPATH')])]),
+  )
   env.pop('JAX_NUM_CPU_DEVICES', None)  # one CPU device, as on a reader's machine
-  r = subprocess.run(['bash', '-e', '-o', 'pipefail', '-c', script], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=900, check=False)
-  assert r.returncode == 0, (f'a command of {page.relative_to(ROOT)} failed:\n'
-                             f'{r.stdout[-4000:]}\n{r.stderr[-4000:]}')
+  r = subprocess.run(
+    ['bash', '-e', '-o', 'pipefail', '-c', script],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
+  assert r.returncode == 0, (
+    f'a command of {page.relative_to(ROOT)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}'
+  )

@@ -28,7 +28,7 @@ from spikeformer_jax import analysis, models
 from spikeformer_jax.models import msvit, sdt, spikformer
 
 E_MAC, E_AC = 4.6e-9, 0.9e-9  # mJ per operation (Horowitz 2014, 45 nm)
-T, B = 2, 2                     # timesteps, examples
+T, B = 2, 2  # timesteps, examples
 GAIN = 4.0
 
 
@@ -105,8 +105,9 @@ def _check(rep, layers, products, *, integer_inputs):
   assert t['sops'] == pytest.approx(sops, rel=1e-12)
   assert t['energy_mj'] == pytest.approx(energy, rel=1e-12)
   # Every neuron fires, none always: no term of the formula vanishes.
-  assert all(0 < v['rate'] < 1 for v in rep['neurons'].values()), \
-      {k: v['rate'] for k, v in rep['neurons'].items() if not 0 < v['rate'] < 1}
+  assert all(0 < v['rate'] < 1 for v in rep['neurons'].values()), {
+    k: v['rate'] for k, v in rep['neurons'].items() if not 0 < v['rate'] < 1
+  }
   return dense, mac, sops, energy
 
 
@@ -118,9 +119,15 @@ def _sps(pre, d, n):
   step of the four 3x3 convs (3 -> d/8 -> d/4 -> d/2 -> d) and the RPE conv,
   each conv's input the previous stage's spikes (the first: real pixels)."""
   widths = (3, d // 8, d // 4, d // 2, d)
-  convs = [(f'{pre}.proj_conv{s}', n * widths[i + 1] * 9 * widths[i], T,
-            'real' if i == 0 else f'{pre}.proj_lif{SFX[i - 1]}')
-           for i, s in enumerate(SFX)]
+  convs = [
+    (
+      f'{pre}.proj_conv{s}',
+      n * widths[i + 1] * 9 * widths[i],
+      T,
+      'real' if i == 0 else f'{pre}.proj_lif{SFX[i - 1]}',
+    )
+    for i, s in enumerate(SFX)
+  ]
   return convs + [(f'{pre}.rpe_conv', n * d * 9 * d, T, f'{pre}.proj_lif3')]
 
 
@@ -133,25 +140,32 @@ def test_spikformer_eq22_integer_inputs_ac():
   Q (K^T V)). The head (after the mean over tokens and T, real input) is a
   MAC layer run once, as in Spikingformer's tool; eq. 22 itself names no
   head term."""
-  d, h, n, classes = 16, 2, 16, 10   # 4x4 image, no pooling: 16 tokens
+  d, h, n, classes = 16, 2, 16, 10  # 4x4 image, no pooling: 16 tokens
   dh = d // h
-  mc = spikformer.model_config('imagenet', embed_dim=d, depth=1, num_heads=h, T=T,
-                               num_classes=classes, img_size=4)
+  mc = spikformer.model_config(
+    'imagenet', embed_dim=d, depth=1, num_heads=h, T=T, num_classes=classes, img_size=4
+  )
   mc.pooling = '0000'
-  rep = analysis.analyze(_model(mc), [_images(4)], T=T,
-                         conventions=analysis.Conventions(integer_inputs='ac'))
+  rep = analysis.analyze(
+    _model(mc), [_images(4)], T=T, conventions=analysis.Conventions(integer_inputs='ac')
+  )
   a, m = 'block.0.attn', 'block.0.mlp'
-  x0 = ('patch_embed.proj_lif3', 'patch_embed.rpe_lif')   # x_feat + RPE spikes
-  x1 = x0 + (f'{a}.proj_lif',)   # + SSA's spikes; + the MLP's: the head's (real) mean
+  x0 = ('patch_embed.proj_lif3', 'patch_embed.rpe_lif')  # x_feat + RPE spikes
+  x1 = x0 + (f'{a}.proj_lif',)  # + SSA's spikes; + the MLP's: the head's (real) mean
   layers = _sps('patch_embed', d, n) + [
-      (f'{a}.q_linear', n * d * d, T, x0), (f'{a}.k_linear', n * d * d, T, x0),
-      (f'{a}.v_linear', n * d * d, T, x0), (f'{a}.proj_linear', n * d * d, T, f'{a}.attn_lif'),
-      (f'{m}.fc1_linear', n * 4 * d * d, T, x1), (f'{m}.fc2_linear', n * d * 4 * d, T,
-                                                  f'{m}.fc1_lif'),
-      ('head', d * classes, 1, 'real')]
+    (f'{a}.q_linear', n * d * d, T, x0),
+    (f'{a}.k_linear', n * d * d, T, x0),
+    (f'{a}.v_linear', n * d * d, T, x0),
+    (f'{a}.proj_linear', n * d * d, T, f'{a}.attn_lif'),
+    (f'{m}.fc1_linear', n * 4 * d * d, T, x1),
+    (f'{m}.fc2_linear', n * d * 4 * d, T, f'{m}.fc1_lif'),
+    ('head', d * classes, 1, 'real'),
+  ]
   fr = {k: rep['neurons'][f'{a}.{k}_lif']['rate'] for k in 'qkv'}
-  products = [(f'{a}.K^T V', h * n * dh * dh, min(fr['k'], fr['v'])),
-              (f'{a}.Q (K^T V)', h * n * dh * dh, fr['q'])]
+  products = [
+    (f'{a}.K^T V', h * n * dh * dh, min(fr['k'], fr['v'])),
+    (f'{a}.Q (K^T V)', h * n * dh * dh, fr['q']),
+  ]
   dense, mac, sops, energy = _check(rep, layers, products, integer_inputs='ac')
   # Spikingformer's SSA term, literally: T heads N d^2 (fr_q + min(fr_k, fr_v)).
   ssa = sum(r['sops'] for r in rep['layers'] if r['type'] == 'attention')
@@ -176,19 +190,30 @@ def _sdt_case(attention, proj_input):
   projection reading `proj_input`, then the MLP, each module reading a LIF of
   the membrane stream) and the spiking head."""
   d, h, n, classes = SDT_SIZE.values()
-  mc = sdt.model_config('cifar', embed_dim=d, depth=1, num_heads=h, T=T,
-                        num_classes=classes, img_size=4, attention=attention)
+  mc = sdt.model_config(
+    'cifar',
+    embed_dim=d,
+    depth=1,
+    num_heads=h,
+    T=T,
+    num_classes=classes,
+    img_size=4,
+    attention=attention,
+  )
   mc.pooling = '0000'
   rep = analysis.analyze(_model(mc), [_images(4)], T=T)
   a, m = 'block.0.attn', 'block.0.mlp'
   sc = f'{a}.shortcut_lif'
   layers = _sps('patch_embed', d, n) + [
-      (f'{a}.q_linear', n * d * d, T, sc), (f'{a}.k_linear', n * d * d, T, sc),
-      (f'{a}.v_linear', n * d * d, T, sc), (f'{a}.proj_linear', n * d * d, T, proj_input),
-      (f'{m}.fc1_linear', n * 4 * d * d, T, f'{m}.fc1_lif'),
-      (f'{m}.fc2_linear', n * d * 4 * d, T, f'{m}.fc2_lif'),
-      # head_lif, Linear every timestep, then the mean over T: T x SOPs.
-      ('head', d * classes, T, 'head_lif')]
+    (f'{a}.q_linear', n * d * d, T, sc),
+    (f'{a}.k_linear', n * d * d, T, sc),
+    (f'{a}.v_linear', n * d * d, T, sc),
+    (f'{a}.proj_linear', n * d * d, T, proj_input),
+    (f'{m}.fc1_linear', n * 4 * d * d, T, f'{m}.fc1_lif'),
+    (f'{m}.fc2_linear', n * d * 4 * d, T, f'{m}.fc2_lif'),
+    # head_lif, Linear every timestep, then the mean over T: T x SOPs.
+    ('head', d * classes, T, 'head_lif'),
+  ]
   return rep, layers
 
 
@@ -200,11 +225,11 @@ def test_sdt_baseline_every_input_binary():
   masks and a token sum, min(fr_k, fr_v) x T N C accumulates."""
   d, _, n, classes = SDT_SIZE.values()
   a = 'block.0.attn'
-  rep, layers = _sdt_case('sdsa', 'recorded')   # the projection reads Q x talking_heads_lif's mask
+  rep, layers = _sdt_case('sdsa', 'recorded')  # the projection reads Q x talking_heads_lif's mask
   fr = {k: rep['neurons'][f'{a}.{k}_lif']['rate'] for k in 'kv'}
   products = [(f'{a}.k*v token sum', n * d, min(fr['k'], fr['v']))]
   _, mac, _, energy = _check(rep, layers, products, integer_inputs='mac')
-  assert mac == T * n * (d // 8) * 27   # the first conv only
+  assert mac == T * n * (d // 8) * 27  # the first conv only
   assert not any(r['input'] == 'integer' for r in rep['layers'])
   assert _by_hand(rep, layers, products, integer_inputs='ac')[3] == energy
   # A head counted as Spikformer's (a MAC, once) would change the energy.
@@ -224,11 +249,13 @@ def test_a2os2a_attention_additions_only():
   a = 'block.0.attn'
   rep, layers = _sdt_case('a2os2a', f'{a}.attn_lif')
   fr = {k: rep['neurons'][f'{a}.{k}_lif']['rate'] for k in 'qv'}
-  products = [(f'{a}.K^T V', h * n * dh * dh, fr['v']),
-              (f'{a}.Q (K^T V)', h * n * dh * dh, fr['q'])]
+  products = [
+    (f'{a}.K^T V', h * n * dh * dh, fr['v']),
+    (f'{a}.Q (K^T V)', h * n * dh * dh, fr['q']),
+  ]
   _, mac, _, _ = _check(rep, layers, products, integer_inputs='mac')
   assert mac == T * n * (d // 8) * 27
-  assert f'{a}.k_lif' not in rep['neurons']   # K is ReLU: no neuron, no rate
+  assert f'{a}.k_lif' not in rep['neurons']  # K is ReLU: no neuron, no rate
   # No product is a MAC: each pairs the real K with a spiking Q or V.
   assert all(r['op'] == 'AC' for r in rep['layers'] if r['type'] == 'attention')
 
@@ -242,49 +269,68 @@ def test_msvit_eq18_integer_inputs_ac():
   the token mask on K none; stage-3 SSA as Spikformer's. The head (a Linear,
   not in eq. 18) is counted as a MAC once."""
   classes, h = 10, 2
-  mc = msvit.model_config('imagenet', embed_dim=16, depth=3, num_heads=h, T=T,
-                          num_classes=classes, img_size=32)
+  mc = msvit.model_config(
+    'imagenet', embed_dim=16, depth=3, num_heads=h, T=T, num_classes=classes, img_size=32
+  )
   mc.depths = (1, 1, 1)
-  mc.attn_scale = 1.0   # stage 3 has 4 tokens: with 0.125 its attn_lif stays silent
-  rep = analysis.analyze(_model(mc), [_images(32)], T=T,
-                         conventions=analysis.Conventions(integer_inputs='ac'))
-  e, d = 8, 16   # dims (8, 8, 16): stem and stages 1-2 at E = 8, stage 3 at D = 16
+  mc.attn_scale = 1.0  # stage 3 has 4 tokens: with 0.125 its attn_lif stays silent
+  rep = analysis.analyze(
+    _model(mc), [_images(32)], T=T, conventions=analysis.Conventions(integer_inputs='ac')
+  )
+  e, d = 8, 16  # dims (8, 8, 16): stem and stages 1-2 at E = 8, stage 3 at D = 16
   p1, p2, p3 = 'patch_embed1', 'patch_embed2', 'patch_embed3'
   layers = [  # the stem: 32x32 -> conv, pool -> 16x16 -> conv, pool -> 8x8 -> conv
-      (f'{p1}.proj_conv', 32 * 32 * (e // 2) * 9 * 3, T, 'real'),
-      (f'{p1}.proj1_conv', 16 * 16 * e * 9 * (e // 2), T, f'{p1}.proj_lif'),
-      (f'{p1}.proj2_conv', 8 * 8 * e * 9 * e, T, f'{p1}.proj1_lif'),
-      (f'{p1}.proj_res_conv', 8 * 8 * e * (e // 2), T, f'{p1}.proj_lif')]  # 1x1, stride 2
+    (f'{p1}.proj_conv', 32 * 32 * (e // 2) * 9 * 3, T, 'real'),
+    (f'{p1}.proj1_conv', 16 * 16 * e * 9 * (e // 2), T, f'{p1}.proj_lif'),
+    (f'{p1}.proj2_conv', 8 * 8 * e * 9 * e, T, f'{p1}.proj1_lif'),
+    (f'{p1}.proj_res_conv', 8 * 8 * e * (e // 2), T, f'{p1}.proj_lif'),
+  ]  # 1x1, stride 2
   products = []
   x = (f'{p1}.proj2_lif', f'{p1}.proj_res_lif')
   for stage, n, c in ((1, 64, e), (2, 16, e)):
     a, m = f'stage{stage}.0.tssa', f'stage{stage}.0.mlp'
-    layers += [(f'{a}.q_linear', n * c * c, T, x), (f'{a}.p_conv', n * c * 3 * c, T, x),
-               (f'{a}.k_linear', n * c * c, T, x),
-               (f'{a}.proj_linear', n * c * c, T, 'recorded')]   # token mask x K
-    products += [(f'{a}.sum_d Q', n * c, rep['neurons'][f'{a}.q_lif']['rate']),
-                 (f'{a}.sum_d P', n * c, rep['neurons'][f'{a}.p_lif']['rate'])]
+    layers += [
+      (f'{a}.q_linear', n * c * c, T, x),
+      (f'{a}.p_conv', n * c * 3 * c, T, x),
+      (f'{a}.k_linear', n * c * c, T, x),
+      (f'{a}.proj_linear', n * c * c, T, 'recorded'),
+    ]  # token mask x K
+    products += [
+      (f'{a}.sum_d Q', n * c, rep['neurons'][f'{a}.q_lif']['rate']),
+      (f'{a}.sum_d P', n * c, rep['neurons'][f'{a}.p_lif']['rate']),
+    ]
     x += (f'{a}.proj_lif',)
-    layers += [(f'{m}.fc1_linear', n * 4 * c * c, T, x),
-               (f'{m}.fc2_linear', n * c * 4 * c, T, f'{m}.fc1_lif')]
+    layers += [
+      (f'{m}.fc1_linear', n * 4 * c * c, T, x),
+      (f'{m}.fc2_linear', n * c * 4 * c, T, f'{m}.fc1_lif'),
+    ]
     x += (f'{m}.fc2_lif',)
     # The next stage embedding: conv (pooled to n / 4 tokens), conv, 1x1 stride 2.
     p, cout = (p2, e) if stage == 1 else (p3, d)
-    layers += [(f'{p}.proj3_conv', n * cout * 9 * c, T, x),
-               (f'{p}.proj4_conv', n // 4 * cout * 9 * cout, T, f'{p}.proj3_lif'),
-               (f'{p}.proj_res_conv', n // 4 * cout * c, T, x)]
+    layers += [
+      (f'{p}.proj3_conv', n * cout * 9 * c, T, x),
+      (f'{p}.proj4_conv', n // 4 * cout * 9 * cout, T, f'{p}.proj3_lif'),
+      (f'{p}.proj_res_conv', n // 4 * cout * c, T, x),
+    ]
     x = (f'{p}.proj4_lif', f'{p}.proj_res_lif')
   a, m, n, dh = 'stage3.0.attn', 'stage3.0.mlp', 4, d // h
-  layers += [(f'{a}.q_linear', n * d * d, T, x), (f'{a}.k_linear', n * d * d, T, x),
-             (f'{a}.v_linear', n * d * d, T, x),
-             (f'{a}.proj_linear', n * d * d, T, f'{a}.attn_lif')]
+  layers += [
+    (f'{a}.q_linear', n * d * d, T, x),
+    (f'{a}.k_linear', n * d * d, T, x),
+    (f'{a}.v_linear', n * d * d, T, x),
+    (f'{a}.proj_linear', n * d * d, T, f'{a}.attn_lif'),
+  ]
   fr = {k: rep['neurons'][f'{a}.{k}_lif']['rate'] for k in 'qkv'}
-  products += [(f'{a}.K^T V', h * n * dh * dh, min(fr['k'], fr['v'])),
-               (f'{a}.Q (K^T V)', h * n * dh * dh, fr['q'])]
+  products += [
+    (f'{a}.K^T V', h * n * dh * dh, min(fr['k'], fr['v'])),
+    (f'{a}.Q (K^T V)', h * n * dh * dh, fr['q']),
+  ]
   x += (f'{a}.proj_lif',)
-  layers += [(f'{m}.fc1_linear', n * 4 * d * d, T, x),
-             (f'{m}.fc2_linear', n * d * 4 * d, T, f'{m}.fc1_lif'),
-             ('head', d * classes, 1, 'real')]
+  layers += [
+    (f'{m}.fc1_linear', n * 4 * d * d, T, x),
+    (f'{m}.fc2_linear', n * d * 4 * d, T, f'{m}.fc1_lif'),
+    ('head', d * classes, 1, 'real'),
+  ]
   _, mac, _, energy = _check(rep, layers, products, integer_inputs='ac')
   assert mac == T * 32 * 32 * (e // 2) * 27 + d * classes
   assert abs(_by_hand(rep, layers, products, integer_inputs='mac')[3] - energy) > 0.1 * energy
@@ -293,9 +339,13 @@ def test_msvit_eq18_integer_inputs_ac():
 
 # Spikformer Table 2: (variant, OPs in G, Power in mJ). Every row's Power is
 # 0.9 pJ x OPs + 1.596 mJ: one constant for the first layer at every width.
-_TABLE2 = (('imagenet-8-384', 6.82, 7.734), ('imagenet-6-512', 8.69, 9.417),
-           ('imagenet-8-512', 11.09, 11.577), ('imagenet-10-512', 13.67, 13.899),
-           ('imagenet-8-768', 22.09, 21.477))
+_TABLE2 = (
+  ('imagenet-8-384', 6.82, 7.734),
+  ('imagenet-6-512', 8.69, 9.417),
+  ('imagenet-8-512', 11.09, 11.577),
+  ('imagenet-10-512', 13.67, 13.899),
+  ('imagenet-8-768', 22.09, 21.477),
+)
 
 
 def _first_conv_macs(variant):
@@ -303,6 +353,7 @@ def _first_conv_macs(variant):
   its T steps, from abstract shapes (nothing is computed)."""
   from spikeformer_jax import flops  # pylint: disable=import-outside-toplevel
   from spikeformer_jax.configs import spikformer as spikformer_configs  # pylint: disable=import-outside-toplevel
+
   mc = spikformer_configs.get_config(variant).model
   graph, state = nnx.split(nnx.eval_shape(lambda: models.build_model(mc)))
   x = jax.ShapeDtypeStruct((mc.T, mc.img_size, mc.img_size, mc.in_channels), np.float32)
@@ -322,11 +373,25 @@ def test_spikformer_table2_power_with_the_papers_constant():
     macs, mc = _first_conv_macs(variant)
     assert macs == mc.T * 224 * 224 * (mc.embed_dim // 8) * 27
     first[variant] = E_MAC * macs
-    rows = [{'layer': 'patch_embed.proj_conv', 'type': 'Conv', 'first': True, 'op': 'MAC',
-             'macs': float(macs), 'sops': 0.0},
-            {'layer': 'rest', 'type': 'Linear', 'op': 'AC', 'macs': 0.0, 'sops': ops * 1e9},
-            {'layer': 'head', 'type': 'Linear', 'last': True, 'op': 'MAC',
-             'macs': float(mc.embed_dim * 1000), 'sops': 0.0}]
+    rows = [
+      {
+        'layer': 'patch_embed.proj_conv',
+        'type': 'Conv',
+        'first': True,
+        'op': 'MAC',
+        'macs': float(macs),
+        'sops': 0.0,
+      },
+      {'layer': 'rest', 'type': 'Linear', 'op': 'AC', 'macs': 0.0, 'sops': ops * 1e9},
+      {
+        'layer': 'head',
+        'type': 'Linear',
+        'last': True,
+        'op': 'MAC',
+        'macs': float(mc.embed_dim * 1000),
+        'sops': 0.0,
+      },
+    ]
     paper = analysis.Conventions(first_layer_mj=1.596, count_head=False)
     assert round(analysis.energy_mj(rows, paper), 3) == power, variant
     # The default: each width's own first conv x T, and the head (2 uJ at 512).
@@ -340,8 +405,9 @@ def test_spikformer_table2_power_with_the_papers_constant():
 def test_first_layer_constant_and_head_in_the_analysis():
   """analyze() under the Table 2 conventions: energy = the constant + E_AC x
   SOPs (under 'ac' the first conv and the head are the only MAC layers)."""
-  mc = spikformer.model_config('imagenet', embed_dim=16, depth=1, num_heads=2, T=T,
-                               num_classes=10, img_size=4)
+  mc = spikformer.model_config(
+    'imagenet', embed_dim=16, depth=1, num_heads=2, T=T, num_classes=10, img_size=4
+  )
   mc.pooling = '0000'
   model, x = _model(mc), [_images(4)]
   cv = analysis.Conventions(integer_inputs='ac', first_layer_mj=0.5, count_head=False)
@@ -350,10 +416,10 @@ def test_first_layer_constant_and_head_in_the_analysis():
   assert rows[0]['layer'] == 'patch_embed.proj_conv' and rows[0]['energy_mj'] == 0.5
   assert rows[-1]['layer'] == 'head' and rows[-1]['energy_mj'] == 0.0
   assert t['energy_mj'] == pytest.approx(0.5 + E_AC * t['sops'], rel=1e-12)
-  default = analysis.analyze(model, x, T=T, conventions=analysis.Conventions(
-      integer_inputs='ac'))['totals']
-  assert default['energy_mj'] == pytest.approx(E_AC * t['sops'] + E_MAC * t['mac_ops'],
-                                               rel=1e-12)
+  default = analysis.analyze(model, x, T=T, conventions=analysis.Conventions(integer_inputs='ac'))[
+    'totals'
+  ]
+  assert default['energy_mj'] == pytest.approx(E_AC * t['sops'] + E_MAC * t['mac_ops'], rel=1e-12)
   assert 'first layer 0.5 mJ, head not counted' in analysis.format_table(rep)
   with pytest.raises(ValueError, match='first_layer_mj=nan'):
     analysis.Conventions(first_layer_mj=float('nan'))

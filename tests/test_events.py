@@ -19,8 +19,9 @@ def _events(t, x, y, p):
 
 def test_frames_by_number_by_hand():
   # 10 events, T=3: di = 3, frames take events [0, 3), [3, 6), [6, 10).
-  ev = _events(np.arange(10), x=[0, 1, 0, 2, 2, 2, 0, 0, 1, 1], y=[0] * 10,
-               p=[1, 1, 0, 1, 0, 0, 1, 1, 1, 0])
+  ev = _events(
+    np.arange(10), x=[0, 1, 0, 2, 2, 2, 0, 0, 1, 1], y=[0] * 10, p=[1, 1, 0, 1, 0, 0, 1, 1, 1, 0]
+  )
   f = events.frames_by_number(ev, 3, (1, 3))
   assert f.shape == (3, 1, 3, 2) and f.dtype == np.float32
   # [frame, x, polarity] (y = 0): frame 0: ON at x0, x1, OFF at x0.
@@ -35,8 +36,12 @@ def test_frames_by_number_by_hand():
 def test_nmnist_format_round_trip_and_errors():
   rng = np.random.default_rng(0)
   n = 500
-  ev = _events(np.sort(rng.integers(0, 1 << 23, n)), rng.integers(0, 34, n),
-               rng.integers(0, 34, n), rng.integers(0, 2, n))
+  ev = _events(
+    np.sort(rng.integers(0, 1 << 23, n)),
+    rng.integers(0, 34, n),
+    rng.integers(0, 34, n),
+    rng.integers(0, 2, n),
+  )
   data = event_fixtures.write_nmnist(ev)
   assert len(data) == 5 * n
   back = events.read_nmnist(data)
@@ -54,14 +59,20 @@ def test_load_nmnist_tar_of_synthetic_files(tmp_path):
   path = tmp_path / 'nm.tar'
   streams = {}
   with tarfile.open(path, 'w') as tar:
+
     def add(name, payload):
       info = tarfile.TarInfo(f'nm/{name}')
       info.size = len(payload)
       tar.addfile(info, io.BytesIO(payload))
+
     for sample in (1, 2, 7):
       n = int(rng.integers(20, 60))
-      streams[sample] = _events(np.sort(rng.integers(0, 300000, n)), rng.integers(0, 34, n),
-                                rng.integers(0, 34, n), rng.integers(0, 2, n))
+      streams[sample] = _events(
+        np.sort(rng.integers(0, 300000, n)),
+        rng.integers(0, 34, n),
+        rng.integers(0, 34, n),
+        rng.integers(0, 2, n),
+      )
       add(f'{sample}.bs2', event_fixtures.write_nmnist(streams[sample]))
     add('train2.txt', b'#sample #class\n1\t5\n2\t0\n')
     add('test1.txt', b'#sample #class\n7\t3\n')
@@ -96,8 +107,12 @@ def test_real_nmnist_subset(shared_dir):
 
 
 def _random_events(rng, n, t_max, size=128):
-  return _events(np.sort(rng.integers(0, t_max, n)), rng.integers(0, size, n),
-                 rng.integers(0, size, n), rng.integers(0, 2, n))
+  return _events(
+    np.sort(rng.integers(0, t_max, n)),
+    rng.integers(0, size, n),
+    rng.integers(0, size, n),
+    rng.integers(0, 2, n),
+  )
 
 
 def _assert_events_equal(a, b):
@@ -117,9 +132,13 @@ def test_aedat31_round_trip_overflow_and_packets():
   # with tsOverflow = 2 and capacity 2 > number 1 (SpikingJelly decodes every slot).
   pack = lambda *f: struct.pack('<HHIIIIII', *f)
   word = (100 << 17) | (37 << 2) | (1 << 1) | 1
-  data = (b'#!AER-DAT3.1\r\n#Source 1: DVS128\r\n#!END-HEADER\r\n'
-          + pack(0, 1, 8, 4, 0, 1, 1, 1) + struct.pack('<II', 0xFFFFFFFF, 7)
-          + pack(1, 1, 8, 4, 2, 2, 1, 1) + struct.pack('<IIII', word, 5, 0, 9))
+  data = (
+    b'#!AER-DAT3.1\r\n#Source 1: DVS128\r\n#!END-HEADER\r\n'
+    + pack(0, 1, 8, 4, 0, 1, 1, 1)
+    + struct.pack('<II', 0xFFFFFFFF, 7)
+    + pack(1, 1, 8, 4, 2, 2, 1, 1)
+    + struct.pack('<IIII', word, 5, 0, 9)
+  )
   back = events.read_aedat31(data)
   assert back['t'].tolist() == [(2 << 31) | 5, (2 << 31) | 9]
   assert (back['x'][0], back['y'][0], back['p'][0]) == (100, 37, 1)
@@ -130,21 +149,29 @@ def test_aedat31_round_trip_overflow_and_packets():
 
 def test_gesture_csv_split_by_hand():
   ev = _events(np.arange(0, 100, 10), [0] * 10, [0] * 10, [1] * 10)  # t = 0, 10, ..., 90
-  csv = ('class,startTime_usec,endTime_usec\n'
-         '1,10,40\n'    # start inclusive, end exclusive: t = 10, 20, 30
-         '8,35,60\n'    # overlaps the next window
-         '8,50,51\n'    # the same class again: the recording's 2nd class-8 sample
-         '11,90,1000\n')
+  csv = (
+    'class,startTime_usec,endTime_usec\n'
+    '1,10,40\n'  # start inclusive, end exclusive: t = 10, 20, 30
+    '8,35,60\n'  # overlaps the next window
+    '8,50,51\n'  # the same class again: the recording's 2nd class-8 sample
+    '11,90,1000\n'
+  )
   samples = events.gesture_samples(ev, csv)
   assert [label for _, label in samples] == [0, 7, 7, 10]
   assert [s['t'].tolist() for s, _ in samples] == [[10, 20, 30], [40, 50], [50], [90]]
   split = events._gesture_split(ev, csv, 'user01_led')
-  assert [n for _, _, n in split] == ['user01_led_0', 'user01_led_0', 'user01_led_1',
-                                      'user01_led_0']
+  assert [n for _, _, n in split] == [
+    'user01_led_0',
+    'user01_led_0',
+    'user01_led_1',
+    'user01_led_0',
+  ]
   with pytest.raises(ValueError, match='outside 1..11'):
     events.gesture_samples(ev, 'class,start,end\n0,0,10\n')
   assert events.read_trials(' user01_led.aedat \r\n\r\nuser02_lab.aedat\n') == [
-      'user01_led.aedat', 'user02_lab.aedat']
+    'user01_led.aedat',
+    'user02_lab.aedat',
+  ]
   # DatasetFolder order and targets: folders '0', '1', '10', '2', ... in string order.
   assert events.SPIKINGJELLY_GESTURE_TARGET == (0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 2)
   order = events.spikingjelly_gesture_order([2, 10, 2, 1], ['u1_0', 'u1_0', 'u0_0', 'u2_0'])
@@ -152,8 +179,13 @@ def test_gesture_csv_split_by_hand():
 
 
 def test_iter_gesture_over_written_trees(tmp_path):
-  kw = dict(users=(1, 3, 24), lightings=('fluorescent', 'lab'), labels=(0, 7, 10, 7),
-            gesture_us=(150_000, 250_000), sensor=(48, 48))
+  kw = dict(
+    users=(1, 3, 24),
+    lightings=('fluorescent', 'lab'),
+    labels=(0, 7, 10, 7),
+    gesture_us=(150_000, 250_000),
+    sensor=(48, 48),
+  )
   expected = event_fixtures.write_gesture_tree(str(tmp_path / 'dir'), **kw)
   event_fixtures.write_gesture_tree(str(tmp_path / 'tar'), archive=True, **kw)
   # The same archive with the trial lists last: recordings arrive before the
@@ -167,16 +199,30 @@ def test_iter_gesture_over_written_trees(tmp_path):
   assert members[0][0].name.startswith('DvsGesture/trials_to_')
   assert len(expected['train']) == 16 and len(expected['test']) == 8
   names = [n for _, _, n in expected['train'][:4]]
-  assert names == ['user01_fluorescent_0', 'user01_fluorescent_0', 'user01_fluorescent_0',
-                   'user01_fluorescent_1']
+  assert names == [
+    'user01_fluorescent_0',
+    'user01_fluorescent_0',
+    'user01_fluorescent_0',
+    'user01_fluorescent_1',
+  ]
   for split in ('train', 'test'):
-    for root in (tmp_path / 'dir', tmp_path / 'dir' / 'DvsGesture', tmp_path / 'tar',
-                 tmp_path / 'tar' / 'DvsGesture.tar.gz', tmp_path / 'late'):
+    for root in (
+      tmp_path / 'dir',
+      tmp_path / 'dir' / 'DvsGesture',
+      tmp_path / 'tar',
+      tmp_path / 'tar' / 'DvsGesture.tar.gz',
+      tmp_path / 'late',
+    ):
       got = list(events.iter_gesture(str(root), split, with_names=True))
       assert [(label, n) for _, label, n in got] == [(label, n) for _, label, n in expected[split]]
       for (a, _, _), (b, _, _) in zip(got, expected[split]):
         _assert_events_equal(a, b)  # the noise between gestures stays out
-  assert [label for _, label in events.iter_gesture(str(tmp_path / 'dir'), 'test')] == [0, 7, 10, 7] * 2
+  assert [label for _, label in events.iter_gesture(str(tmp_path / 'dir'), 'test')] == [
+    0,
+    7,
+    10,
+    7,
+  ] * 2
   with pytest.raises(FileNotFoundError, match='DvsGesture'):
     next(events.iter_gesture(str(tmp_path), 'train'))
   with pytest.raises(ValueError, match='splits train and test'):
@@ -217,11 +263,15 @@ def test_iter_cifar10dvs_over_written_trees(tmp_path):
   kw = dict(sensor=(24, 24), n_steps=8, duration_us=40_000)
   expected = event_fixtures.write_cifar10dvs_tree(str(tmp_path / 'dir'), 12, **kw)
   event_fixtures.write_cifar10dvs_tree(str(tmp_path / 'zip'), 12, zipped=True, **kw)
-  assert sorted(p.name for p in (tmp_path / 'zip').iterdir())[:2] == ['airplane.zip',
-                                                                      'automobile.zip']
+  assert sorted(p.name for p in (tmp_path / 'zip').iterdir())[:2] == [
+    'airplane.zip',
+    'automobile.zip',
+  ]
   # String order within a class, as SpikingJelly's DatasetFolder: 0, 1, 10, 11, 2, ..., 9.
   order = [0, 1, 10, 11] + list(range(2, 10))
-  want = [(f'cifar10_{c}_{i}', label) for label, c in enumerate(events.CIFAR10DVS_CLASSES) for i in order]
+  want = [
+    (f'cifar10_{c}_{i}', label) for label, c in enumerate(events.CIFAR10DVS_CLASSES) for i in order
+  ]
   for root in ('dir', 'zip'):
     got = list(events.iter_cifar10dvs(str(tmp_path / root), with_names=True))
     assert [(n, label) for _, label, n in got] == want
@@ -230,16 +280,21 @@ def test_iter_cifar10dvs_over_written_trees(tmp_path):
       assert label == expected[name][1]
   labels = [label for _, label in want]
   train, test = events.front_split(labels)  # ceil(10.8) = 11 train per class
-  assert len(train) == 110 and [want[i][0] for i in test[:2]] == ['cifar10_airplane_9',
-                                                                  'cifar10_automobile_9']
+  assert len(train) == 110 and [want[i][0] for i in test[:2]] == [
+    'cifar10_airplane_9',
+    'cifar10_automobile_9',
+  ]
   with pytest.raises(FileNotFoundError, match='all 10'):
     next(events.iter_cifar10dvs(str(tmp_path)))
 
 
 def test_iter_nmnist_over_written_trees(tmp_path):
-  expected = event_fixtures.write_nmnist_tree(str(tmp_path / 'dir'), 2, n_steps=10, duration_us=50_000)
-  event_fixtures.write_nmnist_tree(str(tmp_path / 'zip'), 2, zipped=True, n_steps=10,
-                           duration_us=50_000)
+  expected = event_fixtures.write_nmnist_tree(
+    str(tmp_path / 'dir'), 2, n_steps=10, duration_us=50_000
+  )
+  event_fixtures.write_nmnist_tree(
+    str(tmp_path / 'zip'), 2, zipped=True, n_steps=10, duration_us=50_000
+  )
   assert (tmp_path / 'zip' / 'Train.zip').is_file()
   for split in ('train', 'test'):
     want = sorted((label, name) for name, (_, label) in expected[split].items())
@@ -285,7 +340,7 @@ def test_frames_by_time_by_hand_and_against_spikingjelly():
     j_l, j_r = _sj_split_by_time(ev['t'], T)
     got = events.frames_by_time(ev, T, 16, 16)
     for i in range(T):
-      want = events.frames_by_number(ev[j_l[i]:j_r[i]], 1, (16, 16))[0]
+      want = events.frames_by_number(ev[j_l[i] : j_r[i]], 1, (16, 16))[0]
       np.testing.assert_array_equal(got[i], want)
   # An empty window (SpikingJelly: IndexError) gives an empty frame.
   f = events.frames_by_time(_events([0, 1, 9], [0] * 3, [0] * 3, [1] * 3), 3, 1, 1)
@@ -308,11 +363,13 @@ def test_resize_frames_shape_mass_and_pil():
   np.testing.assert_allclose(up, [1.0, 2.0, 4.0, 5.0])
   # Antialiased: PIL's bilinear filter (torchvision >= 0.17), down and up.
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   for size in (48, 64, 160):
     aa = events.resize_frames(frames, size, antialias=True)
     for t, c in ((0, 0), (2, 1)):
-      pil = np.asarray(Image.fromarray(frames[t, :, :, c], 'F').resize((size, size),
-                                                                        Image.BILINEAR))
+      pil = np.asarray(
+        Image.fromarray(frames[t, :, :, c], 'F').resize((size, size), Image.BILINEAR)
+      )
       np.testing.assert_allclose(aa[t, :, :, c], pil, atol=1e-4)
   np.testing.assert_allclose(events.resize_frames(frames, 128), frames, atol=1e-6)  # identity
 
@@ -341,31 +398,42 @@ def test_synthetic_image_events():
   nm = events.synthetic_image_events(image[:28, :28], np.random.default_rng(1), (34, 34))
   _check_stream(nm, (34, 34))
   event_fixtures.write_nmnist(nm)  # fits the native format
-  blank = events.synthetic_image_events(np.zeros((32, 32), np.uint8), np.random.default_rng(1),
-                                        noise_hz=0.0)
+  blank = events.synthetic_image_events(
+    np.zeros((32, 32), np.uint8), np.random.default_rng(1), noise_hz=0.0
+  )
   assert len(blank) == 0  # no contrast, no noise: no events
 
 
 def test_synthetic_gesture_events():
-  streams = [events.synthetic_gesture_events(label, np.random.default_rng(5), (64, 64),
-                                             duration_us=2_000_000) for label in range(11)]
+  streams = [
+    events.synthetic_gesture_events(
+      label, np.random.default_rng(5), (64, 64), duration_us=2_000_000
+    )
+    for label in range(11)
+  ]
   for ev in streams:
     _check_stream(ev, (64, 64))
     assert ev['t'].max() < 2_000_000
-  _assert_events_equal(events.synthetic_gesture_events(4, np.random.default_rng(5), (64, 64),
-                                                       duration_us=2_000_000), streams[4])
+  _assert_events_equal(
+    events.synthetic_gesture_events(4, np.random.default_rng(5), (64, 64), duration_us=2_000_000),
+    streams[4],
+  )
+
   def track(ev, T=16):  # the event centroid per time bin
     f = events.frames_by_time(ev, T, 64, 64).sum(-1).reshape(T, -1)
     ys, xs = np.divmod(np.arange(64 * 64), 64)
     return np.stack([f @ xs, f @ ys], 1) / f.sum(1, keepdims=True)
+
   def turn(c):  # signed area swept: > 0 clockwise (y down)
     c = c - c.mean(0)
     return np.sum(c[:-1, 0] * c[1:, 1] - c[1:, 0] * c[:-1, 1])
+
   tracks = [track(ev) for ev in streams]
   assert turn(tracks[3]) > 0 > turn(tracks[4]) and turn(tracks[5]) > 0 > turn(tracks[6])
   assert tracks[1][:, 0].mean() < 32 < tracks[2][:, 0].mean()  # right vs left hand wave
-  hist = np.stack([np.bincount(ev['y'].astype(int) * 64 + ev['x'], minlength=64 * 64) / len(ev)
-                   for ev in streams])
+  hist = np.stack(
+    [np.bincount(ev['y'].astype(int) * 64 + ev['x'], minlength=64 * 64) / len(ev) for ev in streams]
+  )
   dist = np.abs(hist[:, None] - hist[None]).sum(-1)
   assert np.all(dist[~np.eye(11, dtype=bool)] > 0.2)  # every pair of classes differs in space
   d = events.synthetic_gesture_events(10, np.random.default_rng(9))

@@ -45,8 +45,7 @@ class ToyLinear(attention.Kind):
     q, k, v = attention.qkv(attn, x)
     q, k, v = attention.heads(attn, attn.q_lif(q), attn.k_lif(k), attn.v_lif(v))
     attn.record_map(lambda: jnp.swapaxes(k, -1, -2) @ v)
-    return attn.attn_lif(ops.merge_heads(linear_spiking_attention(q, k, v,
-                                                                     gain=attn.toy_gain)))
+    return attn.attn_lif(ops.merge_heads(linear_spiking_attention(q, k, v, gain=attn.toy_gain)))
 
   def products(self, attn, *, T, n, c, rate):
     d = c // attn.num_heads
@@ -76,8 +75,9 @@ def _config(module, variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('module,variant', [(spikformer_configs, 'cifar10-4-384'),
-                                            (sdt_configs, 'cifar10-2-256')])
+@pytest.mark.parametrize(
+  'module,variant', [(spikformer_configs, 'cifar10-4-384'), (sdt_configs, 'cifar10-2-256')]
+)
 def test_a_kind_from_outside_runs_on_both_backbones(module, variant, tmp_path):
   c = _config(module, variant)
   validation.validate_config(c)
@@ -95,8 +95,11 @@ def test_a_kind_from_outside_runs_on_both_backbones(module, variant, tmp_path):
   x = np.random.default_rng(0).normal(0, 1, (2, *c.data.shape)).astype(np.float32)
   rep = analysis.analyze(model, [x], T=c.model.T)
   rows = {r['layer']: r for r in rep['layers'] if r['type'] == 'attention'}
-  n, ch, h = (c.model.img_size // models.downsampling(c.model)) ** 2, c.model.embed_dim, \
-      c.model.num_heads
+  n, ch, h = (
+    (c.model.img_size // models.downsampling(c.model)) ** 2,
+    c.model.embed_dim,
+    c.model.num_heads,
+  )
   kv = rows['block.0.attn.K^T V']
   assert kv['macs'] == c.model.T * h * n * (ch // h) ** 2 and kv['op'] == 'AC'
   rate_k = rep['neurons']['block.0.attn.k_lif']['rate']
@@ -114,8 +117,9 @@ def test_a_misspelled_kind_lists_the_registered_ones():
   c.model.attention = 'toy_linaer'
   with pytest.raises(ValueError) as e:
     validation.validate_config(c)
-  assert str(e.value) == ("model.attention='toy_linaer'; valid kinds: "
-                          f'{", ".join(attention.names())}.')
+  assert str(e.value) == (
+    f"model.attention='toy_linaer'; valid kinds: {', '.join(attention.names())}."
+  )
   assert str(e.value).endswith('vsa, vsa_float_v, toy_linear.')
   with pytest.raises(ValueError, match='is registered already'):
     attention.register(ToyLinear())
@@ -127,9 +131,12 @@ def test_plugins_are_imported_by_name_and_named_when_missing():
   validation.validate_config(c)
   # Not my_lab: the package docs/extending.md tells users to create.
   c.plugins = ('no_such_plugin_package.attention',)
-  with pytest.raises(ValueError, match=r"plugins: cannot import "
-                     r"'no_such_plugin_package.attention' \(No module named "
-                     r"'no_such_plugin_package'\); make it importable"):
+  with pytest.raises(
+    ValueError,
+    match=r"plugins: cannot import "
+    r"'no_such_plugin_package.attention' \(No module named "
+    r"'no_such_plugin_package'\); make it importable",
+  ):
     validation.validate_config(c)
 
 
@@ -161,14 +168,19 @@ def _page_command(command: str, tmp) -> list[str]:
   out = [sys.executable, str(ROOT / argv[1])]
   for a in argv[2:]:
     if a.startswith('--config='):
-      path, _, arg = a[len('--config='):].partition(':')
+      path, _, arg = a[len('--config=') :].partition(':')
       assert arg, f'{command}: name the variant, so that ,runlocal can be added'
       a = f'--config={ROOT / path if path.startswith("configs/") else path}:{arg},runlocal'
     elif a.startswith('--workdir=/tmp/'):
-      a = f'--workdir={tmp / a[len("--workdir=/tmp/"):]}'
+      a = f'--workdir={tmp / a[len("--workdir=/tmp/") :]}'
     out.append(a)
-  return out + (['--config.total_steps=2'] if argv[1] == 'train.py' else
-                ['--analyze_examples=8'] if '--analyze' in argv else [])
+  return out + (
+    ['--config.total_steps=2']
+    if argv[1] == 'train.py'
+    else ['--analyze_examples=8']
+    if '--analyze' in argv
+    else []
+  )
 
 
 @pytest.mark.slow
@@ -182,19 +194,33 @@ def test_the_pages_files_and_commands_run(tmp_path):
     m = re.match(r'# (my_lab/\w+\.py)\n', block)
     if m:
       files[m[1]] = block
-  assert set(files) == {'my_lab/linear_attention.py', 'my_lab/my_experiment.py',
-                        'my_lab/toynet.py', 'my_lab/toynet_config.py'}, sorted(files)
+  assert set(files) == {
+    'my_lab/linear_attention.py',
+    'my_lab/my_experiment.py',
+    'my_lab/toynet.py',
+    'my_lab/toynet_config.py',
+  }, sorted(files)
   (tmp_path / 'my_lab').mkdir()
   (tmp_path / 'my_lab' / '__init__.py').write_text('')
   for path, code in files.items():
     (tmp_path / path).write_text(code)
-  commands = [line for block in _page_blocks('bash')
-              for line in block.replace('\\\n', ' ').splitlines() if line.strip()]
+  commands = [
+    line
+    for block in _page_blocks('bash')
+    for line in block.replace('\\\n', ' ').splitlines()
+    if line.strip()
+  ]
   assert len(commands) == 4 and sum('toynet' in c for c in commands) == 2, commands
   env = dict(os.environ, PYTHONPATH=str(tmp_path), JAX_NUM_CPU_DEVICES='1')
   for command in commands:
-    p = subprocess.run(_page_command(command, tmp_path), cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+      _page_command(command, tmp_path),
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
     assert p.returncode == 0, (command, p.stderr[-3000:])
   config = json.loads((tmp_path / 'toynet' / 'config.json').read_text())['config']
   assert config['model']['name'] == 'toynet' and config['plugins'] == ['my_lab.toynet']

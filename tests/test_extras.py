@@ -21,9 +21,11 @@ def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
 
 def test_a_missing_dependency_of_the_package_is_named():
   e = ModuleNotFoundError("No module named 'scipy'", name='scipy')
-  msg = str(extras.missing(e, module='sklearn.datasets', extra='digits', package='scikit-learn',
-                           needed_for='x'))
+  msg = str(
+    extras.missing(
+      e, module='sklearn.datasets', extra='digits', package='scikit-learn', needed_for='x'
+    )
+  )
   assert "scikit-learn (No module named 'scipy')" in msg, msg
   with pytest.raises(extras.MissingExtra, match=r'needs no_such_package, .*\[plots\]'):
-    extras.require('no_such_module_here', extra='plots', package='no_such_package',
-                   needed_for='y')
+    extras.require('no_such_module_here', extra='plots', package='no_such_package', needed_for='y')

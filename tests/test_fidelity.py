@@ -16,7 +16,6 @@ import pytest
 from conftest import ROOT
 
 
-
 @pytest.fixture(scope='module')
 def reports(shared_dir, tmp_path_factory):
   files = sorted((shared_dir / 'fixtures').glob('*.npz'))
@@ -25,16 +24,30 @@ def reports(shared_dir, tmp_path_factory):
   out = tmp_path_factory.mktemp('fid') / 'reports.json'
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
   proc = subprocess.run(
-      [sys.executable, '-m', 'spikeformer_jax.fidelity', *map(str, files), '--json', str(out)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    [sys.executable, '-m', 'spikeformer_jax.fidelity', *map(str, files), '--json', str(out)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   print(proc.stdout[-5000:], proc.stderr[-3000:])
   return {r['file']: r for r in json.loads(out.read_text())}, proc
 
 
-
-@pytest.mark.parametrize('name', ['spikformer_cifar.npz', 'spikformer_imagenet.npz',
-                                  'spikformer_dvs.npz', 'sdt_cifar.npz', 'sdt_imagenet.npz',
-                                  'sdt_gesture.npz', 'msvit_cifar.npz', 'msvit_imagenet.npz'])
+@pytest.mark.parametrize(
+  'name',
+  [
+    'spikformer_cifar.npz',
+    'spikformer_imagenet.npz',
+    'spikformer_dvs.npz',
+    'sdt_cifar.npz',
+    'sdt_imagenet.npz',
+    'sdt_gesture.npz',
+    'msvit_cifar.npz',
+    'msvit_imagenet.npz',
+  ],
+)
 def test_fixture_matches(reports, name):
   by_file, _ = reports
   if name not in by_file:
@@ -49,12 +62,14 @@ def test_fixture_matches(reports, name):
 def test_every_fixture_file_is_checked_and_passes(reports):
   by_file, proc = reports
   assert by_file and all(r['ok'] for r in by_file.values()), sorted(
-      n for n, r in by_file.items() if not r['ok'])
+    n for n, r in by_file.items() if not r['ok']
+  )
   assert proc.returncode == 0
 
 
 def test_unknown_family_fails_loudly():
   from spikeformer_jax import recordings  # pylint: disable=import-outside-toplevel
+
   with pytest.raises(NotImplementedError, match="family 'vit'"):
     recordings.model_config_from_fixture({'family': 'vit'})
   with pytest.raises(ValueError, match='unknown MSViT source file'):
@@ -70,7 +85,7 @@ def bad_inputs(shared_dir, tmp_path_factory):
     pytest.skip('spikformer_imagenet.npz absent')
   tmp = tmp_path_factory.mktemp('fid_bad')
   raw = src.read_bytes()
-  (tmp / 'truncated.npz').write_bytes(raw[:len(raw) // 2])
+  (tmp / 'truncated.npz').write_bytes(raw[: len(raw) // 2])
   (tmp / 'garbage.npz').write_bytes(b'not a recording\n' * 64)
   (tmp / 'spikformer_imagenet.npz').symlink_to(src)
   d = dict(np.load(src))
@@ -78,14 +93,23 @@ def bad_inputs(shared_dir, tmp_path_factory):
   key = 'state/block.0.attn.q_bn.bias'
   d[key] = d[key] + 0.05  # a different network: spikes must change
   np.savez(tmp / 'spikformer_imagenet_bad.npz', **d)
-  names = ['truncated.npz', 'garbage.npz', 'spikformer_imagenet.npz',
-           'spikformer_imagenet_bad.npz']
+  names = ['truncated.npz', 'garbage.npz', 'spikformer_imagenet.npz', 'spikformer_imagenet_bad.npz']
   out = tmp / 'r.json'
   proc = subprocess.run(
-      [sys.executable, '-m', 'spikeformer_jax.fidelity', *(str(tmp / n) for n in names),
-       '--json', str(out)],
-      cwd=ROOT, env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'), capture_output=True,
-      text=True, timeout=600)
+    [
+      sys.executable,
+      '-m',
+      'spikeformer_jax.fidelity',
+      *(str(tmp / n) for n in names),
+      '--json',
+      str(out),
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   return {r['file']: r for r in json.loads(out.read_text())}, proc, tmp
 
 
@@ -115,9 +139,11 @@ def test_a_bad_recording_is_one_line_and_the_rest_are_checked(bad_inputs):
 
 def test_an_unwritable_json_is_refused_before_the_replays(tmp_path, capsys):
   from spikeformer_jax import cli, fidelity  # in-process: it returns before enabling x64
+
   missing = tmp_path / 'nowhere' / 'x.json'
   assert cli.call(fidelity.main, ['fidelity', f'--json={missing}', str(tmp_path / 'a.npz')]) == 2
   out, err = capsys.readouterr()
   assert out == ''  # nothing replayed
-  assert err.strip() == (f'error: cannot write --json {missing}: no such directory '
-                         f'{missing.parent}; pass another path.')
+  assert err.strip() == (
+    f'error: cannot write --json {missing}: no such directory {missing.parent}; pass another path.'
+  )

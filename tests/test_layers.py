@@ -35,8 +35,11 @@ def ref_max_pool(x, window, stride, padding):
     for c in range(c_):
       for i in range(ho):
         for j in range(wo):
-          cells = [(i * stride - padding + di, j * stride - padding + dj)
-                   for di in range(window) for dj in range(window)]
+          cells = [
+            (i * stride - padding + di, j * stride - padding + dj)
+            for di in range(window)
+            for dj in range(window)
+          ]
           valid = [(r, q) for r, q in cells if 0 <= r < h and 0 <= q < w]
           m = max(x[n, r, q, c] for r, q in valid)
           out[n, i, j, c] = m
@@ -75,16 +78,17 @@ def _inputs(rs, h, w, c=3, n=2):
   """Random floats (no ties), sparse and dense binary spike maps (many ties),
   an all-zero map (every window tied) and small integers."""
   return [
-      rs.randn(n, h, w, c).astype(np.float32),
-      (rs.rand(n, h, w, c) < 0.15).astype(np.float32),
-      (rs.rand(n, h, w, c) < 0.6).astype(np.float32),
-      np.zeros((n, h, w, c), np.float32),
-      rs.randint(0, 3, (n, h, w, c)).astype(np.float32),
+    rs.randn(n, h, w, c).astype(np.float32),
+    (rs.rand(n, h, w, c) < 0.15).astype(np.float32),
+    (rs.rand(n, h, w, c) < 0.6).astype(np.float32),
+    np.zeros((n, h, w, c), np.float32),
+    rs.randint(0, 3, (n, h, w, c)).astype(np.float32),
   ]
 
 
-@pytest.mark.parametrize('geometry', [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 2, 0)],
-                         ids=lambda g: 'w{}_s{}_p{}'.format(*g))
+@pytest.mark.parametrize(
+  'geometry', [(3, 2, 1), (2, 2, 0), (3, 1, 1), (3, 2, 0)], ids=lambda g: 'w{}_s{}_p{}'.format(*g)
+)
 def test_max_pool_forward_and_gradient_routing(geometry):
   window, stride, padding = geometry
   rs = np.random.RandomState(0)
@@ -97,14 +101,14 @@ def test_max_pool_forward_and_gradient_routing(geometry):
       wo = (w + 2 * padding - window) // stride + 1
       # Distinct positive cotangents: a misrouted one cannot cancel out.
       gs.append(rs.uniform(1.0, 2.0, (x.shape[0], ho, wo, x.shape[3])).astype(np.float32))
-  res = _pool_and_grads([jnp.asarray(x) for x in xs], [jnp.asarray(g) for g in gs],
-                        window, stride, padding)
+  res = _pool_and_grads(
+    [jnp.asarray(x) for x in xs], [jnp.asarray(g) for g in gs], window, stride, padding
+  )
   for x, g, (y, gx) in zip(xs, gs, res):
     y_ref, _ = ref_max_pool(x, window, stride, padding)
     np.testing.assert_array_equal(np.asarray(y), y_ref, err_msg=str(x.shape))
     gx_ref = ref_max_pool_grad(x, g, window, stride, padding)
-    np.testing.assert_allclose(np.asarray(gx), gx_ref, rtol=1e-6, atol=0,
-                               err_msg=str(x.shape))
+    np.testing.assert_allclose(np.asarray(gx), gx_ref, rtol=1e-6, atol=0, err_msg=str(x.shape))
     # The total cotangent is conserved (every output routes to one input).
     np.testing.assert_allclose(np.asarray(gx).sum(), g.sum(), rtol=1e-5)
 
@@ -115,7 +119,7 @@ def test_max_pool_all_zero_window_goes_to_top_left_valid_element():
   # covers columns 1..3 -> (0, 1); output (1, 1) -> input (1, 1).
   x = jnp.zeros((1, 4, 4, 1), jnp.float32)
   g = jnp.asarray([[1.0, 2.0], [4.0, 8.0]], jnp.float32).reshape(1, 2, 2, 1)
-  (_, gx), = _pool_and_grads([x], [g], 3, 2, 1)
+  ((_, gx),) = _pool_and_grads([x], [g], 3, 2, 1)
   expected = np.zeros((4, 4))
   expected[0, 0], expected[0, 1], expected[1, 0], expected[1, 1] = 1, 2, 4, 8
   np.testing.assert_array_equal(np.asarray(gx)[0, :, :, 0], expected)
@@ -126,7 +130,7 @@ def test_max_pool_all_zero_window_goes_to_top_left_valid_element():
   # (1, 0) see only zeros -> their top-left valid elements (0, 0) and (1, 0).
   x = np.zeros((1, 4, 4, 1), np.float32)
   x[0, 0, 3, 0] = x[0, 1, 2, 0] = 1.0
-  (_, gx), = _pool_and_grads([jnp.asarray(x)], [g], 3, 2, 1)
+  ((_, gx),) = _pool_and_grads([jnp.asarray(x)], [g], 3, 2, 1)
   expected = np.zeros((4, 4))
   expected[0, 0], expected[0, 3], expected[1, 0], expected[1, 2] = 1, 2, 4, 8
   np.testing.assert_array_equal(np.asarray(gx)[0, :, :, 0], expected)
@@ -171,20 +175,24 @@ def test_batchnorm_train_mode_and_running_stats():
   y_ref, m, v = _bn_ref(x, scale, bias, 1e-5)
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5)
   # Momentum 0.9 (flax convention) == PyTorch's 0.1; unbiased variance n/(n-1).
-  np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.9 * old_mean + 0.1 * m[0],
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 * old_var + 0.1 * v[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(bn.mean[...]), 0.9 * old_mean + 0.1 * m[0], rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(bn.var[...]), 0.9 * old_var + 0.1 * v[0], rtol=1e-5, atol=1e-6
+  )
   assert int(bn.count[...]) == 1
   # A second call: running stats compound, count increments.
   mean1, var1 = np.asarray(bn.mean[...]), np.asarray(bn.var[...])
   x2 = rs.randn(4, 3, 2, c).astype(np.float32)
   bn(jnp.asarray(x2))
   _, m2, v2 = _bn_ref(x2, scale, bias, 1e-5)
-  np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.9 * mean1 + 0.1 * m2[0],
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 * var1 + 0.1 * v2[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(bn.mean[...]), 0.9 * mean1 + 0.1 * m2[0], rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(bn.var[...]), 0.9 * var1 + 0.1 * v2[0], rtol=1e-5, atol=1e-6
+  )
   assert int(bn.count[...]) == 2
 
 
@@ -198,10 +206,12 @@ def test_batchnorm_custom_momentum_epsilon_and_rank3_input():
   y = bn(jnp.asarray(x))
   y_ref, m, v = _bn_ref(x, scale, bias, 0.5)
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.7 * old_mean + 0.3 * m[0],
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(bn.var[...]), 0.7 * old_var + 0.3 * v[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(bn.mean[...]), 0.7 * old_mean + 0.3 * m[0], rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(bn.var[...]), 0.7 * old_var + 0.3 * v[0], rtol=1e-5, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize('how', ['attribute', 'eval'])
@@ -217,8 +227,9 @@ def test_batchnorm_eval_uses_running_stats(how):
   state = {k: np.asarray(getattr(bn, k)[...]) for k in ('scale', 'bias', 'mean', 'var')}
   x = (1.0 + rs.randn(4, 3, 2, c)).astype(np.float32)
   y = bn(jnp.asarray(x))
-  y_ref = ((x.astype(np.float64) - state['mean']) / np.sqrt(state['var'] + 1e-5)
-           * state['scale'] + state['bias'])
+  y_ref = (x.astype(np.float64) - state['mean']) / np.sqrt(state['var'] + 1e-5) * state[
+    'scale'
+  ] + state['bias']
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5)
   # Eval mode changes nothing.
   np.testing.assert_array_equal(np.asarray(bn.mean[...]), state['mean'])
@@ -227,8 +238,9 @@ def test_batchnorm_eval_uses_running_stats(how):
   # And back to train mode: batch statistics again.
   bn.train()
   y = bn(jnp.asarray(x))
-  np.testing.assert_allclose(np.asarray(y), _bn_ref(x, state['scale'], state['bias'], 1e-5)[0],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(y), _bn_ref(x, state['scale'], state['bias'], 1e-5)[0], rtol=1e-5, atol=1e-5
+  )
   assert int(bn.count[...]) == 1
 
 
@@ -251,10 +263,12 @@ def test_batchnorm_groups():
   assert np.abs(y - _bn_ref(x, scale, bias, 1e-5)[0]).max() > 0.1
   # Running stats take the mean of the groups' statistics (each unbiased with
   # its own n = 2*2*3 = 12).
-  np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.9 * old_mean + 0.1 * m.mean(0),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(bn.var[...]), 0.9 * old_var + 0.1 * v.mean(0),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(bn.mean[...]), 0.9 * old_mean + 0.1 * m.mean(0), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    np.asarray(bn.var[...]), 0.9 * old_var + 0.1 * v.mean(0), rtol=1e-5, atol=1e-6
+  )
   assert int(bn.count[...]) == 1
 
 
@@ -280,8 +294,9 @@ def test_batchnorm_bfloat16_input_and_nnx_jit():
   assert bn.mean[...].dtype == jnp.float32
   y_ref, m, _ = _bn_ref(x, scale, bias, 1e-5)
   np.testing.assert_allclose(np.asarray(y.astype(jnp.float32)), y_ref, rtol=2e-2, atol=2e-2)
-  np.testing.assert_allclose(np.asarray(bn.mean[...]), 0.9 * old_mean + 0.1 * m[0],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(bn.mean[...]), 0.9 * old_mean + 0.1 * m[0], rtol=1e-5, atol=1e-6
+  )
   assert int(bn.count[...]) == 1
 
 
@@ -295,20 +310,27 @@ def test_batchnorm_bfloat16_input_and_nnx_jit():
 def test_spiking_self_attention_orders_agree(n, d, scale):
   rs = np.random.RandomState(n * 10 + d)
   q, k, v = ((rs.rand(2, 3, n, d) < 0.5).astype(np.float32) for _ in range(3))
-  counts = np.einsum('bhnd,bhmd,bhme->bhne', q.astype(np.int64), k.astype(np.int64),
-                     v.astype(np.int64))
+  counts = np.einsum(
+    'bhnd,bhmd,bhme->bhne', q.astype(np.int64), k.astype(np.int64), v.astype(np.int64)
+  )
   assert counts.max() > 1  # multi-spike sums, so the association is exercised
   ref = counts.astype(np.float32) * np.float32(scale)
   outs = {}
   for order in ('qk_first', 'kv_first', 'auto'):
-    y = ssa.spiking_self_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                      scale=scale, order=order)
+    y = ssa.spiking_self_attention(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=scale, order=order
+    )
     assert y.dtype == jnp.float32 and y.shape == (2, 3, n, d)
     outs[order] = np.asarray(y)
     np.testing.assert_array_equal(outs[order], ref, err_msg=order)
   # bfloat16 spikes: products run in float32, counts stay exact.
-  y = ssa.spiking_self_attention(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16),
-                                    jnp.asarray(v, jnp.bfloat16), scale=scale, order='auto')
+  y = ssa.spiking_self_attention(
+    jnp.asarray(q, jnp.bfloat16),
+    jnp.asarray(k, jnp.bfloat16),
+    jnp.asarray(v, jnp.bfloat16),
+    scale=scale,
+    order='auto',
+  )
   assert y.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(y), ref)
 
@@ -375,8 +397,9 @@ def test_spiking_neuron_ternary_counts_negative_spikes():
   y, state = nnx.capture(sn, nnx.Intermediate)(jnp.asarray(x))
   y = np.asarray(y)
   assert (y < 0).any() and (y > 0).any()
-  np.testing.assert_array_equal(_intermediate(state, 'spike_count'),
-                                (y.reshape(B, T, -1) != 0).sum(axis=(0, 2)))
+  np.testing.assert_array_equal(
+    _intermediate(state, 'spike_count'), (y.reshape(B, T, -1) != 0).sum(axis=(0, 2))
+  )
   assert int(_intermediate(state, 'numel')) == y.size
 
 

@@ -19,8 +19,9 @@ def _batch(shape=(6, 8, 8, 3)):
 
 def _mix(cfg, key=1, enabled=True, shape=(6, 8, 8, 3), smoothing=0.1):
   x, y = _batch(shape)
-  out, t, lam = mixup.mix_batch(jax.random.key(key), x, y, cfg, num_classes=K,
-                                smoothing=smoothing, enabled=enabled)
+  out, t, lam = mixup.mix_batch(
+    jax.random.key(key), x, y, cfg, num_classes=K, smoothing=smoothing, enabled=enabled
+  )
   return x, y, np.asarray(out), np.asarray(t), float(lam)
 
 
@@ -48,7 +49,7 @@ def test_cutmix_pastes_a_box_and_corrects_lam():
     assert lam == pytest.approx(1.0 - frac, abs=1e-6)
     if frac:  # a rectangle
       ys, xs = np.nonzero(pasted)
-      assert pasted[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+      assert pasted[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
       np.testing.assert_array_equal(out[:, pasted], np.asarray(x)[::-1][:, pasted])
     np.testing.assert_allclose(t.sum(-1), 1.0, rtol=1e-6)
 
@@ -69,8 +70,10 @@ def test_switch_prob_picks_both_and_prob_zero_and_off_epoch_leave_images():
     box = np.isclose(out, np.asarray(x)).all(-1) | np.isclose(out, np.asarray(x)[::-1]).all(-1)
     kinds.add('cutmix' if box.all() else 'mixup')
   assert kinds == {'cutmix', 'mixup'}
-  for cfg, enabled in ((mixup.mixup_config(mixup_alpha=0.5, prob=0.0), True),
-                       (mixup.mixup_config(mixup_alpha=0.5), False)):
+  for cfg, enabled in (
+    (mixup.mixup_config(mixup_alpha=0.5, prob=0.0), True),
+    (mixup.mixup_config(mixup_alpha=0.5), False),
+  ):
     x, y, out, t, lam = _mix(cfg, enabled=enabled)
     assert lam == 1.0
     np.testing.assert_array_equal(out, x)
@@ -85,20 +88,35 @@ def test_mix_prob_is_respected():
 
 def test_mixing_a_sharded_batch_is_exact():
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+
   cfg = mixup.mixup_config(mixup_alpha=0.5, cutmix_alpha=1.0)
   x = np.random.default_rng(0).standard_normal((16, 8, 8, 3)).astype(np.float32)
   y = np.arange(16) % K
-  f = jax.jit(lambda b, s: mixup.mix_batch(jax.random.fold_in(jax.random.key(0), s), b['image'],
-                                           b['label'], cfg, num_classes=K, smoothing=0.1))
+  f = jax.jit(
+    lambda b, s: mixup.mix_batch(
+      jax.random.fold_in(jax.random.key(0), s),
+      b['image'],
+      b['label'],
+      cfg,
+      num_classes=K,
+      smoothing=0.1,
+    )
+  )
   for step in range(4):
-    one, eight = (f(sharding.global_batch({'image': x, 'label': y}, sharding.make_mesh(n, **ax)),
-                    jnp.int32(step)) for n, ax in ((1, {}), (8, {'data': 2, 'fsdp': 4})))
+    one, eight = (
+      f(
+        sharding.global_batch({'image': x, 'label': y}, sharding.make_mesh(n, **ax)),
+        jnp.int32(step),
+      )
+      for n, ax in ((1, {}), (8, {'data': 2, 'fsdp': 4}))
+    )
     np.testing.assert_array_equal(np.asarray(one[0]), np.asarray(eight[0]))
     np.testing.assert_allclose(np.asarray(one[1]), np.asarray(eight[1]), atol=1e-7)
 
 
 def _step_config(**over):
   from test_models import cfgs  # pylint: disable=import-outside-toplevel
+
   c = cfgs.get_config('cifar10-4-384,runlocal')
   return config_lib.apply_overrides(c, over)
 
@@ -110,12 +128,12 @@ def test_train_step_mixup_is_keyed_by_step_and_stops_at_off_epoch():
   of the run that still mixes (so mixing changes the step, and it stops)."""
   from test_train import _run_steps  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+
   mesh = sharding.make_mesh(1)
   on = {'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 1.0}
   # runlocal: 64 examples / batch 16 = 4 steps per epoch: steps 0-3 mix, 4-5 do not.
   mixed, _ = _run_steps(_step_config(**on), mesh, 6)
-  switched_off, _ = _run_steps(_step_config(**on, **{'mixup.off_epoch': 1,
-                                                     'epochs': 1}), mesh, 6)
+  switched_off, _ = _run_steps(_step_config(**on, **{'mixup.off_epoch': 1, 'epochs': 1}), mesh, 6)
   assert switched_off[:4] == mixed[:4]
   assert switched_off[4] != mixed[4] and switched_off[5] != mixed[5]
 
@@ -131,12 +149,17 @@ def test_ema_tracks_weights_and_is_evaluated(tmp_path):
   assert res['top1'] == pytest.approx(final['test_ema_top1'])
   # Two steps by hand: ema = 0.25 p0 + 0.25 p1 + 0.5 p2 (decay 0.5).
   from spikeformer_jax import data as data_lib, sharding  # pylint: disable=import-outside-toplevel
+
   mesh = sharding.make_mesh(1)
   exp = experiment.build(c, mesh, 4)
   step = experiment.make_train_step(exp)
   src = data_lib.get_source(c.data, 'train')
-  loader = data_lib.Loader(src, global_batch=c.batch_size, seed=c.seed,
-                           transform=data_lib.make_transform(c.data, src, train=True))
+  loader = data_lib.Loader(
+    src,
+    global_batch=c.batch_size,
+    seed=c.seed,
+    transform=data_lib.make_transform(c.data, src, train=True),
+  )
   state = exp.init_state()
   ps = [jax.device_get(state['params'])]
   for i in range(2):
@@ -151,6 +174,7 @@ def test_ema_tracks_weights_and_is_evaluated(tmp_path):
 
 def test_ema_moves_only_with_optimizer_updates_under_accumulation():
   from spikeformer_jax import data as data_lib, sharding  # pylint: disable=import-outside-toplevel
+
   c = _step_config(ema_decay=0.5, **{'optimizer.accum_steps': 2})
   mesh = sharding.make_mesh(1)
   exp = experiment.build(c, mesh, 4)

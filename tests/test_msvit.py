@@ -30,34 +30,48 @@ def _count(model_cfg):
 # times, against the 31.23M its code builds: a mismatch; 10-384 and 10-768 match
 # it exactly).
 OFFICIAL = {
-    ('imagenet', 'msvit', 384, 6, 1000): 17_686_216,
-    ('imagenet', 'msvit', 512, 8, 1000): 31_232_616,
-    ('imagenet', 'msvit', 768, 12, 1000): 69_802_408,
-    ('cifar', 'msvit', 384, 8, 10): 7_558_762,
-    ('cifar', 'msvit', 384, 8, 100): 7_593_412,
-    ('imagenet', 'qkformer', 384, 6, 1000): 16_473_688,
-    ('imagenet', 'qkformer', 512, 8, 1000): 29_079_336,
-    ('imagenet', 'qkformer', 768, 12, 1000): 64_962_760,
-    ('cifar', 'qkformer', 384, 8, 10): 6_706_234,
-    ('cifar', 'qkformer', 384, 8, 100): 6_740_884,
+  ('imagenet', 'msvit', 384, 6, 1000): 17_686_216,
+  ('imagenet', 'msvit', 512, 8, 1000): 31_232_616,
+  ('imagenet', 'msvit', 768, 12, 1000): 69_802_408,
+  ('cifar', 'msvit', 384, 8, 10): 7_558_762,
+  ('cifar', 'msvit', 384, 8, 100): 7_593_412,
+  ('imagenet', 'qkformer', 384, 6, 1000): 16_473_688,
+  ('imagenet', 'qkformer', 512, 8, 1000): 29_079_336,
+  ('imagenet', 'qkformer', 768, 12, 1000): 64_962_760,
+  ('cifar', 'qkformer', 384, 8, 10): 6_706_234,
+  ('cifar', 'qkformer', 384, 8, 100): 6_740_884,
 }
 
 
 @pytest.mark.parametrize('key', sorted(OFFICIAL))
 def test_official_parameter_counts(key):
   graph, variant, dim, heads, classes = key
-  mc = msvit.model_config(graph, embed_dim=dim, depth=10 if graph == 'imagenet' else 4,
-                          num_heads=heads, num_classes=classes, variant=variant)
+  mc = msvit.model_config(
+    graph,
+    embed_dim=dim,
+    depth=10 if graph == 'imagenet' else 4,
+    num_heads=heads,
+    num_classes=classes,
+    variant=variant,
+  )
   assert _count(mc) == OFFICIAL[key]
 
 
 def test_paper_parameter_columns():
-  paper_m = {'imagenet-10-384': 17.69, 'imagenet-10-768': 69.80, 'cifar100-4-384': 7.59,
-             'qkformer-imagenet-10-384': 16.47, 'qkformer-imagenet-10-512': 29.08,
-             'qkformer-imagenet-10-768': 64.96, 'qkformer-cifar100-4-384': 6.74,
-             # Table 3, stages 1-2 variants (exact); the stage-3 MSSA rows are not
-             'cifar100-ablation-pp': 7.74, 'cifar100-ablation-qq': 7.45,
-             'cifar100-ablation-p': 7.52, 'cifar100-ablation-q': 7.37}
+  paper_m = {
+    'imagenet-10-384': 17.69,
+    'imagenet-10-768': 69.80,
+    'cifar100-4-384': 7.59,
+    'qkformer-imagenet-10-384': 16.47,
+    'qkformer-imagenet-10-512': 29.08,
+    'qkformer-imagenet-10-768': 64.96,
+    'qkformer-cifar100-4-384': 6.74,
+    # Table 3, stages 1-2 variants (exact); the stage-3 MSSA rows are not
+    'cifar100-ablation-pp': 7.74,
+    'cifar100-ablation-qq': 7.45,
+    'cifar100-ablation-p': 7.52,
+    'cifar100-ablation-q': 7.37,
+  }
   for name, m in paper_m.items():
     assert abs(_count(msvit_cfgs.get_config(name).model) / 1e6 - m) <= 0.005, name
   assert _count(msvit_cfgs.get_config('imagenet-10-512').model) == 31_232_616  # paper: 30.23
@@ -71,7 +85,7 @@ def test_dvs_rebuild_counts_and_the_cifar100_file_variant():
   assert _count(msvit_cfgs.get_config('cifar10dvs-16').model) == 1_558_474  # paper: 1.67M
   mc = msvit_cfgs.get_config('cifar100-4-384').model
   mc.mssa_kernels, mc.mssa_p_sum = ((1, 1),) * 3, False  # cifar100/model.py
-  assert _count(mc) == 7_593_412 - 2 * 2 * 192 ** 2
+  assert _count(mc) == 7_593_412 - 2 * 2 * 192**2
 
 
 def test_every_variant_builds_and_runlocal_shrinks_it():
@@ -87,11 +101,14 @@ def _tiny(graph, **kw):
   return mc
 
 
-@pytest.mark.parametrize('graph,img,grids', [
-    ('imagenet', 32, (8, 4, 2)),    # stem /4, then /2 per stage
-    ('cifar', 16, (16, 8, 4)),      # no downsampling in the stem
-    ('dvs', 128, (16, 8)),          # three pools in the stem: 128 -> 16
-])
+@pytest.mark.parametrize(
+  'graph,img,grids',
+  [
+    ('imagenet', 32, (8, 4, 2)),  # stem /4, then /2 per stage
+    ('cifar', 16, (16, 8, 4)),  # no downsampling in the stem
+    ('dvs', 128, (16, 8)),  # three pools in the stem: 128 -> 16
+  ],
+)
 def test_shapes_at_every_stage(graph, img, grids):
   mc = _tiny(graph)
   model = models.build_model(mc)
@@ -135,14 +152,15 @@ def test_mssa_by_hand():
   count reaches the threshold (1 step, tau 2: H = X / 2 >= 1 <=> X >= 2)."""
   n = neurons.Neuron()
   lif = lambda a: neurons.multistep(n, a[:, None])[:, 0]
-  q = jnp.array([[[[1, 0], [0, 0], [1, 1]]]], jnp.float32)   # [1, h=1, N=3, d=2]
+  q = jnp.array([[[[1, 0], [0, 0], [1, 1]]]], jnp.float32)  # [1, h=1, N=3, d=2]
   p = jnp.array([[[[1, 0], [1, 0], [0, 0]]]], jnp.float32)
   k = jnp.array([[[[1, 1], [1, 0], [0, 1]]]], jnp.float32)
   y = mssa.multi_scale_spiking_attention(q, p, k, lif)
   np.testing.assert_array_equal(y, [[[[1, 1], [0, 0], [0, 1]]]])  # sums 2, 1, 2
   # QKFormer: Q alone; the per-channel variant keeps P's channel axis.
-  np.testing.assert_array_equal(mssa.multi_scale_spiking_attention(q, None, k, lif),
-                                [[[[0, 0], [0, 0], [0, 1]]]])
+  np.testing.assert_array_equal(
+    mssa.multi_scale_spiking_attention(q, None, k, lif), [[[[0, 0], [0, 0], [0, 1]]]]
+  )
   y = mssa.multi_scale_spiking_attention(q, p, k, lif, p_sum=False)
   # q sums 1, 0, 2 plus P per channel: [2, 1], [1, 0], [2, 2]
   np.testing.assert_array_equal(y, [[[[1, 0], [0, 0], [0, 1]]]])
@@ -161,10 +179,11 @@ def test_p_conv_runs_over_the_flattened_token_index():
   """The kernel-3 P conv sees row-major tokens: the last token of an image row
   neighbours the first of the next, as the official Conv1d over N = H * W."""
   settings = layers.Settings(T=1)
-  att = blocks.SpikingAttention(4, 1, settings=settings, kind='mssa', init='torch_default',
-                                rngs=nnx.Rngs(0))
+  att = blocks.SpikingAttention(
+    4, 1, settings=settings, kind='mssa', init='torch_default', rngs=nnx.Rngs(0)
+  )
   x = jax.random.normal(jax.random.key(1), (1, 6, 4))  # a 2 x 3 grid, flattened
-  w = np.asarray(att.p_conv.kernel.get_value())          # [3, in, out]
+  w = np.asarray(att.p_conv.kernel.get_value())  # [3, in, out]
   xp = np.pad(np.asarray(x[0]), ((1, 1), (0, 0)))
   ref = np.stack([sum(xp[i + j] @ w[j] for j in range(3)) for i in range(6)])
   np.testing.assert_allclose(att.p_conv(x)[0], ref, rtol=1e-5, atol=1e-6)
@@ -207,6 +226,7 @@ def test_ssa_proj_lif_couples_the_batch_as_released():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3)) * 2
   x2 = x.at[0].set(-x[0])  # change sample 0 only
   fwd = nnx.jit(lambda m, x: m(x))
+
   def logits(flag, groups=1):
     mc.ssa_proj_lif_batch_as_time = flag
     model = models.build_model(mc, bn_groups=groups)
@@ -216,11 +236,12 @@ def test_ssa_proj_lif_couples_the_batch_as_released():
       if isinstance(m, norm.BatchNorm):  # make every layer fire, as the fixtures do
         m.bias.set_value(1.2 + 0.5 * rng.standard_normal(m.bias.get_value().shape))
     return np.asarray(fwd(model, x))[1], np.asarray(fwd(model, x2))[1]
+
   a, b = logits(True)
-  assert not np.allclose(a, b)       # sample 1 saw sample 0's membrane
+  assert not np.allclose(a, b)  # sample 1 saw sample 0's membrane
   a, b = logits(False)
   np.testing.assert_allclose(a, b, rtol=1e-6)
-  a, b = logits(True, groups=2)      # one sample per group (per "GPU")
+  a, b = logits(True, groups=2)  # one sample per group (per "GPU")
   np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
@@ -283,7 +304,7 @@ def test_mae_schedule_lr_scaling_and_accumulation():
   kw = dict(base_lr=1e-3, steps_per_epoch=10, epochs=200, warmup_epochs=5, min_lr=1e-7)
   lr = lambda step: float(optim.mae_cosine_lr(step, **kw))
   assert lr(0) == 0.0
-  assert lr(25) == pytest.approx(1e-3 * 2.5 / 5)   # per update, not per epoch
+  assert lr(25) == pytest.approx(1e-3 * 2.5 / 5)  # per update, not per epoch
   assert lr(50) == pytest.approx(1e-3)
   t = 100.0
   assert lr(1000) == pytest.approx(1e-7 + (1e-3 - 1e-7) * 0.5 * (1 + np.cos(np.pi * (t - 5) / 195)))
@@ -314,9 +335,15 @@ def _no_accum(c):
 
 def test_train_py_two_steps_on_a_tiny_msvit(tmp_path):
   wd = tmp_path / 'run'
-  cmd = [sys.executable, 'train.py', '--config=configs/msvit.py:imagenet-10-384,runlocal',
-         f'--workdir={wd}', '--config.total_steps=2', '--config.model.img_size=32',
-         '--config.data.shape=(32, 32, 3)']
+  cmd = [
+    sys.executable,
+    'train.py',
+    '--config=configs/msvit.py:imagenet-10-384,runlocal',
+    f'--workdir={wd}',
+    '--config.total_steps=2',
+    '--config.model.img_size=32',
+    '--config.data.shape=(32, 32, 3)',
+  ]
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')  # sharded MSViT: the eight-device test
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

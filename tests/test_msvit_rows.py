@@ -101,12 +101,21 @@ def test_drop_path_is_identity_in_eval_and_at_rate_zero_and_random_in_train():
 
 
 def _drop_path_experiment(seed=0):
-  config = _tiny('cifar10-4-384', **{'model.drop_path_rate': 0.5, 'seed': seed,
-                                     'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0})
+  config = _tiny(
+    'cifar10-4-384',
+    **{
+      'model.drop_path_rate': 0.5,
+      'seed': seed,
+      'mixup.mixup_alpha': 0.0,
+      'mixup.cutmix_alpha': 0.0,
+    },
+  )
   mesh = sharding.make_mesh(1)
   exp = experiment.build(config, mesh, steps_per_epoch=4)
-  batch = {'image': jax.random.normal(jax.random.key(1), (config.batch_size, 32, 32, 3)),
-           'label': jnp.arange(config.batch_size) % 10}
+  batch = {
+    'image': jax.random.normal(jax.random.key(1), (config.batch_size, 32, 32, 3)),
+    'label': jnp.arange(config.batch_size) % 10,
+  }
   return exp, sharding.global_batch(jax.device_get(batch), mesh)
 
 
@@ -137,6 +146,7 @@ def test_the_rng_stream_resumes_and_old_checkpoints_restore(tmp_path):
   after the save. One written before the stream existed (no 'rng') restores
   with the stream derived from the seed and its step."""
   from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
   exp, batch = _drop_path_experiment(seed=3)
   step = experiment.make_train_step(exp)
   state, _ = step(exp.init_state(), batch)
@@ -169,8 +179,7 @@ def test_the_rng_stream_resumes_and_old_checkpoints_restore(tmp_path):
 def test_drop_path_masks_shard_with_the_batch():
   """The stream's key is replicated; each example's masks follow its shard:
   8 devices train as one."""
-  assert_eight_devices_equal_one(_tiny('cifar10-4-384', **{'model.drop_path_rate': 0.5}),
-                                 n_steps=2)
+  assert_eight_devices_equal_one(_tiny('cifar10-4-384', **{'model.drop_path_rate': 0.5}), n_steps=2)
 
 
 # ------------------------------------------------------------ DVS three channels
@@ -190,8 +199,9 @@ def test_event_sum_channel_feeds_the_stem_a_third_channel():
   m3 = models.build_model(mc3)
   assert mc3.in_channels == 2 and m3.patch_embed1.proj_conv.kernel.shape[-2] == 3
   m2 = models.build_model(_tiny('dvs128gesture-16').model)
-  nnx.update(m2.patch_embed1, nnx.filter_state(nnx.state(m3.patch_embed1),
-                                               lambda p, _: p[0] != 'proj_conv'))
+  nnx.update(
+    m2.patch_embed1, nnx.filter_state(nnx.state(m3.patch_embed1), lambda p, _: p[0] != 'proj_conv')
+  )
   k = m3.patch_embed1.proj_conv.kernel[...]
   m2.patch_embed1.proj_conv.kernel[...] = k[..., :2, :] + k[..., 2:, :]
   x = jnp.asarray(np.random.default_rng(3).integers(0, 4, (2, mc3.T, 32, 32, 2)), jnp.float32)
@@ -214,8 +224,9 @@ def test_paper_cifar_grid_is_h4_and_official_grid_stays_default():
     mc = _tiny(variant).model
     model = models.build_model(mc)
     x = ops.fold_time(jnp.ones((1, 32, 32, 3)), mc.T, jnp.float32)
-    e1, e2 = nnx.eval_shape(lambda m, v: (m.patch_embed1(v), m.patch_embed2(m.patch_embed1(v))),
-                            model, x)
+    e1, e2 = nnx.eval_shape(
+      lambda m, v: (m.patch_embed1(v), m.patch_embed2(m.patch_embed1(v))), model, x
+    )
     assert e1.shape[1:3] == (grid, grid) and e2.shape[1:3] == (grid // 2, grid // 2), variant
   assert msvit_cfgs.get_config('cifar10-4-384').model.stem == ''  # the code's grid
 
@@ -231,8 +242,11 @@ def test_new_rows_parameter_counts():
   assert _count(msvit_cfgs.get_config('cifar10-4-384-h4').model) == 7_558_762  # pools only
   assert _count(msvit_cfgs.get_config('cifar100-4-384-h4').model) == 7_593_412  # paper 7.59M
   # the sum channel: one more input channel of the first 3x3 stem conv
-  for variant, width in (('dvs128gesture-16', 64), ('cifar10dvs-16', 32),
-                         ('qkformer-cifar10dvs-16', 16)):
+  for variant, width in (
+    ('dvs128gesture-16', 64),
+    ('cifar10dvs-16', 32),
+    ('qkformer-cifar10dvs-16', 16),
+  ):
     mc = msvit_cfgs.get_config(variant).model
     n = _count(mc)
     mc.event_sum_channel = True
@@ -245,15 +259,19 @@ def test_new_rows_parameter_counts():
 # -paper rows: what each changes of its row; the stem's first conv width (the
 # event sum channel adds 9 x width parameters).
 PAPER_ROWS = {
-    'imagenet-10-384-paper': ({'model.drop_path_rate': 0.1}, 0),
-    'imagenet-10-512-paper': ({'model.drop_path_rate': 0.1}, 0),
-    'imagenet-10-768-paper': ({'model.drop_path_rate': 0.1}, 0),
-    'dvs128gesture-16-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True,
-                                'epochs': 190}, 64),
-    'dvs128gesture-10-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True,
-                                'epochs': 190}, 64),
-    'cifar10dvs-16-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True}, 32),
-    'cifar10dvs-10-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True}, 32),
+  'imagenet-10-384-paper': ({'model.drop_path_rate': 0.1}, 0),
+  'imagenet-10-512-paper': ({'model.drop_path_rate': 0.1}, 0),
+  'imagenet-10-768-paper': ({'model.drop_path_rate': 0.1}, 0),
+  'dvs128gesture-16-paper': (
+    {'data.split_by': 'time', 'model.event_sum_channel': True, 'epochs': 190},
+    64,
+  ),
+  'dvs128gesture-10-paper': (
+    {'data.split_by': 'time', 'model.event_sum_channel': True, 'epochs': 190},
+    64,
+  ),
+  'cifar10dvs-16-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True}, 32),
+  'cifar10dvs-10-paper': ({'data.split_by': 'time', 'model.event_sum_channel': True}, 32),
 }
 
 
@@ -262,9 +280,12 @@ def test_paper_rows_change_only_what_the_paper_states(variant):
   """Stochastic depth on ImageNet (section 4.2); frames over time intervals,
   the event-sum channel and Gesture's 200 epochs (190 + 10) on DVS (4.3)."""
   changes, width = PAPER_ROWS[variant]
-  c, base = msvit_cfgs.get_config(variant), msvit_cfgs.get_config(variant[:-len('-paper')])
-  got = {k: config_lib.lookup(c.to_dict(), k)
-         for k in config_lib.config_diff(base.to_dict(), c.to_dict()) if k != 'name'}
+  c, base = msvit_cfgs.get_config(variant), msvit_cfgs.get_config(variant[: -len('-paper')])
+  got = {
+    k: config_lib.lookup(c.to_dict(), k)
+    for k in config_lib.config_diff(base.to_dict(), c.to_dict())
+    if k != 'name'
+  }
   assert got == changes
   assert c.paper_top1 == base.paper_top1 > 0
   assert _count(c.model) == _count(base.model) + 9 * width
@@ -283,9 +304,11 @@ def test_qkformer_dvs_rows_follow_its_files():
 
 
 def test_new_fields_fail_clearly():
-  for over, msg in [({'model.drop_path_rate': 1.0}, r'model.drop_path_rate=1.0; valid: .*\[0, 1\)'),
-                    ({'model.drop_path_rate': -0.1}, r'model.drop_path_rate=-0.1'),
-                    ({'model.event_sum_channel': True}, r'model.in_channels=3; valid: in_channels=2')]:
+  for over, msg in [
+    ({'model.drop_path_rate': 1.0}, r'model.drop_path_rate=1.0; valid: .*\[0, 1\)'),
+    ({'model.drop_path_rate': -0.1}, r'model.drop_path_rate=-0.1'),
+    ({'model.event_sum_channel': True}, r'model.in_channels=3; valid: in_channels=2'),
+  ]:
     with pytest.raises(ValueError, match=msg):
       validation.validate_config(_tiny('cifar10-4-384', **over))
   old = _tiny('cifar10-4-384').model  # configs saved before the fields existed
@@ -293,10 +316,15 @@ def test_new_fields_fail_clearly():
   assert models.build_model(old).drop_path == ()
 
 
-@pytest.mark.parametrize('variant,over', [  # one compile: the suite's time is short
-    ('qkformer-dvs128gesture-16', {'model.event_sum_channel': True, 'model.drop_path_rate': 0.1,
-                                   'model.remat': 'full'}),
-])
+@pytest.mark.parametrize(
+  'variant,over',
+  [  # one compile: the suite's time is short
+    (
+      'qkformer-dvs128gesture-16',
+      {'model.event_sum_channel': True, 'model.drop_path_rate': 0.1, 'model.remat': 'full'},
+    ),
+  ],
+)
 @pytest.mark.slow
 def test_new_rows_and_fields_train_one_step(variant, over):
   config = _tiny(variant, **over)

@@ -15,8 +15,12 @@ from conftest import ROOT
 from spikeformer_jax import config_lib, restore, train_lib
 from spikeformer_jax import workdir as workdir_lib
 
-ARGS = ['--config=configs/spikformer.py:cifar10-4-384,runlocal', '--config.total_steps=6',
-        '--config.log_every_steps=1', '--config.ckpt_every_steps=3']
+ARGS = [
+  '--config=configs/spikformer.py:cifar10-4-384,runlocal',
+  '--config.total_steps=6',
+  '--config.log_every_steps=1',
+  '--config.ckpt_every_steps=3',
+]
 
 
 def _free_port() -> int:
@@ -33,8 +37,11 @@ def _losses(wd):
 def _config():
   """ARGS as a config: what train.py hands train_lib."""
   from spikeformer_jax.configs import spikformer  # pylint: disable=import-outside-toplevel
-  return config_lib.apply_overrides(spikformer.get_config('cifar10-4-384,runlocal'), {
-      'total_steps': 6, 'log_every_steps': 1, 'ckpt_every_steps': 3})
+
+  return config_lib.apply_overrides(
+    spikformer.get_config('cifar10-4-384,runlocal'),
+    {'total_steps': 6, 'log_every_steps': 1, 'ckpt_every_steps': 3},
+  )
 
 
 @pytest.mark.slow
@@ -48,11 +55,26 @@ def test_two_processes_equal_one(tmp_path):
   two = tmp_path / 'two'
   port = _free_port()
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='4')
-  procs = [subprocess.Popen(
-      [sys.executable, 'train.py', f'--workdir={two}', *ARGS, '--multihost',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        'train.py',
+        f'--workdir={two}',
+        *ARGS,
+        '--multihost',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outs = [pr.communicate(timeout=600) for pr in procs]
   except subprocess.TimeoutExpired:
@@ -61,8 +83,9 @@ def test_two_processes_equal_one(tmp_path):
     outs = [pr.communicate() for pr in procs]
   # Both processes' output: the first to fail is often the other one's cause.
   assert [pr.returncode for pr in procs] == [0, 0], '\n'.join(
-      f'--- process {i} (exit {pr.returncode}):\n{err[-3000:]}'
-      for i, (pr, (_, err)) in enumerate(zip(procs, outs)))
+    f'--- process {i} (exit {pr.returncode}):\n{err[-3000:]}'
+    for i, (pr, (_, err)) in enumerate(zip(procs, outs))
+  )
   run = json.loads((two / 'config.json').read_text())['run']
   assert run['processes'] == 2 and run['devices'] == 8
   assert len(_losses(two)) == 6
@@ -72,7 +95,6 @@ def test_two_processes_equal_one(tmp_path):
   assert b['test_examples'] == a['test_examples']
   np.testing.assert_allclose(b['test_loss'], a['test_loss'], rtol=1e-5)
   # The 2-process checkpoint restores onto one device of one process.
-  res = restore.evaluate_checkpoint(workdir_lib.load_run_config(str(two)), str(two),
-                                      num_devices=1)
+  res = restore.evaluate_checkpoint(workdir_lib.load_run_config(str(two)), str(two), num_devices=1)
   assert res['step'] == 6
   np.testing.assert_allclose(res['loss'], b['test_loss'], rtol=1e-5)

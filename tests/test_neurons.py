@@ -33,8 +33,17 @@ def _charge_coeffs(kind, tau, decay_input, charge_form):
   return 1.0 - 1.0 / tau, (1.0 / tau if decay_input else 1.0)
 
 
-def ref_forward(x, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
-                v_reset=0.0, charge_form='spikingjelly', beta=0.5):
+def ref_forward(
+  x,
+  *,
+  kind='lif',
+  tau=2.0,
+  decay_input=True,
+  v_threshold=1.0,
+  v_reset=0.0,
+  charge_form='spikingjelly',
+  beta=0.5,
+):
   """numpy multistep neuron on x[B, T, ...]. Returns (spikes, h), both [B, T, ...].
 
   SpikingJelly charge (LIF / ternary, charge_form='spikingjelly'), its four
@@ -60,7 +69,7 @@ def ref_forward(x, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
     elif decay_input and reset0:
       h = v + (xt - v) / tau
     elif reset0:
-      h = v * (1. - 1. / tau) + xt
+      h = v * (1.0 - 1.0 / tau) + xt
     elif decay_input:
       h = v + (xt - (v - vr)) / tau
     else:
@@ -89,16 +98,29 @@ def ref_surrogate_grad(name, alpha, z):
   if name == 'atan':
     return alpha / 2 / (1 + (math.pi / 2 * alpha * z) ** 2)
   if name == 'triangle':
-    return np.maximum(alpha - alpha ** 2 * np.abs(z), 0.0)
+    return np.maximum(alpha - alpha**2 * np.abs(z), 0.0)
   if name == 'straight_through':
     return np.ones_like(z)
   raise AssertionError(name)
 
 
-def ref_grad(x, w, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
-             v_reset=0.0, detach_reset=True, surrogate='sigmoid', alpha=None,
-             charge_form='spikingjelly', beta=0.5, ternary_grad='surrogate',
-             abs_grad_at_zero=0.0):
+def ref_grad(
+  x,
+  w,
+  *,
+  kind='lif',
+  tau=2.0,
+  decay_input=True,
+  v_threshold=1.0,
+  v_reset=0.0,
+  detach_reset=True,
+  surrogate='sigmoid',
+  alpha=None,
+  charge_form='spikingjelly',
+  beta=0.5,
+  ternary_grad='surrogate',
+  abs_grad_at_zero=0.0,
+):
   """d/dx of sum(spikes * w), by hand-written backprop through time (numpy).
 
   `abs_grad_at_zero` is d|S|/dS at S = 0, used by the ternary hard reset
@@ -106,9 +128,16 @@ def ref_grad(x, w, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
   select(x >= 0, 1, -1), i.e. 1 at 0 (and at -0.0); PyTorch's is sign(x), 0.
   """
   alpha = neurons.SURROGATE_DEFAULT_ALPHA[surrogate] if alpha is None else alpha
-  s, h = ref_forward(x, kind=kind, tau=tau, decay_input=decay_input,
-                     v_threshold=v_threshold, v_reset=v_reset,
-                     charge_form=charge_form, beta=beta)
+  s, h = ref_forward(
+    x,
+    kind=kind,
+    tau=tau,
+    decay_input=decay_input,
+    v_threshold=v_threshold,
+    v_reset=v_reset,
+    charge_form=charge_form,
+    beta=beta,
+  )
   a, b = _charge_coeffs(kind, tau, decay_input, charge_form)
   kp = beta if (charge_form == 'paper' and kind != 'if') else 1.0
   gx = np.zeros_like(np.asarray(x))
@@ -125,8 +154,11 @@ def ref_grad(x, w, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
     if v_reset is None:
       dv_dh, dv_ds = kp, -v_threshold
     else:
-      dabs = (np.where(st > 0, 1.0, np.where(st < 0, -1.0, abs_grad_at_zero))
-              if kind == 'ternary' else 1.0)
+      dabs = (
+        np.where(st > 0, 1.0, np.where(st < 0, -1.0, abs_grad_at_zero))
+        if kind == 'ternary'
+        else 1.0
+      )
       dv_dh, dv_ds = kp * (1 - np.abs(st)), -kp * ht * dabs + v_reset
     if not detach_reset:
       dv_dh = dv_dh + dv_ds * ds_dh
@@ -137,21 +169,34 @@ def ref_grad(x, w, *, kind='lif', tau=2.0, decay_input=True, v_threshold=1.0,
 
 
 def _kwargs(n):
-  return dict(kind=n.kind, tau=n.tau, decay_input=n.decay_input,
-              v_threshold=n.v_threshold, v_reset=n.v_reset,
-              charge_form=n.charge_form, beta=n.beta)
+  return dict(
+    kind=n.kind,
+    tau=n.tau,
+    decay_input=n.decay_input,
+    v_threshold=n.v_threshold,
+    v_reset=n.v_reset,
+    charge_form=n.charge_form,
+    beta=n.beta,
+  )
 
 
 def _grad_kwargs(n):
-  return dict(_kwargs(n), detach_reset=n.detach_reset, surrogate=n.surrogate,
-              alpha=n.alpha, ternary_grad=n.ternary_grad)
+  return dict(
+    _kwargs(n),
+    detach_reset=n.detach_reset,
+    surrogate=n.surrogate,
+    alpha=n.alpha,
+    ternary_grad=n.ternary_grad,
+  )
 
 
 def _spikes_and_grad(n, x, w):
   """Spikes of `n` on x and the gradient of sum(spikes * w) w.r.t. x."""
+
   def loss(x):
     s = neurons.multistep(n, x)
     return jnp.sum(s * w.astype(s.dtype)), s
+
   (_, s), g = jax.value_and_grad(loss, has_aux=True)(x)
   return s, g
 
@@ -166,9 +211,10 @@ spikes_and_grads = jax.jit(_many_spikes_and_grads, static_argnums=0)
 #: optimisation level does not change what the HLO computes, only how long
 #: compiling takes, so those sweeps use level 0 to stay fast.
 spikes_and_grads_fast = jax.jit(
-    _many_spikes_and_grads, static_argnums=0,
-    compiler_options={'xla_backend_optimization_level': 0,
-                      'xla_llvm_disable_expensive_passes': True})
+  _many_spikes_and_grads,
+  static_argnums=0,
+  compiler_options={'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True},
+)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -194,14 +240,14 @@ def _assert_mixed(s):
 # --------------------------------------------------------------------------
 
 LIF_CONFIGS = [
-    dict(),                                               # SpikingJelly default
-    dict(tau=3.0),
-    dict(decay_input=False, v_threshold=1.5),
-    dict(v_reset=0.25),
-    dict(v_reset=-0.5, decay_input=False, tau=1.5),
-    dict(v_reset=None),                                   # soft reset
-    dict(v_reset=None, decay_input=False, tau=4.0, v_threshold=1.25),
-    dict(charge_form='paper', beta=0.75),
+  dict(),  # SpikingJelly default
+  dict(tau=3.0),
+  dict(decay_input=False, v_threshold=1.5),
+  dict(v_reset=0.25),
+  dict(v_reset=-0.5, decay_input=False, tau=1.5),
+  dict(v_reset=None),  # soft reset
+  dict(v_reset=None, decay_input=False, tau=4.0, v_threshold=1.25),
+  dict(charge_form='paper', beta=0.75),
 ]
 
 
@@ -237,13 +283,12 @@ def test_lif_fires_exactly_at_threshold():
   #  t2: H = 0 + 1/2 = 0.5          -> silent,    V = 0.5
   #  t3: H = 0.5 + (1.5 - 0.5)/2=1  -> fires
   # Rows 2 and 3 are the same just below the threshold: H = 1 - 2**-21.
-  x = np.array([[2.0, 0.0, 1.0, 1.5],
-                [2.0 - 2.0 ** -20, -1.0, 0.0, 0.0],
-                [0.0, 0.0, 1.0, 1.5 - 2.0 ** -20]], np.float32)
-  for s in multistep_many(tuple(Neuron(loop=loop) for loop in neurons.LOOPS),
-                          jnp.asarray(x)):
-    np.testing.assert_array_equal(
-        np.asarray(s), [[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+  x = np.array(
+    [[2.0, 0.0, 1.0, 1.5], [2.0 - 2.0**-20, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.5 - 2.0**-20]],
+    np.float32,
+  )
+  for s in multistep_many(tuple(Neuron(loop=loop) for loop in neurons.LOOPS), jnp.asarray(x)):
+    np.testing.assert_array_equal(np.asarray(s), [[1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
   # Initial membrane is v_reset: with v_reset=0.5, H0 = 0.5 + (1 - 0)/2 = 1.
   s = neurons.multistep(Neuron(v_reset=0.5), jnp.asarray([[1.0]], jnp.float32))
   np.testing.assert_array_equal(np.asarray(s), [[1.0]])
@@ -252,10 +297,8 @@ def test_lif_fires_exactly_at_threshold():
   # Soft reset subtracts the threshold: x = 3 -> H = 1.5, fire, V = 0.5;
   # x = 1.5 -> H = 0.5 + (1.5 - 0.5)/2 = 1.0 -> fires again (hard reset: no).
   x = jnp.asarray([[3.0, 1.5]], jnp.float32)
-  np.testing.assert_array_equal(
-      np.asarray(neurons.multistep(Neuron(v_reset=None), x)), [[1, 1]])
-  np.testing.assert_array_equal(
-      np.asarray(neurons.multistep(Neuron(v_reset=0.0), x)), [[1, 0]])
+  np.testing.assert_array_equal(np.asarray(neurons.multistep(Neuron(v_reset=None), x)), [[1, 1]])
+  np.testing.assert_array_equal(np.asarray(neurons.multistep(Neuron(v_reset=0.0), x)), [[1, 0]])
 
 
 def _near_threshold_input(n, seed, size=1000):
@@ -285,7 +328,7 @@ def _near_threshold_input(n, seed, size=1000):
 def _check_near_threshold_bit_exact(n):
   x = _near_threshold_input(n, seed=11)
   s_ref, h_ref = ref_forward(x, **_kwargs(n))  # numpy float32, SpikingJelly's expressions
-  assert (h_ref[:, 1] == n.v_threshold).sum() > 10   # exact ties (they fire)
+  assert (h_ref[:, 1] == n.v_threshold).sum() > 10  # exact ties (they fire)
   _assert_mixed(s_ref[:, 1])
   if n.decay_input:
     # The data resolves rounding: an algebraically equal form of the charge,
@@ -298,11 +341,17 @@ def _check_near_threshold_bit_exact(n):
   np.testing.assert_array_equal(np.asarray(s), s_ref)
 
 
-@pytest.mark.parametrize('cfg', [
-    dict(), dict(v_reset=0.25), dict(v_reset=None),
+@pytest.mark.parametrize(
+  'cfg',
+  [
+    dict(),
+    dict(v_reset=0.25),
+    dict(v_reset=None),
     dict(decay_input=False, tau=4.0, v_reset=-0.25),
     dict(tau=4.0, v_threshold=1.25),
-], ids=repr)
+  ],
+  ids=repr,
+)
 def test_lif_near_threshold_is_bit_exact_float32(cfg):
   """Ties at the threshold are decided like SpikingJelly's float32 arithmetic.
 
@@ -329,15 +378,15 @@ def test_time_axis_argument():
 # --------------------------------------------------------------------------
 
 IF_TERNARY_CONFIGS = [
-    dict(kind='if'),
-    dict(kind='if', v_reset=None),
-    dict(kind='if', v_reset=-0.25, v_threshold=0.75),
-    dict(kind='ternary'),                                        # spikingjelly
-    dict(kind='ternary', tau=3.0, v_reset=0.25),
-    dict(kind='ternary', decay_input=False),
-    dict(kind='ternary', charge_form='paper'),                   # A2OS2A eqs.
-    dict(kind='ternary', charge_form='paper', beta=0.9, v_reset=0.125),
-    dict(kind='ternary', v_reset=None, v_threshold=0.75),
+  dict(kind='if'),
+  dict(kind='if', v_reset=None),
+  dict(kind='if', v_reset=-0.25, v_threshold=0.75),
+  dict(kind='ternary'),  # spikingjelly
+  dict(kind='ternary', tau=3.0, v_reset=0.25),
+  dict(kind='ternary', decay_input=False),
+  dict(kind='ternary', charge_form='paper'),  # A2OS2A eqs.
+  dict(kind='ternary', charge_form='paper', beta=0.9, v_reset=0.125),
+  dict(kind='ternary', v_reset=None, v_threshold=0.75),
 ]
 
 
@@ -345,8 +394,13 @@ IF_TERNARY_CONFIGS = [
 def test_if_and_ternary_forward_match_numpy(kind):
   ternary = kind == 'ternary'
   ns = tuple(Neuron(**cfg) for cfg in IF_TERNARY_CONFIGS if cfg['kind'] == kind)
-  x, _ = _data(3, shape=(3, 6, 4, 5), loc=0.0 if ternary else 0.3,
-               scale=2.0 if ternary else 0.6, dtype=np.float64)
+  x, _ = _data(
+    3,
+    shape=(3, 6, 4, 5),
+    loc=0.0 if ternary else 0.3,
+    scale=2.0 if ternary else 0.6,
+    dtype=np.float64,
+  )
   with jax.enable_x64(True):
     out = multistep_many(ns, jnp.asarray(x))
   for n, s in zip(ns, out):
@@ -364,15 +418,14 @@ def test_if_and_ternary_forward_match_numpy(kind):
 def test_if_and_ternary_hand_cases():
   # IF: H = V + X, no leak. x = .5,.5 -> H = 1 fires at t1 (LIF would not).
   x = jnp.asarray([[0.5, 0.5, 0.25, 0.5]], jnp.float32)
-  np.testing.assert_array_equal(
-      np.asarray(neurons.multistep(Neuron(kind='if'), x)), [[0, 1, 0, 0]])
-  np.testing.assert_array_equal(
-      np.asarray(neurons.multistep(Neuron(), x)), [[0, 0, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(neurons.multistep(Neuron(kind='if'), x)), [[0, 1, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(neurons.multistep(Neuron(), x)), [[0, 0, 0, 0]])
   # Ternary (spikingjelly charge, tau=2): x=-2 -> H=-1 -> S=-1 (|H| >= 1, tie);
   # V = H*(1-|S|) + 0*S = 0; x=1 -> H=.5 silent; x=-3 -> H=.5+(-3-.5)/2=-1.25 -> -1.
   x = jnp.asarray([[-2.0, 1.0, -3.0, 2.0]], jnp.float32)
   np.testing.assert_array_equal(
-      np.asarray(neurons.multistep(Neuron(kind='ternary'), x)), [[-1, 0, -1, 1]])
+    np.asarray(neurons.multistep(Neuron(kind='ternary'), x)), [[-1, 0, -1, 1]]
+  )
   # Paper form, beta=.5, v_reset=.25: U0 = 0.25 + 0.5 = 0.75 silent ->
   # V = .5*.75 = .375; U1 = .375 - 1.5 = -1.125 -> S=-1, V = .25*(-1) = -.25;
   # U2 = -.25 + 1.25 = 1 -> S = +1 (tie fires), V = .25.
@@ -394,9 +447,15 @@ def _primitive(name, alpha, z):
     return np.arctan(math.pi / 2 * alpha * z) / math.pi + 0.5
   if name == 'triangle':  # SpikingJelly's piecewise quadratic
     a = alpha
-    return np.where(z < -1 / a, 0.0,
-           np.where(z <= 0, a * a * z * z / 2 + a * z + 0.5,
-           np.where(z <= 1 / a, -a * a * z * z / 2 + a * z + 0.5, 1.0)))
+    return np.where(
+      z < -1 / a,
+      0.0,
+      np.where(
+        z <= 0,
+        a * a * z * z / 2 + a * z + 0.5,
+        np.where(z <= 1 / a, -a * a * z * z / 2 + a * z + 0.5, 1.0),
+      ),
+    )
   if name == 'straight_through':
     return z
   raise AssertionError(name)
@@ -431,25 +490,33 @@ def test_spike_fires_on_tie_and_float32_grad():
   np.testing.assert_allclose(np.asarray(g), [1.0, 1.0, 1.0], rtol=1e-5)  # 4*.5*.5
 
 
-@pytest.mark.parametrize('cfg', [
+@pytest.mark.parametrize(
+  'cfg',
+  [
     dict(),
     dict(detach_reset=False),
     dict(v_reset=None, detach_reset=False, surrogate='atan', v_threshold=1.25),
     dict(v_reset=0.25, decay_input=False, surrogate='triangle', alpha=0.8),
     dict(kind='if', surrogate='straight_through', detach_reset=False),
     dict(kind='ternary', detach_reset=False),
-    dict(kind='ternary', charge_form='paper', ternary_grad='clamp',
-         detach_reset=False, v_reset=0.25, v_threshold=0.8),
+    dict(
+      kind='ternary',
+      charge_form='paper',
+      ternary_grad='clamp',
+      detach_reset=False,
+      v_reset=0.25,
+      v_threshold=0.8,
+    ),
     dict(kind='ternary', charge_form='paper', v_reset=None, surrogate='atan'),
-    dict(kind='ternary', ternary_grad='clamp', v_reset=None, v_threshold=1.5,
-         detach_reset=False),
-], ids=repr)
+    dict(kind='ternary', ternary_grad='clamp', v_reset=None, v_threshold=1.5, detach_reset=False),
+  ],
+  ids=repr,
+)
 def test_bptt_gradient_matches_numpy(cfg):
   """jax.grad through the neuron == hand-written BPTT with the surrogate."""
   n = Neuron(**cfg)
   ternary = n.kind == 'ternary'
-  x, w = _data(4, loc=0.0 if ternary else 0.7, scale=2.0 if ternary else 1.2,
-               dtype=np.float64)
+  x, w = _data(4, loc=0.0 if ternary else 0.7, scale=2.0 if ternary else 1.2, dtype=np.float64)
   s_ref, h_ref = ref_forward(x, **_kwargs(n))
   _assert_mixed(s_ref)
   if n.ternary_grad == 'clamp':  # away from clip's kinks
@@ -457,12 +524,14 @@ def test_bptt_gradient_matches_numpy(cfg):
   g_ref = ref_grad(x, w, **_grad_kwargs(n))
   assert np.abs(g_ref).max() > 1e-3
   with jax.enable_x64(True):
-    out = spikes_and_grads(tuple(dataclasses.replace(n, loop=loop) for loop in neurons.LOOPS),
-                           jnp.asarray(x), jnp.asarray(w))
+    out = spikes_and_grads(
+      tuple(dataclasses.replace(n, loop=loop) for loop in neurons.LOOPS),
+      jnp.asarray(x),
+      jnp.asarray(w),
+    )
   for loop, (s, g) in zip(neurons.LOOPS, out):
     np.testing.assert_array_equal(np.asarray(s), s_ref, err_msg=loop)
-    np.testing.assert_allclose(np.asarray(g), g_ref, rtol=1e-10, atol=1e-12,
-                               err_msg=loop)
+    np.testing.assert_allclose(np.asarray(g), g_ref, rtol=1e-10, atol=1e-12, err_msg=loop)
 
 
 def test_ternary_undetached_reset_gradient_matches_pytorch_abs_convention():
@@ -480,24 +549,28 @@ def test_ternary_undetached_reset_gradient_matches_pytorch_abs_convention():
 # --------------------------------------------------------------------------
 
 LOOP_CONFIGS = [
-    dict(),                                                   # LIF hard reset
-    dict(detach_reset=False),
-    dict(v_reset=None),                                       # LIF soft reset
-    dict(v_reset=None, detach_reset=False),
-    dict(kind='if', detach_reset=False),
-    # ternary: both charge forms x both ternary gradients, in two programs
-    dict(kind='ternary', detach_reset=False),                 # spikingjelly, surrogate
-    dict(kind='ternary', charge_form='paper', ternary_grad='clamp'),
-    dict(kind='ternary', ternary_grad='clamp', v_reset=None), # spikingjelly, clamp, soft
+  dict(),  # LIF hard reset
+  dict(detach_reset=False),
+  dict(v_reset=None),  # LIF soft reset
+  dict(v_reset=None, detach_reset=False),
+  dict(kind='if', detach_reset=False),
+  # ternary: both charge forms x both ternary gradients, in two programs
+  dict(kind='ternary', detach_reset=False),  # spikingjelly, surrogate
+  dict(kind='ternary', charge_form='paper', ternary_grad='clamp'),
+  dict(kind='ternary', ternary_grad='clamp', v_reset=None),  # spikingjelly, clamp, soft
 ]
 
-LOOP_VARIANTS = ([dict(loop='scan', unroll=k) for k in range(1, T + 1)] +
-                 [dict(loop='scan', unroll=T + 3), dict(loop='scan', unroll=0),
-                  dict(loop='python'),
-                  dict(loop='vjp'), dict(loop='vjp', unroll=2),
-                  # recomputed in the backward pass (jax.checkpoint)
-                  dict(loop='scan', unroll=1, recompute=True), dict(loop='python', recompute=True),
-                  dict(loop='vjp', recompute=True)])
+LOOP_VARIANTS = [dict(loop='scan', unroll=k) for k in range(1, T + 1)] + [
+  dict(loop='scan', unroll=T + 3),
+  dict(loop='scan', unroll=0),
+  dict(loop='python'),
+  dict(loop='vjp'),
+  dict(loop='vjp', unroll=2),
+  # recomputed in the backward pass (jax.checkpoint)
+  dict(loop='scan', unroll=1, recompute=True),
+  dict(loop='python', recompute=True),
+  dict(loop='vjp', recompute=True),
+]
 
 
 @pytest.mark.parametrize('cfg', LOOP_CONFIGS, ids=repr)
@@ -518,8 +591,7 @@ def test_all_loops_agree(cfg):
   assert np.abs(g0).max() > 1e-2
   for var, (s, g) in zip(LOOP_VARIANTS[1:], out[1:]):
     np.testing.assert_array_equal(np.asarray(s), s0, err_msg=repr(var))
-    np.testing.assert_allclose(np.asarray(g), g0, rtol=1e-6, atol=1e-7,
-                               err_msg=repr(var))
+    np.testing.assert_allclose(np.asarray(g), g0, rtol=1e-6, atol=1e-7, err_msg=repr(var))
 
 
 # --------------------------------------------------------------------------
@@ -531,8 +603,9 @@ def test_all_loops_agree(cfg):
 def test_detach_reset_changes_gradient(kind):
   ternary = kind == 'ternary'
   x, w = _data(6, loc=0.0 if ternary else 0.7, scale=2.0 if ternary else 1.2)
-  ns = tuple(Neuron(kind=kind, loop=loop, detach_reset=d)
-             for loop in ('scan', 'vjp') for d in (True, False))
+  ns = tuple(
+    Neuron(kind=kind, loop=loop, detach_reset=d) for loop in ('scan', 'vjp') for d in (True, False)
+  )
   out = spikes_and_grads_fast(ns, jnp.asarray(x), jnp.asarray(w))
   for i in range(0, len(ns), 2):
     (s1, g1), (s2, g2) = out[i], out[i + 1]
@@ -578,11 +651,20 @@ def test_bfloat16_input_float32_membrane():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('kw', [
-    dict(kind='foo'), dict(loop='while'), dict(unroll=-1),
-    dict(surrogate='relu'), dict(charge_form='torch'), dict(ternary_grad='ste'),
-    dict(tau=0.0), dict(tau=-2.0),
-], ids=repr)
+@pytest.mark.parametrize(
+  'kw',
+  [
+    dict(kind='foo'),
+    dict(loop='while'),
+    dict(unroll=-1),
+    dict(surrogate='relu'),
+    dict(charge_form='torch'),
+    dict(ternary_grad='ste'),
+    dict(tau=0.0),
+    dict(tau=-2.0),
+  ],
+  ids=repr,
+)
 def test_invalid_neuron_arguments(kw):
   with pytest.raises(ValueError):
     Neuron(**kw)
@@ -600,7 +682,9 @@ def test_membrane_in_the_compute_dtype():
   float32 in the program); for float32 inputs it is the default neuron."""
   x = jax.random.normal(jax.random.key(3), (2, 4, 8)) * 2.0
   n, nc = Neuron(), Neuron(membrane='compute')
-  np.testing.assert_array_equal(np.asarray(neurons.multistep(n, x)), np.asarray(neurons.multistep(nc, x)))
+  np.testing.assert_array_equal(
+    np.asarray(neurons.multistep(n, x)), np.asarray(neurons.multistep(nc, x))
+  )
   xb = x.astype(jnp.bfloat16)
   assert 'f32' in str(jax.make_jaxpr(lambda v: neurons.multistep(n, v))(xb))
   assert 'f32' not in str(jax.make_jaxpr(lambda v: neurons.multistep(nc, v))(xb))

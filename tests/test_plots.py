@@ -67,8 +67,9 @@ def test_firing_rate_figure(tmp_path):
   rng = np.random.default_rng(0)
   heights = {}
   for n in (20, 80):
-    rates = {f'block.{i // 4}.attn.{"qkvp"[i % 4]}_lif': rng.uniform(0, 0.4, 4).tolist()
-             for i in range(n)}
+    rates = {
+      f'block.{i // 4}.attn.{"qkvp"[i % 4]}_lif': rng.uniform(0, 0.4, 4).tolist() for i in range(n)
+    }
     path = str(tmp_path / f'rates{n}.png')
     assert plots.firing_rate_figure(rates, path, title=f'{n} layers') == path
     h, w, c = _png_shape(path)
@@ -87,12 +88,25 @@ def _write_jsonl(path, rows, tail=''):
 
 
 def test_learning_curves_resumed_run_and_errors(tmp_path):
-  train = lambda s, loss: {'step': s, 'time': 1.0, 'train_loss': loss, 'train_top1': 1 - loss,
-                           'train_lr': 1e-3 * s, 'images_per_s': 100.0}
-  test = lambda s, top1: {'step': s, 'test_top1': top1, 'test_loss': 1 - top1,
-                          'test_count': 32}
-  rows = [train(2, 0.9), train(4, 0.8), test(4, 0.3),
-          train(4, 0.7), test(4, 0.35), train(6, 0.5), test(6, 0.5), test(6, 0.55)]
+  train = lambda s, loss: {
+    'step': s,
+    'time': 1.0,
+    'train_loss': loss,
+    'train_top1': 1 - loss,
+    'train_lr': 1e-3 * s,
+    'images_per_s': 100.0,
+  }
+  test = lambda s, top1: {'step': s, 'test_top1': top1, 'test_loss': 1 - top1, 'test_count': 32}
+  rows = [
+    train(2, 0.9),
+    train(4, 0.8),
+    test(4, 0.3),
+    train(4, 0.7),
+    test(4, 0.35),
+    train(6, 0.5),
+    test(6, 0.5),
+    test(6, 0.55),
+  ]
   path = tmp_path / 'run' / 'metrics.jsonl'
   path.parent.mkdir()
   _write_jsonl(path, rows, tail='{"step": 8, "train_lo')  # a live run's partial line
@@ -126,14 +140,17 @@ _fwd = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))
 
 # (configs, variant, attention, {module path: sown map shape after [B*T=4, heads=2]})
 CASES = {
-    'ssa': (spikformer_cfgs, 'cifar10-4-384', 'ssa', {'block.0.attn': (64, 64)}),
-    'a_i': (spikformer_cfgs, 'cifar10-4-384', 'a_i', {'block.0.attn': (64, 64)}),
-    'vsa': (spikformer_cfgs, 'cifar10-4-384', 'vsa', {'block.0.attn': (64, 64)}),
-    'sdsa': (sdt_cfgs, 'cifar10-2-512', 'sdsa', {'block.0.attn': (1, 16)}),
-    'a2os2a': (a2os2a_cfgs, 'cifar10-2-256', 'a2os2a', {'block.0.attn': (64, 64)}),
-    'mssa+ssa': (msvit_cfgs, 'cifar10-4-384', None,
-                 {'stage1.0.tssa': (1024, 1), 'stage2.0.tssa': (256, 1),
-                  'stage3.0.ssa': (64, 64)}),
+  'ssa': (spikformer_cfgs, 'cifar10-4-384', 'ssa', {'block.0.attn': (64, 64)}),
+  'a_i': (spikformer_cfgs, 'cifar10-4-384', 'a_i', {'block.0.attn': (64, 64)}),
+  'vsa': (spikformer_cfgs, 'cifar10-4-384', 'vsa', {'block.0.attn': (64, 64)}),
+  'sdsa': (sdt_cfgs, 'cifar10-2-512', 'sdsa', {'block.0.attn': (1, 16)}),
+  'a2os2a': (a2os2a_cfgs, 'cifar10-2-256', 'a2os2a', {'block.0.attn': (64, 64)}),
+  'mssa+ssa': (
+    msvit_cfgs,
+    'cifar10-4-384',
+    None,
+    {'stage1.0.tssa': (1024, 1), 'stage2.0.tssa': (256, 1), 'stage3.0.ssa': (64, 64)},
+  ),
 }
 
 
@@ -157,9 +174,19 @@ def test_recording_attention_keeps_logits(case):
 
 def _attention(kind, style, order='qk_first'):
   settings = layers.Settings(T=2, neuron=neurons.Neuron())
-  attn = nnx.eval_shape(lambda: blocks.SpikingAttention(
-      16, 2, settings=settings, kind=kind, style=style, scale=0.125, order=order, init='trunc_normal',
-      rngs=nnx.Rngs(0)))
+  attn = nnx.eval_shape(
+    lambda: blocks.SpikingAttention(
+      16,
+      2,
+      settings=settings,
+      kind=kind,
+      style=style,
+      scale=0.125,
+      order=order,
+      init='trunc_normal',
+      rngs=nnx.Rngs(0),
+    )
+  )
   _randomise(attn, seed=3).eval()
   attn.record_attention = True
   return attn
@@ -176,6 +203,7 @@ def test_ssa_map_is_spike_qk_times_scale():
     q = attn.q_lif(attn.q_bn(attn.q_linear(x)))
     k = attn.k_lif(attn.k_bn(attn.k_linear(x)))
     return inter['attention_map'].get_value()[0], q, k
+
   amap, q, k = map(np.asarray, run(attn, x))
   qh, kh = (np.asarray(ops.split_heads(jnp.asarray(t), 2)) for t in (q, k))
   assert qh.any() and kh.any() and set(np.unique(qh)) <= {0.0, 1.0}
@@ -196,6 +224,7 @@ def test_sdsa_map_is_the_talking_heads_gate():
     v = ops.split_heads(attn.v_lif(attn.v_bn(attn.v_linear(x))), 2)
     kv = (k * v).sum(axis=-2, keepdims=True)  # [4, 2, 1, 8]
     return inter['attention_map'].get_value()[0], attn.talking_heads_lif(kv.reshape(4, -1))
+
   amap, gate = map(np.asarray, run(attn, u))
   assert amap.shape == (4, 2, 1, 8) and 0 < amap.mean() < 1
   np.testing.assert_array_equal(amap.reshape(4, -1), gate)

@@ -20,9 +20,13 @@ from conftest import ROOT
 
 # 22 steps an epoch: one evaluation, at step 22. Log lines every 4 steps: a stop
 # between them must not change the averages a resumed run logs.
-ARGS = ['--config=configs/spikformer.py:digits', '--config.total_steps=30',
-        '--config.ckpt_every_steps=5', '--config.log_every_steps=4',
-        '--config.eval_every_epochs=1']
+ARGS = [
+  '--config=configs/spikformer.py:digits',
+  '--config.total_steps=30',
+  '--config.ckpt_every_steps=5',
+  '--config.log_every_steps=4',
+  '--config.eval_every_epochs=1',
+]
 ENV = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
 
 
@@ -31,8 +35,9 @@ def _cmd(wd, tool='train.py'):
 
 
 def _run(wd, rc=0, cmd=None):
-  p = subprocess.run(cmd or _cmd(wd), cwd=ROOT, env=ENV, capture_output=True, text=True,
-                     timeout=600)
+  p = subprocess.run(
+    cmd or _cmd(wd), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
+  )
   assert p.returncode == rc, p.stderr[-3000:]
   return p
 
@@ -93,8 +98,9 @@ def _logged_step(wd) -> int:
 
 
 def _start_and_wait(wd, until_step):
-  proc = subprocess.Popen(_cmd(wd), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _cmd(wd), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.time() + 300
   while _logged_step(wd) < until_step:
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -105,8 +111,10 @@ def _start_and_wait(wd, until_step):
 
 def _params(wd, step):
   tree = ocp.PyTreeCheckpointer().restore(str(wd / 'checkpoints' / str(step) / 'state'))
-  return {'/'.join(map(str, k)): np.asarray(v)
-          for k, v in _flatten(tree['params']) + _flatten(tree['batch_stats'])}
+  return {
+    '/'.join(map(str, k)): np.asarray(v)
+    for k, v in _flatten(tree['params']) + _flatten(tree['batch_stats'])
+  }
 
 
 def _flatten(tree, prefix=()):
@@ -154,7 +162,8 @@ def test_sigterm_kill9_and_a_second_trainer_lose_nothing(base, tmp_path):
   # A second training on the same workdir stops at once, naming the first.
   second = _run(wd, 1)
   assert _last_line(second).startswith(
-      f'error: the workdir {wd} is in use by process {proc.pid} on ')
+    f'error: the workdir {wd} is in use by process {proc.pid} on '
+  )
   assert 'Wait for it to finish or stop it, or use another --workdir.' in second.stderr
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
@@ -184,8 +193,9 @@ def test_sigterm_kill9_and_a_second_trainer_lose_nothing(base, tmp_path):
 def test_signals_at_every_stage_lose_nothing(base, tmp_path):
   # Ctrl-C while starting (data, model, compilation): nothing to save, the workdir freed.
   early = tmp_path / 'early'
-  proc = subprocess.Popen(_cmd(early), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _cmd(early), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   while not (early / 'train.lock').exists():
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     time.sleep(0.02)
@@ -193,43 +203,53 @@ def test_signals_at_every_stage_lose_nothing(base, tmp_path):
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 130, err[-3000:]
-  assert err.strip().splitlines()[-1] == \
-      'interrupted (SIGINT) before training started: nothing to save.'
+  assert (
+    err.strip().splitlines()[-1] == 'interrupted (SIGINT) before training started: nothing to save.'
+  )
   assert 'Traceback' not in err and not (early / 'train.lock').exists()
 
   # A second Ctrl-C does not wait for the save, and names the real resume point.
   twice = tmp_path / 'twice'
   p = _signalled(twice, 'eval', 1, 'SIGINT,SIGINT', 130)
   line = _last_line(p)
-  assert line.startswith('interrupted again (SIGINT): stopping now, not waiting for the save; '
-                         'the rerun resumes from the last committed checkpoint, step '), line
+  assert line.startswith(
+    'interrupted again (SIGINT): stopping now, not waiting for the save; '
+    'the rerun resumes from the last committed checkpoint, step '
+  ), line
   assert int(line.rsplit(' ', 1)[1].rstrip('.')) == _steps(twice)[-1] in (15, 20)
   assert not (twice / 'train.lock').exists()
 
   wd = tmp_path / 'signals'
   # Ctrl-C during the evaluation at step 22: saved, and the evaluation is owed.
   p = _signalled(wd, 'eval', 1, 'SIGINT', 130)
-  assert _last_line(p) == (f'interrupted (SIGINT) at step 22/30: checkpoint 22 saved in '
-                           f'{wd}/checkpoints; rerun the same command to resume.')
+  assert _last_line(p) == (
+    f'interrupted (SIGINT) at step 22/30: checkpoint 22 saved in '
+    f'{wd}/checkpoints; rerun the same command to resume.'
+  )
   assert _steps(wd)[-1] == 22 and not (wd / 'final_metrics.json').exists()
   # SIGTERM while the final checkpoint is written (after the owed evaluation
   # ran), delivered twice as a scheduler may: the second does not cut the save.
   p = _signalled(wd, 'wait', 30, 'SIGTERM,SIGTERM', 143)
   assert 'preempted again (SIGTERM): already stopping, the save goes on.' in p.stderr
-  assert _last_line(p) == (f'preempted (SIGTERM) after step 30/30: checkpoint 30 saved in '
-                           f'{wd}/checkpoints; rerun the same command to evaluate it.')
+  assert _last_line(p) == (
+    f'preempted (SIGTERM) after step 30/30: checkpoint 30 saved in '
+    f'{wd}/checkpoints; rerun the same command to evaluate it.'
+  )
   assert _steps(wd)[-1] == 30
   # A closed terminal (SIGHUP) during the final evaluation: the final
   # checkpoint is already there.
   p = _signalled(wd, 'eval', 1, 'SIGHUP', 129)
-  assert _last_line(p) == (f'hung up (SIGHUP) during the final evaluation: checkpoint 30 '
-                           f'saved in {wd}/checkpoints; rerun the same command to evaluate it.')
+  assert _last_line(p) == (
+    f'hung up (SIGHUP) during the final evaluation: checkpoint 30 '
+    f'saved in {wd}/checkpoints; rerun the same command to evaluate it.'
+  )
   assert not (wd / 'final_metrics.json').exists()
   _run(wd)
   _assert_same_run(wd, base)
   # A rerun of the finished run says so and changes nothing.
-  before = {f: (wd / f).read_bytes() for f in ('final_metrics.json', 'metrics.jsonl',
-                                               'config.json')}
+  before = {
+    f: (wd / f).read_bytes() for f in ('final_metrics.json', 'metrics.jsonl', 'config.json')
+  }
   p = _run(wd)
   assert f'{wd} holds a finished run (30 steps): nothing changed.' in p.stdout
   assert {f: (wd / f).read_bytes() for f in before} == before
@@ -238,9 +258,14 @@ def test_signals_at_every_stage_lose_nothing(base, tmp_path):
 def _unshare(script: str, *args, **env):
   """Runs a shell script in a private mount namespace, where mounting a tmpfs
   or a read-only bind mount needs no root; skips where that is not allowed."""
-  p = subprocess.run(['unshare', '-Urm', 'sh', '-c', script, 'sh', *args], cwd=ROOT,
-                     env=dict(ENV, PY=sys.executable, **env), capture_output=True, text=True,
-                     timeout=600)
+  p = subprocess.run(
+    ['unshare', '-Urm', 'sh', '-c', script, 'sh', *args],
+    cwd=ROOT,
+    env=dict(ENV, PY=sys.executable, **env),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   if p.returncode == 97 or 'unshare:' in p.stderr:
     pytest.skip(f'no private mount namespace here: {p.stderr.strip()[-300:]}')
   return p
@@ -254,17 +279,23 @@ def test_a_full_disk_stops_and_loses_nothing(base, tmp_path):
   size = sum(f.stat().st_size for f in (base / 'checkpoints' / '30').rglob('*') if f.is_file())
   disk, kept = tmp_path / 'disk', tmp_path / 'kept'
   disk.mkdir()
-  p = _unshare('mount -t tmpfs -o size=$SIZE tmpfs "$DISK" || exit 97\n'
-               '"$PY" train.py --workdir="$DISK/wd" "$@"; rc=$?\n'
-               'cp -a "$DISK/wd" "$KEPT"; exit $rc', *ARGS,
-               SIZE=str(int(2.3 * size)), DISK=str(disk), KEPT=str(kept))
+  p = _unshare(
+    'mount -t tmpfs -o size=$SIZE tmpfs "$DISK" || exit 97\n'
+    '"$PY" train.py --workdir="$DISK/wd" "$@"; rc=$?\n'
+    'cp -a "$DISK/wd" "$KEPT"; exit $rc',
+    *ARGS,
+    SIZE=str(int(2.3 * size)),
+    DISK=str(disk),
+    KEPT=str(kept),
+  )
   assert p.returncode == 1, p.stderr[-3000:]
   failed = int(_last_line(p).split('error: saving checkpoint ')[1].split()[0])
   assert failed in (10, 15, 20), p.stderr[-3000:]
   assert _last_line(p) == (
-      f'error: saving checkpoint {failed} failed (no space left on device); stopped: the last '
-      f'good checkpoint is step {failed - 5} in {disk}/wd/checkpoints. Free the space or fix '
-      'the directory, then rerun the same command to resume.')
+    f'error: saving checkpoint {failed} failed (no space left on device); stopped: the last '
+    f'good checkpoint is step {failed - 5} in {disk}/wd/checkpoints. Free the space or fix '
+    'the directory, then rerun the same command to resume.'
+  )
   assert len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]  # orbax's logs too
   assert _steps(kept) == list(range(5, failed, 5))
   # With room again, the rerun resumes from step 10 and ends as the uninterrupted run.
@@ -280,12 +311,26 @@ def test_eval_and_init_from_read_a_run_that_saves_every_step(tmp_path):
   ("Truncated Zstd...", "'StepMetadata' object has no attribute 'shape'").
   Each read gets a whole step while the run goes on."""
   from spikeformer_jax import restore, train_lib, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
   wd = tmp_path / 'live'
   proc = subprocess.Popen(
-      [sys.executable, 'train.py', f'--workdir={wd}', '--config=configs/spikformer.py:digits',
-       '--config.total_steps=100000', '--config.ckpt_every_steps=1', '--config.ckpt_keep=1',
-       '--config.eval_every_epochs=0', '--config.log_every_steps=1'],
-      cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      'train.py',
+      f'--workdir={wd}',
+      '--config=configs/spikformer.py:digits',
+      '--config.total_steps=100000',
+      '--config.ckpt_every_steps=1',
+      '--config.ckpt_keep=1',
+      '--config.eval_every_epochs=0',
+      '--config.log_every_steps=1',
+    ],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.time() + 300
     while _logged_step(wd) < 3:
@@ -318,8 +363,11 @@ def test_a_damaged_checkpoint_and_a_read_only_workdir(base, tmp_path):
   wd = tmp_path / 'damaged'
   shutil.copytree(base, wd)
   (wd / 'final_metrics.json').unlink()
-  data = [f for f in (wd / 'checkpoints' / '30' / 'state').rglob('*')
-          if f.is_file() and 'ocdbt.process_' in str(f)]
+  data = [
+    f
+    for f in (wd / 'checkpoints' / '30' / 'state').rglob('*')
+    if f.is_file() and 'ocdbt.process_' in str(f)
+  ]
   with open(max(data, key=lambda f: f.stat().st_size), 'r+b') as f:
     f.truncate(1000)
   # eval.py names the damaged step and the intact ones.
@@ -334,8 +382,13 @@ def test_a_damaged_checkpoint_and_a_read_only_workdir(base, tmp_path):
   assert (wd / 'damaged_checkpoints' / '30' / 'state').is_dir()
   _assert_same_run(wd, base)
   # eval.py on a read-only workdir stops before evaluating, naming the directory.
-  p = _unshare('mount --bind "$WD" "$WD" && mount -o remount,bind,ro "$WD" || exit 97\n'
-               '"$PY" eval.py --workdir="$WD"', WD=str(base))
+  p = _unshare(
+    'mount --bind "$WD" "$WD" && mount -o remount,bind,ro "$WD" || exit 97\n'
+    '"$PY" eval.py --workdir="$WD"',
+    WD=str(base),
+  )
   assert p.returncode == 1, p.stderr[-3000:]
-  assert _last_line(p) == (f'error: cannot write the result to {base}: Read-only file system; '
-                           'pass --output with a writable path.')
+  assert _last_line(p) == (
+    f'error: cannot write the result to {base}: Read-only file system; '
+    'pass --output with a writable path.'
+  )

@@ -12,22 +12,21 @@ from test_models import cfgs
 
 
 def _tiny(**over):
-  base = {'total_steps': 2, 'ckpt_every_steps': 2, 'eval_every_epochs': 0,
-          'log_every_steps': 1}
-  return config_lib.apply_overrides(cfgs.get_config('cifar10-4-384,runlocal'),
-                                    {**base, **over})
+  base = {'total_steps': 2, 'ckpt_every_steps': 2, 'eval_every_epochs': 0, 'log_every_steps': 1}
+  return config_lib.apply_overrides(cfgs.get_config('cifar10-4-384,runlocal'), {**base, **over})
 
 
 def _tensorboard_tags(directory) -> set:
   """Tags in the event files of `directory` (TFRecord framing, read by hand)."""
   import struct  # pylint: disable=import-outside-toplevel
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   tags = set()
   for path in directory.glob('events.out.tfevents.*'):
     data, i = path.read_bytes(), 0
     while i < len(data):
-      (n,) = struct.unpack('<Q', data[i:i + 8])
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      (n,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
       tags |= {v.tag for v in event.summary.value}
       i += 12 + n + 4
   return tags
@@ -41,7 +40,8 @@ def _restored(config, workdir):
 
 @pytest.mark.slow
 def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
-    tmp_path, monkeypatch, capsys):
+  tmp_path, monkeypatch, capsys
+):
   src = tmp_path / 'pretrained'
   train_lib.train_and_evaluate(_tiny(profile_steps=(1, 2)), str(src))
   trained = checkpointing.flatten(_restored(_tiny(), src))
@@ -50,8 +50,9 @@ def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
   assert 'parameters: block ' in out and 'profile of steps 1-2 ->' in out
   table = (src / 'params.txt').read_text().splitlines()
   assert table[-1].split()[-1] == '29,038' and any(line.startswith('head/kernel') for line in table)
-  assert any(f.name.endswith('.xplane.pb') for f in (src / 'profile').rglob('*')), \
-      list((src / 'profile').rglob('*'))
+  assert any(f.name.endswith('.xplane.pb') for f in (src / 'profile').rglob('*')), list(
+    (src / 'profile').rglob('*')
+  )
   # TensorBoard (tensorboardX, no TensorFlow): the metrics and the config.
   tags = _tensorboard_tags(src / 'tb')
   assert {'train/loss', 'train/lr', 'images_per_s', 'test/top1', 'test/loss'} <= tags, tags
@@ -68,8 +69,9 @@ def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
 
   seen = {}
   real = pretrained.apply
-  monkeypatch.setattr(pretrained, 'apply',
-                      lambda state, take: seen.setdefault('s', jax.device_get(real(state, take))))
+  monkeypatch.setattr(
+    pretrained, 'apply', lambda state, take: seen.setdefault('s', jax.device_get(real(state, take)))
+  )
   config = _tiny(init_from=str(src), init_skip=('head',), ema_decay=0.9, **five)
   train_lib.train_and_evaluate(config, str(tmp_path / 'tuned'))
   start = checkpointing.flatten(seen['s'])
@@ -79,23 +81,27 @@ def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
       np.testing.assert_array_equal(start['ema/' + name], trained[name], err_msg=name)
   assert start['params/head/kernel'].shape == (32, 5)
   assert int(start['step']) == 0 and not any(  # a fresh optimizer: zero moments
-      np.any(v) for k, v in start.items() if k.startswith('opt_state/') and v.ndim)
+    np.any(v) for k, v in start.items() if k.startswith('opt_state/') and v.ndim
+  )
   out = capsys.readouterr().out
   assert 'kept fresh (init_skip): params/head/bias, params/head/kernel.' in out, out[-3000:]
 
   # Resuming its own checkpoint ignores init_from (here gone).
   import shutil  # pylint: disable=import-outside-toplevel
+
   shutil.rmtree(src)
   config.total_steps = 4
   assert train_lib.train_and_evaluate(config, str(tmp_path / 'tuned'))['steps'] == 4
 
 
 def test_bad_sources_are_one_line_and_write_nothing(tmp_path):
-  cases = {tmp_path / 'missing': 'does not exist',
-           tmp_path / 'weights.txt': 'neither a directory of ours nor',
-           tmp_path / 'empty_dir': 'holds no checkpoint of ours',
-           tmp_path / 'broken': 'is unreadable',
-           tmp_path / 'garbage.npz': 'is unreadable'}
+  cases = {
+    tmp_path / 'missing': 'does not exist',
+    tmp_path / 'weights.txt': 'neither a directory of ours nor',
+    tmp_path / 'empty_dir': 'holds no checkpoint of ours',
+    tmp_path / 'broken': 'is unreadable',
+    tmp_path / 'garbage.npz': 'is unreadable',
+  }
   (tmp_path / 'weights.txt').write_text('x')
   (tmp_path / 'empty_dir').mkdir()
   (tmp_path / 'broken' / 'checkpoints' / '4' / 'state').mkdir(parents=True)
@@ -122,8 +128,10 @@ def test_an_official_state_dict_initialises_the_model(shared_dir, tmp_path):
   take, notes = train_lib.initial_weights(config, str(tmp_path / 'wd'))
   model, _ = recordings.model_holding(mc, state_dict)
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  want = checkpointing.flatten({'params': nnx.state(model, nnx.Param),
-                                'batch_stats': nnx.state(model, nnx.BatchStat)})
+
+  want = checkpointing.flatten(
+    {'params': nnx.state(model, nnx.Param), 'batch_stats': nnx.state(model, nnx.BatchStat)}
+  )
   assert set(take) == set(want) and 'Initialised' in notes[0]
   for name, value in want.items():
     np.testing.assert_allclose(take[name], np.asarray(value), rtol=1e-6, err_msg=name)
@@ -147,7 +155,8 @@ def _fixture_config(shared_dir, tmp_path, edit=None):
 
 
 def test_an_official_array_of_another_layout_is_named_before_anything_is_written(
-    shared_dir, tmp_path):
+  shared_dir, tmp_path
+):
   """fc1 given as [in, out] has as many elements as PyTorch's [out, in]: it
   used to load ("74 of 74 arrays"). init_from and convert name it, with the
   other arrays no weight can be, and write nothing."""
@@ -157,18 +166,24 @@ def test_an_official_array_of_another_layout_is_named_before_anything_is_written
     sd[fc1] = np.ascontiguousarray(sd[fc1].T)  # (64, 256): [in, out]
     sd['head.bias'][3] = np.nan
     sd['block.0.attn.q_bn.running_var'] = sd['block.0.attn.q_bn.running_var'].astype(np.int32)
+
   config = _fixture_config(shared_dir, tmp_path, edit)
   from spikeformer_jax import convert  # pylint: disable=import-outside-toplevel
-  for attempt in (lambda: train_lib.initial_weights(config, str(tmp_path / 'wd')),
-                  lambda: convert.write_workdir(config, config.init_from, str(tmp_path / 'out'))):
+
+  for attempt in (
+    lambda: train_lib.initial_weights(config, str(tmp_path / 'wd')),
+    lambda: convert.write_workdir(config, config.init_from, str(tmp_path / 'out')),
+  ):
     with pytest.raises(errors.UserError) as e:
       attempt()
     msg = str(e.value)
-    assert msg.startswith(f'init_from={config.init_from} does not fit this model: 1 of '
-                          'another shape (params/block/0/mlp/fc1_linear/kernel '
-                          f'({fc1} is (64, 256), officially (256, 64))); 2 of unusable values '
-                          '(batch_stats/block/0/attn/q_bn/var holds int32, not floats, '
-                          'params/head/bias has 1 of 10 values NaN or infinite). '), msg
+    assert msg.startswith(
+      f'init_from={config.init_from} does not fit this model: 1 of '
+      'another shape (params/block/0/mlp/fc1_linear/kernel '
+      f'({fc1} is (64, 256), officially (256, 64))); 2 of unusable values '
+      '(batch_stats/block/0/attn/q_bn/var holds int32, not floats, '
+      'params/head/bias has 1 of 10 values NaN or infinite). '
+    ), msg
     assert msg.endswith('or fix the config or the source.') and '\n' not in msg, msg
   assert not (tmp_path / 'wd').exists() and not (tmp_path / 'out').exists()
 
@@ -179,6 +194,7 @@ def test_convert_writes_a_new_workdir_only_and_holds_its_lock(shared_dir, tmp_pa
   removes what it wrote if writing fails."""
   import os  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import convert, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+
   config = _fixture_config(shared_dir, tmp_path)
   src = config.init_from
   (tmp_path / 'live').mkdir()
@@ -186,12 +202,17 @@ def test_convert_writes_a_new_workdir_only_and_holds_its_lock(shared_dir, tmp_pa
   (tmp_path / 'notes').mkdir()
   (tmp_path / 'notes' / 'todo.txt').write_text('x')
   (tmp_path / 'file').write_text('x')
-  cases = {'run': 'already holds a run (its config.json or checkpoints/); give a new directory',
-           'notes': 'is not empty (it holds todo.txt); convert writes a new workdir',
-           'file': 'is a file; give a new directory'}
+  cases = {
+    'run': 'already holds a run (its config.json or checkpoints/); give a new directory',
+    'notes': 'is not empty (it holds todo.txt); convert writes a new workdir',
+    'file': 'is a file; give a new directory',
+  }
   with workdir_lib.WorkdirLock(str(tmp_path / 'live'), command='train.py --workdir=live'):
-    with pytest.raises(errors.UserError, match=r'--out=.*live is in use by process \d+ on .*'
-                       r'train.py --workdir=live\); give a new directory'):
+    with pytest.raises(
+      errors.UserError,
+      match=r'--out=.*live is in use by process \d+ on .*'
+      r'train.py --workdir=live\); give a new directory',
+    ):
       convert.write_workdir(config, src, str(tmp_path / 'live'))
     for name, message in cases.items():
       with pytest.raises(errors.UserError) as e:
@@ -201,27 +222,36 @@ def test_convert_writes_a_new_workdir_only_and_holds_its_lock(shared_dir, tmp_pa
 
   # A failed write leaves nothing that would pass for a run.
   real_save = checkpointing.Checkpointer.save
+
   def failing(self, *a, **k):
     raise errors.CheckpointError('disk full (simulated)')
+
   monkeypatch.setattr(checkpointing.Checkpointer, 'save', failing)
   with pytest.raises(errors.CheckpointError, match='simulated'):
     convert.write_workdir(config, src, str(tmp_path / 'new'))
   assert not (tmp_path / 'new').exists()
   # An empty directory is converted into, and a training is refused while it is.
   seen = []
+
   def save(self, *a, **k):
     with pytest.raises(errors.WorkdirBusy, match='is in use by process'):
       workdir_lib.WorkdirLock(str(tmp_path / 'live')).acquire()
     seen.append(workdir_lib.holder(str(tmp_path / 'live'))['command'])
     return real_save(self, *a, **k)
+
   monkeypatch.setattr(checkpointing.Checkpointer, 'save', save)
   convert.write_workdir(config, src, str(tmp_path / 'live'))
   assert seen and sorted(os.listdir(tmp_path / 'live')) == ['checkpoints', 'config.json']
 
 
-@pytest.mark.parametrize('transfer,imagenet', [('cifar10-transfer-8-512', 'imagenet-8-512'),
-                                               ('cifar100-transfer-8-384', 'imagenet-8-384'),
-                                               ('cifar10-transfer-4-384', 'imagenet-4-384')])
+@pytest.mark.parametrize(
+  'transfer,imagenet',
+  [
+    ('cifar10-transfer-8-512', 'imagenet-8-512'),
+    ('cifar100-transfer-8-384', 'imagenet-8-384'),
+    ('cifar10-transfer-4-384', 'imagenet-4-384'),
+  ],
+)
 def test_table7_rows_take_the_imagenet_models_weights(transfer, imagenet):
   """Spikformer's Table 7 rows are the ImageNet model but for the class count
   (the head stays fresh), at 224x224, for 60 epochs (50 + 10 cooldown) of the
@@ -246,9 +276,10 @@ def test_table7_rows_refuse_to_start_without_init_from(tmp_path, monkeypatch):
   with pytest.raises(ValueError) as e:
     train_lib.train_and_evaluate(c, str(workdir))
   assert str(e.value) == (
-      'spikformer:cifar100-transfer-8-384 fine-tunes trained weights but init_from is not '
-      'set: give --config.init_from=WORKDIR of the run to start from (Table 7: the ImageNet '
-      'run), or --config.init_from=none to train it from scratch.')
+    'spikformer:cifar100-transfer-8-384 fine-tunes trained weights but init_from is not '
+    'set: give --config.init_from=WORKDIR of the run to start from (Table 7: the ImageNet '
+    'run), or --config.init_from=none to train it from scratch.'
+  )
   assert not workdir.exists()
   c.init_from = 'none'
   validation.validate_start(c)
@@ -268,13 +299,27 @@ def test_train_py_refuses_a_transfer_row_without_init_from_in_one_line(tmp_path)
   import subprocess
   import sys  # pylint: disable=import-outside-toplevel
   from conftest import ROOT  # pylint: disable=import-outside-toplevel
-  p = subprocess.run([sys.executable, 'train.py', '--config=configs/spikformer.py:'
-                      'cifar10-transfer-4-384', f'--workdir={tmp_path / "wd"}'], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300)
+
+  p = subprocess.run(
+    [
+      sys.executable,
+      'train.py',
+      '--config=configs/spikformer.py:cifar10-transfer-4-384',
+      f'--workdir={tmp_path / "wd"}',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert p.returncode == 1 and 'Traceback' not in p.stderr
-  assert p.stderr.strip().splitlines()[-1].startswith(
-      'error: spikformer:cifar10-transfer-4-384 fine-tunes trained weights but init_from is '
-      'not set')
+  assert (
+    p.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      'error: spikformer:cifar10-transfer-4-384 fine-tunes trained weights but init_from is not set'
+    )
+  )
   assert not (tmp_path / 'wd').exists()
 
 
@@ -286,25 +331,43 @@ def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_
   import subprocess
   import sys  # pylint: disable=import-outside-toplevel
   from conftest import ROOT  # pylint: disable=import-outside-toplevel
+
   d, rec = recordings.read_recording(str(shared_dir / 'fixtures' / 'sdt_cifar.npz'))
   np.savez(tmp_path / 'sdt.npz', **recordings.state_dict(d))
   kw = rec['constructor_args_full']
-  over = [f'--config.model.{k}={v}' for k, v in (
-      ('embed_dim', kw['embed_dims']), ('depth', kw['depths']), ('num_heads', kw['num_heads']),
-      ('T', rec['T']), ('dead_modules', True))] + ['--config.data.name=synthetic']
+  over = [
+    f'--config.model.{k}={v}'
+    for k, v in (
+      ('embed_dim', kw['embed_dims']),
+      ('depth', kw['depths']),
+      ('num_heads', kw['num_heads']),
+      ('T', rec['T']),
+      ('dead_modules', True),
+    )
+  ] + ['--config.data.name=synthetic']
   out = tmp_path / 'converted'
-  cmd = [sys.executable, '-m', 'spikeformer_jax.convert', '--config=configs/sdt.py:cifar10-2-512',
-         f'--torch={tmp_path / "sdt.npz"}', f'--out={out}', *over]
+  cmd = [
+    sys.executable,
+    '-m',
+    'spikeformer_jax.convert',
+    '--config=configs/sdt.py:cifar10-2-512',
+    f'--torch={tmp_path / "sdt.npz"}',
+    f'--out={out}',
+    *over,
+  ]
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.strip().endswith(f'-> {out}/checkpoints/0.'), p.stdout
-  assert not [line for line in p.stderr.splitlines() if line.startswith('I')], p.stderr  # orbax quiet
+  assert not [line for line in p.stderr.splitlines() if line.startswith('I')], (
+    p.stderr
+  )  # orbax quiet
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 1 and 'already holds a run' in again.stderr, again.stderr
 
   saved = json.loads((out / 'config.json').read_text())['config']
   from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
+
   config = ConfigDict(saved)
   config.eval_batch_size = 8
   res = restore.evaluate_checkpoint(config, str(out), num_devices=1)
@@ -313,14 +376,17 @@ def test_an_official_checkpoint_becomes_a_workdir_eval_and_init_from_use(shared_
   take, _ = train_lib.initial_weights(config, str(tmp_path / 'new'))
   model, _ = recordings.model_holding(config.model, recordings.state_dict(d))
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  want = checkpointing.flatten({'params': nnx.state(model, nnx.Param),
-                                'batch_stats': nnx.state(model, nnx.BatchStat)})
+
+  want = checkpointing.flatten(
+    {'params': nnx.state(model, nnx.Param), 'batch_stats': nnx.state(model, nnx.BatchStat)}
+  )
   for name, value in want.items():
     np.testing.assert_array_equal(take[name], np.asarray(value), err_msg=name)
 
 
 def test_convert_checks_an_empty_out_before_reading_the_checkpoint(tmp_path):
   from spikeformer_jax import convert  # pylint: disable=import-outside-toplevel
+
   config = _tiny()
   # The source does not exist: reading it first would name it instead.
   with pytest.raises(errors.UserError, match='^--out is empty: give a new directory'):

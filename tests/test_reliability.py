@@ -26,8 +26,7 @@ from spikeformer_jax import checkpointing, errors, metrics, workdir as workdir_l
 
 def _holder(**over):
   me = workdir_lib._identity()  # pylint: disable=protected-access
-  return {**me, 'time': time.time(), 'command': 'train.py --workdir=x', 'token': 'other',
-          **over}
+  return {**me, 'time': time.time(), 'command': 'train.py --workdir=x', 'token': 'other', **over}
 
 
 def _write_lock(wd, holder, age_s=0.0):
@@ -54,8 +53,7 @@ def test_a_dead_holder_on_this_machine_is_stale(tmp_path):
   p.wait()  # a pid that no longer runs
   _write_lock(tmp_path, _holder(pid=p.pid, start='1'))
   with workdir_lib.WorkdirLock(str(tmp_path)) as lock:
-    assert json.loads((tmp_path / workdir_lib.LOCK_NAME).read_text())['token'] == \
-        lock._me['token']  # pylint: disable=protected-access
+    assert json.loads((tmp_path / workdir_lib.LOCK_NAME).read_text())['token'] == lock._me['token']  # pylint: disable=protected-access
   # A reused pid (another start time) is not the holder either.
   _write_lock(tmp_path, _holder(pid=os.getpid(), start='not-my-start-time'))
   workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
@@ -80,9 +78,13 @@ def test_a_holder_elsewhere_is_stale_only_without_heartbeat(tmp_path):
 
 def test_a_runs_workdir_is_no_sweep_directory(tmp_path):
   from spikeformer_jax import sweeps  # pylint: disable=import-outside-toplevel
+
   with workdir_lib.WorkdirLock(str(tmp_path), command='train.py --workdir=x'):
-    with pytest.raises(ValueError, match=r"is in use by process .*: it is a run's workdir, "
-                       'not a sweep directory; use another --workdir'):
+    with pytest.raises(
+      ValueError,
+      match=r"is in use by process .*: it is a run's workdir, "
+      'not a sweep directory; use another --workdir',
+    ):
       sweeps.write_manifest('configs/spikformer.py', 'digits-small', str(tmp_path), [])
   assert os.listdir(tmp_path) == []
 
@@ -112,8 +114,15 @@ def test_processes_racing_for_a_lock_get_one_holder(tmp_path, stale):
     if stale:  # a dead holder on another host: all of them try to take it over
       _write_lock(wd, _holder(host='other-host', pid=1), age_s=workdir_lib.STALE_S + 5)
     start = time.time() + 1.0
-    procs = [subprocess.Popen([sys.executable, '-c', _RACE, str(wd), str(start)], cwd=root,
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+      subprocess.Popen(
+        [sys.executable, '-c', _RACE, str(wd), str(start)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+      )
+      for _ in range(4)
+    ]
     outs = [p.communicate(timeout=60)[0].split() for p in procs]
     assert sorted(o[-1] for o in outs) == ['busy', 'busy', 'busy', 'held'], outs
 
@@ -135,18 +144,30 @@ def test_unusable_workdirs_are_one_line(tmp_path):
   # A read-only filesystem (a bind mount in a private namespace; root writes anywhere else).
   ro = tmp_path / 'ro'
   ro.mkdir()
-  code = ('from spikeformer_jax import workdir as w, errors\n'
-          f'try:\n  w.WorkdirLock({str(ro)!r}).acquire()\n'
-          'except errors.UserError as e:\n  print(e)')
-  p = subprocess.run(['unshare', '-Urm', 'sh', '-c',
-                      f'mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && '
-                      f'{sys.executable} -c "$0"', code],
-                     capture_output=True, text=True, timeout=60,
-                     cwd=os.path.dirname(os.path.dirname(__file__)))
+  code = (
+    'from spikeformer_jax import workdir as w, errors\n'
+    f'try:\n  w.WorkdirLock({str(ro)!r}).acquire()\n'
+    'except errors.UserError as e:\n  print(e)'
+  )
+  p = subprocess.run(
+    [
+      'unshare',
+      '-Urm',
+      'sh',
+      '-c',
+      f'mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && {sys.executable} -c "$0"',
+      code,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
   if 'mount' in p.stderr or 'unshare' in p.stderr:
     pytest.skip(f'no private mount namespace here: {p.stderr.strip()}')
-  assert p.stdout.strip() == (f'cannot write to the workdir {ro}: Read-only file system; '
-                              'use a writable --workdir.'), p.stderr
+  assert p.stdout.strip() == (
+    f'cannot write to the workdir {ro}: Read-only file system; use a writable --workdir.'
+  ), p.stderr
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -154,13 +175,17 @@ def test_unusable_workdirs_are_one_line(tmp_path):
 
 def _state(v):
   w = np.random.default_rng(int(v)).normal(size=(64, 64)).astype(np.float32)  # incompressible
-  return {'params': {'w': jnp.asarray(w), 'b': jnp.arange(3.0) + v},
-          'step': jnp.asarray(int(v), jnp.int32)}
+  return {
+    'params': {'w': jnp.asarray(w), 'b': jnp.arange(3.0) + v},
+    'step': jnp.asarray(int(v), jnp.int32),
+  }
 
 
 def _abstract():
-  return checkpointing.abstract_like(_state(0), jax.tree.map(
-      lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)))
+  return checkpointing.abstract_like(
+    _state(0),
+    jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)),
+  )
 
 
 def _saved(tmp_path, steps=(1, 2, 3)):
@@ -204,7 +229,8 @@ def test_a_damaged_checkpoint_is_unreadable_not_another_model(tmp_path, how):
   state, meta = ck.restore_intact(_abstract(), log=lines.append)
   assert meta == {'step': 2} and float(state['params']['b'][0]) == 2.0
   assert len(lines) == 1 and lines[0].endswith(
-      f'moved to {tmp_path}/{checkpointing.DAMAGED_DIR}/3; resuming from step 2.')
+    f'moved to {tmp_path}/{checkpointing.DAMAGED_DIR}/3; resuming from step 2.'
+  )
   assert (tmp_path / checkpointing.DAMAGED_DIR / '3' / 'state').is_dir()
   assert ck.all_steps() == [1, 2]
   ck.save(3, _state(3.5), {'step': 3})  # training on saves step 3 again: no collision
@@ -215,18 +241,26 @@ def test_nothing_moves_when_no_step_reads_or_the_cause_is_not_damage(tmp_path, m
   ck = _saved(tmp_path, steps=(1, 2))
   for step in (1, 2):
     _damage(ck.directory, step, 'truncate')
-  with pytest.raises(errors.CheckpointError, match=r'no checkpoint in .* reads \(2: OUT_OF_RANGE'
-                     r'.*; 1: OUT_OF_RANGE.*\); nothing was moved'):
+  with pytest.raises(
+    errors.CheckpointError,
+    match=r'no checkpoint in .* reads \(2: OUT_OF_RANGE'
+    r'.*; 1: OUT_OF_RANGE.*\); nothing was moved',
+  ):
     ck.restore_intact(_abstract())
   assert ck.all_steps() == [1, 2] and not (tmp_path / checkpointing.DAMAGED_DIR).exists()
   ck.close()
 
   ck = _saved(tmp_path / 'oom', steps=(1, 2))
+
   def oom(*a, **k):
     raise ValueError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0GiB')
+
   monkeypatch.setattr(ck._mngr, 'restore', oom)  # pylint: disable=protected-access
-  with pytest.raises(errors.CheckpointError, match=r'unreadable \(RESOURCE_EXHAUSTED: Out of '
-                     r'memory.*\); that is no sign of a damaged checkpoint, so nothing was moved'):
+  with pytest.raises(
+    errors.CheckpointError,
+    match=r'unreadable \(RESOURCE_EXHAUSTED: Out of '
+    r'memory.*\); that is no sign of a damaged checkpoint, so nothing was moved',
+  ):
     ck.restore_intact(_abstract())
   assert ck.all_steps() == [1, 2]
 
@@ -250,6 +284,7 @@ def test_a_reader_gets_a_whole_step_while_the_run_deletes_it(tmp_path):
   def read_rotating(root, step):
     rotate(step + 1)
     return (Path(root) / str(step) / 'data').read_text()
+
   # A killed reader's hold keeps disk space: the next reader on its host drops it.
   dead = subprocess.Popen([sys.executable, '-c', 'pass'])
   dead.wait()
@@ -260,12 +295,14 @@ def test_a_reader_gets_a_whole_step_while_the_run_deletes_it(tmp_path):
   (ck / '.reading-elsewhere-1-x').rmdir()
 
   reads, last_lost = [], [3]
+
   def read_lost(root, step):  # no hold possible: the step is gone when read
     reads.append(step)
     if step <= last_lost[0]:
       rotate(step + 1)
       raise errors.CheckpointError(f'checkpoint {step} is unreadable (Truncated Zstd...)')
     return step
+
   with pytest.MonkeyPatch.context() as m:
     m.setattr(checkpointing, '_hold', lambda d, s: None)
     assert checkpointing.read_committed(str(ck), read_lost) == 4 and reads == [2, 3, 4]
@@ -275,16 +312,21 @@ def test_a_reader_gets_a_whole_step_while_the_run_deletes_it(tmp_path):
       with pytest.raises(checkpointing.RunBeingWritten) as e:
         checkpointing.read_committed(str(ck), read_lost, tries=2)
     assert reads == [4, 5], reads
-  assert str(e.value).startswith(f'the run in {tmp_path} is being written by process '
-                                 f'{os.getpid()} on ')
-  assert str(e.value).endswith('deleted each checkpoint while it was read (2 tries): retry, or '
-                               'stop that run first (or give it a larger ckpt_keep).')
+  assert str(e.value).startswith(
+    f'the run in {tmp_path} is being written by process {os.getpid()} on '
+  )
+  assert str(e.value).endswith(
+    'deleted each checkpoint while it was read (2 tries): retry, or '
+    'stop that run first (or give it a larger ckpt_keep).'
+  )
 
   # A step that stays and does not read is named, read in place: not retried.
   reads.clear()
+
   def read_damaged(root, step):
     reads.append(root)
     raise errors.CheckpointError(f'checkpoint {step} in {root} is unreadable (DATA_LOSS)')
+
   with pytest.raises(errors.CheckpointError, match=f'checkpoint 6 in {ck} is unreadable'):
     checkpointing.read_committed(str(ck), read_damaged)
   assert len(reads) == 2 and reads[1] == str(ck)  # its hold, then in place
@@ -293,10 +335,14 @@ def test_a_reader_gets_a_whole_step_while_the_run_deletes_it(tmp_path):
 def test_another_model_is_still_another_model(tmp_path):
   ck = _saved(tmp_path, steps=(1,))
   other = checkpointing.abstract_like(
-      {'params': {'w': jnp.zeros((32, 64)), 'b': jnp.zeros(3)}, 'step': jnp.zeros((), jnp.int32)},
-      jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)))
-  with pytest.raises(ValueError, match=r'another config\?\); 1 arrays differ, e.g. params/w: '
-                     r'checkpoint \(64, 64\) vs model \(32, 64\)'):
+    {'params': {'w': jnp.zeros((32, 64)), 'b': jnp.zeros(3)}, 'step': jnp.zeros((), jnp.int32)},
+    jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)),
+  )
+  with pytest.raises(
+    ValueError,
+    match=r'another config\?\); 1 arrays differ, e.g. params/w: '
+    r'checkpoint \(64, 64\) vs model \(32, 64\)',
+  ):
     ck.restore(other)
   ck.close()
 
@@ -305,16 +351,20 @@ def test_a_failed_background_save_is_reported_at_the_next_poll(tmp_path, monkeyp
   ck = _saved(tmp_path, steps=(1,))
 
   def fail():
-    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.w" in OCDBT database: '
-                     'Failed to write 4096 bytes: No space left on device [os_error_code=\'28\']')
+    raise ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "params.w" in OCDBT database: '
+      'Failed to write 4096 bytes: No space left on device [os_error_code=\'28\']'
+    )
+
   monkeypatch.setattr(ck._mngr, 'check_for_errors', fail)  # pylint: disable=protected-access
   ck._saving = 2  # pylint: disable=protected-access
   with pytest.raises(errors.CheckpointError) as e:
     ck.poll()
   assert str(e.value) == (
-      f'saving checkpoint 2 failed (no space left on device); stopped: the last good '
-      f'checkpoint is step 1 in {ck.directory}. Free the space or fix the directory, then '
-      'rerun the same command to resume.')
+    f'saving checkpoint 2 failed (no space left on device); stopped: the last good '
+    f'checkpoint is step 1 in {ck.directory}. Free the space or fix the directory, then '
+    'rerun the same command to resume.'
+  )
   ck.close(quiet=True)  # reported once: closing does not raise it again
 
 
@@ -327,15 +377,20 @@ def test_keeping_no_checkpoint_is_refused(tmp_path):
 
 
 def test_a_redone_evaluation_replaces_its_lines(tmp_path):
-  rows = [{'step': 5, 'train_loss': 1.0}, {'step': 5, 'test_top1': 0.1},
-          {'step': 6, 'train_loss': 0.9}]
+  rows = [
+    {'step': 5, 'train_loss': 1.0},
+    {'step': 5, 'test_top1': 0.1},
+    {'step': 6, 'train_loss': 0.9},
+  ]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
   w = metrics.MetricWriter(str(tmp_path), resume_step=5, redo_eval=True)
   w.write(5, test_top1=0.2)
   w.close()
   got = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert [(r['step'], r.get('train_loss'), r.get('test_top1')) for r in got] == \
-      [(5, 1.0, None), (5, None, 0.2)]
+  assert [(r['step'], r.get('train_loss'), r.get('test_top1')) for r in got] == [
+    (5, 1.0, None),
+    (5, None, 0.2),
+  ]
 
 
 def _tensorboard_scalars(directory) -> list:
@@ -344,12 +399,13 @@ def _tensorboard_scalars(directory) -> list:
   before it, as TensorBoard's purge does."""
   import struct  # pylint: disable=import-outside-toplevel
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   shown = []
   for path in sorted(directory.glob('events.out.tfevents.*')):
     data, i = path.read_bytes(), 0
     while i < len(data):
-      (n,) = struct.unpack('<Q', data[i:i + 8])
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      (n,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
       i += 12 + n + 4
       if event.session_log.status == event_pb2.SessionLog.START:
         shown = [(tag, step) for tag, step in shown if step < event.step]
@@ -391,10 +447,15 @@ def test_a_corrupt_config_json_is_named(tmp_path):
   (tmp_path / 'config.json').write_text('{"config": {"seed": 4')
   with pytest.raises(errors.UserError) as e:
     workdir_lib.load_run_config(str(tmp_path))
-  assert str(e.value) == (f'{tmp_path}/config.json is not valid JSON (Expecting \',\' '
-                          'delimiter, line 1): pass --config explicitly.')
-  with pytest.raises(errors.UserError, match='it records the run.s config; restore it from '
-                     'a copy, or delete it to resume without comparing configs'):
+  assert str(e.value) == (
+    f'{tmp_path}/config.json is not valid JSON (Expecting \',\' '
+    'delimiter, line 1): pass --config explicitly.'
+  )
+  with pytest.raises(
+    errors.UserError,
+    match='it records the run.s config; restore it from '
+    'a copy, or delete it to resume without comparing configs',
+  ):
     workdir_lib.check_resume_config(None, str(tmp_path))
   (tmp_path / 'config.json').write_text('[1, 2]')
   with pytest.raises(errors.UserError, match='holds no run config'):
@@ -403,9 +464,12 @@ def test_a_corrupt_config_json_is_named(tmp_path):
 
 def test_damaged_metric_lines_are_dropped_on_resume(tmp_path):
   path = tmp_path / 'metrics.jsonl'
-  path.write_bytes(b'{"step": 1, "x": 1}\n{"step": "5", "x": 5}\n[2]\n\xff\xfe{"step": 2}\n'
-                   b'{"step": 2, "x": 2}\n')
+  path.write_bytes(
+    b'{"step": 1, "x": 1}\n{"step": "5", "x": 5}\n[2]\n\xff\xfe{"step": 2}\n{"step": 2, "x": 2}\n'
+  )
   w = metrics.MetricWriter(str(tmp_path), resume_step=4)
   w.close()
   assert [json.loads(line) for line in path.read_text().splitlines()] == [
-      {'step': 1, 'x': 1}, {'step': 2, 'x': 2}]
+    {'step': 1, 'x': 1},
+    {'step': 2, 'x': 2},
+  ]

@@ -43,9 +43,15 @@ def test_dense_backward_equals_autodiff_and_compact_is_bit_identical():
   np.testing.assert_array_equal(synapses.dense(x, w, True, 'gemm'), x @ w)
 
 
-@pytest.mark.parametrize('kernel,stride,padding', [
-    ((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((1, 1), (1, 1))),
-    ((1, 1), (2, 2), ((0, 0), (0, 0))), ((3, 3), (1, 1), ((0, 0), (0, 0)))])
+@pytest.mark.parametrize(
+  'kernel,stride,padding',
+  [
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),
+    ((1, 1), (2, 2), ((0, 0), (0, 0))),
+    ((3, 3), (1, 1), ((0, 0), (0, 0))),
+  ],
+)
 def test_conv_backward_equals_autodiff_and_compact_is_bit_identical(kernel, stride, padding):
   x = _spikes(jax.random.key(0), (4, 9, 9, 5))
   w = jax.random.normal(jax.random.key(1), kernel + (5, 7))
@@ -79,16 +85,23 @@ def test_compact_residual_is_int8():
 def test_nnx_layers_route_through_the_ops_and_fall_back_otherwise():
   rngs = nnx.Rngs(0)
   x = _spikes(jax.random.key(0), (2, 8, 8, 4))
-  conv = nnx.Conv(4, 6, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
-                  conv_general_dilated=synapses.SpikeConv(True, 'gemm'))
+  conv = nnx.Conv(
+    4,
+    6,
+    (3, 3),
+    padding=((1, 1), (1, 1)),
+    rngs=rngs,
+    conv_general_dilated=synapses.SpikeConv(True, 'gemm'),
+  )
   ref = nnx.Conv(4, 6, (3, 3), padding=((1, 1), (1, 1)), rngs=nnx.Rngs(0))
   ref.kernel[...] = conv.kernel[...]
   np.testing.assert_array_equal(conv(x), ref(x))
   # Grouped / dilated / 'SAME' convs are not handled here: the lax op runs.
   for kw in (dict(feature_group_count=2), dict(kernel_dilation=2), dict(padding='SAME')):
     kw.setdefault('padding', ((1, 1), (1, 1)))
-    a = nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(1), **kw,
-                 conv_general_dilated=synapses.SpikeConv(True, 'gemm'))
+    a = nnx.Conv(
+      4, 6, (3, 3), rngs=nnx.Rngs(1), **kw, conv_general_dilated=synapses.SpikeConv(True, 'gemm')
+    )
     b = nnx.Conv(4, 6, (3, 3), rngs=nnx.Rngs(1), **kw)
     np.testing.assert_array_equal(a(x), b(x))
   lin = nnx.Linear(4, 3, rngs=nnx.Rngs(2), dot_general=synapses.SpikeDot(True, 'gemm'))
@@ -97,12 +110,14 @@ def test_nnx_layers_route_through_the_ops_and_fall_back_otherwise():
     synapses.resolve('fast')
 
 
-CASES = [('spikformer', 'cifar10-4-384,runlocal', {}),
-         ('spikformer', 'cifar10dvs-2-256,runlocal', {}),
-         ('spikformer', 'cifar10-4-384,runlocal', {'attention': 'vsa_float_v'}),
-         ('sdt', 'cifar10-2-256,runlocal', {}),
-         ('msvit', 'cifar10-4-384,runlocal', {}),
-         ('a2os2a', 'cifar10-2-256,runlocal', {})]
+CASES = [
+  ('spikformer', 'cifar10-4-384,runlocal', {}),
+  ('spikformer', 'cifar10dvs-2-256,runlocal', {}),
+  ('spikformer', 'cifar10-4-384,runlocal', {'attention': 'vsa_float_v'}),
+  ('sdt', 'cifar10-2-256,runlocal', {}),
+  ('msvit', 'cifar10-4-384,runlocal', {}),
+  ('a2os2a', 'cifar10-2-256,runlocal', {}),
+]
 
 
 def _case(family, arg, over):
@@ -128,6 +143,7 @@ def _loss_and_grads(cfg, x, y):
   def loss(p):
     m = nnx.merge(graph, p, stats, copy=True)
     return losses.cross_entropy(m(x), y).mean()
+
   return jax.value_and_grad(loss), params
 
 
@@ -161,8 +177,13 @@ def test_compact_layers_only_see_small_integers(family, arg, over):
   model = models.build_model(c.model, seed=0)
   compact = {}
   for path, m in nnx.iter_modules(model):
-    op = getattr(m, 'dot_general', None) if isinstance(m, nnx.Linear) else getattr(
-        m, 'conv_general_dilated', None) if isinstance(m, nnx.Conv) else None
+    op = (
+      getattr(m, 'dot_general', None)
+      if isinstance(m, nnx.Linear)
+      else getattr(m, 'conv_general_dilated', None)
+      if isinstance(m, nnx.Conv)
+      else None
+    )
     if op is not None:
       compact['.'.join(map(str, path))] = getattr(op, 'compact', False)
   got = analysis.collect(model, [x], T=c.model.T)

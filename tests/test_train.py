@@ -50,8 +50,12 @@ def _one_device_steps(config, n_steps=3):
   """_run_steps on one device, computed once per config in this process:
   several tests compare against the same run. The mesh settings are left out
   of the key: one device has nothing to shard."""
-  key = json.dumps({k: v for k, v in config.to_dict().items() if k != 'mesh'},
-                   sort_keys=True, default=str), n_steps
+  key = (
+    json.dumps(
+      {k: v for k, v in config.to_dict().items() if k != 'mesh'}, sort_keys=True, default=str
+    ),
+    n_steps,
+  )
   if key not in _ONE_DEVICE:
     _ONE_DEVICE[key] = _run_steps(config, sharding.make_mesh(1), n_steps)
   return _ONE_DEVICE[key]
@@ -69,8 +73,9 @@ def assert_eight_devices_equal_one(config, n_steps=3, **mesh_axes):
   l8, s8 = _run_steps(config, sharding.make_mesh(8, **mesh_axes), n_steps)
   np.testing.assert_allclose(l8, l1, rtol=1e-5, atol=1e-5)
   max_adam_move = 2 * n_steps * config.optimizer.warmup_lr  # steps at the warmup lr
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(s8['params'])[0],
-                          jax.tree.leaves(s1['params'])):
+  for (path, a), b in zip(
+    jax.tree_util.tree_flatten_with_path(s8['params'])[0], jax.tree.leaves(s1['params'])
+  ):
     if _bn_cancelled(path):
       assert np.abs(a - b).max() <= max_adam_move
     else:
@@ -90,7 +95,7 @@ def test_fsdp_mesh_shards_state_and_equals_one_device():
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
   exp = experiment.build(config, mesh, 4)
   specs = [s.spec for s in jax.tree.leaves(exp.state_sharding['params'])]
-  assert sum('fsdp' in tuple(sp) for sp in specs) >= 8   # the kernels are sharded
+  assert sum('fsdp' in tuple(sp) for sp in specs) >= 8  # the kernels are sharded
   opt_specs = [s.spec for s in jax.tree.leaves(exp.state_sharding['opt_state'])]
   assert sum('fsdp' in tuple(sp) for sp in opt_specs) >= 16  # Adam's two moments too
   state = exp.init_state()
@@ -99,11 +104,15 @@ def test_fsdp_mesh_shards_state_and_equals_one_device():
   assert_eight_devices_equal_one(config, data=2, fsdp=4)
 
 
-@pytest.mark.parametrize('axes,message', [
+@pytest.mark.parametrize(
+  'axes,message',
+  [
     ({'fsdp': 3}, 'mesh.fsdp=3 does not divide the 8 devices'),
     ({'data': 3}, 'mesh.data=3 x mesh.fsdp=1 must equal the 8 devices'),
     ({'data': 2, 'fsdp': 2}, 'mesh.data=2 x mesh.fsdp=2 must equal the 8 devices'),
-    ({'data': -1, 'fsdp': -1}, 'at most one axis can take the rest')])
+    ({'data': -1, 'fsdp': -1}, 'at most one axis can take the rest'),
+  ],
+)
 def test_bad_mesh_is_one_clear_error(axes, message):
   with pytest.raises(ValueError, match=message):
     sharding.make_mesh(8, **axes)
@@ -131,14 +140,18 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
   ref = train_lib.train_and_evaluate(config, str(tmp_path / 'ref'))
 
   real = experiment.make_train_step
+
   def crashing(exp):
     fn, calls = real(exp), []
+
     def step(state, batch):
       calls.append(1)
       if len(calls) == 5:
         raise KeyboardInterrupt('simulated crash at step 5')
       return fn(state, batch)
+
     return step
+
   monkeypatch.setattr(experiment, 'make_train_step', crashing)
   with pytest.raises(KeyboardInterrupt):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -148,10 +161,15 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
   assert resumed['test_loss'] == ref['test_loss']
 
   from spikeformer_jax import checkpointing
+
   mesh = sharding.make_mesh(8)
   exp = experiment.build(config, mesh, 4)
-  a, _ = checkpointing.Checkpointer(str(tmp_path / 'ref' / 'checkpoints')).restore(exp.abstract_state)
-  b, _ = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints')).restore(exp.abstract_state)
+  a, _ = checkpointing.Checkpointer(str(tmp_path / 'ref' / 'checkpoints')).restore(
+    exp.abstract_state
+  )
+  b, _ = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints')).restore(
+    exp.abstract_state
+  )
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -160,8 +178,13 @@ def test_resume_after_crash_is_bit_identical(tmp_path, monkeypatch):
 def test_train_and_eval_cli_round_trip(tmp_path):
   wd = tmp_path / 'wd'
   env = dict(os.environ, JAX_NUM_CPU_DEVICES='2')
-  cmd = [sys.executable, 'train.py', '--config=configs/spikformer.py:cifar10dvs-2-256,runlocal',
-         f'--workdir={wd}', '--config.total_steps=2']
+  cmd = [
+    sys.executable,
+    'train.py',
+    '--config=configs/spikformer.py:cifar10dvs-2-256,runlocal',
+    f'--workdir={wd}',
+    '--config.total_steps=2',
+  ]
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.strip().splitlines()[-1].startswith('final: test_top1')
@@ -176,35 +199,61 @@ def test_train_and_eval_cli_round_trip(tmp_path):
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0 and 'holds a finished run (2 steps): nothing changed' in p.stdout
   assert (wd / 'final_metrics.json').read_text() == before
-  p = subprocess.run(cmd[:-1] + ['--config.total_steps=3'], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=600)
+  p = subprocess.run(
+    cmd[:-1] + ['--config.total_steps=3'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0 and f'Resuming from {wd}/checkpoints/2' in p.stdout, p.stderr[-3000:]
   assert json.loads((wd / 'final_metrics.json').read_text())['steps_this_run'] == 1
 
-  p = subprocess.run([sys.executable, 'eval.py', f'--workdir={wd}', '--num_devices=1',
-                      '--jax_log_compiles'],  # JAX's options are flags too
-                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  p = subprocess.run(
+    [
+      sys.executable,
+      'eval.py',
+      f'--workdir={wd}',
+      '--num_devices=1',
+      '--jax_log_compiles',
+    ],  # JAX's options are flags too
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   assert 'Compiling' in p.stderr, p.stderr[-3000:]
   res = json.loads((wd / 'eval_test_3.json').read_text())
-  assert res['top1'] == pytest.approx(json.loads((wd / 'final_metrics.json').read_text())['test_top1'])
+  assert res['top1'] == pytest.approx(
+    json.loads((wd / 'final_metrics.json').read_text())['test_top1']
+  )
   assert res['count'] == 32
 
-  bad = subprocess.run(cmd[:3] + [f'--workdir={tmp_path / "x"}', '--config.model.T=3'],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  bad = subprocess.run(
+    cmd[:3] + [f'--workdir={tmp_path / "x"}', '--config.model.T=3'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert bad.returncode == 1 and 'frames but model.T=3' in bad.stderr
 
 
 def test_timm_schedule_values():
-  kw = dict(base_lr=5e-4, steps_per_epoch=10, epochs=300, warmup_epochs=20,
-            warmup_lr=1e-5, min_lr=1e-5)
+  kw = dict(
+    base_lr=5e-4, steps_per_epoch=10, epochs=300, warmup_epochs=20, warmup_lr=1e-5, min_lr=1e-5
+  )
   lr = lambda step, **k: float(optim.timm_cosine_lr(step, **kw, **k))
   assert lr(0) == pytest.approx(1e-5)
-  assert lr(9) == pytest.approx(1e-5)           # constant within an epoch
+  assert lr(9) == pytest.approx(1e-5)  # constant within an epoch
   assert lr(10) == pytest.approx(1e-5 + (5e-4 - 1e-5) / 20)
   t = 150
   assert lr(t * 10) == pytest.approx(1e-5 + 0.5 * (5e-4 - 1e-5) * (1 + np.cos(np.pi * t / 300)))
-  assert lr(305 * 10) == pytest.approx(1e-5)    # cooldown
+  assert lr(305 * 10) == pytest.approx(1e-5)  # cooldown
   assert lr(15, per_epoch=False) == pytest.approx(1e-5 + 1.5 * (5e-4 - 1e-5) / 20)
 
 
@@ -212,8 +261,7 @@ def test_weight_decay_mask_skips_1d_params():
   config = _tiny()
   exp = experiment.build(config, sharding.make_mesh(1), 4)
   mask = optim.decay_mask(exp.abstract_state['params'])
-  flat = {'/'.join(map(str, k)): v for k, v in
-          jax.tree_util.tree_flatten_with_path(mask)[0]}
+  flat = {'/'.join(map(str, k)): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
   assert any(v for k, v in flat.items() if 'kernel' in k)
   assert not any(v for k, v in flat.items() if 'bias' in k or 'scale' in k)
 
@@ -230,8 +278,8 @@ def _timm_lamb_reference(params, grads_seq, *, lr, wd, b1=0.9, b2=0.999, eps=1e-
       g = grads[k] / clip
       m[k] = b1 * m[k] + (1 - b1) * g
       v[k] = b2 * v[k] + (1 - b2) * g * g
-      denom = np.sqrt(v[k]) / np.sqrt(1 - b2 ** step) + eps
-      update = (m[k] / (1 - b1 ** step)) / denom
+      denom = np.sqrt(v[k]) / np.sqrt(1 - b2**step) + eps
+      update = (m[k] / (1 - b1**step)) / denom
       decay = wd if p[k].ndim > 1 else 0.0
       if decay:
         update = update + decay * p[k]
@@ -245,8 +293,7 @@ def test_lamb_is_timms():
   rng = np.random.default_rng(0)
   params = {'kernel': rng.standard_normal((4, 3)), 'bias': rng.standard_normal(3)}
   grads = [{k: 3 * rng.standard_normal(x.shape) for k, x in params.items()} for _ in range(3)]
-  tx = optim.timm_lamb(0.01, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.05,
-                       mask=optim.decay_mask)
+  tx = optim.timm_lamb(0.01, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.05, mask=optim.decay_mask)
   p = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   state = tx.init(p)
   for g in grads:
@@ -275,12 +322,16 @@ def test_runs_saved_before_new_fields_resume(tmp_path):
 def test_loader_is_deterministic_and_splits_over_processes():
   src = data_lib.get_source(_tiny().data, 'train')
   a = data_lib.Loader(src, global_batch=8, seed=3)
-  assert np.array_equal(a.batch(5)['image'], data_lib.Loader(src, global_batch=8, seed=3).batch(5)['image'])
+  assert np.array_equal(
+    a.batch(5)['image'], data_lib.Loader(src, global_batch=8, seed=3).batch(5)['image']
+  )
   assert not np.array_equal(a.indices(0), a.indices(a.steps_per_epoch))  # reshuffled per epoch
   epoch = np.concatenate([a.indices(i) for i in range(a.steps_per_epoch)])
   assert len(set(epoch)) == len(epoch)  # no repeats within an epoch
-  parts = [data_lib.Loader(src, global_batch=8, seed=3, process_index=p, process_count=2).batch(5)
-           for p in range(2)]
+  parts = [
+    data_lib.Loader(src, global_batch=8, seed=3, process_index=p, process_count=2).batch(5)
+    for p in range(2)
+  ]
   # The processes' rows assemble into the 1-process batch, in the same order.
   assert np.array_equal(np.concatenate([p['label'] for p in parts]), a.batch(5)['label'])
   assert np.array_equal(a.batch(5)['label'], src.labels[a.indices(5)])
@@ -306,10 +357,20 @@ def test_learns_handwritten_digits(tmp_path):
   config), stopped at half of its schedule (10 of 20 epochs), is already past
   90% (the full run reaches >= 97%). As a user runs it: in a subprocess, on one
   device."""
-  p = subprocess.run([sys.executable, 'train.py', f'--workdir={tmp_path}',
-                      f'--config.total_steps={10 * 22}', '--config.eval_every_epochs=0',
-                      '--config.num_devices=1'],
-                     cwd=ROOT, capture_output=True, text=True, timeout=900)
+  p = subprocess.run(
+    [
+      sys.executable,
+      'train.py',
+      f'--workdir={tmp_path}',
+      f'--config.total_steps={10 * 22}',
+      '--config.eval_every_epochs=0',
+      '--config.num_devices=1',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   final = json.loads((tmp_path / 'final_metrics.json').read_text())
   assert final['steps'] == 220 and final['test_top1'] >= 0.90, final
@@ -341,18 +402,23 @@ def test_bfloat16_train_steps():
 def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path, monkeypatch, key, what):
   config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
   real = experiment.make_train_step
+
   def poisoned(exp):
     fn, calls = real(exp), []
+
     def step(state, batch):
       calls.append(1)
       state, m = fn(state, batch)
       if len(calls) == 4:  # between the step-2 checkpoint and the step-4 one
         m = dict(m, **{key: m[key] * jnp.nan})
       return state, m
+
     return step
+
   monkeypatch.setattr(experiment, 'make_train_step', poisoned)
-  with pytest.raises(FloatingPointError,
-                     match=f'non-finite {what} by step 4; .* last good checkpoint is step 2'):
+  with pytest.raises(
+    FloatingPointError, match=f'non-finite {what} by step 4; .* last good checkpoint is step 2'
+  ):
     train_lib.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
 
@@ -363,23 +429,32 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(tmp_path, monke
   every step (how long a real failing save takes is the filesystem's business;
   test_preemption fills a real disk)."""
   from spikeformer_jax import checkpointing, errors
+
   config = _tiny(**{'total_steps': 6, 'ckpt_every_steps': 2, 'log_every_steps': 3})
   real, steps = experiment.make_train_step, []
+
   def counted(exp):
     fn = real(exp)
+
     def step(state, batch):
       steps.append(1)
       return fn(state, batch)
+
     return step
+
   real_poll = checkpointing.Checkpointer.poll
+
   def poll(self):
     if self._saving == 2:  # pylint: disable=protected-access
       self._fail(OSError(28, 'No space left on device'))  # pylint: disable=protected-access
     real_poll(self)
+
   monkeypatch.setattr(experiment, 'make_train_step', counted)
   monkeypatch.setattr(checkpointing.Checkpointer, 'poll', poll)
-  with pytest.raises(errors.CheckpointError,
-                     match=r'^saving checkpoint 2 failed \(no space left on device\); stopped'):
+  with pytest.raises(
+    errors.CheckpointError,
+    match=r'^saving checkpoint 2 failed \(no space left on device\); stopped',
+  ):
     train_lib.train_and_evaluate(config, str(tmp_path))
   assert len(steps) == 3
 
@@ -389,9 +464,12 @@ def test_failed_resume_keeps_the_runs_config(tmp_path):
   config = _tiny(**{'total_steps': 2})
   train_lib.train_and_evaluate(config, str(tmp_path))
   other = _tiny(**{'total_steps': 2, 'model.embed_dim': 64})
-  with pytest.raises(ValueError, match=r'holds a run of another model: model.embed_dim '
-                                       r'\(32 -> 64\)\. Use another --workdir, or '
-                                       r'--config.allow_config_change=True'):
+  with pytest.raises(
+    ValueError,
+    match=r'holds a run of another model: model.embed_dim '
+    r'\(32 -> 64\)\. Use another --workdir, or '
+    r'--config.allow_config_change=True',
+  ):
     train_lib.train_and_evaluate(other, str(tmp_path))
   # Told to resume anyway, the checkpoint's own shape check still refuses.
   forced = _tiny(**{'total_steps': 2, 'model.embed_dim': 64, 'allow_config_change': True})
@@ -399,8 +477,9 @@ def test_failed_resume_keeps_the_runs_config(tmp_path):
     train_lib.train_and_evaluate(forced, str(tmp_path))
   # Same shapes, other dynamics: refused too (a silent mix of two experiments).
   with pytest.raises(ValueError, match=r"model.neuron.tau \(2.0 -> 3.0\)"):
-    train_lib.train_and_evaluate(_tiny(**{'total_steps': 2, 'model.neuron.tau': 3.0}),
-                                 str(tmp_path))
+    train_lib.train_and_evaluate(
+      _tiny(**{'total_steps': 2, 'model.neuron.tau': 3.0}), str(tmp_path)
+    )
   assert workdir_lib.load_run_config(str(tmp_path)).model.embed_dim == 32
   longer_ago = _tiny(**{'total_steps': 1})
   with pytest.raises(ValueError, match='beyond'):
@@ -410,9 +489,13 @@ def test_failed_resume_keeps_the_runs_config(tmp_path):
 def test_npz_images_and_raw_event_frames(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / 'ev.npz'
-  np.savez(path, x_train=rng.poisson(1.0, (6, 2, 4, 4, 2)).astype(np.float32),
-           y_train=np.arange(6) % 3, x_test=np.zeros((2, 2, 4, 4, 2), np.float32),
-           y_test=np.array([0, 2]))
+  np.savez(
+    path,
+    x_train=rng.poisson(1.0, (6, 2, 4, 4, 2)).astype(np.float32),
+    y_train=np.arange(6) % 3,
+    x_test=np.zeros((2, 2, 4, 4, 2), np.float32),
+    y_test=np.array([0, 2]),
+  )
   c = cfgs.get_config('cifar10dvs-2-256')
   c.data.name, c.data.path, c.data.num_classes = 'npz', str(path), 3
   src = data_lib.get_source(c.data, 'train')
@@ -427,8 +510,10 @@ def test_npz_images_and_raw_event_frames(tmp_path):
     data_lib.get_source(c.data, 'test')
 
 
-@pytest.mark.parametrize('over', [{'model.neuron.kind': 'if'},
-                                  {'model.neuron.charge_form': 'paper', 'model.neuron.beta': 0.25}])
+@pytest.mark.parametrize(
+  'over',
+  [{'model.neuron.kind': 'if'}, {'model.neuron.charge_form': 'paper', 'model.neuron.beta': 0.25}],
+)
 def test_network_neuron_fields_reach_every_neuron(over):
   """model.neuron.kind (Spikformer Table 6's IF rows) and charge_form / beta
   (A2OS2A's eqs. 1-3) set every binary neuron of the network and change its
@@ -436,12 +521,19 @@ def test_network_neuron_fields_reach_every_neuron(over):
   in test_spikformer_rows, IF, and test_a2os2a_rows, the paper's charge.)"""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import layers, models, validation  # pylint: disable=import-outside-toplevel
+
   config = _tiny(**over)
   model = models.build_model(config.model)
-  kinds = {(m.neuron.kind, m.neuron.charge_form, m.neuron.beta)
-           for _, m in nnx.iter_modules(model) if isinstance(m, layers.SpikingNeuron)}
-  want = (over.get('model.neuron.kind', 'lif'), over.get('model.neuron.charge_form', 'spikingjelly'),
-          over.get('model.neuron.beta', 0.5))
+  kinds = {
+    (m.neuron.kind, m.neuron.charge_form, m.neuron.beta)
+    for _, m in nnx.iter_modules(model)
+    if isinstance(m, layers.SpikingNeuron)
+  }
+  want = (
+    over.get('model.neuron.kind', 'lif'),
+    over.get('model.neuron.charge_form', 'spikingjelly'),
+    over.get('model.neuron.beta', 0.5),
+  )
   assert kinds == {want}
   x = np.random.default_rng(0).normal(0, 2, (2, 32, 32, 3)).astype(np.float32)
   base = models.build_model(_tiny().model)
@@ -451,12 +543,18 @@ def test_network_neuron_fields_reach_every_neuron(over):
     m.eval()
     m.set_attributes(record_spikes=True, raise_if_not_found=False)
     inter = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x)[1])(m, x)
-    return {p: np.asarray(v.get_value()[0]) for p, v in nnx.to_flat_state(inter)
-            if p[-1] == 'spike_count'}
+    return {
+      p: np.asarray(v.get_value()[0]) for p, v in nnx.to_flat_state(inter) if p[-1] == 'spike_count'
+    }
+
   ours, lif = spikes(model), spikes(base)  # the same weights, another function
   assert ours.keys() == lif.keys() and any(not np.array_equal(ours[k], lif[k]) for k in ours)
-  for bad, msg in [({'model.neuron.kind': 'ternary'}, "model.neuron.kind='ternary' is not valid"),
-                   ({'model.neuron.kind': 'if', 'model.neuron.charge_form': 'paper'},
-                    "IF neurons .kind='if'. have no leak")]:
+  for bad, msg in [
+    ({'model.neuron.kind': 'ternary'}, "model.neuron.kind='ternary' is not valid"),
+    (
+      {'model.neuron.kind': 'if', 'model.neuron.charge_form': 'paper'},
+      "IF neurons .kind='if'. have no leak",
+    ),
+  ]:
     with pytest.raises(ValueError, match=msg):
       validation.validate_config(_tiny(**bad))

@@ -20,13 +20,32 @@ from spikeformer_jax import blocks, losses, models
 
 def test_choices_cover_scan_unrolls_python_vjp_and_remat():
   names = [unroll_study.label(c) for c in unroll_study.choices(4, ['', 'full'])]
-  assert names == ['scan/unroll 1', 'scan/unroll 2', 'scan/unroll 4', 'python', 'vjp',
-                   'scan/unroll 1 + remat full', 'scan/unroll 2 + remat full',
-                   'scan/unroll 4 + remat full', 'python + remat full', 'vjp + remat full']
-  names = [unroll_study.label(c) for c in unroll_study.choices(
-      16, [''], ['autodiff', 'lean'], loops=('scan', 'vjp'), unrolls='1,T')]
-  assert names == ['scan/unroll 1', 'scan/unroll 16', 'vjp',
-                   'scan/unroll 1 + lean', 'scan/unroll 16 + lean', 'vjp + lean']
+  assert names == [
+    'scan/unroll 1',
+    'scan/unroll 2',
+    'scan/unroll 4',
+    'python',
+    'vjp',
+    'scan/unroll 1 + remat full',
+    'scan/unroll 2 + remat full',
+    'scan/unroll 4 + remat full',
+    'python + remat full',
+    'vjp + remat full',
+  ]
+  names = [
+    unroll_study.label(c)
+    for c in unroll_study.choices(
+      16, [''], ['autodiff', 'lean'], loops=('scan', 'vjp'), unrolls='1,T'
+    )
+  ]
+  assert names == [
+    'scan/unroll 1',
+    'scan/unroll 16',
+    'vjp',
+    'scan/unroll 1 + lean',
+    'scan/unroll 16 + lean',
+    'vjp + lean',
+  ]
 
 
 @pytest.mark.slow
@@ -34,9 +53,22 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
   # One group, T=2, two loops under both synapse backwards; each choice compiles
   # two programs, so every extra choice, T or dtype costs seconds. Every loop and
   # unroll agrees with the others: test_neurons.test_all_loops_agree.
-  unroll_study.main(['--config=configs/spikformer.py:digits', '--T=2', '--dtypes=float32',
-                     '--remat=', '--batch=8', '--steps=1', '--repeats=1', '--loops=scan,vjp',
-                     '--unrolls=1', '--set', 'num_devices=1', f'--out={tmp_path}'])
+  unroll_study.main(
+    [
+      '--config=configs/spikformer.py:digits',
+      '--T=2',
+      '--dtypes=float32',
+      '--remat=',
+      '--batch=8',
+      '--steps=1',
+      '--repeats=1',
+      '--loops=scan,vjp',
+      '--unrolls=1',
+      '--set',
+      'num_devices=1',
+      f'--out={tmp_path}',
+    ]
+  )
   with open(tmp_path / 'study.csv', encoding='utf-8') as f:
     rows = list(csv.DictReader(f))
   # scan/1, vjp; each with autodiff and lean synapses
@@ -46,7 +78,11 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
     assert float(r['step_s_median']) > 0 and float(r['compile_s']) > 0
   assert rows[0]['equal'] == 'exact'  # the reference
   assert [r['choice'] for r in rows] == [
-      'scan/unroll 1', 'vjp', 'scan/unroll 1 + lean', 'vjp + lean']
+    'scan/unroll 1',
+    'vjp',
+    'scan/unroll 1 + lean',
+    'vjp + lean',
+  ]
   assert [r['synapse'] for r in rows] == ['autodiff'] * 2 + ['lean'] * 2
   assert (tmp_path / 'study.png').stat().st_size > 0
   md = (tmp_path / 'study.md').read_text()
@@ -58,11 +94,19 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
 # stages) under 'full', which recomputes the most: the policies themselves
 # are JAX's, the same in every family.
 @pytest.mark.slow
-@pytest.mark.parametrize('family,variant,policies', [
-    ('spikformer', 'cifar10-4-384',
-     tuple(blocks.REMAT_POLICIES) + ('neuron.recompute', 'bn_recompute')),
-    ('sdt', 'cifar10-2-256', ('', 'full')), ('msvit', 'cifar10-4-384', ('', 'full'))],
-    ids=['spikformer', 'sdt', 'msvit'])
+@pytest.mark.parametrize(
+  'family,variant,policies',
+  [
+    (
+      'spikformer',
+      'cifar10-4-384',
+      tuple(blocks.REMAT_POLICIES) + ('neuron.recompute', 'bn_recompute'),
+    ),
+    ('sdt', 'cifar10-2-256', ('', 'full')),
+    ('msvit', 'cifar10-4-384', ('', 'full')),
+  ],
+  ids=['spikformer', 'sdt', 'msvit'],
+)
 def test_remat_policies_do_not_change_results(family, variant, policies):
   """Loss, gradients and the new BatchNorm statistics of a train-mode forward
   are bit-identical under every model.remat (blocks) and model.remat_stem
@@ -84,6 +128,7 @@ def test_remat_policies_do_not_change_results(family, variant, policies):
     def loss(p, graph=graph, stats=stats):
       m = nnx.merge(graph, p, stats, copy=True)
       return losses.cross_entropy(m(x), y).mean(), nnx.state(m, nnx.BatchStat)
+
     fns[remat] = jax.value_and_grad(loss, has_aux=True)
   # Every policy in one program (each on its own copy of the parameters):
   # compiled in about 60% of the time of one program each.
@@ -96,16 +141,30 @@ def test_remat_policies_do_not_change_results(family, variant, policies):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                    reason="libtpu is not installed (pip install '.[tpu]')")
+@pytest.mark.skipif(
+  importlib.util.find_spec('libtpu') is None,
+  reason="libtpu is not installed (pip install '.[tpu]')",
+)
 def test_study_target_mode_compiles_each_choice_for_a_tpu(tmp_path):
   """--target: every choice also compiled for a TPU topology from this CPU
   machine; --target_only: only those columns (and the plot and table still
   write)."""
-  unroll_study.main(['--config=configs/spikformer.py:digits', '--T=2', '--dtypes=bfloat16',
-                     '--remat=', '--synapses=lean', '--loops=python', '--recompute=1',
-                     '--batch=8', '--target=v5e:2x2', '--target_batch=16', '--target_only',
-                     f'--out={tmp_path}'])
+  unroll_study.main(
+    [
+      '--config=configs/spikformer.py:digits',
+      '--T=2',
+      '--dtypes=bfloat16',
+      '--remat=',
+      '--synapses=lean',
+      '--loops=python',
+      '--recompute=1',
+      '--batch=8',
+      '--target=v5e:2x2',
+      '--target_batch=16',
+      '--target_only',
+      f'--out={tmp_path}',
+    ]
+  )
   with open(tmp_path / 'study.json', encoding='utf-8') as f:
     rows = json.load(f)
   assert [r['choice'] for r in rows] == ['python + lean + recompute']

@@ -11,15 +11,46 @@
 validation, error messages, analysis, plots and sweeps ask.
 """
 
-from spikeformer_jax.attention.base import (Context, Kind, added_fields, build_qkv,
-                                            config_fields, erode, erode_kv, get, heads,
-                                            matmul_products, names, qk_map, qkv, register,
-                                            unregister)
+from spikeformer_jax.attention.base import (
+  Context,
+  Kind,
+  added_fields,
+  build_qkv,
+  config_fields,
+  erode,
+  erode_kv,
+  get,
+  heads,
+  matmul_products,
+  names,
+  qk_map,
+  qkv,
+  register,
+  unregister,
+)
+
 # The built-in kinds register themselves, in this order.
 from spikeformer_jax.attention import ssa, sdsa, a2os2a, mssa, ablations  # pylint: disable=g-bad-import-order,wrong-import-position
 
 __all__ = [
-    'Context', 'Kind', 'added_fields', 'build_qkv', 'config_fields', 'erode', 'erode_kv', 'get', 'heads',
-    'matmul_products', 'names', 'qk_map', 'qkv', 'register', 'unregister',
-    'ssa', 'sdsa', 'a2os2a', 'mssa', 'ablations',
+  'Context',
+  'Kind',
+  'added_fields',
+  'build_qkv',
+  'config_fields',
+  'erode',
+  'erode_kv',
+  'get',
+  'heads',
+  'matmul_products',
+  'names',
+  'qk_map',
+  'qkv',
+  'register',
+  'unregister',
+  'ssa',
+  'sdsa',
+  'a2os2a',
+  'mssa',
+  'ablations',
 ]

@@ -37,6 +37,9 @@ from spikeformer_jax.attention import ssa
 OUT_NEURONS = ('binary', 'ternary')
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def ternary_config(**overrides) -> ml_collections.ConfigDict:
   """`config.model.ternary`: the ternary V neuron (and the ternary out neuron).
 
@@ -53,8 +56,12 @@ def ternary_config(**overrides) -> ml_collections.ConfigDict:
       grad='surrogate'))          # 'surrogate' or 'clamp' (straight-through)
   cfg.update(overrides)
   return cfg
+# fmt: on
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def a2os2a_config(**overrides) -> ml_collections.ConfigDict:
   """`config.model.a2os2a`: A2OS2A's switches beyond its neurons' dynamics."""
   cfg = ml_collections.ConfigDict(dict(
@@ -64,6 +71,7 @@ def a2os2a_config(**overrides) -> ml_collections.ConfigDict:
       out_neuron='binary'))
   cfg.update(overrides)
   return cfg
+# fmt: on
 
 
 def out_neuron_choice(model: ml_collections.ConfigDict | None) -> str:
@@ -71,8 +79,9 @@ def out_neuron_choice(model: ml_collections.ConfigDict | None) -> str:
   own = model.get('a2os2a', None) if model is not None else None
   choice = own.get('out_neuron', 'binary') if own is not None else 'binary'
   if choice not in OUT_NEURONS:
-    raise errors.ConfigError(f'model.a2os2a.out_neuron={choice!r} is not valid; choose one of '
-                             f'{OUT_NEURONS}.')
+    raise errors.ConfigError(
+      f'model.a2os2a.out_neuron={choice!r} is not valid; choose one of {OUT_NEURONS}.'
+    )
   return choice
 
 
@@ -86,13 +95,16 @@ def check_ternary_dynamics(model: ml_collections.ConfigDict, t: ml_collections.C
   tau = model.neuron.get('tau', 2.0)  # SpikingJelly's charge with the network's tau
   if t.get('charge_form', 'spikingjelly') == 'spikingjelly' and not tau > 1:
     raise errors.ConfigError(
-        f'model.neuron.tau={tau} must be > 1: the ternary V neuron '
-        "(model.ternary.charge_form='spikingjelly') keeps 1 - 1/tau of its membrane each step, "
-        'with the network\'s tau; e.g. 2.0.')
+      f'model.neuron.tau={tau} must be > 1: the ternary V neuron '
+      "(model.ternary.charge_form='spikingjelly') keeps 1 - 1/tau of its membrane each step, "
+      'with the network\'s tau; e.g. 2.0.'
+    )
   beta = t.get('beta', 0.5)
   if not 0 <= beta <= 1:
-    raise errors.ConfigError(f'model.ternary.beta={beta} is the fraction of the membrane kept '
-                             "(charge_form='paper'): use a value in [0, 1].")
+    raise errors.ConfigError(
+      f'model.ternary.beta={beta} is the fraction of the membrane kept '
+      "(charge_form='paper'): use a value in [0, 1]."
+    )
   thresholds = [('model.ternary.v_threshold', vth)]
   attn_vth = model.get('attn_v_threshold', None)
   if attn_vth is not None and out_neuron_choice(model) == 'ternary':
@@ -101,16 +113,23 @@ def check_ternary_dynamics(model: ml_collections.ConfigDict, t: ml_collections.C
   for name, threshold in thresholds:
     if not abs(v_reset) < threshold:
       raise errors.ConfigError(
-          f'model.ternary.v_reset={v_reset} must be in (-{threshold}, {threshold}), within '
-          f'{name} (a ternary neuron reset to +-v_reset at or beyond the threshold fires '
-          'again at once).')
+        f'model.ternary.v_reset={v_reset} must be in (-{threshold}, {threshold}), within '
+        f'{name} (a ternary neuron reset to +-v_reset at or beyond the threshold fires '
+        'again at once).'
+      )
 
 
 def make_ternary(lif: neurons.Neuron, t: ml_collections.ConfigDict) -> neurons.Neuron:
   """The network's LIF turned ternary with `config.model.ternary`."""
-  return dataclasses.replace(lif, kind='ternary', v_threshold=t.v_threshold,
-                             v_reset=t.v_reset, charge_form=t.charge_form, beta=t.beta,
-                             ternary_grad=t.grad)
+  return dataclasses.replace(
+    lif,
+    kind='ternary',
+    v_threshold=t.v_threshold,
+    v_reset=t.v_reset,
+    charge_form=t.charge_form,
+    beta=t.beta,
+    ternary_grad=t.grad,
+  )
 
 
 def a2os2a_self_attention(q, k, v, *, order: str):
@@ -130,19 +149,26 @@ class A2OS2A(ssa.SSA):
     for field, valid in (('charge_form', neurons.CHARGE_FORMS), ('grad', neurons.TERNARY_GRADS)):
       value = t.get(field) if t is not None else None
       if value is not None and value not in valid:
-        raise errors.ConfigError(f'model.ternary.{field}={value!r} is not valid; choose one of '
-                                 f'{valid}.')
+        raise errors.ConfigError(
+          f'model.ternary.{field}={value!r} is not valid; choose one of {valid}.'
+        )
     if t is not None:
       check_ternary_dynamics(model, t)
 
   def build(self, attn, ctx):
     t = self.own_config(ctx, 'ternary')
-    base.build_qkv(attn, ctx, k_lif=False,
-                   v_lif=layers.SpikingNeuron(make_ternary(ctx.settings.neuron, t), ctx.settings.T))
+    base.build_qkv(
+      attn,
+      ctx,
+      k_lif=False,
+      v_lif=layers.SpikingNeuron(make_ternary(ctx.settings.neuron, t), ctx.settings.T),
+    )
     if out_neuron_choice(ctx.model) == 'ternary':
       # The official name, so checkpoints and parameter paths stay the same.
-      attn.attn_lif = layers.SpikingNeuron(dataclasses.replace(
-          make_ternary(ctx.settings.neuron, t), v_threshold=ctx.attn_v_threshold), ctx.settings.T)
+      attn.attn_lif = layers.SpikingNeuron(
+        dataclasses.replace(make_ternary(ctx.settings.neuron, t), v_threshold=ctx.attn_v_threshold),
+        ctx.settings.T,
+      )
     else:
       attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 

@@ -21,8 +21,7 @@ from spikeformer_jax.attention import ssa
 def vanilla_attention_map(q, k):
   """VSA's N x N map Softmax(Q K^T / sqrt(d)), q, k: [..., heads, N, d]."""
   d = q.shape[-1]
-  return jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) / jnp.sqrt(jnp.asarray(d, q.dtype)),
-                        axis=-1)
+  return jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) / jnp.sqrt(jnp.asarray(d, q.dtype)), axis=-1)
 
 
 def vanilla_self_attention(q, k, v):
@@ -70,7 +69,12 @@ class VSA(FloatQK):
 
 base.register(FloatQK('a_i', lambda x: x, 'Q K^T * scale (float Q, K)'))
 base.register(FloatQK('a_relu', jax.nn.relu, 'ReLU(Q) ReLU(K)^T * scale'))
-base.register(FloatQK('a_leakyrelu', jax.nn.leaky_relu,  # slope 0.01, PyTorch's default
-                      'LReLU(Q) LReLU(K)^T * scale'))
+base.register(
+  FloatQK(
+    'a_leakyrelu',
+    jax.nn.leaky_relu,  # slope 0.01, PyTorch's default
+    'LReLU(Q) LReLU(K)^T * scale',
+  )
+)
 base.register(VSA('vsa', float_v=False))
 base.register(VSA('vsa_float_v', float_v=True))

@@ -45,14 +45,15 @@ from spikeformer_jax import registry
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a kind may read while it builds its submodules (one block)."""
+
   dim: int
   num_heads: int
   settings: layers.Settings
-  init: str                    # dense init: 'trunc_normal' or 'torch_default'
+  init: str  # dense init: 'trunc_normal' or 'torch_default'
   qkv_bias: bool
-  scale: float                 # the backbone's attention scale
-  order: str                   # 'qk_first' | 'kv_first' | 'auto'
-  attn_v_threshold: float      # threshold of the neuron after the attention
+  scale: float  # the backbone's attention scale
+  order: str  # 'qk_first' | 'kv_first' | 'auto'
+  attn_v_threshold: float  # threshold of the neuron after the attention
   rngs: nnx.Rngs
   model: ml_collections.ConfigDict | None = None  # config.model (kinds' own fields)
   options: dict = dataclasses.field(default_factory=dict)  # per-block extras of a family
@@ -64,12 +65,14 @@ class Context:
 
   def linear(self) -> nnx.Linear:
     """The token-wise dim -> dim map of Q, K and V (spike inputs)."""
-    return self.settings.linear(self.dim, self.dim, bias=self.qkv_bias, init=self.init,
-                         rngs=self.rngs, spikes_in=True)
+    return self.settings.linear(
+      self.dim, self.dim, bias=self.qkv_bias, init=self.init, rngs=self.rngs, spikes_in=True
+    )
 
 
 class Kind:
   """One attention kind; stateless (the parameters live on the module)."""
+
   name: str = ''
   picture: str = 'attention map'  # what record_map sows (the attention picture's title)
   config: dict[str, Callable[[], ml_collections.ConfigDict]] = {}  # its config.model fields
@@ -85,8 +88,9 @@ class Kind:
     """Tokens [B*T, N, C] (spikes) -> [B*T, N, C], before the block's projection."""
     raise NotImplementedError
 
-  def products(self, attn: nnx.Module, *, T: int, n: int, c: int,
-               rate: Callable[[str], float | None]) -> list[tuple]:
+  def products(
+    self, attn: nnx.Module, *, T: int, n: int, c: int, rate: Callable[[str], float | None]
+  ) -> list[tuple]:
     """The activation products per example: (label, MACs, operand rates...);
     `rate(neuron_name)` is a neuron's firing rate, None marks a real operand."""
     raise NotImplementedError
@@ -120,8 +124,8 @@ class Kind:
 
 
 _KINDS = registry.Registry[Kind](
-    'attention kind', lambda name, names: f'attention kind {name!r}; valid kinds: '
-    f'{", ".join(names)}.')
+  'attention kind', lambda name, names: f'attention kind {name!r}; valid kinds: {", ".join(names)}.'
+)
 
 
 def register(kind: Kind, *, replace: bool = False) -> Kind:
@@ -149,8 +153,9 @@ def config_fields() -> dict[str, ml_collections.ConfigDict]:
 # (setattr by name), which a static type cannot list.
 
 
-def build_qkv(attn: Any, ctx: Context, *, q_lif: bool = True, k_lif: bool = True,
-              v_lif: Any = True):
+def build_qkv(
+  attn: Any, ctx: Context, *, q_lif: bool = True, k_lif: bool = True, v_lif: Any = True
+):
   """q/k/v_linear and q/k/v_bn, and the neurons asked for: v_lif may be a
   `layers.SpikingNeuron` of the kind's own (A2OS2A's ternary one)."""
   attn.q_linear, attn.q_bn = ctx.linear(), ctx.settings.bn(ctx.dim)
@@ -168,8 +173,7 @@ def build_qkv(attn: Any, ctx: Context, *, q_lif: bool = True, k_lif: bool = True
 
 def qkv(attn: Any, x: jax.Array):
   """BN(W x) of Q, K and V, before their neurons."""
-  return (attn.q_bn(attn.q_linear(x)), attn.k_bn(attn.k_linear(x)),
-          attn.v_bn(attn.v_linear(x)))
+  return (attn.q_bn(attn.q_linear(x)), attn.k_bn(attn.k_linear(x)), attn.v_bn(attn.v_linear(x)))
 
 
 def erode(x: jax.Array, spatial: tuple | None) -> jax.Array:
@@ -195,8 +199,9 @@ def heads(attn: Any, *xs):
   return tuple(None if x is None else ops.split_heads(x, attn.num_heads) for x in xs)
 
 
-def matmul_products(order: str, *, T: int, n: int, c: int, h: int, fq, fk, fv,
-                    qk_pool: int = 0) -> list[tuple]:
+def matmul_products(
+  order: str, *, T: int, n: int, c: int, h: int, fq, fk, fv, qk_pool: int = 0
+) -> list[tuple]:
   """The two matrix products of Q K^T V in `order`; the N x N (or d x d) map
   in between holds counts or reals, not spikes. `qk_pool` > 1: Q and K pooled
   to d / qk_pool channels (Spikformer's `model.qk_pool`), the shorter inner
@@ -207,13 +212,13 @@ def matmul_products(order: str, *, T: int, n: int, c: int, h: int, fq, fk, fv,
   if order == 'auto':  # as spiking_self_attention decides, on the (pooled) Q
     order = 'kv_first' if n > dq else 'qk_first'
   if order == 'qk_first':
-    return [('Q K^T', T * h * n * n * dq, fq, fk),
-            ('(Q K^T) V', T * h * n * n * d, None, fv)]
+    return [('Q K^T', T * h * n * n * dq, fq, fk), ('(Q K^T) V', T * h * n * n * d, None, fv)]
   return [('K^T V', T * h * n * dq * d, fk, fv), ('Q (K^T V)', T * h * n * dq * d, fq, None)]
 
 
 def qk_map(q: jax.Array, k: jax.Array) -> jax.Array:
   """Q K^T per head in at least float32 (exact counts), for recording."""
   from spikeformer_jax import neurons  # pylint: disable=import-outside-toplevel
+
   dt = neurons.membrane_dtype(q.dtype)
   return q.astype(dt) @ jnp.swapaxes(k.astype(dt), -1, -2)

@@ -64,9 +64,19 @@ class MSSA(base.Kind):
     if kernel == 1:
       setattr(attn, f'{name}_linear', ctx.linear())
     else:
-      setattr(attn, f'{name}_conv', ctx.settings.conv(ctx.dim, ctx.dim, kernel=(kernel,),
-                                               bias=ctx.qkv_bias, init='torch_default',
-                                               rngs=ctx.rngs, spikes_in=True))
+      setattr(
+        attn,
+        f'{name}_conv',
+        ctx.settings.conv(
+          ctx.dim,
+          ctx.dim,
+          kernel=(kernel,),
+          bias=ctx.qkv_bias,
+          init='torch_default',
+          rngs=ctx.rngs,
+          spikes_in=True,
+        ),
+      )
 
   @staticmethod
   def _branch(attn, name, x):
@@ -78,12 +88,18 @@ class MSSA(base.Kind):
 
   def forward(self, attn, x: jax.Array) -> jax.Array:
     q, p, k = base.heads(attn, *(self._branch(attn, n, x) for n in 'qpk'))
-    return ops.merge_heads(multi_scale_spiking_attention(
-        q, p, k, functools.partial(attn.gate, attn.attn_lif), p_sum=attn.mssa_p_sum))
+    return ops.merge_heads(
+      multi_scale_spiking_attention(
+        q, p, k, functools.partial(attn.gate, attn.attn_lif), p_sum=attn.mssa_p_sum
+      )
+    )
 
   def products(self, attn, *, T, n, c, rate):
-    return [(f'sum_d {b.upper()}', T * n * c, rate(f'{b}_lif'))
-            for b in 'qp' if rate(f'{b}_lif') is not None]
+    return [
+      (f'sum_d {b.upper()}', T * n * c, rate(f'{b}_lif'))
+      for b in 'qp'
+      if rate(f'{b}_lif') is not None
+    ]
 
   def map_axes(self, rows, cols):
     return 'token', 'channel' if cols > 1 else '', False  # [N, 1], or [N, d] (p_sum off)

@@ -39,10 +39,12 @@ class SDSA(base.Kind):
     q, k, v = attn.q_lif(q), attn.k_lif(k), attn.v_lif(v)
     k, v = base.erode_kv(attn, k, v)
     q, k, v = base.heads(attn, q, k, v)
-    erode = (functools.partial(base.erode, spatial=None) if attn.erode_hw is not None
-             else None)
-    return ops.merge_heads(spike_driven_self_attention(
-        q, k, v, functools.partial(attn.gate, attn.talking_heads_lif), erode=erode))
+    erode = functools.partial(base.erode, spatial=None) if attn.erode_hw is not None else None
+    return ops.merge_heads(
+      spike_driven_self_attention(
+        q, k, v, functools.partial(attn.gate, attn.talking_heads_lif), erode=erode
+      )
+    )
 
   def products(self, attn, *, T, n, c, rate):
     return [('k*v token sum', T * n * c, rate('k_lif'), rate('v_lif'))]

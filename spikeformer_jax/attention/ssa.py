@@ -99,6 +99,7 @@ def build_paper_options(attn, ctx):
 class SSA(base.Kind):
   """The matmul kinds share this shape: Q, K, V through `activate`, then
   attn_lif(`equation`(Q, K, V)); recorded map: Q K^T * scale."""
+
   name = 'ssa'
   picture = 'Q K^T * scale'
 
@@ -129,9 +130,17 @@ class SSA(base.Kind):
     return attn.order
 
   def products(self, attn, *, T, n, c, rate):
-    return base.matmul_products(self.order(attn), T=T, n=n, c=c, h=attn.num_heads,
-                                fq=rate('q_lif'), fk=rate('k_lif'), fv=rate('v_lif'),
-                                qk_pool=getattr(attn, 'qk_pool', 0))
+    return base.matmul_products(
+      self.order(attn),
+      T=T,
+      n=n,
+      c=c,
+      h=attn.num_heads,
+      fq=rate('q_lif'),
+      fk=rate('k_lif'),
+      fv=rate('v_lif'),
+      qk_pool=getattr(attn, 'qk_pool', 0),
+    )
 
 
 base.register(SSA())

@@ -30,13 +30,19 @@ from spikeformer_jax.data import tfds_sources
 
 # Dataset -> normalisation (mean, std) of the official code.
 NORM = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+  'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+  'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+  'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
-NAMES = ('digits', 'synthetic', 'synthetic_events', 'npz', *tfds_sources.IMAGE_DATASETS,
-         *tfds_sources.EVENT_DATASETS)
+NAMES = (
+  'digits',
+  'synthetic',
+  'synthetic_events',
+  'npz',
+  *tfds_sources.IMAGE_DATASETS,
+  *tfds_sources.EVENT_DATASETS,
+)
 
 
 def norm_stats(cfg: ml_collections.ConfigDict) -> tuple:
@@ -57,23 +63,41 @@ def get_source(cfg: ml_collections.ConfigDict, split: str):
     return sources.digits(split, size=cfg.image_size)
   if name == 'synthetic':
     n = cfg.num_train if split == 'train' else cfg.num_test
-    return sources.synthetic(split, shape=tuple(cfg.shape), num_classes=cfg.num_classes,
-                             num_examples=n, seed=cfg.seed)
+    return sources.synthetic(
+      split, shape=tuple(cfg.shape), num_classes=cfg.num_classes, num_examples=n, seed=cfg.seed
+    )
   if name == 'synthetic_events':
     n = cfg.num_train if split == 'train' else cfg.num_test
-    return sources.synthetic_events(split, shape=tuple(cfg.shape), num_classes=cfg.num_classes,
-                                    num_examples=n, seed=cfg.seed,
-                                    kind=cfg.get('synthetic_kind', 'gesture'))
+    return sources.synthetic_events(
+      split,
+      shape=tuple(cfg.shape),
+      num_classes=cfg.num_classes,
+      num_examples=n,
+      seed=cfg.seed,
+      kind=cfg.get('synthetic_kind', 'gesture'),
+    )
   if name == 'npz':
     return sources.npz(split, path=cfg.path, num_classes=cfg.num_classes, mean=mean, std=std)
   if name in tfds_sources.IMAGE_DATASETS:
-    return tfds_sources.image_source(name, split, data_dir=cfg.get('data_dir', ''),
-                                     image_size=cfg.image_size, num_classes=cfg.num_classes,
-                                     mean=mean, std=std)
+    return tfds_sources.image_source(
+      name,
+      split,
+      data_dir=cfg.get('data_dir', ''),
+      image_size=cfg.image_size,
+      num_classes=cfg.num_classes,
+      mean=mean,
+      std=std,
+    )
   if name in tfds_sources.EVENT_DATASETS:
-    return tfds_sources.event_source(name, split, data_dir=cfg.get('data_dir', ''),
-                                     frames=cfg.shape[0], split_by=cfg.get('split_by', 'number'),
-                                     image_size=cfg.image_size, num_classes=cfg.num_classes)
+    return tfds_sources.event_source(
+      name,
+      split,
+      data_dir=cfg.get('data_dir', ''),
+      frames=cfg.shape[0],
+      split_by=cfg.get('split_by', 'number'),
+      image_size=cfg.image_size,
+      num_classes=cfg.num_classes,
+    )
   raise errors.ConfigError(f'data.name={name!r}; valid: {", ".join(map(repr, NAMES))}.')
 
 
@@ -89,6 +113,9 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def augment_config(**kw) -> ml_collections.ConfigDict:
   """`config.data.augment`: per-example augmentation, all off by default.
 
@@ -113,6 +140,7 @@ def augment_config(**kw) -> ml_collections.ConfigDict:
       dvs_cutout=0))         # event frames: side of SDT's Cutout square; 0 off
   c.update(kw)
   return c
+# fmt: on
 
 
 DVS_POLICIES = ('', 'snn_augment_wide')
@@ -127,24 +155,36 @@ class Transform:
   applies, so the loader can normalise whole batches at once.
   """
 
-  def __init__(self, cfg: ml_collections.ConfigDict | None, *, train: bool, size: int,
-               mean, std, events: bool, stored_shape: tuple | None = None):
+  def __init__(
+    self,
+    cfg: ml_collections.ConfigDict | None,
+    *,
+    train: bool,
+    size: int,
+    mean,
+    std,
+    events: bool,
+    stored_shape: tuple | None = None,
+  ):
     self.cfg = cfg = cfg if cfg is not None else augment_config()
     self.train, self.size, self.events = train, size, events
     self.mean, self.std = mean, std
     if cfg.dvs_policy not in DVS_POLICIES:
-      raise errors.ConfigError(f'data.augment.dvs_policy={cfg.dvs_policy!r}; valid: '
-                               f'{DVS_POLICIES}.')
+      raise errors.ConfigError(
+        f'data.augment.dvs_policy={cfg.dvs_policy!r}; valid: {DVS_POLICIES}.'
+      )
     self.rand_augment = None
     if train and cfg.rand_augment and not events:
       fill = tuple(mean) if mean else (0.5,) * 3
       try:
-        self.rand_augment = augment.rand_augment(cfg.rand_augment, cfg.rand_augment_ops,
-                                                 img_mean=fill,
-                                                 interpolation=cfg.interpolation)
+        self.rand_augment = augment.rand_augment(
+          cfg.rand_augment, cfg.rand_augment_ops, img_mean=fill, interpolation=cfg.interpolation
+        )
       except ValueError as e:
-        raise errors.ConfigError(f'data.augment.rand_augment={cfg.rand_augment!r} / '
-                                 f'rand_augment_ops={cfg.rand_augment_ops!r}: {e}') from None
+        raise errors.ConfigError(
+          f'data.augment.rand_augment={cfg.rand_augment!r} / '
+          f'rand_augment_ops={cfg.rand_augment_ops!r}: {e}'
+        ) from None
     same_size = stored_shape is not None and stored_shape[-2] == size
     if events:
       self.trivial = same_size and not (train and (cfg.hflip or cfg.dvs_policy or cfg.dvs_cutout))
@@ -171,9 +211,14 @@ class Transform:
     if image.ndim == 2:
       image = image[..., None]
     if self.train:
-      image = augment.random_resized_crop(image, rng, self.size, scale=tuple(c.crop_scale),
-                                          ratio=tuple(c.crop_ratio),
-                                          interpolation=c.interpolation)
+      image = augment.random_resized_crop(
+        image,
+        rng,
+        self.size,
+        scale=tuple(c.crop_scale),
+        ratio=tuple(c.crop_ratio),
+        interpolation=c.interpolation,
+      )
       if c.hflip:
         image = augment.hflip(image, rng, c.hflip)
       if self.rand_augment is not None:
@@ -190,9 +235,15 @@ def make_transform(cfg: ml_collections.ConfigDict, source, train: bool) -> Trans
   """The transform of `source` under `config.data`."""
   # Arrays are stored at the model's size; tfds records are decoded at their own.
   stored = source.image_shape if isinstance(source, sources.ArraySource) else None
-  return Transform(cfg.get('augment'), train=train, size=source.image_shape[-2],
-                   mean=source.mean, std=source.std, events=len(source.image_shape) == 4,
-                   stored_shape=stored)
+  return Transform(
+    cfg.get('augment'),
+    train=train,
+    size=source.image_shape[-2],
+    mean=source.mean,
+    std=source.std,
+    events=len(source.image_shape) == 4,
+    stored_shape=stored,
+  )
 
 
 def _apply(source, transform: Transform | None, idx: np.ndarray, seeds) -> dict:
@@ -200,8 +251,7 @@ def _apply(source, transform: Transform | None, idx: np.ndarray, seeds) -> dict:
   ex = source[idx]
   labels = np.asarray(ex['label'], np.int32)
   if transform is None or transform.trivial:
-    return {'image': normalize(np.asarray(ex['image']), source.mean, source.std),
-            'label': labels}
+    return {'image': normalize(np.asarray(ex['image']), source.mean, source.std), 'label': labels}
   images = [transform(ex['image'][j], np.random.default_rng(seeds[j])) for j in range(len(idx))]
   return {'image': np.stack(images), 'label': labels}
 
@@ -215,15 +265,27 @@ class Loader:
   global row r of step s is augmented with np.random.default_rng([seed, s, r]).
   """
 
-  def __init__(self, source, *, global_batch: int, seed: int = 0,
-               process_index: int = 0, process_count: int = 1,
-               transform: Transform | None = None, workers: int = 0, prefetch: int = 2):
+  def __init__(
+    self,
+    source,
+    *,
+    global_batch: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    transform: Transform | None = None,
+    workers: int = 0,
+    prefetch: int = 2,
+  ):
     if global_batch % process_count:
-      raise errors.ConfigError(f'batch_size={global_batch} is not divisible by the '
-                               f'{process_count} processes.')
+      raise errors.ConfigError(
+        f'batch_size={global_batch} is not divisible by the {process_count} processes.'
+      )
     if len(source) < global_batch:
-      raise errors.ConfigError(f'batch_size={global_batch} exceeds the {len(source)} '
-                               'training examples; lower --config.batch_size.')
+      raise errors.ConfigError(
+        f'batch_size={global_batch} exceeds the {len(source)} '
+        'training examples; lower --config.batch_size.'
+      )
     self.source = source
     self.transform = transform
     self.global_batch = global_batch
@@ -237,14 +299,16 @@ class Loader:
   def _epoch_order(self, epoch: int) -> np.ndarray:
     cached = getattr(self, '_order', None)  # ImageNet: 40 ms a permutation, once an epoch
     if cached is None or cached[0] != epoch:
-      cached = self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(
-          len(self.source)))
+      cached = self._order = (
+        epoch,
+        np.random.default_rng([self.seed, epoch]).permutation(len(self.source)),
+      )
     return cached[1]
 
   def indices(self, step: int) -> np.ndarray:
     """The global example indices of training step `step` (all processes)."""
     epoch, i = divmod(step, self.steps_per_epoch)
-    return self._epoch_order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+    return self._epoch_order(epoch)[i * self.global_batch : (i + 1) * self.global_batch]
 
   def batch(self, step: int) -> dict:
     """This process's rows of the batch of training step `step` (0-based)."""
@@ -252,8 +316,12 @@ class Loader:
     idx = self.indices(step)
     lo = self.process_index * self.local_batch
     rows = range(lo, lo + self.local_batch)
-    return _apply(self.source, self.transform, idx[lo:lo + self.local_batch],
-                  [(self.seed, step, r) for r in rows])
+    return _apply(
+      self.source,
+      self.transform,
+      idx[lo : lo + self.local_batch],
+      [(self.seed, step, r) for r in rows],
+    )
 
   def iterate(self, start: int, stop: int):
     """The batches of steps start .. stop - 1, prepared ahead of their use."""
@@ -270,11 +338,13 @@ class Loader:
   def _grain_iterate(self, start: int, stop: int):
     import grain  # pylint: disable=import-outside-toplevel
     from absl import flags  # pylint: disable=import-outside-toplevel
+
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags (no app.run in tests)
       flags.FLAGS.mark_as_parsed()
     ds = grain.MapDataset.range(start, stop).map(self.batch).to_iter_dataset()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
-                                                     per_worker_buffer_size=self.prefetch))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=self.workers, per_worker_buffer_size=self.prefetch)
+    )
     it = iter(ds)
     try:
       yield from it
@@ -284,17 +354,24 @@ class Loader:
         close()
 
 
-def eval_batches(source, *, global_batch: int, process_index: int = 0,
-                 process_count: int = 1, transform: Transform | None = None):
+def eval_batches(
+  source,
+  *,
+  global_batch: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  transform: Transform | None = None,
+):
   """Yields every example once, in order, in padded batches with a 'mask'."""
   if global_batch % process_count:
-    raise errors.ConfigError(f'eval batch size {global_batch} is not divisible by the '
-                             f'{process_count} processes.')
+    raise errors.ConfigError(
+      f'eval batch size {global_batch} is not divisible by the {process_count} processes.'
+    )
   local = global_batch // process_count
   n = len(source)
   for b in range(math.ceil(n / global_batch)):
     idx = np.arange(b * global_batch, (b + 1) * global_batch)
-    idx = idx[process_index * local:(process_index + 1) * local]
+    idx = idx[process_index * local : (process_index + 1) * local]
     mask = idx < n
     seeds = [(0, int(i)) for i in idx]  # eval transforms are deterministic
     yield dict(_apply(source, transform, np.where(mask, idx, 0), seeds), mask=mask)

@@ -50,12 +50,12 @@ from PIL import Image, ImageEnhance, ImageOps
 from spikeformer_jax import errors
 
 _PIL_INTERP = {
-    'nearest': Image.Resampling.NEAREST,
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'box': Image.Resampling.BOX,
-    'hamming': Image.Resampling.HAMMING,
-    'lanczos': Image.Resampling.LANCZOS,
+  'nearest': Image.Resampling.NEAREST,
+  'bilinear': Image.Resampling.BILINEAR,
+  'bicubic': Image.Resampling.BICUBIC,
+  'box': Image.Resampling.BOX,
+  'hamming': Image.Resampling.HAMMING,
+  'lanczos': Image.Resampling.LANCZOS,
 }
 # timm's 'random' interpolation: one of these, chosen per call.
 _RANDOM_INTERPOLATION = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
@@ -66,8 +66,9 @@ def _interp(name):
   if name == 'random':
     return _RANDOM_INTERPOLATION
   if name not in _PIL_INTERP:
-    raise errors.ConfigError(f'unknown interpolation {name!r}; valid: '
-                             f'{sorted(_PIL_INTERP) + ["random"]}')
+    raise errors.ConfigError(
+      f'unknown interpolation {name!r}; valid: {sorted(_PIL_INTERP) + ["random"]}'
+    )
   return _PIL_INTERP[name]
 
 
@@ -123,9 +124,14 @@ def _rrc_params(img_h: int, img_w: int, rng, scale, ratio):
   return (img_h - target_h) // 2, (img_w - target_w) // 2, target_h, target_w
 
 
-def random_resized_crop(img: np.ndarray, rng: np.random.Generator, size: int,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                        interpolation: str = 'bicubic') -> np.ndarray:
+def random_resized_crop(
+  img: np.ndarray,
+  rng: np.random.Generator,
+  size: int,
+  scale=(0.08, 1.0),
+  ratio=(3 / 4, 4 / 3),
+  interpolation: str = 'bicubic',
+) -> np.ndarray:
   """timm RandomResizedCropAndInterpolation: uint8 [H, W, C] -> [size, size, C].
 
   A full-image crop at the output size is returned unchanged (PIL's resize to
@@ -151,8 +157,9 @@ def hflip(img: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarr
   return img
 
 
-def eval_resize_crop(img: np.ndarray, size: int, crop_pct: float,
-                     interpolation: str = 'bicubic') -> np.ndarray:
+def eval_resize_crop(
+  img: np.ndarray, size: int, crop_pct: float, interpolation: str = 'bicubic'
+) -> np.ndarray:
   """timm eval: Resize shorter side to floor(size / crop_pct), CenterCrop size.
 
   torchvision semantics on PIL: the long side becomes int(scale * long /
@@ -181,13 +188,13 @@ def eval_resize_crop(img: np.ndarray, size: int, crop_pct: float,
     ih, iw = out.shape[:2]
   top = int(round((ih - size) / 2.0))
   left = int(round((iw - size) / 2.0))
-  return np.ascontiguousarray(out[top:top + size, left:left + size])
+  return np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
 # ------------------------------------------------------------------ RandAugment
 
 _FILL = (128, 128, 128)
-_LEVEL_DENOM = 10.  # 'Mx' magnitude -> fractional level for op arguments
+_LEVEL_DENOM = 10.0  # 'Mx' magnitude -> fractional level for op arguments
 _HPARAMS_DEFAULT = dict(translate_const=250, img_mean=_FILL)
 
 
@@ -200,8 +207,13 @@ def _fill_for(img: Image.Image, fillcolor):
 
 def _affine(img, data, fillcolor, resample, rng):
   """PIL AFFINE transform (output pixel -> input pixel), as timm's ops."""
-  return img.transform(img.size, Image.Transform.AFFINE, data,
-                       resample=_pick(resample, rng), fillcolor=_fill_for(img, fillcolor))
+  return img.transform(
+    img.size,
+    Image.Transform.AFFINE,
+    data,
+    resample=_pick(resample, rng),
+    fillcolor=_fill_for(img, fillcolor),
+  )
 
 
 def shear_x(img, factor, *, fillcolor=_FILL, resample=Image.Resampling.BILINEAR, rng=None):
@@ -226,14 +238,12 @@ def translate_y_rel(img, pct, *, fillcolor=_FILL, resample=Image.Resampling.BILI
   return _affine(img, (1, 0, 0, 0, 1, pixels), fillcolor, resample, rng)
 
 
-def translate_x_abs(img, pixels, *, fillcolor=_FILL, resample=Image.Resampling.BILINEAR,
-                    rng=None):
+def translate_x_abs(img, pixels, *, fillcolor=_FILL, resample=Image.Resampling.BILINEAR, rng=None):
   """timm translate_x_abs: out(x) = in(x + pixels)."""
   return _affine(img, (1, 0, pixels, 0, 1, 0), fillcolor, resample, rng)
 
 
-def translate_y_abs(img, pixels, *, fillcolor=_FILL, resample=Image.Resampling.BILINEAR,
-                    rng=None):
+def translate_y_abs(img, pixels, *, fillcolor=_FILL, resample=Image.Resampling.BILINEAR, rng=None):
   """timm translate_y_abs: out(y) = in(y + pixels)."""
   return _affine(img, (1, 0, 0, 0, 1, pixels), fillcolor, resample, rng)
 
@@ -310,141 +320,184 @@ def _randomly_negate(v, rng):
 
 
 def _rotate_level_to_arg(level, _hparams, rng):
-  return _randomly_negate((level / _LEVEL_DENOM) * 30., rng),  # [-30, 30]
+  return (_randomly_negate((level / _LEVEL_DENOM) * 30.0, rng),)  # [-30, 30]
 
 
 def _enhance_level_to_arg(level, _hparams, rng):
-  return (level / _LEVEL_DENOM) * 1.8 + 0.1,  # [0.1, 1.9]
+  return ((level / _LEVEL_DENOM) * 1.8 + 0.1,)  # [0.1, 1.9]
 
 
 def _enhance_increasing_level_to_arg(level, _hparams, rng):
   # 'No change' is 1.0; moving towards 0.1 or 1.9 strengthens the op.
-  level = (level / _LEVEL_DENOM) * .9
-  return max(0.1, 1.0 + _randomly_negate(level, rng)),
+  level = (level / _LEVEL_DENOM) * 0.9
+  return (max(0.1, 1.0 + _randomly_negate(level, rng)),)
 
 
 def _shear_level_to_arg(level, _hparams, rng):
-  return _randomly_negate((level / _LEVEL_DENOM) * 0.3, rng),  # [-0.3, 0.3]
+  return (_randomly_negate((level / _LEVEL_DENOM) * 0.3, rng),)  # [-0.3, 0.3]
 
 
 def _translate_abs_level_to_arg(level, hparams, rng):
-  return _randomly_negate((level / _LEVEL_DENOM) * float(hparams['translate_const']), rng),
+  return (_randomly_negate((level / _LEVEL_DENOM) * float(hparams['translate_const']), rng),)
 
 
 def _translate_rel_level_to_arg(level, hparams, rng):
   translate_pct = hparams.get('translate_pct', 0.45)  # [-0.45, 0.45]
-  return _randomly_negate((level / _LEVEL_DENOM) * translate_pct, rng),
+  return (_randomly_negate((level / _LEVEL_DENOM) * translate_pct, rng),)
 
 
 def _posterize_level_to_arg(level, _hparams, rng=None):
-  return int((level / _LEVEL_DENOM) * 4),  # keep 0..4 bits, milder with level
+  return (int((level / _LEVEL_DENOM) * 4),)  # keep 0..4 bits, milder with level
 
 
 def _posterize_increasing_level_to_arg(level, hparams, rng):
-  return 4 - _posterize_level_to_arg(level, hparams)[0],  # keep 4..0 bits
+  return (4 - _posterize_level_to_arg(level, hparams)[0],)  # keep 4..0 bits
 
 
 def _posterize_original_level_to_arg(level, _hparams, rng):
-  return int((level / _LEVEL_DENOM) * 4) + 4,  # keep 4..8 bits
+  return (int((level / _LEVEL_DENOM) * 4) + 4,)  # keep 4..8 bits
 
 
 def _solarize_level_to_arg(level, _hparams, rng=None):
-  return int((level / _LEVEL_DENOM) * 256),  # threshold 0..256, milder with level
+  return (int((level / _LEVEL_DENOM) * 256),)  # threshold 0..256, milder with level
 
 
 def _solarize_increasing_level_to_arg(level, hparams, rng):
-  return 256 - _solarize_level_to_arg(level, hparams)[0],
+  return (256 - _solarize_level_to_arg(level, hparams)[0],)
 
 
 def _solarize_add_level_to_arg(level, _hparams, rng):
-  return int((level / _LEVEL_DENOM) * 110),  # [0, 110]
+  return (int((level / _LEVEL_DENOM) * 110),)  # [0, 110]
 
 
 LEVEL_TO_ARG = {
-    'AutoContrast': None,
-    'Equalize': None,
-    'Invert': None,
-    'Rotate': _rotate_level_to_arg,
-    'Posterize': _posterize_level_to_arg,
-    'PosterizeIncreasing': _posterize_increasing_level_to_arg,
-    'PosterizeOriginal': _posterize_original_level_to_arg,
-    'Solarize': _solarize_level_to_arg,
-    'SolarizeIncreasing': _solarize_increasing_level_to_arg,
-    'SolarizeAdd': _solarize_add_level_to_arg,
-    'Color': _enhance_level_to_arg,
-    'ColorIncreasing': _enhance_increasing_level_to_arg,
-    'Contrast': _enhance_level_to_arg,
-    'ContrastIncreasing': _enhance_increasing_level_to_arg,
-    'Brightness': _enhance_level_to_arg,
-    'BrightnessIncreasing': _enhance_increasing_level_to_arg,
-    'Sharpness': _enhance_level_to_arg,
-    'SharpnessIncreasing': _enhance_increasing_level_to_arg,
-    'ShearX': _shear_level_to_arg,
-    'ShearY': _shear_level_to_arg,
-    'TranslateX': _translate_abs_level_to_arg,
-    'TranslateY': _translate_abs_level_to_arg,
-    'TranslateXRel': _translate_rel_level_to_arg,
-    'TranslateYRel': _translate_rel_level_to_arg,
+  'AutoContrast': None,
+  'Equalize': None,
+  'Invert': None,
+  'Rotate': _rotate_level_to_arg,
+  'Posterize': _posterize_level_to_arg,
+  'PosterizeIncreasing': _posterize_increasing_level_to_arg,
+  'PosterizeOriginal': _posterize_original_level_to_arg,
+  'Solarize': _solarize_level_to_arg,
+  'SolarizeIncreasing': _solarize_increasing_level_to_arg,
+  'SolarizeAdd': _solarize_add_level_to_arg,
+  'Color': _enhance_level_to_arg,
+  'ColorIncreasing': _enhance_increasing_level_to_arg,
+  'Contrast': _enhance_level_to_arg,
+  'ContrastIncreasing': _enhance_increasing_level_to_arg,
+  'Brightness': _enhance_level_to_arg,
+  'BrightnessIncreasing': _enhance_increasing_level_to_arg,
+  'Sharpness': _enhance_level_to_arg,
+  'SharpnessIncreasing': _enhance_increasing_level_to_arg,
+  'ShearX': _shear_level_to_arg,
+  'ShearY': _shear_level_to_arg,
+  'TranslateX': _translate_abs_level_to_arg,
+  'TranslateY': _translate_abs_level_to_arg,
+  'TranslateXRel': _translate_rel_level_to_arg,
+  'TranslateYRel': _translate_rel_level_to_arg,
 }
 
 # Signatures differ (the level arguments): each op is called with its level_fn's.
 NAME_TO_OP: dict[str, Callable[..., Image.Image]] = {
-    'AutoContrast': auto_contrast,
-    'Equalize': equalize,
-    'Invert': invert,
-    'Rotate': rotate,
-    'Posterize': posterize,
-    'PosterizeIncreasing': posterize,
-    'PosterizeOriginal': posterize,
-    'Solarize': solarize,
-    'SolarizeIncreasing': solarize,
-    'SolarizeAdd': solarize_add,
-    'Color': color,
-    'ColorIncreasing': color,
-    'Contrast': contrast,
-    'ContrastIncreasing': contrast,
-    'Brightness': brightness,
-    'BrightnessIncreasing': brightness,
-    'Sharpness': sharpness,
-    'SharpnessIncreasing': sharpness,
-    'ShearX': shear_x,
-    'ShearY': shear_y,
-    'TranslateX': translate_x_abs,
-    'TranslateY': translate_y_abs,
-    'TranslateXRel': translate_x_rel,
-    'TranslateYRel': translate_y_rel,
+  'AutoContrast': auto_contrast,
+  'Equalize': equalize,
+  'Invert': invert,
+  'Rotate': rotate,
+  'Posterize': posterize,
+  'PosterizeIncreasing': posterize,
+  'PosterizeOriginal': posterize,
+  'Solarize': solarize,
+  'SolarizeIncreasing': solarize,
+  'SolarizeAdd': solarize_add,
+  'Color': color,
+  'ColorIncreasing': color,
+  'Contrast': contrast,
+  'ContrastIncreasing': contrast,
+  'Brightness': brightness,
+  'BrightnessIncreasing': brightness,
+  'Sharpness': sharpness,
+  'SharpnessIncreasing': sharpness,
+  'ShearX': shear_x,
+  'ShearY': shear_y,
+  'TranslateX': translate_x_abs,
+  'TranslateY': translate_y_abs,
+  'TranslateXRel': translate_x_rel,
+  'TranslateYRel': translate_y_rel,
 }
 
 # timm's standard sets ('Cutout' is random erasing, applied separately).
 _RAND_TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
-    'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
-    'ShearY', 'TranslateXRel', 'TranslateYRel')
+  'AutoContrast',
+  'Equalize',
+  'Invert',
+  'Rotate',
+  'Posterize',
+  'Solarize',
+  'SolarizeAdd',
+  'Color',
+  'Contrast',
+  'Brightness',
+  'Sharpness',
+  'ShearX',
+  'ShearY',
+  'TranslateXRel',
+  'TranslateYRel',
+)
 _RAND_INCREASING_TRANSFORMS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-    'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
-    'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
-    'TranslateXRel', 'TranslateYRel')
+  'AutoContrast',
+  'Equalize',
+  'Invert',
+  'Rotate',
+  'PosterizeIncreasing',
+  'SolarizeIncreasing',
+  'SolarizeAdd',
+  'ColorIncreasing',
+  'ContrastIncreasing',
+  'BrightnessIncreasing',
+  'SharpnessIncreasing',
+  'ShearX',
+  'ShearY',
+  'TranslateXRel',
+  'TranslateYRel',
+)
 # Spikformer cifar10/aa_snn.py: both lists cut to the same five geometric ops.
 _SPIKFORMER_CIFAR_TRANSFORMS = ('Equalize', 'Rotate', 'ShearX', 'TranslateXRel', 'TranslateYRel')
 
 # op_set -> (plain list, increasing list).
 OP_SETS = {
-    'timm': (_RAND_TRANSFORMS, _RAND_INCREASING_TRANSFORMS),
-    'spikformer_cifar': (_SPIKFORMER_CIFAR_TRANSFORMS, _SPIKFORMER_CIFAR_TRANSFORMS),
+  'timm': (_RAND_TRANSFORMS, _RAND_INCREASING_TRANSFORMS),
+  'spikformer_cifar': (_SPIKFORMER_CIFAR_TRANSFORMS, _SPIKFORMER_CIFAR_TRANSFORMS),
 }
 
 # timm's 'w0' weights, keyed by the plain names. timm 0.5/0.6 look them up in
 # the plain list even under inc1, i.e. by position, which is what is done here.
 _RAND_CHOICE_WEIGHTS_0 = {
-    'Rotate': 0.3, 'ShearX': 0.2, 'ShearY': 0.2, 'TranslateXRel': 0.1,
-    'TranslateYRel': 0.1, 'Color': .025, 'Sharpness': 0.025, 'AutoContrast': 0.025,
-    'Solarize': .005, 'SolarizeAdd': .005, 'Contrast': .005, 'Brightness': .005,
-    'Equalize': .005, 'Posterize': 0, 'Invert': 0,
+  'Rotate': 0.3,
+  'ShearX': 0.2,
+  'ShearY': 0.2,
+  'TranslateXRel': 0.1,
+  'TranslateYRel': 0.1,
+  'Color': 0.025,
+  'Sharpness': 0.025,
+  'AutoContrast': 0.025,
+  'Solarize': 0.005,
+  'SolarizeAdd': 0.005,
+  'Contrast': 0.005,
+  'Brightness': 0.005,
+  'Equalize': 0.005,
+  'Posterize': 0,
+  'Invert': 0,
 }
 
 _GEOMETRIC: set[Callable[..., Image.Image]] = {
-    shear_x, shear_y, translate_x_rel, translate_y_rel, translate_x_abs, translate_y_abs, rotate}
+  shear_x,
+  shear_y,
+  translate_x_rel,
+  translate_y_rel,
+  translate_x_abs,
+  translate_y_abs,
+  rotate,
+}
 
 
 class AugmentOp:
@@ -456,8 +509,9 @@ class AugmentOp:
   magnitude_max (upper clip, default _LEVEL_DENOM).
   """
 
-  def __init__(self, name: str, prob: float = 0.5, magnitude: float = 10,
-               hparams: dict | None = None):
+  def __init__(
+    self, name: str, prob: float = 0.5, magnitude: float = 10, hparams: dict | None = None
+  ):
     if name not in NAME_TO_OP:
       raise errors.ConfigError(f'unknown op {name!r}; valid: {sorted(NAME_TO_OP)}')
     hparams = hparams or _HPARAMS_DEFAULT
@@ -484,11 +538,12 @@ class AugmentOp:
         magnitude = rng.normal(magnitude, self.magnitude_std)
     # timm clips to [0, _LEVEL_DENOM] unless mmax raises the bound.
     upper_bound = self.magnitude_max or _LEVEL_DENOM
-    magnitude = max(0., min(magnitude, upper_bound))
+    magnitude = max(0.0, min(magnitude, upper_bound))
     level_args = self.level_fn(magnitude, self.hparams, rng) if self.level_fn else ()
     if self.aug_fn in _GEOMETRIC:
-      return self.aug_fn(img, *level_args, fillcolor=self.fillcolor, resample=self.resample,
-                         rng=rng)
+      return self.aug_fn(
+        img, *level_args, fillcolor=self.fillcolor, resample=self.resample, rng=rng
+      )
     return self.aug_fn(img, *level_args)
 
   def __repr__(self):
@@ -509,8 +564,9 @@ class RandAugment:
 
   def choose(self, rng: np.random.Generator) -> list:
     """The ops for one image (timm's np.random.choice)."""
-    idx = rng.choice(len(self.ops), self.num_layers, replace=self.choice_weights is None,
-                     p=self.choice_weights)
+    idx = rng.choice(
+      len(self.ops), self.num_layers, replace=self.choice_weights is None, p=self.choice_weights
+    )
     return [self.ops[i] for i in idx]
 
   def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -527,8 +583,13 @@ class RandAugment:
 _SPEC_KEYS = ('m', 'n', 'mstd', 'mmax', 'inc', 'w', 'p')
 
 
-def rand_augment(spec: str, op_set: str = 'timm', img_mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 interpolation: str = 'bicubic', translate_const: int = 250) -> RandAugment:
+def rand_augment(
+  spec: str,
+  op_set: str = 'timm',
+  img_mean: Sequence[float] = (0.5, 0.5, 0.5),
+  interpolation: str = 'bicubic',
+  translate_const: int = 250,
+) -> RandAugment:
   """timm rand_augment_transform for a spec like 'rand-m9-n1-mstd0.4-inc1'.
 
   Sections: m (magnitude, default 10), n (ops per image, default 2), mstd
@@ -546,19 +607,24 @@ def rand_augment(spec: str, op_set: str = 'timm', img_mean: Sequence[float] = (0
     raise errors.ConfigError(f'unknown op_set {op_set!r}; valid: {sorted(OP_SETS)}')
   sections = spec.split('-')
   if sections[0] != 'rand':
-    raise errors.ConfigError(f"RandAugment spec must start with 'rand', got {spec!r}; e.g. "
-                             f"'rand-m9-n1-mstd0.4-inc1' (sections {', '.join(_SPEC_KEYS)}, each "
-                             "followed by a number), or '' for none")
-  hparams = dict(translate_const=translate_const,
-                 img_mean=tuple(min(255, round(255 * x)) for x in img_mean))
+    raise errors.ConfigError(
+      f"RandAugment spec must start with 'rand', got {spec!r}; e.g. "
+      f"'rand-m9-n1-mstd0.4-inc1' (sections {', '.join(_SPEC_KEYS)}, each "
+      "followed by a number), or '' for none"
+    )
+  hparams = dict(
+    translate_const=translate_const, img_mean=tuple(min(255, round(255 * x)) for x in img_mean)
+  )
   hparams['interpolation'] = _interp(interpolation)
   magnitude, num_layers, weight_idx, prob, increasing = _LEVEL_DENOM, 2, None, 0.5, False
   for section in sections[1:]:
     cs = re.split(r'(\d.*)', section)
     key, val = (cs[0], cs[1]) if len(cs) >= 2 else (section, '')
     if key not in _SPEC_KEYS or not val:
-      raise errors.ConfigError(f'unknown RandAugment spec section {section!r} in {spec!r}; '
-                               f'valid keys (each followed by a number): {list(_SPEC_KEYS)}')
+      raise errors.ConfigError(
+        f'unknown RandAugment spec section {section!r} in {spec!r}; '
+        f'valid keys (each followed by a number): {list(_SPEC_KEYS)}'
+      )
     if key == 'mstd':
       mstd = float(val)
       # setdefault, as timm: the first occurrence wins.
@@ -590,9 +656,17 @@ def rand_augment(spec: str, op_set: str = 'timm', img_mean: Sequence[float] = (0
 # ------------------------------------------------------------------ random erasing
 
 
-def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float, mode: str = 'const',
-                   min_area: float = 0.02, max_area: float = 1 / 3, min_aspect: float = 0.3,
-                   max_aspect: float | None = None, count: int = 1) -> np.ndarray:
+def random_erasing(
+  x: np.ndarray,
+  rng: np.random.Generator,
+  prob: float,
+  mode: str = 'const',
+  min_area: float = 0.02,
+  max_area: float = 1 / 3,
+  min_aspect: float = 0.3,
+  max_aspect: float | None = None,
+  count: int = 1,
+) -> np.ndarray:
   """timm RandomErasing on one normalised float [H, W, C] image.
 
   With probability `prob`, erases randint(1, count) boxes (area per box scaled
@@ -602,8 +676,9 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float, mode: s
   """
   mode = mode.lower()
   if mode not in ('', 'const', 'rand', 'pixel'):
-    raise errors.ConfigError(f"unknown random erasing mode {mode!r}; valid: ['const', 'rand', "
-                             "'pixel']")
+    raise errors.ConfigError(
+      f"unknown random erasing mode {mode!r}; valid: ['const', 'rand', 'pixel']"
+    )
   # timm: random() > prob skips; >= makes prob=0 exactly the identity.
   if rng.random() >= prob:
     return x
@@ -628,7 +703,7 @@ def random_erasing(x: np.ndarray, rng: np.random.Generator, prob: float, mode: s
           fill = rng.standard_normal((1, 1, chan), dtype=np.float32)
         else:
           fill = 0
-        x[top:top + h, left:left + w] = fill
+        x[top : top + h, left : left + w] = fill
         break
   return x
 
@@ -642,8 +717,13 @@ def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
   s, e = np.float32(start), np.float32(end)
   step = (e - s) / np.float32(steps - 1)
   half = steps // 2
-  return np.array([s + step * np.float32(i) if i < half else e - step * np.float32(steps - i - 1)
-                   for i in range(steps)], dtype=np.float32)
+  return np.array(
+    [
+      s + step * np.float32(i) if i < half else e - step * np.float32(steps - i - 1)
+      for i in range(steps)
+    ],
+    dtype=np.float32,
+  )
 
 
 def _inverse_affine_matrix(center, angle, translate, scale, shear):
@@ -714,8 +794,9 @@ def _snn_apply_op(frames: np.ndarray, op_name: str, magnitude: float) -> np.ndar
   return _grid_sample_nearest(frames, m)
 
 
-def _tv_random_erasing(frames: np.ndarray, rng, p=1.0, scale=(0.001, 0.11), ratio=(1, 1),
-                       value=0.0) -> np.ndarray:
+def _tv_random_erasing(
+  frames: np.ndarray, rng, p=1.0, scale=(0.001, 0.11), ratio=(1, 1), value=0.0
+) -> np.ndarray:
   """torchvision RandomErasing(p, scale, ratio, value) on [..., H, W, C]: one box
   for all leading indices and channels; unchanged after 10 failed attempts."""
   if rng.random() >= p:  # torch.rand(1) < p erases
@@ -733,7 +814,7 @@ def _tv_random_erasing(frames: np.ndarray, rng, p=1.0, scale=(0.001, 0.11), rati
     i = int(rng.integers(0, img_h - h + 1))
     j = int(rng.integers(0, img_w - w + 1))
     out = np.array(frames, copy=True)
-    out[..., i:i + h, j:j + w, :] = value
+    out[..., i : i + h, j : j + w, :] = value
     return out
   return frames
 
@@ -741,12 +822,12 @@ def _tv_random_erasing(frames: np.ndarray, rng, p=1.0, scale=(0.001, 0.11), rati
 _SNN_NUM_BINS = 31
 # SNNAugmentWide._augmentation_space: (name, magnitudes or None, signed).
 _SNN_WIDE_SPACE = (
-    ('Identity', None, False),
-    ('ShearX', _torch_linspace_f32(-0.3, 0.3, _SNN_NUM_BINS), True),
-    ('TranslateX', _torch_linspace_f32(-5.0, 5.0, _SNN_NUM_BINS), True),
-    ('TranslateY', _torch_linspace_f32(-5.0, 5.0, _SNN_NUM_BINS), True),
-    ('Rotate', _torch_linspace_f32(-30.0, 30.0, _SNN_NUM_BINS), True),
-    ('Cutout', _torch_linspace_f32(1.0, 30.0, _SNN_NUM_BINS), True),  # magnitude unused
+  ('Identity', None, False),
+  ('ShearX', _torch_linspace_f32(-0.3, 0.3, _SNN_NUM_BINS), True),
+  ('TranslateX', _torch_linspace_f32(-5.0, 5.0, _SNN_NUM_BINS), True),
+  ('TranslateY', _torch_linspace_f32(-5.0, 5.0, _SNN_NUM_BINS), True),
+  ('Rotate', _torch_linspace_f32(-30.0, 30.0, _SNN_NUM_BINS), True),
+  ('Cutout', _torch_linspace_f32(1.0, 30.0, _SNN_NUM_BINS), True),  # magnitude unused
 )
 
 
@@ -776,8 +857,9 @@ def snn_augment_wide(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray
   return _snn_apply_op(frames, name, magnitude)
 
 
-def cutout(frames: np.ndarray, rng: np.random.Generator, n_holes: int = 1,
-           length: int = 16) -> np.ndarray:
+def cutout(
+  frames: np.ndarray, rng: np.random.Generator, n_holes: int = 1, length: int = 16
+) -> np.ndarray:
   """SDT Cutout on [..., H, W, C] (event frames [T, H, W, 2]).
 
   Each hole: centre (y, x) uniform over the pixels, rows clip(y -+ length//2,

@@ -27,9 +27,13 @@ from spikeformer_jax.data import tfds_sources
 try:
   import tensorflow_datasets as tfds
 except ModuleNotFoundError as e:
-  raise extras.missing(e, module='tensorflow_datasets', extra='tfds',
-                       package='tensorflow-datasets',
-                       needed_for='preparing the event datasets') from e
+  raise extras.missing(
+    e,
+    module='tensorflow_datasets',
+    extra='tfds',
+    package='tensorflow-datasets',
+    needed_for='preparing the event datasets',
+  ) from e
 
 SPLIT_BY = ('number', 'time')
 
@@ -45,8 +49,9 @@ def frames_config(frames: int, split_by: str = 'number') -> FramesConfig:
     raise errors.ConfigError(f'frames={frames} must be >= 1.')
   if split_by not in SPLIT_BY:
     raise errors.ConfigError(f'split_by={split_by!r}; valid: {SPLIT_BY}.')
-  return FramesConfig(name=tfds_sources.event_config_name(frames, split_by), frames=frames,
-                      split_by=split_by)
+  return FramesConfig(
+    name=tfds_sources.event_config_name(frames, split_by), frames=frames, split_by=split_by
+  )
 
 
 def integrate(events: np.ndarray, frames: int, split_by: str, size: tuple) -> np.ndarray:
@@ -74,26 +79,30 @@ class _EventFrames(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # 
   def _info(self):
     t = self.builder_config.frames
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'frames': tfds.features.Tensor(shape=(t, *self.SENSOR, 2), dtype=np.uint16,
-                                           encoding='zlib'),
-            'label': tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
-        }),
-        supervised_keys=('frames', 'label'),
-        disable_shuffling=True)  # stored in the reader's (SpikingJelly's) order
+      features=tfds.features.FeaturesDict(
+        {
+          'frames': tfds.features.Tensor(
+            shape=(t, *self.SENSOR, 2), dtype=np.uint16, encoding='zlib'
+          ),
+          'label': tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
+        }
+      ),
+      supervised_keys=('frames', 'label'),
+      disable_shuffling=True,
+    )  # stored in the reader's (SpikingJelly's) order
 
   def _split_generators(self, dl_manager):
     root = dl_manager.manual_dir
     if not os.path.exists(root) or not os.listdir(root):
       raise FileNotFoundError(
-          f'{self.name}: manual_dir {root} is empty. ' + self.MANUAL_DOWNLOAD_INSTRUCTIONS)
+        f'{self.name}: manual_dir {root} is empty. ' + self.MANUAL_DOWNLOAD_INSTRUCTIONS
+      )
     return {split: self._generate_examples(str(root), split) for split in ('train', 'test')}
 
   def _generate_examples(self, root: str, split: str):
     c = self.builder_config
     for i, (events, label) in enumerate(self.samples(root, split)):
-      yield i, {'frames': integrate(events, c.frames, c.split_by, self.SENSOR),
-                'label': int(label)}
+      yield i, {'frames': integrate(events, c.frames, c.split_by, self.SENSOR), 'label': int(label)}
 
   def samples(self, root: str, split: str):
     """(events, label) of every sample of `split`, in a fixed order."""
@@ -106,14 +115,16 @@ class Nmnist(_EventFrames, skip_registration=True):  # type: ignore[call-arg]
   SENSOR = ev.NMNIST_SIZE
   NUM_CLASSES = 10
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Put Train.zip and Test.zip of N-MNIST (https://www.garrickorchard.com/datasets/n-mnist), '
-      'or the folders Train/ and Test/ extracted from them, in manual_dir. A tar of '
-      '<id>.bs2 files with train*.txt / test*.txt label lists (lines "id class") works too.')
+    'Put Train.zip and Test.zip of N-MNIST (https://www.garrickorchard.com/datasets/n-mnist), '
+    'or the folders Train/ and Test/ extracted from them, in manual_dir. A tar of '
+    '<id>.bs2 files with train*.txt / test*.txt label lists (lines "id class") works too.'
+  )
 
   def samples(self, root, split):
     tars = sorted(f for f in os.listdir(root) if f.endswith(('.tar', '.tar.gz', '.tgz')))
-    if tars and not any(os.path.exists(os.path.join(root, f'{s}{e}'))
-                        for s in ('Train', 'Test') for e in ('', '.zip')):
+    if tars and not any(
+      os.path.exists(os.path.join(root, f'{s}{e}')) for s in ('Train', 'Test') for e in ('', '.zip')
+    ):
       yield from ev.iter_nmnist_tar(os.path.join(root, tars[0]), split)
     else:
       yield from ev.iter_nmnist(root, split)
@@ -131,15 +142,17 @@ class Dvs128Gesture(_EventFrames, skip_registration=True):  # type: ignore[call-
 
   NUM_CLASSES = 11
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Put DvsGesture.tar.gz (https://research.ibm.com/interactive/dvsgesture/), or the '
-      'DvsGesture/ folder extracted from it (user*.aedat, user*_labels.csv, '
-      'trials_to_train.txt, trials_to_test.txt), in manual_dir.')
+    'Put DvsGesture.tar.gz (https://research.ibm.com/interactive/dvsgesture/), or the '
+    'DvsGesture/ folder extracted from it (user*.aedat, user*_labels.csv, '
+    'trials_to_train.txt, trials_to_test.txt), in manual_dir.'
+  )
 
   def samples(self, root, split):
     tar = os.path.join(root, 'DvsGesture.tar.gz')
     folder = os.path.join(root, 'DvsGesture')
-    yield from ev.iter_gesture(tar if os.path.exists(tar) else
-                               folder if os.path.isdir(folder) else root, split)
+    yield from ev.iter_gesture(
+      tar if os.path.exists(tar) else folder if os.path.isdir(folder) else root, split
+    )
 
 
 class Cifar10Dvs(_EventFrames, skip_registration=True):  # type: ignore[call-arg]
@@ -152,9 +165,10 @@ class Cifar10Dvs(_EventFrames, skip_registration=True):  # type: ignore[call-arg
 
   NUM_CLASSES = 10
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Put the 10 archives of CIFAR10-DVS (airplane.zip ... truck.zip, '
-      'https://figshare.com/articles/dataset/CIFAR10-DVS_New/4724671), or the 10 class '
-      'folders of .aedat files extracted from them, in manual_dir.')
+    'Put the 10 archives of CIFAR10-DVS (airplane.zip ... truck.zip, '
+    'https://figshare.com/articles/dataset/CIFAR10-DVS_New/4724671), or the 10 class '
+    'folders of .aedat files extracted from them, in manual_dir.'
+  )
 
   def samples(self, root, split):
     train, test = ev.front_split(ev.cifar10dvs_labels(root), 0.9, 10)
@@ -164,12 +178,12 @@ class Cifar10Dvs(_EventFrames, skip_registration=True):  # type: ignore[call-arg
 BUILDERS = {'nmnist': Nmnist, 'dvs128_gesture': Dvs128Gesture, 'cifar10_dvs': Cifar10Dvs}
 
 
-def prepare(name: str, *, data_dir: str, manual_dir: str, frames: int,
-            split_by: str = 'number'):
+def prepare(name: str, *, data_dir: str, manual_dir: str, frames: int, split_by: str = 'number'):
   """Integrates and writes event dataset `name` as ArrayRecord; returns the builder."""
-  builder = BUILDERS[name](data_dir=tfds_sources.default_data_dir(data_dir),
-                           config=frames_config(frames, split_by),
-                           file_format='array_record')
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder = BUILDERS[name](
+    data_dir=tfds_sources.default_data_dir(data_dir),
+    config=frames_config(frames, split_by),
+    file_format='array_record',
+  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder

@@ -47,8 +47,10 @@ def read_nmnist(data: bytes) -> np.ndarray:
   bits the timestamp in microseconds)."""
   raw = np.frombuffer(data, np.uint8)
   if raw.size % 5:
-    raise errors.DataError(f'N-MNIST record of {raw.size} bytes is not a whole number of '
-                           '5-byte events: the file is truncated or not N-MNIST.')
+    raise errors.DataError(
+      f'N-MNIST record of {raw.size} bytes is not a whole number of '
+      '5-byte events: the file is truncated or not N-MNIST.'
+    )
   raw = raw.reshape(-1, 5).astype(np.int64)
   ev = np.empty(len(raw), EVENT_DTYPE)
   ev['x'], ev['y'] = raw[:, 0], raw[:, 1]
@@ -77,8 +79,10 @@ def load_nmnist_tar(path: str, T: int) -> dict:
   `train*.txt` / `test*.txt`, lines `id class`, `#` comments) as frames:
   {'x_train': [N, T, 34, 34, 2] float32, 'y_train': [N] int64, 'x_test', 'y_test'}."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: point data.path at an N-MNIST tar '
-                            '(<dir>/<id>.bs2 files and train/test label lists).')
+    raise FileNotFoundError(
+      f'{path} does not exist: point data.path at an N-MNIST tar '
+      '(<dir>/<id>.bs2 files and train/test label lists).'
+    )
   out = {}
   for split in ('train', 'test'):
     samples = list(iter_nmnist_tar(path, split))
@@ -109,8 +113,12 @@ def _integrate(events: np.ndarray, starts, ends, h: int, w: int) -> np.ndarray:
 def _sorted_walk(directory: str, suffix: str) -> list[str]:
   """Files under `directory` in torchvision `make_dataset` order (what
   SpikingJelly's DatasetFolder sees): sorted(os.walk(...)), then sorted names."""
-  return [os.path.join(r, f) for r, _, fs in sorted(os.walk(directory, followlinks=True))
-          for f in sorted(fs) if f.endswith(suffix)]
+  return [
+    os.path.join(r, f)
+    for r, _, fs in sorted(os.walk(directory, followlinks=True))
+    for f in sorted(fs)
+    if f.endswith(suffix)
+  ]
 
 
 def _junk(name: str) -> bool:
@@ -210,8 +218,10 @@ _AEDAT31_PACKET = struct.Struct('<HHIIIIII')  # the 28-byte event packet header
 # torchvision's DatasetFolder, which SpikingJelly's DVS128Gesture subclasses,
 # numbers the class folders '0'..'10' in *string* order ('0', '1', '10', '2',
 # ...), so DVS128Gesture's target for label l (= class - 1) is this, not l.
-SPIKINGJELLY_GESTURE_TARGET = tuple(sorted(str(i) for i in range(GESTURE_NUM_CLASSES)).index(str(label))
-                                    for label in range(GESTURE_NUM_CLASSES))
+SPIKINGJELLY_GESTURE_TARGET = tuple(
+  sorted(str(i) for i in range(GESTURE_NUM_CLASSES)).index(str(label))
+  for label in range(GESTURE_NUM_CLASSES)
+)
 
 
 def read_aedat31(data: bytes) -> np.ndarray:
@@ -230,10 +240,11 @@ def read_aedat31(data: bytes) -> np.ndarray:
   pos = 0
   while True:  # SpikingJelly reads '#' lines until the END-HEADER line
     end = data.find(b'\n', pos)
-    line = data[pos:] if end < 0 else data[pos:end + 1]
+    line = data[pos:] if end < 0 else data[pos : end + 1]
     if not line.startswith(b'#'):
-      raise errors.DataError('AEDAT 3.1: no #!END-HEADER line closes the header; not an AEDAT 3.1 '
-                             'file.')
+      raise errors.DataError(
+        'AEDAT 3.1: no #!END-HEADER line closes the header; not an AEDAT 3.1 file.'
+      )
     pos += len(line)
     if line == AEDAT31_END_HEADER:
       break
@@ -243,7 +254,7 @@ def read_aedat31(data: bytes) -> np.ndarray:
       raise errors.DataError(f'AEDAT 3.1: truncated packet header at byte {pos}.')
     e_type, _, e_size, _, e_overflow, e_capacity, _, _ = _AEDAT31_PACKET.unpack_from(data, pos)
     pos += _AEDAT31_PACKET.size
-    body = data[pos:pos + e_capacity * e_size]
+    body = data[pos : pos + e_capacity * e_size]
     pos += e_capacity * e_size
     if e_type != 1:
       continue
@@ -272,8 +283,9 @@ def read_trials(text: str) -> list[str]:
 
 
 def _gesture_split(events: np.ndarray, labels_csv_text: str, stem: str):
-  csv = np.loadtxt(io.StringIO(labels_csv_text), dtype=np.uint32, delimiter=',', skiprows=1,
-                   ndmin=2)
+  csv = np.loadtxt(
+    io.StringIO(labels_csv_text), dtype=np.uint32, delimiter=',', skiprows=1, ndmin=2
+  )
   count = [0] * GESTURE_NUM_CLASSES
   out = []
   t = events['t']
@@ -302,8 +314,9 @@ def spikingjelly_gesture_order(labels: Sequence[int], names: Sequence[str]) -> n
   """The permutation putting `iter_gesture(..., with_names=True)` samples in
   DVS128Gesture's index order: DatasetFolder walks the class folders str(label)
   in string order, then the files `<name>.npz` sorted by name."""
-  return np.asarray(sorted(range(len(names)), key=lambda i: (str(labels[i]), f'{names[i]}.npz')),
-                    np.int64)
+  return np.asarray(
+    sorted(range(len(names)), key=lambda i: (str(labels[i]), f'{names[i]}.npz')), np.int64
+  )
 
 
 def _gesture_source(root: str, split: str) -> tuple[str, str]:
@@ -315,8 +328,10 @@ def _gesture_source(root: str, split: str) -> tuple[str, str]:
   tgz = os.path.join(root, 'DvsGesture.tar.gz')
   if os.path.isfile(tgz):
     return 'tar', tgz
-  raise FileNotFoundError(f'{root}: neither DvsGesture.tar.gz nor an extracted DvsGesture folder '
-                          f'(trials_to_{split}.txt, userXX_*.aedat, userXX_*_labels.csv).')
+  raise FileNotFoundError(
+    f'{root}: neither DvsGesture.tar.gz nor an extracted DvsGesture folder '
+    f'(trials_to_{split}.txt, userXX_*.aedat, userXX_*_labels.csv).'
+  )
 
 
 def iter_gesture(root: str, split: str, with_names: bool = False) -> Iterator[tuple]:
@@ -368,11 +383,16 @@ def _iter_gesture_tar(path: str, split: str):
         wanted = set(order)
         files = {k: v for k, v in files.items() if k[0] in wanted}
       elif base.endswith('_labels.csv') or base.endswith('.aedat'):
-        key = (base[:-len('_labels.csv')], 'csv') if base.endswith('.csv') else (base[:-6], 'aedat')
+        key = (
+          (base[: -len('_labels.csv')], 'csv') if base.endswith('.csv') else (base[:-6], 'aedat')
+        )
         if wanted is None or key[0] in wanted:
           files[key] = _member_bytes(tar, m)
-      while order is not None and done < len(order) and all(
-          (order[done], k) in files for k in ('csv', 'aedat')):
+      while (
+        order is not None
+        and done < len(order)
+        and all((order[done], k) in files for k in ('csv', 'aedat'))
+      ):
         stem = order[done]
         events = read_aedat31(files.pop((stem, 'aedat')))
         yield from _gesture_split(events, files.pop((stem, 'csv')).decode(), stem)
@@ -381,25 +401,40 @@ def _iter_gesture_tar(path: str, split: str):
     raise errors.DataError(f'{path}: no {trials_name} in the archive.')
   if done < len(order):
     stem = order[done]
-    missing = [f'{stem}{s}' for k, s in (('aedat', '.aedat'), ('csv', '_labels.csv'))
-               if (stem, k) not in files]
+    missing = [
+      f'{stem}{s}'
+      for k, s in (('aedat', '.aedat'), ('csv', '_labels.csv'))
+      if (stem, k) not in files
+    ]
     raise errors.DataError(f'{path}: {trials_name} lists {stem} but the archive lacks {missing}.')
 
 
 # ---------------------------------------------------------------------------
 # CIFAR10-DVS: AEDAT 2.0 files, 10 class folders or zips, SpikingJelly's split.
 
-CIFAR10DVS_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
-                      'ship', 'truck')
+CIFAR10DVS_CLASSES = (
+  'airplane',
+  'automobile',
+  'bird',
+  'cat',
+  'deer',
+  'dog',
+  'frog',
+  'horse',
+  'ship',
+  'truck',
+)
 CIFAR10DVS_SIZE = (128, 128)
 
 
 def _skip_hash_header(data: bytes) -> int:
   """Bytes of leading '#' lines, as cifar10_dvs.skip_header: a line is header
   while it decodes and, stripped, starts with '#'."""
+
   def line_at(pos):
     end = data.find(b'\n', pos)
-    return data[pos:] if end < 0 else data[pos:end + 1]
+    return data[pos:] if end < 0 else data[pos : end + 1]
+
   p = 0
   line = line_at(0)
   try:
@@ -425,7 +460,7 @@ def read_cifar10dvs(data: bytes) -> np.ndarray:
   jackd/events-tfds#1; the commented alternative `127 - x, y` matches the
   dataset's dat2mat.m). No filtering by the address's bit 31.
   """
-  body = data[_skip_hash_header(data):]
+  body = data[_skip_hash_header(data) :]
   if len(body) % 8:
     raise errors.DataError(f'CIFAR10-DVS: {len(body)} data bytes are not whole 8-byte events.')
   words = np.frombuffer(body, '>u4').reshape(-1, 2).astype(np.int64)
@@ -443,12 +478,15 @@ def _cifar10dvs_listing(root: str) -> list[tuple[int, str, str]]:
       out.extend((label, '', path) for path in _sorted_walk(folder, '.aedat'))
     elif os.path.isfile(folder + '.zip'):
       with zipfile.ZipFile(folder + '.zip') as z:
-        members = sorted((os.path.basename(n), n) for n in z.namelist()
-                         if n.endswith('.aedat') and not _junk(n))
+        members = sorted(
+          (os.path.basename(n), n) for n in z.namelist() if n.endswith('.aedat') and not _junk(n)
+        )
       out.extend((label, folder + '.zip', member) for _, member in members)
     else:
-      raise FileNotFoundError(f'{root}: no {cls}/ folder or {cls}.zip (CIFAR10-DVS needs all 10 '
-                              f'classes: {", ".join(CIFAR10DVS_CLASSES)}).')
+      raise FileNotFoundError(
+        f'{root}: no {cls}/ folder or {cls}.zip (CIFAR10-DVS needs all 10 '
+        f'classes: {", ".join(CIFAR10DVS_CLASSES)}).'
+      )
   return out
 
 
@@ -457,8 +495,9 @@ def cifar10dvs_labels(root: str) -> np.ndarray:
   return np.asarray([label for label, _, _ in _cifar10dvs_listing(root)], np.int64)
 
 
-def iter_cifar10dvs(root: str, with_names: bool = False,
-                    indices: Sequence[int] | np.ndarray | None = None) -> Iterator[tuple]:
+def iter_cifar10dvs(
+  root: str, with_names: bool = False, indices: Sequence[int] | np.ndarray | None = None
+) -> Iterator[tuple]:
   """Every CIFAR10-DVS sample: (events, label) or (events, label, name).
 
   `root` holds the 10 class folders (`airplane/cifar10_airplane_<i>.aedat`, ...)
@@ -489,8 +528,9 @@ def iter_cifar10dvs(root: str, with_names: bool = False,
       z.close()
 
 
-def front_split(labels: Sequence[int] | np.ndarray, train_ratio: float = 0.9,
-                num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def front_split(
+  labels: Sequence[int] | np.ndarray, train_ratio: float = 0.9, num_classes: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
   """SpikingJelly's `split_to_train_test_set(train_ratio, ds, num_classes,
   random_split=False)` (also SDT's dvs_utils copy): for each class in turn, its
   first ceil(n_c * train_ratio) indices (dataset order) go to train, the rest
@@ -562,16 +602,19 @@ def iter_nmnist(root: str, split: str, with_names: bool = False) -> Iterator[tup
           ev = read_nmnist(z.read(member))
           yield (ev, label, name) if with_names else (ev, label)
   else:
-    raise FileNotFoundError(f'{root}: no {split.capitalize()}/ folder or {split.capitalize()}.zip '
-                            '(the N-MNIST download: Train.zip, Test.zip).')
+    raise FileNotFoundError(
+      f'{root}: no {split.capitalize()}/ folder or {split.capitalize()}.zip '
+      '(the N-MNIST download: Train.zip, Test.zip).'
+    )
 
 
 # ---------------------------------------------------------------------------
 # Synthetic events (offline-data spec, "Event data").
 
 
-def _contrast_events(log_i: np.ndarray, thresholds: np.ndarray, step_us: float,
-                     rng: np.random.Generator):
+def _contrast_events(
+  log_i: np.ndarray, thresholds: np.ndarray, step_us: float, rng: np.random.Generator
+):
   """v2e-like DVS pixels: a signed event per threshold crossed since the pixel's
   reference log intensity, the reference then moved by those thresholds.
   log_i [K + 1, H, W]; step k's events get uniform jitter within the step."""
@@ -594,8 +637,12 @@ def _contrast_events(log_i: np.ndarray, thresholds: np.ndarray, step_us: float,
 def _noise(rng: np.random.Generator, rate_hz: float, sensor, duration_us: int):
   h, w = sensor
   n = rng.poisson(rate_hz * h * w * duration_us * 1e-6)
-  return (rng.integers(0, duration_us, n), rng.integers(0, w, n), rng.integers(0, h, n),
-          rng.integers(0, 2, n))
+  return (
+    rng.integers(0, duration_us, n),
+    rng.integers(0, w, n),
+    rng.integers(0, h, n),
+    rng.integers(0, 2, n),
+  )
 
 
 def _sample_matrix(u: np.ndarray, n: int) -> np.ndarray:
@@ -620,11 +667,19 @@ def _gray(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / 255.0
 
 
-def synthetic_image_events(image: np.ndarray, rng: np.random.Generator, sensor=(128, 128), *,
-                           n_steps: int = 60, duration_us: int = 300_000,
-                           contrast: float = 0.15, threshold_sigma: float = 0.03,
-                           noise_hz: float = 0.5, amplitude: float | None = None,
-                           eps: float = 0.1) -> np.ndarray:
+def synthetic_image_events(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  sensor=(128, 128),
+  *,
+  n_steps: int = 60,
+  duration_us: int = 300_000,
+  contrast: float = 0.15,
+  threshold_sigma: float = 0.03,
+  noise_hz: float = 0.5,
+  amplitude: float | None = None,
+  eps: float = 0.1,
+) -> np.ndarray:
   """Events of a static image moved along a saccade (CIFAR10-DVS / N-MNIST style).
 
   The image (uint8 HW or HWC, to luma) is scaled to fill the sensor less the
@@ -657,8 +712,13 @@ def synthetic_image_events(image: np.ndarray, rng: np.random.Generator, sensor=(
   thresholds = np.maximum(contrast + threshold_sigma * rng.standard_normal(sensor), 0.01 * contrast)
   t, x, y, p = _contrast_events(log_i, thresholds.astype(np.float32), duration_us / n_steps, rng)
   nt, nx, ny, np_ = _noise(rng, noise_hz, sensor, duration_us)
-  return _make_events(np.concatenate([t, nt]), np.concatenate([x, nx]), np.concatenate([y, ny]),
-                      np.concatenate([p, np_]), sort=True)
+  return _make_events(
+    np.concatenate([t, nt]),
+    np.concatenate([x, nx]),
+    np.concatenate([y, ny]),
+    np.concatenate([p, np_]),
+    sort=True,
+  )
 
 
 def _gesture_tracks(label: int, tt: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
@@ -674,8 +734,9 @@ def _gesture_tracks(label: int, tt: np.ndarray, rng: np.random.Generator) -> lis
     return [one(c[0] - d, c[1]), one(c[0] + d, c[1])]
   if label in (1, 2):  # right / left hand wave: horizontal swing with a small arc
     h = right if label == 1 else left
-    return [one(h[0] + 0.6 * a * np.sin(w * tt + ph),
-                h[1] - 0.12 - 0.2 * a * np.cos(2 * (w * tt + ph)))]
+    return [
+      one(h[0] + 0.6 * a * np.sin(w * tt + ph), h[1] - 0.12 - 0.2 * a * np.cos(2 * (w * tt + ph)))
+    ]
   if label in (3, 4, 5, 6):  # right / left arm, clockwise / counter-clockwise circles
     h = right if label in (3, 4) else left
     sign = 1.0 if label in (3, 5) else -1.0  # y down: increasing angle turns clockwise
@@ -684,15 +745,20 @@ def _gesture_tracks(label: int, tt: np.ndarray, rng: np.random.Generator) -> lis
   if label == 7:  # arm roll: two hands circling each other
     ang = 2 * w * tt + ph
     r = 0.4 * a
-    return [one(c[0] + r * np.cos(ang), c[1] + 0.1 + r * np.sin(ang)),
-            one(c[0] - r * np.cos(ang), c[1] + 0.1 - r * np.sin(ang))]
+    return [
+      one(c[0] + r * np.cos(ang), c[1] + 0.1 + r * np.sin(ang)),
+      one(c[0] - r * np.cos(ang), c[1] + 0.1 - r * np.sin(ang)),
+    ]
   if label == 8:  # air drums: hands beating up and down in turn
-    return [one(c[0] - 0.12, c[1] + 0.1 + 0.5 * a * np.sin(2 * w * tt + ph)),
-            one(c[0] + 0.12, c[1] + 0.1 + 0.5 * a * np.sin(2 * w * tt + ph + np.pi))]
+    return [
+      one(c[0] - 0.12, c[1] + 0.1 + 0.5 * a * np.sin(2 * w * tt + ph)),
+      one(c[0] + 0.12, c[1] + 0.1 + 0.5 * a * np.sin(2 * w * tt + ph + np.pi)),
+    ]
   if label == 9:  # air guitar: strumming hand plus a slow fretting hand
-    return [one(c[0] + 0.08, c[1] + 0.15 + 0.6 * a * np.sin(2.5 * w * tt + ph)),
-            one(c[0] - 0.22 + 0.03 * np.sin(0.5 * w * tt),
-                c[1] - 0.05 + 0.03 * np.cos(0.5 * w * tt))]
+    return [
+      one(c[0] + 0.08, c[1] + 0.15 + 0.6 * a * np.sin(2.5 * w * tt + ph)),
+      one(c[0] - 0.22 + 0.03 * np.sin(0.5 * w * tt), c[1] - 0.05 + 0.03 * np.cos(0.5 * w * tt)),
+    ]
   if label == 10:  # other: a smoothed random walk
     v = rng.standard_normal((len(tt), 2))
     kernel = np.hanning(min(25, len(tt)) + 2)[1:-1]  # no longer than the track ('same')
@@ -703,11 +769,20 @@ def _gesture_tracks(label: int, tt: np.ndarray, rng: np.random.Generator) -> lis
   raise ValueError(f'label={label}: DVS128 Gesture has classes 0..{GESTURE_NUM_CLASSES - 1}.')
 
 
-def synthetic_gesture_events(label: int, rng: np.random.Generator, sensor=(128, 128), *,
-                             duration_us: int | None = None, step_us: int = 10_000,
-                             contrast: float = 0.15, threshold_sigma: float = 0.03,
-                             noise_hz: float = 0.5, sigma: float = 0.045,
-                             background: float = 0.25, brightness: float = 0.6) -> np.ndarray:
+def synthetic_gesture_events(
+  label: int,
+  rng: np.random.Generator,
+  sensor=(128, 128),
+  *,
+  duration_us: int | None = None,
+  step_us: int = 10_000,
+  contrast: float = 0.15,
+  threshold_sigma: float = 0.03,
+  noise_hz: float = 0.5,
+  sigma: float = 0.045,
+  background: float = 0.25,
+  brightness: float = 0.6,
+) -> np.ndarray:
   """Events of one DVS128-Gesture-style sample of class `label` (0..10).
 
   One or two Gaussian blobs (hands, std `sigma` x sensor) on `background`
@@ -742,12 +817,18 @@ def synthetic_gesture_events(label: int, rng: np.random.Generator, sensor=(128, 
     gy = np.exp(-0.5 * ((ys[None] - tr[:, 1:] * sh) / s) ** 2).astype(np.float32)
     intensity += gy[:, :, None] * gx[:, None, :]
   np.log(intensity, out=intensity)
-  t, x, y, p = _contrast_events(intensity, thresholds[y0:y1, x0:x1].astype(np.float32),
-                                duration_us / k, rng)
+  t, x, y, p = _contrast_events(
+    intensity, thresholds[y0:y1, x0:x1].astype(np.float32), duration_us / k, rng
+  )
   x, y = x + x0, y + y0
   nt, nx, ny, np_ = _noise(rng, noise_hz, sensor, duration_us)
-  return _make_events(np.concatenate([t, nt]), np.concatenate([x, nx]), np.concatenate([y, ny]),
-                      np.concatenate([p, np_]), sort=True)
+  return _make_events(
+    np.concatenate([t, nt]),
+    np.concatenate([x, nx]),
+    np.concatenate([y, ny]),
+    np.concatenate([p, np_]),
+    sort=True,
+  )
 
 
 def procedural_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def mixup_config(mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
                  switch_prob: float = 0.5, off_epoch: int = 0) -> ml_collections.ConfigDict:
   """`config.mixup`: timm's Mixup / CutMix in batch mode, on device inside the step."""
@@ -30,6 +33,7 @@ def mixup_config(mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: floa
       prob=prob,                # probability that a batch is mixed
       switch_prob=switch_prob,  # with both alphas set: probability of CutMix over mixup
       off_epoch=off_epoch))     # stop mixing from this epoch on; 0: mix until the end
+# fmt: on
 
 
 def active(cfg) -> bool:
@@ -67,7 +71,9 @@ def mix_batch(key, images, labels, cfg, *, num_classes: int, smoothing: float, e
   else:
     use_cutmix = jnp.asarray(cfg.cutmix_alpha > 0)
   lam_mix = jax.random.beta(k_mix, cfg.mixup_alpha, cfg.mixup_alpha) if cfg.mixup_alpha > 0 else 1.0
-  lam_cut = jax.random.beta(k_cut, cfg.cutmix_alpha, cfg.cutmix_alpha) if cfg.cutmix_alpha > 0 else 1.0
+  lam_cut = (
+    jax.random.beta(k_cut, cfg.cutmix_alpha, cfg.cutmix_alpha) if cfg.cutmix_alpha > 0 else 1.0
+  )
   lam = jnp.where(use, jnp.where(use_cutmix, lam_cut, lam_mix), 1.0).astype(jnp.float32)
 
   partner = jnp.flip(images, axis=0)

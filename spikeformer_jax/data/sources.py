@@ -41,6 +41,7 @@ class ArraySource:
 
   `mean` / `std` normalise uint8 images; None passes values through raw.
   """
+
   images: np.ndarray
   labels: np.ndarray
   num_classes: int
@@ -63,16 +64,16 @@ def _check_split(split):
     raise errors.ConfigError(f'split={split!r}; valid: {SPLITS}.')
 
 
-def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0,
-           size: int = 8) -> ArraySource:
+def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0, size: int = 8) -> ArraySource:
   """scikit-learn's handwritten digits (UCI), 8x8 grey levels 0..16.
 
   The held-out split is fixed: a stratified 20% (359 test, 1438 train images) chosen with
   `seed`, the same on every machine. `size` > 8 upsamples by pixel repetition.
   """
   _check_split(split)
-  sk_datasets = extras.require('sklearn.datasets', extra='digits', package='scikit-learn',
-                               needed_for="data.name='digits'")
+  sk_datasets = extras.require(
+    'sklearn.datasets', extra='digits', package='scikit-learn', needed_for="data.name='digits'"
+  )
   d = sk_datasets.load_digits()
   images = (d.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None]
   labels = d.target.astype(np.int32)
@@ -91,8 +92,9 @@ def digits(split: str, *, test_fraction: float = 0.2, seed: int = 0,
   return ArraySource(images, labels[keep], 10, mean=(0.3051,), std=(0.3757,))
 
 
-def synthetic(split: str, *, shape: tuple, num_classes: int, num_examples: int,
-              seed: int = 0) -> ArraySource:
+def synthetic(
+  split: str, *, shape: tuple, num_classes: int, num_examples: int, seed: int = 0
+) -> ArraySource:
   """Seeded random data around a random per-class pattern: learnable,
   deterministic. Images: uint8, normalised. Event frames (4-D shape): Poisson
   counts with a class-dependent rate, passed raw."""
@@ -116,12 +118,20 @@ SYNTHETIC_KINDS = ('gesture', 'image')
 
 
 @functools.lru_cache(maxsize=4)
-def synthetic_events(split: str, *, shape: tuple, num_classes: int, num_examples: int,
-                     seed: int = 0, kind: str = 'gesture') -> ArraySource:
+def synthetic_events(
+  split: str,
+  *,
+  shape: tuple,
+  num_classes: int,
+  num_examples: int,
+  seed: int = 0,
+  kind: str = 'gesture',
+) -> ArraySource:
   """`num_examples` seeded recordings of the event generator in
   spikeformer_jax.data.events, integrated into shape = (T, H, W, 2) frames
   (split_by='number'), raw counts. Generated once per process (cached)."""
   from spikeformer_jax.data import events  # pylint: disable=import-outside-toplevel
+
   _check_split(split)
   T, h, w, c = shape
   if c != 2:
@@ -129,8 +139,9 @@ def synthetic_events(split: str, *, shape: tuple, num_classes: int, num_examples
   if kind not in SYNTHETIC_KINDS:
     raise errors.ConfigError(f'data.synthetic_kind={kind!r}; valid: {SYNTHETIC_KINDS}.')
   if kind == 'gesture' and num_classes > events.GESTURE_NUM_CLASSES:
-    raise errors.ConfigError(f'synthetic gestures have {events.GESTURE_NUM_CLASSES} classes, not '
-                             f'{num_classes}.')
+    raise errors.ConfigError(
+      f'synthetic gestures have {events.GESTURE_NUM_CLASSES} classes, not {num_classes}.'
+    )
   s = SPLITS.index(split)
   labels = np.random.default_rng([seed, s]).integers(0, num_classes, num_examples)
   frames = np.empty((num_examples, T, h, w, 2), np.float32)
@@ -139,8 +150,9 @@ def synthetic_events(split: str, *, shape: tuple, num_classes: int, num_examples
     if kind == 'gesture':
       ev = events.synthetic_gesture_events(int(label), rng, (h, w))
     else:  # a seeded image whose grating orientation is the class, saccading
-      image = events.procedural_image(int(label), np.random.default_rng([seed, 10 ** 6 + i]),
-                                      size=min(h, w))
+      image = events.procedural_image(
+        int(label), np.random.default_rng([seed, 10**6 + i]), size=min(h, w)
+      )
       ev = events.synthetic_image_events(image, rng, (h, w))
     frames[i] = events.frames_by_number(ev, T, (h, w))
   return ArraySource(frames, labels.astype(np.int32), num_classes, mean=None, std=None)
@@ -162,19 +174,23 @@ def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> 
   _check_split(split)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f'data.path={path!r} does not exist; point --config.data.path at an .npz '
-        'with x_train, y_train, x_test, y_test arrays.')
+      f'data.path={path!r} does not exist; point --config.data.path at an .npz '
+      'with x_train, y_train, x_test, y_test arrays.'
+    )
   xn, yn = f'x_{split}', f'y_{split}'
   try:
     f = np.load(path)
   except _READ_ERRORS as e:  # numpy takes what is neither zip nor .npy for a pickle
     why = 'not a zip archive' if 'pickle' in str(e) else errors.one_line(e)
     raise errors.DataError(
-        f'{path} is not a readable .npz ({why}); write it with '
-        'np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).') from None
+      f'{path} is not a readable .npz ({why}); write it with '
+      'np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...).'
+    ) from None
   if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array
-    raise errors.DataError(f'{path} holds a single array (.npy), not an .npz with x_train, '
-                           'y_train, x_test, y_test; write it with np.savez.')
+    raise errors.DataError(
+      f'{path} holds a single array (.npy), not an .npz with x_train, '
+      'y_train, x_test, y_test; write it with np.savez.'
+    )
   with f:
     missing = {xn, yn} - set(f.files)
     if missing:
@@ -182,37 +198,53 @@ def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> 
     try:
       x, y = f[xn], f[yn]
     except _READ_ERRORS as e:
-      raise errors.DataError(f'{path}: cannot read {xn} / {yn} ({errors.one_line(e)}); write the '
-                             'file again, with numeric arrays.') from None
+      raise errors.DataError(
+        f'{path}: cannot read {xn} / {yn} ({errors.one_line(e)}); write the '
+        'file again, with numeric arrays.'
+      ) from None
   if y.ndim == 2 and y.shape[1] == 1:  # Keras' [N, 1]
     y = y[:, 0]
   if y.ndim != 1:
-    raise errors.DataError(f'{path}: {yn} has shape {y.shape}; expected class indices of shape [N] '
-                           '(one-hot labels: y.argmax(-1)).')
+    raise errors.DataError(
+      f'{path}: {yn} has shape {y.shape}; expected class indices of shape [N] '
+      '(one-hot labels: y.argmax(-1)).'
+    )
   if x.ndim not in (4, 5):
-    raise errors.DataError(f'{path}: {xn} has shape {x.shape}; expected images [N, H, W, C] or '
-                           'event frames [N, T, H, W, 2] (grey images [N, H, W]: add a channel '
-                           'axis, x[..., None]).')
+    raise errors.DataError(
+      f'{path}: {xn} has shape {x.shape}; expected images [N, H, W, C] or '
+      'event frames [N, T, H, W, 2] (grey images [N, H, W]: add a channel '
+      'axis, x[..., None]).'
+    )
   if len(x) != len(y):
-    raise errors.DataError(f'{path}: {xn} has {len(x)} examples but {yn} has {len(y)}; each '
-                           'example needs one label.')
+    raise errors.DataError(
+      f'{path}: {xn} has {len(x)} examples but {yn} has {len(y)}; each example needs one label.'
+    )
   if not len(y):
     raise errors.DataError(f'{path}: {xn} and {yn} are empty; the {split} split needs examples.')
   if mean and x.dtype != np.uint8:
-    raise errors.DataError(f'{path}: {xn} is {x.dtype}; normalisation with data.mean '
-                           'expects uint8 images. Set --config.data.mean="()" for raw values.')
+    raise errors.DataError(
+      f'{path}: {xn} is {x.dtype}; normalisation with data.mean '
+      'expects uint8 images. Set --config.data.mean="()" for raw values.'
+    )
   if x.dtype.kind not in 'biuf':
     raise errors.DataError(f'{path}: {xn} is {x.dtype}; expected numbers.')
   if x.dtype.kind == 'f':
     rows = max(1, _FINITE_CHUNK // max(1, x[0].size))
     for lo in range(0, len(x), rows):
-      chunk = x[lo:lo + rows]
+      chunk = x[lo : lo + rows]
       bad = ~np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
       if bad.any():
-        raise errors.DataError(f'{path}: {xn} holds NaN or infinite values (example '
-                               f'{lo + int(np.flatnonzero(bad)[0])}); fix or drop them.')
-  return ArraySource(x, _labels(path, yn, y, num_classes), num_classes,
-                     mean=tuple(mean) or None, std=tuple(std) or None)
+        raise errors.DataError(
+          f'{path}: {xn} holds NaN or infinite values (example '
+          f'{lo + int(np.flatnonzero(bad)[0])}); fix or drop them.'
+        )
+  return ArraySource(
+    x,
+    _labels(path, yn, y, num_classes),
+    num_classes,
+    mean=tuple(mean) or None,
+    std=tuple(std) or None,
+  )
 
 
 def _labels(path: str, name: str, y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -223,8 +255,9 @@ def _labels(path: str, name: str, y: np.ndarray, num_classes: int) -> np.ndarray
   if y.dtype.kind == 'f':
     bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
     if len(bad):
-      raise errors.DataError(f'{path}: {name} holds non-integer labels ({y[bad[0]]} at example '
-                             f'{bad[0]}); {valid}.')
+      raise errors.DataError(
+        f'{path}: {name} holds non-integer labels ({y[bad[0]]} at example {bad[0]}); {valid}.'
+      )
   lo, hi = y.min().item(), y.max().item()
   if lo < 0 or hi >= num_classes:
     raise errors.DataError(f'{path}: {name} holds labels in [{lo:g}, {hi:g}]; {valid}.')

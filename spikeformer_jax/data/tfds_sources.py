@@ -41,9 +41,10 @@ def prepare_command(name: str, data_dir: str, **extra) -> str:
 
 def _missing(name: str, data_dir: str, what: str, **extra) -> FileNotFoundError:
   return FileNotFoundError(
-      f'{name} is not prepared as ArrayRecord in {data_dir} ({what}). Prepare it once '
-      f'(see the README, "Datasets"): {prepare_command(name, data_dir, **extra)}; '
-      'or point --config.data.data_dir at the directory that holds it.')
+    f'{name} is not prepared as ArrayRecord in {data_dir} ({what}). Prepare it once '
+    f'(see the README, "Datasets"): {prepare_command(name, data_dir, **extra)}; '
+    'or point --config.data.data_dir at the directory that holds it.'
+  )
 
 
 class TfdsSource:
@@ -55,8 +56,7 @@ class TfdsSource:
   passes event counts through raw.
   """
 
-  def __init__(self, ds, *, image_key: str, num_classes: int, image_shape: tuple,
-               mean, std):
+  def __init__(self, ds, *, image_key: str, num_classes: int, image_shape: tuple, mean, std):
     self.ds = ds
     self.image_key = image_key
     self.num_classes = num_classes
@@ -68,26 +68,36 @@ class TfdsSource:
 
   def __getitem__(self, idx) -> dict:
     records = [self.ds[int(i)] for i in np.atleast_1d(idx)]
-    return {'image': [r[self.image_key] for r in records],
-            'label': np.asarray([r['label'] for r in records], np.int32)}
+    return {
+      'image': [r[self.image_key] for r in records],
+      'label': np.asarray([r['label'] for r in records], np.int32),
+    }
 
 
 def _tfds(name: str):
-  return extras.require('tensorflow_datasets', extra='tfds', package='tensorflow-datasets',
-                        needed_for=f'data.name={name!r}')
+  return extras.require(
+    'tensorflow_datasets',
+    extra='tfds',
+    package='tensorflow-datasets',
+    needed_for=f'data.name={name!r}',
+  )
 
 
-def image_source(name: str, split: str, *, data_dir: str, image_size: int, num_classes: int,
-                 mean, std) -> TfdsSource:
+def image_source(
+  name: str, split: str, *, data_dir: str, image_size: int, num_classes: int, mean, std
+) -> TfdsSource:
   """A split of a catalog dataset prepared by `prepare.py` (never downloads)."""
   tfds = _tfds(name)
   data_dir = default_data_dir(data_dir)
   try:
-    ds = tfds.data_source(name, split=_SPLITS.get(name, {}).get(split, split),
-                          data_dir=data_dir, download=False,
-                          builder_kwargs={'file_format': 'array_record'})
-  except (NotImplementedError, KeyError, tfds.core.DatasetNotFoundError,
-          FileNotFoundError) as e:
+    ds = tfds.data_source(
+      name,
+      split=_SPLITS.get(name, {}).get(split, split),
+      data_dir=data_dir,
+      download=False,
+      builder_kwargs={'file_format': 'array_record'},
+    )
+  except (NotImplementedError, KeyError, tfds.core.DatasetNotFoundError, FileNotFoundError) as e:
     # Nothing there: tfds says "random access ... TFRECORD is not supported" or
     # "splits is empty", depending on what the folder holds.
     raise _missing(name, data_dir, f'{type(e).__name__}: {str(e).splitlines()[0][:200]}') from e
@@ -98,26 +108,46 @@ def event_config_name(frames: int, split_by: str) -> str:
   return f't{frames}_{split_by}'
 
 
-def event_source(name: str, split: str, *, data_dir: str, frames: int, split_by: str,
-                 image_size: int, num_classes: int) -> TfdsSource:
+def event_source(
+  name: str,
+  split: str,
+  *,
+  data_dir: str,
+  frames: int,
+  split_by: str,
+  image_size: int,
+  num_classes: int,
+) -> TfdsSource:
   """A split of an event dataset integrated into `frames` frames by our builder."""
   tfds = _tfds(name)
   data_dir = default_data_dir(data_dir)
   config = event_config_name(frames, split_by)
   versions = sorted(glob.glob(os.path.join(data_dir, name, config, '*', 'dataset_info.json')))
   if not versions:
-    raise _missing(name, data_dir, f'no {os.path.join(name, config)}', frames=frames,
-                   split_by=split_by, manual_dir='DOWNLOADS')
+    raise _missing(
+      name,
+      data_dir,
+      f'no {os.path.join(name, config)}',
+      frames=frames,
+      split_by=split_by,
+      manual_dir='DOWNLOADS',
+    )
   builder = tfds.builder_from_directory(os.path.dirname(versions[-1]))
   ds = builder.as_data_source(split=split)
-  return _checked(ds, name, num_classes, (frames, image_size, image_size, 2), None, None,
-                  image_key='frames')
+  return _checked(
+    ds, name, num_classes, (frames, image_size, image_size, 2), None, None, image_key='frames'
+  )
 
 
 def _checked(ds, name, num_classes, image_shape, mean, std, image_key='image'):
   stored = ds.dataset_info.features['label'].num_classes
   if stored != num_classes:
     raise errors.ConfigError(f'{name} has {stored} classes but data.num_classes={num_classes}.')
-  return TfdsSource(ds, image_key=image_key, num_classes=num_classes,
-                    image_shape=image_shape, mean=tuple(mean) if mean else None,
-                    std=tuple(std) if std else None)
+  return TfdsSource(
+    ds,
+    image_key=image_key,
+    num_classes=num_classes,
+    image_shape=image_shape,
+    mean=tuple(mean) if mean else None,
+    std=tuple(std) if std else None,
+  )

@@ -16,18 +16,38 @@ from spikeformer_jax import attention
 from spikeformer_jax import registry
 from spikeformer_jax.models import common
 from spikeformer_jax.models import msvit, sdt, spikformer
-from spikeformer_jax.models.common import (DTYPES, Family, count_params, make_neuron,
-                                           neuron_config, settings)
+from spikeformer_jax.models.common import (
+  DTYPES,
+  Family,
+  count_params,
+  make_neuron,
+  neuron_config,
+  settings,
+)
 
 __all__ = [
-    'DTYPES', 'Family', 'build_model', 'count_params', 'describe', 'downsampling', 'get',
-    'make_neuron', 'names', 'neuron_config', 'register', 'settings', 'unregister',
-    'common', 'msvit', 'sdt', 'spikformer',
+  'DTYPES',
+  'Family',
+  'build_model',
+  'count_params',
+  'describe',
+  'downsampling',
+  'get',
+  'make_neuron',
+  'names',
+  'neuron_config',
+  'register',
+  'settings',
+  'unregister',
+  'common',
+  'msvit',
+  'sdt',
+  'spikformer',
 ]
 
 _FAMILIES = registry.Registry[Family](
-    'model family', lambda name, names: f'model.name={name!r}; valid: {", ".join(names)}.',
-    sort=True)
+  'model family', lambda name, names: f'model.name={name!r}; valid: {", ".join(names)}.', sort=True
+)
 
 
 def register(family: Family, *, replace: bool = False) -> Family:
@@ -47,8 +67,7 @@ def added_fields() -> dict:
   return {**out, **attention.added_fields()}
 
 
-def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0,
-                bn_groups: int = 1) -> nnx.Module:
+def build_model(cfg: ml_collections.ConfigDict, *, seed: int = 0, bn_groups: int = 1) -> nnx.Module:
   """Builds the model named by `cfg.name` (`config.model`)."""
   model = get(cfg.name).model
   layer_settings = common.settings(cfg, bn_groups=bn_groups)

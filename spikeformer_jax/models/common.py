@@ -27,6 +27,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float
 @dataclasses.dataclass(frozen=True)
 class Family:
   """A model family: everything the rest of the code asks of one."""
+
   name: str
   model: Callable[..., nnx.Module]  # model(config.model, settings=Settings, rngs=...)
   model_config: Callable[..., ml_collections.ConfigDict]  # its config.model defaults
@@ -40,6 +41,9 @@ class Family:
   added: dict = dataclasses.field(default_factory=dict)
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def neuron_config(**overrides) -> ml_collections.ConfigDict:
   """`config.model.neuron`: the network's neurons, the fields of `neurons.Neuron`
   (SpikingJelly's LIF semantics and defaults)."""
@@ -74,8 +78,12 @@ def neuron_config(**overrides) -> ml_collections.ConfigDict:
       membrane='float32'))
   cfg.update(overrides)
   return cfg
+# fmt: on
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def shared_fields() -> dict:
   """`config.model` fields of every family, with their one default: how the
   same function is compiled (dtype, remat, int8 spike residuals, weight
@@ -99,6 +107,7 @@ def shared_fields() -> dict:
       # recomputed there (jax.checkpoint; identical results, less memory)
       bn_recompute=layers.Settings.bn_recompute,
       neuron=neuron_config(), **attention.config_fields())
+# fmt: on
 
 
 NETWORK_NEURONS = ('lif', 'if', 'relu', 'gelu')  # an attention kind's own neurons: its fields
@@ -115,20 +124,33 @@ def spiking(cfg: ml_collections.ConfigDict) -> bool:
 def make_neuron(cfg: ml_collections.ConfigDict) -> neurons.Neuron:
   kind = cfg.get('kind', 'lif')  # .get: configs saved before the field existed
   if kind not in NETWORK_NEURONS:
-    raise errors.ConfigError(f'Neuron.kind={kind!r} is not valid for the network\'s neurons; '
-                             f'choose one of {NETWORK_NEURONS} (relu, gelu: no neuron, a float '
-                             'activation); a neuron of an attention kind\'s own (a ternary one) '
-                             'is set in that kind\'s fields.')
+    raise errors.ConfigError(
+      f'Neuron.kind={kind!r} is not valid for the network\'s neurons; '
+      f'choose one of {NETWORK_NEURONS} (relu, gelu: no neuron, a float '
+      'activation); a neuron of an attention kind\'s own (a ternary one) '
+      'is set in that kind\'s fields.'
+    )
   if kind == 'if' and cfg.get('charge_form', 'spikingjelly') != 'spikingjelly':
-    raise errors.ConfigError("Neuron.charge_form='paper' is a leaky charge; IF neurons (kind='if') "
-                             "have no leak: keep charge_form='spikingjelly'.")
+    raise errors.ConfigError(
+      "Neuron.charge_form='paper' is a leaky charge; IF neurons (kind='if') "
+      "have no leak: keep charge_form='spikingjelly'."
+    )
   return neurons.Neuron(
-      kind=kind, charge_form=cfg.get('charge_form', 'spikingjelly'),
-      beta=cfg.get('beta', 0.5), tau=cfg.tau, decay_input=cfg.decay_input,
-      v_threshold=cfg.v_threshold, v_reset=None if cfg.soft_reset else cfg.v_reset,
-      detach_reset=cfg.detach_reset, surrogate=cfg.surrogate, alpha=cfg.alpha or None,
-      loop=cfg.loop, unroll=cfg.unroll, recompute=cfg.get('recompute', False),
-      membrane=cfg.get('membrane', 'float32'))
+    kind=kind,
+    charge_form=cfg.get('charge_form', 'spikingjelly'),
+    beta=cfg.get('beta', 0.5),
+    tau=cfg.tau,
+    decay_input=cfg.decay_input,
+    v_threshold=cfg.v_threshold,
+    v_reset=None if cfg.soft_reset else cfg.v_reset,
+    detach_reset=cfg.detach_reset,
+    surrogate=cfg.surrogate,
+    alpha=cfg.alpha or None,
+    loop=cfg.loop,
+    unroll=cfg.unroll,
+    recompute=cfg.get('recompute', False),
+    membrane=cfg.get('membrane', 'float32'),
+  )
 
 
 def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Settings:
@@ -137,18 +159,23 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
     raise errors.ConfigError(f'model.dtype={cfg.dtype!r}; valid: {sorted(DTYPES)}.')
   dtype = DTYPES[cfg.dtype]
   if dtype == jnp.float64 and not jax.config.read('jax_enable_x64'):
-    raise errors.ConfigError("model.dtype='float64' needs 64-bit JAX: set "
-                             "JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True).")
+    raise errors.ConfigError(
+      "model.dtype='float64' needs 64-bit JAX: set "
+      "JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True)."
+    )
   # Parameters stay float32 under bfloat16 compute; float64 runs all in float64.
   param_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
-  return layers.Settings(T=cfg.T, neuron=make_neuron(cfg.neuron), dtype=dtype,
-                         param_dtype=param_dtype, bn_groups=bn_groups,
-                         # int8 residuals hold spikes only: off for float activations
-                         compact_spikes=bool(cfg.get('compact_spikes',
-                                                     layers.Settings.compact_spikes))
-                         and spiking(cfg),
-                         weight_grad=cfg.get('weight_grad', layers.Settings.weight_grad),
-                         bn_recompute=bool(cfg.get('bn_recompute', layers.Settings.bn_recompute)))
+  return layers.Settings(
+    T=cfg.T,
+    neuron=make_neuron(cfg.neuron),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    bn_groups=bn_groups,
+    # int8 residuals hold spikes only: off for float activations
+    compact_spikes=bool(cfg.get('compact_spikes', layers.Settings.compact_spikes)) and spiking(cfg),
+    weight_grad=cfg.get('weight_grad', layers.Settings.weight_grad),
+    bn_recompute=bool(cfg.get('bn_recompute', layers.Settings.bn_recompute)),
+  )
 
 
 def check_heads(m: ml_collections.ConfigDict):
@@ -157,23 +184,31 @@ def check_heads(m: ml_collections.ConfigDict):
   if m.num_heads < 1:
     raise errors.ConfigError(f'model.num_heads={m.num_heads} must be >= 1.')
   if m.embed_dim < 8:
-    raise errors.ConfigError(f'model.embed_dim={m.embed_dim} must be a positive multiple of 8 (the '
-                             'patch stem widths are D/8, D/4, D/2, D).')
+    raise errors.ConfigError(
+      f'model.embed_dim={m.embed_dim} must be a positive multiple of 8 (the '
+      'patch stem widths are D/8, D/4, D/2, D).'
+    )
   if m.embed_dim % m.num_heads:
     valid = ', '.join(str(h) for h in range(1, m.embed_dim + 1) if m.embed_dim % h == 0)
-    raise errors.ConfigError(f'model.embed_dim={m.embed_dim} is not divisible by '
-                             f'model.num_heads={m.num_heads}; valid heads: {valid}.')
+    raise errors.ConfigError(
+      f'model.embed_dim={m.embed_dim} is not divisible by '
+      f'model.num_heads={m.num_heads}; valid heads: {valid}.'
+    )
   if m.depth < 1:
     raise errors.ConfigError(f'model.depth={m.depth} must be >= 1.')
   if m.embed_dim % 8:
-    raise errors.ConfigError(f'model.embed_dim={m.embed_dim} must be a multiple of 8 (the patch '
-                             'stem widths are D/8, D/4, D/2, D).')
+    raise errors.ConfigError(
+      f'model.embed_dim={m.embed_dim} must be a multiple of 8 (the patch '
+      'stem widths are D/8, D/4, D/2, D).'
+    )
 
 
 def check_pooling(pooling: str):
   if pooling and (len(pooling) != 4 or set(pooling) - {'0', '1'}):
-    raise errors.ConfigError(f"model.pooling={pooling!r}: four '0'/'1' characters, one per stage "
-                             "of the patch stem (1: max-pooled), or '' for the flavour's.")
+    raise errors.ConfigError(
+      f"model.pooling={pooling!r}: four '0'/'1' characters, one per stage "
+      "of the patch stem (1: max-pooled), or '' for the flavour's."
+    )
 
 
 def flat_runlocal(m: ml_collections.ConfigDict):

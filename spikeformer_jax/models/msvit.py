@@ -57,6 +57,7 @@ from spikeformer_jax.models import common
 
 class Stem(TypedDict):
   """A STEMS entry (see there)."""
+
   divisors: tuple[int, ...]
   pools: tuple[int, ...]
   res_from: int
@@ -65,6 +66,7 @@ class Stem(TypedDict):
 
 class Graph(TypedDict):
   """A GRAPHS entry (see there)."""
+
   attn_name: str
   mlp_names: tuple[str, str]
   embed_pool: int
@@ -75,27 +77,27 @@ class Graph(TypedDict):
 # E, which convs are max-pooled (on the BN output, before the LIF), the conv
 # whose spikes feed the 1x1 residual conv, and that conv's stride.
 STEMS: dict[str, Stem] = {
-    'imagenet': dict(divisors=(2, 1, 1), pools=(1, 1, 0), res_from=0, res_stride=2),
-    'cifar': dict(divisors=(2, 1), pools=(0, 0), res_from=0, res_stride=1),
-    # Reconstructions (spec 4.4). The deleted files disagree with themselves;
-    # where a tensor's width is stated several times the majority wins, and
-    # the residual skips the last two pools (stride 4), as in the CIFAR10-DVS file.
-    'dvs_gesture': dict(divisors=(2, 1, 1, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
-    'dvs_cifar10': dict(divisors=(4, 4, 2, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
-    # QKFormer's DVS files (cifar10-dvs/ and dvs128-gesture/model.py, which run):
-    # widths E/8, E/4, E/2, E, the residual from the first pooled layer.
-    'qkformer_dvs': dict(divisors=(8, 4, 2, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
-    # The paper's CIFAR grid, N = H/4 x W/4 (section 3.1.1; the CIFAR code
-    # keeps H x W): the CIFAR stem with the ImageNet stem's pools on its two
-    # convs and a stride-2 residual from the first, as imagenet/msformer.py.
-    'cifar_h4': dict(divisors=(2, 1), pools=(1, 1), res_from=0, res_stride=2),
+  'imagenet': dict(divisors=(2, 1, 1), pools=(1, 1, 0), res_from=0, res_stride=2),
+  'cifar': dict(divisors=(2, 1), pools=(0, 0), res_from=0, res_stride=1),
+  # Reconstructions (spec 4.4). The deleted files disagree with themselves;
+  # where a tensor's width is stated several times the majority wins, and
+  # the residual skips the last two pools (stride 4), as in the CIFAR10-DVS file.
+  'dvs_gesture': dict(divisors=(2, 1, 1, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
+  'dvs_cifar10': dict(divisors=(4, 4, 2, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
+  # QKFormer's DVS files (cifar10-dvs/ and dvs128-gesture/model.py, which run):
+  # widths E/8, E/4, E/2, E, the residual from the first pooled layer.
+  'qkformer_dvs': dict(divisors=(8, 4, 2, 1), pools=(0, 1, 1, 1), res_from=1, res_stride=4),
+  # The paper's CIFAR grid, N = H/4 x W/4 (section 3.1.1; the CIFAR code
+  # keeps H x W): the CIFAR stem with the ImageNet stem's pools on its two
+  # convs and a stride-2 residual from the first, as imagenet/msformer.py.
+  'cifar_h4': dict(divisors=(2, 1), pools=(1, 1), res_from=0, res_stride=2),
 }
 # Per graph: module names of the non-MSSA attention and of the MLP layers, and
 # which conv of a stage embedding is pooled (0: the first, 1: the second).
 GRAPHS: dict[str, Graph] = {
-    'imagenet': dict(attn_name='attn', mlp_names=('fc1', 'fc2'), embed_pool=0, stem='imagenet'),
-    'cifar': dict(attn_name='ssa', mlp_names=('mlp1', 'mlp2'), embed_pool=1, stem='cifar'),
-    'dvs': dict(attn_name='ssa', mlp_names=('mlp1', 'mlp2'), embed_pool=1, stem='dvs_gesture'),
+  'imagenet': dict(attn_name='attn', mlp_names=('fc1', 'fc2'), embed_pool=0, stem='imagenet'),
+  'cifar': dict(attn_name='ssa', mlp_names=('mlp1', 'mlp2'), embed_pool=1, stem='cifar'),
+  'dvs': dict(attn_name='ssa', mlp_names=('mlp1', 'mlp2'), embed_pool=1, stem='dvs_gesture'),
 }
 
 
@@ -109,11 +111,15 @@ def _conv_bn_lif(module, name, x, pool):
   return getattr(module, f'{name}_lif')(max_pool(x) if pool else x)
 
 
-def _add_conv_bn_lif(module, name, cin, cout, *, settings, rngs, kernel=3, stride=1,
-                     spikes_in=True):
+def _add_conv_bn_lif(
+  module, name, cin, cout, *, settings, rngs, kernel=3, stride=1, spikes_in=True
+):
   # Every conv of the embeddings sees spikes or spike sums, but the stem's first.
-  setattr(module, f'{name}_conv', settings.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs,
-                                         spikes_in=spikes_in))
+  setattr(
+    module,
+    f'{name}_conv',
+    settings.conv(cin, cout, kernel=kernel, stride=stride, rngs=rngs, spikes_in=spikes_in),
+  )
   setattr(module, f'{name}_bn', settings.bn(cout))
   setattr(module, f'{name}_lif', settings.lif())
 
@@ -129,8 +135,16 @@ class InitEmbed(nnx.Module):
     for i, w in enumerate(widths):
       _add_conv_bn_lif(self, _conv_name(i), cin, w, settings=settings, rngs=rngs, spikes_in=i > 0)
       cin = w
-    _add_conv_bn_lif(self, 'proj_res', widths[stem['res_from']], dim, kernel=1,
-                     stride=stem['res_stride'], settings=settings, rngs=rngs)
+    _add_conv_bn_lif(
+      self,
+      'proj_res',
+      widths[stem['res_from']],
+      dim,
+      kernel=1,
+      stride=stem['res_stride'],
+      settings=settings,
+      rngs=rngs,
+    )
     self.pools, self.res_from = tuple(stem['pools']), stem['res_from']
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [BT, H, W, C_in] -> [BT, H', W', E]
@@ -163,17 +177,46 @@ class Block(nnx.Module):
   """x = x + attn(x); x = x + mlp(x) on tokens [BT, N, C]; the attention sits
   under its official name (`tssa` for MSSA, `attn` / `ssa` otherwise)."""
 
-  def __init__(self, dim: int, kind: str, kernels: tuple, *, cfg, graph: Graph, settings: Settings,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    kind: str,
+    kernels: tuple,
+    *,
+    cfg,
+    graph: Graph,
+    settings: Settings,
+    rngs: nnx.Rngs,
+  ):
     self.attn_name = 'tssa' if kind == 'mssa' else graph['attn_name']
-    setattr(self, self.attn_name, blocks.SpikingAttention(
-        dim, cfg.num_heads, settings=settings, kind=kind, style='spikformer', scale=cfg.attn_scale,
-        order='kv_first', qkv_bias=False, attn_v_threshold=cfg.attn_v_threshold,
-        init='torch_default', model=cfg,
+    setattr(
+      self,
+      self.attn_name,
+      blocks.SpikingAttention(
+        dim,
+        cfg.num_heads,
+        settings=settings,
+        kind=kind,
+        style='spikformer',
+        scale=cfg.attn_scale,
+        order='kv_first',
+        qkv_bias=False,
+        attn_v_threshold=cfg.attn_v_threshold,
+        init='torch_default',
+        model=cfg,
         options={'mssa_kernels': tuple(kernels), 'mssa_p_sum': cfg.mssa_p_sum},
-        proj_lif_batch_as_time=kind != 'mssa' and cfg.ssa_proj_lif_batch_as_time, rngs=rngs))
-    self.mlp = blocks.SpikingMLP(dim, int(dim * cfg.mlp_ratio), settings=settings,
-                                 init='torch_default', names=graph['mlp_names'], rngs=rngs)
+        proj_lif_batch_as_time=kind != 'mssa' and cfg.ssa_proj_lif_batch_as_time,
+        rngs=rngs,
+      ),
+    )
+    self.mlp = blocks.SpikingMLP(
+      dim,
+      int(dim * cfg.mlp_ratio),
+      settings=settings,
+      init='torch_default',
+      names=graph['mlp_names'],
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array, keep: jax.Array | None = None) -> jax.Array:
     """keep: stochastic depth's scaled masks [2, B*T, 1, 1] of the attention
@@ -230,14 +273,30 @@ class MSViT(nnx.Module):
     in_channels = cfg.in_channels + 1 if self.event_sum else cfg.in_channels
     stages = zip(dims, cfg.depths, cfg.attention, cfg.mssa_kernels)
     for i, (dim, depth, kind, kernels) in enumerate(stages):
-      embed = (InitEmbed(in_channels, dim, stem, settings=settings, rngs=rngs) if i == 0 else
-               StageEmbed(dims[i - 1], dim, graph['embed_pool'], settings=settings, rngs=rngs))
+      embed = (
+        InitEmbed(in_channels, dim, stem, settings=settings, rngs=rngs)
+        if i == 0
+        else StageEmbed(dims[i - 1], dim, graph['embed_pool'], settings=settings, rngs=rngs)
+      )
       setattr(self, f'patch_embed{i + 1}', embed)
-      setattr(self, f'stage{i + 1}', nnx.List([
-          Block(dim, kind, kernels, cfg=cfg, graph=graph, settings=settings, rngs=rngs)
-          for _ in range(depth)]))
-    self.head = nnx.Linear(dims[-1], cfg.num_classes, kernel_init=ops.trunc_normal_init,
-                           dtype=settings.dtype, param_dtype=settings.param_dtype, rngs=rngs)
+      setattr(
+        self,
+        f'stage{i + 1}',
+        nnx.List(
+          [
+            Block(dim, kind, kernels, cfg=cfg, graph=graph, settings=settings, rngs=rngs)
+            for _ in range(depth)
+          ]
+        ),
+      )
+    self.head = nnx.Linear(
+      dims[-1],
+      cfg.num_classes,
+      kernel_init=ops.trunc_normal_init,
+      dtype=settings.dtype,
+      param_dtype=settings.param_dtype,
+      rngs=rngs,
+    )
     self.num_stages = len(dims)
     self.T = settings.T
     self.dtype = settings.dtype
@@ -259,9 +318,11 @@ class MSViT(nnx.Module):
       x = event_sum_channel(x)  # before the cast: event counts stay exact
     drop = bool(self.drop_path) and not self.deterministic
     if drop and rngs is None:
-      raise ValueError('MSViT with model.drop_path_rate > 0 in training mode needs '
-                       'rngs=nnx.Rngs(dropout=key) for its stochastic-depth masks (the '
-                       'train step passes its own); model.eval() turns drop path off.')
+      raise ValueError(
+        'MSViT with model.drop_path_rate > 0 in training mode needs '
+        'rngs=nnx.Rngs(dropout=key) for its stochastic-depth masks (the '
+        'train step passes its own); model.eval() turns drop path off.'
+      )
     key = rngs.dropout() if drop and rngs is not None else None  # None: no drop path
     x = ops.fold_time(x, self.T, self.dtype)  # [BT, H, W, C]
     n = 0
@@ -277,8 +338,14 @@ class MSViT(nnx.Module):
           x = blocks.apply_block(blk, x, self.remat)
         n += 1
       x = x.reshape(bt, h, w, c)
-    return blocks.mean_token_head(self.head, x.reshape(x.shape[0], -1, x.shape[-1]), b,
-                                  self.T, self.per_timestep_logits, self.logits_dtype)
+    return blocks.mean_token_head(
+      self.head,
+      x.reshape(x.shape[0], -1, x.shape[-1]),
+      b,
+      self.T,
+      self.per_timestep_logits,
+      self.logits_dtype,
+    )
 
 
 def check_config(cfg: ml_collections.ConfigDict):
@@ -286,51 +353,71 @@ def check_config(cfg: ml_collections.ConfigDict):
   if cfg.graph not in GRAPHS:
     raise errors.ConfigError(f'model.graph={cfg.graph!r}; valid: {sorted(GRAPHS)}.')
   if cfg.stem and cfg.stem not in STEMS:
-    raise errors.ConfigError(f'model.stem={cfg.stem!r}; valid: {sorted(STEMS)} or "" (the '
-                             'graph\'s).')
+    raise errors.ConfigError(
+      f'model.stem={cfg.stem!r}; valid: {sorted(STEMS)} or "" (the graph\'s).'
+    )
   n = len(cfg.dims)
   if n < 1 or not len(cfg.depths) == len(cfg.attention) == len(cfg.mssa_kernels) == n:
-    raise errors.ConfigError(f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
-                             f'attention={tuple(cfg.attention)} and mssa_kernels='
-                             f'{tuple(cfg.mssa_kernels)} must have one entry per stage.')
+    raise errors.ConfigError(
+      f'model.dims={tuple(cfg.dims)}, depths={tuple(cfg.depths)}, '
+      f'attention={tuple(cfg.attention)} and mssa_kernels='
+      f'{tuple(cfg.mssa_kernels)} must have one entry per stage.'
+    )
   if cfg.num_heads < 1:
     raise errors.ConfigError(f'model.num_heads={cfg.num_heads} must be >= 1.')
   if min(cfg.dims) < 1 or min(cfg.depths) < 0:
-    raise errors.ConfigError(f'model.dims={tuple(cfg.dims)} and depths={tuple(cfg.depths)}: stage '
-                             'widths must be >= 1 and block counts >= 0.')
+    raise errors.ConfigError(
+      f'model.dims={tuple(cfg.dims)} and depths={tuple(cfg.depths)}: stage '
+      'widths must be >= 1 and block counts >= 0.'
+    )
   for kind, kernels in zip(cfg.attention, cfg.mssa_kernels):
-    if kind == 'mssa' and (len(kernels) != 2 or not any(kernels)
-                           or any(k < 0 or k and k % 2 == 0 for k in kernels)):
+    if kind == 'mssa' and (
+      len(kernels) != 2 or not any(kernels) or any(k < 0 or k and k % 2 == 0 for k in kernels)
+    ):
       # An even kernel's padding k // 2 adds a token: its branch would not add up.
-      raise errors.ConfigError(f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
-                               'pair per stage, each 0 (drops the branch) or odd, at least one of '
-                               'them non-zero.')
+      raise errors.ConfigError(
+        f'model.mssa_kernels={tuple(cfg.mssa_kernels)}: one (Q, P) kernel '
+        'pair per stage, each 0 (drops the branch) or odd, at least one of '
+        'them non-zero.'
+      )
   for dim in cfg.dims:
     if dim % cfg.num_heads:
-      raise errors.ConfigError(f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
-                               f'by model.num_heads={cfg.num_heads}.')
+      raise errors.ConfigError(
+        f'stage width {dim} (model.dims={tuple(cfg.dims)}) is not divisible '
+        f'by model.num_heads={cfg.num_heads}.'
+      )
   stem = STEMS[cfg.stem or GRAPHS[cfg.graph]['stem']]
   if any(cfg.dims[0] % d for d in stem['divisors']):
-    raise errors.ConfigError(f'model.dims[0]={cfg.dims[0]} must be divisible by '
-                             f'{max(stem["divisors"])} (stem widths E/{max(stem["divisors"])}..E).')
+    raise errors.ConfigError(
+      f'model.dims[0]={cfg.dims[0]} must be divisible by '
+      f'{max(stem["divisors"])} (stem widths E/{max(stem["divisors"])}..E).'
+    )
   for kind in cfg.attention:
     if kind not in attention.names():
-      raise errors.ConfigError(f'attention kind {kind!r} in model.attention; valid: '
-                               f'{attention.names()}.')
+      raise errors.ConfigError(
+        f'attention kind {kind!r} in model.attention; valid: {attention.names()}.'
+      )
   rate = cfg.get('drop_path_rate', 0.0)
   if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-    raise errors.ConfigError(f'model.drop_path_rate={rate!r}; valid: a number in [0, 1) (the '
-                             'stochastic-depth rate of the last block; 0 = off, the official '
-                             'code).')
+    raise errors.ConfigError(
+      f'model.drop_path_rate={rate!r}; valid: a number in [0, 1) (the '
+      'stochastic-depth rate of the last block; 0 = off, the official '
+      'code).'
+    )
   event_sum = cfg.get('event_sum_channel', False)
   if not isinstance(event_sum, bool):
     raise errors.ConfigError(f'model.event_sum_channel={event_sum!r}; valid: True or False.')
   if event_sum and cfg.in_channels != 2:
-    raise errors.ConfigError(f'model.event_sum_channel=True appends positive + negative to two '
-                             f'polarity channels, but model.in_channels={cfg.in_channels}; valid: '
-                             'in_channels=2 (event frames), or event_sum_channel=False.')
+    raise errors.ConfigError(
+      f'model.event_sum_channel=True appends positive + negative to two '
+      f'polarity channels, but model.in_channels={cfg.in_channels}; valid: '
+      'in_channels=2 (event frames), or event_sum_channel=False.'
+    )
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 10,
                  num_heads: int = 6, T: int = 4, num_classes: int = 1000,
                  img_size: int = 224, mlp_ratio: float = 4.0, variant: str = 'msvit',
@@ -396,6 +483,7 @@ def model_config(graph: str = 'imagenet', *, embed_dim: int = 384, depth: int = 
       event_sum_channel=False,
       **common.shared_fields(),  # dtype, remat, neuron, the attention kinds' own fields
   ))
+# fmt: on
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
@@ -417,24 +505,31 @@ def runlocal(m: ml_collections.ConfigDict):
 
 # Official source file of a fidelity recording -> (graph, extra model fields).
 _FIXTURE_FILES = {
-    'imagenet/msformer.py': ('imagenet', {}),
-    'cifar10/model.py': ('cifar', {}),
-    'cifar100/model.py': ('cifar', dict(mssa_kernels=((1, 1),) * 3, mssa_p_sum=False)),
+  'imagenet/msformer.py': ('imagenet', {}),
+  'cifar10/model.py': ('cifar', {}),
+  'cifar100/model.py': ('cifar', dict(mssa_kernels=((1, 1),) * 3, mssa_p_sum=False)),
 }
 
 
 def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   if rec['file'] not in _FIXTURE_FILES:
-    raise errors.DataError(f"unknown MSViT source file {rec['file']!r}; expected one of "
-                           f'{sorted(_FIXTURE_FILES)}.')
+    raise errors.DataError(
+      f"unknown MSViT source file {rec['file']!r}; expected one of {sorted(_FIXTURE_FILES)}."
+    )
   graph, extra = _FIXTURE_FILES[rec['file']]
   kw = rec['constructor_args_full']
   mc = model_config(
-      graph, embed_dim=kw['embed_dims'], depth=kw['depths'],
-      # the CIFAR constructor overrides num_heads with 8 in every stage
-      num_heads=8 if graph == 'cifar' else kw['num_heads'], T=rec['T'],
-      num_classes=kw['num_classes'], img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+    graph,
+    embed_dim=kw['embed_dims'],
+    depth=kw['depths'],
+    # the CIFAR constructor overrides num_heads with 8 in every stage
+    num_heads=8 if graph == 'cifar' else kw['num_heads'],
+    T=rec['T'],
+    num_classes=kw['num_classes'],
+    img_size=kw['img_size_h'],
+    mlp_ratio=kw['mlp_ratios'],
+  )
   mc.in_channels = kw['in_channels']
   mc.update(extra)
   # The attention threshold the recorded code actually used (1.0 in the
@@ -447,7 +542,13 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 
 
 FAMILY = common.Family(
-    name='msvit', model=MSViT, model_config=model_config, check=check_config,
-    downsampling=downsampling, describe=describe, runlocal=runlocal,
-    from_fixture=from_fixture,
-    added={'drop_path_rate': (0.0, float), 'event_sum_channel': (False, bool)})
+  name='msvit',
+  model=MSViT,
+  model_config=model_config,
+  check=check_config,
+  downsampling=downsampling,
+  describe=describe,
+  runlocal=runlocal,
+  from_fixture=from_fixture,
+  added={'drop_path_rate': (0.0, float), 'event_sum_channel': (False, bool)},
+)

@@ -47,10 +47,12 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
   proj_bn3: BatchNorm
   proj_lif3: SpikingNeuron
 
-  def __init__(self, in_channels: int, dim: int, pooling: str, *, settings: Settings,
-               rngs: nnx.Rngs):
-    blocks.add_sps_stages(self, in_channels, dim, pooling, settings=settings, init='trunc_normal',
-                          rngs=rngs)
+  def __init__(
+    self, in_channels: int, dim: int, pooling: str, *, settings: Settings, rngs: nnx.Rngs
+  ):
+    blocks.add_sps_stages(
+      self, in_channels, dim, pooling, settings=settings, init='trunc_normal', rngs=rngs
+    )
     self.rpe_conv = settings.conv(dim, dim, init='trunc_normal', rngs=rngs, spikes_in=True)
     self.rpe_bn = settings.bn(dim)
     self.pooling = pooling
@@ -59,8 +61,9 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
     """Stage i of four; the last one ends in the RPE on the membrane."""
     if i < 3:
       sfx = blocks.SPS_STAGES[i]
-      x = getattr(self, f'proj_lif{sfx}')(getattr(self, f'proj_bn{sfx}')(
-          getattr(self, f'proj_conv{sfx}')(x)))
+      x = getattr(self, f'proj_lif{sfx}')(
+        getattr(self, f'proj_bn{sfx}')(getattr(self, f'proj_conv{sfx}')(x))
+      )
       return max_pool(x) if self.pooling[i] == '1' else x
     x = self.proj_bn3(self.proj_conv3(x))
     if self.pooling[3] == '1':
@@ -79,12 +82,14 @@ class MS_MLP(nnx.Module):  # pylint: disable=invalid-name
 
   def __init__(self, dim: int, hidden: int, *, settings: Settings, rngs: nnx.Rngs):
     self.fc1_lif = settings.lif()
-    self.fc1_linear = settings.linear(dim, hidden, bias=True, init='trunc_normal', rngs=rngs,
-                               spikes_in=True)
+    self.fc1_linear = settings.linear(
+      dim, hidden, bias=True, init='trunc_normal', rngs=rngs, spikes_in=True
+    )
     self.fc1_bn = settings.bn(hidden)
     self.fc2_lif = settings.lif()
-    self.fc2_linear = settings.linear(hidden, dim, bias=True, init='trunc_normal', rngs=rngs,
-                               spikes_in=True)
+    self.fc2_linear = settings.linear(
+      hidden, dim, bias=True, init='trunc_normal', rngs=rngs, spikes_in=True
+    )
     self.fc2_bn = settings.bn(dim)
     self.res = dim == hidden  # the official inner shortcut (never with ratio 4)
 
@@ -97,14 +102,34 @@ class MS_MLP(nnx.Module):  # pylint: disable=invalid-name
 
 
 class Block(nnx.Module):
-
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, settings: Settings,
-               cfg: ml_collections.ConfigDict, erode_hw, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    settings: Settings,
+    cfg: ml_collections.ConfigDict,
+    erode_hw,
+    rngs: nnx.Rngs,
+  ):
     self.attn = blocks.SpikingAttention(
-        dim, num_heads, settings=settings, kind=cfg.attention, style='sdt', scale=0.125,
-        order=cfg.attn_order or 'auto', qkv_bias=False,
-        attn_v_threshold=cfg.attn_v_threshold, init='trunc_normal', proj=cfg.attn_proj,
-        erode_hw=erode_hw, dead_modules=cfg.dead_modules, model=cfg, rngs=rngs)
+      dim,
+      num_heads,
+      settings=settings,
+      kind=cfg.attention,
+      style='sdt',
+      scale=0.125,
+      order=cfg.attn_order or 'auto',
+      qkv_bias=False,
+      attn_v_threshold=cfg.attn_v_threshold,
+      init='trunc_normal',
+      proj=cfg.attn_proj,
+      erode_hw=erode_hw,
+      dead_modules=cfg.dead_modules,
+      model=cfg,
+      rngs=rngs,
+    )
     self.mlp = MS_MLP(dim, int(dim * mlp_ratio), settings=settings, rngs=rngs)
 
   def __call__(self, u: jax.Array) -> jax.Array:
@@ -121,14 +146,30 @@ class SDT(nnx.Module):
     self.patch_embed = MS_SPS(cfg.in_channels, dim, cfg.pooling, settings=settings, rngs=rngs)
     grid = cfg.img_size // 2 ** cfg.pooling.count('1')
     erode_hw = (grid, grid) if cfg.dvs_mode else None
-    self.block = nnx.List([
-        Block(dim, cfg.num_heads, cfg.mlp_ratio, settings=settings, cfg=cfg, erode_hw=erode_hw,
-              rngs=rngs)
-        for _ in range(cfg.depth)])
+    self.block = nnx.List(
+      [
+        Block(
+          dim,
+          cfg.num_heads,
+          cfg.mlp_ratio,
+          settings=settings,
+          cfg=cfg,
+          erode_hw=erode_hw,
+          rngs=rngs,
+        )
+        for _ in range(cfg.depth)
+      ]
+    )
     self.head_lif = settings.lif()
-    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=ops.torch_default_kernel_init,
-                           bias_init=ops.torch_default_bias_init(dim), dtype=settings.dtype,
-                           param_dtype=settings.param_dtype, rngs=rngs)
+    self.head = nnx.Linear(
+      dim,
+      cfg.num_classes,
+      kernel_init=ops.torch_default_kernel_init,
+      bias_init=ops.torch_default_bias_init(dim),
+      dtype=settings.dtype,
+      param_dtype=settings.param_dtype,
+      rngs=rngs,
+    )
     self.T = settings.T
     self.dtype = settings.dtype
     self.logits_dtype = jnp.promote_types(settings.param_dtype, jnp.float32)
@@ -151,6 +192,9 @@ class SDT(nnx.Module):
     return y if self.per_timestep_logits else y.mean(axis=1)
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2,
                  num_heads: int = 8, T: int = 4, num_classes: int = 10,
                  img_size: int = 32, mlp_ratio: float = 4.0,
@@ -184,6 +228,7 @@ def model_config(dataset: str = 'cifar', *, embed_dim: int = 512, depth: int = 2
       # official checkpoints load; they get no gradient and no weight decay.
       dead_modules=False,
       **common.shared_fields()))  # dtype, remat, neuron, the attention kinds' own fields
+# fmt: on
 
 
 def check_config(m: ml_collections.ConfigDict):
@@ -192,9 +237,11 @@ def check_config(m: ml_collections.ConfigDict):
   common.check_pooling(m.pooling)
   order = m.get('head_order', 'pool_then_fire')
   if order not in HEAD_ORDERS:
-    raise errors.ConfigError(f'model.head_order={order!r}; valid: '
-                             f'{", ".join(map(repr, HEAD_ORDERS))} (\'pool_then_fire\': the '
-                             "official SDT head; 'fire_then_pool': A2OS2A eq. 18).")
+    raise errors.ConfigError(
+      f'model.head_order={order!r}; valid: '
+      f'{", ".join(map(repr, HEAD_ORDERS))} (\'pool_then_fire\': the '
+      "official SDT head; 'fire_then_pool': A2OS2A eq. 18)."
+    )
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
@@ -210,12 +257,21 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   kw = rec['constructor_args_full']
   if kw.get('spike_mode', 'lif') != 'lif' or kw.get('TET'):
-    raise errors.DataError(f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
-                           f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is "
-                           "checked.")
-  mc = model_config('cifar', embed_dim=kw['embed_dims'], depth=kw['depths'],
-                    num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
-                    img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+    raise errors.DataError(
+      f"SDT fixture with spike_mode={kw.get('spike_mode')!r}, "
+      f"TET={kw.get('TET')}: only the released 'lif', TET=False graph is "
+      "checked."
+    )
+  mc = model_config(
+    'cifar',
+    embed_dim=kw['embed_dims'],
+    depth=kw['depths'],
+    num_heads=kw['num_heads'],
+    T=rec['T'],
+    num_classes=kw['num_classes'],
+    img_size=kw['img_size_h'],
+    mlp_ratio=kw['mlp_ratios'],
+  )
   mc.in_channels = kw['in_channels']
   mc.pooling = kw['pooling_stat']
   mc.dvs_mode = bool(kw['dvs_mode'])
@@ -225,6 +281,13 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 
 
 FAMILY = common.Family(
-    name='sdt', model=SDT, model_config=model_config, check=check_config,
-    downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
-    from_fixture=from_fixture, added={'head_order': ('pool_then_fire', str)})
+  name='sdt',
+  model=SDT,
+  model_config=model_config,
+  check=check_config,
+  downsampling=downsampling,
+  describe=describe,
+  runlocal=common.flat_runlocal,
+  from_fixture=from_fixture,
+  added={'head_order': ('pool_then_fire', str)},
+)

@@ -33,12 +33,30 @@ from spikeformer_jax.ops import max_pool
 from spikeformer_jax.models import common
 
 FLAVOURS: dict[str, dict[str, Any]] = {
-    'cifar': dict(pooling='0011', qkv_bias=True, dense_init='trunc_normal',
-                  attn_order='qk_first', attn_scale=0.125, in_channels=3),
-    'imagenet': dict(pooling='1111', qkv_bias=False, dense_init='torch_default',
-                     attn_order='kv_first', attn_scale=0.125, in_channels=3),
-    'dvs': dict(pooling='1111', qkv_bias=False, dense_init='torch_default',
-                attn_order='qk_first', attn_scale=0.25, in_channels=2),
+  'cifar': dict(
+    pooling='0011',
+    qkv_bias=True,
+    dense_init='trunc_normal',
+    attn_order='qk_first',
+    attn_scale=0.125,
+    in_channels=3,
+  ),
+  'imagenet': dict(
+    pooling='1111',
+    qkv_bias=False,
+    dense_init='torch_default',
+    attn_order='kv_first',
+    attn_scale=0.125,
+    in_channels=3,
+  ),
+  'dvs': dict(
+    pooling='1111',
+    qkv_bias=False,
+    dense_init='torch_default',
+    attn_order='qk_first',
+    attn_scale=0.25,
+    in_channels=2,
+  ),
 }
 
 
@@ -48,12 +66,17 @@ class SPS(nnx.Module):
   '0'/'1' per stage), then a relative position embedding conv-BN-LIF whose
   spikes are added to the feature spikes (values in {0, 1, 2})."""
 
-  def __init__(self, in_channels: int, dim: int, pooling: str, *, settings: Settings,
-               rngs: nnx.Rngs):
-    blocks.add_sps_stages(self, in_channels, dim, pooling, settings=settings, init='torch_default',
-                          rngs=rngs)
+  def __init__(
+    self, in_channels: int, dim: int, pooling: str, *, settings: Settings, rngs: nnx.Rngs
+  ):
+    blocks.add_sps_stages(
+      self, in_channels, dim, pooling, settings=settings, init='torch_default', rngs=rngs
+    )
     self.rpe_conv, self.rpe_bn, self.rpe_lif = (
-        settings.conv(dim, dim, rngs=rngs, spikes_in=True), settings.bn(dim), settings.lif())
+      settings.conv(dim, dim, rngs=rngs, spikes_in=True),
+      settings.bn(dim),
+      settings.lif(),
+    )
     self.pooling = pooling
 
   def stage(self, i: int, x: jax.Array) -> jax.Array:
@@ -75,19 +98,39 @@ class SPS(nnx.Module):
 class Block(nnx.Module):
   """x = x + SSA(x); x = x + MLP(x): a spike-add (integer-valued) residual."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, *, settings: Settings,
-               flavour: dict, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    mlp_ratio: float,
+    *,
+    settings: Settings,
+    flavour: dict,
+    cfg: ml_collections.ConfigDict,
+    rngs: nnx.Rngs,
+  ):
     dead_modules = cfg.dead_modules
     if dead_modules:  # built, never called (official Block.norm1 / norm2)
       self.norm1 = nnx.LayerNorm(dim, param_dtype=settings.param_dtype, rngs=rngs)
       self.norm2 = nnx.LayerNorm(dim, param_dtype=settings.param_dtype, rngs=rngs)
     self.attn = blocks.SpikingAttention(
-        dim, num_heads, settings=settings, kind=cfg.get('attention', 'ssa'), style='spikformer',
-        scale=flavour['attn_scale'], order=flavour['attn_order'],
-        qkv_bias=flavour['qkv_bias'], attn_v_threshold=cfg.attn_v_threshold,
-        init=flavour['dense_init'], dead_modules=dead_modules, model=cfg, rngs=rngs)
-    self.mlp = blocks.SpikingMLP(dim, int(dim * mlp_ratio), settings=settings,
-                                 init=flavour['dense_init'], rngs=rngs)
+      dim,
+      num_heads,
+      settings=settings,
+      kind=cfg.get('attention', 'ssa'),
+      style='spikformer',
+      scale=flavour['attn_scale'],
+      order=flavour['attn_order'],
+      qkv_bias=flavour['qkv_bias'],
+      attn_v_threshold=cfg.attn_v_threshold,
+      init=flavour['dense_init'],
+      dead_modules=dead_modules,
+      model=cfg,
+      rngs=rngs,
+    )
+    self.mlp = blocks.SpikingMLP(
+      dim, int(dim * mlp_ratio), settings=settings, init=flavour['dense_init'], rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(x)
@@ -107,17 +150,28 @@ class Spikformer(nnx.Module):
     dim = cfg.embed_dim
     layers.check_spike_sums(settings, cfg.depth)
     self.patch_embed = SPS(cfg.in_channels, dim, flavour['pooling'], settings=settings, rngs=rngs)
-    self.block = nnx.List([
-        Block(dim, cfg.num_heads, cfg.mlp_ratio, settings=settings, flavour=flavour, cfg=cfg,
-              rngs=rngs)
-        for _ in range(cfg.depth)])
+    self.block = nnx.List(
+      [
+        Block(
+          dim, cfg.num_heads, cfg.mlp_ratio, settings=settings, flavour=flavour, cfg=cfg, rngs=rngs
+        )
+        for _ in range(cfg.depth)
+      ]
+    )
     if cfg.dead_modules and cfg.flavour == 'dvs':  # official, never used
       n_tokens = (cfg.img_size // 16) ** 2
       self.pos_embed = nnx.Param(
-          ops.trunc_normal_init(rngs.params(), (1, n_tokens, dim), settings.param_dtype))
+        ops.trunc_normal_init(rngs.params(), (1, n_tokens, dim), settings.param_dtype)
+      )
       self.norm = nnx.LayerNorm(dim, param_dtype=settings.param_dtype, rngs=rngs)
-    self.head = nnx.Linear(dim, cfg.num_classes, kernel_init=ops.trunc_normal_init,
-                           dtype=settings.dtype, param_dtype=settings.param_dtype, rngs=rngs)
+    self.head = nnx.Linear(
+      dim,
+      cfg.num_classes,
+      kernel_init=ops.trunc_normal_init,
+      dtype=settings.dtype,
+      param_dtype=settings.param_dtype,
+      rngs=rngs,
+    )
     self.T = settings.T
     self.dtype = settings.dtype
     self.logits_dtype = jnp.promote_types(settings.param_dtype, jnp.float32)
@@ -130,10 +184,12 @@ class Spikformer(nnx.Module):
     x = self.patch_embed(ops.fold_time(x, T, self.dtype), self.remat_stem)
     for blk in self.block:
       x = blocks.apply_block(blk, x, self.remat)
-    return blocks.mean_token_head(self.head, x, b, T, self.per_timestep_logits,
-                                  self.logits_dtype)
+    return blocks.mean_token_head(self.head, x, b, T, self.per_timestep_logits, self.logits_dtype)
 
 
+# Not formatted: its aligned field comments are the config reference
+# (docs/gen_config_reference.py reads them).
+# fmt: off
 def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4,
                  num_heads: int = 12, T: int = 4, num_classes: int = 10,
                  img_size: int = 32, mlp_ratio: float = 4.0) -> ml_collections.ConfigDict:
@@ -169,6 +225,7 @@ def model_config(flavour: str = 'cifar', *, embed_dim: int = 384, depth: int = 4
       dead_modules=False,
       **common.shared_fields(),  # dtype, remat, neuron, the attention kinds' own fields
   ))
+# fmt: on
 
 
 def check_config(m: ml_collections.ConfigDict):
@@ -188,15 +245,19 @@ def check_paper_options(m: ml_collections.ConfigDict):
   d = m.embed_dim // m.num_heads
   kernels = [k for k in range(1, d + 1) if d % k == 0]
   if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0 or (pool and d % pool):
-    raise errors.ConfigError(f'model.qk_pool={pool!r}: 0 (off) or a kernel dividing the head width '
-                             f'embed_dim / num_heads = {d}: one of {kernels}.')
+    raise errors.ConfigError(
+      f'model.qk_pool={pool!r}: 0 (off) or a kernel dividing the head width '
+      f'embed_dim / num_heads = {d}: one of {kernels}.'
+    )
   if not isinstance(learnable, bool):
     raise errors.ConfigError(f'model.attn_scale_learnable={learnable!r}; valid: True, False.')
   for field, on in (('qk_pool', pool), ('attn_scale_learnable', learnable)):
     if on and kind != 'ssa':
-      raise errors.ConfigError(f"model.{field}={on!r} is an option of the 'ssa' attention, not of "
-                               f"model.attention={kind!r}; valid: model.attention='ssa', or "
-                               f'model.{field}={0 if field == "qk_pool" else False}.')
+      raise errors.ConfigError(
+        f"model.{field}={on!r} is an option of the 'ssa' attention, not of "
+        f"model.attention={kind!r}; valid: model.attention='ssa', or "
+        f'model.{field}={0 if field == "qk_pool" else False}.'
+      )
 
 
 def downsampling(m: ml_collections.ConfigDict) -> int:
@@ -209,20 +270,31 @@ def describe(m: ml_collections.ConfigDict) -> str:
 
 
 # Official source file of a fidelity recording -> flavour.
-_FIXTURE_FILES = {'cifar10/model.py': 'cifar', 'imagenet/model.py': 'imagenet',
-                  'cifar10dvs/model.py': 'dvs'}
+_FIXTURE_FILES = {
+  'cifar10/model.py': 'cifar',
+  'imagenet/model.py': 'imagenet',
+  'cifar10dvs/model.py': 'dvs',
+}
 
 
 def from_fixture(rec: dict) -> ml_collections.ConfigDict:
   """Our `config.model` for the architecture a fidelity recording is of."""
   flavour = _FIXTURE_FILES.get(rec['file'])
   if flavour is None:
-    raise errors.DataError(f"unknown Spikformer source file {rec['file']!r}; "
-                           f'expected one of {sorted(_FIXTURE_FILES)}.')
+    raise errors.DataError(
+      f"unknown Spikformer source file {rec['file']!r}; expected one of {sorted(_FIXTURE_FILES)}."
+    )
   kw = rec['constructor_args_full']
-  mc = model_config(flavour, embed_dim=kw['embed_dims'], depth=kw['depths'],
-                    num_heads=kw['num_heads'], T=rec['T'], num_classes=kw['num_classes'],
-                    img_size=kw['img_size_h'], mlp_ratio=kw['mlp_ratios'])
+  mc = model_config(
+    flavour,
+    embed_dim=kw['embed_dims'],
+    depth=kw['depths'],
+    num_heads=kw['num_heads'],
+    T=rec['T'],
+    num_classes=kw['num_classes'],
+    img_size=kw['img_size_h'],
+    mlp_ratio=kw['mlp_ratios'],
+  )
   mc.in_channels = kw['in_channels']
   mc.dead_modules = True
   mc.dtype = 'float64'
@@ -230,7 +302,13 @@ def from_fixture(rec: dict) -> ml_collections.ConfigDict:
 
 
 FAMILY = common.Family(
-    name='spikformer', model=Spikformer, model_config=model_config, check=check_config,
-    downsampling=downsampling, describe=describe, runlocal=common.flat_runlocal,
-    from_fixture=from_fixture,
-    added={'qk_pool': (0, int), 'attn_scale_learnable': (False, bool)})
+  name='spikformer',
+  model=Spikformer,
+  model_config=model_config,
+  check=check_config,
+  downsampling=downsampling,
+  describe=describe,
+  runlocal=common.flat_runlocal,
+  from_fixture=from_fixture,
+  added={'qk_pool': (0, int), 'attn_scale_learnable': (False, bool)},
+)
