@@ -129,6 +129,7 @@ def test_official_sdt_weights_load_into_a2os2a(shared_dir):
   assert np.isfinite(np.asarray(nnx.jit(lambda m, x: m(x))(model, x))).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('attention', ['a2os2a', 'sdsa'])  # A2OS2A and the SDT baseline
 def test_a2os2a_eight_devices_equal_one_device(attention):
   """On the FSDP mesh, which splits the batch over all 8 devices as the data
@@ -233,6 +234,7 @@ def test_attention_cores_compute_different_functions():
   assert not np.allclose(ssa, vsa) and not np.allclose(ssa, sdsa)
 
 
+@pytest.mark.slow
 def test_a2os2a_trains_from_train_py(tmp_path):
   import json
   import os

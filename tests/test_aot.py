@@ -181,6 +181,7 @@ def _tiny(**over):
   return c
 
 
+@pytest.mark.slow
 def test_local_reports_on_eight_cpu_devices_data_and_fsdp_meshes():
   c = _tiny()
   r = aot.plan(c, 'local', batch=16, top=5)
@@ -322,6 +323,7 @@ def test_cli_compiles_for_a_tpu_topology_with_overrides():
   assert r['roofline_bound'] in ('memory', 'compute')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]')")
 def test_a_step_that_does_not_fit_is_reported_not_raised():
   """16384 images per v5e chip: the compiler refuses; the planner reports it

@@ -269,6 +269,7 @@ def test_batch_as_time_order_is_time_major():
   np.testing.assert_array_equal(layers.batch_as_time_multistep(n, x, T, 2)[:, 0], per_sample)
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device():
   """On the FSDP mesh, which splits the batch over all 8 devices as the data
   mesh does and shards the kernels too (the data mesh alone, replicated
@@ -333,6 +334,7 @@ def _no_accum(c):
   return c
 
 
+@pytest.mark.slow
 def test_train_py_two_steps_on_a_tiny_msvit(tmp_path):
   wd = tmp_path / 'run'
   cmd = [

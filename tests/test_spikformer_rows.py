@@ -151,6 +151,7 @@ def _one_train_step(config):
   return float(m['loss']), before, jax.device_get(state['params'])
 
 
+@pytest.mark.slow
 def test_paper_gesture_variant_trains_and_its_scale_learns():
   c = cfgs.get_config('dvs128gesture-2-256-paper,runlocal')
   assert c.model.qk_pool == 4 and c.model.attn_scale_learnable
