@@ -180,7 +180,7 @@ def _last_line(e: BaseException) -> str:
   lines = [line.strip() for line in str(msg).splitlines() if line.strip()]
   if not lines:
     return type(e).__name__
-  return re.sub(r'^\w+(Error|Exception): ', '', lines[-1])
+  return re.sub(r'^[\w.]+(Error|Exception): ', '', lines[-1])
 
 
 def describe(e: BaseException, argv: list[str], name: str, default: str | None) -> str:

@@ -280,6 +280,11 @@ def _validate_data_config(c):
     augment._interp(a.interpolation)  # pylint: disable=protected-access
   except ValueError as e:
     raise errors.ConfigError(f'data.augment.interpolation={a.interpolation!r}: {e}.') from None
+  _require(
+    a.interpolation != 'random' or a.eval_crop_pct == 1,
+    f"data.augment.interpolation='random' is for training only, and eval_crop_pct="
+    f'{a.eval_crop_pct} resizes the test images; set it to bicubic or bilinear.',
+  )
   _require(a.remode.lower() in REMODES, f'data.augment.remode={a.remode!r}; valid: {REMODES}.')
   if a.dvs_policy not in data_lib.DVS_POLICIES:
     raise errors.ConfigError(

@@ -53,6 +53,12 @@ CASES = {
     "data.augment.rand_augment='rand-m9-x3' / rand_augment_ops="
     "'spikformer_cifar': unknown RandAugment spec section 'x3'",
   ),
+  'random interpolation at evaluation': (
+    S,
+    'cifar10-4-384',
+    {'data.augment.interpolation': 'random', 'data.augment.eval_crop_pct': 0.9},
+    "data.augment.interpolation='random' is for training only, and eval_crop_pct=0.9",
+  ),
   'rand augment ops': (
     S,
     'cifar10-4-384',
@@ -697,3 +703,15 @@ def test_prepare_flag_mistakes_are_one_line(monkeypatch, capsys):
     'error: flag --dataset=bogus: value should be one of <cifar10|cifar100|imagenet2012|'
     'nmnist|cifar10_dvs|dvs128_gesture>'
   )
+
+
+def test_a_nested_errors_last_line_drops_a_dotted_class_name():
+  """A config file's error reaches the command line inside absl's message, its
+  class written with its module: the one line keeps only what went wrong."""
+  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
+
+  nested = ValueError(
+    'Error whilst parsing config file:\nTraceback (most recent call last):\n'
+    "spikeformer_jax.errors.ConfigError: unknown variant 'nosuch'; valid: digits"
+  )
+  assert cli._last_line(nested) == "unknown variant 'nosuch'; valid: digits"  # pylint: disable=protected-access

@@ -168,7 +168,10 @@ def eval_resize_crop(
   """
   resample = _interp(interpolation)
   if isinstance(resample, tuple):
-    raise ValueError("eval_resize_crop needs a fixed interpolation, not 'random'")
+    raise errors.ConfigError(
+      "data.augment.interpolation='random' is for training only, and evaluation resizes "
+      f'these images (to {size}, crop_pct {crop_pct}); set it to bicubic or bilinear.'
+    )
   scale_size = int(math.floor(size / crop_pct))
   h, w = img.shape[:2]
   pil = _to_pil(img)
