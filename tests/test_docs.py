@@ -9,6 +9,10 @@ README.md and docs/**/*.md. The line just before the fence may be
     <!-- runlocal: COMMAND -->      COMMAND runs instead: the block's programs
                                     and every --flag the block uses, plus small
                                     overrides (e.g. a `,runlocal` variant)
+    <!-- same as: PAGE -->          every command of the block stands, token for
+                                    token, in a block of PAGE, which runs it (the
+                                    README repeats the quickstart and CIFAR-10
+                                    pages: run once, kept identical)
 
 and a block with neither runs as written. How a page's commands run: with
 bash (`set -e`), in order, from the repository root (so `python train.py`
@@ -35,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').rglob('*.md'))]
 SHELLS = ('bash', 'sh', 'shell', 'console')
 FENCE = re.compile(r'^(\s*)(```+|~~~+)\s*([\w+-]*)')
-MARK = re.compile(r'<!--\s*(not run here|runlocal)\s*:(.*?)-->', re.S)
+MARK = re.compile(r'<!--\s*(not run here|runlocal|same as)\s*:(.*?)-->', re.S)
 
 
 def shell_blocks(page: pathlib.Path):
@@ -104,7 +108,8 @@ def _id(block):
 
 def test_every_block_follows_the_convention():
   """A reason for every exempt block; a runlocal command runs the block's
-  programs with every flag the block sets."""
+  programs with every flag the block sets; a block the same as another page's
+  has each of its commands there."""
   blocks = all_blocks()
   assert len(blocks) > 5, 'no shell blocks found: is the parser broken?'
   problems = []
@@ -121,6 +126,14 @@ def test_every_block_follows_the_convention():
         missing = flags(cmd) - flags(want)
         if missing:
           problems.append(f'{_id(block)}: runlocal lacks {sorted(missing)}')
+    if mark == 'same as':
+      other = ROOT / arg
+      there = (
+        [c for b in shell_blocks(other) for c in commands(b[1], b[2])] if other.is_file() else []
+      )
+      for cmd in commands(lang, text):
+        if cmd not in there:
+          problems.append(f'{_id(block)}: {" ".join(cmd)!r} is not on {arg}')
   assert not problems, '\n'.join(problems)
 
 
@@ -145,6 +158,9 @@ def test_convention_parser(tmp_path):
   assert program(['python', '-m', 'spikeformer_jax.fidelity', 'a.npz']) == (
     'python -m spikeformer_jax.fidelity'
   )
+  p.write_text('<!-- same as: docs/quickstart.md -->\n```bash\npython eval.py\n```\n')
+  assert [(b[3], b[4]) for b in shell_blocks(p)] == [('same as', 'docs/quickstart.md')]
+  assert _page_script(p) is None  # run on the page it names, not again here
 
 
 def _load_generator():
@@ -206,7 +222,7 @@ def _page_script(page: pathlib.Path) -> str | None:
   parts = []
   for block in shell_blocks(page):
     line, lang, text, mark, arg = block
-    if mark == 'not run here':
+    if mark in ('not run here', 'same as'):
       continue
     if mark == 'runlocal':
       cmd = arg
