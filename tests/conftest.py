@@ -56,6 +56,23 @@ def shared_dir():
   return SHARED
 
 
+def run_fidelity(files, out: pathlib.Path, timeout: int):
+  """`python -m spikeformer_jax.fidelity FILES --json OUT` on one CPU device:
+  ({file name: its report}, the finished process)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  proc = subprocess.run(
+    [sys.executable, '-m', 'spikeformer_jax.fidelity', *map(str, files), '--json', str(out)],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  return {r['file']: r for r in json.loads(out.read_text())}, proc
+
+
 def assert_one_step_moves_every_parameter(c):
   """One train step of config `c` on one device: a finite loss, and every
   parameter changes (a field that cut a gradient path would leave some)."""

@@ -6,14 +6,11 @@ report: every family (Spikformer, SDT, MSViT) must match.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import run_fidelity
 
 
 @pytest.fixture(scope='module')
@@ -21,18 +18,9 @@ def reports(shared_dir, tmp_path_factory):
   files = sorted((shared_dir / 'fixtures').glob('*.npz'))
   if not files:
     pytest.skip('no fixture files in ../shared/fixtures')
-  out = tmp_path_factory.mktemp('fid') / 'reports.json'
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='1')
-  proc = subprocess.run(
-    [sys.executable, '-m', 'spikeformer_jax.fidelity', *map(str, files), '--json', str(out)],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  reports, proc = run_fidelity(files, tmp_path_factory.mktemp('fid') / 'reports.json', 900)
   print(proc.stdout[-5000:], proc.stderr[-3000:])
-  return {r['file']: r for r in json.loads(out.read_text())}, proc
+  return reports, proc
 
 
 @pytest.mark.parametrize(
@@ -94,23 +82,8 @@ def bad_inputs(shared_dir, tmp_path_factory):
   d[key] = d[key] + 0.05  # a different network: spikes must change
   np.savez(tmp / 'spikformer_imagenet_bad.npz', **d)
   names = ['truncated.npz', 'garbage.npz', 'spikformer_imagenet.npz', 'spikformer_imagenet_bad.npz']
-  out = tmp / 'r.json'
-  proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'spikeformer_jax.fidelity',
-      *(str(tmp / n) for n in names),
-      '--json',
-      str(out),
-    ],
-    cwd=ROOT,
-    env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  return {r['file']: r for r in json.loads(out.read_text())}, proc, tmp
+  reports, proc = run_fidelity([tmp / n for n in names], tmp / 'r.json', 600)
+  return reports, proc, tmp
 
 
 def test_fidelity_detects_a_wrong_model(bad_inputs):

@@ -9,9 +9,6 @@ the recordings', so that nothing is tuned to those files.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import ROOT
+from conftest import run_fidelity
 from spikeformer_jax.configs import msvit as msvit_cfgs
 from spikeformer_jax.configs import sdt as sdt_cfgs
 from spikeformer_jax.configs import spikformer as spikformer_cfgs
@@ -67,24 +64,9 @@ def replays(shared_dir, tmp_path_factory):
   if (folder / 'traj_ema.npz').exists():  # another EMA decay
     _altered(folder / 'traj_ema.npz', tmp / 'ema_decay.npz', model_ema_decay=0.95)
     altered.append(tmp / 'ema_decay.npz')
-  out = tmp / 'reports.json'
-  proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'spikeformer_jax.fidelity',
-      *map(str, files + altered),
-      '--json',
-      str(out),
-    ],
-    cwd=ROOT,
-    env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  reports, proc = run_fidelity(files + altered, tmp / 'reports.json', 900)
   print(proc.stdout[-6000:], proc.stderr[-3000:])
-  return {r['file']: r for r in json.loads(out.read_text())}, proc
+  return reports, proc
 
 
 @pytest.mark.parametrize('name', RECORDINGS)
