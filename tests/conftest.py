@@ -93,3 +93,42 @@ def assert_one_step_moves_every_parameter(c):
   assert np.isfinite(float(metrics['loss']))
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state['params']))
   assert all(jax.tree.leaves(moved))
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """fake-gcs-server on loopback (tests/gcs_server.py), its variables in
+  os.environ for this process and its subprocesses; skips where it cannot start."""
+  import gcs_server as lib  # pylint: disable=g-import-not-at-top
+
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  if importlib.util.find_spec('gcsfs') is None:  # not imported: it reads the variables at import
+    pytest.skip('gcsfs is not installed (pip install -e ".[test]")')
+  try:
+    server = lib.Server()
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  saved = {k: os.environ.get(k) for k in server.env}
+  os.environ.update(server.env)
+  try:
+    yield server
+  finally:
+    server.stop()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+@pytest.fixture
+def gcs_dir(gcs_server, request):
+  """A fresh gs:// directory (a new bucket per test: nothing leaks between tests)."""
+  import re  # pylint: disable=g-import-not-at-top
+  import uuid  # pylint: disable=g-import-not-at-top
+
+  name = re.sub(r'[^a-z0-9]+', '-', request.node.name.lower())[:40].strip('-')
+  bucket = f'{name}-{uuid.uuid4().hex[:8]}'
+  gcs_server.make_bucket(bucket)
+  return f'gs://{bucket}/run'
