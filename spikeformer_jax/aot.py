@@ -388,6 +388,24 @@ def _first_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
+def per_core(chip: Chip, cores: int) -> Chip:
+  """A chip's figures per TensorCore, where JAX shows each core as a device:
+  TPU7x has two and no megacore (JAX's pallas.tpu.ChipVersion table; libtpu
+  describes tpu7x:2x2x1 as 8 devices, core_on_chip 0 and 1)."""
+
+  def share(x):
+    return None if x is None else x / cores
+
+  return Chip(
+    f'{chip.name}, one of {cores} TensorCores',
+    chip.hbm_bytes // cores,
+    chip.peak_flops / cores,
+    chip.hbm_bytes_per_s / cores,
+    share(chip.ici_bytes_per_s),
+    share(chip.dcn_bytes_per_s),
+  )
+
+
 def chip_for(device) -> Chip | None:
   """The CHIPS entry of a device (local GPUs and TPUs), None if unknown (CPU)."""
   kind = device.device_kind.lower()
@@ -395,8 +413,9 @@ def chip_for(device) -> Chip | None:
     if key in kind:
       return CHIPS[key]
   if device.platform == 'tpu':
+    if 'tpu7' in kind or 'v7' in kind:
+      return per_core(CHIPS['v7'], 2)
     for key, words in (
-      ('v7', ('tpu7', 'v7')),
       ('v5e', ('v5 lite', 'v5e')),
       ('v5p', ('v5p', 'tpu v5')),
       ('v6e', ('v6',)),

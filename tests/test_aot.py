@@ -284,8 +284,9 @@ def test_chip_table_has_the_generations_people_train_on():
     platform, device_kind = 'gpu', 'NVIDIA B200'
 
   assert aot.chip_for(Device()) is aot.CHIPS['b200']
-  Device.platform, Device.device_kind = 'tpu', 'TPU7x'
-  assert aot.chip_for(Device()) is aot.CHIPS['v7']
+  Device.platform, Device.device_kind = 'tpu', 'TPU7x'  # a device per TensorCore, 2 a chip
+  core = aot.chip_for(Device())
+  assert core.hbm_bytes == 96 * 2**30 and core.peak_flops == pytest.approx(2307e12 / 2)
 
 
 def test_max_batch_is_the_largest_that_fits(monkeypatch):
