@@ -113,12 +113,18 @@ def device_grid(devices, data: int, fsdp: int, dcn_data: int = 1) -> np.ndarray:
   tests check on CPU: it changes which device holds what, not the numbers).
   JAX's hybrid mesh refuses devices without one and MaxText takes one slice
   on CPU; on an accelerator the devices' own slices decide, in one line if
-  they do not match dcn_data.
+  they do not match dcn_data (GPUs of several hosts with dcn_data=1: one mesh
+  by id, as before).
   """
   devices = list(devices)
   slices = slices_of(devices)
-  cpu = devices[0].platform == 'cpu'
-  if len(slices) != (1 if cpu else dcn_data):
+  platform_ = devices[0].platform
+  if platform_ == 'gpu' and dcn_data == 1:
+    # jaxlib gives each host (NVLink domain) of GPUs its own slice index; one
+    # mesh over all of them by id, as before (NCCL crosses hosts itself), and
+    # as mesh_utils orders GPUs; mesh.dcn_data=HOSTS puts 'data' across them.
+    slices = [devices]
+  if len(slices) != (1 if platform_ == 'cpu' else dcn_data):
     raise errors.ConfigError(
       f'mesh.dcn_data={dcn_data} but the {len(devices)} devices are in {len(slices)} '
       f'slice(s); set mesh.dcn_data={len(slices)}'
@@ -131,6 +137,7 @@ def device_grid(devices, data: int, fsdp: int, dcn_data: int = 1) -> np.ndarray:
       f'the slices have {sorted(len(s) for s in slices)} devices: a mesh over several '
       'slices needs the same number in each (num_devices=-1).'
     )
+  cpu = platform_ == 'cpu'
   from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
 
   ici = (data // dcn_data, fsdp)

@@ -145,6 +145,25 @@ def test_mesh_follows_the_devices_and_keeps_cpu_order():
   assert sharding.mesh_shape_from_config(c, 8) == (4, 2)
 
 
+def test_gpus_of_several_hosts_form_one_mesh_unless_dcn_data_says():
+  """jaxlib gives each GPU host a slice index: dcn_data=1 keeps one mesh by
+  id (as before), dcn_data=HOSTS stacks the hosts along 'data'."""
+
+  class Gpu:
+    platform, device_kind = 'gpu', 'NVIDIA H100 80GB HBM3'
+
+    def __init__(self, i):
+      self.id, self.slice_index = i, i // 4
+
+  gpus = [Gpu(i) for i in (4, 5, 6, 7, 0, 1, 2, 3)]
+  ids = np.vectorize(lambda d: d.id)
+  assert ids(sharding.device_grid(gpus, 8, 1)).ravel().tolist() == list(range(8))
+  grid = sharding.device_grid(gpus, 4, 2, dcn_data=2)
+  assert np.vectorize(lambda d: d.slice_index)(grid).tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+  with pytest.raises(ValueError, match='are in 2 slice.s.; set mesh.dcn_data=2'):
+    sharding.device_grid(gpus, 8, 1, dcn_data=4)
+
+
 def test_batch_and_fsdp_shard_over_a_two_slice_mesh():
   """The batch is split over data x fsdp in mesh order (each device its own
   rows) and the large parameters over 'fsdp' within a slice."""
