@@ -25,6 +25,7 @@ the largest global batch that fits.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -45,23 +46,50 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Published per-chip figures: HBM capacity, dense bf16 peak, HBM bandwidth."""
+  """Published per-chip figures: HBM capacity, dense bf16 peak, HBM bandwidth;
+  the chip-to-chip links where published (ICI / NVLink, both directions) and
+  each chip's share of the data-centre network (TPU multi-slice)."""
 
   name: str
   hbm_bytes: int
   peak_flops: float  # bf16 dense, FLOP/s (XLA runs float32 matmuls on the
   hbm_bytes_per_s: float  # TPU's MXU in bf16 passes at default precision)
+  ici_bytes_per_s: float | None = None
+  dcn_bytes_per_s: float | None = None
 
 
-# Google Cloud's TPU pages and NVIDIA's data sheets.
+# The vendors' published figures, each from the page named beside it (read
+# 2026-12; bf16 dense: NVIDIA lists Tensor Core FLOP/s with sparsity, half of
+# which is dense). GPU entries are for the planner's estimates on local GPUs:
+# nothing here compiles for a GPU offline, so they are unchecked by a compile.
 CHIPS = {
+  # https://cloud.google.com/tpu/docs/v4: 275 TFLOP/s, 32 GiB, 1200 GBps (ICI not listed)
   'v4': Chip('TPU v4', 32 * GiB, 275e12, 1228e9),
-  'v5e': Chip('TPU v5e', 16 * GiB, 197e12, 819e9),
-  'v5p': Chip('TPU v5p', 95 * GiB, 459e12, 2765e9),
-  'v6e': Chip('TPU v6e', 32 * GiB, 918e12, 1640e9),
-  'h100': Chip('NVIDIA H100 SXM', 80 * 10**9, 989e12, 3.35e12),
-  'h200': Chip('NVIDIA H200', 141 * 10**9, 989e12, 4.8e12),
-  'a100': Chip('NVIDIA A100 80GB', 80 * 10**9, 312e12, 2.04e12),
+  # https://cloud.google.com/tpu/docs/v5e: 197 TFLOP/s, 16 GB, 819 GBps, ICI 400 GBps;
+  # DCN 2 x 100 Gbps NICs per host of 8 chips = 25 Gb/s per chip
+  'v5e': Chip('TPU v5e', 16 * GiB, 197e12, 819e9, 400e9, 25e9 / 8),
+  # https://cloud.google.com/tpu/docs/v5p: 459 TFLOP/s, 95 GiB, 2765 GBps, ICI 1200 GBps,
+  # DCN 50 Gb/s per chip
+  'v5p': Chip('TPU v5p', 95 * GiB, 459e12, 2765e9, 1200e9, 50e9 / 8),
+  # https://cloud.google.com/tpu/docs/tpu7x (its table has v6e beside v7): 918 TFLOP/s,
+  # 32 GiB, ICI 800 GB/s, DCN 100 Gb/s per chip (1640 GBps: the v6e page)
+  'v6e': Chip('TPU v6e', 32 * GiB, 918e12, 1640e9, 800e9, 100e9 / 8),
+  # https://cloud.google.com/tpu/docs/tpu7x (Ironwood): 2307 TFLOP/s bf16, 192 GiB,
+  # 7380 GB/s, ICI 1200 GB/s, DCN 100 Gb/s per chip
+  'v7': Chip('TPU7x (Ironwood)', 192 * GiB, 2307e12, 7380e9, 1200e9, 100e9 / 8),
+  # https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM datasheet): bf16 1979
+  # TFLOP/s with sparsity, 80 GB, 3.35 TB/s, NVLink 900 GB/s
+  'h100': Chip('NVIDIA H100 SXM', 80 * 10**9, 989e12, 3.35e12, 900e9),
+  # https://www.nvidia.com/en-us/data-center/h200/: 141 GB, 4.8 TB/s, bf16 1979 TFLOP/s
+  # with sparsity (the H100's), NVLink 900 GB/s
+  'h200': Chip('NVIDIA H200', 141 * 10**9, 989e12, 4.8e12, 900e9),
+  # https://www.nvidia.com/en-us/data-center/a100/ (A100 datasheet): bf16 312 TFLOP/s
+  # dense, 80 GB HBM2e, 2039 GB/s (SXM), NVLink 600 GB/s
+  'a100': Chip('NVIDIA A100 80GB', 80 * 10**9, 312e12, 2.039e12, 600e9),
+  # https://www.nvidia.com/en-us/data-center/dgx-b200/ (8 GPUs): 1440 GB and 64 TB/s
+  # in all, FP8 72 PFLOP/s with sparsity (bf16: half of FP8, then half for dense: 2.25
+  # PFLOP/s a GPU), NVLink 14.4 TB/s in all (1.8 TB/s a GPU)
+  'b200': Chip('NVIDIA B200', 180 * 10**9, 2250e12, 8e12, 1.8e12),
 }
 TPU_GENERATIONS = ('v4', 'v5e', 'v5p', 'v6e')
 # Cloud accelerator-type prefixes; v4 and v5p count TensorCores (2 per chip).
@@ -173,6 +201,7 @@ def check_options(
   top: int = 0,
   batch_multiple: int = 0,
   search: bool = False,
+  num_slices: int = 1,
 ):
   """Every option of the planner and its config, in one place, before
   anything compiles (train.py's config checks, then the planner's own): a
@@ -186,6 +215,13 @@ def check_options(
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
       raise PlanError(f'--{name}={value} must be an integer >= {low}{why}.')
 
+  count('num_slices', num_slices, 1, ' (slices of --topology; 1: one slice)')
+  if num_slices > 1 and chips is None:
+    raise PlanError(
+      f'--num_slices={num_slices} takes copies of a TPU --topology (e.g. --topology=v5e:2x2); '
+      "the local devices' own slices set the mesh (mesh.dcn_data)."
+    )
+  config = with_slices(config, num_slices, chips is not None)
   count('batch', batch, 1, ' (the global batch; default: config.batch_size)')
   count('steps', steps, 0, ' (timed steps on the local devices; 0: none)')
   count('top', top, 0, ' (0: no list of the largest HBM consumers)')
@@ -207,7 +243,7 @@ def check_options(
         'batch would "fit"; give --topology=GEN:SHAPE (e.g. v5e:2x2) to search '
         "against a TPU's HBM, or run it on a GPU or TPU."
       )
-  n = data_parallel(config, topology)
+  n = data_parallel(config, topology, num_slices)
   if search:
     unit = batch_multiple or n
     if unit % n:
@@ -244,10 +280,35 @@ def local_chip():
   return devices, chip, f'local: {len(devices)} x {devices[0].device_kind}'
 
 
-def data_parallel(config, topology: str) -> int:
+def with_slices(config, num_slices: int, tpu: bool = True):
+  """`config` with mesh.dcn_data = num_slices (the data axis spans the
+  slices) unless it already says so; a PlanError if it says otherwise."""
+  m = config.get('mesh', None)
+  dcn = m.get('dcn_data', 1) if m else 1
+  if dcn == num_slices:
+    return config
+  if not tpu:  # local: the devices' own slices decide (sharding.device_grid)
+    return config
+  if num_slices == 1:
+    raise PlanError(
+      f'mesh.dcn_data={dcn} spans {dcn} slices: add --num_slices={dcn}, or drop '
+      'mesh.dcn_data (1: one slice).'
+    )
+  if dcn != 1:
+    raise PlanError(
+      f'mesh.dcn_data={dcn} but --num_slices={num_slices}: the data axis spans every '
+      f'slice; drop mesh.dcn_data (it follows --num_slices) or set it to {num_slices}.'
+    )
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.mesh.dcn_data = num_slices
+  return config
+
+
+def data_parallel(config, topology: str, num_slices: int = 1) -> int:
   """Devices the batch is split over (data x fsdp), from the mesh config and the
-  chips `topology` implies (sharding's rule, before libtpu loads): a
-  ValueError of one line if the mesh does not fit them."""
+  chips `topology` (x num_slices) implies (sharding's rule, before libtpu
+  loads): a ValueError of one line if the mesh does not fit them."""
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
 
   if topology == 'local':
@@ -256,18 +317,22 @@ def data_parallel(config, topology: str) -> int:
     data, fsdp = sharding.mesh_shape_from_config(config, jax.device_count())
   else:
     topo = parse_topology(topology)
-    if config.num_devices not in (-1, 0, topo.chips):
+    config = with_slices(config, num_slices)
+    chips = topo.chips * num_slices
+    what = topo.name if num_slices == 1 else f'{num_slices} x {topo.name}'
+    if config.num_devices not in (-1, 0, chips):
       raise PlanError(
-        f'num_devices={config.num_devices} but {topo.name} has {topo.chips} '
+        f'num_devices={config.num_devices} but {what} has {chips} '
         'chips: use num_devices=-1 (the whole slice), or a topology of that '
         'many chips.'
       )
-    data, fsdp = sharding.mesh_shape_from_config(config, topo.chips, f'chips of {topo.name}')
+    data, fsdp = sharding.mesh_shape_from_config(config, chips, f'chips of {what}')
   return data * fsdp
 
 
-def tpu_devices(topology: Topology):
-  """The compile-only devices of a TPU slice (libtpu, no TPU needed)."""
+def tpu_devices(topology: Topology, num_slices: int = 1):
+  """The compile-only devices of `num_slices` TPU slices of `topology`
+  (libtpu, no TPU needed); each carries its `slice_index`."""
   if importlib.util.find_spec('libtpu') is None:
     raise PlanError(
       f'compiling for {topology.name} needs libtpu, which is not installed: {TPU_INSTALL}.'
@@ -287,11 +352,12 @@ def tpu_devices(topology: Topology):
       topology_name=topology.name,
       chip_config_name='default',
       chips_per_host_bounds=tuple(min(d, b) for d, b in zip(shape, (2, 2, 1))),
-      num_slices=1,
+      num_slices=num_slices,
       wrap=(False, False, False),
     )
   except Exception as e:  # pylint: disable=broad-except
-    raise PlanError(f'libtpu cannot describe {topology.name}: {_first_line(e)}') from e
+    what = topology.name + (f' x {num_slices} slices' if num_slices > 1 else '')
+    raise PlanError(f'libtpu cannot describe {what}: {_first_line(e)}') from e
   return desc.devices
 
 
@@ -322,13 +388,33 @@ def _first_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
+def per_core(chip: Chip, cores: int) -> Chip:
+  """A chip's figures per TensorCore, where JAX shows each core as a device:
+  TPU7x has two and no megacore (JAX's pallas.tpu.ChipVersion table; libtpu
+  describes tpu7x:2x2x1 as 8 devices, core_on_chip 0 and 1)."""
+
+  def share(x):
+    return None if x is None else x / cores
+
+  return Chip(
+    f'{chip.name}, one of {cores} TensorCores',
+    chip.hbm_bytes // cores,
+    chip.peak_flops / cores,
+    chip.hbm_bytes_per_s / cores,
+    share(chip.ici_bytes_per_s),
+    share(chip.dcn_bytes_per_s),
+  )
+
+
 def chip_for(device) -> Chip | None:
   """The CHIPS entry of a device (local GPUs and TPUs), None if unknown (CPU)."""
   kind = device.device_kind.lower()
-  for key in ('h200', 'h100', 'a100'):
+  for key in ('h200', 'h100', 'a100', 'b200'):
     if key in kind:
       return CHIPS[key]
   if device.platform == 'tpu':
+    if 'tpu7' in kind or 'v7' in kind:
+      return per_core(CHIPS['v7'], 2)
     for key, words in (
       ('v5e', ('v5 lite', 'v5e')),
       ('v5p', ('v5p', 'tpu v5')),
@@ -409,12 +495,16 @@ def report(
   config, compiled, mesh, batch: int, chip: Chip | None, compile_s: float, target: str
 ) -> dict:
   """The planner's figures for one compiled (or out-of-memory) step."""
+  from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+
   n = mesh.size
   r = {
     'config': config.get('name', ''),
     'target': target,
     'device_kind': mesh.devices.flat[0].device_kind,
     'chips': n,
+    'slices': sharding.slice_count(mesh),
+    'axes_across_slices': sharding.axes_across_slices(mesh),
     'mesh': dict(mesh.shape),
     'global_batch': batch,
     'batch_per_chip': batch / n,
@@ -511,13 +601,9 @@ def _array_bytes(text: str) -> int:
   )
 
 
-def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
-  """The compiled program's `top` largest HBM consumers: each top-level
-  instruction (of the entry computation and of loop bodies) with the bytes of
-  its operands and result, its HLO op and the JAX operation it came from.
-  An estimate from the HLO text for finding what to cut; the totals of
-  cost_analysis() are the compiler's own."""
-  comps: dict[str, list[str]] = {}  # computation -> its instructions
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+  """The HLO text's computations -> their instructions, and the entry's name."""
+  comps: dict[str, list[str]] = {}
   entry, cur = None, None
   for line in hlo_text.splitlines():
     m = re.match(r'^(ENTRY )?%?([\w.\-]+) .*\{$', line)
@@ -527,6 +613,19 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
       entry = cur if m.group(1) else entry
     elif cur and line.startswith('  '):
       comps[cur].append(line.strip())
+  return comps, entry
+
+
+_CALLEES = re.compile(r'(?:body|condition|to_apply|branch_computations|calls)=\{?%?([\w.\-]+)')
+
+
+def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
+  """The compiled program's `top` largest HBM consumers: each top-level
+  instruction (of the entry computation and of loop bodies) with the bytes of
+  its operands and result, its HLO op and the JAX operation it came from.
+  An estimate from the HLO text for finding what to cut; the totals of
+  cost_analysis() are the compiler's own."""
+  comps, entry = _computations(hlo_text)
   toplevel = {entry} if entry is not None else set()
   for lines in comps.values():
     for ln in lines:
@@ -564,6 +663,74 @@ def largest_traffic(hlo_text: str, top: int = 20) -> list[dict]:
       )
   rows.sort(key=lambda r: -r['bytes'])
   return rows[:top]
+
+
+# How DCN shows in a compiled multi-slice TPU program (libtpu 0.0.42, checked
+# on its compile-only devices): the compiler splits each collective over
+# slices into a part within the slice (all-reduce, reduce-scatter, all-gather
+# over ICI, replica groups of one slice's partitions) and a transfer over the
+# data-centre network, a host-transfer `send` / `recv` pair handed to the
+# megascale runtime, e.g.
+#   send(%x, ...), is_host_transfer=true, frontend_attributes={
+#     _xla_host_transfer_handler_name="xla_megascale_runtime",
+#     _xla_megascale_transfer_type="ALL_REDUCE", ...}
+# with one chip's share of the array as its operand. The program is the same
+# on every chip (SPMD), so each chip hands those bytes to DCN once per
+# execution of the instruction.
+_MEGASCALE = '_xla_host_transfer_handler_name="xla_megascale_runtime"'
+
+
+def dcn_traffic(hlo_text: str, chips: int) -> dict:
+  """The bytes each chip hands to the data-centre network per step: the
+  operands of the compiled program's megascale `send`s (see above), counted
+  as often as they run (x the known trip count of each loop around them),
+  by transfer type (ALL_REDUCE: the gradients and global BatchNorm
+  statistics; ONE_TO_ONE: a permutation, e.g. mixup's flipped batch; ...).
+  What crosses the wire is these payloads as the megascale runtime's
+  algorithm moves them: for an all-reduce over k slices a ring sends about
+  2 (k - 1) / k of its payload; the planner reports the payloads.
+  `dcn_bytes_per_chip_step` is None where the program shows no such
+  transfer (not a zero: a compiler that represents DCN otherwise)."""
+  comps, entry = _computations(hlo_text)
+  runs: dict[str, int] = {}  # computation -> executions per step
+  loose: set[str] = set()  # inside a loop of unknown trip count (counted once a trip)
+
+  def visit(name: str, times: int, in_loose: bool):
+    runs[name] = runs.get(name, 0) + times
+    if in_loose:
+      loose.add(name)
+    for ln in comps[name]:
+      trips, lo = 1, in_loose
+      if ' while(' in ln:
+        m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ln)
+        trips, lo = (int(m.group(1)), lo) if m else (1, True)
+      for callee in _CALLEES.findall(ln):
+        if callee in comps:
+          visit(callee, times * trips, lo)
+
+  if entry is not None:
+    visit(entry, 1, False)
+  by_type: dict[str, int] = {}
+  transfers = unknown = 0
+  for name, times in runs.items():
+    for ln in comps[name]:
+      if _MEGASCALE not in ln or ' send(' not in ln:
+        continue
+      payload = _ARRAY.search(ln.split(' = ', 1)[-1])  # the result tuple's first array
+      kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', ln)
+      key = kind.group(1) if kind else 'OTHER'
+      nbytes = _array_bytes(payload.group(0)) if payload else 0
+      by_type[key] = by_type.get(key, 0) + nbytes * times
+      transfers += times
+      unknown += name in loose
+  total = sum(by_type.values()) if transfers else None
+  return {
+    'dcn_bytes_per_chip_step': total,
+    'dcn_bytes_per_step': None if total is None else total * chips,
+    'dcn_bytes_by_type_per_chip_step': by_type,
+    'dcn_transfers_per_step': transfers,
+    'dcn_transfers_in_loops_of_unknown_count': unknown,
+  }
 
 
 def run_steps(compiled, state, batch, steps: int, warmup: int = 1):
@@ -612,27 +779,38 @@ def plan(
   steps: int | None = None,
   log=None,
   top: int = 0,
+  num_slices: int = 1,
 ) -> dict:
-  """Compiles config's train step for `topology` ('local' or a TPU slice) at
-  global `batch` (default config.batch_size) and returns report()'s dict;
-  on local accelerators also the measured step (`steps` timed steps, default
-  5 on GPU / TPU, none on CPU)."""
-  check_options(config, topology, batch, steps, top)
+  """Compiles config's train step for `topology` ('local' or a TPU slice,
+  `num_slices` of them) at global `batch` (default config.batch_size) and
+  returns report()'s dict; on local accelerators also the measured step
+  (`steps` timed steps, default 5 on GPU / TPU, none on CPU)."""
+  check_options(config, topology, batch, steps, top, num_slices=num_slices)
   batch = config.batch_size if batch is None else batch
   if topology == 'local':
     devices, chip, target = local_chip()
   else:
     topo = parse_topology(topology)
-    devices = tpu_devices(topo)
-    chip, target = CHIPS[topo.generation], topo.name
+    config = with_slices(config, num_slices)
+    devices = tpu_devices(topo, num_slices)
+    chip = CHIPS[topo.generation]
+    target = topo.name if num_slices == 1 else f'{num_slices} x {topo.name}'
   if log:
     log(
       f'compiling the train step of {config.get("name", "")} for {target}, global batch {batch} ...'
     )
   compiled, mesh, exp, compile_s = compile_step(config, devices, batch)
   r = report(config, compiled, mesh, batch, chip, compile_s, target)
-  if top and not isinstance(compiled, BaseException):
-    r['largest_traffic'] = largest_traffic(compiled.as_text(), top)
+  if not isinstance(compiled, BaseException):
+    hlo = compiled.as_text() if top or r['slices'] > 1 else ''
+    if top:
+      r['largest_traffic'] = largest_traffic(hlo, top)
+    if r['slices'] > 1:
+      r.update(dcn_traffic(hlo, r['chips']))
+      sent, bw = r['dcn_bytes_per_chip_step'], chip.dcn_bytes_per_s if chip else None
+      # The payloads at the chip's published DCN share: a floor for the step's
+      # DCN time (overlap with compute and the runtime's algorithm aside).
+      r['dcn_s_per_step_at_published_bandwidth'] = sent / bw if sent is not None and bw else None
   if topology == 'local' and not isinstance(compiled, BaseException):
     steps = steps if steps is not None else (0 if devices[0].platform == 'cpu' else 5)
     if steps:
@@ -647,17 +825,18 @@ def max_batch(
   multiple: int = 0,
   log=None,
   limit: int = 2**24,
+  num_slices: int = 1,
 ) -> tuple[int | None, list[dict]]:
   """The largest global batch, a multiple of `multiple` (default: the chips),
   whose step fits: doubling (or halving) from `start` (default: one image
   per chip), then bisection. Returns (that batch, or None if the smallest
   does not fit; every compile's report)."""
-  check_options(config, topology, start, 0, 0, multiple, search=True)
-  unit = multiple or data_parallel(config, topology)
+  check_options(config, topology, start, 0, 0, multiple, search=True, num_slices=num_slices)
+  unit = multiple or data_parallel(config, topology, num_slices)
   reports = []
 
   def fits(b):
-    r = plan(config, topology, b, steps=0)
+    r = plan(config, topology, b, steps=0, num_slices=num_slices)
     reports.append(r)
     if log:
       log(
@@ -713,7 +892,12 @@ def format_report(r: dict) -> str:
     ('config', r['config']),
     (
       'target',
-      f"{r['target']} ({r['chips']} chips, mesh {'x'.join(map(str, r['mesh'].values()))})",
+      f"{r['target']} ({r['chips']} chips, mesh {'x'.join(map(str, r['mesh'].values()))}"
+      + (
+        f", {'/'.join(r['axes_across_slices'])} across {r['slices']} slices)"
+        if r.get('slices', 1) > 1
+        else ')'
+      ),
     ),
     (
       'global batch',
@@ -763,6 +947,22 @@ def format_report(r: dict) -> str:
           f"({r['roofline_bound']}-bound)",
         )
       ]
+  if r.get('slices', 1) > 1:
+    sent, secs = r.get('dcn_bytes_per_chip_step'), r.get('dcn_s_per_step_at_published_bandwidth')
+    by_type = ', '.join(
+      f'{k.lower()} {v / 1e6:.3g} MB'
+      for k, v in r.get('dcn_bytes_by_type_per_chip_step', {}).items()
+    )
+    rows += [
+      (
+        'DCN per chip-step',
+        'not shown in the compiled program'
+        if sent is None
+        else f'{sent / 1e6:.3g} MB sent over {r["slices"]} slices ({by_type}; '
+        f'{r["dcn_transfers_per_step"]} transfers)'
+        + (f', {secs * 1e3:.2f} ms at the published DCN bandwidth' if secs else ''),
+      )
+    ]
   if r.get('measured_step_s'):
     peak = r.get('measured_peak_bytes_per_chip')
     rows += [
@@ -799,16 +999,31 @@ def main(argv):
     print(msg, file=sys.stderr, flush=True)
 
   # Errors: errors.report (cli.run). The options first, before anything loads or compiles.
-  check_options(config, f.topology, f.batch, f.steps, f.top, f.batch_multiple, f.max_batch)
+  check_options(
+    config, f.topology, f.batch, f.steps, f.top, f.batch_multiple, f.max_batch, f.num_slices
+  )
   if f.max_batch:
     best, reports = max_batch(
-      config, f.topology, f.batch, f.batch_multiple, log=None if f.json else log
+      config,
+      f.topology,
+      f.batch,
+      f.batch_multiple,
+      log=None if f.json else log,
+      num_slices=f.num_slices,
     )
     fitting = [r for r in reports if r['fits']]
     r = max(fitting, key=lambda r: r['global_batch']) if fitting else reports[-1]
     r = dict(r, max_global_batch=best, searched_batches=[x['global_batch'] for x in reports])
   else:
-    r = plan(config, f.topology, f.batch, f.steps, log=None if f.json else log, top=f.top)
+    r = plan(
+      config,
+      f.topology,
+      f.batch,
+      f.steps,
+      log=None if f.json else log,
+      top=f.top,
+      num_slices=f.num_slices,
+    )
   if f.json:
     print(json.dumps(r))
   else:
@@ -837,6 +1052,13 @@ def _define_flags():  # checked by check_options
     'local (this machine\'s devices), a TPU slice '
     'GEN:SHAPE (v5e:2x2, v4:2x2x2, v5p:4x4x4, v6e:4x4) or a Cloud '
     'accelerator type (v5litepod-16, v5p-128, v4-8, v6e-8).',
+  )
+  flags.DEFINE_integer(
+    'num_slices',
+    1,
+    'Slices of --topology joined by the data-centre network (multi-slice): the '
+    "mesh's data axis spans them (mesh.dcn_data follows); the report adds the "
+    'bytes each chip sends over DCN per step.',
   )
   flags.DEFINE_integer(
     'batch',

@@ -90,6 +90,8 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,                 # data-parallel devices
       fsdp=1,                  # devices that shard the parameters and optimizer state
+      dcn_data=1,              # slices the data axis spans (multi-slice TPU: data = dcn_data x
+                               # data per slice; fsdp stays within a slice)
       fsdp_min_size=2 ** 14))  # arrays with fewer elements stay replicated
   c.log_every_steps = 50       # a metrics line (metrics.jsonl, TensorBoard) every N steps
   c.eval_every_epochs = 1      # evaluate on the test split every N epochs, and at the end
@@ -182,6 +184,7 @@ _ADDED = {
   'model.neuron.kind': ('lif', str),
   'model.neuron.charge_form': ('spikingjelly', str),
   'model.neuron.beta': (0.5, float),
+  'mesh.dcn_data': (1, int),  # not model-defining: older runs' configs read as one slice
 }
 
 

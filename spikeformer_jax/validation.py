@@ -327,6 +327,7 @@ def _validate_training(c):
   if _get(c, 'mesh.data', None) == -1 and _get(c, 'mesh.fsdp', None) == -1:
     raise errors.ConfigError('mesh.data=-1 and mesh.fsdp=-1: at most one axis can take the rest.')
   _at_least(c, 'mesh.fsdp_min_size', 0)
+  _at_least(c, 'mesh.dcn_data', 1, ' (the slices the data axis spans; 1: one slice)')
   bn_scope = c.get('bn_scope', 'global')
   if bn_scope not in BN_SCOPES:
     raise errors.ConfigError(

@@ -105,6 +105,29 @@ def test_bad_topologies_say_what_to_use(name, words):
     ({'topology': 'v5e:2x2', 'config': {'num_devices': 8}}, 'num_devices=8 but v5e:2x2 has 4'),
     ({'topology': 'v5p:4x4x4'}, 'config.batch_size=16 must be divisible by the 64'),
     ({'config': {'mesh.data': 3}}, 'mesh.data=3 x mesh.fsdp=1 must equal the 8 devices'),
+    # --num_slices: copies of a TPU topology, the data axis over them (mesh.dcn_data)
+    (
+      {'num_slices': 2},
+      '--num_slices=2 takes copies of a TPU --topology (e.g. --topology=v5e:2x2)',
+    ),
+    ({'topology': 'v5e:2x2', 'num_slices': 0}, '--num_slices=0 must be an integer >= 1'),
+    (
+      {'topology': 'v5e:2x2', 'num_slices': 2, 'config': {'mesh.dcn_data': 4}},
+      'mesh.dcn_data=4 but --num_slices=2: the data axis spans every slice',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'config': {'mesh.dcn_data': 2}},
+      'mesh.dcn_data=2 spans 2 slices: add --num_slices=2',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'num_slices': 2, 'batch': 4},
+      '--batch=4 must be divisible by the 8 data-parallel devices',
+    ),
+    (
+      {'topology': 'v5e:2x2', 'num_slices': 2, 'config': {'mesh.fsdp': 8}},
+      'mesh.dcn_data=2 must divide mesh.data=1: fsdp stays within a slice',
+    ),
+    ({'config': {'mesh.dcn_data': 0}}, 'mesh.dcn_data=0 must be >= 1'),
     # --max_batch: a capacity to search against, and batches it can compile
     (
       {'search': True, 'batch_multiple': 8, 'batch': 8},
@@ -216,12 +239,62 @@ def test_local_reports_on_eight_cpu_devices_data_and_fsdp_meshes():
   assert f['measured_step_s'] > 0 and f['measured_loss'] == pytest.approx(f['measured_loss'])
 
 
+def test_dcn_bytes_are_the_megascale_sends_times_their_loops():
+  """The compiled program's DCN transfers (megascale host sends, as libtpu
+  emits them for a multi-slice program), counted once per execution: x the
+  known trip count of a loop around them; other sends and the recvs are not."""
+  ms = 'is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",'
+  hlo = f"""HloModule m
+
+%body (p: (s32[])) -> (s32[]) {{
+  %s2 = (bf16[4,8]{{1,0}}, u32[], token[]) send(%a, %t), channel_id=2, {ms}_xla_megascale_transfer_type="ALL_REDUCE"}}
+  %r2 = (bf16[4,8]{{1,0}}, u32[], token[]) recv(%t), channel_id=3, {ms}_xla_megascale_transfer_type="ALL_REDUCE"}}
+}}
+
+%cond (p: (s32[])) -> pred[] {{
+  ROOT %c = pred[] constant(true)
+}}
+
+ENTRY %main (x: f32[16,32]) -> f32[16,32] {{
+  %s1 = (f32[16,32]{{1,0:T(8,128)}}, u32[], token[]) send(%x, %t), channel_id=1, {ms}_xla_megascale_transfer_type="ALL_REDUCE"}}
+  %s3 = (f32[2,3]{{1,0}}, u32[], token[]) send(%y, %t), channel_id=4, {ms}_xla_megascale_transfer_type="ONE_TO_ONE"}}
+  %h = (f32[100]{{0}}, u32[], token[]) send(%z, %t), channel_id=5, is_host_transfer=true
+  %w = (s32[]) while(%i), condition=%cond, body=%body, backend_config={{"known_trip_count":{{"n":"5"}}}}
+  %u = (s32[]) while(%i), condition=%cond, body=%body
+}}
+"""
+  r = aot.dcn_traffic(hlo, chips=8)
+  # 16x32 f32 once; 4x8 bf16 five times (known) + once (unknown count); 2x3 f32 once
+  assert r['dcn_bytes_by_type_per_chip_step'] == {'ALL_REDUCE': 2048 + 6 * 64, 'ONE_TO_ONE': 24}
+  assert r['dcn_bytes_per_chip_step'] == 2048 + 384 + 24 and r['dcn_bytes_per_step'] == 8 * 2456
+  assert r['dcn_transfers_per_step'] == 8 and r['dcn_transfers_in_loops_of_unknown_count'] == 1
+  none = aot.dcn_traffic(
+    'HloModule m\n\nENTRY %main () -> f32[] {\n  ROOT %c = f32[] constant(0)\n}\n', 8
+  )
+  assert none['dcn_bytes_per_chip_step'] is None  # not shown: not a zero
+
+
+def test_chip_table_has_the_generations_people_train_on():
+  for key in ('v4', 'v5e', 'v5p', 'v6e', 'v7', 'a100', 'h100', 'h200', 'b200'):
+    chip = aot.CHIPS[key]
+    assert chip.hbm_bytes > 0 and chip.peak_flops > 0 and chip.hbm_bytes_per_s > 0, key
+  assert aot.CHIPS['v7'].hbm_bytes == 192 * 2**30 and aot.CHIPS['v7'].peak_flops == 2307e12
+
+  class Device:  # what a local device reports
+    platform, device_kind = 'gpu', 'NVIDIA B200'
+
+  assert aot.chip_for(Device()) is aot.CHIPS['b200']
+  Device.platform, Device.device_kind = 'tpu', 'TPU7x'  # a device per TensorCore, 2 a chip
+  core = aot.chip_for(Device())
+  assert core.hbm_bytes == 96 * 2**30 and core.peak_flops == pytest.approx(2307e12 / 2)
+
+
 def test_max_batch_is_the_largest_that_fits(monkeypatch):
   """The search itself, against a fake capacity: batches fit up to 40."""
   calls = []
 
-  def fake_plan(config, topology, batch, steps=None, log=None):
-    del config, topology, steps, log
+  def fake_plan(config, topology, batch, steps=None, log=None, num_slices=1):
+    del config, topology, steps, log, num_slices
     calls.append(batch)
     return {
       'fits': batch <= 40,
@@ -391,3 +464,69 @@ def test_cli_bad_flag_is_one_line():
   p = _cli('--config=configs/spikformer.py:cifar10-4-384,runlocal', '--config.model.TT=3')
   assert p.returncode == 2
   assert p.stderr.strip().splitlines()[-1].startswith('error: --config.model.TT')
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]')")
+def test_a_two_slice_mesh_stacks_the_slices_along_data():
+  """The compile-only devices of 2 x v5e:2x2 (each with its slice_index): the
+  hybrid mesh puts slice 0 in the first data rows, slice 1 in the rest, fsdp
+  and the ring order within each; dcn_data that does not match is one line.
+  In a subprocess: libtpu stays out of the test process."""
+  script = (
+    'from spikeformer_jax import aot, sharding\n'
+    'd = aot.tpu_devices(aot.parse_topology("v5e:2x2"), num_slices=2)\n'
+    'm = sharding.make_mesh(devices=d, data=4, fsdp=2, dcn_data=2)\n'
+    'print([[x.slice_index for x in row] for row in m.devices])\n'
+    'print(sharding.axes_across_slices(m), sorted(x.id for x in m.devices.flat) == sorted(x.id for x in d))\n'
+    'print([tuple(x.coords[:2]) for x in sharding.make_mesh(devices=d, dcn_data=2).devices.flat])\n'
+    'try:\n'
+    '  sharding.make_mesh(devices=d)\n'
+    'except ValueError as e:\n'
+    '  print(e)\n'
+  )
+  p = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  rows, axes, ring, error = p.stdout.strip().splitlines()[-4:]
+  assert rows == '[[0, 0], [0, 0], [1, 1], [1, 1]]'
+  assert axes == "['data'] True"
+  # each slice's 2x2 chips in ring order (neighbours on the torus), then the next slice's
+  assert ring == str([(0, 0), (1, 0), (1, 1), (0, 1)] * 2)
+  assert error == (
+    'mesh.dcn_data=1 but the 8 devices are in 2 slice(s); set mesh.dcn_data=2, or use as '
+    'many devices as the slices have (num_devices=-1).'
+  )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install '.[tpu]')")
+def test_cli_compiles_for_two_slices_and_reports_dcn_bytes():
+  """--num_slices=2: the real step for 2 x v5e:1x1 (T=1 keeps the compile
+  short); the data axis spans both slices (mesh.dcn_data follows) and the
+  gradients' all-reduce shows as bytes sent over DCN."""
+  p = _cli(
+    '--config=configs/spikformer.py:digits',
+    '--topology=v5e:1x1',
+    '--num_slices=2',
+    '--batch=2',
+    '--config.model.T=1',
+    '--json',
+  )
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads(p.stdout.strip().splitlines()[-1])
+  assert r['target'] == '2 x v5e:1x1' and r['chips'] == 2 and r['slices'] == 2
+  assert r['mesh'] == {'data': 2, 'fsdp': 1} and r['axes_across_slices'] == ['data']
+  assert r['fits'] and r['flops_per_image'] > 0
+  by_type = r['dcn_bytes_by_type_per_chip_step']
+  # at least the float32 parameters' gradients (113,026 of them: the config's table)
+  assert by_type['ALL_REDUCE'] >= 4 * 113_026
+  assert r['dcn_bytes_per_chip_step'] == sum(by_type.values())
+  assert r['dcn_bytes_per_step'] == 2 * r['dcn_bytes_per_chip_step']
+  assert r['dcn_s_per_step_at_published_bandwidth'] > 0

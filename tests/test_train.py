@@ -111,11 +111,73 @@ def test_fsdp_mesh_shards_state_and_equals_one_device():
     ({'data': 3}, 'mesh.data=3 x mesh.fsdp=1 must equal the 8 devices'),
     ({'data': 2, 'fsdp': 2}, 'mesh.data=2 x mesh.fsdp=2 must equal the 8 devices'),
     ({'data': -1, 'fsdp': -1}, 'at most one axis can take the rest'),
+    ({'dcn_data': 3}, 'mesh.dcn_data=3 must be a divisor of the 8 devices'),
+    ({'dcn_data': 0}, 'mesh.dcn_data=0 must be a divisor of the 8 devices'),
+    ({'data': 2, 'fsdp': 4, 'dcn_data': 4}, 'mesh.dcn_data=4 must divide mesh.data=2: fsdp'),
   ],
 )
 def test_bad_mesh_is_one_clear_error(axes, message):
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as e:
     sharding.make_mesh(8, **axes)
+  assert '\n' not in str(e.value)
+
+
+def test_mesh_follows_the_devices_and_keeps_cpu_order():
+  """On CPU, mesh_utils keeps the device order: the same mesh as the reshape
+  before it (so every recorded number holds); dcn_data > 1 stacks simulated
+  slices of consecutive devices along 'data', fsdp within each."""
+  devices = jax.devices()
+  for axes, shape in (
+    ({}, (8, 1)),
+    ({'data': 2, 'fsdp': 4}, (2, 4)),
+    ({'data': 4, 'fsdp': -1, 'dcn_data': 2}, (4, 2)),
+    ({'dcn_data': 4}, (8, 1)),
+  ):
+    mesh = sharding.make_mesh(8, **axes)
+    assert mesh.axis_names == ('data', 'fsdp') and mesh.devices.shape == shape
+    assert list(mesh.devices.flat) == devices, axes
+    assert sharding.slice_count(mesh) == 1 and sharding.axes_across_slices(mesh) == []
+  assert list(sharding.make_mesh(3).devices.flat) == devices[:3]
+  # The config field, and a config saved before it existed (one slice).
+  c = _tiny(**{'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.dcn_data': 2})
+  assert dict(sharding.mesh_from_config(c).shape) == {'data': 4, 'fsdp': 2}
+  del c.mesh['dcn_data']
+  assert sharding.mesh_shape_from_config(c, 8) == (4, 2)
+
+
+def test_gpus_of_several_hosts_form_one_mesh_unless_dcn_data_says():
+  """jaxlib gives each GPU host a slice index: dcn_data=1 keeps one mesh by
+  id (as before), dcn_data=HOSTS stacks the hosts along 'data'."""
+
+  class Gpu:
+    platform, device_kind = 'gpu', 'NVIDIA H100 80GB HBM3'
+
+    def __init__(self, i):
+      self.id, self.slice_index = i, i // 4
+
+  gpus = [Gpu(i) for i in (4, 5, 6, 7, 0, 1, 2, 3)]
+  ids = np.vectorize(lambda d: d.id)
+  assert ids(sharding.device_grid(gpus, 8, 1)).ravel().tolist() == list(range(8))
+  grid = sharding.device_grid(gpus, 4, 2, dcn_data=2)
+  assert np.vectorize(lambda d: d.slice_index)(grid).tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+  with pytest.raises(ValueError, match='are in 2 slice.s.; set mesh.dcn_data=2'):
+    sharding.device_grid(gpus, 8, 1, dcn_data=4)
+
+
+def test_batch_and_fsdp_shard_over_a_two_slice_mesh():
+  """The batch is split over data x fsdp in mesh order (each device its own
+  rows) and the large parameters over 'fsdp' within a slice."""
+  mesh = sharding.make_mesh(8, data=4, fsdp=2, dcn_data=2)
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  g = sharding.global_batch({'x': x}, mesh)['x']
+  rows = {s.device: np.asarray(s.data) for s in g.addressable_shards}
+  for i, d in enumerate(mesh.devices.flat):
+    np.testing.assert_array_equal(rows[d], x[2 * i : 2 * i + 2])
+  config = _tiny(**{'mesh.fsdp_min_size': 512, 'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.dcn_data': 2})
+  exp = experiment.build(config, sharding.mesh_from_config(config), 4)
+  specs = [s.spec for s in jax.tree.leaves(exp.state_sharding['params'])]
+  assert sum('fsdp' in tuple(sp) for sp in specs) >= 8
+  assert experiment.bn_groups_for(_tiny(bn_scope='device'), mesh) == 8
 
 
 def test_per_device_batchnorm_does_not_depend_on_device_count():
