@@ -194,12 +194,13 @@ class Checkpointer:
       self._fail(self._background_error() or RuntimeError('it was never committed'))
 
   def _background_error(self):
-    """The exception of orbax's finalize thread, if this orbax keeps it there."""
+    """The exception of orbax's finalize thread, if it kept one: its public
+    `wait_until_finished` joins that thread and raises it (once)."""
     try:
-      thread = self._mngr._finalize_thread.get()  # pylint: disable=protected-access
-      return getattr(thread, 'exception', None)
-    except Exception:  # pylint: disable=broad-except
-      return None
+      self._mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+    return None
 
   def wait(self):
     """Blocks until the save in flight is committed; CheckpointError if it failed."""

@@ -109,6 +109,8 @@ def base_config(model, data, *, batch, epochs, lr, wd, warmup, warmup_lr, min_lr
                                # init_from='none' trains from scratch on purpose
   c.tensorboard = True         # also write the metrics to WORKDIR/tb (tensorboardX, no TensorFlow)
   c.profile_steps = ()         # (first, last): a jax.profiler trace of those steps -> WORKDIR/profile
+  c.compile_cache_dir = ''     # JAX's persistent compilation cache: '' = WORKDIR/compile_cache on
+                               # TPU / GPU (none on CPU, or the one already set); 'none'; or a path
   return c
 # fmt: on
 

@@ -138,7 +138,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
+    from spikeformer_jax import checkpointing, compile_cache  # pylint: disable=import-outside-toplevel
     from spikeformer_jax import restore, workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
     if not flags.FLAGS['verbosity'].present:  # unreadable checkpoints: one line
@@ -151,6 +151,7 @@ def main(argv):
         print(warning, file=sys.stderr)
     out = _OUTPUT.value
     _check_writable(out)
+    compile_cache.setup(config, _workdir())  # the run's cache: its eval step may be there
     if _ANALYZE.value:
       return analyze(config)
     res = restore.evaluate_checkpoint(

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 import ml_collections
 import optax
 from flax import nnx
@@ -58,29 +59,108 @@ def input_shape(config) -> tuple:
 
 def params_the_loss_reaches(model: nnx.Module, example_shape: tuple):
   """Which parameters the forward reads at all: a pytree of bools like the
-  model's params (found by dead-code elimination of the traced forward).
+  model's params (a liveness pass backwards over the traced forward).
 
   PyTorch gives a parameter that the forward never touches no gradient, and
   its optimizers then skip it, weight decay included (the official code's
   unused modules, which `model.dead_modules` builds so that its checkpoints
-  load). Without JAX's dead-code pass (a private API) every parameter counts
-  as reached.
+  load). A primitive with an inner program that `live_inputs` does not know
+  stops with an error rather than guess.
   """
   graphdef = nnx.graphdef(model)
   params, rest = nnx.state(model, nnx.Param, ...)
   leaves, treedef = jax.tree.flatten(params)
-  try:
-    from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+  closed = jax.make_jaxpr(
+    lambda p, r: nnx.merge(graphdef, p, r, copy=True)(
+      jnp.zeros((2,) + tuple(example_shape), jnp.float32)
+    )
+  )(params, rest)
+  used = live_inputs(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+  return jax.tree.unflatten(treedef, used[: len(leaves)])
 
-    closed = jax.make_jaxpr(
-      lambda p, r: nnx.merge(graphdef, p, r, copy=True)(
-        jnp.zeros((2,) + tuple(example_shape), jnp.float32)
-      )
-    )(params, rest)
-    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-  except (ImportError, AttributeError, TypeError):
-    return jax.tree.unflatten(treedef, [True] * len(leaves))
-  return jax.tree.unflatten(treedef, [bool(u) for u in used[: len(leaves)]])
+
+# Primitives whose inner program maps its inputs and outputs one to one (the
+# eqn's invars / outvars are the inner jaxpr's), by name: the parameter that
+# holds it. JAX's own dead-code pass treats them the same way.
+_CALLS = {
+  'pjit': 'jaxpr',
+  'jit': 'jaxpr',
+  'closed_call': 'call_jaxpr',
+  'call': 'call_jaxpr',
+  'core_call': 'call_jaxpr',
+  'remat2': 'jaxpr',
+  'remat': 'jaxpr',
+  'checkpoint': 'jaxpr',
+  'shard_map': 'jaxpr',
+}
+# Inner programs whose every input counts once any output does: custom
+# derivatives (their rule may read what the primal does not), while loops
+# (their condition reads the carry).
+_ALL_IN = ('custom_jvp_call', 'custom_vjp_call', 'custom_vjp_call_jaxpr', 'while')
+
+
+def _jaxpr(x):
+  """The open Jaxpr of a Jaxpr or ClosedJaxpr param."""
+  return x.jaxpr if isinstance(x, jex_core.ClosedJaxpr) else x
+
+
+def _has_inner_program(eqn) -> bool:
+  for v in eqn.params.values():
+    for x in v if isinstance(v, (tuple, list)) else (v,):
+      if isinstance(x, (jex_core.Jaxpr, jex_core.ClosedJaxpr)):
+        return True
+  return False
+
+
+def live_inputs(jaxpr, live_outputs) -> list[bool]:
+  """Which invars of `jaxpr` (a jax.extend.core.Jaxpr) reach the outputs
+  marked in `live_outputs`: a backward pass over its eqns, into the inner
+  programs of calls, scan and cond. What JAX's (private) dead-code
+  elimination computes; NotImplementedError for an inner program of a kind
+  it does not know, rather than a guess."""
+  live: set = set()
+
+  def mark(atoms, flags):
+    for v, f in zip(atoms, flags):
+      if f and isinstance(v, jex_core.Var) and not isinstance(v, jex_core.Literal):
+        live.add(v)
+
+  mark(jaxpr.outvars, live_outputs)
+  for eqn in reversed(jaxpr.eqns):
+    outs = [isinstance(v, jex_core.Var) and v in live for v in eqn.outvars]
+    if not any(outs) and not eqn.effects:
+      continue
+    mark(eqn.invars, _eqn_live_inputs(eqn, outs))
+  return [v in live for v in jaxpr.invars]
+
+
+def _eqn_live_inputs(eqn, outs: list[bool]) -> list[bool]:
+  name, n = eqn.primitive.name, len(eqn.invars)
+  if eqn.effects or not _has_inner_program(eqn) or name in _ALL_IN:
+    return [True] * n  # every input of a plain primitive (or an effect) counts
+  if name in _CALLS:
+    return live_inputs(_jaxpr(eqn.params[_CALLS[name]]), outs)
+  if name == 'cond':  # invars: the branch index, then the branches' operands
+    ins = [False] * (n - 1)
+    for branch in eqn.params['branches']:
+      ins = [a or b for a, b in zip(ins, live_inputs(_jaxpr(branch), outs))]
+    return [True, *ins]
+  if name == 'scan':  # invars: consts, carry, xs; outvars: carry, ys
+    body = _jaxpr(eqn.params['jaxpr'])
+    n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
+    carry, ys = outs[:n_carry], outs[n_carry:]
+    while True:  # a carry the body reads is live in every iteration before
+      ins = live_inputs(body, carry + ys)
+      carry_in = [a or b for a, b in zip(ins[n_consts : n_consts + n_carry], carry)]
+      if carry_in == carry:
+        break
+      carry = carry_in
+    return ins[:n_consts] + carry + ins[n_consts + n_carry :]
+  raise NotImplementedError(
+    f'params_the_loss_reaches: the traced forward holds a {name!r} primitive '
+    'with an inner program, which experiment.live_inputs cannot see into; add '
+    'its rule there (or build the model without dead_modules).'
+  )
 
 
 class _FamilyModel(Protocol):

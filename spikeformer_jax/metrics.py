@@ -73,8 +73,20 @@ class TensorBoard:
           flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
 
     walk(config)
-    writer = self._w._get_file_writer()  # pylint: disable=protected-access
-    for summary in hparams(flat, {'test/top1': None, 'test/loss': None}):
+    summaries = hparams(flat, {'test/top1': None, 'test/loss': None})
+    # Into the run's own event file (SummaryWriter.file_writer, public but
+    # undocumented; its add_hparams would start a subdirectory). Without it, a
+    # FileWriter of their own: TensorBoard reads every event file of the run.
+    writer = getattr(self._w, 'file_writer', None)
+    if writer is None:
+      from tensorboardX import FileWriter  # pylint: disable=import-outside-toplevel
+
+      own = FileWriter(self._w.logdir, filename_suffix='.hparams')  # never the run's name
+      for summary in summaries:
+        own.add_summary(summary)
+      own.close()
+      return
+    for summary in summaries:
       writer.add_summary(summary)
     self._w.flush()
 

@@ -276,14 +276,15 @@ _BARRIER_IDS = itertools.count()
 def barrier(name: str, timeout_s: int = 3600):
   """Waits until every process reaches this point (the coordination
   service's barrier: no collective, and no 30 s limit). Processes must call
-  it in the same order (the ids count up)."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  it in the same order (the ids count up). One process: returns at once.
 
-  client = distributed.global_state.client
-  if client is None:  # callers wait only when jax.process_count() > 1
-    raise RuntimeError('barrier() without jax.distributed.initialize()')
-  client.wait_at_barrier(
-    f'spikeformer_jax/{next(_BARRIER_IDS)}/{name}', timeout_in_ms=timeout_s * 1000
+  orbax's public barrier function, not its `sync_global_processes`: that one
+  is `multihost_utils.sync_global_devices` (a collective over every device,
+  under gloo's 30 s limit on CPU) unless given a subset of processes."""
+  from orbax.checkpoint import multihost  # pylint: disable=import-outside-toplevel
+
+  multihost.get_barrier_sync_fn()(
+    key=f'spikeformer_jax/{next(_BARRIER_IDS)}/{name}', timeout_ms=timeout_s * 1000
   )
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from spikeformer_jax import checkpointing
+from spikeformer_jax import compile_cache
 from spikeformer_jax import data as data_lib
 from spikeformer_jax import errors
 from spikeformer_jax import losses
@@ -83,6 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   validation.validate_config(config)
   validation.validate_start(config)
+  compile_cache.setup(config, workdir, metrics_lib.log)  # before the first compile
   init = initial_weights(config, workdir)  # before anything is written
   with (
     workdir_lib.hold_workdir(workdir) as lock,
@@ -344,7 +346,9 @@ def _train_loop(
       _evaluate_or_stop(run, state, metrics, start)
     for step, local in zip(range(start + 1, total_steps + 1), batches):
       profiler.before(step)
-      state, m = train_step(state, sharding.global_batch(local, mesh))
+      # The step's boundaries in an XProf trace (cheap when none is taken).
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, m = train_step(state, sharding.global_batch(local, mesh))
       profiler.after(step, state)
       metrics.add(m)
       stop_signals.armed = True  # compiled: from now on a signal saves the step reached

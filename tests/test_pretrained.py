@@ -50,9 +50,16 @@ def test_fine_tuning_starts_from_a_run_of_ours_with_a_fresh_head_and_optimizer(
   assert 'parameters: block ' in out and 'profile of steps 1-2 ->' in out
   table = (src / 'params.txt').read_text().splitlines()
   assert table[-1].split()[-1] == '29,038' and any(line.startswith('head/kernel') for line in table)
-  assert any(f.name.endswith('.xplane.pb') for f in (src / 'profile').rglob('*')), list(
-    (src / 'profile').rglob('*')
-  )
+  (xplane,) = (src / 'profile').rglob('*.xplane.pb')
+  # XProf's step boundaries: a StepTraceAnnotation around each traced step.
+  marked = [
+    dict(event.stats).get('step_num')
+    for plane in jax.profiler.ProfileData.from_file(str(xplane)).planes
+    for line in plane.lines
+    for event in line.events
+    if event.name == 'train'
+  ]
+  assert sorted(marked) == [1, 2], marked
   # TensorBoard (tensorboardX, no TensorFlow): the metrics and the config.
   tags = _tensorboard_tags(src / 'tb')
   assert {'train/loss', 'train/lr', 'images_per_s', 'test/top1', 'test/loss'} <= tags, tags
