@@ -352,13 +352,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     checkpointing.quiet_orbax_logs()
   assert _TORCH.value is not None and _OUT.value is not None  # required flags: absl checked
-  from spikeformer_jax import cli  # pylint: disable=import-outside-toplevel
-
-  try:  # s3:// and the like: one line, before the checkpoint is read
-    storage.check(_TORCH.value, '--torch')
-    storage.check(_OUT.value, '--out')
-  except errors.ConfigError as e:
-    cli.exit_usage(errors.one_line(e))
+  storage.check(_TORCH.value, '--torch')  # s3:// and the like: one line, before reading
+  storage.check(_OUT.value, '--out')
   write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)  # errors: errors.report (cli.run)
   return 0
 

@@ -148,14 +148,9 @@ def _sigterm(signum, frame):
 
 def main(argv):
   del argv
-  from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
-
-  try:  # s3:// and the like: one line, before anything is read
-    storage.check(_workdir())
-    if _OUTPUT.value:
-      storage.check(_OUTPUT.value, '--output')
-  except errors.ConfigError as e:
-    cli.exit_usage(errors.one_line(e))
+  storage.check(_workdir())  # s3:// and the like: one line, before anything is read
+  if _OUTPUT.value:
+    storage.check(_OUTPUT.value, '--output')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   try:

@@ -92,10 +92,10 @@ def main(argv: list[str]) -> int:
 
   try:
     common = config_lib.parse_set(_SET.value)
-    if workdir:  # a sweep directory is local or gs://: another scheme is one line
-      storage.check(workdir)
   except errors.ConfigError as e:
     cli.exit_usage(errors.one_line(e))
+  if workdir:  # a sweep directory is local or gs://: another scheme is one line (errors.report)
+    storage.check(workdir)
   # Other errors: errors.report (cli.run): a user error one line and status 1,
   # a stop that saved the running points' steps (errors.Stopped) 143 / 130.
   try:

@@ -35,8 +35,8 @@ def test_every_path_flag_refuses_other_schemes_in_one_line(tmp_path, capsys):
   # __main__'s: processes of their own (eval's in-process there: no JAX import).
   script = (
     'from spikeformer_jax import cli, eval as e\n'
-    "assert cli.call(e.main, ['eval', '--workdir=s3://b/x']) == 2\n"
-    f"assert cli.call(e.main, ['eval', '--workdir={tmp_path}', '--output=s3://b/x']) == 2\n"
+    "assert cli.call(e.main, ['eval', '--workdir=s3://b/x']) == 1\n"
+    f"assert cli.call(e.main, ['eval', '--workdir={tmp_path}', '--output=s3://b/x']) == 1\n"
   )
   procs = {
     ('--workdir', '--output'): _popen(['-c', script]),
@@ -50,19 +50,23 @@ def test_every_path_flag_refuses_other_schemes_in_one_line(tmp_path, capsys):
       ]
     ),
   }
+  # A refused path is one line, with the status of the tool's other mistakes in that flag.
   calls = {
-    '--workdir': lambda: cli.call(
-      sweep.main, ['sweep.py', 'run', '--config=c.py', '--sweep=s', '--workdir=s3://b/x']
+    '--workdir': (
+      1,
+      lambda: cli.call(
+        sweep.main, ['sweep.py', 'run', '--config=c.py', '--sweep=s', '--workdir=s3://b/x']
+      ),
     ),
-    '--json': lambda: cli.call(fidelity.main, ['fidelity', '--json=s3://b/x', 'a.npz']),
+    '--json': (2, lambda: cli.call(fidelity.main, ['fidelity', '--json=s3://b/x', 'a.npz'])),
   }
-  for flag, call in calls.items():
-    assert call() == 2, flag
+  for flag, (status, call) in calls.items():
+    assert call() == status, flag
     assert capsys.readouterr().err.splitlines() == [f'error: {flag}={_S3}']
   for names, p in procs.items():
     _, err = p.communicate(timeout=300)
     expected = [f'error: {flag}={_S3}' for flag in names]
-    assert (p.returncode, err.splitlines()) == (0 if len(names) > 1 else 2, expected), err[-2000:]
+    assert (p.returncode, err.splitlines()) == (0 if len(names) > 1 else 1, expected), err[-2000:]
   with pytest.raises(errors.ConfigError, match=r'^data.path=s3://b/x: s3:// is not supported'):
     sources.npz('train', path='s3://b/x', num_classes=10, mean=(), std=())
   # Prepared tfds data is read by array_record's C++ reader: local files only.
@@ -77,7 +81,7 @@ def test_every_path_flag_refuses_other_schemes_in_one_line(tmp_path, capsys):
       image_size=34,
       num_classes=10,
     )
-  assert cli.call(prepare.main, ['prepare', '--dataset=nmnist', '--data_dir=gs://b/d']) == 2
+  assert cli.call(prepare.main, ['prepare', '--dataset=nmnist', '--data_dir=gs://b/d']) == 1
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and err[0].startswith(f'error: data_dir=gs://b/d: {local}'), err
 
