@@ -4,6 +4,7 @@ tests/gcs_server.py): a sweep run, its status and table there, eval.py and
 data.path; and every path flag refusing a scheme runs cannot live under."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from conftest import ROOT
 from spikeformer_jax import cli, errors, storage, sweeps
 from spikeformer_jax import sweep  # the command line
 
+_ONE_DEVICE = {'JAX_NUM_CPU_DEVICES': '1'}  # tiny runs: less to compile
 _S3 = (
   's3://b/x: s3:// is not supported (orbax cannot write checkpoints there); '
   'use a local path, a mounted file system, or gs://BUCKET/PATH.'
@@ -22,7 +24,12 @@ _S3 = (
 
 def _popen(argv):
   return subprocess.Popen(
-    [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    [sys.executable, *argv],
+    cwd=ROOT,
+    env=dict(os.environ, **_ONE_DEVICE),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
 
 
@@ -102,7 +109,14 @@ def test_a_sweep_and_eval_on_gs(gcs_dir, tmp_path):
   common = {'total_steps': 2, 'ckpt_every_steps': 2, 'eval_every_epochs': 0, 'log_every_steps': 1}
   log = []
   result = sweeps.run(
-    str(cfg), 'tiny', gcs_dir, parallel=2, common=common, runlocal=True, log=log.append
+    str(cfg),
+    'tiny',
+    gcs_dir,
+    parallel=2,
+    common=common,
+    runlocal=True,
+    env=_ONE_DEVICE,
+    log=log.append,
   )
   assert result == {'T=1': 'finished', 'T=2': 'finished'}, log
   status = json.loads(storage.read_text(storage.join(gcs_dir, 'status.json')))
@@ -123,11 +137,16 @@ def test_a_sweep_and_eval_on_gs(gcs_dir, tmp_path):
   assert storage.read_bytes(storage.join(gcs_dir, 'results.png'))[:4] == b'\x89PNG'
 
   # eval.py on a run in gs://: its JSON there; --analyze: tables and pictures there.
-  plain = _popen(['eval.py', f'--workdir={point}'])
-  analyze = _popen(['eval.py', f'--workdir={point}', '--analyze', '--analyze_examples=8'])
-  for p in (plain, analyze):
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+  # One process (one JAX start) for both: eval.main in-process there, as eval.py runs it.
+  script = (
+    'from spikeformer_jax import cli, eval as e\n'
+    f"assert cli.call(e.main, ['eval', '--workdir={point}']) == 0\n"
+    f"assert cli.call(e.main, ['eval', '--workdir={point}', '--analyze', "
+    "'--analyze_examples=8']) == 0\n"
+  )
+  p = _popen(['-c', script])
+  out, err = p.communicate(timeout=600)
+  assert p.returncode == 0, err[-3000:]
   res = json.loads(storage.read_text(storage.join(point, 'eval_test_2.json')))
   assert res['step'] == 2 and 0 <= res['top1'] <= 1
   assert f'-> {storage.join(point, "analysis_test_2")}' in out
