@@ -85,6 +85,7 @@ from spikeformer_jax import attention
 from spikeformer_jax import blocks
 from spikeformer_jax import errors
 from spikeformer_jax import layers
+from spikeformer_jax import storage
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -492,10 +493,11 @@ def format_table(report: dict) -> str:
 
 
 def write(report: dict, directory: str) -> dict:
-  """analysis.json, layers.csv, neurons.csv and analysis.md in `directory`."""
-  os.makedirs(directory, exist_ok=True)
+  """analysis.json, layers.csv, neurons.csv and analysis.md in `directory`
+  (local or gs://)."""
+  storage.makedirs(directory)
   paths = {
-    k: os.path.join(directory, f)
+    k: storage.join(directory, f)
     for k, f in (
       ('json', 'analysis.json'),
       ('layers', 'layers.csv'),
@@ -503,20 +505,20 @@ def write(report: dict, directory: str) -> dict:
       ('table', 'analysis.md'),
     )
   }
-  with open(paths['json'], 'w', encoding='utf-8') as f:
+  with storage.open_file(paths['json'], 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=1)
   cols = ['layer', 'type', 'input', 'input_rate', 'op', 'macs', 'sops', 'energy_mj']
-  with open(paths['layers'], 'w', newline='', encoding='utf-8') as f:
+  with storage.open_file(paths['layers'], 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
     w.writerow(cols)
     for r in report['layers']:
       w.writerow([r.get(c) for c in cols])
-  with open(paths['neurons'], 'w', newline='', encoding='utf-8') as f:
+  with storage.open_file(paths['neurons'], 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
     w.writerow(['neuron', 'rate'] + [f't{i}' for i in range(report['T'])])
     for name, v in report['neurons'].items():
       w.writerow([name, v['rate'], *v['rate_per_t']])
-  with open(paths['table'], 'w', encoding='utf-8') as f:
+  with storage.open_file(paths['table'], 'w', encoding='utf-8') as f:
     f.write(format_table(report))
   return paths
 
@@ -557,11 +559,16 @@ def analyze_checkpoint(
     batches.append(b['image'][b['mask']][: n - batch * len(batches)])
     if batch * len(batches) >= n:
       break
-  out_dir = out_dir or os.path.join(workdir, f'analysis_{split}_{step}')
+  out_dir = out_dir or storage.join(workdir, f'analysis_{split}_{step}')
   # Written aside and moved in at the end: a kill (SIGTERM) or a failure
-  # leaves nothing of this analysis in out_dir.
-  parent, name = os.path.split(os.path.abspath(out_dir))
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{name}.partial-')
+  # leaves nothing of this analysis in out_dir. On gs:// the aside is a local
+  # temporary directory, uploaded file by file at the end.
+  remote = storage.is_remote(out_dir)
+  if remote:
+    tmp = tempfile.mkdtemp(prefix='spikeformer-analysis-')
+  else:
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{name}.partial-')
   try:
     # The attention picture first: out-of-range heads / block fail before the analysis.
     plots.attention_maps(
@@ -581,15 +588,18 @@ def analyze_checkpoint(
       os.path.join(tmp, 'firing_rates.png'),
       title=title,
     )
-    metrics = os.path.join(workdir, 'metrics.jsonl')
-    if os.path.exists(metrics):
+    metrics = storage.join(workdir, 'metrics.jsonl')
+    if storage.exists(metrics):
       paths['learning_curves'] = plots.learning_curves(
         metrics, os.path.join(tmp, 'learning_curves.png')
       )
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     for key, path in paths.items():
-      paths[key] = os.path.join(out_dir, os.path.basename(path))
-      os.replace(path, paths[key])
+      paths[key] = storage.join(out_dir, os.path.basename(path))
+      if remote:
+        storage.write_bytes(paths[key], storage.read_bytes(path))
+      else:
+        os.replace(path, paths[key])
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return report, paths

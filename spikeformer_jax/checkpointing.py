@@ -14,6 +14,11 @@ every step, so a full disk stops the run at once).
 
 Readers of a run that may still be training (eval, init_from) go through
 `read_committed`: the run deletes its old steps (ckpt_keep) while they read.
+
+In Cloud Storage (a `gs://` directory, through etils.epath) orbax writes a
+step in place and marks it committed with `commit_success.txt` (there is no
+atomic rename), so `committed_steps` there counts the steps holding that
+file; damaged steps are moved aside by copy and delete (storage.move).
 """
 
 from __future__ import annotations
@@ -33,9 +38,16 @@ import orbax.checkpoint as ocp
 
 from spikeformer_jax import errors
 from spikeformer_jax import sharding
+from spikeformer_jax import storage
 from spikeformer_jax import workdir as workdir_lib
 
 DAMAGED_DIR = 'damaged_checkpoints'  # beside checkpoints/: unreadable steps, kept
+COMMITTED = 'commit_success.txt'  # in a store: orbax's mark of a committed step
+
+
+def _ocp_path(path: str):
+  """A path as orbax takes it: a local one as it is, a URL as an epath.Path."""
+  return storage.epath(path) if storage.is_remote(path) else path
 
 
 def _chain(e: BaseException) -> str:
@@ -138,8 +150,8 @@ class _DropOrbaxNoise:
 
 class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, create: bool = True):
-    self.directory = os.path.abspath(directory)
-    if not create and not os.path.isdir(self.directory):
+    self.directory = storage.abspath(directory)
+    if not create and not storage.isdir(self.directory):
       raise FileNotFoundError(f'no checkpoint directory {self.directory}.')
     if keep < 1:
       raise errors.ConfigError(f'ckpt_keep={keep} would keep no checkpoint; use ckpt_keep >= 1.')
@@ -150,8 +162,10 @@ class Checkpointer:
     self._failed = False
 
   def _manager(self):
+    if storage.is_remote(self.directory):
+      storage.invalidate()  # gcsfs's cached listings: what other processes wrote meanwhile
     return ocp.CheckpointManager(
-      self.directory, options=self._options, item_names=('state', 'meta')
+      _ocp_path(self.directory), options=self._options, item_names=('state', 'meta')
     )
 
   def latest_step(self) -> int | None:
@@ -188,7 +202,7 @@ class Checkpointer:
     step = self._saving
     if step is None or step in self._confirmed or self._mngr.is_saving_in_progress():
       return
-    if str(step) in os.listdir(self.directory):
+    if _is_committed(self.directory, step):
       self._confirmed.add(step)
     else:
       self._fail(self._background_error() or RuntimeError('it was never committed'))
@@ -234,6 +248,8 @@ class Checkpointer:
     RNG stream): such a checkpoint restores without them, and each is derived.
     ValueError if the checkpoint holds another model; CheckpointError if it
     cannot be read."""
+    if storage.is_remote(self.directory):
+      storage.invalidate()  # read what is there now
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}.')
@@ -293,15 +309,15 @@ class Checkpointer:
         'from scratch in another --workdir, or move the checkpoints away.'
       )
     if damaged:
-      root = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+      root = storage.join(storage.dirname(self.directory), DAMAGED_DIR)
       dests = []
       for step, _ in damaged:
-        dest = os.path.join(root, str(step))
+        dest = storage.join(root, str(step))
         if jax.process_index() == 0:
-          os.makedirs(root, exist_ok=True)
-          while os.path.exists(dest):
+          storage.makedirs(root)
+          while storage.exists(dest):
             dest += '+'
-          shutil.move(os.path.join(self.directory, str(step)), dest)
+          storage.move(storage.join(self.directory, str(step)), dest)
         dests.append(dest)
       _sync('spikeformer_jax_damaged_checkpoint')
       self._mngr.close()
@@ -327,7 +343,9 @@ class Checkpointer:
     """{'params/...': shape} of the checkpoint's arrays; unreadable metadata is
     a damaged checkpoint, not another model."""
     try:
-      md = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), 'state'))
+      md = ocp.StandardCheckpointer().metadata(
+        _ocp_path(storage.join(self.directory, str(step), 'state'))
+      )
       stored = _shapes(getattr(getattr(md, 'item_metadata', md), 'tree', md))
     except Exception as e:  # pylint: disable=broad-except
       raise errors.CheckpointError(
@@ -377,9 +395,18 @@ class Checkpointer:
 
 def committed_steps(directory: str) -> list[int]:
   try:
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-  except OSError:
+    steps = sorted(int(n) for n in storage.listdir(directory) if n.isdigit())
+  except storage.errors_of_the_store():
     return []
+  if storage.is_remote(directory):  # written in place there: committed once marked
+    steps = [s for s in steps if _is_committed(directory, s)]
+  return steps
+
+
+def _is_committed(directory: str, step: int) -> bool:
+  if storage.is_remote(directory):
+    return storage.exists(storage.join(directory, str(step), COMMITTED))
+  return str(step) in os.listdir(directory)
 
 
 class RunBeingWritten(errors.CheckpointError):
@@ -423,8 +450,9 @@ def _hold(directory: str, step: int) -> str | None:
   is copied), in a hidden directory beside it: once made, the run's rotation
   may delete the step, the copy stays whole. Returns the copy's root (it holds
   `step`), or None where links cannot be made (a read-only filesystem, several
-  processes reading). FileNotFoundError if the step vanished meanwhile."""
-  if jax.process_count() > 1:  # every process must read the same path
+  processes reading, a store: see `read_committed`). FileNotFoundError if the
+  step vanished meanwhile."""
+  if jax.process_count() > 1 or storage.is_remote(directory):  # every process: the same path
     return None
   _drop_dead_holds(directory)
   try:
@@ -465,8 +493,14 @@ def read_committed(
   (no hold possible), the new newest is read, `tries` times at most. A step
   that stays and does not read is read once more in place, so that the error
   names it (a damaged checkpoint) as before. RunBeingWritten if every try
-  lost its step."""
-  workdir = workdir or os.path.dirname(os.path.abspath(directory))
+  lost its step.
+
+  In a store there are no hard links to hold a step with: the step is read in
+  place, and a read that fails because the run's rotation deleted the step
+  meanwhile (it is no longer committed) is retried on the new newest step. A
+  read that succeeds is whole: objects are immutable, and a step's are never
+  rewritten (a damaged step is moved aside before its number is saved again)."""
+  workdir = workdir or storage.dirname(storage.abspath(directory))
   for _ in range(tries):
     steps = committed_steps(directory)
     target = steps[-1] if step is None and steps else step

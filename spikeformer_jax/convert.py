@@ -36,6 +36,7 @@ from flax import nnx
 
 from spikeformer_jax import errors
 from spikeformer_jax import extras
+from spikeformer_jax import storage
 
 # Our leaf name -> PyTorch leaf name, per variable type.
 _LEAF_NAMES = {
@@ -241,7 +242,12 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   without it, pass a dict of numpy arrays (or an .npz) to load_state_dict.
   """
   torch = extras.require('torch', extra='torch', package='torch', needed_for=f'reading {path}')
-  obj = torch.load(path, map_location='cpu', weights_only=False)
+  if storage.is_remote(path):  # torch.load reads a file object: the bytes, downloaded once
+    import io  # pylint: disable=import-outside-toplevel
+
+    obj = torch.load(io.BytesIO(storage.read_bytes(path)), map_location='cpu', weights_only=False)
+  else:
+    obj = torch.load(path, map_location='cpu', weights_only=False)
   if isinstance(obj, dict):
     for key in ('state_dict', 'model', 'state_dict_ema'):
       if key in obj and isinstance(obj[key], dict):
@@ -256,12 +262,11 @@ def _refuse_out(out: str, holding: bool = False):
   """One line if `out` cannot become a new workdir: it is a file, a live run
   holds it, or it holds anything but a stale lock (a run, a converted one,
   other files). Converting never writes into an existing directory's files."""
-  import os  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
 
-  if os.path.exists(out) and not os.path.isdir(out):
+  if storage.exists(out) and not storage.isdir(out):
     raise errors.UserError(f'--out={out} is a file; give a new directory.')
-  if not os.path.isdir(out):
+  if not storage.isdir(out):
     return
   who = None if holding else workdir_lib.holder(out)
   if who:
@@ -269,7 +274,7 @@ def _refuse_out(out: str, holding: bool = False):
       f'--out={out} is in use by {workdir_lib.describe(who)}; give a new directory.'
     )
   lock = workdir_lib.LOCK_NAME
-  entries = sorted(n for n in os.listdir(out) if n != lock and not n.startswith(lock + '.'))
+  entries = sorted(n for n in storage.listdir(out) if n != lock and not n.startswith(lock + '.'))
   if 'config.json' in entries or 'checkpoints' in entries:
     raise errors.UserError(
       f'--out={out} already holds a run (its config.json or checkpoints/); '
@@ -291,7 +296,6 @@ def write_workdir(config, torch_file: str, out: str) -> str:
   parameter must be in the file in its official layout. Returns the
   checkpoint directory."""
   import os  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import checkpointing, pretrained  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import experiment, sharding, train_lib, validation  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
@@ -300,13 +304,13 @@ def write_workdir(config, torch_file: str, out: str) -> str:
     raise errors.UserError('--out is empty: give a new directory for the converted workdir.')
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.init_from, config.init_skip = os.path.abspath(torch_file), ()
+    config.init_from, config.init_skip = storage.abspath(torch_file), ()
   validation.validate_config(config)
   _refuse_out(out)
   take, notes = train_lib.initial_weights(config, out)  # before anything is written
-  created = not os.path.exists(out)
+  created = not storage.exists(out)
   workdir_lib.ensure(out, '--out')
-  ckpts, config_json = os.path.join(out, 'checkpoints'), os.path.join(out, 'config.json')
+  ckpts, config_json = storage.join(out, 'checkpoints'), storage.join(out, 'config.json')
   try:
     with workdir_lib.WorkdirLock(out, command=' '.join(sys.argv)):
       _refuse_out(out, holding=True)  # a run may have started there since the first look
@@ -317,26 +321,26 @@ def write_workdir(config, torch_file: str, out: str) -> str:
           config_json,
           {
             'config': config.to_dict(),
-            'run': {'converted_from': os.path.abspath(torch_file), 'num_params': exp.num_params},
+            'run': {'converted_from': storage.abspath(torch_file), 'num_params': exp.num_params},
           },
         )
         ckpt = checkpointing.Checkpointer(ckpts)
-        ckpt.save(0, state, {'step': 0, 'converted_from': os.path.abspath(torch_file)}, force=True)
+        ckpt.save(0, state, {'step': 0, 'converted_from': storage.abspath(torch_file)}, force=True)
         ckpt.close()
       except BaseException:  # half a converted workdir would pass for a run: remove it
-        shutil.rmtree(ckpts, ignore_errors=True)
-        if os.path.exists(config_json):
-          os.remove(config_json)
+        storage.rmtree(ckpts, ignore_errors=True)
+        if storage.exists(config_json):
+          storage.remove(config_json)
         raise
   except BaseException:
-    if created:
+    if created and not storage.is_remote(out):  # on a store a directory is only a prefix
       try:
         os.rmdir(out)  # only if empty: nothing of another process is removed
       except OSError:
         pass
     raise
   print(notes[0].replace('Initialised', 'Converted').rstrip('.') + f' -> {ckpts}/0.')
-  return os.path.join(ckpts, '0')
+  return storage.join(ckpts, '0')
 
 
 def main(argv):
@@ -348,6 +352,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     checkpointing.quiet_orbax_logs()
   assert _TORCH.value is not None and _OUT.value is not None  # required flags: absl checked
+  storage.check(_TORCH.value, '--torch')  # s3:// and the like: one line, before reading
+  storage.check(_OUT.value, '--out')
   write_workdir(_CONFIG.value, _TORCH.value, _OUT.value)  # errors: errors.report (cli.run)
   return 0
 

@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 
 from spikeformer_jax import cli
+from spikeformer_jax import storage
 
 _CONFIG = cli.define_config_file('config', None, 'Optional config override.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.')
@@ -94,7 +95,7 @@ def analyze(config) -> int:
     f'analysis {report["split"]} step {report["step"]}, {report["examples"]} examples: '
     f'{t["macs"] / 1e9:.4f} GMAC dense, {t["sops"] / 1e9:.4f} G SOPs, '
     f'{t["energy_mj"]:.4f} mJ (non-spiking: {t["ann_energy_mj"]:.4f} mJ), mean '
-    f'firing rate {t["mean_firing_rate"]:.4f} -> {os.path.dirname(paths["json"])}'
+    f'firing rate {t["mean_firing_rate"]:.4f} -> {storage.dirname(paths["json"])}'
   )
   return 0
 
@@ -102,18 +103,30 @@ def analyze(config) -> int:
 def _check_writable(out: str | None):
   """Fails before evaluating, not after, when the result cannot be written:
   `out` is --output (a JSON file; with --analyze a directory) or None (the
-  workdir's default)."""
+  workdir's default). On gs:// a probe object is written and deleted (a
+  directory there is only a name prefix: nothing to find missing)."""
   import tempfile  # pylint: disable=import-outside-toplevel
   from spikeformer_jax import errors  # pylint: disable=import-outside-toplevel
 
-  if out and not _ANALYZE.value and os.path.isdir(out):
+  if out and not _ANALYZE.value and storage.isdir(out):
     raise errors.ConfigError(
-      f'--output={out} is a directory; give a file path, e.g. {os.path.join(out, "eval.json")}.'
+      f'--output={out} is a directory; give a file path, e.g. {storage.join(out, "eval.json")}.'
     )
   if out and _ANALYZE.value:
-    directory = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
+    directory = out if storage.isdir(out) else storage.dirname(storage.abspath(out))
   else:
-    directory = os.path.dirname(os.path.abspath(out)) if out else _workdir()
+    directory = storage.dirname(storage.abspath(out)) if out else _workdir()
+  if storage.is_remote(directory):
+    probe = storage.join(directory, f'.eval-write-check-{os.getpid()}')
+    try:
+      storage.write_bytes(probe, b'')
+      storage.remove(probe)
+    except OSError as e:
+      raise OSError(
+        f'cannot write the result to {directory}: {errors.one_line(e)}; '
+        'pass --output with a writable path.'
+      ) from e
+    return
   if not os.path.isdir(directory):
     raise FileNotFoundError(
       f'cannot write the result to {directory}: no such directory; '
@@ -135,6 +148,9 @@ def _sigterm(signum, frame):
 
 def main(argv):
   del argv
+  storage.check(_workdir())  # s3:// and the like: one line, before anything is read
+  if _OUTPUT.value:
+    storage.check(_OUTPUT.value, '--output')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   try:
@@ -165,10 +181,8 @@ def main(argv):
     # Only files of its own (eval_*.json, analysis_*/), written whole: the run's
     # files stay its trainer's, which may hold the workdir meanwhile.
     ema = '_ema' if _EMA.value else ''
-    out = out or os.path.join(_workdir(), f'eval_{res["split"]}{ema}_{res["step"]}.json')
-    with open(out + '.tmp', 'w', encoding='utf-8') as f:  # a kill leaves no half a file
-      json.dump(res, f, indent=2)
-    os.replace(out + '.tmp', out)
+    out = out or storage.join(_workdir(), f'eval_{res["split"]}{ema}_{res["step"]}.json')
+    storage.write_text(out, json.dumps(res, indent=2))  # whole: a kill leaves no half a file
   except KeyboardInterrupt as e:  # other errors: errors.report (cli.run)
     term = 'SIGTERM' in str(e)
     print(

@@ -39,6 +39,7 @@ from spikeformer_jax import convert
 from spikeformer_jax import errors
 from spikeformer_jax import recordings
 from spikeformer_jax import replay
+from spikeformer_jax import storage
 from spikeformer_jax.recordings import BadRecording, model_config_from_fixture, rel_error
 
 # Pass criteria of the fixtures' README, section 5 (float64 port).
@@ -191,11 +192,20 @@ def format_report(r: dict) -> str:
 
 
 def _unwritable(path: str) -> str:
-  """Why `path` cannot be written ('' if it can)."""
+  """Why `path` cannot be written ('' if it can). On gs:// a probe object is
+  written and deleted (a directory there is only a name prefix)."""
   import tempfile  # pylint: disable=import-outside-toplevel
 
-  if os.path.isdir(path):
+  if storage.isdir(path):
     return 'it is a directory'
+  if storage.is_remote(path):
+    probe = storage.join(storage.dirname(path), f'.fidelity-write-check-{os.getpid()}')
+    try:
+      storage.write_bytes(probe, b'')
+      storage.remove(probe)
+    except OSError as e:
+      return f'{storage.dirname(path)}: {errors.one_line(e)}'
+    return ''
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     return f'no such directory {directory}'
@@ -219,6 +229,10 @@ def main(argv: list[str]) -> int:
       'FILE.npz [FILE.npz ...] [--json OUT.json].'
     )
   if _JSON.value:  # before the replays, which take minutes
+    try:  # s3:// and the like: one line
+      storage.check(_JSON.value, '--json')
+    except errors.ConfigError as e:
+      cli.exit_usage(errors.one_line(e))
     problem = _unwritable(_JSON.value)
     if problem:
       cli.exit_usage(f'cannot write --json {_JSON.value}: {problem}; pass another path.')
@@ -252,7 +266,7 @@ def main(argv: list[str]) -> int:
   )
   if _JSON.value:
     try:
-      with open(_JSON.value, 'w') as fh:
+      with storage.open_file(_JSON.value, 'w') as fh:
         json.dump(reports, fh, indent=1, default=str)
     except OSError as e:
       raise OSError(f'cannot write --json {_JSON.value}: {errors.one_line(e)}') from e

@@ -8,8 +8,8 @@ depends on (or changes) the session's backend and no figure stays open.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
 
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from spikeformer_jax import blocks
 from spikeformer_jax import errors
 from spikeformer_jax import extras
 from spikeformer_jax import norm
+from spikeformer_jax import storage
 
 try:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -40,7 +41,13 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes `fig` to `path` (on gs:// drawn in memory, then uploaded whole)."""
+  if storage.is_remote(path):
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format='png')
+    storage.write_bytes(path, buf.getvalue())
+    return path
+  storage.makedirs(storage.dirname(storage.abspath(path)))
   fig.savefig(path, dpi=DPI, format='png')
   return path
 
@@ -106,9 +113,9 @@ def read_metrics(metrics_jsonl: str) -> dict[str, tuple[np.ndarray, np.ndarray]]
   """{key: (steps, values)} of every numeric key of a metrics.jsonl, steps
   ascending. A step written more than once (a resumed run) keeps the last
   value of each key; train and test lines of one step merge."""
-  if not os.path.isfile(metrics_jsonl):
+  if not storage.isfile(metrics_jsonl):
     raise FileNotFoundError(f'{metrics_jsonl}: no such metrics file.')
-  with open(metrics_jsonl, encoding='utf-8') as f:
+  with storage.open_file(metrics_jsonl, encoding='utf-8') as f:
     lines = f.read().split('\n')
   series: dict[str, dict[int, float]] = {}
   for i, line in enumerate(lines, 1):
@@ -172,7 +179,7 @@ def learning_curves(metrics_jsonl: str, path: str) -> str:
     axes[-1].ticklabel_format(axis='y', style='sci', scilimits=(-2, 3))
     axes[-1].grid(alpha=0.3)
   axes[-1].set_xlabel('step')
-  run = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl)))
+  run = storage.basename(storage.dirname(storage.abspath(metrics_jsonl)))
   fig.suptitle(run)
   return _save(fig, path)
 

@@ -83,11 +83,10 @@ class StopSignals:
     os._exit(code)  # pylint: disable=protected-access
 
   def _resume_point(self) -> str:
-    steps = (
-      sorted(int(n) for n in os.listdir(self.ckpt_dir) if n.isdigit())
-      if self.ckpt_dir and os.path.isdir(self.ckpt_dir)
-      else []
-    )
+    from spikeformer_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
+    # Committed steps only: in a store a step being written is listed already.
+    steps = checkpointing.committed_steps(self.ckpt_dir) if self.ckpt_dir else []
     if not steps:
       return 'no checkpoint is committed yet: the rerun starts from scratch.'
     return f'the rerun resumes from the last committed checkpoint, step {steps[-1]}.'

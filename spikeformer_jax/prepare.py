@@ -78,7 +78,13 @@ def main(argv):
   if name is None:  # checked here, not by a validator that would stay on the global flags
     names = [*tfds_sources.IMAGE_DATASETS, *tfds_sources.EVENT_DATASETS]
     cli.exit_usage(f'--dataset is required: one of {", ".join(names)}.')
+  # Prepared data is read locally (array_record): a URL is one line.
   data_dir = tfds_sources.default_data_dir(_DATA_DIR.value)
+  if _MANUAL_DIR.value and '://' in _MANUAL_DIR.value:
+    raise errors.ConfigError(
+      f'--manual_dir={_MANUAL_DIR.value}: the downloads are read from a local or mounted '
+      'folder; copy them to a local disk first.'
+    )
   manual_dir = os.path.expanduser(_MANUAL_DIR.value) if _MANUAL_DIR.value else None
   t0 = time.time()
   if name in tfds_sources.EVENT_DATASETS:

@@ -10,6 +10,7 @@ step start fresh. A run that resumes from its own checkpoint ignores it.
   one step directory `checkpoints/N`;
 * an official PyTorch checkpoint `.pth` / `.pth.tar` / `.pt` (needs torch),
   or an `.npz` of a state_dict (name -> array), converted by `convert`;
+* any of these in Cloud Storage (`gs://BUCKET/...`);
 * `none` (NONE): no weights, on purpose. A config with `init_required`
   (Spikformer's Table 7 fine-tuning rows) refuses to start with init_from
   unset; `none` trains it from scratch (`./none` names a directory `none`).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import jax
 import numpy as np
@@ -35,6 +37,7 @@ from flax import nnx
 from spikeformer_jax import checkpointing
 from spikeformer_jax import convert
 from spikeformer_jax import errors
+from spikeformer_jax import storage
 
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.npz')
 NONE = 'none'  # init_from=none: start from scratch, said explicitly
@@ -47,28 +50,29 @@ def requested(config) -> bool:
 
 def _step_dir(path: str) -> str:
   """The checkpoint step directory a workdir / checkpoints dir / step dir means."""
-  if os.path.isdir(os.path.join(path, 'state')):
+  if storage.isdir(storage.join(path, 'state')):
     return path
-  ckpts = os.path.join(path, 'checkpoints')
-  ckpts = ckpts if os.path.isdir(ckpts) else path
+  ckpts = storage.join(path, 'checkpoints')
+  ckpts = ckpts if storage.isdir(ckpts) else path
   steps = [
-    int(n)
-    for n in os.listdir(ckpts)
-    if n.isdigit() and os.path.isdir(os.path.join(ckpts, n, 'state'))
+    n
+    for n in checkpointing.committed_steps(ckpts)
+    if storage.isdir(storage.join(ckpts, str(n), 'state'))
   ]
   if not steps:
     raise errors.UserError(
       f'init_from={path} holds no checkpoint of ours (no checkpoints/<step>/state); give a '
       f'workdir, a checkpoint directory, or a PyTorch file ({", ".join(TORCH_SUFFIXES)}).'
     )
-  return os.path.join(ckpts, str(max(steps)))
+  return storage.join(ckpts, str(max(steps)))
 
 
 def check_source(path: str):
   """One line if `init_from` cannot be a source (before the workdir is touched)."""
-  if not os.path.exists(path):
+  storage.check(path, 'init_from')
+  if not storage.exists(path):
     raise errors.UserError(f'init_from={path} does not exist.')
-  if os.path.isdir(path):
+  if storage.isdir(path):
     _step_dir(path)
   elif not path.endswith(TORCH_SUFFIXES):
     raise errors.UserError(
@@ -81,10 +85,11 @@ def _read_ours(path: str) -> dict[str, np.ndarray]:
   """{'params/...': array, 'batch_stats/...': array} of a checkpoint of ours;
   its run may still be training and deleting old steps meanwhile."""
   step_dir = _step_dir(path)
-  directory, name = os.path.split(step_dir)
+  directory, name = storage.dirname(step_dir), storage.basename(step_dir)
 
   def read(root, step):
-    where = os.path.join(root, str(step), 'state')
+    where = storage.join(root, str(step), 'state')
+    where = storage.epath(where) if storage.is_remote(where) else where
     try:
       ckptr = ocp.StandardCheckpointer()
       md = ckptr.metadata(where)
@@ -96,16 +101,16 @@ def _read_ours(path: str) -> dict[str, np.ndarray]:
       return ckptr.restore(where, abstract)
     except Exception as e:  # pylint: disable=broad-except  # damaged, truncated, not orbax
       raise errors.UserError(
-        f'init_from: the checkpoint {os.path.join(root, str(step))} is '
+        f'init_from: the checkpoint {storage.join(root, str(step))} is '
         f'unreadable ({checkpointing.reason(e)}).'
       ) from e
 
   if not name.isdigit():  # a step directory copied under another name: no run writes it
     state = read(directory, name)
   else:  # the newest step, unless init_from names one
-    named = os.path.isdir(os.path.join(path, 'state'))
+    named = storage.isdir(storage.join(path, 'state'))
     state = checkpointing.read_committed(
-      directory, read, step=int(name) if named else None, workdir=os.path.dirname(directory)
+      directory, read, step=int(name) if named else None, workdir=storage.dirname(directory)
     )
   return {
     k: np.asarray(v)
@@ -119,6 +124,12 @@ def _read_torch(path: str, model: nnx.Module):
   state_dict keys our model has no place for, and {our name: why} for each
   array not in its official layout (another shape, if not another size:
   fc1's [in, out] for PyTorch's [out, in])."""
+  if storage.is_remote(path):  # the readers take local files: a local copy
+    with tempfile.TemporaryDirectory(prefix='spikeformer-init-') as tmp:
+      local = os.path.join(tmp, storage.basename(path))
+      with open(local, 'wb') as f:
+        f.write(storage.read_bytes(path))
+      return _read_torch(local, model)
   try:
     if path.endswith('.npz'):
       with np.load(path, allow_pickle=False) as d:
@@ -159,7 +170,8 @@ def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
   Raises UserError listing every entry missing from the source, of another
   shape (an official array: of another layout) or holding values no weight
   can have (integers, NaN), with the init_skip that would keep it fresh."""
-  path = os.path.abspath(os.path.expanduser(config.init_from))
+  path = config.init_from
+  path = storage.abspath(path if storage.is_remote(path) else os.path.expanduser(path))
   check_source(path)
   patterns = config.get('init_skip', ())
   patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
@@ -169,7 +181,7 @@ def load(config, model: nnx.Module) -> tuple[dict[str, np.ndarray], list[str]]:
     raise errors.UserError(
       f'init_skip={patterns!r}: {e.pattern!r} is not a regular expression ({e}).'
     ) from e
-  if os.path.isdir(path):
+  if storage.isdir(path):
     source, unused_keys, misfits = _read_ours(path), [], {}
   else:
     source, unused_keys, misfits = _read_torch(path, model)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 from flax import nnx
@@ -14,6 +12,7 @@ from spikeformer_jax import data as data_lib
 from spikeformer_jax import errors
 from spikeformer_jax import sharding
 from spikeformer_jax import experiment
+from spikeformer_jax import storage
 from spikeformer_jax import validation
 
 
@@ -24,7 +23,7 @@ def _restore(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | 
   eval_config = ml_collections.ConfigDict(config.to_dict())
   eval_config.bn_scope = 'global'
   exp = experiment.build(eval_config, mesh, steps_per_epoch=1)
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = storage.join(workdir, 'checkpoints')
 
   def read(root, s):
     ckpt = checkpointing.Checkpointer(root, create=False)

@@ -329,3 +329,93 @@ def now(directory) -> float:
     return t
   except OSError:
     return time.time()
+
+
+# ----------------------------------------------- conditional writes (stores)
+
+
+def errors_of_the_store() -> tuple[type[BaseException], ...]:
+  """What a failed request raises: OSError (a missing object or bucket, a
+  refused request) and gcsfs's HttpError (a server error after its retries)."""
+  try:
+    from gcsfs.retry import HttpError  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return (OSError,)
+  return (OSError, HttpError)
+
+
+def write_if_generation(path, data: bytes, generation) -> str | None:
+  """Replaces the object `path` with `data` only if its current version is
+  `generation` (the store's `ifGenerationMatch`): the new generation, or None
+  if the object was replaced or deleted meanwhile. Of writers racing with one
+  generation, exactly one succeeds. Cloud Storage only (a local file has no
+  generation). gcsfs's own writes take no precondition but `ifGenerationMatch=0`,
+  so this is its upload request with one."""
+  import json  # pylint: disable=import-outside-toplevel
+  from urllib.parse import quote  # pylint: disable=import-outside-toplevel
+
+  path = os.fspath(path)
+  if not is_remote(path):
+    raise ValueError(f'{path}: a local file has no generation')
+  fs = _gcsfs()
+  bucket, _, key = _key(path).partition('/')
+  head = json.dumps({'name': key})
+  body = (
+    b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n'
+    + head.encode()
+    + b'\n--==0==\nContent-Type: application/octet-stream\n\n'
+    + data
+    + b'\n--==0==--'
+  )
+  try:
+    out = fs.call(
+      'POST',
+      f'{fs._location}/upload/storage/v1/b/{quote(bucket)}/o',  # pylint: disable=protected-access
+      uploadType='multipart',
+      headers={'Content-Type': 'multipart/related; boundary="==0=="'},
+      data=body,
+      json_out=True,
+      ifGenerationMatch=str(generation),
+    )
+  except (FileExistsError, FileNotFoundError):  # 412: another version (or none) is there
+    return None
+  finally:
+    fs.invalidate_cache(_key(path))
+  return str(out['generation'])
+
+
+def remove_if_generation(path, generation) -> bool:
+  """Deletes the object `path` only if its current version is `generation`
+  (`ifGenerationMatch` on the delete); False if another version (or none) is
+  there. Cloud Storage only. (fake-gcs-server ignores this precondition on
+  deletes; callers check what they delete first as well.)"""
+  path = os.fspath(path)
+  if not is_remote(path):
+    raise ValueError(f'{path}: a local file has no generation')
+  fs = _gcsfs()
+  bucket, _, key = _key(path).partition('/')
+  try:
+    fs.call('DELETE', 'b/{}/o/{}', bucket, key, ifGenerationMatch=str(generation))
+  except (FileExistsError, FileNotFoundError):
+    return False
+  finally:
+    fs.invalidate_cache(_key(path))
+  return True
+
+
+def put_tree(local_dir, remote_dir, sizes: dict[str, int] | None = None) -> dict[str, int]:
+  """Uploads the files under the local directory `local_dir` to `remote_dir`
+  (same relative names), each whole. `sizes` ({relative name: size} of an
+  earlier call) skips the files that have not grown since; returns the new one."""
+  sizes = dict(sizes or {})
+  for parent, _, names in os.walk(local_dir):
+    for name in sorted(names):
+      src = os.path.join(parent, name)
+      rel = os.path.relpath(src, local_dir).replace(os.sep, '/')
+      size = os.path.getsize(src)
+      if sizes.get(rel) == size:
+        continue
+      with open(src, 'rb') as f:
+        write_bytes(join(remote_dir, rel), f.read())
+      sizes[rel] = size
+  return sizes

@@ -88,12 +88,14 @@ def main(argv: list[str]) -> int:
   config = cli.config_file(_CONFIG.value) or ''  # configs/x.py: also outside a checkout
   workdir, sweep, runlocal = _WORKDIR.value or '', _SWEEP.value or '', _RUNLOCAL.value
 
-  from spikeformer_jax import config_lib, errors, sweeps  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import config_lib, errors, storage, sweeps  # pylint: disable=import-outside-toplevel
 
   try:
     common = config_lib.parse_set(_SET.value)
   except errors.ConfigError as e:
     cli.exit_usage(errors.one_line(e))
+  if workdir:  # a sweep directory is local or gs://: another scheme is one line (errors.report)
+    storage.check(workdir)
   # Other errors: errors.report (cli.run): a user error one line and status 1,
   # a stop that saved the running points' steps (errors.Stopped) 143 / 130.
   try:
@@ -111,7 +113,7 @@ def main(argv: list[str]) -> int:
       sweeps.write_manifest(config, sweep, workdir, points, common, runlocal)
       for p in points:
         cmd = sweeps.point_command(
-          config, sweep, p.name, os.path.join(workdir, p.name), common, runlocal
+          config, sweep, p.name, storage.join(workdir, p.name), common, runlocal
         )
         print(' '.join(_quote(c) for c in cmd))
     elif command == 'run':
@@ -142,8 +144,7 @@ def main(argv: list[str]) -> int:
         return sweeps.BUSY_EXIT
     else:
       rows = sweeps.collect(workdir, metric=_METRIC.value, x=_X.value)
-      with open(os.path.join(workdir, 'results.md'), encoding='utf-8') as f:
-        print(f.read(), end='')
+      print(storage.read_text(storage.join(workdir, 'results.md')), end='')
       print(f'{len(rows)} points; wrote {workdir}/results.csv, results.md, results.png')
   except KeyboardInterrupt:  # while no point ran (`run` passes it on to running ones)
     print(

@@ -44,6 +44,7 @@ import numpy as np
 from spikeformer_jax import config_lib
 from spikeformer_jax import errors
 from spikeformer_jax import extras
+from spikeformer_jax import storage
 from spikeformer_jax import workdir as workdir_lib
 
 # Keys that annotate a point without being swept: not in its name, not a column.
@@ -295,11 +296,10 @@ def get_points(
 def read_json(path: str, fix: str, kind: type = dict):
   """A JSON file of the sweep (a `kind` at its top), or a UserError naming it,
   what is wrong and `fix`; None where it does not exist."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with open(path, encoding='utf-8') as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     what = (
       f'not valid JSON ({e.msg}, line {e.lineno})'
@@ -321,7 +321,7 @@ _REDO = 'delete it and rerun `sweep.py run` with the same arguments to evaluate 
 
 def final_metrics(point_dir: str, fix: str = _REDO) -> dict | None:
   """The point's final_metrics.json, None if it has none; UserError if damaged."""
-  return read_json(os.path.join(point_dir, 'final_metrics.json'), fix)
+  return read_json(storage.join(point_dir, 'final_metrics.json'), fix)
 
 
 def point_status(point_dir: str, fix: str = _REDO) -> str:
@@ -330,7 +330,7 @@ def point_status(point_dir: str, fix: str = _REDO) -> str:
   m = final_metrics(point_dir, fix)
   if m is not None and m.get('steps') == m.get('total_steps'):
     return 'finished'
-  if os.path.exists(os.path.join(point_dir, 'config.json')):
+  if storage.exists(storage.join(point_dir, 'config.json')):
     return 'interrupted'
   return 'new'
 
@@ -370,7 +370,7 @@ def point_command(
     f'--config={os.path.abspath(config_path)}',
     f'--sweep={sweep}',
     f'--point={point}',
-    f'--workdir={os.path.abspath(workdir)}',
+    f'--workdir={storage.abspath(workdir)}',
   ]
   for k, v in (common or {}).items():
     cmd.append(f'--set={k}={json.dumps(v)}')
@@ -391,7 +391,7 @@ class _Status:
   _FIX = 'delete it (`sweep.py run` writes it again)'
 
   def __init__(self, workdir: str, log=None):
-    self.path = os.path.join(workdir, 'status.json')
+    self.path = storage.join(workdir, 'status.json')
     self.lock = threading.Lock()
     fix = (
       self._FIX
@@ -403,7 +403,7 @@ class _Status:
     except errors.UserError as e:
       if log is None:
         raise
-      os.replace(self.path, self.path + '.damaged')
+      storage.move(self.path, self.path + '.damaged')
       log(f'[warning] {e}')
       self.data = {}
 
@@ -414,16 +414,13 @@ class _Status:
       except errors.UserError:
         pass  # damaged meanwhile: what this run knows replaces it
       self.data[name] = {**self.data.get(name, {}), **fields}
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(self.data, f, indent=1, sort_keys=True)
-      os.replace(tmp, self.path)
+      storage.write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
 def config_changes(point_dir: str, config: ml_collections.ConfigDict) -> list[str]:
   """Fields where the config a point's run was started with (its config.json)
   differs from `config`: resuming or skipping it would mix two experiments."""
-  run = read_json(os.path.join(point_dir, 'config.json'), _CONFIG_FIX)
+  run = read_json(storage.join(point_dir, 'config.json'), _CONFIG_FIX)
   if run is None:
     return []
   if not isinstance(run.get('config'), dict):
@@ -456,8 +453,8 @@ def write_manifest(
   """WORKDIR/sweep.json: what `collect` reads. Refuses a workdir that holds
   another sweep (mixing two sweeps' points would corrupt both tables) or a
   train.py run (the sweep's files would land among the run's)."""
-  path = os.path.join(workdir, 'sweep.json')
-  who = os.path.isdir(workdir) and workdir_lib.holder(workdir)  # points have their own dirs
+  path = storage.join(workdir, 'sweep.json')
+  who = storage.isdir(workdir) and workdir_lib.holder(workdir)  # points have their own dirs
   if who:
     raise errors.ConfigError(
       f'{workdir} is in use by {workdir_lib.describe(who)}: it is a run\'s '
@@ -466,15 +463,15 @@ def write_manifest(
   run_files = [
     n
     for n in ('config.json', 'checkpoints', workdir_lib.LOCK_NAME)
-    if os.path.exists(os.path.join(workdir, n))
+    if storage.exists(storage.join(workdir, n))
   ]
-  if run_files and not os.path.exists(path):  # a finished train.py run: not a sweep's
+  if run_files and not storage.exists(path):  # a finished train.py run: not a sweep's
     raise errors.ConfigError(
       f'{workdir} holds a train.py run ({", ".join(run_files)}), not a '
       'sweep: use another --workdir (a new directory, or a sweep\'s).'
     )
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
   except OSError as e:
     raise errors.ConfigError(
       f'cannot create the sweep directory {workdir} ({e.strerror}): use a '
@@ -513,10 +510,48 @@ def write_manifest(
       for p in points
     ],
   }
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(manifest, f, indent=1, default=str)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(manifest, indent=1, default=str))
+
+
+class _PointLog:
+  """A point's sweep.log, the point process's output: appended to locally; on
+  gs:// (an object store cannot append) the earlier content and this run's
+  lines rewritten whole, at most every `every` seconds and at the end."""
+
+  def __init__(self, path: str, every: float = 10.0):
+    self.path, self.every = path, every
+    self.remote = storage.is_remote(path)
+    if self.remote:
+      self.text = storage.read_text(path, errors_='replace') if storage.exists(path) else ''
+      self.written = time.monotonic()
+    else:
+      self.file = open(path, 'a', encoding='utf-8')  # noqa: SIM115  # closed by __exit__
+
+  def write(self, line: str):
+    if not self.remote:
+      self.file.write(line)
+      return
+    self.text += line
+
+  def flush(self, force: bool = False):
+    if not self.remote:
+      self.file.flush()
+    elif force or time.monotonic() - self.written >= self.every:
+      self.written = time.monotonic()
+      try:
+        storage.write_text(self.path, self.text)
+      except OSError:  # a passing store error: the next flush writes it all again
+        if force:
+          raise
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if self.remote:
+      self.flush(force=True)
+    else:
+      self.file.close()
 
 
 def run(
@@ -541,7 +576,7 @@ def run(
   second signal is passed on too: a second Ctrl-C stops the points at once,
   as in train.py, where a second SIGTERM or SIGHUP lets the save go on.
   """
-  config_path, workdir = os.path.abspath(config_path), os.path.abspath(workdir)
+  config_path, workdir = os.path.abspath(config_path), storage.abspath(workdir)
   points = get_points(config_path, sweep, common, runlocal=runlocal)
   warning = overridden_common(points, common)
   if warning:
@@ -550,7 +585,7 @@ def run(
   status = _Status(workdir, log)
   todo = []
   for p in points:
-    pdir = os.path.join(workdir, p.name)
+    pdir = storage.join(workdir, p.name)
     try:
       changes = config_changes(pdir, p.config)
     except errors.UserError as e:  # a damaged config.json: this point only
@@ -562,13 +597,13 @@ def run(
       log(f'[CONFLICT] {p.name}: {msg}')
       status.set(p.name, status='conflict', error=msg)
       continue
-    final = os.path.join(pdir, 'final_metrics.json')
+    final = storage.join(pdir, 'final_metrics.json')
     try:
       st = point_status(
         pdir, fix=f'moved to {final}.damaged; the point is evaluated (or trained on) again'
       )
     except errors.UserError as e:  # e.g. a kill while it was written: redo, not refuse
-      os.replace(final, final + '.damaged')
+      storage.move(final, final + '.damaged')
       log(f'[warning] {e}')
       st = point_status(pdir)
     if st == 'finished':
@@ -604,11 +639,11 @@ def run(
 
   def one(item):
     p, st = item
-    pdir = os.path.join(workdir, p.name)
+    pdir = storage.join(workdir, p.name)
     with lock:  # a signal either stops this start or reaches the process
       if stop.is_set():
         return
-      os.makedirs(pdir, exist_ok=True)
+      storage.makedirs(pdir)
       # Its own session: the terminal's Ctrl-C reaches this process only, which
       # passes it on once (twice would mean "stop now, do not save").
       proc = subprocess.Popen(
@@ -629,7 +664,7 @@ def run(
     # directory) may append to the same sweep.log meanwhile.
     own: collections.deque[str] = collections.deque(maxlen=15)
     try:
-      with open(os.path.join(pdir, 'sweep.log'), 'a', encoding='utf-8') as out, proc:
+      with _PointLog(storage.join(pdir, 'sweep.log')) as out, proc:
         assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
           out.write(line)
@@ -768,7 +803,7 @@ def collect(
   """Reads every point of the sweep in `workdir` into rows; writes
   results.csv, results.md (sorted by `metric`) and results.png (`metric`
   against swept field `x`, one line per combination of the other fields)."""
-  path = os.path.join(workdir, 'sweep.json')
+  path = storage.join(workdir, 'sweep.json')
   sweep = read_json(
     path, 'run `sweep.py run` (or `commands`) with the sweep\'s arguments to write it again'
   )
@@ -779,12 +814,12 @@ def collect(
   status = _Status(workdir).data
   rows = []
   for p in sweep['points']:
-    pdir = os.path.join(workdir, p['name'])
+    pdir = storage.join(workdir, p['name'])
     row = {'point': p['name'], 'status': point_status(pdir)}
     recorded = status.get(p['name'], {}).get('status')
     if recorded == 'conflict' or (recorded == 'failed' and row['status'] != 'finished'):
       row['status'] = recorded
-    cfg = (read_json(os.path.join(pdir, 'config.json'), _CONFIG_FIX) or {}).get('config', {})
+    cfg = (read_json(storage.join(pdir, 'config.json'), _CONFIG_FIX) or {}).get('config', {})
     for k in swept:  # the value the run actually used, else the declared one
       used = p['config'] if k == 'config' else config_lib.lookup(cfg, k)
       row[k] = used if used is not None else p['overrides'].get(k)
@@ -803,14 +838,16 @@ def collect(
   )
   metrics = [m for m in METRICS if m != 'paper_top1' or any(r[m] for r in rows)]
   columns = ['point', 'status', *swept, *metrics]
-  with open(os.path.join(workdir, 'results.csv'), 'w', newline='', encoding='utf-8') as f:
+  with storage.open_file(
+    storage.join(workdir, 'results.csv'), 'w', newline='', encoding='utf-8'
+  ) as f:
     w = csv.DictWriter(f, columns)
     w.writeheader()
     for r in rows:
       w.writerow({c: _cell(r.get(c), c) for c in columns})
-  with open(os.path.join(workdir, 'results.md'), 'w', encoding='utf-8') as f:
+  with storage.open_file(storage.join(workdir, 'results.md'), 'w', encoding='utf-8') as f:
     f.write(markdown_table(rows, columns))
-  _plot(rows, swept, metric, x or (swept[0] if swept else ''), os.path.join(workdir, 'results.png'))
+  _plot(rows, swept, metric, x or (swept[0] if swept else ''), storage.join(workdir, 'results.png'))
   return rows
 
 
@@ -874,5 +911,12 @@ def _plot(rows, swept, metric, x, path):
   ax.set_ylabel(metric)
   ax.set_title(f'{metric} ({len(done)} of {len(rows)} points finished)')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  if storage.is_remote(path):  # drawn in memory, uploaded whole
+    import io  # pylint: disable=import-outside-toplevel
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=120, format='png')
+    storage.write_bytes(path, buf.getvalue())
+  else:
+    fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -30,7 +30,9 @@ _DEFAULT_CONFIG = os.path.join(
 _CONFIG = cli.define_config_file(
   'config', f'{_DEFAULT_CONFIG}:digits', 'Config file (path.py:VARIANT).'
 )
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints and metrics: a local path or gs://BUCKET/PATH.'
+)
 _MULTIHOST = flags.DEFINE_bool(
   'multihost',
   False,
@@ -46,6 +48,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, '--multihost elsewhere: 0
 
 def main(argv):
   del argv
+  from spikeformer_jax import storage  # pylint: disable=import-outside-toplevel
+
+  storage.check(str(_WORKDIR.value))  # s3:// and the like: one line, before anything starts
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel

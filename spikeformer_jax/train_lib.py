@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ from spikeformer_jax import preemption
 from spikeformer_jax import pretrained
 from spikeformer_jax import sharding
 from spikeformer_jax import experiment
+from spikeformer_jax import storage
 from spikeformer_jax import validation
 from spikeformer_jax import workdir as workdir_lib
 
@@ -82,6 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rerunning a finished run changes nothing. One run at a time holds a workdir.
   """
   t_start = time.time()
+  storage.check(workdir)  # s3:// and the like: one line, before anything starts
   validation.validate_config(config)
   validation.validate_start(config)
   compile_cache.setup(config, workdir, metrics_lib.log)  # before the first compile
@@ -99,7 +102,7 @@ def initial_weights(config, workdir: str):
   checkpoint to resume. UserError for a bad source or one that does not fit
   the model."""
   if not pretrained.requested(config) or checkpointing.committed_steps(
-    os.path.join(workdir, 'checkpoints')
+    storage.join(workdir, 'checkpoints')
   ):
     return None
   return pretrained.load(config, nnx.eval_shape(lambda: models.build_model(config.model)))
@@ -136,7 +139,7 @@ def _train_and_evaluate(config, workdir, stop_signals, t_start, init=None) -> di
       f'profile_steps={profile} ends beyond this run\'s {total_steps} steps; '
       f'choose (first, last) with last <= {total_steps}, or () for none.'
     )
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.ckpt_keep)
+  ckpt = checkpointing.Checkpointer(storage.join(workdir, 'checkpoints'), keep=config.ckpt_keep)
   try:
     changed, defining = (
       workdir_lib.check_resume_config(config, workdir)
@@ -241,11 +244,14 @@ class _Run:
 
 class _Profiler:
   """config.profile_steps=(first, last): a trace of those steps to
-  workdir/profile (none for a run that resumes after `first`)."""
+  workdir/profile (none for a run that resumes after `first`). In a store the
+  trace is written to a local directory and uploaded when it ends (the
+  profiler writes through the local file system only)."""
 
   def __init__(self, config, workdir: str, start: int):
     self.steps = tuple(config.get('profile_steps', ()) or ())
-    self.directory = os.path.join(workdir, 'profile')
+    self.directory = storage.join(workdir, 'profile')
+    self._local: str | None = None  # a store: where the trace is written first
     self.tracing = False
     if self.steps and start >= self.steps[0]:
       metrics_lib.log(
@@ -256,13 +262,18 @@ class _Profiler:
 
   def before(self, step: int):
     if self.steps and step == self.steps[0]:
-      jax.profiler.start_trace(self.directory)
+      if storage.is_remote(self.directory):
+        self._local = tempfile.mkdtemp(prefix='spikeformer-profile-')
+      jax.profiler.start_trace(self._local or self.directory)
       self.tracing = True
 
   def after(self, step: int, state):
     if self.tracing and step == self.steps[1]:
       jax.block_until_ready(state)
       self.abort()
+      if self._local:
+        storage.put_tree(self._local, self.directory)
+        shutil.rmtree(self._local, ignore_errors=True)
       metrics_lib.log(
         f'profile of steps {self.steps[0]}-{self.steps[1]} -> {self.directory} '
         '(TensorBoard\'s profile plugin or Perfetto)'
@@ -313,10 +324,10 @@ def _train_loop(
   start = int(jax.device_get(state['step']))  # <= total_steps: checked before
   # Only a config that restored (or initialised) becomes the run's record.
   workdir_lib.write_json(
-    os.path.join(workdir, 'config.json'), {'config': config.to_dict(), 'run': run_info}
+    storage.join(workdir, 'config.json'), {'config': config.to_dict(), 'run': run_info}
   )
   overview, table = param_overview(exp.abstract_state['params'])
-  workdir_lib.write_text(os.path.join(workdir, 'params.txt'), table)
+  workdir_lib.write_text(storage.join(workdir, 'params.txt'), table)
   log(
     f'{models.describe(config.model)}, T={config.model.T}, '
     f'{exp.num_params:,} params, {config.model.dtype}; data {config.data.name} '
@@ -378,7 +389,7 @@ def _train_loop(
     paper_top1=config.get('paper_top1', 0.0),
     **run_info,
   )
-  workdir_lib.write_json(os.path.join(workdir, 'final_metrics.json'), final)
+  workdir_lib.write_json(storage.join(workdir, 'final_metrics.json'), final)
   log(final_line(final, config.get('target_top1', 0.0)))
   return final
 
@@ -443,6 +454,7 @@ def _log_train(run: _Run, metrics: _TrainMetrics, step: int):
 def _save(run: _Run, state, metrics: _TrainMetrics, step: int, **meta):
   """Starts saving the state of `step` (never one that went non-finite)."""
   metrics.fetch_and_check(step, run.ckpt)
+  run.writer.sync()  # a store: the lines up to `step` are there before its checkpoint
   run.ckpt.save(step, state, {'step': step, **meta, 'unlogged': metrics.unlogged()}, force=True)
 
 
@@ -460,6 +472,7 @@ def _evaluate_or_stop(run: _Run, state, metrics: _TrainMetrics, step: int):
     + (f' | ema test_top1 {ev["ema_top1"]:.4f}' if 'ema_top1' in ev else '')
   )
   run.writer.write(step, **{f'test_{k}': v for k, v in ev.items()})
+  run.writer.sync()
 
 
 def _stop_at(
@@ -482,6 +495,7 @@ def _final_checkpoint_and_evaluation(run: _Run, state, metrics: _TrainMetrics) -
   total, ckpt, stop_signals, writer = run.total_steps, run.ckpt, run.stop_signals, run.writer
   metrics.fetch_and_check(total, ckpt)
   if ckpt.latest_step() != total:
+    writer.sync()  # a store: the lines up to `total` are there before its checkpoint
     ckpt.save(total, state, {'step': total}, force=True)
   stop_signals.armed = True  # a signal from here on: stop with the final checkpoint committed
   ckpt.wait()

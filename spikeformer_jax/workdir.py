@@ -15,6 +15,21 @@ A stale lock is renamed aside (atomic: of two processes taking it over, one
 wins) and taken. Of the processes of one multi-process run, process 0 holds the
 lock for all of them (`hold_workdir`).
 
+In Cloud Storage (a `gs://` workdir: no hard links, no O_EXCL, no mtimes a
+process may set) the same rules hold through the store's preconditions:
+  * the lock is created with `ifGenerationMatch=0` (storage.create_exclusive):
+    of racing creators, exactly one wins;
+  * the heartbeat rewrites the lock object with `ifGenerationMatch=<the
+    generation this process last wrote>`: it never clobbers a lock that
+    another process took over after judging ours stale (the rewrite fails,
+    the heartbeat stops and says so once);
+  * its age is `storage.now(workdir) - updated`, both by the store's clock;
+  * a stale lock is taken over by overwriting it with `ifGenerationMatch=<the
+    generation judged stale>`: of racing takers, exactly one wins, and a
+    heartbeat landing meanwhile makes every taker lose;
+  * release deletes it with `ifGenerationMatch=<ours>`, after checking that
+    it still names this process.
+
 The run's files: config.json (the config and run facts: `load_run_config`,
 `check_resume_config` on resume, `model_differences` for eval.py),
 final_metrics.json (`finished_run`), written atomically by process 0
@@ -37,6 +52,7 @@ import uuid
 import ml_collections
 
 from spikeformer_jax import errors
+from spikeformer_jax import storage
 
 LOCK_NAME = 'train.lock'
 HEARTBEAT_S = 10.0
@@ -102,14 +118,17 @@ class WorkdirLock:
   errors.WorkdirBusy naming the holder."""
 
   def __init__(self, workdir: str, command: str = ''):
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = storage.join(workdir, LOCK_NAME)
     self._me = {**_identity(), 'time': time.time(), 'command': command, 'token': uuid.uuid4().hex}
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    self._remote = storage.is_remote(workdir)
+    self._generation: str | None = None  # a store: the version of our lock object
+    self._seen: str | None = None  # a store: the version `_read` judged
 
   def acquire(self):
     for _ in range(3):
-      if self._create():
+      if self._create() or self._take_if_stale():
         self._thread = threading.Thread(target=self._beat, daemon=True, name='workdir-lock')
         self._thread.start()
         return self
@@ -121,7 +140,19 @@ class WorkdirLock:
 
   def _create(self) -> bool:
     """Puts a complete lock file in place atomically (written aside, then
-    hard-linked: no process ever reads a half-written one); False if one exists."""
+    hard-linked: no process ever reads a half-written one); False if one exists.
+    In a store: the conditional create, which writes it whole."""
+    if self._remote:
+      try:
+        if not storage.create_exclusive(self.path, json.dumps(self._me).encode()):
+          return False
+        self._generation = storage.info(self.path)['generation']
+        return True
+      except storage.errors_of_the_store() as e:
+        raise errors.UserError(
+          f'cannot write to the workdir {storage.dirname(self.path)}: '
+          f'{errors.one_line(e)}; use a writable --workdir.'
+        ) from e
     tmp = f'{self.path}.{self._me["token"]}'
     try:
       with open(tmp, 'w', encoding='utf-8') as f:
@@ -163,11 +194,24 @@ class WorkdirLock:
     return now - os.stat(self.path).st_mtime
 
   def _read(self) -> tuple[dict | None, float]:
-    """(holder, heartbeat age); holder None if the file is not a lock we wrote."""
-    age = self._age()
+    """(holder, heartbeat age); holder None if the file is not a lock we wrote.
+    In a store, the age and generation (`_seen`) are those of the version read
+    or of a newer one, so a lock judged stale is the version read: a write
+    after the read makes it young."""
+    if self._remote:
+      try:
+        holder = json.loads(storage.read_bytes(self.path))
+      except ValueError:
+        holder = None
+      i = storage.info(self.path)
+      self._seen = i['generation']
+      age = storage.now(storage.dirname(self.path)) - i['modified']
+    else:
+      age = self._age()
     try:
-      with open(self.path, encoding='utf-8') as f:
-        holder = json.load(f)
+      if not self._remote:
+        with open(self.path, encoding='utf-8') as f:
+          holder = json.load(f)
       if not (
         isinstance(holder, dict)
         and isinstance(holder.get('pid'), int)
@@ -178,31 +222,38 @@ class WorkdirLock:
       holder = None
     return holder, age
 
-  def _take_if_stale(self):
+  def _take_if_stale(self) -> bool:
+    """Raises WorkdirBusy if the lock is held; takes over a stale one. True
+    where that took the lock (a store), False to try creating it again."""
     try:
       holder, age = self._read()
     except FileNotFoundError:
-      return  # released meanwhile: try again
+      return False  # released meanwhile: try again
     alive = _alive(holder) if holder else None
     if holder is None and age < STALE_S:
       raise errors.WorkdirBusy(
-        f'the workdir {os.path.dirname(self.path)} has an unreadable lock {self.path}, '
+        f'the workdir {storage.dirname(self.path)} has an unreadable lock {self.path}, '
         f'touched {age:.0f} s ago. If no run uses this workdir, delete it; or use another '
         '--workdir.'
       )
     if holder is not None and (alive or (alive is None and age < STALE_S)):
       where = '' if alive else f'; its heartbeat is {age:.0f} s old'
       raise errors.WorkdirBusy(
-        f'the workdir {os.path.dirname(self.path)} is in use by {describe(holder)}{where}. '
+        f'the workdir {storage.dirname(self.path)} is in use by {describe(holder)}{where}. '
         'Wait for it to finish or stop it, or use another --workdir.'
       )
+    if self._remote:  # overwrite exactly the version judged stale: one taker wins
+      self._generation = storage.write_if_generation(
+        self.path, json.dumps(self._me).encode(), self._seen
+      )
+      return self._generation is not None
     # Stale: rename it aside first, so that of two processes taking over, one wins;
     # if what was moved is not the lock judged stale, someone took over meanwhile.
     aside = f'{self.path}.stale-{self._me["token"]}'
     try:
       os.replace(self.path, aside)
     except FileNotFoundError:
-      return  # another process took it over first; try again
+      return False  # another process took it over first; try again
     try:
       with open(aside, encoding='utf-8') as f:
         moved = json.load(f)
@@ -218,16 +269,42 @@ class WorkdirLock:
       os.remove(aside)
     except OSError:
       pass
+    return False
 
   def _beat(self):
     while not self._stop.wait(HEARTBEAT_S):
+      if self._remote:
+        if not self._beat_remote():
+          return
+        continue
       try:
         os.utime(self.path)
       except OSError:
         pass  # a full or flaky disk: the run itself reports what matters
 
+  def _beat_remote(self) -> bool:
+    """Rewrites our lock object if it is still ours; False once it is not."""
+    try:
+      gen = storage.write_if_generation(self.path, json.dumps(self._me).encode(), self._generation)
+    except storage.errors_of_the_store():
+      return True  # a flaky connection: the next beat tries again
+    if gen is None:
+      if not self._stop.is_set():
+        print(
+          f'warning: the lock {self.path} was taken over by another process (this '
+          'run\'s heartbeat was judged stale); two runs may now write this workdir.',
+          file=sys.stderr,
+          flush=True,
+        )
+      return False
+    self._generation = gen
+    return True
+
   def release(self):
     self._stop.set()
+    if self._remote:
+      self._release_remote()
+      return
     try:
       with open(self.path, encoding='utf-8') as f:
         mine = json.load(f).get('token') == self._me['token']
@@ -235,6 +312,21 @@ class WorkdirLock:
         os.remove(self.path)
     except (OSError, ValueError):
       pass
+
+  def _release_remote(self):
+    if self._thread is not None:  # a rewrite in flight would make our generation stale
+      self._thread.join(timeout=3 * HEARTBEAT_S)
+    if self._generation is None:
+      return
+    try:
+      mine = json.loads(storage.read_bytes(self.path)).get('token') == self._me['token']
+      if mine:
+        storage.remove_if_generation(self.path, self._generation)
+    except (ValueError, AttributeError):  # not a lock we wrote: left alone
+      pass
+    except storage.errors_of_the_store():
+      pass
+    self._generation = None
 
   def __enter__(self):
     return self.acquire()
@@ -254,7 +346,7 @@ def holder(workdir: str) -> dict | None:
   except FileNotFoundError:
     return None
   if held is None:  # released between the two reads, or not a lock we wrote
-    fresh = age < STALE_S and os.path.exists(lock.path)
+    fresh = age < STALE_S and storage.exists(lock.path)
     return {'pid': '?', 'command': f'unreadable lock {lock.path}'} if fresh else None
   alive = _alive(held)
   return held if alive or (alive is None and age < STALE_S) else None
@@ -263,7 +355,12 @@ def holder(workdir: str) -> dict | None:
 def ensure(workdir: str, what: str = '--workdir') -> list[str]:
   """Creates `workdir`, or says in one line why it cannot be used. Returns
   the directories it created, innermost first (none where `workdir` existed),
-  for `remove_created`."""
+  for `remove_created`. A store has no directories: nothing is created there."""
+  if storage.is_remote(workdir):
+    storage.check(workdir, what)
+    if storage.isfile(workdir):
+      raise errors.UserError(f'{what}={workdir} is an object, not a directory; use another {what}.')
+    return []
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserError(f'{what}={workdir} is a file, not a directory; use another {what}.')
   created, path = [], os.path.abspath(workdir)
@@ -328,8 +425,7 @@ def hold_workdir(workdir: str):
 def read_json(path: str, what: str = '') -> dict:
   """A JSON file of the workdir, or one line naming it and the problem."""
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise errors.UserError(f'{path} is not valid JSON ({e.msg}, line {e.lineno}){what}.') from e
   except UnicodeDecodeError as e:
@@ -347,22 +443,19 @@ def write_text(path, text: str):
   import jax  # pylint: disable=import-outside-toplevel
 
   if jax.process_index() == 0:
-    tmp = path + '.tmp'
     try:
-      with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-      os.replace(tmp, path)
-    except OSError as e:
+      storage.write_text(path, text)  # locally: written aside, then renamed
+    except storage.errors_of_the_store() as e:
       raise errors.UserError(
-        f'cannot write {path}: {e.strerror}; free the space or fix the '
-        'directory, then rerun the same command.'
+        f'cannot write {path}: {getattr(e, "strerror", None) or errors.one_line(e)}; free the '
+        'space or fix the directory, then rerun the same command.'
       ) from e
 
 
 def finished_run(workdir: str, latest_step: int | None, total_steps: int) -> dict | None:
   """The final metrics of a run in `workdir` that already finished `total_steps`."""
-  path = os.path.join(workdir, 'final_metrics.json')
-  if latest_step != total_steps or not os.path.exists(path):
+  path = storage.join(workdir, 'final_metrics.json')
+  if latest_step != total_steps or not storage.exists(path):
     return None
   final = read_json(path, ': delete it to evaluate the final checkpoint again')
   return final if final.get('steps') == total_steps else None
@@ -375,8 +468,8 @@ def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
   total_steps is a legitimate resume."""
   from spikeformer_jax import config_lib  # pylint: disable=import-outside-toplevel
 
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'config.json')
+  if not storage.exists(path):
     return [], []
   fix = (
     ': it records the run\'s config; restore it from a copy, or delete it to resume '
@@ -403,8 +496,8 @@ def check_resume_config(config, workdir: str) -> tuple[list[str], list[str]]:
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (its config.json)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.join(workdir, 'config.json')
+  if not storage.exists(path):
     raise FileNotFoundError(
       f'{path} not found: is {workdir!r} the --workdir of a '
       'training run? Or pass --config explicitly.'

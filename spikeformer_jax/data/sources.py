@@ -16,14 +16,14 @@ normalisation happens in the loader with the source's `mean` / `std`.
                blobs on 11 class trajectories, or CIFAR10-DVS-like saccades over
                class images) integrated into [T, H, W, 2] frames by event count,
                as the real DVS datasets are: the offline stand-in for them.
-  * npz:       any .npz with x_train / y_train / x_test / y_test arrays.
+  * npz:       any .npz with x_train / y_train / x_test / y_test arrays
+               (a local path, or gs://BUCKET/x.npz: downloaded whole).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import zipfile
 import zlib
 
@@ -172,14 +172,22 @@ def npz(split: str, *, path: str, num_classes: int, mean: tuple, std: tuple) -> 
   file is one line that names it.
   """
   _check_split(split)
-  if not os.path.exists(path):
+  from spikeformer_jax import storage  # pylint: disable=import-outside-toplevel
+
+  storage.check(path, 'data.path')  # gs:// or local: another scheme is one line
+  if not storage.exists(path):
     raise FileNotFoundError(
       f'data.path={path!r} does not exist; point --config.data.path at an .npz '
       'with x_train, y_train, x_test, y_test arrays.'
     )
   xn, yn = f'x_{split}', f'y_{split}'
   try:
-    f = np.load(path)
+    if storage.is_remote(path):  # np.load needs a seekable file: the bytes, downloaded once
+      import io  # pylint: disable=import-outside-toplevel
+
+      f = np.load(io.BytesIO(storage.read_bytes(path)))
+    else:
+      f = np.load(path)
   except _READ_ERRORS as e:  # numpy takes what is neither zip nor .npy for a pickle
     why = 'not a zip archive' if 'pickle' in str(e) else errors.one_line(e)
     raise errors.DataError(

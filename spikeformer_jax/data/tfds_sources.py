@@ -31,7 +31,26 @@ _SPLITS = {'imagenet2012': {'train': 'train', 'test': 'validation'}}
 
 
 def default_data_dir(data_dir: str = '') -> str:
-  return os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+  """`data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets; a URL
+  (gs://...) is refused in one line: see `local_data_dir`."""
+  return local_data_dir(
+    os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+  )
+
+
+def local_data_dir(data_dir: str) -> str:
+  """`data_dir` if it is a local (or mounted) folder, else one line: the
+  ArrayRecord files are read by array_record's C++ reader, which opens local
+  files only (on gs:// it does not fail, it hangs)."""
+  from spikeformer_jax import storage  # pylint: disable=import-outside-toplevel
+
+  if storage.is_remote(data_dir):
+    raise errors.ConfigError(
+      f'data_dir={data_dir}: prepared datasets are read from a local or mounted folder '
+      '(array_record reads local files only); copy it to a local disk (gcloud storage cp -r '
+      f'{data_dir} DIR) or mount the bucket (gcsfuse), and pass that folder.'
+    )
+  return data_dir
 
 
 def prepare_command(name: str, data_dir: str, **extra) -> str:
