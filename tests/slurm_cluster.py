@@ -159,6 +159,8 @@ class Cluster:
 
   def __init__(self, start_timeout: float = 30.0):
     ensure_packages()
+    if os.geteuid() != 0:  # munged runs as the munge user, slurmd as root
+      raise Unavailable('a private SLURM needs root (munged as user munge, slurmd as root)')
     self.node = socket.gethostname().split('.')[0]
     try:
       if socket.gethostbyname(self.node) != '127.0.0.1':  # JAX connects to it by name
