@@ -411,3 +411,28 @@ def test_init_from_a_run_in_gs(gcs_run, tmp_path):
     assert take.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(take[k], want[k])
+  # eval.py's reading of a run (restore.py) from there as well.
+  from spikeformer_jax import restore  # pylint: disable=import-outside-toplevel
+
+  _, step = restore.restore_model(workdir_lib.load_run_config(gcs_run), gcs_run)
+  assert step == 16
+
+
+def test_a_profile_of_a_run_in_gs_is_uploaded(gcs_dir):
+  """The profiler writes local files only: the trace goes to a local
+  directory, then to WORKDIR/profile."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  from spikeformer_jax import train_lib  # pylint: disable=import-outside-toplevel
+
+  profiler = train_lib._Profiler(  # pylint: disable=protected-access
+    ml_collections.ConfigDict({'profile_steps': (1, 1)}), gcs_dir, 0
+  )
+  profiler.before(1)
+  x = jax.numpy.ones(3) * 2
+  profiler.after(1, x)
+  fs = storage._gcsfs()  # pylint: disable=protected-access
+  traces = fs.find(storage.join(gcs_dir, 'profile').removeprefix('gs://'))
+  assert any(t.endswith(('.xplane.pb', '.trace.json.gz')) for t in traces), traces
+  assert profiler._local is not None and not os.path.exists(profiler._local)  # pylint: disable=protected-access
