@@ -94,7 +94,7 @@ def _read_ours(path: str) -> dict[str, np.ndarray]:
       ckptr = ocp.StandardCheckpointer()
       md = ckptr.metadata(where)
       tree = getattr(getattr(md, 'item_metadata', md), 'tree', md)
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
       abstract = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree
       )

@@ -184,7 +184,7 @@ def _state(v):
 def _abstract():
   return checkpointing.abstract_like(
     _state(0),
-    jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)),
+    jax.tree.map(lambda _: jax.sharding.make_single_device_sharding(jax.devices()[0]), _state(0)),
   )
 
 
@@ -336,7 +336,7 @@ def test_another_model_is_still_another_model(tmp_path):
   ck = _saved(tmp_path, steps=(1,))
   other = checkpointing.abstract_like(
     {'params': {'w': jnp.zeros((32, 64)), 'b': jnp.zeros(3)}, 'step': jnp.zeros((), jnp.int32)},
-    jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), _state(0)),
+    jax.tree.map(lambda _: jax.sharding.make_single_device_sharding(jax.devices()[0]), _state(0)),
   )
   with pytest.raises(
     ValueError,
