@@ -132,3 +132,23 @@ def gcs_dir(gcs_server, request):
   bucket = f'{name}-{uuid.uuid4().hex[:8]}'
   gcs_server.make_bucket(bucket)
   return f'gs://{bucket}/run'
+
+
+@pytest.fixture(scope='session')
+def slurm():
+  """A private single-node SLURM cluster (tests/slurm_cluster.py: how to
+  submit, wait for a job and read its output; partition 'debug', one node
+  named after this host, 8 CPUs, 8 GPUs in name only). Installs Debian's
+  slurm-wlm and munge if absent (root only); skips where they cannot be
+  installed or the daemons cannot start. One cluster per test worker, stopped
+  by PID at the end of the session."""
+  import slurm_cluster  # pylint: disable=g-import-not-at-top
+
+  try:
+    cluster = slurm_cluster.Cluster()
+  except slurm_cluster.Unavailable as e:
+    pytest.skip(f'no SLURM here: {e}')
+  try:
+    yield cluster
+  finally:
+    cluster.stop()
