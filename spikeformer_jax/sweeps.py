@@ -1209,15 +1209,18 @@ def run_task(
     except ProcessLookupError:
       pass
 
-  for signum in STOP_SIGNALS:
-    signal.signal(signum, pass_on)
+  previous = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
   own: collections.deque[str] = collections.deque(maxlen=15)
-  with _PointLog(log) as out, proc:
-    assert proc.stdout is not None  # stdout=PIPE
-    for line in proc.stdout:
-      out.write(line)
-      out.flush()
-      own.append(line)
+  try:
+    with _PointLog(log) as out, proc:
+      assert proc.stdout is not None  # stdout=PIPE
+      for line in proc.stdout:
+        out.write(line)
+        out.flush()
+        own.append(line)
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
   fields = _ended(pdir, proc.returncode, ''.join(own), round(time.time() - started, 1))
   storage.write_text(record, json.dumps({**fields, 'job': job}, indent=1))
   if fields['status'] == 'finished':
@@ -1267,6 +1270,7 @@ def run_slurm(
     else storage.join(workdir, 'slurm', '%A_%a.out')
   )
   in_slurm: dict[str, str] = {}  # point -> its task, JOBID_INDEX
+  busy: dict[str, str] = {}  # those an earlier `run` submitted
   earlier = {
     p.name: status.data[p.name]['job']
     for p, _ in todo
@@ -1277,7 +1281,7 @@ def run_slurm(
     for name, job in earlier.items():
       fields = _settle(storage.join(workdir, name), job, states, output)
       if fields is None:
-        in_slurm[name] = job
+        in_slurm[name] = busy[name] = job
         log(f'[busy] {name}: {states[job].lower()} as SLURM task {job}; not submitted again')
       else:
         status.set(name, **fields)
@@ -1305,9 +1309,7 @@ def run_slurm(
       log(f'[queued] {p.name}: SLURM task {task}')
   names = [p.name for p in points]
   if detach:
-    return {
-      n: 'busy' if n in earlier and n in in_slurm else status.data[n]['status'] for n in names
-    }
+    return {n: 'busy' if n in busy else status.data[n]['status'] for n in names}
   _wait(workdir, in_slurm, status, env, output, log)
   return {n: status.data[n]['status'] for n in names}
 

@@ -15,6 +15,7 @@
 import csv
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -247,6 +248,135 @@ def test_the_array_script_runs_each_point_as_the_local_runner_would(tmp_path):
     sweeps.SlurmOptions(time='1:2:3:4').check()
   for ok in ('90', '4:00:00', '2-12', '2-12:30', 'UNLIMITED'):
     sweeps.SlurmOptions(time=ok).check()
+
+
+def _fake_point(monkeypatch, script: str):
+  """Every point's process replaced by `python -c script` (POINT_DIR: its directory)."""
+  monkeypatch.setattr(
+    sweeps,
+    'point_command',
+    lambda _c, _s, point, pdir, *a: [sys.executable, '-c', script.replace('POINT_DIR', pdir)],
+  )
+
+
+_FINISH = (
+  "import json; json.dump({'steps': 1, 'total_steps': 1, 'test_top1': 0.5}, "
+  "open('POINT_DIR/final_metrics.json', 'w')); print('final: done')"
+)
+
+
+def test_a_task_records_how_its_point_ended(tmp_path, monkeypatch):
+  """`sweep.py task` (what each array task runs): the point's output into its
+  sweep.log, how it ended into its own record, its exit status passed on."""
+  cfg = _write_config(tmp_path, "sweeps.grid(seed=[1])")
+  wd = tmp_path / 'wd'
+  _fake_point(monkeypatch, _FINISH)
+  assert sweeps.run_task(cfg, 'tiny', 'seed=1', str(wd), job='7_0') == 0
+  record = json.loads((wd / 'seed=1' / sweeps.TASK_RECORD).read_text())
+  assert record['status'] == 'finished' and record['job'] == '7_0'
+  assert (wd / 'seed=1' / 'sweep.log').read_text() == 'final: done\n'
+  os.remove(wd / 'seed=1' / 'final_metrics.json')
+  _fake_point(monkeypatch, "print('preempted (SIGTERM) at step 1/4: saved.'); exit(143)")
+  before = signal.getsignal(signal.SIGTERM)
+  assert sweeps.run_task(cfg, 'tiny', 'seed=1', str(wd), job='8_0') == 143
+  assert signal.getsignal(signal.SIGTERM) == before
+  record = json.loads((wd / 'seed=1' / sweeps.TASK_RECORD).read_text())
+  assert (record['status'], record['returncode'], record['job']) == ('preempted', 143, '8_0')
+  assert record['log'] == str(wd / 'seed=1' / 'sweep.log')
+  assert 'preempted (SIGTERM)' in record['error']
+
+
+def test_run_slurm_keeps_each_points_state_true(tmp_path, monkeypatch):
+  """`run --launcher=slurm`'s bookkeeping with sbatch and squeue replaced: a
+  point's end is read from its task's record, a task still in SLURM is busy
+  (not submitted again), one SLURM forgot without a record is failed, naming
+  its log, and submitted again; `collect` shows the points in SLURM."""
+  cfg = _write_config(tmp_path, "sweeps.grid(seed=[1, 2, 3])")
+  wd = tmp_path / 'wd'
+  scripts, queue = [], []
+  monkeypatch.setattr(sweeps, 'need_slurm', lambda: None)
+  monkeypatch.setattr(
+    sweeps, '_submit', lambda script, *_: scripts.append(script) or str(100 + len(scripts))
+  )
+
+  def squeue(jobs, _env):
+    step = queue.pop(0)
+    return step() if callable(step) else step
+
+  monkeypatch.setattr(sweeps, '_squeue', squeue)
+  monkeypatch.setattr(sweeps, 'POLL_MAX_S', 0.01)
+  log = []
+  result = sweeps.run_slurm(cfg, 'tiny', str(wd), detach=True, log=log.append)
+  assert result == {'seed=1': 'queued', 'seed=2': 'queued', 'seed=3': 'queued'}
+  assert log[0] == f'[submitted] 3 points as SLURM job array 101 (script: {wd}/slurm/101.sbatch)'
+  assert log[1:] == [f'[queued] seed={i + 1}: SLURM task 101_{i}' for i in range(3)]
+  assert sweeps.collect(str(wd))[0]['status'] == 'queued'
+
+  # Meanwhile task 0 finished, task 1 runs, task 2 ended with no record.
+  (wd / 'seed=1').mkdir()
+  (wd / 'seed=1' / 'final_metrics.json').write_text('{"steps": 1, "total_steps": 1}')
+  (wd / 'seed=1' / sweeps.TASK_RECORD).write_text(
+    json.dumps({'status': 'finished', 'job': '101_0', 'seconds': 3.0, 'error': ''})
+  )
+  (wd / 'seed=2').mkdir()
+  (wd / 'seed=2' / sweeps.TASK_RECORD).write_text('{"status": "running", "job": "101_1"}')
+  by = {r['point']: r['status'] for r in sweeps.collect(str(wd))}
+  assert by == {'seed=1': 'finished', 'seed=2': 'running', 'seed=3': 'queued'}
+  queue.append({'101_1': 'RUNNING'})
+  log.clear()
+  result = sweeps.run_slurm(cfg, 'tiny', str(wd), detach=True, log=log.append)
+  assert result == {'seed=1': 'finished', 'seed=2': 'busy', 'seed=3': 'queued'}
+  assert log[:4] == [
+    '[skip] seed=1: finished',
+    '[busy] seed=2: running as SLURM task 101_1; not submitted again',
+    f'[FAILED] seed=3: SLURM task 101_2 ended without recording how its point ended '
+    f'(cancelled, out of time or memory, or its node failed); see {wd}/seed=3/sweep.log '
+    f'and {wd}/slurm/101_2.out',
+    f'[submitted] 1 point as SLURM job array 102 (script: {wd}/slurm/102.sbatch)',
+  ]
+  assert "POINTS=(\n  'seed=3'\n)" in scripts[1]
+
+  # A waiting run: seed=2 ends preempted, seed=3 finishes, each by its record.
+  def seed2_ends():
+    (wd / 'seed=2' / sweeps.TASK_RECORD).write_text(
+      json.dumps(
+        {'status': 'preempted', 'job': '101_1', 'returncode': 143, 'error': 'saved.', 'log': 'L'}
+      )
+    )
+    return {'102_0': 'PENDING'}
+
+  def seed3_ends():
+    (wd / 'seed=3').mkdir()
+    (wd / 'seed=3' / 'final_metrics.json').write_text('{"steps": 1, "total_steps": 1}')
+    (wd / 'seed=3' / sweeps.TASK_RECORD).write_text('{"status": "finished", "job": "102_0"}')
+    return {}
+
+  queue[:] = [
+    {'101_1': 'RUNNING', '102_0': 'PENDING'},
+    seed2_ends,
+    {'102_0': 'RUNNING'},
+    seed3_ends,
+  ]
+  log.clear()
+  result = sweeps.run_slurm(cfg, 'tiny', str(wd), log=log.append)
+  assert result == {'seed=1': 'finished', 'seed=2': 'preempted', 'seed=3': 'finished'}
+  assert log[-5:] == [
+    '[busy] seed=2: running as SLURM task 101_1; not submitted again',
+    '[busy] seed=3: pending as SLURM task 102_0; not submitted again',
+    '[PREEMPTED] seed=2 (exit 143): saved.',
+    '[running] seed=3 (SLURM task 102_0)',
+    '[done] seed=3',
+  ]
+  assert not queue and len(scripts) == 2
+  status = json.loads((wd / 'status.json').read_text())
+  assert status['seed=2'] == {
+    'status': 'preempted',
+    'job': '101_1',
+    'returncode': 143,
+    'error': 'saved.',
+    'log': 'L',
+    'submitted': status['seed=2']['submitted'],
+  }
 
 
 # --------------------------------------------------------------------------
