@@ -258,8 +258,8 @@ def _detached(result: dict, workdir: str) -> int:
   print(
     f'{len(done)}/{len(result)} points finished, {len(waiting)} in SLURM'
     + (f'; not submitted: {", ".join(f"{n} ({result[n]})" for n in other)}' if other else '')
-    + f'. The same `sweep.py run` command waits for them; `sweep.py collect --workdir={workdir}` '
-    'tabulates what has finished.'
+    + '. `sweep.py run` with the same arguments, without --detach, waits for them; '
+    f'`sweep.py collect --workdir={workdir}` tabulates what has finished.'
   )
   sweeps.collect(workdir)
   return 1 if other else 0

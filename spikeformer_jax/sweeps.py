@@ -15,8 +15,11 @@ fields, values of the wrong type, what train.py's config checks refuse, models
 that cannot be built) before anything runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
 a rerun skip finished points and continue interrupted ones); a point that
 fails, is stopped by a signal or finds its directory in use by another process
-is recorded in WORKDIR/status.json and the sweep goes on. `collect` reads every
-point's config and final metrics into a table (CSV, markdown) and a plot.
+is recorded in WORKDIR/status.json and the sweep goes on. `run_slurm` does
+the same through SLURM: the points as one job array, a task each
+(`run_task`), tracked with squeue and each task's own record. `collect` reads
+every point's config and final metrics into a table (CSV, markdown) and a
+plot.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_a_sweep_through_slurm_fails_a_point_resubmits_it_alone_and_collects(
     '--runlocal',
     '--set=total_steps=1',
     '--launcher=slurm',
-    '--parallel=2',  # two tasks at a time: the second pair finds the programs compiled
+    '--parallel=4',  # with --launcher=slurm: at most 4 tasks at a time (%4)
     '--slurm_cpus_per_point=1',
     '--slurm_time=20:00',
   ]
@@ -103,7 +103,7 @@ def test_a_sweep_through_slurm_fails_a_point_resubmits_it_alone_and_collects(
   failed_line = next(line for line in out.splitlines() if line.startswith('[FAILED] npz'))
   assert failed_line.startswith('[FAILED] npz (exit 1): error: data.path=')
   script = (wd / 'slurm' / f'{job}.sbatch').read_text()
-  for line in ('#SBATCH --array=0-3%2', '#SBATCH --cpus-per-task=1', '#SBATCH --time=20:00'):
+  for line in ('#SBATCH --array=0-3%4', '#SBATCH --cpus-per-task=1', '#SBATCH --time=20:00'):
     assert line in script.splitlines()
   trained = {p: (wd / p / 'final_metrics.json').stat().st_mtime_ns for p in seeds}
 
@@ -124,7 +124,7 @@ def test_a_sweep_through_slurm_fails_a_point_resubmits_it_alone_and_collects(
   again = queued['job'].split('_')[0]
   assert queued['status'] == 'queued' and queued['job'] == f'{again}_0' and again != job
   script = (wd / 'slurm' / f'{again}.sbatch').read_text().splitlines()
-  assert '#SBATCH --array=0-0%2' in script and '#SBATCH --hold' in script
+  assert '#SBATCH --array=0-0%4' in script and '#SBATCH --hold' in script
   assert script[script.index('POINTS=(') + 1 :][:2] == ["  'npz'", ')']
 
   # `collect` on the half-done sweep: the point in SLURM is shown as queued.
