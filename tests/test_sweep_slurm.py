@@ -25,6 +25,15 @@ from spikeformer_jax import cli, errors, sweeps
 from spikeformer_jax import sweep  # the command line
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+  """`sweep.py run` in this process sets SIGTERM / SIGHUP handlers for itself."""
+  saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+  yield
+  for s, handler in saved.items():
+    signal.signal(s, handler)
+
+
 def _sweep(argv) -> int:
   """`python sweep.py *argv`, in this process: its exit status."""
   return cli.call(sweep.main, ['sweep.py', *argv])
