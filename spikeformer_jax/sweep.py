@@ -5,6 +5,8 @@ r"""Declared config sweeps: list, run (resumable), print launch commands, collec
   python sweep.py commands --config=configs/spikformer.py --sweep=timesteps --workdir=DIR   # one per point, for a scheduler
   python sweep.py collect  --workdir=DIR [--metric=test_top1] [--x=model.T]
   python sweep.py run      --config=configs/a2os2a.py --sweep=table1 --workdir=DIR --runlocal  # smoke run
+  python sweep.py run      --config=configs/spikformer.py --sweep=timesteps --workdir=DIR \
+      --launcher=slurm --slurm_partition=gpu --slurm_time=8:00:00 --slurm_gpus_per_point=1 [--detach]
 
 JAX's options (`--jax_log_compiles`, `--jax_platforms=cpu`, ...) apply to
 every point.
@@ -24,6 +26,15 @@ aside and redone, not a reason to refuse the sweep.
 `commands` writes DIR/sweep.json too, so `collect` works on scheduler-launched
 points. `collect` writes DIR/results.{csv,md,png}.
 
+`--launcher=slurm` submits the unfinished points as one SLURM job array (a
+task per point, `task` below), waits for them (`--detach`: returns at once; a
+later `run` waits, `collect` tabulates what has finished) and records each in
+status.json as the local runner does; points still queued or running in SLURM
+are not submitted again. `--parallel` there caps the tasks running at once.
+`task` is what each array task runs. With `--parallel=N` on a host with GPUs
+or TPU chips, the local runner gives each point its own devices where there
+are enough.
+
 Installed (`pip install .`), `spikeformer-sweep` and `python -m spikeformer_jax.sweep` take
 the same arguments from any directory; `--config=configs/<family>.py:VARIANT`
 names the packaged config when there is no such file where it runs.
@@ -39,7 +50,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from spikeformer_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-COMMANDS = ('list', 'run', 'commands', 'point', 'collect')
+COMMANDS = ('list', 'run', 'commands', 'point', 'collect', 'task')
 # The flags each command needs (`point`: what `commands` prints, one per point).
 _NEEDS = {
   'list': ('config',),
@@ -47,14 +58,65 @@ _NEEDS = {
   'commands': ('config', 'sweep', 'workdir'),
   'point': ('config', 'sweep', 'point', 'workdir'),
   'collect': ('workdir',),
+  'task': ('config', 'sweep', 'point', 'workdir'),
 }
+# The flags that only `run --launcher=slurm` takes.
+_SLURM_ONLY = (
+  'detach',
+  'slurm_partition',
+  'slurm_time',
+  'slurm_gpus_per_point',
+  'slurm_cpus_per_point',
+  'slurm_sbatch',
+)
 
 _CONFIG = flags.DEFINE_string(
   'config', None, 'Config file declaring the sweep (configs/x.py, no :VARIANT).'
 )
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep name (see `list`).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory (one subdirectory per point).')
-_PARALLEL = flags.DEFINE_integer('parallel', 1, '(run) Points trained at once.')
+_PARALLEL = flags.DEFINE_integer(
+  'parallel',
+  1,
+  '(run) Points trained at once (each on its own GPUs / TPU chips where the host has enough); '
+  'with --launcher=slurm, the most array tasks running at once (default: no limit).',
+)
+_LAUNCHER = flags.DEFINE_enum(
+  'launcher',
+  'local',
+  ['local', 'slurm'],
+  '(run) local: the points as processes on this machine; slurm: one SLURM job array, a task '
+  'per unfinished point (sbatch, squeue).',
+)
+_DETACH = flags.DEFINE_bool(
+  'detach',
+  False,
+  '(run --launcher=slurm) Submit and return at once; a later `run` waits for the points, '
+  '`collect` tabulates what has finished.',
+)
+_SLURM_PARTITION = flags.DEFINE_string(
+  'slurm_partition', '', "(--launcher=slurm) Partition ('' = the cluster's default)."
+)
+_SLURM_TIME = flags.DEFINE_string(
+  'slurm_time',
+  '',
+  "(--launcher=slurm) Time limit of each point, sbatch's --time (e.g. 4:00:00, 2-00:00:00; "
+  "'' = the partition's default).",
+)
+_SLURM_GPUS = flags.DEFINE_integer(
+  'slurm_gpus_per_point', 0, '(--launcher=slurm) GPUs of each point (--gres=gpu:N).'
+)
+_SLURM_CPUS = flags.DEFINE_integer(
+  'slurm_cpus_per_point',
+  0,
+  "(--launcher=slurm) CPUs of each point (--cpus-per-task; 0 = the cluster's default).",
+)
+_SLURM_SBATCH = flags.DEFINE_multi_string(
+  'slurm_sbatch',
+  [],
+  '(--launcher=slurm) An extra sbatch option, an #SBATCH line of its own (repeatable), '
+  'e.g. --slurm_sbatch=--mem=32G --slurm_sbatch=--qos=high.',
+)
 _POINT = flags.DEFINE_string('point', None, '(point) The point to train.')
 _SET = flags.DEFINE_multi_string(
   'set',
@@ -84,6 +146,10 @@ def main(argv: list[str]) -> int:
     cli.exit_usage(
       f'--parallel={_PARALLEL.value}: the number of points trained at once must be >= 1.'
     )
+  slurm = command == 'run' and _LAUNCHER.value == 'slurm'
+  misplaced = [f'--{n}' for n in _SLURM_ONLY if flags.FLAGS[n].present and not slurm]
+  if misplaced:
+    cli.exit_usage(f'{" ".join(misplaced)}: only `run --launcher=slurm` takes it.')
   # The flags a command needs were checked above: '' is never used.
   config = cli.config_file(_CONFIG.value) or ''  # configs/x.py: also outside a checkout
   workdir, sweep, runlocal = _WORKDIR.value or '', _SWEEP.value or '', _RUNLOCAL.value
@@ -122,9 +188,30 @@ def main(argv: list[str]) -> int:
       for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup
           signal.signal(signum, _stopped_between_points)
-      result = sweeps.run(
-        config, sweep, workdir, parallel=_PARALLEL.value, common=common, runlocal=runlocal
-      )
+      if slurm:
+        options = sweeps.SlurmOptions(
+          partition=_SLURM_PARTITION.value,
+          time=_SLURM_TIME.value,
+          gpus_per_point=_SLURM_GPUS.value,
+          cpus_per_point=_SLURM_CPUS.value,
+          sbatch=tuple(_SLURM_SBATCH.value),
+          at_once=_PARALLEL.value if flags.FLAGS['parallel'].present else 0,
+        )
+        result = sweeps.run_slurm(
+          config,
+          sweep,
+          workdir,
+          options=options,
+          common=common,
+          runlocal=runlocal,
+          detach=_DETACH.value,
+        )
+      else:
+        result = sweeps.run(
+          config, sweep, workdir, parallel=_PARALLEL.value, common=common, runlocal=runlocal
+        )
+      if _DETACH.value:
+        return _detached(result, workdir)
       failed = sorted(n for n, s in result.items() if s != 'finished')
       print(
         f'{len(result) - len(failed)}/{len(result)} points finished'
@@ -133,6 +220,11 @@ def main(argv: list[str]) -> int:
       )
       sweeps.collect(workdir)
       return 1 if failed else 0
+    elif command == 'task':
+      job = '_'.join(
+        filter(None, (os.environ.get('SLURM_ARRAY_JOB_ID'), os.environ.get('SLURM_ARRAY_TASK_ID')))
+      )
+      return sweeps.run_task(config, sweep, _POINT.value or '', workdir, common, runlocal, job)
     elif command == 'point':
       from absl import logging  # pylint: disable=import-outside-toplevel
 
@@ -153,6 +245,24 @@ def main(argv: list[str]) -> int:
     )
     return 130
   return 0
+
+
+def _detached(result: dict, workdir: str) -> int:
+  """`run --detach`'s summary; exit status 1 if a point is neither finished
+  nor in SLURM (a conflict, a damaged file)."""
+  from spikeformer_jax import sweeps  # pylint: disable=import-outside-toplevel
+
+  done = [n for n, s in result.items() if s == 'finished']
+  waiting = [n for n, s in result.items() if s in (*sweeps.IN_SLURM, 'busy')]
+  other = sorted(n for n in result if n not in done and n not in waiting)
+  print(
+    f'{len(done)}/{len(result)} points finished, {len(waiting)} in SLURM'
+    + (f'; not submitted: {", ".join(f"{n} ({result[n]})" for n in other)}' if other else '')
+    + '. `sweep.py run` with the same arguments, without --detach, waits for them; '
+    f'`sweep.py collect --workdir={workdir}` tabulates what has finished.'
+  )
+  sweeps.collect(workdir)
+  return 1 if other else 0
 
 
 def _stopped_between_points(signum, _frame):

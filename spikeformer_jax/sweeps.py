@@ -15,8 +15,11 @@ fields, values of the wrong type, what train.py's config checks refuse, models
 that cannot be built) before anything runs. `run` trains each point in WORKDIR/<point> (train_lib's own resume makes
 a rerun skip finished points and continue interrupted ones); a point that
 fails, is stopped by a signal or finds its directory in use by another process
-is recorded in WORKDIR/status.json and the sweep goes on. `collect` reads every
-point's config and final metrics into a table (CSV, markdown) and a plot.
+is recorded in WORKDIR/status.json and the sweep goes on. `run_slurm` does
+the same through SLURM: the points as one job array, a task each
+(`run_task`), tracked with squeue and each task's own record. `collect` reads
+every point's config and final metrics into a table (CSV, markdown) and a
+plot.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import itertools
 import json
 import math
 import os
+import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -380,6 +385,134 @@ def point_command(
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# --------------------------------------------------------------------------
+# Devices of local points: `--parallel` on a host with GPUs or TPU chips.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+  """A host's accelerators, found without starting JAX (which would hold them)."""
+
+  kind: str  # 'GPU' | 'TPU'
+  ids: tuple[str, ...]  # as CUDA_VISIBLE_DEVICES / TPU_VISIBLE_CHIPS name them
+  source: str  # where they were found (for the log line)
+
+
+# TPU chips on the PCI bus (Google's vendor id): those whose chips are one
+# device each and take the chip-bound variables below (v4, v5p, v5e, v6e).
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+_TPU_PCI_DEVICES = {'0x005e': 'v4', '0x0062': 'v5p', '0x0063': 'v5e', '0x006f': 'v6e'}
+# Chips one process may take on a host, as libtpu's TPU_CHIPS_PER_PROCESS_BOUNDS
+# (x,y,z: a 2x2 block of a v4 / v5p host, 2x4 of a v5e / v6e host).
+_TPU_CHIP_BOUNDS = {1: '1,1,1', 2: '1,2,1', 4: '2,2,1', 8: '2,4,1'}
+TPU_FIRST_PORT = 8476  # libtpu's default TPU_PROCESS_PORT; slot i takes this + i
+
+
+def _platform_allowed(environ, *names: str) -> bool:
+  """JAX_PLATFORMS (or --jax_platforms) leaves JAX free to use one of `names`."""
+  platforms = environ.get('JAX_PLATFORMS', '')
+  return not platforms or any(n in platforms.split(',') for n in names)
+
+
+def local_devices(environ=None, root: str = '/') -> Devices | None:
+  """This host's GPUs (CUDA_VISIBLE_DEVICES's list where it is set, else
+  /proc/driver/nvidia/gpus, else `nvidia-smi -L`), else its TPU chips
+  (TPU_VISIBLE_CHIPS's list, else the PCI bus, as JAX counts them); None on
+  a CPU host or where JAX_PLATFORMS rules them out."""
+  environ = os.environ if environ is None else environ
+  if _platform_allowed(environ, 'cuda', 'gpu'):
+    visible = environ.get('CUDA_VISIBLE_DEVICES')
+    if visible is not None:  # '' or -1: no GPU
+      ids = tuple(i.strip() for i in visible.split(',') if i.strip())
+      ids = ids[: ids.index('-1')] if '-1' in ids else ids  # CUDA stops at an invalid id
+      if ids:
+        return Devices('GPU', ids, 'CUDA_VISIBLE_DEVICES')
+    else:
+      proc = os.path.join(root, 'proc', 'driver', 'nvidia', 'gpus')
+      n = len(os.listdir(proc)) if os.path.isdir(proc) else 0
+      source = '/proc/driver/nvidia/gpus'
+      if not n and root == '/' and shutil.which('nvidia-smi'):
+        try:
+          out = subprocess.run(
+            ['nvidia-smi', '-L'], capture_output=True, text=True, timeout=30, check=False
+          ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+          out = ''
+        n, source = sum(line.startswith('GPU ') for line in out.splitlines()), 'nvidia-smi -L'
+      if n:
+        return Devices('GPU', tuple(str(i) for i in range(n)), source)
+  if _platform_allowed(environ, 'tpu'):
+    visible = environ.get('TPU_VISIBLE_CHIPS')
+    if visible:
+      return Devices('TPU', tuple(i.strip() for i in visible.split(',')), 'TPU_VISIBLE_CHIPS')
+    pci = os.path.join(root, 'sys', 'bus', 'pci', 'devices')
+    n = 0
+    for dev in sorted(os.listdir(pci)) if os.path.isdir(pci) else ():
+      try:
+        with open(os.path.join(pci, dev, 'vendor'), encoding='ascii') as f:
+          vendor = f.read().strip()
+        with open(os.path.join(pci, dev, 'device'), encoding='ascii') as f:
+          device = f.read().strip()
+      except OSError:
+        continue
+      n += vendor == _GOOGLE_PCI_VENDOR and device in _TPU_PCI_DEVICES
+    if n:
+      return Devices('TPU', tuple(str(i) for i in range(n)), 'the PCI bus')
+  return None
+
+
+def placement(devices: Devices | None, parallel: int) -> tuple[list[dict], str]:
+  """The environment of each of `parallel` points trained at once, so that
+  each has devices of its own, and the line that says so; ([], '') on a CPU
+  host (nothing changes), ([], line) where there are too few devices (every
+  point sees them all, as before).
+
+  GPUs: CUDA_VISIBLE_DEVICES, len(ids) // parallel each. TPU chips: libtpu's
+  variables for independent processes on one host (TPU_VISIBLE_CHIPS, a
+  block of 1, 2, 4 or 8 chips as TPU_CHIPS_PER_PROCESS_BOUNDS, a process grid
+  of one, its own TPU_PROCESS_PORT, ALLOW_MULTIPLE_LIBTPU_LOAD)."""
+  if devices is None or parallel < 2:
+    return [], ''
+  n, kind = len(devices.ids), devices.kind
+  each = n // parallel
+  if kind == 'TPU':  # a block libtpu can take: the largest that fits
+    each = max((k for k in _TPU_CHIP_BOUNDS if k <= each), default=0)
+  what = ('GPU' if kind == 'GPU' else 'TPU chip') + ('s' if n > 1 else '')
+  head = f'[devices] {n} {what} ({devices.source}), --parallel={parallel}'
+  if each == 0:
+    return [], (
+      f'{head}: too few for one each; every point sees all {n} (--parallel={n} or less '
+      'gives each point its own)'
+    )
+  envs = []
+  for i in range(parallel):
+    ids = ','.join(devices.ids[i * each : (i + 1) * each])
+    if kind == 'GPU':
+      envs.append({'CUDA_VISIBLE_DEVICES': ids})
+    else:
+      port = TPU_FIRST_PORT + i
+      envs.append(
+        {
+          'TPU_VISIBLE_CHIPS': ids,
+          'TPU_CHIPS_PER_PROCESS_BOUNDS': _TPU_CHIP_BOUNDS[each],
+          'TPU_PROCESS_BOUNDS': '1,1,1',
+          'TPU_PROCESS_PORT': str(port),
+          'TPU_PROCESS_ADDRESSES': f'localhost:{port}',
+          'CLOUD_TPU_TASK_ID': '0',
+          'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',  # libtpu's lock file admits one process a host
+        }
+      )
+  var = 'CUDA_VISIBLE_DEVICES' if kind == 'GPU' else 'TPU_VISIBLE_CHIPS'
+  unused = n - each * parallel
+  return envs, (
+    f'{head}: each point runs on {each} of its own ({var}='
+    + ' | '.join(e[var] for e in envs)
+    + (f'; {unused} unused' if unused else '')
+    + ')'
+  )
+
+
 class _Status:
   """WORKDIR/status.json: each point's state, rewritten atomically.
 
@@ -407,13 +540,15 @@ class _Status:
       log(f'[warning] {e}')
       self.data = {}
 
-  def set(self, name: str, **fields):
+  def set(self, name: str, drop: tuple[str, ...] = (), **fields):
+    """Updates point `name`'s record with `fields`, without the `drop` fields."""
     with self.lock:
       try:  # keep what another `run` on this sweep wrote
         self.data = {**self.data, **(read_json(self.path, self._FIX) or {})}
       except errors.UserError:
         pass  # damaged meanwhile: what this run knows replaces it
-      self.data[name] = {**self.data.get(name, {}), **fields}
+      old = {k: v for k, v in self.data.get(name, {}).items() if k not in drop}
+      self.data[name] = {**old, **fields}
       storage.write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
@@ -554,29 +689,13 @@ class _PointLog:
       self.file.close()
 
 
-def run(
-  config_path: str,
-  sweep: str,
-  workdir: str,
-  *,
-  parallel: int = 1,
-  common: dict | None = None,
-  runlocal: bool = False,
-  env: dict | None = None,
-  log=print,
-) -> dict:
-  """Runs every point not finished yet, `parallel` at a time, each in its own
-  process and workdir. Returns {point: finished | failed | conflict | busy |
-  preempted | interrupted}.
-
-  SIGTERM, SIGINT (Ctrl-C) or SIGHUP (a closed terminal) starts no new point
-  and is passed on to the running ones, which save their step and are
-  recorded (preempted / interrupted: a rerun resumes them); then
-  errors.Stopped propagates, with exit code 143 / 130 / 129 as train.py's. A
-  second signal is passed on too: a second Ctrl-C stops the points at once,
-  as in train.py, where a second SIGTERM or SIGHUP lets the save go on.
-  """
-  config_path, workdir = os.path.abspath(config_path), storage.abspath(workdir)
+def _prepare(
+  config_path: str, sweep: str, workdir: str, common: dict | None, runlocal: bool, log
+) -> tuple[list[Point], _Status, list[tuple[Point, str]]]:
+  """The sweep's points (validated), its status record, and the points to
+  train with their state (new | interrupted | failed, ...): finished points
+  are recorded and skipped, a point directory of another config is recorded
+  as a conflict, never trained into."""
   points = get_points(config_path, sweep, common, runlocal=runlocal)
   warning = overridden_common(points, common)
   if warning:
@@ -611,6 +730,45 @@ def run(
       status.set(p.name, status='finished')
     else:
       todo.append((p, st))
+  return points, status, todo
+
+
+def run(
+  config_path: str,
+  sweep: str,
+  workdir: str,
+  *,
+  parallel: int = 1,
+  common: dict | None = None,
+  runlocal: bool = False,
+  env: dict | None = None,
+  log=print,
+) -> dict:
+  """Runs every point not finished yet, `parallel` at a time, each in its own
+  process and workdir. Returns {point: finished | failed | conflict | busy |
+  preempted | interrupted}.
+
+  With `parallel` > 1 on a host with GPUs or TPU chips, each point gets its
+  own devices when there are enough (`placement`), and a line says so.
+
+  SIGTERM, SIGINT (Ctrl-C) or SIGHUP (a closed terminal) starts no new point
+  and is passed on to the running ones, which save their step and are
+  recorded (preempted / interrupted: a rerun resumes them); then
+  errors.Stopped propagates, with exit code 143 / 130 / 129 as train.py's. A
+  second signal is passed on too: a second Ctrl-C stops the points at once,
+  as in train.py, where a second SIGTERM or SIGHUP lets the save go on.
+  """
+  config_path, workdir = os.path.abspath(config_path), storage.abspath(workdir)
+  points, status, todo = _prepare(config_path, sweep, workdir, common, runlocal, log)
+  # Each worker thread takes a slot's devices for its point and gives them back.
+  slots: queue.SimpleQueue[dict] = queue.SimpleQueue()
+  if parallel > 1 and todo:
+    envs, line = placement(local_devices(), parallel)
+    if line:
+      log(line)
+    for e in envs:
+      slots.put(e)
+  placed = not slots.empty()
   stop = threading.Event()
   # The running point processes; a re-entrant lock, since a second signal's
   # handler may run inside the first's (both in the main thread).
@@ -640,52 +798,48 @@ def run(
   def one(item):
     p, st = item
     pdir = storage.join(workdir, p.name)
-    with lock:  # a signal either stops this start or reaches the process
-      if stop.is_set():
-        return
-      storage.makedirs(pdir)
-      # Its own session: the terminal's Ctrl-C reaches this process only, which
-      # passes it on once (twice would mean "stop now, do not save").
-      proc = subprocess.Popen(
-        point_command(config_path, sweep, p.name, pdir, common, runlocal),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors='replace',
-        cwd=_ROOT,
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-      )
-      running[p.name] = proc
-    log(f'[{"resume" if st == "interrupted" else "start"}] {p.name}')
-    status.set(p.name, status='running', started=time.time())
-    t0 = time.time()
-    # The point's own last lines: another process (one that holds the point's
-    # directory) may append to the same sweep.log meanwhile.
-    own: collections.deque[str] = collections.deque(maxlen=15)
+    devices = slots.get() if placed else {}  # never waits: a slot per worker
     try:
-      with _PointLog(storage.join(pdir, 'sweep.log')) as out, proc:
-        assert proc.stdout is not None  # stdout=PIPE
-        for line in proc.stdout:
-          out.write(line)
-          out.flush()
-          own.append(line)
+      with lock:  # a signal either stops this start or reaches the process
+        if stop.is_set():
+          return
+        storage.makedirs(pdir)
+        # Its own session: the terminal's Ctrl-C reaches this process only, which
+        # passes it on once (twice would mean "stop now, do not save").
+        proc = subprocess.Popen(
+          point_command(config_path, sweep, p.name, pdir, common, runlocal),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+          errors='replace',
+          cwd=_ROOT,
+          start_new_session=True,
+          env={**os.environ, **(env or {}), **devices},
+        )
+        running[p.name] = proc
+      log(f'[{"resume" if st == "interrupted" else "start"}] {p.name}')
+      status.set(p.name, drop=('job',), status='running', started=time.time())
+      t0 = time.time()
+      # The point's own last lines: another process (one that holds the point's
+      # directory) may append to the same sweep.log meanwhile.
+      own: collections.deque[str] = collections.deque(maxlen=15)
+      try:
+        with _PointLog(storage.join(pdir, 'sweep.log')) as out, proc:
+          assert proc.stdout is not None  # stdout=PIPE
+          for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            own.append(line)
+      finally:
+        with lock:
+          running.pop(p.name, None)
     finally:
-      with lock:
-        running.pop(p.name, None)
-    secs, rc = round(time.time() - t0, 1), proc.returncode
+      if placed:
+        slots.put(devices)
+    fields = _ended(pdir, proc.returncode, ''.join(own), round(time.time() - t0, 1))
     announce()
-    if rc == 0 and _status_or_damaged(pdir) == 'finished':
-      status.set(p.name, status='finished', seconds=secs, error='')
-      log(f'[done] {p.name} ({secs} s)')
-      return
-    tail = ''.join(own).strip()
-    lines = tail.splitlines() or ['']
-    why = next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
-    ended = _ENDED.get(rc, 'failed')
-    status.set(p.name, status=ended, seconds=secs, returncode=rc, error=tail)
-    how = f'exit {rc}' if rc >= 0 else f'killed by {signal.Signals(-rc).name}'
-    log(f'[{ended.upper()}] {p.name} ({how}): {why}')
+    status.set(p.name, **fields)
+    log(_ended_line(p.name, fields))
 
   def pass_on(signum, _frame):
     # Only records and signals: the main loop below logs, the workers record
@@ -744,6 +898,38 @@ def _status_or_damaged(point_dir: str) -> str:
     return 'damaged'
 
 
+def _ended(point_dir: str, returncode: int, output: str, seconds: float) -> dict:
+  """How a point's process ended, as its status fields: finished only if it
+  exited 0 with its final metrics written; else stopped / busy / failed by
+  its exit status, with the end of its output (`error`); `log` names its
+  sweep.log."""
+  log = storage.join(point_dir, 'sweep.log')
+  if returncode == 0 and _status_or_damaged(point_dir) == 'finished':
+    return {'status': 'finished', 'seconds': seconds, 'error': '', 'log': log}
+  ended = _ENDED.get(returncode, 'failed')
+  tail = output.strip()
+  return {
+    'status': ended,
+    'seconds': seconds,
+    'returncode': returncode,
+    'error': tail,
+    'log': log,
+  }
+
+
+def _ended_line(name: str, fields: dict) -> str:
+  """The line `run` logs for a point that ended (`_ended`'s fields)."""
+  if fields['status'] == 'finished':
+    return f'[done] {name}' + (f' ({fields["seconds"]} s)' if 'seconds' in fields else '')
+  if 'returncode' not in fields:  # no process of its own ended (a SLURM task that left no record)
+    return f'[{fields["status"].upper()}] {name}: {fields["error"]}'
+  rc = fields['returncode']
+  lines = fields['error'].splitlines() or ['']
+  why = next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
+  how = f'exit {rc}' if rc >= 0 else f'killed by {signal.Signals(-rc).name}'
+  return f'[{fields["status"].upper()}] {name} ({how}): {why}'
+
+
 def run_point(
   config_path: str,
   sweep: str,
@@ -766,6 +952,425 @@ def run_point(
   if changes:
     raise errors.ConfigError(_conflict_message(workdir, changes))
   return train_lib.train_and_evaluate(points[point].config, workdir)
+
+
+# --------------------------------------------------------------------------
+# SLURM: the unfinished points as one job array (`run --launcher=slurm`).
+# --------------------------------------------------------------------------
+
+# A point's own record of how its array task ended, in its directory: written
+# by the task (`run_task`), which may end while no `run` waits for it; read by
+# `run` and `collect`.
+TASK_RECORD = 'sweep_task.json'
+# A point's states in SLURM (in status.json, with `job`: the task, JOBID_INDEX).
+IN_SLURM = ('queued', 'running')
+# squeue polls while `run` waits: the first after 0.5 s, then slower, up to this.
+POLL_MAX_S = 30.0
+_SQUEUE_TRIES = 5  # failed squeue calls in a row before `run` gives up waiting
+# sbatch's time formats: MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS,
+# DAYS-HOURS, DAYS-HOURS:MINUTES, DAYS-HOURS:MINUTES:SECONDS; no limit.
+_SLURM_TIME = re.compile(r'\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite', re.IGNORECASE)
+# sbatch options the sweep sets itself: one task per point, where its output goes.
+_OWN_SBATCH = {
+  '--array': 'one array task per unfinished point',
+  '-a': 'one array task per unfinished point',
+  '--ntasks': 'one task per point',
+  '-n': 'one task per point',
+  '--output': "a point's output goes to its sweep.log",
+  '-o': "a point's output goes to its sweep.log",
+  '--error': "a point's output goes to its sweep.log",
+  '-e': "a point's output goes to its sweep.log",
+  '--wrap': 'the script runs the points',
+  '--parsable': 'it reads the job id',
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmOptions:
+  """What each point's array task asks SLURM for (sweep.py's --slurm_* flags)."""
+
+  partition: str = ''  # '' = the cluster's default partition
+  time: str = ''  # sbatch --time of each point; '' = the partition's default
+  gpus_per_point: int = 0  # --gres=gpu:N
+  cpus_per_point: int = 0  # --cpus-per-task; 0 = the cluster's default
+  sbatch: tuple[str, ...] = ()  # extra sbatch options: an '#SBATCH' line each
+  at_once: int = 0  # at most this many points running at once (--array=...%N); 0 = no limit
+
+  def check(self):
+    """Each mistake in one line, before anything is submitted."""
+    if self.partition and not re.fullmatch(r'[\w.-]+(,[\w.-]+)*', self.partition):
+      raise errors.ConfigError(
+        f'--slurm_partition={self.partition!r} is not a partition name (or a comma-separated '
+        'list of them); `sinfo -s` lists the partitions.'
+      )
+    if self.time and not _SLURM_TIME.fullmatch(self.time):
+      raise errors.ConfigError(
+        f"--slurm_time={self.time!r} is not a SLURM time limit; use MINUTES, HOURS:MINUTES:SECONDS "
+        'or DAYS-HOURS:MINUTES:SECONDS (e.g. 90, 4:00:00, 2-00:00:00).'
+      )
+    for name, default in (('gpus_per_point', 'none'), ('cpus_per_point', "the cluster's default")):
+      value = getattr(self, name)
+      if value < 0:
+        raise errors.ConfigError(f'--slurm_{name}={value}: give a number >= 0 (0: {default}).')
+    for line in self.sbatch:
+      option = _sbatch_option(line)
+      if not option.startswith('-') or '\n' in option or len(option) < 2:
+        raise errors.ConfigError(
+          f'--slurm_sbatch={line!r} is not an sbatch option; give one per flag, e.g. '
+          '--slurm_sbatch=--mem=32G --slurm_sbatch=--qos=high.'
+        )
+      key = re.split(r'[=\s]', option, maxsplit=1)[0]
+      if key in _OWN_SBATCH:
+        raise errors.ConfigError(
+          f'--slurm_sbatch={line!r}: the sweep sets {key} itself ({_OWN_SBATCH[key]}); '
+          'leave it out.'
+        )
+
+
+def _sbatch_option(line: str) -> str:
+  line = line.strip()
+  return line[len('#SBATCH') :].strip() if line.startswith('#SBATCH') else line
+
+
+def need_slurm():
+  """A UserError naming the fix where SLURM's client commands are missing."""
+  missing = [c for c in ('sbatch', 'squeue') if shutil.which(c) is None]
+  if missing:
+    raise errors.UserError(
+      f'--launcher=slurm: {" and ".join(missing)} not found on PATH; run on a machine that '
+      "submits SLURM jobs (a login node) or add SLURM's bin directory to PATH, or use "
+      '--launcher=local.'
+    )
+
+
+def _quote(s: str) -> str:
+  return "'" + s.replace("'", "'\\''") + "'"
+
+
+def slurm_script(
+  config_path: str,
+  sweep: str,
+  workdir: str,
+  names: list[str],
+  options: SlurmOptions,
+  output: str,
+  common: dict | None = None,
+  runlocal: bool = False,
+) -> str:
+  """The sbatch script of a job array: task i trains point names[i] as the
+  local runner would (`sweep.py task`: the same train.py command, its output
+  into the point's sweep.log, how it ended into its TASK_RECORD)."""
+  at_once = f'%{options.at_once}' if options.at_once else ''
+  lines = [
+    '#!/bin/bash',
+    f'# Sweep {sweep} of {config_path}: {len(names)} points, array task i trains POINTS[i]',
+    '# (written by `sweep.py run --launcher=slurm`; each point\'s output is in',
+    f'# {workdir}/<point>/sweep.log, this script\'s own in --output).',
+    f'#SBATCH --job-name=sweep-{re.sub(r"[^A-Za-z0-9._-]", "_", sweep)}',
+    f'#SBATCH --array=0-{len(names) - 1}{at_once}',
+    '#SBATCH --ntasks=1',
+    f'#SBATCH --output={output}',
+    '#SBATCH --open-mode=append',
+  ]
+  if options.partition:
+    lines.append(f'#SBATCH --partition={options.partition}')
+  if options.time:
+    lines.append(f'#SBATCH --time={options.time}')
+  if options.gpus_per_point:
+    lines.append(f'#SBATCH --gres=gpu:{options.gpus_per_point}')
+  if options.cpus_per_point:
+    lines.append(f'#SBATCH --cpus-per-task={options.cpus_per_point}')
+  lines += [f'#SBATCH {_sbatch_option(line)}' for line in options.sbatch]
+  task = [
+    sys.executable,
+    '-m',
+    'spikeformer_jax.sweep',
+    'task',
+    f'--config={os.path.abspath(config_path)}',
+    f'--sweep={sweep}',
+    f'--workdir={workdir}',
+    *(f'--set={k}={json.dumps(v)}' for k, v in (common or {}).items()),
+    *(['--runlocal'] if runlocal else []),
+  ]
+  lines += [
+    'POINTS=(',
+    *(f'  {_quote(n)}' for n in names),
+    ')',
+    f'cd {_quote(_ROOT)} || exit 1  # as the local runner: beside the package',
+    'exec ' + ' '.join(_quote(a) for a in task) + ' --point="${POINTS[$SLURM_ARRAY_TASK_ID]}"',
+  ]
+  return '\n'.join(lines) + '\n'
+
+
+def _submit(script: str, workdir: str, env: dict) -> str:
+  """sbatch SCRIPT: the job id; a UserError with sbatch's reason if refused.
+  The script is kept as WORKDIR/slurm/JOBID.sbatch (rejected.sbatch if refused)."""
+  try:
+    proc = subprocess.run(
+      ['sbatch', '--parsable'], input=script, capture_output=True, text=True, env=env, timeout=300
+    )
+  except subprocess.TimeoutExpired:
+    proc = subprocess.CompletedProcess([], 1, '', 'error: sbatch did not answer in 300 s')
+  if proc.returncode:
+    kept = storage.join(workdir, 'slurm', 'rejected.sbatch')
+    storage.write_text(kept, script)
+    lines = (proc.stderr + proc.stdout).strip().splitlines() or [f'exit {proc.returncode}']
+    why = next((line for line in reversed(lines) if 'error' in line), lines[-1])
+    why = why.split('error:')[-1].strip().rstrip('.')
+    raise errors.UserError(
+      f"sbatch refused the sweep's job array: {why}; check the --slurm_* options "
+      f'(the script: {kept}).'
+    )
+  job = proc.stdout.strip().split(';')[0]
+  storage.write_text(storage.join(workdir, 'slurm', f'{job}.sbatch'), script)
+  return job
+
+
+def _squeue(jobs: set[str], env: dict) -> dict[str, str]:
+  """{JOBID_INDEX: state} of the array tasks of `jobs` that SLURM still
+  holds (pending, running, completing); a UserError if squeue fails."""
+  try:
+    proc = subprocess.run(
+      ['squeue', '--noheader', '--array', '--format=%i %T', f'--jobs={",".join(sorted(jobs))}'],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=120,
+    )
+  except subprocess.TimeoutExpired:
+    raise errors.UserError('squeue did not answer in 120 s') from None
+  if proc.returncode:
+    if 'Invalid job id' in proc.stderr:  # one job id, forgotten by SLURM: none of its tasks left
+      return {}
+    raise errors.UserError(f'squeue failed: {proc.stderr.strip() or proc.returncode}')
+  return dict(line.split(maxsplit=1) for line in proc.stdout.splitlines() if line.strip())
+
+
+def _task_record(point_dir: str) -> dict:
+  try:
+    return read_json(storage.join(point_dir, TASK_RECORD), 'rerun') or {}
+  except errors.UserError:  # cut short by a kill while written: no record
+    return {}
+
+
+def _settle(point_dir: str, job: str, states: dict[str, str], output: str) -> dict | None:
+  """How the point submitted as SLURM task `job` ended (its status fields),
+  or None while SLURM holds the task (`states`, squeue's, read before)."""
+  record = _task_record(point_dir)
+  if record.get('job') == job and record.get('status') not in (None, 'running'):
+    return record  # written before the task ended
+  if job in states:
+    return None
+  log = storage.join(point_dir, 'sweep.log')
+  if _status_or_damaged(point_dir) == 'finished':
+    return {'status': 'finished', 'job': job, 'error': '', 'log': log}
+  return {
+    'status': 'failed',
+    'job': job,
+    'error': (
+      f'SLURM task {job} ended without recording how its point ended (cancelled, out of '
+      f'time or memory, or its node failed); see {log} and {output.replace("%A_%a", job)}'
+    ),
+    'log': log,
+  }
+
+
+def run_task(
+  config_path: str,
+  sweep: str,
+  point: str,
+  workdir: str,
+  common: dict | None = None,
+  runlocal: bool = False,
+  job: str = '',
+) -> int:
+  """One point of a sweep, as an array task of `run --launcher=slurm` (`job`:
+  JOBID_INDEX) runs it: the local runner's command, its output into the
+  point's sweep.log, how it ended into its TASK_RECORD. SIGTERM, SIGINT and
+  SIGHUP are passed on (the point saves its step). Returns the exit status:
+  0 if the point finished, else the point's."""
+  pdir = storage.join(workdir, point)
+  storage.makedirs(pdir)
+  record, log = storage.join(pdir, TASK_RECORD), storage.join(pdir, 'sweep.log')
+  started = time.time()
+  storage.write_text(
+    record, json.dumps({'status': 'running', 'job': job, 'started': started, 'log': log})
+  )
+  proc = subprocess.Popen(
+    point_command(config_path, sweep, point, pdir, common, runlocal),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    errors='replace',
+    cwd=_ROOT,
+    start_new_session=True,
+  )
+
+  def pass_on(signum, _frame):
+    try:
+      proc.send_signal(signum)
+    except ProcessLookupError:
+      pass
+
+  previous = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
+  own: collections.deque[str] = collections.deque(maxlen=15)
+  try:
+    with _PointLog(log) as out, proc:
+      assert proc.stdout is not None  # stdout=PIPE
+      for line in proc.stdout:
+        out.write(line)
+        out.flush()
+        own.append(line)
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  fields = _ended(pdir, proc.returncode, ''.join(own), round(time.time() - started, 1))
+  storage.write_text(record, json.dumps({**fields, 'job': job}, indent=1))
+  if fields['status'] == 'finished':
+    return 0
+  return proc.returncode if proc.returncode > 0 else 128 - proc.returncode
+
+
+class _StopWaiting(Exception):
+  pass
+
+
+def run_slurm(
+  config_path: str,
+  sweep: str,
+  workdir: str,
+  *,
+  options: SlurmOptions | None = None,
+  common: dict | None = None,
+  runlocal: bool = False,
+  detach: bool = False,
+  env: dict | None = None,
+  log=print,
+) -> dict:
+  """Submits the points not finished yet, and not in SLURM already (queued
+  or running under an earlier `run`'s job), as one SLURM job array: task i
+  trains one point as the local runner would (`slurm_script`). Then, unless
+  `detach`, waits for every point in SLURM (squeue, and the points' own
+  records), recording each as it ends.
+
+  Returns {point: status}: as `run`'s, plus queued / running (submitted,
+  `detach`) and busy (in SLURM under an earlier job, not submitted again).
+  status.json records each point's task (`job`) and log. SIGTERM, SIGINT or
+  SIGHUP stops the waiting only (errors.Stopped): the points go on in SLURM.
+  """
+  options = options or SlurmOptions()
+  options.check()
+  need_slurm()
+  config_path, workdir = os.path.abspath(config_path), storage.abspath(workdir)
+  points, status, todo = _prepare(config_path, sweep, workdir, common, runlocal, log)
+  env = {**os.environ, **(env or {})}
+  storage.makedirs(storage.join(workdir, 'slurm'))
+  # A task's own output (its errors before the point's log opens): beside the
+  # sweep, or, for a sweep in an object store, where `run` was started.
+  output = (
+    os.path.join(os.getcwd(), 'slurm-%A_%a.out')
+    if storage.is_remote(workdir)
+    else storage.join(workdir, 'slurm', '%A_%a.out')
+  )
+  in_slurm: dict[str, str] = {}  # point -> its task, JOBID_INDEX
+  busy: dict[str, str] = {}  # those an earlier `run` submitted
+  earlier = {
+    p.name: status.data[p.name]['job']
+    for p, _ in todo
+    if status.data.get(p.name, {}).get('status') in IN_SLURM and status.data[p.name].get('job')
+  }
+  if earlier:
+    states = _squeue({j.split('_')[0] for j in earlier.values()}, env)
+    for name, job in earlier.items():
+      fields = _settle(storage.join(workdir, name), job, states, output)
+      if fields is None:
+        in_slurm[name] = busy[name] = job
+        log(f'[busy] {name}: {states[job].lower()} as SLURM task {job}; not submitted again')
+      else:
+        status.set(name, **fields)
+        log(_ended_line(name, fields))
+  submit = [p for p, _ in todo if p.name not in in_slurm]
+  if submit:
+    script = slurm_script(
+      config_path, sweep, workdir, [p.name for p in submit], options, output, common, runlocal
+    )
+    job = _submit(script, workdir, env)
+    log(
+      f'[submitted] {len(submit)} point{"s" if len(submit) > 1 else ""} as SLURM job array '
+      f'{job} (script: {storage.join(workdir, "slurm", job + ".sbatch")})'
+    )
+    for i, p in enumerate(submit):
+      task = f'{job}_{i}'
+      status.set(
+        p.name,
+        status='queued',
+        job=task,
+        submitted=time.time(),
+        log=storage.join(workdir, p.name, 'sweep.log'),
+      )
+      in_slurm[p.name] = task
+      log(f'[queued] {p.name}: SLURM task {task}')
+  names = [p.name for p in points]
+  if detach:
+    return {n: 'busy' if n in busy else status.data[n]['status'] for n in names}
+  _wait(workdir, in_slurm, status, env, output, log)
+  return {n: status.data[n]['status'] for n in names}
+
+
+def _wait(workdir, in_slurm: dict[str, str], status: _Status, env: dict, output: str, log):
+  """Waits until SLURM holds none of the points `in_slurm`, recording each as it ends."""
+  jobs = sorted({j.split('_')[0] for j in in_slurm.values()})
+
+  def stop(signum, _frame):
+    raise _StopWaiting(signum)
+
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for signum in STOP_SIGNALS:
+      if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+        previous[signum] = signal.signal(signum, stop)
+  delay, failures = 0.5, 0
+  seen: dict[str, str] = {}  # squeue's last state of each point
+  try:
+    while in_slurm:
+      try:
+        states = _squeue({j.split('_')[0] for j in in_slurm.values()}, env)
+      except errors.UserError as e:  # the controller may be restarting: try again
+        failures += 1
+        if failures >= _SQUEUE_TRIES:
+          raise errors.UserError(
+            f'{e} ({failures} times in a row); the points go on in SLURM (job '
+            f'{", ".join(jobs)}): rerun the same command to wait for them again.'
+          ) from None
+        time.sleep(delay)
+        continue
+      failures = 0
+      for name, job in list(in_slurm.items()):
+        fields = _settle(storage.join(workdir, name), job, states, output)
+        if fields is None:
+          if states[job] == 'RUNNING' and seen.get(name) != 'RUNNING':
+            status.set(name, status='running', started=time.time())
+            log(f'[running] {name} (SLURM task {job})')
+          seen[name] = states[job]
+          continue
+        status.set(name, **fields)
+        log(_ended_line(name, fields))
+        del in_slurm[name]
+      if in_slurm:
+        time.sleep(delay)
+        delay = min(delay * 1.5, POLL_MAX_S)
+  except (_StopWaiting, KeyboardInterrupt) as e:
+    signum = e.args[0] if isinstance(e, _StopWaiting) else signal.SIGINT
+    what, name, code = STOP_SIGNALS[signal.Signals(signum)]
+    raise errors.Stopped(
+      f'{what} ({name}) while waiting: the points go on in SLURM (job {", ".join(jobs)}); rerun '
+      f'the same command to wait for them, `sweep.py collect --workdir={workdir}` for the '
+      f'table so far, or `scancel {" ".join(jobs)}` to stop them.',
+      code,
+    ) from None
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 # --------------------------------------------------------------------------
@@ -816,8 +1421,15 @@ def collect(
   for p in sweep['points']:
     pdir = storage.join(workdir, p['name'])
     row = {'point': p['name'], 'status': point_status(pdir)}
-    recorded = status.get(p['name'], {}).get('status')
-    if recorded == 'conflict' or (recorded == 'failed' and row['status'] != 'finished'):
+    record = status.get(p['name'], {})
+    recorded = record.get('status')
+    if recorded in IN_SLURM and record.get('job'):  # submitted: its task may have ended since
+      task = _task_record(pdir)
+      if task.get('job') == record['job']:
+        recorded = task.get('status', recorded)
+      if row['status'] != 'finished':  # queued, running, or how its task ended
+        row['status'] = recorded
+    elif recorded == 'conflict' or (recorded == 'failed' and row['status'] != 'finished'):
       row['status'] = recorded
     cfg = (read_json(storage.join(pdir, 'config.json'), _CONFIG_FIX) or {}).get('config', {})
     for k in swept:  # the value the run actually used, else the declared one

@@ -592,7 +592,7 @@ def test_command_line_mistakes_are_one_line_and_status_2(capsys):
     (
       ['launch', '--config=c.py'],
       "error: give one command, list | run | commands | point | "
-      "collect (got 'launch'); e.g. python sweep.py list --config=configs/spikformer.py.",
+      "collect | task (got 'launch'); e.g. python sweep.py list --config=configs/spikformer.py.",
     ),
     (['list', '--config=c.py', '--set', 'model.T'], "error: --set 'model.T': expected KEY=VALUE."),
     (
