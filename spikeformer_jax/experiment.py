@@ -112,6 +112,26 @@ def _has_inner_program(eqn) -> bool:
   return False
 
 
+def _scan_groups(eqn) -> tuple[int, int]:
+  """(consts, carry) counts of a scan's invars (consts, carry, xs). jax <= 0.11
+  names them in params; jax 0.12 gives the groups' flat trees (`ft_in`: after
+  forwarding loop-invariant carries as consts), whose body has as many
+  invars and outvars as the eqn."""
+  p = eqn.params
+  if 'num_consts' in p:
+    return p['num_consts'], p['num_carry']
+  try:
+    consts, carry, _ = (len(g) for g in p['ft_in'].unpack())
+  except (KeyError, AttributeError, TypeError, ValueError) as e:
+    raise NotImplementedError(
+      f'experiment.live_inputs cannot read this JAX version\'s scan params {sorted(p)}'
+    ) from e
+  body = _jaxpr(p['jaxpr'])
+  if len(body.invars) != len(eqn.invars) or len(body.outvars) != len(eqn.outvars):
+    raise NotImplementedError('experiment.live_inputs: a scan whose body and eqn differ in arity')
+  return consts, carry
+
+
 def live_inputs(jaxpr, live_outputs) -> list[bool]:
   """Which invars of `jaxpr` (a jax.extend.core.Jaxpr) reach the outputs
   marked in `live_outputs`: a backward pass over its eqns, into the inner
@@ -147,7 +167,7 @@ def _eqn_live_inputs(eqn, outs: list[bool]) -> list[bool]:
     return [True, *ins]
   if name == 'scan':  # invars: consts, carry, xs; outvars: carry, ys
     body = _jaxpr(eqn.params['jaxpr'])
-    n_consts, n_carry = eqn.params['num_consts'], eqn.params['num_carry']
+    n_consts, n_carry = _scan_groups(eqn)
     carry, ys = outs[:n_carry], outs[n_carry:]
     while True:  # a carry the body reads is live in every iteration before
       ins = live_inputs(body, carry + ys)

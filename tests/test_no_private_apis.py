@@ -180,9 +180,11 @@ def _tags(directory: pathlib.Path) -> set:
 @pytest.mark.parametrize('file_writer', [True, False])
 def test_hparams_reach_tensorboard_with_or_without_the_writers_file_writer(tmp_path, file_writer):
   tb = metrics.TensorBoard(str(tmp_path))
+  own = tb._w.file_writer  # pylint: disable=protected-access
   if not file_writer:  # a tensorboardX without the attribute: a FileWriter of our own
     tb._w.file_writer = None  # pylint: disable=protected-access
   tb.hparams({'lr': 0.1, 'model': {'name': 'spikformer', 'depth': 4}})
+  tb._w.file_writer = own  # pylint: disable=protected-access  (closed with the writer)
   tb.scalars(1, {'train_loss': 1.0})
   tb.close()
   files = sorted(p.name for p in tmp_path.glob('events.out.tfevents.*'))
