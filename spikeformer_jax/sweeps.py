@@ -804,39 +804,28 @@ def run(
         if stop.is_set():
           return
         storage.makedirs(pdir)
-        # Its own session: the terminal's Ctrl-C reaches this process only, which
-        # passes it on once (twice would mean "stop now, do not save").
-        proc = subprocess.Popen(
-          point_command(config_path, sweep, p.name, pdir, common, runlocal),
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          text=True,
-          errors='replace',
-          cwd=_ROOT,
-          start_new_session=True,
-          env={**os.environ, **(env or {}), **devices},
+        proc = _start_point(
+          config_path,
+          sweep,
+          p.name,
+          pdir,
+          common,
+          runlocal,
+          {**os.environ, **(env or {}), **devices},
         )
         running[p.name] = proc
       log(f'[{"resume" if st == "interrupted" else "start"}] {p.name}')
       status.set(p.name, drop=('job',), status='running', started=time.time())
       t0 = time.time()
-      # The point's own last lines: another process (one that holds the point's
-      # directory) may append to the same sweep.log meanwhile.
-      own: collections.deque[str] = collections.deque(maxlen=15)
       try:
-        with _PointLog(storage.join(pdir, 'sweep.log')) as out, proc:
-          assert proc.stdout is not None  # stdout=PIPE
-          for line in proc.stdout:
-            out.write(line)
-            out.flush()
-            own.append(line)
+        tail = _tee(proc, storage.join(pdir, 'sweep.log'))
       finally:
         with lock:
           running.pop(p.name, None)
     finally:
       if placed:
         slots.put(devices)
-    fields = _ended(pdir, proc.returncode, ''.join(own), round(time.time() - t0, 1))
+    fields = _ended(pdir, proc.returncode, tail, round(time.time() - t0, 1))
     announce()
     status.set(p.name, **fields)
     log(_ended_line(p.name, fields))
@@ -928,6 +917,45 @@ def _ended_line(name: str, fields: dict) -> str:
   why = next((line for line in reversed(lines) if line.startswith('error:')), lines[-1])
   how = f'exit {rc}' if rc >= 0 else f'killed by {signal.Signals(-rc).name}'
   return f'[{fields["status"].upper()}] {name} ({how}): {why}'
+
+
+def _start_point(
+  config_path: str,
+  sweep: str,
+  point: str,
+  pdir: str,
+  common: dict | None,
+  runlocal: bool,
+  env: dict | None = None,
+) -> subprocess.Popen:
+  """The process that trains one point (the local runner's and a SLURM array
+  task's), its output piped. Its own session: the terminal's Ctrl-C reaches
+  the runner only, which passes it on once (twice would mean "stop now, do
+  not save")."""
+  return subprocess.Popen(
+    point_command(config_path, sweep, point, pdir, common, runlocal),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    errors='replace',
+    cwd=_ROOT,
+    start_new_session=True,
+    env=env,
+  )
+
+
+def _tee(proc: subprocess.Popen, log_path: str) -> str:
+  """Copies `proc`'s output into the point's log as it comes, until it exits;
+  returns its own last 15 lines (another process, one that holds the point's
+  directory, may append to the same log meanwhile)."""
+  own: collections.deque[str] = collections.deque(maxlen=15)
+  with _PointLog(log_path) as out, proc:
+    assert proc.stdout is not None  # stdout=PIPE
+    for line in proc.stdout:
+      out.write(line)
+      out.flush()
+      own.append(line)
+  return ''.join(own)
 
 
 def run_point(
@@ -1196,15 +1224,7 @@ def run_task(
   storage.write_text(
     record, json.dumps({'status': 'running', 'job': job, 'started': started, 'log': log})
   )
-  proc = subprocess.Popen(
-    point_command(config_path, sweep, point, pdir, common, runlocal),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-    errors='replace',
-    cwd=_ROOT,
-    start_new_session=True,
-  )
+  proc = _start_point(config_path, sweep, point, pdir, common, runlocal)
 
   def pass_on(signum, _frame):
     try:
@@ -1213,18 +1233,12 @@ def run_task(
       pass
 
   previous = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
-  own: collections.deque[str] = collections.deque(maxlen=15)
   try:
-    with _PointLog(log) as out, proc:
-      assert proc.stdout is not None  # stdout=PIPE
-      for line in proc.stdout:
-        out.write(line)
-        out.flush()
-        own.append(line)
+    tail = _tee(proc, log)
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
-  fields = _ended(pdir, proc.returncode, ''.join(own), round(time.time() - started, 1))
+  fields = _ended(pdir, proc.returncode, tail, round(time.time() - started, 1))
   storage.write_text(record, json.dumps({**fields, 'job': job}, indent=1))
   if fields['status'] == 'finished':
     return 0
