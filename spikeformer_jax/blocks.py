@@ -99,11 +99,8 @@ class SpikingAttention(nnx.Module):
       self.proj_linear = settings.linear(dim, dim, bias=True, init=init, rngs=rngs, spikes_in=True)
       self.proj_bn = settings.bn(dim)
       if style == 'spikformer':
-        self.proj_lif = layers.SpikingNeuron(
-          settings.neuron,
-          settings.T,
-          batch_as_time=proj_lif_batch_as_time,
-          groups=settings.bn_groups,
+        self.proj_lif = settings.spiking(
+          settings.neuron, batch_as_time=proj_lif_batch_as_time, groups=settings.bn_groups
         )
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -131,10 +128,9 @@ class SpikingAttention(nnx.Module):
   def _project(self, y: jax.Array, identity: jax.Array) -> jax.Array:
     if not self.proj:
       return y + identity if self.style == 'sdt' else y
-    y = self.proj_bn(self.proj_linear(y))
     if self.style == 'sdt':
-      return y + identity
-    return self.proj_lif(y)
+      return self.proj_bn(self.proj_linear(y)) + identity
+    return layers.bn_fire(self.proj_bn, self.proj_lif, self.proj_linear(y))
 
 
 # Rematerialisation of each block's forward in the backward pass (model.remat).
@@ -239,7 +235,9 @@ class SpikingMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for name in self.names:
-      x = getattr(self, f'{name}_lif')(
-        getattr(self, f'{name}_bn')(getattr(self, f'{name}_linear')(x))
+      x = layers.bn_fire(
+        getattr(self, f'{name}_bn'),
+        getattr(self, f'{name}_lif'),
+        getattr(self, f'{name}_linear')(x),
       )
     return x

@@ -207,6 +207,7 @@ COMPILATION_ONLY = (
   'model.compact_spikes',
   'model.weight_grad',
   'model.bn_recompute',
+  'model.kernels',
 )
 
 

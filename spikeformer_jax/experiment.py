@@ -24,6 +24,7 @@ keep their own keys, fold_in(key(seed), step), as before the stream.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Any, Protocol, cast
@@ -39,6 +40,7 @@ from flax import nnx
 from spikeformer_jax import checkpointing
 from spikeformer_jax import data as data_lib
 from spikeformer_jax import errors
+from spikeformer_jax import kernels
 from spikeformer_jax import losses
 from spikeformer_jax import models
 from spikeformer_jax import optim
@@ -312,6 +314,16 @@ def split_rng(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   return key, jax.random.key_data(rest)
 
 
+@contextlib.contextmanager
+def compiling_for(mesh):
+  """Traces a step for `mesh`: the 'auto' choices (model.weight_grad,
+  model.kernels) for its platform, and the kernels mapped over its batch
+  shards."""
+  platform = sharding.platform(mesh)
+  with synapses.compiling_for(platform), kernels.compiling_for(platform, mesh):
+    yield
+
+
 def make_train_step(exp: Experiment):
   """jit(state, batch) -> (new state, metrics); the state is donated.
 
@@ -328,7 +340,7 @@ def make_train_step(exp: Experiment):
   decay = losses.ema_decay(config)
 
   def train_step(state, batch):
-    with synapses.compiling_for(sharding.platform(exp.mesh)):  # 'auto' for the target
+    with compiling_for(exp.mesh):  # 'auto' for the target
       return _train_step(state, batch)
 
   def _train_step(state, batch):
@@ -402,7 +414,7 @@ def make_eval_step(exp: Experiment, ema: bool = False, firing_rates: bool = Fals
     raise errors.ConfigError('this run kept no EMA of its weights (ema_decay is 0).')
 
   def eval_step(state, batch):
-    with synapses.compiling_for(sharding.platform(exp.mesh)):
+    with compiling_for(exp.mesh):
       return _eval_step(state, batch)
 
   def _eval_step(state, batch):

@@ -2,6 +2,7 @@ r"""Checks our models, and our training, against recordings of the official
 PyTorch code.
 
     python -m spikeformer_jax.fidelity FILE.npz [FILE.npz ...] [--json OUT.json]
+        [--kernels=pallas]
 
 Each FILE is either
 * a one-step fixture (shared/fixtures/README.md): an official state_dict, an
@@ -17,7 +18,9 @@ Each FILE is either
 Prints the largest relative errors (and for a one-step fixture whether every
 layer's spike count matches). A file that cannot be read or checked
 (truncated, not an npz, not a recording) gets one line and the other files are
-still checked; exits 1 if any file did not match.
+still checked; exits 1 if any file did not match. `--kernels=pallas` replays
+every file with the fused Pallas kernels (model.kernels; interpret mode on
+CPU), at the same tolerances.
 """
 
 from __future__ import annotations
@@ -78,12 +81,15 @@ def _train_fwd_bwd(graph, params, rest, x, labels):
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
-def check_file(path: str) -> dict:
-  """Checks one recording of either kind; a report dict with 'ok' and the worst errors."""
+def check_file(path: str, kernels: str = 'auto') -> dict:
+  """Checks one recording of either kind, with `kernels` as model.kernels
+  ('pallas': the fused kernels, in interpret mode on CPU); a report dict with
+  'ok' and the worst errors."""
   d, cfg = recordings.read_recording(path)
   if recordings.kind_of(d) == 'trajectory':
-    return replay.check_trajectory(d, cfg, os.path.basename(path))
+    return replay.check_trajectory(d, cfg, os.path.basename(path), kernels=kernels)
   mc = model_config_from_fixture(cfg)
+  mc.kernels = kernels
   model, entries = recordings.model_holding(mc, recordings.state_dict(d))
   x = jnp.asarray(recordings.to_nhwc(d['input']))
   labels = jnp.asarray(d['labels'])
@@ -218,6 +224,13 @@ def _unwritable(path: str) -> str:
 
 
 _JSON = flags.DEFINE_string('json', None, 'Also write the reports to this JSON file.')
+_KERNELS = flags.DEFINE_enum(
+  'kernels',
+  'auto',
+  ['auto', 'xla', 'pallas'],
+  "model.kernels of every replay: 'pallas' runs the fused Pallas kernels "
+  "(interpret mode on CPU); 'auto' is xla on CPU.",
+)
 
 
 def main(argv: list[str]) -> int:
@@ -242,7 +255,7 @@ def main(argv: list[str]) -> int:
     # One line for a file that cannot be checked, then on to the next file:
     # a bad download must not hide how the other recordings compare.
     try:
-      r = check_file(f)
+      r = check_file(f, _KERNELS.value)
     except BadRecording as e:
       r = {'file': os.path.basename(f), 'ok': False, 'error': str(e)}
     except Exception as e:  # pylint: disable=broad-except  # unsupported, or our bug

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spikeformer_jax import errors, neurons, synapses
+from spikeformer_jax import errors, kernels, neurons, synapses
 from spikeformer_jax.norm import BatchNorm
 from spikeformer_jax.ops import initializers
 
@@ -84,13 +84,28 @@ class SpikingNeuron(nnx.Module):
   """
 
   def __init__(
-    self, neuron: neurons.Neuron, T: int, *, batch_as_time: bool = False, groups: int = 1
+    self,
+    neuron: neurons.Neuron,
+    T: int,
+    *,
+    batch_as_time: bool = False,
+    groups: int = 1,
+    kernels: str = 'xla',
   ):
     self.neuron = neuron
     self.T = T
     self.batch_as_time, self.groups = batch_as_time, groups
+    self.kernels = kernels  # kernels.KERNELS: how the neuron compiles, not what it computes
     self.record_spikes = False
     self.recorder: Any = None  # analysis.py's tap, called as recorder(spikes, T)
+
+  def fused(self, shape: tuple) -> bool:
+    """Whether this neuron runs as a Pallas kernel on input `shape` [B*T, ...]
+    (model.kernels; kernels.py says where a kernel does not apply)."""
+    if self.batch_as_time or kernels.resolve(self.kernels) != 'pallas':
+      return False
+    bt = (shape[0] // self.T, self.T) + tuple(shape[1:])
+    return not (kernels.unsupported(self.neuron) or kernels.unsupported_shape(bt))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     T = self.T
@@ -100,21 +115,41 @@ class SpikingNeuron(nnx.Module):
       s = batch_as_time_multistep(self.neuron, x, T, self.groups)
     else:
       xb = x.reshape((x.shape[0] // T, T) + x.shape[1:])
-      s = neurons.multistep(self.neuron, xb)
+      run = kernels.multistep if self.fused(x.shape) else neurons.multistep
+      s = run(self.neuron, xb)
+    return self.observe(s, x.shape)
+
+  def observe(self, s: jax.Array, shape: tuple) -> jax.Array:
+    """Records spikes s (per the record_spikes / recorder settings) and
+    returns them as `shape`, the input's."""
+    T = self.T
     if self.record_spikes == 'per_example':  # training's evaluations: padding masked out
-      per_ex = s.reshape(x.shape[0] // T, -1)  # [B, T * units] in either layout
+      per_ex = s.reshape(shape[0] // T, -1)  # [B, T * units] in either layout
       self.sow(
         nnx.Intermediate, 'spikes_per_example', jnp.sum(per_ex != 0, axis=1, dtype=jnp.float32)
       )
       self.sow(nnx.Intermediate, 'units_per_example', jnp.float32(per_ex.shape[1]))
     elif self.record_spikes:
-      counts = spike_counts(s.reshape(x.shape), T)
+      counts = spike_counts(s.reshape(shape), T)
       self.sow(nnx.Intermediate, 'spike_count', counts['spike_count'])
       self.sow(nnx.Intermediate, 'numel', counts['numel'])
-    s = s.reshape(x.shape)
+    s = s.reshape(shape)
     if self.recorder is not None:
       self.recorder(s, T)
     return s
+
+
+def bn_fire(bn: BatchNorm, lif: SpikingNeuron, x: jax.Array) -> jax.Array:
+  """lif(bn(x)): with the Pallas kernels on (model.kernels) and BatchNorm in
+  train mode with one group, one kernel normalises and fires (and two give
+  the backward, BatchNorm's included): the same spikes and statistics, the
+  gradients to float rounding (kernels.norm_fire). Else the two modules."""
+  if bn.use_running_average or kernels.unsupported_norm(bn.groups) or not lif.fused(x.shape):
+    return lif(bn(x))
+  norm = kernels.Norm(bn.epsilon, jnp.dtype(bn.dtype or x.dtype))
+  s, mean, var = kernels.norm_fire(lif.neuron, norm, x, bn.scale[...], bn.bias[...], lif.T)
+  bn.update_statistics(mean, var, x.size // x.shape[-1])
+  return lif.observe(s, x.shape)
 
 
 def spike_counts(s: jax.Array, T: int) -> dict[str, jax.Array]:
@@ -142,9 +177,14 @@ class Settings:
   compact_spikes: bool = True  # save spike inputs of conv / linear as int8 (exact)
   weight_grad: str = 'auto'  # synapses.WEIGHT_GRADS
   bn_recompute: bool = False  # BatchNorm backward from its input alone (norm.BatchNorm)
+  kernels: str = 'auto'  # kernels.KERNELS: Pallas neuron / BatchNorm+neuron kernels
 
   def lif(self, **overrides) -> SpikingNeuron:
-    return SpikingNeuron(dataclasses.replace(self.neuron, **overrides), self.T)
+    return self.spiking(dataclasses.replace(self.neuron, **overrides))
+
+  def spiking(self, neuron: neurons.Neuron, **options) -> SpikingNeuron:
+    """A SpikingNeuron of `neuron` with this network's T and kernels."""
+    return SpikingNeuron(neuron, self.T, kernels=self.kernels, **options)
 
   def bn(self, c: int) -> BatchNorm:
     return BatchNorm(

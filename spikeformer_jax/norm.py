@@ -18,14 +18,20 @@ from spikeformer_jax import neurons
 Dtype = Any
 
 
-def _normalize_train(x, scale, bias, *, groups: int, epsilon: float, dtype):
-  """Train-mode normalisation over all but the last axis, per group of the
-  leading axis: (y, mean, biased two-pass variance), y of x's shape."""
-  xs = x.astype(dtype)
-  xg = xs.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+def batch_statistics(xg):
+  """Mean and biased two-pass variance of xg [groups, ..., C] per group and
+  channel (keepdims)."""
   axes = tuple(range(1, xg.ndim - 1))
   mean = xg.mean(axes, keepdims=True)
   var = jnp.square(xg - mean).mean(axes, keepdims=True)  # two-pass, biased
+  return mean, var
+
+
+def _normalize_train(x, scale, bias, *, groups: int, epsilon: float, dtype):
+  """Train-mode normalisation over all but the last axis, per group of the
+  leading axis: (y, mean, biased two-pass variance), y of x's shape."""
+  xg = x.astype(dtype).reshape((groups, x.shape[0] // groups) + x.shape[1:])
+  mean, var = batch_statistics(xg)
   y = (xg - mean) * jax.lax.rsqrt(var + epsilon) * scale.astype(dtype) + bias.astype(dtype)
   return y.reshape(x.shape), mean, var
 
@@ -99,12 +105,17 @@ class BatchNorm(nnx.Module):
     if self.recompute:
       normalize = jax.checkpoint(normalize)  # keeps only x (its own dtype)
     y, mean, var = normalize(x, self.scale[...], self.bias[...])
+    self.update_statistics(mean, var, x.size // (g * x.shape[-1]))
+    return y.astype(out_dtype)
 
-    n = x.size // (g * x.shape[-1])
+  def update_statistics(self, mean: jax.Array, var: jax.Array, n: int):
+    """Running averages from one batch's per-group mean and biased variance
+    over n values each (PyTorch's unbiased running variance)."""
+    g = self.groups
+    stat_dtype = self.mean[...].dtype
     unbiased = var * (n / max(n - 1, 1))
     m = self.momentum
     c = self.num_features
     self.mean[...] = m * self.mean[...] + (1 - m) * mean.reshape(g, c).mean(0).astype(stat_dtype)
     self.var[...] = m * self.var[...] + (1 - m) * unbiased.reshape(g, c).mean(0).astype(stat_dtype)
     self.count[...] = self.count[...] + 1
-    return y.astype(out_dtype)

@@ -187,10 +187,12 @@ def _torch_view(entries, *states) -> dict:
   return convert.to_torch_layout(entries, flat)
 
 
-def check_trajectory(d: dict, rec: dict, name: str) -> dict:
-  """Replays one trajectory recording; a report with 'ok', the worst error of
-  each quantity and the first iteration, tensor and quantity that differ."""
+def check_trajectory(d: dict, rec: dict, name: str, kernels: str = 'auto') -> dict:
+  """Replays one trajectory recording (with `kernels` as model.kernels); a
+  report with 'ok', the worst error of each quantity and the first
+  iteration, tensor and quantity that differ."""
   config = recipe_config(rec)
+  config.model.kernels = kernels
   initial = recordings.state_dict(d)
   model, entries = recordings.model_holding(config.model, initial)
   order = _lamb_order(model, entries, rec, initial) if config.optimizer.name == 'lamb' else None

@@ -23,7 +23,6 @@ import jax
 import ml_collections
 
 from spikeformer_jax import errors
-from spikeformer_jax import layers
 from spikeformer_jax import neurons
 from spikeformer_jax.attention import base
 from spikeformer_jax.attention import ssa
@@ -161,19 +160,18 @@ class A2OS2A(ssa.SSA):
       attn,
       ctx,
       k_lif=False,
-      v_lif=layers.SpikingNeuron(make_ternary(ctx.settings.neuron, t), ctx.settings.T),
+      v_lif=ctx.settings.spiking(make_ternary(ctx.settings.neuron, t)),
     )
     if out_neuron_choice(ctx.model) == 'ternary':
       # The official name, so checkpoints and parameter paths stay the same.
-      attn.attn_lif = layers.SpikingNeuron(
-        dataclasses.replace(make_ternary(ctx.settings.neuron, t), v_threshold=ctx.attn_v_threshold),
-        ctx.settings.T,
+      attn.attn_lif = ctx.settings.spiking(
+        dataclasses.replace(make_ternary(ctx.settings.neuron, t), v_threshold=ctx.attn_v_threshold)
       )
     else:
       attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 
-  def activate(self, attn, q, k, v):
-    return attn.q_lif(q), jax.nn.relu(k), attn.v_lif(v)
+  def neurons(self, attn) -> tuple:
+    return attn.q_lif, jax.nn.relu, attn.v_lif
 
   def equation(self, attn, q, k, v):
     return a2os2a_self_attention(q, k, v, order=attn.order)

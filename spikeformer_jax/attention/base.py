@@ -176,6 +176,17 @@ def qkv(attn: Any, x: jax.Array):
   return (attn.q_bn(attn.q_linear(x)), attn.k_bn(attn.k_linear(x)), attn.v_bn(attn.v_linear(x)))
 
 
+def fire_qkv(attn: Any, x: jax.Array, fns: tuple):
+  """fn(BN(W x)) of Q, K and V for fns (one each); a SpikingNeuron there runs
+  through layers.bn_fire (one fused kernel with model.kernels on)."""
+  out = []
+  for name, fn in zip('qkv', fns):
+    y = getattr(attn, f'{name}_linear')(x)
+    bn = getattr(attn, f'{name}_bn')
+    out.append(layers.bn_fire(bn, fn, y) if isinstance(fn, layers.SpikingNeuron) else fn(bn(y)))
+  return tuple(out)
+
+
 def erode(x: jax.Array, spatial: tuple | None) -> jax.Array:
   """SDT's DVS `Erode`: MaxPool3d((1,3,3), 1, (0,1,1)) on the last two axes of
   the official 5-D tensor. spatial=(H, W): pool tokens [BT, N, C] over the

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from spikeformer_jax import errors
+from spikeformer_jax import layers
 from spikeformer_jax import neurons
 from spikeformer_jax import ops
 from spikeformer_jax.attention import base
@@ -84,7 +85,7 @@ class MSSA(base.Kind):
     conv = getattr(attn, f'{name}_linear', None) or getattr(attn, f'{name}_conv', None)
     if conv is None:
       return None
-    return getattr(attn, f'{name}_lif')(getattr(attn, f'{name}_bn')(conv(x)))
+    return layers.bn_fire(getattr(attn, f'{name}_bn'), getattr(attn, f'{name}_lif'), conv(x))
 
   def forward(self, attn, x: jax.Array) -> jax.Array:
     q, p, k = base.heads(attn, *(self._branch(attn, n, x) for n in 'qpk'))

@@ -35,8 +35,7 @@ class SDSA(base.Kind):
     attn.talking_heads_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
 
   def forward(self, attn, x: jax.Array) -> jax.Array:
-    q, k, v = base.qkv(attn, x)
-    q, k, v = attn.q_lif(q), attn.k_lif(k), attn.v_lif(v)
+    q, k, v = base.fire_qkv(attn, x, (attn.q_lif, attn.k_lif, attn.v_lif))
     k, v = base.erode_kv(attn, k, v)
     q, k, v = base.heads(attn, q, k, v)
     erode = functools.partial(base.erode, spatial=None) if attn.erode_hw is not None else None

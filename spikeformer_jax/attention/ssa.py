@@ -108,8 +108,12 @@ class SSA(base.Kind):
     attn.attn_lif = ctx.settings.lif(v_threshold=ctx.attn_v_threshold)
     build_paper_options(attn, ctx)
 
+  def neurons(self, attn) -> tuple:
+    """What Q, K and V pass through after their BatchNorms."""
+    return attn.q_lif, attn.k_lif, attn.v_lif
+
   def activate(self, attn, q, k, v):
-    return attn.q_lif(q), attn.k_lif(k), attn.v_lif(v)
+    return tuple(f(a) for f, a in zip(self.neurons(attn), (q, k, v)))
 
   def equation(self, attn, q, k, v):
     return spiking_self_attention(q, k, v, scale=attention_scale(attn), order=attn.order)
@@ -118,7 +122,10 @@ class SSA(base.Kind):
     return base.qk_map(q, k) * attention_scale(attn)
 
   def forward(self, attn, x: jax.Array) -> jax.Array:
-    q, k, v = self.activate(attn, *base.qkv(attn, x))
+    if type(self).activate is SSA.activate:  # neurons right after the BatchNorms: fusable
+      q, k, v = base.fire_qkv(attn, x, self.neurons(attn))
+    else:
+      q, k, v = self.activate(attn, *base.qkv(attn, x))
     k, v = base.erode_kv(attn, k, v)
     pool = getattr(attn, 'qk_pool', 0)  # after the Q and K neurons, on their spikes
     q, k = qk_max_pool(q, pool), qk_max_pool(k, pool)

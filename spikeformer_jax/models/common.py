@@ -18,6 +18,7 @@ from flax import nnx
 
 from spikeformer_jax import attention
 from spikeformer_jax import errors
+from spikeformer_jax import kernels as kernels_lib
 from spikeformer_jax import layers
 from spikeformer_jax import neurons
 
@@ -106,6 +107,10 @@ def shared_fields() -> dict:
       # BatchNorm backward from its input alone: statistics and normalisation
       # recomputed there (jax.checkpoint; identical results, less memory)
       bn_recompute=layers.Settings.bn_recompute,
+      # auto (pallas when compiling for TPU, xla elsewhere) | xla (the pure-JAX
+      # neuron and BatchNorm) | pallas (fused kernels: each neuron, and each
+      # BatchNorm with the neuron it feeds; interpret mode on CPU); kernels.py
+      kernels=layers.Settings.kernels,
       neuron=neuron_config(), **attention.config_fields())
 # fmt: on
 
@@ -175,7 +180,14 @@ def settings(cfg: ml_collections.ConfigDict, *, bn_groups: int = 1) -> layers.Se
     compact_spikes=bool(cfg.get('compact_spikes', layers.Settings.compact_spikes)) and spiking(cfg),
     weight_grad=cfg.get('weight_grad', layers.Settings.weight_grad),
     bn_recompute=bool(cfg.get('bn_recompute', layers.Settings.bn_recompute)),
+    kernels=check_kernels(cfg.get('kernels', layers.Settings.kernels)),
   )
+
+
+def check_kernels(kernels: str) -> str:
+  if kernels not in kernels_lib.KERNELS:
+    raise errors.ConfigError(f'model.kernels={kernels!r}; valid: {", ".join(kernels_lib.KERNELS)}.')
+  return kernels
 
 
 def check_heads(m: ml_collections.ConfigDict):

@@ -107,8 +107,9 @@ def _conv_name(i: int) -> str:
 
 def _conv_bn_lif(module, name, x, pool):
   """conv -> BN -> (MaxPool 3/2/1 on the BN output) -> LIF of layer `name`."""
-  x = getattr(module, f'{name}_bn')(getattr(module, f'{name}_conv')(x))
-  return getattr(module, f'{name}_lif')(max_pool(x) if pool else x)
+  bn, lif = getattr(module, f'{name}_bn'), getattr(module, f'{name}_lif')
+  x = getattr(module, f'{name}_conv')(x)
+  return lif(max_pool(bn(x))) if pool else layers.bn_fire(bn, lif, x)
 
 
 def _add_conv_bn_lif(

@@ -26,6 +26,7 @@ from flax import nnx
 
 from spikeformer_jax import blocks
 from spikeformer_jax import errors
+from spikeformer_jax import layers
 from spikeformer_jax import ops
 from spikeformer_jax.layers import Settings, SpikingNeuron
 from spikeformer_jax.norm import BatchNorm
@@ -61,8 +62,10 @@ class MS_SPS(nnx.Module):  # pylint: disable=invalid-name
     """Stage i of four; the last one ends in the RPE on the membrane."""
     if i < 3:
       sfx = blocks.SPS_STAGES[i]
-      x = getattr(self, f'proj_lif{sfx}')(
-        getattr(self, f'proj_bn{sfx}')(getattr(self, f'proj_conv{sfx}')(x))
+      x = layers.bn_fire(
+        getattr(self, f'proj_bn{sfx}'),
+        getattr(self, f'proj_lif{sfx}'),
+        getattr(self, f'proj_conv{sfx}')(x),
       )
       return max_pool(x) if self.pooling[i] == '1' else x
     x = self.proj_bn3(self.proj_conv3(x))

@@ -82,10 +82,10 @@ class SPS(nnx.Module):
   def stage(self, i: int, x: jax.Array) -> jax.Array:
     """Stage i: conv-BN-LIF (and its pooling); i == 4 is the RPE (+ x)."""
     if i == len(blocks.SPS_STAGES):
-      return x + self.rpe_lif(self.rpe_bn(self.rpe_conv(x)))
+      return x + layers.bn_fire(self.rpe_bn, self.rpe_lif, self.rpe_conv(x))
     sfx = blocks.SPS_STAGES[i]
     conv, bn, lif = (getattr(self, f'{n}{sfx}') for n in ('proj_conv', 'proj_bn', 'proj_lif'))
-    x = lif(bn(conv(x)))
+    x = layers.bn_fire(bn, lif, conv(x))
     return max_pool(x) if self.pooling[i] == '1' else x
 
   def __call__(self, x: jax.Array, remat: str = '') -> jax.Array:
