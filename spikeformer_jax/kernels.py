@@ -43,7 +43,7 @@ import contextvars
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +196,11 @@ def _call(kernel, blocks: _Blocks, in_specs, out_specs, out_shape, *args, reduce
     if not interpret and _platform() == 'tpu':
       from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
 
-      sem = ('parallel', 'parallel', 'arbitrary' if reduce else 'parallel')
+      sem: tuple[Literal['parallel', 'arbitrary'], ...] = (
+        'parallel',
+        'parallel',
+        'arbitrary' if reduce else 'parallel',
+      )
       params = {'compiler_params': pltpu.CompilerParams(dimension_semantics=sem)}
     elif not interpret and _platform() == 'gpu':
       from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
