@@ -83,9 +83,7 @@ def resolve(kernels: str) -> str:
   if kernels not in KERNELS:
     raise errors.ConfigError(f'model.kernels={kernels!r}; valid: {", ".join(KERNELS)}.')
   if kernels == 'auto':
-    target = _TARGET.get()
-    platform = (target[0] if target else None) or jax.default_backend()
-    return 'pallas' if platform == 'tpu' else 'xla'
+    return 'pallas' if _platform() == 'tpu' else 'xla'
   return kernels
 
 
@@ -124,9 +122,6 @@ class _Blocks:
   def data(self):
     T, C = self.shape[1], self.shape[4]
     return pl.BlockSpec((self.bb, T, self.kb, self.sb, C), lambda k, s, b: (b, 0, k, s, 0))
-
-  def channels(self):  # a [rows, C] operand, the same block everywhere
-    return pl.BlockSpec(None, lambda k, s, b: (0, 0))
 
 
 def _padded(n: int, m: int) -> int:

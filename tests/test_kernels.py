@@ -56,7 +56,13 @@ def x64():
     yield
 
 
-@pytest.mark.parametrize('name', sorted(NEURONS))
+# One small case of each kernel in the quick tier; every option in the full one.
+_QUICK = ('lif', 'ternary_clamp_paper', 'no_detach_triangle')
+
+
+@pytest.mark.parametrize(
+  'name', [n if n in _QUICK else pytest.param(n, marks=pytest.mark.slow) for n in sorted(NEURONS)]
+)
 def test_neuron_kernel_is_bit_exact_in_float64(name, x64):
   (s, g), (ks, kg) = _neuron_pair(NEURONS[name], jnp.float64)
   assert s.tobytes() == ks.tobytes()
@@ -80,6 +86,7 @@ def test_neuron_kernel_float32_spikes_exact_gradients_to_an_ulp(name):
 _ULP_APART = {'reset_decay_off'}
 
 
+@pytest.mark.slow
 def test_float32_bit_exact_without_fma():
   """Every neuron option, float32 and bfloat16 (float32 membranes and the
   'compute' ones), bit for bit against the default scan, in a process whose
@@ -132,7 +139,9 @@ def _fused(n, x, scale, bias, T):
   return s, bn.mean[...], bn.var[...]
 
 
-@pytest.mark.parametrize('name', ['lif', 'ternary_clamp_paper', 'no_detach_triangle'])
+@pytest.mark.parametrize(
+  'name', ['lif', pytest.param('ternary_clamp_paper', marks=pytest.mark.slow), 'no_detach_triangle']
+)
 def test_norm_fire_equals_batchnorm_then_neuron(name, x64):
   """Forward (spikes, running statistics) bit for bit; gradients of x, scale
   and bias to 1e-12 relative in float64 (the fused reductions sum in another
