@@ -8,10 +8,15 @@ T=16, float32 and bfloat16, it compiles the real train step for the local GPU
 with the planner (spikeformer_jax/aot.py) and runs it: per case, the
 compiler's figures (HBM peak, FLOPs and HBM bytes per image, roofline images/s
 at the chip's published figures) beside the measured step time, images/s and
-allocator peak, plus a bfloat16 GEMM rate measured in the same run. Results go
-to DIR/gpu_check.json after every case (a timeout keeps what was done), and a
-markdown table to DIR/gpu_check.md. Cases that would start after --budget_s
-are listed as skipped. Runs on jax 0.10.x and 0.11.x.
+allocator peak, plus a bfloat16 GEMM rate measured in the same run. Each case
+runs with model.kernels=xla and then =pallas (--kernels): the Pallas neuron
+kernel lowers with Pallas' Triton backend on a GPU (the fused BatchNorm+neuron
+kernel is TPU-only: those sites stay XLA's), side by side with the measured
+images/s ratio pallas / xla; a setting that fails is recorded as its error
+line, beside the other's result. Results go to DIR/gpu_check.json after every
+run (a timeout keeps what was done), and a markdown table to DIR/gpu_check.md.
+Runs that would start after --budget_s are listed as skipped. Runs on jax
+0.10.x and 0.11.x.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ CASES = [
   ('imagenet-8-512', 64, 16, 'float32'),
 ]
 QUICK = [('cifar10-4-384,runlocal', 16, 2, 'float32')]
+KERNELS = ('xla', 'pallas')  # model.kernels of each case, in this order
+NOTE = "On CPU the Pallas kernels run in Pallas' interpret mode: not a speed measure."
 
 
 def environment() -> dict:
@@ -65,25 +72,41 @@ def environment() -> dict:
   }
 
 
+def ratio(results: list[dict], case: str) -> float | None:
+  """Measured images/s of `case` with pallas over that with xla (None unless
+  both ran)."""
+  ips = {r.get('kernels'): r.get('measured_images_per_s') for r in results if r['case'] == case}
+  p, x = ips.get('pallas'), ips.get('xla')
+  return p / x if p and x else None
+
+
 def table(results: list[dict]) -> str:
   head = (
-    '| config | batch | T | dtype | compile s | step ms (measured) | images/s (measured) | '
-    'roofline images/s | HBM peak GiB (compiled) | allocator peak GiB | GB / image | '
-    'FLOP / byte |\n|---|---|---|---|---|---|---|---|---|---|---|---|'
+    '| config | batch | T | dtype | kernels | compile s | step ms (measured) | '
+    'images/s (measured) | pallas / xla | roofline images/s | HBM peak GiB (compiled) | '
+    'allocator peak GiB | GB / image | FLOP / byte |\n'
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|'
   )
   rows = []
   for r in results:
+    k = r.get('kernels', '')
     if 'error' in r or 'skipped' in r:
-      rows.append(f"| {r['case']} | | | | | {r.get('error') or r.get('skipped')} | | | | | | |")
+      rows.append(
+        f"| {r['case']} | | | | {k} | | {r.get('error') or r.get('skipped')} | | | | | | | |"
+      )
       continue
 
     def f(x, scale=1.0, fmt='.1f'):
       return '-' if x is None else f'{x / scale:{fmt}}'
 
+    if k and k != r.get('kernels_resolved', k):
+      k = f"{k} -> {r['kernels_resolved']}"
+    x = ratio(results, r['case']) if r.get('kernels') == 'pallas' else None
     rows.append(
-      f"| {r['config']} | {r['global_batch']} | {r['T']} | {r['dtype']} | "
+      f"| {r['config']} | {r['global_batch']} | {r['T']} | {r['dtype']} | {k} | "
       f"{r['compile_s']:.0f} | {f(r.get('measured_step_s'), 1e-3)} | "
-      f"{f(r.get('measured_images_per_s'))} | {f(r.get('roofline_images_per_s'))} | "
+      f"{f(r.get('measured_images_per_s'))} | {'' if x is None else f'{x:.2f}x'} | "
+      f"{f(r.get('roofline_images_per_s'))} | "
       f"{f(r['hbm_peak_bytes_per_chip'], 2**30, '.2f')} | "
       f"{f(r.get('measured_peak_bytes_per_chip'), 2**30, '.2f')} | "
       f"{f(r['hbm_bytes_per_image'], 1e9, '.3f')} | {f(r.get('arithmetic_intensity'))} |"
@@ -101,7 +124,15 @@ def main(argv=None):
   )
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--quick', action='store_true', help='one tiny case (a smoke test)')
+  p.add_argument(
+    '--kernels',
+    default=','.join(KERNELS),
+    help='comma list of model.kernels settings each case runs with, in turn',
+  )
   a = p.parse_args(argv)
+  settings = a.kernels.split(',')
+  if not settings or set(settings) - {'xla', 'pallas', 'auto'}:
+    p.error(f'--kernels={a.kernels}: a comma list of xla, pallas, auto')
   os.makedirs(a.out, exist_ok=True)
   t0 = time.perf_counter()
   doc = {'environment': environment(), 'results': []}
@@ -118,29 +149,41 @@ def main(argv=None):
       f.write(
         f"# GPU check: {env['device_kind']} x{env['devices']}, jax {env['jax']}, "
         f"{env['date']}\n\nbf16 GEMM (8192^3) in the same run: "
-        f"{doc['gemm_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s.\n\n" + table(doc['results']) + '\n'
+        f"{doc['gemm_bf16_flops_per_s'] / 1e12:.0f} TFLOP/s. Each case with "
+        f"model.kernels = {', '.join(settings)} in turn; pallas / xla: measured images/s. "
+        'Allocator peak: the process\'s so far.'
+        + (f" {NOTE}" if env['platform'] == 'cpu' else '')
+        + '\n\n'
+        + table(doc['results'])
+        + '\n'
       )
 
   for name, batch, T, dtype in QUICK if a.quick else CASES:
     case = f'{name} b{batch} T{T} {dtype}'
-    if time.perf_counter() - t0 > a.budget_s:
-      doc['results'].append({'case': case, 'skipped': 'time budget'})
-      continue
-    print(f'[{time.perf_counter() - t0:5.0f} s] {case}', flush=True)
-    try:
-      c = load_config(f'configs/spikformer.py:{name}')
-      c.model.T, c.model.dtype, c.num_devices = T, dtype, 1
-      r = aot.plan(c, 'local', batch, steps=a.steps)
-      r['case'] = case
-    except Exception as e:  # pylint: disable=broad-except
-      r = {
-        'case': case,
-        'error': aot._first_line(e),  # pylint: disable=protected-access
-        'traceback': traceback.format_exc()[-3000:],
-      }
-    doc['results'].append(r)
-    write()
-    print(aot.format_report(r) if 'error' not in r else r['error'], flush=True)
+    for kernels in settings:
+      if time.perf_counter() - t0 > a.budget_s:  # a case's later settings too
+        doc['results'].append({'case': case, 'kernels': kernels, 'skipped': 'time budget'})
+        continue
+      print(f'[{time.perf_counter() - t0:5.0f} s] {case} kernels={kernels}', flush=True)
+      try:
+        c = load_config(f'configs/spikformer.py:{name}')
+        c.model.T, c.model.dtype, c.num_devices = T, dtype, 1
+        c.model.kernels = kernels
+        r = aot.plan(c, 'local', batch, steps=a.steps)
+        r.update(case=case, kernels=kernels)
+      except Exception as e:  # pylint: disable=broad-except
+        # One setting's failure (e.g. a Triton lowering) is its own row.
+        r = {
+          'case': case,
+          'kernels': kernels,
+          'error': aot._first_line(e),  # pylint: disable=protected-access
+          'traceback': traceback.format_exc()[-3000:],
+        }
+      if kernels == 'pallas':
+        r['pallas_over_xla'] = ratio(doc['results'] + [r], case)
+      doc['results'].append(r)
+      write()
+      print(aot.format_report(r) if 'error' not in r else r['error'], flush=True)
   doc['wall_s'] = time.perf_counter() - t0
   write()
   print(table(doc['results']))

@@ -3,7 +3,8 @@ r"""How to unroll time: every timestep-loop choice of a config, measured side by
   python benchmarks/unroll_study.py --config=configs/spikformer.py:cifar10-4-384 \
       --T=1,2,4,8,16 --dtypes=float32,bfloat16 --remat=,full --synapses=autodiff,lean \
       --batch=16 [--loops=scan,python,vjp --unrolls=all|1,T] [--steps=5 --repeats=3] \
-      [--recompute=0,1] [--target=v5e:2x2 --target_batch=256 [--target_only]] \
+      [--recompute=0,1] [--kernels=xla,pallas] \
+      [--target=v5e:2x2 --target_batch=256 [--target_only]] \
       [--out=benchmarks/results/unroll_study]
 
 For each T and dtype, the choices are:
@@ -16,7 +17,11 @@ For each T and dtype, the choices are:
   * and with each synapse backward of --synapses: `autodiff` (conv / linear
     under plain autodiff: model.compact_spikes=False, model.weight_grad='xla',
     the pre-study default) or `lean` (spike inputs saved as int8, weight
-    gradients as plain GEMMs where that is faster: the defaults, synapses.py).
+    gradients as plain GEMMs where that is faster: the defaults, synapses.py);
+  * and with each model.kernels of --kernels (default xla, the pure-JAX
+    neuron and BatchNorm, as the study's earlier results; pallas: the fused
+    Pallas kernels, in interpret mode on a CPU, so its CPU step times are no
+    speed measure; auto: pallas when compiling for TPU, xla elsewhere).
 
 Each choice reports:
   * compile time of the jitted train step;
@@ -57,6 +62,7 @@ from flax import nnx
 
 from benchmarks.train_step import load_config, peak_memory  # pylint: disable=g-import-not-at-top
 from spikeformer_jax import blocks, config_lib, experiment, sharding  # pylint: disable=g-import-not-at-top
+from spikeformer_jax import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
 
 
 SYNAPSES = {
@@ -73,10 +79,12 @@ def choices(
   unrolls: str = 'all',
   recomputes=(False,),
   membranes=('float32',),
+  kernels=('xla',),
 ) -> list[dict]:
   """The loop choices of T timesteps, each under every remat policy, synapse
-  backward and neuron recomputation; the first is the reference. unrolls:
-  'all' (1, 2, 4, ... up to T) or a comma list of numbers and 'T'."""
+  backward, neuron recomputation, membrane dtype and model.kernels; the first
+  is the reference. unrolls: 'all' (1, 2, 4, ... up to T) or a comma list of
+  numbers and 'T'."""
   if unrolls == 'all':
     unrolls = sorted({min(2**k, T) for k in range(T.bit_length() + 1)})
   else:
@@ -85,7 +93,16 @@ def choices(
     (loop, 1) for loop in ('python', 'vjp') if loop in loops
   ]
   return [
-    {'loop': loop, 'unroll': u, 'remat': r, 'synapse': syn, 'recompute': rc, 'membrane': mem}
+    {
+      'loop': loop,
+      'unroll': u,
+      'remat': r,
+      'synapse': syn,
+      'recompute': rc,
+      'membrane': mem,
+      'kernels': k,
+    }
+    for k in kernels
     for mem in membranes
     for rc in recomputes
     for r in remats
@@ -102,6 +119,7 @@ def label(c: dict) -> str:
     + (' + lean' if c.get('synapse') == 'lean' else '')
     + (' + recompute' if c.get('recompute') else '')
     + (' + compute-dtype membranes' if c.get('membrane', 'float32') != 'float32' else '')
+    + (f" + {c['kernels']} kernels" if c.get('kernels', 'xla') != 'xla' else '')
   )
 
 
@@ -118,6 +136,7 @@ def choice_config(base, c: dict, T: int, dtype: str, batch: int):
       'batch_size': batch,
       'model.neuron.recompute': bool(c.get('recompute')),
       'model.neuron.membrane': c.get('membrane', 'float32'),
+      'model.kernels': c.get('kernels', 'xla'),
       **SYNAPSES[c['synapse']],
     },
   )
@@ -137,6 +156,7 @@ def target_columns(config, target: str, batch: int) -> dict:
     'target_batch': batch,
     'target_fits': r['fits'],
     'target_compile_s': round(r['compile_s'], 1),
+    'target_kernels': r.get('kernels_resolved'),  # model.kernels as the target resolved it
     'target_hbm_peak_bytes': r.get('hbm_peak_bytes_per_chip'),
     'target_hbm_temp_bytes': r.get('hbm_temp_bytes_per_chip'),
     'target_hbm_bytes_per_image': r.get('hbm_bytes_per_image'),
@@ -188,6 +208,7 @@ def study_group(
   unrolls: str = 'all',
   recomputes=(False,),
   membranes=('float32',),
+  kernels=('xla',),
   target: str = '',
   target_batch: int = 0,
   target_only: bool = False,
@@ -198,7 +219,7 @@ def study_group(
   `target_only` for it alone."""
   mesh = sharding.make_mesh(base.num_devices)
   entries = []
-  for c in choices(T, remats, synapses, loops, unrolls, recomputes, membranes):
+  for c in choices(T, remats, synapses, loops, unrolls, recomputes, membranes, kernels):
     config = choice_config(base, c, T, dtype, batch)
     e = dict(choice=c, times=[])
     if target:
@@ -263,6 +284,7 @@ def study_group(
           'max_diff_logits': dl,
           'max_diff_grads': dg,
           'equal': 'exact' if dl == 0 and dg == 0 else f'{max(dl, dg):.1e}',
+          'kernels_resolved': kernels_lib.resolve(e['choice']['kernels']),  # on these devices
         }
       )
     row.update(e.get('target', {}))
@@ -300,6 +322,11 @@ def markdown(rows: list[dict]) -> str:
       'equal: max |difference| of logits and gradients to the first choice at the '
       'same T and dtype'
     )
+    if any(r.get('kernels_resolved') == 'pallas' for r in rows) and 'cpu' in rows[0]['device']:
+      intro.append(
+        "the Pallas kernels run in Pallas' interpret mode on a CPU: their step times are "
+        'no speed measure'
+      )
   if tgt:
     intro.append(
       f"compiled for {tgt} (global batch {rows[0]['target_batch']}): per-chip "
@@ -396,6 +423,7 @@ def _plot(rows, path):
       r.get('synapse', 'autodiff'),
       bool(r.get('recompute')),
       r.get('membrane', 'float32') != 'float32',
+      r.get('kernels', 'xla'),
     )
 
   for key in sorted({key_of(r) for r in rows}, key=str):
@@ -407,6 +435,7 @@ def _plot(rows, path):
       + ('+lean' if key[4] == 'lean' else '')
       + ('+recompute' if key[5] else '')
       + ('+bf membranes' if key[6] else '')
+      + (f'+{key[7]}' if key[7] != 'xla' else '')
       + f' {key[0]}'
     )
     ts = [t for t, _ in pts]
@@ -455,6 +484,12 @@ def main(argv=None):
     "bfloat16 membranes in a bfloat16 network, not exact)",
   )
   p.add_argument(
+    '--kernels',
+    default='xla',
+    help='comma list of model.kernels values (xla, pallas, auto; on a CPU pallas '
+    'runs in interpret mode: its step times are no speed measure)',
+  )
+  p.add_argument(
     '--target',
     default='',
     help='also compile every choice for this TPU topology (e.g. v5e:2x2; '
@@ -486,6 +521,9 @@ def main(argv=None):
   synapses, loops = a.synapses.split(','), a.loops.split(',')
   if set(synapses) - set(SYNAPSES) or set(loops) - {'scan', 'python', 'vjp'}:
     sys.exit(f'--synapses from {list(SYNAPSES)}, --loops from scan, python, vjp.')
+  kernels = a.kernels.split(',')
+  if set(kernels) - set(kernels_lib.KERNELS):
+    sys.exit(f'--kernels={a.kernels}: a comma list of {", ".join(kernels_lib.KERNELS)}.')
   base = config_lib.apply_overrides(load_config(a.config), config_lib.parse_set(a.set), '--set: ')
   rows = []
   if a.append and os.path.exists(os.path.join(a.out, 'study.json')):
@@ -506,6 +544,7 @@ def main(argv=None):
         unrolls=a.unrolls,
         recomputes=[bool(int(v)) for v in a.recompute.split(',')],
         membranes=a.membranes.split(','),
+        kernels=kernels,
         target=a.target,
         target_batch=a.target_batch,
         target_only=a.target_only,

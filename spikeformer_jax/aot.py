@@ -20,7 +20,9 @@ bytes accessed in HBM). The roofline step time is the larger of FLOPs / peak
 and bytes / bandwidth, with each chip's published figures (CHIPS); on the
 local devices the step is also run and timed. A program that does not fit is
 reported as not fitting, with the compiler's figures; `--max_batch` searches
-the largest global batch that fits.
+the largest global batch that fits. The report names the kernels the step
+was compiled with: model.kernels and its choice for the target (`auto`:
+the Pallas kernels on TPU); `--config.model.kernels=xla|pallas` sets it.
 """
 
 from __future__ import annotations
@@ -491,6 +493,16 @@ def compile_step(config, devices, batch: int):
   return compiled, mesh, exp, time.perf_counter() - t
 
 
+def kernels_for(config, platform: str) -> tuple[str, str]:
+  """(config's model.kernels, what it resolves to when compiling for
+  `platform`): 'auto' is pallas on TPU, xla elsewhere (kernels.resolve)."""
+  from spikeformer_jax import kernels, layers  # pylint: disable=import-outside-toplevel
+
+  value = config.model.get('kernels', layers.Settings.kernels)
+  with kernels.compiling_for(platform, None):
+    return value, kernels.resolve(value)
+
+
 def report(
   config, compiled, mesh, batch: int, chip: Chip | None, compile_s: float, target: str
 ) -> dict:
@@ -498,6 +510,7 @@ def report(
   from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
 
   n = mesh.size
+  kernels, kernels_resolved = kernels_for(config, sharding.platform(mesh))
   r = {
     'config': config.get('name', ''),
     'target': target,
@@ -513,6 +526,8 @@ def report(
     'remat': config.model.get('remat', ''),
     'loop': config.model.neuron.loop,
     'bn_scope': config.bn_scope,
+    'kernels': kernels,  # model.kernels, and the choice it made for this target
+    'kernels_resolved': kernels_resolved,
     'compile_s': compile_s,
     'hbm_capacity_bytes_per_chip': chip.hbm_bytes if chip else None,
   }
@@ -904,8 +919,11 @@ def format_report(r: dict) -> str:
       f"{r['global_batch']} ({r['batch_per_chip']:g} per chip), T={r['T']}, "
       f"{r['dtype']}, remat {r['remat'] or 'none'}, loop {r['loop']}",
     ),
-    ('compile', f"{r['compile_s']:.1f} s"),
   ]
+  if 'kernels' in r:  # reports of older planners lack it
+    k, res = r['kernels'], r['kernels_resolved']
+    rows += [('kernels', k if k == res else f'{k} -> {res}')]
+  rows += [('compile', f"{r['compile_s']:.1f} s")]
   cap = r.get('hbm_capacity_bytes_per_chip')
   if not r['fits'] and 'error' in r:
     rows += [('fits', f"NO: {r['error']}")]

@@ -221,6 +221,7 @@ def test_local_reports_on_eight_cpu_devices_data_and_fsdp_meshes():
   assert r['flops_per_image'] == pytest.approx(r['flops_per_chip_step'] * 8 / 16)
   assert r['hbm_bytes_per_image'] > 0 and r['roofline_images_per_s'] is None
   assert 'measured_step_s' not in r  # CPU: not timed unless asked
+  assert (r['kernels'], r['kernels_resolved']) == ('auto', 'xla')  # auto: xla on a CPU
   top = r['largest_traffic']  # where the bytes go: largest first, with their source
   assert len(top) == 5 and [t['bytes'] for t in top] == sorted(
     (t['bytes'] for t in top), reverse=True
@@ -324,6 +325,27 @@ def test_auto_weight_grad_follows_the_target_not_this_machine():
   assert synapses.resolve('auto') == 'gemm'
 
 
+def test_the_report_names_the_kernels_for_the_target():
+  """model.kernels and its choice for the target: 'auto' is pallas for a
+  TPU, xla elsewhere; an override is taken as given. No compile: the
+  report of an out-of-memory step on the local CPU devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from spikeformer_jax import sharding  # pylint: disable=import-outside-toplevel
+
+  c = _tiny()
+  assert aot.kernels_for(c, 'tpu') == ('auto', 'pallas')
+  assert aot.kernels_for(c, 'gpu') == ('auto', 'xla')
+  assert aot.kernels_for(_tiny(**{'model.kernels': 'xla'}), 'tpu') == ('xla', 'xla')
+  mesh = sharding.mesh_from_config(c, jax.devices())
+  oom = RuntimeError('RESOURCE_EXHAUSTED: HLO temporaries (16.56G) exceeds available HBM (15.75G)')
+  r = aot.report(c, oom, mesh, 16, None, 1.0, 'local')
+  assert (r['kernels'], r['kernels_resolved']) == ('auto', 'xla')
+  assert re.search(r'^kernels +auto -> xla$', aot.format_report(r), re.M)
+  r = aot.report(_tiny(**{'model.kernels': 'pallas'}), oom, mesh, 16, None, 1.0, 'local')
+  assert (r['kernels'], r['kernels_resolved']) == ('pallas', 'pallas')
+  assert re.search(r'^kernels +pallas$', aot.format_report(r), re.M)
+
+
 def _cli(*args):
   return subprocess.run(
     [sys.executable, '-m', 'spikeformer_jax.aot', *args],
@@ -384,6 +406,7 @@ def test_cli_compiles_for_a_tpu_topology_with_overrides():
   assert r['target'] == 'v5e:2x2' and r['chips'] == 4 and r['device_kind'] == 'TPU v5 lite'
   assert r['mesh'] == {'data': 2, 'fsdp': 2} and r['loop'] == 'python'
   assert r['dtype'] == 'bfloat16' and r['fits']
+  assert (r['kernels'], r['kernels_resolved']) == ('auto', 'pallas')  # auto: pallas on a TPU
   assert r['hbm_capacity_bytes_per_chip'] == 16 * 2**30
   for key in (
     'hbm_peak_bytes_per_chip',

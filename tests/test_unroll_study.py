@@ -16,6 +16,7 @@ from flax import nnx
 from conftest import ROOT  # noqa: F401
 from benchmarks import unroll_study
 from spikeformer_jax import blocks, losses, models
+from spikeformer_jax.configs import spikformer as spikformer_configs
 
 
 def test_choices_cover_scan_unrolls_python_vjp_and_remat():
@@ -46,6 +47,18 @@ def test_choices_cover_scan_unrolls_python_vjp_and_remat():
     'scan/unroll 16 + lean',
     'vjp + lean',
   ]
+  cs = unroll_study.choices(
+    2, [''], ['lean'], loops=('scan',), unrolls='1', kernels=('xla', 'pallas')
+  )
+  assert [unroll_study.label(c) for c in cs] == [
+    'scan/unroll 1 + lean',
+    'scan/unroll 1 + lean + pallas kernels',
+  ]
+  assert [c['kernels'] for c in cs] == ['xla', 'pallas']  # the reference: the pure-JAX path
+  config = unroll_study.choice_config(
+    spikformer_configs.get_config('digits'), cs[1], T=2, dtype='float32', batch=8
+  )
+  assert config.model.kernels == 'pallas'
 
 
 @pytest.mark.slow
@@ -84,6 +97,7 @@ def test_study_runs_and_every_choice_equals_the_reference(tmp_path, capsys):
     'vjp + lean',
   ]
   assert [r['synapse'] for r in rows] == ['autodiff'] * 2 + ['lean'] * 2
+  assert {r['kernels'] for r in rows} == {'xla'}  # --kernels: xla unless asked
   assert (tmp_path / 'study.png').stat().st_size > 0
   md = (tmp_path / 'study.md').read_text()
   assert '| 2 | float32 | vjp |' in md and '| 2 | float32 | vjp + lean |' in md
