@@ -56,14 +56,22 @@ def shared_dir():
   return SHARED
 
 
-def run_fidelity(files, out: pathlib.Path, timeout: int):
-  """`python -m spikeformer_jax.fidelity FILES --json OUT` on one CPU device:
-  ({file name: its report}, the finished process)."""
+def run_fidelity(files, out: pathlib.Path, timeout: int, *flags: str):
+  """`python -m spikeformer_jax.fidelity FILES --json OUT [FLAGS]` on one CPU
+  device: ({file name: its report}, the finished process)."""
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
 
   proc = subprocess.run(
-    [sys.executable, '-m', 'spikeformer_jax.fidelity', *map(str, files), '--json', str(out)],
+    [
+      sys.executable,
+      '-m',
+      'spikeformer_jax.fidelity',
+      *map(str, files),
+      '--json',
+      str(out),
+      *flags,
+    ],
     cwd=ROOT,
     env=dict(os.environ, JAX_NUM_CPU_DEVICES='1'),
     capture_output=True,

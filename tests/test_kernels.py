@@ -326,3 +326,21 @@ def test_neuron_kernel_lowers_for_gpu_with_triton():
   assert exported.mlir_module().count('xla.gpu.triton') == 2  # forward, backward
   with kernels.compiling_for('gpu'):
     assert 'TPU' in kernels.unsupported_norm(1)
+
+
+@pytest.mark.slow
+def test_fidelity_replays_recordings_with_the_kernels(shared_dir, tmp_path):
+  """`fidelity --kernels=pallas`: a one-step recording and a training
+  trajectory of the official code, replayed with the fused kernels
+  (interpret mode), match at their usual tolerances. (The full set of
+  recordings: the closing note of issue 30.)"""
+  from conftest import run_fidelity
+
+  files = [
+    shared_dir / 'fixtures' / 'spikformer_cifar.npz',
+    shared_dir / 'fixtures' / 'trajectory' / 'traj_spikformer_cifar.npz',
+  ]
+  reports, proc = run_fidelity(files, tmp_path / 'r.json', 900, '--kernels=pallas')
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert all(r['ok'] for r in reports.values()), reports
+  assert '2/2 fixture files match' in proc.stdout
