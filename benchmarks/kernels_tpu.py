@@ -61,10 +61,10 @@ REMAT = {'model.remat': 'full', 'model.remat_stem': 'full'}
 # The kernels on top of the best exact choice: its options still serve the
 # layers no kernel covers (MSViT's batch-as-time neuron, a max-pool between a
 # BatchNorm and its neuron, SDT's membrane shortcut).
-SETTINGS['after, tuned'] = {**SETTINGS['before'], 'model.kernels': 'auto'}
-SETTINGS['before + remat'] = {**SETTINGS['before'], **REMAT}
-SETTINGS['after + remat'] = {**SETTINGS['after'], **REMAT}
-SETTINGS['after, tuned + remat'] = {**SETTINGS['after, tuned'], **REMAT}
+SETTINGS['after_tuned'] = {**SETTINGS['before'], 'model.kernels': 'auto'}
+SETTINGS['before_remat'] = {**SETTINGS['before'], **REMAT}
+SETTINGS['after_remat'] = {**SETTINGS['after'], **REMAT}
+SETTINGS['after_tuned_remat'] = {**SETTINGS['after_tuned'], **REMAT}
 
 
 def config_for(spec: str, T: int | None, setting: dict):
@@ -104,8 +104,8 @@ def markdown(rows: list[dict]) -> str:
     'Planner figures (spikeformer_jax/aot.py, deviceless compile with libtpu), bfloat16. '
     '"before": model.kernels=xla with the python loop, neuron.recompute and bn_recompute '
     '(the best exact pure-JAX choice); "after": the TPU defaults (model.kernels=auto -> pallas); '
-    '"after, tuned": the kernels with the options of "before" (for the layers no kernel '
-    'covers); "+ remat": model.remat=full and model.remat_stem=full as well.',
+    '"after_tuned": the kernels with the options of "before" (for the layers no kernel '
+    'covers); "_remat": model.remat=full and model.remat_stem=full as well.',
     '',
     '| row | target | batch / chip | setting | HBM peak / chip (GiB) | GB / image '
     '| FLOP / byte | roofline images/s | compile (s) |',

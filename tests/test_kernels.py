@@ -2,6 +2,7 @@
 (interpret mode on CPU), on every neuron option and family, sharded, and
 compiled for TPU (Mosaic, libtpu) and GPU (Triton, jax.export) targets."""
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -318,11 +319,17 @@ def test_neuron_kernel_lowers_for_gpu_with_triton():
 
   x = jax.ShapeDtypeStruct((8, 10, 64, 384), jnp.bfloat16)
   triton = '__gpu$xla.gpu.triton'
-  exported = export.export(
-    jax.jit(f),
-    platforms=['cuda'],
-    disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
-  )(x, x)
+  target = contextlib.nullcontext()
+  if hasattr(jax.sharding, 'AbstractDevice'):  # jax >= 0.12 asks which GPU it lowers for
+    h100 = jax.sharding.AbstractDevice('NVIDIA H100 80GB HBM3', None, 'gpu')
+    mesh = jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h100)
+    target = jax.sharding.use_abstract_mesh(mesh)
+  with target:
+    exported = export.export(
+      jax.jit(f),
+      platforms=['cuda'],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
+    )(x, x)
   assert exported.mlir_module().count('xla.gpu.triton') == 2  # forward, backward
   with kernels.compiling_for('gpu'):
     assert 'TPU' in kernels.unsupported_norm(1)
