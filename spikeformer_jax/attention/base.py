@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from spikeformer_jax import kernels
 from spikeformer_jax import layers
 from spikeformer_jax import ops
 from spikeformer_jax import registry
@@ -179,6 +180,10 @@ def qkv(attn: Any, x: jax.Array):
 def fire_qkv(attn: Any, x: jax.Array, fns: tuple):
   """fn(BN(W x)) of Q, K and V for fns (one each); a SpikingNeuron there runs
   through layers.bn_fire (one fused kernel with model.kernels on)."""
+  if not any(
+    isinstance(fn, layers.SpikingNeuron) and kernels.resolve(fn.kernels) == 'pallas' for fn in fns
+  ):
+    return tuple(fn(a) for fn, a in zip(fns, qkv(attn, x)))  # the pure-JAX program, as before
   out = []
   for name, fn in zip('qkv', fns):
     y = getattr(attn, f'{name}_linear')(x)
