@@ -183,8 +183,8 @@ def _model_grads(family, variant, kernels_choice):
   return y, grads, stats
 
 
-FAMILIES = [
-  ('spikformer', 'cifar10-4-384'),
+FAMILIES = [  # whole networks in interpret mode: the full tier
+  pytest.param('spikformer', 'cifar10-4-384', marks=pytest.mark.slow),
   pytest.param('sdt', 'cifar10-2-512', marks=pytest.mark.slow),
   pytest.param('msvit', 'cifar10-4-384', marks=pytest.mark.slow),
   pytest.param('a2os2a', 'cifar10-2-256', marks=pytest.mark.slow),
