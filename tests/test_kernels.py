@@ -19,7 +19,7 @@ from flax import nnx
 from conftest import ROOT
 from spikeformer_jax import errors, experiment, kernels, layers, models, neurons
 from spikeformer_jax.norm import BatchNorm
-from test_train import _tiny, assert_eight_devices_equal_one
+from test_train import _tiny, assert_eight_devices_equal_one, assert_no_gather_on_eight_devices
 
 # Every neuron option of the pure-JAX path (kinds, charge forms, resets,
 # surrogates, thresholds, membranes).
@@ -212,18 +212,7 @@ def test_eight_devices_equal_one_with_kernels():
 def test_kernels_map_over_the_batch_shards():
   """Eight devices: each kernel runs on its own shard (shard_map), so the
   compiled step all-reduces gradients and statistics but gathers nothing."""
-  from spikeformer_jax import data as data_lib
-  from spikeformer_jax import sharding
-
-  config = _tiny(**{'model.kernels': 'pallas'})
-  mesh = sharding.make_mesh(8)
-  exp = experiment.build(config, mesh, 4)
-  state = exp.init_state()
-  src = data_lib.get_source(config.data, 'train')
-  batch = sharding.global_batch(data_lib.Loader(src, global_batch=16).batch(0), mesh)
-  hlo = experiment.make_train_step(exp).lower(state, batch).compile().as_text()
-  assert 'all-reduce' in hlo
-  assert 'all-gather' not in hlo and 'all-to-all' not in hlo
+  assert_no_gather_on_eight_devices(_tiny(**{'model.kernels': 'pallas'}))
 
 
 def test_auto_is_pallas_on_tpu_only_and_bad_names_are_clear():
