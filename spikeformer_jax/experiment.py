@@ -45,7 +45,6 @@ from spikeformer_jax import losses
 from spikeformer_jax import models
 from spikeformer_jax import optim
 from spikeformer_jax import sharding
-from spikeformer_jax import synapses
 from spikeformer_jax import validation
 from spikeformer_jax.data import mixup
 
@@ -319,8 +318,7 @@ def compiling_for(mesh):
   """Traces a step for `mesh`: the 'auto' choices (model.weight_grad,
   model.kernels) for its platform, and the kernels mapped over its batch
   shards."""
-  platform = sharding.platform(mesh)
-  with synapses.compiling_for(platform), kernels.compiling_for(platform, mesh):
+  with kernels.compiling_for(sharding.platform(mesh), mesh):
     yield
 
 

@@ -51,6 +51,8 @@ from jax.experimental import pallas as pl
 
 from spikeformer_jax import errors
 from spikeformer_jax import neurons
+from spikeformer_jax import sharding
+from spikeformer_jax import synapses
 from spikeformer_jax.norm import batch_statistics
 
 KERNELS = ('xla', 'pallas', 'auto')
@@ -60,22 +62,21 @@ LANES = 128
 # VMEM (16 MiB scoped by default on v5e) at any T.
 _BLOCK_ELEMENTS = 1 << 18
 
-_TARGET: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
-  'kernels_target', default=None
-)
+_MESH: contextvars.ContextVar = contextvars.ContextVar('kernels_mesh', default=None)
 
 
 @contextlib.contextmanager
 def compiling_for(platform: str | None, mesh=None):
-  """Resolves 'auto' for `platform` while tracing, and maps the kernels over
-  the batch shards of `mesh` (a kernel is a custom call that XLA's
-  partitioner cannot split: without the mesh a sharded batch would be
-  gathered onto every device)."""
-  token = _TARGET.set((platform, mesh))
+  """Resolves 'auto' (this module's and synapses') for `platform` while
+  tracing, and maps the kernels over the batch shards of `mesh` (a kernel is
+  a custom call that XLA's partitioner cannot split: without the mesh a
+  sharded batch would be gathered onto every device)."""
+  token = _MESH.set(mesh)
   try:
-    yield
+    with synapses.compiling_for(platform):
+      yield
   finally:
-    _TARGET.reset(token)
+    _MESH.reset(token)
 
 
 def resolve(kernels: str) -> str:
@@ -217,8 +218,7 @@ def _call(kernel, blocks: _Blocks, in_specs, out_specs, out_shape, *args, reduce
 
 
 def _platform() -> str:
-  target = _TARGET.get()
-  return (target[0] if target else None) or jax.default_backend()
+  return synapses.target_platform()
 
 
 def _per_shard(fn, batch_args: int, batch_out: tuple[bool, ...]):
@@ -232,13 +232,10 @@ def _per_shard(fn, batch_args: int, batch_out: tuple[bool, ...]):
   def stacked(*a):
     return tuple(o if b else o[None] for o, b in zip(fn(*a), batch_out))
 
-  target = _TARGET.get()
-  mesh = target[1] if target else None
+  mesh = _MESH.get()
   if mesh is None or mesh.size == 1:
     return stacked
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
-
-  from spikeformer_jax import sharding  # noqa: PLC0415
 
   def call(*a):
     in_specs = tuple(sharding.BATCH if i < batch_args else P() for i in range(len(a)))
@@ -342,9 +339,8 @@ _neuron.defvjp(_neuron_fwd, _neuron_bwd)
 
 
 def _shard_shape(shape: tuple) -> tuple:
-  target = _TARGET.get()
-  mesh = target[1] if target else None
-  shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in mesh.axis_names)
+  mesh = _MESH.get()
+  shards = 1 if mesh is None else sharding.data_size(mesh)
   B, T, K, S, C = shape
   return (B // shards if B % shards == 0 else B, T, K, S, C)
 
@@ -394,14 +390,15 @@ def _normalized(x, rows, dtype):
   return (x.astype(dtype) - rows[0]) * rows[1] * rows[2] + rows[3]
 
 
-def _norm_fire_fwd_kernel(n, T, norm, x_ref, rows_ref, s_ref):
-  rows = rows_ref[...]
+def _neuron_inputs(n, norm, x_ref, rows):
+  """load(t): the neuron's input at step t, the BatchNorm output as the
+  unfused pair hands it over (cast to the output dtype, then the membrane's)."""
   mdt = _membrane(n, norm.out_dtype)
+  return lambda t: _normalized(x_ref[:, t], rows, rows.dtype).astype(norm.out_dtype).astype(mdt)
 
-  def load(t):
-    return _normalized(x_ref[:, t], rows, rows.dtype).astype(norm.out_dtype).astype(mdt)
 
-  _, spikes = _fire_all(n, T, load)
+def _norm_fire_fwd_kernel(n, T, norm, x_ref, rows_ref, s_ref):
+  _, spikes = _fire_all(n, T, _neuron_inputs(n, norm, x_ref, rows_ref[...]))
   for t, s in enumerate(spikes):
     s_ref[:, t] = s.astype(s_ref.dtype)
 
@@ -411,10 +408,7 @@ def _bn_cotangents(n, T, norm, x_ref, g_ref, rows):
   float32 (the statistics' dtype), recomputing the neuron from x."""
   mdt = _membrane(n, norm.out_dtype)
   dtype = rows.dtype
-
-  def load(t):
-    return _normalized(x_ref[:, t], rows, dtype).astype(norm.out_dtype).astype(mdt)
-
+  load = _neuron_inputs(n, norm, x_ref, rows)
   vs, _ = _fire_all(n, T, load)
   g_ys = _reverse(n, T, vs, load, lambda t: g_ref[:, t].astype(mdt))
   for t in range(T):
@@ -452,7 +446,10 @@ def _norm_fire_dx_kernel(n, T, norm, x_ref, g_ref, rows_ref, gx_ref):
     gx_ref[:, t] = g_x.astype(gx_ref.dtype)
 
 
-def _norm_call(kernel_body, n, norm, x, rows, *operands, sums=False):
+def _norm_call(kernel_body, n, norm, x, rows, *operands, out_dtype=None, sums=False):
+  """A BatchNorm+neuron kernel over x [B, T, ..., C] (and operands of its
+  shape) with per-channel `rows`: to x's shape (in out_dtype, default x's),
+  or (sums) to the [2, C] reductions over the whole batch."""
   T = x.shape[1]
 
   def shard(*arrays):
@@ -466,8 +463,7 @@ def _norm_call(kernel_body, n, norm, x, rows, *operands, sums=False):
       out = jax.ShapeDtypeStruct((nk, ns, 2, shape[-1]), rows_.dtype)
       spec = pl.BlockSpec((1, 1, 2, shape[-1]), lambda k, s, b: (k, s, 0, 0))
       return (_call(kernel, blocks, in_specs, spec, out, *data, rows_, reduce=True),)
-    out_dtype = norm.out_dtype if kernel_body is _norm_fire_fwd_kernel else x.dtype
-    out = jax.ShapeDtypeStruct(shape, out_dtype)
+    out = jax.ShapeDtypeStruct(shape, out_dtype or x.dtype)
     return (_call(kernel, blocks, in_specs, blocks.data(), out, *data, rows_),)
 
   views = [_view(a) for a in (x, *operands)]
@@ -484,15 +480,15 @@ def _norm_fire(n, norm, x, scale, bias):
 
 def _rows(mean, var, scale, bias, epsilon, dtype):
   inv = jax.lax.rsqrt(var + epsilon)
-  return jnp.stack([mean, inv, scale.astype(dtype), bias.astype(dtype)]), inv
+  return jnp.stack([mean, inv, scale.astype(dtype), bias.astype(dtype)])
 
 
 def _norm_fire_impl(n, norm, x, scale, bias):
   dtype = jnp.promote_types(x.dtype, scale.dtype)
   xg = x.astype(dtype).reshape((1, x.shape[0] * x.shape[1]) + x.shape[2:])
   mean, var = (a.reshape(-1) for a in batch_statistics(xg))  # norm.BatchNorm's own
-  rows, _ = _rows(mean, var, scale, bias, norm.epsilon, dtype)
-  s = _norm_call(_norm_fire_fwd_kernel, n, norm, x, rows)
+  rows = _rows(mean, var, scale, bias, norm.epsilon, dtype)
+  s = _norm_call(_norm_fire_fwd_kernel, n, norm, x, rows, out_dtype=norm.out_dtype)
   return (s, mean, var), rows
 
 

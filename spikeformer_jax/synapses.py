@@ -92,6 +92,11 @@ def compiling_for(platform: str | None):
     _PLATFORM.reset(token)
 
 
+def target_platform() -> str:
+  """The platform being compiled for: `compiling_for`'s, else the default backend."""
+  return _PLATFORM.get() or jax.default_backend()
+
+
 def resolve(weight_grad: str) -> str:
   """'auto' -> 'gemm' on CPU, 'xla' on GPU / TPU; checks the name."""
   if weight_grad not in WEIGHT_GRADS:
@@ -99,7 +104,7 @@ def resolve(weight_grad: str) -> str:
       f'model.weight_grad={weight_grad!r}; valid: {", ".join(WEIGHT_GRADS)}.'
     )
   if weight_grad == 'auto':
-    return 'gemm' if (_PLATFORM.get() or jax.default_backend()) == 'cpu' else 'xla'
+    return 'gemm' if target_platform() == 'cpu' else 'xla'
   return weight_grad
 
 
